@@ -40,7 +40,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     root: str = "data/DYB-PlanktonNet"  # image folder: one sub-folder per class
-    bad_images: Literal["skip", "fail"] = "skip"  # what to do with unreadable images
+    bad_images: Literal["skip", "fail"] = "skip"  # skip: list unreadable images in bad_images.csv and leave them out | fail: stop
     max_pixels: int = 89_478_485  # images with more pixels are rejected (decompression bombs)
     min_side: int = 4  # images with a side shorter than this (px) are rejected
     pad_fill: int = 0  # grey level (0-255) used to pad images to a square (0 = dark field)
@@ -53,7 +53,7 @@ class SplitConfig:
     val: float = 0.15  # fraction for validation (threshold search, model selection)
     test: float = 0.15  # fraction for the final test
     min_images: int = 2  # classes with fewer usable images are dropped
-    materialize: Literal["none", "symlink", "hardlink", "copy"] = "none"  # also write train/val/test class folders
+    materialize: Literal["none", "symlink", "hardlink", "copy"] = "none"  # none | symlink | hardlink | copy: also write train/val/test class folders
 
 
 @dataclass

@@ -1,0 +1,220 @@
+"""The stage wrapper: manifests, freshness, up-to-date, exit codes, aliases, atomicity."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from common import config as C
+from common import stage
+from common.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _producer(text: str):
+    def main(ctx: stage.Context) -> dict:
+        p = ctx.output("data.txt")
+        p.write_text(text + ctx.cfg.model.backbone)
+        return {"n": 1}
+    return main
+
+
+def _consumer(ctx: stage.Context) -> dict:
+    up = ctx.upstream("01_random_split_dataset")
+    ctx.output("copy.txt").write_text((up / "data.txt").read_text().upper())
+    return {"copied": True}
+
+
+def run_a(tmp_path, *extra, text="x"):
+    return stage.execute("01_random_split_dataset", _producer(text), ["--run", str(tmp_path), *extra],
+                         sections=("model",))
+
+
+def run_b(tmp_path, *extra):
+    return stage.execute("02_mean_std_variables", _consumer, ["--run", str(tmp_path), *extra],
+                         upstream=("01_random_split_dataset",), sections=("stats",))
+
+
+def test_manifest_config_and_log_written(tmp_path):
+    assert run_a(tmp_path, "model.backbone=resnet18") == 0
+    sdir = tmp_path / "01_random_split_dataset"
+    m = json.loads((sdir / "manifest.json").read_text())
+    assert m["status"] == "ok" and m["stage"] == "01_random_split_dataset"
+    assert m["outputs"]["data.txt"]["size"] == len("xresnet18")
+    assert len(m["outputs"]["data.txt"]["digest"]) == 64
+    assert m["metrics"] == {"n": 1} and m["seed"] == 42
+    for key in ("started", "finished", "argv", "git_commit", "config_hash", "versions", "device", "inputs"):
+        assert key in m
+    assert "torch" in m["versions"] or "numpy" in m["versions"]
+    assert (sdir / "config.yaml").read_text().count("backbone: resnet18") == 1
+    assert (sdir / "log.txt").read_text().strip()
+
+
+def test_up_to_date_then_force_then_config_change(tmp_path, caplog):
+    assert run_a(tmp_path) == 0
+    m1 = json.loads((tmp_path / "01_random_split_dataset" / "manifest.json").read_text())
+    caplog.set_level("INFO")
+    assert run_a(tmp_path) == 0
+    assert "up to date" in caplog.text
+    m2 = json.loads((tmp_path / "01_random_split_dataset" / "manifest.json").read_text())
+    assert m1 == m2
+    caplog.clear()
+    assert run_a(tmp_path, "--force") == 0
+    assert "up to date" not in caplog.text
+    # a change in a section the stage does not depend on keeps it up to date
+    caplog.clear()
+    assert run_a(tmp_path, "train.epochs=3") == 0
+    assert "up to date" in caplog.text
+    caplog.clear()
+    assert run_a(tmp_path, "model.backbone=other") == 0
+    assert "up to date" not in caplog.text
+
+
+def test_missing_upstream_names_the_stage(tmp_path, capsys, caplog):
+    assert run_b(tmp_path) == 2
+    assert "01_random_split_dataset has not been run" in caplog.text
+    assert "python 01_random_split_dataset.py" in caplog.text
+
+
+def test_changed_upstream_output_and_rerun_upstream(tmp_path, caplog):
+    assert run_a(tmp_path) == 0
+    assert run_b(tmp_path) == 0
+    assert (tmp_path / "02_mean_std_variables" / "copy.txt").read_text() == "XSERESNEXT50_32X4D"
+    # someone edits an upstream artefact by hand: downstream refuses and names the stage
+    out = tmp_path / "01_random_split_dataset" / "data.txt"
+    out.write_text("tampered")
+    caplog.clear()
+    assert run_b(tmp_path) == 2
+    assert "data.txt changed" in caplog.text and "01_random_split_dataset.py" in caplog.text
+    # rerunning the upstream (with another content) makes the downstream out of date: it reruns
+    assert run_a(tmp_path, "--force", text="y") == 0
+    caplog.clear()
+    assert run_b(tmp_path) == 0
+    assert "up to date" not in caplog.text
+    assert (tmp_path / "02_mean_std_variables" / "copy.txt").read_text().startswith("Y")
+
+
+def test_touched_but_identical_output_is_still_fresh(tmp_path, caplog):
+    assert run_a(tmp_path) == 0
+    out = tmp_path / "01_random_split_dataset" / "data.txt"
+    os.utime(out, ns=(1, 1))
+    caplog.set_level("INFO")
+    assert run_a(tmp_path) == 0
+    assert "up to date" in caplog.text
+
+
+def test_stale_transitive_upstream(tmp_path, caplog):
+    assert run_a(tmp_path) == 0
+    assert run_b(tmp_path) == 0
+    assert run_a(tmp_path, "--force", text="z") == 0
+    # a third stage that reads stage 02 must refuse: 02 is older than 01
+    def third(ctx):
+        ctx.upstream("02_mean_std_variables")
+        return {}
+    caplog.clear()
+    code = stage.execute("03_main_supcon", third, ["--run", str(tmp_path)], upstream=("02_mean_std_variables",))
+    assert code == 2
+    assert "02_mean_std_variables is out of date" in caplog.text
+
+
+@pytest.mark.parametrize("exc, code", [(UserError("bad file x.png"), 2), (ValueError("boom"), 1),
+                                       (KeyboardInterrupt(), 130)])
+def test_exit_codes_and_no_manifest_on_failure(tmp_path, exc, code):
+    assert run_a(tmp_path) == 0
+
+    def main(ctx):
+        ctx.output("partial.txt").write_text("half")
+        raise exc
+    rc = stage.execute("01_random_split_dataset", main, ["--run", str(tmp_path), "--force"])
+    assert rc == code
+    sdir = tmp_path / "01_random_split_dataset"
+    assert not (sdir / "manifest.json").exists()
+    log_text = (sdir / "log.txt").read_text()
+    if code == 1:
+        assert "Traceback" in log_text and "ValueError: boom" in log_text
+    if code == 2:
+        assert "bad file x.png" in log_text and "Traceback" not in log_text
+
+
+def test_bad_config_is_exit_2(tmp_path, capsys):
+    rc = stage.execute("01_random_split_dataset", _producer("x"), ["--run", str(tmp_path), "train.epochz=1"])
+    assert rc == 2
+    assert "train.epochz" in capsys.readouterr().err
+
+
+def test_supcon_aliases(tmp_path):
+    cfg, run_dir, force = stage.parse_args(
+        "03_main_supcon",
+        ["--batch_size", "8", "--learning_rate", "0.5", "--cosine", "--lr_decay_epochs", "700,800,900",
+         "--temp", "0.1", "--model", "resnet18", "--trial", "3", "--run", str(tmp_path), "train.epochs=2"],
+        aliases=C.SUPCON_ALIASES)
+    assert cfg.train.batch_size == 8 and cfg.train.learning_rate == 0.5 and cfg.train.cosine
+    assert cfg.train.lr_decay_epochs == [700, 800, 900] and cfg.train.temperature == 0.1
+    assert cfg.model.backbone == "resnet18" and cfg.train.trial == "3" and cfg.train.epochs == 2
+    assert run_dir == tmp_path and not force
+
+
+def test_external_input_change_reruns(tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"1")
+    args = dict(sections=("data",), external=lambda cfg: [cfg.data.root])
+    run = ["--run", str(tmp_path / "run"), f"data.root={data}"]
+    assert stage.execute("01_random_split_dataset", _producer("x"), run, **args) == 0
+    caplog.set_level("INFO")
+    assert stage.execute("01_random_split_dataset", _producer("x"), run, **args) == 0
+    assert "up to date" in caplog.text
+    (data / "b.png").write_bytes(b"2")
+    (data / ".hidden").write_bytes(b"ignored")
+    caplog.clear()
+    assert stage.execute("01_random_split_dataset", _producer("x"), run, **args) == 0
+    assert "up to date" not in caplog.text
+
+
+SCRIPT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from common import stage
+
+def main(ctx):
+    p = ctx.output("big.txt")
+    from common.fileio import atomic_open
+    with atomic_open(p) as fh:
+        fh.write("start\\n")
+        fh.flush()
+        print("READY", flush=True)
+        time.sleep(30)
+        fh.write("end\\n")
+    return {{}}
+
+stage.run("01_random_split_dataset", main)
+"""
+
+
+@pytest.mark.parametrize("sig, expect", [(signal.SIGKILL, None), (signal.SIGTERM, 130), (signal.SIGINT, 130)])
+def test_killed_stage_leaves_no_manifest_and_no_half_file(tmp_path, sig, expect):
+    script = tmp_path / "s.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    run = tmp_path / "run"
+    # a finished earlier run: the kill must remove its claim to be finished
+    assert run_a(run) == 0
+    proc = subprocess.Popen([sys.executable, str(script), "--run", str(run), "--force"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "READY" in line
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=30)
+    sdir = run / "01_random_split_dataset"
+    assert not (sdir / "manifest.json").exists()
+    assert not (sdir / "big.txt").exists()
+    assert not [p for p in sdir.iterdir() if p.name.endswith(".tmp")] or sig == signal.SIGKILL
+    if expect is not None:
+        assert rc == expect
