@@ -1,0 +1,104 @@
+"""Run the pipeline's stages in order, each as its own process.
+
+With no arguments: renders scikit-learn's digits as an image folder (once, into .cache/demo/),
+then runs every stage on it with configs/demo.yaml on the CPU (or the GPU when there is one),
+and prints the test metrics and the path of the report.
+
+Usage:
+    python run_pipeline.py                                   # the demo
+    python run_pipeline.py -c configs/default.yaml --run runs/dyb data.root=/data/DYB
+    python run_pipeline.py -c configs/default.yaml --run runs/dyb --from 4 --to 7 extract.checkpoint=last
+
+Each stage skips itself when it is up to date; --force is passed on to every stage run.
+Exit code: that of the first stage that fails (0 when all succeed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from common.stage import STAGES, script_for  # noqa: E402
+
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_DATA = ROOT / ".cache" / "demo" / "digits"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("-c", "--config", action="append", default=[], help="configuration file (repeatable)")
+    p.add_argument("--run", default=None, help="run directory")
+    p.add_argument("--from", dest="start", type=int, default=1, help="first stage number (1-7)")
+    p.add_argument("--to", dest="stop", type=int, default=len(STAGES), help="last stage number (1-7)")
+    p.add_argument("--force", action="store_true", help="rerun stages even when up to date")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    a = p.parse_args(argv)
+    if not 1 <= a.start <= a.stop <= len(STAGES):
+        p.error(f"--from/--to must satisfy 1 <= from <= to <= {len(STAGES)}")
+    return a
+
+
+def _summary(run_dir: Path) -> None:
+    m_path = run_dir / "07_inference" / "manifest.json"
+    if not m_path.is_file():
+        return
+    metrics = json.loads(m_path.read_text()).get("metrics", {})
+    print("\nTest metrics:")
+    for k, v in metrics.items():
+        if isinstance(v, (int, float, str)) and k != "report":
+            print(f"  {k:>24}: {v:.4f}" if isinstance(v, float) else f"  {k:>24}: {v}")
+    report = run_dir / "07_inference" / "report.html"
+    if report.is_file():
+        print(f"\nReport: {report.resolve()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(sys.argv[1:] if argv is None else argv)
+    configs = a.config
+    overrides = list(a.overrides)
+    if not configs:  # the demo
+        from common.demo import render_digits
+
+        print(f"Demo: scikit-learn digits rendered into {DEMO_DATA} (once)", flush=True)
+        root = render_digits(DEMO_DATA)
+        configs = [str(DEMO_CONFIG)]
+        overrides = [f"data.root={root}", *overrides]
+    common_args = [x for c in configs for x in ("-c", c)]
+    if a.run:
+        common_args += ["--run", a.run]
+    if a.force:
+        common_args.append("--force")
+    run_dir = Path(a.run) if a.run else None
+    if run_dir is None:
+        from common.config import load_config
+
+        run_dir = Path(load_config(configs, overrides).run.dir)
+
+    t0 = time.time()
+    for i in range(a.start, a.stop + 1):
+        name = STAGES[i - 1]
+        script = ROOT / script_for(name)
+        if not script.is_file():
+            print(f"[{i}/7] {name}: not built yet, skipped (and so are the stages after it)", flush=True)
+            return 0
+        print(f"\n[{i}/7] {name}", flush=True)
+        t = time.time()
+        rc = subprocess.call([sys.executable, str(script), *common_args, *overrides])
+        if rc != 0:
+            print(f"\n{name} stopped with exit code {rc}; see {run_dir / name / 'log.txt'}", file=sys.stderr)
+            return rc
+        print(f"[{i}/7] {name}: done in {time.time() - t:.1f} s", flush=True)
+    print(f"\nPipeline finished in {time.time() - t0:.1f} s; run folder {run_dir.resolve()}")
+    _summary(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
