@@ -1,0 +1,304 @@
+"""Stage 07's pictures and its one-page, self-contained HTML report.
+
+- ``confusion_matrix_png``: row-normalised; the figure grows with the number of classes, tick
+  labels shrink, and per-cell numbers are drawn only when there are few classes, so 90 classes
+  stay legible.
+- ``embedding_map_png``: a 2-D map (t-SNE or PCA, scikit-learn) of test embeddings coloured by
+  class, subsampled for t-SNE.
+- ``write_report``: one HTML file; every picture is embedded as a base64 data URI (thumbnails
+  are small JPEGs) so the page can be mailed or archived alone. All text is HTML-escaped.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .fileio import atomic_open, atomic_path  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Presentation constants (the page's look, not results).
+THUMB_PX = 96  # longest side of an embedded thumbnail
+THUMB_QUALITY = 80  # JPEG quality of thumbnails
+STRIP_MAX = 8  # misclassified queries shown per worst class
+CM_CELL_IN = 0.14  # confusion matrix: inches per class
+CM_MIN_IN = 6.0  # confusion matrix: smallest side in inches
+CM_NUMBERS_MAX = 25  # print per-cell values only up to this many classes
+MAP_MAX_POINTS = 3000  # t-SNE subsample (t-SNE is O(n log n) but slow beyond a few thousand points)
+MAP_LEGEND_MAX = 20  # legend only up to this many classes; class names at centroids beyond
+DPI = 120  # figures
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _tick_fontsize(n: int) -> float:
+    """Tick label size (pt) that fits one class per row: 60 % of a cell's height, 4.5 to 8 pt."""
+    return float(np.clip(0.6 * CM_CELL_IN * 72.0, 4.5, 8.0)) if n > 20 else 8.0
+
+
+def confusion_matrix_png(cm: np.ndarray, row_names: Sequence[str], col_names: Sequence[str], path: Path,
+                         title: str = "Confusion matrix (rows: true class, normalised)") -> Path:
+    """Draw a row-normalised confusion matrix ``cm`` (rows true, columns predicted) to ``path``."""
+    cm = np.asarray(cm, dtype=np.float64)
+    sums = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
+    n_r, n_c = cm.shape
+    side = max(CM_MIN_IN, CM_CELL_IN * max(n_r, n_c) + 2.5)
+    fig, ax = plt.subplots(figsize=(side * n_c / max(n_r, n_c) + 1.2, side), dpi=DPI)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")  # empty cells white: confusions stand out
+    im = ax.imshow(np.ma.masked_equal(norm, 0.0), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest",
+                   aspect="equal")
+    fs = _tick_fontsize(max(n_r, n_c))
+    ax.set_xticks(range(n_c))
+    ax.set_xticklabels(col_names, rotation=90, fontsize=fs)
+    ax.set_yticks(range(n_r))
+    ax.set_yticklabels(row_names, fontsize=fs)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    if max(n_r, n_c) <= CM_NUMBERS_MAX:
+        for i in range(n_r):
+            for j in range(n_c):
+                if cm[i, j] > 0:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=fs - 1,
+                            color="black" if norm[i, j] > 0.6 else "white")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return path
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def class_colours(n: int) -> np.ndarray:
+    """``n`` distinguishable RGBA colours (tab20 up to 20, then evenly spaced hues)."""
+    if n <= 20:
+        return plt.get_cmap("tab20")(np.arange(n) % 20)
+    return plt.get_cmap("hsv")(np.linspace(0.0, 1.0, n, endpoint=False))
+
+
+def embed_2d(X: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """2-D coordinates of ``X`` by ``pca`` or ``tsne`` (scikit-learn, PCA initialisation)."""
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(X, dtype=np.float32)
+    if X.shape[0] < 3:
+        return np.zeros((X.shape[0], 2), dtype=np.float32)
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(X)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, (X.shape[0] - 1) / 3.0))  # sklearn needs perplexity < n
+        return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(X)
+    raise ValueError(f"unknown embedding map method {method!r}")
+
+
+def embedding_map_png(X: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: Path,
+                      method: str = "tsne", seed: int = 0) -> Path:
+    """2-D map of the embeddings ``X`` coloured by class (subsampled to ``MAP_MAX_POINTS`` for t-SNE)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = X.shape[0]
+    idx = np.arange(n)
+    if method == "tsne" and n > MAP_MAX_POINTS:
+        idx = np.sort(np.random.default_rng(seed).choice(n, MAP_MAX_POINTS, replace=False))
+    xy = embed_2d(X[idx], method, seed)
+    lab = labels[idx]
+    C = len(class_names)
+    colours = class_colours(C)
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=DPI)
+    ax.scatter(xy[:, 0], xy[:, 1], c=colours[lab], s=6 if len(idx) > 1000 else 14, linewidths=0, alpha=0.8)
+    present = np.unique(lab)
+    if C <= MAP_LEGEND_MAX:
+        for c in present:
+            ax.scatter([], [], color=colours[c], label=class_names[c], s=20)
+        ax.legend(fontsize=7, loc="best", markerscale=1.0, frameon=False)
+    else:  # too many for a legend: name each class at its centroid
+        for c in present:
+            cx, cy = np.median(xy[lab == c], axis=0)
+            ax.text(cx, cy, class_names[c], fontsize=4.5, ha="center", va="center", alpha=0.8)
+    sub = f", {len(idx)} of {n} points" if len(idx) < n else f", {n} points"
+    ax.set_title(f"Test embeddings ({method.upper() if method == 'pca' else 't-SNE'}{sub})", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- data URIs
+
+
+def file_data_uri(path: Path, mime: str = "image/png") -> str:
+    """A whole (small) file as a base64 data URI."""
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def thumbnail_data_uri(path: str | Path, px: int = THUMB_PX) -> str | None:
+    """A small JPEG thumbnail of an image as a data URI, or None when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (px * 2, px * 2))  # fast JPEG downscale on decode
+            im = im.convert("RGB")
+            im.thumbnail((px, px))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        log.debug("no thumbnail for %s: %s", path, e)
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def fmt(v: Any) -> str:
+    """Numbers to 4 significant decimals, everything else as text."""
+    if isinstance(v, bool) or v is None:
+        return esc(v)
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "–"
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, (int, np.integer)):
+        return f"{v:,}"
+    return esc(v)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    """An HTML table; cells are formatted with ``fmt`` (escaped)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in r) + "</tr>\n" for r in rows)
+    c = f' class="{esc(cls)}"' if cls else ""
+    return f"<table{c}><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>\n"
+
+
+def img_tag(uri: str | None, alt: str, cls: str = "") -> str:
+    c = f' class="{esc(cls)}"' if cls else ""
+    if uri is None:
+        return f'<span class="missing"{c}>{esc(alt)} (unreadable)</span>'
+    return f'<img src="{uri}" alt="{esc(alt)}"{c}>'
+
+
+@dataclass
+class StripItem:
+    """One misclassified query beside its nearest gallery image."""
+
+    query_path: str
+    true_label: str
+    predicted: str
+    similarity: float
+    neighbour_path: str | None
+    neighbour_label: str | None
+
+
+@dataclass
+class Report:
+    """Everything the page shows; sections with no data are left out."""
+
+    title: str
+    facts: list[tuple[str, Any]] = field(default_factory=list)  # run, model, gallery, ...
+    metrics: dict[str, Any] = field(default_factory=dict)
+    comparison: tuple[list[str], list[list[Any]]] | None = None
+    images: list[tuple[str, Path, str]] = field(default_factory=list)  # (heading, png path, caption)
+    per_class: tuple[list[str], list[list[Any]]] | None = None
+    strips: list[tuple[str, str, list[StripItem]]] = field(default_factory=list)  # (class, note, items)
+    extra_tables: list[tuple[str, list[str], list[list[Any]]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1200px;
+color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:2px 8px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+img.plot{max-width:100%;height:auto;border:1px solid #eee}
+.strip{display:flex;flex-wrap:wrap;gap:10px;margin:.4em 0 1em}
+.pair{border:1px solid #ddd;padding:4px;font-size:.75em;text-align:center;background:#fafafa}
+.pair img{width:96px;height:96px;object-fit:contain;background:#000;margin:1px}
+.missing{display:inline-block;width:96px;height:96px;background:#ccc;font-size:.7em}
+.note{color:#555;font-size:.9em}
+"""
+
+
+def render(rep: Report) -> str:
+    """The report as one HTML string."""
+    out: list[str] = ["<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+                      f"<title>{esc(rep.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
+                      f"<h1>{esc(rep.title)}</h1>\n"]
+    stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    out.append(f'<p class="note">Generated {esc(stamp)}.</p>\n')
+    if rep.facts:
+        out.append("<h2>Run</h2>\n" + table(["", "value"], [[k, v] for k, v in rep.facts]))
+    if rep.metrics:
+        out.append("<h2>Metrics</h2>\n" + table(["metric", "value"],
+                                                 [[k, v] for k, v in rep.metrics.items()
+                                                  if isinstance(v, (int, float, str)) or v is None]))
+    for n in rep.notes:
+        out.append(f'<p class="note">{esc(n)}</p>\n')
+    if rep.comparison is not None:
+        out.append("<h2>Retrieval and classical classifiers on the same frozen features</h2>\n")
+        out.append(table(*rep.comparison))
+    for heading, png, caption in rep.images:
+        if png is None or not Path(png).is_file():
+            continue
+        out.append(f"<h2>{esc(heading)}</h2>\n")
+        out.append(img_tag(file_data_uri(png), heading, "plot") + "\n")
+        if caption:
+            out.append(f'<p class="note">{esc(caption)}</p>\n')
+    if rep.per_class is not None:
+        out.append("<h2>Per class</h2>\n" + table(*rep.per_class))
+    if rep.strips:
+        out.append("<h2>Worst classes: misclassified queries beside their nearest gallery image</h2>\n")
+        for cls_name, note, items in rep.strips:
+            out.append(f"<h3>{esc(cls_name)}</h3>\n")
+            if note:
+                out.append(f'<p class="note">{esc(note)}</p>\n')
+            out.append('<div class="strip">\n')
+            for it in items:
+                q = img_tag(thumbnail_data_uri(it.query_path), f"query {Path(it.query_path).name}")
+                g = (img_tag(thumbnail_data_uri(it.neighbour_path), f"gallery {Path(it.neighbour_path).name}")
+                     if it.neighbour_path else '<span class="missing">no neighbour</span>')
+                cap = (f"true {esc(it.true_label)}<br>predicted {esc(it.predicted)} ({it.similarity:.3f})"
+                       f"<br>nearest: {esc(it.neighbour_label or '–')}")
+                out.append(f'<div class="pair">{q}{g}<br>{cap}</div>\n')
+            out.append("</div>\n")
+    for heading, header, rows in rep.extra_tables:
+        out.append(f"<h2>{esc(heading)}</h2>\n" + table(header, rows))
+    out.append("</body>\n</html>\n")
+    return "".join(out)
+
+
+def write_report(path: Path, rep: Report) -> Path:
+    """Render ``rep`` and write it atomically to ``path``."""
+    text = render(rep)
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+    log.info("report: %s (%.1f MB)", path, len(text) / 1e6)
+    return path
