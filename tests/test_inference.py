@@ -1,0 +1,256 @@
+"""Stage 07 logic: retrieval classification, rejection, outputs, comparison, predict mode."""
+from __future__ import annotations
+
+import csv
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from common import config as C
+from common import inference as I
+from common import metrics as M
+from common.errors import UserError
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def brute_topk(queries, gallery, k, block_size=4096, device=None):
+    sims = np.asarray(queries, np.float64) @ np.asarray(gallery, np.float64).T
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, idx, 1).astype(np.float32), idx.astype(np.int64)
+
+
+def brute_knn_vote(sims, idx, gallery_labels, n_classes, temperature):
+    scores = np.zeros((sims.shape[0], n_classes))
+    np.add.at(scores, (np.arange(sims.shape[0])[:, None], np.asarray(gallery_labels)[idx]), np.exp(sims / temperature))
+    return scores.argmax(1), scores
+
+
+@pytest.fixture
+def brute(monkeypatch):
+    """Brute-force stand-ins for common.retrieval, so these tests check this module's logic alone."""
+    fake = types.SimpleNamespace(topk=brute_topk, knn_vote=brute_knn_vote)
+    monkeypatch.setattr(I, "_retrieval", lambda: fake)
+    return fake
+
+
+def clustered(n_per_class, n_classes=5, dim=16, spread=0.5, seed=0, centres_seed=0):
+    centres = np.random.default_rng(centres_seed).normal(size=(n_classes, dim))
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    X = centres[y] + spread * rng.normal(size=(y.size, dim))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X.astype(np.float32), y
+
+
+def vectors(X, y, prefix):
+    return I.Vectors(X, y, [f"/data/{prefix}/{i:04d}.png" for i in range(len(y))])
+
+
+def icfg(**kw):
+    cfg = C.InferenceConfig()
+    cfg.embedding_map = "pca"
+    cfg.classifiers = []
+    cfg.linear_epochs = 5
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def out_in(tmp_path):
+    def output(*parts, digest="sha256"):
+        p = tmp_path.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+    return output
+
+
+def read_csv(p):
+    with open(p, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def test_top1_candidates_are_distinct_classes_ranked_by_nearest_member(brute):
+    Xg, yg = clustered(8, seed=1)
+    Xq, yq = clustered(6, seed=2)
+    g = vectors(Xg, yg, "g")
+    d = I.classify(Xq, g, 6, method="top1", top_k=5, k=5, temperature=0.07, reject_below=None, block_size=7)
+    s, i = brute_topk(Xq, Xg, len(yg))
+    np.testing.assert_array_equal(d.nn_idx, i[:, 0])
+    np.testing.assert_array_equal(d.raw, yg[i[:, 0]])
+    np.testing.assert_allclose(d.best_sim, s[:, 0], rtol=1e-5)
+    for q in range(len(yq)):  # expected: classes in order of first appearance in the full ranking
+        order = list(dict.fromkeys(yg[i[q]].tolist()))
+        assert d.candidates[q].tolist() == order[:5]
+        assert (np.diff(d.cand_sims[q]) <= 1e-7).all()
+    assert (d.candidates[:, 0] == d.raw).all() and d.accepted.all()
+
+
+def test_knn_method_uses_the_vote_and_ranks_the_winner_first(brute):
+    Xg, yg = clustered(10, spread=0.9, seed=3)
+    Xq, _ = clustered(5, spread=0.9, seed=4)
+    g = vectors(Xg, yg, "g")
+    d = I.classify(Xq, g, 5, method="knn", top_k=3, k=7, temperature=0.1, reject_below=None, block_size=64)
+    s, i = brute_topk(Xq, Xg, 7)
+    pred, _ = brute_knn_vote(s, i, yg, 5, 0.1)
+    np.testing.assert_array_equal(d.raw, pred)
+    assert (d.candidates[:, 0] == pred).all()
+    assert d.candidates.shape == (len(Xq), 3)
+
+
+def test_rejection_labels_low_similarity_unknown(brute):
+    Xg, yg = clustered(5, seed=5)
+    Xq, _ = clustered(4, seed=6)
+    g = vectors(Xg, yg, "g")
+    free = I.classify(Xq, g, 5, method="top1", top_k=5, k=5, temperature=0.07, reject_below=None, block_size=64)
+    thr = float(np.median(free.best_sim))
+    d = I.classify(Xq, g, 5, method="top1", top_k=5, k=5, temperature=0.07, reject_below=thr, block_size=64)
+    np.testing.assert_array_equal(d.accepted, free.best_sim >= thr)
+    np.testing.assert_array_equal(d.final, np.where(free.best_sim >= thr, free.raw, M.UNKNOWN))
+    np.testing.assert_array_equal(d.raw, free.raw)
+
+
+def test_fewer_gallery_classes_than_top_k_pads(brute):
+    g = vectors(np.eye(4, dtype=np.float32)[[0, 1]], np.array([0, 2]), "g")
+    d = I.classify(np.eye(4, dtype=np.float32)[[1]], g, 4, method="top1", top_k=5, k=3, temperature=0.1,
+                   reject_below=None, block_size=8)
+    assert d.candidates.tolist() == [[2, 0, -1, -1]]
+
+
+def test_real_retrieval_module_agrees_with_brute_force():
+    pytest.importorskip("common.retrieval", reason="common/retrieval.py not written yet")
+    Xg, yg = clustered(7, seed=7)
+    Xq, _ = clustered(3, seed=8)
+    g = vectors(Xg, yg, "g")
+    for method in ("top1", "knn"):
+        d = I.classify(Xq, g, 5, method=method, top_k=5, k=5, temperature=0.07, reject_below=None, block_size=4)
+        s, i = brute_topk(Xq, Xg, 5)
+        want = yg[i[:, 0]] if method == "top1" else brute_knn_vote(s, i, yg, 5, 0.07)[0]
+        np.testing.assert_array_equal(d.raw, want)
+
+
+# ----------------------------------------------------------------------------- evaluate mode
+
+
+def _eval_inputs(seed=0, n_test=8):
+    Xtr, ytr = clustered(20, spread=0.8, seed=seed + 10)
+    Xv, yv = clustered(6, spread=0.8, seed=seed + 11)
+    Xte, yte = clustered(n_test, spread=0.8, seed=seed + 12)
+    train = vectors(Xtr, ytr, "train")
+    lut = I.Vectors(Xtr[::2], ytr[::2], train.paths[::2])  # a "pruned" gallery
+    return I.EvalInputs(classes=[f"class_{c}" for c in "abcde"], test=vectors(Xte, yte, "test"), gallery=lut,
+                        train=train, val=vectors(Xv, yv, "val"), model_id="model-1", facts=[("run", "t")])
+
+
+def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
+    inp = _eval_inputs()
+    cfg = icfg(reject_below=0.5, classifiers=["linear", "logreg"], worst_classes=2)
+    m = I.evaluate(inp, cfg, out_in(tmp_path), seed=0)
+    for f in ("predictions.csv", "metrics.json", "classification_report.csv", "confusion_matrix.png",
+              "embedding_map.png", "comparison.csv", "report.html", "classifiers/linear.pt",
+              "classifiers/logreg.joblib", "classifiers/classes.json", "classifiers/sha256.json"):
+        assert (tmp_path / f).is_file(), f
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert len(rows) == len(inp.test)
+    names = inp.classes
+    y = np.array([names.index(r["true_label"]) for r in rows])
+    pred = np.array([M.UNKNOWN if r["predicted_label"] == "unknown" else names.index(r["predicted_label"]) for r in rows])
+    acc = np.array([int(r["accepted"]) for r in rows]).astype(bool)
+    assert ((pred == M.UNKNOWN) == ~acc).all()
+    sims = np.array([float(r["similarity"]) for r in rows])
+    assert (acc == (sims >= 0.5)).all()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
+    labels = sorted(set(y) | set(pred) - {M.UNKNOWN})
+    assert saved["macro_f1"] == pytest.approx(skm.f1_score(y, pred, labels=labels, average="macro",
+                                                          zero_division=0), abs=1e-6)
+    top5 = np.array([[names.index(r[f"top{j}_label"]) for j in range(1, 6)] for r in rows])
+    assert saved["top5_accuracy"] == pytest.approx((top5 == y[:, None]).any(1).mean(), abs=1e-6)
+    assert saved["rejection_rate"] == pytest.approx(1 - acc.mean(), abs=1e-6)
+    if acc.any():
+        assert saved["accepted_accuracy"] == pytest.approx((pred[acc] == y[acc]).mean(), abs=1e-6)
+    assert saved["gallery_size"] == len(inp.gallery) and saved["images_per_s"] > 0
+    assert 0 <= saved["map_at_r"] <= 1 and 0 <= saved["precision_at_1"] <= 1
+    assert m["report"].endswith("report.html") and m["accuracy"] == saved["accuracy"]
+    assert saved["classifiers"]["linear"]["selected_on"] == "val"
+    rep = {r["class"]: r for r in read_csv(tmp_path / "classification_report.csv")}
+    p, r_, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    for c, pp, rr, ff, ss in zip(labels, p, r_, f, s):
+        row = rep[names[c]]
+        assert float(row["precision"]) == pytest.approx(pp, abs=1e-6)
+        assert float(row["recall"]) == pytest.approx(rr, abs=1e-6)
+        assert float(row["f1"]) == pytest.approx(ff, abs=1e-6)
+        assert int(row["support"]) == ss
+
+
+def test_comparison_table_equals_recomputation_from_predictions(brute, tmp_path):
+    inp = _eval_inputs(seed=1)
+    cfg = icfg(classifiers=["linear", "logreg", "svm", "random_forest"], method="knn", k=5)
+    I.evaluate(inp, cfg, out_in(tmp_path), seed=0)
+    rows = read_csv(tmp_path / "predictions.csv")
+    comp = read_csv(tmp_path / "comparison.csv")
+    assert [c["method"] for c in comp] == ["retrieval_top1", "retrieval_knn", "linear", "logreg", "svm",
+                                           "random_forest"]
+    names = inp.classes
+    y = np.array([names.index(r["true_label"]) for r in rows])
+    for c in comp:
+        pred = np.array([names.index(r[f"pred_{c['method']}"]) for r in rows])
+        assert float(c["accuracy"]) == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6), c["method"]
+        labels = sorted(set(y) | set(pred))
+        assert float(c["macro_f1"]) == pytest.approx(
+            skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0), abs=1e-6), c["method"]
+        assert float(c["balanced_accuracy"]) == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-6)
+        assert int(c["model_size_bytes"]) > 0 and float(c["predict_ms_per_image"]) >= 0
+    # the headline prediction (k-NN, no rejection) is the k-NN column
+    assert all(r["predicted_label"] == r["pred_retrieval_knn"] for r in rows)
+    for c in comp[2:]:
+        f = tmp_path / "classifiers" / ("linear.pt" if c["method"] == "linear" else f"{c['method']}.joblib")
+        assert int(c["model_size_bytes"]) == f.stat().st_size
+
+
+def test_empty_gallery_and_unlabelled_test_are_user_errors(brute, tmp_path):
+    inp = _eval_inputs()
+    inp.gallery = I.Vectors(inp.gallery.X[:0], inp.gallery.labels[:0], [])
+    with pytest.raises(UserError, match="gallery is empty"):
+        I.evaluate(inp, icfg(), out_in(tmp_path))
+
+
+# ----------------------------------------------------------------------------- predict mode (vectors)
+
+
+def test_list_images_recursive_skips_hidden(tmp_path):
+    (tmp_path / "a" / ".hidden").mkdir(parents=True)
+    for p in ("a/x.png", "a/.y.png", "a/.hidden/z.png", "b.JPG", "notes.txt"):
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).write_bytes(b"")
+    images, others = I.list_images(tmp_path)
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in images] == ["a/x.png", "b.JPG"]
+    assert [Path(p).name for p, _ in others] == ["notes.txt"]
+    with pytest.raises(UserError, match="not a folder"):
+        I.list_images(tmp_path / "missing")
+
+
+def test_predict_vectors_writes_error_rows_and_classifier_columns(brute, tmp_path):
+    from common import classifiers as K
+
+    inp = _eval_inputs()
+    q = I.Vectors(inp.test.X[:5], np.full(5, -1), inp.test.paths[:5])
+    fitted = K.fit_classifiers(["logreg"], inp.train.X, inp.train.labels, inp.val.X, inp.val.labels, 5,
+                               epochs=1, lr=0.1, batch_size=32)
+    m = I.predict(q, inp.gallery, inp.classes, icfg(mode="predict", input="/x"), out_in(tmp_path),
+                  classifiers=fitted, errors=[("/x/bad.png", "cannot identify image file")],
+                  timing={"decode_embed_s": 0.5})
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert len(rows) == 6 and "true_label" not in rows[0] and "pred_logreg" in rows[0]
+    assert rows[-1]["path"] == "/x/bad.png" and rows[-1]["error"] == "cannot identify image file"
+    assert rows[-1]["accepted"] == "0" and rows[0]["error"] == ""
+    assert m["n_images"] == 5 and m["n_unreadable"] == 1 and m["images_per_s"] > 0
+    assert (tmp_path / "report.html").is_file()
