@@ -123,13 +123,26 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
     Q = queries.shape[0]
     sims = np.full((Q, n_classes), -np.inf, dtype=np.float32)
     idx = np.full((Q, n_classes), -1, dtype=np.int64)
-    if Q:
-        for c in np.unique(gallery.labels):
-            rows = np.flatnonzero(gallery.labels == c)
-            s, i = topk(queries, gallery.X[rows], 1, block_size=block_size, device=device)
+    if Q and len(gallery):
+        order = np.argsort(gallery.labels, kind="stable")  # each class one contiguous slice
+        labels_sorted = gallery.labels[order]
+        q, g = _on_device(queries, device), _on_device(gallery.X[order], device)
+        starts = np.flatnonzero(np.r_[True, labels_sorted[1:] != labels_sorted[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], labels_sorted.size]):
+            c = int(labels_sorted[a])
+            s, i = topk(q, g[a:b], 1, block_size=block_size, device=device)
             sims[:, c] = _np(s)[:, 0]
-            idx[:, c] = rows[_np(i)[:, 0]]
+            idx[:, c] = order[a + _np(i)[:, 0]]
     return ClassSearch(sims, idx, time.perf_counter() - t0)
+
+
+def _on_device(a: np.ndarray, device: Any) -> Any:
+    """On a GPU, copy once to the device (the per-class searches then reuse it); else leave as numpy."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+    return a
 
 
 def _rank(keys: list[np.ndarray]) -> np.ndarray:
@@ -285,6 +298,8 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     C = len(classes)
     if len(test) == 0:
         raise UserError("the test split is empty: nothing to evaluate (check split.test)")
+    if len(gallery) == 0:
+        raise UserError("the gallery is empty: rerun 06_prune_features.py (or use inference.gallery=full)")
     if (test.labels < 0).any():
         raise UserError("some test vectors have no label in the feature store")
     kw = dict(top_k=icfg.top_k, k=icfg.k, temperature=icfg.temperature, block_size=icfg.block_size, device=device)
@@ -516,7 +531,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     if out.get("predicted_counts"):
         rep.extra_tables.append(("Predicted classes", ["class", "images"],
                                  sorted(out["predicted_counts"].items(), key=lambda kv: -kv[1])))
-    items = [R.StripItem(queries.paths[q], "?", _label(classes, int(d.final[q])), float(d.best_sim[q]),
+    items = [R.StripItem(queries.paths[q], "", _label(classes, int(d.final[q])), float(d.best_sim[q]),
                          gallery.paths[int(d.nn_idx[q])], classes[int(gallery.labels[int(d.nn_idx[q])])])
              for q in range(min(n, PREDICT_STRIP_MAX))]
     if items:

@@ -38,6 +38,7 @@ CM_CELL_IN = 0.14  # confusion matrix: inches per class
 CM_MIN_IN = 6.0  # confusion matrix: smallest side in inches
 CM_NUMBERS_MAX = 25  # print per-cell values only up to this many classes
 MAP_MAX_POINTS = 3000  # t-SNE subsample (t-SNE is O(n log n) but slow beyond a few thousand points)
+TSNE_PCA_DIMS = 50  # t-SNE runs on the first 50 principal components (van der Maaten's advice)
 MAP_LEGEND_MAX = 20  # legend only up to this many classes; class names at centroids beyond
 DPI = 120  # figures
 
@@ -107,6 +108,8 @@ def embed_2d(X: np.ndarray, method: str, seed: int) -> np.ndarray:
     if method == "tsne":
         from sklearn.manifold import TSNE
 
+        if X.shape[1] > TSNE_PCA_DIMS and X.shape[0] > TSNE_PCA_DIMS:  # the usual PCA-first speed-up
+            X = PCA(n_components=TSNE_PCA_DIMS, random_state=seed).fit_transform(X)
         perplexity = float(min(30.0, (X.shape[0] - 1) / 3.0))  # sklearn needs perplexity < n
         return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(X)
     raise ValueError(f"unknown embedding map method {method!r}")
@@ -178,7 +181,9 @@ def esc(x: Any) -> str:
 
 def fmt(v: Any) -> str:
     """Numbers to 4 significant decimals, everything else as text."""
-    if isinstance(v, bool) or v is None:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
         return esc(v)
     if isinstance(v, (float, np.floating)):
         if math.isnan(v):
@@ -285,8 +290,8 @@ def render(rep: Report) -> str:
                 q = img_tag(thumbnail_data_uri(it.query_path), f"query {Path(it.query_path).name}")
                 g = (img_tag(thumbnail_data_uri(it.neighbour_path), f"gallery {Path(it.neighbour_path).name}")
                      if it.neighbour_path else '<span class="missing">no neighbour</span>')
-                cap = (f"true {esc(it.true_label)}<br>predicted {esc(it.predicted)} ({it.similarity:.3f})"
-                       f"<br>nearest: {esc(it.neighbour_label or '–')}")
+                cap = (f"true {esc(it.true_label)}<br>" if it.true_label else "") + (
+                    f"predicted {esc(it.predicted)} ({it.similarity:.3f})<br>nearest: {esc(it.neighbour_label or '–')}")
                 out.append(f'<div class="pair">{q}{g}<br>{cap}</div>\n')
             out.append("</div>\n")
     for heading, header, rows in rep.extra_tables:

@@ -221,6 +221,16 @@ def test_empty_gallery_and_unlabelled_test_are_user_errors(brute, tmp_path):
     inp.gallery = I.Vectors(inp.gallery.X[:0], inp.gallery.labels[:0], [])
     with pytest.raises(UserError, match="gallery is empty"):
         I.evaluate(inp, icfg(), out_in(tmp_path))
+    inp = _eval_inputs()
+    inp.test.labels[0] = -1
+    with pytest.raises(UserError, match="no label"):
+        I.evaluate(inp, icfg(), out_in(tmp_path))
+
+
+def test_gallery_of_another_checkpoint_is_refused():
+    I.check_same_model("sha-a", "sha-a", "queries")
+    with pytest.raises(UserError, match="another checkpoint.*sha-b.*sha-a"):
+        I.check_same_model("sha-b", "sha-a", "queries embedded with best.pt")
 
 
 # ----------------------------------------------------------------------------- predict mode (vectors)
