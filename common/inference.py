@@ -46,7 +46,6 @@ from .fileio import read_json, write_csv, write_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
 PREDICT_STRIP_MAX = 48  # predict mode report: queries shown beside their nearest gallery image
 RETRIEVAL_TOP1 = "retrieval_top1"
 RETRIEVAL_KNN = "retrieval_knn"
@@ -471,20 +470,18 @@ def _evaluate_report(path: Path, inp: EvalInputs, icfg: Any, m: dict, d: Decisio
 def list_images(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped).
 
-    Returns (image paths, [(path, reason)] for files that are not images by their suffix).
+    Uses ``common.data``'s listing and image suffixes (as stage 01 does). Returns (image paths,
+    [(path, reason)] for the other files, reported in predictions.csv rather than dropped silently).
     """
-    root = Path(folder)
+    from .data import IMAGE_SUFFIXES, walk_files
+
+    root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"inference.input: {root} is not a folder")
     images, others = [], []
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        for f in sorted(files):
-            if f.startswith("."):
-                continue
-            p = os.path.join(dirpath, f)
-            (images if Path(f).suffix.lower() in IMAGE_SUFFIXES else others).append(p)
-    return sorted(images), [(p, "not an image file (suffix)") for p in sorted(others)]
+    for p in walk_files(root.resolve()):
+        (images if p.suffix.lower() in IMAGE_SUFFIXES else others).append(str(p))
+    return images, [(p, "not an image file (suffix)") for p in others]
 
 
 def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, output: Output, *,

@@ -242,7 +242,7 @@ def test_list_images_recursive_skips_hidden(tmp_path):
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_bytes(b"")
     images, others = I.list_images(tmp_path)
-    assert [Path(p).relative_to(tmp_path).as_posix() for p in images] == ["a/x.png", "b.JPG"]
+    assert sorted(Path(p).relative_to(tmp_path.resolve()).as_posix() for p in images) == ["a/x.png", "b.JPG"]
     assert [Path(p).name for p, _ in others] == ["notes.txt"]
     with pytest.raises(UserError, match="not a folder"):
         I.list_images(tmp_path / "missing")
@@ -264,3 +264,70 @@ def test_predict_vectors_writes_error_rows_and_classifier_columns(brute, tmp_pat
     assert rows[-1]["accepted"] == "0" and rows[0]["error"] == ""
     assert m["n_images"] == 5 and m["n_unreadable"] == 1 and m["images_per_s"] > 0
     assert (tmp_path / "report.html").is_file()
+
+
+# ----------------------------------------------------------------------------- predict mode (images)
+
+
+def _tiny_model():
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()  # 96-d pooled features
+
+
+def _local_embed_batch(model, x, embedding, amp, device):
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        return F.normalize(model(x.to(device)).float(), dim=1)
+
+
+def _image_folder(root: Path, n: int = 6) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = root / ("sub" if i % 2 else "") / f"img{i}.png"
+        sub.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)).save(sub)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / ".hidden.png").write_bytes(b"")
+    (root / "README.txt").write_text("notes")
+    return root
+
+
+def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
+    from common.data import eval_transform
+
+    folder = _image_folder(tmp_path / "new")
+    images, others = I.list_images(folder)
+    assert len(images) == 7 and [Path(p).name for p, _ in others] == ["README.txt"]
+    model = _tiny_model()
+    tf = eval_transform(32, [0.5] * 3, [0.25] * 3, 0)
+    X, ok, errors, timing = I.embed_paths(images, model, tf, 32, embedding="encoder", batch_size=4, num_workers=0,
+                                          device="cpu", embed_batch=_local_embed_batch)
+    assert X.shape == (6, 96) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
+    assert [Path(p).name for p, _ in errors] == ["broken.png"] and "broken.png" in errors[0][1]
+    assert sorted(Path(images[i]).name for i in ok) == [f"img{i}.png" for i in range(6)]
+    assert timing["decode_embed_s"] >= timing["embed_s"] > 0
+    # the same image embedded alone gives the same vector (batching does not change results)
+    X1, _, _, _ = I.embed_paths([images[ok[2]]], model, tf, 32, embedding="encoder", batch_size=1,
+                                num_workers=0, device="cpu", embed_batch=_local_embed_batch)
+    np.testing.assert_allclose(X1[0], X[2], atol=1e-5)
+    rng = np.random.default_rng(1)
+    G = rng.normal(size=(30, 96)).astype(np.float32)
+    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    gallery = I.Vectors(G, np.arange(30) % 3, [f"/gallery/{i}.png" for i in range(30)])
+    q = I.Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
+    m = I.predict(q, gallery, ["a", "b", "c"], icfg(mode="predict", input=str(folder)), out_in(tmp_path / "out"),
+                  errors=[*errors, *others], timing=timing)
+    rows = read_csv(tmp_path / "out" / "predictions.csv")
+    assert len(rows) == 8
+    bad = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert set(bad) == {"broken.png", "README.txt"}
+    good = [r for r in rows if not r["error"]]
+    assert all(r["predicted_label"] in "abc" and r["nearest_gallery_path"].startswith("/gallery/") for r in good)
+    assert m["n_images"] == 6 and m["n_unreadable"] == 2
