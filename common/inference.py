@@ -452,6 +452,9 @@ def _evaluate_report(path: Path, inp: EvalInputs, icfg: Any, m: dict, d: Decisio
                      "pytorch-metric-learning (R = gallery items of the query's class).")
     if comp_rows:
         rep.comparison = (comp_header, [[r[0], r[1], r[2], r[3], r[4], r[5], int(r[6])] for r in comp_rows])
+        rep.comparison_note = ("Every method on the test split, without open-set rejection. The classifiers are fitted "
+                               "on the train vectors (the linear head's epoch chosen on validation); retrieval's "
+                               "model size is the gallery's vectors and labels, a classifier's its saved file.")
     rep.images.append(("Confusion matrix", cm_png, "Rows: true class, normalised to 1; columns: predicted class."))
     if inp.sweep_png is not None:
         rep.images.append(("LUT threshold sweep (stage 05)", inp.sweep_png, ""))

@@ -229,6 +229,7 @@ class Report:
     facts: list[tuple[str, Any]] = field(default_factory=list)  # run, model, gallery, ...
     metrics: dict[str, Any] = field(default_factory=dict)
     comparison: tuple[list[str], list[list[Any]]] | None = None
+    comparison_note: str = ""
     images: list[tuple[str, Path, str]] = field(default_factory=list)  # (heading, png path, caption)
     per_class: tuple[list[str], list[list[Any]]] | None = None
     strips: list[tuple[str, str, list[StripItem]]] = field(default_factory=list)  # (class, note, items)
@@ -270,6 +271,8 @@ def render(rep: Report) -> str:
     if rep.comparison is not None:
         out.append("<h2>Retrieval and classical classifiers on the same frozen features</h2>\n")
         out.append(table(*rep.comparison))
+        if rep.comparison_note:
+            out.append(f'<p class="note">{esc(rep.comparison_note)}</p>\n')
     for heading, png, caption in rep.images:
         if png is None or not Path(png).is_file():
             continue
