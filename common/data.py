@@ -1,0 +1,365 @@
+"""Shared data code: image listing, ``splits.csv`` and ``stats.json`` readers, image loading,
+the square-padding transform and the dataset every stage iterates over.
+
+The network sees every image the same way, whatever its size or mode (DYB-PlanktonNet mixes
+grey and colour images of very different sizes and aspect ratios):
+
+    load_rgb (any mode -> 8-bit RGB) -> PadToSquare(data.pad_fill) -> resize to model.image_size
+    (bilinear, antialiased) -> uint8 tensor (3, S, S) -> float in [0, 1] -> normalise (stats.json)
+
+Padding to a square before resizing keeps the organism's aspect ratio (a long diatom chain stays
+long), which matters for plankton where shape is most of the signal. ``square_uint8_transform``
+is the part before the float conversion: stage 02 measures mean and std on exactly its output,
+so the statistics describe what the network sees (see ``common/stats.py``).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import struct
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from .errors import ImageReadError, UserError
+from .fileio import read_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLITS_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "mode")
+
+# File suffixes that announce an image. A file with one of these that Pillow cannot decode is a
+# *bad image*; a file with another suffix is recognised by its content, and when Pillow does
+# not recognise it either it is a non-image and skipped silently (a README next to the images).
+IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k", ".jpx", ".tga", ".mpo",
+})
+# Pillow formats tried when sniffing a file's content. Only formats with a magic number: TGA,
+# for example, has none and Pillow would take some text files for TGA images.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "TIFF", "GIF", "WEBP", "PPM", "JPEG2000", "MPO")
+# Errors Pillow raises on undecodable input (OSError covers truncated files and decoder errors;
+# ValueError covers oversized text chunks; SyntaxError is raised by some plugin headers).
+PIL_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error,
+              Image.DecompressionBombError)
+
+
+def is_hidden(name: str) -> bool:
+    """Dot-files and dot-folders are ignored everywhere (``.DS_Store``, ``.ipynb_checkpoints``)."""
+    return name.startswith(".")
+
+
+def sort_key(path: str) -> str:
+    """Sort key independent of the file system's Unicode normalisation (macOS NFD vs Linux NFC)."""
+    return unicodedata.normalize("NFC", path)
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Every non-hidden file under ``folder``, recursively, in sorted order.
+
+    Symbolic links to folders are followed (data sets are often assembled from links), each real
+    folder at most once. The order never depends on the file system's listing order.
+    """
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link loop, or two links to the same folder
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted((d for d in dirs if not is_hidden(d)), key=sort_key)
+        for f in sorted((f for f in files if not is_hidden(f)), key=sort_key):
+            yield Path(root, f)
+
+
+def list_class_files(root: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Files of an image folder with one sub-folder per class.
+
+    Returns ``(files, strays)``: ``files`` is ``[(absolute path, class name)]`` sorted by
+    (class, path), every non-hidden file anywhere under a class folder (whether it is an image
+    is decided later, by content); ``strays`` are files directly in ``root`` (no class), which
+    callers report and ignore. Raises ``UserError`` when ``root`` is not a folder.
+    """
+    root_p = Path(root).expanduser()
+    if not root_p.is_dir():
+        raise UserError(f"data.root: {root_p} is not a folder (expected one sub-folder per class)")
+    root_p = root_p.resolve()
+    files: list[tuple[str, str]] = []
+    strays: list[str] = []
+    for entry in sorted(os.listdir(root_p), key=sort_key):
+        if is_hidden(entry):
+            continue
+        p = root_p / entry
+        if p.is_dir():
+            files.extend((str(f), entry) for f in walk_files(p))
+        elif p.is_file():
+            strays.append(str(p))
+    files.sort(key=lambda t: (sort_key(t[1]), sort_key(t[0])))
+    return files, strays
+
+
+def class_folders(root: str | Path) -> list[str]:
+    """Names of the (non-hidden) class folders of ``root``, sorted."""
+    root_p = Path(root)
+    return sorted((e for e in os.listdir(root_p) if not is_hidden(e) and (root_p / e).is_dir()), key=sort_key)
+
+
+# ----------------------------------------------------------------------------- splits.csv
+
+
+@dataclass
+class SplitRow:
+    """One row of ``splits.csv``."""
+
+    path: str
+    label: str
+    split: str
+    sha256: str
+    width: int
+    height: int
+    mode: str
+    extras: dict[str, str] = field(default_factory=dict)  # any further columns (dup_group, ...)
+
+
+def read_splits(path: str | Path) -> list[SplitRow]:
+    """Read ``splits.csv`` (stage 01). Raises ``UserError`` naming the file on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p} is missing: run 01_random_split_dataset.py")
+    rows: list[SplitRow] = []
+    with open(p, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in SPLITS_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{p}: missing column(s) {', '.join(missing)}: rerun 01_random_split_dataset.py --force")
+        for i, r in enumerate(reader, start=2):
+            if r["split"] not in SPLITS:
+                raise UserError(f"{p}, line {i}: split must be one of {'/'.join(SPLITS)}, got {r['split']!r}")
+            try:
+                w, h = int(r["width"]), int(r["height"])
+            except (TypeError, ValueError):
+                raise UserError(f"{p}, line {i}: width and height must be integers") from None
+            extras = {k: v for k, v in r.items() if k not in SPLITS_COLUMNS and k is not None}
+            rows.append(SplitRow(r["path"], r["label"], r["split"], r["sha256"], w, h, r["mode"], extras))
+    return rows
+
+
+def class_names(rows: Sequence[SplitRow]) -> list[str]:
+    """The class list: sorted unique labels; a label's index is its position here."""
+    return sorted({r.label for r in rows})
+
+
+def rows_of(rows: Sequence[SplitRow], split: str) -> list[SplitRow]:
+    """The rows of one split (train, val or test), in file order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return [r for r in rows if r.split == split]
+
+
+def label_indices(rows: Sequence[SplitRow], classes: Sequence[str]) -> list[int]:
+    """Each row's class index in ``classes``; ``UserError`` for a label not in the list."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for r in rows:
+        if r.label not in index:
+            raise UserError(f"label {r.label!r} of {r.path} is not among the {len(classes)} known classes")
+        out.append(index[r.label])
+    return out
+
+
+# ----------------------------------------------------------------------------- stats.json
+
+
+def read_stats(path: str | Path) -> dict[str, Any]:
+    """Read ``stats.json`` (stage 02): at least ``mean`` and ``std``, three floats each."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p} is missing: run 02_mean_std_variables.py")
+    try:
+        d = read_json(p)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{p}: not readable JSON ({e.__class__.__name__}): rerun 02_mean_std_variables.py --force") from None
+    for key in ("mean", "std"):
+        v = d.get(key) if isinstance(d, dict) else None
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)):
+            raise UserError(f"{p}: {key!r} must be a list of three numbers: rerun 02_mean_std_variables.py --force")
+    if any(s <= 0 for s in d["std"]):
+        raise UserError(f"{p}: std must be > 0 in every channel, got {d['std']} (are all images blank?)")
+    return d
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB.
+
+    16/32-bit integer grey (``I;16*``, ``I``) is scaled from the 16-bit range (value / 257);
+    float (``F``) is taken as 0-255 and clipped; palette images go through RGBA so their
+    transparency is resolved by the palette colours; alpha is dropped.
+    """
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im)
+        if im.mode == "F":
+            a8 = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        else:
+            a8 = np.clip(np.rint(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a8, mode="L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB; ``ImageReadError`` names the file otherwise.
+
+    Multi-frame files (GIF, TIFF) give their first frame.
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey tail
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: image file not found (was it moved since 01_random_split_dataset.py ran?)") from None
+    except PIL_ERRORS as e:
+        raise ImageReadError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
+
+
+# Modes PadToSquare pads as they are; others (palette, CMYK, YCbCr, LAB, HSV) go to RGB(A) first.
+_PAD_MODES = frozenset({"1", "L", "LA", "RGB", "RGBA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def fill_value(mode: str, fill: int) -> Any:
+    """The pad colour in a Pillow mode for grey level ``fill`` (0-255); alpha bands opaque."""
+    if mode == "1":
+        return 255 if fill >= 128 else 0
+    if mode.startswith("I"):
+        return fill * 257  # same relative level in the 16-bit range (see to_rgb)
+    bands = Image.new(mode, (1, 1)).getbands()
+    if len(bands) == 1:
+        return fill
+    return tuple(255 if b == "A" else fill for b in bands)
+
+
+class PadToSquare:
+    """Pad the shorter side symmetrically to a square with the grey level ``fill`` (0-255).
+
+    Works on PIL images of any mode (palette, CMYK and other colour spaces go to RGB(A) first) and on
+    tensors ``(..., C, H, W)`` (uint8: ``fill`` as is; float: ``fill / 255``). An odd padding
+    puts the extra pixel on the right / bottom. Usable in torchvision transforms (v1 and v2).
+    """
+
+    def __init__(self, fill: int = 0):
+        if not 0 <= int(fill) <= 255:
+            raise ValueError(f"fill must be a grey level 0-255, got {fill}")
+        self.fill = int(fill)
+
+    def __call__(self, img: Any) -> Any:
+        if isinstance(img, torch.Tensor):
+            h, w = img.shape[-2:]
+            s = max(h, w)
+            if h == w:
+                return img
+            left, top = (s - w) // 2, (s - h) // 2
+            value = float(self.fill) if not img.is_floating_point() else self.fill / 255.0
+            return torch.nn.functional.pad(img, (left, s - w - left, top, s - h - top), value=value)
+        if img.mode not in _PAD_MODES:
+            has_alpha = "A" in img.getbands() or "transparency" in img.info
+            img = img.convert("RGBA" if has_alpha else "RGB")
+        w, h = img.size
+        if w == h:
+            return img
+        s = max(w, h)
+        out = Image.new(img.mode, (s, s), fill_value(img.mode, self.fill))
+        out.paste(img, ((s - w) // 2, (s - h) // 2))
+        return out
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(fill={self.fill})"
+
+
+def square_uint8_transform(image_size: int, fill: int) -> v2.Compose:
+    """RGB PIL image -> pad to square -> resize (bilinear, antialiased) -> uint8 tensor (3, S, S).
+
+    Resizing runs on the PIL image (Pillow's antialiased bilinear filter, fast on uint8).
+    """
+    return v2.Compose([
+        PadToSquare(fill),
+        v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+        v2.PILToTensor(),
+    ])
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], fill: int) -> v2.Compose:
+    """The deterministic view of an image: RGB -> pad to square -> resize -> [0, 1] -> normalise.
+
+    ``mean`` and ``std`` come from ``stats.json`` (``read_stats``).
+    """
+    return v2.Compose([
+        square_uint8_transform(image_size, fill),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def _to_float_tensor(img: Image.Image) -> torch.Tensor:
+    return v2.functional.to_dtype(v2.functional.pil_to_tensor(img), torch.float32, scale=True)
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Images from a list of paths: ``(transform(load_rgb(path)), label or -1, index)``.
+
+    Without a transform the image comes back as a float tensor (3, H, W) in [0, 1]. The index
+    lets a consumer map a batch back to its rows (feature store, predictions).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int] | None = None,
+                 transform: Callable[[Image.Image], Any] | None = None):
+        self.paths = [str(p) for p in paths]
+        if labels is not None and len(labels) != len(self.paths):
+            raise ValueError(f"{len(labels)} labels for {len(self.paths)} paths")
+        self.labels = None if labels is None else [int(x) for x in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        img = load_rgb(self.paths[index])
+        x = self.transform(img) if self.transform is not None else _to_float_tensor(img)
+        return x, (self.labels[index] if self.labels is not None else -1), index
+
+
+def loader_error_line(e: BaseException) -> str:
+    """One line for an error re-raised by a DataLoader worker.
+
+    PyTorch re-raises a worker's exception with a message that starts "Caught X in DataLoader
+    worker process N" and carries the original traceback; the original message (which names
+    the file) is its last line.
+    """
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        prefix = f"{e.__class__.__name__}: "
+        for cls in type(e).__mro__:
+            p = f"{cls.__module__}.{cls.__name__}: "
+            if last.startswith(p):
+                return last[len(p):]
+        return last[len(prefix):] if last.startswith(prefix) else last
+    return lines[0] if lines else e.__class__.__name__

@@ -1,0 +1,498 @@
+"""Stage 01 logic: scan an image folder, reject bad images, and split every class into
+train / val / test.
+
+Scanning. Every file under a class folder is read once, hashed (sha256 of its bytes) and, when
+Pillow recognises it *by content*, fully decoded, in ``data.num_workers`` processes. Hidden files
+and folders are ignored. A file Pillow does not recognise is a *non-image* when its suffix does
+not announce an image (a README next to the images: skipped, counted in the log) and a *bad
+image* when it does (``x.jpg`` holding text). Bad images also include empty, truncated or
+otherwise undecodable files, images with a side under ``data.min_side`` and images whose
+*declared* size exceeds ``data.max_pixels`` (decompression bombs: checked from the header, before
+anything is decoded). They are listed in ``bad_images.csv`` (path,label,reason) and left out
+(``data.bad_images=skip``) or stop the stage (``fail``).
+
+Splitting rule, per class, on its ``n`` usable images (deterministic, see ``split_counts``):
+
+1. ``n < split.min_images``: the class is dropped (``status=dropped`` in class_counts.csv).
+2. Largest remainder: each split gets ``floor(n * fraction)``; the images left over go one each
+   to the splits with the largest fractional parts (ties: train, val, test).
+3. Train gets at least one image (taken from the largest other split).
+4. Then val, then test, gets at least one image *if possible*: taken from the split that has the
+   most images among those with two or more (ties: train, val, test); a split whose fraction
+   is 0 is never filled. So 1 image -> 1/0/0, 2 -> 1/1/0, 3 -> 1/1/1, 10 -> 7/2/1 (at 70/15/15).
+
+Exact duplicates (same sha256) inside a class are one unit that goes to one split, so nothing
+leaks from train into val or test. Units are shuffled with a generator seeded from
+``run.seed`` and a stable hash of the class name (never the global RNG, never the listing
+order), then placed largest first into the split furthest below its target (relative to the
+target), which meets the targets exactly when there are no duplicates. The same content under
+two class folders is reported (a warning and ``duplicates.csv``, ``cross_class=1``) and kept;
+the later class (in sorted order) puts it in the same split as the earlier one when that split
+still has room, so the copies do not straddle train and test.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import multiprocessing as mp
+import os
+import re
+import shutil
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+from tqdm import tqdm
+
+from .config import Config
+from .data import (IMAGE_SUFFIXES, PIL_ERRORS, PIL_FORMATS, SPLITS, SPLITS_COLUMNS, SplitRow, class_folders,
+                   list_class_files, sort_key)
+from .errors import UserError
+from .fileio import atomic_path, sha256_bytes, write_csv
+
+log = logging.getLogger(__name__)
+
+SPLIT_COLUMNS_OUT = (*SPLITS_COLUMNS, "dup_group")
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class Scan:
+    """What scanning one file found. ``kind``: image (usable), bad (rejected) or other (not an image)."""
+
+    path: str
+    label: str
+    kind: str
+    reason: str = ""
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    format: str = ""
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    Image.init()  # register every plugin (preinit() only knows BMP, GIF, JPEG, PPM, PNG)
+    return tuple(f for f in PIL_FORMATS if f in Image.OPEN)
+
+
+def scan_file(item: tuple[str, str], min_side: int, max_pixels: int) -> Scan:
+    """Read, hash and fully decode one file (a top-level function: it runs in worker processes)."""
+    path, label = item
+    announced = Path(path).suffix.lower() in IMAGE_SUFFIXES
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return Scan(path, label, "bad", f"cannot read the file ({e.strerror or e.__class__.__name__})")
+    sha = sha256_bytes(data)
+    if not data:
+        return Scan(path, label, "bad" if announced else "other", "empty file (0 bytes)", sha)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is bad, never padded with grey
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that, reading the declared
+    # size from the header in Image.open; the warning is turned into an error below, so the
+    # limit is exactly data.max_pixels, enforced before a single pixel is decoded.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(io.BytesIO(data), formats=_open_formats())
+            except UnidentifiedImageError:
+                if announced:
+                    return Scan(path, label, "bad", "not an image (Pillow cannot identify the content)", sha)
+                return Scan(path, label, "other", "not an image", sha)
+            with im:
+                w, h = im.size
+                found = dict(sha256=sha, width=w, height=h, mode=im.mode, format=im.format or "")
+                if w * h > max_pixels:  # formats whose plugins skip Pillow's own check
+                    return Scan(path, label, "bad", f"too many pixels: declared {w}x{h} > data.max_pixels="
+                                f"{max_pixels} (decompression bomb?)", **found)
+                if min(w, h) < min_side:
+                    return Scan(path, label, "bad", f"too small: {w}x{h} px, a side under data.min_side={min_side}",
+                                **found)
+                im.load()  # decode every pixel: truncated and corrupt files fail here
+                return Scan(path, label, "image", "", **found)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        declared = f"declared {int(m.group(1))} pixels" if m else "declared size"
+        return Scan(path, label, "bad", f"too many pixels: {declared} > data.max_pixels={max_pixels} "
+                    "(decompression bomb?)", sha)
+    except PIL_ERRORS as e:
+        return Scan(path, label, "bad", f"cannot decode: {e.__class__.__name__}: {e}".splitlines()[0], sha)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
+
+
+def scan_files(items: Sequence[tuple[str, str]], min_side: int, max_pixels: int, num_workers: int) -> list[Scan]:
+    """``scan_file`` over ``[(path, label)]`` in ``num_workers`` processes (0: in this one), in order."""
+    fn = functools.partial(scan_file, min_side=min_side, max_pixels=max_pixels)
+    out: list[Scan] = []
+    with tqdm(total=len(items), desc="scanning images", unit="file", disable=None) as bar:
+        if num_workers <= 0 or len(items) < 2:
+            for it in items:
+                out.append(fn(it))
+                bar.update()
+        else:
+            workers = min(num_workers, len(items))
+            chunk = max(1, min(64, len(items) // (workers * 8)))
+            with mp.get_context().Pool(workers) as pool:
+                for s in pool.imap(fn, items, chunksize=chunk):
+                    out.append(s)
+                    bar.update()
+    return out
+
+
+# ----------------------------------------------------------------------------- split rule
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
+    """Images per split (train, val, test) for a class of ``n`` usable images (module docstring rule)."""
+    if n <= 0:
+        return (0, 0, 0)
+    raw = [n * f for f in fractions]
+    counts = [int(np.floor(r + 1e-9)) for r in raw]
+    # Largest remainder; ties broken in split order (train, val, test).
+    order = sorted(range(3), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+
+    def take_one_for(k: int) -> bool:
+        donors = [i for i in range(3) if i != k and counts[i] >= 2]
+        if not donors:
+            return False
+        d = max(donors, key=lambda i: (counts[i], -i))
+        counts[d] -= 1
+        counts[k] += 1
+        return True
+
+    if counts[0] == 0:  # train gets at least one (n >= 1): from the largest other split
+        d = max((1, 2), key=lambda i: (counts[i], -i))
+        counts[d] -= 1
+        counts[0] += 1
+    for k in (1, 2):
+        if counts[k] == 0 and fractions[k] > 0:
+            take_one_for(k)
+    return (counts[0], counts[1], counts[2])
+
+
+def class_rng(seed: int, label: str) -> np.random.Generator:
+    """A generator for one class: seed + a stable hash of the class name (not Python's ``hash``)."""
+    h = int.from_bytes(hashlib.sha256(sort_key(label).encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([int(seed) % (2**63), h])
+
+
+def assign_units(sizes: Sequence[int], targets: Sequence[int], rng: np.random.Generator,
+                 pinned: dict[int, int] | None = None) -> list[int]:
+    """Split index (0 train, 1 val, 2 test) for each unit (a group of identical images).
+
+    Pinned units (unit -> split) go first to their split while it is below target. The others
+    are shuffled, then placed largest first into the split with the largest remaining deficit
+    relative to its target (ties: train, val, test); a split with target 0 gets nothing unless
+    pinned. With units of one image each the targets are met exactly. Train always ends with
+    at least one unit.
+    """
+    pinned = dict(pinned or {})
+    n_units = len(sizes)
+    out = [-1] * n_units
+    have = [0, 0, 0]
+    for u in sorted(pinned):
+        s = pinned[u]
+        if have[s] < targets[s]:
+            out[u] = s
+            have[s] += sizes[u]
+    free = [u for u in rng.permutation(n_units).tolist() if out[u] < 0]
+    free.sort(key=lambda u: -sizes[u])  # stable: equal sizes keep their random order
+    open_splits = [i for i in range(3) if targets[i] > 0]
+    for u in free:
+        s = max(open_splits, key=lambda i: ((targets[i] - have[i]) / targets[i], -i))
+        out[u] = s
+        have[s] += sizes[u]
+    if n_units and have[0] == 0:  # only pinned units can cause this: move the smallest to train
+        donor = max((1, 2), key=lambda i: have[i])
+        u = min((u for u in range(n_units) if out[u] == donor), key=lambda u: (sizes[u], u))
+        out[u] = 0
+    return out
+
+
+# ----------------------------------------------------------------------------- split
+
+
+@dataclass
+class ClassCount:
+    """One row of ``class_counts.csv``."""
+
+    name: str
+    total: int
+    train: int = 0
+    val: int = 0
+    test: int = 0
+    status: str = "kept"
+    bad: int = 0
+
+
+@dataclass
+class SplitResult:
+    rows: list[SplitRow]  # kept images, sorted by (label, path); extras["dup_group"]
+    counts: list[ClassCount]  # every class folder, sorted by name
+    dup_groups: dict[str, int]  # sha256 -> group number, for contents found more than once
+    cross_class: set[str]  # sha256 of contents found in more than one class
+
+    def dropped(self) -> list[ClassCount]:
+        return [c for c in self.counts if c.status != "kept"]
+
+
+def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequence[float], min_images: int,
+               seed: int, bad_per_class: dict[str, int] | None = None) -> SplitResult:
+    """Split usable images (``Scan.kind == "image"``) class by class; see the module docstring.
+
+    ``classes`` lists every class folder (a class may have no usable image at all). The result
+    does not depend on the order of ``images``.
+    """
+    bad_per_class = bad_per_class or {}
+    by_class: dict[str, list[Scan]] = defaultdict(list)
+    for s in images:
+        by_class[s.label].append(s)
+    for lst in by_class.values():
+        lst.sort(key=lambda s: sort_key(s.path))
+    all_classes = sorted(set(classes) | set(by_class), key=sort_key)
+
+    # Duplicate groups among the images kept (classes with enough images), numbered in
+    # (label, path) order of their first member.
+    ordered = [s for c in all_classes if len(by_class.get(c, [])) >= min_images for s in by_class[c]]
+    members: dict[str, list[Scan]] = defaultdict(list)
+    for s in ordered:
+        members[s.sha256].append(s)
+    dup_groups: dict[str, int] = {}
+    for s in ordered:
+        if len(members[s.sha256]) > 1 and s.sha256 not in dup_groups:
+            dup_groups[s.sha256] = len(dup_groups) + 1
+    cross = {h for h in dup_groups if len({m.label for m in members[h]}) > 1}
+
+    rows: list[SplitRow] = []
+    counts: list[ClassCount] = []
+    placed: dict[str, int] = {}  # sha256 -> split index, for cross-class pinning
+    for c in all_classes:
+        imgs = by_class.get(c, [])
+        n = len(imgs)
+        if n < min_images:
+            counts.append(ClassCount(c, n, status=f"dropped (< split.min_images={min_images})", bad=bad_per_class.get(c, 0)))
+            continue
+        targets = split_counts(n, fractions)
+        unit_of: dict[str, int] = {}
+        units: list[list[Scan]] = []
+        for s in imgs:
+            if s.sha256 not in unit_of:
+                unit_of[s.sha256] = len(units)
+                units.append([])
+            units[unit_of[s.sha256]].append(s)
+        pinned = {unit_of[h]: placed[h] for h in unit_of if h in placed}
+        where = assign_units([len(u) for u in units], targets, class_rng(seed, c), pinned)
+        got = [0, 0, 0]
+        for u, s_idx in zip(units, where):
+            got[s_idx] += len(u)
+            for s in u:
+                placed.setdefault(s.sha256, s_idx)
+                rows.append(SplitRow(s.path, c, SPLITS[s_idx], s.sha256, s.width, s.height, s.mode,
+                                     {"dup_group": str(dup_groups.get(s.sha256, ""))}))
+        counts.append(ClassCount(c, n, got[0], got[1], got[2], "kept", bad_per_class.get(c, 0)))
+        if any(got[i] == 0 and fractions[i] > 0 for i in range(3)):
+            log.info("class %s: only %d usable image(s) -> %d train, %d val, %d test", c, n, *got)
+        elif tuple(got) != targets:
+            log.debug("class %s: duplicates moved the split from %s to %s", c, targets, tuple(got))
+    rows.sort(key=lambda r: (sort_key(r.label), sort_key(r.path)))
+    return SplitResult(rows, counts, dup_groups, cross)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_splits_csv(path: Path, rows: Sequence[SplitRow]) -> int:
+    """``splits.csv``: path,label,split,sha256,width,height,mode,dup_group."""
+    return write_csv(path, SPLIT_COLUMNS_OUT, ([r.path, r.label, r.split, r.sha256, r.width, r.height, r.mode,
+                                                r.extras.get("dup_group", "")] for r in rows))
+
+
+def plot_class_distribution(counts: Sequence[ClassCount], path: Path) -> None:
+    """Horizontal grouped bars per class and split on a log scale; the figure grows with the classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(counts, key=lambda c: (-c.total, sort_key(c.name)))  # largest at the top
+    n = max(len(order), 1)
+    fig_h = 1.6 + 0.3 * n  # about 0.3 inch per class: 92 names stay legible
+    fig, ax = plt.subplots(figsize=(10, fig_h))
+    y = np.arange(len(order))[::-1].astype(float)
+    colours = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
+    h = 0.27
+    for k, split in enumerate(SPLITS):
+        vals = np.array([getattr(c, split) for c in order], dtype=float)
+        ax.barh(y + (1 - k) * h, np.where(vals > 0, vals, np.nan), height=h, color=colours[split], label=split)
+    dropped = [i for i, c in enumerate(order) if c.status != "kept"]
+    if dropped:
+        tot = np.array([order[i].total for i in dropped], dtype=float)
+        ax.barh(y[dropped], np.where(tot > 0, tot, np.nan), height=3 * h, color="#bbbbbb", hatch="//",
+                label="dropped (usable images)")
+    for yi, c in zip(y, order):
+        ax.text(max(c.total, 1) * 1.08, yi, str(c.total), va="center", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels([c.name + (" (dropped)" if c.status != "kept" else "") for c in order], fontsize=8)
+    ax.set_ylim(-0.7, len(order) - 0.3)
+    ax.set_xscale("log")
+    top = max([c.total for c in order] + [1])
+    ax.set_xlim(0.7, top * 2.0)
+    ax.set_xlabel("images (log scale)")
+    kept = [c for c in order if c.status == "kept"]
+    ax.set_title(f"Images per class and split: {sum(c.total for c in kept)} images, {len(kept)} classes"
+                 + (f", {len(dropped)} dropped" if dropped else ""))
+    ax.grid(axis="x", which="both", alpha=0.25)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def materialize(rows: Sequence[SplitRow], root: Path, dest: Path, how: str) -> int:
+    """Write ``dest/{train,val,test}/<class>/...`` as symlinks, hard links or copies of the images.
+
+    Each split folder is built under a temporary name and renamed when complete. Returns the
+    number of files written.
+    """
+    if how == "none":
+        return 0
+    root = Path(root).resolve()
+    n = 0
+    for split in SPLITS:
+        final = dest / split
+        tmp = dest / f".{split}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for r in rows:
+            if r.split != split:
+                continue
+            rel = Path(os.path.relpath(r.path, root / r.label))
+            target = tmp / r.label / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if how == "symlink":
+                    os.symlink(r.path, target)
+                elif how == "hardlink":
+                    os.link(r.path, target)
+                else:
+                    shutil.copy2(r.path, target)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise UserError(f"split.materialize={how}: cannot write {target} ({e.strerror}); "
+                                "try split.materialize=copy or symlink") from None
+            n += 1
+        tmp.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    return n
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict:
+    """Stage 01: scan ``data.root``, write splits.csv, class_counts.csv, bad_images.csv,
+    duplicates.csv, class_distribution.png (and the split folders), return the metrics.
+
+    ``output(name)`` gives the path of an artefact (``ctx.output`` in the stage).
+    """
+    root = Path(cfg.data.root).expanduser()
+    files, strays = list_class_files(root)
+    root = root.resolve()
+    classes = sorted({lbl for _, lbl in files} | set(class_folders(root)), key=sort_key)
+    if not classes:
+        raise UserError(f"data.root: {root} has no class sub-folders (expected one folder per class)")
+    if strays:
+        log.warning("%d file(s) directly in %s belong to no class folder and are ignored (e.g. %s)",
+                    len(strays), root, Path(strays[0]).name)
+    log.info("data.root %s: %d files in %d class folders", root, len(files), len(classes))
+
+    scans = scan_files(files, cfg.data.min_side, cfg.data.max_pixels, cfg.data.num_workers)
+    good = [s for s in scans if s.kind == "image"]
+    bad = [s for s in scans if s.kind == "bad"]
+    other = [s for s in scans if s.kind == "other"]
+    if other:
+        log.info("skipped %d non-image file(s) (e.g. %s)", len(other), other[0].path)
+        for s in other:
+            log.debug("not an image: %s", s.path)
+
+    n_bad = write_csv(output("bad_images.csv"), ("path", "label", "reason"),
+                      ([s.path, s.label, s.reason] for s in bad))
+    if bad:
+        reasons = Counter(s.reason.split(":")[0] for s in bad)
+        log.warning("%d bad image(s) (%s): listed in %s", n_bad,
+                    ", ".join(f"{k}: {v}" for k, v in reasons.most_common()), stage_dir / "bad_images.csv")
+        if cfg.data.bad_images == "fail":
+            raise UserError(f"bad image {bad[0].path}: {bad[0].reason} (data.bad_images=fail; all {n_bad} "
+                            f"listed in {stage_dir / 'bad_images.csv'})")
+
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    res = make_split(good, classes, fractions, cfg.split.min_images, cfg.run.seed,
+                     bad_per_class=Counter(s.label for s in bad))
+    if not res.rows:
+        raise UserError(f"data.root: no class in {root} has at least split.min_images={cfg.split.min_images} "
+                        f"usable images ({len(good)} usable, {len(bad)} bad, {len(other)} non-images)")
+    dropped = res.dropped()
+    if dropped:
+        log.warning("dropped %d class(es) with fewer than split.min_images=%d usable images: %s", len(dropped),
+                    cfg.split.min_images, ", ".join(f"{c.name} ({c.total})" for c in dropped))
+
+    # Duplicates: counted, listed, and warned about when one content sits in two classes.
+    split_of = {r.path: r.split for r in res.rows}
+    dup_rows = sorted(([g, s.sha256, s.label, s.path, split_of.get(s.path, ""), int(s.sha256 in res.cross_class)]
+                       for s in good if (g := res.dup_groups.get(s.sha256))), key=lambda r: (r[0], sort_key(r[3])))
+    write_csv(output("duplicates.csv"), ("dup_group", "sha256", "label", "path", "split", "cross_class"), dup_rows)
+    extra_copies = len(dup_rows) - len(res.dup_groups)
+    if res.dup_groups:
+        log.info("%d group(s) of exact duplicates (%d extra copies): each group stays in one split per class; "
+                 "listed in duplicates.csv", len(res.dup_groups), extra_copies)
+    if res.cross_class:
+        example = next(r for r in dup_rows if r[5])
+        log.warning("%d duplicate group(s) span two or more classes (kept; e.g. group %d: %s): see duplicates.csv",
+                    len(res.cross_class), example[0],
+                    ", ".join(f"{r[2]}/{Path(r[3]).name}" for r in dup_rows if r[0] == example[0]))
+
+    write_splits_csv(output("splits.csv"), res.rows)
+    write_csv(output("class_counts.csv"), ("class", "total", "train", "val", "test", "status", "bad"),
+              ([c.name, c.total, c.train, c.val, c.test, c.status, c.bad] for c in res.counts))
+    plot_class_distribution(res.counts, output("class_distribution.png"))
+    if cfg.split.materialize != "none":
+        n = materialize(res.rows, root, stage_dir, cfg.split.materialize)
+        log.info("materialised %d files (%s) into %s/{train,val,test}", n, cfg.split.materialize, stage_dir)
+
+    per_split = Counter(r.split for r in res.rows)
+    kept = [c for c in res.counts if c.status == "kept"]
+    log.info("split: %d images in %d classes -> %d train, %d val, %d test", len(res.rows), len(kept),
+             per_split["train"], per_split["val"], per_split["test"])
+    return {
+        "images": len(res.rows),
+        "classes": len(kept),
+        "train": per_split["train"],
+        "val": per_split["val"],
+        "test": per_split["test"],
+        "dropped_classes": len(dropped),
+        "dropped": [c.name for c in dropped],
+        "bad_images": len(bad),
+        "non_images": len(other),
+        "duplicate_groups": len(res.dup_groups),
+        "duplicate_extra_copies": extra_copies,
+        "cross_class_duplicate_groups": len(res.cross_class),
+    }
+

@@ -1,0 +1,211 @@
+"""common/data.py: listing, splits.csv / stats.json readers, image loading, transforms, dataset."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import data as D
+from common.errors import ImageReadError, UserError
+
+
+def _save(path, array, mode=None, fmt="PNG"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array), mode=mode).save(path, format=fmt)
+    return path
+
+
+def _tree(root):
+    rng = np.random.default_rng(0)
+    for cls in ("b_class", "a_class"):
+        for name in ("z.png", "a.png", "m.png"):
+            _save(root / cls / name, rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    _save(root / "a_class" / "sub" / "deep.png", np.zeros((8, 8), np.uint8))
+    _save(root / "a_class" / ".hidden.png", np.zeros((8, 8), np.uint8))
+    _save(root / "a_class" / ".cache" / "x.png", np.zeros((8, 8), np.uint8))
+    _save(root / ".trash" / "y.png", np.zeros((8, 8), np.uint8))
+    (root / "README.txt").write_text("strays")
+    (root / "empty_class").mkdir()
+
+
+def test_listing_sorted_hidden_ignored_strays_reported(tmp_path):
+    _tree(tmp_path)
+    files, strays = D.list_class_files(tmp_path)
+    rel = [(os.path.relpath(p, tmp_path), lbl) for p, lbl in files]
+    assert rel == [("a_class/a.png", "a_class"), ("a_class/m.png", "a_class"), ("a_class/sub/deep.png", "a_class"),
+                   ("a_class/z.png", "a_class"), ("b_class/a.png", "b_class"), ("b_class/m.png", "b_class"),
+                   ("b_class/z.png", "b_class")]
+    assert all(os.path.isabs(p) for p, _ in files)
+    assert [os.path.basename(s) for s in strays] == ["README.txt"]
+    assert D.class_folders(tmp_path) == ["a_class", "b_class", "empty_class"]
+
+
+def test_listing_does_not_depend_on_file_system_order(tmp_path, monkeypatch):
+    _tree(tmp_path)
+    expected = D.list_class_files(tmp_path)
+    real_walk, real_listdir = os.walk, os.listdir
+    rnd = random.Random(3)
+
+    def shuffled_walk(*a, **k):
+        for root, dirs, files in real_walk(*a, **k):
+            rnd.shuffle(dirs)
+            rnd.shuffle(files)
+            yield root, dirs, files
+
+    def shuffled_listdir(*a, **k):
+        out = real_listdir(*a, **k)
+        rnd.shuffle(out)
+        return out
+
+    monkeypatch.setattr(D.os, "walk", shuffled_walk)
+    monkeypatch.setattr(D.os, "listdir", shuffled_listdir)
+    for _ in range(3):
+        assert D.list_class_files(tmp_path) == expected
+
+
+def test_missing_root_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="data.root"):
+        D.list_class_files(tmp_path / "nope")
+
+
+def _write_splits(path, rows, header=D.SPLITS_COLUMNS + ("dup_group",)):
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_read_splits_round_trip_and_helpers(tmp_path):
+    p = tmp_path / "splits.csv"
+    _write_splits(p, [["/x/b/1.png", "b", "train", "h1", 10, 20, "L", ""],
+                      ["/x/a/1.png", "a", "val", "h2", 30, 40, "RGB", "3"],
+                      ["/x/a/2.png", "a", "train", "h3", 5, 6, "RGB", ""]])
+    rows = D.read_splits(p)
+    assert rows[1] == D.SplitRow("/x/a/1.png", "a", "val", "h2", 30, 40, "RGB", {"dup_group": "3"})
+    assert D.class_names(rows) == ["a", "b"]
+    assert [r.path for r in D.rows_of(rows, "train")] == ["/x/b/1.png", "/x/a/2.png"]
+    assert D.label_indices(rows, D.class_names(rows)) == [1, 0, 0]
+    with pytest.raises(UserError, match="label 'b' of /x/b/1.png"):
+        D.label_indices(rows, ["a", "c"])
+
+
+def test_read_splits_errors_name_the_file(tmp_path):
+    with pytest.raises(UserError, match=r"splits.csv is missing: run 01_random_split_dataset.py"):
+        D.read_splits(tmp_path / "splits.csv")
+    p = tmp_path / "bad.csv"
+    _write_splits(p, [["/x/a.png", "a", "holdout", "h", 1, 1, "L", ""]])
+    with pytest.raises(UserError, match=r"bad.csv, line 2: split must be"):
+        D.read_splits(p)
+    _write_splits(p, [["/x/a.png", "a"]], header=("path", "label"))
+    with pytest.raises(UserError, match="missing column"):
+        D.read_splits(p)
+
+
+def test_read_stats(tmp_path):
+    with pytest.raises(UserError, match=r"stats.json is missing: run 02_mean_std_variables.py"):
+        D.read_stats(tmp_path / "stats.json")
+    p = tmp_path / "stats.json"
+    p.write_text(json.dumps({"mean": [0.1, 0.2], "std": [1, 1, 1]}))
+    with pytest.raises(UserError, match="'mean' must be a list of three numbers"):
+        D.read_stats(p)
+    p.write_text(json.dumps({"mean": [0.1, 0.2, 0.3], "std": [0.1, 0.0, 0.1]}))
+    with pytest.raises(UserError, match="std must be > 0"):
+        D.read_stats(p)
+    p.write_text("{not json")
+    with pytest.raises(UserError, match="not readable JSON"):
+        D.read_stats(p)
+    p.write_text(json.dumps({"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "pixels": 9}))
+    assert D.read_stats(p)["std"] == [0.4, 0.5, 0.6]
+
+
+def test_load_rgb_modes(tmp_path):
+    grey = _save(tmp_path / "g.png", np.full((3, 5), 200, np.uint8))
+    im = D.load_rgb(grey)
+    assert im.mode == "RGB" and im.size == (5, 3) and np.asarray(im)[0, 0].tolist() == [200, 200, 200]
+    # 16-bit grey: scaled from the 16-bit range
+    p16 = tmp_path / "g16.png"
+    Image.fromarray(np.full((4, 4), 257 * 100, np.uint16)).save(p16)
+    assert np.asarray(D.load_rgb(p16))[0, 0].tolist() == [100, 100, 100]
+    rgba = _save(tmp_path / "a.png", np.dstack([np.full((4, 4, 3), 50, np.uint8), np.zeros((4, 4), np.uint8)]), "RGBA")
+    assert np.asarray(D.load_rgb(rgba))[0, 0].tolist() == [50, 50, 50]
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.save(tmp_path / "p.gif")
+    assert np.asarray(D.load_rgb(tmp_path / "p.gif"))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_load_rgb_errors_name_the_file(tmp_path):
+    from common.demo import make_bad_files
+
+    bad = make_bad_files(tmp_path)
+    for kind in ("truncated", "text_as_jpg", "empty", "corrupt"):
+        with pytest.raises(ImageReadError, match=str(bad[kind].name)):
+            D.load_rgb(bad[kind])
+    with pytest.raises(ImageReadError, match="not found"):
+        D.load_rgb(tmp_path / "gone.png")
+
+
+def test_pad_to_square_pil_and_tensor_agree(tmp_path):
+    a = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3) + 1  # H=2, W=5: 3 rows of padding
+    im = Image.fromarray(a, "RGB")
+    out = D.PadToSquare(7)(im)
+    o = np.asarray(out)
+    assert out.size == (5, 5)
+    assert (o[0] == 7).all() and (o[3:] == 7).all()  # 1 row on top, 2 at the bottom (extra goes last)
+    np.testing.assert_array_equal(o[1:3], a)
+    t = D.PadToSquare(7)(torch.from_numpy(a).permute(2, 0, 1))
+    np.testing.assert_array_equal(t.permute(1, 2, 0).numpy(), o)
+    tf = D.PadToSquare(255)(torch.zeros(1, 4, 2))
+    assert tf.shape == (1, 4, 4) and tf[0, 0, 0] == 1.0 and tf[0, 0, 1] == 0.0
+    # any mode; alpha padding is opaque; square images are returned unchanged
+    la = D.PadToSquare(9)(Image.new("LA", (2, 4), (0, 0)))
+    assert la.size == (4, 4) and la.getpixel((0, 0)) == (9, 255)
+    for mode in ("1", "L", "I;16", "I", "F", "P", "CMYK", "RGBA"):
+        assert D.PadToSquare(3)(Image.new(mode, (3, 6))).size == (6, 6)
+    sq = Image.new("L", (4, 4))
+    assert D.PadToSquare(1)(sq) is sq
+    with pytest.raises(ValueError):
+        D.PadToSquare(256)
+
+
+def test_eval_transform_is_pad_resize_normalise():
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (10, 30, 3), dtype=np.uint8), "RGB")
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    x = D.eval_transform(16, mean, std, fill=40)(im)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    padded = Image.new("RGB", (30, 30), (40, 40, 40))
+    padded.paste(im, (0, 10))
+    ref = np.asarray(padded.resize((16, 16), Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
+    ref = (ref - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    u8 = D.square_uint8_transform(16, 40)(im)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 16, 16)
+
+
+def test_image_list_dataset(tmp_path):
+    paths = [_save(tmp_path / f"{i}.png", np.full((6 + i, 4, 3), 10 * i, np.uint8)) for i in range(3)]
+    ds = D.ImageListDataset(paths, labels=[2, 0, 1], transform=D.eval_transform(8, [0, 0, 0], [1, 1, 1], 0))
+    x, y, i = ds[1]
+    assert x.shape == (3, 8, 8) and y == 0 and i == 1
+    xb, yb, ib = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert xb.shape == (3, 3, 8, 8) and yb.tolist() == [2, 0, 1] and ib.tolist() == [0, 1, 2]
+    raw = D.ImageListDataset(paths)
+    x, y, _ = raw[2]
+    assert y == -1 and x.shape == (3, 8, 4) and torch.allclose(x, torch.full_like(x, 20 / 255))
+    with pytest.raises(ValueError):
+        D.ImageListDataset(paths, labels=[1])
+
+
+def test_loader_error_line_keeps_the_file_name():
+    e = ImageReadError("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                       "call last):\n  File \"x.py\", line 1\ncommon.errors.ImageReadError: /d/a.jpg: cannot decode")
+    assert D.loader_error_line(e) == "/d/a.jpg: cannot decode"
+    assert D.loader_error_line(ImageReadError("/d/b.jpg: bad")) == "/d/b.jpg: bad"

@@ -1,0 +1,256 @@
+"""common/split.py (stage 01): scanning, bad images, the split rule, determinism, duplicates, outputs."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import config as C
+from common import data as D
+from common import split as S
+from common.demo import make_bad_files, make_synthetic_plankton
+from common.errors import UserError
+
+
+def _cfg(root: Path, **over) -> C.Config:
+    items = [f"data.root={root}", "data.num_workers=0", *[f"{k}={v}" for k, v in over.items()]]
+    return C.load_config([], items)
+
+
+def _out(folder: Path):
+    def output(*parts: str) -> Path:
+        p = folder.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+    return output
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+@pytest.mark.parametrize("n,expected", [(1, (1, 0, 0)), (2, (1, 1, 0)), (3, (1, 1, 1)), (4, (2, 1, 1)),
+                                        (9, (6, 2, 1)), (10, (7, 2, 1)), (100, (70, 15, 15)), (7760, (5432, 1164, 1164))])
+def test_split_counts_default_fractions(n, expected):
+    assert S.split_counts(n, (0.7, 0.15, 0.15)) == expected
+
+
+def test_split_counts_properties():
+    for fr in [(0.7, 0.15, 0.15), (0.8, 0.2, 0.0), (0.5, 0.25, 0.25), (1.0, 0.0, 0.0), (0.34, 0.33, 0.33)]:
+        for n in range(1, 60):
+            c = S.split_counts(n, fr)
+            assert sum(c) == n and c[0] >= 1
+            for i in (1, 2):
+                if fr[i] == 0:
+                    assert c[i] == 0
+            if n >= 3 and all(f > 0 for f in fr):
+                assert min(c) >= 1
+            if n >= 20:  # close to the fractions once the minimums no longer matter
+                assert all(abs(c[i] - n * fr[i]) <= 1.0 for i in range(3))
+    assert S.split_counts(0, (0.7, 0.15, 0.15)) == (0, 0, 0)
+
+
+def test_assign_units_meets_targets_and_keeps_units_whole():
+    rng = np.random.default_rng(0)
+    out = S.assign_units([1] * 20, (14, 3, 3), rng)
+    assert Counter(out) == {0: 14, 1: 3, 2: 3}
+    out = S.assign_units([8, 1, 1], (7, 2, 1), np.random.default_rng(0))
+    assert out[0] == 0 and sorted(out[1:]) == [1, 2]  # the big group goes to train, test still gets one
+    # a pinned unit goes first to its split, but train never ends empty
+    assert S.assign_units([1, 1], (1, 1, 0), np.random.default_rng(0), pinned={1: 1}) == [0, 1]
+    assert S.assign_units([2], (1, 1, 0), np.random.default_rng(0), pinned={0: 1}) == [0]
+
+
+def _scans(spec: dict[str, int], dup: dict[str, list[int]] | None = None) -> list[S.Scan]:
+    """Fake scans: ``spec`` class -> n images; ``dup`` class -> indices sharing one content."""
+    out = []
+    for c, n in spec.items():
+        for i in range(n):
+            h = f"{c}-{i}"
+            if dup and i in dup.get(c, []):
+                h = f"{c}-dup"
+            out.append(S.Scan(f"/d/{c}/{i:04d}.png", c, "image", sha256=h, width=8, height=8, mode="L"))
+    return out
+
+
+def _assignment(res: S.SplitResult) -> dict[str, str]:
+    return {r.path: r.split for r in res.rows}
+
+
+def test_split_is_deterministic_order_free_and_stratified():
+    spec = {"big": 200, "mid": 37, "small": 5, "pair": 2, "one": 1}
+    scans = _scans(spec)
+    fr = (0.7, 0.15, 0.15)
+    a = S.make_split(scans, list(spec), fr, 2, seed=7)
+    shuffled = scans[:]
+    random.Random(1).shuffle(shuffled)
+    b = S.make_split(shuffled, list(reversed(spec)), fr, 2, seed=7)
+    assert _assignment(a) == _assignment(b)
+    assert [r.path for r in a.rows] == sorted(r.path for r in a.rows)  # sorted by (label, path)
+    c = S.make_split(scans, list(spec), fr, 2, seed=8)
+    assert _assignment(a) != _assignment(c)  # the seed matters
+    per = defaultdict(Counter)
+    for r in a.rows:
+        per[r.label][r.split] += 1
+    for cls, n in spec.items():
+        if n >= 2:
+            assert tuple(per[cls][s] for s in D.SPLITS) == S.split_counts(n, fr), cls
+    assert per["pair"] == {"train": 1, "val": 1}
+    counts = {c.name: c for c in a.counts}
+    assert counts["one"].status.startswith("dropped") and "one" not in per
+    # one class's split does not change when another class is added (per-class generators)
+    d = S.make_split(scans + _scans({"new": 30}), list(spec) + ["new"], fr, 2, seed=7)
+    assert {p: s for p, s in _assignment(d).items() if "/new/" not in p} == _assignment(a)
+
+
+def test_duplicates_stay_together_and_cross_class_copies_follow():
+    scans = _scans({"a": 30, "b": 30}, dup={"a": [0, 5, 9, 13]})
+    # the same content under class b as well
+    scans.append(S.Scan("/d/b/zz.png", "b", "image", sha256="a-dup", width=8, height=8, mode="L"))
+    for seed in range(5):
+        res = S.make_split(scans, ["a", "b"], (0.7, 0.15, 0.15), 2, seed=seed)
+        where = {r.path: r.split for r in res.rows}
+        group = [r for r in res.rows if r.sha256 == "a-dup"]
+        assert len(group) == 5 and len({where[r.path] for r in group}) == 1
+        assert res.cross_class == {"a-dup"} and res.dup_groups == {"a-dup": 1}
+        assert all(r.extras["dup_group"] == "1" for r in group)
+
+
+# ----------------------------------------------------------------------------- on real files
+
+
+@pytest.fixture
+def folder(tmp_path) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path / "images"
+    make_synthetic_plankton(root, classes=["copepod", "diatom", "rare"], per_class=[16, 9, 2], seed=3,
+                            size_range=(12, 28))
+    bad = make_bad_files(root, label="copepod")
+    # an exact duplicate whose suffix announces nothing: recognised by content
+    shutil.copy(next((root / "copepod").glob("0001.*")), root / "copepod" / "copy_of_0001.bin")
+    (root / "singleton").mkdir()
+    next_img = next((root / "diatom").glob("0000.*"))
+    shutil.copy(next_img, root / "singleton" / "only.png")
+    (root / "stray.txt").write_text("not in a class")
+    return root, bad
+
+
+def test_run_split_outputs(folder, tmp_path, caplog):
+    root, bad = folder
+    caplog.set_level(logging.INFO, logger="common.split")
+    out = tmp_path / "stage"
+    metrics = S.run_split(_cfg(root), _out(out), out)
+
+    bad_rows = {Path(r["path"]).name: r for r in _csv(out / "bad_images.csv")}
+    expected = {"empty.jpg": "empty", "truncated.jpg": "truncated", "text.jpg": "not an image",
+                "corrupt.png": "cannot decode", "tiny.png": "too small", "bomb.png": "too many pixels"}
+    assert set(bad_rows) == set(expected)
+    for name, word in expected.items():
+        assert word in bad_rows[name]["reason"] and bad_rows[name]["label"] == "copepod"
+    assert "declared 10000000000 pixels" in bad_rows["bomb.png"]["reason"]
+
+    rows = _csv(out / "splits.csv")
+    assert list(rows[0]) == ["path", "label", "split", "sha256", "width", "height", "mode", "dup_group"]
+    assert rows == sorted(rows, key=lambda r: (r["label"], r["path"]))
+    names = {Path(r["path"]).name for r in rows}
+    assert "scan_0001" in names  # recognised by content, no suffix
+    assert "copy_of_0001.bin" in names
+    assert not names & {".hidden.png", "inside.png", "notes.txt", "stray.txt", "only.png"}
+    assert all(os.path.isabs(r["path"]) and Path(r["path"]).is_file() for r in rows)
+    assert {r["mode"] for r in rows} >= {"L", "RGB"}
+    assert len(rows) == 16 + 2 + 9 + 2  # synthetic + no-suffix + copy + rare
+
+    dups = _csv(out / "duplicates.csv")
+    assert len(dups) == 2 and len({d["split"] for d in dups}) == 1 and dups[0]["cross_class"] == "0"
+
+    counts = {r["class"]: r for r in _csv(out / "class_counts.csv")}
+    assert counts["singleton"]["status"].startswith("dropped") and counts["singleton"]["total"] == "1"
+    assert (counts["rare"]["train"], counts["rare"]["val"], counts["rare"]["test"]) == ("1", "1", "0")
+    assert counts["copepod"]["bad"] == "6"
+    assert (out / "class_distribution.png").stat().st_size > 1000
+    assert metrics["images"] == len(rows) and metrics["classes"] == 3 and metrics["dropped_classes"] == 1
+    assert metrics["bad_images"] == 6 and metrics["non_images"] == 1 and metrics["duplicate_groups"] == 1
+    assert "stray.txt" in caplog.text and "singleton" in caplog.text and "rare: only 2" in caplog.text
+
+
+def test_splits_csv_identical_across_runs_listing_orders_and_workers(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    S.run_split(_cfg(root), _out(tmp_path / "a"), tmp_path / "a")
+    S.run_split(_cfg(root, **{"data.num_workers": 2}), _out(tmp_path / "b"), tmp_path / "b")
+    real_walk, real_listdir = os.walk, os.listdir
+    rnd = random.Random(5)
+
+    def shuffled_walk(*a, **k):
+        for r, dirs, files in real_walk(*a, **k):
+            dirs.reverse()
+            rnd.shuffle(files)
+            yield r, dirs, files
+
+    monkeypatch.setattr(D.os, "walk", shuffled_walk)
+    monkeypatch.setattr(D.os, "listdir", lambda *a: sorted(real_listdir(*a), reverse=True))
+    S.run_split(_cfg(root), _out(tmp_path / "c"), tmp_path / "c")
+    first = (tmp_path / "a" / "splits.csv").read_bytes()
+    assert (tmp_path / "b" / "splits.csv").read_bytes() == first
+    assert (tmp_path / "c" / "splits.csv").read_bytes() == first
+    S.run_split(_cfg(root, **{"run.seed": 1}), _out(tmp_path / "d"), tmp_path / "d")
+    assert (tmp_path / "d" / "splits.csv").read_bytes() != first
+
+
+def test_fail_mode_names_the_file(folder, tmp_path):
+    root, _ = folder
+    out = tmp_path / "stage"
+    with pytest.raises(UserError, match=r"bad image .*bomb.png: too many pixels.*data.bad_images=fail"):
+        S.run_split(_cfg(root, **{"data.bad_images": "fail"}), _out(out), out)
+    assert len(_csv(out / "bad_images.csv")) == 6  # the full list is still written
+    assert not (out / "splits.csv").exists()
+
+
+def test_size_limits_from_config(tmp_path):
+    root = tmp_path / "img"
+    (root / "c").mkdir(parents=True)
+    Image.new("L", (40, 30), 9).save(root / "c" / "big.png")
+    Image.new("L", (40, 5), 9).save(root / "c" / "thin.png")
+    Image.new("L", (10, 10), 9).save(root / "c" / "ok.png")
+    Image.new("L", (12, 10), 9).save(root / "c" / "ok2.png")
+    out = tmp_path / "o"
+    S.run_split(_cfg(root, **{"data.max_pixels": 1000, "data.min_side": 6}), _out(out), out)
+    reasons = {Path(r["path"]).name: r["reason"] for r in _csv(out / "bad_images.csv")}
+    assert set(reasons) == {"big.png", "thin.png"}
+    assert "data.max_pixels=1000" in reasons["big.png"] and "data.min_side=6" in reasons["thin.png"]
+
+
+def test_no_usable_class_is_a_user_error(tmp_path):
+    root = tmp_path / "img"
+    (root / "c").mkdir(parents=True)
+    Image.new("L", (10, 10)).save(root / "c" / "a.png")
+    with pytest.raises(UserError, match="split.min_images=2"):
+        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+    (root / "c" / "a.png").unlink()
+    (root / "c").rmdir()
+    with pytest.raises(UserError, match="no class sub-folders"):
+        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+
+
+@pytest.mark.parametrize("how", ["symlink", "copy"])
+def test_materialize(folder, tmp_path, how):
+    root, _ = folder
+    out = tmp_path / "stage"
+    S.run_split(_cfg(root, **{"split.materialize": how}), _out(out), out)
+    rows = _csv(out / "splits.csv")
+    for split in D.SPLITS:
+        files = sorted(p for p in (out / split).rglob("*") if p.is_file())
+        assert len(files) == sum(r["split"] == split for r in rows)
+    p = out / rows[0]["split"] / rows[0]["label"] / Path(rows[0]["path"]).name
+    assert p.read_bytes() == Path(rows[0]["path"]).read_bytes()
+    assert p.is_symlink() == (how == "symlink")
