@@ -1,0 +1,259 @@
+"""The feature store (common/features.py) on synthetic vectors: schema, round trip, safety, LUT, digest."""
+from __future__ import annotations
+
+import sqlite3
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from common import features as F
+from common.errors import UserError
+from common.features import FeatureStore, content_digest
+
+DIM = 16
+
+
+def rows(n: int = 30, sha: str = "s") -> list[SimpleNamespace]:
+    splits = ("train", "val", "test")
+    return [SimpleNamespace(path=f"/img/c{i % 4}/{i:03d}.png", label=f"c{i % 4}", split=splits[i % 3], sha256=f"{sha}{i}")
+            for i in range(n)]
+
+
+def unit(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    X = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def register(store: FeatureStore, sha: str = "a" * 64, dim: int = DIM, embedding: str = "encoder", **kw):
+    args = dict(checkpoint_sha256=sha, embedding=embedding, backbone="test_resnet", dim=dim, mean=[0.1, 0.2, 0.3],
+                std=[0.4, 0.5, 0.6], image_size=32, pad_fill=0, classes=["c0", "c1", "c2", "c3"],
+                checkpoint_path=f"/ck/{sha[:4]}.pt", epoch=3)
+    args.update(kw)
+    return store.register_model(**args)
+
+
+def filled(path, n: int = 30, sha: str = "a" * 64, seed: int = 0) -> tuple[FeatureStore, int, np.ndarray]:
+    """A store with ``n`` images and one complete model; returns (store, model id, vectors by image id - 1)."""
+    store = FeatureStore(path, create=True)
+    store.sync_images(rows(n))
+    info, _ = register(store, sha)
+    todo = store.missing_vectors(info.id)
+    X = unit(n, seed=seed)
+    store.write_vectors(info.id, [r.id for r in todo], X[[r.id - 1 for r in todo]])
+    store.mark_complete(info.id)
+    return store, info.id, X
+
+
+def test_documented_schema_is_the_created_schema(tmp_path):
+    with FeatureStore(tmp_path / "f.sqlite", create=True) as store:
+        created = [F._norm_sql(s) for s in store.schema()]
+    assert created == [F._norm_sql(s) for s in F.SCHEMA_SQL]
+    # the SQLAlchemy tables the code queries name the same columns, in the same order
+    conn = sqlite3.connect(tmp_path / "f.sqlite")
+    for t in F.metadata.sorted_tables:
+        cols = [r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (t.name,))]
+        assert cols == [c.name for c in t.columns], t.name
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 65536
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_round_trip_and_raw_little_endian_blobs(tmp_path):
+    store, mid, X = filled(tmp_path / "f.sqlite")
+    for split in ("train", "val", "test", None):
+        ids, labels, M = store.load_matrix(split, mid)
+        assert ids.dtype == np.int64 and M.dtype == np.float32 and M.flags.c_contiguous and M.flags.writeable
+        assert (np.diff(ids) > 0).all()
+        want = sorted((r for r in rows() if split is None or r.split == split), key=lambda r: r.path)  # ids follow path order
+        assert labels == [r.label for r in want]
+        np.testing.assert_array_equal(M, X[ids - 1])
+    np.testing.assert_array_equal(store.load_vectors([7, 2, 7, 30], mid), X[[6, 1, 6, 29]])
+    assert store.labels_of([5, 1]) == ["c0", "c0"]
+    with pytest.raises(UserError, match="no vector"):
+        store.load_vectors([1, 999], mid)
+    store.close()
+    # any SQLite client reads the vectors as little-endian float32
+    conn = sqlite3.connect(tmp_path / "f.sqlite")
+    blob = conn.execute("SELECT vector FROM vectors WHERE image_id = 3 AND model_id = ?", (mid,)).fetchone()[0]
+    conn.close()
+    assert len(blob) == 4 * DIM
+    np.testing.assert_array_equal(np.frombuffer(blob, "<f4"), X[2])
+
+
+def test_empty_split_loads_as_empty_matrix(tmp_path):
+    store = FeatureStore(tmp_path / "f.sqlite", create=True)
+    store.sync_images([r for r in rows(6) if r.split != "test"])
+    info, _ = register(store)
+    store.write_vectors(info.id, [r.id for r in store.missing_vectors(info.id)], unit(4))
+    store.mark_complete(info.id)
+    ids, labels, M = store.load_matrix("test", info.id)
+    assert ids.shape == (0,) and labels == [] and M.shape == (0, DIM)
+    store.close()
+
+
+def test_dimension_mismatch_names_both(tmp_path):
+    store = FeatureStore(tmp_path / "f.sqlite", create=True)
+    store.sync_images(rows(4))
+    info, _ = register(store)
+    with pytest.raises(UserError, match=rf"dim {DIM + 1}.*its dim is {DIM}"):
+        store.write_vectors(info.id, [1, 2], unit(2, DIM + 1))
+    with pytest.raises(ValueError, match="L2-normalised"):
+        store.write_vectors(info.id, [1, 2], 2 * unit(2))
+    store.close()
+
+
+def test_other_checkpoint_or_dimension_refused_naming_both(tmp_path):
+    store, mid, _ = filled(tmp_path / "f.sqlite", sha="a" * 64)
+    assert store.require_model("a" * 64, "encoder", DIM).id == mid
+    with pytest.raises(UserError) as e:
+        store.require_model("b" * 64, "encoder", DIM)
+    assert "aaaaaaaaaaaa" in str(e.value) and "bbbbbbbbbbbb" in str(e.value)
+    with pytest.raises(UserError, match=rf"dim {DIM}.*gives dim 2048"):
+        store.require_model("a" * 64, "encoder", 2048)
+    other, _ = register(store, "b" * 64, replace_others=False)
+    with pytest.raises(UserError) as e:
+        store.check_same_model(mid, other.id)
+    assert "aaaaaaaaaaaa" in str(e.value) and "bbbbbbbbbbbb" in str(e.value)
+    assert store.check_same_model(mid, mid).id == mid
+    store.close()
+
+
+def test_incomplete_model_is_refused(tmp_path):
+    store = FeatureStore(tmp_path / "f.sqlite", create=True)
+    store.sync_images(rows(6))
+    info, _ = register(store)
+    store.write_vectors(info.id, [1, 2, 3], unit(3))  # a crashed extraction: half the vectors
+    for load in (lambda: store.load_matrix("train", info.id), lambda: store.load_vectors([1], info.id),
+                 lambda: store.write_lut(info.id, 0.9, [1]), lambda: store.current_model()):
+        with pytest.raises(UserError, match="04_extract_features.py"):
+            load()
+    with pytest.raises(RuntimeError, match="3 images"):
+        store.mark_complete(info.id)
+    assert not store.model_info(info.id).complete
+    store.write_vectors(info.id, [4, 5, 6], unit(3, seed=1))
+    assert store.mark_complete(info.id).complete
+    assert store.current_model().id == info.id
+    # a new image makes every model incomplete again until its vector is written
+    store.sync_images(rows(7))
+    with pytest.raises(UserError, match="incomplete"):
+        store.load_matrix("train", info.id)
+    assert [r.id for r in store.missing_vectors(info.id)] == [7]
+    store.close()
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    store = FeatureStore(tmp_path / "f.sqlite", create=True)
+    store.sync_images(rows(6))
+    info, _ = register(store)
+    store.write_vectors(info.id, [1], unit(1))
+    with pytest.raises(Exception):  # image 1 already has a vector: the whole batch is rolled back
+        store.write_vectors(info.id, [2, 3, 1], unit(3))
+    assert [r.id for r in store.missing_vectors(info.id)] == [2, 3, 4, 5, 6]
+    store.close()
+
+
+def test_open_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="missing"):
+        FeatureStore(tmp_path / "none.sqlite")
+    assert not (tmp_path / "none.sqlite").exists()
+    (tmp_path / "junk.sqlite").write_text("not a database at all" * 100)
+    with pytest.raises(UserError, match="junk.sqlite"):
+        FeatureStore(tmp_path / "junk.sqlite")
+    FeatureStore(tmp_path / "old.sqlite", create=True).close()
+    conn = sqlite3.connect(tmp_path / "old.sqlite")
+    conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(UserError, match=r"old.sqlite has feature-store schema version 0.*version 1"):
+        FeatureStore(tmp_path / "old.sqlite")
+    with pytest.raises(UserError, match="schema version"):
+        content_digest(tmp_path / "old.sqlite")
+
+
+def test_sync_keeps_ids_and_drops_what_changed(tmp_path):
+    store, mid, X = filled(tmp_path / "f.sqlite", n=12)
+    store.write_lut(mid, 0.9, store.load_matrix("train", mid)[0][:2])
+    new = rows(12)
+    new[0].sha256 = "changed"  # same path, new content: its vector goes
+    new[1].split = "train"  # moved: its vector stays
+    del new[2]  # removed: row and vector go
+    new.append(SimpleNamespace(path="/img/new.png", label="c1", split="val", sha256="n"))
+    rep = store.sync_images(new)
+    assert (rep.added, rep.removed, rep.content_changed, rep.moved) == (1, 1, 1, 1)
+    by_path = {r.path: r.id for r in store.images()}
+    assert by_path["/img/c1/001.png"] == 4 and by_path["/img/new.png"] == 13 and "/img/c2/002.png" not in by_path
+    assert [r.id for r in store.missing_vectors(mid)] == [1, 13]
+    assert store.counts()["lut"] == 0 and store.counts()["lut_runs"] == 0  # a LUT is only valid for its gallery
+    assert not store.sync_images(new).changed
+    with pytest.raises(UserError, match="twice"):
+        store.sync_images(new + [new[0]])
+    store.close()
+
+
+def test_new_checkpoint_replaces_old_model_vectors_and_lut(tmp_path):
+    store, mid, _ = filled(tmp_path / "f.sqlite", n=9)
+    store.write_lut(mid, 0.9, [1])
+    same, dropped = register(store, "a" * 64)
+    assert same.id == mid and dropped == [] and same.complete
+    new, dropped = register(store, "b" * 64)
+    assert [m.id for m in dropped] == [mid] and new.id != mid and not new.complete
+    c = store.counts()
+    assert (c["models"], c["vectors"], c["lut_runs"], c["lut"]) == (1, 0, 0, 0)
+    # the same checkpoint with other preprocessing is another set of vectors
+    store.write_vectors(new.id, list(range(1, 10)), unit(9))
+    again, dropped = register(store, "b" * 64, mean=[0.5, 0.5, 0.5])
+    assert [m.id for m in dropped] == [new.id] and store.counts()["vectors"] == 0
+    store.close()
+
+
+def test_lut_write_replace_and_load(tmp_path):
+    store, mid, _ = filled(tmp_path / "f.sqlite", n=30)
+    train = store.load_matrix("train", mid)[0]
+    with pytest.raises(UserError, match="06_prune_features.py"):
+        store.load_lut(mid)
+    assert store.write_lut(mid, 0.93, train[:5]) == 5
+    assert store.write_lut(mid, 0.95, train[::-1][:7]) == 7
+    np.testing.assert_array_equal(store.load_lut(mid), np.sort(train[::-1][:7]))  # most recent
+    np.testing.assert_array_equal(store.load_lut(mid, 0.9300000000000002), train[:5])  # rounded thresholds
+    store.write_lut(mid, 0.93, train[:3])  # replaces (0.93) and becomes the most recent
+    np.testing.assert_array_equal(store.load_lut(mid), train[:3])
+    assert store.lut_thresholds(mid) == [0.95, 0.93]
+    run = store.lut_runs(mid)[-1]
+    assert (run["n_before"], run["n_after"]) == (train.size, 3)
+    ids, labels, M = store.load_lut_matrix(mid, 0.93)
+    np.testing.assert_array_equal(M, store.load_vectors(train[:3], mid))
+    with pytest.raises(UserError, match=r"0\.5.*0\.95"):
+        store.load_lut(mid, 0.5)
+    val_id = int(store.load_matrix("val", mid)[0][0])
+    with pytest.raises(ValueError, match="not train images"):
+        store.write_lut(mid, 0.93, [int(train[0]), val_id])
+    np.testing.assert_array_equal(store.load_lut(mid, 0.93), train[:3])  # the failed write changed nothing
+    store.close()
+
+
+def test_content_digest_ignores_lut_and_follows_vectors(tmp_path):
+    p = tmp_path / "f.sqlite"
+    store, mid, X = filled(p, n=12)
+    d0 = content_digest(p)
+    store.write_lut(mid, 0.9, store.load_matrix("train", mid)[0][:2])
+    assert content_digest(p) == d0
+    store.close()
+    assert content_digest(p) == d0  # closing (WAL checkpoint) changes nothing either
+    # the same content written again (new times, same checkpoint) gives the same digest
+    q = tmp_path / "g.sqlite"
+    filled(q, n=12)[0].close()
+    assert content_digest(q) == d0
+    # other vectors (another checkpoint) give another digest
+    r = tmp_path / "h.sqlite"
+    filled(r, n=12, sha="b" * 64, seed=1)[0].close()
+    assert content_digest(r) != d0
+    # one vector changed
+    store = FeatureStore(q)
+    store.sync_images([*rows(11), SimpleNamespace(**{**vars(rows(12)[11]), "sha256": "edited"})])
+    store.write_vectors(mid, [12], unit(1, seed=5))
+    store.mark_complete(mid)
+    store.close()
+    assert content_digest(q) != d0
+    with pytest.raises(UserError, match="missing"):
+        content_digest(tmp_path / "none.sqlite")
