@@ -639,10 +639,11 @@ def embed_paths(paths: Sequence[str], model: Any, transform: Callable, image_siz
     return X, ok, errors, {"loader_wait_s": t_wait, "embed_s": t_embed, "decode_embed_s": total}
 
 
-# ----------------------------------------------------------------------------- the stage
+# ----------------------------------------------------------------------------- the feature store
 
 
 STORE_FILE = "features.sqlite"
+LUT_JSON = "lut.json"
 EVALUATE_ONLY = ("classification_report.csv", "confusion_matrix.png", "embedding_map.png", "comparison.csv")
 
 
@@ -653,15 +654,87 @@ def check_same_model(query_model: Any, gallery_model: Any, what: str) -> None:
                         f"({gallery_model!r}): rerun 04_extract_features.py and 06_prune_features.py")
 
 
-def resolve_checkpoint(run_dir: Path, spec: str) -> Path:
-    """``extract.checkpoint`` (best | last | path) as a file path, as stage 04 resolves it."""
-    if spec in ("best", "last"):
-        p = Path(run_dir) / "03_main_supcon" / "checkpoints" / f"{spec}.pt"
-    else:
-        p = Path(spec)
-    if not p.is_file():
-        raise UserError(f"checkpoint {p} (extract.checkpoint={spec}) is missing: run 03_main_supcon.py --run {run_dir}")
-    return p
+@dataclass
+class StoreData:
+    """What stage 07 reads from the feature store and splits.csv: one model's vectors only."""
+
+    classes: list[str]
+    model: Any  # common.features.ModelInfo: checkpoint sha256, embedding, preprocessing
+    train: Vectors
+    val: Vectors
+    test: Vectors
+    gallery: Vectors
+    test_rows: list = field(default_factory=list)  # splits.csv rows of the test split
+    facts: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def model_id(self) -> int:
+        return int(self.model.id)
+
+
+def _split_vectors(store: Any, split: str, model_id: int, classes: list[str]) -> tuple[Vectors, np.ndarray]:
+    """(vectors with class indices and image paths, store image ids) of one split."""
+    ids, labels, X = store.load_matrix(split, model_id)
+    idx = {c: i for i, c in enumerate(classes)}
+    try:
+        lab = np.fromiter((idx[x] for x in labels), dtype=np.int64, count=len(labels))
+    except KeyError as e:
+        raise UserError(f"{store.path} holds label {e.args[0]!r} that splits.csv does not: "
+                        "rerun 04_extract_features.py") from None
+    path_of = {r.id: r.path for r in store.images(split)}
+    return Vectors(X, lab, [path_of[int(i)] for i in ids]), np.asarray(ids, dtype=np.int64)
+
+
+def load_store_data(store_path: Path, splits_csv: Path, gallery_kind: str, model_id: int | None = None,
+                    lut_json: Path | None = None) -> StoreData:
+    """Load one model's train/val/test vectors and the gallery (the LUT or all train vectors).
+
+    ``model_id``: the model stage 04 wrote (its manifest's metrics; the store's most recent
+    complete model when None). ``lut_json``: stage 06's record of the LUT it wrote; it must name
+    the same model as the test vectors (else ``UserError``: a gallery of another checkpoint), and
+    its kept count must match the LUT read back from the store.
+    """
+    from .data import class_names, read_splits
+    from .features import FeatureStore
+
+    rows = read_splits(splits_csv)
+    classes = list(class_names(rows))
+    with FeatureStore(store_path) as store:
+        info = store.require_complete(model_id) if model_id is not None else store.current_model()
+        if list(info.classes) != classes:
+            raise UserError(f"{store_path}: the vectors' checkpoint has {len(info.classes)} classes but {splits_csv} has "
+                            f"{len(classes)}: rerun 04_extract_features.py")
+        train, train_ids = _split_vectors(store, "train", info.id, classes)
+        val, _ = _split_vectors(store, "val", info.id, classes)
+        test, _ = _split_vectors(store, "test", info.id, classes)
+        if gallery_kind == "full":
+            gallery, desc = train, f"full train gallery ({len(train)} vectors)"
+        else:
+            if lut_json is None or not lut_json.is_file():
+                raise UserError(f"{lut_json} is missing: run 06_prune_features.py (or use inference.gallery=full)")
+            meta = read_json(lut_json)
+            lut_model = meta.get("model_id")
+            if lut_model is not None and int(lut_model) != info.id:
+                raise UserError(f"{lut_json} is the LUT of model {lut_model}, but the store's vectors are of "
+                                f"{info.describe()}: a gallery of another checkpoint is never used: "
+                                "rerun 06_prune_features.py")
+            kept = store.load_lut(info.id, meta.get("threshold"))
+            if meta.get("n_after") is not None and int(meta["n_after"]) != kept.size:
+                raise UserError(f"the LUT in {store_path} has {kept.size} rows but {lut_json} records "
+                                f"{meta['n_after']}: rerun 06_prune_features.py")
+            pos = np.searchsorted(train_ids, kept)
+            if kept.size and (pos.max() >= train_ids.size or not np.array_equal(train_ids[pos], kept)):
+                raise UserError(f"{store_path}: the LUT names images that are not train vectors of "
+                                f"{info.describe()}: rerun 06_prune_features.py")
+            gallery = Vectors(train.X[pos], train.labels[pos], [train.paths[i] for i in pos])
+            desc = f"LUT at threshold {meta.get('threshold')}: {len(gallery)} of {len(train)} train vectors"
+    facts = [("model", info.describe()), ("backbone", info.backbone), ("image size", info.image_size),
+             ("gallery", desc), ("classes", len(classes))]
+    return StoreData(classes=classes, model=info, train=train, val=val, test=test, gallery=gallery,
+                     test_rows=[r for r in rows if r.split == "test"], facts=facts)
+
+
+# ----------------------------------------------------------------------------- the stage
 
 
 def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
@@ -681,23 +754,22 @@ def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
 
 def run_stage(ctx: Any) -> dict[str, Any]:
     """Stage 07's ``main``: load the store, classify, measure, compare, report (see the module docstring)."""
+    from .stage import read_manifest
+
     cfg, icfg = ctx.cfg, ctx.cfg.inference
     splits_dir = ctx.upstream("01_random_split_dataset")
     ctx.upstream("02_mean_std_variables")
     ctx.upstream("03_main_supcon")
-    from .stage import read_manifest
-
     store_dir = ctx.upstream("04_extract_features")
-    store_path = store_dir / STORE_FILE
     model_id = ((read_manifest(store_dir) or {}).get("metrics") or {}).get("model_id")
-    lut_json = ctx.upstream("06_prune_features") / "lut.json" if icfg.gallery == "lut" else None
+    lut_json = ctx.upstream("06_prune_features") / LUT_JSON if icfg.gallery == "lut" else None
     sweep_png, suggested = _threshold_info(ctx.upstream("05_lut_threshold", required=False))
     if suggested is not None:
         log.info("stage 05 suggests inference.reject_below=%.4f (now %s)", suggested, icfg.reject_below)
     if icfg.reject_below is None:
         log.info("open-set rejection is off (inference.reject_below=null)")
     device = ctx.device()
-    data = load_store_data(store_path, splits_dir / "splits.csv", icfg.gallery, model_id, lut_json)
+    data = load_store_data(store_dir / STORE_FILE, splits_dir / "splits.csv", icfg.gallery, model_id, lut_json)
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
     for f in EVALUATE_ONLY if icfg.mode == "predict" else ():
         stale = ctx.dir / f
@@ -707,16 +779,16 @@ def run_stage(ctx: Any) -> dict[str, Any]:
 
     if icfg.mode == "evaluate":
         test, embed_s = data.test, 0.0
-        if len(test) == 0:
+        if len(test) == 0 and data.test_rows:
             log.info("the store holds no test vectors: embedding the test split's %d images now", len(data.test_rows))
             test, embed_s = _embed_split(ctx, data, device)
         inp = EvalInputs(classes=data.classes, test=test, gallery=data.gallery, train=data.train, val=data.val,
                          model_id=data.model_id, facts=facts, sweep_png=sweep_png,
                          suggested_reject_below=suggested, embed_seconds=embed_s)
         m = evaluate(inp, icfg, ctx.output, device=device, seed=cfg.run.seed)
-        summary_keys = ("accuracy", f"top{icfg.top_k}_accuracy", "macro_f1", "balanced_accuracy", "map_at_r",
-                        "rejection_rate", "gallery_size", "report")
-        return {k: m[k] for k in summary_keys if k in m}
+        keys = ("accuracy", f"top{icfg.top_k}_accuracy", "macro_f1", "balanced_accuracy", "map_at_r",
+                "rejection_rate", "accepted_accuracy", "gallery_size", "report")
+        return {k: m[k] for k in keys if k in m}
 
     # ---- predict mode
     images, not_images = list_images(icfg.input)
@@ -725,10 +797,10 @@ def run_stage(ctx: Any) -> dict[str, Any]:
                  icfg.input)
     if not images:
         raise UserError(f"inference.input: no image files under {icfg.input}")
-    model, ckpt, transform, image_size = _load_model(ctx, data, device)
-    X, ok, errors, timing = embed_paths(images, model, transform, image_size, embedding=data.embedding,
-                                        batch_size=icfg.batch_size, num_workers=cfg.data.num_workers,
-                                        device=device, amp=cfg.extract.amp)
+    model, transform = load_query_model(ctx, data, device)
+    X, ok, errors, timing = embed_paths(images, model, transform, data.model.image_size,
+                                        embedding=data.model.embedding, batch_size=icfg.batch_size,
+                                        num_workers=cfg.data.num_workers, device=device, amp=cfg.extract.amp)
     queries = Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
     clfs = _classifiers_for_predict(ctx, data, device)
     m = predict(queries, data.gallery, data.classes, icfg, ctx.output, classifiers=clfs,
@@ -737,30 +809,31 @@ def run_stage(ctx: Any) -> dict[str, Any]:
     return {k: m[k] for k in ("n_images", "n_unreadable", "rejection_rate", "images_per_s", "report") if k in m}
 
 
-def _load_model(ctx: Any, data: Any, device: Any):
-    """The store's checkpoint, checked by sha256 against the store's model record, and its eval transform."""
+def load_query_model(ctx: Any, data: StoreData, device: Any) -> tuple[Any, Callable]:
+    """The store's own checkpoint and evaluation transform, for embedding queries.
+
+    The checkpoint is ``extract.checkpoint`` (as stage 04 resolves it); its sha256 must be the
+    store model's, else ``UserError`` (a query of one checkpoint is never matched against a gallery
+    of another). The transform uses the preprocessing the store records (image size, mean, std, fill).
+    """
     from .data import eval_transform
+    from .extract import prepare_model, resolve_checkpoint
     from .model import load_checkpoint_model
 
-    path = resolve_checkpoint(ctx.run_dir, ctx.cfg.extract.checkpoint)
+    path = resolve_checkpoint(ctx.upstream("03_main_supcon"), ctx.cfg.extract.checkpoint, ctx.run_dir)
     model, ckpt = load_checkpoint_model(path, map_location="cpu")
-    check_same_model(ckpt.get("sha256"), data.checkpoint_sha256, f"queries embedded with {path}")
-    mcfg = ckpt["config"]["model"]
-    stats = ckpt["stats"]
-    fill = ckpt["config"].get("data", {}).get("pad_fill", ctx.cfg.data.pad_fill)
-    transform = eval_transform(mcfg["image_size"], stats["mean"], stats["std"], fill)
-    model = model.to(device).eval()
-    if device.type == "cuda" and mcfg.get("channels_last", True):
-        model = model.to(memory_format=__import__("torch").channels_last)
-    return model, ckpt, transform, int(mcfg["image_size"])
+    check_same_model(ckpt.get("sha256"), data.model.checkpoint_sha256, f"queries embedded with {path}")
+    m = data.model
+    transform = eval_transform(m.image_size, m.mean, m.std, m.pad_fill)
+    return prepare_model(model, device, ctx.cfg.model.channels_last), transform
 
 
-def _embed_split(ctx: Any, data: Any, device: Any) -> tuple[Vectors, float]:
+def _embed_split(ctx: Any, data: StoreData, device: Any) -> tuple[Vectors, float]:
     """Test vectors embedded now (the store has none): same checkpoint and transform as the store."""
-    model, _, transform, size = _load_model(ctx, data, device)
+    model, transform = load_query_model(ctx, data, device)
     paths = [r.path for r in data.test_rows]
-    X, ok, errors, timing = embed_paths(paths, model, transform, size, embedding=data.embedding,
-                                        batch_size=ctx.cfg.inference.batch_size,
+    X, ok, errors, timing = embed_paths(paths, model, transform, data.model.image_size,
+                                        embedding=data.model.embedding, batch_size=ctx.cfg.inference.batch_size,
                                         num_workers=ctx.cfg.data.num_workers, device=device,
                                         amp=ctx.cfg.extract.amp)
     if errors:
@@ -770,7 +843,7 @@ def _embed_split(ctx: Any, data: Any, device: Any) -> tuple[Vectors, float]:
     return Vectors(X, labels, [paths[i] for i in ok]), timing["decode_embed_s"]
 
 
-def _classifiers_for_predict(ctx: Any, data: Any, device: Any) -> dict[str, Any]:
+def _classifiers_for_predict(ctx: Any, data: StoreData, device: Any) -> dict[str, Any]:
     """Predict mode: the classifiers saved by an evaluate run (sha256-checked), else fitted now."""
     from . import classifiers as K
 
@@ -784,109 +857,17 @@ def _classifiers_for_predict(ctx: Any, data: Any, device: Any) -> dict[str, Any]
         missing = [n for n in icfg.classifiers if n not in loaded]
         if not missing:
             log.info("using the classifiers saved in %s: %s", folder, ", ".join(loaded))
-            for p in folder.iterdir():
-                ctx.output("classifiers", p.name)
+            for p in sorted(folder.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    ctx.output("classifiers", p.name)
             return {n: loaded[n] for n in icfg.classifiers}
         log.info("classifiers %s are not saved in %s: fitting them all now", missing, folder)
-    if data.train is None or len(data.train) == 0:
+    if len(data.train) == 0:
         raise UserError("inference.classifiers: the feature store has no train vectors to fit them on")
-    val = data.val if data.val is not None else Vectors(data.train.X[:0], data.train.labels[:0], [])
-    fitted = K.fit_classifiers(icfg.classifiers, data.train.X, data.train.labels, val.X, val.labels,
+    fitted = K.fit_classifiers(icfg.classifiers, data.train.X, data.train.labels, data.val.X, data.val.labels,
                                len(data.classes), epochs=icfg.linear_epochs, lr=icfg.linear_lr,
                                batch_size=icfg.batch_size, device=device, seed=ctx.cfg.run.seed)
     paths = K.save_classifiers(fitted, folder, data.classes, data.model_id, dim)
     for p in [*paths.values(), folder / K.CLASSES_FILE, folder / K.DIGESTS_FILE]:
         ctx.output("classifiers", p.name)
     return fitted
-
-
-# ----------------------------------------------------------------------------- the feature store
-
-
-@dataclass
-class StoreData:
-    """What stage 07 reads from the feature store (and splits.csv), one model's vectors only."""
-
-    classes: list[str]
-    model_id: Any
-    checkpoint_sha256: str | None
-    embedding: str
-    train: Vectors
-    val: Vectors
-    test: Vectors
-    gallery: Vectors
-    test_rows: list = field(default_factory=list)  # splits.csv rows of the test split
-    facts: list[tuple[str, Any]] = field(default_factory=list)
-
-
-def _vectors(store: Any, split: str, model_id: Any, classes: list[str]) -> Vectors:
-    ids, labels, X = store.load_matrix(split, model_id)
-    ids = np.asarray(ids, dtype=np.int64)
-    idx = {c: i for i, c in enumerate(classes)}
-    try:
-        lab = np.array([idx[str(x)] for x in labels], dtype=np.int64)
-    except KeyError as e:
-        raise UserError(f"the feature store holds label {e.args[0]!r} that splits.csv does not: "
-                        "rerun 04_extract_features.py") from None
-    paths = _paths_of(store, ids, split)
-    v = Vectors(X, lab, paths)
-    v.ids = ids  # type: ignore[attr-defined]
-    return v
-
-
-def _paths_of(store: Any, ids: np.ndarray, split: str) -> list[str]:
-    """Image paths of store ids (the report's thumbnails and predictions.csv's nearest gallery path)."""
-    by_id = {int(r.id): r.path for r in store.images(split)}
-    return [by_id[int(i)] for i in ids]
-
-
-def load_store_data(store_path: Path, splits_csv: Path, gallery_kind: str, model_id: Any = None,
-                    lut_json: Path | None = None) -> StoreData:
-    """Load one model's train/val/test vectors and the gallery (LUT or full train) from the store.
-
-    ``model_id``: the model stage 04 wrote (its manifest's metrics); ``lut_json``: stage 06's record
-    of the LUT, checked against the store's (same model, same kept ids).
-    """
-    import hashlib
-
-    from .data import class_names, read_splits
-    from .features import FeatureStore
-
-    rows = read_splits(splits_csv)
-    classes = list(class_names(rows))
-    store = FeatureStore(store_path)
-    lut_meta = read_json(lut_json) if lut_json is not None and lut_json.is_file() else None
-    if model_id is None and lut_meta is not None:
-        model_id = lut_meta.get("model_id")
-    if model_id is None:
-        raise UserError(f"{store_path}: no model id recorded by 04_extract_features (rerun it)")
-    info = store.model_info(model_id)
-    train = _vectors(store, "train", model_id, classes)
-    val = _vectors(store, "val", model_id, classes)
-    test = _vectors(store, "test", model_id, classes)
-    if gallery_kind == "full":
-        gallery = train
-        lut_desc = "full train gallery"
-    else:
-        if lut_meta is None:
-            raise UserError(f"{lut_json} is missing: run 06_prune_features.py (or use inference.gallery=full)")
-        check_same_model(lut_meta.get("model_id"), model_id, "the test vectors")
-        kept = np.asarray(sorted(int(i) for i in store.load_lut(model_id, lut_meta.get("threshold"))), dtype=np.int64)
-        digest = hashlib.sha256(",".join(str(i) for i in kept).encode()).hexdigest()
-        want = lut_meta.get("sha256") or lut_meta.get("kept_sha256")
-        if want is not None and want != digest:
-            log.warning("the LUT in %s differs from %s's record (sha256 of the kept ids)", store_path, lut_json)
-        pos = np.searchsorted(train.ids, kept)  # type: ignore[attr-defined]
-        if kept.size and (pos >= len(train) or (train.ids[np.minimum(pos, len(train) - 1)] != kept).any()):  # type: ignore[attr-defined]
-            raise UserError(f"{store_path}: the LUT names images that are not train vectors of model {model_id}: "
-                            "rerun 06_prune_features.py")
-        gallery = Vectors(train.X[pos], train.labels[pos], [train.paths[i] for i in pos])
-        lut_desc = f"LUT at threshold {lut_meta.get('threshold')} ({len(gallery)} of {len(train)} train vectors)"
-    test_rows = [r for r in rows if r.split == "test"]
-    info = dict(info) if isinstance(info, dict) else {k: getattr(info, k) for k in dir(info) if not k.startswith("_")}
-    facts = [("model id", model_id), ("backbone", info.get("backbone")), ("embedding", info.get("embedding")),
-             ("dimension", info.get("dim")), ("checkpoint sha256", info.get("checkpoint_sha256")),
-             ("gallery", lut_desc), ("classes", len(classes))]
-    return StoreData(classes=classes, model_id=model_id, checkpoint_sha256=info.get("checkpoint_sha256"),
-                     embedding=str(info.get("embedding", "encoder")), train=train, val=val, test=test,
-                     gallery=gallery, test_rows=test_rows, facts=facts)

@@ -331,3 +331,82 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
     good = [r for r in rows if not r["error"]]
     assert all(r["predicted_label"] in "abc" and r["nearest_gallery_path"].startswith("/gallery/") for r in good)
     assert m["n_images"] == 6 and m["n_unreadable"] == 2
+
+
+# ----------------------------------------------------------------------------- a tiny feature store
+
+
+def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16):
+    """splits.csv + features.sqlite (one complete model, a LUT of every other train image) + lut.json."""
+    from common.features import FeatureStore
+
+    classes = [f"sp{c}" for c in range(n_classes)]
+    rows = []
+    for split, n in zip(("train", "val", "test"), per_split):
+        for c in classes:
+            for i in range(n):
+                rows.append({"path": str(tmp_path / "img" / c / f"{split}_{i}.png"), "label": c, "split": split,
+                             "sha256": f"{split}{c}{i}", "width": 10, "height": 10, "mode": "RGB"})
+    splits = tmp_path / "splits.csv"
+    with open(splits, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    store_path = tmp_path / "features.sqlite"
+    centres = np.random.default_rng(0).normal(size=(n_classes, dim))
+    rng = np.random.default_rng(1)
+    with FeatureStore(store_path, create=True) as store:
+        store.sync_images([types.SimpleNamespace(**r) for r in rows])
+        info, _ = store.register_model(checkpoint_sha256="a" * 64, embedding="encoder", backbone="test_resnet",
+                                       dim=dim, mean=[0.5] * 3, std=[0.25] * 3, image_size=32, pad_fill=0,
+                                       classes=classes, checkpoint_path="best.pt")
+        recs = store.images()
+        X = centres[[classes.index(r.label) for r in recs]] + 0.4 * rng.normal(size=(len(recs), dim))
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        store.write_vectors(info.id, [r.id for r in recs], X.astype(np.float32))
+        store.mark_complete(info.id)
+        kept = [r.id for r in recs if r.split == "train"][::2]
+        store.write_lut(info.id, 0.9, kept)
+    lut_json = tmp_path / "lut.json"
+    lut_json.write_text(json.dumps({"model_id": info.id, "threshold": 0.9, "n_before": per_split[0] * n_classes,
+                                    "n_after": len(kept)}))
+    return splits, store_path, lut_json, info.id
+
+
+def test_load_store_data_lut_and_full(tmp_path):
+    splits, store_path, lut_json, mid = make_store(tmp_path)
+    lut = I.load_store_data(store_path, splits, "lut", mid, lut_json)
+    full = I.load_store_data(store_path, splits, "full", mid)
+    assert lut.classes == ["sp0", "sp1", "sp2"] and lut.model_id == mid
+    assert (len(full.train), len(full.val), len(full.test)) == (36, 12, 15)
+    assert len(full.gallery) == 36 and len(lut.gallery) == 18
+    assert set(lut.gallery.paths) <= set(full.train.paths)
+    for i, p in enumerate(lut.gallery.paths):  # each LUT row is the same vector as its train row
+        j = full.train.paths.index(p)
+        np.testing.assert_array_equal(lut.gallery.X[i], full.train.X[j])
+        assert lut.gallery.labels[i] == full.train.labels[j] == int(Path(p).parent.name[2:])
+    assert all(Path(p).name.startswith("test_") for p in full.test.paths)
+
+
+def test_lut_of_another_model_is_refused(tmp_path):
+    splits, store_path, lut_json, mid = make_store(tmp_path)
+    meta = json.loads(lut_json.read_text())
+    lut_json.write_text(json.dumps(meta | {"model_id": mid + 1}))
+    with pytest.raises(UserError, match="another checkpoint"):
+        I.load_store_data(store_path, splits, "lut", mid, lut_json)
+    lut_json.write_text(json.dumps(meta | {"n_after": meta["n_after"] + 1}))
+    with pytest.raises(UserError, match="rerun 06_prune_features"):
+        I.load_store_data(store_path, splits, "lut", mid, lut_json)
+    with pytest.raises(UserError, match="06_prune_features"):
+        I.load_store_data(store_path, splits, "lut", mid, tmp_path / "absent.json")
+
+
+def test_evaluate_from_a_tiny_store(brute, tmp_path):
+    splits, store_path, lut_json, mid = make_store(tmp_path)
+    data = I.load_store_data(store_path, splits, "lut", mid, lut_json)
+    inp = I.EvalInputs(classes=data.classes, test=data.test, gallery=data.gallery, train=data.train, val=data.val,
+                       model_id=data.model_id, facts=data.facts)
+    m = I.evaluate(inp, icfg(classifiers=["logreg"]), out_in(tmp_path / "out"))
+    assert m["n_queries"] == 15 and m["gallery_size"] == 18 and m["accuracy"] > 0.6
+    saved = json.loads((tmp_path / "out" / "classifiers" / "classes.json").read_text())
+    assert saved["model_id"] == mid and saved["classes"] == data.classes
