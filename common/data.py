@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from .errors import ImageReadError, UserError
@@ -229,7 +229,6 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
     Multi-frame files (GIF, TIFF) give their first frame.
     """
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey tail
     try:
         with Image.open(path) as im:
             im.load()

@@ -40,6 +40,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -145,11 +146,27 @@ def scan_files(items: Sequence[tuple[str, str]], min_side: int, max_pixels: int,
         else:
             workers = min(num_workers, len(items))
             chunk = max(1, min(64, len(items) // (workers * 8)))
-            with mp.get_context().Pool(workers) as pool:
+            pool = mp.get_context().Pool(workers, initializer=_worker_signals)
+            try:
                 for s in pool.imap(fn, items, chunksize=chunk):
                     out.append(s)
                     bar.update()
+                pool.close()
+            except BaseException:
+                pool.terminate()  # Ctrl-C or an error: stop the workers now
+                raise
+            finally:
+                pool.join()
     return out
+
+
+def _worker_signals() -> None:
+    """Scan workers leave Ctrl-C to the parent and die quietly on SIGTERM (no tracebacks).
+
+    Forked workers would otherwise inherit the stage wrapper's SIGTERM handler.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ----------------------------------------------------------------------------- split rule
@@ -236,8 +253,8 @@ class ClassCount:
     train: int = 0
     val: int = 0
     test: int = 0
-    status: str = "kept"
-    bad: int = 0
+    status: str = "kept"  # kept | dropped (fewer than split.min_images usable images)
+    bad: int = 0  # bad images of this class (in bad_images.csv)
 
 
 @dataclass
@@ -285,7 +302,7 @@ def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequen
         imgs = by_class.get(c, [])
         n = len(imgs)
         if n < min_images:
-            counts.append(ClassCount(c, n, status=f"dropped (< split.min_images={min_images})", bad=bad_per_class.get(c, 0)))
+            counts.append(ClassCount(c, n, status="dropped", bad=bad_per_class.get(c, 0)))
             continue
         targets = split_counts(n, fractions)
         unit_of: dict[str, int] = {}
@@ -370,7 +387,10 @@ def materialize(rows: Sequence[SplitRow], root: Path, dest: Path, how: str) -> i
     Each split folder is built under a temporary name and renamed when complete. Returns the
     number of files written.
     """
-    if how == "none":
+    if how == "none":  # folders from an earlier run would no longer match splits.csv
+        for split in SPLITS:
+            if (dest / split).is_dir() and not (dest / split).is_symlink():
+                shutil.rmtree(dest / split)
         return 0
     root = Path(root).resolve()
     n = 0
@@ -473,8 +493,8 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
     write_csv(output("class_counts.csv"), ("class", "total", "train", "val", "test", "status", "bad"),
               ([c.name, c.total, c.train, c.val, c.test, c.status, c.bad] for c in res.counts))
     plot_class_distribution(res.counts, output("class_distribution.png"))
-    if cfg.split.materialize != "none":
-        n = materialize(res.rows, root, stage_dir, cfg.split.materialize)
+    n = materialize(res.rows, root, stage_dir, cfg.split.materialize)
+    if n:
         log.info("materialised %d files (%s) into %s/{train,val,test}", n, cfg.split.materialize, stage_dir)
 
     per_split = Counter(r.split for r in res.rows)

@@ -109,7 +109,7 @@ def test_split_is_deterministic_order_free_and_stratified():
             assert tuple(per[cls][s] for s in D.SPLITS) == S.split_counts(n, fr), cls
     assert per["pair"] == {"train": 1, "val": 1}
     counts = {c.name: c for c in a.counts}
-    assert counts["one"].status.startswith("dropped") and "one" not in per
+    assert counts["one"].status == "dropped" and "one" not in per
     # one class's split does not change when another class is added (per-class generators)
     d = S.make_split(scans + _scans({"new": 30}), list(spec) + ["new"], fr, 2, seed=7)
     assert {p: s for p, s in _assignment(d).items() if "/new/" not in p} == _assignment(a)
@@ -175,7 +175,7 @@ def test_run_split_outputs(folder, tmp_path, caplog):
     assert len(dups) == 2 and len({d["split"] for d in dups}) == 1 and dups[0]["cross_class"] == "0"
 
     counts = {r["class"]: r for r in _csv(out / "class_counts.csv")}
-    assert counts["singleton"]["status"].startswith("dropped") and counts["singleton"]["total"] == "1"
+    assert counts["singleton"]["status"] == "dropped" and counts["singleton"]["total"] == "1"
     assert (counts["rare"]["train"], counts["rare"]["val"], counts["rare"]["test"]) == ("1", "1", "0")
     assert counts["copepod"]["bad"] == "6"
     assert (out / "class_distribution.png").stat().st_size > 1000
@@ -254,3 +254,5 @@ def test_materialize(folder, tmp_path, how):
     p = out / rows[0]["split"] / rows[0]["label"] / Path(rows[0]["path"]).name
     assert p.read_bytes() == Path(rows[0]["path"]).read_bytes()
     assert p.is_symlink() == (how == "symlink")
+    S.run_split(_cfg(root), _out(out), out)  # back to none: stale folders go
+    assert not any((out / split).exists() for split in D.SPLITS)
