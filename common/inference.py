@@ -31,7 +31,6 @@ agree, else ``UserError``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -270,19 +270,20 @@ def test_predict_vectors_writes_error_rows_and_classifier_columns(brute, tmp_pat
 
 
 def _tiny_model():
+    """A stand-in with SupConModel's ``encoder`` (timm test_resnet, 96-d pooled features)."""
     import timm
     import torch
 
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+
+        def encoder(self, x):
+            return self.backbone(x)
+
     torch.manual_seed(0)
-    return timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()  # 96-d pooled features
-
-
-def _local_embed_batch(model, x, embedding, amp, device):
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        return F.normalize(model(x.to(device)).float(), dim=1)
+    return Tiny().eval()
 
 
 def _image_folder(root: Path, n: int = 6) -> Path:
@@ -308,14 +309,14 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
     model = _tiny_model()
     tf = eval_transform(32, [0.5] * 3, [0.25] * 3, 0)
     X, ok, errors, timing = I.embed_paths(images, model, tf, 32, embedding="encoder", batch_size=4, num_workers=0,
-                                          device="cpu", embed_batch=_local_embed_batch)
+                                          device="cpu")
     assert X.shape == (6, 96) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
     assert [Path(p).name for p, _ in errors] == ["broken.png"] and "broken.png" in errors[0][1]
     assert sorted(Path(images[i]).name for i in ok) == [f"img{i}.png" for i in range(6)]
     assert timing["decode_embed_s"] >= timing["embed_s"] > 0
     # the same image embedded alone gives the same vector (batching does not change results)
     X1, _, _, _ = I.embed_paths([images[ok[2]]], model, tf, 32, embedding="encoder", batch_size=1,
-                                num_workers=0, device="cpu", embed_batch=_local_embed_batch)
+                                num_workers=0, device="cpu")
     np.testing.assert_allclose(X1[0], X[2], atol=1e-5)
     rng = np.random.default_rng(1)
     G = rng.normal(size=(30, 96)).astype(np.float32)

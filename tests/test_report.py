@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
