@@ -30,7 +30,7 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 DIGITS_MARKER = ".rendered.json"  # hidden: ignored by the listing and by the input fingerprint
-DIGITS_FORMAT = 1  # bump when the rendering changes, so old caches are redone
+DIGITS_FORMAT = 2  # bump when the rendering changes, so old caches are redone
 DIGITS_MARGIN = 2  # dark border added around the 8x8 digit (in its pixels): it floats on a dark field
 
 
