@@ -60,7 +60,7 @@ EMBEDDINGS = ("encoder", "head")
 SPLITS = ("train", "val", "test")
 THRESHOLD_DECIMALS = 6  # LUT thresholds are rounded to this many decimals before they are stored or looked up
 NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed when writing vectors (float32 and AMP round-off)
-READ_BLOCK_ROWS = 2048  # rows fetched per block when streaming blobs into a matrix (bounds the extra memory)
+READ_BLOCK_BYTES = 2 * 2**20  # vector bytes fetched per block when streaming blobs into a matrix (bounds the extra memory)
 BUSY_TIMEOUT_S = 60.0  # wait this long for another process's write lock before failing
 STAGE = "04_extract_features.py"
 
@@ -662,15 +662,20 @@ class FeatureStore:
             n = _raw(conn).execute(f"SELECT count(*) FROM ({_SQL_MISSING})", (int(model_id),)).fetchone()[0]
             if n:
                 raise RuntimeError(f"{n} images of {self.path} have no vector of model {model_id} yet")
-            self._set_complete(conn, int(model_id), True)
+            done = conn.execute(select(models_t.c.complete).where(models_t.c.id == int(model_id))).scalar()
+            if done is None:
+                raise UserError(f"{self.path} holds no model {model_id}: rerun {STAGE}")
+            if not done:  # already complete: write nothing (a rerun leaves the file untouched)
+                self._set_complete(conn, int(model_id), True)
         return self.model_info(model_id)
 
     def _fill(self, cur: sqlite3.Cursor, out: np.ndarray, ids: np.ndarray, labels: list[str] | None) -> int:
         """Stream (id[, label], blob) rows into preallocated arrays, a block of rows at a time."""
         n, dim = out.shape
+        block = max(1, READ_BLOCK_BYTES // (4 * dim))
         k = 0
         while True:
-            rows = cur.fetchmany(READ_BLOCK_ROWS)
+            rows = cur.fetchmany(block)
             if not rows:
                 break
             m = len(rows)
@@ -844,7 +849,7 @@ def content_digest(path: str | os.PathLike) -> str:
             h.update(b"\n")
         for m in models:
             cur = conn.execute(_SQL_DIGEST_VECTORS, (m[0],))
-            while rows := cur.fetchmany(READ_BLOCK_ROWS):
+            while rows := cur.fetchmany(max(1, READ_BLOCK_BYTES // (4 * int(m[4])))):
                 ids, blobs = zip(*rows)
                 h.update(np.asarray(ids, dtype="<i8").tobytes())
                 h.update(b"".join(blobs))

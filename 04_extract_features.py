@@ -1,0 +1,20 @@
+"""Stage 04: embed every image of every split with one checkpoint into the feature store.
+
+Reads:  03_main_supcon/checkpoints/<extract.checkpoint>.pt (best | last, or a path),
+        01_random_split_dataset/splits.csv, 02_mean_std_variables/stats.json
+Writes: 04_extract_features/features.sqlite (images, the model, one L2-normalised float32 vector
+        per image; resumable: an interrupted run continues where it stopped)
+Usage:  python 04_extract_features.py -c configs/default.yaml --run runs/dyb extract.batch_size=256
+        torchrun --nproc_per_node=4 04_extract_features.py -c configs/default.yaml --run runs/dyb
+"""
+from common import extract, stage
+
+
+def main(ctx: stage.Context) -> dict:
+    return extract.run_stage(ctx)
+
+
+if __name__ == "__main__":
+    stage.run("04_extract_features", main,
+              upstream=("01_random_split_dataset", "02_mean_std_variables", "03_main_supcon"),
+              sections=("run", "data", "model", "extract"))

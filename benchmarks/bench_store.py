@@ -1,0 +1,271 @@
+"""Benchmark: the feature store (``common.features``) at DYB-PlanktonNet scale, and stage 04's balance.
+
+1. Write: 33,000 x 2048 synthetic L2-normalised float32 vectors (the DYB gallery: 70 % of 47k
+   images), random labels of 87 classes, written as stage 04 writes them (``write_vectors`` in
+   chunks of ``WRITE_CHUNK_ROWS`` rows, one transaction each, then ``mark_complete``; the time
+   includes closing the store, i.e. the final WAL checkpoint) against the reference pattern: plain
+   sqlite3, one ``INSERT`` per row with a ``torch.save``d tensor blob (``io.BytesIO``), a commit every
+   256 rows (default rollback journal).
+2. Load: the whole gallery as one float32 matrix (``load_matrix("train", model)``) against the
+   pattern's read-back (``SELECT`` every row, ``torch.load`` per row, ``torch.stack``); best of a few
+   runs, warm page cache for both. Peak memory of the load is measured two ways: tracemalloc
+   (Python and numpy allocations) in this process, and ``ru_maxrss`` growth of a fresh
+   subprocess that only opens the store and loads it (RSS includes touched pages of SQLite's
+   memory map, so it is an upper bound).
+3. ``content_digest`` of the store (stage 04's manifest digest, recomputed by every later
+   stage's freshness check).
+4. Stage 04's balance: embedding throughput on this CPU (``common.extract.embed_batch`` on random
+   images, timm ``test_resnet`` at 32 px and ``seresnext50_32x4d`` at 224 px, batch 16, random
+   weights, a few batches) and the ratio of store write throughput to embedding throughput.
+
+Usage:  python benchmarks/bench_store.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.features import FeatureStore, content_digest  # noqa: E402
+
+N_CLASSES = 87  # DYB-PlanktonNet
+WRITE_CHUNK_ROWS = 4096  # rows per transaction, as stage 04 writes (common.extract.WRITE_CHUNK_BYTES at 2048-d)
+PATTERN_COMMIT_EVERY = 256  # the reference pattern commits every this many rows
+
+
+def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, dim), dtype=np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    labels = [f"class_{i:02d}" for i in rng.integers(0, N_CLASSES, n)]
+    paths = [f"/data/DYB-PlanktonNet/img_{i:06d}.jpg" for i in range(n)]  # sorted = index order = image id order
+    return X, labels, paths
+
+
+def fresh(path: Path) -> Path:
+    """``path`` with any earlier database (and its WAL files) removed."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return path
+
+
+def best(fn, repeat: int):
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+# ----------------------------------------------------------------------------- reference pattern
+
+
+def pattern_write(db: Path, X: np.ndarray, labels: list[str], paths: list[str]) -> float:
+    import torch
+
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE features (id INTEGER PRIMARY KEY, path TEXT, label TEXT, feature BLOB)")
+    conn.commit()
+    t0 = time.perf_counter()
+    for i in range(X.shape[0]):
+        buf = io.BytesIO()
+        torch.save(torch.from_numpy(X[i]), buf)
+        conn.execute("INSERT INTO features (path, label, feature) VALUES (?, ?, ?)", (paths[i], labels[i], buf.getvalue()))
+        if (i + 1) % PATTERN_COMMIT_EVERY == 0:
+            conn.commit()
+    conn.commit()
+    conn.close()
+    return time.perf_counter() - t0
+
+
+def pattern_read(db: Path) -> np.ndarray:
+    import torch
+
+    conn = sqlite3.connect(db)
+    vecs, labels = [], []
+    for label, blob in conn.execute("SELECT label, feature FROM features ORDER BY id"):
+        vecs.append(torch.load(io.BytesIO(blob)))
+        labels.append(label)
+    conn.close()
+    return torch.stack(vecs).numpy()
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def store_write(db: Path, X: np.ndarray, labels: list[str], paths: list[str]) -> tuple[float, float, float, int]:
+    """(sync images s, write vectors s, close s, model id)."""
+    t0 = time.perf_counter()
+    store = FeatureStore(db, create=True)
+    store.sync_images(SimpleNamespace(path=p, label=lab, split="train", sha256="0" * 64) for p, lab in zip(paths, labels))
+    info, _ = store.register_model(checkpoint_sha256="f" * 64, embedding="encoder", backbone="seresnext50_32x4d",
+                                   dim=X.shape[1], mean=[0.1] * 3, std=[0.2] * 3, image_size=224, pad_fill=0,
+                                   classes=sorted(set(labels)), checkpoint_path="best.pt")
+    todo = np.array([r.id for r in store.missing_vectors(info.id)], dtype=np.int64)
+    t1 = time.perf_counter()
+    for i in range(0, todo.size, WRITE_CHUNK_ROWS):
+        store.write_vectors(info.id, todo[i:i + WRITE_CHUNK_ROWS], X[i:i + WRITE_CHUNK_ROWS])
+    store.mark_complete(info.id)
+    t2 = time.perf_counter()
+    store.close()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, info.id
+
+
+def rss_of_load(db: Path, model_id: int) -> dict[str, float] | None:
+    """Memory growth (MiB) of ``load_matrix`` in a fresh subprocess, from /proc/self/status (Linux).
+
+    The peak RSS mark (VmHWM) is reset just before the load (``/proc/self/clear_refs``), so
+    ``peak`` is the peak resident growth during the load; ``anon`` is the growth of anonymous
+    memory (the matrix and any copies), ``file`` that of mapped file pages (SQLite's memory map:
+    page cache shared with the OS, not allocated by the load). None where /proc is unavailable.
+    """
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from common.features import FeatureStore
+
+def status():
+    out = {{}}
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[k] = int(v.split()[0]) / 1024
+    return out
+
+s = FeatureStore({str(db)!r})
+s.model_info({model_id})
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = status()
+ids, labels, X = s.load_matrix("train", {model_id})
+after = status()
+print(json.dumps({{"peak": after["VmHWM"] - before["VmRSS"], "anon": after["RssAnon"] - before["RssAnon"],
+                  "file": after["RssFile"] - before["RssFile"], "matrix": X.nbytes / 2**20}}))
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def embed_rate(backbone: str, size: int, batch: int, batches: int) -> float:
+    """Images/s of ``embed_batch`` on random input (random weights, eval mode, this CPU)."""
+    import timm
+    import torch
+
+    from common.extract import embed_batch
+
+    class Enc(torch.nn.Module):  # the encoder part of a SupConModel: timm backbone, pooled features
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+
+        def encoder(self, x):
+            return self.backbone(x)
+
+    model = Enc().eval()
+    x = torch.randn(batch, 3, size, size)
+    embed_batch(model, x, "encoder", "off", torch.device("cpu"))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        embed_batch(model, x, "encoder", "off", torch.device("cpu"))
+    return batch * batches / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4,000 vectors, fewer repeats (a smoke run)")
+    args = ap.parse_args()
+    n, dim = (4000, 2048) if args.quick else (33000, 2048)
+    repeat = 2 if args.quick else 3
+    pat_repeat = 1 if args.quick else 2
+    import torch
+
+    print(f"feature store benchmark: {n} x {dim} float32 vectors, {N_CLASSES} classes; "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    X, labels, paths = synthetic(n, dim)
+    mib = X.nbytes / 2**20
+
+    with tempfile.TemporaryDirectory(prefix="bench_store_", dir=os.environ.get("BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        # --- write
+        # best of a few runs each, fresh files (the machine and its disk are shared)
+        t_pat_w = min(pattern_write(fresh(tmp / "pattern.sqlite"), X, labels, paths) for _ in range(pat_repeat))
+        runs = [store_write(fresh(tmp / "features.sqlite"), X, labels, paths) for _ in range(repeat)]
+        t_sync, t_vec, t_close, mid = min(runs, key=lambda r: r[1] + r[2])
+        t_store_w = t_vec + t_close
+        pat_w, our_w = n / t_pat_w, n / t_store_w
+        size_pat = (tmp / "pattern.sqlite").stat().st_size / 2**20
+        size_our = (tmp / "features.sqlite").stat().st_size / 2**20
+        print("\n## write")
+        print(f"pattern (INSERT per row, torch.save blob, commit every {PATTERN_COMMIT_EVERY} rows): "
+              f"{t_pat_w:.2f} s = {pat_w:,.0f} vectors/s, file {size_pat:.0f} MiB")
+        print(f"store   (write_vectors, {WRITE_CHUNK_ROWS} rows per transaction, incl. the final checkpoint): "
+              f"{t_store_w:.2f} s = {our_w:,.0f} vectors/s ({n * dim * 4 / 2**20 / t_store_w:,.0f} MiB/s), "
+              f"file {size_our:.0f} MiB")
+        print(f"        of which transactions {t_vec:.2f} s ({n / t_vec:,.0f} vectors/s), closing (WAL checkpoint "
+              f"+ fsync) {t_close:.2f} s; sync_images of {n} image rows beforehand {t_sync:.2f} s")
+        print(f"ratio store / pattern: {our_w / pat_w:.1f}x  (target >= 4x)")
+
+        # --- load
+        t_pat_r, Xp = best(lambda: pattern_read(tmp / "pattern.sqlite"), pat_repeat)
+        assert np.array_equal(Xp, X)
+        del Xp
+        store = FeatureStore(tmp / "features.sqlite")
+        t_our_r, (ids, labs, Xo) = best(lambda: store.load_matrix("train", mid), repeat)
+        assert np.array_equal(Xo, X) and labs == labels and ids.tolist() == list(range(1, n + 1))
+        del Xo, ids, labs
+        t_open_r, _ = best(lambda: FeatureStore(tmp / "features.sqlite").load_matrix("train", mid), repeat)
+        tracemalloc.start()
+        ids, labs, Xo = store.load_matrix("train", mid)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del Xo, ids, labs
+        rss = rss_of_load(tmp / "features.sqlite", mid)
+        print("\n## load (whole gallery as one float32 matrix)")
+        print(f"pattern (SELECT, torch.load per row, torch.stack): {t_pat_r:.2f} s = {n / t_pat_r:,.0f} vectors/s")
+        print(f"store   load_matrix('train'): {t_our_r:.3f} s = {n / t_our_r:,.0f} vectors/s "
+              f"({mib / t_our_r:,.0f} MiB/s); opening the store too: {t_open_r:.3f} s")
+        print(f"ratio store / pattern: {t_pat_r / t_our_r:.1f}x  (target >= 10x; whole gallery < 0.5 s: "
+              f"{'yes' if t_our_r < 0.5 else 'NO'})")
+        print(f"peak memory of the load (matrix = {mib:.0f} MiB; target < 2x):")
+        print(f"  tracemalloc peak (Python + numpy allocations, this process): {peak / 2**20:.0f} MiB = "
+              f"{peak / X.nbytes:.2f}x the matrix")
+        if rss is not None:
+            print(f"  fresh process, /proc/self/status: anonymous memory +{rss['anon']:.0f} MiB = "
+                  f"{rss['anon'] / mib:.2f}x; peak RSS +{rss['peak']:.0f} MiB = {rss['peak'] / mib:.2f}x, of which "
+                  f"+{rss['file']:.0f} MiB are SQLite's memory-mapped file pages (OS page cache, not allocations)")
+
+        # --- digest
+        t_dig, _ = best(lambda: content_digest(tmp / "features.sqlite"), repeat)
+        print(f"\n## content_digest: {t_dig:.3f} s ({size_our / t_dig:,.0f} MiB/s of store)")
+        store.close()
+
+    # --- stage 04 balance
+    print("\n## stage 04: embedding vs store writes (CPU, random weights, batch 16, no AMP)")
+    rates = {"test_resnet @ 32 px": embed_rate("test_resnet", 32, 16, 5 if args.quick else 20)}
+    rates["seresnext50_32x4d @ 224 px"] = embed_rate("seresnext50_32x4d", 224, 16, 1 if args.quick else 3)
+    for name, r in rates.items():
+        print(f"{name}: {r:,.1f} images/s embedded; store writes {our_w:,.0f} vectors/s = "
+              f"{our_w / r:,.0f}x the embedding rate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Stage 04: embed every image of every split with one checkpoint into the feature store.
+
+What it does, in order (``extract_features``):
+
+1. loads the checkpoint (``extract.checkpoint``: ``best`` | ``last`` | a path) with
+   ``common.model.load_checkpoint_model``; its class list must equal the splits' (``UserError``
+   naming both otherwise); ``stats.json`` (stage 02) should equal the checkpoint's stats (a warning
+   otherwise: the vectors are normalised with ``stats.json`` and the store records which);
+2. rank 0 syncs the store's ``images`` table with ``splits.csv`` (new images added, removed ones
+   deleted with their vectors, changed files lose their vectors) and registers the model
+   (checkpoint sha256 + embedding kind + preprocessing). **The store holds one model at a time**:
+   a new checkpoint or embedding kind deletes the old model's rows, vectors and LUT in the same
+   transaction that registers the new one;
+3. embeds the images that have no vector of this model yet (the to-do list, sorted by image id),
+   in chunks of about ``WRITE_CHUNK_BYTES`` of vectors; each chunk is one write transaction, so
+   an interrupted run loses at most one chunk and a rerun continues where it stopped;
+4. sets ``models.complete = 1`` in the transaction that checks every image has its vector.
+
+Rerunning with the same checkpoint and images embeds nothing and writes nothing.
+
+Embedding (``embed_batch``): evaluation transform (pad to square, resize, normalise), no
+augmentation, ``model.eval()``, ``torch.inference_mode``; on CUDA, AMP (``extract.amp``),
+channels_last and pinned, non-blocking copies. ``extract.embedding=encoder`` stores the
+backbone's pooled output (``SupConModel.encoder``), ``head`` the projection head's; either way
+L2-normalised in float32 (Khosla et al. 2020 evaluate on the encoder output, the head is thrown
+away after training; Yang et al. 2022's LUT retrieval works on the same embedding).
+
+Several GPUs (torchrun): every rank embeds a strided share of each chunk; the shares are
+gathered to rank 0 (``torch.distributed.gather_object``), the only writer, which sorts them by
+image id: the store ends up identical to a one-process run. A rank that fails (an unreadable
+image) sends its error with its share, and every rank stops with it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ImageReadError, UserError
+from .features import FeatureStore, ImageRecord
+
+log = logging.getLogger(__name__)
+
+STAGE03 = "03_main_supcon"
+STORE_FILE = "features.sqlite"
+# Vectors per write transaction: about 32 MiB (4,096 vectors at 2,048-d). Bounds the work an
+# interruption loses and rank 0's buffer, and keeps transactions large (one commit per chunk).
+WRITE_CHUNK_BYTES = 32 * 2**20
+STATS_TOLERANCE = 1e-6  # stats.json and the checkpoint's stats are "equal" within this
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def embed_batch(model: Any, x: torch.Tensor, embedding: str, amp: str, device: torch.device | str,
+                channels_last: bool | None = None) -> torch.Tensor:
+    """(B, D) float32 L2-normalised vectors of a batch of transformed images, on ``device``.
+
+    ``embedding``: ``encoder`` (``model.encoder(x)``, the backbone's pooled output) or ``head``
+    (``model(x)``). ``amp`` (bf16 | fp16 | off) and channels_last (default: on CUDA) apply on
+    CUDA only. The model must already be on ``device`` and in eval mode.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if embedding not in ("encoder", "head"):
+        raise UserError(f"extract.embedding: expected encoder or head, got {embedding!r}")
+    x = x.to(device, non_blocking=cuda)
+    if cuda and (channels_last if channels_last is not None else True):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=AMP_DTYPES.get(amp, torch.float32),
+                                                enabled=cuda and amp in AMP_DTYPES):
+        out = model.encoder(x) if embedding == "encoder" else model(x)
+        # the head's output is already normalised, but in AMP precision: renormalise in float32
+        return F.normalize(out.float().flatten(1), dim=1)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The model on ``device`` in eval mode (channels_last memory format on CUDA when asked)."""
+    model = model.to(device).eval()
+    if device.type == "cuda" and channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_checkpoint(stage03_dir: Path | None, spec: str, run_dir: Path | None = None) -> Path:
+    """``extract.checkpoint`` as a file: ``best``/``last`` -> 03_main_supcon/checkpoints/<name>.pt."""
+    if spec in ("best", "last"):
+        if stage03_dir is None:
+            raise UserError(f"extract.checkpoint={spec} needs {STAGE03}: run {STAGE03}.py")
+        p = Path(stage03_dir) / "checkpoints" / f"{spec}.pt"
+    else:
+        p = Path(spec).expanduser()
+    if not p.is_file():
+        where = f" --run {run_dir}" if run_dir is not None else ""
+        raise UserError(f"checkpoint {p} (extract.checkpoint={spec}) is missing: run {STAGE03}.py{where}")
+    return p
+
+
+def check_classes(ckpt_classes: Sequence[str], split_classes: Sequence[str], checkpoint: Path, splits_csv: Path) -> None:
+    """The checkpoint's class list must equal the splits' (same names, same order)."""
+    a, b = list(ckpt_classes), list(split_classes)
+    if a == b:
+        return
+    only_ck = sorted(set(a) - set(b))
+    only_sp = sorted(set(b) - set(a))
+    detail = (f"only in the checkpoint: {only_ck[:5]}{'...' if len(only_ck) > 5 else ''}; "
+              f"only in the splits: {only_sp[:5]}{'...' if len(only_sp) > 5 else ''}") if (only_ck or only_sp) \
+        else "same names in another order"
+    raise UserError(f"checkpoint {checkpoint} has {len(a)} classes but {splits_csv} has {len(b)} ({detail}): "
+                    f"rerun {STAGE03}.py on these splits or choose another extract.checkpoint")
+
+
+def check_stats(stats: dict, ckpt_stats: dict | None, stats_json: Path, checkpoint: Path) -> None:
+    """Warn when stats.json differs from the statistics the checkpoint was trained with."""
+    if not ckpt_stats:
+        log.warning("checkpoint %s records no normalisation statistics: using %s", checkpoint, stats_json)
+        return
+    for key in ("mean", "std"):
+        a, b = np.asarray(stats[key], float), np.asarray(ckpt_stats.get(key, [np.nan] * 3), float)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=STATS_TOLERANCE):
+            log.warning("%s %s %s differs from the checkpoint's %s %s (trained with other statistics?): the "
+                        "vectors are normalised with %s", stats_json, key, a.tolist(), key, b.tolist(), stats_json.name)
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+
+@dataclass
+class _Plan:
+    """What rank 0 decides and every rank needs: the model and the to-do list."""
+
+    model_id: int
+    dim: int
+    todo_ids: list[int]
+    todo_paths: list[str]
+    error: str | None = None
+
+
+def _broadcast_plan(plan: _Plan | None, rank: int, world: int) -> _Plan:
+    if world == 1:
+        assert plan is not None
+        return plan
+    import torch.distributed as dist
+
+    box = [plan if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    out = box[0]
+    if out.error is not None and rank != 0:
+        raise UserError(f"rank 0 stopped: {out.error}")
+    return out
+
+
+def _gather(part: tuple[np.ndarray, np.ndarray, str | None], rank: int, world: int) -> list | None:
+    if world == 1:
+        return [part]
+    import torch.distributed as dist
+
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(part, out, dst=0)
+    return out
+
+
+def _broadcast_error(err: str | None, rank: int, world: int) -> str | None:
+    if world == 1:
+        return err
+    import torch.distributed as dist
+
+    box = [err]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class _Batches:
+    """Embedded vectors of a rank's share, in order, handed out by count (chunks straddle batches)."""
+
+    def __init__(self, loader: Any, model: Any, embedding: str, amp: str, device: torch.device,
+                 channels_last: bool, bar: Any, dim: int):
+        self.it = iter(loader)
+        self.dim = dim
+        self.model, self.embedding, self.amp, self.device, self.cl = model, embedding, amp, device, channels_last
+        self.buf: list[np.ndarray] = []
+        self.have = 0
+        self.bar = bar
+        self.forward_s = 0.0
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` vectors (n, dim) of this rank's share."""
+        from .data import loader_error_line
+
+        if n == 0:  # a short last chunk can leave a rank nothing to embed
+            return np.zeros((0, self.dim), np.float32)
+        while self.have < n:
+            try:
+                x, _, _ = next(self.it)
+            except ImageReadError as e:  # from a worker: the message is the last line of the wrapped text
+                raise ImageReadError(loader_error_line(e)) from None
+            t0 = time.perf_counter()
+            v = embed_batch(self.model, x, self.embedding, self.amp, self.device, self.cl).cpu().numpy()
+            self.forward_s += time.perf_counter() - t0
+            self.buf.append(v)
+            self.have += v.shape[0]
+            if self.bar is not None:
+                self.bar.update(v.shape[0])
+        allv = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
+        out, rest = allv[:n], allv[n:]
+        self.buf = [rest] if rest.shape[0] else []
+        self.have = rest.shape[0]
+        return out
+
+
+def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store_path: Path, cfg: Any, *,
+                     device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                     chunk_rows: int | None = None) -> dict[str, Any]:
+    """Embed every image of ``splits_csv`` with ``checkpoint`` into the store; returns metrics (rank 0).
+
+    With ``world_size > 1`` the default process group must be initialised; every rank calls this.
+    ``chunk_rows`` overrides the vectors per write transaction (default: ``WRITE_CHUNK_BYTES``).
+    """
+    from tqdm import tqdm
+
+    from .data import ImageListDataset, class_names, eval_transform, read_splits, read_stats
+    from .model import load_checkpoint_model
+
+    device = torch.device(device)
+    checkpoint, splits_csv, stats_json, store_path = map(Path, (checkpoint, splits_csv, stats_json, store_path))
+    ecfg = cfg.extract
+    model, ckpt = load_checkpoint_model(checkpoint, map_location="cpu")
+    rows = read_splits(splits_csv)
+    classes = class_names(rows)
+    if not isinstance(ckpt.get("classes"), list):
+        raise UserError(f"checkpoint {checkpoint} records no class list: is it a checkpoint of {STAGE03}.py?")
+    check_classes(ckpt["classes"], classes, checkpoint, splits_csv)
+    stats = read_stats(stats_json)
+    check_stats(stats, ckpt.get("stats"), stats_json, checkpoint)
+    ck_cfg = ckpt.get("config") or {}
+    mcfg = ck_cfg.get("model", {})
+    backbone = str(mcfg.get("backbone", cfg.model.backbone))
+    image_size = int(mcfg.get("image_size", cfg.model.image_size))
+    pad_fill = int(ck_cfg.get("data", {}).get("pad_fill", cfg.data.pad_fill))
+    if pad_fill != cfg.data.pad_fill or image_size != cfg.model.image_size:
+        log.warning("the checkpoint was trained with image_size %d and pad_fill %d (config: %d and %d): "
+                    "using the checkpoint's", image_size, pad_fill, cfg.model.image_size, cfg.data.pad_fill)
+    sha = str(ckpt["sha256"])
+    channels_last = bool(cfg.model.channels_last)
+    model = prepare_model(model, device, channels_last)
+    # the vector length, from the network itself (one blank image): what the store records is what it gets
+    dim = int(embed_batch(model, torch.zeros(1, 3, image_size, image_size), ecfg.embedding, "off", device,
+                          channels_last).shape[1])
+
+    # --- rank 0: sync the store and decide the to-do list
+    store: FeatureStore | None = None
+    sync = None
+    dropped: list = []
+    plan: _Plan | None = None
+    if rank == 0:
+        try:
+            store = FeatureStore(store_path, create=True)
+            sync = store.sync_images(rows)
+            info, dropped = store.register_model(
+                checkpoint_sha256=sha, embedding=ecfg.embedding, backbone=backbone, dim=dim, mean=stats["mean"],
+                std=stats["std"], image_size=image_size, pad_fill=pad_fill, classes=classes,
+                checkpoint_path=str(checkpoint.resolve()), epoch=ckpt.get("epoch"))
+            todo: list[ImageRecord] = store.missing_vectors(info.id)
+            plan = _Plan(info.id, info.dim, [r.id for r in todo], [r.path for r in todo])
+        except Exception as e:
+            if world_size > 1:
+                _broadcast_plan(_Plan(-1, 0, [], [], error=str(e).splitlines()[0] if str(e) else type(e).__name__),
+                                rank, world_size)
+            if store is not None:
+                store.close()
+            raise
+    plan = _broadcast_plan(plan, rank, world_size)
+    n_todo = len(plan.todo_ids)
+    n_images = len(rows)
+    if rank == 0:
+        log.info("%s: %d images, %d to embed with %s (%s embedding, %d-d, model id %d)%s", store_path, n_images,
+                 n_todo, checkpoint, ecfg.embedding, dim, plan.model_id,
+                 f"; {n_images - n_todo} already embedded" if n_todo < n_images else "")
+
+    # --- every rank: a strided share of each chunk
+    chunk = chunk_rows or max(1, WRITE_CHUNK_BYTES // (4 * dim))
+    chunks = [range(s, min(s + chunk, n_todo)) for s in range(0, n_todo, chunk)]
+    share = [i for c in chunks for i in c[rank::world_size]]
+    written = 0
+    t0 = time.perf_counter()
+    batches = None
+    if n_todo:
+        transform = eval_transform(image_size, stats["mean"], stats["std"], pad_fill)
+        ds = ImageListDataset([plan.todo_paths[i] for i in share], transform=transform)
+        loader = torch.utils.data.DataLoader(ds, batch_size=ecfg.batch_size, shuffle=False,
+                                             num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                                             persistent_workers=False)
+        bar = tqdm(total=len(share), desc="embedding" if world_size == 1 else f"embedding (rank 0 of {world_size})",
+                   unit="img", disable=None if rank == 0 else True)
+        batches = _Batches(loader, model, ecfg.embedding, ecfg.amp, device, channels_last, bar, dim)
+        failed: str | None = None
+        failed_exc: BaseException | None = None
+        try:
+            for c in chunks:
+                mine = c[rank::world_size]
+                ids = np.array([plan.todo_ids[i] for i in mine], dtype=np.int64)
+                vecs, err = np.zeros((0, dim), np.float32), None
+                if failed is None:
+                    try:
+                        vecs = batches.take(len(mine))
+                    except Exception as e:  # sent to rank 0, which stops every rank
+                        if world_size == 1:
+                            raise
+                        failed = err = f"rank {rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        failed_exc = e
+                parts = _gather((ids, vecs, err), rank, world_size)
+                stop, write_exc = None, None
+                if rank == 0:
+                    errs = [p[2] for p in parts if p[2]]
+                    stop = errs[0] if errs else None
+                    if stop is None:
+                        all_ids = np.concatenate([p[0] for p in parts])
+                        all_vecs = np.concatenate([p[1] for p in parts])
+                        order = np.argsort(all_ids, kind="stable")  # rows in image id order, as one process writes them
+                        try:
+                            written += store.write_vectors(plan.model_id, all_ids[order], all_vecs[order])
+                        except Exception as e:  # every rank must hear of it, or they wait forever
+                            if world_size == 1:
+                                raise
+                            write_exc, stop = e, f"rank 0: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                stop = _broadcast_error(stop, rank, world_size)
+                if write_exc is not None:
+                    raise write_exc
+                if stop is not None:
+                    if failed_exc is not None:
+                        raise failed_exc
+                    raise UserError(f"extraction stopped: {stop}")
+        except BaseException:
+            if store is not None:
+                store.close()  # what was committed stays: a rerun continues from there
+            raise
+        finally:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+
+    if rank != 0:
+        return {}
+    assert store is not None
+    try:
+        info = store.mark_complete(plan.model_id)
+        total = store.counts()["vectors"]
+    finally:
+        store.close()
+    rate = n_todo / elapsed if n_todo and elapsed > 0 else 0.0
+    if n_todo:
+        fwd = batches.forward_s if batches is not None else 0.0
+        log.info("embedded %d images in %.1f s: %.1f images/s (%d process%s; forward passes on rank 0: %.1f images/s)",
+                 n_todo, elapsed, rate, world_size, "es" if world_size > 1 else "",
+                 len(share) / fwd if fwd > 0 else 0.0)
+    else:
+        log.info("nothing to embed: the %d vectors of model %d are up to date", total, info.id)
+    return {
+        "model_id": info.id,
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha,
+        "embedding": info.embedding,
+        "dim": info.dim,
+        "images": n_images,
+        "vectors": total,
+        "vectors_written": written,
+        "images_added": sync.added if sync else 0,
+        "images_removed": sync.removed if sync else 0,
+        "models_replaced": len(dropped),
+        "images_per_s": round(rate, 2),
+        "world_size": world_size,
+    }
+
+
+def run_stage(ctx: Any) -> dict[str, Any]:
+    """Stage 04's ``main``: resolve the inputs from the run folder and call ``extract_features``."""
+    splits = ctx.upstream("01_random_split_dataset") / "splits.csv"
+    stats = ctx.upstream("02_mean_std_variables") / "stats.json"
+    ckpt = resolve_checkpoint(ctx.upstream(STAGE03), ctx.cfg.extract.checkpoint, ctx.run_dir)
+    store = ctx.output(STORE_FILE, digest="feature_store")
+    return extract_features(ckpt, splits, stats, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
+                            world_size=ctx.world_size)
