@@ -324,8 +324,9 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
         s, i = topk(q, g, k, **kw)
         return _np(s), _np(i)
 
-    out.update(M.retrieval_metrics(test.X, y, gallery.X, gallery.labels, topk_np,
-                                   block_size=icfg.block_size, device=device))
+    # on a GPU both matrices go to the device once, not once per class searched
+    out.update(M.retrieval_metrics(_on_device(test.X, device), y, _on_device(gallery.X, device), gallery.labels,
+                                   topk_np, block_size=icfg.block_size, device=device))
     out["reject_below"] = icfg.reject_below
     if icfg.reject_below is not None:
         out.update(M.rejection_metrics(y, d.raw, d.accepted))
