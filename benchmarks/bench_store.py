@@ -9,9 +9,8 @@
 2. Load: the whole gallery as one float32 matrix (``load_matrix("train", model)``) against the
    pattern's read-back (``SELECT`` every row, ``torch.load`` per row, ``torch.stack``); best of a few
    runs, warm page cache for both. Peak memory of the load is measured two ways: tracemalloc
-   (Python and numpy allocations) in this process, and ``ru_maxrss`` growth of a fresh
-   subprocess that only opens the store and loads it (RSS includes touched pages of SQLite's
-   memory map, so it is an upper bound).
+   (Python and numpy allocations) in this process, and the peak-RSS growth (VmHWM, reset just
+   before the load) of a fresh subprocess that only opens the store and loads it.
 3. ``content_digest`` of the store (stage 04's manifest digest, recomputed by every later
    stage's freshness check).
 4. Stage 04's balance: embedding throughput on this CPU (``common.extract.embed_batch`` on random
@@ -132,8 +131,8 @@ def rss_of_load(db: Path, model_id: int) -> dict[str, float] | None:
 
     The peak RSS mark (VmHWM) is reset just before the load (``/proc/self/clear_refs``), so
     ``peak`` is the peak resident growth during the load; ``anon`` is the growth of anonymous
-    memory (the matrix and any copies), ``file`` that of mapped file pages (SQLite's memory map:
-    page cache shared with the OS, not allocated by the load). None where /proc is unavailable.
+    memory (the matrix and any copies), ``file`` that of mapped file pages (none unless SQLite
+    memory-maps the file). None where /proc is unavailable.
     """
     code = f"""
 import json, sys
@@ -249,9 +248,8 @@ def main() -> None:
         print(f"  tracemalloc peak (Python + numpy allocations, this process): {peak / 2**20:.0f} MiB = "
               f"{peak / X.nbytes:.2f}x the matrix")
         if rss is not None:
-            print(f"  fresh process, /proc/self/status: anonymous memory +{rss['anon']:.0f} MiB = "
-                  f"{rss['anon'] / mib:.2f}x; peak RSS +{rss['peak']:.0f} MiB = {rss['peak'] / mib:.2f}x, of which "
-                  f"+{rss['file']:.0f} MiB are SQLite's memory-mapped file pages (OS page cache, not allocations)")
+            print(f"  fresh process, /proc/self/status: peak RSS +{rss['peak']:.0f} MiB = {rss['peak'] / mib:.2f}x the "
+                  f"matrix (anonymous +{rss['anon']:.0f} MiB, mapped file pages +{rss['file']:.0f} MiB)")
 
         # --- digest
         t_dig, _ = best(lambda: content_digest(tmp / "features.sqlite"), repeat)
