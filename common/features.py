@@ -24,8 +24,22 @@ Rules the code keeps (and a reader of the file can rely on):
 - ``meta`` holds ``schema_version`` (a store of another version is refused), ``format``, and
   ``model.<id>.status`` (``extracting`` or ``complete``, kept in step with ``models.complete``).
 
+API (``FeatureStore(path)`` opens an existing store, ``create=True`` makes one; a context manager):
+
+- reading: ``images(split=None) -> [ImageRecord]``, ``load_matrix(split, model_id) -> (ids int64,
+  labels list[str], float32 (N, D))`` (split None = every split), ``load_vectors(ids, model_id)``,
+  ``labels_of(ids)``, ``counts()``, ``schema()``;
+- models: ``models()``, ``model_info(id) -> ModelInfo``, ``find_model(sha256, embedding)``,
+  ``current_model(embedding=None)`` (the most recent complete one), ``require_complete(id)``,
+  ``require_model(sha256, embedding, dim)``, ``check_same_model(a, b)``;
+- LUT (stage 06): ``write_lut(model_id, threshold, kept_ids)``, ``load_lut(model_id, threshold=None)
+  -> ids`` (None = most recent), ``load_lut_matrix``, ``lut_thresholds(model_id)``, ``lut_runs``;
+- writing (stage 04): ``sync_images(rows)``, ``register_model(...)``, ``missing_vectors(model_id)``,
+  ``write_vectors(model_id, ids, vectors)``, ``mark_complete(model_id)``;
+- ``content_digest(path)``: the manifest digest (images, complete models, vectors; not the LUT).
+
 Speed (``benchmarks/bench_store.py``): vectors are written with one ``executemany`` per
-transaction, numpy rows bound as BLOBs without copies; ``load_matrix`` streams the blobs into a
+transaction, numpy rows bound as BLOBs directly (no per-row bytes object); ``load_matrix`` streams the blobs into a
 preallocated (N, D) array, one ``b"".join`` + ``np.frombuffer`` per block of rows. WAL journal,
 ``synchronous=NORMAL`` and a 64 KiB page (an 8 KiB vector of 2048 floats then sits in its leaf
 page with no overflow chain: 7 rows per page) are set by a SQLAlchemy ``connect`` event.
