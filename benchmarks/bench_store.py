@@ -39,10 +39,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.extract import WRITE_CHUNK_ROWS  # noqa: E402  (stage 04's rows per write transaction)
 from common.features import FeatureStore, content_digest  # noqa: E402
 
 N_CLASSES = 87  # DYB-PlanktonNet
-WRITE_CHUNK_ROWS = 4096  # rows per transaction, as stage 04 writes (common.extract.WRITE_CHUNK_BYTES at 2048-d)
 PATTERN_COMMIT_EVERY = 256  # the reference pattern commits every this many rows
 
 
