@@ -61,7 +61,7 @@ import numpy as np
 from sqlalchemy import (CheckConstraint, bindparam, Column, Float, ForeignKey, ForeignKeyConstraint, Integer, LargeBinary,
                         MetaData, Table, Text, UniqueConstraint, create_engine, delete, event, func, insert,
                         select, update)
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from .errors import UserError
@@ -324,7 +324,8 @@ def _engine(path: Path) -> Engine:
     # pysqlite's own transaction handling is switched off (isolation_level=None) and BEGIN is
     # emitted by the "begin" event (SQLAlchemy's documented recipe for pysqlite): DDL and reads
     # then run inside real transactions, and writers take the lock up front (BEGIN IMMEDIATE).
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_S})
+    url = URL.create("sqlite", database=str(path))  # no string formatting: any character in the path is safe
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
