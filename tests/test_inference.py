@@ -337,7 +337,7 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
 # ----------------------------------------------------------------------------- a tiny feature store
 
 
-def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16):
+def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a" * 64):
     """splits.csv + features.sqlite (one complete model, a LUT of every other train image) + lut.json."""
     from common.features import FeatureStore
 
@@ -358,7 +358,7 @@ def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16):
     rng = np.random.default_rng(1)
     with FeatureStore(store_path, create=True) as store:
         store.sync_images([types.SimpleNamespace(**r) for r in rows])
-        info, _ = store.register_model(checkpoint_sha256="a" * 64, embedding="encoder", backbone="test_resnet",
+        info, _ = store.register_model(checkpoint_sha256=sha, embedding="encoder", backbone="test_resnet",
                                        dim=dim, mean=[0.5] * 3, std=[0.25] * 3, image_size=32, pad_fill=0,
                                        classes=classes, checkpoint_path="best.pt")
         recs = store.images()
@@ -411,3 +411,107 @@ def test_evaluate_from_a_tiny_store(brute, tmp_path):
     assert m["n_queries"] == 15 and m["gallery_size"] == 18 and m["accuracy"] > 0.6
     saved = json.loads((tmp_path / "out" / "classifiers" / "classes.json").read_text())
     assert saved["model_id"] == mid and saved["classes"] == data.classes
+
+
+# ----------------------------------------------------------------------------- the stage's main, wired
+
+
+def _checkpoint(path: Path, classes, seed: int) -> Path:
+    """A stage-03 checkpoint of a tiny SupConModel (timm test_resnet, 96-d encoder, 32 px)."""
+    import dataclasses
+
+    import torch
+
+    from common.model import CHECKPOINT_FORMAT, build_model
+
+    mc = C.ModelConfig(backbone="test_resnet", pretrained="none", image_size=32, feat_dim=16)
+    torch.manual_seed(seed)
+    model = build_model(mc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": {"model": dataclasses.asdict(mc)},
+                "classes": list(classes), "stats": {"mean": [0.5] * 3, "std": [0.25] * 3}, "epoch": 1}, path)
+    return path
+
+
+class FakeCtx:
+    """The parts of common.stage.Context that stage 07 uses, over a hand-made run folder."""
+
+    def __init__(self, run: Path, cfg):
+        self.run_dir, self.cfg, self.dir = run, cfg, run / "07_inference"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.outputs = []
+
+    def upstream(self, name, required=True):
+        p = self.run_dir / name
+        return p if p.is_dir() else (None if not required else pytest.fail(f"missing {name}"))
+
+    def output(self, *parts, digest="sha256"):
+        p = self.dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self.outputs.append("/".join(parts))
+        return p
+
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+
+def _run_folder(tmp_path: Path, mode: str, **inference):
+    from common.fileio import sha256_file, write_json
+
+    run = tmp_path / "run"
+    classes = ["sp0", "sp1", "sp2"]
+    ck = _checkpoint(run / "03_main_supcon" / "checkpoints" / "best.pt", classes, seed=0)
+    for d in ("01_random_split_dataset", "02_mean_std_variables", "04_extract_features", "06_prune_features"):
+        (run / d).mkdir(parents=True, exist_ok=True)
+    splits, store_path, lut_json, mid = make_store(tmp_path, dim=96, sha=sha256_file(ck))
+    splits.rename(run / "01_random_split_dataset" / "splits.csv")
+    store_path.rename(run / "04_extract_features" / "features.sqlite")
+    for extra in ("-wal", "-shm"):
+        side = store_path.with_name(store_path.name + extra)
+        if side.exists():
+            side.rename(run / "04_extract_features" / side.name)
+    lut_json.rename(run / "06_prune_features" / "lut.json")
+    write_json(run / "04_extract_features" / "manifest.json", {"status": "ok", "metrics": {"model_id": mid}})
+    cfg = C.load_config(overrides=[f"inference.mode={mode}", "inference.embedding_map=pca",
+                                   "inference.linear_epochs=2", *[f"inference.{k}={v}" for k, v in inference.items()]])
+    return FakeCtx(run, cfg), ck
+
+
+def test_stage_evaluate_mode_wired(brute, tmp_path):
+    ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]", reject_below=0.2)
+    m = I.run_stage(ctx)
+    assert set(m) >= {"accuracy", "macro_f1", "report"} and m["report"].endswith("report.html")
+    assert json.loads((ctx.dir / "metrics.json").read_text())["gallery_size"] == 18  # the LUT, not all 36
+    assert {"predictions.csv", "comparison.csv", "classifiers/logreg.joblib", "classifiers/sha256.json"} <= set(ctx.outputs)
+
+
+def test_stage_predict_mode_on_images_and_saved_classifiers(brute, tmp_path, caplog):
+    ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]")
+    I.run_stage(ctx)  # fits and saves the classifier
+    folder = _image_folder(tmp_path / "new")
+    ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
+                                       "inference.classifiers=[logreg]", "data.num_workers=0"])
+    with caplog.at_level("INFO", logger="common.inference"):
+        m = I.run_stage(ctx)
+    assert "using the classifiers saved" in caplog.text  # loaded (sha256-checked), not refitted
+    assert m["n_images"] == 6 and m["n_unreadable"] == 2
+    rows = read_csv(ctx.dir / "predictions.csv")
+    assert len(rows) == 8 and all(r["pred_logreg"] in ("sp0", "sp1", "sp2") for r in rows if not r["error"])
+    assert not (ctx.dir / "comparison.csv").exists()  # the evaluate run's artefacts are gone
+    # a tampered pickle is refused, never loaded
+    with open(ctx.dir / "classifiers" / "logreg.joblib", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(UserError, match="sha256"):
+        I.run_stage(ctx)
+
+
+def test_stage_refuses_queries_from_another_checkpoint(brute, tmp_path):
+    ctx, ck = _run_folder(tmp_path, "evaluate")
+    folder = _image_folder(tmp_path / "new")
+    ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
+                                       "inference.classifiers=[]"])
+    _checkpoint(ck, ["sp0", "sp1", "sp2"], seed=1)  # retrained: other weights, other sha256
+    with pytest.raises(UserError, match="another checkpoint"):
+        I.run_stage(ctx)
