@@ -22,14 +22,16 @@ gradients are zero).
 
 How it is computed (the same numbers as the reference, with less work and memory):
 
-- ``log_prob_ij = l_ij - logsumexp_{a != i} l_ia`` with ``l = z_i.z_j / T``; ``logsumexp`` is
-  stable (it subtracts the row max), and the self-contrast is excluded by setting the diagonal of
-  the logits to ``-inf`` instead of multiplying by a scattered ``(N, N)`` mask.
+- ``log_prob_ij = l_ij - logsumexp_{a != i} l_ia`` with ``l = z_i.z_j / T``; the log-sum-exp
+  subtracts the row max (stable at small T), and the self-contrast is excluded by setting the
+  diagonal of the logits to ``-inf`` instead of multiplying by a scattered ``(N, N)`` mask.
 - The positive term is linear in the logits, so it needs no ``(N, N)`` mask at all:
   ``sum_{p in P(i)} l_ip = z_i . (sum_{p in P(i)} z_p) / T``, where the sum of positives is the
   per-class sum of the vectors (``index_add``) minus ``z_i``, ``O(B * D)``.
-- The only ``(A, N)`` tensors are the logits and what ``logsumexp`` and its backward need (the
-  reference builds about eight of them, ``mask.repeat`` included).
+- The log-sum-exp is a small autograd function (``_NonSelfLogSumExp``) that holds ONE ``(A, N)``
+  buffer (logits turned into the softmax in place, kept for backward) and computes its gradient
+  with two matrix products; the reference keeps about eight ``(N, N)`` tensors, ``mask.repeat``
+  included. Double backward is not supported (SupCon training never needs it).
 - Logits are float32 at least, also under autocast (features cast at the top, autocast off
   inside); float64 inputs stay float64 (gradcheck, reference tests).
 """
@@ -70,6 +72,37 @@ def _positive_stats(features: torch.Tensor, labels: Optional[torch.Tensor],
     class_sum = torch.zeros_like(view_sum).index_add_(0, cls, view_sum)  # (B, D), rows >= C unused
     class_n = torch.zeros_like(ones).index_add_(0, cls, ones)  # (B,) images per class
     return class_sum[cls], ones, V * class_n[cls] - 1
+
+
+class _NonSelfLogSumExp(torch.autograd.Function):
+    """``lse_i = log sum_{j != i} exp(q_i . c_j)`` for ``q (A, D)``, ``c (N, D)``, ``A <= N``.
+
+    One ``(A, N)`` buffer in all: the logits are turned into the softmax in place and saved for
+    backward, where the gradient needs no other ``(A, N)`` tensor:
+    ``dq = g * (P @ c)`` (rows scaled after the product) and ``dc = P.T @ (g * q)`` (rows of
+    ``q`` scaled before it). Autograd's ``logsumexp`` keeps about four such tensors alive.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        p = q @ c.T  # (A, N) logits
+        p.diagonal().fill_(float("-inf"))  # leave out the self-contrast (anchor i is contrast i)
+        row_max = p.amax(dim=1, keepdim=True)  # finite: every row has N - 1 >= 1 other contrasts
+        p.sub_(row_max).exp_()  # exp(l - max): stable, <= 1, exactly 0 on the diagonal
+        total = p.sum(dim=1, keepdim=True)  # >= 1
+        p.div_(total)  # softmax over the non-self contrasts
+        ctx.save_for_backward(q, c, p)
+        return (row_max + total.log()).squeeze(1)  # (A,)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: D102
+        q, c, p = ctx.saved_tensors
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            g = g.to(p.dtype)[:, None]  # (A, 1)
+            dq = (p @ c) * g  # (A, D)
+            dc = p.T @ (q * g)  # (N, D)
+        return dq, dc
 
 
 def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -122,11 +155,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None,
         valid = count > 0  # no host sync: with N >= 2 every row below stays finite
 
         inv_t = 1.0 / temperature
-        logits = (anchor @ contrast.T) * inv_t  # (A, N)
-        # Exclude the self-contrast from the denominator: -inf on the diagonal (in place on the
-        # product, which autograd does not need again; its gradient there is zero).
-        logits.diagonal().fill_(float("-inf"))
-        lse = torch.logsumexp(logits, dim=1)  # (A,) log sum_{a in A(i)} exp(l_ia), max-subtracted inside
+        # (A,) log sum_{a in A(i)} exp(z_i.z_a / T): the only (A, N) work, row max subtracted
+        lse = _NonSelfLogSumExp.apply(anchor * inv_t, contrast)
 
         # sum_{p in P(i)} l_ip = z_i . (positive vectors' sum - self weight * z_i) / T
         pos = pos_sum_b[img] - self_w_b[img, None] * anchor  # (A, D)

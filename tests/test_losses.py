@@ -181,3 +181,17 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="temperatures must be > 0"):
         SupConLoss(temperature=0.0)
     assert "contrast_mode='one'" in repr(SupConLoss(contrast_mode="one"))
+
+
+def test_backward_under_autocast_and_retained_graph():
+    x32 = rand_features(6, 2, 8, seed=12, dtype=torch.float32)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    xa = x32.clone().requires_grad_(True)
+    supcon_loss(xa, labels).backward()
+    xb = x32.clone().requires_grad_(True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = supcon_loss(xb, labels)
+    loss.backward(retain_graph=True)
+    assert torch.allclose(xb.grad, xa.grad, atol=1e-6)
+    loss.backward()  # the saved softmax is not consumed by the first backward
+    assert torch.allclose(xb.grad, 2 * xa.grad, atol=1e-6)
