@@ -1,0 +1,23 @@
+"""Stage 03: train the backbone with Supervised Contrastive Learning (Khosla et al. 2020).
+
+Reads:  01_random_split_dataset/splits.csv (train = training images, val = k-NN model selection),
+        02_mean_std_variables/stats.json
+Writes: 03_main_supcon/checkpoints/{last,best,epoch_NNNN}.pt, metrics.csv, loss_curve.png,
+        augmentations.png, tensorboard/
+Usage:  python 03_main_supcon.py -c configs/default.yaml --run runs/dyb train.epochs=100
+        torchrun --nproc_per_node 4 03_main_supcon.py -c configs/default.yaml --run runs/dyb
+        (the reference SupContrast flags work too: --batch_size 64 --learning_rate 0.5 --temp 0.1 --cosine)
+
+Rerunning after a crash, Ctrl-C or SIGTERM continues from checkpoints/last.pt exactly where it
+stopped; --force starts again (the old checkpoints are moved to 03_main_supcon/previous/).
+"""
+from common import config, stage, train
+
+
+def main(ctx: stage.Context) -> dict:
+    return train.train_supcon(ctx)
+
+
+if __name__ == "__main__":
+    stage.run("03_main_supcon", main, upstream=train.UPSTREAM, sections=("run", "data", "model", "train"),
+              aliases=config.SUPCON_ALIASES)

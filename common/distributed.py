@@ -1,0 +1,112 @@
+"""Helpers for multi-process training (torchrun): rank facts, gathers, reductions, barriers.
+
+SupCon needs the *global* batch: an anchor's positives and negatives are all the other views in
+the batch, and the loss is not a sum of per-rank terms. Each rank therefore gathers every rank's
+features (with gradients, ``torch.distributed.nn.functional.all_gather``) and labels, and computes
+the same loss on the whole global batch.
+
+Gradient scale, worked out (and checked in ``tests/test_distributed.py`` against one process on
+the same global batch): let ``L`` be the loss of the global batch and ``f_r`` rank r's features.
+Every rank computes the same ``L``. The backward of ``all_gather`` *sums* the incoming gradients
+over ranks (a reduce-scatter; gloo: all-to-all then sum), so rank r receives
+``sum_over_ranks dL/df_r = W * dL/df_r`` for its own features (W = world size). Backpropagating,
+rank r's parameter gradient is ``W * dL/dtheta|_(through f_r)``; DDP then *averages* over ranks:
+``(1/W) * sum_r W * dL/dtheta|_(f_r) = dL/dtheta``, exactly the single-process gradient.
+So with this all_gather **the loss must not be multiplied by W** (a gather whose backward only
+keeps the local slice, as some SimCLR ports do, would need the factor W instead).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; ``(0, 1)`` without a process group."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_rank() -> int:
+    """``LOCAL_RANK`` set by torchrun (0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0, rank order, differentiable (see module docstring).
+
+    Every rank must pass a tensor of the same shape (equal batch sizes: drop_last everywhere).
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (no gradient: labels, indices)."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def global_batch(features: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The global SupCon batch: features ``(W*B, V, D)`` with gradients, labels ``(W*B,)`` or None."""
+    return gather_with_grad(features), (gather_nograd(labels) if labels is not None else None)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (a copy; ``x`` itself when not distributed)."""
+    if not is_distributed():
+        return x
+    y = x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (pickled; small objects only)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_strided(x_local: torch.Tensor, n: int) -> torch.Tensor:
+    """Reassemble rows sharded as ``rows[rank::world]`` into all ``n`` rows, in order, on every rank.
+
+    Each rank holds ``ceil`` or ``floor(n / world)`` rows; shards are padded to equal length for
+    the collective and the padding dropped.
+    """
+    if not is_distributed():
+        return x_local
+    _, world = rank_world()
+    m = -(-n // world)
+    pad = x_local.new_zeros((m - x_local.shape[0], *x_local.shape[1:]))
+    stacked = gather_nograd(torch.cat([x_local, pad], dim=0)).view(world, m, *x_local.shape[1:])
+    # row j*world + r lives at stacked[r, j]
+    return stacked.transpose(0, 1).reshape(world * m, *x_local.shape[1:])[:n]

@@ -1,0 +1,915 @@
+"""Stage 03: Supervised Contrastive training of the backbone, built to survive days-long runs.
+
+The recipe is the reference SupContrast ``main_supcon.py`` (Khosla et al. 2020): two augmented
+views per image, SGD with momentum, cosine (or step) learning-rate decay with a linear warm-up
+per iteration, SupCon loss on the L2-normalised projection head. Around it:
+
+- **Exact resume.** ``checkpoints/last.pt`` is written atomically every epoch and on Ctrl-C /
+  SIGTERM (mid-epoch position included). The data a step sees is a pure function of
+  (run.seed, epoch, step): the per-epoch shuffle is seeded by (seed, epoch), and each image's two
+  views by (seed, epoch, image index), whatever the number of DataLoader workers. A rerun therefore
+  skips the batches already done and continues with the same learning rate, data and views.
+  A whole training step (forward, backward, update) is a critical section: SIGINT/SIGTERM are
+  delivered after it, so a saved position never sits half-way through a step.
+- **Model selection** every ``train.eval_every`` epochs: k-NN retrieval of the validation split
+  against the training split on the backbone features (what stages 04-07 use); ``best.pt`` keeps
+  the best val macro-F1 (tie: top-1 accuracy). The untrained network is evaluated too (epoch 0).
+- **Non-finite loss** stops the run (DINO's habit), saving the model and the offending batch.
+- **Multi-GPU** with torchrun: DDP, per-rank slices of every global batch, SupCon on the
+  gathered global batch (``common.distributed``), rank 0 writes everything.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed as D
+from .augment import TwoViews, denormalize, train_transform
+from .config import Config, TrainConfig
+from .data import (ImageListDataset, class_names, eval_transform, label_indices, load_rgb, loader_error_line,
+                   read_splits, read_stats, rows_of)
+from .errors import ImageReadError, NonFiniteLossError, UserError
+from .fileio import atomic_path, write_csv
+from .model import CHECKPOINT_FORMAT, SupConModel, build_model
+
+log = logging.getLogger(__name__)
+
+UPSTREAM = ("01_random_split_dataset", "02_mean_std_variables")
+METRIC_COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "eta_s",
+                  "val_top1", "val_knn", "val_macro_f1")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_KEYS_MUST_MATCH = ("backbone", "head", "feat_dim", "image_size")  # resume refuses other values
+AUG_PREVIEW_IMAGES = 6  # training images shown (each with its two views) in augmentations.png
+EVAL_BATCH_FACTOR = 2  # k-NN evaluation batch = this x train.batch_size (no activations kept for backward)
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+def base_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """``train.learning_rate``, times global batch / 256 when ``train.scale_lr`` (Goyal et al. 2017)."""
+    lr = float(cfg.learning_rate)
+    if cfg.scale_lr:
+        lr *= cfg.batch_size * world_size / 256.0
+    return lr
+
+
+def _decayed_lr(epoch: int, cfg: TrainConfig, lr: float) -> float:
+    """SupContrast ``util.adjust_learning_rate`` for 1-based ``epoch`` (set at the epoch's start)."""
+    if cfg.cosine:
+        eta_min = lr * cfg.lr_decay_rate ** 3
+        return eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+    steps = sum(1 for d in cfg.lr_decay_epochs if epoch > d)
+    return lr * cfg.lr_decay_rate ** steps if steps > 0 else lr
+
+
+def lr_at(epoch: int, step_in_epoch: int, steps_per_epoch: int, cfg: TrainConfig, world_size: int = 1) -> float:
+    """Learning rate of step ``step_in_epoch`` (0-based) of ``epoch`` (1-based), as SupContrast.
+
+    Cosine: ``eta_min + (lr - eta_min) * (1 + cos(pi * epoch / epochs)) / 2`` with
+    ``eta_min = lr * lr_decay_rate**3``; step: ``lr * rate**(number of lr_decay_epochs < epoch)``.
+    Warm-up (``util.warmup_learning_rate``) for ``epoch <= warm_epochs``: linear per iteration from
+    ``warmup_from`` to ``warmup_to``, the decayed value at ``warm_epochs`` (cosine) or ``lr`` (step),
+    ``p = (step + (epoch - 1) * steps_per_epoch) / (warm_epochs * steps_per_epoch)``.
+    A pure function of the position, so a resumed run continues on the same curve.
+    """
+    lr = base_lr(cfg, world_size)
+    if cfg.warm and cfg.warm_epochs > 0 and epoch <= cfg.warm_epochs:
+        warmup_to = _decayed_lr(cfg.warm_epochs, cfg, lr) if cfg.cosine else lr
+        p = (step_in_epoch + (epoch - 1) * steps_per_epoch) / (cfg.warm_epochs * steps_per_epoch)
+        return cfg.warmup_from + p * (warmup_to - cfg.warmup_from)
+    return _decayed_lr(epoch, cfg, lr)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's two views at one epoch (independent of workers and resume)."""
+    ss = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, index])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] & 0x7FFFFFFFFFFFFFFF)
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Training images as two augmented views: key ``(epoch, index)`` -> ``((2, 3, S, S), label, index)``.
+
+    The views of an image at an epoch are drawn from torch's generator seeded by
+    ``sample_seed(seed, epoch, index)`` inside ``fork_rng`` (the caller's generator is left alone).
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], views: TwoViews, seed: int):
+        self.paths = [str(p) for p in paths]
+        self.labels = [int(x) for x in labels]
+        self.views = views
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def views_of(self, epoch: int, index: int, img: Any = None) -> torch.Tensor:
+        """The two views ``(2, 3, S, S)`` of image ``index`` at ``epoch``."""
+        img = load_rgb(self.paths[index]) if img is None else img
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return torch.stack(self.views(img))
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key
+        return self.views_of(epoch, index), self.labels[index], index
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This rank's batches of ``(epoch, index)`` keys; the order is a function of (seed, epoch).
+
+    Global step ``s`` of an epoch takes positions ``[s*B*W, (s+1)*B*W)`` of the epoch's permutation
+    (``torch.randperm`` seeded with ``seed + epoch``, as ``DistributedSampler``); rank ``r`` takes
+    its ``B`` consecutive positions, so the global batch is the same whatever ``W``. The tail that
+    does not fill a global batch is dropped (equal batch sizes everywhere), and ``start_step``
+    skips the steps already done (resume).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 max_steps: int | None = None):
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        full = self.n // (self.batch_size * self.world_size)
+        self.steps_per_epoch = min(full, max_steps) if max_steps else full
+        self.epoch, self.start_step = 1, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __len__(self) -> int:
+        return max(self.steps_per_epoch - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        perm = self.permutation(self.epoch).tolist()
+        gb = self.batch_size * self.world_size
+        for s in range(self.start_step, self.steps_per_epoch):
+            lo = s * gb + self.rank * self.batch_size
+            yield [(self.epoch, i) for i in perm[lo:lo + self.batch_size]]
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class DeferSignals:
+    """Hold SIGINT/SIGTERM until the block ends, then act on them (one training step is atomic).
+
+    A signal that arrived inside the block is re-delivered at its end to the handler that was
+    installed before (the stage wrapper turns SIGTERM into ``KeyboardInterrupt``); with the
+    default SIGTERM action it becomes ``KeyboardInterrupt`` too, so last.pt is saved. Outside the
+    main thread (signals cannot be handled there) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _hold(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+        self.pending = signum
+
+    def __enter__(self) -> "DeferSignals":
+        self.pending = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.getsignal(s) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                signal.signal(s, self._hold)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+        signum, self.pending = self.pending, None
+        if signum is None:
+            return
+        if exc_type is not None:
+            log.warning("signal %d arrived while the step failed; the failure is reported", signum)
+            return
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors / lists (loads with ``torch.load(weights_only=True)``)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved (CUDA states only for the GPUs present)."""
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+    if state.get("numpy"):
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if state.get("python"):
+        v, internal, gauss = state["python"]
+        random.setstate((v, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------- the training step
+
+
+def make_criterion(cfg: TrainConfig) -> torch.nn.Module:
+    """The SupCon loss of ``common.losses`` with the configured temperatures and anchor mode."""
+    from .losses import SupConLoss
+
+    return SupConLoss(temperature=cfg.temperature, base_temperature=cfg.base_temperature,
+                      contrast_mode=cfg.contrast_mode)
+
+
+@dataclass
+class Position:
+    """Where training stands: ``epoch`` (1-based) in progress, steps done in it, and its running sums.
+
+    ``step_in_epoch == steps_per_epoch`` means the epoch's steps are done but not its end
+    (evaluation, checkpoints); a finished epoch moves the position to ``(epoch + 1, 0)``.
+    """
+
+    epoch: int = 1
+    step_in_epoch: int = 0
+    steps_per_epoch: int = 0
+    loss_sum: float = 0.0
+    train_time_s: float = 0.0
+    lr: float = 0.0
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    lr: float
+    images_per_s: float
+    train_time_s: float
+    steps: int
+
+
+class Trainer:
+    """Model, optimizer, loss and AMP handling for SupCon training; one step at a time.
+
+    ``model`` is the plain ``SupConModel`` (moved to ``device`` here). Under torchrun (a process
+    group initialised, ``world_size > 1``) it is wrapped in DDP and the loss sees the global batch.
+    """
+
+    def __init__(self, model: SupConModel, cfg: Config, device: torch.device, *, rank: int = 0,
+                 world_size: int = 1, train_paths: Sequence[str] | None = None,
+                 checkpoint_dir: Path | None = None):
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.rank, self.world_size = rank, world_size
+        self.train_paths = list(train_paths or [])
+        self.checkpoint_dir = checkpoint_dir
+        self.channels_last = self.cuda and cfg.model.channels_last
+        self.raw = model.to(self.device)
+        if self.channels_last:
+            self.raw = self.raw.to(memory_format=torch.channels_last)
+        self.amp_dtype = AMP_DTYPES.get(self.tcfg.amp) if self.cuda else None
+        if self.cuda:
+            torch.backends.cudnn.benchmark = not cfg.run.deterministic
+            torch.backends.cudnn.deterministic = bool(cfg.run.deterministic)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        # SGD as the reference: momentum and weight decay on every parameter.
+        self.optimizer = torch.optim.SGD(self.raw.parameters(), lr=lr_at(1, 0, 1, self.tcfg, world_size),
+                                         momentum=self.tcfg.momentum, weight_decay=self.tcfg.weight_decay)
+        # fp16 needs loss scaling; bf16 has float32's range and does not.
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.criterion = make_criterion(self.tcfg)
+        net: torch.nn.Module = self.raw
+        if D.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(self.raw, device_ids=[self.device.index] if self.cuda else None,
+                      static_graph=bool(cfg.model.grad_checkpointing))
+        if self.tcfg.compile and self.cuda:
+            net = torch.compile(net)
+        self.net = net
+        self.position = Position()
+        self.global_step = 0
+
+    # -- state
+
+    def state(self) -> dict[str, Any]:
+        """Model, optimizer, scaler and position (parts of the checkpoint)."""
+        return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "scheduler": asdict(self.position), "step": self.global_step}
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        self.raw.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.position = Position(**{k: v for k, v in (ckpt.get("scheduler") or {}).items()
+                                    if k in Position.__dataclass_fields__})
+        self.global_step = int(ckpt.get("step", 0))
+
+    # -- one step
+
+    def _set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, lr: float) -> float:
+        """One SupCon update on a batch ``x (B, 2, 3, S, S)``, labels ``y (B,)``; returns the loss.
+
+        Raises ``NonFiniteLossError`` (before updating the weights) when the loss is NaN or inf.
+        """
+        B = x.shape[0]
+        x = x.to(self.device, non_blocking=self.cuda).flatten(0, 1)  # (2B, 3, S, S): views of image i at 2i, 2i+1
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._set_lr(lr)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            z = self.net(x)  # (2B, D) float32, L2-normalised
+        feats = z.view(B, 2, -1)  # (B, V=2, D)
+        labels = y.to(self.device, non_blocking=self.cuda) if self.tcfg.method == "supcon" else None
+        feats, labels = D.global_batch(feats, labels)  # (W*B, 2, D): the loss sees the global batch
+        loss = self.criterion(feats, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        value = float(loss.detach())  # one sync per step: the non-finite check and the log need it
+        if not math.isfinite(value):
+            self._non_finite(value, idx, y)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return value
+
+    def _non_finite(self, value: float, idx: torch.Tensor, y: torch.Tensor) -> None:
+        p = self.position
+        all_idx = D.gather_nograd(idx.to(self.device)).cpu().tolist()
+        where = f"epoch {p.epoch}, step {p.step_in_epoch + 1} of {p.steps_per_epoch} (global step {self.global_step + 1})"
+        saved = ""
+        if self.rank == 0 and self.checkpoint_dir is not None:
+            path = self.checkpoint_dir / f"nonfinite_e{p.epoch:04d}_s{self.global_step + 1:07d}.pt"
+            obj = {"format": CHECKPOINT_FORMAT, "model": self.raw.state_dict(), "epoch": p.epoch,
+                   "step": self.global_step + 1, "loss": value, "lr": self.optimizer.param_groups[0]["lr"],
+                   "batch_indices": all_idx,
+                   "batch_paths": [self.train_paths[i] for i in all_idx] if self.train_paths else [],
+                   "config": self.cfg.to_dict()}
+            with atomic_path(path) as tmp:
+                torch.save(obj, tmp)
+            saved = f"; the model and the batch's image paths are in {path}"
+        raise NonFiniteLossError(
+            f"non-finite loss ({value}) at {where}{saved}: lower train.learning_rate, or set train.amp to "
+            f"bf16 or off, then rerun (the run continues from last.pt)")
+
+    # -- one epoch
+
+    def train_one_epoch(self, batches: Iterable, epoch: int, steps_per_epoch: int, start_step: int = 0,
+                        on_step: Callable[[int, int, int], None] | None = None, bar: Any = None) -> EpochResult:
+        """Run the steps ``start_step..steps_per_epoch-1`` of ``epoch`` over ``batches``.
+
+        ``batches`` yields ``(x (B, 2, 3, S, S), labels (B,), indices (B,))``. The position and its
+        running loss sum are kept in ``self.position`` after every step (what last.pt saves on an
+        interrupt); ``on_step(epoch, step_in_epoch, global_step)`` runs after each step.
+        """
+        p = self.position
+        if p.epoch != epoch or p.step_in_epoch != start_step:
+            self.position = p = Position(epoch=epoch, step_in_epoch=start_step, steps_per_epoch=steps_per_epoch)
+        p.steps_per_epoch = steps_per_epoch
+        self.raw.train()
+        images = 0
+        t0 = time.perf_counter()
+        t_prev = 0.0
+        for x, y, idx in batches:
+            if p.step_in_epoch >= steps_per_epoch:
+                break
+            lr = lr_at(epoch, p.step_in_epoch, steps_per_epoch, self.tcfg, self.world_size)
+            with DeferSignals():  # a whole step or none of it: the saved position stays exact
+                loss = self.step(x, y, idx, lr)
+                p.loss_sum += loss
+                p.lr = lr
+                p.step_in_epoch += 1
+                self.global_step += 1
+                images += x.shape[0] * self.world_size
+                now = time.perf_counter() - t0
+                p.train_time_s += now - t_prev
+                t_prev = now
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+            if on_step is not None:
+                on_step(epoch, p.step_in_epoch, self.global_step)
+        elapsed = time.perf_counter() - t0
+        done = p.step_in_epoch
+        return EpochResult(loss=p.loss_sum / done if done else float("nan"), lr=p.lr,
+                           images_per_s=images / elapsed if elapsed > 0 else 0.0,
+                           train_time_s=p.train_time_s, steps=done - start_step)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def embed(model: SupConModel, loader: Iterable, device: torch.device, amp: str, channels_last: bool) -> torch.Tensor:
+    """L2-normalised backbone features ``(N, dim_in)`` float32 of every batch of ``loader`` (CPU)."""
+    cuda = device.type == "cuda"
+    dtype = AMP_DTYPES.get(amp) if cuda else None
+    out = []
+    for x, _, _ in loader:
+        x = x.to(device, non_blocking=cuda)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            f = model.encoder(x)
+        out.append(F.normalize(f.float(), dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros((0, model.dim_in))
+
+
+def knn_metrics(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                n_classes: int, k: int, temperature: float, device: torch.device | None = None) -> dict[str, float]:
+    """Retrieval of ``val`` in ``train``: top-1 accuracy, weighted k-NN accuracy, top-1 macro-F1."""
+    from sklearn.metrics import f1_score
+
+    from .retrieval import knn_vote, topk
+
+    k = max(1, min(k, train_x.shape[0]))
+    sims, idx = topk(val_x, train_x, k, device=device)
+    sims, idx = torch.as_tensor(sims), torch.as_tensor(idx)
+    top1 = train_y[idx[:, 0]]
+    pred, _ = knn_vote(sims, idx, train_y, n_classes, temperature)
+    pred = torch.as_tensor(pred)
+    y = val_y.numpy()
+    return {"val_top1": float((top1 == val_y).float().mean()),
+            "val_knn": float((pred.cpu() == val_y).float().mean()),
+            "val_macro_f1": float(f1_score(y, top1.numpy(), average="macro", zero_division=0))}
+
+
+@contextlib.contextmanager
+def _worker_errors() -> Iterator[None]:
+    """A ``UserError`` (unreadable image) re-raised by a DataLoader worker, made one line again."""
+    try:
+        yield
+    except UserError as e:
+        if str(e).startswith("Caught "):
+            raise type(e)(loader_error_line(e)) from None
+        raise
+
+
+class Evaluator:
+    """k-NN validation on backbone features: train split = gallery, val split = queries.
+
+    Every rank embeds the rows ``rank::world`` of each split; the shards are reassembled on every
+    rank (``gather_strided``) and the metrics computed there.
+    """
+
+    def __init__(self, cfg: Config, train_paths: Sequence[str], train_labels: Sequence[int],
+                 val_paths: Sequence[str], val_labels: Sequence[int], n_classes: int, stats: dict,
+                 device: torch.device, rank: int = 0, world_size: int = 1):
+        self.cfg, self.device, self.n_classes = cfg, device, n_classes
+        self.rank, self.world_size = rank, world_size
+        tf = eval_transform(cfg.model.image_size, stats["mean"], stats["std"], cfg.data.pad_fill)
+        self.sets = {}
+        for name, paths, labels in (("train", train_paths, train_labels), ("val", val_paths, val_labels)):
+            ds = ImageListDataset(list(paths)[rank::world_size], list(labels)[rank::world_size], tf)
+            self.sets[name] = (ds, len(paths), torch.as_tensor(list(labels), dtype=torch.long))
+
+    @property
+    def enabled(self) -> bool:
+        return self.sets["val"][1] > 0 and self.sets["train"][1] > 0
+
+    def _loader(self, ds: ImageListDataset) -> torch.utils.data.DataLoader:
+        g = torch.Generator()
+        g.manual_seed(self.cfg.run.seed)  # the loader's own generator: evaluation never moves the global RNG
+        from .seed import worker_init_fn
+
+        w = self.cfg.data.num_workers
+        return torch.utils.data.DataLoader(ds, batch_size=self.cfg.train.batch_size * EVAL_BATCH_FACTOR, shuffle=False,
+                                           num_workers=w, pin_memory=self.device.type == "cuda",
+                                           worker_init_fn=worker_init_fn if w > 0 else None, generator=g)
+
+    def __call__(self, model: SupConModel) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        cl = self.device.type == "cuda" and self.cfg.model.channels_last
+        feats = {}
+        try:
+            for name, (ds, n, _) in self.sets.items():
+                with _worker_errors():
+                    local = embed(model, self._loader(ds), self.device, self.cfg.train.amp, cl)
+                feats[name] = D.gather_strided(local.to(self.device), n).cpu()
+        finally:
+            model.train(was_training)
+        t = self.cfg.train
+        return knn_metrics(feats["train"], self.sets["train"][2], feats["val"], self.sets["val"][2], self.n_classes,
+                           t.eval_knn_k, t.temperature, device=self.device)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def write_metrics_csv(path: Path, rows: Sequence[dict]) -> None:
+    """``metrics.csv`` rewritten atomically from all rows (append-safe across resume)."""
+    write_csv(path, METRIC_COLUMNS, ([_fmt(r.get(c)) for c in METRIC_COLUMNS] for r in rows))
+
+
+def plot_curves(path: Path, rows: Sequence[dict]) -> None:
+    """``loss_curve.png``: loss and learning rate per epoch; validation k-NN metrics below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [r for r in rows if r.get("loss") is not None and r["epoch"] > 0]
+    ev = [r for r in rows if r.get("val_top1") is not None]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    if tr:
+        a1.plot([r["epoch"] for r in tr], [r["loss"] for r in tr], "o-", color="tab:blue", ms=3, label="SupCon loss")
+        a1b = a1.twinx()
+        a1b.plot([r["epoch"] for r in tr], [r["lr"] for r in tr], "-", color="tab:orange", label="learning rate")
+        a1b.set_ylabel("learning rate", color="tab:orange")
+    a1.set_ylabel("training loss", color="tab:blue")
+    a1.set_title("Supervised contrastive training")
+    a1.grid(alpha=0.3)
+    for key, lab in (("val_top1", "top-1 accuracy"), ("val_knn", "weighted k-NN accuracy"), ("val_macro_f1", "macro-F1 (top-1)")):
+        if ev:
+            a2.plot([r["epoch"] for r in ev], [r[key] for r in ev], "o-", ms=3, label=lab)
+    a2.set_xlabel("epoch (0 = untrained network)")
+    a2.set_ylabel("validation (k-NN retrieval)")
+    a2.set_ylim(0, 1)
+    a2.grid(alpha=0.3)
+    if ev:
+        a2.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_augmentations(path: Path, ds: TwoViewDataset, indices: Sequence[int], cfg: Config, stats: dict,
+                       classes: Sequence[str], epoch: int = 1) -> None:
+    """``augmentations.png``: each image (padded, resized) and the two views the network gets at ``epoch``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tf = eval_transform(cfg.model.image_size, stats["mean"], stats["std"], cfg.data.pad_fill)
+    fig, axes = plt.subplots(len(indices), 3, figsize=(6, 2 * len(indices)), squeeze=False)
+    for row, i in enumerate(indices):
+        img = load_rgb(ds.paths[i])
+        pics = [tf(img), *ds.views_of(epoch, i, img)]
+        for col, (pic, title) in enumerate(zip(pics, ("image", "view 1", "view 2"))):
+            ax = axes[row][col]
+            ax.imshow(denormalize(pic, stats["mean"], stats["std"]).permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title)
+        axes[row][0].set_ylabel(classes[ds.labels[i]], fontsize=8)
+    fig.suptitle(f"What the network sees (epoch {epoch})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def save_checkpoint(path: Path, obj: dict) -> None:
+    """``torch.save`` to a temporary file renamed onto ``path``: a crash never leaves a torn file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    """``dst`` = ``src``: a hard link when possible (no copy; last.pt is replaced, not rewritten)."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def _duration(s: float) -> str:
+    s = int(max(s, 0))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Run:
+    """Book-keeping that goes into every checkpoint."""
+
+    rows: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)  # {"epoch", "val_macro_f1", "val_top1"}
+
+
+def _move_aside(stage_dir: Path, why: str) -> None:
+    """Move the previous run's checkpoints, metrics and TensorBoard files to ``previous/``."""
+    names = ("checkpoints", "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
+    present = [n for n in names if (stage_dir / n).exists()]
+    if not present:
+        return
+    prev = stage_dir / "previous"
+    if prev.exists():
+        shutil.rmtree(prev)
+        log.info("deleted the older %s", prev)
+    prev.mkdir()
+    for n in present:
+        os.replace(stage_dir / n, prev / n)
+    log.info("%s: starting fresh; moved the previous run's %s to %s", why, ", ".join(present), prev)
+
+
+def _check_resumable(ckpt: dict, path: Path, cfg: Config, classes: list[str], stats: dict) -> None:
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a 03_main_supcon.py checkpoint: use --force to start a new training")
+    if list(ckpt.get("classes") or []) != list(classes):
+        old = ckpt.get("classes") or []
+        raise UserError(f"{path} was trained on {len(old)} classes, the splits now have {len(classes)} "
+                        f"(class list differs): use --force to start again, or a new --run folder")
+    stored = (ckpt.get("config") or {}).get("model", {})
+    now = asdict(cfg.model)
+    diff = [f"model.{k} {stored.get(k)!r} -> {now[k]!r}" for k in MODEL_KEYS_MUST_MATCH if stored.get(k) != now[k]]
+    if diff:
+        raise UserError(f"cannot resume from {path}: {', '.join(diff)}: use --force to start again, or a new --run folder")
+    old_stats = ckpt.get("stats") or {}
+    if any(abs(a - b) > 1e-6 for key in ("mean", "std") for a, b in zip(old_stats.get(key, []), stats[key])):
+        log.warning("stats.json changed since %s was written: training continues with the new mean/std", path)
+    old_train = (ckpt.get("config") or {}).get("train", {})
+    changed = [f"train.{k} {old_train.get(k)!r} -> {v!r}" for k, v in asdict(cfg.train).items()
+               if k in old_train and old_train[k] != v and k not in ("resume",)]
+    if changed:
+        log.warning("resuming with changed training settings: %s", "; ".join(changed))
+
+
+def train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    """Run stage 03 in ``ctx`` (``common.stage.Context`` or alike); returns the manifest metrics.
+
+    ``on_step(epoch, step_in_epoch, global_step)`` is called after every step (tests use it to
+    simulate an interruption). On the CPU, denormal floats are flushed to zero while training:
+    tiny weights and gradients otherwise slow convolutions and batch norm down 10-20 times.
+    """
+
+    cfg: Config = ctx.cfg
+    flush = ctx.device().type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        return _train_supcon(ctx, on_step)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from .seed import worker_init_fn
+
+    cfg: Config = ctx.cfg
+    t = cfg.train
+    rank, world = int(ctx.rank), int(ctx.world_size)
+    is_main = rank == 0
+    device = ctx.device()
+    stage_dir = Path(ctx.dir)
+    ck_dir = stage_dir / "checkpoints"
+
+    # --- inputs
+    splits_csv = Path(ctx.upstream(UPSTREAM[0])) / "splits.csv"
+    stats_json = Path(ctx.upstream(UPSTREAM[1])) / "stats.json"
+    rows = read_splits(splits_csv)
+    classes = class_names(rows)
+    stats = read_stats(stats_json)
+    train_rows, val_rows = rows_of(rows, "train"), rows_of(rows, "val")
+    train_paths, train_labels = [r.path for r in train_rows], label_indices(train_rows, classes)
+    if t.epochs < 1:
+        raise UserError(f"train.epochs: must be >= 1, got {t.epochs}")
+    if t.save_freq < 1:
+        raise UserError(f"train.save_freq: must be >= 1, got {t.save_freq}")
+
+    ds = TwoViewDataset(train_paths, train_labels, TwoViews(train_transform(cfg, stats["mean"], stats["std"])),
+                        cfg.run.seed)
+    sampler = EpochBatchSampler(len(ds), t.batch_size, cfg.run.seed, rank, world, t.max_steps_per_epoch)
+    if sampler.steps_per_epoch < 1:
+        raise UserError(f"train.batch_size: {t.batch_size} x {world} process(es) is more than the {len(ds)} training "
+                        f"images of {splits_csv} (batches are kept equal): lower train.batch_size")
+    steps = sampler.steps_per_epoch
+    g = torch.Generator()
+    g.manual_seed(cfg.run.seed)
+    nw = cfg.data.num_workers
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=nw, pin_memory=device.type == "cuda",
+                                         persistent_workers=nw > 0, worker_init_fn=worker_init_fn if nw > 0 else None,
+                                         generator=g)
+
+    # --- fresh start or resume
+    last = ck_dir / "last.pt"
+    ckpt: dict | None = None
+    if is_main and last.exists() and (ctx.force or not t.resume):
+        _move_aside(stage_dir, "--force" if ctx.force else "train.resume is false")
+    D.barrier()
+    if t.resume and not ctx.force and last.exists():
+        try:
+            ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file
+            raise UserError(f"cannot read {last} to resume ({e.__class__.__name__}): use --force to start again") from None
+        _check_resumable(ckpt, last, cfg, classes, stats)
+    mcfg = cfg.model
+    if ckpt is not None and mcfg.pretrained.lower() != "none":
+        mcfg = type(mcfg)(**{**asdict(mcfg), "pretrained": "none"})  # weights come from last.pt: never download
+    model = build_model(mcfg)
+    trainer = Trainer(model, cfg, device, rank=rank, world_size=world, train_paths=train_paths,
+                      checkpoint_dir=ck_dir if is_main else None)
+    run = _Run()
+    if ckpt is not None:
+        trainer.load_state(ckpt)
+        set_rng_state(ckpt.get("rng") or {})
+        run.rows, run.best = list(ckpt.get("metrics") or []), dict(ckpt.get("best") or {})
+        p = trainer.position
+        if p.steps_per_epoch != steps and 0 < p.step_in_epoch:
+            log.warning("steps per epoch changed (%d -> %d): epoch %d restarts from its first batch",
+                        p.steps_per_epoch, steps, p.epoch)
+            trainer.position = Position(epoch=p.epoch, steps_per_epoch=steps)
+        p = trainer.position
+        what = (f"epoch {p.epoch}, skipping its {p.step_in_epoch} batches already done" if p.step_in_epoch
+                else f"the start of epoch {p.epoch}")
+        log.info("resuming from %s (epoch %d done, global step %d): continuing at %s", last, int(ckpt.get("epoch", 0)),
+                 trainer.global_step, what)
+        if int(ckpt.get("epoch", 0)) >= t.epochs:
+            log.warning("%s already completed %d epochs (train.epochs=%d): nothing to train; use --force to train "
+                        "from scratch, or raise train.epochs", last, int(ckpt["epoch"]), t.epochs)
+    else:
+        trainer.position = Position(epoch=1, steps_per_epoch=steps)
+    log.info("training %s (%s head, %d-d) with %s on %d classes, %d train / %d val images; %d step(s) of %d x %d "
+             "images per epoch, %d epochs, device %s%s", cfg.model.backbone, cfg.model.head, cfg.model.feat_dim,
+             t.method, len(classes), len(train_rows), len(val_rows), steps, t.batch_size, world, t.epochs, device,
+             f", AMP {t.amp}" if trainer.amp_dtype is not None else "")
+
+    evaluator = Evaluator(cfg, train_paths, train_labels, [r.path for r in val_rows],
+                          label_indices(val_rows, classes), len(classes), stats, device, rank, world)
+    if t.eval_every > 0 and not evaluator.enabled:
+        log.warning("no validation images: k-NN model selection is off and best.pt is the last epoch")
+    do_eval = t.eval_every > 0 and evaluator.enabled
+
+    writer = None
+    if is_main:
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        preview = list(range(min(AUG_PREVIEW_IMAGES, len(ds))))
+        plot_augmentations(stage_dir / "augmentations.png", ds, preview, cfg, stats, classes)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=trainer.position.epoch)
+
+    def checkpoint_obj(completed: int) -> dict:
+        return {"format": CHECKPOINT_FORMAT, **trainer.state(), "epoch": completed, "rng": rng_state(),
+                "config": cfg.to_dict(), "classes": classes, "stats": stats, "metrics": run.rows,
+                "best": run.best, "world_size": world}
+
+    try:
+        if ckpt is None and do_eval:  # the untrained network, so a user sees that learning happened
+            m0 = evaluator(trainer.raw)
+            run.rows.append({"epoch": 0, "step": 0, **m0})
+            log.info("untrained network: val top-1 %.4f, k-NN %.4f, macro-F1 %.4f",
+                     m0["val_top1"], m0["val_knn"], m0["val_macro_f1"])
+            if writer is not None:
+                for k, v in m0.items():
+                    writer.add_scalar(f"val/{k[4:]}", v, 0)
+        epoch_times: list[float] = []
+        while trainer.position.epoch <= t.epochs:
+            p = trainer.position
+            epoch, start = p.epoch, p.step_in_epoch
+            t_epoch = time.perf_counter()
+            sampler.set_epoch(epoch, start)
+            bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{t.epochs}", leave=False,
+                       disable=None if is_main else True, dynamic_ncols=True)
+            try:
+                with _worker_errors():
+                    res = trainer.train_one_epoch(loader, epoch, steps, start, on_step=on_step, bar=bar)
+            finally:
+                bar.close()
+            row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step, "loss": res.loss, "lr": res.lr,
+                                   "images_per_s": (steps * t.batch_size * world) / res.train_time_s
+                                   if res.train_time_s > 0 else None}
+            last_epoch = epoch == t.epochs
+            improved = False
+            if do_eval and (epoch % t.eval_every == 0 or last_epoch):
+                m = evaluator(trainer.raw)
+                row.update(m)
+                key = (m["val_macro_f1"], m["val_top1"])
+                improved = not run.best or key > (run.best["val_macro_f1"], run.best["val_top1"])
+            epoch_times.append(time.perf_counter() - t_epoch)
+            row["epoch_time_s"] = epoch_times[-1]
+            row["eta_s"] = float(np.mean(epoch_times)) * (t.epochs - epoch)
+            # the epoch's end is atomic too: rows, best and position change together with last.pt
+            with DeferSignals():
+                run.rows.append(row)
+                if improved:
+                    run.best = {"epoch": epoch, "val_macro_f1": row["val_macro_f1"], "val_top1": row["val_top1"]}
+                trainer.position = Position(epoch=epoch + 1, steps_per_epoch=steps)
+                if is_main:
+                    save_checkpoint(last, checkpoint_obj(epoch))
+                    if improved or (not do_eval and last_epoch):
+                        _copy_checkpoint(last, ck_dir / "best.pt")
+                    if epoch % t.save_freq == 0:
+                        _copy_checkpoint(last, ck_dir / f"epoch_{epoch:04d}.pt")
+            if is_main:
+                write_metrics_csv(stage_dir / "metrics.csv", run.rows)
+                if "val_top1" in row or last_epoch or epoch % t.save_freq == 0:  # a plot costs ~0.3 s
+                    plot_curves(stage_dir / "loss_curve.png", run.rows)
+                for k in ("loss", "lr", "images_per_s"):
+                    if row.get(k) is not None:
+                        writer.add_scalar(f"train/{k}", row[k], epoch)
+                for k in ("val_top1", "val_knn", "val_macro_f1"):
+                    if k in row:
+                        writer.add_scalar(f"val/{k[4:]}", row[k], epoch)
+                writer.flush()
+            val = (f"; val top-1 {row['val_top1']:.4f}, k-NN {row['val_knn']:.4f}, macro-F1 {row['val_macro_f1']:.4f}"
+                   f"{' (best)' if improved else ''}") if "val_top1" in row else ""
+            log.info("epoch %d/%d: loss %.4f, lr %.4g, %.1f img/s, %s, ETA %s%s", epoch, t.epochs, res.loss, res.lr,
+                     row["images_per_s"] or 0.0, _duration(row["epoch_time_s"]), _duration(row["eta_s"]), val)
+            D.barrier()
+    except KeyboardInterrupt:
+        p = trainer.position
+        if is_main and p.epoch <= t.epochs:
+            save_checkpoint(last, checkpoint_obj(p.epoch - 1))
+            log.warning("interrupted at epoch %d, step %d/%d: saved %s; rerun the same command to continue",
+                        p.epoch, p.step_in_epoch, p.steps_per_epoch, last)
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+    # --- outputs for the manifest
+    if is_main:
+        if not (ck_dir / "best.pt").exists() and last.exists():
+            _copy_checkpoint(last, ck_dir / "best.pt")
+        plot_curves(stage_dir / "loss_curve.png", run.rows)
+        if not (stage_dir / "metrics.csv").exists():
+            write_metrics_csv(stage_dir / "metrics.csv", run.rows)
+        for name in sorted(os.listdir(ck_dir)):
+            if name in ("last.pt", "best.pt") or (name.startswith("epoch_") and name.endswith(".pt")):
+                ctx.output("checkpoints", name)
+        for name in ("metrics.csv", "loss_curve.png", "augmentations.png"):
+            ctx.output(name)
+    D.barrier()
+    trained = [r for r in run.rows if r["epoch"] > 0 and r.get("loss") is not None]
+    first = next((r for r in run.rows if r["epoch"] == 0), None)
+    summary = {"epochs": t.epochs, "steps": trainer.global_step, "steps_per_epoch": steps,
+               "final_loss": trained[-1]["loss"] if trained else None,
+               "images_per_s": trained[-1].get("images_per_s") if trained else None,
+               "best_epoch": run.best.get("epoch"), "best_val_macro_f1": run.best.get("val_macro_f1"),
+               "best_val_top1": run.best.get("val_top1"),
+               "untrained_val_top1": first.get("val_top1") if first else None,
+               "resumed": ckpt is not None}
+    if run.best:
+        log.info("best epoch %d: val macro-F1 %.4f, top-1 %.4f (checkpoints/best.pt)", run.best["epoch"],
+                 run.best["val_macro_f1"], run.best["val_top1"])
+    return summary

@@ -1,0 +1,319 @@
+"""Stage 03 training: the learning-rate schedule, the data order, signals, and short real runs.
+
+The runs use timm's ``test_resnet`` on 24 px synthetic images (four shapes in random colours, so
+the untrained network, which matches colours, does poorly and a trained one, taught colour
+invariance by SupCon positives and colour augmentation, does well), called through a fake stage
+context so that the tests do not depend on ``common/stage.py``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import config as C
+from common import train as T
+from common.errors import NonFiniteLossError, UserError
+from common.seed import seed_everything
+
+CLASSES = ["cross", "disk", "ring", "stripes"]
+STAGE = "03_main_supcon"
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def _tcfg(**kw) -> C.TrainConfig:
+    return C.TrainConfig(**kw)
+
+
+def test_lr_warmup_then_cosine_matches_the_reference_formula():
+    t = _tcfg(learning_rate=0.5, epochs=10, cosine=True, lr_decay_rate=0.1, warm=True, warm_epochs=2, warmup_from=0.01)
+    n = 5
+    eta_min = 0.5 * 0.1 ** 3
+    cos = lambda e: eta_min + (0.5 - eta_min) * (1 + math.cos(math.pi * e / 10)) / 2  # noqa: E731
+    warmup_to = cos(2)
+    assert T.lr_at(1, 0, n, t) == pytest.approx(0.01)
+    assert T.lr_at(2, 4, n, t) == pytest.approx(0.01 + (4 + 5) / 10 * (warmup_to - 0.01))
+    warm = [T.lr_at(e, s, n, t) for e in (1, 2) for s in range(n)]
+    assert all(a < b for a, b in zip(warm, warm[1:]))  # linear per iteration
+    assert np.allclose(np.diff(warm), (warmup_to - 0.01) / 10)
+    for e in (3, 6, 10):  # after warm-up: the epoch's cosine value, constant within the epoch
+        assert T.lr_at(e, 0, n, t) == pytest.approx(cos(e)) and T.lr_at(e, n - 1, n, t) == pytest.approx(cos(e))
+    assert T.lr_at(10, 0, n, t) == pytest.approx(eta_min)
+
+
+def test_lr_step_decay_and_linear_scaling():
+    t = _tcfg(learning_rate=0.2, epochs=10, cosine=False, lr_decay_epochs=[3, 6], lr_decay_rate=0.1, warm=False)
+    got = [T.lr_at(e, 0, 4, t) for e in range(1, 9)]
+    assert got == pytest.approx([0.2, 0.2, 0.2, 0.02, 0.02, 0.02, 0.002, 0.002])
+    s = _tcfg(learning_rate=0.2, cosine=False, warm=False, scale_lr=True, batch_size=32)
+    assert T.lr_at(1, 0, 4, s, world_size=4) == pytest.approx(0.2 * 128 / 256)
+    w = _tcfg(learning_rate=0.2, cosine=False, warm=True, warm_epochs=1, warmup_from=0.01)
+    assert T.lr_at(1, 2, 4, w) == pytest.approx(0.01 + 0.5 * (0.2 - 0.01))  # step decay warms up to lr
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch_and_ranks_split_the_global_batch():
+    one = T.EpochBatchSampler(23, 4, seed=7)
+    assert one.steps_per_epoch == 5  # drop_last: 23 // 4
+    one.set_epoch(3)
+    b3 = list(one)
+    assert all(len(b) == 4 for b in b3) and all(e == 3 for b in b3 for e, _ in b)
+    assert len({i for b in b3 for _, i in b}) == 20
+    again = T.EpochBatchSampler(23, 4, seed=7)
+    again.set_epoch(3)
+    assert list(again) == b3
+    again.set_epoch(4)
+    assert list(again) != b3
+    one.set_epoch(3, start_step=2)  # resume: the same epoch, its first two batches skipped
+    assert len(one) == 3 and list(one) == b3[2:]
+    # two ranks with batch 2 = one process with batch 4: rank 0 then rank 1 form each global batch
+    r0, r1 = (T.EpochBatchSampler(23, 2, seed=7, rank=r, world_size=2) for r in (0, 1))
+    for s in (r0, r1):
+        s.set_epoch(3)
+    assert [a + b for a, b in zip(r0, r1)] == b3
+    capped = T.EpochBatchSampler(23, 4, seed=7, max_steps=2)
+    assert capped.steps_per_epoch == 2
+
+
+def test_views_are_a_function_of_seed_epoch_and_index(tmp_path):
+    p = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(p)
+    cfg = C.load_config(None, ["model.image_size=16"])
+    from common.augment import TwoViews
+
+    ds = T.TwoViewDataset([str(p)], [0], TwoViews(T.train_transform(cfg, [0.5] * 3, [0.2] * 3)), seed=1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    x, y, i = ds[(2, 0)]
+    assert x.shape == (2, 3, 16, 16) and (y, i) == (0, 0)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is untouched
+    assert torch.equal(ds[(2, 0)][0], x) and not torch.equal(ds[(3, 0)][0], x)
+
+
+def test_rng_state_round_trip_weights_only(tmp_path):
+    seed_everything(3)
+    st = T.rng_state()
+    torch.save(st, tmp_path / "rng.pt")
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+def test_defer_signals_finishes_the_block_then_interrupts():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with T.DeferSignals():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("step finished")
+    assert done == ["step finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+# ----------------------------------------------------------------------------- real runs
+
+
+def _draw(cls: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    cy, cx = size / 2 + rng.uniform(-2, 2, 2)
+    r = np.hypot(yy - cy, xx - cx)
+    R = size * rng.uniform(0.25, 0.38)
+    mask = {"disk": r < R, "ring": (r < R) & (r > 0.6 * R),
+            "cross": ((abs(yy - cy) < 2) | (abs(xx - cx) < 2)) & (r < 1.2 * R),
+            "stripes": ((xx // 2) % 2 == 0) & (r < R)}[cls]
+    colour = rng.uniform(0, 1, 3)
+    colour = 255 * colour / colour.max()  # a random saturated colour: the nuisance
+    a = mask[..., None] * colour + rng.uniform(0, 50, 3) + rng.normal(0, 8, (size, size, 1))
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory) -> Path:
+    """Stages 01 and 02's artefacts for 4 classes x 16 images (12 train, 4 val) + 2 test images each."""
+    root = tmp_path_factory.mktemp("stage03")
+    rng = np.random.default_rng(1)
+    rows = []
+    for c in CLASSES:
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(18):
+            p = root / "images" / c / f"{i:02d}.png"
+            Image.fromarray(_draw(c, 24, rng)).save(p)
+            split = "test" if i >= 16 else ("val" if i % 4 == 3 else "train")
+            rows.append([str(p), c, split, "0" * 64, 24, 24, "RGB"])
+    s1 = root / "run" / "01_random_split_dataset"
+    s1.mkdir(parents=True)
+    with open(s1 / "splits.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "split", "sha256", "width", "height", "mode"])
+        w.writerows(rows)
+    s2 = root / "run" / "02_mean_std_variables"
+    s2.mkdir()
+    (s2 / "stats.json").write_text(json.dumps({"mean": [0.2, 0.2, 0.2], "std": [0.3, 0.3, 0.3]}))
+    return root
+
+
+class FakeCtx:
+    """The parts of ``common.stage.Context`` that stage 03 uses."""
+
+    def __init__(self, cfg: C.Config, run_dir: Path, force: bool = False):
+        self.cfg, self.run_dir, self.force = cfg, run_dir, force
+        self.name = STAGE
+        self.dir = run_dir / STAGE
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world_size, self.is_main = 0, 1, True
+        self.outputs: list[str] = []
+
+    def upstream(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def output(self, *parts: str, digest: str = "sha256") -> Path:
+        self.outputs.append("/".join(parts))
+        return self.dir.joinpath(*parts)
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+BASE = ["model.backbone=test_resnet", "model.image_size=24", "model.feat_dim=32", "data.num_workers=0",
+        "train.batch_size=8", "train.learning_rate=0.1", "train.warm=false", "train.cosine=false",
+        "train.crop_scale=[0.6, 1.0]", "train.grayscale_p=0.5", "train.temperature=0.1",
+        "train.base_temperature=0.1", "train.eval_knn_k=5", "run.seed=1"]
+
+
+def _run(root: Path, run_name: str, overrides: list[str], force: bool = False, on_step=None) -> tuple[dict, FakeCtx]:
+    run_dir = root / run_name
+    run_dir.mkdir(exist_ok=True)
+    for up in ("01_random_split_dataset", "02_mean_std_variables"):
+        if not (run_dir / up).exists():
+            (run_dir / up).symlink_to(root / "run" / up)
+    cfg = C.load_config(None, BASE + overrides)
+    ctx = FakeCtx(cfg, run_dir, force=force)
+    seed_everything(cfg.run.seed)  # as the stage wrapper does before main
+    return T.train_supcon(ctx, on_step=on_step), ctx
+
+
+def _metrics(ctx: FakeCtx) -> list[dict]:
+    with open(ctx.dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_learns_and_writes_every_artefact(run_inputs):
+    from common.model import load_checkpoint_model
+
+    summary, ctx = _run(run_inputs, "learn", ["train.epochs=8", "train.eval_every=4", "train.save_freq=4"])
+    d = ctx.dir
+    for f in ("checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/epoch_0004.pt", "checkpoints/epoch_0008.pt",
+              "metrics.csv", "loss_curve.png", "augmentations.png"):
+        assert (d / f).is_file(), f
+        assert f in ctx.outputs, f
+    assert any((d / "tensorboard").iterdir())
+    ck = torch.load(d / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["format"] == "plankton-supcon/1" and ck["epoch"] == 8 and ck["step"] == 8 * 6
+    assert ck["classes"] == CLASSES and ck["stats"]["mean"] == [0.2] * 3 and ck["config"]["model"]["feat_dim"] == 32
+    assert ck["scheduler"]["epoch"] == 9 and ck["scheduler"]["step_in_epoch"] == 0
+    assert set(ck["rng"]) >= {"torch", "cuda", "numpy", "python"} and len(ck["optimizer"]["state"]) > 0
+    model, best = load_checkpoint_model(d / "checkpoints" / "best.pt")
+    assert best["epoch"] in (4, 8) and model.dim_in == 96
+
+    rows = _metrics(ctx)
+    assert [int(r["epoch"]) for r in rows] == list(range(9))
+    assert set(rows[0]) == set(T.METRIC_COLUMNS)
+    assert rows[0]["loss"] == "" and rows[0]["val_top1"] != ""  # epoch 0: the untrained network
+    assert all(rows[e]["val_top1"] == "" for e in (1, 2, 3, 5, 6, 7)) and rows[8]["val_top1"] != ""
+    assert all(float(r["images_per_s"]) > 0 and float(r["lr"]) == pytest.approx(0.1) for r in rows[1:])
+    untrained = {k: float(rows[0][k]) for k in ("val_top1", "val_macro_f1")}
+    final = {k: float(rows[8][k]) for k in ("val_top1", "val_macro_f1")}
+    # learning happened: retrieval on the backbone features beats the untrained network's clearly
+    assert final["val_top1"] >= untrained["val_top1"] + 0.2, (untrained, final)
+    assert summary["best_val_macro_f1"] >= untrained["val_macro_f1"] + 0.2
+    assert summary["untrained_val_top1"] == pytest.approx(untrained["val_top1"], abs=1e-5)
+    assert float(rows[8]["loss"]) < float(rows[1]["loss"])
+
+
+RESUME = ["train.epochs=3", "train.eval_every=2", "train.save_freq=2", "train.max_steps_per_epoch=4"]
+
+
+def _interrupt_at(epoch: int, step: int):
+    def hook(e: int, s: int, g: int) -> None:
+        if (e, s) == (epoch, step):
+            raise KeyboardInterrupt("test interruption")
+    return hook
+
+
+def test_resume_after_an_interruption_is_exact(run_inputs):
+    ref, ref_ctx = _run(run_inputs, "straight", RESUME)
+    with pytest.raises(KeyboardInterrupt):
+        _run(run_inputs, "broken", RESUME, on_step=_interrupt_at(2, 3))
+    ctx_dir = run_inputs / "broken" / STAGE
+    mid = torch.load(ctx_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert mid["epoch"] == 1 and mid["scheduler"]["epoch"] == 2 and mid["scheduler"]["step_in_epoch"] == 3
+    assert mid["step"] == 4 + 3
+    summary, ctx = _run(run_inputs, "broken", RESUME)  # the same command again: continues
+    assert summary["resumed"] and summary["steps"] == ref["steps"] == 12
+    a = torch.load(ref_ctx.dir / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(ctx.dir / "checkpoints" / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6, rtol=0), k
+    for k, st in a["optimizer"]["state"].items():
+        assert torch.allclose(st["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"], atol=1e-6, rtol=0)
+    ra, rb = _metrics(ref_ctx), _metrics(ctx)
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb] == ["0", "1", "2", "3"]
+    for x, y in zip(ra[1:], rb[1:]):  # the interrupted epoch's loss is its mean over all its steps
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), abs=1e-5)
+        assert x["val_top1"] == y["val_top1"]
+    assert a["best"] == b["best"]
+    assert (ctx.dir / "checkpoints" / "epoch_0002.pt").is_file()
+
+
+def test_resume_refuses_another_model_and_force_starts_fresh(run_inputs):
+    quick = ["train.epochs=1", "train.eval_every=0", "train.max_steps_per_epoch=1"]
+    _run(run_inputs, "guard", quick)
+    with pytest.raises(UserError, match=r"model.feat_dim 32 -> 16.*--force"):
+        _run(run_inputs, "guard", quick + ["model.feat_dim=16"])
+    summary, ctx = _run(run_inputs, "guard", quick + ["model.feat_dim=16", "train.method=simclr"], force=True)
+    assert not summary["resumed"] and summary["steps"] == 1
+    assert (ctx.dir / "previous" / "checkpoints" / "last.pt").is_file()
+    assert torch.load(ctx.dir / "checkpoints" / "last.pt", weights_only=True)["config"]["model"]["feat_dim"] == 16
+    assert (ctx.dir / "checkpoints" / "best.pt").is_file()  # no evaluation: best = last
+    # finished already: a rerun has nothing to train and says so
+    again, _ = _run(run_inputs, "guard", quick + ["model.feat_dim=16", "train.method=simclr"])
+    assert again["resumed"] and again["steps"] == 1
+
+
+def test_non_finite_loss_stops_with_the_batch_saved(run_inputs, monkeypatch):
+    real = T.make_criterion
+
+    def poisoned(cfg):
+        loss = real(cfg)
+        calls = []
+
+        def fwd(features, labels=None):
+            calls.append(1)
+            out = loss(features, labels)
+            return out * float("nan") if len(calls) == 2 else out
+        return fwd
+
+    monkeypatch.setattr(T, "make_criterion", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 of 6.*nonfinite_e0001_s0000002.pt"):
+        _run(run_inputs, "nan", ["train.epochs=2", "train.eval_every=0"])
+    bad = torch.load(run_inputs / "nan" / STAGE / "checkpoints" / "nonfinite_e0001_s0000002.pt", weights_only=True)
+    assert len(bad["batch_paths"]) == 8 and all(Path(p).is_file() for p in bad["batch_paths"])
+    assert all(torch.isfinite(v).all() for v in bad["model"].values() if v.is_floating_point())
+
+
+def test_batch_larger_than_the_train_set_names_the_key(run_inputs):
+    with pytest.raises(UserError, match=r"train.batch_size: 64 x 1"):
+        _run(run_inputs, "big", ["train.batch_size=64"])
