@@ -195,3 +195,16 @@ def test_backward_under_autocast_and_retained_graph():
     assert torch.allclose(xb.grad, xa.grad, atol=1e-6)
     loss.backward()  # the saved softmax is not consumed by the first backward
     assert torch.allclose(xb.grad, 2 * xa.grad, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_autocast_matches_cpu_float32():
+    x = rand_features(32, 2, 16, seed=13, dtype=torch.float32)
+    labels = torch.arange(32) % 5
+    want = supcon_loss(x, labels, contrast_mode="all")
+    xc = x.cuda().requires_grad_(True)
+    with torch.autocast(device_type="cuda", dtype=torch.float16):
+        got = SupConLoss()(xc.half(), labels.cuda())
+    got.backward()
+    assert got.dtype == torch.float32 and torch.isfinite(xc.grad).all()
+    assert got.item() == pytest.approx(want.item(), abs=1e-3)  # fp16 rounding of the inputs only
