@@ -2,13 +2,13 @@
 
 SupCon needs the *global* batch: an anchor's positives and negatives are all the other views in
 the batch, and the loss is not a sum of per-rank terms. Each rank therefore gathers every rank's
-features (with gradients, ``torch.distributed.nn.functional.all_gather``) and labels, and computes
+features (with gradients, ``gather_with_grad``) and labels, and computes
 the same loss on the whole global batch.
 
 Gradient scale, worked out (and checked in ``tests/test_distributed.py`` against one process on
 the same global batch): let ``L`` be the loss of the global batch and ``f_r`` rank r's features.
-Every rank computes the same ``L``. The backward of ``all_gather`` *sums* the incoming gradients
-over ranks (a reduce-scatter; gloo: all-to-all then sum), so rank r receives
+Every rank computes the same ``L``. The backward of the gather *sums* the incoming gradients
+over ranks (a reduce-scatter; gloo: all-reduce, then the rank's own rows), so rank r receives
 ``sum_over_ranks dL/df_r = W * dL/df_r`` for its own features (W = world size). Backpropagating,
 rank r's parameter gradient is ``W * dL/dtheta|_(through f_r)``; DDP then *averages* over ranks:
 ``(1/W) * sum_r W * dL/dtheta|_(f_r) = dL/dtheta``, exactly the single-process gradient.
@@ -51,9 +51,38 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    return _AllGatherWithGrad.apply(x)
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands each rank the SUM over ranks of the gradient of its rows.
+
+    The same contract as ``torch.distributed.nn.functional.all_gather`` (deprecated), written out
+    because that one sends strided gradients through gloo's all-to-all as if they were contiguous
+    (a transposed gradient, as a loss may hand back, arrived scrambled: found by
+    ``tests/test_distributed.py``). Here the gradient is made contiguous first; NCCL reduce-scatters
+    it, other backends (gloo) all-reduce it and keep their own rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        rank, world = dist.get_rank(), dist.get_world_size()
+        x = x.contiguous()
+        ctx.rank, ctx.n = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)  # (world * n, ...)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        g = g.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = g.new_empty((ctx.n, *g.shape[1:]))
+            dist.reduce_scatter_tensor(out, g, op=dist.ReduceOp.SUM)
+            return out
+        total = g.clone()  # never reduce autograd's own buffer in place
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
 @torch.no_grad()

@@ -61,9 +61,9 @@ class SupConModel(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """L2-normalised projection ``(B, feat_dim)``, float32 even under autocast."""
+        """L2-normalised projection ``(B, feat_dim)``, float32 (or float64) even under autocast."""
         z = self.head(self.backbone(x))
-        return F.normalize(z.float(), dim=1)
+        return F.normalize(z if z.dtype in (torch.float32, torch.float64) else z.float(), dim=1)
 
 
 # ----------------------------------------------------------------------------- building

@@ -1,0 +1,123 @@
+"""Two CPU processes (gloo) train exactly as one process on the same global batch.
+
+Each rank runs ``common.train.Trainer.step`` (DDP, features gathered with gradients, SupCon on the
+global batch) on its half of a global batch; one process runs the same step on the whole batch.
+The loss and the updated weights (SGD, lr 1: they carry the gradient) must agree to 1e-5, which
+checks the gradient scale across the gather and DDP's averaging (see ``common/distributed.py``).
+A tiny float64 model without batch norm keeps the comparison exact.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from common import config as C
+from common import distributed as D
+from common.model import SupConModel
+from common.train import Trainer
+
+WORLD = 2
+B_GLOBAL = 8  # images per global batch (4 per rank), two views each
+METHODS = ("supcon", "simclr")
+
+
+class _Backbone(torch.nn.Module):
+    """A stand-in for a timm backbone: pooled features of ``num_features`` dimensions."""
+
+    num_features = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 6), torch.nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _model() -> SupConModel:
+    torch.manual_seed(0)
+    return SupConModel(_Backbone(), head="mlp", feat_dim=4).double()
+
+
+def _cfg(method: str) -> C.Config:
+    return C.load_config(None, [f"train.method={method}", "train.momentum=0.9", "train.weight_decay=0.0001",
+                                "train.temperature=0.5", "train.base_temperature=0.5", "model.channels_last=false"])
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B_GLOBAL, 2, 3, 4, 4, generator=g, dtype=torch.float64)  # (B, views, C, H, W)
+    y = torch.tensor([0, 1, 2, 0, 1, 1, 2, 0])
+    return x, y, torch.arange(B_GLOBAL)
+
+
+def _step(method: str, rank: int, world: int) -> dict:
+    x, y, idx = _batch()
+    b = B_GLOBAL // world
+    sl = slice(rank * b, (rank + 1) * b)
+    trainer = Trainer(_model(), _cfg(method), torch.device("cpu"), rank=rank, world_size=world)
+    loss = trainer.step(x[sl], y[sl], idx[sl], lr=1.0)
+    return {"loss": loss, "weights": {k: v.detach().clone() for k, v in trainer.raw.state_dict().items()}}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = {m: _step(m, rank, world) for m in METHODS}
+        # rows sharded rank::world come back whole and in order
+        res["strided"] = D.gather_strided(torch.arange(7.0)[rank::world].view(-1, 1), 7).flatten()
+        res["rank_world"] = D.rank_world()
+        # a strided (transposed) incoming gradient reaches each rank's rows intact, summed over ranks
+        t = (torch.arange(6.0).view(2, 3) + 10 * rank).requires_grad_()
+        w = torch.arange(3.0 * 2 * world).view(3, 2 * world)
+        (D.gather_with_grad(t).T * w).sum().backward()
+        res["strided_grad"] = t.grad
+        torch.save(res, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    # fork: the children inherit the imported modules (spawn would import torch twice more)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True, start_method=method)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_match_one_process_on_the_global_batch(two_ranks, method):
+    one = _step(method, 0, 1)
+    start = _model().state_dict()
+    for r, res in enumerate(two_ranks):
+        got = res[method]
+        assert got["loss"] == pytest.approx(one["loss"], abs=1e-5), r
+        for k, v in one["weights"].items():
+            assert not torch.equal(v, start[k]), k  # the step moved every weight
+            assert torch.allclose(got["weights"][k], v, atol=1e-5, rtol=0), (r, k)
+
+
+def test_gather_helpers(two_ranks):
+    for r, res in enumerate(two_ranks):
+        assert res["rank_world"] == (r, WORLD)
+        assert res["strided"].tolist() == list(range(7))
+        w = torch.arange(3.0 * 2 * WORLD).view(3, 2 * WORLD)
+        assert torch.equal(res["strided_grad"], WORLD * w.T[2 * r:2 * r + 2])
+    assert D.rank_world() == (0, 1) and not D.is_distributed()  # this process: no group
+    x = torch.ones(2, 3)
+    assert D.gather_with_grad(x) is x and D.gather_nograd(x) is x
