@@ -110,6 +110,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (batch-norm running statistics) to every rank, in place."""
+    if not is_distributed():
+        return
+    for b in module.buffers():
+        dist.broadcast(b, src=src)
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_distributed():

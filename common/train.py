@@ -43,7 +43,7 @@ from .config import Config, TrainConfig
 from .data import (ImageListDataset, class_names, eval_transform, label_indices, load_rgb, loader_error_line,
                    read_splits, read_stats, rows_of)
 from .errors import ImageReadError, NonFiniteLossError, UserError
-from .fileio import atomic_path, write_csv
+from .fileio import atomic_path, sha256_file, write_csv
 from .model import CHECKPOINT_FORMAT, SupConModel, build_model
 
 log = logging.getLogger(__name__)
@@ -474,13 +474,13 @@ def knn_metrics(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
 
     k = max(1, min(k, train_x.shape[0]))
     sims, idx = topk(val_x, train_x, k, device=device)
-    sims, idx = torch.as_tensor(sims), torch.as_tensor(idx)
+    sims, idx = torch.as_tensor(sims).cpu(), torch.as_tensor(idx).cpu()
     top1 = train_y[idx[:, 0]]
     pred, _ = knn_vote(sims, idx, train_y, n_classes, temperature)
-    pred = torch.as_tensor(pred)
+    pred = torch.as_tensor(pred).cpu()
     y = val_y.numpy()
     return {"val_top1": float((top1 == val_y).float().mean()),
-            "val_knn": float((pred.cpu() == val_y).float().mean()),
+            "val_knn": float((pred == val_y).float().mean()),
             "val_macro_f1": float(f1_score(y, top1.numpy(), average="macro", zero_division=0))}
 
 
@@ -529,6 +529,7 @@ class Evaluator:
 
     def __call__(self, model: SupConModel) -> dict[str, float]:
         was_training = model.training
+        D.broadcast_buffers(model)  # every rank embeds with rank 0's batch-norm statistics
         model.eval()
         cl = self.device.type == "cuda" and self.cfg.model.channels_last
         feats = {}
@@ -566,15 +567,18 @@ def plot_curves(path: Path, rows: Sequence[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tr = [r for r in rows if r.get("loss") is not None and r["epoch"] > 0]
     ev = [r for r in rows if r.get("val_top1") is not None]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     if tr:
-        a1.plot([r["epoch"] for r in tr], [r["loss"] for r in tr], "o-", color="tab:blue", ms=3, label="SupCon loss")
+        h1 = a1.plot([r["epoch"] for r in tr], [r["loss"] for r in tr], "o-", color="tab:blue", ms=3, label="SupCon loss")
         a1b = a1.twinx()
-        a1b.plot([r["epoch"] for r in tr], [r["lr"] for r in tr], "-", color="tab:orange", label="learning rate")
+        h2 = a1b.plot([r["epoch"] for r in tr], [r["lr"] for r in tr], "--", color="tab:orange",
+                      label="learning rate (last step of the epoch)")
         a1b.set_ylabel("learning rate", color="tab:orange")
+        a1.legend(handles=h1 + h2, loc="upper right")
     a1.set_ylabel("training loss", color="tab:blue")
     a1.set_title("Supervised contrastive training")
     a1.grid(alpha=0.3)
@@ -582,6 +586,7 @@ def plot_curves(path: Path, rows: Sequence[dict]) -> None:
         if ev:
             a2.plot([r["epoch"] for r in ev], [r[key] for r in ev], "o-", ms=3, label=lab)
     a2.set_xlabel("epoch (0 = untrained network)")
+    a2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     a2.set_ylabel("validation (k-NN retrieval)")
     a2.set_ylim(0, 1)
     a2.grid(alpha=0.3)
@@ -619,6 +624,21 @@ def plot_augmentations(path: Path, ds: TwoViewDataset, indices: Sequence[int], c
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def preview_indices(labels: Sequence[int], n: int) -> list[int]:
+    """Up to ``n`` image indices, one per class in turn (the first image of each class first)."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    out: list[int] = []
+    depth = 0
+    while len(out) < min(n, len(labels)):
+        for idx in by_class.values():
+            if depth < len(idx) and len(out) < n:
+                out.append(idx[depth])
+        depth += 1
+    return out
 
 
 def save_checkpoint(path: Path, obj: dict) -> None:
@@ -671,9 +691,13 @@ def _move_aside(stage_dir: Path, why: str) -> None:
     log.info("%s: starting fresh; moved the previous run's %s to %s", why, ", ".join(present), prev)
 
 
-def _check_resumable(ckpt: dict, path: Path, cfg: Config, classes: list[str], stats: dict) -> None:
+def _check_resumable(ckpt: dict, path: Path, cfg: Config, classes: list[str], stats: dict, splits_sha: str) -> None:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a 03_main_supcon.py checkpoint: use --force to start a new training")
+    if ckpt.get("splits_sha256") not in (None, splits_sha):
+        # continuing on another split would train on former validation images (and select on them)
+        raise UserError(f"splits.csv changed since {path} was written (01_random_split_dataset was rerun): "
+                        f"use --force to train from scratch on the new split, or a new --run folder")
     if list(ckpt.get("classes") or []) != list(classes):
         old = ckpt.get("classes") or []
         raise UserError(f"{path} was trained on {len(old)} classes, the splits now have {len(classes)} "
@@ -727,6 +751,7 @@ def _train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None) -> 
     splits_csv = Path(ctx.upstream(UPSTREAM[0])) / "splits.csv"
     stats_json = Path(ctx.upstream(UPSTREAM[1])) / "stats.json"
     rows = read_splits(splits_csv)
+    splits_sha = sha256_file(splits_csv)
     classes = class_names(rows)
     stats = read_stats(stats_json)
     train_rows, val_rows = rows_of(rows, "train"), rows_of(rows, "val")
@@ -761,7 +786,7 @@ def _train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None) -> 
             ckpt = torch.load(last, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a torn or foreign file
             raise UserError(f"cannot read {last} to resume ({e.__class__.__name__}): use --force to start again") from None
-        _check_resumable(ckpt, last, cfg, classes, stats)
+        _check_resumable(ckpt, last, cfg, classes, stats, splits_sha)
     mcfg = cfg.model
     if ckpt is not None and mcfg.pretrained.lower() != "none":
         mcfg = type(mcfg)(**{**asdict(mcfg), "pretrained": "none"})  # weights come from last.pt: never download
@@ -802,7 +827,7 @@ def _train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None) -> 
     writer = None
     if is_main:
         ck_dir.mkdir(parents=True, exist_ok=True)
-        preview = list(range(min(AUG_PREVIEW_IMAGES, len(ds))))
+        preview = preview_indices(ds.labels, AUG_PREVIEW_IMAGES)
         plot_augmentations(stage_dir / "augmentations.png", ds, preview, cfg, stats, classes)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -811,7 +836,7 @@ def _train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None) -> 
     def checkpoint_obj(completed: int) -> dict:
         return {"format": CHECKPOINT_FORMAT, **trainer.state(), "epoch": completed, "rng": rng_state(),
                 "config": cfg.to_dict(), "classes": classes, "stats": stats, "metrics": run.rows,
-                "best": run.best, "world_size": world}
+                "best": run.best, "world_size": world, "splits_sha256": splits_sha}
 
     try:
         if ckpt is None and do_eval:  # the untrained network, so a user sees that learning happened

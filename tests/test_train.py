@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def _run(root: Path, run_name: str, overrides: list[str], force: bool = False, o
     run_dir.mkdir(exist_ok=True)
     for up in ("01_random_split_dataset", "02_mean_std_variables"):
         if not (run_dir / up).exists():
-            (run_dir / up).symlink_to(root / "run" / up)
+            shutil.copytree(root / "run" / up, run_dir / up)
     cfg = C.load_config(None, BASE + overrides)
     ctx = FakeCtx(cfg, run_dir, force=force)
     seed_everything(cfg.run.seed)  # as the stage wrapper does before main
@@ -283,6 +284,11 @@ def test_resume_refuses_another_model_and_force_starts_fresh(run_inputs):
     _run(run_inputs, "guard", quick)
     with pytest.raises(UserError, match=r"model.feat_dim 32 -> 16.*--force"):
         _run(run_inputs, "guard", quick + ["model.feat_dim=16"])
+    splits = run_inputs / "guard" / "01_random_split_dataset" / "splits.csv"
+    lines = splits.read_text().splitlines(keepends=True)
+    splits.write_text(lines[0] + "".join(reversed(lines[1:])))  # a new split: same classes, other rows
+    with pytest.raises(UserError, match=r"splits.csv changed since .*last.pt.*--force"):
+        _run(run_inputs, "guard", quick)
     summary, ctx = _run(run_inputs, "guard", quick + ["model.feat_dim=16", "train.method=simclr"], force=True)
     assert not summary["resumed"] and summary["steps"] == 1
     assert (ctx.dir / "previous" / "checkpoints" / "last.pt").is_file()
@@ -317,3 +323,8 @@ def test_non_finite_loss_stops_with_the_batch_saved(run_inputs, monkeypatch):
 def test_batch_larger_than_the_train_set_names_the_key(run_inputs):
     with pytest.raises(UserError, match=r"train.batch_size: 64 x 1"):
         _run(run_inputs, "big", ["train.batch_size=64"])
+
+
+def test_preview_takes_one_image_per_class_in_turn():
+    assert T.preview_indices([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1]
+    assert T.preview_indices([0, 0], 6) == [0, 1]
