@@ -73,8 +73,11 @@ def _create_backbone(name: str, pretrained: bool) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
-        hint = ", ".join(timm.list_models(f"*{name.split('_')[0]}*")[:5]) if name else ""
-        raise UserError(f"model.backbone: {name!r} is not a timm model name" + (f" (similar: {hint})" if hint else ""))
+        import difflib
+
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
+        raise UserError(f"model.backbone: {name!r} is not a timm model name"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=0)
     try:
