@@ -34,7 +34,7 @@ from common.train import Trainer  # noqa: E402
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller: test_resnet, 32 px, batch 16, fewer steps")
+    p.add_argument("--quick", action="store_true", help="smaller: test_resnet at 32 px, batch 16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--backbone", default=None, help="timm model (default resnet18; test_resnet with --quick)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of each loop (median reported)")
@@ -44,8 +44,8 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     a = parse()
     backbone = a.backbone or ("test_resnet" if a.quick else "resnet18")
-    size, batch, steps = (32, 16, 6) if a.quick else (64, 32, 8)
-    rounds = 3 if a.quick else a.rounds
+    size, batch, steps = (32, 16, 10) if a.quick else (64, 32, 8)
+    rounds = a.rounds
     device = torch.device(a.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as stage 03 does on the CPU, for both loops

@@ -42,7 +42,7 @@ from .augment import TwoViews, denormalize, train_transform
 from .config import Config, TrainConfig
 from .data import (ImageListDataset, class_names, eval_transform, label_indices, load_rgb, loader_error_line,
                    read_splits, read_stats, rows_of)
-from .errors import ImageReadError, NonFiniteLossError, UserError
+from .errors import NonFiniteLossError, UserError
 from .fileio import atomic_path, sha256_file, write_csv
 from .model import CHECKPOINT_FORMAT, SupConModel, build_model
 
