@@ -696,6 +696,7 @@ def load_store_data(store_path: Path, splits_csv: Path, gallery_kind: str, model
     """
     from .data import class_names, read_splits
     from .features import FeatureStore
+    from .lut import kept_ids_sha256
 
     rows = read_splits(splits_csv)
     classes = list(class_names(rows))
@@ -713,15 +714,18 @@ def load_store_data(store_path: Path, splits_csv: Path, gallery_kind: str, model
             if lut_json is None or not lut_json.is_file():
                 raise UserError(f"{lut_json} is missing: run 06_prune_features.py (or use inference.gallery=full)")
             meta = read_json(lut_json)
-            lut_model = meta.get("model_id")
-            if lut_model is not None and int(lut_model) != info.id:
-                raise UserError(f"{lut_json} is the LUT of model {lut_model}, but the store's vectors are of "
-                                f"{info.describe()}: a gallery of another checkpoint is never used: "
-                                "rerun 06_prune_features.py")
+            lut_model, lut_ckpt = meta.get("model_id"), meta.get("checkpoint_sha256")
+            if (lut_model is not None and int(lut_model) != info.id) or (lut_ckpt and lut_ckpt != info.checkpoint_sha256):
+                raise UserError(f"{lut_json} is the LUT of model {lut_model} (checkpoint {str(lut_ckpt)[:12]}), but the "
+                                f"store's vectors are of {info.describe()}: a gallery of another checkpoint is never "
+                                "used: rerun 06_prune_features.py")
             kept = store.load_lut(info.id, meta.get("threshold"))
             if meta.get("n_after") is not None and int(meta["n_after"]) != kept.size:
                 raise UserError(f"the LUT in {store_path} has {kept.size} rows but {lut_json} records "
                                 f"{meta['n_after']}: rerun 06_prune_features.py")
+            if meta.get("kept_ids_sha256") and meta["kept_ids_sha256"] != kept_ids_sha256(kept):
+                raise UserError(f"the LUT in {store_path} is not the one {lut_json} records (kept ids differ): "
+                                "rerun 06_prune_features.py")
             pos = np.searchsorted(train_ids, kept)
             if kept.size and (pos.max() >= train_ids.size or not np.array_equal(train_ids[pos], kept)):
                 raise UserError(f"{store_path}: the LUT names images that are not train vectors of "

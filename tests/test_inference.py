@@ -369,8 +369,11 @@ def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a
         kept = [r.id for r in recs if r.split == "train"][::2]
         store.write_lut(info.id, 0.9, kept)
     lut_json = tmp_path / "lut.json"
-    lut_json.write_text(json.dumps({"model_id": info.id, "threshold": 0.9, "n_before": per_split[0] * n_classes,
-                                    "n_after": len(kept)}))
+    from common.lut import kept_ids_sha256
+
+    lut_json.write_text(json.dumps({"model_id": info.id, "checkpoint_sha256": sha, "threshold": 0.9,
+                                    "n_before": per_split[0] * n_classes, "n_after": len(kept),
+                                    "kept_ids_sha256": kept_ids_sha256(kept)}))
     return splits, store_path, lut_json, info.id
 
 
@@ -395,8 +398,14 @@ def test_lut_of_another_model_is_refused(tmp_path):
     lut_json.write_text(json.dumps(meta | {"model_id": mid + 1}))
     with pytest.raises(UserError, match="another checkpoint"):
         I.load_store_data(store_path, splits, "lut", mid, lut_json)
+    lut_json.write_text(json.dumps(meta | {"checkpoint_sha256": "b" * 64}))
+    with pytest.raises(UserError, match="another checkpoint"):
+        I.load_store_data(store_path, splits, "lut", mid, lut_json)
     lut_json.write_text(json.dumps(meta | {"n_after": meta["n_after"] + 1}))
     with pytest.raises(UserError, match="rerun 06_prune_features"):
+        I.load_store_data(store_path, splits, "lut", mid, lut_json)
+    lut_json.write_text(json.dumps(meta | {"kept_ids_sha256": "0" * 64}))
+    with pytest.raises(UserError, match="kept ids differ"):
         I.load_store_data(store_path, splits, "lut", mid, lut_json)
     with pytest.raises(UserError, match="06_prune_features"):
         I.load_store_data(store_path, splits, "lut", mid, tmp_path / "absent.json")
@@ -479,7 +488,7 @@ def _run_folder(tmp_path: Path, mode: str, **inference):
     return FakeCtx(run, cfg), ck
 
 
-def test_stage_evaluate_mode_wired(brute, tmp_path):
+def test_stage_evaluate_mode_wired(tmp_path):  # real common.retrieval
     ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]", reject_below=0.2)
     m = I.run_stage(ctx)
     assert set(m) >= {"accuracy", "macro_f1", "report"} and m["report"].endswith("report.html")
@@ -487,7 +496,7 @@ def test_stage_evaluate_mode_wired(brute, tmp_path):
     assert {"predictions.csv", "comparison.csv", "classifiers/logreg.joblib", "classifiers/sha256.json"} <= set(ctx.outputs)
 
 
-def test_stage_predict_mode_on_images_and_saved_classifiers(brute, tmp_path, caplog):
+def test_stage_predict_mode_on_images_and_saved_classifiers(tmp_path, caplog):
     ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]")
     I.run_stage(ctx)  # fits and saves the classifier
     folder = _image_folder(tmp_path / "new")
@@ -507,7 +516,7 @@ def test_stage_predict_mode_on_images_and_saved_classifiers(brute, tmp_path, cap
         I.run_stage(ctx)
 
 
-def test_stage_refuses_queries_from_another_checkpoint(brute, tmp_path):
+def test_stage_refuses_queries_from_another_checkpoint(tmp_path):
     ctx, ck = _run_folder(tmp_path, "evaluate")
     folder = _image_folder(tmp_path / "new")
     ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
