@@ -1,0 +1,760 @@
+"""LUT pruning of the train gallery (Yang et al. 2022) and the search for its threshold.
+
+The rule (Yang et al. 2022, supplementary material; the reference code's pair loop)
+-----------------------------------------------------------------------------------
+Within each class separately, the gallery items are taken in ascending image id. Each item that
+is still kept removes every *later* item of the same class whose cosine similarity to it is
+strictly greater than the threshold ``t``. Classes never prune each other; the first item of a
+class is always kept, so every class keeps at least one item. Similarity exactly equal to ``t``
+does not prune.
+
+The similarity the rule is defined on: ``s(i, j) = float32(x_i . x_j)``, the dot product of the
+stored float32 vectors evaluated in float64 (each product is exact in float64; the sum's error
+is ~1e-13) and rounded once to float32. A float32 matrix product of another shape or on another
+device may round its last bit differently; this definition makes the rule independent of that.
+The code computes similarities by fast float32 matrix products and trusts a comparison only when
+the value is farther from ``t`` than the product's worst-case rounding error
+(``similarity_margin``: ``gamma_D * max|x|^2`` with ``gamma_D = D u / (1 - D u)``, Higham 2002
+eq. 3.5, plus the final rounding); the few pairs inside that band are recomputed exactly as above.
+So the result is identical to a direct pair loop on ``s`` (``tests/test_lut.py`` checks it), for
+any block size and device.
+
+How it is fast
+--------------
+Per class, rows are processed in blocks of ``block_size`` (B) items in id order. For block ``b``:
+1. the rows of ``b`` dominated by a kept item of an earlier block are found by one product
+   (kept-so-far x B, in chunks of B kept rows) and an ``any`` over its rows;
+2. the greedy is resolved among the remaining rows of the block: one (c x c) product, then a
+   scan over the rows in order that applies a kept row's whole "prunes" row as one vector
+   operation (only rows that prune anything are visited): O(B) vector ops, not a loop over pairs.
+Memory: per step at most ``B x B`` float32 similarities, ``B x D`` gathered vectors, a ``B x B``
+bool matrix and ``n_class`` bools, besides one class's vectors; never ``n_class x n_class``.
+
+The sweep (stage 05) prunes at every threshold of a grid. The similarities of a class do not
+depend on the threshold, so ``prune_sweep`` computes each class's column blocks ``S[0:b_end, b]``
+(the upper triangle by blocks, ``n (n + B) / 2`` float32) once and reruns only the comparisons and
+the scan per threshold; a class whose blocks exceed ``SWEEP_CACHE_BYTES`` is recomputed per
+threshold instead. The greedy's outcome is not monotone in ``t``, so every threshold is run.
+
+Queries (stage 05): the val x gallery similarities are computed once, in blocks of queries; each
+query keeps its ``M`` nearest gallery items, and for each threshold its nearest *kept* items are the
+first kept ones of that list; queries whose list holds fewer than ``k`` kept items take an exact
+masked top-k of the similarity block still in memory. The result equals a search of the pruned
+gallery (``retrieval.topk``; ties to the lower image id).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import retrieval
+from .errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+UNIT_ROUNDOFF = 2.0 ** -24  # float32 unit roundoff u
+ROUNDING_SLACK = 2.0 ** -22  # final float32 rounding of s(i, j) plus the rounding of t +- margin to float32
+SWEEP_CACHE_BYTES = 2 * 2**30  # stage 05: a class's cached similarity blocks may take this much; larger classes are recomputed per threshold
+LATENCY_QUERIES = 128  # stage 05: val queries timed against each pruned gallery (latency column, ms per query)
+REJECT_PERCENTILE = 5.0  # stage 05: suggested_reject_below = this percentile of the best similarity of correct val predictions
+MIN_TOP_M = 64  # stage 05: fewest neighbours kept per query for the sweep (more when pruning removes much)
+TIE_EPS = 1e-12  # stage 05 rules: metric differences below this count as equal (float noise)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def threshold_grid(lcfg: Any) -> list[float]:
+    """The thresholds of stage 05: ``lut.thresholds`` when given, else ``grid_start..grid_stop``
+    inclusive by ``grid_step``, each ``round(start + i * step, 6)`` (no float accumulation)."""
+    if lcfg.thresholds is not None:
+        ts = sorted({round(float(t), 6) for t in lcfg.thresholds})
+        if not ts:
+            raise ConfigError("lut.thresholds is an empty list: give thresholds or null for the grid")
+    else:
+        start, stop, step = float(lcfg.grid_start), float(lcfg.grid_stop), float(lcfg.grid_step)
+        if step <= 0:
+            raise ConfigError(f"lut.grid_step must be > 0, got {step}")
+        if stop < start:
+            raise ConfigError(f"lut.grid_stop ({stop}) is below lut.grid_start ({start})")
+        n = int(math.floor((stop - start) / step + 1e-9)) + 1
+        ts = [round(start + i * step, 6) for i in range(n)]
+    bad = [t for t in ts if not -1.0 <= t <= 1.0]
+    if bad:
+        raise ConfigError(f"lut thresholds must be cosine similarities in [-1, 1], got {bad}")
+    return ts
+
+
+# ----------------------------------------------------------------------------- exact similarity
+
+
+def similarity_margin(dim: int, max_norm_sq: float = 1.0) -> float:
+    """Worst-case |float32 matrix product - s(i, j)| for vectors of norm^2 <= ``max_norm_sq``.
+
+    Any summation order of D float32 products errs by at most ``gamma_D * sum|x_k y_k|``
+    (Higham 2002, eq. 3.5) and ``sum|x_k y_k| <= |x| |y|``; ``ROUNDING_SLACK`` covers the rounding
+    of ``s`` itself to float32 and of the compared bounds ``t +- margin``.
+    """
+    nu = dim * UNIT_ROUNDOFF
+    if nu >= 0.5:
+        raise ValueError(f"dimension {dim} too large for a float32 error bound")
+    return nu / (1.0 - nu) * max_norm_sq + ROUNDING_SLACK
+
+
+def exact_similarity(X: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``s(rows[p], cols[p])`` for each pair p: float64 dot products of the float32 vectors, rounded
+    to float32 (the similarity the pruning rule is defined on)."""
+    out = torch.empty(rows.numel(), dtype=torch.float32, device=X.device)
+    step = max(1, (1 << 22) // max(1, X.shape[1]))  # pairs per chunk: bounds the float64 temporaries
+    for a in range(0, rows.numel(), step):
+        r, c = rows[a:a + step], cols[a:a + step]
+        out[a:a + step] = (X[r].double() * X[c].double()).sum(1).float()
+    return out
+
+
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """Plain float32 products (no TF32 / bf16 shortcuts): the error bound above assumes them."""
+    prec = torch.get_float32_matmul_precision()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# ----------------------------------------------------------------------------- one class
+
+
+def _greedy_scan(A: np.ndarray) -> np.ndarray:
+    """The greedy in id order on a strictly upper-triangular 'prunes' matrix ``A`` (c, c) bool:
+    item i, if still alive, removes every j > i with ``A[i, j]``. Returns the alive mask."""
+    alive = np.ones(A.shape[0], dtype=bool)
+    active = np.flatnonzero(A.any(1))  # rows that prune something; the others change nothing
+    if active.size == 0:
+        return alive
+    notA = ~A[active]
+    for r, i in enumerate(active.tolist()):
+        if alive[i]:
+            np.logical_and(alive, notA[r], out=alive)  # one vector op per kept row
+    return alive
+
+
+def _resolve(X: torch.Tensor, S: torch.Tensor, hi: float, lo: float, t: float,
+             row_ids: torch.Tensor, col_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``S > t`` decided exactly: entries within ``[lo, hi]`` of a float32 block ``S`` (rows
+    ``row_ids``, columns ``col_ids`` of ``X``) are recomputed by ``exact_similarity``. ``mask``
+    (same shape, bool) restricts which uncertain entries matter (others stay False)."""
+    A = S > hi
+    U = (S >= lo) & (S <= hi)
+    if mask is not None:
+        U &= mask
+    r, c = torch.nonzero(U, as_tuple=True)
+    if r.numel():
+        A[r, c] = exact_similarity(X, row_ids[r], col_ids[c]) > t
+    return A
+
+
+class _ClassBlocks:
+    """The similarity column blocks of one class, ``S[0:end_b, b]`` float32, computed once."""
+
+    def __init__(self, X: torch.Tensor, block: int):
+        n = X.shape[0]
+        self.cols = [X[:min(n, a + block)] @ X[a:min(n, a + block)].T for a in range(0, n, block)]
+
+    @staticmethod
+    def nbytes(n: int, block: int) -> int:
+        return 4 * sum(min(n, a + block) * (min(n, a + block) - a) for a in range(0, n, block))
+
+
+def _prune_class(X: torch.Tensor, t: float, block: int, margin: float,
+                 cache: _ClassBlocks | None = None) -> np.ndarray:
+    """Keep mask (n,) of one class whose rows ``X`` (n, D) are already in id order."""
+    n, dev = X.shape[0], X.device
+    hi, lo = t + margin, t - margin
+    keep = torch.zeros(n, dtype=torch.bool, device=dev)
+    for bi, a in enumerate(range(0, n, block)):
+        b = min(n, a + block)
+        dom = torch.zeros(b - a, dtype=torch.bool, device=dev)
+        kept = torch.nonzero(keep[:a]).flatten()
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        Xb = X[a:b]
+        for c0 in range(0, kept.numel(), block):  # 1. dominated by kept items of earlier blocks
+            rows = kept[c0:c0 + block]
+            S = cache.cols[bi].index_select(0, rows) if cache else X.index_select(0, rows) @ Xb.T  # (r, B)
+            dom |= (S > hi).any(0)
+            r, c = torch.nonzero((S >= lo) & (S <= hi), as_tuple=True)
+            if r.numel():
+                pending.append((rows[r], c))
+        if pending:
+            pr = torch.cat([p[0] for p in pending])
+            pc = torch.cat([p[1] for p in pending])
+            sel = ~dom[pc]  # only columns not already dominated for sure need the exact value
+            pr, pc = pr[sel], pc[sel]
+            if pr.numel():
+                hit = exact_similarity(X, pr, a + pc) > t
+                dom[pc[hit]] = True
+        cand = torch.nonzero(~dom).flatten()  # 2. the greedy within the block, among the others
+        if cand.numel() == 0:
+            continue
+        ci = a + cand
+        if cache is not None:
+            Sbb = cache.cols[bi][a:b]
+            S = Sbb.index_select(0, cand).index_select(1, cand)
+        else:
+            Xc = X.index_select(0, ci)
+            S = Xc @ Xc.T  # (c, c)
+        upper = torch.ones(S.shape, dtype=torch.bool, device=dev).triu_(1)
+        A = _resolve(X, S, hi, lo, t, ci, ci, upper) & upper
+        alive = _greedy_scan(A.cpu().numpy())
+        keep[ci[torch.from_numpy(alive).to(dev)]] = True
+    return keep.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- whole gallery
+
+
+def class_order(labels: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Row order by (class, image id) and the ``(start, end)`` slice of each class in it."""
+    labels = np.asarray(labels)
+    ids = np.arange(labels.size) if ids is None else np.asarray(ids)
+    if ids.shape != labels.shape:
+        raise ValueError(f"ids {ids.shape} and labels {labels.shape} differ in length")
+    order = np.lexsort((ids, labels))
+    ls = labels[order]
+    starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]]) if ls.size else np.zeros(0, dtype=np.int64)
+    ends = np.r_[starts[1:], ls.size]
+    return order, list(zip(starts.tolist(), ends.tolist()))
+
+
+def _prepare(vectors: Any, device: Any) -> tuple[torch.Tensor, float]:
+    X = retrieval.as_tensor(vectors, device)
+    if X.ndim != 2:
+        raise ValueError(f"vectors must be (N, D), got {tuple(X.shape)}")
+    max_sq = float((X.double() ** 2).sum(1).max()) if X.shape[0] else 1.0
+    return X, similarity_margin(X.shape[1], max(max_sq, 1.0))
+
+
+def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, block_size: int = 4096,
+          device: Any = None) -> np.ndarray:
+    """The LUT rule (module docstring) at one threshold: keep mask (N,) bool in the input's row order.
+
+    Args:
+        vectors: (N, D) float32 L2-normalised gallery vectors (numpy or torch).
+        labels: (N,) class of each row (any sortable values).
+        ids: (N,) image ids giving the order within a class (None: row order).
+        threshold: cosine similarity; a later item is removed when ``s > threshold``.
+        block_size: rows per block (memory, see the module docstring).
+        device: torch device (None: CPU).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    labels = np.asarray(labels)
+    order, slices = class_order(labels, None if ids is None else np.asarray(ids))
+    keep = np.zeros(labels.size, dtype=bool)
+    with _full_fp32():
+        X, margin = _prepare(vectors, device)
+        for s, e in slices:
+            rows = order[s:e]
+            Xc = X.index_select(0, torch.from_numpy(rows).to(X.device))
+            keep[rows] = _prune_class(Xc, float(threshold), block_size, margin)
+    return keep
+
+
+def prune_sweep(vectors: Any, labels: Any, ids: Any, thresholds: Sequence[float], block_size: int = 4096,
+                device: Any = None, cache_bytes: int = SWEEP_CACHE_BYTES) -> np.ndarray:
+    """``prune`` at every threshold: keep masks (T, N) bool, each identical to ``prune`` at that
+    threshold; a class's similarity blocks are computed once and reused (module docstring)."""
+    labels = np.asarray(labels)
+    order, slices = class_order(labels, None if ids is None else np.asarray(ids))
+    keeps = np.zeros((len(thresholds), labels.size), dtype=bool)
+    with _full_fp32():
+        X, margin = _prepare(vectors, device)
+        for s, e in slices:
+            rows = order[s:e]
+            Xc = X.index_select(0, torch.from_numpy(rows).to(X.device))
+            fits = _ClassBlocks.nbytes(e - s, block_size) <= cache_bytes
+            cache = _ClassBlocks(Xc, block_size) if fits and e - s > 1 else None
+            for ti, t in enumerate(thresholds):
+                keeps[ti, rows] = _prune_class(Xc, float(t), block_size, margin, cache)
+            del cache
+    return keeps
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+def choose_top_m(n_gallery: int, n_kept_min: int, k: int) -> int:
+    """Neighbours kept per query for the sweep: enough that the sparsest threshold's kept set
+    holds ``k`` of them for most queries (4x what a uniform thinning would need), at least
+    ``MIN_TOP_M``, at most the gallery. Queries short of ``k`` take the exact fallback."""
+    frac = max(n_kept_min, 1) / max(n_gallery, 1)
+    return int(min(n_gallery, max(MIN_TOP_M, math.ceil(4 * k / frac))))
+
+
+def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_size: int = 4096,
+                 device: Any = None, top_m: int | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
+    """For every keep mask (T, G), the ``min(k, kept)`` nearest kept gallery items of every query.
+
+    Equal to ``retrieval.topk(queries, gallery[keep], k)`` mapped back to gallery rows (ties to the
+    lower row), but the query x gallery product is computed once for all thresholds.
+    Returns ``([(sims (Q, k_t) float32, idx (Q, k_t) int64) per threshold], stats)``.
+    """
+    keeps = np.asarray(keeps, dtype=bool)
+    T, N = keeps.shape
+    n_kept = keeps.sum(1)
+    if N == 0 or (n_kept == 0).any():
+        raise ValueError("every keep mask must keep at least one gallery row")
+    kts = [int(min(k, n)) for n in n_kept]
+    M = top_m if top_m is not None else choose_top_m(N, int(n_kept.min()), max(kts))
+    M = int(min(max(M, max(kts)), N))
+    stats = {"top_m": M, "fallback_queries": 0}
+    with _full_fp32():
+        q = retrieval.as_tensor(queries, device)
+        g = retrieval.as_tensor(gallery, q.device)
+        dev = q.device
+        Q = q.shape[0]
+        out = [(np.empty((Q, kt), np.float32), np.empty((Q, kt), np.int64)) for kt in kts]
+        keep_t = torch.from_numpy(keeps).to(dev)
+        rank_key = torch.arange(M, 0, -1, device=dev)  # earlier list position -> larger key
+        fb_rows = max(1, (block_size * block_size) // max(N, 1))  # fallback rows per masked copy of S
+        gt = g.t()
+        for a in range(0, Q, block_size):
+            S = q[a:a + block_size] @ gt  # (B, N) float32
+            B = S.shape[0]
+            tv, ti = retrieval._block_topk(S, M)  # (B, M) by (-sim, row)
+            for t in range(T):
+                kt = kts[t]
+                kin = keep_t[t][ti]  # (B, M) is the listed item kept at this threshold?
+                pos = torch.topk(kin * rank_key, kt, dim=1).indices.sort(1).values  # first kt kept in list order
+                sv, si = tv.gather(1, pos), ti.gather(1, pos)
+                bad = torch.nonzero(kin.sum(1) < kt).flatten()
+                stats["fallback_queries"] += int(bad.numel())
+                for c0 in range(0, bad.numel(), fb_rows):  # exact masked search, S still in memory
+                    rows = bad[c0:c0 + fb_rows]
+                    Sm = S.index_select(0, rows).masked_fill_(~keep_t[t], float("-inf"))
+                    v, i = retrieval._block_topk(Sm, kt)
+                    sv[rows], si[rows] = v, i
+                out[t][0][a:a + B] = sv.cpu().numpy()
+                out[t][1][a:a + B] = si.cpu().numpy()
+            del S, tv, ti
+    return out, stats
+
+
+def measure_latency(queries: Any, gallery: Any, k: int, block_size: int, device: Any = None,
+                    repeats: int = 1) -> float:
+    """Milliseconds per query of ``retrieval.topk`` of ``queries`` against ``gallery`` (best of
+    ``repeats`` after one warm-up)."""
+    n = len(queries)
+    if n == 0:
+        return float("nan")
+    retrieval.topk(queries[:1], gallery, k, block_size, device)  # warm-up (allocations, kernels)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        retrieval.topk(queries, gallery, k, block_size, device)
+        best = min(best, time.perf_counter() - t0)
+    return 1000.0 * best / n
+
+
+# ----------------------------------------------------------------------------- metrics and rules
+
+
+SWEEP_COLUMNS = ["threshold", "n_kept", "fraction_kept", "size_mb", "min_kept_per_class", "top1_accuracy",
+                 "knn_accuracy", "macro_precision", "macro_recall", "macro_f1", "latency_ms"]
+
+
+def class_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro precision / recall / F1 (sklearn, ``zero_division=0``) over the classes
+    present in the truth or the predictions (sklearn's default label set)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    if y_true.size == 0:
+        return {"accuracy": float("nan"), "macro_precision": float("nan"), "macro_recall": float("nan"),
+                "macro_f1": float("nan")}
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    return {"accuracy": float(np.mean(y_true == y_pred)), "macro_precision": float(p), "macro_recall": float(r),
+            "macro_f1": float(f)}
+
+
+def sweep_rows(thresholds: Sequence[float], keeps: np.ndarray, g_labels: np.ndarray, v_labels: np.ndarray,
+               neighbours: Sequence[tuple[np.ndarray, np.ndarray]], n_classes: int, temperature: float,
+               dim: int, latencies_ms: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """One row of ``threshold_sweep.csv`` per threshold (columns ``SWEEP_COLUMNS``)."""
+    g_labels = np.asarray(g_labels)
+    present = np.unique(g_labels)
+    rows = []
+    for ti, t in enumerate(thresholds):
+        keep = keeps[ti]
+        sims, idx = neighbours[ti]
+        top1 = g_labels[idx[:, 0]] if idx.size else np.zeros(0, np.int64)
+        m = class_metrics(np.asarray(v_labels), top1)
+        knn_pred, _ = retrieval.knn_vote(sims, idx, g_labels, n_classes, temperature)
+        per_class = np.bincount(g_labels[keep], minlength=n_classes)[present]
+        n = int(keep.sum())
+        rows.append({
+            "threshold": float(t), "n_kept": n, "fraction_kept": n / max(keep.size, 1),
+            "size_mb": n * dim * 4 / 2**20, "min_kept_per_class": int(per_class.min()) if per_class.size else 0,
+            "top1_accuracy": m["accuracy"],
+            "knn_accuracy": float(np.mean(knn_pred == np.asarray(v_labels))) if idx.size else float("nan"),
+            "macro_precision": m["macro_precision"], "macro_recall": m["macro_recall"], "macro_f1": m["macro_f1"],
+            "latency_ms": float(latencies_ms[ti]) if latencies_ms is not None else float("nan"),
+        })
+    return rows
+
+
+def choose_threshold(rows: Sequence[dict[str, Any]], lcfg: Any) -> tuple[int, str]:
+    """Index of the chosen row of a sweep table, and one sentence saying why (``lut.rule``).
+
+    - ``tolerance``: the smallest gallery whose macro-F1 is within ``lut.tolerance`` of the best
+      (equal sizes: the higher F1, then the lower threshold);
+    - ``max_f1`` / ``max_accuracy``: the best macro-F1 / top-1 accuracy (ties: the smaller gallery,
+      then the lower threshold);
+    - ``target_size``: among galleries of at most ``lut.target_size`` vectors, the best macro-F1
+      (ties: the larger gallery, then the lower threshold).
+    """
+    if not rows:
+        raise UserError("the threshold sweep is empty: check lut.thresholds / lut.grid_*")
+    rule = lcfg.rule
+    f1 = np.array([r["macro_f1"] for r in rows], dtype=np.float64)
+    acc = np.array([r["top1_accuracy"] for r in rows], dtype=np.float64)
+    size = np.array([r["n_kept"] for r in rows], dtype=np.int64)
+    thr = np.array([r["threshold"] for r in rows], dtype=np.float64)
+    total = max(int(round(rows[0]["n_kept"] / rows[0]["fraction_kept"])) if rows[0]["fraction_kept"] else 0, 0)
+
+    def pick(cands: np.ndarray, keys: list[np.ndarray]) -> int:
+        # lexicographic minimum over keys (np.lexsort: last key is the primary one)
+        c = np.asarray(cands)
+        return int(c[np.lexsort([k[c] for k in reversed(keys)])[0]])
+
+    def desc(i: int) -> str:
+        share = f", {100 * size[i] / total:.1f}% of {total:,}" if total else ""
+        return f"threshold {thr[i]:g} ({size[i]:,} vectors{share}, macro-F1 {f1[i]:.4f}, top-1 accuracy {acc[i]:.4f})"
+
+    if np.isnan(f1).all():
+        raise UserError("no val vectors to choose the threshold with: stage 05 needs a val split (split.val > 0)")
+    allr = np.arange(len(rows))
+    f1z, accz = np.nan_to_num(f1, nan=-1.0), np.nan_to_num(acc, nan=-1.0)
+    # F1 values equal up to float noise are one value (so ties fall to the documented keys)
+    f1r, accr = np.round(f1z / TIE_EPS) * TIE_EPS, np.round(accz / TIE_EPS) * TIE_EPS
+    if rule == "tolerance":
+        best = f1z.max()
+        cands = allr[f1z >= best - float(lcfg.tolerance) - TIE_EPS]
+        i = pick(cands, [size, -f1r, thr])
+        return i, (f"rule tolerance: the smallest gallery whose val macro-F1 is within {lcfg.tolerance:g} of the "
+                   f"best ({best:.4f}): {desc(i)}")
+    if rule == "max_f1":
+        i = pick(allr, [-f1r, size, thr])
+        return i, f"rule max_f1: the best val macro-F1 (ties: the smaller gallery): {desc(i)}"
+    if rule == "max_accuracy":
+        i = pick(allr, [-accr, size, thr])
+        return i, f"rule max_accuracy: the best val top-1 accuracy (ties: the smaller gallery): {desc(i)}"
+    if rule == "target_size":
+        if lcfg.target_size is None:
+            raise ConfigError("lut.rule is target_size but lut.target_size is null: give a number of vectors")
+        cands = allr[size <= int(lcfg.target_size)]
+        if cands.size == 0:
+            raise UserError(f"lut.target_size={lcfg.target_size}: no threshold of the sweep gives a gallery that "
+                            f"small (the smallest has {int(size.min()):,} vectors at threshold "
+                            f"{thr[int(size.argmin())]:g}): raise lut.target_size or lower lut.grid_start")
+        i = pick(cands, [-f1r, -size, thr])
+        return i, (f"rule target_size: the best val macro-F1 among galleries of at most {int(lcfg.target_size):,} "
+                   f"vectors: {desc(i)}")
+    raise ConfigError(f"lut.rule: expected tolerance, max_f1, max_accuracy or target_size, got {rule!r}")
+
+
+def suggested_reject_below(best_sims: np.ndarray, correct: np.ndarray,
+                           percentile: float = REJECT_PERCENTILE) -> float | None:
+    """The best-match similarity below which ``percentile`` % of the correct predictions fall
+    (an open-set rejection level for stage 07); None without a correct prediction."""
+    s = np.asarray(best_sims, dtype=np.float64)[np.asarray(correct, dtype=bool)]
+    return float(np.percentile(s, percentile)) if s.size else None
+
+
+def gini(sizes: Sequence[int]) -> float:
+    """Gini coefficient of class sizes (0: all equal; towards 1: one class holds everything)."""
+    x = np.sort(np.asarray(sizes, dtype=np.float64))
+    n = x.size
+    if n == 0 or x.sum() == 0:
+        return 0.0
+    return float((2 * np.arange(1, n + 1) - n - 1) @ x / (n * x.sum()))
+
+
+def kept_ids_sha256(ids: Any) -> str:
+    """sha256 of the sorted kept image ids as little-endian int64 bytes (``lut.json``'s check)."""
+    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).astype("<i8").tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], chosen: int, path: Path, title: str = "") -> None:
+    """``threshold_sweep.png``: top-1 / k-NN accuracy and macro-F1 against the threshold, the
+    gallery size on a second axis, the chosen threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    t = [r["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ax.plot(t, [r["top1_accuracy"] for r in rows], "o-", ms=3, label="top-1 accuracy")
+    ax.plot(t, [r["knn_accuracy"] for r in rows], "s-", ms=3, label="k-NN accuracy")
+    ax.plot(t, [r["macro_f1"] for r in rows], "^-", ms=3, label="macro-F1 (top-1)")
+    ax.set_xlabel("pruning threshold (cosine similarity)")
+    ax.set_ylabel("val metric")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(t, [r["n_kept"] for r in rows], "k--", lw=1, label="gallery size")
+    ax2.set_ylabel("gallery size (vectors)")
+    ax2.set_ylim(bottom=0)
+    c = rows[chosen]
+    ax.axvline(c["threshold"], color="tab:red", lw=1.2)
+    ax.annotate(f"chosen {c['threshold']:g}\n{c['n_kept']:,} vectors\nF1 {c['macro_f1']:.3f}",
+                xy=(c["threshold"], c["macro_f1"]), xytext=(6, -40), textcoords="offset points",
+                fontsize=8, color="tab:red")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
+    ax.set_title(title or "LUT threshold sweep (val queries against the pruned train gallery)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_prune_summary(summary: Sequence[dict[str, Any]], path: Path, threshold: float) -> None:
+    """``prune_summary.png``: images per class before and after pruning (log scale), largest first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    rows = sorted(summary, key=lambda r: (-r["before"], str(r["class"])))
+    n = max(len(rows), 1)
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.16 * n + 2), 5))
+    ax.bar(x, [r["before"] for r in rows], color="0.75", label="train gallery")
+    ax.bar(x, [r["after"] for r in rows], color="tab:blue", label=f"LUT (threshold {threshold:g})")
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r["class"]) for r in rows], rotation=90, fontsize=max(4, min(8, 600 // n)))
+    ax.set_ylabel("vectors per class")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.legend(fontsize=8)
+    b, a = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
+    ax.set_title(f"LUT pruning: {a:,} of {b:,} train vectors kept ({100 * a / max(b, 1):.1f}%)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- stages 05 and 06
+
+
+STORE_FILE = "features.sqlite"  # stage 04's feature store, in its folder
+THRESHOLD_JSON = "threshold.json"
+LUT_JSON = "lut.json"
+
+
+@dataclass
+class SplitVectors:
+    """One split of one model's vectors, with class indices in the checkpoint's class list."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    X: np.ndarray
+
+
+@dataclass
+class StoreView:
+    """What stages 05 and 06 read from the feature store."""
+
+    path: Path
+    model: Any  # features.ModelInfo
+    classes: list[str]
+    splits: dict[str, SplitVectors] = field(default_factory=dict)
+
+
+def load_store(store_dir: Path, splits: Sequence[str]) -> StoreView:
+    """The vectors of ``splits`` of the model stage 04 wrote (the ``model_id`` of its manifest;
+    the store's most recent complete model when absent), all of that one model."""
+    from .features import FeatureStore
+    from .stage import read_manifest
+
+    path = Path(store_dir) / STORE_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: run 04_extract_features.py")
+    model_id = ((read_manifest(Path(store_dir)) or {}).get("metrics") or {}).get("model_id")
+    with FeatureStore(path) as store:
+        info = store.require_complete(int(model_id)) if model_id is not None else store.current_model()
+        out: dict[str, SplitVectors] = {}
+        classes = list(info.classes or [])
+        raw = {s: store.load_matrix(s, info.id) for s in splits}  # one model id for every split
+    if not classes:
+        classes = sorted({lab for _, labs, _ in raw.values() for lab in labs})
+    index = {c: i for i, c in enumerate(classes)}
+    for s, (ids, labs, X) in raw.items():
+        try:
+            y = np.fromiter((index[v] for v in labs), dtype=np.int64, count=len(labs))
+        except KeyError as e:
+            raise UserError(f"{path}: label {e.args[0]!r} of the {s} split is not a class of {info.describe()}: "
+                            "rerun 04_extract_features.py") from None
+        if X.shape[0] and X.shape[1] != info.dim:
+            raise UserError(f"{path}: {s} vectors have dim {X.shape[1]}, the model says {info.dim}: "
+                            "rerun 04_extract_features.py")
+        out[s] = SplitVectors(np.asarray(ids, np.int64), y, X)
+    log.info("feature store %s: %s; %s", path, info.describe(),
+             ", ".join(f"{s} {v.X.shape[0]:,} vectors" for s, v in out.items()))
+    return StoreView(path, info, classes, out)
+
+
+def run_threshold_stage(ctx: Any) -> dict[str, Any]:
+    """Stage 05's ``main``: sweep the pruning threshold on val, choose one, write the artefacts."""
+    from .fileio import write_csv, write_json
+
+    lcfg = ctx.cfg.lut
+    device = ctx.device()
+    thresholds = threshold_grid(lcfg)
+    view = load_store(ctx.upstream("04_extract_features"), ("train", "val"))
+    gal, val = view.splits["train"], view.splits["val"]
+    if gal.X.shape[0] == 0:
+        raise UserError(f"{view.path} holds no train vectors (the gallery): check split.train and rerun "
+                        "01_random_split_dataset.py and 04_extract_features.py")
+    if val.X.shape[0] == 0:
+        raise UserError(f"{view.path} holds no val vectors: stage 05 chooses the threshold on the val split; give "
+                        "split.val > 0 and rerun 01_random_split_dataset.py and 04_extract_features.py")
+    n_classes, dim = len(view.classes), gal.X.shape[1]
+    log.info("sweeping %d thresholds (%g..%g) over a gallery of %s x %d and %s val queries on %s",
+             len(thresholds), thresholds[0], thresholds[-1], f"{gal.X.shape[0]:,}", dim, f"{val.X.shape[0]:,}", device)
+
+    t0 = time.perf_counter()
+    keeps = prune_sweep(gal.X, gal.labels, gal.ids, thresholds, lcfg.block_size, device)
+    t_prune = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    neighbours, qstats = nearest_kept(val.X, gal.X, keeps, lcfg.knn_k, lcfg.block_size, device)
+    t_query = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    G = retrieval.as_tensor(gal.X, device)
+    Vl = retrieval.as_tensor(val.X[:LATENCY_QUERIES], device)
+    lat = [measure_latency(Vl, G[torch.from_numpy(k).to(G.device)], lcfg.knn_k, lcfg.block_size, device)
+           for k in keeps]
+    t_lat = time.perf_counter() - t0
+    del G, Vl
+    log.info("pruned at %d thresholds in %.1f s; val neighbours in %.1f s (top-%d lists, %d exact fallbacks); "
+             "latency timing %.1f s", len(thresholds), t_prune, t_query, qstats["top_m"], qstats["fallback_queries"],
+             t_lat)
+    rows = sweep_rows(thresholds, keeps, gal.labels, val.labels, neighbours, n_classes, lcfg.knn_temperature,
+                      dim, lat)
+    for r in rows:
+        log.info("t=%-8g kept %7s (%5.1f%%)  top-1 %.4f  k-NN %.4f  macro-F1 %.4f  %.3f ms/query", r["threshold"],
+                 f"{r['n_kept']:,}", 100 * r["fraction_kept"], r["top1_accuracy"], r["knn_accuracy"], r["macro_f1"],
+                 r["latency_ms"])
+    i, reason = choose_threshold(rows, lcfg)
+    chosen = rows[i]
+    sims, idx = neighbours[i]
+    correct = gal.labels[idx[:, 0]] == val.labels
+    reject = suggested_reject_below(sims[:, 0], correct)
+    log.info("chosen: %s", reason)
+    if reject is not None:
+        log.info("suggested inference.reject_below: %.4f (%g%% of the correct val predictions at threshold %g have "
+                 "a lower best similarity)", reject, REJECT_PERCENTILE, chosen["threshold"])
+
+    write_csv(ctx.output("threshold_sweep.csv"), SWEEP_COLUMNS, ([r[c] for c in SWEEP_COLUMNS] for r in rows))
+    write_json(ctx.output(THRESHOLD_JSON), {
+        "threshold": chosen["threshold"], "rule": lcfg.rule, "reason": reason, "metrics": chosen,
+        "model_id": view.model.id, "checkpoint_sha256": view.model.checkpoint_sha256,
+        "suggested_reject_below": reject, "reject_percentile": REJECT_PERCENTILE,
+        "n_gallery": int(gal.X.shape[0]), "n_val": int(val.X.shape[0]), "knn_k": lcfg.knn_k,
+        "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds,
+    })
+    plot_sweep(rows, i, ctx.output("threshold_sweep.png"))
+    return {"threshold": chosen["threshold"], "rule": lcfg.rule, "n_kept": chosen["n_kept"],
+            "n_gallery": int(gal.X.shape[0]), "macro_f1": chosen["macro_f1"],
+            "top1_accuracy": chosen["top1_accuracy"], "suggested_reject_below": reject, "model_id": view.model.id,
+            "seconds": {"prune": round(t_prune, 3), "queries": round(t_query, 3), "latency": round(t_lat, 3)}}
+
+
+def prune_upstream(cfg: Any) -> list[str]:
+    """Stage 06 reads stage 05's threshold.json unless ``prune.threshold`` is set."""
+    return ["04_extract_features"] + ([] if cfg.prune.threshold is not None else ["05_lut_threshold"])
+
+
+def run_prune_stage(ctx: Any) -> dict[str, Any]:
+    """Stage 06's ``main``: prune the train gallery at the threshold, record the LUT in the store."""
+    from .features import FeatureStore
+    from .fileio import read_json, write_csv, write_json
+
+    cfg = ctx.cfg
+    store_dir = ctx.upstream("04_extract_features")
+    if cfg.prune.threshold is not None:
+        t, source = float(cfg.prune.threshold), "prune.threshold"
+        if not -1.0 <= t <= 1.0:
+            raise ConfigError(f"prune.threshold must be a cosine similarity in [-1, 1], got {t}")
+        tj_model = None
+    else:
+        tj = ctx.upstream("05_lut_threshold") / THRESHOLD_JSON
+        try:
+            meta = read_json(tj)
+            t, tj_model = float(meta["threshold"]), meta.get("model_id")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{tj} is unreadable ({e}): rerun 05_lut_threshold.py") from None
+        source = str(tj)
+    t = round(t, 6)  # the store keys LUTs by the threshold rounded to 6 decimals
+    view = load_store(store_dir, ("train",))
+    if tj_model is not None and int(tj_model) != view.model.id:
+        raise UserError(f"{source} was chosen for model {tj_model}, but the store's vectors are of "
+                        f"{view.model.describe()}: rerun 05_lut_threshold.py")
+    gal = view.splits["train"]
+    if gal.X.shape[0] == 0:
+        raise UserError(f"{view.path} holds no train vectors to prune: rerun 04_extract_features.py")
+    t0 = time.perf_counter()
+    keep = prune(gal.X, gal.labels, gal.ids, t, cfg.lut.block_size, ctx.device())
+    secs = time.perf_counter() - t0
+    kept_ids = gal.ids[keep]
+    with FeatureStore(view.path) as store:
+        store.write_lut(view.model.id, t, kept_ids)
+
+    n_classes = len(view.classes)
+    before = np.bincount(gal.labels, minlength=n_classes)
+    after = np.bincount(gal.labels[keep], minlength=n_classes)
+    present = before > 0
+    summary = [{"class": view.classes[c], "before": int(before[c]), "after": int(after[c]),
+                "fraction_kept": after[c] / before[c]} for c in np.flatnonzero(present)]
+    write_csv(ctx.output("prune_summary.csv"), ["class", "before", "after", "fraction_kept"],
+              ([r["class"], r["before"], r["after"], f"{r['fraction_kept']:.6f}"] for r in summary))
+    plot_prune_summary(summary, ctx.output("prune_summary.png"), t)
+    b, a = before[present], after[present]
+    imbalance = {"ratio_before": float(b.max() / b.min()), "ratio_after": float(a.max() / a.min()),
+                 "gini_before": gini(b), "gini_after": gini(a)}
+    n_before, n_after = int(keep.size), int(keep.sum())
+    log.info("threshold %g (%s): kept %s of %s train vectors (%.1f%%, %.1f MB -> %.1f MB float32) in %.2f s",
+             t, source, f"{n_after:,}", f"{n_before:,}", 100 * n_after / n_before,
+             n_before * gal.X.shape[1] * 4 / 2**20, n_after * gal.X.shape[1] * 4 / 2**20, secs)
+    log.info("class imbalance: largest/smallest class %.1f -> %.1f, Gini %.3f -> %.3f",
+             imbalance["ratio_before"], imbalance["ratio_after"], imbalance["gini_before"], imbalance["gini_after"])
+    write_json(ctx.output(LUT_JSON), {
+        "model_id": view.model.id, "checkpoint_sha256": view.model.checkpoint_sha256, "threshold": t,
+        "threshold_source": source, "n_before": n_before, "n_after": n_after,
+        "kept_ids_sha256": kept_ids_sha256(kept_ids), "imbalance": imbalance,
+    })
+    return {"threshold": t, "n_before": n_before, "n_after": n_after, "model_id": view.model.id,
+            "seconds": round(secs, 3), **imbalance}

@@ -1,0 +1,360 @@
+"""common.lut: the LUT rule against a direct pair loop, the sweep against per-threshold runs,
+threshold rules, the grid, and stages 05/06 over a hand-made feature store."""
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import config as C
+from common import lut, retrieval
+from common.errors import ConfigError, UserError
+
+
+# ----------------------------------------------------------------------------- data and the reference
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a shared, loaded machine every parallel
+    region of a small op can wait milliseconds for a descheduled thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n=240, n_classes=4, dim=16, seed=0):
+    """Classes of sub-clusters (so within-class similarities straddle the thresholds), with exact
+    duplicates (similarity 1 or a hair off it in float32) and shuffled image ids."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    sub = rng.integers(0, 3, n)
+    centres = rng.normal(size=(n_classes, 3, dim))
+    X = centres[labels, sub] + rng.uniform(0.2, 0.8, size=(n, 1)) * rng.normal(size=(n, dim))
+    X = _unit(X)
+    for src, dst in ((5, range(40, 46)), (9, range(100, 103)), (17, range(n - 3, n - 1))):
+        X[list(dst)] = X[src]
+        labels[list(dst)] = labels[src]
+    ids = rng.permutation(n) * 3 + 11  # ids are not row order
+    return X, labels, ids
+
+
+def dyadic(n=60, n_classes=2, dim=16, seed=1):
+    """Vectors of four entries +-0.5: norm exactly 1, every similarity a multiple of 0.25, all
+    exact in float32 -- so thresholds 0.5 / 0.75 / 1.0 meet exact ties everywhere."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, dim), np.float32)
+    for r in range(n):
+        X[r, rng.choice(dim // 2, 4, replace=False)] = 0.5 * rng.choice([-1, 1], 4)  # overlap often
+    y = rng.integers(0, n_classes, n)
+    X[20:24], y[20:24] = X[3], y[3]  # duplicates: similarity exactly 1.0
+    return X, y, np.arange(n)
+
+
+def pair_loop(X, labels, ids, t):
+    """The reference rule, item by item: s(i, j) = float32 of the float64 dot product."""
+    S = (X.astype(np.float64) @ X.astype(np.float64).T).astype(np.float32)
+    keep = np.zeros(len(X), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rows = rows[np.argsort(ids[rows], kind="stable")]
+        alive = [True] * rows.size
+        for a in range(rows.size):
+            if alive[a]:
+                for b in range(a + 1, rows.size):
+                    if alive[b] and S[rows[a], rows[b]] > t:
+                        alive[b] = False
+        keep[rows[np.array(alive)]] = True
+    return keep
+
+
+def tie_thresholds(X, labels):
+    """Thresholds equal to actual within-class similarities (ties in the pair loop's own values)."""
+    S = (X.astype(np.float64) @ X.astype(np.float64).T).astype(np.float32)
+    rng = np.random.default_rng(3)
+    out = []
+    for c in np.unique(labels)[:3]:
+        r = np.flatnonzero(labels == c)
+        i, j = rng.choice(r, 2, replace=False)
+        out.append(float(S[i, j]))
+    return out
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_prune_equals_pair_loop_clustered():
+    X, y, ids = clustered()
+    ts = [0.3, 0.6, 0.8, 0.9, 0.99, 1.0] + tie_thresholds(X, y)
+    for t in ts:
+        want = pair_loop(X, y, ids, t)
+        if t == 0.8:
+            assert 0.1 * len(X) < want.sum() < 0.9 * len(X)  # pruning does something on this data
+        for block in (1, 5, 32, 4096):  # blocks of one item, smaller than a class, all of a class
+            got = lut.prune(X, y, ids, t, block_size=block)
+            assert np.array_equal(got, want), (t, block, np.flatnonzero(got != want))
+
+
+def test_prune_equals_pair_loop_exact_ties():
+    X, y, ids = dyadic()
+    S = X @ X.T
+    for t in (0.25, 0.5, 0.75, 1.0):
+        assert (np.triu(S, 1) == t).any()  # the threshold value itself occurs: equal does not prune
+        want = pair_loop(X, y, ids, t)
+        for block in (1, 7, 4096):
+            assert np.array_equal(lut.prune(X, y, ids, t, block_size=block), want), (t, block)
+    # identical vectors have similarity exactly 1.0: kept at t = 1.0, pruned just below it
+    Xd = np.repeat(X[:1], 5, axis=0)
+    assert lut.prune(Xd, np.zeros(5), None, 1.0).all()
+    assert lut.prune(Xd, np.zeros(5), None, 0.999999).tolist() == [True, False, False, False, False]
+
+
+def test_classes_never_prune_each_other_and_each_keeps_its_first():
+    X, y, ids = clustered()
+    Xs = np.concatenate([X, X])  # every vector also in a second copy of the classes
+    ys = np.concatenate([y, y + 10])
+    ids2 = np.concatenate([ids, ids + 10_000])
+    for t in (-1.0, 0.7):
+        k = lut.prune(Xs, ys, ids2, t, block_size=16)
+        assert np.array_equal(k[:len(X)], k[len(X):])  # identical twins in other classes survive alike
+        assert np.array_equal(k[:len(X)], lut.prune(X, y, ids, t, block_size=16))
+    k = lut.prune(X, y, ids, -1.0, block_size=8)  # prunes everything it can
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        assert k[rows].sum() >= 1 and k[rows[np.argmin(ids[rows])]]  # the lowest id is always kept
+
+
+def test_margin_band_is_used_and_bound_holds():
+    X, y, ids = clustered(dim=64)
+    m = lut.similarity_margin(64)
+    S32 = (torch.from_numpy(X) @ torch.from_numpy(X).T).numpy()
+    exact = X.astype(np.float64) @ X.astype(np.float64).T
+    assert np.abs(S32 - exact).max() < m  # the worst-case bound covers the float32 product
+    rows = torch.arange(10)
+    np.testing.assert_array_equal(lut.exact_similarity(torch.from_numpy(X), rows, rows + 1).numpy(),
+                                  exact[np.arange(10), np.arange(10) + 1].astype(np.float32))
+
+
+@pytest.mark.parametrize("block", [3, 4096])
+def test_sweep_equals_prune_per_threshold(block):
+    X, y, ids = clustered()
+    ts = [0.5, 0.8, 0.9, 1.0] + tie_thresholds(X, y)
+    keeps = lut.prune_sweep(X, y, ids, ts, block_size=block)
+    for i, t in enumerate(ts):
+        assert np.array_equal(keeps[i], lut.prune(X, y, ids, t, block_size=block))
+    # a class too large for the cache is recomputed per threshold, with the same result
+    np.testing.assert_array_equal(lut.prune_sweep(X, y, ids, ts, block_size=block, cache_bytes=0), keeps)
+
+
+# ----------------------------------------------------------------------------- the sweep's queries
+
+
+def _independent(Q, yq, G, yg, ids, t, k, n_classes, T):
+    """Prune at t, then classify against the pruned gallery from scratch."""
+    keep = lut.prune(G, yg, ids, t, block_size=16)
+    gi = np.flatnonzero(keep)
+    s, i = retrieval.topk(Q, G[gi], k)
+    return keep, s, gi[i]
+
+
+@pytest.mark.parametrize("top_m", [None, 2])
+def test_nearest_kept_and_rows_equal_independent_prune_and_classify(top_m):
+    G, yg, ids = clustered(n=200, seed=4)
+    rng = np.random.default_rng(5)
+    yq = rng.integers(0, 4, 50)
+    Q = _unit(G[rng.integers(0, 200, 50)] + 0.3 * rng.normal(size=(50, G.shape[1])))
+    ts, k = [0.4, 0.8, 0.95, 1.0], 5
+    keeps = lut.prune_sweep(G, yg, ids, ts, block_size=16)
+    nb, stats = lut.nearest_kept(Q, G, keeps, k, block_size=7, top_m=top_m)
+    if top_m == 2:
+        assert stats["fallback_queries"] > 0  # the exact fallback path ran
+    rows = lut.sweep_rows(ts, keeps, yg, yq, nb, 4, 0.07, G.shape[1])
+    for ti, t in enumerate(ts):
+        keep, s, idx = _independent(Q, yq, G, yg, ids, t, k, 4, 0.07)
+        np.testing.assert_array_equal(keeps[ti], keep)
+        np.testing.assert_array_equal(nb[ti][1], idx)
+        np.testing.assert_allclose(nb[ti][0], s, atol=1e-6)
+        pred = yg[idx[:, 0]]
+        knn, _ = retrieval.knn_vote(s, idx, yg, 4, 0.07)
+        from sklearn.metrics import f1_score
+        r = rows[ti]
+        assert r["n_kept"] == keep.sum() and r["min_kept_per_class"] == np.bincount(yg[keep]).min()
+        assert r["top1_accuracy"] == pytest.approx(np.mean(pred == yq))
+        assert r["knn_accuracy"] == pytest.approx(np.mean(knn == yq))
+        assert r["macro_f1"] == pytest.approx(f1_score(yq, pred, average="macro", zero_division=0))
+        assert r["size_mb"] == pytest.approx(keep.sum() * G.shape[1] * 4 / 2**20)
+
+
+def test_nearest_kept_clamps_k_to_a_tiny_gallery():
+    G = _unit(np.random.default_rng(0).normal(size=(6, 8)))
+    keeps = np.array([[True] * 6, [True, False, False, False, False, True]])
+    nb, _ = lut.nearest_kept(G, G, keeps, 4)
+    assert nb[0][1].shape == (6, 4) and nb[1][1].shape == (6, 2)
+    assert set(np.unique(nb[1][1])) <= {0, 5}
+
+
+# ----------------------------------------------------------------------------- rules and grid
+
+
+def _row(t, n, f1, acc):
+    return {"threshold": t, "n_kept": n, "fraction_kept": n / 1000, "macro_f1": f1, "top1_accuracy": acc}
+
+
+TABLE = [_row(0.80, 200, 0.800, 0.85), _row(0.85, 350, 0.902, 0.90), _row(0.90, 500, 0.910, 0.93),
+         _row(0.95, 800, 0.905, 0.94), _row(1.00, 1000, 0.910, 0.92)]
+
+
+@pytest.mark.parametrize("rule,extra,want", [
+    ("tolerance", {"tolerance": 0.01}, 0.85),   # smallest gallery with F1 >= 0.90
+    ("tolerance", {"tolerance": 0.0}, 0.90),    # F1 ties at 0.91: the smaller gallery
+    ("max_f1", {}, 0.90),
+    ("max_accuracy", {}, 0.95),
+    ("target_size", {"target_size": 799}, 0.90),
+    ("target_size", {"target_size": 400}, 0.85),
+])
+def test_choose_threshold_rules(rule, extra, want):
+    lcfg = types.SimpleNamespace(**{**vars(C.LutConfig()), "rule": rule, **extra})
+    i, reason = lut.choose_threshold(TABLE, lcfg)
+    assert TABLE[i]["threshold"] == want and rule in reason and f"{want:g}" in reason
+
+
+def test_choose_threshold_errors():
+    lcfg = types.SimpleNamespace(**{**vars(C.LutConfig()), "rule": "target_size"})
+    with pytest.raises(ConfigError, match="target_size"):
+        lut.choose_threshold(TABLE, lcfg)
+    lcfg.target_size = 100
+    with pytest.raises(UserError, match="200 vectors"):
+        lut.choose_threshold(TABLE, lcfg)
+
+
+def test_threshold_grid_exact_values():
+    g = lut.threshold_grid(C.LutConfig())
+    assert len(g) == 21 and g[0] == 0.8 and g[-1] == 1.0
+    assert g == [round(0.8 + i / 100, 2) for i in range(21)]
+    assert all(repr(t) == f"{t:.2f}".rstrip("0").rstrip(".") or len(repr(t)) <= 4 for t in g)  # 0.83, not 0.8300000000000001
+    assert lut.threshold_grid(C.LutConfig(grid_start=0.9, grid_stop=0.95, grid_step=0.025)) == [0.9, 0.925, 0.95]
+    assert lut.threshold_grid(C.LutConfig(thresholds=[0.95, 0.9, 0.95])) == [0.9, 0.95]
+    with pytest.raises(ConfigError, match="grid_step"):
+        lut.threshold_grid(C.LutConfig(grid_step=0.0))
+    with pytest.raises(ConfigError, match="grid_stop"):
+        lut.threshold_grid(C.LutConfig(grid_start=1.0, grid_stop=0.9))
+
+
+def test_reject_level_gini_and_digest():
+    sims = np.linspace(0, 1, 101)
+    assert lut.suggested_reject_below(sims, np.ones(101, bool)) == pytest.approx(0.05)
+    assert lut.suggested_reject_below(sims, np.zeros(101, bool)) is None
+    assert lut.gini([5, 5, 5]) == 0 and lut.gini([0, 0, 9]) == pytest.approx(2 / 3)
+    assert lut.kept_ids_sha256([3, 1, 2]) == lut.kept_ids_sha256(np.array([1, 2, 3]))
+
+
+# ----------------------------------------------------------------------------- stages 05 and 06
+
+
+class FakeCtx:
+    """The parts of common.stage.Context that stages 05/06 use, over a hand-made run folder."""
+
+    def __init__(self, run: Path, name: str, cfg):
+        self.run_dir, self.name, self.cfg, self.dir = run, name, cfg, run / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.outputs = []
+
+    def upstream(self, name, required=True):
+        p = self.run_dir / name
+        assert p.is_dir(), f"missing {name}"
+        return p
+
+    def output(self, *parts, digest="sha256"):
+        self.outputs.append("/".join(parts))
+        return self.dir.joinpath(*parts)
+
+    def device(self):
+        return torch.device("cpu")
+
+
+def _run_folder(tmp_path):
+    from common.features import FeatureStore
+    from common.fileio import write_json
+
+    run = tmp_path / "run"
+    (run / "04_extract_features").mkdir(parents=True)
+    X, y, _ = clustered(n=150, n_classes=3, dim=16, seed=7)
+    splits = np.where(np.arange(150) % 3 == 0, "val", "train")
+    classes = ["c0", "c1", "c2"]
+    recs = [types.SimpleNamespace(path=f"/img/{i:04d}.png", label=classes[y[i]], split=str(splits[i]),
+                                  sha256=f"{i:064x}") for i in range(150)]
+    with FeatureStore(run / "04_extract_features" / "features.sqlite", create=True) as store:
+        store.sync_images(recs)
+        info, _ = store.register_model(checkpoint_sha256="a" * 64, embedding="encoder", backbone="test_resnet",
+                                       dim=16, mean=[0.5] * 3, std=[0.25] * 3, image_size=32, pad_fill=0,
+                                       classes=classes, checkpoint_path="/ck/best.pt", epoch=1)
+        by_path = {r.path: r.id for r in store.images()}
+        store.write_vectors(info.id, [by_path[r.path] for r in recs], X)
+        store.mark_complete(info.id)
+    write_json(run / "04_extract_features" / "manifest.json", {"status": "ok", "metrics": {"model_id": info.id}})
+    return run, info.id
+
+
+def test_stages_05_and_06_over_a_store(tmp_path):
+    from common.features import FeatureStore
+
+    run, mid = _run_folder(tmp_path)
+    cfg = C.load_config(overrides=["lut.rule=max_f1", "lut.knn_k=3", "lut.grid_start=0.5", "lut.grid_step=0.05"])
+    ctx5 = FakeCtx(run, "05_lut_threshold", cfg)
+    m5 = lut.run_threshold_stage(ctx5)
+    assert set(ctx5.outputs) == {"threshold_sweep.csv", "threshold.json", "threshold_sweep.png"}
+    tj = json.loads((ctx5.dir / "threshold.json").read_text())
+    assert tj["model_id"] == mid and tj["rule"] == "max_f1" and tj["threshold"] == m5["threshold"]
+    assert tj["thresholds"] == lut.threshold_grid(cfg.lut) and len(tj["thresholds"]) == 11
+    assert tj["suggested_reject_below"] is not None and tj["reason"]
+    lines = (ctx5.dir / "threshold_sweep.csv").read_text().splitlines()
+    assert lines[0].split(",") == lut.SWEEP_COLUMNS and len(lines) == 12
+
+    ctx6 = FakeCtx(run, "06_prune_features", cfg)
+    m6 = lut.run_prune_stage(ctx6)
+    lj = json.loads((ctx6.dir / "lut.json").read_text())
+    with FeatureStore(run / "04_extract_features" / "features.sqlite") as store:
+        ids, labels, X = store.load_matrix("train", mid)
+        kept = store.load_lut(mid, lj["threshold"])
+    want = ids[lut.prune(X, labels, ids, tj["threshold"])]
+    np.testing.assert_array_equal(kept, want)
+    assert lj["threshold"] == tj["threshold"] and lj["n_after"] == kept.size == m6["n_after"]
+    assert lj["n_before"] == 100 and lj["kept_ids_sha256"] == lut.kept_ids_sha256(kept)
+    summary = (ctx6.dir / "prune_summary.csv").read_text().splitlines()
+    assert summary[0] == "class,before,after,fraction_kept" and len(summary) == 4
+
+    # prune.threshold wins over threshold.json, and then stage 05 is not an upstream
+    cfg2 = C.load_config(overrides=["prune.threshold=1.0"])
+    assert lut.prune_upstream(cfg2) == ["04_extract_features"]
+    assert lut.prune_upstream(cfg) == ["04_extract_features", "05_lut_threshold"]
+    ctx6b = FakeCtx(run, "06_prune_features", cfg2)
+    assert lut.run_prune_stage(ctx6b)["threshold"] == 1.0
+
+
+def test_stage_05_refuses_an_empty_val_split(tmp_path):
+    run, _ = _run_folder(tmp_path)
+    cfg = C.load_config(overrides=["lut.thresholds=[0.9]"])
+    ctx = FakeCtx(run, "05_lut_threshold", cfg)
+    orig = lut.load_store
+
+    def no_val(store_dir, splits):
+        v = orig(store_dir, splits)
+        s = v.splits["val"]
+        v.splits["val"] = lut.SplitVectors(s.ids[:0], s.labels[:0], s.X[:0])
+        return v
+
+    lut.load_store = no_val
+    try:
+        with pytest.raises(UserError, match="no val vectors"):
+            lut.run_threshold_stage(ctx)
+    finally:
+        lut.load_store = orig
