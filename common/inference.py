@@ -115,22 +115,42 @@ def _retrieval():
 
 def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_size: int,
                    device: Any = None) -> ClassSearch:
-    """Exact nearest gallery item of every class for every query (one ``topk(k=1)`` per class)."""
-    topk = _retrieval().topk
+    """Exact nearest gallery item of every class for every query, in one pass over the gallery.
+
+    The gallery is sorted by class once, so each class is a contiguous block of columns. For each
+    block of ``block_size`` queries: one float32 matrix product with the whole gallery (as
+    ``common.retrieval.topk`` does; memory ``block_size x G`` float32), then a max over each class's
+    columns (``torch.max`` returns the first of equal maxima: ties go to the lower gallery row).
+    The per-class maxima cost one pass, where a ``topk`` call per class re-reads the queries
+    once per class (about 1.4x slower at DYB scale, 87 classes).
+    """
+    import torch
+
     t0 = time.perf_counter()
-    Q = queries.shape[0]
-    sims = np.full((Q, n_classes), -np.inf, dtype=np.float32)
-    idx = np.full((Q, n_classes), -1, dtype=np.int64)
+    Q, C = queries.shape[0], n_classes
+    sims = np.full((Q, C), -np.inf, dtype=np.float32)
+    idx = np.full((Q, C), -1, dtype=np.int64)
     if Q and len(gallery):
-        order = np.argsort(gallery.labels, kind="stable")  # each class one contiguous slice
-        labels_sorted = gallery.labels[order]
-        q, g = _on_device(queries, device), _on_device(gallery.X[order], device)
-        starts = np.flatnonzero(np.r_[True, labels_sorted[1:] != labels_sorted[:-1]])
-        for a, b in zip(starts, np.r_[starts[1:], labels_sorted.size]):
-            c = int(labels_sorted[a])
-            s, i = topk(q, g[a:b], 1, block_size=block_size, device=device)
-            sims[:, c] = _np(s)[:, 0]
-            idx[:, c] = order[a + _np(i)[:, 0]]
+        if block_size < 1:
+            raise UserError(f"inference.block_size: must be >= 1, got {block_size}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        order = np.argsort(gallery.labels, kind="stable")  # each class one contiguous slice, rows kept in order
+        lab = gallery.labels[order]
+        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        ends = np.r_[starts[1:], lab.size]
+        cls = lab[starts]  # the classes present, in column order
+        gt = torch.from_numpy(np.ascontiguousarray(gallery.X[order])).to(dev).t()  # (D, G)
+        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        with torch.inference_mode():
+            for a in range(0, Q, block_size):
+                qb = q_all[a:a + block_size].to(dev, non_blocking=True)
+                s = qb @ gt  # (B, G) float32
+                v = torch.empty((qb.shape[0], cls.size), dtype=torch.float32, device=dev)
+                j = torch.empty((qb.shape[0], cls.size), dtype=torch.int64, device=dev)
+                for c, (lo, hi) in enumerate(zip(starts, ends)):
+                    v[:, c], j[:, c] = s[:, lo:hi].max(dim=1)
+                sims[a:a + qb.shape[0], cls] = v.cpu().numpy()
+                idx[a:a + qb.shape[0], cls] = order[j.cpu().numpy() + starts[None, :]]
     return ClassSearch(sims, idx, time.perf_counter() - t0)
 
 

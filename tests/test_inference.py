@@ -94,6 +94,20 @@ def test_top1_candidates_are_distinct_classes_ranked_by_nearest_member(brute):
     assert (d.candidates[:, 0] == d.raw).all() and d.accepted.all()
 
 
+def test_exact_ties_go_to_the_lower_gallery_row():
+    # duplicated gallery vectors (DYB holds duplicates): equal similarities, within and across classes
+    base = np.eye(6, dtype=np.float32)
+    G = base[[3, 1, 3, 2, 1, 3, 0]]
+    yg = np.array([2, 1, 0, 1, 1, 2, 0])  # row 0 (class 2) and row 2 (class 0) are the same vector
+    q = base[[3, 1]]
+    cs = I.search_classes(q, vectors(G, yg, "g"), 3, block_size=1)
+    assert cs.idx[0].tolist() == [2, 1, 0]  # class 0: row 2; class 1: rows 1, 3, 4 all at 0 -> 1; class 2: 0 < 5
+    assert cs.idx[1].tolist() == [2, 1, 0]  # class 1: rows 1 and 4 tie at 1.0 -> row 1
+    d = I.decide(cs, 3, None)
+    assert d.nn_idx.tolist() == [0, 1] and d.raw.tolist() == [2, 1]  # row 0 (class 2) beats row 2 (class 0)
+    assert d.candidates[0].tolist() == [2, 0, 1]
+
+
 def test_knn_method_uses_the_vote_and_ranks_the_winner_first(brute):
     Xg, yg = clustered(10, spread=0.9, seed=3)
     Xq, _ = clustered(5, spread=0.9, seed=4)
