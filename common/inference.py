@@ -12,15 +12,14 @@ Two modes (``inference.mode``):
   ``predictions.csv`` with the reason, never fatal. Writes ``predictions.csv``, ``metrics.json``
   (counts and speed) and ``report.html``.
 
-Classification (exact cosine search on L2-normalised vectors, ``common.retrieval.topk`` in
-bounded blocks):
+Classification (exact cosine search on L2-normalised float32 vectors, blocked matrix products):
 
 - the **candidates** of a query are classes ranked by the similarity of their nearest gallery
-  item (one exact search per class of the gallery: the per-class maxima cost the same multiply-adds
-  as one search over the whole gallery), so the top-5 list holds five different classes;
+  item (``search_classes``: one blocked pass over the class-sorted gallery, a max per class's
+  columns), so the top-5 list holds five different classes;
 - ``inference.method=top1``: the class of the nearest gallery item (= candidate 1);
-  ``knn``: DINO's weighted vote of the ``k`` nearest items (``common.retrieval.knn_vote``,
-  weight ``exp(sim / T)``); the candidates are then ordered by vote score first;
+  ``knn``: DINO's weighted vote of the ``k`` nearest items (``common.retrieval.topk`` and
+  ``knn_vote``, weight ``exp(sim / T)``); the candidates are then ordered by vote score first;
 - open-set rejection: a query whose best similarity is below ``inference.reject_below`` is
   labelled ``unknown`` (accepted = 0); stage 05's ``suggested_reject_below`` is logged.
 
