@@ -592,6 +592,7 @@ class _SafeImages:
             return self.transform(load_rgb(self.paths[i])), i, ""
         except ImageReadError as e:
             reason = str(e).splitlines()[0] if str(e) else "unreadable image"
+            reason = reason.removeprefix(f"{self.paths[i]}: ")  # the path has its own column
         except (OSError, ValueError) as e:  # a decoder error that load_rgb let through
             reason = f"{e.__class__.__name__}: {e}".splitlines()[0]
         return torch.zeros(3, self.image_size, self.image_size), i, reason

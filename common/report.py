@@ -90,7 +90,9 @@ def _save_fig(fig: Any, path: Path) -> None:
 
 
 def class_colours(n: int) -> np.ndarray:
-    """``n`` distinguishable RGBA colours (tab20 up to 20, then evenly spaced hues)."""
+    """``n`` distinguishable RGBA colours (tab10 up to 10, tab20 up to 20, then evenly spaced hues)."""
+    if n <= 10:
+        return plt.get_cmap("tab10")(np.arange(n))
     if n <= 20:
         return plt.get_cmap("tab20")(np.arange(n) % 20)
     return plt.get_cmap("hsv")(np.linspace(0.0, 1.0, n, endpoint=False))
@@ -308,5 +310,5 @@ def write_report(path: Path, rep: Report) -> Path:
     text = render(rep)
     with atomic_open(path, "w") as fh:
         fh.write(text)
-    log.info("report: %s (%.1f MB)", path, len(text) / 1e6)
+    log.debug("report: %s (%.1f MB)", path, len(text) / 1e6)
     return path
