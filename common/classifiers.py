@@ -43,6 +43,7 @@ CLASSIFIERS = ("linear", "logreg", "svm", "random_forest")
 # scikit-learn's defaults except an iteration budget large enough for 87 classes to converge.
 LINEAR_MOMENTUM = 0.9  # SupContrast main_linear.py
 LINEAR_WEIGHT_DECAY = 0.0  # SupContrast main_linear.py
+LINEAR_BATCH_SIZE = 256  # SupContrast main_linear.py (not inference.batch_size: that one only sets speed)
 LOGREG_MAX_ITER = 1000  # lbfgs iterations (sklearn's default of 100 stops early on 87 classes)
 SVM_MAX_ITER = 5000  # liblinear iterations (sklearn default 1000 warns on 2048-d features)
 RF_TREES = 200  # trees in the random forest

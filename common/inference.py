@@ -412,7 +412,7 @@ def _classical(inp: EvalInputs, icfg: Any, output: Output, device: Any, seed: in
     val = inp.val if inp.val is not None else Vectors(inp.train.X[:0], inp.train.labels[:0], [])
     C = len(inp.classes)
     fitted = K.fit_classifiers(icfg.classifiers, inp.train.X, inp.train.labels, val.X, val.labels, C,
-                               epochs=icfg.linear_epochs, lr=icfg.linear_lr, batch_size=icfg.batch_size,
+                               epochs=icfg.linear_epochs, lr=icfg.linear_lr, batch_size=K.LINEAR_BATCH_SIZE,
                                device=device or "cpu", seed=seed)
     folder = output("classifiers", K.CLASSES_FILE).parent
     paths = K.save_classifiers(fitted, folder, inp.classes, inp.model_id, inp.test.X.shape[1])
@@ -890,7 +890,7 @@ def _classifiers_for_predict(ctx: Any, data: StoreData, device: Any) -> dict[str
         raise UserError("inference.classifiers: the feature store has no train vectors to fit them on")
     fitted = K.fit_classifiers(icfg.classifiers, data.train.X, data.train.labels, data.val.X, data.val.labels,
                                len(data.classes), epochs=icfg.linear_epochs, lr=icfg.linear_lr,
-                               batch_size=icfg.batch_size, device=device, seed=ctx.cfg.run.seed)
+                               batch_size=K.LINEAR_BATCH_SIZE, device=device, seed=ctx.cfg.run.seed)
     paths = K.save_classifiers(fitted, folder, data.classes, data.model_id, dim)
     for p in [*paths.values(), folder / K.CLASSES_FILE, folder / K.DIGESTS_FILE]:
         ctx.output("classifiers", p.name)
