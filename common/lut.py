@@ -64,9 +64,11 @@ log = logging.getLogger(__name__)
 UNIT_ROUNDOFF = 2.0 ** -24  # float32 unit roundoff u
 ROUNDING_SLACK = 2.0 ** -22  # final float32 rounding of s(i, j) plus the rounding of t +- margin to float32
 SWEEP_CACHE_BYTES = 2 * 2**30  # stage 05: a class's cached similarity blocks may take this much; larger classes are recomputed per threshold
-LATENCY_QUERIES = 128  # stage 05: val queries timed against each pruned gallery (latency column, ms per query)
+LATENCY_QUERIES = 32  # stage 05: val queries timed against a gallery of each pruned size (latency column, ms per query)
 REJECT_PERCENTILE = 5.0  # stage 05: suggested_reject_below = this percentile of the best similarity of correct val predictions
+TOP_M_FACTOR = 8  # stage 05: neighbour lists hold this many times k / (smallest kept fraction) items (pruning thins near neighbours most)
 MIN_TOP_M = 64  # stage 05: fewest neighbours kept per query for the sweep (more when pruning removes much)
+CPU_TILE = 512  # on the CPU the greedy steps through at most this many rows at once (fastest in benchmarks/bench_prune.py)
 TIE_EPS = 1e-12  # stage 05 rules: metric differences below this count as equal (float noise)
 
 
@@ -139,6 +141,37 @@ def _full_fp32() -> Iterator[None]:
 # ----------------------------------------------------------------------------- one class
 
 
+class _Threads:
+    """CPU threading of the greedy: its many small element-wise steps run on one thread, only the
+    matrix products on all of torch's threads. On a shared, loaded machine every parallel region
+    of a small op can wait a scheduler quantum for a descheduled thread (measured here: one prune
+    of 8,000 vectors 2.9 s with two threads for everything, 0.2 s like this)."""
+
+    def __init__(self, device: torch.device):
+        self.n = torch.get_num_threads()
+        self.active = device.type == "cpu" and self.n > 1
+
+    def __enter__(self) -> "_Threads":
+        if self.active:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            torch.set_num_threads(self.n)
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a @ b`` on all threads."""
+        if not self.active:
+            return a @ b
+        torch.set_num_threads(self.n)
+        try:
+            return a @ b
+        finally:
+            torch.set_num_threads(1)
+
+
+
 def _greedy_scan(A: np.ndarray) -> np.ndarray:
     """The greedy in id order on a strictly upper-triangular 'prunes' matrix ``A`` (c, c) bool:
     item i, if still alive, removes every j > i with ``A[i, j]``. Returns the alive mask."""
@@ -168,55 +201,57 @@ def _resolve(X: torch.Tensor, S: torch.Tensor, hi: float, lo: float, t: float,
     return A
 
 
+def tile_rows(block_size: int, device: torch.device) -> int:
+    """Rows per greedy step: ``block_size`` on a GPU; on the CPU at most ``CPU_TILE`` (smaller
+    steps skip the products of pruned rows and of the lower triangle, and cost little there)."""
+    return max(1, block_size if device.type == "cuda" else min(block_size, CPU_TILE))
+
+
 class _ClassBlocks:
     """The similarity column blocks of one class, ``S[0:end_b, b]`` float32, computed once."""
 
-    def __init__(self, X: torch.Tensor, block: int):
+    def __init__(self, X: torch.Tensor, tile: int, th: _Threads):
         n = X.shape[0]
-        self.cols = [X[:min(n, a + block)] @ X[a:min(n, a + block)].T for a in range(0, n, block)]
+        self.cols = [th.mm(X[:min(n, a + tile)], X[a:min(n, a + tile)].T) for a in range(0, n, tile)]
 
     @staticmethod
-    def nbytes(n: int, block: int) -> int:
-        return 4 * sum(min(n, a + block) * (min(n, a + block) - a) for a in range(0, n, block))
+    def nbytes(n: int, tile: int) -> int:
+        return 4 * sum(min(n, a + tile) * (min(n, a + tile) - a) for a in range(0, n, tile))
 
 
-def _prune_class(X: torch.Tensor, t: float, block: int, margin: float,
+def _prune_class(X: torch.Tensor, t: float, tile: int, chunk: int, margin: float, th: _Threads,
                  cache: _ClassBlocks | None = None) -> np.ndarray:
-    """Keep mask (n,) of one class whose rows ``X`` (n, D) are already in id order."""
+    """Keep mask (n,) of one class whose rows ``X`` (n, D) are already in id order.
+
+    Steps of ``tile`` rows; the kept rows of earlier steps are compared ``chunk`` at a time
+    (memory: ``chunk x tile`` float32 similarities, ``chunk x D`` gathered vectors)."""
     n, dev = X.shape[0], X.device
     hi, lo = t + margin, t - margin
     keep = torch.zeros(n, dtype=torch.bool, device=dev)
-    for bi, a in enumerate(range(0, n, block)):
-        b = min(n, a + block)
+    for bi, a in enumerate(range(0, n, tile)):
+        b = min(n, a + tile)
         dom = torch.zeros(b - a, dtype=torch.bool, device=dev)
         kept = torch.nonzero(keep[:a]).flatten()
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         Xb = X[a:b]
-        for c0 in range(0, kept.numel(), block):  # 1. dominated by kept items of earlier blocks
-            rows = kept[c0:c0 + block]
-            S = cache.cols[bi].index_select(0, rows) if cache else X.index_select(0, rows) @ Xb.T  # (r, B)
-            dom |= (S > hi).any(0)
-            r, c = torch.nonzero((S >= lo) & (S <= hi), as_tuple=True)
-            if r.numel():
-                pending.append((rows[r], c))
-        if pending:
-            pr = torch.cat([p[0] for p in pending])
-            pc = torch.cat([p[1] for p in pending])
-            sel = ~dom[pc]  # only columns not already dominated for sure need the exact value
-            pr, pc = pr[sel], pc[sel]
-            if pr.numel():
-                hit = exact_similarity(X, pr, a + pc) > t
-                dom[pc[hit]] = True
-        cand = torch.nonzero(~dom).flatten()  # 2. the greedy within the block, among the others
+        for c0 in range(0, kept.numel(), chunk):  # 1. dominated by kept items of earlier steps
+            rows = kept[c0:c0 + chunk]
+            S = cache.cols[bi].index_select(0, rows) if cache else th.mm(X.index_select(0, rows), Xb.T)  # (r, tile)
+            top = S.amax(0)  # (tile,) most similar kept item of each column
+            dom |= top > hi
+            near = torch.nonzero((top >= lo) & ~dom).flatten()  # columns whose decision needs the exact value
+            if near.numel():
+                r, c = torch.nonzero(S[:, near] >= lo, as_tuple=True)
+                pending.append((rows[r], near[c]))
+        cand = torch.nonzero(~dom).flatten()  # 2. the greedy within the step, among the others
         if cand.numel() == 0:
             continue
         ci = a + cand
         if cache is not None:
-            Sbb = cache.cols[bi][a:b]
-            S = Sbb.index_select(0, cand).index_select(1, cand)
+            S = cache.cols[bi][a:b].index_select(0, cand).index_select(1, cand)
         else:
             Xc = X.index_select(0, ci)
-            S = Xc @ Xc.T  # (c, c)
+            S = th.mm(Xc, Xc.T)  # (c, c)
         upper = torch.ones(S.shape, dtype=torch.bool, device=dev).triu_(1)
         A = _resolve(X, S, hi, lo, t, ci, ci, upper) & upper
         alive = _greedy_scan(A.cpu().numpy())
@@ -241,11 +276,21 @@ def class_order(labels: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.n
 
 
 def _prepare(vectors: Any, device: Any) -> tuple[torch.Tensor, float]:
+    """The vectors as a float32 tensor on ``device``, and the rounding margin for them."""
     X = retrieval.as_tensor(vectors, device)
     if X.ndim != 2:
         raise ValueError(f"vectors must be (N, D), got {tuple(X.shape)}")
-    max_sq = float((X.double() ** 2).sum(1).max()) if X.shape[0] else 1.0
+    # largest squared norm, from a float32 sum (relative error <= gamma_D, hence the factor)
+    max_sq = float(X.square().sum(1).max()) if X.shape[0] else 1.0
+    max_sq *= 1.0 + 2 * X.shape[1] * UNIT_ROUNDOFF
     return X, similarity_margin(X.shape[1], max(max_sq, 1.0))
+
+
+def _class_rows(X: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """The rows of one class (no copy when they are already all of ``X`` in order)."""
+    if rows.size == X.shape[0] and (rows.size < 2 or bool((np.diff(rows) == 1).all())) and rows[0] == 0:
+        return X
+    return X.index_select(0, torch.from_numpy(rows).to(X.device))
 
 
 def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, block_size: int = 4096,
@@ -267,10 +312,11 @@ def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, bl
     keep = np.zeros(labels.size, dtype=bool)
     with _full_fp32():
         X, margin = _prepare(vectors, device)
-        for s, e in slices:
-            rows = order[s:e]
-            Xc = X.index_select(0, torch.from_numpy(rows).to(X.device))
-            keep[rows] = _prune_class(Xc, float(threshold), block_size, margin)
+        tile = tile_rows(block_size, X.device)
+        with _Threads(X.device) as th:
+            for s, e in slices:
+                rows = order[s:e]
+                keep[rows] = _prune_class(_class_rows(X, rows), float(threshold), tile, block_size, margin, th)
     return keep
 
 
@@ -283,14 +329,16 @@ def prune_sweep(vectors: Any, labels: Any, ids: Any, thresholds: Sequence[float]
     keeps = np.zeros((len(thresholds), labels.size), dtype=bool)
     with _full_fp32():
         X, margin = _prepare(vectors, device)
-        for s, e in slices:
-            rows = order[s:e]
-            Xc = X.index_select(0, torch.from_numpy(rows).to(X.device))
-            fits = _ClassBlocks.nbytes(e - s, block_size) <= cache_bytes
-            cache = _ClassBlocks(Xc, block_size) if fits and e - s > 1 else None
-            for ti, t in enumerate(thresholds):
-                keeps[ti, rows] = _prune_class(Xc, float(t), block_size, margin, cache)
-            del cache
+        tile = tile_rows(block_size, X.device)
+        with _Threads(X.device) as th:
+            for s, e in slices:
+                rows = order[s:e]
+                Xc = _class_rows(X, rows)
+                fits = _ClassBlocks.nbytes(e - s, tile) <= cache_bytes
+                cache = _ClassBlocks(Xc, tile, th) if fits and e - s > 1 else None
+                for ti, t in enumerate(thresholds):
+                    keeps[ti, rows] = _prune_class(Xc, float(t), tile, block_size, margin, th, cache)
+                del cache, Xc
     return keeps
 
 
@@ -299,10 +347,10 @@ def prune_sweep(vectors: Any, labels: Any, ids: Any, thresholds: Sequence[float]
 
 def choose_top_m(n_gallery: int, n_kept_min: int, k: int) -> int:
     """Neighbours kept per query for the sweep: enough that the sparsest threshold's kept set
-    holds ``k`` of them for most queries (4x what a uniform thinning would need), at least
+    holds ``k`` of them for most queries (``TOP_M_FACTOR`` x what a uniform thinning would need), at least
     ``MIN_TOP_M``, at most the gallery. Queries short of ``k`` take the exact fallback."""
     frac = max(n_kept_min, 1) / max(n_gallery, 1)
-    return int(min(n_gallery, max(MIN_TOP_M, math.ceil(4 * k / frac))))
+    return int(min(n_gallery, max(MIN_TOP_M, math.ceil(TOP_M_FACTOR * k / frac))))
 
 
 def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_size: int = 4096,
@@ -332,42 +380,46 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
         rank_key = torch.arange(M, 0, -1, device=dev)  # earlier list position -> larger key
         fb_rows = max(1, (block_size * block_size) // max(N, 1))  # fallback rows per masked copy of S
         gt = g.t()
+        th = _Threads(dev)
         for a in range(0, Q, block_size):
             S = q[a:a + block_size] @ gt  # (B, N) float32
             B = S.shape[0]
             tv, ti = retrieval._block_topk(S, M)  # (B, M) by (-sim, row)
-            for t in range(T):
-                kt = kts[t]
-                kin = keep_t[t][ti]  # (B, M) is the listed item kept at this threshold?
-                pos = torch.topk(kin * rank_key, kt, dim=1).indices.sort(1).values  # first kt kept in list order
-                sv, si = tv.gather(1, pos), ti.gather(1, pos)
-                bad = torch.nonzero(kin.sum(1) < kt).flatten()
-                stats["fallback_queries"] += int(bad.numel())
-                for c0 in range(0, bad.numel(), fb_rows):  # exact masked search, S still in memory
-                    rows = bad[c0:c0 + fb_rows]
-                    Sm = S.index_select(0, rows).masked_fill_(~keep_t[t], float("-inf"))
-                    v, i = retrieval._block_topk(Sm, kt)
-                    sv[rows], si[rows] = v, i
-                out[t][0][a:a + B] = sv.cpu().numpy()
-                out[t][1][a:a + B] = si.cpu().numpy()
+            with th:  # the per-threshold steps are small: one thread (see _Threads)
+                for t in range(T):
+                    kt = kts[t]
+                    kin = keep_t[t][ti]  # (B, M) is the listed item kept at this threshold?
+                    pos = torch.topk(kin * rank_key, kt, dim=1).indices.sort(1).values  # first kt kept in list order
+                    sv, si = tv.gather(1, pos), ti.gather(1, pos)
+                    bad = torch.nonzero(kin.sum(1) < kt).flatten()
+                    stats["fallback_queries"] += int(bad.numel())
+                    for c0 in range(0, bad.numel(), fb_rows):  # exact masked search, S still in memory
+                        rows = bad[c0:c0 + fb_rows]
+                        Sm = S.index_select(0, rows).masked_fill_(~keep_t[t], float("-inf"))
+                        v, i = retrieval._block_topk(Sm, kt)
+                        sv[rows], si[rows] = v, i
+                    out[t][0][a:a + B] = sv.cpu().numpy()
+                    out[t][1][a:a + B] = si.cpu().numpy()
             del S, tv, ti
     return out, stats
 
 
-def measure_latency(queries: Any, gallery: Any, k: int, block_size: int, device: Any = None,
-                    repeats: int = 1) -> float:
-    """Milliseconds per query of ``retrieval.topk`` of ``queries`` against ``gallery`` (best of
-    ``repeats`` after one warm-up)."""
-    n = len(queries)
-    if n == 0:
-        return float("nan")
-    retrieval.topk(queries[:1], gallery, k, block_size, device)  # warm-up (allocations, kernels)
-    best = float("inf")
-    for _ in range(repeats):
+def measure_latency(queries: Any, gallery: Any, sizes: Sequence[int], k: int, block_size: int,
+                    device: Any = None) -> list[float]:
+    """Milliseconds per query of ``retrieval.topk(queries, gallery[:n], k)`` for each ``n`` of
+    ``sizes`` (one warm-up first). The search cost depends on the gallery's size only, so the first
+    ``n`` rows (a view, no copy) stand for a pruned gallery of ``n`` vectors."""
+    q = retrieval.as_tensor(queries, device)
+    g = retrieval.as_tensor(gallery, q.device)
+    if q.shape[0] == 0:
+        return [float("nan")] * len(sizes)
+    retrieval.topk(q, g[:max(sizes)], k, block_size, q.device)  # warm-up (allocations, kernels)
+    out = []
+    for n in sizes:
         t0 = time.perf_counter()
-        retrieval.topk(queries, gallery, k, block_size, device)
-        best = min(best, time.perf_counter() - t0)
-    return 1000.0 * best / n
+        retrieval.topk(q, g[:n], k, block_size, q.device)
+        out.append(1000.0 * (time.perf_counter() - t0) / q.shape[0])
+    return out
 
 
 # ----------------------------------------------------------------------------- metrics and rules
@@ -653,12 +705,9 @@ def run_threshold_stage(ctx: Any) -> dict[str, Any]:
     neighbours, qstats = nearest_kept(val.X, gal.X, keeps, lcfg.knn_k, lcfg.block_size, device)
     t_query = time.perf_counter() - t0
     t0 = time.perf_counter()
-    G = retrieval.as_tensor(gal.X, device)
-    Vl = retrieval.as_tensor(val.X[:LATENCY_QUERIES], device)
-    lat = [measure_latency(Vl, G[torch.from_numpy(k).to(G.device)], lcfg.knn_k, lcfg.block_size, device)
-           for k in keeps]
+    lat = measure_latency(val.X[:LATENCY_QUERIES], gal.X, [int(k.sum()) for k in keeps], lcfg.knn_k,
+                          lcfg.block_size, device)
     t_lat = time.perf_counter() - t0
-    del G, Vl
     log.info("pruned at %d thresholds in %.1f s; val neighbours in %.1f s (top-%d lists, %d exact fallbacks); "
              "latency timing %.1f s", len(thresholds), t_prune, t_query, qstats["top_m"], qstats["fallback_queries"],
              t_lat)

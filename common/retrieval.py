@@ -9,11 +9,10 @@
 
 Determinism. ``torch.topk`` does not say which of several equal values it returns, so ``topk``
 defines the order itself: by similarity descending, and among equal similarities by gallery index
-ascending (the lower index first). Concretely it takes ``torch.topk``'s k-th value ``v`` of each
-row; every entry above ``v`` is in the answer; when the row holds more entries equal to ``v`` than
-the answer has room for (a tie that straddles the cut, e.g. duplicated gallery vectors), that row
-is re-ranked with a stable sort so the lower indices win; finally the k are ordered by
-``(-sim, index)``. The vote breaks equal class scores towards the lower class index (``argmax``).
+ascending (the lower index first). Concretely it asks ``torch.topk`` for ``k + 1`` values; when a
+row's k-th and (k+1)-th values are equal (a tie that straddles the cut, e.g. duplicated gallery
+vectors), that row is re-ranked with a stable sort so the lower indices win; finally the k are
+ordered by ``(-sim, index)``. The vote breaks equal class scores towards the lower class index (``argmax``).
 
 Inputs may be numpy arrays or torch tensors (on any device); outputs are numpy.
 """
@@ -48,16 +47,21 @@ def sort_desc_stable(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic top-k of a similarity block ``s`` (B, G): ties to the lower column."""
-    vals, idx = torch.topk(s, k, dim=1)  # (B, k), order and tie choice unspecified
-    kth = vals[:, -1:]  # (B, 1) smallest value kept
-    # A row is ambiguous only when more entries equal its k-th value than the answer kept.
-    n_eq_all = (s == kth).sum(1)
-    n_eq_kept = (vals == kth).sum(1)
-    bad = torch.nonzero(n_eq_all > n_eq_kept).flatten()
-    if bad.numel():
-        sv, si = torch.sort(s[bad], dim=1, descending=True, stable=True)  # rare: exact ties at the cut
-        vals[bad], idx[bad] = sv[:, :k], si[:, :k]
+    """Deterministic top-k of a similarity block ``s`` (B, G): ties to the lower column.
+
+    ``torch.topk`` of ``k + 1``: when a row's k-th value is above its (k+1)-th, its k largest
+    entries are one well-defined set (only their order is left to fix); when they are equal, a tie
+    straddles the cut and that row alone is re-ranked by a stable sort (rare: duplicated vectors).
+    """
+    G = s.shape[1]
+    kk = min(k + 1, G)
+    vals, idx = torch.topk(s, kk, dim=1)  # (B, kk), order and tie choice unspecified
+    if kk > k:
+        bad = torch.nonzero(vals[:, k - 1] == vals[:, k]).flatten()
+        vals, idx = vals[:, :k], idx[:, :k]
+        if bad.numel():
+            sv, si = torch.sort(s[bad], dim=1, descending=True, stable=True)
+            vals[bad], idx[bad] = sv[:, :k], si[:, :k]
     return sort_desc_stable(vals, idx)
 
 
