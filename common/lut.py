@@ -21,26 +21,40 @@ any block size and device.
 
 How it is fast
 --------------
-Per class, rows are processed in blocks of ``block_size`` (B) items in id order. For block ``b``:
-1. the rows of ``b`` dominated by a kept item of an earlier block are found by one product
-   (kept-so-far x B, in chunks of B kept rows) and an ``any`` over its rows;
-2. the greedy is resolved among the remaining rows of the block: one (c x c) product, then a
+Per class, rows are processed in steps of T rows in id order (T = ``lut.block_size`` on a GPU; at
+most ``CPU_TILE`` = 512 on the CPU, where smaller steps skip more work: the lower triangle and the
+products of already pruned rows). For step ``b``:
+1. the rows of ``b`` dominated by a kept item of an earlier step are found by products
+   (kept-so-far x T, ``lut.block_size`` kept rows at a time) and a column max;
+2. the greedy is resolved among the remaining rows of the step: one (c x c) product, then a
    scan over the rows in order that applies a kept row's whole "prunes" row as one vector
-   operation (only rows that prune anything are visited): O(B) vector ops, not a loop over pairs.
-Memory: per step at most ``B x B`` float32 similarities, ``B x D`` gathered vectors, a ``B x B``
-bool matrix and ``n_class`` bools, besides one class's vectors; never ``n_class x n_class``.
+   operation (only rows that prune anything are visited): O(T) vector ops, not a loop over pairs.
+Memory per step: at most ``block_size x T`` float32 similarities, ``block_size x D`` gathered
+vectors and a ``T x T`` bool matrix, plus ``n_class`` bools and one class's vectors; never
+``n_class x n_class``. On the CPU the many small element-wise steps run on one thread and only the
+products on all threads (``_Threads``: on a loaded machine a parallel region of a small op can
+wait a whole scheduler quantum).
 
 The sweep (stage 05) prunes at every threshold of a grid. The similarities of a class do not
 depend on the threshold, so ``prune_sweep`` computes each class's column blocks ``S[0:b_end, b]``
-(the upper triangle by blocks, ``n (n + B) / 2`` float32) once and reruns only the comparisons and
-the scan per threshold; a class whose blocks exceed ``SWEEP_CACHE_BYTES`` is recomputed per
-threshold instead. The greedy's outcome is not monotone in ``t``, so every threshold is run.
+(the upper triangle by steps, ``n (n + T) / 2`` float32: 128 MB for a class of 7,760 on the CPU) once and
+reruns only the comparisons and the scan per threshold; a class whose blocks exceed
+``SWEEP_CACHE_BYTES`` is recomputed per threshold instead. The greedy's outcome is not monotone in
+``t``, so every threshold is run.
 
 Queries (stage 05): the val x gallery similarities are computed once, in blocks of queries; each
-query keeps its ``M`` nearest gallery items, and for each threshold its nearest *kept* items are the
-first kept ones of that list; queries whose list holds fewer than ``k`` kept items take an exact
-masked top-k of the similarity block still in memory. The result equals a search of the pruned
-gallery (``retrieval.topk``; ties to the lower image id).
+query keeps its ``M`` nearest gallery items (``choose_top_m``), and for each threshold its nearest
+*kept* items are the first kept ones of that list; queries whose list holds fewer than ``k`` kept
+items take an exact masked top-k of the similarity block still in memory. The result equals a
+search of the pruned gallery (``retrieval.topk``; ties to the lower row).
+
+Stage 05's table (``threshold_sweep.csv``, one row per threshold): ``n_kept``, ``fraction_kept``,
+``size_mb`` (float32), ``min_kept_per_class`` (over the gallery's classes), val ``top1_accuracy``
+(nearest kept item), ``knn_accuracy`` (DINO's weighted vote of ``lut.knn_k`` kept items,
+``exp(sim / lut.knn_temperature)``), ``macro_precision`` / ``macro_recall`` / ``macro_f1`` of the
+top-1 predictions (sklearn, ``zero_division=0``, over the classes present in the val truth or the
+predictions), and ``latency_ms``: measured search time per query (a batch of ``LATENCY_QUERIES``
+val vectors, ``retrieval.topk`` with ``k = lut.knn_k``) against a gallery of that size.
 """
 from __future__ import annotations
 
@@ -577,12 +591,13 @@ def plot_sweep(rows: Sequence[dict[str, Any]], chosen: int, path: Path, title: s
     ax2.set_ylim(bottom=0)
     c = rows[chosen]
     ax.axvline(c["threshold"], color="tab:red", lw=1.2)
-    ax.annotate(f"chosen {c['threshold']:g}\n{c['n_kept']:,} vectors\nF1 {c['macro_f1']:.3f}",
-                xy=(c["threshold"], c["macro_f1"]), xytext=(6, -40), textcoords="offset points",
-                fontsize=8, color="tab:red")
+    right = c["threshold"] > (t[0] + t[-1]) / 2  # write the label on the side with more room
+    ax2.text(c["threshold"], 0.5, f" chosen {c['threshold']:g} \n {c['n_kept']:,} vectors \n F1 {c['macro_f1']:.3f} ",
+            transform=ax2.get_xaxis_transform(), zorder=5, ha="right" if right else "left", va="center", fontsize=8,
+            color="tab:red", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="lower left", fontsize=8)
+    ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8, framealpha=0.9)
     ax.set_title(title or "LUT threshold sweep (val queries against the pruned train gallery)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -606,6 +621,7 @@ def plot_prune_summary(summary: Sequence[dict[str, Any]], path: Path, threshold:
     ax.bar(x, [r["before"] for r in rows], color="0.75", label="train gallery")
     ax.bar(x, [r["after"] for r in rows], color="tab:blue", label=f"LUT (threshold {threshold:g})")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.8)  # bars start below one vector (every class keeps at least one)
     ax.set_xticks(x)
     ax.set_xticklabels([str(r["class"]) for r in rows], rotation=90, fontsize=max(4, min(8, 600 // n)))
     ax.set_ylabel("vectors per class")
