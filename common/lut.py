@@ -257,6 +257,13 @@ def _prune_class(X: torch.Tensor, t: float, tile: int, chunk: int, margin: float
             if near.numel():
                 r, c = torch.nonzero(S[:, near] >= lo, as_tuple=True)
                 pending.append((rows[r], near[c]))
+        if pending:
+            pr = torch.cat([p[0] for p in pending])
+            pc = torch.cat([p[1] for p in pending])
+            sel = ~dom[pc]  # only columns not already dominated for sure need the exact value
+            pr, pc = pr[sel], pc[sel]
+            if pr.numel():
+                dom[pc[exact_similarity(X, pr, a + pc) > t]] = True
         cand = torch.nonzero(~dom).flatten()  # 2. the greedy within the step, among the others
         if cand.numel() == 0:
             continue

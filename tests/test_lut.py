@@ -77,15 +77,22 @@ def pair_loop(X, labels, ids, t):
     return keep
 
 
-def tie_thresholds(X, labels):
-    """Thresholds equal to actual within-class similarities (ties in the pair loop's own values)."""
+def tie_thresholds(X, labels, ids, per_class=2):
+    """Thresholds that decide an item's fate by a hair: for an item j, its most similar earlier
+    item i* of the class gives t = s(i*, j) (an exact tie: j is not pruned by i*) and the float32
+    value just below it (j is pruned by i* if i* is kept). These fall inside the float32
+    products' rounding band, so the exact recheck decides them."""
     S = (X.astype(np.float64) @ X.astype(np.float64).T).astype(np.float32)
     rng = np.random.default_rng(3)
     out = []
-    for c in np.unique(labels)[:3]:
+    for c in np.unique(labels):
         r = np.flatnonzero(labels == c)
-        i, j = rng.choice(r, 2, replace=False)
-        out.append(float(S[i, j]))
+        r = r[np.argsort(ids[r], kind="stable")]
+        if r.size < 3:
+            continue
+        for p in rng.choice(np.arange(1, r.size), min(per_class, r.size - 1), replace=False):
+            s = S[r[:p], r[p]].max()
+            out += [float(s), float(np.nextafter(s, np.float32(-2)))]
     return out
 
 
@@ -94,7 +101,7 @@ def tie_thresholds(X, labels):
 
 def test_prune_equals_pair_loop_clustered():
     X, y, ids = clustered()
-    ts = [0.3, 0.6, 0.8, 0.9, 0.99, 1.0] + tie_thresholds(X, y)
+    ts = [0.3, 0.6, 0.8, 0.9, 0.99, 1.0] + tie_thresholds(X, y, ids)
     for t in ts:
         want = pair_loop(X, y, ids, t)
         if t == 0.8:
@@ -147,7 +154,7 @@ def test_margin_band_is_used_and_bound_holds():
 @pytest.mark.parametrize("block", [3, 4096])
 def test_sweep_equals_prune_per_threshold(block):
     X, y, ids = clustered()
-    ts = [0.5, 0.8, 0.9, 1.0] + tie_thresholds(X, y)
+    ts = [0.5, 0.8, 0.9, 1.0] + tie_thresholds(X, y, ids)
     keeps = lut.prune_sweep(X, y, ids, ts, block_size=block)
     for i, t in enumerate(ts):
         assert np.array_equal(keeps[i], lut.prune(X, y, ids, t, block_size=block))
