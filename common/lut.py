@@ -15,7 +15,7 @@ device may round its last bit differently; this definition makes the rule indepe
 The code computes similarities by fast float32 matrix products and trusts a comparison only when
 the value is farther from ``t`` than the product's worst-case rounding error
 (``similarity_margin``: ``gamma_D * max|x|^2`` with ``gamma_D = D u / (1 - D u)``, Higham 2002
-eq. 3.5, plus the final rounding); the few pairs inside that band are recomputed exactly as above.
+section 3.1, plus the final rounding); the few pairs inside that band are recomputed exactly as above.
 So the result is identical to a direct pair loop on ``s`` (``tests/test_lut.py`` checks it), for
 any block size and device.
 
@@ -117,8 +117,9 @@ def similarity_margin(dim: int, max_norm_sq: float = 1.0) -> float:
     """Worst-case |float32 matrix product - s(i, j)| for vectors of norm^2 <= ``max_norm_sq``.
 
     Any summation order of D float32 products errs by at most ``gamma_D * sum|x_k y_k|``
-    (Higham 2002, eq. 3.5) and ``sum|x_k y_k| <= |x| |y|``; ``ROUNDING_SLACK`` covers the rounding
-    of ``s`` itself to float32 and of the compared bounds ``t +- margin``.
+    (Higham 2002, "Accuracy and Stability of Numerical Algorithms", section 3.1) and
+    ``sum|x_k y_k| <= |x| |y|``; ``ROUNDING_SLACK`` covers the rounding of ``s`` itself to float32
+    and of the compared bounds ``t +- margin``.
     """
     nu = dim * UNIT_ROUNDOFF
     if nu >= 0.5:
@@ -183,7 +184,6 @@ class _Threads:
             return a @ b
         finally:
             torch.set_num_threads(1)
-
 
 
 def _greedy_scan(A: np.ndarray) -> np.ndarray:
