@@ -247,7 +247,7 @@ def test_threshold_grid_exact_values():
     g = lut.threshold_grid(C.LutConfig())
     assert len(g) == 21 and g[0] == 0.8 and g[-1] == 1.0
     assert g == [round(0.8 + i / 100, 2) for i in range(21)]
-    assert all(repr(t) == f"{t:.2f}".rstrip("0").rstrip(".") or len(repr(t)) <= 4 for t in g)  # 0.83, not 0.8300000000000001
+    assert all(t == float(f"{t:.2f}") for t in g)  # 0.83 itself, not 0.8300000000000001
     assert lut.threshold_grid(C.LutConfig(grid_start=0.9, grid_stop=0.95, grid_step=0.025)) == [0.9, 0.925, 0.95]
     assert lut.threshold_grid(C.LutConfig(thresholds=[0.95, 0.9, 0.95])) == [0.9, 0.95]
     with pytest.raises(ConfigError, match="grid_step"):
