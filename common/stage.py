@@ -538,6 +538,10 @@ def execute(name: str, main: Callable[[Context], dict | None], argv: Sequence[st
         code = 0
     except UserError as e:
         err_line = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        if err_line.startswith("Caught "):  # re-raised by a DataLoader worker: the file is on the last line
+            from .data import loader_error_line
+
+            err_line = loader_error_line(e)
         slog.error("error: %s", err_line)
         code = 2
     except KeyboardInterrupt as e:

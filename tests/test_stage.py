@@ -218,3 +218,81 @@ def test_killed_stage_leaves_no_manifest_and_no_half_file(tmp_path, sig, expect)
     assert not [p for p in sdir.iterdir() if p.name.endswith(".tmp")] or sig == signal.SIGKILL
     if expect is not None:
         assert rc == expect
+
+
+def test_dataloader_worker_error_keeps_the_file_name(tmp_path, caplog):
+    """A UserError re-raised by a DataLoader worker still ends as one line naming the file."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from common.errors import ImageReadError
+
+    class Bad(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ImageReadError("cannot read /data/x/broken.png: truncated")
+
+    def main(ctx):
+        for _ in DataLoader(Bad(), num_workers=1):
+            pass
+        return {}
+    torch.set_num_threads(1)
+    assert stage.execute("01_random_split_dataset", main, ["--run", str(tmp_path)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["error: cannot read /data/x/broken.png: truncated"]
+
+
+class _Inbox:
+    def __init__(self):
+        self.messages = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append(envelope.content.decode("utf-8", "replace"))
+        return "250 OK"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_failing_stage_emails_through_loopback_smtp(tmp_path, monkeypatch):
+    controller_mod = pytest.importorskip("aiosmtpd.controller")
+    inbox, port = _Inbox(), _free_port()
+    server = controller_mod.Controller(inbox, hostname="127.0.0.1", port=port, ready_timeout=5)
+    server.start()
+    monkeypatch.setenv("PLANKTON_SMTP_PASSWORD", "s3cret-pw")
+    try:
+        def main(ctx):
+            raise RuntimeError("GPU fell off the bus")
+        rc = stage.execute("03_main_supcon", main, [
+            "--run", str(tmp_path), "notify.enabled=true", "notify.security=plain", "notify.smtp_host=127.0.0.1",
+            f"notify.smtp_port={port}", "notify.recipients=[me@lab.example]"])
+    finally:
+        server.stop()
+    assert rc == 1
+    assert len(inbox.messages) == 1
+    msg = inbox.messages[0]
+    assert "03_main_supcon" in msg and "GPU fell off the bus" in msg and "log.txt" in msg
+    assert "s3cret-pw" not in msg
+    for f in (tmp_path / "03_main_supcon").iterdir():
+        assert "s3cret-pw" not in f.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("exc, code", [(UserError("bad key"), 2), (RuntimeError("boom"), 1), (None, 0)])
+def test_unreachable_mail_server_never_changes_the_exit_code(tmp_path, exc, code, caplog):
+    def main(ctx):
+        if exc is not None:
+            raise exc
+        return {}
+    rc = stage.execute("01_random_split_dataset", main, [
+        "--run", str(tmp_path), "notify.enabled=true", "notify.on_success=true", "notify.security=plain",
+        "notify.smtp_host=127.0.0.1", f"notify.smtp_port={_free_port()}", "notify.timeout=2",
+        "notify.recipients=[me@lab.example]"])
+    assert rc == code
+    assert "could not send" in caplog.text
