@@ -9,13 +9,7 @@ Usage:  python 01_random_split_dataset.py -c configs/default.yaml --run runs/dyb
 The splitting rule (stratified per class, duplicates kept together, small classes) is in the
 docstring of common/split.py.
 """
-from common import split, stage
-
-
-def main(ctx: stage.Context) -> dict:
-    return split.run_split(ctx.cfg, ctx.output, ctx.dir)
-
+from common import stage
 
 if __name__ == "__main__":
-    stage.run("01_random_split_dataset", main, upstream=(), sections=("data", "split", "run"),
-              external=lambda cfg: [cfg.data.root])
+    stage.run("01_random_split_dataset")

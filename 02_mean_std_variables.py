@@ -6,14 +6,7 @@ Writes: 02_mean_std_variables/stats.json ({"mean": [r,g,b], "std": [r,g,b], "pix
         data.pad_fill, resized to model.image_size, values in [0, 1])
 Usage:  python 02_mean_std_variables.py -c configs/default.yaml --run runs/dyb data.num_workers=8
 """
-from common import stage, stats
-
-
-def main(ctx: stage.Context) -> dict:
-    splits = ctx.upstream("01_random_split_dataset") / "splits.csv"
-    return stats.run_stats(ctx.cfg, splits, ctx.output("stats.json"), device=ctx.device())
-
+from common import stage
 
 if __name__ == "__main__":
-    stage.run("02_mean_std_variables", main, upstream=("01_random_split_dataset",),
-              sections=("data", "model", "stats"))
+    stage.run("02_mean_std_variables")

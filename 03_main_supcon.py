@@ -9,15 +9,10 @@ Usage:  python 03_main_supcon.py -c configs/default.yaml --run runs/dyb train.ep
         (the reference SupContrast flags work too: --batch_size 64 --learning_rate 0.5 --temp 0.1 --cosine)
 
 Rerunning after a crash, Ctrl-C or SIGTERM continues from checkpoints/last.pt exactly where it
-stopped; --force starts again (the old checkpoints are moved to 03_main_supcon/previous/).
+stopped, with or without --force. --force on a finished training starts again and moves the old
+checkpoints, metrics and logs to 03_main_supcon/previous-<UTC time>/ (never deleted).
 """
-from common import config, stage, train
-
-
-def main(ctx: stage.Context) -> dict:
-    return train.train_supcon(ctx)
-
+from common import stage
 
 if __name__ == "__main__":
-    stage.run("03_main_supcon", main, upstream=train.UPSTREAM, sections=("run", "data", "model", "train"),
-              aliases=config.SUPCON_ALIASES)
+    stage.run("03_main_supcon")

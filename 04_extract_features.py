@@ -3,19 +3,13 @@
 Reads:  03_main_supcon/checkpoints/<extract.checkpoint>.pt (best | last, or a path),
         01_random_split_dataset/splits.csv, 02_mean_std_variables/stats.json
 Writes: 04_extract_features/features.sqlite (images, the model, one L2-normalised float32 vector
-        per image; resumable: an interrupted run continues where it stopped)
+        per image; resumable: an interrupted run continues where it stopped), model.json (the model
+        and embedding that stages 05-07 read)
 Usage:  python 04_extract_features.py -c configs/default.yaml --run runs/dyb extract.batch_size=256
         torchrun --nproc_per_node=4 04_extract_features.py -c configs/default.yaml run.dir=runs/dyb
         (under torchrun give the run folder as run.dir=...: torchrun takes --run for its own --run-path)
 """
-from common import extract, stage
-
-
-def main(ctx: stage.Context) -> dict:
-    return extract.run_stage(ctx)
-
+from common import stage
 
 if __name__ == "__main__":
-    stage.run("04_extract_features", main,
-              upstream=("01_random_split_dataset", "02_mean_std_variables", "03_main_supcon"),
-              sections=("run", "data", "model", "extract"))
+    stage.run("04_extract_features")

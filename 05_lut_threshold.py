@@ -11,12 +11,7 @@ Writes: 05_lut_threshold/threshold_sweep.csv, threshold.json (threshold, rule, r
         model id, suggested_reject_below for stage 07), threshold_sweep.png
 Usage:  python 05_lut_threshold.py -c configs/default.yaml --run runs/dyb lut.rule=max_f1
 """
-from common import lut, stage
-
-
-def main(ctx: stage.Context) -> dict:
-    return lut.run_threshold_stage(ctx)
-
+from common import stage
 
 if __name__ == "__main__":
-    stage.run("05_lut_threshold", main, upstream=("04_extract_features",), sections=("lut",))
+    stage.run("05_lut_threshold")

@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+from common.config import load_config
+from common.errors import UserError
+from common.stage import STAGES, script_for
 
-from common.stage import STAGES, script_for  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_DATA = ROOT / ".cache" / "demo" / "digits"
@@ -45,11 +46,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def _summary(run_dir: Path) -> None:
-    m_path = run_dir / "07_inference" / "manifest.json"
-    if not m_path.is_file():
+def _summary(run_dir: Path, ran: bool) -> None:
+    """Print the test metrics of stage 07 when this call ran it or it is up to date."""
+    from common import runfolder
+    from common.stage import rerun_hint
+    from common.stages import SPECS
+
+    cfg = load_config(base=runfolder.read_run_config(run_dir) or {})
+    why = runfolder.Freshness(run_dir, cfg, SPECS, lambda s: rerun_hint(s, run_dir)).problem("07_inference")
+    if why is not None:
+        if not ran:
+            print(f"\nNo test metrics: {why}")
         return
-    metrics = json.loads(m_path.read_text()).get("metrics", {})
+    metrics = json.loads((run_dir / "07_inference" / "manifest.json").read_text()).get("metrics", {})
     print("\nTest metrics:")
     for k, v in metrics.items():
         if isinstance(v, (int, float, str)) and k != "report":
@@ -63,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
     configs = a.config
     overrides = list(a.overrides)
-    if not configs:  # the demo
+    existing = a.run is not None and (Path(a.run) / "config.yaml").is_file()
+    if not configs and not existing:  # the demo (an existing run keeps its own configuration)
         from common.demo import render_digits
 
         print(f"Demo: scikit-learn digits rendered into {DEMO_DATA} (once)", flush=True)
@@ -77,26 +87,31 @@ def main(argv: list[str] | None = None) -> int:
         common_args.append("--force")
     run_dir = Path(a.run) if a.run else None
     if run_dir is None:
-        from common.config import load_config
-
-        run_dir = Path(load_config(configs, overrides).run.dir)
+        try:
+            run_dir = Path(load_config(configs, overrides).run.dir)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     t0 = time.time()
     for i in range(a.start, a.stop + 1):
         name = STAGES[i - 1]
         script = ROOT / script_for(name)
         if not script.is_file():
-            print(f"[{i}/7] {name}: not built yet, skipped (and so are the stages after it)", flush=True)
-            return 0
+            print(f"error: {script} is missing: the checkout is incomplete (git status; git checkout -- "
+                  f"{script.name})", file=sys.stderr)
+            return 2
         print(f"\n[{i}/7] {name}", flush=True)
         t = time.time()
         rc = subprocess.call([sys.executable, str(script), *common_args, *overrides])
         if rc != 0:
-            print(f"\n{name} stopped with exit code {rc}; see {run_dir / name / 'log.txt'}", file=sys.stderr)
+            log_txt = run_dir / name / "log.txt"
+            where = f"; see {log_txt}" if rc != 2 and log_txt.is_file() else ""
+            print(f"\n{name} stopped with exit code {rc}{where}", file=sys.stderr)
             return rc
         print(f"[{i}/7] {name}: done in {time.time() - t:.1f} s", flush=True)
     print(f"\nPipeline finished in {time.time() - t0:.1f} s; run folder {run_dir.resolve()}")
-    _summary(run_dir)
+    _summary(run_dir, ran=a.stop == len(STAGES))
     return 0
 
 

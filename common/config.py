@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 
@@ -45,6 +45,7 @@ class DataConfig:
     min_side: int = 4  # images with a side shorter than this (px) are rejected
     pad_fill: int = 0  # grey level (0-255) used to pad images to a square (0 = dark field)
     num_workers: int = 4  # DataLoader worker processes for every stage
+    follow_symlinks: bool = False  # follow directory symlinks inside class folders (each real file listed once)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class PruneConfig:
 class InferenceConfig:
     mode: Literal["evaluate", "predict"] = "evaluate"  # test split, or a folder of new images
     input: Optional[str] = None  # predict mode: folder of images (searched recursively)
+    name: Optional[str] = None  # predict mode: results go to 07_inference/predict/<name>/; null = the input folder's name
     gallery: Literal["lut", "full"] = "lut"  # pruned LUT or the full train gallery
     method: Literal["top1", "knn"] = "top1"  # nearest neighbour, or weighted k-NN vote
     k: int = 10  # neighbours for method=knn
@@ -189,7 +191,7 @@ SECTIONS: dict[str, type] = {
 NON_SEMANTIC = {
     "run.dir", "run.log_level", "run.device", "data.num_workers", "stats.batch_size",
     "extract.batch_size", "inference.batch_size", "inference.block_size", "lut.block_size",
-    "train.compile", "notify",
+    "train.compile", "train.trial", "notify",
 }
 
 # Flags of the reference SupCon code (HobbitLong/SupContrast main_supcon.py) accepted by stage 03.
@@ -216,6 +218,11 @@ SUPCON_FLAGS = {"cosine", "warm"}
 
 _SECRET_RE = re.compile(r"(password|passwd|secret|token|api_key|apikey)", re.I)
 REDACTED = "***redacted***"
+
+
+def is_secret_key(key: str) -> bool:
+    """True for keys that hold a secret (``password``, ``token``...), not where one lives (``*_env``)."""
+    return bool(_SECRET_RE.search(key)) and not key.endswith("_env")
 
 
 @dataclass
@@ -362,9 +369,15 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
-def load_config(files: list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then each YAML file in order, then ``section.key=value`` overrides."""
+def load_config(files: list[str | Path] | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None, base_origin: str = "run configuration") -> Config:
+    """Defaults, then ``base`` (a run's own config.yaml), each YAML file in order, then overrides.
+
+    Path-valued keys are made absolute (``resolve_paths``) before the checks.
+    """
     cfg = Config()
+    if base is not None:
+        _merge_mapping(cfg, base, base_origin)
     for f in files or []:
         p = Path(f)
         if not p.is_file():
@@ -377,6 +390,7 @@ def load_config(files: list[str | Path] | None = None, overrides: list[str] | No
     for o in overrides or []:
         section, key, value = parse_override(o)
         _apply(cfg, section, key, value, "command line")
+    resolve_paths(cfg)
     validate(cfg)
     return cfg
 
@@ -447,3 +461,114 @@ def from_dict(d: dict[str, Any]) -> Config:
     cfg = Config()
     _merge_mapping(cfg, d, "stored configuration")
     return cfg
+
+
+# ----------------------------------------------------------------------------- run-level configuration
+
+# Keys that hold a path: made absolute (relative to the working directory) when loaded, so the same
+# folder written two ways is the same configuration. ``model.pretrained`` and ``extract.checkpoint``
+# hold a path only when they are not one of their keywords.
+PATH_KEYS: dict[str, tuple[str, ...]] = {
+    "data.root": (),
+    "inference.input": (),
+    "model.pretrained": ("none", "timm"),
+    "extract.checkpoint": ("best", "last"),
+}
+# Keys that describe one invocation, not the run: never saved in RUN/config.yaml (a predict run
+# must not turn the next evaluation into a prediction).
+INVOCATION_KEYS = ("inference.mode", "inference.input", "inference.name", "run.dir")
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    """The value of ``section.key``."""
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def resolve_paths(cfg: Config, cwd: str | Path | None = None) -> None:
+    """Make every path-valued key absolute (``PATH_KEYS``), in place."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    for dotted, keywords in PATH_KEYS.items():
+        v = get_key(cfg, dotted)
+        if not v or str(v).lower() in keywords:
+            continue
+        p = Path(str(v)).expanduser()
+        section, key = dotted.split(".")
+        setattr(getattr(cfg, section), key, str((base / p).resolve()))
+
+
+def all_keys() -> list[str]:
+    """Every ``section.key`` of the configuration, in declaration order."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def is_semantic(dotted: str) -> bool:
+    """False for keys that change how fast a stage runs, not what it produces (``NON_SEMANTIC``)."""
+    return dotted not in NON_SEMANTIC and dotted.split(".")[0] not in NON_SEMANTIC
+
+
+def key_values(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
+    """``{section.key: value}`` of the semantic ``keys`` (what a manifest records and hashes)."""
+    return {k: copy.deepcopy(get_key(cfg, k)) for k in sorted(set(keys)) if is_semantic(k)}
+
+
+def hash_values(values: dict[str, Any]) -> str:
+    """sha256 of canonical JSON of ``key_values`` output."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def diff_values(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``["lut.tolerance: 0.005 -> 0.01", ...]`` for every key whose value differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "(unset)"), new.get(k, "(unset)")
+        if a != b:
+            out.append(f"{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = json.dumps(v) if not isinstance(v, str) else v
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_config_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """What RUN/config.yaml holds: every key but the invocation ones, secrets redacted."""
+    d = redact(cfg.to_dict())
+    for dotted in INVOCATION_KEYS:
+        section, key = dotted.split(".")
+        d[section].pop(key, None)
+    return d
+
+
+def recording(cfg: Config) -> tuple[Config, set[str]]:
+    """A copy of ``cfg`` that records every ``section.key`` read from it, and the set it fills.
+
+    The stage wrapper hands this copy to a stage, so a test can check that a stage reads only
+    the keys it declares. ``dataclasses.asdict`` of a section counts as reading all its keys.
+    """
+    reads: set[str] = set()
+    rec = copy.deepcopy(cfg)
+    for section in SECTIONS:
+        obj = getattr(rec, section)
+        obj.__class__ = _recording_class(type(obj))
+        object.__setattr__(obj, "_reads", reads)
+        object.__setattr__(obj, "_section", section)
+    return rec, reads
+
+
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+class _Recorder:
+    def __getattribute__(self, name: str) -> Any:
+        if not name.startswith("_") and name in type(self).__dataclass_fields__:
+            reads = object.__getattribute__(self, "_reads")
+            reads.add(f"{object.__getattribute__(self, '_section')}.{name}")
+        return object.__getattribute__(self, name)
+
+
+def _recording_class(cls: type) -> type:
+    if cls not in _RECORDING_CLASSES:
+        _RECORDING_CLASSES[cls] = type(f"Recording{cls.__name__}", (_Recorder, cls), {})
+    return _RECORDING_CLASSES[cls]

@@ -239,6 +239,26 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
 
 
+def check_size(path: str | os.PathLike, min_side: int, max_pixels: int | None) -> str | None:
+    """Why an image is refused by its header size (``data.min_side``, ``data.max_pixels``), else None.
+
+    Reads the header only, before any decoding (a decompression bomb is never decoded). The
+    rule is stage 01's, applied to every image any stage reads.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except FileNotFoundError:
+        return "image file not found"
+    except PIL_ERRORS as e:
+        return f"cannot decode image ({e.__class__.__name__})"
+    if max_pixels is not None and w * h > max_pixels:
+        return f"{w} x {h} = {w * h:,} pixels is more than data.max_pixels={max_pixels:,}"
+    if min(w, h) < min_side:
+        return f"{w} x {h}: a side is shorter than data.min_side={min_side}"
+    return None
+
+
 # Modes PadToSquare pads as they are; others (palette, CMYK, YCbCr, LAB, HSV) go to RGB(A) first.
 _PAD_MODES = frozenset({"1", "L", "LA", "RGB", "RGBA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 

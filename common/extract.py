@@ -40,9 +40,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import ImageReadError, UserError
+from .embed import embed_batch, prepare_model
 from .features import FeatureStore, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -54,43 +54,9 @@ STORE_FILE = "features.sqlite"
 # transactions large (one commit per chunk; benchmarks/bench_store.py writes this way).
 WRITE_CHUNK_ROWS = 2048
 STATS_TOLERANCE = 1e-6  # stats.json and the checkpoint's stats are "equal" within this
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- embedding
-
-
-def embed_batch(model: Any, x: torch.Tensor, embedding: str, amp: str, device: torch.device | str,
-                channels_last: bool | None = None) -> torch.Tensor:
-    """(B, D) float32 L2-normalised vectors of a batch of transformed images, on ``device``.
-
-    ``embedding``: ``encoder`` (``model.encoder(x)``, the backbone's pooled output) or ``head``
-    (``model(x)``). ``amp`` (bf16 | fp16 | off) and channels_last (default: on CUDA) apply on
-    CUDA only. The model must already be on ``device`` and in eval mode.
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    if embedding not in ("encoder", "head"):
-        raise UserError(f"extract.embedding: expected encoder or head, got {embedding!r}")
-    x = x.to(device, non_blocking=cuda)
-    if cuda and (channels_last if channels_last is not None else True):
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=AMP_DTYPES.get(amp, torch.float32),
-                                                enabled=cuda and amp in AMP_DTYPES):
-        out = model.encoder(x) if embedding == "encoder" else model(x)
-        # the head's output is already normalised, but in AMP precision: renormalise in float32
-        return F.normalize(out.float().flatten(1), dim=1)
-
-
-def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """The model on ``device`` in eval mode (channels_last memory format on CUDA when asked)."""
-    model = model.to(device).eval()
-    if device.type == "cuda" and channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-# ----------------------------------------------------------------------------- inputs
 
 
 def resolve_checkpoint(stage03_dir: Path | None, spec: str, run_dir: Path | None = None) -> Path:
@@ -383,13 +349,3 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
         "images_per_s": round(rate, 2),
         "world_size": world_size,
     }
-
-
-def run_stage(ctx: Any) -> dict[str, Any]:
-    """Stage 04's ``main``: resolve the inputs from the run folder and call ``extract_features``."""
-    splits = ctx.upstream("01_random_split_dataset") / "splits.csv"
-    stats = ctx.upstream("02_mean_std_variables") / "stats.json"
-    ckpt = resolve_checkpoint(ctx.upstream(STAGE03), ctx.cfg.extract.checkpoint, ctx.run_dir)
-    store = ctx.output(STORE_FILE, digest="feature_store")
-    return extract_features(ckpt, splits, stats, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
-                            world_size=ctx.world_size)

@@ -225,6 +225,29 @@ _SQL_DIGEST_VECTORS = "SELECT image_id, vector FROM vectors WHERE model_id = ? O
 # ----------------------------------------------------------------------------- records
 
 
+@dataclass
+class Vectors:
+    """The one container of a set of vectors: ``X`` (N, D) float32 L2-normalised, class indices
+    ``labels`` (N,) (-1 = none), image ``paths``, and the store's image ``ids`` when they come from one."""
+
+    X: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.X = np.ascontiguousarray(self.X, dtype=np.float32)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not (self.X.shape[0] == self.labels.shape[0] == len(self.paths)):
+            raise ValueError(f"vectors, labels and paths differ in length: {self.X.shape[0]}, "
+                             f"{self.labels.shape[0]}, {len(self.paths)}")
+        if self.ids is not None:
+            self.ids = np.asarray(self.ids, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One row of ``images``."""
@@ -703,10 +726,23 @@ class FeatureStore:
             if len(blob) != m * dim * 4:
                 raise UserError(f"{self.path}: stored vectors are not {dim} float32 values each: rerun {STAGE}")
             out[k:k + m] = np.frombuffer(blob, dtype="<f4").reshape(m, dim)
+            check_unit_vectors(out[k:k + m], ids[k:k + m], self.path)
             if labels is not None:
                 labels.extend(cols[1])
             k += m
         return k
+
+    def load_split(self, split: str | None, model_id: int, classes: Sequence[str]) -> Vectors:
+        """One split's ``Vectors`` (class indices in ``classes``, paths and ids), ordered by image id."""
+        ids, labels, X = self.load_matrix(split, model_id)
+        index = {c: i for i, c in enumerate(classes)}
+        try:
+            y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
+        except KeyError as e:
+            raise UserError(f"{self.path}: label {e.args[0]!r} of the {split or 'whole'} store is not a class of the "
+                            f"model: rerun {STAGE}") from None
+        path_of = {r.id: r.path for r in self.images(split)}
+        return Vectors(X, y, [path_of[int(i)] for i in ids], ids)
 
     def load_matrix(self, split: str | None, model_id: int) -> tuple[np.ndarray, list[str], np.ndarray]:
         """(image ids int64 (N,), labels (N,), vectors float32 (N, D)) of one split (all when
@@ -831,7 +867,46 @@ class FeatureStore:
         return ids, self.labels_of(ids), self.load_vectors(ids, model_id)
 
 
-# ----------------------------------------------------------------------------- digest
+# ----------------------------------------------------------------------------- checks and digest
+
+
+def check_unit_vectors(X: np.ndarray, ids: np.ndarray, path: Any) -> None:
+    """``UserError`` naming the first image whose vector is not finite or not unit-norm.
+
+    Every read of the store calls this (one vectorised pass per block): a corrupted vector is
+    never used, whatever SQLite's own integrity check says.
+    """
+    if X.size == 0:
+        return
+    norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
+    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > NORM_TOLERANCE)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        what = "not finite" if not np.isfinite(norms[i]) else f"of norm {norms[i]:.6g}, not 1"
+        raise UserError(f"{path}: the vector of image {int(ids[i])} is {what} (the store is corrupted): rerun "
+                        f"{STAGE} with --force")
+
+
+def verify_store(path: str | os.PathLike, model_id: int) -> int:
+    """Read every vector of ``model_id`` once (streamed) and check it; returns the number checked."""
+    with FeatureStore(path) as store:
+        info = store.model_info(model_id)
+        n = 0
+        with store._read() as conn:
+            cur = _raw(conn).cursor()
+            cur.execute(_SQL_DIGEST_VECTORS, (info.id,))
+            block = max(1, READ_BLOCK_BYTES // (4 * info.dim))
+            while rows := cur.fetchmany(block):
+                ids, blobs = zip(*rows)
+                blob = b"".join(blobs)
+                if len(blob) != len(rows) * info.dim * 4:
+                    raise UserError(f"{path}: stored vectors are not {info.dim} float32 values each: rerun "
+                                    f"{STAGE} with --force")
+                check_unit_vectors(np.frombuffer(blob, dtype="<f4").reshape(len(rows), info.dim),
+                                   np.asarray(ids), path)
+                n += len(rows)
+            cur.close()
+    return n
 
 
 def content_digest(path: str | os.PathLike) -> str:

@@ -1,31 +1,30 @@
-"""The wrapper every stage runs in: command line, logging, run folder, manifest, e-mail, exit codes.
+"""The wrapper every stage runs in: command line, run configuration, checks, lock, manifest, exit codes.
 
-A stage script calls ``stage.run(name, main, upstream=..., sections=...)``. ``run``:
+A stage script calls ``stage.run("04_extract_features")``. The wrapper, in order:
 
-1. parses ``-c`` (repeatable), ``--run``, ``--force`` and ``section.key=value`` overrides;
-2. logs to the console and to ``RUN/<name>/log.txt``; seeds every generator from ``run.seed``;
-3. checks that every upstream stage finished and is unchanged (else ``StaleUpstreamError`` naming
-   the stage to run);
-4. says "up to date" and exits 0 when the configuration and inputs equal those recorded in the
-   stage's own manifest (``--force`` reruns);
-5. removes the old ``manifest.json``, writes ``config.yaml``, calls ``main(ctx)``;
-6. writes ``manifest.json`` last (its presence means the stage finished);
-7. e-mails per the ``notify`` section, and exits 0 (done), 2 (bad input or configuration: one
+1. parses ``-c`` (repeatable), ``--run``, ``--force`` and ``section.key=value`` overrides, in
+   any order, and resolves the configuration: defaults, the run's own ``RUN/config.yaml``, the
+   ``-c`` files, the overrides (so ``--run RUN`` alone reruns with the run's configuration);
+2. checks, touching no file: every upstream stage finished, is unchanged and is not running;
+   no other process runs this stage; whether this stage is up to date (exit 0, "up to date") or
+   why it reruns (one line: the key, the output or the upstream that changed);
+3. takes the stage's lock, saves ``RUN/config.yaml`` when the command changed it (saying which
+   keys changed and which stages that makes out of date), removes temporaries a killed run left,
+   removes the old manifest, writes the stage's ``config.yaml`` and starts ``log.txt``;
+4. calls the stage's ``main(ctx)`` with a configuration that records the keys it reads;
+5. writes ``manifest.json`` last (its presence means the stage finished);
+6. e-mails per the ``notify`` section and exits 0 (done), 2 (bad input or configuration: one
    line, no traceback), 1 (unexpected: traceback in ``log.txt``) or 130 (interrupted).
 
-Freshness (icefall's ``.done`` markers and DVC's lock file are the models): a manifest records
-each output's size, mtime and digest and, for each upstream stage, the digest of that stage's
-outputs. A stage is fresh when its manifest says ok, its outputs are unchanged on disk, and
-each upstream it read is itself fresh with the outputs digest recorded.
+A refused stage (exit 2 in steps 1-2) leaves the run folder byte for byte as it was.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import hashlib
-import json
+import datetime as dt
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -35,152 +34,21 @@ import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 from . import config as config_mod
-from .errors import ConfigError, StaleUpstreamError, UserError
-from .fileio import atomic_open, read_json, sha256_file, write_json
+from . import runfolder as rf
+from .errors import StaleUpstreamError, UserError
+from .stages import SPECS, STAGES, SUPCON_FLAGS, StageSpec, downstream, stages_reading
 
 log = logging.getLogger(__name__)
 
-STAGES = [
-    "01_random_split_dataset",
-    "02_mean_std_variables",
-    "03_main_supcon",
-    "04_extract_features",
-    "05_lut_threshold",
-    "06_prune_features",
-    "07_inference",
-]
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = "manifest.json"
-FORMAT = "plankton-manifest/1"
-
-UpstreamSpec = Sequence[str] | Callable[[config_mod.Config], Sequence[str]]
 
 
 def script_for(stage_name: str) -> str:
     """The script that produces a stage, e.g. ``03_main_supcon.py``."""
     return f"{stage_name}.py"
-
-
-def _rerun_hint(stage_name: str, run_dir: Path) -> str:
-    return f"run `python {script_for(stage_name)} --run {run_dir}`"
-
-
-# ----------------------------------------------------------------------------- digests
-
-
-def _digest_of(path: Path, kind: str) -> str:
-    if kind == "sha256":
-        return sha256_file(path)
-    if kind == "feature_store":
-        from .features import content_digest  # the LUT tables are left out (stage 06 adds them)
-
-        return content_digest(path)
-    raise ValueError(f"unknown digest kind {kind!r}")
-
-
-def fingerprint_external(path: str | Path) -> str:
-    """Digest of an input outside the run folder: sorted listing with sizes and mtimes.
-
-    Hidden files and folders are left out, as every stage ignores them.
-    """
-    p = Path(path)
-    h = hashlib.sha256()
-    if p.is_file():
-        st = p.stat()
-        h.update(f"{p.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
-    if not p.is_dir():
-        return "missing"
-    for root, dirs, files in os.walk(p):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if f.startswith("."):
-                continue
-            fp = Path(root, f)
-            try:
-                st = fp.stat()
-            except OSError:
-                continue
-            rel = fp.relative_to(p).as_posix()
-            h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def outputs_digest(manifest: dict) -> str:
-    """One digest of a stage's recorded outputs (what a downstream stage depends on)."""
-    items = sorted((k, v["digest"]) for k, v in manifest.get("outputs", {}).items())
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
-
-
-def read_manifest(stage_dir: Path) -> dict | None:
-    """The stage's manifest, or None when the stage has not finished (or the file is unreadable)."""
-    p = stage_dir / MANIFEST
-    if not p.is_file():
-        return None
-    try:
-        m = read_json(p)
-    except (OSError, ValueError):
-        return None
-    return m if isinstance(m, dict) and m.get("status") == "ok" else None
-
-
-class Freshness:
-    """Memoised freshness checks of the stages of one run folder."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self._memo: dict[str, str | None] = {}
-
-    def problem(self, stage_name: str) -> str | None:
-        """None when ``stage_name`` finished and is unchanged; else why not (one line)."""
-        if stage_name not in self._memo:
-            self._memo[stage_name] = self._check(stage_name)
-        return self._memo[stage_name]
-
-    def _check(self, stage_name: str) -> str | None:
-        sdir = self.run_dir / stage_name
-        m = read_manifest(sdir)
-        if m is None:
-            if (sdir / "log.txt").exists():
-                return f"{stage_name} has not finished in {self.run_dir} (no manifest: it failed or is still running): {_rerun_hint(stage_name, self.run_dir)}"
-            return f"{stage_name} has not been run in {self.run_dir}: {_rerun_hint(stage_name, self.run_dir)}"
-        bad = changed_outputs(sdir, m)
-        if bad:
-            return f"{stage_name}'s output {bad} changed or disappeared since it ran: {_rerun_hint(stage_name, self.run_dir)} --force"
-        for up, rec in m.get("inputs", {}).get("upstream", {}).items():
-            why = self.problem(up)
-            if why is not None:
-                return why
-            um = read_manifest(self.run_dir / up)
-            if um is None or outputs_digest(um) != rec.get("digest"):
-                return f"{stage_name} is out of date: {up} was rerun after it: {_rerun_hint(stage_name, self.run_dir)}"
-        return None
-
-
-def changed_outputs(stage_dir: Path, manifest: dict) -> str | None:
-    """The first recorded output that is missing or whose content changed, else None.
-
-    Size and mtime equal to the recorded ones are taken as unchanged; otherwise the digest is
-    recomputed, so a touched but identical file is still fine.
-    """
-    for rel, rec in manifest.get("outputs", {}).items():
-        p = stage_dir / rel
-        if not p.is_file():
-            return rel
-        st = p.stat()
-        kind = rec.get("digest_kind", "sha256")
-        if kind == "sha256" and st.st_size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns"):
-            continue
-        try:
-            if _digest_of(p, kind) != rec.get("digest"):
-                return rel
-        except Exception as e:  # an unreadable store counts as changed
-            log.debug("digest of %s failed: %s", p, e)
-            return rel
-    return None
 
 
 # ----------------------------------------------------------------------------- context
@@ -194,36 +62,34 @@ class Context:
     cfg: config_mod.Config
     run_dir: Path
     dir: Path
+    freshness: rf.Freshness
+    upstream_names: tuple[str, ...] = ()
     force: bool = False
+    previous: dict | None = None  # the manifest of the last finished run of this stage, if any
+    changed_output: str | None = None  # an output of that run that changed or disappeared since
     rank: int = 0
     world_size: int = 1
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("stage"))
-    upstream_names: tuple[str, ...] = ()
-    optional_upstream: tuple[str, ...] = ()
-    _outputs: dict[str, str] = field(default_factory=dict)
-    _used: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    used: dict[str, str] = field(default_factory=dict)
     _device: Any = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def upstream(self, stage_name: str, required: bool = True) -> Path | None:
         """The folder of an upstream stage, checked finished and unchanged.
 
         With ``required=False`` a missing or stale optional upstream gives None.
         """
-        if stage_name not in self.upstream_names and stage_name not in self.optional_upstream:
+        if stage_name not in self.upstream_names:
             raise RuntimeError(f"{self.name} did not declare {stage_name} as an upstream stage")
-        why = Freshness(self.run_dir).problem(stage_name)
+        why = self.freshness.problem(stage_name)
         if why is not None:
             if required:
                 raise StaleUpstreamError(why)
             return None
-        m = read_manifest(self.run_dir / stage_name)
+        folder = self.freshness.specs[stage_name].folder(self.run_dir, self.freshness.cfg)
+        m = rf.read_manifest(folder)
         assert m is not None
-        self._used[stage_name] = outputs_digest(m)
-        return self.run_dir / stage_name
+        self.used[stage_name] = rf.outputs_digest(m)
+        return folder
 
     def output(self, *parts: str, digest: str = "sha256") -> Path:
         """A path under this stage's folder, recorded in the manifest when the stage ends."""
@@ -232,19 +98,31 @@ class Context:
             raise ValueError(f"output {rel} must be relative to the stage folder")
         p = self.dir / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        self._outputs[rel.as_posix()] = digest
+        self.outputs[rel.as_posix()] = digest
         return p
 
-    def device(self):
+    def device(self) -> Any:
         """The torch device of this process (CUDA:LOCAL_RANK under torchrun)."""
         if self._device is None:
             from .device import resolve_device
 
-            self._device = resolve_device(self.cfg.run.device)
+            self._device = resolve_device(self.freshness.cfg.run.device)
         return self._device
 
 
 # ----------------------------------------------------------------------------- command line
+
+
+@dataclass
+class Invocation:
+    """A parsed stage command line and the configuration it resolves to."""
+
+    cfg: config_mod.Config
+    run_dir: Path
+    force: bool
+    changes: list[str]  # keys this command changes in RUN/config.yaml ("key: old -> new")
+    new_run: bool  # RUN/config.yaml does not exist yet
+    args: list[str]  # the -c and override arguments (for hints)
 
 
 def _alias_value(target: str, raw: str) -> str:
@@ -256,43 +134,50 @@ def _alias_value(target: str, raw: str) -> str:
     return raw
 
 
-def build_parser(name: str, doc: str | None, aliases: dict[str, str] | None) -> argparse.ArgumentParser:
+def build_parser(spec: StageSpec, doc: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=script_for(name),
+        prog=spec.script,
         description=(doc or "").strip().splitlines()[0] if doc else None,
-        epilog="Overrides: section.key=value (values parse as YAML), e.g. train.epochs=10. "
-        "Exit codes: 0 done, 2 bad input or configuration, 1 unexpected failure, 130 interrupted.",
+        epilog="Overrides: section.key=value (values parse as YAML), e.g. train.epochs=10; options and overrides "
+        "in any order. Exit codes: 0 done, 2 bad input or configuration, 1 unexpected failure, 130 interrupted.",
     )
     p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
-                   help="configuration file; repeat to layer files (later files win)")
+                   help="configuration file; repeat to layer files (later files win). For an existing run, "
+                   "RUN/config.yaml is the base and these change it")
     p.add_argument("--run", default=None, metavar="DIR", help="run directory (default: run.dir from the config)")
-    p.add_argument("--force", action="store_true", help="rerun even if the stage is up to date")
+    p.add_argument("--force", action="store_true", help="rerun even if the stage is up to date "
+                   "(an unfinished run still resumes)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides")
-    for flag, target in (aliases or {}).items():
-        if flag in config_mod.SUPCON_FLAGS:
+    for flag, target in spec.aliases.items():
+        if flag in SUPCON_FLAGS:
             p.add_argument(f"--{flag}", dest=f"alias__{flag}", action="store_true", default=None,
                            help=f"alias of {target}=true")
         else:
-            p.add_argument(f"--{flag}", dest=f"alias__{flag}", default=None, metavar="V",
-                           help=f"alias of {target}")
+            p.add_argument(f"--{flag}", dest=f"alias__{flag}", default=None, metavar="V", help=f"alias of {target}")
     return p
 
 
-def parse_args(name: str, argv: Sequence[str], doc: str | None = None,
-               aliases: dict[str, str] | None = None) -> tuple[config_mod.Config, Path, bool]:
-    """Parse a stage's command line into (config, run folder, force)."""
-    args = build_parser(name, doc, aliases).parse_args(list(argv))
+def parse_args(spec: StageSpec, argv: Sequence[str], doc: str | None = None) -> Invocation:
+    """Parse a stage's command line and resolve the configuration (reads files, writes none)."""
+    args = build_parser(spec, doc).parse_intermixed_args(list(argv))
     overrides = []
-    for flag, target in (aliases or {}).items():
+    for flag, target in spec.aliases.items():
         v = getattr(args, f"alias__{flag}")
-        if v is None:
-            continue
-        overrides.append(f"{target}={'true' if v is True else _alias_value(target, v)}")
+        if v is not None:
+            overrides.append(f"{target}={'true' if v is True else _alias_value(target, v)}")
     overrides += list(args.overrides)  # explicit key=value wins over aliases
-    cfg = config_mod.load_config(args.config, overrides)
-    if args.run:
-        cfg.run.dir = args.run
-    return cfg, Path(cfg.run.dir), bool(args.force)
+    first = config_mod.load_config(args.config, overrides)
+    run_dir = Path(args.run) if args.run else Path(first.run.dir)
+    saved = rf.read_run_config(run_dir)
+    if saved is None:
+        cfg, changes = first, []
+    else:
+        cfg = config_mod.load_config(args.config, overrides, base=saved,
+                                     base_origin=str(run_dir / rf.RUN_CONFIG))
+        changes = rf.run_config_changes(saved, cfg)
+    cfg.run.dir = str(run_dir)
+    hint_args = [x for c in args.config for x in ("-c", c)] + [a for a in argv if "=" in a and not a.startswith("-")]
+    return Invocation(cfg, run_dir, bool(args.force), changes, saved is None, hint_args)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -309,25 +194,48 @@ class _OneLineConsole(logging.Formatter):
             record.exc_info = saved
 
 
-def setup_logging(stage_dir: Path | None, level: str, is_main: bool) -> list[logging.Handler]:
-    """Console handler (one line per record) and, on rank 0, ``log.txt`` (appended, DEBUG)."""
+class _Buffer(logging.Handler):
+    """Keeps records until the stage may write its ``log.txt`` (a refused stage writes nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+FILE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup_logging(level: str, is_main: bool) -> tuple[list[logging.Handler], _Buffer]:
+    """Console handler (one line per record) and a buffer that ``start_log_file`` flushes to ``log.txt``."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
-    handlers: list[logging.Handler] = []
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(getattr(logging, level.upper(), logging.INFO) if is_main else logging.WARNING)
     console.setFormatter(_OneLineConsole("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
-    handlers.append(console)
-    if stage_dir is not None and is_main:
-        fh = logging.FileHandler(stage_dir / "log.txt", encoding="utf-8")
-        fh.setLevel(logging.DEBUG)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-        handlers.append(fh)
-    for h in handlers:
+    buffer = _Buffer()
+    for h in (console, buffer):
         root.addHandler(h)
     for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "fsspec", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return handlers
+    return [console, buffer], buffer
+
+
+def start_log_file(stage_dir: Path, buffer: _Buffer, handlers: list[logging.Handler]) -> None:
+    """Open ``log.txt`` (appended, never through a symbolic link) and write the buffered records."""
+    fd = rf.open_log_nofollow(stage_dir / "log.txt")
+    fh = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+    fh.setLevel(logging.DEBUG)
+    fh.setFormatter(logging.Formatter(FILE_FORMAT))
+    for r in buffer.records:
+        fh.handle(r)
+    root = logging.getLogger()
+    root.removeHandler(buffer)
+    buffer.records.clear()
+    root.addHandler(fh)
+    handlers.append(fh)
 
 
 # ----------------------------------------------------------------------------- environment facts
@@ -365,7 +273,7 @@ def _device_text(ctx: Context) -> str | None:
         from .device import describe
 
         return describe(ctx.device())
-    except Exception:  # a device problem must not stop the manifest
+    except Exception:  # noqa: BLE001 - a device problem must not stop the manifest
         return None
 
 
@@ -373,18 +281,18 @@ def _redact_argv(argv: Sequence[str]) -> list[str]:
     out = []
     for a in argv:
         key = a.split("=", 1)[0]
-        if "=" in a and config_mod._SECRET_RE.search(key) and not key.endswith("_env"):
+        if "=" in a and config_mod.is_secret_key(key):
             out.append(f"{key}={config_mod.REDACTED}")
         else:
             out.append(a)
     return out
 
 
-# ----------------------------------------------------------------------------- running a stage
+# ----------------------------------------------------------------------------- signals and processes
 
 
 def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -411,7 +319,14 @@ def _barrier(world: int) -> None:
             dist.barrier()
 
 
-def _sigterm_to_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+def _already_stopping(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    log.warning("signal %d: already stopping (saving what is needed first)", signum)
+
+
+def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
+    """First SIGINT/SIGTERM: stop the stage; later ones are ignored while it cleans up."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _already_stopping)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -427,114 +342,154 @@ def _send_email(cfg: config_mod.Config, event: str, info: dict) -> None:
         log.error("could not send the %s e-mail: %s", event, e.__class__.__name__)
 
 
-def execute(name: str, main: Callable[[Context], dict | None], argv: Sequence[str] | None = None, *,
-            upstream: UpstreamSpec = (), optional_upstream: UpstreamSpec = (),
-            sections: Iterable[str] = (), external: Callable[[config_mod.Config], list] | None = None,
-            aliases: dict[str, str] | None = None, doc: str | None = None) -> int:
-    """Run one stage and return its exit code (``run`` calls this and exits)."""
+# ----------------------------------------------------------------------------- checks
+
+
+def rerun_hint(stage_name: str, run_dir: Path, extra: Sequence[str] = ()) -> str:
+    words = ["python", script_for(stage_name), "--run", str(run_dir), *extra]
+    return f"run `{shlex.join(words)}`"
+
+
+def _check_upstream(spec: StageSpec, inv: Invocation, fresh: rf.Freshness, specs: dict[str, StageSpec]) -> None:
+    """Raise ``StaleUpstreamError`` naming the stage to run when an upstream is not usable."""
+    for up in spec.upstream(inv.cfg):
+        folder = specs[up].folder(inv.run_dir, inv.cfg)
+        running = rf.holder(folder)
+        if running is not None:
+            raise StaleUpstreamError(f"{spec.name} needs {up}, which is running: "
+                                     f"{rf.running_message(up, inv.run_dir, running)}")
+        if up in spec.optional_upstream:
+            continue
+        why = fresh.problem(up)
+        if why is not None:
+            raise StaleUpstreamError(why)
+
+
+def _own_state(spec: StageSpec, inv: Invocation, fresh: rf.Freshness, stage_dir: Path
+               ) -> tuple[dict | None, str | None]:
+    """(the last finished run's manifest or None, why this stage runs; None = it is up to date)."""
+    old = rf.read_manifest(stage_dir)
+    if old is None:
+        why = "not run yet" if not (stage_dir / "log.txt").exists() else \
+            "the last run did not finish: continuing it"
+        return None, why
+    if old.get("format") != rf.FORMAT:
+        return old, "its manifest is of an older version of this tool"
+    why = fresh.own_problem(spec.name, old)
+    if why is None and inv.force:
+        why = "--force"
+    return old, why
+
+
+def _config_change_message(inv: Invocation, specs: dict[str, StageSpec]) -> str:
+    keys = {c.split(":")[0] for c in inv.changes}
+    affected = downstream(stages_reading({k for k in keys if config_mod.is_semantic(k)}), inv.cfg)
+    stale = [s for s in affected if s in specs and rf.read_manifest(specs[s].folder(inv.run_dir, inv.cfg))]
+    tail = f"; out of date now: {', '.join(stale)}" if stale else "; no finished stage is affected"
+    return f"{inv.run_dir / rf.RUN_CONFIG}: " + "; ".join(inv.changes) + tail
+
+
+# ----------------------------------------------------------------------------- running a stage
+
+
+def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: Any = None,
+            doc: str | None = None, specs: dict[str, StageSpec] | None = None) -> int:
+    """Run one stage and return its exit code (``run`` calls this and exits).
+
+    ``main`` replaces the spec's driver and ``specs`` the stage table (tests wire small stages
+    into the real wrapper).
+    """
+    specs = specs or SPECS
+    spec = specs[spec] if isinstance(spec, str) else spec
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg, run_dir, force = parse_args(name, argv, doc, aliases)
+        inv = parse_args(spec, argv, doc)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}", file=sys.stderr)
         return 2
 
-    stage_dir = run_dir / name
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, run_dir = inv.cfg, inv.run_dir
+    stage_dir = spec.folder(run_dir, cfg)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    handlers, buffer = setup_logging(cfg.run.log_level, rank0)
+    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"error: cannot create the stage folder {stage_dir}: {e.strerror}", file=sys.stderr)
-        return 2
-    handlers = setup_logging(stage_dir, cfg.run.log_level, rank0)
-    old_term = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        for s in old_handlers:
+            signal.signal(s, _interrupt)
     except ValueError:  # not in the main thread (tests)
-        pass
+        old_handlers = {}
 
     t0 = time.time()
     started = _now()
-    slog = logging.getLogger(name)
-    ctx: Context | None = None
+    slog = logging.getLogger(spec.name)
     metrics: dict | None = None
-    code = 1
-    err_line: str | None = None
-    tb_text: str | None = None
-    up_to_date = False
+    code, err_line, tb_text = 1, None, None
+    quiet = False  # up to date: no e-mail
+    lock = rf.StageLock(stage_dir, spec.name, run_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        slog.info("%s: run folder %s", name, run_dir)
+        hint_extra = inv.args if inv.changes else []
+        fresh = rf.Freshness(run_dir, cfg, specs, lambda s: rerun_hint(s, run_dir, hint_extra))
+        # --- checks: nothing is written until they pass
+        if rank0:
+            running = rf.holder(stage_dir)
+            if running is not None:
+                raise UserError(rf.running_message(spec.name, run_dir, running))
+        _check_upstream(spec, inv, fresh, specs)
+        old, why = _own_state(spec, inv, fresh, stage_dir)
+        if inv.changes:
+            slog.info("%s", _config_change_message(inv, specs))
+        if why is None:
+            if rank0 and (inv.changes or inv.new_run):
+                rf.write_run_config(run_dir, cfg)
+            slog.info("%s is up to date (inputs and configuration unchanged since %s); use --force to rerun",
+                      spec.name, old.get("finished") if old else "?")
+            code, quiet = 0, True
+            return 0
+        # --- the stage runs
         rank, world = _init_distributed()
+        if rank == 0:
+            lock.acquire()
+            if inv.changes or inv.new_run:
+                rf.write_run_config(run_dir, cfg)
+            for p in rf.remove_stale_temporaries(stage_dir):
+                slog.info("removed %s (a temporary file left by a killed run)", p)
+            (stage_dir / rf.MANIFEST).unlink(missing_ok=True)  # from here on the stage is unfinished
+            with rf.atomic_open(stage_dir / "config.yaml") as fh:
+                fh.write(config_mod.to_yaml(cfg))
+            start_log_file(stage_dir, buffer, handlers)
+        slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
         from .seed import seed_everything
 
         seed_everything(cfg.run.seed)
-        ups = tuple(upstream(cfg) if callable(upstream) else upstream)
-        opt_ups = tuple(optional_upstream(cfg) if callable(optional_upstream) else optional_upstream)
-        ctx = Context(name=name, cfg=cfg, run_dir=run_dir, dir=stage_dir, force=force, rank=rank,
-                      world_size=world, log=slog, upstream_names=ups, optional_upstream=opt_ups)
-        fresh = Freshness(run_dir)
-        for up in ups:
-            why = fresh.problem(up)
-            if why is not None:
-                raise StaleUpstreamError(why)
-        up_digests = {up: outputs_digest(read_manifest(run_dir / up) or {}) for up in ups}
-        for up in opt_ups:
-            if fresh.problem(up) is None:
-                up_digests[up] = outputs_digest(read_manifest(run_dir / up) or {})
-        ext = {str(p): fingerprint_external(p) for p in (external(cfg) if external else [])}
-        secs = list(sections) or list(config_mod.SECTIONS)
-        cfg_hash = cfg.hash(secs)
-
-        old = read_manifest(stage_dir)
-        if old is not None and not force:
-            same = (old.get("config_hash") == cfg_hash
-                    and old.get("inputs", {}).get("upstream") == {k: {"digest": v} for k, v in up_digests.items()}
-                    and old.get("inputs", {}).get("external") == ext
-                    and changed_outputs(stage_dir, old) is None)
-            if same:
-                slog.info("%s is up to date (inputs and configuration unchanged since %s); use --force to rerun",
-                          name, old.get("finished"))
-                code, up_to_date = 0, True
-                return 0
-        if rank == 0:
-            (stage_dir / MANIFEST).unlink(missing_ok=True)  # from here on the stage is unfinished
-            with atomic_open(stage_dir / "config.yaml") as fh:
-                fh.write(config_mod.to_yaml(cfg))
+        rec_cfg, reads = config_mod.recording(cfg)
+        ctx = Context(name=spec.name, cfg=rec_cfg, run_dir=run_dir, dir=stage_dir, freshness=fresh,
+                      upstream_names=spec.upstream(cfg), force=inv.force, previous=old,
+                      changed_output=rf.changed_outputs(stage_dir, old) if old else None, rank=rank,
+                      world_size=world)
         _barrier(world)
-
-        metrics = main(ctx) or {}
+        metrics = (main or spec.main())(ctx) or {}
         _barrier(world)
+        undeclared = sorted(reads - set(spec.keys))
+        if undeclared:
+            slog.error("internal: %s read configuration keys it does not declare: %s", spec.name,
+                       ", ".join(undeclared))
         if rank == 0:
-            outputs = {}
-            for rel, kind in sorted(ctx._outputs.items()):
-                p = stage_dir / rel
-                if not p.is_file():
-                    continue
-                st = p.stat()
-                outputs[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                "digest": _digest_of(p, kind), "digest_kind": kind}
+            up_digests = {up: {"digest": d} for up, d in sorted(ctx.used.items())}
             manifest = {
-                "format": FORMAT,
-                "stage": name,
-                "status": "ok",
-                "started": started,
-                "finished": _now(),
-                "elapsed_s": round(time.time() - t0, 3),
-                "argv": _redact_argv([script_for(name), *argv]),
-                "host": socket.gethostname(),
-                "git_commit": git_commit(),
-                "config_hash": cfg_hash,
-                "seed": cfg.run.seed,
-                "world_size": world,
-                "device": _device_text(ctx),
-                "versions": library_versions(),
-                "inputs": {"upstream": {k: {"digest": v} for k, v in up_digests.items()}, "external": ext},
-                "outputs": outputs,
-                "metrics": metrics,
+                "format": rf.FORMAT, "stage": spec.name, "status": "ok", "started": started, "finished": _now(),
+                "elapsed_s": round(time.time() - t0, 3), "argv": _redact_argv([spec.script, *argv]),
+                "host": socket.gethostname(), "git_commit": git_commit(),
+                "config": config_mod.key_values(cfg, spec.keys),
+                "config_hash": config_mod.hash_values(config_mod.key_values(cfg, spec.keys)),
+                "keys_read": sorted(reads), "undeclared_keys_read": undeclared,
+                "seed": cfg.run.seed, "world_size": world, "device": _device_text(ctx), "versions": library_versions(),
+                "inputs": {"upstream": up_digests,
+                           "external": {str(p): rf.fingerprint_external(p) for p in spec.external(cfg)}},
+                "outputs": rf.record_outputs(stage_dir, ctx.outputs), "metrics": metrics,
             }
-            write_json(stage_dir / MANIFEST, manifest)
-            slog.info("%s finished in %.1f s", name, time.time() - t0)
+            rf.write_manifest(stage_dir, manifest)
+            slog.info("%s finished in %.1f s", spec.name, time.time() - t0)
         code = 0
     except UserError as e:
         err_line = str(e).splitlines()[0] if str(e) else e.__class__.__name__
@@ -546,41 +501,48 @@ def execute(name: str, main: Callable[[Context], dict | None], argv: Sequence[st
         code = 2
     except KeyboardInterrupt as e:
         err_line = f"interrupted ({e})" if str(e) else "interrupted (Ctrl-C)"
-        slog.warning("%s: %s", name, err_line)
+        slog.warning("%s: %s; rerun the same command to continue", spec.name, err_line)
         code = 130
     except Exception as e:  # noqa: BLE001 - every unexpected failure gets a traceback and exit 1
         err_line = f"{e.__class__.__name__}: {e}".splitlines()[0]
         tb_text = traceback.format_exc()
-        slog.error("%s failed: %s (traceback in %s)", name, err_line, stage_dir / "log.txt", exc_info=True)
+        slog.error("%s failed: %s (traceback in %s)", spec.name, err_line, stage_dir / "log.txt", exc_info=True)
         code = 1
     finally:
-        if not up_to_date and rank0:
-            event = {0: "success", 130: "interrupt"}.get(code, "failure")
-            _send_email(cfg, event, {
-                "stage": name, "run_dir": str(run_dir), "host": socket.gethostname(),
-                "elapsed_s": time.time() - t0, "error": err_line, "traceback": tb_text,
-                "log_path": str(stage_dir / "log.txt"), "exit_code": code, "metrics": metrics,
-            })
         try:
-            signal.signal(signal.SIGTERM, old_term)
-        except (ValueError, TypeError):
-            pass
-        if world > 1:
-            try:
-                import torch.distributed as dist
+            if not quiet and rank0:
+                event = {0: "success", 130: "interrupt"}.get(code, "failure")
+                _send_email(cfg, event, {
+                    "stage": spec.name, "run_dir": str(run_dir), "host": socket.gethostname(),
+                    "elapsed_s": time.time() - t0, "error": err_line, "traceback": tb_text,
+                    "log_path": str(stage_dir / "log.txt"), "exit_code": code, "metrics": metrics,
+                })
+            lock.release()
+            if world > 1:
+                try:
+                    import torch.distributed as dist
 
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
-        for h in handlers:
-            logging.getLogger().removeHandler(h)
-            h.close()
+                    if dist.is_initialized():
+                        dist.destroy_process_group()
+                except Exception:  # noqa: BLE001
+                    pass
+            for h in handlers:
+                logging.getLogger().removeHandler(h)
+                h.close()
+        except KeyboardInterrupt:  # a signal during the clean-up: the outcome is already decided
+            code = 130 if code == 0 else code
+        finally:
+            for s, h in old_handlers.items():
+                try:
+                    signal.signal(s, h)
+                except (ValueError, TypeError):
+                    pass
     return code
 
 
-def run(name: str, main: Callable[[Context], dict | None], **kwargs: Any) -> typing.NoReturn:
-    """Entry point of every stage script: ``stage.run("04_extract_features", main, ...)``."""
-    if "doc" not in kwargs:
-        kwargs["doc"] = sys.modules["__main__"].__doc__
-    sys.exit(execute(name, main, **kwargs))
+def run(name: str) -> typing.NoReturn:
+    """Entry point of every stage script: ``stage.run("04_extract_features")``."""
+    sys.exit(execute(SPECS[name], doc=sys.modules["__main__"].__doc__))
+
+
+__all__ = ["Context", "STAGES", "execute", "run", "script_for", "rerun_hint"]

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Config
-from .data import ImageListDataset, loader_error_line, read_splits, rows_of, square_uint8_transform
+from .data import ImageListDataset, loader_error_line, square_uint8_transform
 from .errors import ImageReadError, UserError
-from .fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +83,3 @@ def mean_std(paths: Sequence[str], image_size: int, fill: int, batch_size: int =
     mean, std, n = histogram_moments(hist)
     return {"mean": mean, "std": std, "pixels": n, "images": len(paths), "image_size": image_size,
             "pad_fill": fill, "ddof": 0}
-
-
-def run_stats(cfg: Config, splits_csv: Path, out_json: Path, device: torch.device | None = None) -> dict:
-    """Stage 02: mean and std of the train split of ``splits_csv`` into ``out_json``; returns the metrics."""
-    train = rows_of(read_splits(splits_csv), "train")
-    log.info("mean/std over %d train images at %d px (pad fill %d)", len(train), cfg.model.image_size,
-             cfg.data.pad_fill)
-    stats = mean_std([r.path for r in train], cfg.model.image_size, cfg.data.pad_fill, cfg.stats.batch_size,
-                     cfg.data.num_workers, device)
-    stats["split"] = "train"
-    write_json(out_json, stats)
-    log.info("mean %s, std %s over %d pixels per channel", _fmt(stats["mean"]), _fmt(stats["std"]), stats["pixels"])
-    return {"images": stats["images"], "pixels": stats["pixels"], "mean": stats["mean"], "std": stats["std"]}
-
-
-def _fmt(v: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{x:.4f}" for x in v) + "]"

@@ -29,29 +29,27 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import distributed as D
-from .augment import TwoViews, denormalize, train_transform
+from .augment import TwoViews, denormalize
 from .config import Config, TrainConfig
-from .data import (ImageListDataset, class_names, eval_transform, label_indices, load_rgb, loader_error_line,
-                   read_splits, read_stats, rows_of)
+from .data import (ImageListDataset, eval_transform, load_rgb, loader_error_line)
+from .embed import AMP_DTYPES, embed_batch
 from .errors import NonFiniteLossError, UserError
-from .fileio import atomic_path, sha256_file, write_csv
-from .model import CHECKPOINT_FORMAT, SupConModel, build_model
+from .fileio import atomic_path, write_csv
+from .model import CHECKPOINT_FORMAT, SupConModel
 
 log = logging.getLogger(__name__)
 
 UPSTREAM = ("01_random_split_dataset", "02_mean_std_variables")
 METRIC_COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "eta_s",
                   "val_top1", "val_knn", "val_macro_f1")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_KEYS_MUST_MATCH = ("backbone", "head", "feat_dim", "image_size")  # resume refuses other values
 AUG_PREVIEW_IMAGES = 6  # training images shown (each with its two views) in augmentations.png
 EVAL_BATCH_FACTOR = 2  # k-NN evaluation batch = this x train.batch_size (no activations kept for backward)
@@ -449,19 +447,9 @@ class Trainer:
 # ----------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def embed(model: SupConModel, loader: Iterable, device: torch.device, amp: str, channels_last: bool) -> torch.Tensor:
     """L2-normalised backbone features ``(N, dim_in)`` float32 of every batch of ``loader`` (CPU)."""
-    cuda = device.type == "cuda"
-    dtype = AMP_DTYPES.get(amp) if cuda else None
-    out = []
-    for x, _, _ in loader:
-        x = x.to(device, non_blocking=cuda)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            f = model.encoder(x)
-        out.append(F.normalize(f.float(), dim=1).cpu())
+    out = [embed_batch(model, x, "encoder", amp, device, channels_last).cpu() for x, _, _ in loader]
     return torch.cat(out) if out else torch.zeros((0, model.dim_in))
 
 
@@ -485,7 +473,7 @@ def knn_metrics(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
 
 
 @contextlib.contextmanager
-def _worker_errors() -> Iterator[None]:
+def worker_errors() -> Iterator[None]:
     """A ``UserError`` (unreadable image) re-raised by a DataLoader worker, made one line again."""
     try:
         yield
@@ -535,7 +523,7 @@ class Evaluator:
         feats = {}
         try:
             for name, (ds, n, _) in self.sets.items():
-                with _worker_errors():
+                with worker_errors():
                     local = embed(model, self._loader(ds), self.device, self.cfg.train.amp, cl)
                 feats[name] = D.gather_strided(local.to(self.device), n).cpu()
         finally:
@@ -561,69 +549,17 @@ def write_metrics_csv(path: Path, rows: Sequence[dict]) -> None:
     write_csv(path, METRIC_COLUMNS, ([_fmt(r.get(c)) for c in METRIC_COLUMNS] for r in rows))
 
 
-def plot_curves(path: Path, rows: Sequence[dict]) -> None:
-    """``loss_curve.png``: loss and learning rate per epoch; validation k-NN metrics below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    tr = [r for r in rows if r.get("loss") is not None and r["epoch"] > 0]
-    ev = [r for r in rows if r.get("val_top1") is not None]
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    if tr:
-        h1 = a1.plot([r["epoch"] for r in tr], [r["loss"] for r in tr], "o-", color="tab:blue", ms=3, label="SupCon loss")
-        a1b = a1.twinx()
-        h2 = a1b.plot([r["epoch"] for r in tr], [r["lr"] for r in tr], "--", color="tab:orange",
-                      label="learning rate (last step of the epoch)")
-        a1b.set_ylabel("learning rate", color="tab:orange")
-        a1.legend(handles=h1 + h2, loc="upper right")
-    a1.set_ylabel("training loss", color="tab:blue")
-    a1.set_title("Supervised contrastive training")
-    a1.grid(alpha=0.3)
-    for key, lab in (("val_top1", "top-1 accuracy"), ("val_knn", "weighted k-NN accuracy"), ("val_macro_f1", "macro-F1 (top-1)")):
-        if ev:
-            a2.plot([r["epoch"] for r in ev], [r[key] for r in ev], "o-", ms=3, label=lab)
-    a2.set_xlabel("epoch (0 = untrained network)")
-    a2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    a2.set_ylabel("validation (k-NN retrieval)")
-    a2.set_ylim(0, 1)
-    a2.grid(alpha=0.3)
-    if ev:
-        a2.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def plot_augmentations(path: Path, ds: TwoViewDataset, indices: Sequence[int], cfg: Config, stats: dict,
-                       classes: Sequence[str], epoch: int = 1) -> None:
-    """``augmentations.png``: each image (padded, resized) and the two views the network gets at ``epoch``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def augmentation_preview(ds: TwoViewDataset, indices: Sequence[int], cfg: Config, stats: dict,
+                         classes: Sequence[str], epoch: int = 1) -> list[tuple[str, list[np.ndarray]]]:
+    """For ``augmentations.png``: each image (padded, resized) and the two views the network gets at ``epoch``."""
     tf = eval_transform(cfg.model.image_size, stats["mean"], stats["std"], cfg.data.pad_fill)
-    fig, axes = plt.subplots(len(indices), 3, figsize=(6, 2 * len(indices)), squeeze=False)
-    for row, i in enumerate(indices):
+    rows = []
+    for i in indices:
         img = load_rgb(ds.paths[i])
         pics = [tf(img), *ds.views_of(epoch, i, img)]
-        for col, (pic, title) in enumerate(zip(pics, ("image", "view 1", "view 2"))):
-            ax = axes[row][col]
-            ax.imshow(denormalize(pic, stats["mean"], stats["std"]).permute(1, 2, 0).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title)
-        axes[row][0].set_ylabel(classes[ds.labels[i]], fontsize=8)
-    fig.suptitle(f"What the network sees (epoch {epoch})")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+        rows.append((classes[ds.labels[i]],
+                     [denormalize(p, stats["mean"], stats["std"]).permute(1, 2, 0).numpy() for p in pics]))
+    return rows
 
 
 def preview_indices(labels: Sequence[int], n: int) -> list[int]:
@@ -647,7 +583,7 @@ def save_checkpoint(path: Path, obj: dict) -> None:
         torch.save(obj, tmp)
 
 
-def _copy_checkpoint(src: Path, dst: Path) -> None:
+def copy_checkpoint(src: Path, dst: Path) -> None:
     """``dst`` = ``src``: a hard link when possible (no copy; last.pt is replaced, not rewritten)."""
     with atomic_path(dst) as tmp:
         tmp.unlink()
@@ -657,7 +593,7 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _duration(s: float) -> str:
+def duration(s: float) -> str:
     s = int(max(s, 0))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
@@ -665,276 +601,3 @@ def _duration(s: float) -> str:
 
 
 # ----------------------------------------------------------------------------- the stage
-
-
-@dataclass
-class _Run:
-    """Book-keeping that goes into every checkpoint."""
-
-    rows: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=dict)  # {"epoch", "val_macro_f1", "val_top1"}
-
-
-def _move_aside(stage_dir: Path, why: str) -> None:
-    """Move the previous run's checkpoints, metrics and TensorBoard files to ``previous/``."""
-    names = ("checkpoints", "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
-    present = [n for n in names if (stage_dir / n).exists()]
-    if not present:
-        return
-    prev = stage_dir / "previous"
-    if prev.exists():
-        shutil.rmtree(prev)
-        log.info("deleted the older %s", prev)
-    prev.mkdir()
-    for n in present:
-        os.replace(stage_dir / n, prev / n)
-    log.info("%s: starting fresh; moved the previous run's %s to %s", why, ", ".join(present), prev)
-
-
-def _check_resumable(ckpt: dict, path: Path, cfg: Config, classes: list[str], stats: dict, splits_sha: str) -> None:
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a 03_main_supcon.py checkpoint: use --force to start a new training")
-    if ckpt.get("splits_sha256") not in (None, splits_sha):
-        # continuing on another split would train on former validation images (and select on them)
-        raise UserError(f"splits.csv changed since {path} was written (01_random_split_dataset was rerun): "
-                        f"use --force to train from scratch on the new split, or a new --run folder")
-    if list(ckpt.get("classes") or []) != list(classes):
-        old = ckpt.get("classes") or []
-        raise UserError(f"{path} was trained on {len(old)} classes, the splits now have {len(classes)} "
-                        f"(class list differs): use --force to start again, or a new --run folder")
-    stored = (ckpt.get("config") or {}).get("model", {})
-    now = asdict(cfg.model)
-    diff = [f"model.{k} {stored.get(k)!r} -> {now[k]!r}" for k in MODEL_KEYS_MUST_MATCH if stored.get(k) != now[k]]
-    if diff:
-        raise UserError(f"cannot resume from {path}: {', '.join(diff)}: use --force to start again, or a new --run folder")
-    old_stats = ckpt.get("stats") or {}
-    if any(abs(a - b) > 1e-6 for key in ("mean", "std") for a, b in zip(old_stats.get(key, []), stats[key])):
-        log.warning("stats.json changed since %s was written: training continues with the new mean/std", path)
-    old_train = (ckpt.get("config") or {}).get("train", {})
-    changed = [f"train.{k} {old_train.get(k)!r} -> {v!r}" for k, v in asdict(cfg.train).items()
-               if k in old_train and old_train[k] != v and k not in ("resume",)]
-    if changed:
-        log.warning("resuming with changed training settings: %s", "; ".join(changed))
-
-
-def train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
-    """Run stage 03 in ``ctx`` (``common.stage.Context`` or alike); returns the manifest metrics.
-
-    ``on_step(epoch, step_in_epoch, global_step)`` is called after every step (tests use it to
-    simulate an interruption). On the CPU, denormal floats are flushed to zero while training:
-    tiny weights and gradients otherwise slow convolutions and batch norm down 10-20 times.
-    """
-
-    cfg: Config = ctx.cfg
-    flush = ctx.device().type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        return _train_supcon(ctx, on_step)
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
-
-
-def _train_supcon(ctx: Any, on_step: Callable[[int, int, int], None] | None) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from .seed import worker_init_fn
-
-    cfg: Config = ctx.cfg
-    t = cfg.train
-    rank, world = int(ctx.rank), int(ctx.world_size)
-    is_main = rank == 0
-    device = ctx.device()
-    stage_dir = Path(ctx.dir)
-    ck_dir = stage_dir / "checkpoints"
-
-    # --- inputs
-    splits_csv = Path(ctx.upstream(UPSTREAM[0])) / "splits.csv"
-    stats_json = Path(ctx.upstream(UPSTREAM[1])) / "stats.json"
-    rows = read_splits(splits_csv)
-    splits_sha = sha256_file(splits_csv)
-    classes = class_names(rows)
-    stats = read_stats(stats_json)
-    train_rows, val_rows = rows_of(rows, "train"), rows_of(rows, "val")
-    train_paths, train_labels = [r.path for r in train_rows], label_indices(train_rows, classes)
-    if t.epochs < 1:
-        raise UserError(f"train.epochs: must be >= 1, got {t.epochs}")
-    if t.save_freq < 1:
-        raise UserError(f"train.save_freq: must be >= 1, got {t.save_freq}")
-
-    ds = TwoViewDataset(train_paths, train_labels, TwoViews(train_transform(cfg, stats["mean"], stats["std"])),
-                        cfg.run.seed)
-    sampler = EpochBatchSampler(len(ds), t.batch_size, cfg.run.seed, rank, world, t.max_steps_per_epoch)
-    if sampler.steps_per_epoch < 1:
-        raise UserError(f"train.batch_size: {t.batch_size} x {world} process(es) is more than the {len(ds)} training "
-                        f"images of {splits_csv} (batches are kept equal): lower train.batch_size")
-    steps = sampler.steps_per_epoch
-    g = torch.Generator()
-    g.manual_seed(cfg.run.seed)
-    nw = cfg.data.num_workers
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=nw, pin_memory=device.type == "cuda",
-                                         persistent_workers=nw > 0, worker_init_fn=worker_init_fn if nw > 0 else None,
-                                         generator=g)
-
-    # --- fresh start or resume
-    last = ck_dir / "last.pt"
-    ckpt: dict | None = None
-    if is_main and last.exists() and (ctx.force or not t.resume):
-        _move_aside(stage_dir, "--force" if ctx.force else "train.resume is false")
-    D.barrier()
-    if t.resume and not ctx.force and last.exists():
-        try:
-            ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a torn or foreign file
-            raise UserError(f"cannot read {last} to resume ({e.__class__.__name__}): use --force to start again") from None
-        _check_resumable(ckpt, last, cfg, classes, stats, splits_sha)
-    mcfg = cfg.model
-    if ckpt is not None and mcfg.pretrained.lower() != "none":
-        mcfg = type(mcfg)(**{**asdict(mcfg), "pretrained": "none"})  # weights come from last.pt: never download
-    model = build_model(mcfg)
-    trainer = Trainer(model, cfg, device, rank=rank, world_size=world, train_paths=train_paths,
-                      checkpoint_dir=ck_dir if is_main else None)
-    run = _Run()
-    if ckpt is not None:
-        trainer.load_state(ckpt)
-        set_rng_state(ckpt.get("rng") or {})
-        run.rows, run.best = list(ckpt.get("metrics") or []), dict(ckpt.get("best") or {})
-        p = trainer.position
-        if p.steps_per_epoch != steps and 0 < p.step_in_epoch:
-            log.warning("steps per epoch changed (%d -> %d): epoch %d restarts from its first batch",
-                        p.steps_per_epoch, steps, p.epoch)
-            trainer.position = Position(epoch=p.epoch, steps_per_epoch=steps)
-        p = trainer.position
-        what = (f"epoch {p.epoch}, skipping its {p.step_in_epoch} batches already done" if p.step_in_epoch
-                else f"the start of epoch {p.epoch}")
-        log.info("resuming from %s (epoch %d done, global step %d): continuing at %s", last, int(ckpt.get("epoch", 0)),
-                 trainer.global_step, what)
-        if int(ckpt.get("epoch", 0)) >= t.epochs:
-            log.warning("%s already completed %d epochs (train.epochs=%d): nothing to train; use --force to train "
-                        "from scratch, or raise train.epochs", last, int(ckpt["epoch"]), t.epochs)
-    else:
-        trainer.position = Position(epoch=1, steps_per_epoch=steps)
-    log.info("training %s (%s head, %d-d) with %s on %d classes, %d train / %d val images; %d step(s) of %d x %d "
-             "images per epoch, %d epochs, device %s%s", cfg.model.backbone, cfg.model.head, cfg.model.feat_dim,
-             t.method, len(classes), len(train_rows), len(val_rows), steps, t.batch_size, world, t.epochs, device,
-             f", AMP {t.amp}" if trainer.amp_dtype is not None else "")
-
-    evaluator = Evaluator(cfg, train_paths, train_labels, [r.path for r in val_rows],
-                          label_indices(val_rows, classes), len(classes), stats, device, rank, world)
-    if t.eval_every > 0 and not evaluator.enabled:
-        log.warning("no validation images: k-NN model selection is off and best.pt is the last epoch")
-    do_eval = t.eval_every > 0 and evaluator.enabled
-
-    writer = None
-    if is_main:
-        ck_dir.mkdir(parents=True, exist_ok=True)
-        preview = preview_indices(ds.labels, AUG_PREVIEW_IMAGES)
-        plot_augmentations(stage_dir / "augmentations.png", ds, preview, cfg, stats, classes)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=trainer.position.epoch)
-
-    def checkpoint_obj(completed: int) -> dict:
-        return {"format": CHECKPOINT_FORMAT, **trainer.state(), "epoch": completed, "rng": rng_state(),
-                "config": cfg.to_dict(), "classes": classes, "stats": stats, "metrics": run.rows,
-                "best": run.best, "world_size": world, "splits_sha256": splits_sha}
-
-    try:
-        if ckpt is None and do_eval:  # the untrained network, so a user sees that learning happened
-            m0 = evaluator(trainer.raw)
-            run.rows.append({"epoch": 0, "step": 0, **m0})
-            log.info("untrained network: val top-1 %.4f, k-NN %.4f, macro-F1 %.4f",
-                     m0["val_top1"], m0["val_knn"], m0["val_macro_f1"])
-            if writer is not None:
-                for k, v in m0.items():
-                    writer.add_scalar(f"val/{k[4:]}", v, 0)
-        epoch_times: list[float] = []
-        while trainer.position.epoch <= t.epochs:
-            p = trainer.position
-            epoch, start = p.epoch, p.step_in_epoch
-            t_epoch = time.perf_counter()
-            sampler.set_epoch(epoch, start)
-            bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{t.epochs}", leave=False,
-                       disable=None if is_main else True, dynamic_ncols=True)
-            try:
-                with _worker_errors():
-                    res = trainer.train_one_epoch(loader, epoch, steps, start, on_step=on_step, bar=bar)
-            finally:
-                bar.close()
-            row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step, "loss": res.loss, "lr": res.lr,
-                                   "images_per_s": (steps * t.batch_size * world) / res.train_time_s
-                                   if res.train_time_s > 0 else None}
-            last_epoch = epoch == t.epochs
-            improved = False
-            if do_eval and (epoch % t.eval_every == 0 or last_epoch):
-                m = evaluator(trainer.raw)
-                row.update(m)
-                key = (m["val_macro_f1"], m["val_top1"])
-                improved = not run.best or key > (run.best["val_macro_f1"], run.best["val_top1"])
-            epoch_times.append(time.perf_counter() - t_epoch)
-            row["epoch_time_s"] = epoch_times[-1]
-            row["eta_s"] = float(np.mean(epoch_times)) * (t.epochs - epoch)
-            # the epoch's end is atomic too: rows, best and position change together with last.pt
-            with DeferSignals():
-                run.rows.append(row)
-                if improved:
-                    run.best = {"epoch": epoch, "val_macro_f1": row["val_macro_f1"], "val_top1": row["val_top1"]}
-                trainer.position = Position(epoch=epoch + 1, steps_per_epoch=steps)
-                if is_main:
-                    save_checkpoint(last, checkpoint_obj(epoch))
-                    if improved or (not do_eval and last_epoch):
-                        _copy_checkpoint(last, ck_dir / "best.pt")
-                    if epoch % t.save_freq == 0:
-                        _copy_checkpoint(last, ck_dir / f"epoch_{epoch:04d}.pt")
-            if is_main:
-                write_metrics_csv(stage_dir / "metrics.csv", run.rows)
-                if "val_top1" in row or last_epoch or epoch % t.save_freq == 0:  # a plot costs ~0.3 s
-                    plot_curves(stage_dir / "loss_curve.png", run.rows)
-                for k in ("loss", "lr", "images_per_s"):
-                    if row.get(k) is not None:
-                        writer.add_scalar(f"train/{k}", row[k], epoch)
-                for k in ("val_top1", "val_knn", "val_macro_f1"):
-                    if k in row:
-                        writer.add_scalar(f"val/{k[4:]}", row[k], epoch)
-                writer.flush()
-            val = (f"; val top-1 {row['val_top1']:.4f}, k-NN {row['val_knn']:.4f}, macro-F1 {row['val_macro_f1']:.4f}"
-                   f"{' (best)' if improved else ''}") if "val_top1" in row else ""
-            log.info("epoch %d/%d: loss %.4f, lr %.4g, %.1f img/s, %s, ETA %s%s", epoch, t.epochs, res.loss, res.lr,
-                     row["images_per_s"] or 0.0, _duration(row["epoch_time_s"]), _duration(row["eta_s"]), val)
-            D.barrier()
-    except KeyboardInterrupt:
-        p = trainer.position
-        if is_main and p.epoch <= t.epochs:
-            save_checkpoint(last, checkpoint_obj(p.epoch - 1))
-            log.warning("interrupted at epoch %d, step %d/%d: saved %s; rerun the same command to continue",
-                        p.epoch, p.step_in_epoch, p.steps_per_epoch, last)
-        raise
-    finally:
-        if writer is not None:
-            writer.close()
-
-    # --- outputs for the manifest
-    if is_main:
-        if not (ck_dir / "best.pt").exists() and last.exists():
-            _copy_checkpoint(last, ck_dir / "best.pt")
-        plot_curves(stage_dir / "loss_curve.png", run.rows)
-        if not (stage_dir / "metrics.csv").exists():
-            write_metrics_csv(stage_dir / "metrics.csv", run.rows)
-        for name in sorted(os.listdir(ck_dir)):
-            if name in ("last.pt", "best.pt") or (name.startswith("epoch_") and name.endswith(".pt")):
-                ctx.output("checkpoints", name)
-        for name in ("metrics.csv", "loss_curve.png", "augmentations.png"):
-            ctx.output(name)
-    D.barrier()
-    trained = [r for r in run.rows if r["epoch"] > 0 and r.get("loss") is not None]
-    first = next((r for r in run.rows if r["epoch"] == 0), None)
-    summary = {"epochs": t.epochs, "steps": trainer.global_step, "steps_per_epoch": steps,
-               "final_loss": trained[-1]["loss"] if trained else None,
-               "images_per_s": trained[-1].get("images_per_s") if trained else None,
-               "best_epoch": run.best.get("epoch"), "best_val_macro_f1": run.best.get("val_macro_f1"),
-               "best_val_top1": run.best.get("val_top1"),
-               "untrained_val_top1": first.get("val_top1") if first else None,
-               "resumed": ckpt is not None}
-    if run.best:
-        log.info("best epoch %d: val macro-F1 %.4f, top-1 %.4f (checkpoints/best.pt)", run.best["epoch"],
-                 run.best["val_macro_f1"], run.best["val_top1"])
-    return summary

@@ -12,9 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from common import config as C
 from common import stage
 from common.errors import UserError
+from common.stages import SPECS, StageSpec
+
+SPEC_A = StageSpec("01_random_split_dataset", "split", keys=("model.backbone",))
+SPEC_B = StageSpec("02_mean_std_variables", "stats", keys=("stats.batch_size",),
+                   upstream_fn=lambda cfg: ("01_random_split_dataset",))
+SPEC_C = StageSpec("03_main_supcon", "train", keys=(), upstream_fn=lambda cfg: ("02_mean_std_variables",))
+TEST_SPECS = {s.name: s for s in (SPEC_A, SPEC_B, SPEC_C)}
+
+
+def ex(spec, main, argv):
+    """The real wrapper over a small stage table."""
+    return stage.execute(spec, argv, main=main, specs={**TEST_SPECS, spec.name: spec})
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,13 +45,11 @@ def _consumer(ctx: stage.Context) -> dict:
 
 
 def run_a(tmp_path, *extra, text="x"):
-    return stage.execute("01_random_split_dataset", _producer(text), ["--run", str(tmp_path), *extra],
-                         sections=("model",))
+    return ex(SPEC_A, _producer(text), ["--run", str(tmp_path), *extra])
 
 
 def run_b(tmp_path, *extra):
-    return stage.execute("02_mean_std_variables", _consumer, ["--run", str(tmp_path), *extra],
-                         upstream=("01_random_split_dataset",), sections=("stats",))
+    return ex(SPEC_B, _consumer, ["--run", str(tmp_path), *extra])
 
 
 def test_manifest_config_and_log_written(tmp_path):
@@ -120,7 +129,7 @@ def test_stale_transitive_upstream(tmp_path, caplog):
         ctx.upstream("02_mean_std_variables")
         return {}
     caplog.clear()
-    code = stage.execute("03_main_supcon", third, ["--run", str(tmp_path)], upstream=("02_mean_std_variables",))
+    code = ex(SPEC_C, third, ["--run", str(tmp_path)])
     assert code == 2
     assert "02_mean_std_variables is out of date" in caplog.text
 
@@ -133,7 +142,7 @@ def test_exit_codes_and_no_manifest_on_failure(tmp_path, exc, code):
     def main(ctx):
         ctx.output("partial.txt").write_text("half")
         raise exc
-    rc = stage.execute("01_random_split_dataset", main, ["--run", str(tmp_path), "--force"])
+    rc = ex(SPEC_A, main, ["--run", str(tmp_path), "--force"])
     assert rc == code
     sdir = tmp_path / "01_random_split_dataset"
     assert not (sdir / "manifest.json").exists()
@@ -145,17 +154,17 @@ def test_exit_codes_and_no_manifest_on_failure(tmp_path, exc, code):
 
 
 def test_bad_config_is_exit_2(tmp_path, capsys):
-    rc = stage.execute("01_random_split_dataset", _producer("x"), ["--run", str(tmp_path), "train.epochz=1"])
+    rc = ex(SPEC_A, _producer("x"), ["--run", str(tmp_path), "train.epochz=1"])
     assert rc == 2
     assert "train.epochz" in capsys.readouterr().err
 
 
 def test_supcon_aliases(tmp_path):
-    cfg, run_dir, force = stage.parse_args(
-        "03_main_supcon",
+    inv = stage.parse_args(
+        SPECS["03_main_supcon"],
         ["--batch_size", "8", "--learning_rate", "0.5", "--cosine", "--lr_decay_epochs", "700,800,900",
-         "--temp", "0.1", "--model", "resnet18", "--trial", "3", "--run", str(tmp_path), "train.epochs=2"],
-        aliases=C.SUPCON_ALIASES)
+         "--temp", "0.1", "--model", "resnet18", "--trial", "3", "--run", str(tmp_path), "train.epochs=2"])
+    cfg, run_dir, force = inv.cfg, inv.run_dir, inv.force
     assert cfg.train.batch_size == 8 and cfg.train.learning_rate == 0.5 and cfg.train.cosine
     assert cfg.train.lr_decay_epochs == [700, 800, 900] and cfg.train.temperature == 0.1
     assert cfg.model.backbone == "resnet18" and cfg.train.trial == "3" and cfg.train.epochs == 2
@@ -166,16 +175,16 @@ def test_external_input_change_reruns(tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.png").write_bytes(b"1")
-    args = dict(sections=("data",), external=lambda cfg: [cfg.data.root])
+    spec = StageSpec("01_random_split_dataset", "split", keys=("data.root", "model.backbone"), external_fn=lambda cfg: [cfg.data.root])
     run = ["--run", str(tmp_path / "run"), f"data.root={data}"]
-    assert stage.execute("01_random_split_dataset", _producer("x"), run, **args) == 0
+    assert ex(spec, _producer("x"), run) == 0
     caplog.set_level("INFO")
-    assert stage.execute("01_random_split_dataset", _producer("x"), run, **args) == 0
+    assert ex(spec, _producer("x"), run) == 0
     assert "up to date" in caplog.text
     (data / "b.png").write_bytes(b"2")
     (data / ".hidden").write_bytes(b"ignored")
     caplog.clear()
-    assert stage.execute("01_random_split_dataset", _producer("x"), run, **args) == 0
+    assert ex(spec, _producer("x"), run) == 0
     assert "up to date" not in caplog.text
 
 
@@ -195,7 +204,7 @@ def main(ctx):
         fh.write("end\\n")
     return {{}}
 
-stage.run("01_random_split_dataset", main)
+sys.exit(stage.execute("01_random_split_dataset", main=main))
 """
 
 
@@ -239,7 +248,7 @@ def test_dataloader_worker_error_keeps_the_file_name(tmp_path, caplog):
             pass
         return {}
     torch.set_num_threads(1)
-    assert stage.execute("01_random_split_dataset", main, ["--run", str(tmp_path)]) == 2
+    assert ex(SPEC_A, main, ["--run", str(tmp_path)]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["error: cannot read /data/x/broken.png: truncated"]
 
@@ -270,7 +279,7 @@ def test_failing_stage_emails_through_loopback_smtp(tmp_path, monkeypatch):
     try:
         def main(ctx):
             raise RuntimeError("GPU fell off the bus")
-        rc = stage.execute("03_main_supcon", main, [
+        rc = ex(SPEC_A, main, [
             "--run", str(tmp_path), "notify.enabled=true", "notify.security=plain", "notify.smtp_host=127.0.0.1",
             f"notify.smtp_port={port}", "notify.recipients=[me@lab.example]"])
     finally:
@@ -278,9 +287,9 @@ def test_failing_stage_emails_through_loopback_smtp(tmp_path, monkeypatch):
     assert rc == 1
     assert len(inbox.messages) == 1
     msg = inbox.messages[0]
-    assert "03_main_supcon" in msg and "GPU fell off the bus" in msg and "log.txt" in msg
+    assert "01_random_split_dataset" in msg and "GPU fell off the bus" in msg and "log.txt" in msg
     assert "s3cret-pw" not in msg
-    for f in (tmp_path / "03_main_supcon").iterdir():
+    for f in (tmp_path / "01_random_split_dataset").iterdir():
         assert "s3cret-pw" not in f.read_text(errors="replace")
 
 
@@ -290,7 +299,7 @@ def test_unreachable_mail_server_never_changes_the_exit_code(tmp_path, exc, code
         if exc is not None:
             raise exc
         return {}
-    rc = stage.execute("01_random_split_dataset", main, [
+    rc = ex(SPEC_A, main, [
         "--run", str(tmp_path), "notify.enabled=true", "notify.on_success=true", "notify.security=plain",
         "notify.smtp_host=127.0.0.1", f"notify.smtp_port={_free_port()}", "notify.timeout=2",
         "notify.recipients=[me@lab.example]"])

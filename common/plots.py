@@ -1,0 +1,128 @@
+"""Every figure the pipeline draws (matplotlib, Agg backend, written atomically as PNG).
+
+Text is always shown literally: ``text.parse_math`` is off, so a class name holding ``$`` or
+``_`` is drawn as it is (matplotlib would otherwise parse ``$...$`` as maths and fail).
+"""
+from __future__ import annotations
+
+
+import numpy as np
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+matplotlib.rcParams["text.parse_math"] = False
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+from .fileio import atomic_path  # noqa: E402
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], chosen: int, path: Path, title: str = "") -> None:
+    """``threshold_sweep.png``: top-1 / k-NN accuracy and macro-F1 against the threshold, the
+    gallery size on a second axis, the chosen threshold marked."""
+
+
+    t = [r["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ax.plot(t, [r["top1_accuracy"] for r in rows], "o-", ms=3, label="top-1 accuracy")
+    ax.plot(t, [r["knn_accuracy"] for r in rows], "s-", ms=3, label="k-NN accuracy")
+    ax.plot(t, [r["macro_f1"] for r in rows], "^-", ms=3, label="macro-F1 (top-1)")
+    ax.set_xlabel("pruning threshold (cosine similarity)")
+    ax.set_ylabel("val metric")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(t, [r["n_kept"] for r in rows], "k--", lw=1, label="gallery size")
+    ax2.set_ylabel("gallery size (vectors)")
+    ax2.set_ylim(bottom=0)
+    c = rows[chosen]
+    ax.axvline(c["threshold"], color="tab:red", lw=1.2)
+    right = c["threshold"] > (t[0] + t[-1]) / 2  # write the label on the side with more room
+    ax2.text(c["threshold"], 0.5, f" chosen {c['threshold']:g} \n {c['n_kept']:,} vectors \n F1 {c['macro_f1']:.3f} ",
+            transform=ax2.get_xaxis_transform(), zorder=5, ha="right" if right else "left", va="center", fontsize=8,
+            color="tab:red", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8, framealpha=0.9)
+    ax.set_title(title or "LUT threshold sweep (val queries against the pruned train gallery)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_prune_summary(summary: Sequence[dict[str, Any]], path: Path, threshold: float) -> None:
+    """``prune_summary.png``: images per class before and after pruning (log scale), largest first."""
+
+
+    rows = sorted(summary, key=lambda r: (-r["before"], str(r["class"])))
+    n = max(len(rows), 1)
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.16 * n + 2), 5))
+    ax.bar(x, [r["before"] for r in rows], color="0.75", label="train gallery")
+    ax.bar(x, [r["after"] for r in rows], color="tab:blue", label=f"LUT (threshold {threshold:g})")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.8)  # bars start below one vector (every class keeps at least one)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(r["class"]) for r in rows], rotation=90, fontsize=max(4, min(8, 600 // n)))
+    ax.set_ylabel("vectors per class")
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.legend(fontsize=8)
+    b, a = sum(r["before"] for r in rows), sum(r["after"] for r in rows)
+    ax.set_title(f"LUT pruning: {a:,} of {b:,} train vectors kept ({100 * a / max(b, 1):.1f}%)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+def plot_curves(path: Path, rows: Sequence[dict]) -> None:
+    """``loss_curve.png``: loss and learning rate per epoch; validation k-NN metrics below."""
+
+    tr = [r for r in rows if r.get("loss") is not None and r["epoch"] > 0]
+    ev = [r for r in rows if r.get("val_top1") is not None]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    if tr:
+        h1 = a1.plot([r["epoch"] for r in tr], [r["loss"] for r in tr], "o-", color="tab:blue", ms=3, label="SupCon loss")
+        a1b = a1.twinx()
+        h2 = a1b.plot([r["epoch"] for r in tr], [r["lr"] for r in tr], "--", color="tab:orange",
+                      label="learning rate (last step of the epoch)")
+        a1b.set_ylabel("learning rate", color="tab:orange")
+        a1.legend(handles=h1 + h2, loc="upper right")
+    a1.set_ylabel("training loss", color="tab:blue")
+    a1.set_title("Supervised contrastive training")
+    a1.grid(alpha=0.3)
+    for key, lab in (("val_top1", "top-1 accuracy"), ("val_knn", "weighted k-NN accuracy"), ("val_macro_f1", "macro-F1 (top-1)")):
+        if ev:
+            a2.plot([r["epoch"] for r in ev], [r[key] for r in ev], "o-", ms=3, label=lab)
+    a2.set_xlabel("epoch (0 = untrained network)")
+    a2.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    a2.set_ylabel("validation (k-NN retrieval)")
+    a2.set_ylim(0, 1)
+    a2.grid(alpha=0.3)
+    if ev:
+        a2.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_image_grid(path: Path, rows: Sequence[tuple[str, Sequence[Any]]], titles: Sequence[str],
+                    suptitle: str) -> None:
+    """A grid of images: one row per (label, [H x W x 3 arrays in 0-1]), one column per title."""
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(2 * len(titles), 2 * len(rows)), squeeze=False)
+    for r, (label, pics) in enumerate(rows):
+        for c, (pic, title) in enumerate(zip(pics, titles)):
+            ax = axes[r][c]
+            ax.imshow(pic)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title)
+        axes[r][0].set_ylabel(label, fontsize=8)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

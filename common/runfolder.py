@@ -1,0 +1,377 @@
+"""The run folder: the run's configuration, stage manifests, freshness and stage locks.
+
+A run folder ``RUN/`` holds ``config.yaml`` (the run's configuration) and one folder per stage.
+A stage folder holds ``manifest.json``, written last: its presence means the stage finished. The
+manifest records each output's size, mtime and digest, the values of the configuration keys the
+stage declares, and the digest of each upstream stage's outputs it read.
+
+Freshness (icefall's ``.done`` markers and DVC's ``dvc.lock`` are the models): a stage is fresh
+under a configuration when its manifest says ok, its outputs are unchanged on disk, the values
+of its declared semantic keys equal the recorded ones, its external inputs are unchanged, and
+each upstream it read is itself fresh with the outputs digest recorded. Nothing is special-cased:
+every reason is one line that names the key or the output and the command to run.
+
+A stage that runs holds ``RUN/<stage>/.lock`` (pid, host, start time). A second process on the
+same stage, or on a stage whose upstream is running, is refused naming the holder; a lock left by
+a dead process on this host is taken over with a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import config as config_mod
+from .errors import ConfigError, UserError
+from .fileio import atomic_open, read_json, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+RUN_CONFIG = "config.yaml"
+LOCK = ".lock"
+FORMAT = "plankton-manifest/2"
+TMP_SUFFIX = ".tmp"  # fileio.atomic_path's temporary files: ".<name>.<random>.tmp"
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def digest_of(path: Path, kind: str) -> str:
+    """The digest of one output: ``sha256`` of the file or the feature store's ``content_digest``."""
+    if kind == "sha256":
+        return sha256_file(path)
+    if kind == "feature_store":
+        from .features import content_digest
+
+        return content_digest(path)
+    raise ValueError(f"unknown digest kind {kind!r}")
+
+
+def fingerprint_external(path: str | Path) -> str:
+    """Digest of an input outside the run folder: sorted listing with sizes and mtimes.
+
+    Hidden files and folders are left out, as every stage ignores them.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():
+        st = p.stat()
+        h.update(f"{p.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    if not p.is_dir():
+        return "missing"
+    for root, dirs, files in os.walk(p):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            fp = Path(root, f)
+            try:
+                st = fp.stat()
+            except OSError:
+                continue
+            rel = fp.relative_to(p).as_posix()
+            h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def outputs_digest(manifest: dict) -> str:
+    """One digest of a stage's recorded outputs (what a downstream stage depends on)."""
+    items = sorted((k, v["digest"]) for k, v in manifest.get("outputs", {}).items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def record_outputs(stage_dir: Path, outputs: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """``{relative path: {size, mtime_ns, digest, digest_kind}}`` of the outputs that exist."""
+    out = {}
+    for rel, kind in sorted(outputs.items()):
+        p = stage_dir / rel
+        if not p.is_file():
+            continue
+        st = p.stat()
+        out[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest_of(p, kind), "digest_kind": kind}
+    return out
+
+
+def changed_outputs(stage_dir: Path, manifest: dict) -> str | None:
+    """The first recorded output that is missing or whose content changed, else None.
+
+    Size and mtime equal to the recorded ones are taken as unchanged (only the stage that owns a
+    file writes it); otherwise the digest is recomputed, so a touched but identical file is fine.
+    """
+    for rel, rec in manifest.get("outputs", {}).items():
+        p = stage_dir / rel
+        if not p.is_file():
+            return rel
+        st = p.stat()
+        if st.st_size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns"):
+            continue
+        try:
+            if digest_of(p, rec.get("digest_kind", "sha256")) != rec.get("digest"):
+                return rel
+        except Exception as e:  # noqa: BLE001 - an unreadable output counts as changed
+            log.debug("digest of %s failed: %s", p, e)
+            return rel
+    return None
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    """The stage's manifest, or None when the stage has not finished (or the file is unreadable)."""
+    p = stage_dir / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = read_json(p)
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and m.get("status") == "ok" else None
+
+
+# ----------------------------------------------------------------------------- the run's configuration
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """``RUN/config.yaml`` as a mapping, None when the run has none yet."""
+    p = run_dir / RUN_CONFIG
+    if not p.is_file():
+        return None
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{p} is unreadable ({e.__class__.__name__}): fix it or delete it to start the run's "
+                          "configuration again from -c files") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return data
+
+
+def write_run_config(run_dir: Path, cfg: config_mod.Config) -> None:
+    """Write ``RUN/config.yaml`` atomically (invocation keys left out, secrets redacted)."""
+    text = ("# The run's configuration: a stage given only --run uses it; -c files and key=value overrides\n"
+            "# change it (the stage says which keys changed and which stages that makes out of date).\n"
+            + yaml.safe_dump(config_mod.run_config_dict(cfg), sort_keys=False, default_flow_style=None))
+    with atomic_open(run_dir / RUN_CONFIG) as fh:
+        fh.write(text)
+
+
+def run_config_changes(saved: dict | None, cfg: config_mod.Config) -> list[str]:
+    """``["lut.tolerance: 0.005 -> 0.01", ...]``: what ``cfg`` changes in the saved run configuration."""
+    if saved is None:
+        return []
+    base = config_mod.load_config(base=saved) if saved else config_mod.Config()
+    keys = [k for k in config_mod.all_keys() if k not in config_mod.INVOCATION_KEYS]
+    old = {k: config_mod.get_key(base, k) for k in keys}
+    new = {k: config_mod.get_key(cfg, k) for k in keys}
+    return config_mod.diff_values(old, new)
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+@dataclass
+class LockInfo:
+    pid: int
+    host: str
+    started: str
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host} since {self.started}"
+
+    def alive(self) -> bool | None:
+        """True/False for a process on this host; None when it runs on another host (unknown)."""
+        if self.host != socket.gethostname():
+            return None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def read_lock(stage_dir: Path) -> LockInfo | None:
+    """The holder recorded in ``stage_dir/.lock``, None when there is no lock."""
+    p = stage_dir / LOCK
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        return LockInfo(int(d["pid"]), str(d["host"]), str(d["started"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return LockInfo(-1, "?", "?")  # a torn lock: treated as left by a dead process
+
+
+def holder(stage_dir: Path) -> LockInfo | None:
+    """The live (or possibly live, on another host) holder of a stage's lock, else None."""
+    info = read_lock(stage_dir)
+    if info is None or info.pid == os.getpid():
+        return None
+    return None if info.alive() is False or info.pid < 0 else info
+
+
+class StageLock:
+    """``stage_dir/.lock``, created exclusively; a lock of a dead process on this host is taken over."""
+
+    def __init__(self, stage_dir: Path, stage_name: str, run_dir: Path):
+        self.path = stage_dir / LOCK
+        self.stage_name, self.run_dir = stage_name, run_dir
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                info = read_lock(self.path.parent)
+                if info is None:
+                    continue
+                alive = info.alive() if info.pid >= 0 else False
+                if alive is False:
+                    log.warning("%s: taking over the lock left by %s (that process is gone)", self.stage_name,
+                                info.describe())
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                raise UserError(running_message(self.stage_name, self.run_dir, info))
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, fh)
+            self.held = True
+            return
+        raise UserError(f"cannot take the lock {self.path}: it keeps changing; is another process starting "
+                        f"{self.stage_name}?")
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+
+def running_message(stage_name: str, run_dir: Path, info: LockInfo) -> str:
+    where = "" if info.alive() is not None else f" (if that process is gone, delete {run_dir / stage_name / LOCK})"
+    return f"{stage_name} is running in {run_dir}: {info.describe()}{where}"
+
+
+def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
+    """Delete the temporary files an earlier, killed run left (``.<name>.<random>.tmp``)."""
+    removed = []
+    for root, _dirs, files in os.walk(stage_dir):
+        for f in files:
+            if f.startswith(".") and f.endswith(TMP_SUFFIX):
+                p = Path(root, f)
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+# ----------------------------------------------------------------------------- freshness
+
+
+UpstreamOf = Callable[[config_mod.Config], tuple[str, ...]]
+
+
+class Freshness:
+    """Memoised freshness checks of the stages of one run folder under one configuration.
+
+    ``specs`` maps a stage name to an object with ``keys`` (declared configuration keys),
+    ``upstream(cfg)``, ``external(cfg)`` and ``folder(run_dir, cfg)``; ``hint(stage)`` gives
+    the command a user runs to (re)make a stage.
+    """
+
+    def __init__(self, run_dir: Path, cfg: config_mod.Config, specs: dict[str, Any],
+                 hint: Callable[[str], str]):
+        self.run_dir, self.cfg, self.specs, self.hint = run_dir, cfg, specs, hint
+        self._memo: dict[str, str | None] = {}
+
+    def problem(self, name: str) -> str | None:
+        """None when ``name`` finished and is unchanged under the configuration; else why not."""
+        if name not in self._memo:
+            self._memo[name] = self._check(name)
+        return self._memo[name]
+
+    def own_problem(self, name: str, manifest: dict | None) -> str | None:
+        """Why ``name`` itself (not its upstream) is out of date, given its manifest."""
+        spec = self.specs[name]
+        sdir = spec.folder(self.run_dir, self.cfg)
+        if manifest is None:
+            running = holder(sdir)
+            if running is not None:
+                return running_message(name, self.run_dir, running)
+            if (sdir / "log.txt").exists() or (sdir / MANIFEST).exists():
+                return f"{name} has not finished in {self.run_dir} (it failed or was interrupted): {self.hint(name)}"
+            return f"{name} has not been run in {self.run_dir}: {self.hint(name)}"
+        bad = changed_outputs(sdir, manifest)
+        if bad:
+            return f"{name}'s output {bad} changed or disappeared since it ran"
+        diff = config_mod.diff_values(manifest.get("config", {}), config_mod.key_values(self.cfg, spec.keys))
+        if diff:
+            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+            return f"{name} is out of date: {diff[0]}{more}"
+        ext = {str(p): fingerprint_external(p) for p in spec.external(self.cfg)}
+        if manifest.get("inputs", {}).get("external", {}) != ext:
+            return f"{name} is out of date: its input {', '.join(ext) or 'folder'} changed since it ran"
+        recorded = manifest.get("inputs", {}).get("upstream", {})
+        if not set(spec.required_upstream(self.cfg)) <= set(recorded) <= set(spec.upstream(self.cfg)):
+            return f"{name} is out of date: it read {sorted(recorded)}, the configuration now asks for " \
+                   f"{sorted(spec.required_upstream(self.cfg))}"
+        for up, rec in recorded.items():
+            um = read_manifest(self.specs[up].folder(self.run_dir, self.cfg))
+            if um is None or outputs_digest(um) != rec.get("digest"):
+                return f"{name} is out of date: {up} was rerun after it"
+        return None
+
+    def _check(self, name: str) -> str | None:
+        spec = self.specs[name]
+        m = read_manifest(spec.folder(self.run_dir, self.cfg))
+        if m is not None:
+            for up in m.get("inputs", {}).get("upstream", {}):
+                why = self.problem(up)
+                if why is not None:
+                    return why
+        why = self.own_problem(name, m)
+        if why is not None and m is not None:
+            return f"{why}: {self.hint(name)}"
+        return why
+
+
+def utc_stamp() -> str:
+    """``20261129T103200Z``: a sortable UTC time for folder names."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def unique_previous(stage_dir: Path) -> Path:
+    """A new ``previous-<UTC time>`` folder name under ``stage_dir`` that does not exist yet."""
+    base = stage_dir / f"previous-{utc_stamp()}"
+    p, i = base, 1
+    while p.exists():
+        p, i = Path(f"{base}-{i}"), i + 1
+    return p
+
+
+def open_log_nofollow(path: Path) -> int:
+    """Open ``path`` for appending without following a symbolic link (``UserError`` if it is one)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link: logs are never written through links; remove it") from None
+        raise
+
+
+def write_manifest(stage_dir: Path, manifest: dict) -> None:
+    write_json(stage_dir / MANIFEST, manifest)

@@ -1,0 +1,150 @@
+"""The seven stages, declared once: upstream stages, configuration keys read, folder, driver.
+
+Each stage's driver is a module of this package with a ``main(ctx)`` that reads its inputs
+through ``ctx``, calls library code and writes its outputs through ``ctx.output``. What a stage
+reads is declared here and nowhere else: its upstream stages (a function of the configuration
+where it depends on it) and the configuration keys its driver reads. Freshness is the sha256 of
+the declared upstream outputs plus the hash of the declared (semantic) keys; a test runs every
+stage with a recording configuration and fails if a driver reads a key it did not declare.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import SUPCON_ALIASES, SUPCON_FLAGS, Config  # noqa: F401 - SUPCON_FLAGS re-exported
+
+SPLIT = "01_random_split_dataset"
+STATS = "02_mean_std_variables"
+TRAIN = "03_main_supcon"
+EXTRACT = "04_extract_features"
+THRESHOLD = "05_lut_threshold"
+PRUNE = "06_prune_features"
+INFERENCE = "07_inference"
+STAGES = [SPLIT, STATS, TRAIN, EXTRACT, THRESHOLD, PRUNE, INFERENCE]
+PREDICT_DIR = "predict"  # 07_inference/predict/<name>/: predict runs, apart from the evaluation
+
+
+def _section(cls_name: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{cls_name}.{n}" for n in names)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: its name, driver module, upstream stages and the configuration keys it reads."""
+
+    name: str
+    driver: str  # module under common.stages holding main(ctx)
+    keys: tuple[str, ...]  # section.key read by the driver (speed-only keys are read but not hashed)
+    upstream_fn: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
+    optional_upstream: tuple[str, ...] = ()  # read when present and fresh; never required
+    external_fn: Callable[[Config], list[str]] = lambda cfg: []
+    folder_fn: Callable[[Path, Config], Path] | None = None
+    aliases: dict[str, str] = field(default_factory=dict)  # --flag -> section.key (stage 03)
+
+    @property
+    def script(self) -> str:
+        return f"{self.name}.py"
+
+    def upstream(self, cfg: Config) -> tuple[str, ...]:
+        return tuple(self.upstream_fn(cfg)) + tuple(u for u in self.optional_upstream)
+
+    def required_upstream(self, cfg: Config) -> tuple[str, ...]:
+        return tuple(self.upstream_fn(cfg))
+
+    def external(self, cfg: Config) -> list[str]:
+        return list(self.external_fn(cfg))
+
+    def folder(self, run_dir: Path, cfg: Config) -> Path:
+        return self.folder_fn(run_dir, cfg) if self.folder_fn else Path(run_dir) / self.name
+
+    def main(self) -> Callable[[Any], dict | None]:
+        return importlib.import_module(f"{__name__}.{self.driver}").main
+
+
+def _prune_upstream(cfg: Config) -> tuple[str, ...]:
+    # stage 06 reads stage 05's threshold.json unless prune.threshold is set
+    return (EXTRACT,) + (() if cfg.prune.threshold is not None else (THRESHOLD,))
+
+
+def _inference_upstream(cfg: Config) -> tuple[str, ...]:
+    # the pruned LUT is stage 06's artefact; the full gallery needs only stage 04
+    return (SPLIT, STATS, TRAIN, EXTRACT) + ((PRUNE,) if cfg.inference.gallery == "lut" else ())
+
+
+def predict_name(cfg: Config) -> str:
+    """``inference.name``, default the input folder's (or file's) name."""
+    if cfg.inference.name:
+        return cfg.inference.name
+    return Path(str(cfg.inference.input or "input")).name or "input"
+
+
+def _inference_folder(run_dir: Path, cfg: Config) -> Path:
+    base = Path(run_dir) / INFERENCE
+    return base / PREDICT_DIR / predict_name(cfg) if cfg.inference.mode == "predict" else base
+
+
+def _inference_external(cfg: Config) -> list[str]:
+    return [cfg.inference.input] if cfg.inference.mode == "predict" and cfg.inference.input else []
+
+
+
+IMAGE_CHECKS = _section("data", "max_pixels", "min_side")  # every stage that decodes images applies them
+
+SPECS: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec(SPLIT, "split",
+              keys=("run.seed", *_section("data", "root", "bad_images", "num_workers", "follow_symlinks"),
+                    *IMAGE_CHECKS, *_section("split", "train", "val", "test", "min_images", "materialize")),
+              external_fn=lambda cfg: [cfg.data.root]),
+    StageSpec(STATS, "stats",
+              keys=("data.pad_fill", "data.num_workers", "model.image_size", "stats.batch_size", *IMAGE_CHECKS),
+              upstream_fn=lambda cfg: (SPLIT,)),
+    StageSpec(TRAIN, "train",
+              keys=("run.seed", "run.deterministic", "data.pad_fill", "data.num_workers", *IMAGE_CHECKS,
+                    *_section("model", "backbone", "pretrained", "image_size", "head", "feat_dim",
+                              "grad_checkpointing", "channels_last"),
+                    *_section("train", "method", "epochs", "batch_size", "learning_rate", "scale_lr", "momentum",
+                              "weight_decay", "cosine", "lr_decay_epochs", "lr_decay_rate", "warm", "warm_epochs",
+                              "warmup_from", "temperature", "base_temperature", "contrast_mode", "crop_scale",
+                              "hflip", "vflip", "rot90", "color_jitter", "color_jitter_p", "grayscale_p", "save_freq",
+                              "eval_every", "eval_knn_k", "amp", "compile", "max_steps_per_epoch", "resume")),
+              upstream_fn=lambda cfg: (SPLIT, STATS), aliases=SUPCON_ALIASES),
+    StageSpec(EXTRACT, "extract",
+              keys=(*_section("extract", "checkpoint", "embedding", "batch_size", "amp"), "model.channels_last",
+                    "data.num_workers", *IMAGE_CHECKS),
+              upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN)),
+    StageSpec(THRESHOLD, "threshold",
+              keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
+                            "target_size", "knn_k", "knn_temperature", "block_size"),
+              upstream_fn=lambda cfg: (EXTRACT,)),
+    StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size"), upstream_fn=_prune_upstream),
+    StageSpec(INFERENCE, "inference",
+              keys=("run.seed", *_section("inference", "mode", "input", "name", "gallery", "method", "k",
+                                          "temperature", "top_k", "reject_below", "batch_size", "block_size",
+                                          "classifiers", "linear_epochs", "linear_lr", "worst_classes",
+                                          "embedding_map"),
+                    "extract.amp", "model.channels_last", "data.num_workers", *IMAGE_CHECKS),
+              upstream_fn=_inference_upstream, optional_upstream=(THRESHOLD,), external_fn=_inference_external,
+              folder_fn=_inference_folder),
+)}
+
+
+def number_of(name: str) -> int:
+    """1 for ``01_random_split_dataset``, ..."""
+    return STAGES.index(name) + 1
+
+
+def downstream(names: set[str], cfg: Config) -> list[str]:
+    """``names`` and every stage that reads one of them, directly or not, in pipeline order."""
+    out = set(names)
+    for s in STAGES:
+        if set(SPECS[s].upstream(cfg)) & out:
+            out.add(s)
+    return [s for s in STAGES if s in out]
+
+
+def stages_reading(keys: set[str]) -> set[str]:
+    """The stages that declare one of ``keys`` (``section.key``)."""
+    return {s.name for s in SPECS.values() if set(s.keys) & keys}

@@ -1,0 +1,73 @@
+"""Stage 04's driver: embed every image of every split with one checkpoint into the feature store.
+
+Reads 01's splits.csv, 02's stats.json and 03's checkpoint (``extract.checkpoint``); writes
+``features.sqlite`` (resumable: an interrupted run continues where it stopped) and ``model.json``,
+the small description of the model and embedding that stages 05-07 read (checkpoint path and
+sha256, backbone, embedding kind, dimension, normalisation, classes, the store's model id).
+
+A finished store is embedded again in full on ``--force`` or when the store no longer matches
+what this stage recorded (a corrupted or hand-edited file): it is never re-recorded as good.
+Every vector is checked finite and unit-norm before the stage finishes.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from .. import distributed as D
+from ..extract import extract_features, resolve_checkpoint
+from ..features import FeatureStore, verify_store
+from ..fileio import read_json, write_json
+from ..errors import UserError
+from . import SPLIT, STATS, TRAIN
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "features.sqlite"
+MODEL_JSON = "model.json"
+
+
+def main(ctx: Any) -> dict[str, Any]:
+    splits = ctx.upstream(SPLIT) / "splits.csv"
+    stats = ctx.upstream(STATS) / "stats.json"
+    ckpt = resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
+    store = ctx.output(STORE_FILE, digest="feature_store")
+    if ctx.rank == 0 and ctx.previous is not None and (ctx.force or ctx.changed_output):
+        why = "--force" if ctx.force else f"{STORE_FILE} changed since this stage recorded it"
+        _remove_store(store)
+        log.info("%s: embedding every image again into a new %s", why, store)
+    D.barrier()
+    metrics = extract_features(ckpt, splits, stats, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
+                               world_size=ctx.world_size)
+    if ctx.rank != 0:
+        return metrics
+    n = verify_store(store, metrics["model_id"])
+    log.info("checked %d vectors: finite and unit-norm", n)
+    with FeatureStore(store) as st:
+        info = st.model_info(metrics["model_id"])
+    write_json(ctx.output(MODEL_JSON), {
+        "model_id": info.id, "checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": info.checkpoint_sha256,
+        "backbone": info.backbone, "embedding": info.embedding, "dim": info.dim, "mean": info.mean, "std": info.std,
+        "image_size": info.image_size, "pad_fill": info.pad_fill, "classes": list(info.classes), "epoch": info.epoch,
+        "vectors": metrics["vectors"],
+    })
+    return metrics
+
+
+def _remove_store(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+
+
+def read_model_json(stage04_dir: Path) -> dict[str, Any]:
+    """Stage 04's ``model.json`` (``UserError`` naming the stage to rerun when unreadable)."""
+    p = Path(stage04_dir) / MODEL_JSON
+    try:
+        d = read_json(p)
+        int(d["model_id"]), str(d["checkpoint_sha256"])  # noqa: B018 - the keys every reader needs
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{p} is unreadable ({e.__class__.__name__}): rerun 04_extract_features.py --force") from None
+    return d

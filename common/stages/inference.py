@@ -1,0 +1,220 @@
+"""Stage 07's driver: classify the test split (or new images) against the LUT; metrics and report.
+
+Evaluate mode reads 04's store (train, val and test vectors) and ``model.json``, and the gallery:
+06's ``lut.sqlite`` (``inference.gallery=lut``) or every train vector (``full``); it writes
+``07_inference/``. Predict mode embeds every image under ``inference.input`` with the checkpoint
+04's ``model.json`` names (its sha256 checked) and writes ``07_inference/predict/<name>/`` only:
+the evaluation's files are never touched. The algorithms are in ``common.inference``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import classifiers as K
+from ..errors import UserError
+from ..features import FeatureStore, ModelInfo, Vectors
+from ..fileio import read_json
+from ..inference import EvalInputs, evaluate, list_images, predict
+from ..runfolder import read_manifest
+from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
+from .extract import STORE_FILE, read_model_json
+from .prune import LUT_FILE
+
+log = logging.getLogger(__name__)
+
+
+def check_same_model(query_model: Any, gallery_model: Any, what: str) -> None:
+    """Refuse to match vectors of one checkpoint against a gallery of another (``UserError``)."""
+    if query_model != gallery_model:
+        raise UserError(f"{what} were embedded by another checkpoint ({query_model!r}) than the gallery "
+                        f"({gallery_model!r}): rerun 04_extract_features.py and 06_prune_features.py")
+
+
+@dataclass
+class StoreData:
+    """What stage 07 reads: one model's train/val/test vectors and the gallery."""
+
+    classes: list[str]
+    model: ModelInfo
+    checkpoint: Path
+    train: Vectors
+    val: Vectors
+    test: Vectors
+    gallery: Vectors
+    test_rows: list = field(default_factory=list)  # splits.csv rows of the test split
+    facts: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def model_id(self) -> int:
+        return int(self.model.id)
+
+
+def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str]) -> tuple[Vectors, str]:
+    """Stage 06's self-contained LUT, checked to be of the same checkpoint and embedding as ``model``."""
+    with FeatureStore(lut_path) as lut:
+        info = lut.current_model()
+        check_same_model((info.checkpoint_sha256, info.embedding, info.dim),
+                         (model.checkpoint_sha256, model.embedding, model.dim), f"the LUT {lut_path}'s vectors")
+        gallery = lut.load_split("train", info.id, classes)
+    return gallery, f"LUT {lut_path} ({len(gallery)} vectors)"
+
+
+def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None) -> StoreData:
+    """Load one model's train/val/test vectors and the gallery (the LUT, or all train vectors when None)."""
+    from ..data import class_names, read_splits
+
+    meta = read_model_json(stage04)
+    rows = read_splits(splits_csv)
+    classes = list(class_names(rows))
+    store_path = stage04 / STORE_FILE
+    with FeatureStore(store_path) as store:
+        info = store.require_complete(int(meta["model_id"]))
+        check_same_model(info.checkpoint_sha256, meta["checkpoint_sha256"], f"the vectors of {store_path}")
+        if list(info.classes) != classes:
+            raise UserError(f"{store_path}: the vectors' checkpoint has {len(info.classes)} classes but {splits_csv} "
+                            f"has {len(classes)}: rerun 04_extract_features.py")
+        train, val, test = (store.load_split(s, info.id, classes) for s in ("train", "val", "test"))
+    if lut_path is None:
+        gallery, desc = train, f"full train gallery ({len(train)} vectors)"
+    else:
+        gallery, desc = load_gallery(lut_path, info, classes)
+    facts = [("model", info.describe()), ("backbone", info.backbone), ("image size", info.image_size),
+             ("gallery", desc), ("classes", len(classes))]
+    return StoreData(classes=classes, model=info, checkpoint=Path(meta["checkpoint"]), train=train, val=val,
+                     test=test, gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts)
+
+
+def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
+    if sweep_dir is None:
+        return None, None
+    png = sweep_dir / "threshold_sweep.png"
+    tj = sweep_dir / "threshold.json"
+    suggested = None
+    if tj.is_file():
+        try:
+            v = read_json(tj).get("suggested_reject_below")
+            suggested = float(v) if v is not None else None
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            log.warning("cannot read suggested_reject_below from %s: %s", tj, e)
+    return (png if png.is_file() else None), suggested
+
+
+def main(ctx: Any) -> dict[str, Any]:
+    """Load the vectors and gallery, then evaluate on the test split or predict new images."""
+    icfg = ctx.cfg.inference
+    splits_dir = ctx.upstream(SPLIT)
+    ctx.upstream(STATS)
+    ctx.upstream(TRAIN)
+    stage04 = ctx.upstream(EXTRACT)
+    lut_path = ctx.upstream(PRUNE) / LUT_FILE if icfg.gallery == "lut" else None
+    sweep_png, suggested = _threshold_info(ctx.upstream(THRESHOLD, required=False))
+    if suggested is not None:
+        log.info("stage 05 suggests inference.reject_below=%.4f (now %s)", suggested, icfg.reject_below)
+    if icfg.reject_below is None:
+        log.info("open-set rejection is off (inference.reject_below=null)")
+    data = load_store_data(stage04, splits_dir / "splits.csv", lut_path)
+    facts = [("run folder", str(ctx.run_dir)), *data.facts]
+    if icfg.mode == "evaluate":
+        return _evaluate(ctx, data, facts, sweep_png, suggested)
+    return _predict(ctx, data, facts, suggested)
+
+
+def _evaluate(ctx: Any, data: StoreData, facts: list, sweep_png: Path | None, suggested: float | None) -> dict:
+    icfg = ctx.cfg.inference
+    test, embed_s = data.test, 0.0
+    if len(test) == 0 and data.test_rows:
+        log.info("the store holds no test vectors: embedding the test split's %d images now", len(data.test_rows))
+        test, embed_s = _embed_split(ctx, data)
+    inp = EvalInputs(classes=data.classes, test=test, gallery=data.gallery, train=data.train, val=data.val,
+                     model_id=data.model_id, facts=facts, sweep_png=sweep_png,
+                     suggested_reject_below=suggested, embed_seconds=embed_s)
+    m = evaluate(inp, icfg, ctx.output, device=ctx.device(), seed=ctx.cfg.run.seed)
+    keys = ("accuracy", f"top{icfg.top_k}_accuracy", "macro_f1", "balanced_accuracy", "map_at_r",
+            "rejection_rate", "accepted_accuracy", "gallery_size", "report")
+    return {k: m[k] for k in keys if k in m}
+
+
+def _predict(ctx: Any, data: StoreData, facts: list, suggested: float | None) -> dict:
+    icfg = ctx.cfg.inference
+    images, not_images = list_images(icfg.input)
+    if not_images:
+        log.info("%d files under %s are not images by their suffix: listed in predictions.csv", len(not_images),
+                 icfg.input)
+    if not images:
+        raise UserError(f"inference.input: no image files under {icfg.input}")
+    log.info("predicting %d images of %s into %s", len(images), icfg.input, ctx.dir)
+    X, ok, errors, timing = _embed(ctx, data, images)
+    queries = Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
+    clfs = _classifiers_for_predict(ctx, data)
+    m = predict(queries, data.gallery, data.classes, icfg, ctx.output, classifiers=clfs,
+                errors=[*errors, *not_images], timing=timing, facts=facts, suggested_reject_below=suggested,
+                device=ctx.device())
+    return {k: m[k] for k in ("n_images", "n_unreadable", "rejection_rate", "images_per_s", "report") if k in m}
+
+
+def load_query_model(ctx: Any, data: StoreData) -> tuple[Any, Callable]:
+    """The store's own checkpoint (the one 04's model.json names, sha256 checked) and transform."""
+    from ..data import eval_transform
+    from ..embed import prepare_model
+    from ..model import load_checkpoint_model
+
+    if not data.checkpoint.is_file():
+        raise UserError(f"checkpoint {data.checkpoint} (named by 04_extract_features/model.json) is missing: "
+                        "rerun 04_extract_features.py")
+    model, ckpt = load_checkpoint_model(data.checkpoint, map_location="cpu")
+    check_same_model(ckpt.get("sha256"), data.model.checkpoint_sha256, f"queries embedded with {data.checkpoint}")
+    m = data.model
+    transform = eval_transform(m.image_size, m.mean, m.std, m.pad_fill)
+    return prepare_model(model, ctx.device(), ctx.cfg.model.channels_last), transform
+
+
+def _embed(ctx: Any, data: StoreData, paths: list[str]) -> tuple[np.ndarray, list[int], list, dict]:
+    from ..embed import embed_paths
+
+    cfg = ctx.cfg
+    model, transform = load_query_model(ctx, data)
+    return embed_paths(paths, model, transform, data.model.image_size, embedding=data.model.embedding,
+                       batch_size=cfg.inference.batch_size, num_workers=cfg.data.num_workers, device=ctx.device(),
+                       amp=cfg.extract.amp, channels_last=cfg.model.channels_last, min_side=cfg.data.min_side,
+                       max_pixels=cfg.data.max_pixels)
+
+
+def _embed_split(ctx: Any, data: StoreData) -> tuple[Vectors, float]:
+    """Test vectors embedded now (the store has none): same checkpoint and transform as the store."""
+    paths = [r.path for r in data.test_rows]
+    X, ok, errors, timing = _embed(ctx, data, paths)
+    if errors:
+        raise UserError(f"test image {errors[0][0]} cannot be read ({errors[0][1]}): rerun 01_random_split_dataset.py")
+    idx = {c: i for i, c in enumerate(data.classes)}
+    labels = np.array([idx[data.test_rows[i].label] for i in ok], dtype=np.int64)
+    return Vectors(X, labels, [paths[i] for i in ok]), timing["decode_embed_s"]
+
+
+def _classifiers_for_predict(ctx: Any, data: StoreData) -> dict[str, Any]:
+    """Predict mode: the classifiers saved by an up-to-date evaluation (read only), else fitted now."""
+    icfg = ctx.cfg.inference
+    if not icfg.classifiers:
+        return {}
+    dim = data.gallery.X.shape[1]
+    evaluation = ctx.run_dir / INFERENCE
+    saved = evaluation / "classifiers"
+    if read_manifest(evaluation) is not None and (saved / K.CLASSES_FILE).is_file():
+        loaded = K.load_classifiers(saved, data.classes, data.model_id, dim, icfg.classifiers)
+        if all(n in loaded for n in icfg.classifiers):
+            log.info("using the classifiers the evaluation saved in %s: %s", saved, ", ".join(loaded))
+            return {n: loaded[n] for n in icfg.classifiers}
+    if len(data.train) == 0:
+        raise UserError("inference.classifiers: the feature store has no train vectors to fit them on")
+    fitted = K.fit_classifiers(icfg.classifiers, data.train.X, data.train.labels, data.val.X, data.val.labels,
+                               len(data.classes), epochs=icfg.linear_epochs, lr=icfg.linear_lr,
+                               batch_size=K.LINEAR_BATCH_SIZE, device=ctx.device(), seed=ctx.cfg.run.seed)
+    folder = ctx.dir / "classifiers"
+    paths = K.save_classifiers(fitted, folder, data.classes, data.model_id, dim)
+    for p in [*paths.values(), folder / K.CLASSES_FILE, folder / K.DIGESTS_FILE]:
+        ctx.output("classifiers", p.name)
+    return fitted

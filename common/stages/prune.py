@@ -1,0 +1,108 @@
+"""Stage 06's driver: prune the train gallery into the look-up table (LUT) at the chosen threshold.
+
+The threshold is ``prune.threshold`` when set (then stage 05 is not needed), else the one in 05's
+``threshold.json``. Writes its own artefact, ``lut.sqlite``: a self-contained gallery with the
+feature store's schema (the kept train images with their labels, paths and sha256, the model, the
+kept vectors) that a user can copy to another machine; ``lut.json`` (threshold, counts, the
+model's checkpoint sha256), ``prune_summary.csv`` and ``prune_summary.png``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import lut
+from ..errors import UserError
+from ..features import FeatureStore, Vectors
+from ..fileio import atomic_path, read_json, write_csv, write_json
+from ..plots import plot_prune_summary
+from . import EXTRACT, THRESHOLD
+from .extract import STORE_FILE
+from .threshold import THRESHOLD_JSON, load_splits
+
+log = logging.getLogger(__name__)
+
+LUT_FILE = "lut.sqlite"
+LUT_JSON = "lut.json"
+
+
+def _threshold(ctx: Any) -> tuple[float, str, int | None]:
+    """(threshold, where it comes from, the model id stage 05 chose it for)."""
+    if ctx.cfg.prune.threshold is not None:
+        return float(ctx.cfg.prune.threshold), "prune.threshold", None
+    tj = ctx.upstream(THRESHOLD) / THRESHOLD_JSON
+    try:
+        meta = read_json(tj)
+        return float(meta["threshold"]), str(tj), meta.get("model_id")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{tj} is unreadable ({e}): rerun 05_lut_threshold.py") from None
+
+
+def write_lut_store(path: Path, source: Path, model_id: int, gallery: Vectors) -> None:
+    """Write the kept ``gallery`` rows of ``source`` (images, model, vectors) as a new store at ``path``."""
+    keep = {int(i) for i in gallery.ids}
+    with FeatureStore(source) as src:
+        info = src.model_info(model_id)
+        images = [r for r in src.images("train") if r.id in keep]
+    with atomic_path(path) as tmp:
+        os.unlink(tmp)  # SQLite creates the file itself
+        with FeatureStore(tmp, create=True) as dst:
+            dst.sync_images(images)
+            new, _ = dst.register_model(checkpoint_sha256=info.checkpoint_sha256, embedding=info.embedding,
+                                        backbone=info.backbone, dim=info.dim, mean=info.mean, std=info.std,
+                                        image_size=info.image_size, pad_fill=info.pad_fill, classes=info.classes,
+                                        checkpoint_path=info.checkpoint_path, epoch=info.epoch)
+            id_of = {r.path: r.id for r in dst.images("train")}
+            ids = np.array([id_of[p] for p in gallery.paths], dtype=np.int64)
+            order = np.argsort(ids, kind="stable")
+            dst.write_vectors(new.id, ids[order], gallery.X[order])
+            dst.mark_complete(new.id)
+
+
+def main(ctx: Any) -> dict[str, Any]:
+    stage04 = ctx.upstream(EXTRACT)
+    t, source, tj_model = _threshold(ctx)
+    t = round(t, 6)
+    model, classes, vec = load_splits(stage04, ("train",))
+    if tj_model is not None and int(tj_model) != int(model["model_id"]):
+        raise UserError(f"{source} was chosen for model {tj_model}, but stage 04's vectors are of model "
+                        f"{model['model_id']}: rerun 05_lut_threshold.py")
+    gal = vec["train"]
+    if len(gal) == 0:
+        raise UserError(f"{stage04 / STORE_FILE} holds no train vectors to prune: rerun 04_extract_features.py")
+    t0 = time.perf_counter()
+    keep = lut.prune(gal.X, gal.labels, gal.ids, t, ctx.cfg.lut.block_size, ctx.device())
+    secs = time.perf_counter() - t0
+    kept = Vectors(gal.X[keep], gal.labels[keep], [p for p, k in zip(gal.paths, keep) if k], gal.ids[keep])
+    write_lut_store(ctx.output(LUT_FILE, digest="feature_store"), stage04 / STORE_FILE, int(model["model_id"]),
+                    kept)
+
+    n_classes = len(classes)
+    before = np.bincount(gal.labels, minlength=n_classes)
+    after = np.bincount(kept.labels, minlength=n_classes)
+    present = before > 0
+    summary = [{"class": classes[c], "before": int(before[c]), "after": int(after[c]),
+                "fraction_kept": after[c] / before[c]} for c in np.flatnonzero(present)]
+    write_csv(ctx.output("prune_summary.csv"), ["class", "before", "after", "fraction_kept"],
+              ([r["class"], r["before"], r["after"], f"{r['fraction_kept']:.6f}"] for r in summary))
+    plot_prune_summary(summary, ctx.output("prune_summary.png"), t)
+    b, a = before[present], after[present]
+    imbalance = {"ratio_before": float(b.max() / b.min()), "ratio_after": float(a.max() / a.min()),
+                 "gini_before": lut.gini(b), "gini_after": lut.gini(a)}
+    n_before, n_after = len(gal), len(kept)
+    log.info("threshold %g (%s): kept %s of %s train vectors (%.1f%%, %.1f MB -> %.1f MB float32) in %.2f s",
+             t, source, f"{n_after:,}", f"{n_before:,}", 100 * n_after / n_before,
+             n_before * gal.X.shape[1] * 4 / 2**20, n_after * gal.X.shape[1] * 4 / 2**20, secs)
+    log.info("class imbalance: largest/smallest class %.1f -> %.1f, Gini %.3f -> %.3f",
+             imbalance["ratio_before"], imbalance["ratio_after"], imbalance["gini_before"], imbalance["gini_after"])
+    write_json(ctx.output(LUT_JSON), {
+        "checkpoint_sha256": model["checkpoint_sha256"], "embedding": model["embedding"], "dim": model["dim"],
+        "threshold": t, "threshold_source": source, "n_before": n_before, "n_after": n_after,
+        "kept_ids_sha256": lut.kept_ids_sha256(kept.ids), "imbalance": imbalance,
+    })
+    return {"threshold": t, "n_before": n_before, "n_after": n_after, "seconds": round(secs, 3), **imbalance}

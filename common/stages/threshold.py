@@ -1,0 +1,103 @@
+"""Stage 05's driver: sweep the LUT pruning threshold on the val split, choose one, write the artefacts.
+
+Reads 04's ``features.sqlite`` (train = gallery, val = queries) and ``model.json``; writes
+``threshold_sweep.csv``, ``threshold.json`` and ``threshold_sweep.png``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import lut
+from ..errors import UserError
+from ..features import FeatureStore, Vectors
+from ..fileio import write_csv, write_json
+from ..plots import plot_sweep
+from . import EXTRACT
+from .extract import STORE_FILE, read_model_json
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_JSON = "threshold.json"
+
+
+def load_splits(stage04_dir: Path, splits: Sequence[str]) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
+    """(model.json, classes, {split: Vectors}) of the one model stage 04 recorded."""
+    model = read_model_json(stage04_dir)
+    path = Path(stage04_dir) / STORE_FILE
+    classes = list(model["classes"])
+    with FeatureStore(path) as store:
+        info = store.require_complete(int(model["model_id"]))
+        if info.checkpoint_sha256 != model["checkpoint_sha256"] or info.dim != int(model["dim"]):
+            raise UserError(f"{path} does not hold the model {Path(stage04_dir) / 'model.json'} describes: rerun "
+                            "04_extract_features.py --force")
+        out = {s: store.load_split(s, info.id, classes) for s in splits}
+    log.info("feature store %s: %s; %s", path, info.describe(),
+             ", ".join(f"{s} {len(v):,} vectors" for s, v in out.items()))
+    return model, classes, out
+
+
+def main(ctx: Any) -> dict[str, Any]:
+    lcfg = ctx.cfg.lut
+    device = ctx.device()
+    thresholds = lut.threshold_grid(lcfg)
+    stage04 = ctx.upstream(EXTRACT)
+    model, classes, vec = load_splits(stage04, ("train", "val"))
+    gal, val = vec["train"], vec["val"]
+    store = stage04 / STORE_FILE
+    if len(gal) == 0:
+        raise UserError(f"{store} holds no train vectors (the gallery): check split.train and rerun "
+                        "01_random_split_dataset.py and 04_extract_features.py")
+    if len(val) == 0:
+        raise UserError(f"{store} holds no val vectors: stage 05 chooses the threshold on the val split; give "
+                        "split.val > 0 and rerun 01_random_split_dataset.py and 04_extract_features.py")
+    n_classes, dim = len(classes), gal.X.shape[1]
+    log.info("sweeping %d thresholds (%g..%g) over a gallery of %s x %d and %s val queries on %s",
+             len(thresholds), thresholds[0], thresholds[-1], f"{len(gal):,}", dim, f"{len(val):,}", device)
+
+    t0 = time.perf_counter()
+    keeps = lut.prune_sweep(gal.X, gal.labels, gal.ids, thresholds, lcfg.block_size, device)
+    t_prune = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    neighbours, qstats = lut.nearest_kept(val.X, gal.X, keeps, lcfg.knn_k, lcfg.block_size, device)
+    t_query = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lat = lut.measure_latency(val.X[:lut.LATENCY_QUERIES], gal.X, [int(k.sum()) for k in keeps], lcfg.knn_k,
+                              lcfg.block_size, device)
+    t_lat = time.perf_counter() - t0
+    log.info("pruned at %d thresholds in %.1f s; val neighbours in %.1f s (top-%d lists, %d exact fallbacks); "
+             "latency timing %.1f s", len(thresholds), t_prune, t_query, qstats["top_m"], qstats["fallback_queries"],
+             t_lat)
+    rows = lut.sweep_rows(thresholds, keeps, gal.labels, val.labels, neighbours, n_classes, lcfg.knn_temperature,
+                          dim, lat)
+    for r in rows:
+        log.info("t=%-8g kept %7s (%5.1f%%)  top-1 %.4f  k-NN %.4f  macro-F1 %.4f  %.3f ms/query", r["threshold"],
+                 f"{r['n_kept']:,}", 100 * r["fraction_kept"], r["top1_accuracy"], r["knn_accuracy"], r["macro_f1"],
+                 r["latency_ms"])
+    i, reason = lut.choose_threshold(rows, lcfg)
+    chosen = rows[i]
+    sims, idx = neighbours[i]
+    correct = gal.labels[idx[:, 0]] == val.labels
+    reject = lut.suggested_reject_below(sims[:, 0], correct)
+    log.info("chosen: %s", reason)
+    if reject is not None:
+        log.info("suggested inference.reject_below: %.4f (%g%% of the correct val predictions at threshold %g have "
+                 "a lower best similarity)", reject, lut.REJECT_PERCENTILE, chosen["threshold"])
+
+    write_csv(ctx.output("threshold_sweep.csv"), lut.SWEEP_COLUMNS,
+              ([r[c] for c in lut.SWEEP_COLUMNS] for r in rows))
+    write_json(ctx.output(THRESHOLD_JSON), {
+        "threshold": chosen["threshold"], "rule": lcfg.rule, "reason": reason, "metrics": chosen,
+        "model_id": model["model_id"], "checkpoint_sha256": model["checkpoint_sha256"],
+        "suggested_reject_below": reject, "reject_percentile": lut.REJECT_PERCENTILE,
+        "n_gallery": len(gal), "n_val": len(val), "knn_k": lcfg.knn_k,
+        "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds,
+    })
+    plot_sweep(rows, i, ctx.output("threshold_sweep.png"))
+    return {"threshold": chosen["threshold"], "rule": lcfg.rule, "n_kept": chosen["n_kept"],
+            "n_gallery": len(gal), "macro_f1": chosen["macro_f1"],
+            "top1_accuracy": chosen["top1_accuracy"], "suggested_reject_below": reject,
+            "model_id": model["model_id"],
+            "seconds": {"prune": round(t_prune, 3), "queries": round(t_query, 3), "latency": round(t_lat, 3)}}
