@@ -521,6 +521,67 @@ def _merge_mapping(cfg: Config, data: Any, origin: str) -> None:
             _apply(cfg, str(section), str(key), value, origin)
 
 
+# ----------------------------------------------------------------------------- YAML
+
+MAX_YAML_NODES = 100_000  # values of one YAML document once every alias is expanded
+MAX_YAML_DEPTH = 32  # nesting levels of one YAML document (a configuration needs four)
+
+
+def _check_yaml_graph(root: yaml.Node, origin: str) -> None:
+    """Refuse a composed YAML document whose aliases expand to more than ``MAX_YAML_NODES``
+    values ("billion laughs"), that nests deeper than ``MAX_YAML_DEPTH`` or that refers to itself.
+
+    Aliases share nodes, so the expanded size of each node is computed once (linear time).
+    """
+    sizes: dict[int, int] = {}  # id(node) -> expanded size; -1 while the node is being visited
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{origin}: YAML nested deeper than {MAX_YAML_DEPTH} levels: refusing to load it")
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise ConfigError(f"{origin}: a YAML alias refers to the value that contains it: refusing to load it")
+            return known
+        sizes[id(node)] = -1
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"{origin}: YAML aliases expand to more than {MAX_YAML_NODES} values "
+                                  "(a \"billion laughs\" file?): refusing to load it")
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """Parse one YAML document with the safe loader, checking its expanded size before building it.
+
+    Raises ``ConfigError`` naming ``origin`` for an alias bomb, a self-referring alias or too deep
+    nesting; ``yaml.YAMLError`` for a syntax error.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{origin}: YAML nested too deeply: refusing to load it") from None
+        if node is None:
+            return None
+        _check_yaml_graph(node, origin)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split ``section.key=value`` and parse the value as YAML."""
     if "=" not in text:
@@ -530,7 +591,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override key {_show(dotted)} must look like section.key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = load_yaml(raw, f"command-line override {_cut(dotted.strip())}") if raw.strip() != "" else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{_cut(dotted)}: cannot parse value {_show(raw)} as YAML ({e.__class__.__name__})") from None
     return parts[0], parts[1], value
@@ -544,9 +605,15 @@ def load_config(files: list[str | Path] | None = None, overrides: list[str] | No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read ({e.strerror})") from None
+        try:
+            data = load_yaml(text, str(p))
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({_cut(str(e).splitlines()[0])})") from None
         _merge_mapping(cfg, data, str(p))
     for o in overrides or []:
         section, key, value = parse_override(o)

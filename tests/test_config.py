@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import re
 import subprocess
 import sys
@@ -200,7 +202,7 @@ def _one_line_error(override: str) -> str:
     with pytest.raises(ConfigError) as e:
         C.load_config([], [override])
     msg = str(e.value)
-    assert "\n" not in msg and len(msg) < 200, msg
+    assert "\n" not in msg and len(msg) < 200, msg[:300]
     return msg
 
 
@@ -290,3 +292,70 @@ def test_stage_script_refuses_out_of_range_value_without_touching_the_run(tmp_pa
     assert len(lines) == 1 and "lut.knn_k" in lines[0] and "must be >= 1" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert _tree(run) == before  # byte for byte, and nothing new
+
+
+# ----------------------------------------------------------------------------- hostile YAML
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb (about 400 bytes, 9**9 values once expanded), under a real key."""
+    rows = ['&a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, cur in itertools.pairwise("abcdefghijklmnop"[:levels]):
+        rows.append(f"&{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "[" + ", ".join(rows) + "]"
+
+
+_HOSTILE_CHILD = r"""
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (768 * 2**20, 768 * 2**20))  # an unguarded repr dies here, not the box
+from common import config as C
+from common.errors import ConfigError
+out = {}
+for name, files, overrides in json.loads(sys.argv[1]):
+    t0 = time.perf_counter()
+    try:
+        C.load_config(files, overrides)
+        out[name] = ["loaded", time.perf_counter() - t0, ""]
+    except ConfigError as e:
+        out[name] = ["ConfigError", time.perf_counter() - t0, str(e)]
+    except BaseException as e:
+        out[name] = [type(e).__name__, time.perf_counter() - t0, str(e)[:200]]
+print(json.dumps(out))
+"""
+
+
+def test_alias_bombs_and_hostile_yaml_are_refused_quickly(tmp_path):
+    bomb = billion_laughs()
+    assert len(bomb) < 500
+    f = tmp_path / "laughs.yaml"
+    f.write_text(f"lut:\n  thresholds: {bomb}\n")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("lut:\n  thresholds: &x [0.9, *x]\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lut:\n  thresholds: " + "[" * 3000 + "]" * 3000 + "\n")
+    cases = [("file", [str(f)], []), ("override", [], [f"lut.thresholds={bomb}"]),
+             ("loop", [str(loop)], []), ("deep", [str(deep)], []),
+             ("fine", [], ["lut.thresholds=[&t 0.9, *t, 0.95]"])]
+    proc = subprocess.run([sys.executable, "-c", _HOSTILE_CHILD, json.dumps(cases)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout)
+    assert res["fine"][0] == "loaded"  # a few aliases are still fine
+    for name, where in (("file", str(f)), ("override", "lut.thresholds"), ("loop", str(loop)), ("deep", str(deep))):
+        kind, seconds, msg = res[name]
+        assert kind == "ConfigError", (name, res[name])
+        assert seconds < 2.0, (name, seconds)
+        assert where in msg and "\n" not in msg and len(msg) < 300, (name, msg)
+    assert "alias" in res["file"][2] and "alias" in res["override"][2] and "alias" in res["loop"][2]
+
+
+def test_error_messages_never_render_huge_values(tmp_path):
+    huge = "[" + ", ".join(str(i) for i in range(20000)) + "]"
+    for override in (f"model.backbone={huge}", f"train.epochs={huge}", "model.backbone=" + "x" * 5000 + ": 1"):
+        msg = _one_line_error(override)
+        assert len(msg) < 250 and "..." in msg, msg[:300]
+    f = tmp_path / "big.yaml"
+    f.write_text("lut: " + huge + "\n")
+    with pytest.raises(ConfigError) as e:
+        C.load_config([f])
+    assert len(str(e.value)) < 250 and str(f) in str(e.value)
