@@ -170,6 +170,7 @@ class NotifyConfig:
     recipients: list[str] = field(default_factory=list)  # To addresses
     timeout: float = 30.0  # seconds before giving up on the server
     log_lines: int = 40  # last lines of the traceback / log in the e-mail
+    allow_insecure_login: bool = False  # allow a login with security: plain (the password would cross the network in clear)
 
 
 SECTIONS: dict[str, type] = {
@@ -371,6 +372,9 @@ SUPCON_ALIASES: dict[str, str] = {
 }
 # Of those, the ones that are on/off switches in the reference (store_true).
 SUPCON_FLAGS = {"cosine", "warm"}
+
+INSECURE_LOGIN_MESSAGE = ("notify.security: plain with notify.user set would send the SMTP password across the "
+                          "network in clear: use starttls or ssl, or set notify.allow_insecure_login: true")
 
 _SECRET_RE = re.compile(r"(password|passwd|secret|token|api_key|apikey)", re.I)
 REDACTED = "***redacted***"
@@ -655,6 +659,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"inference.classifiers: unknown classifier {_show(c)} (choose from {sorted(allowed)})")
     if cfg.inference.mode == "predict" and not cfg.inference.input:
         raise ConfigError("inference.input: must name a folder of images when inference.mode is predict")
+    n = cfg.notify
+    if n.enabled and n.user and n.security == "plain" and not n.allow_insecure_login:
+        raise ConfigError(INSECURE_LOGIN_MESSAGE)
 
 
 # ----------------------------------------------------------------------------- output
