@@ -306,18 +306,6 @@ RANGES: dict[str, Range] = {
 }
 
 
-def numeric_keys() -> list[str]:
-    """Every ``section.key`` whose type holds ints or floats (also inside Optional and list)."""
-
-    def numeric(tp: Any) -> bool:
-        if tp in (int, float):
-            return True
-        return any(numeric(a) for a in typing.get_args(tp) if typing.get_origin(tp) is not Literal)
-
-    return [f"{sec}.{f.name}" for sec, cls in SECTIONS.items()
-            for f in dataclasses.fields(cls) if numeric(typing.get_type_hints(cls)[f.name])]
-
-
 def _check_number(key: str, v: Any, rng: Range) -> None:
     why = f" ({rng.why})" if rng.why else ""
     if isinstance(v, float) and not math.isfinite(v):
