@@ -14,10 +14,14 @@ from), any of:
 - ``svm``: scikit-learn ``LinearSVC`` on standardised vectors, ``class_weight="balanced"``.
 - ``random_forest``: scikit-learn ``RandomForestClassifier``, ``class_weight="balanced"``, all cores.
 
-Saved under ``07_inference/classifiers/``: ``linear.pt`` (a state dict, ``torch.load(...,
-weights_only=True)`` loads it), ``<name>.joblib`` for the scikit-learn models (pickles: load them
-only from run folders you trust), ``classes.json`` (class list, model id, dimension) and
-``sha256.json`` (digest of every file); ``load_classifiers`` checks every digest before unpickling.
+Saved under ``07_inference/classifiers/``: ``linear.safetensors`` (the linear head's tensors),
+``<name>.skops`` for the scikit-learn models (``skops.io``: a zip of JSON and arrays, no pickle),
+``classes.json`` (class list, model id, dimension) and ``sha256.json`` (digest of every file).
+Nothing loaded from a run folder can run code: safetensors holds tensors only, and a skops file is
+refused unless every type it names is trusted by skops or in ``SKOPS_TRUSTED`` (checked with
+``skops.io.get_untrusted_types`` before loading) and the loaded model has the type that
+``make_sklearn`` builds. The digests only catch files changed or damaged since they were written
+(anyone who can change a file can change ``sha256.json`` too): they are not what makes loading safe.
 """
 from __future__ import annotations
 
@@ -48,9 +52,13 @@ LOGREG_MAX_ITER = 1000  # lbfgs iterations (sklearn's default of 100 stops early
 SVM_MAX_ITER = 5000  # liblinear iterations (sklearn default 1000 warns on 2048-d features)
 RF_TREES = 200  # trees in the random forest
 STD_FLOOR = 1e-6  # standardisation: a feature with a smaller std is divided by this instead
-LINEAR_FILE = "linear.pt"
+LINEAR_FILE = "linear.safetensors"
+SKOPS_SUFFIX = ".skops"
 CLASSES_FILE = "classes.json"
-DIGESTS_FILE = "sha256.json"
+DIGESTS_FILE = "sha256.json"  # integrity against damage, not a security check (see the module docstring)
+# Types beyond skops' defaults (scikit-learn estimators, numpy) that the saved models may hold:
+# the random forest's fitted trees. Anything else named by a skops file is refused.
+SKOPS_TRUSTED = ("sklearn.tree._tree.Tree",)
 
 
 # ----------------------------------------------------------------------------- linear head
@@ -242,25 +250,32 @@ def fit_classifiers(names: Sequence[str], X_train: np.ndarray, y_train: np.ndarr
 # ----------------------------------------------------------------------------- save and load
 
 
+def model_file(name: str) -> str:
+    """The file name a classifier is saved under: ``linear.safetensors`` or ``<name>.skops``."""
+    if name not in CLASSIFIERS:
+        raise UserError(f"inference.classifiers: unknown classifier {name!r} (choose from {list(CLASSIFIERS)})")
+    return LINEAR_FILE if name == "linear" else f"{name}{SKOPS_SUFFIX}"
+
+
 def save_classifiers(fitted: dict[str, Fitted], folder: Path, classes: Sequence[str],
                      model_id: Any, dim: int) -> dict[str, Path]:
     """Write every fitted classifier under ``folder`` (atomically) plus classes.json and sha256.json.
 
+    The linear head goes to safetensors, the scikit-learn models to skops (never a pickle).
     Returns name -> file path. The file sizes are the "model size" of the comparison table.
     """
-    import joblib
+    import skops.io as sio
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for name, f in fitted.items():
-        if name == "linear":
-            p = folder / LINEAR_FILE
-            with atomic_path(p) as tmp:
-                torch.save({k: v.detach().cpu() for k, v in f.model.state_dict().items()}, tmp)
-        else:
-            p = folder / f"{name}.joblib"
-            with atomic_path(p) as tmp:
-                joblib.dump(f.model, tmp)
+        p = folder / model_file(name)
+        with atomic_path(p) as tmp:
+            if name == "linear":
+                save_file({k: v.detach().cpu().contiguous() for k, v in f.model.state_dict().items()}, str(tmp))
+            else:
+                sio.dump(f.model, tmp)
         paths[name] = p
     write_json(folder / CLASSES_FILE, {"classes": list(classes), "model_id": model_id, "dim": int(dim),
                                        "classifiers": {n: {"file": p.name, "info": {k: v for k, v in fitted[n].info.items()
@@ -270,15 +285,59 @@ def save_classifiers(fitted: dict[str, Fitted], folder: Path, classes: Sequence[
     return paths
 
 
+def _refused(p: Path, why: str) -> UserError:
+    return UserError(f"{p}: {why}; refusing to load it: delete the folder {p.parent} and rerun "
+                     "07_inference.py in evaluate mode")
+
+
+def _load_linear(p: Path, dim: int, n_classes: int) -> LinearHead:
+    """The linear head from a safetensors file (tensors only: nothing in it can run code)."""
+    from safetensors.torch import load_file
+
+    head = LinearHead(int(dim), n_classes)
+    try:
+        head.load_state_dict(load_file(str(p), device="cpu"))
+    except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file is the same user error
+        raise _refused(p, f"not the saved linear head ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
+    return head.eval()
+
+
+def _structure(est: Any) -> list[type]:
+    """The estimator's type, then its steps' types for a Pipeline."""
+    return [type(est), *(type(step) for _, step in getattr(est, "steps", []))]
+
+
+def _load_sklearn(p: Path, name: str) -> Any:
+    """A scikit-learn model from a skops file, refused unless every type in it is trusted."""
+    import skops.io as sio
+
+    try:
+        untrusted = sio.get_untrusted_types(file=p)
+    except Exception as e:  # noqa: BLE001 - a pickle, a damaged zip, a foreign file
+        raise _refused(p, f"not a skops file ({e.__class__.__name__})") from None
+    unexpected = sorted(set(untrusted) - set(SKOPS_TRUSTED))
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
+        raise _refused(p, f"it names types that are not trusted ({shown})")
+    try:
+        model = sio.load(p, trusted=list(SKOPS_TRUSTED))
+    except Exception as e:  # noqa: BLE001 - skops refuses or cannot rebuild something
+        raise _refused(p, f"skops cannot load it ({e.__class__.__name__})") from None
+    if _structure(model) != _structure(make_sklearn(name, 0)):
+        raise _refused(p, f"it holds a {type(model).__name__}, not the {name} model")
+    return model
+
+
 def load_classifiers(folder: Path, classes: Sequence[str], model_id: Any, dim: int,
                      names: Sequence[str] | None = None) -> dict[str, Fitted]:
-    """Load the classifiers saved by ``save_classifiers``, checking sha256, classes and model.
+    """Load the classifiers saved by ``save_classifiers``, checking files, sha256, classes and model.
 
-    Raises ``UserError`` naming the file when a digest differs (a pickle is never loaded then),
-    or when the classifiers were fitted for other classes or another model's vectors.
+    Nothing is unpickled: the linear head is read from safetensors, the scikit-learn models from
+    skops files whose types are all trusted. Raises ``UserError`` naming the file when a file is
+    missing, not in the expected format (e.g. an older ``.joblib`` pickle), holds an untrusted
+    type or differs from its digest, or when the classifiers were fitted for other classes or
+    another model's vectors.
     """
-    import joblib
-
     meta_p, dig_p = folder / CLASSES_FILE, folder / DIGESTS_FILE
     if not meta_p.is_file() or not dig_p.is_file():
         raise UserError(f"{folder} holds no saved classifiers ({CLASSES_FILE}, {DIGESTS_FILE} missing): "
@@ -293,18 +352,17 @@ def load_classifiers(folder: Path, classes: Sequence[str], model_id: Any, dim: i
     for name, rec in meta.get("classifiers", {}).items():
         if names is not None and name not in names:
             continue
-        p = folder / rec["file"]
+        file = rec.get("file") if isinstance(rec, dict) else None
+        expected = model_file(name) if name in CLASSIFIERS else None
+        if expected is None or file != expected:
+            raise _refused(meta_p, f"it lists classifier {str(name)[:40]!r} in file {str(file)[:60]!r}, "
+                           f"not {expected or 'a known classifier'} (an older, unsafe format?)")
+        p = folder / expected
         if not p.is_file():
             raise UserError(f"{p} is missing: rerun 07_inference.py in evaluate mode")
         want = digests.get(p.name)
         if want is None or sha256_file(p) != want:
-            raise UserError(f"{p}: sha256 differs from {dig_p}; refusing to load it (a modified pickle can run code)")
-        if name == "linear":
-            state = torch.load(p, map_location="cpu", weights_only=True)
-            head = LinearHead(int(dim), len(classes))
-            head.load_state_dict(state)
-            model: Any = head.eval()
-        else:
-            model = joblib.load(p)
+            raise _refused(p, f"its sha256 differs from {dig_p.name} (changed since it was saved)")
+        model: Any = _load_linear(p, dim, len(classes)) if name == "linear" else _load_sklearn(p, name)
         out[name] = Fitted(name, model, len(classes), float("nan"), dict(rec.get("info", {})))
     return out

@@ -14,12 +14,14 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Union
+from typing import Any, Iterable, Literal, NamedTuple, Optional, Union
 
 import yaml
 
@@ -170,6 +172,7 @@ class NotifyConfig:
     recipients: list[str] = field(default_factory=list)  # To addresses
     timeout: float = 30.0  # seconds before giving up on the server
     log_lines: int = 40  # last lines of the traceback / log in the e-mail
+    allow_insecure_login: bool = False  # allow a login with security: plain (the password would cross the network in clear)
 
 
 SECTIONS: dict[str, type] = {
@@ -185,6 +188,150 @@ SECTIONS: dict[str, type] = {
     "inference": InferenceConfig,
     "notify": NotifyConfig,
 }
+
+# ----------------------------------------------------------------------------- numeric ranges
+
+MAX_GRID_THRESHOLDS = 10_001  # lut.grid_*: at most this many thresholds (a step of 2e-4 over [-1, 1])
+# exp(sim / T) of the weighted k-NN vote overflows float64 for T < 1/709.8; a round floor above that.
+KNN_TEMPERATURE_MIN = 0.002
+_INT64 = 2**63  # every int key must fit a signed 64-bit integer (numpy, torch)
+
+
+class Range(NamedTuple):
+    """The allowed values of one numeric key (of each element, for a list key).
+
+    ``lo`` / ``hi``: bounds, None = unbounded; ``lo_open`` / ``hi_open`` exclude the bound itself.
+    Floats must also be finite; ints must fit a signed 64-bit integer. ``why`` ends the message.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def contains(self, v: float) -> bool:
+        """True when ``v`` lies within the bounds (NaN never does)."""
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    def describe(self) -> str:
+        """``>= 0 and < 1`` (the bounds as words after "must be")."""
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {_num(self.lo)}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {_num(self.hi)}")
+        return " and ".join(parts)
+
+
+def _num(v: float) -> str:
+    if v == _INT64:
+        return "2**63"
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def _ge(lo: float, why: str = "") -> Range:
+    return Range(lo=lo, why=why)
+
+
+def _gt(lo: float, why: str = "") -> Range:
+    return Range(lo=lo, lo_open=True, why=why)
+
+
+_PROB = Range(0.0, 1.0, why="a probability")
+_FRACTION = Range(0.0, 1.0)
+_COSINE = Range(-1.0, 1.0, why="a cosine similarity")
+_KNN_T = _ge(KNN_TEMPERATURE_MIN, why="exp(sim / T) overflows below that")
+
+# Every int / float key (lists: each element; Optional keys: when not null) and its allowed
+# values, checked by ``check_ranges`` when the configuration is loaded. A test fails when a
+# numeric key of any section has no entry here.
+RANGES: dict[str, Range] = {
+    "run.seed": Range(0, _INT64, hi_open=True),
+    "data.max_pixels": _ge(1),
+    "data.min_side": _ge(1),
+    "data.pad_fill": Range(0, 255, why="a grey level"),
+    "data.num_workers": _ge(0, why="0 = load in the main process"),
+    "split.train": _FRACTION,
+    "split.val": _FRACTION,
+    "split.test": _FRACTION,
+    "split.min_images": _ge(1),
+    "stats.batch_size": _ge(1),
+    "model.image_size": _ge(8),
+    "model.feat_dim": _ge(1),
+    "train.epochs": _ge(1),
+    "train.batch_size": _ge(2, why="SupCon needs two images per step"),
+    "train.learning_rate": _gt(0.0),
+    "train.momentum": Range(0.0, 1.0, hi_open=True),
+    "train.weight_decay": _ge(0.0),
+    "train.lr_decay_epochs": _ge(1),
+    "train.lr_decay_rate": Range(0.0, 1.0, lo_open=True),
+    "train.warm_epochs": _ge(0),
+    "train.warmup_from": _ge(0.0),
+    "train.temperature": _KNN_T,  # also the k-NN validation vote's temperature
+    "train.base_temperature": _gt(0.0),
+    "train.crop_scale": Range(0.0, 1.0, lo_open=True, why="a fraction of the image area"),
+    "train.hflip": _PROB,
+    "train.vflip": _PROB,
+    "train.color_jitter": _ge(0.0),
+    "train.color_jitter_p": _PROB,
+    "train.grayscale_p": _PROB,
+    "train.save_freq": _ge(1),
+    "train.eval_every": _ge(0, why="0 = never"),
+    "train.eval_knn_k": _ge(1),
+    "train.max_steps_per_epoch": _ge(1, why="or null for all"),
+    "extract.batch_size": _ge(1),
+    "lut.thresholds": _COSINE,
+    "lut.grid_start": _COSINE,
+    "lut.grid_stop": _COSINE,
+    "lut.grid_step": _gt(0.0),
+    "lut.tolerance": _ge(0.0),
+    "lut.target_size": _ge(1),
+    "lut.knn_k": _ge(1),
+    "lut.knn_temperature": _KNN_T,
+    "lut.block_size": _ge(1),
+    "prune.threshold": _COSINE,
+    "inference.k": _ge(1),
+    "inference.temperature": _KNN_T,
+    "inference.top_k": _ge(1),
+    "inference.reject_below": _COSINE,
+    "inference.batch_size": _ge(1),
+    "inference.block_size": _ge(1),
+    "inference.linear_epochs": _ge(1),
+    "inference.linear_lr": _gt(0.0),
+    "inference.worst_classes": _ge(0),
+    "notify.smtp_port": Range(1, 65535),
+    "notify.timeout": Range(0.0, 3600.0, lo_open=True, why="seconds"),
+    "notify.log_lines": _ge(0),
+}
+
+
+def _check_number(key: str, v: Any, rng: Range) -> None:
+    why = f" ({rng.why})" if rng.why else ""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"{key}: must be a finite number {rng.describe()}{why}, got {_show(v)}")
+    if not rng.contains(v):
+        raise ConfigError(f"{key}: must be {rng.describe()}{why}, got {_show(v)}")
+    if isinstance(v, int) and not -_INT64 <= v < _INT64:
+        raise ConfigError(f"{key}: must be {rng.describe()} and fit a 64-bit integer (< 2**63), got {_show(v)}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """Check every key of ``RANGES`` (each element of a list, nothing for null): ``ConfigError``
+    naming the first key out of its range, with the range."""
+    for dotted, rng in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            for i, v in enumerate(value):
+                _check_number(f"{dotted}[{i}]", v, rng)
+        else:
+            _check_number(dotted, value, rng)
+
 
 # Keys that change how fast a stage runs, not what it produces: left out of the config hash
 # that decides whether a stage is up to date.
@@ -215,6 +362,9 @@ SUPCON_ALIASES: dict[str, str] = {
 }
 # Of those, the ones that are on/off switches in the reference (store_true).
 SUPCON_FLAGS = {"cosine", "warm"}
+
+INSECURE_LOGIN_MESSAGE = ("notify.security: plain with notify.user set would send the SMTP password across the "
+                          "network in clear: use starttls or ssl, or set notify.allow_insecure_login: true")
 
 _SECRET_RE = re.compile(r"(password|passwd|secret|token|api_key|apikey)", re.I)
 REDACTED = "***redacted***"
@@ -258,6 +408,22 @@ class Config:
 
 # ----------------------------------------------------------------------------- type checking
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 3, 8, 8, 8
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+SHOW_MAX_CHARS = 80  # a value quoted in an error message is cut to this many characters
+
+
+def _cut(text: str) -> str:
+    """``text`` cut to ``SHOW_MAX_CHARS`` characters (with ``...``)."""
+    return text if len(text) <= SHOW_MAX_CHARS else text[: SHOW_MAX_CHARS - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    """A bounded ``repr`` of ``value`` for one-line error messages (never renders a huge value)."""
+    return _cut(_REPR.repr(value))
+
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -276,7 +442,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` checked (and losslessly widened, int -> float) against ``tp``."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__})")
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
@@ -330,12 +496,12 @@ def _suggest(name: str, options: list[str]) -> str:
 
 def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     if section not in SECTIONS:
-        raise ConfigError(f"unknown config section {section!r} in {origin}{_suggest(section, list(SECTIONS))}")
+        raise ConfigError(f"unknown config section {_show(section)} in {origin}{_suggest(section, list(SECTIONS))}")
     sec_obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(sec_obj))
     if key not in hints:
         raise ConfigError(
-            f"unknown config key {section}.{key} in {origin}{_suggest(key, list(hints))}"
+            f"unknown config key {_cut(f'{section}.{key}')} in {origin}{_suggest(key, list(hints))}"
         )
     setattr(sec_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
 
@@ -349,23 +515,84 @@ def _merge_mapping(cfg: Config, data: Any, origin: str) -> None:
         if body is None:
             continue
         if not isinstance(body, dict):
-            raise ConfigError(f"{section}: expected a mapping of keys in {origin}, got {body!r}")
+            raise ConfigError(f"{section}: expected a mapping of keys in {origin}, got {_show(body)}")
         for key, value in body.items():
             _apply(cfg, str(section), str(key), value, origin)
+
+
+# ----------------------------------------------------------------------------- YAML
+
+MAX_YAML_NODES = 100_000  # values of one YAML document once every alias is expanded
+MAX_YAML_DEPTH = 32  # nesting levels of one YAML document (a configuration needs four)
+
+
+def _check_yaml_graph(root: yaml.Node, origin: str) -> None:
+    """Refuse a composed YAML document whose aliases expand to more than ``MAX_YAML_NODES``
+    values ("billion laughs"), that nests deeper than ``MAX_YAML_DEPTH`` or that refers to itself.
+
+    Aliases share nodes, so the expanded size of each node is computed once (linear time).
+    """
+    sizes: dict[int, int] = {}  # id(node) -> expanded size; -1 while the node is being visited
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{origin}: YAML nested deeper than {MAX_YAML_DEPTH} levels: refusing to load it")
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise ConfigError(f"{origin}: a YAML alias refers to the value that contains it: refusing to load it")
+            return known
+        sizes[id(node)] = -1
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"{origin}: YAML aliases expand to more than {MAX_YAML_NODES} values "
+                                  "(a \"billion laughs\" file?): refusing to load it")
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """Parse one YAML document with the safe loader, checking its expanded size before building it.
+
+    Raises ``ConfigError`` naming ``origin`` for an alias bomb, a self-referring alias or too deep
+    nesting; ``yaml.YAMLError`` for a syntax error.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{origin}: YAML nested too deeply: refusing to load it") from None
+        if node is None:
+            return None
+        _check_yaml_graph(node, origin)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split ``section.key=value`` and parse the value as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {_show(text)} must look like section.key=value")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key {dotted!r} must look like section.key")
+        raise ConfigError(f"override key {_show(dotted)} must look like section.key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = load_yaml(raw, f"command-line override {_cut(dotted.strip())}") if raw.strip() != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{dotted}: cannot parse value {raw!r} as YAML ({e.__class__.__name__})") from None
+        raise ConfigError(f"{_cut(dotted)}: cannot parse value {_show(raw)} as YAML ({e.__class__.__name__})") from None
     return parts[0], parts[1], value
 
 
@@ -383,9 +610,15 @@ def load_config(files: list[str | Path] | None = None, overrides: list[str] | No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read ({e.strerror})") from None
+        try:
+            data = load_yaml(text, str(p))
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{p}: not valid YAML ({_cut(str(e).splitlines()[0])})") from None
         _merge_mapping(cfg, data, str(p))
     for o in overrides or []:
         section, key, value = parse_override(o)
@@ -396,38 +629,41 @@ def load_config(files: list[str | Path] | None = None, overrides: list[str] | No
 
 
 def validate(cfg: Config) -> None:
-    """Cross-key checks that types alone cannot express."""
+    """Every numeric key within its range (``RANGES``), then cross-key checks that ranges cannot express."""
+    check_ranges(cfg)
     s = cfg.split
-    for name in ("train", "val", "test"):
-        v = getattr(s, name)
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"split.{name}: must be between 0 and 1, got {v}")
     if abs(s.train + s.val + s.test - 1.0) > 1e-6:
         raise ConfigError(f"split.train + split.val + split.test must be 1, got {s.train + s.val + s.test:.4f}")
     if s.train <= 0:
         raise ConfigError("split.train: must be > 0 (the gallery comes from train)")
-    if s.min_images < 1:
-        raise ConfigError(f"split.min_images: must be >= 1, got {s.min_images}")
-    if not 0 <= cfg.data.pad_fill <= 255:
-        raise ConfigError(f"data.pad_fill: must be 0-255, got {cfg.data.pad_fill}")
-    if cfg.model.image_size < 8:
-        raise ConfigError(f"model.image_size: must be >= 8, got {cfg.model.image_size}")
-    if cfg.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size: must be >= 2, got {cfg.train.batch_size}")
-    if len(cfg.train.crop_scale) != 2 or not 0 < cfg.train.crop_scale[0] <= cfg.train.crop_scale[1] <= 1:
-        raise ConfigError(f"train.crop_scale: must be [min, max] with 0 < min <= max <= 1, got {cfg.train.crop_scale}")
-    if len(cfg.train.color_jitter) != 4:
-        raise ConfigError(f"train.color_jitter: must be [brightness, contrast, saturation, hue], got {cfg.train.color_jitter}")
-    if cfg.lut.grid_step <= 0:
-        raise ConfigError(f"lut.grid_step: must be > 0, got {cfg.lut.grid_step}")
-    if cfg.lut.rule == "target_size" and cfg.lut.target_size is None:
+    t = cfg.train
+    if len(t.crop_scale) != 2 or not t.crop_scale[0] <= t.crop_scale[1]:
+        raise ConfigError(f"train.crop_scale: must be [min, max] with 0 < min <= max <= 1, got {_show(t.crop_scale)}")
+    if len(t.color_jitter) != 4:
+        raise ConfigError(f"train.color_jitter: must be [brightness, contrast, saturation, hue], got {_show(t.color_jitter)}")
+    if t.color_jitter[3] > 0.5:
+        raise ConfigError(f"train.color_jitter[3]: the hue jitter must be <= 0.5, got {_show(t.color_jitter[3])}")
+    lut = cfg.lut
+    if lut.thresholds is not None and not 1 <= len(lut.thresholds) <= MAX_GRID_THRESHOLDS:
+        raise ConfigError(f"lut.thresholds: give 1 to {MAX_GRID_THRESHOLDS} thresholds (or null for the grid), "
+                          f"got {len(lut.thresholds)}")
+    if lut.grid_start > lut.grid_stop:
+        raise ConfigError(f"lut.grid_start: must be <= lut.grid_stop ({_num(lut.grid_stop)}), got {_num(lut.grid_start)}")
+    n_grid = math.floor((lut.grid_stop - lut.grid_start) / lut.grid_step + 1e-9) + 1
+    if lut.thresholds is None and n_grid > MAX_GRID_THRESHOLDS:
+        raise ConfigError(f"lut.grid_step: {_num(lut.grid_step)} gives {n_grid} thresholds from {_num(lut.grid_start)} "
+                          f"to {_num(lut.grid_stop)}, more than {MAX_GRID_THRESHOLDS}: use a larger step")
+    if lut.rule == "target_size" and lut.target_size is None:
         raise ConfigError("lut.target_size: must be set when lut.rule is target_size")
     allowed = {"linear", "logreg", "svm", "random_forest"}
     for c in cfg.inference.classifiers:
         if c not in allowed:
-            raise ConfigError(f"inference.classifiers: unknown classifier {c!r} (choose from {sorted(allowed)})")
+            raise ConfigError(f"inference.classifiers: unknown classifier {_show(c)} (choose from {sorted(allowed)})")
     if cfg.inference.mode == "predict" and not cfg.inference.input:
         raise ConfigError("inference.input: must name a folder of images when inference.mode is predict")
+    n = cfg.notify
+    if n.enabled and n.user and n.security == "plain" and not n.allow_insecure_login:
+        raise ConfigError(INSECURE_LOGIN_MESSAGE)
 
 
 # ----------------------------------------------------------------------------- output

@@ -7,10 +7,12 @@ logged with its reason and gives ``False``) and changes nothing but the log.
 Connection: ``security: ssl`` is SMTPS (``smtplib.SMTP_SSL``, port 465), ``starttls`` a plain
 connection upgraded with ``STARTTLS`` (port 587), ``plain`` no encryption (port 25, or a local
 relay). Certificates are verified against the system's CAs (``ssl.create_default_context``; a
-private CA can be given with the ``SSL_CERT_FILE`` environment variable). A login happens only
-when ``notify.user`` is set; its password is read from the environment variable named by
-``notify.password_env``, never from the config file. When that variable is missing, nothing is
-sent (an error says which variable to set).
+private CA can be given with the ``SSL_CERT_FILE`` environment variable). A login over ``plain``
+would send the password in clear: it is refused (when the configuration is loaded, and again
+here) unless ``notify.allow_insecure_login`` is true. A login happens only when ``notify.user``
+is set; its password is read from the environment variable named by ``notify.password_env``,
+never from the config file. When that variable is missing, nothing is sent (an error says which
+variable to set).
 
 The password never leaves this module: it is scrubbed (with its base64 forms, as AUTH sends
 them) from the subject and body of the e-mail, which may quote a traceback or error in which the
@@ -31,7 +33,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import NotifyConfig
+from .config import INSECURE_LOGIN_MESSAGE, NotifyConfig
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,12 @@ def send_stage_email(cfg: NotifyConfig, event: str, info: dict) -> bool:
             log.error("notify.security is %r (ssl, starttls, plain): no %s e-mail sent", cfg.security, event)
             return False
         password: Optional[str] = None
+        if cfg.user and cfg.security == "plain":
+            if not getattr(cfg, "allow_insecure_login", False):
+                log.error("%s: no %s e-mail sent", INSECURE_LOGIN_MESSAGE, event)
+                return False
+            log.warning("notify: logging in to %s:%s without encryption (notify.allow_insecure_login): the "
+                        "password crosses the network in clear", cfg.smtp_host, cfg.smtp_port)
         if cfg.user:
             password = os.environ.get(cfg.password_env)
             if not password:

@@ -147,8 +147,8 @@ def read_run_config(run_dir: Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        data = config_mod.load_yaml(p.read_text(encoding="utf-8"), str(p))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{p} is unreadable ({e.__class__.__name__}): fix it or delete it to start the run's "
                           "configuration again from -c files") from None
     if not isinstance(data, dict):

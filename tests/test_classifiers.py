@@ -1,7 +1,10 @@
-"""Classical classifiers on frozen vectors: fit/predict, val-only selection, save/load with sha256."""
+"""Classical classifiers on frozen vectors: fit/predict, val-only selection, safe save/load."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -77,10 +80,11 @@ def test_save_load_round_trip_and_sha256_check(tmp_path):
     folder = tmp_path / "classifiers"
     classes = ["a", "b", "c"]
     paths = K.save_classifiers(fitted, folder, classes, model_id="m1", dim=6)
-    assert paths["linear"].name == "linear.pt" and paths["logreg"].suffix == ".joblib"
-    torch.load(paths["linear"], weights_only=True)  # a plain state dict
+    assert paths["linear"].name == "linear.safetensors" and paths["logreg"].name == "logreg.skops"
+    from safetensors.torch import load_file
+    assert set(load_file(str(paths["linear"]))) == {"mean", "std", "fc.weight", "fc.bias"}  # tensors only
     digests = json.loads((folder / "sha256.json").read_text())
-    assert set(digests) == {"linear.pt", "logreg.joblib"}
+    assert set(digests) == {"linear.safetensors", "logreg.skops"}
     loaded = K.load_classifiers(folder, classes, "m1", 6)
     for name in fitted:
         np.testing.assert_allclose(loaded[name].scores(X), fitted[name].scores(X), rtol=1e-5, atol=1e-6)
@@ -88,7 +92,95 @@ def test_save_load_round_trip_and_sha256_check(tmp_path):
         K.load_classifiers(folder, classes, "other-model", 6)
     with pytest.raises(UserError, match="other classes"):
         K.load_classifiers(folder, ["a", "b", "x"], "m1", 6)
-    with open(paths["logreg"], "ab") as fh:  # tamper with the pickle
+    with open(paths["logreg"], "ab") as fh:  # damaged after it was written
         fh.write(b"\0")
     with pytest.raises(UserError, match="sha256"):
         K.load_classifiers(folder, classes, "m1", 6)
+
+
+def test_random_forest_round_trips_through_skops(tmp_path):
+    X, y = clustered(10, n_classes=3, dim=4, seed=5)
+    fitted = K.fit_classifiers(["random_forest", "svm"], X, y, X, y, n_classes=3, epochs=1, lr=0.1, batch_size=8)
+    K.save_classifiers(fitted, tmp_path, ["a", "b", "c"], model_id="m", dim=4)
+    loaded = K.load_classifiers(tmp_path, ["a", "b", "c"], "m", 4)
+    for name in fitted:
+        np.testing.assert_allclose(loaded[name].scores(X), fitted[name].scores(X))
+
+
+class Planted:
+    """A pickle payload: unpickling it creates ``marker`` (any code could run instead)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _saved(tmp_path, names=("linear", "logreg")):
+    X, y = clustered(12, n_classes=3, dim=5, seed=6)
+    fitted = K.fit_classifiers(list(names), X, y, X, y, n_classes=3, epochs=2, lr=0.1, batch_size=16)
+    folder = tmp_path / "classifiers"
+    return K.save_classifiers(fitted, folder, ["a", "b", "c"], model_id="m", dim=5), folder
+
+
+def _replace(folder, path, data: bytes, rename_to: str | None = None):
+    """Put ``data`` in place of a saved file and make sha256.json (and classes.json) agree."""
+    target = folder / (rename_to or path.name)
+    if rename_to:
+        path.unlink()
+        meta = json.loads((folder / K.CLASSES_FILE).read_text())
+        for rec in meta["classifiers"].values():
+            if rec["file"] == path.name:
+                rec["file"] = rename_to
+        (folder / K.CLASSES_FILE).write_text(json.dumps(meta))
+    target.write_bytes(data)
+    digests = json.loads((folder / K.DIGESTS_FILE).read_text())
+    digests.pop(path.name, None)
+    digests[target.name] = hashlib.sha256(data).hexdigest()
+    (folder / K.DIGESTS_FILE).write_text(json.dumps(digests))
+
+
+@pytest.mark.parametrize("victim, rename_to", [("logreg", None), ("linear", None), ("logreg", "logreg.joblib")])
+def test_planted_pickle_is_refused_and_never_run(tmp_path, victim, rename_to):
+    import joblib
+
+    paths, folder = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "payload.joblib"
+    joblib.dump(Planted(str(marker)), payload)
+    assert b"pwned" in payload.read_bytes()
+    _replace(folder, paths[victim], payload.read_bytes(), rename_to)
+    with pytest.raises(UserError) as e:
+        K.load_classifiers(folder, ["a", "b", "c"], "m", 5)
+    msg = str(e.value)
+    assert "\n" not in msg and "refusing to load" in msg and "evaluate mode" in msg and str(folder) in msg
+    assert not marker.exists(), "the planted pickle ran"
+    pickle.loads(pickle.dumps(Planted(str(marker))))  # the payload is live: unpickling it does create the marker
+    assert marker.exists()
+
+
+def test_skops_file_with_an_untrusted_type_is_refused(tmp_path):
+    import skops.io as sio
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    paths, folder = _saved(tmp_path, ("logreg",))
+    evil = tmp_path / "evil.skops"
+    sio.dump(Pipeline([("run", FunctionTransformer(os.system))]), evil)
+    assert sio.get_untrusted_types(file=evil)  # skops itself does not trust it
+    _replace(folder, paths["logreg"], evil.read_bytes())
+    with pytest.raises(UserError, match=r"logreg\.skops: it names types that are not trusted \(.*system"):
+        K.load_classifiers(folder, ["a", "b", "c"], "m", 5)
+
+
+def test_skops_file_with_another_model_is_refused(tmp_path):
+    import skops.io as sio
+    from sklearn.preprocessing import StandardScaler
+
+    paths, folder = _saved(tmp_path, ("logreg",))
+    other = tmp_path / "other.skops"
+    sio.dump(StandardScaler().fit(np.ones((3, 5))), other)  # trusted by skops, but not a logreg pipeline
+    _replace(folder, paths["logreg"], other.read_bytes())
+    with pytest.raises(UserError, match="StandardScaler, not the logreg model"):
+        K.load_classifiers(folder, ["a", "b", "c"], "m", 5)

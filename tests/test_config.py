@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import re
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -115,3 +120,244 @@ def test_hash_ignores_speed_knobs_and_other_sections():
     c = C.load_config([], ["train.epochs=3"])
     assert a.hash(["data"]) == c.hash(["data"])
     assert a.hash(["train"]) != c.hash(["train"])
+
+
+# ----------------------------------------------------------------------------- numeric ranges
+
+
+def _numeric_keys(want: tuple[type, ...] = (int, float)) -> list[str]:
+    """Every section.key whose type is, or holds (Optional, list), one of ``want``: from the dataclasses."""
+
+    def holds(tp) -> bool:
+        if tp in want:
+            return True
+        if typing.get_origin(tp) is typing.Literal:
+            return False
+        return any(holds(a) for a in typing.get_args(tp))
+
+    return [f"{sec}.{f.name}" for sec, cls in C.SECTIONS.items() for f in dataclasses.fields(cls)
+            if holds(typing.get_type_hints(cls)[f.name])]
+
+
+# One out-of-range value per numeric key, and the key the error must name (list keys: the element).
+OUT_OF_RANGE = {
+    "run.seed": ("-1", "run.seed"),
+    "data.max_pixels": ("0", "data.max_pixels"),
+    "data.min_side": ("0", "data.min_side"),
+    "data.pad_fill": ("256", "data.pad_fill"),
+    "data.num_workers": ("-2", "data.num_workers"),
+    "split.train": ("1.5", "split.train"),
+    "split.val": ("-0.1", "split.val"),
+    "split.test": ("2", "split.test"),
+    "split.min_images": ("0", "split.min_images"),
+    "stats.batch_size": ("0", "stats.batch_size"),
+    "model.image_size": ("4", "model.image_size"),
+    "model.feat_dim": ("0", "model.feat_dim"),
+    "train.epochs": ("0", "train.epochs"),
+    "train.batch_size": ("1", "train.batch_size"),
+    "train.learning_rate": ("0", "train.learning_rate"),
+    "train.momentum": ("1.0", "train.momentum"),
+    "train.weight_decay": ("-0.1", "train.weight_decay"),
+    "train.lr_decay_epochs": ("[700, 0]", "train.lr_decay_epochs[1]"),
+    "train.lr_decay_rate": ("0", "train.lr_decay_rate"),
+    "train.warm_epochs": ("-1", "train.warm_epochs"),
+    "train.warmup_from": ("-0.01", "train.warmup_from"),
+    "train.temperature": ("0", "train.temperature"),
+    "train.base_temperature": ("0", "train.base_temperature"),
+    "train.crop_scale": ("[0.0, 1.0]", "train.crop_scale[0]"),
+    "train.hflip": ("1.5", "train.hflip"),
+    "train.vflip": ("-0.5", "train.vflip"),
+    "train.color_jitter": ("[0.4, -0.4, 0.4, 0.1]", "train.color_jitter[1]"),
+    "train.color_jitter_p": ("2", "train.color_jitter_p"),
+    "train.grayscale_p": ("-1", "train.grayscale_p"),
+    "train.save_freq": ("0", "train.save_freq"),
+    "train.eval_every": ("-1", "train.eval_every"),
+    "train.eval_knn_k": ("0", "train.eval_knn_k"),
+    "train.max_steps_per_epoch": ("0", "train.max_steps_per_epoch"),
+    "extract.batch_size": ("0", "extract.batch_size"),
+    "lut.thresholds": ("[0.9, 1.5]", "lut.thresholds[1]"),
+    "lut.grid_start": ("-2", "lut.grid_start"),
+    "lut.grid_stop": ("1.5", "lut.grid_stop"),
+    "lut.grid_step": ("0", "lut.grid_step"),
+    "lut.tolerance": ("-1", "lut.tolerance"),
+    "lut.target_size": ("0", "lut.target_size"),
+    "lut.knn_k": ("0", "lut.knn_k"),
+    "lut.knn_temperature": ("0", "lut.knn_temperature"),
+    "lut.block_size": ("0", "lut.block_size"),
+    "prune.threshold": ("1.01", "prune.threshold"),
+    "inference.k": ("0", "inference.k"),
+    "inference.temperature": ("0", "inference.temperature"),
+    "inference.top_k": ("0", "inference.top_k"),
+    "inference.reject_below": ("5", "inference.reject_below"),
+    "inference.batch_size": ("0", "inference.batch_size"),
+    "inference.block_size": ("0", "inference.block_size"),
+    "inference.linear_epochs": ("0", "inference.linear_epochs"),
+    "inference.linear_lr": ("0", "inference.linear_lr"),
+    "inference.worst_classes": ("-1", "inference.worst_classes"),
+    "notify.smtp_port": ("0", "notify.smtp_port"),
+    "notify.timeout": ("0", "notify.timeout"),
+    "notify.log_lines": ("-1", "notify.log_lines"),
+}
+
+
+def _one_line_error(override: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        C.load_config([], [override])
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 200, msg[:300]
+    return msg
+
+
+def test_every_numeric_key_has_a_declared_range_and_an_out_of_range_case():
+    keys = _numeric_keys()
+    assert len(keys) > 50  # the walk finds the numeric keys (int, float, Optional, lists)
+    missing = [k for k in keys if k not in C.RANGES]
+    assert not missing, f"numeric keys without a range in config.RANGES: {missing}"
+    assert set(C.RANGES) <= set(keys), "RANGES names keys that are not numeric config keys"
+    assert set(OUT_OF_RANGE) == set(keys), "every numeric key needs an out-of-range case in this test"
+    C.load_config([], [])  # every default lies within its range
+
+
+@pytest.mark.parametrize("key", sorted(OUT_OF_RANGE))
+def test_out_of_range_value_names_the_key_and_the_range(key):
+    value, named = OUT_OF_RANGE[key]
+    msg = _one_line_error(f"{key}={value}")
+    assert msg.startswith(f"{named}: must be "), msg
+    assert C.RANGES[key].describe() in msg  # the allowed range is spelled out
+
+
+def _is_list(key: str) -> bool:
+    sec, name = key.split(".")
+    tp = typing.get_type_hints(C.SECTIONS[sec])[name]
+    return list in {typing.get_origin(a) for a in (tp, *typing.get_args(tp))}
+
+
+@pytest.mark.parametrize("key", _numeric_keys((float,)))
+def test_nan_and_inf_are_refused_for_every_float_key(key):
+    for bad in (".nan", ".inf", "-.inf"):
+        value = f"[{bad}]" if _is_list(key) else bad
+        msg = _one_line_error(f"{key}={value}")
+        assert msg.startswith(key) and "must be a finite number" in msg, msg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lut.knn_temperature=0", "lut.knn_temperature: must be >= 0.002 (exp(sim / T) overflows below that), got 0.0"),
+    ("lut.tolerance=.nan", "lut.tolerance: must be a finite number >= 0, got nan"),
+    ("lut.tolerance=-1", "lut.tolerance: must be >= 0, got -1.0"),
+    ("data.num_workers=-2", "data.num_workers: must be >= 0 (0 = load in the main process), got -2"),
+    ("inference.reject_below=5", "inference.reject_below: must be >= -1 and <= 1 (a cosine similarity), got 5.0"),
+    ("notify.smtp_port=65536", "notify.smtp_port: must be >= 1 and <= 65535, got 65536"),
+    ("run.seed=9223372036854775808", "run.seed: must be >= 0 and < 2**63, got 9223372036854775808"),
+    ("train.momentum=1", "train.momentum: must be >= 0 and < 1, got 1.0"),
+    ("train.lr_decay_rate=1.5", "train.lr_decay_rate: must be > 0 and <= 1, got 1.5"),
+])
+def test_range_messages(override, message):
+    assert _one_line_error(override) == message
+
+
+def test_cross_key_numeric_checks():
+    assert "10001" in _one_line_error("lut.grid_step=0.0000001")  # two million thresholds
+    C.load_config([], ["lut.grid_start=-1", "lut.grid_step=0.0002"])  # exactly 10,001: accepted
+    assert _one_line_error("lut.grid_stop=0.5").startswith("lut.grid_start: must be <= lut.grid_stop")
+    assert _one_line_error("lut.thresholds=[]").startswith("lut.thresholds")
+    assert _one_line_error("train.crop_scale=[0.9, 0.2]").startswith("train.crop_scale")
+    assert _one_line_error("train.color_jitter=[0.4, 0.4, 0.4, 0.6]").startswith("train.color_jitter[3]")
+    assert _one_line_error("data.num_workers=100000000000000000000").startswith("data.num_workers")
+    C.load_config([], ["prune.threshold=-1", "inference.reject_below=1", "train.max_steps_per_epoch=null",
+                       "lut.target_size=1", "train.eval_every=0", "notify.log_lines=0"])  # edges are allowed
+
+
+def test_out_of_range_in_a_file_names_the_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("stats:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"^stats.batch_size: must be >= 1, got 0$"):
+        C.load_config([f])
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Relative path -> bytes (None for a folder) of everything under ``root``."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_stage_script_refuses_out_of_range_value_without_touching_the_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "04_extract_features").mkdir(parents=True)
+    (run / "04_extract_features" / "features.sqlite").write_bytes(b"not really a database\0\1\2")
+    (run / "05_lut_threshold").mkdir()
+    (run / "05_lut_threshold" / "threshold.json").write_text('{"threshold": 0.93}\n')
+    (run / "05_lut_threshold" / "log.txt").write_text("an earlier run\n")
+    before = _tree(run)
+    proc = subprocess.run([sys.executable, str(ROOT / "05_lut_threshold.py"), "--run", str(run), "lut.knn_k=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lut.knn_k" in lines[0] and "must be >= 1" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert _tree(run) == before  # byte for byte, and nothing new
+
+
+# ----------------------------------------------------------------------------- hostile YAML
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb (about 400 bytes, 9**9 values once expanded), under a real key."""
+    rows = ['&a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, cur in itertools.pairwise("abcdefghijklmnop"[:levels]):
+        rows.append(f"&{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "[" + ", ".join(rows) + "]"
+
+
+_HOSTILE_CHILD = r"""
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (768 * 2**20, 768 * 2**20))  # an unguarded repr dies here, not the box
+from common import config as C
+from common.errors import ConfigError
+out = {}
+for name, files, overrides in json.loads(sys.argv[1]):
+    t0 = time.perf_counter()
+    try:
+        C.load_config(files, overrides)
+        out[name] = ["loaded", time.perf_counter() - t0, ""]
+    except ConfigError as e:
+        out[name] = ["ConfigError", time.perf_counter() - t0, str(e)]
+    except BaseException as e:
+        out[name] = [type(e).__name__, time.perf_counter() - t0, str(e)[:200]]
+print(json.dumps(out))
+"""
+
+
+def test_alias_bombs_and_hostile_yaml_are_refused_quickly(tmp_path):
+    bomb = billion_laughs()
+    assert len(bomb) < 500
+    f = tmp_path / "laughs.yaml"
+    f.write_text(f"lut:\n  thresholds: {bomb}\n")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("lut:\n  thresholds: &x [0.9, *x]\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lut:\n  thresholds: " + "[" * 3000 + "]" * 3000 + "\n")
+    cases = [("file", [str(f)], []), ("override", [], [f"lut.thresholds={bomb}"]),
+             ("loop", [str(loop)], []), ("deep", [str(deep)], []),
+             ("fine", [], ["lut.thresholds=[&t 0.9, *t, 0.95]"])]
+    proc = subprocess.run([sys.executable, "-c", _HOSTILE_CHILD, json.dumps(cases)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout)
+    assert res["fine"][0] == "loaded"  # a few aliases are still fine
+    for name, where in (("file", str(f)), ("override", "lut.thresholds"), ("loop", str(loop)), ("deep", str(deep))):
+        kind, seconds, msg = res[name]
+        assert kind == "ConfigError", (name, res[name])
+        assert seconds < 2.0, (name, seconds)
+        assert where in msg and "\n" not in msg and len(msg) < 300, (name, msg)
+    assert "alias" in res["file"][2] and "alias" in res["override"][2] and "alias" in res["loop"][2]
+
+
+def test_error_messages_never_render_huge_values(tmp_path):
+    huge = "[" + ", ".join(str(i) for i in range(20000)) + "]"
+    for override in (f"model.backbone={huge}", f"train.epochs={huge}", "model.backbone=" + "x" * 5000 + ": 1"):
+        msg = _one_line_error(override)
+        assert len(msg) < 250 and "..." in msg, msg[:300]
+    f = tmp_path / "big.yaml"
+    f.write_text("lut: " + huge + "\n")
+    with pytest.raises(ConfigError) as e:
+        C.load_config([f])
+    assert len(str(e.value)) < 250 and str(f) in str(e.value)

@@ -169,8 +169,8 @@ def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
     cfg = icfg(reject_below=0.5, classifiers=["linear", "logreg"], worst_classes=2)
     m = I.evaluate(inp, cfg, out_in(tmp_path), seed=0)
     for f in ("predictions.csv", "metrics.json", "classification_report.csv", "confusion_matrix.png",
-              "embedding_map.png", "comparison.csv", "report.html", "classifiers/linear.pt",
-              "classifiers/logreg.joblib", "classifiers/classes.json", "classifiers/sha256.json"):
+              "embedding_map.png", "comparison.csv", "report.html", "classifiers/linear.safetensors",
+              "classifiers/logreg.skops", "classifiers/classes.json", "classifiers/sha256.json"):
         assert (tmp_path / f).is_file(), f
     rows = read_csv(tmp_path / "predictions.csv")
     assert len(rows) == len(inp.test)
@@ -226,7 +226,7 @@ def test_comparison_table_equals_recomputation_from_predictions(brute, tmp_path)
     # the headline prediction (k-NN, no rejection) is the k-NN column
     assert all(r["predicted_label"] == r["pred_retrieval_knn"] for r in rows)
     for c in comp[2:]:
-        f = tmp_path / "classifiers" / ("linear.pt" if c["method"] == "linear" else f"{c['method']}.joblib")
+        f = tmp_path / "classifiers" / ("linear.safetensors" if c["method"] == "linear" else f"{c['method']}.skops")
         assert int(c["model_size_bytes"]) == f.stat().st_size
 
 
@@ -507,7 +507,7 @@ def test_stage_evaluate_mode_wired(tmp_path):  # real common.retrieval
     m = I.run_stage(ctx)
     assert set(m) >= {"accuracy", "macro_f1", "report"} and m["report"].endswith("report.html")
     assert json.loads((ctx.dir / "metrics.json").read_text())["gallery_size"] == 18  # the LUT, not all 36
-    assert {"predictions.csv", "comparison.csv", "classifiers/logreg.joblib", "classifiers/sha256.json"} <= set(ctx.outputs)
+    assert {"predictions.csv", "comparison.csv", "classifiers/logreg.skops", "classifiers/sha256.json"} <= set(ctx.outputs)
 
 
 def test_stage_predict_mode_on_images_and_saved_classifiers(tmp_path, caplog):
@@ -523,8 +523,8 @@ def test_stage_predict_mode_on_images_and_saved_classifiers(tmp_path, caplog):
     rows = read_csv(ctx.dir / "predictions.csv")
     assert len(rows) == 8 and all(r["pred_logreg"] in ("sp0", "sp1", "sp2") for r in rows if not r["error"])
     assert not (ctx.dir / "comparison.csv").exists()  # the evaluate run's artefacts are gone
-    # a tampered pickle is refused, never loaded
-    with open(ctx.dir / "classifiers" / "logreg.joblib", "ab") as fh:
+    # a changed model file is refused, never loaded
+    with open(ctx.dir / "classifiers" / "logreg.skops", "ab") as fh:
         fh.write(b"x")
     with pytest.raises(UserError, match="sha256"):
         I.run_stage(ctx)

@@ -182,7 +182,7 @@ def test_login_over_plain_and_password_never_leaks(smtp_server, tmp_path, caplog
     info = make_info(tmp_path, error=f"ValueError: bad login {PASSWORD}",
                      traceback=f"Traceback:\n  ...\nValueError: bad login {PASSWORD}\n")
     with caplog.at_level(logging.DEBUG, logger="common.notify"):
-        assert send_stage_email(make_cfg(port, user="mailer"), "failure", info) is True
+        assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure", info) is True
     assert rec.logins == [("mailer", PASSWORD)]
     raw = rec.envelopes[0].content.decode("utf-8", errors="replace")
     body = body_of(rec.messages[0])
@@ -195,7 +195,8 @@ def test_rejected_login_is_logged_without_password(smtp_server, tmp_path, caplog
     rec, port = smtp_server(Recorder(accept_login=False), authenticator=True, auth_require_tls=False)
     monkeypatch.setenv(ENV, PASSWORD)
     with caplog.at_level(logging.DEBUG, logger="common.notify"):
-        assert send_stage_email(make_cfg(port, user="mailer"), "failure", make_info(tmp_path)) is False
+        assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure",
+                                make_info(tmp_path)) is False
     assert rec.messages == [] and set(rec.logins) == {("mailer", PASSWORD)}  # smtplib tries PLAIN, then LOGIN
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert errors and "SMTPAuthenticationError" in errors[0].getMessage()
@@ -206,7 +207,8 @@ def test_missing_password_variable_sends_nothing(smtp_server, tmp_path, caplog, 
     rec, port = smtp_server(authenticator=True, auth_require_tls=False)
     monkeypatch.delenv(ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="common.notify"):
-        assert send_stage_email(make_cfg(port, user="mailer"), "failure", make_info(tmp_path)) is False
+        assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure",
+                                make_info(tmp_path)) is False
     assert rec.messages == [] and rec.logins == []
     assert ENV in caplog.text and "no failure e-mail sent" in caplog.text
 
@@ -259,3 +261,42 @@ def test_scrub_and_duration():
     assert human_duration(3.21) == "3.2 s"
     assert human_duration(725) == "12 min 05 s"
     assert human_duration(90061) == "1 d 01 h 01 min"
+
+
+def test_login_over_plain_is_refused_unless_allowed(smtp_server, tmp_path, caplog, monkeypatch):
+    rec, port = smtp_server(authenticator=True, auth_require_tls=False)
+    monkeypatch.setenv(ENV, PASSWORD)
+    with caplog.at_level(logging.INFO, logger="common.notify"):
+        assert send_stage_email(make_cfg(port, user="mailer"), "failure", make_info(tmp_path)) is False
+    assert rec.messages == [] and rec.logins == []  # not even a connection that could carry the password
+    assert "in clear" in caplog.text and "notify.allow_insecure_login" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="common.notify"):
+        assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure",
+                                make_info(tmp_path)) is True
+    assert rec.logins == [("mailer", PASSWORD)] and len(rec.messages) == 1
+    assert any(r.levelno == logging.WARNING and "without encryption" in r.getMessage() for r in caplog.records)
+    assert send_stage_email(make_cfg(port), "failure", make_info(tmp_path)) is True  # plain without login: fine
+
+
+@pytest.mark.parametrize("overrides, ok", [
+    (["notify.security=plain", "notify.user=mailer"], False),
+    (["notify.security=plain", "notify.user=mailer", "notify.allow_insecure_login=true"], True),
+    (["notify.security=starttls", "notify.user=mailer"], True),
+    (["notify.security=ssl", "notify.user=mailer"], True),
+    (["notify.security=plain"], True),
+])
+def test_config_refuses_a_password_in_clear(overrides, ok):
+    from common.config import load_config
+    from common.errors import ConfigError
+
+    args = ["notify.enabled=true", *overrides]
+    if ok:
+        load_config([], args)
+        load_config([], ["notify.enabled=false", *overrides])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config([], args)
+    msg = str(e.value)
+    assert "\n" not in msg and "in clear" in msg and "starttls" in msg and "notify.allow_insecure_login: true" in msg
+    load_config([], ["notify.enabled=false", *overrides])  # off: nothing is sent, nothing to refuse
