@@ -11,6 +11,12 @@ Padding to a square before resizing keeps the organism's aspect ratio (a long di
 long), which matters for plankton where shape is most of the signal. ``square_uint8_transform``
 is the part before the float conversion: stage 02 measures mean and std on exactly its output,
 so the statistics describe what the network sees (see ``common/stats.py``).
+
+EXIF orientation, one rule everywhere: an image is used *upright*, as a photo viewer shows it.
+Every decode goes through ``upright`` (``PIL.ImageOps.exif_transpose`` when the EXIF orientation
+tag is 2-8): ``load_rgb`` (stages 02-07), the report's thumbnails, and stage 01's scan, which
+records the upright width and height in ``splits.csv`` (``oriented_size``, read from the header
+before decoding). A 40 x 24 JPEG with orientation 6 is 24 x 40 in ``splits.csv`` and to the network.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from .errors import ImageReadError, UserError
@@ -224,15 +230,40 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 2-8 ask for a flip and/or a rotation
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})  # orientations that turn the image by 90 or 270 degrees
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 = as stored; 1 also when there is no tag)."""
+    value = im.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of ``upright(im)``, from the header alone (nothing is decoded)."""
+    w, h = im.size
+    return (h, w) if exif_orientation(im) in _SWAPS_SIDES else (w, h)
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: ``ImageOps.exif_transpose`` when the EXIF orientation is
+    2-8, else ``im`` itself (no copy). The rule for every decode (module docstring)."""
+    if exif_orientation(im) == 1:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB; ``ImageReadError`` names the file otherwise.
+    """Open and fully decode an image as upright (EXIF orientation applied) 8-bit RGB;
+    ``ImageReadError`` names the file otherwise.
 
     Multi-frame files (GIF, TIFF) give their first frame.
     """
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb(im)
+            return to_rgb(upright(im))
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found (was it moved since 01_random_split_dataset.py ran?)") from None
     except PIL_ERRORS as e:

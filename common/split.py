@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .data import (IMAGE_SUFFIXES, PIL_ERRORS, PIL_FORMATS, SPLITS, SPLITS_COLUMNS, SplitRow, class_folders,
-                   list_class_files, sort_key)
+                   list_class_files, oriented_size, sort_key)
 from .errors import UserError
 from .fileio import atomic_path, sha256_bytes, write_csv
 
@@ -113,7 +113,7 @@ def scan_file(item: tuple[str, str], min_side: int, max_pixels: int) -> Scan:
                     return Scan(path, label, "bad", "not an image (Pillow cannot identify the content)", sha)
                 return Scan(path, label, "other", "not an image", sha)
             with im:
-                w, h = im.size
+                w, h = oriented_size(im)  # upright, as load_rgb gives it (common/data.py)
                 found = dict(sha256=sha, width=w, height=h, mode=im.mode, format=im.format or "")
                 if w * h > max_pixels:  # formats whose plugins skip Pillow's own check
                     return Scan(path, label, "bad", f"too many pixels: declared {w}x{h} > data.max_pixels="

@@ -141,6 +141,24 @@ def test_load_rgb_modes(tmp_path):
     assert np.asarray(D.load_rgb(tmp_path / "p.gif"))[0, 0].tolist() == [10, 20, 30]
 
 
+def test_exif_orientation_is_applied(tmp_path, exif_rotated_jpeg):
+    p = exif_rotated_jpeg(tmp_path / "rot6.jpg")
+    with Image.open(p) as raw:
+        assert raw.size == (40, 24)  # stored sideways
+        assert D.exif_orientation(raw) == 6 and D.oriented_size(raw) == (24, 40)
+    im = D.load_rgb(p)
+    assert im.mode == "RGB" and im.size == (24, 40)
+    a = np.asarray(im).astype(int)
+    assert a[:20].mean() < 30 and a[20:].mean() > 225  # the dark half is on top: turned clockwise
+    plain = _save(tmp_path / "plain.jpg", np.zeros((24, 40), np.uint8), fmt="JPEG")
+    assert D.load_rgb(plain).size == (40, 24)  # no tag: as stored
+    with Image.open(plain) as raw:
+        assert D.upright(raw) is raw and D.oriented_size(raw) == (40, 24)
+    exif_rotated_jpeg(tmp_path / "rot3.jpg", orientation=3)  # 180 degrees: sides kept, content turned
+    a3 = np.asarray(D.load_rgb(tmp_path / "rot3.jpg")).astype(int)
+    assert a3.shape[:2] == (24, 40) and a3[:, :20].mean() > 225 and a3[:, 20:].mean() < 30
+
+
 def test_load_rgb_errors_name_the_file(tmp_path):
     from common.demo import make_bad_files
 

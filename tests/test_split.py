@@ -230,6 +230,15 @@ def test_size_limits_from_config(tmp_path):
     assert "data.max_pixels=1000" in reasons["big.png"] and "data.min_side=6" in reasons["thin.png"]
 
 
+def test_scan_records_the_upright_size_of_exif_rotated_images(tmp_path, exif_rotated_jpeg):
+    p = exif_rotated_jpeg(tmp_path / "rot6.jpg")
+    s = S.scan_file((str(p), "c"), min_side=4, max_pixels=10**6)
+    assert s.kind == "image" and (s.width, s.height) == (24, 40)
+    assert (s.width, s.height) == D.load_rgb(p).size  # stage 01 and the loaders agree
+    thin = S.scan_file((str(p), "c"), min_side=30, max_pixels=10**6)
+    assert thin.kind == "bad" and "24x40 px" in thin.reason
+
+
 def test_no_usable_class_is_a_user_error(tmp_path):
     root = tmp_path / "img"
     (root / "c").mkdir(parents=True)
