@@ -16,7 +16,7 @@ listed there too, after the images, and noted in the class's ``reason`` in class
 Splitting rule, per class, on its ``n`` usable images (deterministic, see ``split_counts``):
 
 1. ``n < split.min_images``: the class is dropped (``status=dropped`` in class_counts.csv, with
-   the reason).
+   the reason). At least two classes must remain (``check_enough_classes``): retrieval needs them.
 2. Largest remainder: each split gets ``floor(n * fraction)``; the images left over go one each
    to the splits with the largest fractional parts (ties: train, val, test).
 3. Train gets at least one image (taken from the largest other split).
@@ -339,6 +339,18 @@ def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequen
     return SplitResult(rows, counts, dup_groups, cross)
 
 
+def check_enough_classes(res: SplitResult, root: str | Path, min_images: int) -> None:
+    """Retrieval tells classes apart, so at least two classes must be kept: ``UserError`` naming
+    ``data.root`` and how many class folders were found and kept otherwise."""
+    kept = [c.name for c in res.counts if c.status == "kept"]
+    if len(kept) >= 2:
+        return
+    dropped = len(res.counts) - len(kept)
+    raise UserError(f"data.root: {root} needs at least two classes for retrieval: found {len(res.counts)} class "
+                    f"folder(s), {len(kept)} kept{f' ({kept[0]})' if kept else ''} after dropping {dropped} with "
+                    f"fewer than split.min_images={min_images} usable images")
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -512,6 +524,7 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
     if dropped:
         log.warning("dropped %d class(es) with fewer than split.min_images=%d usable images: %s", len(dropped),
                     cfg.split.min_images, ", ".join(f"{c.name} ({c.total})" for c in dropped))
+    check_enough_classes(res, root, cfg.split.min_images)
 
     # Duplicates: counted, listed, and warned about when one content sits in two classes.
     split_of = {r.path: r.split for r in res.rows}

@@ -223,6 +223,9 @@ def test_size_limits_from_config(tmp_path):
     Image.new("L", (40, 5), 9).save(root / "c" / "thin.png")
     Image.new("L", (10, 10), 9).save(root / "c" / "ok.png")
     Image.new("L", (12, 10), 9).save(root / "c" / "ok2.png")
+    (root / "d").mkdir()  # retrieval needs a second class
+    Image.new("L", (10, 10), 7).save(root / "d" / "a.png")
+    Image.new("L", (10, 12), 7).save(root / "d" / "b.png")
     out = tmp_path / "o"
     S.run_split(_cfg(root, **{"data.max_pixels": 1000, "data.min_side": 6}), _out(out), out)
     reasons = {Path(r["path"]).name: r["reason"] for r in _csv(out / "bad_images.csv")}
@@ -356,3 +359,20 @@ def test_unreadable_folder_chmod(tmp_path):
     finally:
         os.chmod(locked, 0o755)
     assert [r["reason"] for r in _csv(tmp_path / "o" / "bad_images.csv")] == ["folder unreadable: Permission denied"]
+
+
+def test_fewer_than_two_classes_is_a_user_error(tmp_path):
+    root = tmp_path / "img"
+    (root / "only").mkdir(parents=True)
+    for i in range(5):
+        Image.new("L", (10, 10), i).save(root / "only" / f"{i}.png")
+    with pytest.raises(UserError, match=r"^data.root: .*img needs at least two classes for retrieval: found 1 class "
+                                        r"folder\(s\), 1 kept \(only\) after dropping 0 with fewer than "
+                                        r"split.min_images=2 usable images$"):
+        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+    (root / "rare").mkdir()
+    Image.new("L", (10, 10), 99).save(root / "rare" / "a.png")  # one image: dropped, one class left
+    with pytest.raises(UserError, match=r"found 2 class folder\(s\), 1 kept \(only\) after dropping 1 with"):
+        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+    Image.new("L", (10, 10), 98).save(root / "rare" / "b.png")
+    assert S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")["classes"] == 2
