@@ -116,11 +116,15 @@ def scan_file(item: tuple[str, str], min_side: int, max_pixels: int) -> Scan:
                     return Scan(path, label, "bad", "not an image (Pillow cannot identify the content)", sha)
                 return Scan(path, label, "other", "not an image", sha)
             with im:
-                w, h = oriented_size(im)  # upright, as load_rgb gives it (common/data.py)
+                w, h = im.size
                 found = dict(sha256=sha, width=w, height=h, mode=im.mode, format=im.format or "")
                 if w * h > max_pixels:  # formats whose plugins skip Pillow's own check
                     return Scan(path, label, "bad", f"too many pixels: declared {w}x{h} > data.max_pixels="
                                 f"{max_pixels} (decompression bomb?)", **found)
+                # Upright size, as load_rgb gives it (common/data.py). Only after the pixel check:
+                # reading the EXIF of a PNG decodes it (its eXIf chunk may follow the pixels).
+                w, h = oriented_size(im)
+                found.update(width=w, height=h)
                 if min(w, h) < min_side:
                     return Scan(path, label, "bad", f"too small: {w}x{h} px, a side under data.min_side={min_side}",
                                 **found)
