@@ -47,7 +47,7 @@ class DataConfig:
     min_side: int = 4  # images with a side shorter than this (px) are rejected
     pad_fill: int = 0  # grey level (0-255) used to pad images to a square (0 = dark field)
     num_workers: int = 4  # DataLoader worker processes for every stage
-    follow_symlinks: bool = False  # follow directory symlinks inside class folders (each real file listed once)
+    follow_symlinks: bool = False  # stage 01: follow directory symlinks inside class folders (each real folder once); false: skip and list them in bad_images.csv
 
 
 @dataclass

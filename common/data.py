@@ -11,6 +11,12 @@ Padding to a square before resizing keeps the organism's aspect ratio (a long di
 long), which matters for plankton where shape is most of the signal. ``square_uint8_transform``
 is the part before the float conversion: stage 02 measures mean and std on exactly its output,
 so the statistics describe what the network sees (see ``common/stats.py``).
+
+EXIF orientation, one rule everywhere: an image is used *upright*, as a photo viewer shows it.
+Every decode goes through ``upright`` (``PIL.ImageOps.exif_transpose`` when the EXIF orientation
+tag is 2-8): ``load_rgb`` (stages 02-07), the report's thumbnails, and stage 01's scan, which
+records the upright width and height in ``splits.csv`` (``oriented_size``, read from the header
+before decoding). A 40 x 24 JPEG with orientation 6 is 24 x 40 in ``splits.csv`` and to the network.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from .errors import ImageReadError, UserError
@@ -66,48 +72,182 @@ def sort_key(path: str) -> str:
 # ----------------------------------------------------------------------------- listing
 
 
-def walk_files(folder: Path) -> Iterator[Path]:
-    """Every non-hidden file under ``folder``, recursively, in sorted order.
+LINK_NOT_FOLLOWED = "directory symlink not followed (data.follow_symlinks is false)"
 
-    Symbolic links to folders are followed (data sets are often assembled from links), each real
-    folder at most once. The order never depends on the file system's listing order.
+
+@dataclass
+class Skipped:
+    """A folder that listing did not enter: unreadable, or a directory symlink not followed."""
+
+    path: str
+    label: str  # the class folder it was found in ("" outside a class listing)
+    reason: str
+    kind: str  # "unreadable" | "symlink"
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it (both real, absolute paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _walk(folder: str, label: str, follow: bool, seen: dict[str, str], skipped: list[Skipped],
+          link_check: Callable[[str, str], str | None], via_link: bool) -> Iterator[str]:
+    """Depth-first walk behind ``walk_files``: a folder's files (sorted), then its sub-folders."""
+    real = os.path.realpath(folder)
+    if via_link and real in seen:  # two links to one folder, or a loop below a followed link
+        what = "directory symlink not followed" if os.path.islink(folder) else "folder not listed again"
+        skipped.append(Skipped(folder, label, f"{what}: {real} is already listed (as {seen[real]})", "symlink"))
+        return
+    seen.setdefault(real, folder)
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        skipped.append(Skipped(folder, label, f"folder unreadable: {e.strerror or e.__class__.__name__}",
+                               "unreadable"))
+        return
+    subdirs = []
+    for name in sorted((n for n in names if not is_hidden(n)), key=sort_key):
+        p = os.path.join(folder, name)
+        if os.path.isdir(p):
+            subdirs.append(p)
+        else:
+            yield p  # files, file symlinks (followed when read) and broken links (bad when read)
+    for p in subdirs:
+        if os.path.islink(p):
+            if not follow:
+                skipped.append(Skipped(p, label, LINK_NOT_FOLLOWED, "symlink"))
+                continue
+            why = link_check(p, os.path.realpath(p))
+            if why is not None:
+                skipped.append(Skipped(p, label, why, "symlink"))
+                continue
+            yield from _walk(p, label, follow, seen, skipped, link_check, True)
+        else:
+            yield from _walk(p, label, follow, seen, skipped, link_check, via_link)
+
+
+def walk_files(folder: str | Path, follow_symlinks: bool = True, skipped: list[Skipped] | None = None, *,
+               label: str = "", seen: dict[str, str] | None = None,
+               link_check: Callable[[str, str], str | None] | None = None) -> Iterator[Path]:
+    """Every non-hidden file under ``folder``, recursively: a folder's files (sorted), then its
+    sub-folders (sorted). The order never depends on the file system's listing order.
+
+    Symbolic links to folders below ``folder`` are followed when ``follow_symlinks`` (each real
+    folder at most once, so a loop ends), else skipped. A followed link whose target contains
+    ``folder`` (a loop) is not entered. Links not followed and folders that cannot be listed are
+    appended to ``skipped`` (``Skipped``, tagged ``label``); with ``skipped=None`` they are logged as
+    warnings instead. ``seen`` (real folder -> path listed as) may be shared between calls;
+    ``link_check(link, real_target)`` returns a reason to skip a link, or None to follow it.
     """
-    seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:  # a link loop, or two links to the same folder
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted((d for d in dirs if not is_hidden(d)), key=sort_key)
-        for f in sorted((f for f in files if not is_hidden(f)), key=sort_key):
-            yield Path(root, f)
+    top = str(folder)
+    real_top = os.path.realpath(top)
+
+    def default_check(link: str, target: str) -> str | None:
+        if _inside(real_top, target):
+            return f"directory symlink to {target} not followed: it contains {top} (a loop)"
+        return None
+
+    out = [] if skipped is None else skipped
+    yield from (Path(p) for p in _walk(top, label, follow_symlinks, {} if seen is None else seen, out,
+                                        link_check or default_check, False))
+    if skipped is None:
+        for s in out:
+            log.warning("%s: %s", s.path, s.reason)
 
 
-def list_class_files(root: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """Files of an image folder with one sub-folder per class.
+@dataclass
+class Listing:
+    """An image folder with one sub-folder per class, as ``list_image_folder`` found it."""
 
-    Returns ``(files, strays)``: ``files`` is ``[(absolute path, class name)]`` sorted by
-    (class, path), every non-hidden file anywhere under a class folder (whether it is an image
-    is decided later, by content); ``strays`` are files directly in ``root`` (no class), which
-    callers report and ignore. Raises ``UserError`` when ``root`` is not a folder.
+    root: str  # data.root, resolved
+    files: list[tuple[str, str]]  # (absolute path, class), sorted by (class, path)
+    strays: list[str]  # files directly in root: no class, reported and ignored
+    classes: list[str]  # every (non-hidden) class folder, readable or not, sorted
+    skipped: list[Skipped]  # folders not listed, with the reason
+
+    def unreadable(self) -> list[Skipped]:
+        """The folders (class folders or below) that could not be listed."""
+        return [s for s in self.skipped if s.kind == "unreadable"]
+
+    def class_notes(self) -> dict[str, str]:
+        """A note per class with folders not listed, for ``class_counts.csv``."""
+        notes: dict[str, str] = {}
+        for c in self.classes:
+            own = [s for s in self.skipped if s.label == c]
+            if not own:
+                continue
+            top = os.path.join(self.root, c)
+            whole = next((s for s in own if s.kind == "unreadable" and s.path == top), None)
+            if whole is not None:
+                notes[c] = whole.reason
+                continue
+            n_unread = sum(s.kind == "unreadable" for s in own)
+            n_links = sum(s.kind == "symlink" for s in own)
+            parts = ([f"{n_unread} sub-folder(s) unreadable"] if n_unread else []) + \
+                    ([f"{n_links} directory symlink(s) not followed"] if n_links else [])
+            notes[c] = ", ".join(parts) + " (see bad_images.csv)"
+        return notes
+
+
+def list_image_folder(root: str | Path, follow_symlinks: bool = False) -> Listing:
+    """List an image folder with one sub-folder per class (``data.root``).
+
+    Every non-hidden file anywhere under a class folder is listed (whether it is an image is
+    decided later, by content). A class folder may itself be a symbolic link. Directory symlinks
+    *inside* class folders are followed only with ``follow_symlinks`` (``data.follow_symlinks``);
+    otherwise they are skipped and listed in ``Listing.skipped``. When followed, each real folder
+    is listed once, under the class whose folder holds the link, except that a link into a
+    class folder (or to ``data.root``) is not entered: those files are listed under the class
+    they really belong to; a link to a folder containing ``data.root`` or a class folder is a
+    loop and is not entered either (both in ``skipped`` with the reason). Folders that cannot be
+    read are in ``skipped`` too. Raises ``UserError`` when ``root`` is not a readable folder.
     """
     root_p = Path(root).expanduser()
     if not root_p.is_dir():
         raise UserError(f"data.root: {root_p} is not a folder (expected one sub-folder per class)")
     root_p = root_p.resolve()
+    try:
+        entries = sorted((e for e in os.listdir(root_p) if not is_hidden(e)), key=sort_key)
+    except OSError as e:
+        raise UserError(f"data.root: cannot list {root_p} ({e.strerror or e.__class__.__name__})") from None
+    classes = [e for e in entries if (root_p / e).is_dir()]
+    strays = [str(root_p / e) for e in entries if e not in classes and (root_p / e).is_file()]
+    real_root = str(root_p)
+    class_real = {c: os.path.realpath(root_p / c) for c in classes}
+
+    def link_check(link: str, target: str) -> str | None:
+        if target == real_root:
+            return (f"directory symlink to {target} not followed: it leads back to data.root "
+                    "(its images are listed under their own classes)")
+        owner = next((c for c in classes if _inside(target, class_real[c])), None)
+        if owner is not None:
+            return (f"directory symlink to {target} not followed: it points into class folder "
+                    f"{owner!r} (listed as that class)")
+        if _inside(real_root, target) or any(_inside(r, target) for r in class_real.values()):
+            return f"directory symlink to {target} not followed: it contains data.root or a class folder (a loop)"
+        return None
+
     files: list[tuple[str, str]] = []
-    strays: list[str] = []
-    for entry in sorted(os.listdir(root_p), key=sort_key):
-        if is_hidden(entry):
-            continue
-        p = root_p / entry
-        if p.is_dir():
-            files.extend((str(f), entry) for f in walk_files(p))
-        elif p.is_file():
-            strays.append(str(p))
+    skipped: list[Skipped] = []
+    seen: dict[str, str] = {}
+    for c in classes:
+        files.extend((str(f), c) for f in walk_files(root_p / c, follow_symlinks, skipped, label=c, seen=seen,
+                                                     link_check=link_check))
     files.sort(key=lambda t: (sort_key(t[1]), sort_key(t[0])))
-    return files, strays
+    skipped.sort(key=lambda s: (sort_key(s.label), sort_key(s.path)))
+    return Listing(real_root, files, strays, classes, skipped)
+
+
+def list_class_files(root: str | Path, follow_symlinks: bool = False) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(files, strays)`` of ``list_image_folder``: ``files`` is ``[(absolute path, class name)]``
+    sorted by (class, path); ``strays`` are files directly in ``root`` (no class), which callers
+    report and ignore. Folders not listed are logged as warnings. Raises ``UserError`` when
+    ``root`` is not a folder.
+    """
+    listing = list_image_folder(root, follow_symlinks)
+    for s in listing.skipped:
+        log.warning("%s: %s", s.path, s.reason)
+    return listing.files, listing.strays
 
 
 def class_folders(root: str | Path) -> list[str]:
@@ -224,15 +364,40 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 2-8 ask for a flip and/or a rotation
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})  # orientations that turn the image by 90 or 270 degrees
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 = as stored; 1 also when there is no tag)."""
+    value = im.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of ``upright(im)``, from the header alone (nothing is decoded)."""
+    w, h = im.size
+    return (h, w) if exif_orientation(im) in _SWAPS_SIDES else (w, h)
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: ``ImageOps.exif_transpose`` when the EXIF orientation is
+    2-8, else ``im`` itself (no copy). The rule for every decode (module docstring)."""
+    if exif_orientation(im) == 1:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB; ``ImageReadError`` names the file otherwise.
+    """Open and fully decode an image as upright (EXIF orientation applied) 8-bit RGB;
+    ``ImageReadError`` names the file otherwise.
 
     Multi-frame files (GIF, TIFF) give their first frame.
     """
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb(im)
+            return to_rgb(upright(im))
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found (was it moved since 01_random_split_dataset.py ran?)") from None
     except PIL_ERRORS as e:

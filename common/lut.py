@@ -6,7 +6,8 @@ Within each class separately, the gallery items are taken in ascending image id.
 is still kept removes every *later* item of the same class whose cosine similarity to it is
 strictly greater than the threshold ``t``. Classes never prune each other; the first item of a
 class is always kept, so every class keeps at least one item. Similarity exactly equal to ``t``
-does not prune.
+does not prune. ``t`` is compared as given (a float64), never rounded to float32: at ``t = 0.8``
+a similarity of ``float32(0.8)`` (0.800000011920929, above 0.8) prunes.
 
 The similarity the rule is defined on: ``s(i, j) = float32(x_i . x_j)``, the dot product of the
 stored float32 vectors evaluated in float64 (each product is exact in float64; the sum's error
@@ -136,6 +137,39 @@ def exact_similarity(X: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) ->
     return out
 
 
+def exceeds(s: torch.Tensor, t: float) -> torch.Tensor:
+    """``s > t`` for float32 similarities ``s`` and the threshold ``t`` as given (float64).
+
+    Comparing a float32 tensor with a Python float rounds the float to float32; ``float32(t)``
+    can lie above ``t`` (0.8, 0.99), which would spare a pair whose similarity is exactly
+    ``float32(t)``. The comparison is therefore made in float64, where every float32 is exact.
+    """
+    return s.double() > float(t)
+
+
+def float32_down(x: float) -> float:
+    """The largest float32 value ``<= x`` (a Python float)."""
+    f = np.float32(x)
+    if float(f) > x:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)
+
+
+def float32_up(x: float) -> float:
+    """The smallest float32 value ``>= x`` (a Python float)."""
+    f = np.float32(x)
+    if float(f) < x:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(f)
+
+
+def band_bounds(t: float, margin: float) -> tuple[float, float]:
+    """``(lo, hi)``: the uncertainty band ``[t - margin, t + margin]`` widened outwards to float32
+    values, so comparing a float32 block with them (in float32) loses nothing to rounding: a
+    product above ``hi`` has ``s > t``, one below ``lo`` has ``s < t``."""
+    return float32_down(float(t) - margin), float32_up(float(t) + margin)
+
+
 @contextlib.contextmanager
 def _full_fp32() -> Iterator[None]:
     """Plain float32 products (no TF32 / bf16 shortcuts): the error bound above assumes them."""
@@ -200,7 +234,7 @@ def _greedy_scan(A: np.ndarray) -> np.ndarray:
 
 def _resolve(X: torch.Tensor, S: torch.Tensor, hi: float, lo: float, t: float,
              row_ids: torch.Tensor, col_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``S > t`` decided exactly: entries within ``[lo, hi]`` of a float32 block ``S`` (rows
+    """``S > t`` decided exactly: entries within ``[lo, hi]`` (``band_bounds``) of a float32 block ``S`` (rows
     ``row_ids``, columns ``col_ids`` of ``X``) are recomputed by ``exact_similarity``. ``mask``
     (same shape, bool) restricts which uncertain entries matter (others stay False)."""
     A = S > hi
@@ -209,7 +243,7 @@ def _resolve(X: torch.Tensor, S: torch.Tensor, hi: float, lo: float, t: float,
         U &= mask
     r, c = torch.nonzero(U, as_tuple=True)
     if r.numel():
-        A[r, c] = exact_similarity(X, row_ids[r], col_ids[c]) > t
+        A[r, c] = exceeds(exact_similarity(X, row_ids[r], col_ids[c]), t)
     return A
 
 
@@ -238,7 +272,7 @@ def _prune_class(X: torch.Tensor, t: float, tile: int, chunk: int, margin: float
     Steps of ``tile`` rows; the kept rows of earlier steps are compared ``chunk`` at a time
     (memory: ``chunk x tile`` float32 similarities, ``chunk x D`` gathered vectors)."""
     n, dev = X.shape[0], X.device
-    hi, lo = t + margin, t - margin
+    lo, hi = band_bounds(t, margin)
     keep = torch.zeros(n, dtype=torch.bool, device=dev)
     for bi, a in enumerate(range(0, n, tile)):
         b = min(n, a + tile)
@@ -261,7 +295,7 @@ def _prune_class(X: torch.Tensor, t: float, tile: int, chunk: int, margin: float
             sel = ~dom[pc]  # only columns not already dominated for sure need the exact value
             pr, pc = pr[sel], pc[sel]
             if pr.numel():
-                dom[pc[exact_similarity(X, pr, a + pc) > t]] = True
+                dom[pc[exceeds(exact_similarity(X, pr, a + pc), t)]] = True
         cand = torch.nonzero(~dom).flatten()  # 2. the greedy within the step, among the others
         if cand.numel() == 0:
             continue

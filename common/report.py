@@ -161,10 +161,12 @@ def thumbnail_data_uri(path: str | Path, px: int = THUMB_PX) -> str | None:
     """A small JPEG thumbnail of an image as a data URI, or None when it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
+    from .data import upright
+
     try:
         with Image.open(path) as im:
             im.draft("RGB", (px * 2, px * 2))  # fast JPEG downscale on decode
-            im = im.convert("RGB")
+            im = upright(im).convert("RGB")  # EXIF orientation applied, as the network sees it
             im.thumbnail((px, px))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=THUMB_QUALITY)

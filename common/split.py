@@ -9,11 +9,14 @@ image* when it does (``x.jpg`` holding text). Bad images also include empty, tru
 otherwise undecodable files, images with a side under ``data.min_side`` and images whose
 *declared* size exceeds ``data.max_pixels`` (decompression bombs: checked from the header, before
 anything is decoded). They are listed in ``bad_images.csv`` (path,label,reason) and left out
-(``data.bad_images=skip``) or stop the stage (``fail``).
+(``data.bad_images=skip``) or stop the stage (``fail``). Folders the listing did not enter
+(unreadable folders, directory symlinks not followed: ``common.data.list_image_folder``) are
+listed there too, after the images, and noted in the class's ``reason`` in class_counts.csv.
 
 Splitting rule, per class, on its ``n`` usable images (deterministic, see ``split_counts``):
 
-1. ``n < split.min_images``: the class is dropped (``status=dropped`` in class_counts.csv).
+1. ``n < split.min_images``: the class is dropped (``status=dropped`` in class_counts.csv, with
+   the reason). At least two classes must remain (``check_enough_classes``): retrieval needs them.
 2. Largest remainder: each split gets ``floor(n * fraction)``; the images left over go one each
    to the splits with the largest fractional parts (ties: train, val, test).
 3. Train gets at least one image (taken from the largest other split).
@@ -52,8 +55,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import Config
-from .data import (IMAGE_SUFFIXES, PIL_ERRORS, PIL_FORMATS, SPLITS, SPLITS_COLUMNS, SplitRow, class_folders,
-                   list_class_files, sort_key)
+from .data import (IMAGE_SUFFIXES, PIL_ERRORS, PIL_FORMATS, SPLITS, SPLITS_COLUMNS, Listing, Skipped, SplitRow,
+                   list_image_folder, oriented_size, sort_key)
 from .errors import UserError
 from .fileio import atomic_path, sha256_bytes, write_csv
 
@@ -118,6 +121,10 @@ def scan_file(item: tuple[str, str], min_side: int, max_pixels: int) -> Scan:
                 if w * h > max_pixels:  # formats whose plugins skip Pillow's own check
                     return Scan(path, label, "bad", f"too many pixels: declared {w}x{h} > data.max_pixels="
                                 f"{max_pixels} (decompression bomb?)", **found)
+                # Upright size, as load_rgb gives it (common/data.py). Only after the pixel check:
+                # reading the EXIF of a PNG decodes it (its eXIf chunk may follow the pixels).
+                w, h = oriented_size(im)
+                found.update(width=w, height=h)
                 if min(w, h) < min_side:
                     return Scan(path, label, "bad", f"too small: {w}x{h} px, a side under data.min_side={min_side}",
                                 **found)
@@ -255,6 +262,7 @@ class ClassCount:
     test: int = 0
     status: str = "kept"  # kept | dropped (fewer than split.min_images usable images)
     bad: int = 0  # bad images of this class (in bad_images.csv)
+    reason: str = ""  # why dropped, and folders of the class that were not listed (unreadable, links)
 
 
 @dataclass
@@ -269,13 +277,16 @@ class SplitResult:
 
 
 def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequence[float], min_images: int,
-               seed: int, bad_per_class: dict[str, int] | None = None) -> SplitResult:
+               seed: int, bad_per_class: dict[str, int] | None = None,
+               notes: dict[str, str] | None = None) -> SplitResult:
     """Split usable images (``Scan.kind == "image"``) class by class; see the module docstring.
 
-    ``classes`` lists every class folder (a class may have no usable image at all). The result
-    does not depend on the order of ``images``.
+    ``classes`` lists every class folder (a class may have no usable image at all). ``notes``
+    (class -> text, e.g. ``Listing.class_notes()``: unreadable folders) go to the ``reason`` of
+    the class's row. The result does not depend on the order of ``images``.
     """
     bad_per_class = bad_per_class or {}
+    notes = notes or {}
     by_class: dict[str, list[Scan]] = defaultdict(list)
     for s in images:
         by_class[s.label].append(s)
@@ -302,7 +313,9 @@ def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequen
         imgs = by_class.get(c, [])
         n = len(imgs)
         if n < min_images:
-            counts.append(ClassCount(c, n, status="dropped", bad=bad_per_class.get(c, 0)))
+            why = "; ".join([f"{n} usable image(s), fewer than split.min_images={min_images}"]
+                            + ([notes[c]] if notes.get(c) else []))
+            counts.append(ClassCount(c, n, status="dropped", bad=bad_per_class.get(c, 0), reason=why))
             continue
         targets = split_counts(n, fractions)
         unit_of: dict[str, int] = {}
@@ -321,7 +334,7 @@ def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequen
                 placed.setdefault(s.sha256, s_idx)
                 rows.append(SplitRow(s.path, c, SPLITS[s_idx], s.sha256, s.width, s.height, s.mode,
                                      {"dup_group": str(dup_groups.get(s.sha256, ""))}))
-        counts.append(ClassCount(c, n, got[0], got[1], got[2], "kept", bad_per_class.get(c, 0)))
+        counts.append(ClassCount(c, n, got[0], got[1], got[2], "kept", bad_per_class.get(c, 0), notes.get(c, "")))
         if any(got[i] == 0 and fractions[i] > 0 for i in range(3)):
             log.info("class %s: only %d usable image(s) -> %d train, %d val, %d test", c, n, *got)
         elif tuple(got) != targets:
@@ -330,7 +343,45 @@ def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequen
     return SplitResult(rows, counts, dup_groups, cross)
 
 
+def check_enough_classes(res: SplitResult, root: str | Path, min_images: int) -> None:
+    """Retrieval tells classes apart, so at least two classes must be kept: ``UserError`` naming
+    ``data.root`` and how many class folders were found and kept otherwise."""
+    kept = [c.name for c in res.counts if c.status == "kept"]
+    if len(kept) >= 2:
+        return
+    dropped = len(res.counts) - len(kept)
+    raise UserError(f"data.root: {root} needs at least two classes for retrieval: found {len(res.counts)} class "
+                    f"folder(s), {len(kept)} kept{f' ({kept[0]})' if kept else ''} after dropping {dropped} with "
+                    f"fewer than split.min_images={min_images} usable images")
+
+
 # ----------------------------------------------------------------------------- outputs
+
+
+def write_bad_images(path: Path, bad: Sequence[Scan], skipped: Sequence[Skipped]) -> int:
+    """``bad_images.csv`` (path,label,reason): the bad images, then the folders listing did not
+    enter (unreadable folders, directory symlinks not followed). Returns the number of rows."""
+    return write_csv(path, ("path", "label", "reason"),
+                     ([s.path, s.label, s.reason] for s in [*bad, *skipped]))
+
+
+def report_skipped_folders(listing: Listing, bad_images: str, csv_path: Path) -> None:
+    """Log the folders listing did not enter (listed in ``csv_path``). An unreadable folder stops
+    the stage with ``data.bad_images=fail`` (its images could not be checked); a directory symlink
+    not followed never does (``data.follow_symlinks`` decides)."""
+    unreadable = listing.unreadable()
+    links = [s for s in listing.skipped if s.kind == "symlink"]
+    for s in listing.skipped:
+        log.debug("%s (class %s): %s", s.path, s.label, s.reason)
+    if links:
+        log.warning("%d directory symlink(s) not followed (e.g. %s: %s): listed in %s", len(links), links[0].path,
+                    links[0].reason, csv_path)
+    if unreadable:
+        log.warning("%d folder(s) cannot be read, their images are left out (e.g. %s: %s): listed in %s",
+                    len(unreadable), unreadable[0].path, unreadable[0].reason, csv_path)
+        if bad_images == "fail":
+            raise UserError(f"folder {unreadable[0].path}: {unreadable[0].reason} (data.bad_images=fail; all "
+                            f"{len(listing.skipped)} folder(s) not listed are in {csv_path})")
 
 
 def write_splits_csv(path: Path, rows: Sequence[SplitRow]) -> int:
@@ -364,7 +415,12 @@ def plot_class_distribution(counts: Sequence[ClassCount], path: Path) -> None:
     for yi, c in zip(y, order):
         ax.text(max(c.total, 1) * 1.08, yi, str(c.total), va="center", fontsize=7)
     ax.set_yticks(y)
-    ax.set_yticklabels([c.name + (" (dropped)" if c.status != "kept" else "") for c in order], fontsize=8)
+    def tick(c: ClassCount) -> str:
+        if c.status == "kept":
+            return c.name
+        return c.name + (" (unreadable)" if "folder unreadable" in c.reason else " (dropped)")
+
+    ax.set_yticklabels([tick(c) for c in order], fontsize=8)
     ax.set_ylim(-0.7, len(order) - 0.3)
     ax.set_xscale("log")
     top = max([c.total for c in order] + [1])
@@ -433,10 +489,8 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
 
     ``output(name)`` gives the path of an artefact (``ctx.output`` in the stage).
     """
-    root = Path(cfg.data.root).expanduser()
-    files, strays = list_class_files(root)
-    root = root.resolve()
-    classes = sorted({lbl for _, lbl in files} | set(class_folders(root)), key=sort_key)
+    listing = list_image_folder(cfg.data.root, cfg.data.follow_symlinks)
+    files, strays, classes, root = listing.files, listing.strays, listing.classes, Path(listing.root)
     if not classes:
         raise UserError(f"data.root: {root} has no class sub-folders (expected one folder per class)")
     if strays:
@@ -453,8 +507,9 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
         for s in other:
             log.debug("not an image: %s", s.path)
 
-    n_bad = write_csv(output("bad_images.csv"), ("path", "label", "reason"),
-                      ([s.path, s.label, s.reason] for s in bad))
+    write_bad_images(output("bad_images.csv"), bad, listing.skipped)
+    report_skipped_folders(listing, cfg.data.bad_images, stage_dir / "bad_images.csv")
+    n_bad = len(bad)
     if bad:
         reasons = Counter(s.reason.split(":")[0] for s in bad)
         log.warning("%d bad image(s) (%s): listed in %s", n_bad,
@@ -465,7 +520,7 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
 
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     res = make_split(good, classes, fractions, cfg.split.min_images, cfg.run.seed,
-                     bad_per_class=Counter(s.label for s in bad))
+                     bad_per_class=Counter(s.label for s in bad), notes=listing.class_notes())
     if not res.rows:
         raise UserError(f"data.root: no class in {root} has at least split.min_images={cfg.split.min_images} "
                         f"usable images ({len(good)} usable, {len(bad)} bad, {len(other)} non-images)")
@@ -473,6 +528,7 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
     if dropped:
         log.warning("dropped %d class(es) with fewer than split.min_images=%d usable images: %s", len(dropped),
                     cfg.split.min_images, ", ".join(f"{c.name} ({c.total})" for c in dropped))
+    check_enough_classes(res, root, cfg.split.min_images)
 
     # Duplicates: counted, listed, and warned about when one content sits in two classes.
     split_of = {r.path: r.split for r in res.rows}
@@ -490,8 +546,8 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
                     ", ".join(f"{r[2]}/{Path(r[3]).name}" for r in dup_rows if r[0] == example[0]))
 
     write_splits_csv(output("splits.csv"), res.rows)
-    write_csv(output("class_counts.csv"), ("class", "total", "train", "val", "test", "status", "bad"),
-              ([c.name, c.total, c.train, c.val, c.test, c.status, c.bad] for c in res.counts))
+    write_csv(output("class_counts.csv"), ("class", "total", "train", "val", "test", "status", "bad", "reason"),
+              ([c.name, c.total, c.train, c.val, c.test, c.status, c.bad, c.reason] for c in res.counts))
     plot_class_distribution(res.counts, output("class_distribution.png"))
     n = materialize(res.rows, root, stage_dir, cfg.split.materialize)
     if n:
@@ -511,6 +567,7 @@ def run_split(cfg: Config, output: Callable[..., Path], stage_dir: Path) -> dict
         "dropped": [c.name for c in dropped],
         "bad_images": len(bad),
         "non_images": len(other),
+        "folders_not_listed": len(listing.skipped),
         "duplicate_groups": len(res.dup_groups),
         "duplicate_extra_copies": extra_copies,
         "cross_class_duplicate_groups": len(res.cross_class),

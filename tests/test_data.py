@@ -141,6 +141,24 @@ def test_load_rgb_modes(tmp_path):
     assert np.asarray(D.load_rgb(tmp_path / "p.gif"))[0, 0].tolist() == [10, 20, 30]
 
 
+def test_exif_orientation_is_applied(tmp_path, exif_rotated_jpeg):
+    p = exif_rotated_jpeg(tmp_path / "rot6.jpg")
+    with Image.open(p) as raw:
+        assert raw.size == (40, 24)  # stored sideways
+        assert D.exif_orientation(raw) == 6 and D.oriented_size(raw) == (24, 40)
+    im = D.load_rgb(p)
+    assert im.mode == "RGB" and im.size == (24, 40)
+    a = np.asarray(im).astype(int)
+    assert a[:20].mean() < 30 and a[20:].mean() > 225  # the dark half is on top: turned clockwise
+    plain = _save(tmp_path / "plain.jpg", np.zeros((24, 40), np.uint8), fmt="JPEG")
+    assert D.load_rgb(plain).size == (40, 24)  # no tag: as stored
+    with Image.open(plain) as raw:
+        assert D.upright(raw) is raw and D.oriented_size(raw) == (40, 24)
+    exif_rotated_jpeg(tmp_path / "rot3.jpg", orientation=3)  # 180 degrees: sides kept, content turned
+    a3 = np.asarray(D.load_rgb(tmp_path / "rot3.jpg")).astype(int)
+    assert a3.shape[:2] == (24, 40) and a3[:, :20].mean() > 225 and a3[:, 20:].mean() < 30
+
+
 def test_load_rgb_errors_name_the_file(tmp_path):
     from common.demo import make_bad_files
 
@@ -209,3 +227,110 @@ def test_loader_error_line_keeps_the_file_name():
                        "call last):\n  File \"x.py\", line 1\ncommon.errors.ImageReadError: /d/a.jpg: cannot decode")
     assert D.loader_error_line(e) == "/d/a.jpg: cannot decode"
     assert D.loader_error_line(ImageReadError("/d/b.jpg: bad")) == "/d/b.jpg: bad"
+
+
+# ----------------------------------------------------------------------------- links and unreadable folders
+
+
+def _png(path, value):
+    return _save(path, np.full((8, 8), value, np.uint8))
+
+
+def _linked_tree(tmp_path):
+    """Classes a and b, an outside folder, and directory links of every kind inside class a."""
+    root = tmp_path / "root"
+    _png(root / "a" / "a1.png", 1)
+    _png(root / "a" / "sub" / "a2.png", 2)
+    _png(root / "b" / "b1.png", 3)
+    _png(root / "b" / "deep" / "b2.png", 4)
+    outside = tmp_path / "outside"
+    _png(outside / "o1.png", 5)
+    _png(outside / "sub" / "o2.png", 6)
+    os.symlink("..", root / "a" / "loop")  # back to data.root: images of b would be labelled a
+    os.symlink("../b/deep", root / "a" / "into_b")  # into another class
+    os.symlink(outside, root / "a" / "ext")  # outside the data root
+    os.symlink(outside, root / "b" / "ext_again")  # the same outside folder from a second class
+    os.symlink("..", outside / "sub" / "up")  # a loop below a followed link
+    os.symlink(tmp_path, root / "b" / "above")  # a folder that contains data.root
+    os.symlink("../b/b1.png", root / "a" / "file_link.png")  # a file symlink: listed as before
+    return root, outside
+
+
+def test_directory_symlinks_are_not_followed_by_default(tmp_path):
+    root, _ = _linked_tree(tmp_path)
+    rel = [(os.path.relpath(p, root), lbl) for p, lbl in D.list_class_files(root)[0]]
+    assert rel == [("a/a1.png", "a"), ("a/file_link.png", "a"), ("a/sub/a2.png", "a"),
+                   ("b/b1.png", "b"), ("b/deep/b2.png", "b")]
+    listing = D.list_image_folder(root)
+    assert listing.files == D.list_class_files(root)[0] and listing.classes == ["a", "b"]
+    assert [(os.path.relpath(s.path, root), s.label, s.kind) for s in listing.skipped] == [
+        ("a/ext", "a", "symlink"), ("a/into_b", "a", "symlink"), ("a/loop", "a", "symlink"),
+        ("b/above", "b", "symlink"), ("b/ext_again", "b", "symlink")]
+    assert all(s.reason == "directory symlink not followed (data.follow_symlinks is false)" for s in listing.skipped)
+    assert listing.class_notes() == {"a": "3 directory symlink(s) not followed (see bad_images.csv)",
+                                     "b": "2 directory symlink(s) not followed (see bad_images.csv)"}
+
+
+def test_followed_directory_symlinks_list_each_real_file_once_under_its_own_class(tmp_path):
+    root, outside = _linked_tree(tmp_path)
+    listing = D.list_image_folder(root, follow_symlinks=True)
+    rel = [(os.path.relpath(p, root), lbl) for p, lbl in listing.files]
+    assert rel == [("a/a1.png", "a"), ("a/ext/o1.png", "a"), ("a/ext/sub/o2.png", "a"), ("a/file_link.png", "a"),
+                   ("a/sub/a2.png", "a"), ("b/b1.png", "b"), ("b/deep/b2.png", "b")]
+    real = [os.path.realpath(p) for p, _ in listing.files if not p.endswith("file_link.png")]
+    assert len(real) == len(set(real))  # each real file once
+    why = {os.path.relpath(s.path, root): s.reason for s in listing.skipped}
+    assert set(why) == {"a/loop", "a/into_b", "a/ext/sub/up", "b/above", "b/ext_again"}
+    assert "leads back to data.root" in why["a/loop"]
+    assert "points into class folder 'b'" in why["a/into_b"]
+    assert "already listed" in why["a/ext/sub/up"] and "already listed" in why["b/ext_again"]
+    assert "contains data.root" in why["b/above"]
+    assert all(s.kind == "symlink" for s in listing.skipped)
+    # the generic walk (stage 07's predict folders) follows links too, and ends on loops
+    walked = [os.path.relpath(p, outside) for p in D.walk_files(outside)]
+    assert walked == ["o1.png", "sub/o2.png"]
+
+
+def _unreadable(monkeypatch, *folders):
+    """Make ``folders`` unreadable as chmod 000 would for a non-root user (tests run as root)."""
+    bad = {os.path.realpath(f) for f in folders}
+    real_listdir, real_scandir = os.listdir, os.scandir
+
+    def check(p):
+        if p is not None and os.path.realpath(p) in bad:
+            raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(D.os, "listdir", lambda p=".": (check(p), real_listdir(p))[1])
+    monkeypatch.setattr(D.os, "scandir", lambda p=".": (check(p), real_scandir(p))[1])
+
+
+def test_unreadable_folders_are_listed_with_the_reason(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    _png(root / "a" / "a1.png", 1)
+    _png(root / "a" / "locked" / "a2.png", 2)
+    _png(root / "c" / "c1.png", 3)
+    _unreadable(monkeypatch, root / "a" / "locked", root / "c")
+    listing = D.list_image_folder(root)
+    assert [(os.path.relpath(p, root), lbl) for p, lbl in listing.files] == [("a/a1.png", "a")]
+    assert listing.classes == ["a", "c"]
+    assert [(os.path.relpath(s.path, root), s.label, s.reason, s.kind) for s in listing.skipped] == [
+        ("a/locked", "a", "folder unreadable: Permission denied", "unreadable"),
+        ("c", "c", "folder unreadable: Permission denied", "unreadable")]
+    assert listing.class_notes() == {"a": "1 sub-folder(s) unreadable (see bad_images.csv)",
+                                     "c": "folder unreadable: Permission denied"}
+    _unreadable(monkeypatch, root)
+    with pytest.raises(UserError, match=r"data.root: cannot list .*root \(Permission denied\)"):
+        D.list_image_folder(root)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads chmod 000 folders")
+def test_unreadable_folders_chmod(tmp_path):
+    root = tmp_path / "root"
+    _png(root / "a" / "a1.png", 1)
+    _png(root / "a" / "locked" / "a2.png", 2)
+    os.chmod(root / "a" / "locked", 0)
+    try:
+        listing = D.list_image_folder(root)
+    finally:
+        os.chmod(root / "a" / "locked", 0o755)
+    assert [s.reason for s in listing.skipped] == ["folder unreadable: Permission denied"]

@@ -61,8 +61,9 @@ def dyadic(n=60, n_classes=2, dim=16, seed=1):
 
 
 def pair_loop(X, labels, ids, t):
-    """The reference rule, item by item: s(i, j) = float32 of the float64 dot product."""
-    S = (X.astype(np.float64) @ X.astype(np.float64).T).astype(np.float32)
+    """The reference rule, item by item: s(i, j) = float32 of the float64 dot product, compared
+    with ``t`` in float64 (a float32 array compared with a Python float would round ``t``)."""
+    S = (X.astype(np.float64) @ X.astype(np.float64).T).astype(np.float32).astype(np.float64)
     keep = np.zeros(len(X), dtype=bool)
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
@@ -123,6 +124,45 @@ def test_prune_equals_pair_loop_exact_ties():
     Xd = np.repeat(X[:1], 5, axis=0)
     assert lut.prune(Xd, np.zeros(5), None, 1.0).all()
     assert lut.prune(Xd, np.zeros(5), None, 0.999999).tolist() == [True, False, False, False, False]
+
+
+def test_thresholds_are_not_rounded_to_float32():
+    """For every threshold of the default grid, pairs whose similarity is float32(t) and one ulp
+    either side: prune and prune_sweep decide like the pair loop in float64. float32(t) lies above
+    t for 0.8 and 0.99 (among others), so such a pair must be pruned although it equals t in float32."""
+    grid = lut.threshold_grid(C.LutConfig())
+    vecs, labels, cases = [], [], []
+    for t in grid:
+        s0 = np.float32(t)
+        for s in (np.nextafter(s0, np.float32(-2)), s0, np.nextafter(s0, np.float32(2))):
+            if s > 1:
+                continue
+            b = np.array([s, np.sqrt(1.0 - np.float64(s) ** 2)], dtype=np.float32)
+            vecs += [np.array([1.0, 0.0], np.float32), b]  # a . b = s exactly, in any precision
+            labels += [len(cases)] * 2
+            cases.append((t, s))
+    X, y = np.stack(vecs), np.array(labels)
+    ids = np.arange(len(X))
+    # the similarity the code computes (fast product and exact recheck) is s itself
+    Xt = torch.from_numpy(X)
+    first, second = torch.arange(0, len(X), 2), torch.arange(1, len(X), 2)
+    s_all = np.array([s for _, s in cases], np.float32)
+    np.testing.assert_array_equal(lut.exact_similarity(Xt, first, second).numpy(), s_all)
+    np.testing.assert_array_equal((Xt[first] * Xt[second]).sum(1).numpy(), s_all)
+    np.testing.assert_array_equal(np.diag(X[0::2] @ X[1::2].T), s_all)
+    for t in (0.8, 0.99):  # the cases the float32-rounded comparison got wrong exist
+        assert float(np.float32(t)) > t and not np.float32(t) > np.float32(t)
+        i = cases.index((t, np.float32(t)))
+        assert not pair_loop(X, y, ids, t)[2 * i + 1]  # s = float32(t) > t: the later item goes
+    sweep = lut.prune_sweep(X, y, ids, grid, block_size=4096)
+    for ti, t in enumerate(grid):
+        want = pair_loop(X, y, ids, t)
+        for i, (_, s) in enumerate(cases):
+            assert want[2 * i + 1] == (not float(s) > t)
+        for block in (1, 4096):
+            got = lut.prune(X, y, ids, t, block_size=block)
+            assert np.array_equal(got, want), (t, block, [cases[i // 2] for i in np.flatnonzero(got != want)])
+        assert np.array_equal(sweep[ti], want), (t, [cases[i // 2] for i in np.flatnonzero(sweep[ti] != want)])
 
 
 def test_classes_never_prune_each_other_and_each_keeps_its_first():

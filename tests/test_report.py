@@ -122,6 +122,15 @@ def test_confusion_matrix_grows_with_class_count(tmp_path):
     assert hb < 3000 and wb < 3000  # and stays a reasonable picture
 
 
+def test_thumbnail_is_upright(tmp_path, exif_rotated_jpeg):
+    uri = R.thumbnail_data_uri(exif_rotated_jpeg(tmp_path / "rot6.jpg"))
+    im = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    w, h = im.size
+    assert h > w  # EXIF orientation 6 applied, as load_rgb does
+    a = np.asarray(im.convert("L")).astype(int)
+    assert a[: h // 3].mean() < 40 and a[-h // 3:].mean() > 215
+
+
 def test_thumbnail_of_unreadable_file_is_none(tmp_path):
     p = tmp_path / "x.jpg"
     p.write_bytes(b"\xff\xd8garbage")

@@ -223,11 +223,23 @@ def test_size_limits_from_config(tmp_path):
     Image.new("L", (40, 5), 9).save(root / "c" / "thin.png")
     Image.new("L", (10, 10), 9).save(root / "c" / "ok.png")
     Image.new("L", (12, 10), 9).save(root / "c" / "ok2.png")
+    (root / "d").mkdir()  # retrieval needs a second class
+    Image.new("L", (10, 10), 7).save(root / "d" / "a.png")
+    Image.new("L", (10, 12), 7).save(root / "d" / "b.png")
     out = tmp_path / "o"
     S.run_split(_cfg(root, **{"data.max_pixels": 1000, "data.min_side": 6}), _out(out), out)
     reasons = {Path(r["path"]).name: r["reason"] for r in _csv(out / "bad_images.csv")}
     assert set(reasons) == {"big.png", "thin.png"}
     assert "data.max_pixels=1000" in reasons["big.png"] and "data.min_side=6" in reasons["thin.png"]
+
+
+def test_scan_records_the_upright_size_of_exif_rotated_images(tmp_path, exif_rotated_jpeg):
+    p = exif_rotated_jpeg(tmp_path / "rot6.jpg")
+    s = S.scan_file((str(p), "c"), min_side=4, max_pixels=10**6)
+    assert s.kind == "image" and (s.width, s.height) == (24, 40)
+    assert (s.width, s.height) == D.load_rgb(p).size  # stage 01 and the loaders agree
+    thin = S.scan_file((str(p), "c"), min_side=30, max_pixels=10**6)
+    assert thin.kind == "bad" and "24x40 px" in thin.reason
 
 
 def test_no_usable_class_is_a_user_error(tmp_path):
@@ -256,3 +268,111 @@ def test_materialize(folder, tmp_path, how):
     assert p.is_symlink() == (how == "symlink")
     S.run_split(_cfg(root), _out(out), out)  # back to none: stale folders go
     assert not any((out / split).exists() for split in D.SPLITS)
+
+
+# ----------------------------------------------------------------------------- links, unreadable folders, classes
+
+
+def _two_digits(tmp_path) -> Path:
+    """digit_0 and digit_1, three distinct images each."""
+    root = tmp_path / "data"
+    for c, base in (("digit_0", 10), ("digit_1", 100)):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (10, 10), base + i).save(root / c / f"{i}.png")
+    return root
+
+
+def test_directory_symlink_is_not_followed_unless_configured(tmp_path, caplog):
+    root = _two_digits(tmp_path)
+    os.symlink("..", root / "digit_0" / "loop")  # ln -s .. data/digit_0/loop
+    outside = tmp_path / "more"
+    outside.mkdir()
+    Image.new("L", (10, 10), 200).save(outside / "x.png")
+    os.symlink(outside, root / "digit_0" / "more")
+    caplog.set_level(logging.INFO, logger="common.split")
+    out = tmp_path / "a"
+    metrics = S.run_split(_cfg(root), _out(out), out)
+    rows = _csv(out / "splits.csv")
+    assert len(rows) == 6 and all(Path(r["path"]).parent.name == r["label"] for r in rows)  # nothing via links
+    bad = {Path(r["path"]).name: r for r in _csv(out / "bad_images.csv")}
+    assert set(bad) == {"loop", "more"} and {r["label"] for r in bad.values()} == {"digit_0"}
+    assert all(r["reason"] == "directory symlink not followed (data.follow_symlinks is false)" for r in bad.values())
+    counts = {r["class"]: r for r in _csv(out / "class_counts.csv")}
+    assert counts["digit_0"]["reason"] == "2 directory symlink(s) not followed (see bad_images.csv)"
+    assert counts["digit_0"]["bad"] == "0" and counts["digit_1"]["reason"] == ""
+    assert metrics["folders_not_listed"] == 2 and metrics["bad_images"] == 0
+    assert "2 directory symlink(s) not followed" in caplog.text
+
+    out = tmp_path / "b"
+    S.run_split(_cfg(root, **{"data.follow_symlinks": "true"}), _out(out), out)
+    rows = _csv(out / "splits.csv")
+    got = sorted((os.path.relpath(r["path"], root), r["label"]) for r in rows)
+    assert got == [("digit_0/0.png", "digit_0"), ("digit_0/1.png", "digit_0"), ("digit_0/2.png", "digit_0"),
+                   ("digit_0/more/x.png", "digit_0"), ("digit_1/0.png", "digit_1"), ("digit_1/1.png", "digit_1"),
+                   ("digit_1/2.png", "digit_1")]  # each real file once, under its own class
+    bad = {Path(r["path"]).name: r["reason"] for r in _csv(out / "bad_images.csv")}
+    assert set(bad) == {"loop"} and "leads back to data.root" in bad["loop"]
+
+
+def test_unreadable_folders_go_to_bad_images_and_class_counts(tmp_path, monkeypatch, caplog):
+    root = _two_digits(tmp_path)
+    (root / "digit_0" / "locked").mkdir()
+    Image.new("L", (10, 10), 50).save(root / "digit_0" / "locked" / "x.png")
+    (root / "digit_2").mkdir()
+    Image.new("L", (10, 10), 60).save(root / "digit_2" / "x.png")
+    bad_dirs = {str(root / "digit_0" / "locked"), str(root / "digit_2")}
+    real_listdir, real_scandir = os.listdir, os.scandir
+
+    def check(p):  # chmod 000 as a non-root user sees it (tests run as root, who can read anything)
+        if p is not None and os.path.realpath(p) in bad_dirs:
+            raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(D.os, "listdir", lambda p=".": (check(p), real_listdir(p))[1])
+    monkeypatch.setattr(D.os, "scandir", lambda p=".": (check(p), real_scandir(p))[1])
+    caplog.set_level(logging.INFO, logger="common.split")
+    out = tmp_path / "o"
+    S.run_split(_cfg(root), _out(out), out)
+    bad = {os.path.relpath(r["path"], root): (r["label"], r["reason"]) for r in _csv(out / "bad_images.csv")}
+    assert bad == {"digit_0/locked": ("digit_0", "folder unreadable: Permission denied"),
+                   "digit_2": ("digit_2", "folder unreadable: Permission denied")}
+    counts = {r["class"]: r for r in _csv(out / "class_counts.csv")}
+    assert counts["digit_2"]["status"] == "dropped" and counts["digit_2"]["total"] == "0"
+    assert "folder unreadable: Permission denied" in counts["digit_2"]["reason"]
+    assert counts["digit_0"]["status"] == "kept" and counts["digit_0"]["total"] == "3"
+    assert counts["digit_0"]["reason"] == "1 sub-folder(s) unreadable (see bad_images.csv)"
+    assert "2 folder(s) cannot be read" in caplog.text
+    with pytest.raises(UserError, match=r"folder .*digit_0/locked: folder unreadable: Permission denied "
+                                        r"\(data.bad_images=fail"):
+        S.run_split(_cfg(root, **{"data.bad_images": "fail"}), _out(tmp_path / "f"), tmp_path / "f")
+    assert len(_csv(tmp_path / "f" / "bad_images.csv")) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads chmod 000 folders")
+def test_unreadable_folder_chmod(tmp_path):
+    root = _two_digits(tmp_path)
+    locked = root / "digit_1" / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0)
+    try:
+        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+    finally:
+        os.chmod(locked, 0o755)
+    assert [r["reason"] for r in _csv(tmp_path / "o" / "bad_images.csv")] == ["folder unreadable: Permission denied"]
+
+
+def test_fewer_than_two_classes_is_a_user_error(tmp_path):
+    root = tmp_path / "img"
+    (root / "only").mkdir(parents=True)
+    for i in range(5):
+        Image.new("L", (10, 10), i).save(root / "only" / f"{i}.png")
+    with pytest.raises(UserError, match=r"^data.root: .*img needs at least two classes for retrieval: found 1 class "
+                                        r"folder\(s\), 1 kept \(only\) after dropping 0 with fewer than "
+                                        r"split.min_images=2 usable images$"):
+        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+    (root / "rare").mkdir()
+    Image.new("L", (10, 10), 99).save(root / "rare" / "a.png")  # one image: dropped, one class left
+    with pytest.raises(UserError, match=r"found 2 class folder\(s\), 1 kept \(only\) after dropping 1 with"):
+        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+    Image.new("L", (10, 10), 98).save(root / "rare" / "b.png")
+    assert S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")["classes"] == 2
