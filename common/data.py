@@ -413,10 +413,8 @@ def check_size(path: str | os.PathLike, min_side: int, max_pixels: int | None) -
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except FileNotFoundError:
-        return "image file not found"
-    except PIL_ERRORS as e:
-        return f"cannot decode image ({e.__class__.__name__})"
+    except PIL_ERRORS:
+        return None  # not a size problem: decoding reports what is wrong with the file
     if max_pixels is not None and w * h > max_pixels:
         return f"{w} x {h} = {w * h:,} pixels is more than data.max_pixels={max_pixels:,}"
     if min(w, h) < min_side:

@@ -13,6 +13,9 @@ from sklearn import metrics as skm
 from common import config as C
 from common import inference as I
 from common import metrics as M
+from common.embed import embed_paths
+from common.stages import SPECS
+from common.stages import inference as S7
 from common.errors import UserError
 
 
@@ -242,9 +245,9 @@ def test_empty_gallery_and_unlabelled_test_are_user_errors(brute, tmp_path):
 
 
 def test_gallery_of_another_checkpoint_is_refused():
-    I.check_same_model("sha-a", "sha-a", "queries")
+    S7.check_same_model("sha-a", "sha-a", "queries")
     with pytest.raises(UserError, match="another checkpoint.*sha-b.*sha-a"):
-        I.check_same_model("sha-b", "sha-a", "queries embedded with best.pt")
+        S7.check_same_model("sha-b", "sha-a", "queries embedded with best.pt")
 
 
 # ----------------------------------------------------------------------------- predict mode (vectors)
@@ -322,14 +325,14 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
     assert len(images) == 7 and [Path(p).name for p, _ in others] == ["README.txt"]
     model = _tiny_model()
     tf = eval_transform(32, [0.5] * 3, [0.25] * 3, 0)
-    X, ok, errors, timing = I.embed_paths(images, model, tf, 32, embedding="encoder", batch_size=4, num_workers=0,
+    X, ok, errors, timing = embed_paths(images, model, tf, 32, embedding="encoder", batch_size=4, num_workers=0,
                                           device="cpu")
     assert X.shape == (6, 96) and np.allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
     assert [Path(p).name for p, _ in errors] == ["broken.png"] and "broken.png" in errors[0][1]
     assert sorted(Path(images[i]).name for i in ok) == [f"img{i}.png" for i in range(6)]
     assert timing["decode_embed_s"] >= timing["embed_s"] > 0
     # the same image embedded alone gives the same vector (batching does not change results)
-    X1, _, _, _ = I.embed_paths([images[ok[2]]], model, tf, 32, embedding="encoder", batch_size=1,
+    X1, _, _, _ = embed_paths([images[ok[2]]], model, tf, 32, embedding="encoder", batch_size=1,
                                 num_workers=0, device="cpu")
     np.testing.assert_allclose(X1[0], X[2], atol=1e-5)
     rng = np.random.default_rng(1)
@@ -351,10 +354,15 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
 # ----------------------------------------------------------------------------- a tiny feature store
 
 
-def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a" * 64):
-    """splits.csv + features.sqlite (one complete model, a LUT of every other train image) + lut.json."""
+def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a" * 64,
+               lut_sha: str | None = None) -> tuple[Path, Path, Path, int]:
+    """splits.csv, a stage-04 folder (features.sqlite with one complete model + model.json) and stage
+    06's lut.sqlite of every other train image (embedded by ``lut_sha``, default the same checkpoint)."""
     from common.features import FeatureStore
+    from common.fileio import write_json
+    from common.stages.prune import write_lut_store
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     classes = [f"sp{c}" for c in range(n_classes)]
     rows = []
     for split, n in zip(("train", "val", "test"), per_split):
@@ -367,34 +375,41 @@ def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    store_path = tmp_path / "features.sqlite"
+    stage04 = tmp_path / "04_extract_features"
+    stage04.mkdir(parents=True, exist_ok=True)
+    store_path = stage04 / "features.sqlite"
     centres = np.random.default_rng(0).normal(size=(n_classes, dim))
     rng = np.random.default_rng(1)
+    model_args = dict(embedding="encoder", backbone="test_resnet", dim=dim, mean=[0.5] * 3, std=[0.25] * 3,
+                      image_size=32, pad_fill=0, classes=classes, checkpoint_path="best.pt")
     with FeatureStore(store_path, create=True) as store:
         store.sync_images([types.SimpleNamespace(**r) for r in rows])
-        info, _ = store.register_model(checkpoint_sha256=sha, embedding="encoder", backbone="test_resnet",
-                                       dim=dim, mean=[0.5] * 3, std=[0.25] * 3, image_size=32, pad_fill=0,
-                                       classes=classes, checkpoint_path="best.pt")
+        info, _ = store.register_model(checkpoint_sha256=sha, **model_args)
         recs = store.images()
         X = centres[[classes.index(r.label) for r in recs]] + 0.4 * rng.normal(size=(len(recs), dim))
         X /= np.linalg.norm(X, axis=1, keepdims=True)
         store.write_vectors(info.id, [r.id for r in recs], X.astype(np.float32))
         store.mark_complete(info.id)
-        kept = [r.id for r in recs if r.split == "train"][::2]
-        store.write_lut(info.id, 0.9, kept)
-    lut_json = tmp_path / "lut.json"
-    from common.lut import kept_ids_sha256
-
-    lut_json.write_text(json.dumps({"model_id": info.id, "checkpoint_sha256": sha, "threshold": 0.9,
-                                    "n_before": per_split[0] * n_classes, "n_after": len(kept),
-                                    "kept_ids_sha256": kept_ids_sha256(kept)}))
-    return splits, store_path, lut_json, info.id
+        train = store.load_split("train", info.id, classes)
+    write_json(stage04 / "model.json", {"model_id": info.id, "checkpoint": str(tmp_path / "best.pt"),
+                                        "checkpoint_sha256": sha, **model_args})
+    kept = I.Vectors(train.X[::2], train.labels[::2], train.paths[::2], train.ids[::2])
+    lut_path = tmp_path / "lut.sqlite"
+    if lut_sha is None:
+        write_lut_store(lut_path, store_path, info.id, kept)
+    else:  # a LUT of another checkpoint
+        with FeatureStore(lut_path, create=True) as lut:
+            lut.sync_images([types.SimpleNamespace(**r) for r in rows if r["split"] == "train"][::2])
+            other, _ = lut.register_model(checkpoint_sha256=lut_sha, **model_args)
+            lut.write_vectors(other.id, [r.id for r in lut.images()], kept.X)
+            lut.mark_complete(other.id)
+    return splits, stage04, lut_path, info.id
 
 
 def test_load_store_data_lut_and_full(tmp_path):
-    splits, store_path, lut_json, mid = make_store(tmp_path)
-    lut = I.load_store_data(store_path, splits, "lut", mid, lut_json)
-    full = I.load_store_data(store_path, splits, "full", mid)
+    splits, stage04, lut_path, mid = make_store(tmp_path)
+    lut = S7.load_store_data(stage04, splits, lut_path)
+    full = S7.load_store_data(stage04, splits, None)
     assert lut.classes == ["sp0", "sp1", "sp2"] and lut.model_id == mid
     assert (len(full.train), len(full.val), len(full.test)) == (36, 12, 15)
     assert len(full.gallery) == 36 and len(lut.gallery) == 18
@@ -407,27 +422,20 @@ def test_load_store_data_lut_and_full(tmp_path):
 
 
 def test_lut_of_another_model_is_refused(tmp_path):
-    splits, store_path, lut_json, mid = make_store(tmp_path)
-    meta = json.loads(lut_json.read_text())
-    lut_json.write_text(json.dumps(meta | {"model_id": mid + 1}))
+    splits, stage04, lut_path, mid = make_store(tmp_path, lut_sha="b" * 64)
     with pytest.raises(UserError, match="another checkpoint"):
-        I.load_store_data(store_path, splits, "lut", mid, lut_json)
-    lut_json.write_text(json.dumps(meta | {"checkpoint_sha256": "b" * 64}))
+        S7.load_store_data(stage04, splits, lut_path)
+    # model.json naming another checkpoint than the store's vectors
+    splits, stage04, lut_path, mid = make_store(tmp_path / "second")
+    meta = json.loads((stage04 / "model.json").read_text())
+    (stage04 / "model.json").write_text(json.dumps(meta | {"checkpoint_sha256": "c" * 64}))
     with pytest.raises(UserError, match="another checkpoint"):
-        I.load_store_data(store_path, splits, "lut", mid, lut_json)
-    lut_json.write_text(json.dumps(meta | {"n_after": meta["n_after"] + 1}))
-    with pytest.raises(UserError, match="rerun 06_prune_features"):
-        I.load_store_data(store_path, splits, "lut", mid, lut_json)
-    lut_json.write_text(json.dumps(meta | {"kept_ids_sha256": "0" * 64}))
-    with pytest.raises(UserError, match="kept ids differ"):
-        I.load_store_data(store_path, splits, "lut", mid, lut_json)
-    with pytest.raises(UserError, match="06_prune_features"):
-        I.load_store_data(store_path, splits, "lut", mid, tmp_path / "absent.json")
+        S7.load_store_data(stage04, splits, lut_path)
 
 
 def test_evaluate_from_a_tiny_store(brute, tmp_path):
-    splits, store_path, lut_json, mid = make_store(tmp_path)
-    data = I.load_store_data(store_path, splits, "lut", mid, lut_json)
+    splits, stage04, lut_path, mid = make_store(tmp_path)
+    data = S7.load_store_data(stage04, splits, lut_path)
     inp = I.EvalInputs(classes=data.classes, test=data.test, gallery=data.gallery, train=data.train, val=data.val,
                        model_id=data.model_id, facts=data.facts)
     m = I.evaluate(inp, icfg(classifiers=["logreg"]), out_in(tmp_path / "out"))
@@ -460,9 +468,12 @@ class FakeCtx:
     """The parts of common.stage.Context that stage 07 uses, over a hand-made run folder."""
 
     def __init__(self, run: Path, cfg):
-        self.run_dir, self.cfg, self.dir = run, cfg, run / "07_inference"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir, self.cfg = run, cfg
         self.outputs = []
+
+    @property
+    def dir(self) -> Path:
+        return SPECS["07_inference"].folder(self.run_dir, self.cfg)
 
     def upstream(self, name, required=True):
         p = self.run_dir / name
@@ -481,22 +492,18 @@ class FakeCtx:
 
 
 def _run_folder(tmp_path: Path, mode: str, **inference):
-    from common.fileio import sha256_file, write_json
+    from common.fileio import sha256_file
 
     run = tmp_path / "run"
     classes = ["sp0", "sp1", "sp2"]
     ck = _checkpoint(run / "03_main_supcon" / "checkpoints" / "best.pt", classes, seed=0)
-    for d in ("01_random_split_dataset", "02_mean_std_variables", "04_extract_features", "06_prune_features"):
+    for d in ("01_random_split_dataset", "02_mean_std_variables", "06_prune_features"):
         (run / d).mkdir(parents=True, exist_ok=True)
-    splits, store_path, lut_json, mid = make_store(tmp_path, dim=96, sha=sha256_file(ck))
+    splits, stage04, lut_path, mid = make_store(run, dim=96, sha=sha256_file(ck))
+    meta = json.loads((stage04 / "model.json").read_text())
+    (stage04 / "model.json").write_text(json.dumps(meta | {"checkpoint": str(ck)}))
     splits.rename(run / "01_random_split_dataset" / "splits.csv")
-    store_path.rename(run / "04_extract_features" / "features.sqlite")
-    for extra in ("-wal", "-shm"):
-        side = store_path.with_name(store_path.name + extra)
-        if side.exists():
-            side.rename(run / "04_extract_features" / side.name)
-    lut_json.rename(run / "06_prune_features" / "lut.json")
-    write_json(run / "04_extract_features" / "manifest.json", {"status": "ok", "metrics": {"model_id": mid}})
+    lut_path.rename(run / "06_prune_features" / "lut.sqlite")
     cfg = C.load_config(overrides=[f"inference.mode={mode}", "inference.embedding_map=pca",
                                    "inference.linear_epochs=2", *[f"inference.{k}={v}" for k, v in inference.items()]])
     return FakeCtx(run, cfg), ck
@@ -504,30 +511,38 @@ def _run_folder(tmp_path: Path, mode: str, **inference):
 
 def test_stage_evaluate_mode_wired(tmp_path):  # real common.retrieval
     ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]", reject_below=0.2)
-    m = I.run_stage(ctx)
+    m = S7.main(ctx)
     assert set(m) >= {"accuracy", "macro_f1", "report"} and m["report"].endswith("report.html")
     assert json.loads((ctx.dir / "metrics.json").read_text())["gallery_size"] == 18  # the LUT, not all 36
     assert {"predictions.csv", "comparison.csv", "classifiers/logreg.skops", "classifiers/sha256.json"} <= set(ctx.outputs)
 
 
 def test_stage_predict_mode_on_images_and_saved_classifiers(tmp_path, caplog):
+    from common.fileio import write_json
+
     ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]")
-    I.run_stage(ctx)  # fits and saves the classifier
+    S7.main(ctx)  # fits and saves the classifier
+    evaluation = ctx.dir
+    write_json(evaluation / "manifest.json", {"status": "ok"})  # the wrapper's mark of a finished evaluation
+    before = {p.name: p.read_bytes() for p in evaluation.iterdir() if p.is_file()}
     folder = _image_folder(tmp_path / "new")
     ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
                                        "inference.classifiers=[logreg]", "data.num_workers=0"])
-    with caplog.at_level("INFO", logger="common.inference"):
-        m = I.run_stage(ctx)
-    assert "using the classifiers saved" in caplog.text  # loaded (sha256-checked), not refitted
+    assert ctx.dir == evaluation / "predict" / "new"  # inference.name defaults to the input folder's name
+    with caplog.at_level("INFO", logger="common.stages.inference"):
+        m = S7.main(ctx)
+    assert "using the classifiers the evaluation saved" in caplog.text  # loaded (checked), not refitted
     assert m["n_images"] == 6 and m["n_unreadable"] == 2
     rows = read_csv(ctx.dir / "predictions.csv")
     assert len(rows) == 8 and all(r["pred_logreg"] in ("sp0", "sp1", "sp2") for r in rows if not r["error"])
-    assert not (ctx.dir / "comparison.csv").exists()  # the evaluate run's artefacts are gone
+    # trap: predict mode deleted the evaluation's confusion matrix, comparison, report and predictions
+    assert {p.name: p.read_bytes() for p in evaluation.iterdir() if p.is_file()} == before
+    assert (evaluation / "comparison.csv").is_file() and (evaluation / "confusion_matrix.png").is_file()
     # a changed model file is refused, never loaded
-    with open(ctx.dir / "classifiers" / "logreg.skops", "ab") as fh:
+    with open(evaluation / "classifiers" / "logreg.skops", "ab") as fh:
         fh.write(b"x")
     with pytest.raises(UserError, match="sha256"):
-        I.run_stage(ctx)
+        S7.main(ctx)
 
 
 def test_stage_refuses_queries_from_another_checkpoint(tmp_path):
@@ -537,4 +552,4 @@ def test_stage_refuses_queries_from_another_checkpoint(tmp_path):
                                        "inference.classifiers=[]"])
     _checkpoint(ck, ["sp0", "sp1", "sp2"], seed=1)  # retrained: other weights, other sha256
     with pytest.raises(UserError, match="another checkpoint"):
-        I.run_stage(ctx)
+        S7.main(ctx)

@@ -12,6 +12,9 @@ import torch
 
 from common import config as C
 from common import lut, retrieval
+from common.stages import SPECS
+from common.stages import prune as S6
+from common.stages import threshold as S5
 from common.errors import ConfigError, UserError
 
 
@@ -347,7 +350,9 @@ def _run_folder(tmp_path):
         by_path = {r.path: r.id for r in store.images()}
         store.write_vectors(info.id, [by_path[r.path] for r in recs], X)
         store.mark_complete(info.id)
-    write_json(run / "04_extract_features" / "manifest.json", {"status": "ok", "metrics": {"model_id": info.id}})
+    write_json(run / "04_extract_features" / "model.json", {
+        "model_id": info.id, "checkpoint": "/ck/best.pt", "checkpoint_sha256": "a" * 64, "backbone": "test_resnet",
+        "embedding": "encoder", "dim": 16, "classes": classes})
     return run, info.id
 
 
@@ -357,7 +362,7 @@ def test_stages_05_and_06_over_a_store(tmp_path):
     run, mid = _run_folder(tmp_path)
     cfg = C.load_config(overrides=["lut.rule=max_f1", "lut.knn_k=3", "lut.grid_start=0.5", "lut.grid_step=0.05"])
     ctx5 = FakeCtx(run, "05_lut_threshold", cfg)
-    m5 = lut.run_threshold_stage(ctx5)
+    m5 = S5.main(ctx5)
     assert set(ctx5.outputs) == {"threshold_sweep.csv", "threshold.json", "threshold_sweep.png"}
     tj = json.loads((ctx5.dir / "threshold.json").read_text())
     assert tj["model_id"] == mid and tj["rule"] == "max_f1" and tj["threshold"] == m5["threshold"]
@@ -367,41 +372,49 @@ def test_stages_05_and_06_over_a_store(tmp_path):
     assert lines[0].split(",") == lut.SWEEP_COLUMNS and len(lines) == 12
 
     ctx6 = FakeCtx(run, "06_prune_features", cfg)
-    m6 = lut.run_prune_stage(ctx6)
+    m6 = S6.main(ctx6)
     lj = json.loads((ctx6.dir / "lut.json").read_text())
     with FeatureStore(run / "04_extract_features" / "features.sqlite") as store:
-        ids, labels, X = store.load_matrix("train", mid)
-        kept = store.load_lut(mid, lj["threshold"])
-    want = ids[lut.prune(X, labels, ids, tj["threshold"])]
-    np.testing.assert_array_equal(kept, want)
-    assert lj["threshold"] == tj["threshold"] and lj["n_after"] == kept.size == m6["n_after"]
-    assert lj["n_before"] == 100 and lj["kept_ids_sha256"] == lut.kept_ids_sha256(kept)
+        full = store.load_split("train", mid, ["c0", "c1", "c2"])
+    keep = lut.prune(full.X, full.labels, full.ids, tj["threshold"])
+    # stage 06's own artefact: a self-contained store of the kept rows (paths, labels, vectors)
+    with FeatureStore(ctx6.dir / "lut.sqlite") as lut_store:
+        info = lut_store.current_model()
+        assert info.checkpoint_sha256 == "a" * 64 and lut_store.counts()["images"] == int(keep.sum())
+        got = lut_store.load_split("train", info.id, ["c0", "c1", "c2"])
+    assert got.paths == [p for p, k in zip(full.paths, keep) if k]
+    np.testing.assert_array_equal(got.X, full.X[keep])
+    np.testing.assert_array_equal(got.labels, full.labels[keep])
+    assert lj["threshold"] == tj["threshold"] and lj["n_after"] == int(keep.sum()) == m6["n_after"]
+    assert lj["n_before"] == 100 and lj["kept_ids_sha256"] == lut.kept_ids_sha256(full.ids[keep])
+    assert "lut.sqlite" in ctx6.outputs
+    # stage 06 writes nothing in stage 04's folder
+    assert sorted(p.name for p in (run / "04_extract_features").iterdir()) == ["features.sqlite", "model.json"]
     summary = (ctx6.dir / "prune_summary.csv").read_text().splitlines()
     assert summary[0] == "class,before,after,fraction_kept" and len(summary) == 4
 
     # prune.threshold wins over threshold.json, and then stage 05 is not an upstream
     cfg2 = C.load_config(overrides=["prune.threshold=1.0"])
-    assert lut.prune_upstream(cfg2) == ["04_extract_features"]
-    assert lut.prune_upstream(cfg) == ["04_extract_features", "05_lut_threshold"]
+    assert SPECS["06_prune_features"].upstream(cfg2) == ("04_extract_features",)
+    assert SPECS["06_prune_features"].upstream(cfg) == ("04_extract_features", "05_lut_threshold")
     ctx6b = FakeCtx(run, "06_prune_features", cfg2)
-    assert lut.run_prune_stage(ctx6b)["threshold"] == 1.0
+    assert S6.main(ctx6b)["threshold"] == 1.0
 
 
-def test_stage_05_refuses_an_empty_val_split(tmp_path):
+def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):
+    from common.features import Vectors
+
     run, _ = _run_folder(tmp_path)
     cfg = C.load_config(overrides=["lut.thresholds=[0.9]"])
     ctx = FakeCtx(run, "05_lut_threshold", cfg)
-    orig = lut.load_store
+    orig = S5.load_splits
 
-    def no_val(store_dir, splits):
-        v = orig(store_dir, splits)
-        s = v.splits["val"]
-        v.splits["val"] = lut.SplitVectors(s.ids[:0], s.labels[:0], s.X[:0])
-        return v
+    def no_val(stage04, splits):
+        model, classes, v = orig(stage04, splits)
+        s = v["val"]
+        v["val"] = Vectors(s.X[:0], s.labels[:0], [], s.ids[:0])
+        return model, classes, v
 
-    lut.load_store = no_val
-    try:
-        with pytest.raises(UserError, match="no val vectors"):
-            lut.run_threshold_stage(ctx)
-    finally:
-        lut.load_store = orig
+    monkeypatch.setattr(S5, "load_splits", no_val)
+    with pytest.raises(UserError, match="no val vectors"):
+        S5.main(ctx)

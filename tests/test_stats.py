@@ -80,9 +80,14 @@ def test_histogram_moments_known_answers():
     assert mean[0] == pytest.approx(200.5 / 255, abs=1e-15) and std[0] == pytest.approx(0.5 / 255, rel=1e-12)
 
 
-def test_run_stats_writes_train_stats(tmp_path):
+def test_stage_02_writes_train_stats(tmp_path):
+    from types import SimpleNamespace
+
+    from common.stages import stats as S2
+
     paths = _folder(tmp_path)
-    splits = tmp_path / "splits.csv"
+    (tmp_path / "01_random_split_dataset").mkdir()
+    splits = tmp_path / "01_random_split_dataset" / "splits.csv"
     with open(splits, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(D.SPLITS_COLUMNS)
@@ -90,7 +95,9 @@ def test_run_stats_writes_train_stats(tmp_path):
             w.writerow([p, "a", "train" if i % 3 else "test", "h", 1, 1, "L"])
     cfg = C.load_config([], ["model.image_size=12", "data.pad_fill=3", "data.num_workers=0", "stats.batch_size=2"])
     out = tmp_path / "stats.json"
-    m = ST.run_stats(cfg, splits, out)
+    ctx = SimpleNamespace(cfg=cfg, upstream=lambda name: tmp_path / name, output=lambda name: out,
+                          device=lambda: torch.device("cpu"))
+    m = S2.main(ctx)
     st = D.read_stats(out)
     train = [p for i, p in enumerate(paths) if i % 3]
     mean, std, n = _direct_numpy(train, 12, 3)

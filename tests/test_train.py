@@ -23,6 +23,8 @@ from PIL import Image
 
 from common import config as C
 from common import train as T
+from common.augment import train_transform
+from common.stages import train as S3
 from common.errors import NonFiniteLossError, UserError
 from common.seed import seed_everything
 
@@ -95,7 +97,7 @@ def test_views_are_a_function_of_seed_epoch_and_index(tmp_path):
     cfg = C.load_config(None, ["model.image_size=16"])
     from common.augment import TwoViews
 
-    ds = T.TwoViewDataset([str(p)], [0], TwoViews(T.train_transform(cfg, [0.5] * 3, [0.2] * 3)), seed=1)
+    ds = T.TwoViewDataset([str(p)], [0], TwoViews(train_transform(cfg, [0.5] * 3, [0.2] * 3)), seed=1)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     x, y, i = ds[(2, 0)]
@@ -174,8 +176,10 @@ class FakeCtx:
         self.name = STAGE
         self.dir = run_dir / STAGE
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.rank, self.world_size, self.is_main = 0, 1, True
+        self.rank, self.world_size = 0, 1
         self.outputs: list[str] = []
+        # a finished run (its manifest) is what the wrapper hands over; these tests resume unfinished runs
+        self.previous, self.changed_output = None, None
 
     def upstream(self, name: str) -> Path:
         return self.run_dir / name
@@ -203,7 +207,7 @@ def _run(root: Path, run_name: str, overrides: list[str], force: bool = False, o
     cfg = C.load_config(None, BASE + overrides)
     ctx = FakeCtx(cfg, run_dir, force=force)
     seed_everything(cfg.run.seed)  # as the stage wrapper does before main
-    return T.train_supcon(ctx, on_step=on_step), ctx
+    return S3.main(ctx, on_step=on_step), ctx
 
 
 def _metrics(ctx: FakeCtx) -> list[dict]:
@@ -282,16 +286,17 @@ def test_resume_after_an_interruption_is_exact(run_inputs):
 def test_resume_refuses_another_model_and_force_starts_fresh(run_inputs):
     quick = ["train.epochs=1", "train.eval_every=0", "train.max_steps_per_epoch=1"]
     _run(run_inputs, "guard", quick)
-    with pytest.raises(UserError, match=r"model.feat_dim 32 -> 16.*--force"):
+    with pytest.raises(UserError, match=r"model.feat_dim 32 -> 16.*train.resume=false"):
         _run(run_inputs, "guard", quick + ["model.feat_dim=16"])
     splits = run_inputs / "guard" / "01_random_split_dataset" / "splits.csv"
     lines = splits.read_text().splitlines(keepends=True)
     splits.write_text(lines[0] + "".join(reversed(lines[1:])))  # a new split: same classes, other rows
-    with pytest.raises(UserError, match=r"splits.csv changed since .*last.pt.*--force"):
+    with pytest.raises(UserError, match=r"splits.csv changed since .*last.pt.*train.resume=false"):
         _run(run_inputs, "guard", quick)
-    summary, ctx = _run(run_inputs, "guard", quick + ["model.feat_dim=16", "train.method=simclr"], force=True)
+    summary, ctx = _run(run_inputs, "guard", quick + ["model.feat_dim=16", "train.method=simclr",
+                                                      "train.resume=false"])
     assert not summary["resumed"] and summary["steps"] == 1
-    assert (ctx.dir / "previous" / "checkpoints" / "last.pt").is_file()
+    assert len(list(ctx.dir.glob("previous-*/checkpoints/last.pt"))) == 1
     assert torch.load(ctx.dir / "checkpoints" / "last.pt", weights_only=True)["config"]["model"]["feat_dim"] == 16
     assert (ctx.dir / "checkpoints" / "best.pt").is_file()  # no evaluation: best = last
     # finished already: a rerun has nothing to train and says so
@@ -328,3 +333,59 @@ def test_batch_larger_than_the_train_set_names_the_key(run_inputs):
 def test_preview_takes_one_image_per_class_in_turn():
     assert T.preview_indices([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1]
     assert T.preview_indices([0, 0], 6) == [0, 1]
+
+
+def _run_finished(root: Path, run_name: str, overrides: list[str], force: bool, previous: dict | None,
+                  changed: str | None = None, on_step=None) -> tuple[dict, FakeCtx]:
+    """Like _run, with the wrapper's view of the last finished run (its manifest, a changed output)."""
+    run_dir = root / run_name
+    cfg = C.load_config(None, BASE + overrides)
+    ctx = FakeCtx(cfg, run_dir, force=force)
+    ctx.previous, ctx.changed_output = previous, changed
+    seed_everything(cfg.run.seed)
+    return S3.main(ctx, on_step=on_step), ctx
+
+
+def test_force_never_throws_away_an_unfinished_run(run_inputs):
+    """Trap: `--force`, interrupted, then the same command again started from scratch."""
+    quick = ["train.epochs=2", "train.eval_every=0", "train.max_steps_per_epoch=2"]
+    _run(run_inputs, "unfinished", quick)  # finished once
+    steps = []
+
+    def stop_after_one(epoch, step, global_step):
+        steps.append(global_step)
+        if epoch == 1 and step == 1:
+            raise KeyboardInterrupt("test")
+    with pytest.raises(KeyboardInterrupt):  # --force on the finished run: a fresh start, then interrupted
+        _run_finished(run_inputs, "unfinished", quick, True, {"status": "ok"}, on_step=stop_after_one)
+    prev = list((run_inputs / "unfinished" / STAGE).glob("previous-*"))
+    assert len(prev) == 1 and (prev[0] / "checkpoints" / "best.pt").is_file()
+    # the same command again: the run is unfinished now (no manifest), so it continues
+    summary, ctx = _run_finished(run_inputs, "unfinished", quick, True, None)
+    assert summary["resumed"] and summary["steps"] == 4
+    assert len(list(ctx.dir.glob("previous-*"))) == 1  # nothing moved or deleted
+
+
+def test_force_on_a_finished_run_keeps_every_earlier_run(run_inputs):
+    quick = ["train.epochs=1", "train.eval_every=0", "train.max_steps_per_epoch=1"]
+    _run(run_inputs, "twice", quick)
+    for _ in range(2):
+        _run_finished(run_inputs, "twice", quick, True, {"status": "ok"})
+    prev = sorted((run_inputs / "twice" / STAGE).glob("previous-*"))
+    assert len(prev) == 2 and all((p / "checkpoints" / "last.pt").is_file() for p in prev)
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_missing_checkpoint_of_a_finished_run_is_refused_never_replaced(run_inputs, name):
+    """Trap: deleting best.pt and rerunning 03 silently copied last.pt over it."""
+    quick = ["train.epochs=1", "train.eval_every=1", "train.max_steps_per_epoch=1"]
+    _, ctx = _run(run_inputs, f"missing_{name}", quick)
+    (ctx.dir / "checkpoints" / name).unlink()
+    with pytest.raises(UserError, match=rf"{name} of the finished training is missing or was edited.*--force"):
+        _run_finished(run_inputs, f"missing_{name}", quick, False, {"status": "ok"}, changed=f"checkpoints/{name}")
+    assert not (ctx.dir / "checkpoints" / name).exists()
+    # an unfinished run whose best.pt disappeared is refused too (best epoch recorded in last.pt)
+    if name == "best.pt":
+        with pytest.raises(UserError, match=r"best.pt \(epoch 1, recorded in .*last.pt\) is missing"):
+            _run_finished(run_inputs, f"missing_{name}", quick + ["train.epochs=2"], False, None)
+        assert not (ctx.dir / "checkpoints" / name).exists()
