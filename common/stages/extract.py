@@ -47,8 +47,11 @@ def main(ctx: Any) -> dict[str, Any]:
     log.info("checked %d vectors: finite and unit-norm", n)
     with FeatureStore(store) as st:
         info = st.model_info(metrics["model_id"])
+    ck = Path(ckpt).resolve()
+    run = Path(ctx.run_dir).resolve()
     write_json(ctx.output(MODEL_JSON), {
-        "model_id": info.id, "checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": info.checkpoint_sha256,
+        # inside the run folder the checkpoint is named relative to it, so a moved run still finds it
+        "model_id": info.id, "checkpoint": str(ck.relative_to(run)) if ck.is_relative_to(run) else str(ck), "checkpoint_sha256": info.checkpoint_sha256,
         "backbone": info.backbone, "embedding": info.embedding, "dim": info.dim, "mean": info.mean, "std": info.std,
         "image_size": info.image_size, "pad_fill": info.pad_fill, "classes": list(info.classes), "epoch": info.epoch,
         "vectors": metrics["vectors"],

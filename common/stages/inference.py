@@ -85,7 +85,10 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None) -> S
         gallery, desc = load_gallery(lut_path, info, classes)
     facts = [("model", info.describe()), ("backbone", info.backbone), ("image size", info.image_size),
              ("gallery", desc), ("classes", len(classes))]
-    return StoreData(classes=classes, model=info, checkpoint=Path(meta["checkpoint"]), train=train, val=val,
+    checkpoint = Path(meta["checkpoint"])
+    if not checkpoint.is_absolute():  # relative to the run folder (stage 04's parent)
+        checkpoint = Path(stage04).parent / checkpoint
+    return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val,
                      test=test, gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts)
 
 
