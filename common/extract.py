@@ -212,14 +212,15 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     check_classes(ckpt["classes"], classes, checkpoint, splits_csv)
     stats = read_stats(stats_json)
     check_stats(stats, ckpt.get("stats"), stats_json, checkpoint)
+    # the preprocessing is the checkpoint's own (what the network was trained on), never the config's
     ck_cfg = ckpt.get("config") or {}
-    mcfg = ck_cfg.get("model", {})
-    backbone = str(mcfg.get("backbone", cfg.model.backbone))
-    image_size = int(mcfg.get("image_size", cfg.model.image_size))
-    pad_fill = int(ck_cfg.get("data", {}).get("pad_fill", cfg.data.pad_fill))
-    if pad_fill != cfg.data.pad_fill or image_size != cfg.model.image_size:
-        log.warning("the checkpoint was trained with image_size %d and pad_fill %d (config: %d and %d): "
-                    "using the checkpoint's", image_size, pad_fill, cfg.model.image_size, cfg.data.pad_fill)
+    try:
+        backbone = str(ck_cfg["model"]["backbone"])
+        image_size = int(ck_cfg["model"]["image_size"])
+        pad_fill = int(ck_cfg["data"]["pad_fill"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"checkpoint {checkpoint} does not record model.backbone, model.image_size and "
+                        f"data.pad_fill: is it a checkpoint of {STAGE03}.py?") from None
     sha = str(ckpt["sha256"])
     channels_last = bool(cfg.model.channels_last)
     model = prepare_model(model, device, channels_last)

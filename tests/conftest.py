@@ -34,3 +34,40 @@ def exif_rotated_jpeg():
         return path
 
     return make
+
+
+def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 900, **env: str):
+    """A repository script as a subprocess (what a user types), with captured output."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", **env)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """scikit-learn's digits rendered as an image folder (once per test session)."""
+    from common.demo import render_digits
+
+    return render_digits(tmp_path_factory.mktemp("cache") / "digits")
+
+
+E2E_CONFIG = ["-c", "configs/demo.yaml", "-c", "tests/data/e2e.yaml"]
+
+
+@pytest.fixture(scope="session")
+def pipeline(digits, tmp_path_factory):
+    """Every stage run once on the digits with the tiny e2e settings: (run folder, -c args, result).
+
+    Tests that change the run work on a copy (``copy_run``).
+    """
+    run = tmp_path_factory.mktemp("run") / "e2e"
+    res = run_script(["run_pipeline.py", *E2E_CONFIG, "--run", str(run), f"data.root={digits}"])
+    return run, E2E_CONFIG, res
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) by relative path -> content."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

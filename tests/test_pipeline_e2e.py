@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["01_random_split_dataset", "02_mean_std_variables", "03_main_supcon", "04_extract_features",
@@ -16,23 +13,7 @@ STAGES = ["01_random_split_dataset", "02_mean_std_variables", "03_main_supcon", 
 
 
 def _run(args, cwd=ROOT, timeout=900):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from common.demo import render_digits
-
-    return render_digits(tmp_path_factory.mktemp("cache") / "digits")
-
-
-@pytest.fixture(scope="module")
-def pipeline(digits, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run") / "e2e"
-    cfg = ["-c", "configs/demo.yaml", "-c", "tests/data/e2e.yaml"]
-    res = _run(["run_pipeline.py", *cfg, "--run", str(run), f"data.root={digits}"])
-    return run, cfg, res
+    return run_script(args, cwd=cwd, timeout=timeout)
 
 
 def test_missing_upstream_is_exit_2_naming_the_stage(tmp_path):

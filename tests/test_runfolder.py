@@ -1,0 +1,312 @@
+"""The run folder as a scientist uses it: hints followed as printed, reruns, refusals, locks.
+
+Each test reproduces a trap found by using the tool as a newcomer would; the finished digits run
+(``pipeline`` in conftest) is copied before a test changes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from common.stages import SPECS, STAGES
+from conftest import ROOT, run_script, snapshot
+
+
+@pytest.fixture
+def run(pipeline, tmp_path) -> Path:
+    """A private copy of the finished digits run."""
+    src, _, res = pipeline
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def stage(name: str, run: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_script([f"{name}.py", "--run", str(run), *args], **env)
+
+
+def test_every_stage_with_only_run_is_up_to_date(run):
+    """Trap: the printed hints left out -c, fell back to default.yaml and broke the run."""
+    saved = (run / "config.yaml").read_text()
+    for name in STAGES:
+        res = stage(name, run)
+        assert res.returncode == 0 and "up to date" in res.stderr, (name, res.stderr[-2000:])
+    assert (run / "config.yaml").read_text() == saved
+
+
+def test_the_run_remembers_its_configuration(run):
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["backbone"] == "test_resnet" and cfg["model"]["image_size"] == 24  # e2e.yaml on demo.yaml
+    assert Path(cfg["data"]["root"]).is_absolute()
+    assert "mode" not in cfg["inference"] and "input" not in cfg["inference"]  # per-command keys are not saved
+
+
+def test_recording_config_every_stage_reads_only_declared_keys(run, tmp_path):
+    """Each stage declares its keys once; the wrapper records what the driver read."""
+    folder = tmp_path / "new"
+    shutil.copytree(Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]) / "digit_3", folder)
+    res = stage("07_inference", run, "inference.mode=predict", f"inference.input={folder}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifests = [run / s / "manifest.json" for s in STAGES] + [run / "07_inference" / "predict" / "new" / "manifest.json"]
+    for m_path in manifests:
+        m = json.loads(m_path.read_text())
+        spec = SPECS[m["stage"]]
+        assert m["undeclared_keys_read"] == [], (m["stage"], m["undeclared_keys_read"])
+        assert set(m["keys_read"]) <= set(spec.keys), m["stage"]
+        assert m["keys_read"], m["stage"]  # the recorder saw the reads
+
+
+def test_config_change_says_what_changed_and_what_is_out_of_date(run):
+    res = stage("05_lut_threshold", run, "lut.tolerance=0.01")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "lut.tolerance: 0.005 -> 0.01" in res.stderr
+    assert "out of date now: 05_lut_threshold, 06_prune_features, 07_inference" in res.stderr
+    assert "runs because 05_lut_threshold is out of date: lut.tolerance: 0.005 -> 0.01" in res.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["lut"]["tolerance"] == 0.01
+    # downstream now refuses with the reason, and the hint works as printed
+    res = stage("07_inference", run)
+    assert res.returncode == 2 and "06_prune_features is out of date: 05_lut_threshold was rerun after it" in res.stderr
+    hint = res.stderr.split("run `")[1].split("`")[0].split()
+    assert hint[:2] == ["python", "06_prune_features.py"]
+    assert run_script(hint[1:]).returncode == 0
+    assert stage("07_inference", run).returncode == 0
+
+
+def test_refused_stage_leaves_the_run_folder_byte_for_byte(run):
+    """Configuration errors and stale upstreams are found before any file is touched."""
+    before = snapshot(run)
+    for name in STAGES:
+        res = stage(name, run, "lut.knn_k=0")
+        assert res.returncode == 2 and "lut.knn_k" in res.stderr and "Traceback" not in res.stderr, name
+        assert snapshot(run) == before, name
+    # a change that makes an upstream out of date: the stage refuses, names it, and prints a working hint
+    res = stage("05_lut_threshold", run, "model.image_size=28")
+    assert res.returncode == 2
+    assert "02_mean_std_variables is out of date: model.image_size: 24 -> 28" in res.stderr
+    assert "model.image_size=28" in res.stderr.split("run `")[1]
+    assert snapshot(run) == before
+
+
+def test_same_folder_written_two_ways_is_the_same_configuration(run):
+    """Trap: data.root relative in one place and absolute in another reran 01-04 back and forth."""
+    root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
+    res = run_script([str(ROOT / "01_random_split_dataset.py"), "--run", str(run), f"data.root={root.name}"],
+                     cwd=root.parent)
+    assert res.returncode == 0 and "up to date" in res.stderr, res.stderr[-2000:]
+    res = run_script([str(ROOT / "01_random_split_dataset.py"), "--run", str(run), f"data.root=./{root.name}/"],
+                     cwd=root.parent)
+    assert res.returncode == 0 and "up to date" in res.stderr
+
+
+def test_rebuilt_store_makes_stage_06_out_of_date_and_06_owns_its_lut(run):
+    """Trap: stage 06 wrote into 04's store; after a rebuild 06 said "up to date" and 07 had no LUT."""
+    s04 = run / "04_extract_features"
+    assert sorted(p.name for p in s04.iterdir() if not p.name.startswith(".")) == \
+        ["config.yaml", "features.sqlite", "log.txt", "manifest.json", "model.json"]
+    res = stage("04_extract_features", run, "--force")
+    assert res.returncode == 0 and "embedding every image again" in res.stderr
+    # the same vectors again (same checkpoint, same images): 05-07 stay fresh, and 07 still has its LUT
+    for name in ("05_lut_threshold", "06_prune_features", "07_inference"):
+        res = stage(name, run)
+        assert res.returncode == 0 and "up to date" in res.stderr, (name, res.stderr[-1500:])
+    # other vectors (the projection head's): every downstream stage is out of date and says why
+    res = stage("04_extract_features", run, "extract.embedding=head")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = stage("06_prune_features", run)
+    assert res.returncode == 2 and "05_lut_threshold is out of date: 04_extract_features was rerun" in res.stderr
+    res = run_script(["run_pipeline.py", "--run", str(run), "--from", "5"])
+    assert res.returncode == 0 and "Test metrics" in res.stdout, res.stderr[-2000:]
+    assert (run / "06_prune_features" / "lut.sqlite").is_file()
+    assert sorted(p.name for p in s04.iterdir() if not p.name.startswith(".")) == \
+        ["config.yaml", "features.sqlite", "log.txt", "manifest.json", "model.json"]
+
+
+def test_corrupted_vector_is_never_accepted_again(run):
+    """Issue 11 #1: 32 bytes overwritten inside features.sqlite (integrity_check still ok)."""
+    store = run / "04_extract_features" / "features.sqlite"
+    acc = json.loads((run / "07_inference" / "metrics.json").read_text())["accuracy"]
+    con = sqlite3.connect(store)
+    blob = con.execute("SELECT vector FROM vectors ORDER BY image_id LIMIT 1 OFFSET 7").fetchone()[0]
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    data = bytearray(store.read_bytes())
+    at = data.find(blob)
+    assert at > 0
+    data[at + 64:at + 96] = np.full(8, 7.0, "<f4").tobytes()
+    mtime = store.stat().st_mtime_ns
+    store.write_bytes(bytes(data))
+    os.utime(store, ns=(mtime, mtime))  # even with the same size and time, readers check every vector
+    res = stage("05_lut_threshold", run, "--force")
+    assert res.returncode == 2 and "not 1 (the store is corrupted): rerun 04_extract_features.py" in res.stderr
+    # the store changed since 04 recorded it: stage 04 embeds everything again, never re-records it as good
+    os.utime(store, None)
+    res = stage("04_extract_features", run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "changed since this stage recorded it" in res.stderr and "checked 1797 vectors" in res.stderr
+    res = run_script(["run_pipeline.py", "--run", str(run), "--from", "5"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((run / "07_inference" / "metrics.json").read_text())["accuracy"] == pytest.approx(acc)
+
+
+def test_force_on_04_reruns_in_full(run):
+    res = stage("04_extract_features", run, "--force")
+    assert res.returncode == 0 and "embedding every image again" in res.stderr and "1797 to embed" in res.stderr
+
+
+def test_predict_mode_has_its_own_folder_and_never_touches_the_evaluation(run, tmp_path):
+    """Trap: predict mode deleted the evaluation's confusion matrix, comparison, report and predictions."""
+    root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
+    folder = tmp_path / "cruise_42"
+    shutil.copytree(root / "digit_7", folder)
+    evaluation = run / "07_inference"
+    before = {k: v for k, v in snapshot(evaluation).items() if not k.startswith("predict/")}
+    saved = (run / "config.yaml").read_text()
+    res = stage("07_inference", run, "inference.mode=predict", f"inference.input={folder}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = evaluation / "predict" / "cruise_42"
+    for f in ("predictions.csv", "metrics.json", "report.html", "manifest.json", "config.yaml", "log.txt"):
+        assert (out / f).is_file(), f
+    assert {k: v for k, v in snapshot(evaluation).items() if not k.startswith("predict/")} == before
+    assert (run / "config.yaml").read_text() == saved  # the mode is not a setting of the run
+    assert "up to date" in stage("07_inference", run).stderr  # the evaluation is still fresh
+    again = stage("07_inference", run, "inference.mode=predict", f"inference.input={folder}",
+                  "inference.name=second_look")
+    assert again.returncode == 0 and (evaluation / "predict" / "second_look" / "predictions.csv").is_file()
+
+
+def test_run_pipeline_prints_metrics_only_from_a_fresh_stage_07(run):
+    res = run_script(["run_pipeline.py", "--run", str(run), "--from", "5", "--to", "6", "lut.tolerance=0.02"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Test metrics" not in res.stdout and "No test metrics: 07_inference is out of date" in res.stdout
+
+
+def test_run_pipeline_fails_on_a_missing_stage_script(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", ".cache", "__pycache__", "tests"))
+    (repo / "05_lut_threshold.py").unlink()
+    res = run_script([str(repo / "run_pipeline.py"), "--run", str(tmp_path / "r"), "--from", "5", "--to", "5"],
+                     cwd=repo)
+    assert res.returncode == 2 and "05_lut_threshold.py is missing" in res.stderr
+
+
+def _lock(folder: Path, pid: int, host: str | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                              "started": "2026-11-29 10:02 UTC"}))
+
+
+def test_a_running_stage_is_refused_naming_the_holder(run):
+    """Issue 11 #13: two processes on one stage; a stage whose upstream runs."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock(run / "05_lut_threshold", holder.pid)
+        before = snapshot(run)
+        res = stage("05_lut_threshold", run, "--force")
+        assert res.returncode == 2
+        assert f"05_lut_threshold is running in {run}: pid {holder.pid} on {socket.gethostname()} since " \
+               "2026-11-29 10:02 UTC" in res.stderr
+        res = stage("06_prune_features", run, "--force")
+        assert res.returncode == 2 and "06_prune_features needs 05_lut_threshold, which is running" in res.stderr
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is taken over with a warning
+    res = stage("05_lut_threshold", run, "--force")
+    assert res.returncode == 0 and "taking over the lock left by pid" in res.stderr
+    assert not (run / "05_lut_threshold" / ".lock").exists()
+
+
+def test_two_processes_on_the_same_stage_one_refused(run):
+    # one image per forward pass keeps the first process busy for a while (a speed knob: same vectors)
+    first = subprocess.Popen([sys.executable, "04_extract_features.py", "--run", str(run), "--force",
+                              "extract.batch_size=1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (run / "04_extract_features" / ".lock").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        res = stage("04_extract_features", run, "--force")
+        assert res.returncode == 2 and f"pid {first.pid}" in res.stderr and "is running" in res.stderr
+    finally:
+        rc = first.wait(timeout=300)
+    assert rc == 0, first.stderr.read()[-2000:]
+
+
+def test_log_txt_symlink_is_never_written_through(run, tmp_path):
+    """Issue 11 #16."""
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me\n")
+    log = run / "05_lut_threshold" / "log.txt"
+    log.unlink()
+    log.symlink_to(target)
+    res = stage("05_lut_threshold", run, "--force")
+    assert res.returncode == 2 and "log.txt is a symbolic link" in res.stderr
+    assert target.read_text() == "keep me\n"
+
+
+def test_options_and_overrides_in_any_order(run):
+    """Issue 11 #15: overrides after --force were "unrecognized arguments"."""
+    res = run_script(["05_lut_threshold.py", "--force", "lut.tolerance=0.01", "--run", str(run)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["lut"]["tolerance"] == 0.01
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(run):
+    tmp = run / "05_lut_threshold" / ".threshold.json.abc123.tmp"
+    tmp.write_text("half")
+    res = stage("05_lut_threshold", run, "--force")
+    assert res.returncode == 0 and "a temporary file left by a killed run" in res.stderr
+    assert not tmp.exists()
+
+
+SLOW_STAGE = """
+import sys, time
+from common import stage
+from common.stages import StageSpec
+
+def main(ctx):
+    try:
+        print("READY", flush=True)
+        time.sleep(30)
+    finally:
+        print("CLEANING", flush=True)
+        time.sleep(1.5)   # a second signal arrives here
+        ctx.output("saved.txt").write_text("saved")
+    return {}
+
+sys.exit(stage.execute(StageSpec("05_lut_threshold", "threshold", keys=()), main=main))
+"""
+
+
+def test_second_sigterm_during_cleanup_still_ends_130(tmp_path):
+    """Issue 11 #14: a second SIGTERM during clean-up gave 143 or a traceback."""
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_STAGE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script), "--run", str(tmp_path / "r")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline().strip() == "CLEANING"
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert rc == 130, err
+    assert "Traceback" not in err and "already stopping" in err
+    sdir = tmp_path / "r" / "05_lut_threshold"
+    assert (sdir / "saved.txt").read_text() == "saved" and not (sdir / "manifest.json").exists()
+    assert not (sdir / ".lock").exists()
