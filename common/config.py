@@ -394,17 +394,6 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
-    def hash(self, sections: list[str] | None = None) -> str:
-        """sha256 of the semantic part of ``sections`` (all when None), canonical JSON."""
-        d = self.to_dict()
-        keep = {}
-        for sec in sections or list(SECTIONS):
-            if sec in NON_SEMANTIC:
-                continue
-            keep[sec] = {k: v for k, v in d[sec].items() if f"{sec}.{k}" not in NON_SEMANTIC}
-        blob = json.dumps(keep, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
-
 
 # ----------------------------------------------------------------------------- type checking
 

@@ -39,11 +39,6 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def local_rank() -> int:
-    """``LOCAL_RANK`` set by torchrun (0 otherwise)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``x`` along dim 0, rank order, differentiable (see module docstring).
 
@@ -101,15 +96,6 @@ def global_batch(features: torch.Tensor, labels: torch.Tensor | None) -> tuple[t
 
 
 @torch.no_grad()
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of ``x`` over ranks (a copy; ``x`` itself when not distributed)."""
-    if not is_distributed():
-        return x
-    y = x.clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
-
-
 @torch.no_grad()
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (batch-norm running statistics) to every rank, in place."""
@@ -123,15 +109,6 @@ def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_distributed():
         dist.barrier()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` of rank ``src`` on every rank (pickled; small objects only)."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def gather_strided(x_local: torch.Tensor, n: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import metrics as M
+from . import plots as P
 from . import report as R
 from .errors import UserError
 from .features import Vectors
@@ -368,12 +369,12 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     write_csv(output("classification_report.csv"), h2, r2)
     cm = M.confusion(y, d.final, C)
     rejected = bool((d.final == M.UNKNOWN).any())
-    cm_png = R.confusion_matrix_png(cm if rejected else cm[:, :C], classes,
+    cm_png = P.confusion_matrix_png(cm if rejected else cm[:, :C], classes,
                                     list(classes) + ([M.UNKNOWN_NAME] if rejected else []),
                                     output("confusion_matrix.png"))
     map_png = None
     if icfg.embedding_map != "none":
-        map_png = R.embedding_map_png(test.X, y, classes, output("embedding_map.png"), icfg.embedding_map, seed)
+        map_png = P.embedding_map_png(test.X, y, classes, output("embedding_map.png"), icfg.embedding_map, seed)
     report_path = output("report.html")
     out["report"] = str(report_path)
     write_json(output("metrics.json"), _round(out))

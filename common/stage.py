@@ -39,6 +39,7 @@ from typing import Any, Sequence
 from . import config as config_mod
 from . import runfolder as rf
 from .errors import StaleUpstreamError, UserError
+from .signals import interrupt
 from .stages import SPECS, STAGES, SUPCON_FLAGS, StageSpec, downstream, stages_reading
 
 log = logging.getLogger(__name__)
@@ -319,17 +320,6 @@ def _barrier(world: int) -> None:
             dist.barrier()
 
 
-def _already_stopping(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
-    log.warning("signal %d: already stopping (saving what is needed first)", signum)
-
-
-def _interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
-    """First SIGINT/SIGTERM: stop the stage; later ones are ignored while it cleans up."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, _already_stopping)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _send_email(cfg: config_mod.Config, event: str, info: dict) -> None:
     """E-mail per config; a failure to send is logged and never changes the stage's outcome."""
     if not cfg.notify.enabled:
@@ -415,7 +405,7 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for s in old_handlers:
-            signal.signal(s, _interrupt)
+            signal.signal(s, interrupt)
     except ValueError:  # not in the main thread (tests)
         old_handlers = {}
 

@@ -24,10 +24,7 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +39,7 @@ from .config import Config, TrainConfig
 from .data import (ImageListDataset, eval_transform, load_rgb, loader_error_line)
 from .embed import AMP_DTYPES, embed_batch
 from .errors import NonFiniteLossError, UserError
+from .signals import DeferSignals
 from .fileio import atomic_path, write_csv
 from .model import CHECKPOINT_FORMAT, SupConModel
 
@@ -170,80 +168,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------- signals
 
 
-class DeferSignals:
-    """Hold SIGINT/SIGTERM until the block ends, then act on them (one training step is atomic).
-
-    A signal that arrived inside the block is re-delivered at its end to the handler that was
-    installed before (the stage wrapper turns SIGTERM into ``KeyboardInterrupt``); with the
-    default SIGTERM action it becomes ``KeyboardInterrupt`` too, so last.pt is saved. Outside the
-    main thread (signals cannot be handled there) it does nothing.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.pending: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _hold(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
-        self.pending = signum
-
-    def __enter__(self) -> "DeferSignals":
-        self.pending = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.getsignal(s) for s in self.SIGNALS}
-            for s in self.SIGNALS:
-                signal.signal(s, self._hold)
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
-        signum, self.pending = self.pending, None
-        if signum is None:
-            return
-        if exc_type is not None:
-            log.warning("signal %d arrived while the step failed; the failure is reported", signum)
-            return
-        handler = signal.getsignal(signum)
-        if callable(handler):
-            handler(signum, None)
-        elif handler == signal.SIG_DFL:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-
 # ----------------------------------------------------------------------------- RNG states
-
-
-def rng_state() -> dict[str, Any]:
-    """Every generator's state as tensors / lists (loads with ``torch.load(weights_only=True)``)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved (CUDA states only for the GPUs present)."""
-    if not state:
-        return
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available():
-        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
-    if state.get("numpy"):
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    if state.get("python"):
-        v, internal, gauss = state["python"]
-        random.setstate((v, tuple(internal), gauss))
 
 
 # ----------------------------------------------------------------------------- the training step

@@ -113,13 +113,39 @@ def test_yaml_dump_round_trips():
     assert again == cfg
 
 
-def test_hash_ignores_speed_knobs_and_other_sections():
+def test_hash_ignores_speed_knobs_and_undeclared_keys():
+    def h(cfg, keys):
+        return C.hash_values(C.key_values(cfg, keys))
+
+    keys = ["data.root", "data.num_workers", "extract.batch_size", "extract.embedding", "notify.enabled"]
     a = C.load_config([], [])
     b = C.load_config([], ["data.num_workers=16", "extract.batch_size=8", "notify.enabled=true"])
-    assert a.hash(["data", "extract"]) == b.hash(["data", "extract"])
-    c = C.load_config([], ["train.epochs=3"])
-    assert a.hash(["data"]) == c.hash(["data"])
-    assert a.hash(["train"]) != c.hash(["train"])
+    assert h(a, keys) == h(b, keys) and set(C.key_values(a, keys)) == {"data.root", "extract.embedding"}
+    c = C.load_config([], ["train.epochs=3", "train.trial=x"])
+    assert h(a, keys) == h(c, keys)
+    assert h(a, ["train.epochs"]) != h(c, ["train.epochs"])
+    assert h(a, ["train.trial"]) == h(c, ["train.trial"])  # a label, never a reason to rerun
+
+
+def test_recording_config_records_reads_including_asdict():
+    import dataclasses
+
+    cfg, reads = C.recording(C.load_config([], []))
+    _ = cfg.lut.tolerance
+    dataclasses.asdict(cfg.prune)
+    assert reads == {"lut.tolerance", "prune.threshold"}
+    assert cfg.lut.tolerance == 0.005 and isinstance(cfg.lut, C.LutConfig)
+
+
+def test_same_folder_two_ways_is_one_value(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    a = C.load_config([], ["data.root=imgs"])
+    b = C.load_config([], [f"data.root={tmp_path}/imgs/"])
+    c = C.load_config([], ["data.root=./imgs/../imgs"])
+    assert a.data.root == b.data.root == c.data.root == str(tmp_path / "imgs")
+    assert C.load_config([], ["extract.checkpoint=best"]).extract.checkpoint == "best"
+    assert C.load_config([], ["model.pretrained=timm"]).model.pretrained == "timm"
 
 
 # ----------------------------------------------------------------------------- numeric ranges

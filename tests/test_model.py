@@ -128,7 +128,7 @@ def test_pretrained_errors(tmp_path, monkeypatch):
 
 def _checkpoint(path, model: SupConModel, mcfg: ModelConfig) -> None:
     from common.config import Config
-    from common.train import rng_state
+    from common.seed import rng_state
 
     cfg = Config()
     cfg.model = mcfg

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common import plots as P
 from common import report as R
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "col", "area", "base", "source", "wbr"}
@@ -73,9 +74,9 @@ def _img(path: Path, size=(40, 30), colour=(200, 100, 50)) -> str:
 def sample_report(tmp_path) -> Path:
     cm = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
     names = ["Noctiluca", "Copepoda <juvenile> & \"odd\"", "Diatom"]
-    cm_png = R.confusion_matrix_png(cm, names, names, tmp_path / "cm.png")
+    cm_png = P.confusion_matrix_png(cm, names, names, tmp_path / "cm.png")
     X = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
-    map_png = R.embedding_map_png(X, np.repeat([0, 1, 2], 10), names, tmp_path / "map.png", "tsne", 0)
+    map_png = P.embedding_map_png(X, np.repeat([0, 1, 2], 10), names, tmp_path / "map.png", "tsne", 0)
     q = _img(tmp_path / "q.png")
     g = _img(tmp_path / "g.jpg", (300, 200))
     bad = tmp_path / "corrupt.png"
@@ -111,11 +112,11 @@ def test_report_is_well_formed_and_self_contained(sample_report):
 
 def test_confusion_matrix_grows_with_class_count(tmp_path):
     rng = np.random.default_rng(0)
-    small = R.confusion_matrix_png(rng.integers(0, 5, (5, 5)), list("abcde"), list("abcde"), tmp_path / "s.png")
+    small = P.confusion_matrix_png(rng.integers(0, 5, (5, 5)), list("abcde"), list("abcde"), tmp_path / "s.png")
     names = [f"species_{i:02d}_long_name" for i in range(90)]
     cm = rng.integers(0, 3, (90, 91))
     cm[np.arange(90), np.arange(90)] += 30
-    big = R.confusion_matrix_png(cm, names, names + ["unknown"], tmp_path / "b.png")
+    big = P.confusion_matrix_png(cm, names, names + ["unknown"], tmp_path / "b.png")
     ws, hs = Image.open(small).size
     wb, hb = Image.open(big).size
     assert hb > 1.8 * hs and wb > 1.8 * ws

@@ -20,6 +20,15 @@ from common.demo import make_bad_files, make_synthetic_plankton
 from common.errors import UserError
 
 
+
+def run_split(cfg, output, stage_dir):
+    """Stage 01's driver with the parts of the stage context it uses."""
+    from types import SimpleNamespace
+
+    from common.stages import split as S1
+
+    return S1.main(SimpleNamespace(cfg=cfg, output=output, dir=stage_dir))
+
 def _cfg(root: Path, **over) -> C.Config:
     items = [f"data.root={root}", "data.num_workers=0", *[f"{k}={v}" for k, v in over.items()]]
     return C.load_config([], items)
@@ -150,7 +159,7 @@ def test_run_split_outputs(folder, tmp_path, caplog):
     root, bad = folder
     caplog.set_level(logging.INFO, logger="common.split")
     out = tmp_path / "stage"
-    metrics = S.run_split(_cfg(root), _out(out), out)
+    metrics = run_split(_cfg(root), _out(out), out)
 
     bad_rows = {Path(r["path"]).name: r for r in _csv(out / "bad_images.csv")}
     expected = {"empty.jpg": "empty", "truncated.jpg": "truncated", "text.jpg": "not an image",
@@ -186,8 +195,8 @@ def test_run_split_outputs(folder, tmp_path, caplog):
 
 def test_splits_csv_identical_across_runs_listing_orders_and_workers(folder, tmp_path, monkeypatch):
     root, _ = folder
-    S.run_split(_cfg(root), _out(tmp_path / "a"), tmp_path / "a")
-    S.run_split(_cfg(root, **{"data.num_workers": 2}), _out(tmp_path / "b"), tmp_path / "b")
+    run_split(_cfg(root), _out(tmp_path / "a"), tmp_path / "a")
+    run_split(_cfg(root, **{"data.num_workers": 2}), _out(tmp_path / "b"), tmp_path / "b")
     real_walk, real_listdir = os.walk, os.listdir
     rnd = random.Random(5)
 
@@ -199,11 +208,11 @@ def test_splits_csv_identical_across_runs_listing_orders_and_workers(folder, tmp
 
     monkeypatch.setattr(D.os, "walk", shuffled_walk)
     monkeypatch.setattr(D.os, "listdir", lambda *a: sorted(real_listdir(*a), reverse=True))
-    S.run_split(_cfg(root), _out(tmp_path / "c"), tmp_path / "c")
+    run_split(_cfg(root), _out(tmp_path / "c"), tmp_path / "c")
     first = (tmp_path / "a" / "splits.csv").read_bytes()
     assert (tmp_path / "b" / "splits.csv").read_bytes() == first
     assert (tmp_path / "c" / "splits.csv").read_bytes() == first
-    S.run_split(_cfg(root, **{"run.seed": 1}), _out(tmp_path / "d"), tmp_path / "d")
+    run_split(_cfg(root, **{"run.seed": 1}), _out(tmp_path / "d"), tmp_path / "d")
     assert (tmp_path / "d" / "splits.csv").read_bytes() != first
 
 
@@ -211,7 +220,7 @@ def test_fail_mode_names_the_file(folder, tmp_path):
     root, _ = folder
     out = tmp_path / "stage"
     with pytest.raises(UserError, match=r"bad image .*bomb.png: too many pixels.*data.bad_images=fail"):
-        S.run_split(_cfg(root, **{"data.bad_images": "fail"}), _out(out), out)
+        run_split(_cfg(root, **{"data.bad_images": "fail"}), _out(out), out)
     assert len(_csv(out / "bad_images.csv")) == 6  # the full list is still written
     assert not (out / "splits.csv").exists()
 
@@ -227,7 +236,7 @@ def test_size_limits_from_config(tmp_path):
     Image.new("L", (10, 10), 7).save(root / "d" / "a.png")
     Image.new("L", (10, 12), 7).save(root / "d" / "b.png")
     out = tmp_path / "o"
-    S.run_split(_cfg(root, **{"data.max_pixels": 1000, "data.min_side": 6}), _out(out), out)
+    run_split(_cfg(root, **{"data.max_pixels": 1000, "data.min_side": 6}), _out(out), out)
     reasons = {Path(r["path"]).name: r["reason"] for r in _csv(out / "bad_images.csv")}
     assert set(reasons) == {"big.png", "thin.png"}
     assert "data.max_pixels=1000" in reasons["big.png"] and "data.min_side=6" in reasons["thin.png"]
@@ -247,18 +256,18 @@ def test_no_usable_class_is_a_user_error(tmp_path):
     (root / "c").mkdir(parents=True)
     Image.new("L", (10, 10)).save(root / "c" / "a.png")
     with pytest.raises(UserError, match="split.min_images=2"):
-        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+        run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
     (root / "c" / "a.png").unlink()
     (root / "c").rmdir()
     with pytest.raises(UserError, match="no class sub-folders"):
-        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+        run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
 
 
 @pytest.mark.parametrize("how", ["symlink", "copy"])
 def test_materialize(folder, tmp_path, how):
     root, _ = folder
     out = tmp_path / "stage"
-    S.run_split(_cfg(root, **{"split.materialize": how}), _out(out), out)
+    run_split(_cfg(root, **{"split.materialize": how}), _out(out), out)
     rows = _csv(out / "splits.csv")
     for split in D.SPLITS:
         files = sorted(p for p in (out / split).rglob("*") if p.is_file())
@@ -266,7 +275,7 @@ def test_materialize(folder, tmp_path, how):
     p = out / rows[0]["split"] / rows[0]["label"] / Path(rows[0]["path"]).name
     assert p.read_bytes() == Path(rows[0]["path"]).read_bytes()
     assert p.is_symlink() == (how == "symlink")
-    S.run_split(_cfg(root), _out(out), out)  # back to none: stale folders go
+    run_split(_cfg(root), _out(out), out)  # back to none: stale folders go
     assert not any((out / split).exists() for split in D.SPLITS)
 
 
@@ -292,7 +301,7 @@ def test_directory_symlink_is_not_followed_unless_configured(tmp_path, caplog):
     os.symlink(outside, root / "digit_0" / "more")
     caplog.set_level(logging.INFO, logger="common.split")
     out = tmp_path / "a"
-    metrics = S.run_split(_cfg(root), _out(out), out)
+    metrics = run_split(_cfg(root), _out(out), out)
     rows = _csv(out / "splits.csv")
     assert len(rows) == 6 and all(Path(r["path"]).parent.name == r["label"] for r in rows)  # nothing via links
     bad = {Path(r["path"]).name: r for r in _csv(out / "bad_images.csv")}
@@ -305,7 +314,7 @@ def test_directory_symlink_is_not_followed_unless_configured(tmp_path, caplog):
     assert "2 directory symlink(s) not followed" in caplog.text
 
     out = tmp_path / "b"
-    S.run_split(_cfg(root, **{"data.follow_symlinks": "true"}), _out(out), out)
+    run_split(_cfg(root, **{"data.follow_symlinks": "true"}), _out(out), out)
     rows = _csv(out / "splits.csv")
     got = sorted((os.path.relpath(r["path"], root), r["label"]) for r in rows)
     assert got == [("digit_0/0.png", "digit_0"), ("digit_0/1.png", "digit_0"), ("digit_0/2.png", "digit_0"),
@@ -332,7 +341,7 @@ def test_unreadable_folders_go_to_bad_images_and_class_counts(tmp_path, monkeypa
     monkeypatch.setattr(D.os, "scandir", lambda p=".": (check(p), real_scandir(p))[1])
     caplog.set_level(logging.INFO, logger="common.split")
     out = tmp_path / "o"
-    S.run_split(_cfg(root), _out(out), out)
+    run_split(_cfg(root), _out(out), out)
     bad = {os.path.relpath(r["path"], root): (r["label"], r["reason"]) for r in _csv(out / "bad_images.csv")}
     assert bad == {"digit_0/locked": ("digit_0", "folder unreadable: Permission denied"),
                    "digit_2": ("digit_2", "folder unreadable: Permission denied")}
@@ -344,7 +353,7 @@ def test_unreadable_folders_go_to_bad_images_and_class_counts(tmp_path, monkeypa
     assert "2 folder(s) cannot be read" in caplog.text
     with pytest.raises(UserError, match=r"folder .*digit_0/locked: folder unreadable: Permission denied "
                                         r"\(data.bad_images=fail"):
-        S.run_split(_cfg(root, **{"data.bad_images": "fail"}), _out(tmp_path / "f"), tmp_path / "f")
+        run_split(_cfg(root, **{"data.bad_images": "fail"}), _out(tmp_path / "f"), tmp_path / "f")
     assert len(_csv(tmp_path / "f" / "bad_images.csv")) == 2
 
 
@@ -355,7 +364,7 @@ def test_unreadable_folder_chmod(tmp_path):
     locked.mkdir()
     os.chmod(locked, 0)
     try:
-        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+        run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
     finally:
         os.chmod(locked, 0o755)
     assert [r["reason"] for r in _csv(tmp_path / "o" / "bad_images.csv")] == ["folder unreadable: Permission denied"]
@@ -369,10 +378,10 @@ def test_fewer_than_two_classes_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"^data.root: .*img needs at least two classes for retrieval: found 1 class "
                                         r"folder\(s\), 1 kept \(only\) after dropping 0 with fewer than "
                                         r"split.min_images=2 usable images$"):
-        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+        run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
     (root / "rare").mkdir()
     Image.new("L", (10, 10), 99).save(root / "rare" / "a.png")  # one image: dropped, one class left
     with pytest.raises(UserError, match=r"found 2 class folder\(s\), 1 kept \(only\) after dropping 1 with"):
-        S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
+        run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")
     Image.new("L", (10, 10), 98).save(root / "rare" / "b.png")
-    assert S.run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")["classes"] == 2
+    assert run_split(_cfg(root), _out(tmp_path / "o"), tmp_path / "o")["classes"] == 2

@@ -26,7 +26,8 @@ from common import train as T
 from common.augment import train_transform
 from common.stages import train as S3
 from common.errors import NonFiniteLossError, UserError
-from common.seed import seed_everything
+from common.seed import rng_state, seed_everything, set_rng_state
+from common.signals import DeferSignals
 
 CLASSES = ["cross", "disk", "ring", "stripes"]
 STAGE = "03_main_supcon"
@@ -108,10 +109,10 @@ def test_views_are_a_function_of_seed_epoch_and_index(tmp_path):
 
 def test_rng_state_round_trip_weights_only(tmp_path):
     seed_everything(3)
-    st = T.rng_state()
+    st = rng_state()
     torch.save(st, tmp_path / "rng.pt")
     want = (torch.rand(3), np.random.rand(3), random.random())
-    T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
 
@@ -119,7 +120,7 @@ def test_rng_state_round_trip_weights_only(tmp_path):
 def test_defer_signals_finishes_the_block_then_interrupts():
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with T.DeferSignals():
+        with DeferSignals():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("step finished")
     assert done == ["step finished"]

@@ -34,9 +34,11 @@ from ..errors import UserError
 from ..fileio import sha256_file
 from ..model import CHECKPOINT_FORMAT, build_model
 from ..runfolder import unique_previous
-from ..train import (AUG_PREVIEW_IMAGES, MODEL_KEYS_MUST_MATCH, DeferSignals, EpochBatchSampler, Evaluator, Position,
+from ..seed import rng_state, set_rng_state
+from ..signals import DeferSignals
+from ..train import (AUG_PREVIEW_IMAGES, MODEL_KEYS_MUST_MATCH, EpochBatchSampler, Evaluator, Position,
                      Trainer, TwoViewDataset, augmentation_preview, copy_checkpoint, duration,
-                     preview_indices, rng_state, save_checkpoint, set_rng_state, worker_errors, write_metrics_csv)
+                     preview_indices, save_checkpoint, worker_errors, write_metrics_csv)
 from ..plots import plot_curves, plot_image_grid
 from . import SPECS, SPLIT, STATS, TRAIN
 
