@@ -134,7 +134,7 @@ def main() -> None:
     for t in args.thresholds:
         keep_sub = lut.prune(X[:sub], lab[:sub], None, t)
         keep = lut.prune(X, lab, None, t)
-        t_prune = best_of(lambda: lut.prune(X, lab, None, t), repeats)
+        t_prune = best_of(lambda t=t: lut.prune(X, lab, None, t), repeats)
         pairs_full = pairs_evaluated(S, keep, t)
         same_blocks = bool(np.array_equal(keep, lut.prune(X, lab, None, t, block_size=256)))
         print(f"\nthreshold {t:g}: kept {int(keep.sum()):,} of {n:,} ({100 * keep.mean():.1f}%); the pair loop "

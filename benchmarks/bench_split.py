@@ -43,7 +43,7 @@ def bench_scan(root: Path) -> None:
     print(f"\n[1] scan: {len(files)} files (read, sha256, header checks, full decode)")
     base = None
     for workers in (0, 2, 4):
-        t = _time(lambda: S.scan_files(files, 4, 89_478_485, workers))
+        t = _time(lambda w=workers: S.scan_files(files, 4, 89_478_485, w))
         base = base or t
         label = "1 process (baseline)" if workers == 0 else f"{workers} worker processes"
         print(f"    {label:<24} {t:7.2f} s  {len(files) / t:8.0f} images/s  speed-up x{base / t:.2f}")
@@ -78,11 +78,11 @@ def bench_stats(root: Path, image_size: int) -> None:
     t64 = _time(lambda: sums(torch.float64), 3)
     th = _time(hist, 3)
     t32 = _time(lambda: sums(torch.float32), 3)
-    (mh, sh, _), (m64, s64, _), (m32, s32, _) = hist(), sums(torch.float64), sums(torch.float32)
+    (mh, sh, _), (_, s64, _), (m32, s32, _) = hist(), sums(torch.float64), sums(torch.float32)
     paths = [p for p, _ in files]
     base = None
     for workers in (0, 2):
-        t = _time(lambda: ST.channel_histogram(paths, image_size, 0, 64, workers))
+        t = _time(lambda w=workers: ST.channel_histogram(paths, image_size, 0, 64, w))
         base = base or t
         label = "in process (baseline)" if workers == 0 else f"{workers} DataLoader workers"
         print(f"    stage 02 end to end, {label:<22} {t:6.2f} s  {len(paths) / t:7.0f} images/s  x{base / t:.2f}")

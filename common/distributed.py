@@ -18,7 +18,6 @@ keeps the local slice, as some SimCLR ports do, would need the factor W instead)
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch

@@ -1,9 +1,10 @@
-"""The feature store: one SQLite file (``04_extract_features/features.sqlite``), SQLAlchemy 2 over it.
+"""The feature store: one SQLite file, SQLAlchemy 2 over it.
 
-It holds every image of every split (train = gallery, val, test), the model that embedded them
-(checkpoint sha256, backbone, embedding kind, dimension, normalisation), one float32 vector per
-image and model, and the pruned look-up table (LUT, Yang et al. 2022) that stage 06 writes. Any
-SQLite client can read it: the schema is ``SCHEMA_SQL`` below, created verbatim (its comments are
+Stage 04's ``features.sqlite`` holds every image of every split (train = gallery, val, test), the
+model that embedded them (checkpoint sha256, backbone, embedding kind, dimension, normalisation)
+and one float32 vector per image and model. Stage 06's pruned look-up table (LUT, Yang et al.
+2022), ``lut.sqlite``, is a store of the same schema holding only the kept train images: a
+self-contained gallery. Any SQLite client can read it: the schema is ``SCHEMA_SQL`` below, created verbatim (its comments are
 kept in ``sqlite_master``, so ``sqlite3 features.sqlite .schema`` shows them).
 
 Rules the code keeps (and a reader of the file can rely on):
@@ -17,10 +18,8 @@ Rules the code keeps (and a reader of the file can rely on):
   by ``mark_complete`` in one transaction that first checks that no image lacks a vector. Adding
   images or vectors resets it to 0. Loaders refuse an incomplete model (an interrupted
   extraction) with a message to rerun ``04_extract_features.py``.
-- **The LUT is per model and threshold**: ``write_lut`` replaces one (model, threshold) in one
-  transaction; a change to the images table (stage 04 syncing the splits) drops every LUT, since
-  a LUT is only valid for the gallery it was pruned from. Thresholds are stored rounded to
-  ``THRESHOLD_DECIMALS`` decimals, so 0.93 and 0.9300000000000002 are the same threshold.
+- **Every read checks every vector**: finite and unit-norm (``check_unit_vectors``), so a
+  corrupted file is refused naming the image and the stage to rerun, whatever SQLite says.
 - ``meta`` holds ``schema_version`` (a store of another version is refused), ``format``, and
   ``model.<id>.status`` (``extracting`` or ``complete``, kept in step with ``models.complete``).
 
@@ -32,11 +31,11 @@ API (``FeatureStore(path)`` opens an existing store, ``create=True`` makes one; 
 - models: ``models()``, ``model_info(id) -> ModelInfo``, ``find_model(sha256, embedding)``,
   ``current_model(embedding=None)`` (the most recent complete one), ``require_complete(id)``,
   ``require_model(sha256, embedding, dim)``, ``check_same_model(a, b)``;
-- LUT (stage 06): ``write_lut(model_id, threshold, kept_ids)``, ``load_lut(model_id, threshold=None)
-  -> ids`` (None = most recent), ``load_lut_matrix``, ``lut_thresholds(model_id)``, ``lut_runs``;
+- ``load_split(split, model_id, classes) -> Vectors`` (class indices, paths and ids);
 - writing (stage 04): ``sync_images(rows)``, ``register_model(...)``, ``missing_vectors(model_id)``,
   ``write_vectors(model_id, ids, vectors)``, ``mark_complete(model_id)``;
-- ``content_digest(path)``: the manifest digest (images, complete models, vectors; not the LUT).
+- ``content_digest(path)``: the manifest digest (images, complete models, vectors);
+  ``verify_store(path, model_id)``: every vector checked, streamed.
 
 Speed (``benchmarks/bench_store.py``): vectors are written with one ``executemany`` per
 transaction, numpy rows bound as BLOBs directly (no per-row bytes object); ``load_matrix`` streams the blobs into a
@@ -58,7 +57,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import (CheckConstraint, bindparam, Column, Float, ForeignKey, ForeignKeyConstraint, Integer, LargeBinary,
+from sqlalchemy import (CheckConstraint, bindparam, Column, ForeignKey, Integer, LargeBinary,
                         MetaData, Table, Text, UniqueConstraint, create_engine, delete, event, func, insert,
                         select, update)
 from sqlalchemy.engine import URL, Connection, Engine
@@ -68,11 +67,10 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # bump when SCHEMA_SQL changes; older stores are refused, never migrated silently
+SCHEMA_VERSION = 2  # 2: the LUT tables left the store (stage 06 writes its own lut.sqlite); bump when SCHEMA_SQL changes; older stores are refused, never migrated silently
 FORMAT = "plankton-feature-store"
 EMBEDDINGS = ("encoder", "head")
 SPLITS = ("train", "val", "test")
-THRESHOLD_DECIMALS = 6  # LUT thresholds are rounded to this many decimals before they are stored or looked up
 NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed when writing vectors (float32 and AMP round-off)
 READ_BLOCK_BYTES = 2 * 2**20  # vector bytes fetched per block when streaming blobs into a matrix (bounds the extra memory)
 BUSY_TIMEOUT_S = 60.0  # wait this long for another process's write lock before failing
@@ -101,7 +99,7 @@ SCHEMA_SQL: tuple[str, ...] = (
     value TEXT NOT NULL
 )""",
     """CREATE TABLE images (
-    id     INTEGER PRIMARY KEY AUTOINCREMENT,  -- stable id, never reused: vectors and the LUT refer to it
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,  -- stable id, never reused: vectors refer to it
     path   TEXT NOT NULL UNIQUE,  -- absolute image path, as in splits.csv
     label  TEXT NOT NULL,  -- class name (the class folder)
     split  TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),  -- train = the gallery
@@ -131,23 +129,6 @@ SCHEMA_SQL: tuple[str, ...] = (
     vector   BLOB NOT NULL,  -- dim float32 values, little-endian, L2-normalised (4 * dim bytes)
     PRIMARY KEY (image_id, model_id)
 )""",
-    """CREATE TABLE lut_runs (
-    id        INTEGER PRIMARY KEY,  -- higher = more recent
-    model_id  INTEGER NOT NULL REFERENCES models (id) ON DELETE CASCADE,
-    threshold REAL NOT NULL,  -- cosine-similarity threshold of the pruning (rounded to 6 decimals)
-    created   TEXT NOT NULL,  -- ISO 8601 time of the pruning
-    n_before  INTEGER NOT NULL,  -- train (gallery) vectors of the model before pruning
-    n_after   INTEGER NOT NULL,  -- gallery rows kept (rows of lut)
-    UNIQUE (model_id, threshold)
-)""",
-    """CREATE TABLE lut (
-    model_id  INTEGER NOT NULL,
-    threshold REAL NOT NULL,
-    image_id  INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,  -- a train image kept in the gallery
-    PRIMARY KEY (model_id, threshold, image_id),
-    FOREIGN KEY (model_id, threshold) REFERENCES lut_runs (model_id, threshold) ON DELETE CASCADE
-)""",
-    """CREATE INDEX lut_image ON lut (image_id)""",
 )
 
 # The same tables for SQLAlchemy Core statements (a test checks they match the created schema).
@@ -185,23 +166,6 @@ vectors_t = Table(
     Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
     Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), primary_key=True),
     Column("vector", LargeBinary, nullable=False),
-)
-lut_runs_t = Table(
-    "lut_runs", metadata,
-    Column("id", Integer, primary_key=True),
-    Column("model_id", Integer, ForeignKey("models.id", ondelete="CASCADE"), nullable=False),
-    Column("threshold", Float, nullable=False),
-    Column("created", Text, nullable=False),
-    Column("n_before", Integer, nullable=False),
-    Column("n_after", Integer, nullable=False),
-    UniqueConstraint("model_id", "threshold"),
-)
-lut_t = Table(
-    "lut", metadata,
-    Column("model_id", Integer, primary_key=True),
-    Column("threshold", Float, primary_key=True),
-    Column("image_id", Integer, ForeignKey("images.id", ondelete="CASCADE"), primary_key=True),
-    ForeignKeyConstraint(["model_id", "threshold"], ["lut_runs.model_id", "lut_runs.threshold"], ondelete="CASCADE"),
 )
 
 # Hot paths run on the DBAPI cursor of the SQLAlchemy connection (same transaction), with bound
@@ -308,10 +272,6 @@ class SyncReport:
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="microseconds")
-
-
-def _threshold(t: float) -> float:
-    return round(float(t), THRESHOLD_DECIMALS)
 
 
 def _norm_sql(sql: str) -> str:
@@ -457,7 +417,7 @@ class FeatureStore:
         """Row counts of every table."""
         out = {}
         with self._read() as conn:
-            for t in (meta_t, images_t, models_t, vectors_t, lut_runs_t, lut_t):
+            for t in (meta_t, images_t, models_t, vectors_t):
                 out[t.name] = int(conn.execute(select(func.count()).select_from(t)).scalar_one())
         return out
 
@@ -476,9 +436,7 @@ class FeatureStore:
         ``common.data.SplitRow``), in one transaction.
 
         Kept paths keep their id. New paths get ids in path order. A removed path loses its row,
-        its vectors and its LUT rows. A path whose file content changed (sha256) loses its vectors.
-        When anything changed every LUT is dropped (a LUT is valid only for the gallery it was
-        pruned from); when images were added or changed every model becomes incomplete.
+        its vectors. A path whose file content changed (sha256) loses its vectors. When images were added or changed every model becomes incomplete.
         """
         want: dict[str, tuple[str, str, str]] = {}
         for r in rows:
@@ -504,10 +462,9 @@ class FeatureStore:
                                 moved=len(moved), total=len(want))
             if not report.changed:
                 return report
-            conn.execute(delete(lut_runs_t))  # cascades to lut
             if removed.size:
                 conn.exec_driver_sql("DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))",
-                                     (_json_ids(removed),))  # cascades to vectors and lut
+                                     (_json_ids(removed),))  # cascades to vectors
             if content:
                 ids = np.array([c["i"] for c in content], dtype=np.int64)
                 conn.exec_driver_sql("DELETE FROM vectors WHERE image_id IN (SELECT value FROM json_each(?))",
@@ -556,7 +513,7 @@ class FeatureStore:
         An existing row of the same checkpoint and embedding whose preprocessing differs (other
         stats, image size or pad fill) is dropped with its vectors and recreated. With
         ``replace_others`` every other model (another checkpoint or embedding) is deleted with its
-        vectors and LUT in the same transaction: the store then holds one model's vectors.
+        vectors in the same transaction: the store then holds one model's vectors.
         Returns (the model, the models dropped).
         """
         if embedding not in EMBEDDINGS:
@@ -582,7 +539,7 @@ class FeatureStore:
                 elif same_key or replace_others:
                     dropped.append(m)
             for m in dropped:
-                conn.execute(delete(models_t).where(models_t.c.id == m.id))  # cascades to vectors and LUT
+                conn.execute(delete(models_t).where(models_t.c.id == m.id))  # cascades to vectors
                 conn.execute(delete(meta_t).where(meta_t.c.key == f"model.{m.id}.status"))
             if keep is None:
                 new_id = conn.execute(insert(models_t).values(**values)).inserted_primary_key[0]
@@ -594,7 +551,7 @@ class FeatureStore:
                                  .values(checkpoint_path=str(checkpoint_path), epoch=epoch))
             info = _model_from_row(conn.execute(select(models_t).where(models_t.c.id == new_id)).one())
         for m in dropped:
-            log.info("dropped %s with its vectors and LUT (replaced by %s)", m.describe(), info.describe())
+            log.info("dropped %s with its vectors (replaced by %s)", m.describe(), info.describe())
         return info, dropped
 
     def _set_status(self, conn: Connection, model_id: int, status: str) -> None:
@@ -798,74 +755,6 @@ class FeatureStore:
         except KeyError as e:
             raise UserError(f"{self.path} has no image {e.args[0]}: rerun {STAGE}") from None
 
-    # -- LUT (written by stage 06)
-
-    def write_lut(self, model_id: int, threshold: float, kept_image_ids: Sequence[int] | np.ndarray) -> int:
-        """Replace the LUT of (model, threshold) by ``kept_image_ids``, in one transaction.
-
-        The kept ids must be train images with a vector of the (complete) model. Returns the
-        number of rows kept. ``n_before`` is the model's train vector count.
-        """
-        info = self.require_complete(model_id)
-        t = _threshold(threshold)
-        kept = np.asarray(kept_image_ids, dtype=np.int64).reshape(-1)
-        uniq = np.unique(kept)
-        if uniq.size != kept.size:
-            raise ValueError(f"kept_image_ids holds {kept.size - uniq.size} duplicate ids")
-        with self._write() as conn:
-            raw = _raw(conn)
-            n_before = raw.execute(_SQL_SPLIT_COUNT, (info.id, "train")).fetchone()[0]
-            ok = raw.execute("SELECT count(*) FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
-                             "WHERE i.split = 'train' AND i.id IN (SELECT value FROM json_each(?))",
-                             (info.id, _json_ids(uniq))).fetchone()[0]
-            if ok != uniq.size:
-                raise ValueError(f"{uniq.size - ok} of the kept ids are not train images with a vector of "
-                                 f"{info.describe()}")
-            conn.execute(delete(lut_runs_t).where(lut_runs_t.c.model_id == info.id,
-                                                  lut_runs_t.c.threshold == t))  # cascades to lut
-            conn.execute(insert(lut_runs_t).values(model_id=info.id, threshold=t, created=_now(),
-                                                   n_before=n_before, n_after=int(uniq.size)))
-            raw.executemany("INSERT INTO lut (model_id, threshold, image_id) VALUES (?, ?, ?)",
-                            zip([info.id] * uniq.size, [t] * uniq.size, uniq.tolist()))
-        log.info("LUT of %s at threshold %g: %d of %d train vectors kept", info.describe(), t, uniq.size, n_before)
-        return int(uniq.size)
-
-    def lut_thresholds(self, model_id: int) -> list[float]:
-        """Thresholds that have a LUT for ``model_id``, oldest first."""
-        with self._read() as conn:
-            return [float(r[0]) for r in conn.execute(select(lut_runs_t.c.threshold)
-                                                      .where(lut_runs_t.c.model_id == int(model_id))
-                                                      .order_by(lut_runs_t.c.id))]
-
-    def lut_runs(self, model_id: int) -> list[dict[str, Any]]:
-        """``lut_runs`` rows of a model (threshold, created, n_before, n_after), oldest first."""
-        with self._read() as conn:
-            return [dict(r._mapping) for r in conn.execute(select(lut_runs_t).where(lut_runs_t.c.model_id == int(model_id))
-                                                          .order_by(lut_runs_t.c.id))]
-
-    def load_lut(self, model_id: int, threshold: float | None = None) -> np.ndarray:
-        """Image ids (int64, sorted) kept in the LUT of a complete model at ``threshold`` (None = the
-        most recently written); ``UserError`` when there is none."""
-        info = self.require_complete(model_id)
-        with self._read() as conn:
-            q = select(lut_runs_t.c.threshold).where(lut_runs_t.c.model_id == info.id)
-            if threshold is None:
-                t = conn.execute(q.order_by(lut_runs_t.c.id.desc()).limit(1)).scalar()
-            else:
-                t = conn.execute(q.where(lut_runs_t.c.threshold == _threshold(threshold))).scalar()
-            if t is None:
-                have = self.lut_thresholds(info.id)
-                at = "" if threshold is None else f" at threshold {threshold} (it has {have or 'none'})"
-                raise UserError(f"{self.path} holds no LUT of {info.describe()}{at}: run 06_prune_features.py")
-            rows = _raw(conn).execute("SELECT image_id FROM lut WHERE model_id = ? AND threshold = ? ORDER BY image_id",
-                                      (info.id, t)).fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-
-    def load_lut_matrix(self, model_id: int, threshold: float | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """(ids, labels, float32 vectors) of the LUT rows, like ``load_matrix``."""
-        ids = self.load_lut(model_id, threshold)
-        return ids, self.labels_of(ids), self.load_vectors(ids, model_id)
-
 
 # ----------------------------------------------------------------------------- checks and digest
 
@@ -910,10 +799,9 @@ def verify_store(path: str | os.PathLike, model_id: int) -> int:
 
 
 def content_digest(path: str | os.PathLike) -> str:
-    """sha256 of the images, complete models and their vectors (not ``meta``, not the LUT tables).
+    """sha256 of the images, complete models and their vectors (not ``meta``).
 
-    Stage 06 adds the LUT to the same file later; this digest is what stage 04's manifest records,
-    so that adding a LUT does not make stage 04 look changed. Times and checkpoint paths are left
+    What stage 04's (and 06's) manifest records for the store. Times and checkpoint paths are left
     out (rerunning stage 04 on the same inputs gives the same digest). Streams the blobs in image
     id order through one hash; the file is opened read-only.
     """

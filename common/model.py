@@ -46,7 +46,7 @@ class SupConModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: str = "mlp", feat_dim: int = 128):
         super().__init__()
         self.backbone = backbone
-        self.dim_in = int(getattr(backbone, "num_features"))
+        self.dim_in = int(backbone.num_features)
         self.feat_dim = int(feat_dim)
         if head == "mlp":  # SupConResNet's 'mlp' head
             self.head: nn.Module = nn.Sequential(

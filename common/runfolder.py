@@ -245,7 +245,7 @@ class StageLock:
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()
                     continue
-                raise UserError(running_message(self.stage_name, self.run_dir, info))
+                raise UserError(running_message(self.stage_name, self.run_dir, info)) from None
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname(),
                            "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, fh)

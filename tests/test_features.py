@@ -125,7 +125,7 @@ def test_incomplete_model_is_refused(tmp_path):
     info, _ = register(store)
     store.write_vectors(info.id, [1, 2, 3], unit(3))  # a crashed extraction: half the vectors
     for load in (lambda: store.load_matrix("train", info.id), lambda: store.load_vectors([1], info.id),
-                 lambda: store.write_lut(info.id, 0.9, [1]), lambda: store.current_model()):
+                 lambda: store.load_split("train", info.id, ["c0", "c1", "c2", "c3"]), lambda: store.current_model()):
         with pytest.raises(UserError, match="04_extract_features.py"):
             load()
     with pytest.raises(RuntimeError, match="3 images"):
@@ -147,7 +147,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     store.sync_images(rows(6))
     info, _ = register(store)
     store.write_vectors(info.id, [1], unit(1))
-    with pytest.raises(Exception):  # image 1 already has a vector: the whole batch is rolled back
+    with pytest.raises(Exception):  # noqa: B017 - any DB error: image 1 already has a vector: the whole batch is rolled back
         store.write_vectors(info.id, [2, 3, 1], unit(3))
     assert [r.id for r in store.missing_vectors(info.id)] == [2, 3, 4, 5, 6]
     store.close()
@@ -165,7 +165,7 @@ def test_open_errors_are_user_errors(tmp_path):
     conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(UserError, match=r"old.sqlite has feature-store schema version 0.*version 1"):
+    with pytest.raises(UserError, match=r"old.sqlite has feature-store schema version 0.*version 2"):
         FeatureStore(tmp_path / "old.sqlite")
     with pytest.raises(UserError, match="schema version"):
         content_digest(tmp_path / "old.sqlite")
@@ -173,7 +173,6 @@ def test_open_errors_are_user_errors(tmp_path):
 
 def test_sync_keeps_ids_and_drops_what_changed(tmp_path):
     store, mid, X = filled(tmp_path / "f.sqlite", n=12)
-    store.write_lut(mid, 0.9, store.load_matrix("train", mid)[0][:2])
     new = rows(12)
     new[0].sha256 = "changed"  # same path, new content: its vector goes
     new[1].split = "train"  # moved: its vector stays
@@ -184,22 +183,20 @@ def test_sync_keeps_ids_and_drops_what_changed(tmp_path):
     by_path = {r.path: r.id for r in store.images()}
     assert by_path["/img/c1/001.png"] == 4 and by_path["/img/new.png"] == 13 and "/img/c2/002.png" not in by_path
     assert [r.id for r in store.missing_vectors(mid)] == [1, 13]
-    assert store.counts()["lut"] == 0 and store.counts()["lut_runs"] == 0  # a LUT is only valid for its gallery
     assert not store.sync_images(new).changed
     with pytest.raises(UserError, match="twice"):
         store.sync_images(new + [new[0]])
     store.close()
 
 
-def test_new_checkpoint_replaces_old_model_vectors_and_lut(tmp_path):
+def test_new_checkpoint_replaces_old_model_and_vectors(tmp_path):
     store, mid, _ = filled(tmp_path / "f.sqlite", n=9)
-    store.write_lut(mid, 0.9, [1])
     same, dropped = register(store, "a" * 64)
     assert same.id == mid and dropped == [] and same.complete
     new, dropped = register(store, "b" * 64)
     assert [m.id for m in dropped] == [mid] and new.id != mid and not new.complete
     c = store.counts()
-    assert (c["models"], c["vectors"], c["lut_runs"], c["lut"]) == (1, 0, 0, 0)
+    assert (c["models"], c["vectors"]) == (1, 0) and set(c) == {"meta", "images", "models", "vectors"}
     # the same checkpoint with other preprocessing is another set of vectors
     store.write_vectors(new.id, list(range(1, 10)), unit(9))
     again, dropped = register(store, "b" * 64, mean=[0.5, 0.5, 0.5])
@@ -207,37 +204,38 @@ def test_new_checkpoint_replaces_old_model_vectors_and_lut(tmp_path):
     store.close()
 
 
-def test_lut_write_replace_and_load(tmp_path):
-    store, mid, _ = filled(tmp_path / "f.sqlite", n=30)
-    train = store.load_matrix("train", mid)[0]
-    with pytest.raises(UserError, match="06_prune_features.py"):
-        store.load_lut(mid)
-    assert store.write_lut(mid, 0.93, train[:5]) == 5
-    assert store.write_lut(mid, 0.95, train[::-1][:7]) == 7
-    np.testing.assert_array_equal(store.load_lut(mid), np.sort(train[::-1][:7]))  # most recent
-    np.testing.assert_array_equal(store.load_lut(mid, 0.9300000000000002), train[:5])  # rounded thresholds
-    store.write_lut(mid, 0.93, train[:3])  # replaces (0.93) and becomes the most recent
-    np.testing.assert_array_equal(store.load_lut(mid), train[:3])
-    assert store.lut_thresholds(mid) == [0.95, 0.93]
-    run = store.lut_runs(mid)[-1]
-    assert (run["n_before"], run["n_after"]) == (train.size, 3)
-    ids, labels, M = store.load_lut_matrix(mid, 0.93)
-    np.testing.assert_array_equal(M, store.load_vectors(train[:3], mid))
-    with pytest.raises(UserError, match=r"0\.5.*0\.95"):
-        store.load_lut(mid, 0.5)
-    val_id = int(store.load_matrix("val", mid)[0][0])
-    with pytest.raises(ValueError, match="not train images"):
-        store.write_lut(mid, 0.93, [int(train[0]), val_id])
-    np.testing.assert_array_equal(store.load_lut(mid, 0.93), train[:3])  # the failed write changed nothing
+def test_every_read_checks_every_vector(tmp_path):
+    """A vector that is not finite or not unit-norm is refused naming the image, on every read."""
+    import sqlite3
+
+    from common.features import verify_store
+
+    p = tmp_path / "f.sqlite"
+    store, mid, _ = filled(p, n=12)
     store.close()
+    assert verify_store(p, mid) == 12
+    bad = np.full(DIM, np.sqrt(2 / DIM), "<f4")  # norm sqrt(2), not 1
+    con = sqlite3.connect(p)
+    con.execute("UPDATE vectors SET vector = ? WHERE image_id = 5", (bad.tobytes(),))
+    con.commit()
+    con.close()
+    with FeatureStore(p) as s2:
+        with pytest.raises(UserError, match=r"vector of image 5 is of norm 1\.41421, not 1.*04_extract_features"):
+            s2.load_matrix(None, mid)
+    with pytest.raises(UserError, match="image 5"):
+        verify_store(p, mid)
+    con = sqlite3.connect(p)
+    con.execute("UPDATE vectors SET vector = ? WHERE image_id = 5", (np.full(DIM, np.nan, "<f4").tobytes(),))
+    con.commit()
+    con.close()
+    with FeatureStore(p) as s2, pytest.raises(UserError, match="image 5 is not finite"):
+        s2.load_split(None, mid, ["c0", "c1", "c2", "c3"])
 
 
-def test_content_digest_ignores_lut_and_follows_vectors(tmp_path):
+def test_content_digest_follows_vectors(tmp_path):
     p = tmp_path / "f.sqlite"
     store, mid, X = filled(p, n=12)
     d0 = content_digest(p)
-    store.write_lut(mid, 0.9, store.load_matrix("train", mid)[0][:2])
-    assert content_digest(p) == d0
     store.close()
     assert content_digest(p) == d0  # closing (WAL checkpoint) changes nothing either
     # the same content written again (new times, same checkpoint) gives the same digest
