@@ -437,7 +437,7 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
         for a in range(0, Q, block_size):
             S = q[a:a + block_size] @ gt  # (B, N) float32
             B = S.shape[0]
-            tv, ti = retrieval._block_topk(S, M)  # (B, M) by (-sim, row)
+            tv, ti = retrieval.block_topk(S, M)  # (B, M) by (-sim, row)
             with th:  # the per-threshold steps are small: one thread (see _Threads)
                 for t in range(T):
                     kt = kts[t]
@@ -449,7 +449,7 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
                     for c0 in range(0, bad.numel(), fb_rows):  # exact masked search, S still in memory
                         rows = bad[c0:c0 + fb_rows]
                         Sm = S.index_select(0, rows).masked_fill_(~keep_t[t], float("-inf"))
-                        v, i = retrieval._block_topk(Sm, kt)
+                        v, i = retrieval.block_topk(Sm, kt)
                         sv[rows], si[rows] = v, i
                     out[t][0][a:a + B] = sv.cpu().numpy()
                     out[t][1][a:a + B] = si.cpu().numpy()
