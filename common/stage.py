@@ -382,6 +382,38 @@ def _config_change_message(inv: Invocation, specs: dict[str, StageSpec]) -> str:
 # ----------------------------------------------------------------------------- running a stage
 
 
+def _begin(inv: Invocation, stage_dir: Path, lock: rf.StageLock, buffer: _Buffer, handlers: list[logging.Handler],
+           slog: logging.Logger) -> None:
+    """The checks passed and the stage runs (rank 0): lock, run config, clean-up, config.yaml, log.txt."""
+    lock.acquire()
+    if inv.changes or inv.new_run:
+        rf.write_run_config(inv.run_dir, inv.cfg)
+    for p in rf.remove_stale_temporaries(stage_dir):
+        slog.info("removed %s (a temporary file left by a killed run)", p)
+    (stage_dir / rf.MANIFEST).unlink(missing_ok=True)  # from here on the stage is unfinished
+    with rf.atomic_open(stage_dir / "config.yaml") as fh:
+        fh.write(config_mod.to_yaml(inv.cfg))
+    start_log_file(stage_dir, buffer, handlers)
+
+
+def _manifest(spec: StageSpec, inv: Invocation, ctx: Context, reads: set[str], argv: Sequence[str], started: str,
+              t0: float, metrics: dict) -> dict[str, Any]:
+    """``manifest.json``: what ran, on what, with which declared keys, and every output's digest."""
+    values = config_mod.key_values(inv.cfg, spec.keys)
+    return {
+        "format": rf.FORMAT, "stage": spec.name, "status": "ok", "started": started, "finished": _now(),
+        "elapsed_s": round(time.time() - t0, 3), "argv": _redact_argv([spec.script, *argv]),
+        "host": socket.gethostname(), "git_commit": git_commit(),
+        "config": values, "config_hash": config_mod.hash_values(values),
+        "keys_read": sorted(reads), "undeclared_keys_read": sorted(reads - set(spec.keys)),
+        "seed": inv.cfg.run.seed, "world_size": ctx.world_size, "device": _device_text(ctx),
+        "versions": library_versions(),
+        "inputs": {"upstream": {up: {"digest": d} for up, d in sorted(ctx.used.items())},
+                   "external": {str(p): rf.fingerprint_external(p) for p in spec.external(inv.cfg)}},
+        "outputs": rf.record_outputs(ctx.dir, ctx.outputs), "metrics": metrics,
+    }
+
+
 def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: Any = None,
             doc: str | None = None, specs: dict[str, StageSpec] | None = None) -> int:
     """Run one stage and return its exit code (``run`` calls this and exits).
@@ -439,15 +471,7 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
         # --- the stage runs
         rank, world = _init_distributed()
         if rank == 0:
-            lock.acquire()
-            if inv.changes or inv.new_run:
-                rf.write_run_config(run_dir, cfg)
-            for p in rf.remove_stale_temporaries(stage_dir):
-                slog.info("removed %s (a temporary file left by a killed run)", p)
-            (stage_dir / rf.MANIFEST).unlink(missing_ok=True)  # from here on the stage is unfinished
-            with rf.atomic_open(stage_dir / "config.yaml") as fh:
-                fh.write(config_mod.to_yaml(cfg))
-            start_log_file(stage_dir, buffer, handlers)
+            _begin(inv, stage_dir, lock, buffer, handlers, slog)
         slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
         from .seed import seed_everything
 
@@ -460,24 +484,11 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
         _barrier(world)
         metrics = (main or spec.main())(ctx) or {}
         _barrier(world)
-        undeclared = sorted(reads - set(spec.keys))
-        if undeclared:
-            slog.error("internal: %s read configuration keys it does not declare: %s", spec.name,
-                       ", ".join(undeclared))
         if rank == 0:
-            up_digests = {up: {"digest": d} for up, d in sorted(ctx.used.items())}
-            manifest = {
-                "format": rf.FORMAT, "stage": spec.name, "status": "ok", "started": started, "finished": _now(),
-                "elapsed_s": round(time.time() - t0, 3), "argv": _redact_argv([spec.script, *argv]),
-                "host": socket.gethostname(), "git_commit": git_commit(),
-                "config": config_mod.key_values(cfg, spec.keys),
-                "config_hash": config_mod.hash_values(config_mod.key_values(cfg, spec.keys)),
-                "keys_read": sorted(reads), "undeclared_keys_read": undeclared,
-                "seed": cfg.run.seed, "world_size": world, "device": _device_text(ctx), "versions": library_versions(),
-                "inputs": {"upstream": up_digests,
-                           "external": {str(p): rf.fingerprint_external(p) for p in spec.external(cfg)}},
-                "outputs": rf.record_outputs(stage_dir, ctx.outputs), "metrics": metrics,
-            }
+            manifest = _manifest(spec, inv, ctx, reads, argv, started, t0, metrics)
+            if manifest["undeclared_keys_read"]:
+                slog.error("internal: %s read configuration keys it does not declare: %s", spec.name,
+                           ", ".join(manifest["undeclared_keys_read"]))
             rf.write_manifest(stage_dir, manifest)
             slog.info("%s finished in %.1f s", spec.name, time.time() - t0)
         code = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import distributed as D
 from ..extract import extract_features, resolve_checkpoint
@@ -23,13 +23,16 @@ from ..fileio import read_json, write_json
 from ..errors import UserError
 from . import SPLIT, STATS, TRAIN
 
+if TYPE_CHECKING:
+    from ..stage import Context
+
 log = logging.getLogger(__name__)
 
 STORE_FILE = "features.sqlite"
 MODEL_JSON = "model.json"
 
 
-def main(ctx: Any) -> dict[str, Any]:
+def main(ctx: Context) -> dict[str, Any]:
     splits = ctx.upstream(SPLIT) / "splits.csv"
     stats = ctx.upstream(STATS) / "stats.json"
     ckpt = resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)

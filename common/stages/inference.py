@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
 from .extract import STORE_FILE, read_model_json
 from .prune import LUT_FILE
+
+if TYPE_CHECKING:
+    from ..stage import Context
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
     return (png if png.is_file() else None), suggested
 
 
-def main(ctx: Any) -> dict[str, Any]:
+def main(ctx: Context) -> dict[str, Any]:
     """Load the vectors and gallery, then evaluate on the test split or predict new images."""
     icfg = ctx.cfg.inference
     splits_dir = ctx.upstream(SPLIT)
@@ -127,7 +130,7 @@ def main(ctx: Any) -> dict[str, Any]:
     return _predict(ctx, data, facts, suggested)
 
 
-def _evaluate(ctx: Any, data: StoreData, facts: list, sweep_png: Path | None, suggested: float | None) -> dict:
+def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None, suggested: float | None) -> dict:
     icfg = ctx.cfg.inference
     test, embed_s = data.test, 0.0
     if len(test) == 0 and data.test_rows:
@@ -142,7 +145,7 @@ def _evaluate(ctx: Any, data: StoreData, facts: list, sweep_png: Path | None, su
     return {k: m[k] for k in keys if k in m}
 
 
-def _predict(ctx: Any, data: StoreData, facts: list, suggested: float | None) -> dict:
+def _predict(ctx: Context, data: StoreData, facts: list, suggested: float | None) -> dict:
     icfg = ctx.cfg.inference
     images, not_images = list_images(icfg.input)
     if not_images:
@@ -160,7 +163,7 @@ def _predict(ctx: Any, data: StoreData, facts: list, suggested: float | None) ->
     return {k: m[k] for k in ("n_images", "n_unreadable", "rejection_rate", "images_per_s", "report") if k in m}
 
 
-def load_query_model(ctx: Any, data: StoreData) -> tuple[Any, Callable]:
+def load_query_model(ctx: Context, data: StoreData) -> tuple[Any, Callable]:
     """The store's own checkpoint (the one 04's model.json names, sha256 checked) and transform."""
     from ..data import eval_transform
     from ..embed import prepare_model
@@ -176,7 +179,7 @@ def load_query_model(ctx: Any, data: StoreData) -> tuple[Any, Callable]:
     return prepare_model(model, ctx.device(), ctx.cfg.model.channels_last), transform
 
 
-def _embed(ctx: Any, data: StoreData, paths: list[str]) -> tuple[np.ndarray, list[int], list, dict]:
+def _embed(ctx: Context, data: StoreData, paths: list[str]) -> tuple[np.ndarray, list[int], list, dict]:
     from ..embed import embed_paths
 
     cfg = ctx.cfg
@@ -187,7 +190,7 @@ def _embed(ctx: Any, data: StoreData, paths: list[str]) -> tuple[np.ndarray, lis
                        max_pixels=cfg.data.max_pixels)
 
 
-def _embed_split(ctx: Any, data: StoreData) -> tuple[Vectors, float]:
+def _embed_split(ctx: Context, data: StoreData) -> tuple[Vectors, float]:
     """Test vectors embedded now (the store has none): same checkpoint and transform as the store."""
     paths = [r.path for r in data.test_rows]
     X, ok, errors, timing = _embed(ctx, data, paths)
@@ -198,7 +201,7 @@ def _embed_split(ctx: Any, data: StoreData) -> tuple[Vectors, float]:
     return Vectors(X, labels, [paths[i] for i in ok]), timing["decode_embed_s"]
 
 
-def _classifiers_for_predict(ctx: Any, data: StoreData) -> dict[str, Any]:
+def _classifiers_for_predict(ctx: Context, data: StoreData) -> dict[str, Any]:
     """Predict mode: the classifiers saved by an up-to-date evaluation (read only), else fitted now."""
     icfg = ctx.cfg.inference
     if not icfg.classifiers:

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,13 +25,16 @@ from . import EXTRACT, THRESHOLD
 from .extract import STORE_FILE
 from .threshold import THRESHOLD_JSON, load_splits
 
+if TYPE_CHECKING:
+    from ..stage import Context
+
 log = logging.getLogger(__name__)
 
 LUT_FILE = "lut.sqlite"
 LUT_JSON = "lut.json"
 
 
-def _threshold(ctx: Any) -> tuple[float, str, int | None]:
+def _threshold(ctx: Context) -> tuple[float, str, int | None]:
     """(threshold, where it comes from, the model id stage 05 chose it for)."""
     if ctx.cfg.prune.threshold is not None:
         return float(ctx.cfg.prune.threshold), "prune.threshold", None
@@ -64,7 +67,7 @@ def write_lut_store(path: Path, source: Path, model_id: int, gallery: Vectors) -
             dst.mark_complete(new.id)
 
 
-def main(ctx: Any) -> dict[str, Any]:
+def main(ctx: Context) -> dict[str, Any]:
     stage04 = ctx.upstream(EXTRACT)
     t, source, tj_model = _threshold(ctx)
     t = round(t, 6)

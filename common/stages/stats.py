@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .. import stats
 from ..data import read_splits, rows_of
 from ..fileio import write_json
 from . import SPLIT
 
+if TYPE_CHECKING:
+    from ..stage import Context
+
 log = logging.getLogger(__name__)
 
 
-def main(ctx: Any) -> dict:
+def main(ctx: Context) -> dict:
     cfg = ctx.cfg
     train = rows_of(read_splits(ctx.upstream(SPLIT) / "splits.csv"), "train")
     log.info("mean/std over %d train images at %d px (pad fill %d)", len(train), cfg.model.image_size,

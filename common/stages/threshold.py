@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import lut
 from ..errors import UserError
@@ -17,6 +17,9 @@ from ..fileio import write_csv, write_json
 from ..plots import plot_sweep
 from . import EXTRACT
 from .extract import STORE_FILE, read_model_json
+
+if TYPE_CHECKING:
+    from ..stage import Context
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def load_splits(stage04_dir: Path, splits: Sequence[str]) -> tuple[dict[str, Any
     return model, classes, out
 
 
-def main(ctx: Any) -> dict[str, Any]:
+def main(ctx: Context) -> dict[str, Any]:
     lcfg = ctx.cfg.lut
     device = ctx.device()
     thresholds = lut.threshold_grid(lcfg)

@@ -77,7 +77,7 @@ def _declared(cfg: Config) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _start_fresh(ctx: Any, ck_dir: Path, resume: bool) -> bool:
+def _start_fresh(ctx: Context, ck_dir: Path, resume: bool) -> bool:
     """Decide between a fresh start (True, earlier checkpoints moved aside) and continuing from last.pt.
 
     Raises ``UserError`` when a finished run's checkpoint is missing or was edited.
