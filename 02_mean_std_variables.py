@@ -4,7 +4,7 @@ Reads:  01_random_split_dataset/splits.csv
 Writes: 02_mean_std_variables/stats.json ({"mean": [r,g,b], "std": [r,g,b], "pixels", "images",
         "image_size", "pad_fill", ...}: images converted to RGB, padded to a square with
         data.pad_fill, resized to model.image_size, values in [0, 1])
-Usage:  python 02_mean_std_variables.py -c configs/default.yaml --run runs/dyb data.num_workers=8
+Usage:  python 02_mean_std_variables.py --run runs/dyb data.num_workers=8
 """
 from common import stage
 

@@ -5,8 +5,8 @@ Reads:  03_main_supcon/checkpoints/<extract.checkpoint>.pt (best | last, or a pa
 Writes: 04_extract_features/features.sqlite (images, the model, one L2-normalised float32 vector
         per image; resumable: an interrupted run continues where it stopped), model.json (the model
         and embedding that stages 05-07 read)
-Usage:  python 04_extract_features.py -c configs/default.yaml --run runs/dyb extract.batch_size=256
-        torchrun --nproc_per_node=4 04_extract_features.py -c configs/default.yaml run.dir=runs/dyb
+Usage:  python 04_extract_features.py --run runs/dyb extract.batch_size=256
+        torchrun --nproc_per_node=4 04_extract_features.py run.dir=runs/dyb
         (under torchrun give the run folder as run.dir=...: torchrun takes --run for its own --run-path)
 """
 from common import stage

@@ -9,7 +9,7 @@ smallest gallery whose val macro-F1 is within lut.tolerance of the best).
 Reads:  04_extract_features/features.sqlite (train = gallery, val = queries; one model)
 Writes: 05_lut_threshold/threshold_sweep.csv, threshold.json (threshold, rule, reason, metrics,
         model id, suggested_reject_below for stage 07), threshold_sweep.png
-Usage:  python 05_lut_threshold.py -c configs/default.yaml --run runs/dyb lut.rule=max_f1
+Usage:  python 05_lut_threshold.py --run runs/dyb lut.rule=max_f1
 """
 from common import stage
 

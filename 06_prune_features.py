@@ -8,7 +8,7 @@ schema, that a user can copy to another machine.
 Reads:  04_extract_features/features.sqlite + model.json, 05_lut_threshold/threshold.json
 Writes: 06_prune_features/lut.sqlite, lut.json, prune_summary.csv (per class: before, after,
         fraction kept), prune_summary.png
-Usage:  python 06_prune_features.py -c configs/default.yaml --run runs/dyb [prune.threshold=0.93]
+Usage:  python 06_prune_features.py --run runs/dyb [prune.threshold=0.93]
 """
 from common import stage
 

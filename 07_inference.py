@@ -7,7 +7,7 @@ Writes: evaluate mode: 07_inference/predictions.csv, metrics.json, report.html,
         classification_report.csv, confusion_matrix.png, embedding_map.png, comparison.csv,
         classifiers/ (fitted classical classifiers);
         predict mode: 07_inference/predict/<inference.name>/ (default the input folder's name)
-Usage:  python 07_inference.py -c configs/default.yaml --run runs/dyb inference.gallery=lut
+Usage:  python 07_inference.py --run runs/dyb inference.gallery=lut
         python 07_inference.py --run runs/dyb inference.mode=predict inference.input=new/
 """
 from common import stage
