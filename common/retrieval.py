@@ -46,7 +46,7 @@ def sort_desc_stable(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tenso
     return vals, torch.gather(idx_sorted, 1, p)
 
 
-def _block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic top-k of a similarity block ``s`` (B, G): ties to the lower column.
 
     ``torch.topk`` of ``k + 1``: when a row's k-th value is above its (k+1)-th, its k largest
@@ -100,7 +100,7 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
     with torch.inference_mode():
         for a in range(0, Q, block_size):
             s = q[a:a + block_size] @ gt  # (B, G) float32
-            v, i = _block_topk(s, kk)
+            v, i = block_topk(s, kk)
             sims[a:a + v.shape[0]] = v.cpu().numpy()
             idx[a:a + v.shape[0]] = i.cpu().numpy()
     return sims, idx

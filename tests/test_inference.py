@@ -553,3 +553,29 @@ def test_stage_refuses_queries_from_another_checkpoint(tmp_path):
     _checkpoint(ck, ["sp0", "sp1", "sp2"], seed=1)  # retrained: other weights, other sha256
     with pytest.raises(UserError, match="another checkpoint"):
         S7.main(ctx)
+
+
+def test_predict_applies_the_size_checks_of_stage_01(tmp_path):
+    """Issue 11 #10: predict mode decoded and classified an image stage 01 rejects."""
+    from PIL import Image
+
+    from common.model import build_model
+
+    import torch
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    Image.new("L", (64, 64), 40).save(folder / "ok.png")
+    Image.new("L", (300, 300), 40).save(folder / "huge.png")  # 90,000 pixels
+    Image.new("L", (64, 2), 40).save(folder / "thin.png")
+    model = build_model(C.ModelConfig(backbone="test_resnet", pretrained="none", image_size=32, feat_dim=16)).eval()
+    from common.data import eval_transform
+
+    tf = eval_transform(32, [0.5] * 3, [0.25] * 3, 0)
+    paths = [str(folder / n) for n in ("ok.png", "huge.png", "thin.png")]
+    X, ok, errors, _ = embed_paths(paths, model, tf, 32, embedding="encoder", batch_size=2, num_workers=0,
+                                   device=torch.device("cpu"), min_side=4, max_pixels=10_000)
+    assert ok == [0] and X.shape[0] == 1
+    reasons = dict(errors)
+    assert "more than data.max_pixels=10,000" in reasons[paths[1]]
+    assert "shorter than data.min_side=4" in reasons[paths[2]]

@@ -153,3 +153,18 @@ def test_report_renders_in_headless_chromium(sample_report, tmp_path):
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
                           sample_report.as_uri()], capture_output=True, text=True, timeout=60)
     assert dom.returncode == 0 and "Confusion matrix" in dom.stdout
+
+
+def test_class_names_are_drawn_literally(tmp_path):
+    """Issue 11 #8: a `$` in a class name crashed stage 01 in matplotlib's maths-text parser."""
+    from types import SimpleNamespace
+
+    names = ["cost$1", "a$b$c", "under_score", "back\\slash", "$x^2$", "per%cent"]
+    counts = [SimpleNamespace(name=n, total=5, train=3, val=1, test=1, status="kept", reason="") for n in names]
+    P.plot_class_distribution(counts, tmp_path / "dist.png")
+    cm = np.eye(len(names)) * 3
+    P.confusion_matrix_png(cm, names, names, tmp_path / "cm.png")
+    P.embedding_map_png(np.random.default_rng(0).normal(size=(30, 4)), np.arange(30) % len(names), names,
+                        tmp_path / "map.png", method="pca")
+    for f in ("dist.png", "cm.png", "map.png"):
+        assert Image.open(tmp_path / f).size[0] > 100

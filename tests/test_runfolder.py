@@ -310,3 +310,21 @@ def test_second_sigterm_during_cleanup_still_ends_130(tmp_path):
     sdir = tmp_path / "r" / "05_lut_threshold"
     assert (sdir / "saved.txt").read_text() == "saved" and not (sdir / "manifest.json").exists()
     assert not (sdir / ".lock").exists()
+
+
+def test_every_bad_numeric_value_is_refused_by_every_stage_before_anything_is_written(pipeline, tmp_path, capsys):
+    """Issue 11 #6: a bad value for every numeric key, through the real wrapper, on a finished run."""
+    from test_config import OUT_OF_RANGE
+
+    from common import stage as wrapper
+
+    src, _, res = pipeline
+    assert res.returncode == 0
+    before = snapshot(src)
+    for i, (key, (value, named)) in enumerate(sorted(OUT_OF_RANGE.items())):
+        name = STAGES[i % len(STAGES)]  # every stage sees some of the keys
+        capsys.readouterr()
+        assert wrapper.execute(name, ["--run", str(src), f"{key}={value}"]) == 2, key
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {named}: must be "), (key, err)
+    assert snapshot(src) == before
