@@ -160,7 +160,7 @@ def write_run_config(run_dir: Path, cfg: config_mod.Config) -> None:
     """Write ``RUN/config.yaml`` atomically (invocation keys left out, secrets redacted)."""
     text = ("# The run's configuration: a stage given only --run uses it; -c files and key=value overrides\n"
             "# change it (the stage says which keys changed and which stages that makes out of date).\n"
-            + yaml.safe_dump(config_mod.run_config_dict(cfg), sort_keys=False, default_flow_style=None))
+            + yaml.safe_dump(config_mod.run_config_dict(cfg), sort_keys=False, default_flow_style=False))
     with atomic_open(run_dir / RUN_CONFIG) as fh:
         fh.write(text)
 

@@ -374,6 +374,7 @@ def test_force_on_a_finished_run_keeps_every_earlier_run(run_inputs):
         _run_finished(run_inputs, "twice", quick, True, {"status": "ok"})
     prev = sorted((run_inputs / "twice" / STAGE).glob("previous-*"))
     assert len(prev) == 2 and all((p / "checkpoints" / "last.pt").is_file() for p in prev)
+    assert all(json.loads((p / "manifest.json").read_text()) == {"status": "ok"} for p in prev)
 
 
 @pytest.mark.parametrize("name", ["best.pt", "last.pt"])

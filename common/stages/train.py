@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..augment import TwoViews, train_transform
 from ..config import Config, ModelConfig, get_key
 from ..data import class_names, label_indices, read_splits, read_stats, rows_of
 from ..errors import UserError
-from ..fileio import sha256_file
+from ..fileio import sha256_file, write_json
 from ..model import CHECKPOINT_FORMAT, build_model
 from ..runfolder import unique_previous
 from ..seed import rng_state, set_rng_state
@@ -50,20 +51,24 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = ("last.pt", "best.pt")  # a finished run's checkpoints that must be intact to continue
 
 
-def _move_aside(stage_dir: Path, why: str) -> Path | None:
-    """Move the previous run's checkpoints, metrics, plots and logs to ``previous-<UTC time>/``.
+def _move_aside(stage_dir: Path, why: str, manifest: dict | None = None) -> Path | None:
+    """Move the previous run's checkpoints, metrics, plots and TensorBoard files to ``previous-<UTC time>/``.
 
-    Never deletes: every earlier ``previous-*`` folder stays.
+    Its ``manifest`` (the wrapper has already taken it out of the stage folder) and a copy of
+    ``log.txt`` so far go with them. Never deletes: every earlier ``previous-*`` folder stays.
     """
-    names = ("checkpoints", "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png", "manifest.json",
-             "log.txt")
-    present = [n for n in names if (stage_dir / n).exists() and n != "log.txt"]
+    names = ("checkpoints", "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
+    present = [n for n in names if (stage_dir / n).exists()]
     if not present:
         return None
     prev = unique_previous(stage_dir)
     prev.mkdir()
     for n in present:
         os.replace(stage_dir / n, prev / n)
+    if manifest is not None:
+        write_json(prev / "manifest.json", manifest)
+    if (stage_dir / "log.txt").is_file():
+        shutil.copyfile(stage_dir / "log.txt", prev / "log.txt")
     log.info("%s: starting fresh; moved the previous run's %s to %s", why, ", ".join(present), prev)
     return prev
 
@@ -85,7 +90,7 @@ def _start_fresh(ctx: Context, ck_dir: Path, resume: bool) -> bool:
     last = ck_dir / "last.pt"
     hint = f"`python 03_main_supcon.py --run {ctx.run_dir} --force`"
     if ctx.previous is not None and ctx.force:
-        _move_aside(ctx.dir, "--force on a finished training")
+        _move_aside(ctx.dir, "--force on a finished training", ctx.previous)
         return True
     if not resume:
         _move_aside(ctx.dir, "train.resume is false")
