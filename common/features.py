@@ -1,6 +1,7 @@
 """The feature store: one SQLite file (``04_extract_features/features.sqlite``), SQLAlchemy 2 over it.
 
-It holds every image of every split (train = gallery, val, test), the model that embedded them
+It holds every image of every split (train, val, test) and the gallery-only images of
+``data.gallery_extra`` (split ``extra``; gallery = train + extra), the model that embedded them
 (checkpoint sha256, backbone, embedding kind, dimension, normalisation), one float32 vector per
 image and model, and the pruned look-up table (LUT, Yang et al. 2022) that stage 06 writes. Any
 SQLite client can read it: the schema is ``SCHEMA_SQL`` below, created verbatim (its comments are
@@ -68,10 +69,11 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # bump when SCHEMA_SQL changes; older stores are refused, never migrated silently
+SCHEMA_VERSION = 2  # bump when SCHEMA_SQL changes (2: split 'extra', gallery-only images); older stores are refused, never migrated silently
 FORMAT = "plankton-feature-store"
 EMBEDDINGS = ("encoder", "head")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "extra")  # extra: gallery-only images (data.gallery_extra), never trained on
+GALLERY_SPLITS = ("train", "extra")  # the gallery stages 05-07 search
 THRESHOLD_DECIMALS = 6  # LUT thresholds are rounded to this many decimals before they are stored or looked up
 NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed when writing vectors (float32 and AMP round-off)
 READ_BLOCK_BYTES = 2 * 2**20  # vector bytes fetched per block when streaming blobs into a matrix (bounds the extra memory)
@@ -104,7 +106,7 @@ SCHEMA_SQL: tuple[str, ...] = (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,  -- stable id, never reused: vectors and the LUT refer to it
     path   TEXT NOT NULL UNIQUE,  -- absolute image path, as in splits.csv
     label  TEXT NOT NULL,  -- class name (the class folder)
-    split  TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),  -- train = the gallery
+    split  TEXT NOT NULL CHECK (split IN ('train', 'val', 'test', 'extra')),  -- gallery = train + extra (gallery-only images, never trained on)
     sha256 TEXT NOT NULL  -- sha256 of the image file (splits.csv)
 )""",
     """CREATE INDEX images_split ON images (split, id)""",
@@ -816,10 +818,10 @@ class FeatureStore:
             raw = _raw(conn)
             n_before = raw.execute(_SQL_SPLIT_COUNT, (info.id, "train")).fetchone()[0]
             ok = raw.execute("SELECT count(*) FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
-                             "WHERE i.split = 'train' AND i.id IN (SELECT value FROM json_each(?))",
+                             "WHERE i.split IN ('train', 'extra') AND i.id IN (SELECT value FROM json_each(?))",
                              (info.id, _json_ids(uniq))).fetchone()[0]
             if ok != uniq.size:
-                raise ValueError(f"{uniq.size - ok} of the kept ids are not train images with a vector of "
+                raise ValueError(f"{uniq.size - ok} of the kept ids are not train images (nor gallery-only extra images) with a vector of "
                                  f"{info.describe()}")
             conn.execute(delete(lut_runs_t).where(lut_runs_t.c.model_id == info.id,
                                                   lut_runs_t.c.threshold == t))  # cascades to lut
