@@ -635,3 +635,15 @@ def test_evaluate_with_unknown_classes_reports_both_scores(brute, tmp_path):
     assert len(rows) == 40 and all((r["accepted"] == "1") == (float(r["knn_similarity"]) >= m["reject_cut"])
                                    for r in rows)
     assert "Unknown classes: class_e" in (tmp_path / "report.html").read_text()
+
+
+def test_predict_name_defaults_to_the_input_name(tmp_path):
+    from common.stages import predict_name
+
+    (tmp_path / "cruise_42").mkdir()
+    (tmp_path / "list.csv").write_text("path\n")
+    for inp, want in ((tmp_path / "cruise_42", "cruise_42"), (tmp_path / "list.csv", "list")):
+        cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={inp}"])
+        assert predict_name(cfg) == want
+    cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={tmp_path}", "inference.name=x"])
+    assert predict_name(cfg) == "x"

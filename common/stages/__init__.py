@@ -114,7 +114,9 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
               upstream_fn=lambda cfg: (SPLIT, STATS), aliases=SUPCON_ALIASES),
     StageSpec(EXTRACT, "extract",
               keys=(*_section("extract", "checkpoint", "embedding", "batch_size", "amp"), "model.channels_last",
-                    "data.num_workers", "data.gallery_extra", *IMAGE_CHECKS),
+                    "data.num_workers", "data.gallery_extra", *IMAGE_CHECKS,
+                    # fallbacks for a checkpoint that does not record them, and a warning when they differ
+                    "model.backbone", "model.image_size", "data.pad_fill"),
               upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN), external_fn=lambda cfg: list(cfg.data.gallery_extra)),
     StageSpec(THRESHOLD, "threshold",
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",

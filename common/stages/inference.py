@@ -169,6 +169,10 @@ def _evaluate(ctx: Any, data: StoreData, facts: list, sweep_png: Path | None, su
     if len(test) == 0 and data.test_rows:
         log.info("the store holds no test vectors: embedding the test split's %d images now", len(data.test_rows))
         test, embed_s = _embed_split(ctx, data)
+        if data.unknown_classes:  # hold_out saw no test vectors: split these
+            out = class_indices(data.unknown_classes, data.classes, "inference.unknown_classes")
+            data.unknown_test = subset(test, np.isin(test.labels, out))
+            test = subset(test, ~np.isin(test.labels, out))
     inp = EvalInputs(classes=data.classes, test=test, gallery=data.gallery, train=data.train, val=data.val,
                      model_id=data.model_id, facts=facts, sweep_png=sweep_png,
                      suggested_reject_below=suggested, embed_seconds=embed_s, unknown_test=data.unknown_test,
