@@ -4,13 +4,18 @@ Two modes (``inference.mode``):
 
 - **evaluate**: the test split's vectors from the feature store (embedded on the fly when the
   store holds none) against the pruned LUT (``inference.gallery=lut``) or the full train
-  gallery (``full``). Writes ``predictions.csv``, ``metrics.json``, ``classification_report.csv``,
+  gallery (``full``; the gallery is train + the gallery-only ``extra`` images). With
+  ``inference.unknown_classes`` those classes' test images are scored as unknowns
+  (``metrics.json`` ``unknown_classes``: AUROC, FPR95, known accuracy per open-set score).
+  Writes ``predictions.csv``, ``metrics.json``, ``classification_report.csv``,
   ``confusion_matrix.png``, ``embedding_map.png``, ``comparison.csv`` (retrieval against the
   classical classifiers of ``common.classifiers`` on the same frozen vectors) and ``report.html``.
-- **predict**: every image under ``inference.input`` (recursively, hidden files skipped),
+- **predict**: the images of ``inference.input`` grouped into samples (``common.samples``),
   embedded with the store's checkpoint and evaluation transform; unreadable images are listed in
-  ``predictions.csv`` with the reason, never fatal. Writes ``predictions.csv``, ``metrics.json``
-  (counts and speed) and ``report.html``.
+  ``predictions.csv`` with the reason, never fatal. Writes ``predictions.csv`` (per image: sample,
+  call, scores, the five nearest gallery images), ``sample_counts.csv`` / ``.png``,
+  ``ecotaxa_<name>.tsv``, ``review.html`` (most doubtful first), ``corrections.csv``,
+  ``metrics.json`` (counts and speed) and ``report.html``.
 
 Classification (exact cosine search on L2-normalised float32 vectors, blocked matrix products):
 
@@ -20,7 +25,9 @@ Classification (exact cosine search on L2-normalised float32 vectors, blocked ma
 - ``inference.method=top1``: the class of the nearest gallery item (= candidate 1);
   ``knn``: DINO's weighted vote of the ``k`` nearest items (``common.retrieval.topk`` and
   ``knn_vote``, weight ``exp(sim / T)``); the candidates are then ordered by vote score first;
-- open-set rejection: a query whose best similarity is below ``inference.reject_below`` is
+- open-set rejection (``common.openset``): a query whose score (``inference.reject_score``: best
+  similarity, or the ``ood_k``-th neighbour's similarity) is below ``inference.reject_below`` (a
+  number, or ``auto``: the val cut keeping ``reject_keep`` of the correct val predictions) is
   labelled ``unknown`` (accepted = 0); stage 05's ``suggested_reject_below`` is logged.
 
 A query embedded by one checkpoint is never matched against a gallery embedded by another: the
