@@ -1,7 +1,8 @@
 """Stage 04: embed every image of every split with one checkpoint into the feature store.
 
 Reads:  03_main_supcon/checkpoints/<extract.checkpoint>.pt (best | last, or a path),
-        01_random_split_dataset/splits.csv, 02_mean_std_variables/stats.json
+        01_random_split_dataset/splits.csv, 02_mean_std_variables/stats.json, and the gallery-only
+        images of data.gallery_extra (class folders or filled corrections.csv files; split "extra")
 Writes: 04_extract_features/features.sqlite (images, the model, one L2-normalised float32 vector
         per image; resumable: an interrupted run continues where it stopped), model.json (the model
         and embedding that stages 05-07 read)

@@ -48,6 +48,7 @@ class DataConfig:
     pad_fill: int = 0  # grey level (0-255) used to pad images to a square (0 = dark field)
     num_workers: int = 4  # DataLoader worker processes for every stage
     follow_symlinks: bool = False  # stage 01: follow directory symlinks inside class folders (each real folder once); false: skip and list them in bad_images.csv
+    gallery_extra: list[str] = field(default_factory=list)  # gallery-only images (stage 04 on): folders with one sub-folder per class, or filled corrections.csv files; never train the backbone
 
 
 @dataclass
@@ -140,14 +141,20 @@ class PruneConfig:
 @dataclass
 class InferenceConfig:
     mode: Literal["evaluate", "predict"] = "evaluate"  # test split, or a folder of new images
-    input: Optional[str] = None  # predict mode: folder of images (searched recursively)
+    input: Optional[str] = None  # predict mode: a folder of images (searched recursively; samples = first sub-folders), one image, or a .csv (column path, optional sample) / .txt list of paths
     name: Optional[str] = None  # predict mode: results go to 07_inference/predict/<name>/; null = the input folder's name
     gallery: Literal["lut", "full"] = "lut"  # pruned LUT or the full train gallery
     method: Literal["top1", "knn"] = "top1"  # nearest neighbour, or weighted k-NN vote
     k: int = 10  # neighbours for method=knn
     temperature: float = 0.07  # k-NN vote weight exp(sim / T)
     top_k: int = 5  # candidates listed per query
-    reject_below: Optional[float] = None  # open-set: best similarity below this -> "unknown"; null = off
+    reject_below: Union[float, Literal["auto"], None] = None  # open-set: a score (reject_score) below this -> "unknown"; auto = the cut keeping reject_keep of correct val predictions; null = off
+    reject_keep: float = 0.95  # reject_below=auto: share of correct val predictions kept above the cut
+    reject_score: Literal["similarity", "knn"] = "similarity"  # score compared with reject_below: best similarity, or similarity of the ood_k-th nearest gallery item (Sun et al. 2022)
+    ood_k: int = 10  # k of the k-th nearest neighbour score (Sun et al. 2022 use 50 on CIFAR-10, 1000 on ImageNet; the LUT is small)
+    unknown_classes: list[str] = field(default_factory=list)  # evaluation of unknowns: these classes leave the gallery (and train, val) and their test images count as unknowns
+    review_margin: float = 0.05  # predict mode: a margin between the two best classes below this is doubtful (review.html)
+    review_max: int = 500  # predict mode: images shown in review.html, most doubtful first (every image is in predictions.csv)
     batch_size: int = 256  # images per forward pass when embedding
     block_size: int = 4096  # query rows per similarity block
     classifiers: list[str] = field(default_factory=lambda: ["linear", "logreg", "svm", "random_forest"])  # also fit: linear, logreg, svm, random_forest
@@ -297,6 +304,10 @@ RANGES: dict[str, Range] = {
     "inference.temperature": _KNN_T,
     "inference.top_k": _ge(1),
     "inference.reject_below": _COSINE,
+    "inference.reject_keep": Range(0.0, 1.0, lo_open=True, why="a share of the correct val predictions"),
+    "inference.ood_k": _ge(1),
+    "inference.review_margin": Range(0.0, 2.0, why="a difference of cosine similarities"),
+    "inference.review_max": _ge(0),
     "inference.batch_size": _ge(1),
     "inference.block_size": _ge(1),
     "inference.linear_epochs": _ge(1),
@@ -324,7 +335,7 @@ def check_ranges(cfg: Config) -> None:
     for dotted, rng in RANGES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value is None:
+        if value is None or isinstance(value, str):  # null, or a keyword the type allows (reject_below: auto)
             continue
         if isinstance(value, list):
             for i, v in enumerate(value):
@@ -649,7 +660,10 @@ def validate(cfg: Config) -> None:
         if c not in allowed:
             raise ConfigError(f"inference.classifiers: unknown classifier {_show(c)} (choose from {sorted(allowed)})")
     if cfg.inference.mode == "predict" and not cfg.inference.input:
-        raise ConfigError("inference.input: must name a folder of images when inference.mode is predict")
+        raise ConfigError("inference.input: must name a folder, an image or a list of images when inference.mode is "
+                          "predict")
+    if len(set(cfg.inference.unknown_classes)) != len(cfg.inference.unknown_classes):
+        raise ConfigError(f"inference.unknown_classes: a class is listed twice in {_show(cfg.inference.unknown_classes)}")
     n = cfg.notify
     if n.enabled and n.user and n.security == "plain" and not n.allow_insecure_login:
         raise ConfigError(INSECURE_LOGIN_MESSAGE)
@@ -695,6 +709,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 # hold a path only when they are not one of their keywords.
 PATH_KEYS: dict[str, tuple[str, ...]] = {
     "data.root": (),
+    "data.gallery_extra": (),
     "inference.input": (),
     "model.pretrained": ("none", "timm"),
     "extract.checkpoint": ("best", "last"),
@@ -713,13 +728,18 @@ def get_key(cfg: Config, dotted: str) -> Any:
 def resolve_paths(cfg: Config, cwd: str | Path | None = None) -> None:
     """Make every path-valued key absolute (``PATH_KEYS``), in place."""
     base = Path(cwd) if cwd is not None else Path.cwd()
+    def absolute(v: Any) -> str:
+        return str((base / Path(str(v)).expanduser()).resolve())
+
     for dotted, keywords in PATH_KEYS.items():
         v = get_key(cfg, dotted)
+        section, key = dotted.split(".")
+        if isinstance(v, list):  # a list of paths (data.gallery_extra)
+            setattr(getattr(cfg, section), key, [absolute(x) for x in v])
+            continue
         if not v or str(v).lower() in keywords:
             continue
-        p = Path(str(v)).expanduser()
-        section, key = dotted.split(".")
-        setattr(getattr(cfg, section), key, str((base / p).resolve()))
+        setattr(getattr(cfg, section), key, absolute(v))
 
 
 def all_keys() -> list[str]:

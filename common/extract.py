@@ -190,11 +190,13 @@ class _Batches:
 
 def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store_path: Path, cfg: Any, *,
                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                     chunk_rows: int | None = None) -> dict[str, Any]:
+                     chunk_rows: int | None = None, extras: Sequence[Any] = ()) -> dict[str, Any]:
     """Embed every image of ``splits_csv`` with ``checkpoint`` into the store; returns metrics (rank 0).
 
     With ``world_size > 1`` the default process group must be initialised; every rank calls this.
     ``chunk_rows`` overrides the vectors per write transaction (default: ``WRITE_CHUNK_ROWS``).
+    ``extras``: gallery-only images (``common.gallery.list_extras``), stored under the split
+    ``extra``; the checkpoint's class list is checked against the splits' classes only.
     """
     from tqdm import tqdm
 
@@ -207,6 +209,10 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     model, ckpt = load_checkpoint_model(checkpoint, map_location="cpu")
     rows = read_splits(splits_csv)
     classes = class_names(rows)
+    if extras:
+        from .gallery import check_no_overlap
+
+        check_no_overlap(extras, {r.path for r in rows}, splits_csv)
     if not isinstance(ckpt.get("classes"), list):
         raise UserError(f"checkpoint {checkpoint} records no class list: is it a checkpoint of {STAGE03}.py?")
     check_classes(ckpt["classes"], classes, checkpoint, splits_csv)
@@ -236,7 +242,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     if rank == 0:
         try:
             store = FeatureStore(store_path, create=True)
-            sync = store.sync_images(rows)
+            sync = store.sync_images([*rows, *extras])
             info, dropped = store.register_model(
                 checkpoint_sha256=sha, embedding=ecfg.embedding, backbone=backbone, dim=dim, mean=stats["mean"],
                 std=stats["std"], image_size=image_size, pad_fill=pad_fill, classes=classes,
@@ -252,7 +258,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
             raise
     plan = _broadcast_plan(plan, rank, world_size)
     n_todo = len(plan.todo_ids)
-    n_images = len(rows)
+    n_images = len(rows) + len(extras)
     if rank == 0:
         log.info("%s: %d images, %d to embed with %s (%s embedding, %d-d, model id %d)%s", store_path, n_images,
                  n_todo, checkpoint, ecfg.embedding, dim, plan.model_id,
@@ -342,6 +348,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
         "embedding": info.embedding,
         "dim": info.dim,
         "images": n_images,
+        "extra_images": len(extras),
         "vectors": total,
         "vectors_written": written,
         "images_added": sync.added if sync else 0,

@@ -1,11 +1,12 @@
 """The feature store: one SQLite file, SQLAlchemy 2 over it.
 
-Stage 04's ``features.sqlite`` holds every image of every split (train = gallery, val, test), the
+Stage 04's ``features.sqlite`` holds every image of every split (train, val, test) and the
+gallery-only images of ``data.gallery_extra`` (split ``extra``; gallery = train + extra), the
 model that embedded them (checkpoint sha256, backbone, embedding kind, dimension, normalisation)
 and one float32 vector per image and model. Stage 06's pruned look-up table (LUT, Yang et al.
-2022), ``lut.sqlite``, is a store of the same schema holding only the kept train images: a
-self-contained gallery. Any SQLite client can read it: the schema is ``SCHEMA_SQL`` below, created verbatim (its comments are
-kept in ``sqlite_master``, so ``sqlite3 features.sqlite .schema`` shows them).
+2022), ``lut.sqlite``, is a store of the same schema holding only the kept gallery images: a
+self-contained gallery. Any SQLite client can read it: the schema is ``SCHEMA_SQL`` below,
+created verbatim (its comments are kept in ``sqlite_master``, so ``sqlite3 features.sqlite .schema`` shows them).
 
 Rules the code keeps (and a reader of the file can rely on):
 
@@ -67,10 +68,13 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: the LUT tables left the store (stage 06 writes its own lut.sqlite); bump when SCHEMA_SQL changes; older stores are refused, never migrated silently
+# bump when SCHEMA_SQL changes; older stores are refused, never migrated silently.
+# 2: split 'extra' (gallery-only images); the LUT tables left the store (stage 06 writes lut.sqlite)
+SCHEMA_VERSION = 2
 FORMAT = "plankton-feature-store"
 EMBEDDINGS = ("encoder", "head")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "extra")  # extra: gallery-only images (data.gallery_extra), never trained on
+GALLERY_SPLITS = ("train", "extra")  # the gallery stages 05-07 search
 NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed when writing vectors (float32 and AMP round-off)
 READ_BLOCK_BYTES = 2 * 2**20  # vector bytes fetched per block when streaming blobs into a matrix (bounds the extra memory)
 BUSY_TIMEOUT_S = 60.0  # wait this long for another process's write lock before failing
@@ -102,7 +106,7 @@ SCHEMA_SQL: tuple[str, ...] = (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,  -- stable id, never reused: vectors refer to it
     path   TEXT NOT NULL UNIQUE,  -- absolute image path, as in splits.csv
     label  TEXT NOT NULL,  -- class name (the class folder)
-    split  TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),  -- train = the gallery
+    split  TEXT NOT NULL CHECK (split IN ('train', 'val', 'test', 'extra')),  -- gallery = train + extra (gallery-only images, never trained on)
     sha256 TEXT NOT NULL  -- sha256 of the image file (splits.csv)
 )""",
     """CREATE INDEX images_split ON images (split, id)""",

@@ -4,13 +4,18 @@ Two modes (``inference.mode``):
 
 - **evaluate**: the test split's vectors from the feature store (embedded on the fly when the
   store holds none) against the pruned LUT (``inference.gallery=lut``) or the full train
-  gallery (``full``). Writes ``predictions.csv``, ``metrics.json``, ``classification_report.csv``,
+  gallery (``full``; the gallery is train + the gallery-only ``extra`` images). With
+  ``inference.unknown_classes`` those classes' test images are scored as unknowns
+  (``metrics.json`` ``unknown_classes``: AUROC, FPR95, known accuracy per open-set score).
+  Writes ``predictions.csv``, ``metrics.json``, ``classification_report.csv``,
   ``confusion_matrix.png``, ``embedding_map.png``, ``comparison.csv`` (retrieval against the
   classical classifiers of ``common.classifiers`` on the same frozen vectors) and ``report.html``.
-- **predict**: every image under ``inference.input`` (recursively, hidden files skipped),
+- **predict**: the images of ``inference.input`` grouped into samples (``common.samples``),
   embedded with the store's checkpoint and evaluation transform; unreadable images are listed in
-  ``predictions.csv`` with the reason, never fatal. Writes ``predictions.csv``, ``metrics.json``
-  (counts and speed) and ``report.html``.
+  ``predictions.csv`` with the reason, never fatal. Writes ``predictions.csv`` (per image: sample,
+  call, scores, the five nearest gallery images), ``sample_counts.csv`` / ``.png``,
+  ``ecotaxa_<name>.tsv``, ``review.html`` (most doubtful first), ``corrections.csv``,
+  ``metrics.json`` (counts and speed) and ``report.html``.
 
 Classification (exact cosine search on L2-normalised float32 vectors, blocked matrix products):
 
@@ -20,7 +25,9 @@ Classification (exact cosine search on L2-normalised float32 vectors, blocked ma
 - ``inference.method=top1``: the class of the nearest gallery item (= candidate 1);
   ``knn``: DINO's weighted vote of the ``k`` nearest items (``common.retrieval.topk`` and
   ``knn_vote``, weight ``exp(sim / T)``); the candidates are then ordered by vote score first;
-- open-set rejection: a query whose best similarity is below ``inference.reject_below`` is
+- open-set rejection (``common.openset``): a query whose score (``inference.reject_score``: best
+  similarity, or the ``ood_k``-th neighbour's similarity) is below ``inference.reject_below`` (a
+  number, or ``auto``: the val cut keeping ``reject_keep`` of the correct val predictions) is
   labelled ``unknown`` (accepted = 0); stage 05's ``suggested_reject_below`` is logged.
 
 A query embedded by one checkpoint is never matched against a gallery embedded by another: the
@@ -30,6 +37,7 @@ agree, else ``UserError``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +55,7 @@ from .fileio import write_csv, write_json
 log = logging.getLogger(__name__)
 
 PREDICT_STRIP_MAX = 48  # predict mode report: queries shown beside their nearest gallery image
+REVIEW_NEIGHBOURS = 5  # predict mode: nearest gallery images listed per query (predictions.csv, review.html)
 RETRIEVAL_TOP1 = "retrieval_top1"
 RETRIEVAL_KNN = "retrieval_knn"
 
@@ -68,6 +77,7 @@ class Decision:
     best_sim: np.ndarray  # (Q,) similarity of the nearest gallery item
     nn_idx: np.ndarray  # (Q,) gallery row of the nearest item
     seconds: float = 0.0  # search + decision time
+    margin: np.ndarray | None = None  # (Q,) similarity of the predicted class minus the best other class's (nan: one class)
 
 
 @dataclass
@@ -180,7 +190,22 @@ def decide(cs: ClassSearch, top_k: int, reject_below: float | None,
     raw = np.asarray(vote_pred, dtype=np.int64) if vote_pred is not None else near.astype(np.int64)
     accepted = np.ones(Q, dtype=bool) if reject_below is None else best_sim >= reject_below
     final = np.where(accepted, raw, M.UNKNOWN)
-    return Decision(raw, final, accepted, cand, cand_sims, best_sim, nn_idx)
+    # margin: the predicted class's nearest item against the nearest item of any other class
+    own = cs.sims[np.arange(Q), raw].astype(np.float64) if Q else np.zeros(0)
+    others = cs.sims.astype(np.float64).copy()
+    if Q:
+        others[np.arange(Q), raw] = -np.inf
+    best_other = others.max(axis=1) if C > 1 else np.full(Q, -np.inf)
+    with np.errstate(invalid="ignore"):
+        margin = np.where(np.isfinite(best_other), own - best_other, np.nan)
+    return Decision(raw, final, accepted, cand, cand_sims, best_sim, nn_idx, margin=margin)
+
+
+def reject(d: Decision, scores: dict[str, np.ndarray], rejection: Any) -> Decision:
+    """Apply an open-set rule (``common.openset.Rejection``) to a decision, in place; returns it."""
+    d.accepted = rejection.accept(scores)
+    d.final = np.where(d.accepted, d.raw, M.UNKNOWN)
+    return d
 
 
 def classify(queries: np.ndarray, gallery: Vectors, n_classes: int, *, method: str, top_k: int,
@@ -215,29 +240,40 @@ def _label(classes: Sequence[str], i: int) -> str:
 
 def prediction_rows(queries: Vectors, d: Decision, classes: Sequence[str], gallery: Vectors,
                     extra_preds: dict[str, np.ndarray], with_truth: bool,
-                    errors: Sequence[tuple[str, str]] = ()) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of ``predictions.csv`` (unreadable images last, with their reason)."""
+                    errors: Sequence[tuple[str, str]] = (), scores: dict[str, np.ndarray] | None = None,
+                    lead: dict[str, Sequence[Any]] | None = None, tail: dict[str, Sequence[Any]] | None = None
+                    ) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of ``predictions.csv`` (unreadable images last, with their reason).
+
+    ``scores``: float columns after ``similarity`` (``margin``, ``knn_similarity``); ``lead``:
+    columns before ``path`` (``sample``), one value per query then one per error; ``tail``:
+    columns after ``accepted`` (the nearest gallery images), one value per query.
+    """
     k = d.candidates.shape[1]
-    header = ["path"] + (["true_label"] if with_truth else []) + ["predicted_label", "similarity"]
+    scores, lead, tail = scores or {}, lead or {}, tail or {}
+    header = [*lead, "path"] + (["true_label"] if with_truth else []) + ["predicted_label", "similarity", *scores]
     for j in range(1, k + 1):
         header += [f"top{j}_label", f"top{j}_similarity"]
-    header += ["nearest_gallery_path", "accepted"] + [f"pred_{n}" for n in extra_preds] + ["error"]
+    header += ["nearest_gallery_path", "accepted", *tail] + [f"pred_{n}" for n in extra_preds] + ["error"]
     rows: list[list[Any]] = []
     for q in range(len(queries)):
-        row: list[Any] = [queries.paths[q]]
+        row: list[Any] = [v[q] for v in lead.values()] + [queries.paths[q]]
         if with_truth:
             row.append(_label(classes, int(queries.labels[q])))
         row += [_label(classes, int(d.final[q])), f"{d.best_sim[q]:.6f}"]
+        row += [f"{v[q]:.6f}" if np.isfinite(v[q]) else "" for v in scores.values()]
         for j in range(k):
             c = int(d.candidates[q, j])
             row += ["", ""] if c < 0 else [classes[c], f"{d.cand_sims[q, j]:.6f}"]
-        row += [gallery.paths[int(d.nn_idx[q])], int(d.accepted[q])]
+        row += [gallery.paths[int(d.nn_idx[q])], int(d.accepted[q])] + [v[q] for v in tail.values()]
         row += [_label(classes, int(p[q])) for p in extra_preds.values()]
         row.append("")
         rows.append(row)
-    for path, reason in errors:
-        rows.append([path] + ([""] if with_truth else []) + ["", ""] + ["", ""] * k + ["", 0]
-                    + [""] * len(extra_preds) + [reason])
+    n = len(queries)
+    for e, (path, reason) in enumerate(errors):
+        rows.append([v[n + e] for v in lead.values()] + [path] + ([""] if with_truth else []) + ["", ""]
+                    + [""] * len(scores) + ["", ""] * k + ["", 0] + [""] * len(tail) + [""] * len(extra_preds)
+                    + [reason])
     return header, rows
 
 
@@ -290,6 +326,52 @@ class EvalInputs:
     sweep_png: Path | None = None  # stage 05's threshold_sweep.png
     suggested_reject_below: float | None = None
     embed_seconds: float = 0.0  # test vectors embedded on the fly (0 when read from the store)
+    unknown_test: Vectors | None = None  # test images of inference.unknown_classes (not in the gallery)
+    unknown_classes: list[str] = field(default_factory=list)
+
+
+def open_scores(queries: np.ndarray, d: Decision, gallery: Vectors, icfg: Any, device: Any = None,
+                neighbours: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The open-set scores of ``common.openset`` (``similarity``, ``knn``) of every query, and its
+    ``max(neighbours, ood_k)`` nearest gallery rows (sims, idx) from the same exact search."""
+    from .openset import kth_similarity
+
+    k = max(neighbours, icfg.ood_k)
+    _, sims, idx = kth_similarity(queries, gallery.X, k, icfg.block_size, device)
+    j = min(icfg.ood_k, sims.shape[1]) - 1
+    kth = sims[:, j] if j >= 0 else np.full(len(queries), -np.inf, np.float32)
+    return {"similarity": d.best_sim, "knn": kth}, sims, idx
+
+
+def calibrate(val: Vectors | None, gallery: Vectors, n_classes: int, icfg: Any, device: Any = None
+              ) -> dict[str, float | None]:
+    """Per open-set score, the cut that keeps ``inference.reject_keep`` of the correct val
+    predictions (val images of classes the gallery holds, classified by ``inference.method``)."""
+    from .openset import SCORES, val_cuts
+
+    if val is None or len(val) == 0 or len(gallery) == 0:
+        return {s: None for s in SCORES}
+    known = np.isin(val.labels, np.unique(gallery.labels))
+    X, y = val.X[known], val.labels[known]
+    if not len(y):
+        return {s: None for s in SCORES}
+    d = classify(X, gallery, n_classes, method=icfg.method, top_k=icfg.top_k, k=icfg.k, temperature=icfg.temperature,
+                 reject_below=None, block_size=icfg.block_size, device=device)
+    scores, _, _ = open_scores(X, d, gallery, icfg, device)
+    cuts = val_cuts(scores, d.raw == y, icfg.reject_keep)
+    log.info("val cuts keeping %.0f%% of the %d correct val predictions (of %d): %s", 100 * icfg.reject_keep,
+             int((d.raw == y).sum()), len(y), ", ".join(f"{k} {v:.4f}" for k, v in cuts.items() if v is not None))
+    return cuts
+
+
+def rejection_rule(icfg: Any, val: Vectors | None, gallery: Vectors, n_classes: int, device: Any = None) -> Any:
+    """``common.openset.Rejection`` of ``inference.reject_below`` / ``reject_score`` / ``reject_keep``."""
+    from .openset import resolve
+
+    rule = resolve(icfg.reject_below, icfg.reject_score, icfg.reject_keep,
+                   calibrate(val, gallery, n_classes, icfg, device))
+    log.info("open-set rejection: %s", rule.source)
+    return rule
 
 
 def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, seed: int = 0) -> dict[str, Any]:
@@ -307,9 +389,13 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
              icfg.gallery, len(gallery), np.unique(gallery.labels).size)
     cs = search_classes(test.X, gallery, C, icfg.block_size, device)
     decisions = {
-        "top1": classify(test.X, gallery, C, method="top1", reject_below=icfg.reject_below, class_search=cs, **kw),
-        "knn": classify(test.X, gallery, C, method="knn", reject_below=icfg.reject_below, class_search=cs, **kw),
+        "top1": classify(test.X, gallery, C, method="top1", reject_below=None, class_search=cs, **kw),
+        "knn": classify(test.X, gallery, C, method="knn", reject_below=None, class_search=cs, **kw),
     }
+    rule = rejection_rule(icfg, inp.val, gallery, C, device)
+    scores, _, _ = open_scores(test.X, decisions[icfg.method], gallery, icfg, device)
+    for dd in decisions.values():  # both methods share the per-class search: the same scores
+        reject(dd, scores, rule)
     # comparison table: each method's own work (k-NN: its k-neighbour search and vote; its
     # candidate list reuses the per-class search, which the headline timing does include)
     own_seconds = {"top1": decisions["top1"].seconds, "knn": decisions["knn"].seconds - cs.seconds}
@@ -330,10 +416,13 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     out.update(M.retrieval_metrics(_on_device(test.X, device), y, _on_device(gallery.X, device), gallery.labels,
                                    topk_np, block_size=icfg.block_size, device=device))
     out["reject_below"] = icfg.reject_below
-    if icfg.reject_below is not None:
+    out.update(_rejection_facts(rule))
+    if rule.cut is not None:
         out.update(M.rejection_metrics(y, d.raw, d.accepted))
         out["accuracy_without_rejection"] = float((d.raw == y).mean())
     out["suggested_reject_below"] = inp.suggested_reject_below
+    if inp.unknown_test is not None and len(inp.unknown_test):
+        out["unknown_classes"] = _unknown_metrics(inp, icfg, d, scores, rule, device)
     total = d.seconds + inp.embed_seconds
     out["timing_scope"] = "embed+search" if inp.embed_seconds else "search (vectors read from the store)"
     out["images_per_s"] = n / total if total > 0 else float("nan")
@@ -362,7 +451,8 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     out["classifiers"] = fitted_info
 
     # ---- files
-    header, rows = prediction_rows(test, d, classes, gallery, preds, with_truth=True)
+    header, rows = prediction_rows(test, d, classes, gallery, preds, with_truth=True,
+                                   scores={"margin": d.margin, "knn_similarity": scores["knn"]})
     write_csv(output("predictions.csv"), header, rows)
     g_counts = np.bincount(gallery.labels, minlength=C)
     h2, r2 = class_report_rows(y, d.final, classes, g_counts)
@@ -384,6 +474,44 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
              out["balanced_accuracy"], out["map_at_r"], icfg.method, icfg.gallery)
     log.info("report: %s", report_path)
     return out
+
+
+def unknown_table(u: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]]:
+    """The report's table of ``metrics.json``'s ``unknown_classes``: one row per open-set score."""
+    title = (f"Unknown classes: {', '.join(u['classes'])} left out of the gallery ({u['n_unknown']} test images "
+             f"as unknowns, {u['n_known']} known; closed-set accuracy on the known {u['closed_set_known_accuracy']:.4f})")
+    header = ["score", "AUROC", "FPR at 95% TPR", "val cut", "known accuracy at the cut",
+              "accepted known accuracy", "unknowns rejected"]
+    names = {"similarity": "best similarity", "knn": f"{u['ood_k']}-th neighbour similarity (Sun et al. 2022)"}
+    rows = [[names.get(k, k), v["auroc"], v["fpr_at_95_tpr"], v["cut"], v["known_accuracy"],
+             v["known_accepted_accuracy"], v["unknown_rejected"]] for k, v in u["scores"].items()]
+    return title, header, rows
+
+
+def _rejection_facts(rule: Any) -> dict[str, Any]:
+    return {"reject_score": rule.score, "reject_cut": rule.cut, "reject_rule": rule.source,
+            "reject_keep": rule.keep, "val_cuts": _round({k: v for k, v in rule.auto_cuts.items() if v is not None})}
+
+
+def _unknown_metrics(inp: EvalInputs, icfg: Any, d: Decision, scores: dict[str, np.ndarray], rule: Any,
+                     device: Any) -> dict[str, Any]:
+    """Known test queries (the gallery's classes) against the test images of ``unknown_classes``."""
+    from .openset import unknown_report
+
+    u = inp.unknown_test
+    C = len(inp.classes)
+    du = classify(u.X, inp.gallery, C, method=icfg.method, top_k=icfg.top_k, k=icfg.k, temperature=icfg.temperature,
+                  reject_below=None, block_size=icfg.block_size, device=device)
+    u_scores, _, _ = open_scores(u.X, du, inp.gallery, icfg, device)
+    correct = d.raw == inp.test.labels
+    per_score = unknown_report(scores, u_scores, correct, rule.auto_cuts)
+    for name, m in per_score.items():
+        log.info("unknown classes %s, %s score: AUROC %.4f, FPR at 95%% TPR %.4f; at the val cut %s: known accuracy "
+                 "%.4f, unknowns rejected %.4f", ", ".join(inp.unknown_classes), name, m["auroc"], m["fpr_at_95_tpr"],
+                 "none" if m["cut"] is None else f"{m['cut']:.4f}", m["known_accuracy"], m["unknown_rejected"])
+    return {"classes": list(inp.unknown_classes), "n_known": len(inp.test), "n_unknown": len(u),
+            "closed_set_known_accuracy": float(correct.mean()), "ood_k": icfg.ood_k,
+            "scores": {k: _round(v) for k, v in per_score.items()}}
 
 
 def _classical(inp: EvalInputs, icfg: Any, output: Output, device: Any, seed: int):
@@ -447,8 +575,11 @@ def _evaluate_report(path: Path, inp: EvalInputs, icfg: Any, m: dict, d: Decisio
                                    "gallery_size", "images_per_s", "mean_latency_ms") if k in m}
     rep = R.Report(title="Plankton recognition: test-set evaluation", facts=list(inp.facts) + [
         ("gallery", f"{icfg.gallery} ({len(inp.gallery)} vectors)"), ("method", icfg.method),
-        ("reject_below", icfg.reject_below), ("suggested reject_below (stage 05)", inp.suggested_reject_below)],
+        ("reject_below", icfg.reject_below), ("open-set rule", m.get("reject_rule")),
+        ("suggested reject_below (stage 05)", inp.suggested_reject_below)],
         metrics=headline)
+    if m.get("unknown_classes"):
+        rep.extra_tables.append(unknown_table(m["unknown_classes"]))
     rep.notes.append("Accuracy counts rejected (unknown) queries as errors. Macro averages run over the classes "
                      "present in the test labels or the predictions. Precision@1 and MAP@R follow "
                      "pytorch-metric-learning (R = gallery items of the query's class).")
@@ -490,60 +621,136 @@ def list_images(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, output: Output, *,
-            classifiers: dict[str, Any] | None = None, errors: Sequence[tuple[str, str]] = (),
+            samples: Sequence[str] | None = None, name: str = "input", root: Path | None = None,
+            val: Vectors | None = None, classifiers: dict[str, Any] | None = None,
+            errors: Sequence[tuple[str, str]] = (), error_samples: Sequence[str] | None = None,
             timing: dict[str, float] | None = None, facts: Sequence[tuple[str, Any]] = (),
             suggested_reject_below: float | None = None, device: Any = None) -> dict[str, Any]:
-    """Predict mode on embedded query vectors (labels unused); writes predictions, metrics, report."""
+    """Predict mode on embedded query vectors (labels unused), grouped into ``samples``.
+
+    Writes ``predictions.csv`` (per image: sample, prediction or unknown, best similarity, margin,
+    k-th neighbour similarity, top-k classes, the ``REVIEW_NEIGHBOURS`` nearest gallery images),
+    ``sample_counts.csv`` and ``sample_counts.png``, ``ecotaxa_<name>.tsv``, ``review.html``,
+    ``corrections.csv``, ``metrics.json`` and ``report.html``. ``val``: the val vectors the
+    open-set cuts are chosen on (``inference.reject_below=auto``; the "low similarity" of review).
+    """
+    from . import samples as S
+    from .plots import plot_sample_counts
+
     C = len(classes)
-    timing = dict(timing or {})
-    d = classify(queries.X, gallery, C, method=icfg.method, top_k=icfg.top_k, k=icfg.k,
-                 temperature=icfg.temperature, reject_below=icfg.reject_below, block_size=icfg.block_size,
-                 device=device) if len(queries) else None
-    timing["search_s"] = d.seconds if d is not None else 0.0
-    extra: dict[str, np.ndarray] = {}
-    for name, f in (classifiers or {}).items():
-        t0 = time.perf_counter()
-        extra[name] = f.predict(queries.X)[0] if len(queries) else np.zeros(0, np.int64)
-        timing[f"{name}_s"] = time.perf_counter() - t0
     n = len(queries)
-    out: dict[str, Any] = {"mode": "predict", "gallery": icfg.gallery, "gallery_size": len(gallery),
-                           "method": icfg.method, "n_images": n, "n_unreadable": len(errors),
-                           "reject_below": icfg.reject_below, "suggested_reject_below": suggested_reject_below}
-    if d is not None:
-        out.update(M.rejection_metrics(None, d.raw, d.accepted))
-        counts = np.bincount(d.final[d.final >= 0], minlength=C)
-        out["predicted_counts"] = {classes[c]: int(counts[c]) for c in np.flatnonzero(counts)}
+    samples = list(samples) if samples is not None else [name] * n
+    error_samples = list(error_samples) if error_samples is not None else [name] * len(errors)
+    timing = dict(timing or {})
+    rule = rejection_rule(icfg, val, gallery, C, device)
+    if n:
+        d = classify(queries.X, gallery, C, method=icfg.method, top_k=icfg.top_k, k=icfg.k,
+                     temperature=icfg.temperature, reject_below=None, block_size=icfg.block_size, device=device)
+        t0 = time.perf_counter()
+        scores, nb_sims, nb_idx = open_scores(queries.X, d, gallery, icfg, device, neighbours=REVIEW_NEIGHBOURS)
+        reject(d, scores, rule)
+        d.seconds += time.perf_counter() - t0
     else:
         d = decide(ClassSearch(np.zeros((0, C), np.float32), np.zeros((0, C), np.int64)), icfg.top_k, None)
+        scores = {"similarity": d.best_sim, "knn": np.zeros(0, np.float32)}
+        nb_sims, nb_idx = np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64)
+    timing["search_s"] = d.seconds
+    extra: dict[str, np.ndarray] = {}
+    for cname, f in (classifiers or {}).items():
+        t0 = time.perf_counter()
+        extra[cname] = f.predict(queries.X)[0] if n else np.zeros(0, np.int64)
+        timing[f"{cname}_s"] = time.perf_counter() - t0
+    out: dict[str, Any] = {"mode": "predict", "name": name, "gallery": icfg.gallery, "gallery_size": len(gallery),
+                           "gallery_classes": int(np.unique(gallery.labels).size), "method": icfg.method,
+                           "n_images": n, "n_unreadable": len(errors), "reject_below": icfg.reject_below,
+                           "suggested_reject_below": suggested_reject_below, **_rejection_facts(rule)}
+    if n:
+        out.update(M.rejection_metrics(None, d.raw, d.accepted))
+    counts = np.bincount(d.final[d.final >= 0], minlength=C)
+    out["predicted_counts"] = {classes[c]: int(counts[c]) for c in np.flatnonzero(counts)}
     total = sum(v for k, v in timing.items() if k in ("decode_embed_s", "search_s"))
     out["timing_scope"] = "decode+embed+search"
     out["images_per_s"] = n / total if total > 0 and n else float("nan")
     out["mean_latency_ms"] = 1000.0 * total / n if n else float("nan")
     out["timing_s"] = _round(timing, 4)
-    header, rows = prediction_rows(queries, d, classes, gallery, extra, with_truth=False, errors=errors)
+
+    # ---- per image
+    kn = nb_idx.shape[1] if n else 0
+    tail: dict[str, list[Any]] = {}
+    for j in range(REVIEW_NEIGHBOURS):
+        tail[f"neighbour{j + 1}_path"] = [gallery.paths[int(nb_idx[q, j])] if j < kn else "" for q in range(n)]
+        tail[f"neighbour{j + 1}_label"] = [classes[int(gallery.labels[int(nb_idx[q, j])])] if j < kn else ""
+                                           for q in range(n)]
+        tail[f"neighbour{j + 1}_similarity"] = [f"{nb_sims[q, j]:.6f}" if j < kn else "" for q in range(n)]
+    header, rows = prediction_rows(queries, d, classes, gallery, extra, with_truth=False, errors=errors,
+                                   scores={"margin": d.margin, "knn_similarity": scores["knn"]},
+                                   lead={"sample": [*samples, *error_samples]}, tail=tail)
     write_csv(output("predictions.csv"), header, rows)
+
+    # ---- per sample
+    order = list(dict.fromkeys([*samples, *error_samples]))
+    unreadable: dict[str, int] = {}
+    for smp in error_samples:
+        unreadable[smp] = unreadable.get(smp, 0) + 1
+    h_counts, r_counts = S.sample_counts(samples, d.final, classes, order, unreadable)
+    write_csv(output("sample_counts.csv"), h_counts, r_counts)
+    counts_png = output("sample_counts.png")
+    plot_sample_counts(order, classes, np.array([r[1:C + 2] for r in r_counts], dtype=np.int64).reshape(len(order), C + 1),
+                       counts_png, title=f"Predicted classes per sample ({name})")
+    out["samples"] = {r[0]: {"total": r[-2], "unknown": r[-3], "unreadable": r[-1]} for r in r_counts}
+
+    # ---- EcoTaxa
+    predicted = [None if d.final[q] == M.UNKNOWN else classes[int(d.final[q])] for q in range(n)]
+    base = Path(root) if root is not None else (Path(os.path.commonpath([str(Path(p).parent) for p in queries.paths]))
+                                                 if n else Path("."))
+    eco = S.ecotaxa_rows(queries.paths, samples, predicted, base,
+                         {"similarity": d.best_sim, "margin": d.margin, "knn_similarity": scores["knn"]})
+    eco_path = output(f"ecotaxa_{name}.tsv")
+    S.write_tsv(eco_path, eco)
+    out["ecotaxa"] = {"file": eco_path.name, "img_file_name_relative_to": str(base), "rows": len(eco) - 2}
+
+    # ---- review, most doubtful first, and the corrections sheet
+    low = rule.auto_cuts.get("similarity")
+    order_q, reasons = S.doubt_order(d.final, d.best_sim, d.margin, low, icfg.review_margin)
+    out["n_doubtful"] = int(sum(1 for r in reasons if r))
+    write_csv(output("corrections.csv"), ["path", "predicted", "validated"],
+              [[queries.paths[q], _label(classes, int(d.final[q])), ""] for q in order_q])
+    shown = order_q[:max(0, icfg.review_max)]
+    items = [R.ReviewItem(queries.paths[q], samples[q], _label(classes, int(d.final[q])), float(d.best_sim[q]),
+                          float(d.margin[q]), float(scores["knn"][q]), reasons[q],
+                          [(gallery.paths[int(nb_idx[q, j])], classes[int(gallery.labels[int(nb_idx[q, j])])],
+                            float(nb_sims[q, j])) for j in range(min(REVIEW_NEIGHBOURS, kn))]) for q in shown]
+    note = (f"{n} images, {out['n_doubtful']} doubtful: rejected as unknown ({rule.source}), best similarity below "
+            f"{'the val cut ' + format(low, '.4f') if low is not None else '(no val cut)'}, or a margin between the two "
+            f"best classes below {icfg.review_margin:g}. Showing the {len(items)} most doubtful first.")
+    review_path = output("review.html")
+    R.write_review(review_path, R.Review(title=f"Review: {name}", note=note, items=items))
+    out["review"] = str(review_path)
+
+    # ---- summary and report
     report_path = output("report.html")
     out["report"] = str(report_path)
     write_json(output("metrics.json"), _round(out))
     rep = R.Report(title="Plankton recognition: predictions", facts=list(facts) + [
         ("input", icfg.input), ("gallery", f"{icfg.gallery} ({len(gallery)} vectors)"), ("method", icfg.method),
-        ("reject_below", icfg.reject_below), ("suggested reject_below (stage 05)", suggested_reject_below)],
-        metrics={k: v for k, v in out.items() if k in ("n_images", "n_unreadable", "rejection_rate", "n_rejected",
-                                                        "images_per_s", "mean_latency_ms")})
-    if out.get("predicted_counts"):
-        rep.extra_tables.append(("Predicted classes", ["class", "images"],
-                                 sorted(out["predicted_counts"].items(), key=lambda kv: -kv[1])))
-    items = [R.StripItem(queries.paths[q], "", _label(classes, int(d.final[q])), float(d.best_sim[q]),
+        ("open-set rule", rule.source), ("suggested reject_below (stage 05)", suggested_reject_below),
+        ("review", review_path.name), ("EcoTaxa table", eco_path.name)],
+        metrics={k: v for k, v in out.items() if k in ("n_images", "n_unreadable", "n_doubtful", "rejection_rate",
+                                                        "n_rejected", "images_per_s", "mean_latency_ms")})
+    rep.images.append(("Predicted classes per sample", counts_png, "Stacked counts; grey: unknown."))
+    rep.extra_tables.append(("Counts per sample", h_counts, r_counts))
+    strip = [R.StripItem(queries.paths[q], "", _label(classes, int(d.final[q])), float(d.best_sim[q]),
                          gallery.paths[int(d.nn_idx[q])], classes[int(gallery.labels[int(d.nn_idx[q])])])
-             for q in range(min(n, PREDICT_STRIP_MAX))]
-    if items:
-        rep.strips.append(("Queries beside their nearest gallery image", f"first {len(items)} of {n}", items))
+             for q in order_q[:PREDICT_STRIP_MAX]]
+    if strip:
+        rep.strips.append(("Most doubtful queries beside their nearest gallery image",
+                           f"{len(strip)} of {n}; every image with its five neighbours is in {review_path.name}", strip))
     if errors:
         rep.extra_tables.append(("Unreadable files (not classified)", ["path", "reason"], [list(e) for e in errors]))
     R.write_report(report_path, rep)
-    log.info("predicted %d images (%d unreadable, %d rejected); predictions in %s", n, len(errors),
-             out.get("n_rejected", 0), output("predictions.csv"))
-    log.info("report: %s", report_path)
+    log.info("predicted %d images in %d samples (%d unreadable, %d rejected, %d doubtful); predictions in %s", n,
+             len(order), len(errors), out.get("n_rejected", 0), out["n_doubtful"], output("predictions.csv"))
+    log.info("review: %s; EcoTaxa table: %s", review_path, eco_path)
     return out
 
 

@@ -286,3 +286,36 @@ def embedding_map_png(X: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     fig.tight_layout()
     _save_fig(fig, path)
     return path
+def plot_sample_counts(samples: Sequence[str], classes: Sequence[str], counts: np.ndarray, path: Path,
+                       title: str = "") -> None:
+    """``sample_counts.png``: one stacked bar per sample, one segment per class (counts (S, C + 1),
+    the last column ``unknown``, drawn grey); the figure widens with the number of samples."""
+    counts = np.asarray(counts, dtype=np.int64).reshape(len(samples), len(classes) + 1)
+    C = len(classes)
+    if C <= 10:
+        colours = plt.get_cmap("tab10")(np.arange(C))
+    elif C <= 20:
+        colours = plt.get_cmap("tab20")(np.arange(C))
+    else:
+        colours = plt.get_cmap("hsv")(np.linspace(0.0, 1.0, C, endpoint=False))
+    x = np.arange(len(samples))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(samples) + 3.5), 5))
+    bottom = np.zeros(len(samples))
+    present = [c for c in range(C) if counts[:, c].any()]
+    for c in present:
+        ax.bar(x, counts[:, c], bottom=bottom, color=colours[c], label=str(classes[c]), width=0.8)
+        bottom += counts[:, c]
+    if counts[:, C].any():
+        ax.bar(x, counts[:, C], bottom=bottom, color="0.6", label="unknown", width=0.8, hatch="//")
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(s) for s in samples], rotation=90 if len(samples) > 8 else 0, fontsize=8)
+    ax.set_xlim(-0.6, max(len(samples), 1) - 0.4)
+    ax.set_ylabel("images")
+    ax.set_xlabel("sample")
+    if len(present) <= 30:
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
+    ax.set_title(title or "Predicted classes per sample", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -197,3 +197,124 @@ def write_report(path: Path, rep: Report) -> Path:
         fh.write(text)
     log.debug("report: %s (%.1f MB)", path, len(text) / 1e6)
     return path
+
+
+# ----------------------------------------------------------------------------- review page (predict mode)
+
+
+@dataclass
+class ReviewItem:
+    """One query of the review page: its call, its scores, why it is doubtful, its neighbours."""
+
+    query_path: str
+    sample: str
+    predicted: str
+    similarity: float
+    margin: float
+    knn_similarity: float
+    reasons: list[str]  # "unknown", "low similarity", "small margin"; empty = not doubtful
+    neighbours: list[tuple[str, str, float]]  # (gallery path, class, similarity), nearest first
+
+
+@dataclass
+class Review:
+    """``review.html``: the items (most doubtful first) and a line saying what is shown."""
+
+    title: str
+    note: str
+    items: list[ReviewItem]
+
+
+_REVIEW_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1em;color:#222}
+h1{font-size:1.4em}.note{color:#555;font-size:.9em}
+.filters{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd;z-index:1}
+.filters label{margin-right:1.5em}
+table{border-collapse:collapse;font-size:.8em}td,th{border:1px solid #ddd;padding:3px;vertical-align:top}
+tr.doubtful td.call{background:#fff3e0}tr.unknown td.call{background:#fde0e0}
+figure{display:inline-block;margin:0;text-align:center;width:100px}
+figure img{width:96px;height:96px;object-fit:contain;background:#000}
+figcaption{font-size:.85em;word-break:break-all}
+.missing{display:inline-block;width:96px;height:96px;background:#ccc;font-size:.7em}
+"""
+
+# Filters by predicted class, sample and doubt: show or hide rows, count what is shown (the
+# page's only script; no library, no network).
+_REVIEW_JS = """
+(function () {
+  var c = document.getElementById("f-class"), s = document.getElementById("f-sample"),
+      d = document.getElementById("f-doubtful"), out = document.getElementById("shown");
+  function apply() {
+    var n = 0, rows = document.querySelectorAll("tr.item");
+    for (var i = 0; i < rows.length; i++) {
+      var r = rows[i];
+      var ok = (!c.value || r.getAttribute("data-class") === c.value) &&
+               (!s.value || r.getAttribute("data-sample") === s.value) &&
+               (!d.checked || r.getAttribute("data-doubtful") === "1");
+      r.style.display = ok ? "" : "none";
+      if (ok) { n++; }
+    }
+    out.textContent = n + " of " + rows.length + " shown";
+  }
+  c.addEventListener("change", apply); s.addEventListener("change", apply); d.addEventListener("change", apply);
+  // a link may preset the filters: review.html#class=NAME&sample=NAME&doubtful=1
+  var h = window.location.hash.replace(/^#/, "").split("&");
+  for (var j = 0; j < h.length; j++) {
+    var kv = h[j].split("="), v = decodeURIComponent(kv[1] || "");
+    if (kv[0] === "class") { c.value = v; } else if (kv[0] === "sample") { s.value = v; }
+    else if (kv[0] === "doubtful") { d.checked = v === "1"; }
+  }
+  apply();
+})();
+"""
+
+
+def _options(element_id: str, label: str, values: Sequence[str]) -> str:
+    opts = '<option value="">all</option>' + "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+    return f'<label>{esc(label)} <select id="{element_id}">{opts}</select></label>'
+
+
+def render_review(rev: Review) -> str:
+    """``review.html`` as one string: every image is a data URI (thumbnails), no external file."""
+    cache: dict[str, str | None] = {}
+
+    def thumb(path: str, alt: str) -> str:
+        if path not in cache:
+            cache[path] = thumbnail_data_uri(path)
+        return img_tag(cache[path], alt)
+
+    out = ["<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+           f"<title>{esc(rev.title)}</title>\n<style>{_REVIEW_CSS}</style>\n</head>\n<body>\n",
+           f"<h1>{esc(rev.title)}</h1>\n<p class=\"note\">{esc(rev.note)}</p>\n",
+           '<div class="filters">', _options("f-class", "Predicted class", sorted({i.predicted for i in rev.items})),
+           _options("f-sample", "Sample", list(dict.fromkeys(i.sample for i in rev.items))),
+           '<label><input type="checkbox" id="f-doubtful"> doubtful only</label>',
+           '<span id="shown"></span></div>\n',
+           '<table id="review">\n<thead><tr><th>#</th><th>query</th><th>call</th>'
+           + "".join(f"<th>neighbour {j}</th>" for j in range(1, 6)) + "</tr></thead>\n<tbody>\n"]
+    for n, it in enumerate(rev.items, start=1):
+        cls = "item" + (" doubtful" if it.reasons else "") + (" unknown" if "unknown" in it.reasons else "")
+        margin = "–" if not math.isfinite(it.margin) else f"{it.margin:.3f}"
+        call = (f"<b>{esc(it.predicted)}</b><br>similarity {it.similarity:.3f}<br>margin {margin}<br>"
+                f"k-th neighbour {it.knn_similarity:.3f}<br>sample {esc(it.sample)}"
+                + (f"<br><i>{esc(', '.join(it.reasons))}</i>" if it.reasons else ""))
+        cells = [f"<td>{n}</td>",
+                 f"<td><figure>{thumb(it.query_path, 'query')}<figcaption>{esc(Path(it.query_path).name)}"
+                 "</figcaption></figure></td>", f'<td class="call">{call}</td>']
+        for path, label, sim in it.neighbours:
+            cells.append(f"<td><figure>{thumb(path, 'gallery ' + label)}<figcaption>{esc(label)} {sim:.3f}"
+                         "</figcaption></figure></td>")
+        cells += ["<td></td>"] * (5 - len(it.neighbours))
+        out.append(f'<tr class="{cls}" data-class="{esc(it.predicted)}" data-sample="{esc(it.sample)}" '
+                   f'data-doubtful="{1 if it.reasons else 0}">' + "".join(cells) + "</tr>\n")
+    out.append(f"</tbody>\n</table>\n<script>{_REVIEW_JS}</script>\n</body>\n</html>\n")
+    return "".join(out)
+
+
+def write_review(path: Path, rev: Review) -> Path:
+    """Render ``rev`` and write ``review.html`` atomically."""
+    text = render_review(rev)
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+    log.debug("review: %s (%.1f MB, %d images)", path, len(text) / 1e6, len(rev.items))
+    return path

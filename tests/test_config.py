@@ -220,6 +220,10 @@ OUT_OF_RANGE = {
     "inference.linear_epochs": ("0", "inference.linear_epochs"),
     "inference.linear_lr": ("0", "inference.linear_lr"),
     "inference.worst_classes": ("-1", "inference.worst_classes"),
+    "inference.reject_keep": ("0", "inference.reject_keep"),
+    "inference.ood_k": ("0", "inference.ood_k"),
+    "inference.review_margin": ("-0.1", "inference.review_margin"),
+    "inference.review_max": ("-1", "inference.review_max"),
     "notify.smtp_port": ("0", "notify.smtp_port"),
     "notify.timeout": ("0", "notify.timeout"),
     "notify.log_lines": ("-1", "notify.log_lines"),
@@ -387,3 +391,18 @@ def test_error_messages_never_render_huge_values(tmp_path):
     with pytest.raises(ConfigError) as e:
         C.load_config([f])
     assert len(str(e.value)) < 250 and str(f) in str(e.value)
+
+
+def test_reject_below_takes_a_cosine_or_auto():
+    assert C.load_config([], ["inference.reject_below=auto"]).inference.reject_below == "auto"
+    assert C.load_config([], ["inference.reject_below=0.5"]).inference.reject_below == 0.5
+    assert C.load_config([], ["inference.reject_below=null"]).inference.reject_below is None
+    assert _one_line_error("inference.reject_below=1.5").startswith("inference.reject_below: must be >= -1")
+    assert _one_line_error("inference.reject_below=always").startswith("inference.reject_below: expected")
+
+
+def test_gallery_extra_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load_config([], ["data.gallery_extra=[extra, corrections.csv]"])
+    assert cfg.data.gallery_extra == [str(tmp_path / "extra"), str(tmp_path / "corrections.csv")]
+    assert _one_line_error("inference.unknown_classes=[a, a]").startswith("inference.unknown_classes")

@@ -267,3 +267,35 @@ def test_two_processes_equal_one(data, full_run, tmp_path):
     outcomes = [(tmp_path / f"m.json.{r}").read_text() for r in range(2)]
     assert all("broken.png" in o for o in outcomes), outcomes
     assert sum(o.startswith("ImageReadError") for o in outcomes) == 1, outcomes
+
+
+def test_gallery_extra_images_are_stored_as_extra_and_embedded_once(data, tmp_path):
+    from PIL import Image
+
+    from common.gallery import list_extras
+
+    extra = tmp_path / "extra"
+    rng = np.random.default_rng(5)
+    for i, label in enumerate(["diatom", "new_taxon", "new_taxon"]):
+        p = extra / label / f"e{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (25, 25, 3), dtype=np.uint8)).save(p)
+    extras = list_extras([extra])
+    store = tmp_path / "features.sqlite"
+    first = _extract(data, store, extras=extras[:1])
+    assert first["vectors_written"] == N_IMAGES + 1 and first["extra_images"] == 1
+    again = _extract(data, store, extras=extras)  # two more: only those are embedded
+    assert again["vectors_written"] == 2 and again["vectors"] == N_IMAGES + 3
+    with FeatureStore(store) as s:
+        rows = s.images("extra")
+        assert [(Path(r.path).name, r.label) for r in rows] == [("e0.png", "diatom"), ("e1.png", "new_taxon"),
+                                                                ("e2.png", "new_taxon")]
+        assert s.model_info(again["model_id"]).classes == CLASSES  # the checkpoint's own classes
+    vecs = _vectors(store, again["model_id"])
+    assert all(np.isclose(np.linalg.norm(vecs[r.path]), 1, atol=1e-5) for r in rows)
+    # an image both in the splits and in data.gallery_extra is refused, naming it
+    from common.gallery import ExtraImage
+
+    dup = ExtraImage(data["rows"][0]["path"], "diatom", data["rows"][0]["sha256"], str(extra))
+    with pytest.raises(UserError, match="already in .*splits.csv"):
+        _extract(data, tmp_path / "other.sqlite", extras=[dup])

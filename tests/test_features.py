@@ -165,7 +165,7 @@ def test_open_errors_are_user_errors(tmp_path):
     conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(UserError, match=r"old.sqlite has feature-store schema version 0.*version 2"):
+    with pytest.raises(UserError, match=rf"old.sqlite has feature-store schema version 0.*version {F.SCHEMA_VERSION}"):
         FeatureStore(tmp_path / "old.sqlite")
     with pytest.raises(UserError, match="schema version"):
         content_digest(tmp_path / "old.sqlite")

@@ -579,3 +579,95 @@ def test_predict_applies_the_size_checks_of_stage_01(tmp_path):
     reasons = dict(errors)
     assert "more than data.max_pixels=10,000" in reasons[paths[1]]
     assert "shorter than data.min_side=4" in reasons[paths[2]]
+# ----------------------------------------------------------------------------- the scientist's loop (vectors)
+
+
+def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
+    from PIL import Image
+
+    inp = _eval_inputs()
+    n = 6
+    paths = []
+    for i in range(n):
+        p = tmp_path / "in" / ("st1" if i < 4 else "st2") / f"q{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(p)
+        paths.append(str(p))
+    gpaths = []
+    for i in range(len(inp.gallery)):
+        p = tmp_path / "gallery" / f"g{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (0, i, 0)).save(p)
+        gpaths.append(str(p))
+    gallery = I.Vectors(inp.gallery.X, inp.gallery.labels, gpaths)
+    q = I.Vectors(inp.test.X[:n], np.full(n, -1), paths)
+    samples = ["st1"] * 4 + ["st2"] * 2
+    cfg = icfg(mode="predict", input=str(tmp_path / "in"), reject_below="auto", reject_keep=0.9, ood_k=3)
+    m = I.predict(q, gallery, inp.classes, cfg, out_in(tmp_path / "out"), samples=samples, name="cruise",
+                  root=tmp_path / "in", val=inp.val, errors=[(str(tmp_path / "in" / "st2" / "bad.png"), "broken")],
+                  error_samples=["st2"], timing={"decode_embed_s": 0.1})
+    out = tmp_path / "out"
+    rows = read_csv(out / "predictions.csv")
+    assert [r["sample"] for r in rows] == [*samples, "st2"] and rows[-1]["error"] == "broken"
+    good = rows[:n]
+    for r in good:
+        assert float(r["margin"]) >= 0  # top1: the predicted class is the nearest
+        assert float(r["knn_similarity"]) <= float(r["similarity"]) + 1e-6
+        sims = [float(r[f"neighbour{j}_similarity"]) for j in range(1, 6)]
+        assert sims == sorted(sims, reverse=True) and sims[0] == pytest.approx(float(r["similarity"]), abs=1e-5)
+        assert r["neighbour1_path"] == r["nearest_gallery_path"]
+    # auto: the cut keeps >= 90% of the correct val predictions, chosen on val
+    cut = m["reject_cut"]
+    assert m["reject_score"] == "similarity" and cut == pytest.approx(m["val_cuts"]["similarity"])
+    assert all((r["predicted_label"] == "unknown") == (float(r["similarity"]) < cut) for r in good)
+    counts = read_csv(out / "sample_counts.csv")
+    assert [c["sample"] for c in counts] == ["st1", "st2"]
+    assert [int(c["total"]) for c in counts] == [4, 2] and [int(c["unreadable"]) for c in counts] == [0, 1]
+    for c in counts:
+        assert sum(int(c[k]) for k in [*inp.classes, "unknown"]) == int(c["total"])
+    assert (out / "sample_counts.png").stat().st_size > 0
+    tsv = (out / "ecotaxa_cruise.tsv").read_text().splitlines()
+    assert len(tsv) == 2 + n and tsv[2].split("\t")[0] == "st1/q0.png"
+    sheet = read_csv(out / "corrections.csv")
+    assert list(sheet[0]) == ["path", "predicted", "validated"] and {r["path"] for r in sheet} == set(paths)
+    doubtful_first = [r["predicted"] == "unknown" for r in sheet]
+    assert doubtful_first == sorted(doubtful_first, reverse=True)  # rejected ones lead
+    review = (out / "review.html").read_text()
+    assert review.count('class="item') == n and "data:image/jpeg;base64," in review
+    assert m["n_images"] == n and m["samples"]["st2"]["unreadable"] == 1
+
+
+def test_evaluate_with_unknown_classes_reports_both_scores(brute, tmp_path):
+    inp = _eval_inputs(n_test=10)
+    out_c = 4  # class_e leaves the gallery: its test images are unknowns
+    keep = inp.gallery.labels != out_c
+    inp.gallery = I.Vectors(inp.gallery.X[keep], inp.gallery.labels[keep], [p for p, k in zip(inp.gallery.paths, keep) if k])
+    known = inp.test.labels != out_c
+    unknown = I.Vectors(inp.test.X[~known], inp.test.labels[~known], [p for p, k in zip(inp.test.paths, known) if not k])
+    inp.test = I.Vectors(inp.test.X[known], inp.test.labels[known], [p for p, k in zip(inp.test.paths, known) if k])
+    inp.val = I.Vectors(inp.val.X[inp.val.labels != out_c], inp.val.labels[inp.val.labels != out_c],
+                        [p for p, lab in zip(inp.val.paths, inp.val.labels) if lab != out_c])
+    inp.unknown_test, inp.unknown_classes = unknown, ["class_e"]
+    m = I.evaluate(inp, icfg(reject_below="auto", reject_score="knn", ood_k=3), out_in(tmp_path))
+    u = json.loads((tmp_path / "metrics.json").read_text())["unknown_classes"]
+    assert u["classes"] == ["class_e"] and u["n_unknown"] == 10 and u["n_known"] == 40
+    for score in ("similarity", "knn"):
+        s = u["scores"][score]
+        assert 0 <= s["auroc"] <= 1 and 0 <= s["fpr_at_95_tpr"] <= 1 and s["cut"] == pytest.approx(m["val_cuts"][score])
+    assert m["reject_score"] == "knn" and m["reject_cut"] == pytest.approx(m["val_cuts"]["knn"])
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert len(rows) == 40 and all((r["accepted"] == "1") == (float(r["knn_similarity"]) >= m["reject_cut"])
+                                   for r in rows)
+    assert "Unknown classes: class_e" in (tmp_path / "report.html").read_text()
+
+
+def test_predict_name_defaults_to_the_input_name(tmp_path):
+    from common.stages import predict_name
+
+    (tmp_path / "cruise_42").mkdir()
+    (tmp_path / "list.csv").write_text("path\n")
+    for inp, want in ((tmp_path / "cruise_42", "cruise_42"), (tmp_path / "list.csv", "list")):
+        cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={inp}"])
+        assert predict_name(cfg) == want
+    cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={tmp_path}", "inference.name=x"])
+    assert predict_name(cfg) == "x"

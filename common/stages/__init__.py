@@ -75,10 +75,11 @@ def _inference_upstream(cfg: Config) -> tuple[str, ...]:
 
 
 def predict_name(cfg: Config) -> str:
-    """``inference.name``, default the input folder's (or file's) name."""
+    """``inference.name``, default the input folder's name (a file's name without its suffix)."""
     if cfg.inference.name:
         return cfg.inference.name
-    return Path(str(cfg.inference.input or "input")).name or "input"
+    p = Path(str(cfg.inference.input or "input"))
+    return (p.stem if p.is_file() else p.name) or "input"
 
 
 def _inference_folder(run_dir: Path, cfg: Config) -> Path:
@@ -113,8 +114,8 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
               upstream_fn=lambda cfg: (SPLIT, STATS), aliases=SUPCON_ALIASES),
     StageSpec(EXTRACT, "extract",
               keys=(*_section("extract", "checkpoint", "embedding", "batch_size", "amp"), "model.channels_last",
-                    "data.num_workers", *IMAGE_CHECKS),
-              upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN)),
+                    "data.num_workers", "data.gallery_extra", *IMAGE_CHECKS),
+              upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN), external_fn=lambda cfg: list(cfg.data.gallery_extra)),
     StageSpec(THRESHOLD, "threshold",
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
                             "target_size", "knn_k", "knn_temperature", "block_size"),
@@ -122,8 +123,9 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size"), upstream_fn=_prune_upstream),
     StageSpec(INFERENCE, "inference",
               keys=("run.seed", *_section("inference", "mode", "input", "name", "gallery", "method", "k",
-                                          "temperature", "top_k", "reject_below", "batch_size", "block_size",
-                                          "classifiers", "linear_epochs", "linear_lr", "worst_classes",
+                                          "temperature", "top_k", "reject_below", "reject_keep", "reject_score",
+                                          "ood_k", "unknown_classes", "review_margin", "review_max", "batch_size",
+                                          "block_size", "classifiers", "linear_epochs", "linear_lr", "worst_classes",
                                           "embedding_map"),
                     "extract.amp", "model.channels_last", "data.num_workers", *IMAGE_CHECKS),
               upstream_fn=_inference_upstream, optional_upstream=(THRESHOLD,), external_fn=_inference_external,

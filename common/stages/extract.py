@@ -1,9 +1,11 @@
 """Stage 04's driver: embed every image of every split with one checkpoint into the feature store.
 
-Reads 01's splits.csv, 02's stats.json and 03's checkpoint (``extract.checkpoint``); writes
+Reads 01's splits.csv, 02's stats.json, 03's checkpoint (``extract.checkpoint``) and the
+gallery-only images of ``data.gallery_extra`` (split ``extra``, ``common.gallery``); writes
 ``features.sqlite`` (resumable: an interrupted run continues where it stopped) and ``model.json``,
 the small description of the model and embedding that stages 05-07 read (checkpoint path and
-sha256, backbone, embedding kind, dimension, normalisation, classes, the store's model id).
+sha256, backbone, embedding kind, dimension, normalisation, the store's model id, and the gallery's
+classes: the checkpoint's ``train_classes`` then the gallery-only ``extra_classes``).
 
 A finished store is embedded again in full on ``--force`` or when the store no longer matches
 what this stage recorded (a corrupted or hand-edited file): it is never re-recorded as good.
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .. import distributed as D
 from ..extract import extract_features, resolve_checkpoint
 from ..features import FeatureStore, verify_store
+from ..gallery import gallery_classes, list_extras
 from ..fileio import read_json, write_json
 from ..errors import UserError
 from . import SPLIT, STATS, TRAIN
@@ -41,9 +44,10 @@ def main(ctx: Context) -> dict[str, Any]:
         why = "--force" if ctx.force else f"{STORE_FILE} changed since this stage recorded it"
         _remove_store(store)
         log.info("%s: embedding every image again into a new %s", why, store)
+    extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels)
     D.barrier()
     metrics = extract_features(ckpt, splits, stats, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
-                               world_size=ctx.world_size)
+                               world_size=ctx.world_size, extras=extras)
     if ctx.rank != 0:
         return metrics
     n = verify_store(store, metrics["model_id"])
@@ -52,12 +56,20 @@ def main(ctx: Context) -> dict[str, Any]:
         info = st.model_info(metrics["model_id"])
     ck = Path(ckpt).resolve()
     run = Path(ctx.run_dir).resolve()
+    classes = gallery_classes(info.classes, [e.label for e in extras])
+    extra_classes = classes[len(info.classes):]
+    if extras:
+        log.info("gallery-only images (data.gallery_extra): %d, in %d classes%s", len(extras),
+                 len({e.label for e in extras}),
+                 f"; classes the backbone never saw: {', '.join(extra_classes)}" if extra_classes else "")
     write_json(ctx.output(MODEL_JSON), {
         # inside the run folder the checkpoint is named relative to it, so a moved run still finds it
         "model_id": info.id, "checkpoint": str(ck.relative_to(run)) if ck.is_relative_to(run) else str(ck), "checkpoint_sha256": info.checkpoint_sha256,
         "backbone": info.backbone, "embedding": info.embedding, "dim": info.dim, "mean": info.mean, "std": info.std,
-        "image_size": info.image_size, "pad_fill": info.pad_fill, "classes": list(info.classes), "epoch": info.epoch,
-        "vectors": metrics["vectors"],
+        "image_size": info.image_size, "pad_fill": info.pad_fill, "epoch": info.epoch, "vectors": metrics["vectors"],
+        # classes = the gallery's: the checkpoint's (train_classes), then the gallery-only ones
+        "classes": classes, "train_classes": list(info.classes), "extra_classes": extra_classes,
+        "extra_images": len(extras),
     })
     return metrics
 

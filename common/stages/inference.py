@@ -19,7 +19,9 @@ from .. import classifiers as K
 from ..errors import UserError
 from ..features import FeatureStore, ModelInfo, Vectors
 from ..fileio import read_json
-from ..inference import EvalInputs, evaluate, list_images, predict
+from ..gallery import EXTRA_SPLIT, class_indices, gallery_classes, merge, subset
+from ..inference import EvalInputs, evaluate, predict
+from ..samples import list_inputs
 from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
 from .extract import STORE_FILE, read_model_json
@@ -51,6 +53,9 @@ class StoreData:
     gallery: Vectors
     test_rows: list = field(default_factory=list)  # splits.csv rows of the test split
     facts: list[tuple[str, Any]] = field(default_factory=list)
+    extra: Vectors | None = None  # gallery-only images (data.gallery_extra), all of them
+    unknown_test: Vectors | None = None  # test images of inference.unknown_classes
+    unknown_classes: list[str] = field(default_factory=list)
 
     @property
     def model_id(self) -> int:
@@ -63,36 +68,67 @@ def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str]) -> tuple[
         info = lut.current_model()
         check_same_model((info.checkpoint_sha256, info.embedding, info.dim),
                          (model.checkpoint_sha256, model.embedding, model.dim), f"the LUT {lut_path}'s vectors")
-        gallery = lut.load_split("train", info.id, classes)
+        gallery = merge(lut.load_split("train", info.id, classes), lut.load_split(EXTRA_SPLIT, info.id, classes))
     return gallery, f"LUT {lut_path} ({len(gallery)} vectors)"
 
 
 def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None) -> StoreData:
-    """Load one model's train/val/test vectors and the gallery (the LUT, or all train vectors when None)."""
+    """Load one model's train/val/test vectors and the gallery (the LUT, or every train and extra
+    vector when None). The classes are the checkpoint's (equal to the splits'), then the
+    gallery-only classes stage 04 recorded in ``model.json``."""
     from ..data import class_names, read_splits
 
     meta = read_model_json(stage04)
     rows = read_splits(splits_csv)
-    classes = list(class_names(rows))
+    train_classes = list(class_names(rows))
+    classes = gallery_classes(train_classes, meta.get("extra_classes", []))
     store_path = stage04 / STORE_FILE
     with FeatureStore(store_path) as store:
         info = store.require_complete(int(meta["model_id"]))
         check_same_model(info.checkpoint_sha256, meta["checkpoint_sha256"], f"the vectors of {store_path}")
-        if list(info.classes) != classes:
+        if list(info.classes) != train_classes:
             raise UserError(f"{store_path}: the vectors' checkpoint has {len(info.classes)} classes but {splits_csv} "
-                            f"has {len(classes)}: rerun 04_extract_features.py")
-        train, val, test = (store.load_split(s, info.id, classes) for s in ("train", "val", "test"))
+                            f"has {len(train_classes)}: rerun 04_extract_features.py")
+        train, val, test, extra = (store.load_split(s, info.id, classes) for s in ("train", "val", "test", EXTRA_SPLIT))
     if lut_path is None:
-        gallery, desc = train, f"full train gallery ({len(train)} vectors)"
+        gallery = merge(train, extra)
+        desc = f"full gallery ({len(train)} train + {len(extra)} gallery-only vectors)"
     else:
         gallery, desc = load_gallery(lut_path, info, classes)
     facts = [("model", info.describe()), ("backbone", info.backbone), ("image size", info.image_size),
              ("gallery", desc), ("classes", len(classes))]
+    if len(extra):
+        only = classes[len(train_classes):]
+        facts.append(("gallery-only images (data.gallery_extra)",
+                      f"{len(extra)}" + (f"; classes the backbone never saw: {', '.join(only)}" if only else "")))
     checkpoint = Path(meta["checkpoint"])
     if not checkpoint.is_absolute():  # relative to the run folder (stage 04's parent)
         checkpoint = Path(stage04).parent / checkpoint
-    return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val,
-                     test=test, gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts)
+    return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val, test=test,
+                     gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts, extra=extra)
+
+
+def hold_out(data: StoreData, names: list[str]) -> StoreData:
+    """``inference.unknown_classes``: those classes leave the gallery, train and val; their test
+    images become ``unknown_test`` (queries that should be rejected)."""
+    if not names:
+        return data
+    out = class_indices(names, data.classes, "inference.unknown_classes")
+    keep = ~np.isin(data.gallery.labels, out)
+    if not keep.any():
+        raise UserError("inference.unknown_classes: every gallery class is held out; keep at least one")
+    test_known = ~np.isin(data.test.labels, out)
+    data.gallery = subset(data.gallery, keep)
+    data.train = subset(data.train, ~np.isin(data.train.labels, out))
+    data.val = subset(data.val, ~np.isin(data.val.labels, out))
+    data.unknown_test = subset(data.test, ~test_known)
+    data.test = subset(data.test, test_known)
+    data.unknown_classes = list(names)
+    data.facts.append(("unknown classes (inference.unknown_classes)",
+                       f"{', '.join(names)}: out of the gallery; {len(data.unknown_test)} test images as unknowns"))
+    log.info("inference.unknown_classes: %s left out of the gallery (%d vectors left); %d test images are unknowns",
+             ", ".join(names), len(data.gallery), len(data.unknown_test))
+    return data
 
 
 def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
@@ -122,8 +158,8 @@ def main(ctx: Context) -> dict[str, Any]:
     if suggested is not None:
         log.info("stage 05 suggests inference.reject_below=%.4f (now %s)", suggested, icfg.reject_below)
     if icfg.reject_below is None:
-        log.info("open-set rejection is off (inference.reject_below=null)")
-    data = load_store_data(stage04, splits_dir / "splits.csv", lut_path)
+        log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
+    data = hold_out(load_store_data(stage04, splits_dir / "splits.csv", lut_path), list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
     if icfg.mode == "evaluate":
         return _evaluate(ctx, data, facts, sweep_png, suggested)
@@ -136,9 +172,14 @@ def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None
     if len(test) == 0 and data.test_rows:
         log.info("the store holds no test vectors: embedding the test split's %d images now", len(data.test_rows))
         test, embed_s = _embed_split(ctx, data)
+        if data.unknown_classes:  # hold_out saw no test vectors: split these
+            out = class_indices(data.unknown_classes, data.classes, "inference.unknown_classes")
+            data.unknown_test = subset(test, np.isin(test.labels, out))
+            test = subset(test, ~np.isin(test.labels, out))
     inp = EvalInputs(classes=data.classes, test=test, gallery=data.gallery, train=data.train, val=data.val,
                      model_id=data.model_id, facts=facts, sweep_png=sweep_png,
-                     suggested_reject_below=suggested, embed_seconds=embed_s)
+                     suggested_reject_below=suggested, embed_seconds=embed_s, unknown_test=data.unknown_test,
+                     unknown_classes=data.unknown_classes)
     m = evaluate(inp, icfg, ctx.output, device=ctx.device(), seed=ctx.cfg.run.seed)
     keys = ("accuracy", f"top{icfg.top_k}_accuracy", "macro_f1", "balanced_accuracy", "map_at_r",
             "rejection_rate", "accepted_accuracy", "gallery_size", "report")
@@ -146,21 +187,28 @@ def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None
 
 
 def _predict(ctx: Context, data: StoreData, facts: list, suggested: float | None) -> dict:
+    from . import predict_name
+
     icfg = ctx.cfg.inference
-    images, not_images = list_images(icfg.input)
+    inputs = list_inputs(icfg.input)
+    images, not_images = inputs.images, inputs.others
     if not_images:
-        log.info("%d files under %s are not images by their suffix: listed in predictions.csv", len(not_images),
+        log.info("%d files of %s are not images (suffix) or missing: listed in predictions.csv", len(not_images),
                  icfg.input)
     if not images:
-        raise UserError(f"inference.input: no image files under {icfg.input}")
-    log.info("predicting %d images of %s into %s", len(images), icfg.input, ctx.dir)
+        raise UserError(f"inference.input: no image files in {icfg.input}")
+    log.info("predicting %d images of %s (%d samples) into %s", len(images), icfg.input, len(inputs.sample_list()),
+             ctx.dir)
     X, ok, errors, timing = _embed(ctx, data, images)
     queries = Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
     clfs = _classifiers_for_predict(ctx, data)
-    m = predict(queries, data.gallery, data.classes, icfg, ctx.output, classifiers=clfs,
-                errors=[*errors, *not_images], timing=timing, facts=facts, suggested_reject_below=suggested,
-                device=ctx.device())
-    return {k: m[k] for k in ("n_images", "n_unreadable", "rejection_rate", "images_per_s", "report") if k in m}
+    errors = [*errors, *not_images]
+    m = predict(queries, data.gallery, data.classes, icfg, ctx.output, samples=[inputs.samples[p] for p in queries.paths],
+                name=predict_name(ctx.cfg), root=inputs.root, val=data.val, classifiers=clfs, errors=errors,
+                error_samples=[inputs.samples.get(p, "") for p, _ in errors], timing=timing, facts=facts,
+                suggested_reject_below=suggested, device=ctx.device())
+    return {k: m[k] for k in ("n_images", "n_unreadable", "n_doubtful", "rejection_rate", "images_per_s", "report",
+                              "review") if k in m}
 
 
 def load_query_model(ctx: Context, data: StoreData) -> tuple[Any, Callable]:
@@ -201,6 +249,18 @@ def _embed_split(ctx: Context, data: StoreData) -> tuple[Vectors, float]:
     return Vectors(X, labels, [paths[i] for i in ok]), timing["decode_embed_s"]
 
 
+def _same_classes(classes_json: Path, classes: list[str]) -> bool:
+    """Whether the evaluation's classifiers know the gallery's classes (gallery-only classes added
+    since, or classes held out, mean fitting them again here rather than refusing)."""
+    try:
+        same = list(read_json(classes_json).get("classes", [])) == list(classes)
+    except (OSError, ValueError, AttributeError):
+        return True  # let load_classifiers say what is wrong with the file
+    if not same:
+        log.info("the evaluation's classifiers (%s) were fitted for other classes: fitting them again", classes_json)
+    return same
+
+
 def _classifiers_for_predict(ctx: Context, data: StoreData) -> dict[str, Any]:
     """Predict mode: the classifiers saved by an up-to-date evaluation (read only), else fitted now."""
     icfg = ctx.cfg.inference
@@ -209,7 +269,8 @@ def _classifiers_for_predict(ctx: Context, data: StoreData) -> dict[str, Any]:
     dim = data.gallery.X.shape[1]
     evaluation = ctx.run_dir / INFERENCE
     saved = evaluation / "classifiers"
-    if read_manifest(evaluation) is not None and (saved / K.CLASSES_FILE).is_file():
+    if read_manifest(evaluation) is not None and (saved / K.CLASSES_FILE).is_file() and \
+            _same_classes(saved / K.CLASSES_FILE, data.classes):
         loaded = K.load_classifiers(saved, data.classes, data.model_id, dim, icfg.classifiers)
         if all(n in loaded for n in icfg.classifiers):
             log.info("using the classifiers the evaluation saved in %s: %s", saved, ", ".join(loaded))

@@ -1,9 +1,10 @@
 """Stage 06's driver: prune the train gallery into the look-up table (LUT) at the chosen threshold.
 
-The threshold is ``prune.threshold`` when set (then stage 05 is not needed), else the one in 05's
-``threshold.json``. Writes its own artefact, ``lut.sqlite``: a self-contained gallery with the
-feature store's schema (the kept train images with their labels, paths and sha256, the model, the
-kept vectors) that a user can copy to another machine; ``lut.json`` (threshold, counts, the
+The gallery is the train split and the gallery-only images of ``data.gallery_extra`` (split
+``extra``, kept under that split in the LUT). The threshold is ``prune.threshold`` when set (then
+stage 05 is not needed), else the one in 05's ``threshold.json``. Writes its own artefact,
+``lut.sqlite``: a self-contained gallery with the feature store's schema (the kept gallery images
+with their labels, paths and sha256, the model, the kept vectors) that a user can copy elsewhere; ``lut.json`` (threshold, counts, the
 model's checkpoint sha256), ``prune_summary.csv`` and ``prune_summary.png``.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from ..fileio import atomic_path, read_json, write_csv, write_json
 from ..plots import plot_prune_summary
 from . import EXTRACT, THRESHOLD
 from .extract import STORE_FILE
-from .threshold import THRESHOLD_JSON, load_splits
+from ..gallery import EXTRA_SPLIT
+from .threshold import THRESHOLD_JSON, gallery_of, load_splits
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -51,7 +53,7 @@ def write_lut_store(path: Path, source: Path, model_id: int, gallery: Vectors) -
     keep = {int(i) for i in gallery.ids}
     with FeatureStore(source) as src:
         info = src.model_info(model_id)
-        images = [r for r in src.images("train") if r.id in keep]
+        images = [r for r in src.images() if r.id in keep]  # train and extra (gallery-only) rows
     with atomic_path(path) as tmp:
         os.unlink(tmp)  # SQLite creates the file itself
         with FeatureStore(tmp, create=True) as dst:
@@ -60,7 +62,7 @@ def write_lut_store(path: Path, source: Path, model_id: int, gallery: Vectors) -
                                         backbone=info.backbone, dim=info.dim, mean=info.mean, std=info.std,
                                         image_size=info.image_size, pad_fill=info.pad_fill, classes=info.classes,
                                         checkpoint_path=info.checkpoint_path, epoch=info.epoch)
-            id_of = {r.path: r.id for r in dst.images("train")}
+            id_of = {r.path: r.id for r in dst.images()}
             ids = np.array([id_of[p] for p in gallery.paths], dtype=np.int64)
             order = np.argsort(ids, kind="stable")
             dst.write_vectors(new.id, ids[order], gallery.X[order])
@@ -71,11 +73,11 @@ def main(ctx: Context) -> dict[str, Any]:
     stage04 = ctx.upstream(EXTRACT)
     t, source, tj_model = _threshold(ctx)
     t = round(t, 6)
-    model, classes, vec = load_splits(stage04, ("train",))
+    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT))
     if tj_model is not None and int(tj_model) != int(model["model_id"]):
         raise UserError(f"{source} was chosen for model {tj_model}, but stage 04's vectors are of model "
                         f"{model['model_id']}: rerun 05_lut_threshold.py")
-    gal = vec["train"]
+    gal = gallery_of(vec)
     if len(gal) == 0:
         raise UserError(f"{stage04 / STORE_FILE} holds no train vectors to prune: rerun 04_extract_features.py")
     t0 = time.perf_counter()

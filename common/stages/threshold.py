@@ -1,6 +1,6 @@
 """Stage 05's driver: sweep the LUT pruning threshold on the val split, choose one, write the artefacts.
 
-Reads 04's ``features.sqlite`` (train = gallery, val = queries) and ``model.json``; writes
+Reads 04's ``features.sqlite`` (train + extra = gallery, val = queries) and ``model.json``; writes
 ``threshold_sweep.csv``, ``threshold.json`` and ``threshold_sweep.png``.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .. import lut
 from ..errors import UserError
 from ..features import FeatureStore, Vectors
 from ..fileio import write_csv, write_json
+from ..gallery import EXTRA_SPLIT, merge
 from ..plots import plot_sweep
 from . import EXTRACT
 from .extract import STORE_FILE, read_model_json
@@ -27,7 +28,11 @@ THRESHOLD_JSON = "threshold.json"
 
 
 def load_splits(stage04_dir: Path, splits: Sequence[str]) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
-    """(model.json, classes, {split: Vectors}) of the one model stage 04 recorded."""
+    """(model.json, classes, {split: Vectors}) of the one model stage 04 recorded.
+
+    ``classes`` are the gallery's (the checkpoint's, then the gallery-only classes of
+    ``data.gallery_extra``); ``gallery_of`` joins the ``train`` and ``extra`` splits.
+    """
     model = read_model_json(stage04_dir)
     path = Path(stage04_dir) / STORE_FILE
     classes = list(model["classes"])
@@ -42,13 +47,18 @@ def load_splits(stage04_dir: Path, splits: Sequence[str]) -> tuple[dict[str, Any
     return model, classes, out
 
 
+def gallery_of(vec: dict[str, Vectors]) -> Vectors:
+    """The gallery: train vectors and the gallery-only (``extra``) ones, by image id."""
+    return merge(vec["train"], vec[EXTRA_SPLIT])
+
+
 def main(ctx: Context) -> dict[str, Any]:
     lcfg = ctx.cfg.lut
     device = ctx.device()
     thresholds = lut.threshold_grid(lcfg)
     stage04 = ctx.upstream(EXTRACT)
-    model, classes, vec = load_splits(stage04, ("train", "val"))
-    gal, val = vec["train"], vec["val"]
+    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT, "val"))
+    gal, val = gallery_of(vec), vec["val"]
     store = stage04 / STORE_FILE
     if len(gal) == 0:
         raise UserError(f"{store} holds no train vectors (the gallery): check split.train and rerun "

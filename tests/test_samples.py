@@ -1,0 +1,95 @@
+"""Predict-mode inputs and samples, counts, the EcoTaxa table and the doubt order (common/samples.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import samples as S
+from common.errors import UserError
+from common.metrics import UNKNOWN
+
+
+def _touch(p: Path) -> Path:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"")
+    return p
+
+
+def test_folder_samples_are_first_sub_folders(tmp_path):
+    root = tmp_path / "cruise"
+    for rel in ("st1/a.png", "st1/deep/b.png", "st2/c.jpg", "loose.png", "st2/readme.txt", "st2/.d.png"):
+        _touch(root / rel)
+    inp = S.list_inputs(root)
+    got = {Path(p).relative_to(root.resolve()).as_posix(): inp.samples[p] for p in inp.images}
+    assert got == {"st1/a.png": "st1", "st1/deep/b.png": "st1", "st2/c.jpg": "st2", "loose.png": "cruise"}
+    assert [Path(p).name for p, _ in inp.others] == ["readme.txt"] and inp.root == root.resolve()
+    assert inp.sample_list() == ["cruise", "st1", "st2"]
+
+
+def test_single_image_csv_and_text_lists(tmp_path):
+    img = _touch(tmp_path / "st9" / "x.png")
+    one = S.list_inputs(img)
+    assert one.images == [str(img.resolve())] and one.samples[one.images[0]] == "st9"
+    a = _touch(tmp_path / "imgs" / "a.png")
+    b = _touch(tmp_path / "imgs" / "sub" / "b.png")
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,sample\nimgs/a.png,north\n{b},\nimgs/missing.png,north\nimgs/notes.txt,x\n")
+    _touch(tmp_path / "imgs" / "notes.txt")
+    inp = S.list_inputs(lst)
+    assert inp.images == [str(a.resolve()), str(b.resolve())]
+    assert inp.samples[str(a.resolve())] == "north" and inp.samples[str(b.resolve())] == "sub"
+    assert [(Path(p).name, why) for p, why in inp.others] == [("missing.png", "listed file does not exist"),
+                                                              ("notes.txt", "not an image file (suffix)")]
+    assert inp.root == (tmp_path / "imgs").resolve()
+    txt = tmp_path / "list.txt"
+    txt.write_text(f"# images\n\nimgs/a.png\n{b}\n")
+    assert S.list_inputs(txt).images == [str(a.resolve()), str(b.resolve())]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.png\n")
+    with pytest.raises(UserError, match="bad.csv has no 'path' column"):
+        S.list_inputs(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        S.list_inputs(tmp_path / "nothing")
+    twice = tmp_path / "twice.txt"
+    twice.write_text("imgs/a.png\nimgs/a.png\n")
+    with pytest.raises(UserError, match="listed twice"):
+        S.list_inputs(twice)
+
+
+def test_sample_counts_table():
+    header, rows = S.sample_counts(["s1", "s2", "s1", "s1"], np.array([0, 1, UNKNOWN, 0]), ["a", "b"],
+                                   unreadable={"s2": 3})
+    assert header == ["sample", "a", "b", "unknown", "total", "unreadable"]
+    assert rows == [["s1", 2, 0, 1, 3, 0], ["s2", 0, 1, 0, 1, 3]]
+
+
+def test_ecotaxa_rows_follow_the_import_format(tmp_path):
+    root = tmp_path / "in"
+    paths = [str(root / "s1" / "a.png"), str(root / "s1" / "deep" / "a.png"), str(root / "s2" / "a b.png")]
+    rows = S.ecotaxa_rows(paths, ["s1", "s1", "s\t2"], ["copepod", None, "copepod"], root,
+                          {"similarity": np.array([0.9, 0.2, 0.8]), "margin": np.array([0.1, np.nan, 0.3])})
+    assert rows[0] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
+                       "object_annotation_status", "object_similarity", "object_margin", "sample_id"]
+    assert rows[1] == ["[t]", "[f]", "[t]", "[t]", "[t]", "[f]", "[f]", "[t]"]
+    assert [r[0] for r in rows[2:]] == ["s1/a.png", "s1/deep/a.png", "s2/a b.png"]
+    ids = [r[2] for r in rows[2:]]
+    assert len(set(ids)) == 3 and all("/" not in i and " " not in i for i in ids)
+    assert rows[2][3:5] == ["copepod", "predicted"] and rows[3][3:5] == ["", ""]  # unknown: unclassified
+    assert rows[3][6] == "nan" and rows[2][5] == "0.900000"
+    out = tmp_path / "ecotaxa_x.tsv"
+    S.write_tsv(out, rows)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5 and all(len(line.split("\t")) == 8 for line in lines)
+    assert lines[4].endswith("\ts 2")  # a tab inside a value never breaks the table
+
+
+def test_doubt_order_puts_unknown_then_more_reasons_then_lower_similarity():
+    final = np.array([0, UNKNOWN, 1, 0, 1])
+    sim = np.array([0.95, 0.5, 0.6, 0.9, 0.99])
+    margin = np.array([0.2, 0.01, 0.01, 0.2, np.nan])
+    order, reasons = S.doubt_order(final, sim, margin, low_similarity=0.7, small_margin=0.05)
+    assert order.tolist() == [1, 2, 3, 0, 4]
+    assert reasons[1] == ["unknown", "low similarity", "small margin"]
+    assert reasons[2] == ["low similarity", "small margin"] and reasons[0] == [] and reasons[4] == []
