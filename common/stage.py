@@ -414,6 +414,77 @@ def _manifest(spec: StageSpec, inv: Invocation, ctx: Context, reads: set[str], a
     }
 
 
+def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage_dir: Path, rank0: bool,
+            slog: logging.Logger) -> tuple[rf.Freshness, dict | None, str | None]:
+    """Read-only checks: (freshness, the last finished run's manifest, why the stage runs; None = up to date).
+
+    Raises ``UserError`` when the stage must not run (its lock is held, an upstream is not usable).
+    """
+    hint_extra = inv.args if inv.changes else []
+    fresh = rf.Freshness(inv.run_dir, inv.cfg, specs, lambda s: rerun_hint(s, inv.run_dir, hint_extra))
+    if rank0:
+        running = rf.holder(stage_dir)
+        if running is not None:
+            raise UserError(rf.running_message(spec.name, inv.run_dir, running))
+    _check_upstream(spec, inv, fresh, specs)
+    old, why = _own_state(spec, inv, fresh, stage_dir)
+    if inv.changes:
+        slog.info("%s", _config_change_message(inv, specs))
+    return fresh, old, why
+
+
+def _failure(e: BaseException, spec: StageSpec, stage_dir: Path, slog: logging.Logger) -> tuple[int, str, str | None]:
+    """(exit code, one line, traceback or None) of a stage that stopped, logged."""
+    if isinstance(e, UserError):
+        line = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        if line.startswith("Caught "):  # re-raised by a DataLoader worker: the file is on the last line
+            from .data import loader_error_line
+
+            line = loader_error_line(e)
+        slog.error("error: %s", line)
+        return 2, line, None
+    if isinstance(e, KeyboardInterrupt):
+        line = f"interrupted ({e})" if str(e) else "interrupted (Ctrl-C)"
+        slog.warning("%s: %s; rerun the same command to continue", spec.name, line)
+        return 130, line, None
+    line = f"{e.__class__.__name__}: {e}".splitlines()[0]
+    slog.error("%s failed: %s (traceback in %s)", spec.name, line, stage_dir / "log.txt", exc_info=e)
+    return 1, line, "".join(traceback.format_exception(e))
+
+
+def _install_signals() -> dict:
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in old:
+            signal.signal(s, interrupt)
+    except ValueError:  # not in the main thread (tests)
+        return {}
+    return old
+
+
+def _restore_signals(old: dict) -> None:
+    for s, h in old.items():
+        try:
+            signal.signal(s, h)
+        except (ValueError, TypeError):
+            pass
+
+
+def _close(handlers: list[logging.Handler], lock: rf.StageLock, world: int) -> None:
+    lock.release()
+    if world > 1:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - closing must not hide the stage's outcome
+            pass
+    for h in handlers:
+        logging.getLogger().removeHandler(h)
+        h.close()
+
+
 def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: Any = None,
             doc: str | None = None, specs: dict[str, StageSpec] | None = None) -> int:
     """Run one stage and return its exit code (``run`` calls this and exits).
@@ -429,38 +500,19 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
     except UserError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}", file=sys.stderr)
         return 2
-
     cfg, run_dir = inv.cfg, inv.run_dir
     stage_dir = spec.folder(run_dir, cfg)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     handlers, buffer = setup_logging(cfg.run.log_level, rank0)
-    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for s in old_handlers:
-            signal.signal(s, interrupt)
-    except ValueError:  # not in the main thread (tests)
-        old_handlers = {}
-
-    t0 = time.time()
-    started = _now()
+    old_signals = _install_signals()
+    t0, started = time.time(), _now()
     slog = logging.getLogger(spec.name)
     metrics: dict | None = None
-    code, err_line, tb_text = 1, None, None
-    quiet = False  # up to date: no e-mail
+    code, err_line, tb_text, quiet = 1, None, None, False  # quiet: up to date, no e-mail
     lock = rf.StageLock(stage_dir, spec.name, run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        hint_extra = inv.args if inv.changes else []
-        fresh = rf.Freshness(run_dir, cfg, specs, lambda s: rerun_hint(s, run_dir, hint_extra))
-        # --- checks: nothing is written until they pass
-        if rank0:
-            running = rf.holder(stage_dir)
-            if running is not None:
-                raise UserError(rf.running_message(spec.name, run_dir, running))
-        _check_upstream(spec, inv, fresh, specs)
-        old, why = _own_state(spec, inv, fresh, stage_dir)
-        if inv.changes:
-            slog.info("%s", _config_change_message(inv, specs))
+        fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0, slog)  # nothing is written before
         if why is None:
             if rank0 and (inv.changes or inv.new_run):
                 rf.write_run_config(run_dir, cfg)
@@ -468,7 +520,6 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
                       spec.name, old.get("finished") if old else "?")
             code, quiet = 0, True
             return 0
-        # --- the stage runs
         rank, world = _init_distributed()
         if rank == 0:
             _begin(inv, stage_dir, lock, buffer, handlers, slog)
@@ -492,52 +543,21 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
             rf.write_manifest(stage_dir, manifest)
             slog.info("%s finished in %.1f s", spec.name, time.time() - t0)
         code = 0
-    except UserError as e:
-        err_line = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        if err_line.startswith("Caught "):  # re-raised by a DataLoader worker: the file is on the last line
-            from .data import loader_error_line
-
-            err_line = loader_error_line(e)
-        slog.error("error: %s", err_line)
-        code = 2
-    except KeyboardInterrupt as e:
-        err_line = f"interrupted ({e})" if str(e) else "interrupted (Ctrl-C)"
-        slog.warning("%s: %s; rerun the same command to continue", spec.name, err_line)
-        code = 130
-    except Exception as e:  # noqa: BLE001 - every unexpected failure gets a traceback and exit 1
-        err_line = f"{e.__class__.__name__}: {e}".splitlines()[0]
-        tb_text = traceback.format_exc()
-        slog.error("%s failed: %s (traceback in %s)", spec.name, err_line, stage_dir / "log.txt", exc_info=True)
-        code = 1
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every outcome gets its exit code
+        code, err_line, tb_text = _failure(e, spec, stage_dir, slog)
     finally:
         try:
             if not quiet and rank0:
-                event = {0: "success", 130: "interrupt"}.get(code, "failure")
-                _send_email(cfg, event, {
+                _send_email(cfg, {0: "success", 130: "interrupt"}.get(code, "failure"), {
                     "stage": spec.name, "run_dir": str(run_dir), "host": socket.gethostname(),
                     "elapsed_s": time.time() - t0, "error": err_line, "traceback": tb_text,
                     "log_path": str(stage_dir / "log.txt"), "exit_code": code, "metrics": metrics,
                 })
-            lock.release()
-            if world > 1:
-                try:
-                    import torch.distributed as dist
-
-                    if dist.is_initialized():
-                        dist.destroy_process_group()
-                except Exception:  # noqa: BLE001
-                    pass
-            for h in handlers:
-                logging.getLogger().removeHandler(h)
-                h.close()
+            _close(handlers, lock, world)
         except KeyboardInterrupt:  # a signal during the clean-up: the outcome is already decided
             code = 130 if code == 0 else code
         finally:
-            for s, h in old_handlers.items():
-                try:
-                    signal.signal(s, h)
-                except (ValueError, TypeError):
-                    pass
+            _restore_signals(old_signals)
     return code
 
 
