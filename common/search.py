@@ -93,7 +93,7 @@ def factory_string(kind: str, dim: int, n: int, scfg: Any) -> tuple[str, int]:
         if n < 2 ** scfg.pq_bits:
             raise UserError(f"search.pq_bits={scfg.pq_bits} needs at least {2 ** scfg.pq_bits} gallery vectors to "
                             f"train its codebooks, the gallery has {n:,}: lower search.pq_bits or use search.index=ivf")
-        return f"{prefix}IVF{nlist},PQ{scfg.pq_m}x{scfg.pq_bits}", nlist
+        return f"{prefix}IVF{nlist},PQ{scfg.pq_m}x{scfg.pq_bits}np", nlist  # np: no polysemous training (slow, unused)
     return f"{prefix}HNSW{scfg.hnsw_m}", 0
 
 
@@ -120,36 +120,59 @@ class AnnIndex:
     description: str
     dim: int
     build_seconds: float = 0.0
+    candidates: int = 64  # neighbours proposed per query before exact rescoring (search.candidates)
+    nprobe: int = 16  # search.nprobe (IVF)
+    ef_search: int = 128  # search.ef_search (HNSW)
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
     def set_query_params(self, scfg: Any) -> None:
-        """Apply the query-time knobs: ``search.nprobe`` (IVF) and ``search.ef_search`` (HNSW)."""
+        """Apply the query-time knobs: ``search.nprobe`` (IVF), ``search.ef_search`` (HNSW), ``search.candidates``."""
         inner = _inner(self.index)
         faiss = _faiss()
+        self.candidates = int(scfg.candidates)
+        self.nprobe, self.ef_search = int(scfg.nprobe), int(scfg.ef_search)
         if self.kind in ("ivf", "ivfpq"):
             faiss.extract_index_ivf(self.index).nprobe = int(min(scfg.nprobe, faiss.extract_index_ivf(self.index).nlist))
         elif self.kind == "hnsw":
             inner.hnsw.efSearch = int(scfg.ef_search)
 
-    def raw_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The index's own answer: ``(scores (Q, k) float32, rows (Q, k) int64)``, row -1 where it found fewer."""
+    def _params(self, keep: np.ndarray | None) -> Any:
+        """FAISS search parameters restricting the search to the rows where ``keep`` is True (None: all)."""
+        if keep is None:
+            return None
+        faiss = _faiss()
+        bitmap = np.packbits(np.asarray(keep, dtype=bool), bitorder="little")
+        sel = faiss.IDSelectorBitmap(int(keep.size), faiss.swig_ptr(bitmap))
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=self.ef_search)
+        else:
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        params.bitmap_ref = bitmap  # the selector points into it: keep it alive as long as the parameters
+        return params
+
+    def raw_search(self, queries: np.ndarray, k: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The index's own answer: ``(scores (Q, k) float32, rows (Q, k) int64)``, row -1 where it found fewer;
+        ``keep`` (ntotal,) bool restricts the search to those rows (FAISS ``IDSelectorBitmap``)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(int(k), self.ntotal))
         if q.shape[0] == 0:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         if q.shape[1] != self.dim:
             raise UserError(f"queries have dimension {q.shape[1]} but the index was built on {self.dim}")
-        return self.index.search(q, k)
+        params = self._params(keep)
+        return self.index.search(q, k) if params is None else self.index.search(q, k, params=params)
 
-    def search(self, queries: np.ndarray, k: int, gallery: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest gallery rows of every query among ``max(k, candidates)`` the index proposes,
+    def search(self, queries: np.ndarray, k: int, gallery: np.ndarray,
+               keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest gallery rows of every query among ``max(k, self.candidates)`` the index proposes,
         rescored exactly against ``gallery`` (G, D) float32: ``(sims (Q, k) float32, rows (Q, k) int64)``,
-        by similarity descending, ties to the lower row; rows -1 (similarity -inf) pad short lists."""
-        m = max(int(k), int(candidates))
-        _, rows = self.raw_search(queries, m)
+        by similarity descending, ties to the lower row; rows -1 (similarity -inf) pad short lists.
+        ``keep``: search only those rows (stage 05: a pruned gallery without rebuilding the index)."""
+        m = max(int(k), self.candidates)
+        _, rows = self.raw_search(queries, m, keep)
         sims = rescore(queries, gallery, rows)
         order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), -sims.astype(np.float64)), axis=1)
         sims = np.take_along_axis(sims, order, 1)[:, :k]
@@ -171,24 +194,30 @@ class AnnIndex:
 
 def rescore(queries: np.ndarray, gallery: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Exact float32 dot products ``queries[q] . gallery[rows[q, j]]`` (-inf where ``rows`` is -1)."""
+    import torch
+
     Q, M = rows.shape
     out = np.full((Q, M), -np.inf, dtype=np.float32)
     ok = rows >= 0
     if not ok.any():
         return out
-    step = max(1, (1 << 24) // max(1, M * gallery.shape[1]))  # queries at a time: bounds the gathered block
-    for a in range(0, Q, step):
-        r = np.where(ok[a:a + step], rows[a:a + step], 0)
-        g = gallery[r]  # (B, M, D)
-        s = np.einsum("bmd,bd->bm", g, np.asarray(queries[a:a + step], dtype=np.float32), dtype=np.float32)
-        out[a:a + step] = np.where(ok[a:a + step], s, -np.inf)
+    g = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    r = torch.from_numpy(np.where(ok, rows, 0))
+    step = max(1, (1 << 24) // max(1, M * g.shape[1]))  # queries at a time: bounds the gathered block
+    with torch.inference_mode():
+        for a in range(0, Q, step):
+            gb = g.index_select(0, r[a:a + step].reshape(-1)).view(-1, M, g.shape[1])  # (B, M, D)
+            s = torch.bmm(gb, q[a:a + step, :, None])[:, :, 0].numpy()  # (B, M)
+            out[a:a + step] = np.where(ok[a:a + step], s, -np.inf)
     return out
 
 
 def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, use_gpu: bool | None = None,
                 progress: bool = True) -> AnnIndex:
     """Train ``search.index`` on a seeded sample of at most ``search.train_size`` rows of ``vectors``
-    (N, D) float32 L2-normalised, then add every row in order (row i of the index = row i here)."""
+    (N, D) float32 L2-normalised, then add every row in order (row i of the index = row i here).
+    Reads only the build keys; call ``set_query_params`` before searching."""
     from tqdm import tqdm
 
     faiss = _faiss()
@@ -220,7 +249,6 @@ def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, use_gpu: bool | N
     if gpu:
         index = faiss.index_gpu_to_cpu(index)  # one form in memory and on disk; searched on the GPU below
     ann = AnnIndex(index, scfg.index, desc, dim, time.perf_counter() - t0)
-    ann.set_query_params(scfg)
     log.info("built %s over %s x %d in %.1f s", desc, f"{n:,}", dim, ann.build_seconds)
     return ann
 

@@ -38,8 +38,9 @@ def test_index_agrees_with_exact_search(data, kind, kw):
     X, y, Q, _ = data
     sc = cfg(index=kind, **kw)
     ann = search.build_index(X, sc, seed=0, progress=False)
+    ann.set_query_params(sc)
     assert ann.ntotal == len(X) and ann.dim == 64
-    sims, rows = ann.search(Q, 5, X, sc.candidates)
+    sims, rows = ann.search(Q, 5, X)
     es, er = retrieval.topk(Q, X, 5)
     agr = search.agreement(er, rows, y)
     assert agr["n_queries"] == len(Q)
@@ -55,10 +56,11 @@ def test_save_and_load_give_the_same_answers(tmp_path, data):
     X, _, Q, _ = data
     sc = cfg(index="ivf", nprobe=4)
     ann = search.build_index(X, sc, seed=3, progress=False)
+    ann.set_query_params(sc)
     ann.save(tmp_path / "g.faiss")
     back = search.load_index(tmp_path / "g.faiss", "ivf", sc)
-    a = ann.search(Q, 10, X, 32)
-    b = back.search(Q, 10, X, 32)
+    a = ann.search(Q, 10, X)
+    b = back.search(Q, 10, X)
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[0], b[0])
     # query-time knobs come from the configuration given at load time
@@ -77,7 +79,8 @@ def test_a_file_that_is_not_an_index_is_a_one_line_error(tmp_path):
 def test_short_neighbour_lists_are_padded():
     X, y = clustered(50, 16, 2, seed=4)
     ann = search.build_index(X, cfg(index="hnsw"), progress=False)
-    sims, rows = ann.search(X[:3], 80, X, 10)  # more than the gallery holds
+    ann.set_query_params(cfg(index="hnsw", candidates=10))
+    sims, rows = ann.search(X[:3], 80, X)  # more than the gallery holds
     assert rows.shape == (3, 50) and (rows >= 0).all()
     assert rows[0, 0] == 0 and sims[0, 0] == pytest.approx(1.0, abs=1e-6)
 
@@ -106,6 +109,21 @@ def test_parameters_are_checked_against_the_data():
         search.factory_string("ivf", 64, 5000, cfg(pca_dim=64))
     with pytest.raises(UserError, match="search.nlist"):
         search.factory_string("ivf", 64, 50, cfg(nlist=100))
-    assert search.factory_string("ivfpq", 2048, 10**6, cfg(pca_dim=256, pq_m=32)) == ("PCA256,L2norm,IVF4000,PQ32x8", 4000)
+    assert search.factory_string("ivfpq", 2048, 10**6, cfg(pca_dim=256, pq_m=32)) == ("PCA256,L2norm,IVF4000,PQ32x8np", 4000)
     assert search.factory_string("hnsw", 64, 10, cfg(hnsw_m=16)) == ("HNSW16", 0)
     assert search.auto_nlist(1000) == 25 and search.auto_nlist(10) == 1
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_search_restricted_to_kept_rows_finds_the_pruned_gallerys_neighbours(data, kind):
+    X, y, Q, _ = data
+    sc = cfg(index=kind, pca_dim=32)
+    ann = search.build_index(X, sc, progress=False)
+    ann.set_query_params(sc)
+    keep = np.zeros(len(X), bool)
+    keep[::4] = True
+    sims, rows = ann.search(Q, 3, X, keep=keep)
+    assert keep[rows].all()
+    _, er = retrieval.topk(Q, X[keep], 3)
+    exact_rows = np.flatnonzero(keep)[er]
+    assert search.agreement(exact_rows, rows, y)["same_class"] >= 0.99
