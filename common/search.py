@@ -17,7 +17,9 @@ axes and re-normalised (``PCA<d>,L2norm``), the PCA fitted on the training sampl
 Training (IVF cells, PQ codebooks, PCA) uses a random sample of at most ``train_size`` gallery
 vectors (seeded); the gallery is then added in chunks with a progress bar. On a machine where
 the FAISS GPU build sees a GPU, IVF indexes are trained, filled and searched there (HNSW has no
-GPU version and stays on the CPU); the saved file is always the CPU form.
+GPU version and stays on the CPU; a search restricted to kept rows, stage 05's, runs on the CPU
+form); the saved file is always the CPU form. (The GPU path has not been run here: no GPU build
+of FAISS on this project's machines.)
 
 Search. ``AnnIndex.search`` asks the index for ``candidates`` neighbours of each query, then,
 given the gallery's vectors, rescores them by exact float32 dot products and orders them by
@@ -35,7 +37,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +123,9 @@ class AnnIndex:
     dim: int
     build_seconds: float = 0.0
     candidates: int = 64  # neighbours proposed per query before exact rescoring (search.candidates)
-    nprobe: int = 16  # search.nprobe (IVF)
+    nprobe: int = 32  # search.nprobe (IVF)
     ef_search: int = 128  # search.ef_search (HNSW)
+    gpu_copy: Any = field(default=None, repr=False)  # (resources, index) on the GPU, made by the first search there
 
     @property
     def ntotal(self) -> int:
@@ -134,6 +137,7 @@ class AnnIndex:
         faiss = _faiss()
         self.candidates = int(scfg.candidates)
         self.nprobe, self.ef_search = int(scfg.nprobe), int(scfg.ef_search)
+        self.gpu_copy = None  # copied again, with these knobs, by the next search
         if self.kind in ("ivf", "ivfpq"):
             faiss.extract_index_ivf(self.index).nprobe = int(min(scfg.nprobe, faiss.extract_index_ivf(self.index).nlist))
         elif self.kind == "hnsw":
@@ -163,7 +167,20 @@ class AnnIndex:
         if q.shape[1] != self.dim:
             raise UserError(f"queries have dimension {q.shape[1]} but the index was built on {self.dim}")
         params = self._params(keep)
-        return self.index.search(q, k) if params is None else self.index.search(q, k, params=params)
+        if params is not None:
+            return self.index.search(q, k, params=params)
+        return self._gpu_index().search(q, k)
+
+    def _gpu_index(self) -> Any:
+        """The index to search without a row restriction: a GPU copy of an IVF index when the FAISS
+        GPU build sees a GPU (HNSW has no GPU version), else the index itself."""
+        if self.kind == "hnsw" or not gpu_available():
+            return self.index
+        if self.gpu_copy is None:
+            faiss = _faiss()
+            res = faiss.StandardGpuResources()
+            self.gpu_copy = (res, faiss.index_cpu_to_gpu(res, 0, self.index))  # keeps the knobs set on the CPU form
+        return self.gpu_copy[1]
 
     def search(self, queries: np.ndarray, k: int, gallery: np.ndarray,
                keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -181,11 +198,7 @@ class AnnIndex:
 
     def save(self, path: Path) -> None:
         """Write the index (CPU form) with ``faiss.write_index``."""
-        faiss = _faiss()
-        index = self.index
-        if hasattr(faiss, "index_gpu_to_cpu") and gpu_available() and "Gpu" in type(index).__name__:
-            index = faiss.index_gpu_to_cpu(index)
-        faiss.write_index(index, str(path))
+        _faiss().write_index(self.index, str(path))
 
     def meta(self) -> dict[str, Any]:
         return {"index": self.kind, "factory": self.description, "dim": self.dim, "ntotal": self.ntotal,
@@ -213,8 +226,7 @@ def rescore(queries: np.ndarray, gallery: np.ndarray, rows: np.ndarray) -> np.nd
     return out
 
 
-def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, use_gpu: bool | None = None,
-                progress: bool = True) -> AnnIndex:
+def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, progress: bool = True) -> AnnIndex:
     """Train ``search.index`` on a seeded sample of at most ``search.train_size`` rows of ``vectors``
     (N, D) float32 L2-normalised, then add every row in order (row i of the index = row i here).
     Reads only the build keys; call ``set_query_params`` before searching."""
@@ -231,7 +243,7 @@ def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, use_gpu: bool | N
     inner = _inner(index)
     if scfg.index == "hnsw":
         inner.hnsw.efConstruction = int(scfg.ef_construction)
-    gpu = (gpu_available() if use_gpu is None else use_gpu) and scfg.index != "hnsw"
+    gpu = gpu_available() and scfg.index != "hnsw"
     if gpu:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     if not index.is_trained:
@@ -247,7 +259,7 @@ def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, use_gpu: bool | N
             index.add(X[a:a + ADD_CHUNK])
             bar.update(min(ADD_CHUNK, n - a))
     if gpu:
-        index = faiss.index_gpu_to_cpu(index)  # one form in memory and on disk; searched on the GPU below
+        index = faiss.index_gpu_to_cpu(index)  # the CPU form is kept and saved; searches copy it back (_gpu_index)
     ann = AnnIndex(index, scfg.index, desc, dim, time.perf_counter() - t0)
     log.info("built %s over %s x %d in %.1f s", desc, f"{n:,}", dim, ann.build_seconds)
     return ann
