@@ -119,6 +119,14 @@ def test_faiss_index_runs_stages_06_and_07(pipeline, tmp_path):
     same = sum(a["predicted_label"] == b["predicted_label"] for a, b in zip(ivf, exact)) / len(exact)
     assert same >= 0.95
     assert "same top-1 image as exact search" in (copy / "07_inference" / "report.html").read_text()
+    digit_folder = Path(digits[0].split("=", 1)[1]) / "digit_3"
+    r = _run(["07_inference.py", "--run", str(copy), *digits, "inference.mode=predict",
+              f"inference.input={digit_folder}", "inference.name=threes"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((copy / "07_inference" / "predict" / "threes" / "manifest.json").read_text())
+    assert m["metrics"]["search"]["index"] == "ivf" and m["undeclared_keys_read"] == []
+    preds = list(csv.DictReader(open(copy / "07_inference" / "predict" / "threes" / "predictions.csv")))
+    assert sum(p["predicted_label"] == "digit_3" for p in preds) / len(preds) > 0.5
 
     full = _copy_run(run, tmp_path / "hnsw")
     r = _run(["07_inference.py", "--run", str(full), *digits, "search.index=hnsw", "inference.gallery=full"])
