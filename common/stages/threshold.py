@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from .. import lut, search
 from ..errors import UserError
 from ..features import FeatureStore, Vectors
@@ -56,7 +58,8 @@ def index_sweep(ctx: Any, gal: Vectors, val: Vectors, keeps: Any, neighbours: li
     for r, keep, (_, exact_idx) in zip(rows, keeps, neighbours):
         _, idx = ann.search(val.X, 1, gal.X, keep=keep)
         agr = search.agreement(exact_idx, idx, gal.labels)
-        r["index_top1_accuracy"] = float((gal.labels[idx[:, 0]] == val.labels).mean())
+        found = idx[:, 0] >= 0  # an IVF search restricted to few kept rows can find none in its cells
+        r["index_top1_accuracy"] = float((found & (gal.labels[np.where(found, idx[:, 0], 0)] == val.labels)).mean())
         r["index_same_image"], r["index_same_class"] = agr["same_image"], agr["same_class"]
     log.info("swept %d thresholds through %s in %.1f s", len(rows), ann.description, time.perf_counter() - t0)
     return {"index": scfg.index, "factory": ann.description, "build_seconds": round(ann.build_seconds, 3)}
