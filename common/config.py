@@ -139,6 +139,21 @@ class PruneConfig:
 
 
 @dataclass
+class SearchConfig:
+    index: Literal["exact", "ivf", "ivfpq", "hnsw"] = "exact"  # exact (blocked matrix products) | ivf | ivfpq | hnsw (FAISS, approximate; stage 06 builds it over the LUT)
+    nlist: Optional[int] = None  # ivf/ivfpq: k-means cells; null = 4 * sqrt(gallery size), at most size / 39
+    nprobe: int = 32  # ivf/ivfpq: cells scanned per query (more: closer to exact, slower; 32: same-class top-1 0.994 at 1M, benchmarks/bench_scale.py)
+    pq_m: int = 64  # ivfpq: bytes per stored vector (sub-quantizers; must divide the indexed dimension)
+    pq_bits: int = 8  # ivfpq: bits per sub-quantizer code (the gallery needs at least 2**pq_bits vectors)
+    hnsw_m: int = 32  # hnsw: graph degree (neighbours per node)
+    ef_construction: int = 80  # hnsw: candidates explored per insertion when building
+    ef_search: int = 128  # hnsw: candidates explored per query (more: closer to exact, slower)
+    train_size: int = 100000  # vectors sampled (seeded by run.seed) to train the cells, codebooks and PCA
+    pca_dim: Optional[int] = None  # project on this many principal axes (fitted on the gallery) before indexing; null = no projection
+    candidates: int = 64  # neighbours the index proposes per query, rescored exactly (top-k classes and k-NN vote come from them)
+
+
+@dataclass
 class InferenceConfig:
     mode: Literal["evaluate", "predict"] = "evaluate"  # test split, or a folder of new images
     input: Optional[str] = None  # predict mode: a folder of images (searched recursively; samples = first sub-folders), one image, or a .csv (column path, optional sample) / .txt list of paths
@@ -192,6 +207,7 @@ SECTIONS: dict[str, type] = {
     "extract": ExtractConfig,
     "lut": LutConfig,
     "prune": PruneConfig,
+    "search": SearchConfig,
     "inference": InferenceConfig,
     "notify": NotifyConfig,
 }
@@ -300,6 +316,16 @@ RANGES: dict[str, Range] = {
     "lut.knn_temperature": _KNN_T,
     "lut.block_size": _ge(1),
     "prune.threshold": _COSINE,
+    "search.nlist": _ge(1),
+    "search.nprobe": _ge(1),
+    "search.pq_m": _ge(1),
+    "search.pq_bits": Range(1, 16, why="bits per code"),
+    "search.hnsw_m": _ge(2),
+    "search.ef_construction": _ge(1),
+    "search.ef_search": _ge(1),
+    "search.train_size": _ge(1),
+    "search.pca_dim": _ge(1),
+    "search.candidates": _ge(1),
     "inference.k": _ge(1),
     "inference.temperature": _KNN_T,
     "inference.top_k": _ge(1),
@@ -399,6 +425,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     lut: LutConfig = field(default_factory=LutConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
 

@@ -25,6 +25,9 @@ Classification (exact cosine search on L2-normalised float32 vectors, blocked ma
 - ``inference.method=top1``: the class of the nearest gallery item (= candidate 1);
   ``knn``: DINO's weighted vote of the ``k`` nearest items (``common.retrieval.topk`` and
   ``knn_vote``, weight ``exp(sim / T)``); the candidates are then ordered by vote score first;
+- ``search.index`` other than ``exact``: the neighbours come from a FAISS index over the gallery
+  (``common.search``: ``search.candidates`` proposed per query, rescored exactly), so the candidate
+  classes are those among them; the retrieval metrics (precision@1, MAP@R) stay exact;
 - open-set rejection (``common.openset``): a query whose score (``inference.reject_score``: best
   similarity, or the ``ood_k``-th neighbour's similarity) is below ``inference.reject_below`` (a
   number, or ``auto``: the val cut keeping ``reject_keep`` of the correct val predictions) is
@@ -106,8 +109,12 @@ def _retrieval():
 
 
 def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_size: int,
-                   device: Any = None) -> ClassSearch:
+                   device: Any = None, index: Any = None) -> ClassSearch:
     """Exact nearest gallery item of every class for every query, in one pass over the gallery.
+
+    With ``index`` (a ``common.search.AnnIndex`` over the gallery's rows), the classes are those
+    of the ``index.candidates`` neighbours it proposes (rescored exactly); a class absent from that
+    list is absent for the query (its top-k list may then hold fewer classes).
 
     The gallery is sorted by class once, so each class is a contiguous block of columns. For each
     block of ``block_size`` queries: one float32 matrix product with the whole gallery (as
@@ -119,6 +126,11 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
     import torch
 
     t0 = time.perf_counter()
+    if index is not None:
+        from .search import class_best
+
+        s, r = index.search(queries, index.candidates, gallery.X)
+        return ClassSearch(*class_best(s, r, gallery.labels, n_classes), time.perf_counter() - t0)
     Q, C = queries.shape[0], n_classes
     sims = np.full((Q, C), -np.inf, dtype=np.float32)
     idx = np.full((Q, C), -1, dtype=np.int64)
@@ -210,19 +222,24 @@ def reject(d: Decision, scores: dict[str, np.ndarray], rejection: Any) -> Decisi
 
 def classify(queries: np.ndarray, gallery: Vectors, n_classes: int, *, method: str, top_k: int,
              k: int, temperature: float, reject_below: float | None, block_size: int, device: Any = None,
-             class_search: ClassSearch | None = None) -> Decision:
-    """Classify ``queries`` (Q, D) against ``gallery`` by ``top1`` or ``knn`` (see the module docstring)."""
+             class_search: ClassSearch | None = None, index: Any = None) -> Decision:
+    """Classify ``queries`` (Q, D) against ``gallery`` by ``top1`` or ``knn`` (see the module docstring);
+    ``index``: a ``common.search.AnnIndex`` over the gallery's rows (None: exact search)."""
     if len(gallery) == 0:
         raise UserError("the gallery is empty: rerun 06_prune_features.py (or use inference.gallery=full)")
     t0 = time.perf_counter()
-    cs = class_search if class_search is not None else search_classes(queries, gallery, n_classes, block_size, device)
+    cs = class_search if class_search is not None else search_classes(queries, gallery, n_classes, block_size, device,
+                                                                      index)
     extra = 0.0 if class_search is None else cs.seconds  # reused search: count its time too
     if method == "top1":
         d = decide(cs, top_k, reject_below)
     elif method == "knn":
         r = _retrieval()
         kk = max(1, min(k, len(gallery)))
-        sims, idx = r.topk(queries, gallery.X, kk, block_size=block_size, device=device)
+        if index is not None:
+            sims, idx = index.search(queries, kk, gallery.X)
+        else:
+            sims, idx = r.topk(queries, gallery.X, kk, block_size=block_size, device=device)
         pred, scores = r.knn_vote(sims, idx, gallery.labels, n_classes, temperature)
         d = decide(cs, top_k, reject_below, _np(pred).astype(np.int64), _np(scores))
     else:
@@ -328,6 +345,8 @@ class EvalInputs:
     embed_seconds: float = 0.0  # test vectors embedded on the fly (0 when read from the store)
     unknown_test: Vectors | None = None  # test images of inference.unknown_classes (not in the gallery)
     unknown_classes: list[str] = field(default_factory=list)
+    index: Any = None  # common.search.AnnIndex over the gallery's rows; None = exact search
+    search_info: dict[str, Any] = field(default_factory=dict)  # the index and its agreement with exact search
 
 
 def open_scores(queries: np.ndarray, d: Decision, gallery: Vectors, icfg: Any, device: Any = None,
@@ -384,10 +403,11 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
         raise UserError("the gallery is empty: rerun 06_prune_features.py (or use inference.gallery=full)")
     if (test.labels < 0).any():
         raise UserError("some test vectors have no label in the feature store")
-    kw = dict(top_k=icfg.top_k, k=icfg.k, temperature=icfg.temperature, block_size=icfg.block_size, device=device)
+    kw = dict(top_k=icfg.top_k, k=icfg.k, temperature=icfg.temperature, block_size=icfg.block_size, device=device,
+              index=inp.index)
     log.info("searching %d test queries against a %s gallery of %d vectors (%d classes)", len(test),
              icfg.gallery, len(gallery), np.unique(gallery.labels).size)
-    cs = search_classes(test.X, gallery, C, icfg.block_size, device)
+    cs = search_classes(test.X, gallery, C, icfg.block_size, device, inp.index)
     decisions = {
         "top1": classify(test.X, gallery, C, method="top1", reject_below=None, class_search=cs, **kw),
         "knn": classify(test.X, gallery, C, method="knn", reject_below=None, class_search=cs, **kw),
@@ -405,6 +425,8 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
 
     out: dict[str, Any] = {"mode": "evaluate", "gallery": icfg.gallery, "gallery_size": len(gallery),
                            "method": icfg.method}
+    if inp.search_info:
+        out["search"] = inp.search_info
     out.update(M.classification_metrics(y, d.final, C, d.candidates, icfg.top_k))
     topk = _retrieval().topk
 
@@ -625,7 +647,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
             val: Vectors | None = None, classifiers: dict[str, Any] | None = None,
             errors: Sequence[tuple[str, str]] = (), error_samples: Sequence[str] | None = None,
             timing: dict[str, float] | None = None, facts: Sequence[tuple[str, Any]] = (),
-            suggested_reject_below: float | None = None, device: Any = None) -> dict[str, Any]:
+            suggested_reject_below: float | None = None, device: Any = None, index: Any = None) -> dict[str, Any]:
     """Predict mode on embedded query vectors (labels unused), grouped into ``samples``.
 
     Writes ``predictions.csv`` (per image: sample, prediction or unknown, best similarity, margin,
@@ -633,6 +655,8 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     ``sample_counts.csv`` and ``sample_counts.png``, ``ecotaxa_<name>.tsv``, ``review.html``,
     ``corrections.csv``, ``metrics.json`` and ``report.html``. ``val``: the val vectors the
     open-set cuts are chosen on (``inference.reject_below=auto``; the "low similarity" of review).
+    ``index``: a ``common.search.AnnIndex`` over the gallery's rows (None: exact search); the
+    open-set scores and the review's neighbours come from exact search.
     """
     from . import samples as S
     from .plots import plot_sample_counts
@@ -645,7 +669,8 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     rule = rejection_rule(icfg, val, gallery, C, device)
     if n:
         d = classify(queries.X, gallery, C, method=icfg.method, top_k=icfg.top_k, k=icfg.k,
-                     temperature=icfg.temperature, reject_below=None, block_size=icfg.block_size, device=device)
+                     temperature=icfg.temperature, reject_below=None, block_size=icfg.block_size, device=device,
+                     index=index)
         t0 = time.perf_counter()
         scores, nb_sims, nb_idx = open_scores(queries.X, d, gallery, icfg, device, neighbours=REVIEW_NEIGHBOURS)
         reject(d, scores, rule)

@@ -59,3 +59,58 @@ def test_rerun_is_up_to_date(pipeline):
     again = _run(["04_extract_features.py", *cfg, "--run", str(run), *digits])
     assert again.returncode == 0, again.stderr
     assert "up to date" in again.stderr
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+def test_faiss_index_runs_stages_06_and_07(pipeline, tmp_path):
+    """search.index=ivf: stage 05 also sweeps through the index, stage 06 writes lut.faiss, stage 07
+    searches it and reports its agreement with exact search; gallery=full with hnsw builds the index
+    in stage 07."""
+    run, cfg, res = pipeline
+    assert res.returncode == 0
+    exact = list(csv.DictReader(open(run / "07_inference" / "predictions.csv")))
+    copy = _copy_run(run, tmp_path / "ivf")
+    digits = [a for a in json.loads((run / "01_random_split_dataset" / "manifest.json").read_text())["argv"]
+              if a.startswith("data.root=")]
+    for script in ("05_lut_threshold.py", "06_prune_features.py", "07_inference.py"):
+        r = _run([script, "--run", str(copy), *digits, "search.index=ivf", "search.nprobe=4"])
+        assert r.returncode == 0, r.stderr[-3000:]
+    sweep = list(csv.DictReader(open(copy / "05_lut_threshold" / "threshold_sweep.csv")))
+    assert all(float(r["index_same_class"]) >= 0.9 for r in sweep), sweep
+    th = json.loads((copy / "05_lut_threshold" / "threshold.json").read_text())
+    assert th["search"]["index"] == "ivf" and 0.9 <= th["search"]["index_same_class"] <= 1.0
+    s06 = copy / "06_prune_features"
+    meta = json.loads((s06 / "lut_faiss.json").read_text())
+    assert meta["index"] == "ivf" and meta["factory"].startswith("IVF") and (s06 / "lut.faiss").is_file()
+    for stage in ("05_lut_threshold", "06_prune_features"):
+        assert json.loads((copy / stage / "manifest.json").read_text())["undeclared_keys_read"] == []
+    m07 = json.loads((copy / "07_inference" / "manifest.json").read_text())
+    assert m07["undeclared_keys_read"] == []
+    search = json.loads((copy / "07_inference" / "metrics.json").read_text())["search"]
+    assert search["index"] == "ivf" and search["val_queries"] > 100
+    assert search["val_same_class"] >= 0.95 and search["val_same_image"] >= 0.9, search
+    ivf = list(csv.DictReader(open(copy / "07_inference" / "predictions.csv")))
+    assert [r["path"] for r in ivf] == [r["path"] for r in exact]
+    same = sum(a["predicted_label"] == b["predicted_label"] for a, b in zip(ivf, exact)) / len(exact)
+    assert same >= 0.95
+    assert "same top-1 image as exact search" in (copy / "07_inference" / "report.html").read_text()
+    digit_folder = Path(digits[0].split("=", 1)[1]) / "digit_3"
+    r = _run(["07_inference.py", "--run", str(copy), *digits, "inference.mode=predict",
+              f"inference.input={digit_folder}", "inference.name=threes"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((copy / "07_inference" / "predict" / "threes" / "manifest.json").read_text())
+    assert m["metrics"]["search"]["index"] == "ivf" and m["undeclared_keys_read"] == []
+    preds = list(csv.DictReader(open(copy / "07_inference" / "predict" / "threes" / "predictions.csv")))
+    assert sum(p["predicted_label"] == "digit_3" for p in preds) / len(preds) > 0.5
+
+    full = _copy_run(run, tmp_path / "hnsw")
+    r = _run(["07_inference.py", "--run", str(full), *digits, "search.index=hnsw", "inference.gallery=full"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    search = json.loads((full / "07_inference" / "metrics.json").read_text())["search"]
+    assert search["index"] == "hnsw" and search["val_same_class"] >= 0.95, search

@@ -93,6 +93,10 @@ def _inference_external(cfg: Config) -> list[str]:
 
 
 IMAGE_CHECKS = _section("data", "max_pixels", "min_side")  # every stage that decodes images applies them
+# stage 06 builds the FAISS index (search.index != exact); stage 07 also sets its query-time knobs
+SEARCH_BUILD = ("run.seed", *_section("search", "index", "nlist", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
+                                      "train_size", "pca_dim"))
+SEARCH_QUERY = _section("search", "nprobe", "ef_search", "candidates")
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(SPLIT, "split",
@@ -118,16 +122,17 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
               upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN), external_fn=lambda cfg: list(cfg.data.gallery_extra)),
     StageSpec(THRESHOLD, "threshold",
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
-                            "target_size", "knn_k", "knn_temperature", "block_size"),
+                            "target_size", "knn_k", "knn_temperature", "block_size") + SEARCH_BUILD + SEARCH_QUERY,
               upstream_fn=lambda cfg: (EXTRACT,)),
-    StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size"), upstream_fn=_prune_upstream),
+    StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size", *SEARCH_BUILD), upstream_fn=_prune_upstream),
     StageSpec(INFERENCE, "inference",
               keys=("run.seed", *_section("inference", "mode", "input", "name", "gallery", "method", "k",
                                           "temperature", "top_k", "reject_below", "reject_keep", "reject_score",
                                           "ood_k", "unknown_classes", "review_margin", "review_max", "batch_size",
                                           "block_size", "classifiers", "linear_epochs", "linear_lr", "worst_classes",
                                           "embedding_map"),
-                    "extract.amp", "model.channels_last", "data.num_workers", *IMAGE_CHECKS),
+                    "extract.amp", "model.channels_last", "data.num_workers", *IMAGE_CHECKS, *SEARCH_BUILD,
+                    *SEARCH_QUERY),
               upstream_fn=_inference_upstream, optional_upstream=(THRESHOLD,), external_fn=_inference_external,
               folder_fn=_inference_folder),
 )}

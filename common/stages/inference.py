@@ -5,10 +5,18 @@ Evaluate mode reads 04's store (train, val and test vectors) and ``model.json``,
 ``07_inference/``. Predict mode embeds every image under ``inference.input`` with the checkpoint
 04's ``model.json`` names (its sha256 checked) and writes ``07_inference/predict/<name>/`` only:
 the evaluation's files are never touched. The algorithms are in ``common.inference``.
+
+With ``search.index`` other than ``exact`` the gallery is searched through a FAISS index: 06's
+``lut.faiss`` (checked against ``lut_faiss.json``: same rows in the same order), or for
+``inference.gallery=full`` one built now over the train vectors. Its agreement with exact search
+on the val queries (at most ``AGREEMENT_QUERIES``; same top-1 image, same top-1 class, and both
+speeds) goes to ``metrics.json``
+(``search``) and the report.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -16,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .. import classifiers as K
+from .. import retrieval, search
 from ..errors import UserError
 from ..features import FeatureStore, ModelInfo, Vectors
 from ..fileio import read_json
@@ -25,12 +34,14 @@ from ..samples import list_inputs
 from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
 from .extract import STORE_FILE, read_model_json
-from .prune import LUT_FILE
+from .prune import INDEX_FILE, INDEX_JSON, LUT_FILE
 
 if TYPE_CHECKING:
     from ..stage import Context
 
 log = logging.getLogger(__name__)
+
+AGREEMENT_QUERIES = 1000  # val queries searched both ways to measure an index's agreement with exact search
 
 
 def check_same_model(query_model: Any, gallery_model: Any, what: str) -> None:
@@ -146,6 +157,59 @@ def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
     return (png if png.is_file() else None), suggested
 
 
+def open_index(ctx: Context, data: StoreData, stage06: Path | None) -> search.AnnIndex | None:
+    """The FAISS index over the gallery's rows (None for ``search.index=exact``): 06's ``lut.faiss``
+    checked against ``lut_faiss.json``, or built now over the full train gallery."""
+    scfg = ctx.cfg.search
+    if scfg.index == "exact":
+        return None
+    if stage06 is None:
+        log.info("search.index=%s over the full train gallery: building the index now (not saved)", scfg.index)
+        ann = search.build_index(data.gallery.X, scfg, seed=ctx.cfg.run.seed)
+    else:
+        path, meta_path = stage06 / INDEX_FILE, stage06 / INDEX_JSON
+        if not path.is_file() or not meta_path.is_file():
+            raise UserError(f"{path} is missing (stage 06 ran with search.index=exact): rerun 06_prune_features.py "
+                            f"with search.index={scfg.index}")
+        meta = read_json(meta_path)
+        if (meta.get("index") != scfg.index or meta.get("ntotal") != len(data.gallery)
+                or meta.get("ids_sha256") != search.ids_sha256(data.gallery.ids)):
+            raise UserError(f"{path} does not index this LUT with search.index={scfg.index} (it holds "
+                            f"{meta.get('index')} over {meta.get('ntotal')} rows): rerun 06_prune_features.py")
+        ann = search.load_index(path, scfg.index, scfg)
+        ann.description = str(meta.get("factory", scfg.index))
+        if ann.ntotal != len(data.gallery) or ann.dim != data.gallery.X.shape[1]:
+            raise UserError(f"{path} holds {ann.ntotal} x {ann.dim} vectors but the LUT {len(data.gallery)} x "
+                            f"{data.gallery.X.shape[1]}: rerun 06_prune_features.py")
+    ann.set_query_params(scfg)
+    return ann
+
+
+def index_agreement(ann: search.AnnIndex, data: StoreData, block_size: int, device: Any) -> dict[str, Any]:
+    """The index against exact search on the val queries (at most ``AGREEMENT_QUERIES``, evenly spaced:
+    exact search over a gallery of millions is the slow part): same top-1 image / class, queries per second."""
+    gallery = data.gallery
+    pick = np.unique(np.linspace(0, len(data.val) - 1, min(len(data.val), AGREEMENT_QUERIES)).round().astype(np.int64))
+    val = Vectors(data.val.X[pick], data.val.labels[pick], [data.val.paths[i] for i in pick])
+    t0 = time.perf_counter()
+    _, exact_rows = retrieval.topk(val.X, gallery.X, 1, block_size, device)
+    t_exact = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, ann_rows = ann.search(val.X, 1, gallery.X)
+    t_ann = time.perf_counter() - t0
+    agr = search.agreement(exact_rows, ann_rows, gallery.labels) if len(val) else {
+        "same_image": None, "same_class": None, "n_queries": 0}
+    info = {"index": ann.kind, "factory": ann.description, "candidates": ann.candidates,
+            "val_same_image": agr["same_image"], "val_same_class": agr["same_class"], "val_queries": agr["n_queries"],
+            "exact_queries_per_s": round(len(val) / t_exact, 1) if len(val) and t_exact > 0 else None,
+            "index_queries_per_s": round(len(val) / t_ann, 1) if len(val) and t_ann > 0 else None}
+    if len(val):
+        log.info("search %s (%s): on %d val queries, same top-1 image as exact search %.4f, same top-1 class %.4f; "
+                 "%.0f queries/s against exact %.0f", ann.kind, ann.description, len(val), agr["same_image"],
+                 agr["same_class"], info["index_queries_per_s"], info["exact_queries_per_s"])
+    return info
+
+
 def main(ctx: Context) -> dict[str, Any]:
     """Load the vectors and gallery, then evaluate on the test split or predict new images."""
     icfg = ctx.cfg.inference
@@ -161,12 +225,23 @@ def main(ctx: Context) -> dict[str, Any]:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
     data = hold_out(load_store_data(stage04, splits_dir / "splits.csv", lut_path), list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
+    index = open_index(ctx, data, lut_path.parent if lut_path is not None else None)
+    info = index_agreement(index, data, icfg.block_size, ctx.device()) if index is not None else {}
+    if info:
+        facts.append(("search", f"{info['factory']}: same top-1 image as exact search on "
+                                f"{info['val_queries']} val queries {info['val_same_image']}, same class "
+                                f"{info['val_same_class']}"))
     if icfg.mode == "evaluate":
-        return _evaluate(ctx, data, facts, sweep_png, suggested)
-    return _predict(ctx, data, facts, suggested)
+        out = _evaluate(ctx, data, facts, sweep_png, suggested, index, info)
+    else:
+        out = _predict(ctx, data, facts, suggested, index)
+    if info:
+        out["search"] = info
+    return out
 
 
-def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None, suggested: float | None) -> dict:
+def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None, suggested: float | None,
+              index: search.AnnIndex | None, search_info: dict) -> dict:
     icfg = ctx.cfg.inference
     test, embed_s = data.test, 0.0
     if len(test) == 0 and data.test_rows:
@@ -179,14 +254,15 @@ def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None
     inp = EvalInputs(classes=data.classes, test=test, gallery=data.gallery, train=data.train, val=data.val,
                      model_id=data.model_id, facts=facts, sweep_png=sweep_png,
                      suggested_reject_below=suggested, embed_seconds=embed_s, unknown_test=data.unknown_test,
-                     unknown_classes=data.unknown_classes)
+                     unknown_classes=data.unknown_classes, index=index, search_info=search_info)
     m = evaluate(inp, icfg, ctx.output, device=ctx.device(), seed=ctx.cfg.run.seed)
     keys = ("accuracy", f"top{icfg.top_k}_accuracy", "macro_f1", "balanced_accuracy", "map_at_r",
             "rejection_rate", "accepted_accuracy", "gallery_size", "report")
     return {k: m[k] for k in keys if k in m}
 
 
-def _predict(ctx: Context, data: StoreData, facts: list, suggested: float | None) -> dict:
+def _predict(ctx: Context, data: StoreData, facts: list, suggested: float | None,
+             index: search.AnnIndex | None) -> dict:
     from . import predict_name
 
     icfg = ctx.cfg.inference
@@ -206,7 +282,7 @@ def _predict(ctx: Context, data: StoreData, facts: list, suggested: float | None
     m = predict(queries, data.gallery, data.classes, icfg, ctx.output, samples=[inputs.samples[p] for p in queries.paths],
                 name=predict_name(ctx.cfg), root=inputs.root, val=data.val, classifiers=clfs, errors=errors,
                 error_samples=[inputs.samples.get(p, "") for p, _ in errors], timing=timing, facts=facts,
-                suggested_reject_below=suggested, device=ctx.device())
+                suggested_reject_below=suggested, device=ctx.device(), index=index)
     return {k: m[k] for k in ("n_images", "n_unreadable", "n_doubtful", "rejection_rate", "images_per_s", "report",
                               "review") if k in m}
 

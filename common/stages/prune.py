@@ -4,8 +4,12 @@ The gallery is the train split and the gallery-only images of ``data.gallery_ext
 ``extra``, kept under that split in the LUT). The threshold is ``prune.threshold`` when set (then
 stage 05 is not needed), else the one in 05's ``threshold.json``. Writes its own artefact,
 ``lut.sqlite``: a self-contained gallery with the feature store's schema (the kept gallery images
-with their labels, paths and sha256, the model, the kept vectors) that a user can copy elsewhere; ``lut.json`` (threshold, counts, the
-model's checkpoint sha256), ``prune_summary.csv`` and ``prune_summary.png``.
+with their labels, paths and sha256, the model, the kept vectors) that a user can copy to another
+machine; ``lut.json`` (threshold, counts, the model's checkpoint sha256), ``prune_summary.csv``
+and ``prune_summary.png``. With ``search.index`` other than ``exact`` it also builds the FAISS
+index over the LUT's rows (``common.search``): ``lut.faiss`` and ``lut_faiss.json`` (what it
+indexes: the factory string, the number of rows and the sha256 of their image ids in the LUT's row
+order, which stage 07 checks).
 """
 from __future__ import annotations
 
@@ -17,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import lut
+from .. import lut, search
 from ..errors import UserError
 from ..features import FeatureStore, Vectors
 from ..fileio import atomic_path, read_json, write_csv, write_json
 from ..plots import plot_prune_summary
 from . import EXTRACT, THRESHOLD
 from .extract import STORE_FILE
-from ..gallery import EXTRA_SPLIT
+from ..gallery import EXTRA_SPLIT, merge
 from .threshold import THRESHOLD_JSON, gallery_of, load_splits
 
 if TYPE_CHECKING:
@@ -34,6 +38,8 @@ log = logging.getLogger(__name__)
 
 LUT_FILE = "lut.sqlite"
 LUT_JSON = "lut.json"
+INDEX_FILE = "lut.faiss"
+INDEX_JSON = "lut_faiss.json"
 
 
 def _threshold(ctx: Context) -> tuple[float, str, int | None]:
@@ -69,6 +75,22 @@ def write_lut_store(path: Path, source: Path, model_id: int, gallery: Vectors) -
             dst.mark_complete(new.id)
 
 
+def build_lut_index(ctx: Context, lut_path: Path, classes: list[str]) -> dict[str, Any]:
+    """Index the LUT's rows (train and extra, by image id: the order stage 07 loads them); write
+    ``lut.faiss`` and its json."""
+    scfg = ctx.cfg.search
+    with FeatureStore(lut_path) as store:
+        mid = store.current_model().id
+        gallery = merge(store.load_split("train", mid, classes), store.load_split(EXTRA_SPLIT, mid, classes))
+    ann = search.build_index(gallery.X, scfg, seed=ctx.cfg.run.seed)
+    with atomic_path(ctx.output(INDEX_FILE)) as tmp:
+        ann.save(tmp)
+    meta = {**ann.meta(), "ids_sha256": search.ids_sha256(gallery.ids), "train_size": scfg.train_size,
+            "seed": ctx.cfg.run.seed}
+    write_json(ctx.output(INDEX_JSON), meta)
+    return meta
+
+
 def main(ctx: Context) -> dict[str, Any]:
     stage04 = ctx.upstream(EXTRACT)
     t, source, tj_model = _threshold(ctx)
@@ -84,8 +106,9 @@ def main(ctx: Context) -> dict[str, Any]:
     keep = lut.prune(gal.X, gal.labels, gal.ids, t, ctx.cfg.lut.block_size, ctx.device())
     secs = time.perf_counter() - t0
     kept = Vectors(gal.X[keep], gal.labels[keep], [p for p, k in zip(gal.paths, keep) if k], gal.ids[keep])
-    write_lut_store(ctx.output(LUT_FILE, digest="feature_store"), stage04 / STORE_FILE, int(model["model_id"]),
-                    kept)
+    lut_path = ctx.output(LUT_FILE, digest="feature_store")
+    write_lut_store(lut_path, stage04 / STORE_FILE, int(model["model_id"]), kept)
+    index = build_lut_index(ctx, lut_path, classes) if ctx.cfg.search.index != "exact" else None
 
     n_classes = len(classes)
     before = np.bincount(gal.labels, minlength=n_classes)
@@ -110,4 +133,7 @@ def main(ctx: Context) -> dict[str, Any]:
         "threshold": t, "threshold_source": source, "n_before": n_before, "n_after": n_after,
         "kept_ids_sha256": lut.kept_ids_sha256(kept.ids), "imbalance": imbalance,
     })
-    return {"threshold": t, "n_before": n_before, "n_after": n_after, "seconds": round(secs, 3), **imbalance}
+    out = {"threshold": t, "n_before": n_before, "n_after": n_after, "seconds": round(secs, 3), **imbalance}
+    if index is not None:
+        out["search_index"] = {k: index[k] for k in ("index", "factory", "build_seconds")}
+    return out

@@ -2,6 +2,12 @@
 
 Reads 04's ``features.sqlite`` (train + extra = gallery, val = queries) and ``model.json``; writes
 ``threshold_sweep.csv``, ``threshold.json`` and ``threshold_sweep.png``.
+
+With ``search.index`` other than ``exact`` the sweep also runs through that FAISS index
+(``common.search``), built once over the whole train gallery and searched at each threshold
+restricted to the kept rows: the table gains ``index_top1_accuracy`` and the index's agreement
+with exact search at that threshold (``index_same_image``, ``index_same_class``). The threshold is
+still chosen on the exact columns; ``threshold.json`` records the index's figures at it.
 """
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .. import lut
+import numpy as np
+
+from .. import lut, search
 from ..errors import UserError
 from ..features import FeatureStore, Vectors
 from ..fileio import write_csv, write_json
@@ -25,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THRESHOLD_JSON = "threshold.json"
+INDEX_COLUMNS = ["index_top1_accuracy", "index_same_image", "index_same_class"]
 
 
 def load_splits(stage04_dir: Path, splits: Sequence[str]) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
@@ -50,6 +59,23 @@ def load_splits(stage04_dir: Path, splits: Sequence[str]) -> tuple[dict[str, Any
 def gallery_of(vec: dict[str, Vectors]) -> Vectors:
     """The gallery: train vectors and the gallery-only (``extra``) ones, by image id."""
     return merge(vec["train"], vec[EXTRA_SPLIT])
+
+
+def index_sweep(ctx: Context, gal: Vectors, val: Vectors, keeps: Any, neighbours: list, rows: list[dict]) -> dict:
+    """Search the val queries through ``search.index`` at every threshold (kept rows only); adds
+    ``INDEX_COLUMNS`` to ``rows``. Returns what the index is, for threshold.json."""
+    scfg = ctx.cfg.search
+    ann = search.build_index(gal.X, scfg, seed=ctx.cfg.run.seed)
+    ann.set_query_params(scfg)
+    t0 = time.perf_counter()
+    for r, keep, (_, exact_idx) in zip(rows, keeps, neighbours):
+        _, idx = ann.search(val.X, 1, gal.X, keep=keep)
+        agr = search.agreement(exact_idx, idx, gal.labels)
+        found = idx[:, 0] >= 0  # an IVF search restricted to few kept rows can find none in its cells
+        r["index_top1_accuracy"] = float((found & (gal.labels[np.where(found, idx[:, 0], 0)] == val.labels)).mean())
+        r["index_same_image"], r["index_same_class"] = agr["same_image"], agr["same_class"]
+    log.info("swept %d thresholds through %s in %.1f s", len(rows), ann.description, time.perf_counter() - t0)
+    return {"index": scfg.index, "factory": ann.description, "build_seconds": round(ann.build_seconds, 3)}
 
 
 def main(ctx: Context) -> dict[str, Any]:
@@ -85,6 +111,11 @@ def main(ctx: Context) -> dict[str, Any]:
              t_lat)
     rows = lut.sweep_rows(thresholds, keeps, gal.labels, val.labels, neighbours, n_classes, lcfg.knn_temperature,
                           dim, lat)
+    columns = list(lut.SWEEP_COLUMNS)
+    index_info = None
+    if ctx.cfg.search.index != "exact":
+        index_info = index_sweep(ctx, gal, val, keeps, neighbours, rows)
+        columns += INDEX_COLUMNS
     for r in rows:
         log.info("t=%-8g kept %7s (%5.1f%%)  top-1 %.4f  k-NN %.4f  macro-F1 %.4f  %.3f ms/query", r["threshold"],
                  f"{r['n_kept']:,}", 100 * r["fraction_kept"], r["top1_accuracy"], r["knn_accuracy"], r["macro_f1"],
@@ -95,18 +126,22 @@ def main(ctx: Context) -> dict[str, Any]:
     correct = gal.labels[idx[:, 0]] == val.labels
     reject = lut.suggested_reject_below(sims[:, 0], correct)
     log.info("chosen: %s", reason)
+    if index_info is not None:
+        index_info.update({c: chosen[c] for c in INDEX_COLUMNS})
+        log.info("through %s at that threshold: val top-1 accuracy %.4f, same top-1 image as exact search %.4f, "
+                 "same class %.4f", index_info["factory"], *(chosen[c] for c in INDEX_COLUMNS))
     if reject is not None:
         log.info("suggested inference.reject_below: %.4f (%g%% of the correct val predictions at threshold %g have "
                  "a lower best similarity)", reject, lut.REJECT_PERCENTILE, chosen["threshold"])
 
-    write_csv(ctx.output("threshold_sweep.csv"), lut.SWEEP_COLUMNS,
-              ([r[c] for c in lut.SWEEP_COLUMNS] for r in rows))
+    write_csv(ctx.output("threshold_sweep.csv"), columns, ([r[c] for c in columns] for r in rows))
     write_json(ctx.output(THRESHOLD_JSON), {
         "threshold": chosen["threshold"], "rule": lcfg.rule, "reason": reason, "metrics": chosen,
         "model_id": model["model_id"], "checkpoint_sha256": model["checkpoint_sha256"],
         "suggested_reject_below": reject, "reject_percentile": lut.REJECT_PERCENTILE,
         "n_gallery": len(gal), "n_val": len(val), "knn_k": lcfg.knn_k,
         "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds,
+        **({"search": index_info} if index_info is not None else {}),
     })
     plot_sweep(rows, i, ctx.output("threshold_sweep.png"))
     return {"threshold": chosen["threshold"], "rule": lcfg.rule, "n_kept": chosen["n_kept"],
