@@ -11,12 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data import list_image_folder, sort_key
+from ..data import Listing, list_image_folder, sort_key
 from ..errors import UserError
 from ..fileio import write_csv
 from ..plots import plot_class_distribution
-from ..split import (check_enough_classes, make_split, materialize, report_skipped_folders, scan_files,
-                     write_bad_images, write_splits_csv)
+from ..split import (Scan, SplitResult, check_enough_classes, make_split, materialize, report_skipped_folders,
+                     scan_files, write_bad_images, write_splits_csv)
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -25,55 +25,87 @@ log = logging.getLogger(__name__)
 
 
 def main(ctx: Context) -> dict:
-    """Scan ``data.root``, write splits.csv, class_counts.csv, bad_images.csv, duplicates.csv,
-    class_distribution.png (and the split folders); return the metrics."""
-    cfg, output, stage_dir = ctx.cfg, ctx.output, ctx.dir
-    listing = list_image_folder(cfg.data.root, cfg.data.follow_symlinks)
-    files, strays, classes, root = listing.files, listing.strays, listing.classes, Path(listing.root)
-    if not classes:
-        raise UserError(f"data.root: {root} has no class sub-folders (expected one folder per class)")
-    if strays:
-        log.warning("%d file(s) directly in %s belong to no class folder and are ignored (e.g. %s)",
-                    len(strays), root, Path(strays[0]).name)
-    log.info("data.root %s: %d files in %d class folders", root, len(files), len(classes))
+    """List and check the images, split each class, write the tables, plot and (optionally) folders."""
+    cfg = ctx.cfg
+    listing = list_classes(cfg.data.root, cfg.data.follow_symlinks)
+    scans = scan_files(listing.files, cfg.data.min_side, cfg.data.max_pixels, cfg.data.num_workers)
+    good, bad, other = (([s for s in scans if s.kind == kind]) for kind in ("image", "bad", "other"))
+    report_bad(ctx, listing, bad, other)
+    res = split_classes(ctx, listing, good, bad, other)
+    extra_copies = write_duplicates(ctx.output("duplicates.csv"), good, res)
+    write_splits_csv(ctx.output("splits.csv"), res.rows)
+    write_csv(ctx.output("class_counts.csv"), ("class", "total", "train", "val", "test", "status", "bad", "reason"),
+              ([c.name, c.total, c.train, c.val, c.test, c.status, c.bad, c.reason] for c in res.counts))
+    plot_class_distribution(res.counts, ctx.output("class_distribution.png"))
+    n = materialize(res.rows, Path(listing.root), ctx.dir, cfg.split.materialize)
+    if n:
+        log.info("materialised %d files (%s) into %s/{train,val,test}", n, cfg.split.materialize, ctx.dir)
+    per_split = Counter(r.split for r in res.rows)
+    kept = [c for c in res.counts if c.status == "kept"]
+    dropped = res.dropped()
+    log.info("split: %d images in %d classes -> %d train, %d val, %d test", len(res.rows), len(kept),
+             per_split["train"], per_split["val"], per_split["test"])
+    return {"images": len(res.rows), "classes": len(kept), "train": per_split["train"], "val": per_split["val"],
+            "test": per_split["test"], "dropped_classes": len(dropped), "dropped": [c.name for c in dropped],
+            "bad_images": len(bad), "non_images": len(other), "folders_not_listed": len(listing.skipped),
+            "duplicate_groups": len(res.dup_groups), "duplicate_extra_copies": extra_copies,
+            "cross_class_duplicate_groups": len(res.cross_class)}
 
-    scans = scan_files(files, cfg.data.min_side, cfg.data.max_pixels, cfg.data.num_workers)
-    good = [s for s in scans if s.kind == "image"]
-    bad = [s for s in scans if s.kind == "bad"]
-    other = [s for s in scans if s.kind == "other"]
+
+def list_classes(data_root: str, follow_symlinks: bool) -> Listing:
+    """``data.root``'s class folders and files (``UserError`` when it has no class folder)."""
+    listing = list_image_folder(data_root, follow_symlinks)
+    root = Path(listing.root)
+    if not listing.classes:
+        raise UserError(f"data.root: {root} has no class sub-folders (expected one folder per class)")
+    if listing.strays:
+        log.warning("%d file(s) directly in %s belong to no class folder and are ignored (e.g. %s)",
+                    len(listing.strays), root, Path(listing.strays[0]).name)
+    log.info("data.root %s: %d files in %d class folders", root, len(listing.files), len(listing.classes))
+    return listing
+
+
+def report_bad(ctx: Context, listing: Listing, bad: list[Scan], other: list[Scan]) -> None:
+    """``bad_images.csv`` (bad images and folders not listed); stops with ``data.bad_images: fail``."""
     if other:
         log.info("skipped %d non-image file(s) (e.g. %s)", len(other), other[0].path)
         for s in other:
             log.debug("not an image: %s", s.path)
-
-    write_bad_images(output("bad_images.csv"), bad, listing.skipped)
-    report_skipped_folders(listing, cfg.data.bad_images, stage_dir / "bad_images.csv")
-    n_bad = len(bad)
+    csv_path = ctx.output("bad_images.csv")
+    write_bad_images(csv_path, bad, listing.skipped)
+    report_skipped_folders(listing, ctx.cfg.data.bad_images, csv_path)
     if bad:
         reasons = Counter(s.reason.split(":")[0] for s in bad)
-        log.warning("%d bad image(s) (%s): listed in %s", n_bad,
-                    ", ".join(f"{k}: {v}" for k, v in reasons.most_common()), stage_dir / "bad_images.csv")
-        if cfg.data.bad_images == "fail":
-            raise UserError(f"bad image {bad[0].path}: {bad[0].reason} (data.bad_images=fail; all {n_bad} "
-                            f"listed in {stage_dir / 'bad_images.csv'})")
+        log.warning("%d bad image(s) (%s): listed in %s", len(bad),
+                    ", ".join(f"{k}: {v}" for k, v in reasons.most_common()), csv_path)
+        if ctx.cfg.data.bad_images == "fail":
+            raise UserError(f"bad image {bad[0].path}: {bad[0].reason} (data.bad_images=fail; all {len(bad)} "
+                            f"listed in {csv_path})")
 
+
+def split_classes(ctx: Context, listing: Listing, good: list[Scan], bad: list[Scan], other: list[Scan]) -> SplitResult:
+    """The stratified split (``common.split.make_split``); too small classes dropped, two classes at least."""
+    cfg = ctx.cfg
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-    res = make_split(good, classes, fractions, cfg.split.min_images, cfg.run.seed,
+    res = make_split(good, listing.classes, fractions, cfg.split.min_images, cfg.run.seed,
                      bad_per_class=Counter(s.label for s in bad), notes=listing.class_notes())
     if not res.rows:
-        raise UserError(f"data.root: no class in {root} has at least split.min_images={cfg.split.min_images} "
+        raise UserError(f"data.root: no class in {listing.root} has at least split.min_images={cfg.split.min_images} "
                         f"usable images ({len(good)} usable, {len(bad)} bad, {len(other)} non-images)")
     dropped = res.dropped()
     if dropped:
         log.warning("dropped %d class(es) with fewer than split.min_images=%d usable images: %s", len(dropped),
                     cfg.split.min_images, ", ".join(f"{c.name} ({c.total})" for c in dropped))
-    check_enough_classes(res, root, cfg.split.min_images)
+    check_enough_classes(res, listing.root, cfg.split.min_images)
+    return res
 
-    # Duplicates: counted, listed, and warned about when one content sits in two classes.
+
+def write_duplicates(path: Path, good: list[Scan], res: SplitResult) -> int:
+    """``duplicates.csv``; warns when one content sits in two classes. Returns the extra copies."""
     split_of = {r.path: r.split for r in res.rows}
     dup_rows = sorted(([g, s.sha256, s.label, s.path, split_of.get(s.path, ""), int(s.sha256 in res.cross_class)]
                        for s in good if (g := res.dup_groups.get(s.sha256))), key=lambda r: (r[0], sort_key(r[3])))
-    write_csv(output("duplicates.csv"), ("dup_group", "sha256", "label", "path", "split", "cross_class"), dup_rows)
+    write_csv(path, ("dup_group", "sha256", "label", "path", "split", "cross_class"), dup_rows)
     extra_copies = len(dup_rows) - len(res.dup_groups)
     if res.dup_groups:
         log.info("%d group(s) of exact duplicates (%d extra copies): each group stays in one split per class; "
@@ -83,32 +115,4 @@ def main(ctx: Context) -> dict:
         log.warning("%d duplicate group(s) span two or more classes (kept; e.g. group %d: %s): see duplicates.csv",
                     len(res.cross_class), example[0],
                     ", ".join(f"{r[2]}/{Path(r[3]).name}" for r in dup_rows if r[0] == example[0]))
-
-    write_splits_csv(output("splits.csv"), res.rows)
-    write_csv(output("class_counts.csv"), ("class", "total", "train", "val", "test", "status", "bad", "reason"),
-              ([c.name, c.total, c.train, c.val, c.test, c.status, c.bad, c.reason] for c in res.counts))
-    plot_class_distribution(res.counts, output("class_distribution.png"))
-    n = materialize(res.rows, root, stage_dir, cfg.split.materialize)
-    if n:
-        log.info("materialised %d files (%s) into %s/{train,val,test}", n, cfg.split.materialize, stage_dir)
-
-    per_split = Counter(r.split for r in res.rows)
-    kept = [c for c in res.counts if c.status == "kept"]
-    log.info("split: %d images in %d classes -> %d train, %d val, %d test", len(res.rows), len(kept),
-             per_split["train"], per_split["val"], per_split["test"])
-    return {
-        "images": len(res.rows),
-        "classes": len(kept),
-        "train": per_split["train"],
-        "val": per_split["val"],
-        "test": per_split["test"],
-        "dropped_classes": len(dropped),
-        "dropped": [c.name for c in dropped],
-        "bad_images": len(bad),
-        "non_images": len(other),
-        "folders_not_listed": len(listing.skipped),
-        "duplicate_groups": len(res.dup_groups),
-        "duplicate_extra_copies": extra_copies,
-        "cross_class_duplicate_groups": len(res.cross_class),
-    }
-
+    return extra_copies
