@@ -762,7 +762,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
         ("review", review_path.name), ("EcoTaxa table", eco_path.name)],
         metrics={k: v for k, v in out.items() if k in ("n_images", "n_unreadable", "n_doubtful", "rejection_rate",
                                                         "n_rejected", "images_per_s", "mean_latency_ms")})
-    rep.images.append(("Predicted classes per sample", counts_png, "Stacked counts; grey: unknown."))
+    rep.images.append(("Predicted classes per sample", counts_png, "Stacked counts; white, hatched: unknown."))
     rep.extra_tables.append(("Counts per sample", h_counts, r_counts))
     strip = [R.StripItem(queries.paths[q], "", _label(classes, int(d.final[q])), float(d.best_sim[q]),
                          gallery.paths[int(d.nn_idx[q])], classes[int(gallery.labels[int(d.nn_idx[q])])])

@@ -289,7 +289,7 @@ def embedding_map_png(X: np.ndarray, labels: np.ndarray, class_names: Sequence[s
 def plot_sample_counts(samples: Sequence[str], classes: Sequence[str], counts: np.ndarray, path: Path,
                        title: str = "") -> None:
     """``sample_counts.png``: one stacked bar per sample, one segment per class (counts (S, C + 1),
-    the last column ``unknown``, drawn grey); the figure widens with the number of samples."""
+    the last column ``unknown``, white, hatched); the figure widens with the number of samples."""
     counts = np.asarray(counts, dtype=np.int64).reshape(len(samples), len(classes) + 1)
     C = len(classes)
     if C <= 10:
@@ -306,7 +306,8 @@ def plot_sample_counts(samples: Sequence[str], classes: Sequence[str], counts: n
         ax.bar(x, counts[:, c], bottom=bottom, color=colours[c], label=str(classes[c]), width=0.8)
         bottom += counts[:, c]
     if counts[:, C].any():
-        ax.bar(x, counts[:, C], bottom=bottom, color="0.6", label="unknown", width=0.8, hatch="//")
+        # unknown: white with black hatching, apart from every class colour (tab10 has a grey)
+        ax.bar(x, counts[:, C], bottom=bottom, color="white", edgecolor="black", label="unknown", width=0.8, hatch="//")
     ax.set_xticks(x)
     ax.set_xticklabels([str(s) for s in samples], rotation=90 if len(samples) > 8 else 0, fontsize=8)
     ax.set_xlim(-0.6, max(len(samples), 1) - 0.4)
