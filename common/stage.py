@@ -355,6 +355,15 @@ def _check_upstream(spec: StageSpec, inv: Invocation, fresh: rf.Freshness, specs
             raise StaleUpstreamError(why)
 
 
+def _check_external(spec: StageSpec, cfg: config_mod.Config) -> None:
+    """An input outside the run folder (``data.root``, ``inference.input``...) must exist before anything is written."""
+    for p in spec.external(cfg):
+        if not Path(p).exists():
+            values = {k: config_mod.get_key(cfg, k) for k in spec.keys}
+            keys = [k for k, v in values.items() if str(p) == v or (isinstance(v, list) and str(p) in v)]
+            raise UserError(f"{keys[0] if keys else 'input'}: {p} does not exist")
+
+
 def _own_state(spec: StageSpec, inv: Invocation, fresh: rf.Freshness, stage_dir: Path
                ) -> tuple[dict | None, str | None]:
     """(the last finished run's manifest or None, why this stage runs; None = it is up to date)."""
@@ -427,6 +436,7 @@ def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage
         if running is not None:
             raise UserError(rf.running_message(spec.name, inv.run_dir, running))
     _check_upstream(spec, inv, fresh, specs)
+    _check_external(spec, inv.cfg)
     old, why = _own_state(spec, inv, fresh, stage_dir)
     if inv.changes:
         slog.info("%s", _config_change_message(inv, specs))

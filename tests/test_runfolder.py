@@ -328,3 +328,13 @@ def test_every_bad_numeric_value_is_refused_by_every_stage_before_anything_is_wr
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {named}: must be "), (key, err)
     assert snapshot(src) == before
+
+
+def test_missing_input_folder_is_refused_before_the_run_folder_exists(tmp_path):
+    """Following "run 01 --run RUN" on a new run with a wrong data.root creates nothing."""
+    res = run_script(["01_random_split_dataset.py", "--run", str(tmp_path / "new"), f"data.root={tmp_path}/nope"])
+    assert res.returncode == 2 and f"data.root: {tmp_path}/nope does not exist" in res.stderr
+    assert not (tmp_path / "new").exists()
+    res = run_script(["07_inference.py", "--run", str(tmp_path / "new"), "inference.mode=predict",
+                      f"inference.input={tmp_path}/cruise"])
+    assert res.returncode == 2 and not (tmp_path / "new").exists()
