@@ -213,7 +213,7 @@ def test_killed_stage_leaves_no_manifest_and_no_half_file(tmp_path, sig, expect)
     run = tmp_path / "run"
     # a finished earlier run: the kill must remove its claim to be finished
     assert run_a(run) == 0
-    proc = subprocess.Popen([sys.executable, str(script), "--run", str(run), "--force"],
+    proc = subprocess.Popen([sys.executable, str(script), "--run", str(run), "--force", f"data.root={tmp_path}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert "READY" in line
