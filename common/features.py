@@ -889,9 +889,10 @@ def _copy_block(ids: np.ndarray, model_id: int, X: np.ndarray) -> bytes:
 class PgFeatureStore(FeatureStore):
     """The feature store in one schema of a PostgreSQL database: the same tables, API and checks.
 
-    Vectors are written with binary ``COPY`` into a temporary table, then ``INSERT ... ON CONFLICT
-    DO NOTHING``: several processes (the ranks of a multi-node extraction) write their own shares
-    at once, and a chunk written again after an interruption adds no row. Reads stream through a
+    Vectors are written with binary ``COPY`` (built by numpy); the primary key (image, model)
+    refuses a duplicate, and a chunk written again after an interruption is copied into a
+    temporary table and inserted ``ON CONFLICT DO NOTHING``: several processes (the ranks of a
+    multi-node extraction) write their own shares at once, and no row is ever duplicated. Reads stream through a
     server-side cursor a block at a time into the preallocated matrix, in one REPEATABLE READ
     snapshot, every block checked by ``check_unit_vectors``.
     """
@@ -969,20 +970,42 @@ class PgFeatureStore(FeatureStore):
         return [f"{t} ({', '.join(cols)})" for t, cols in tables.items()]
 
     def _insert_vectors(self, conn: Connection, model_id: int, ids: np.ndarray, X: np.ndarray) -> int:
+        """COPY straight into ``vectors`` (in a savepoint); when a row is already there (a chunk
+        written again after an interruption), COPY into a temporary table and insert the rows
+        that are not, ``ON CONFLICT DO NOTHING``. Returns the rows added."""
+        import psycopg
+
         raw = _raw(conn)
+        try:
+            with raw.transaction():  # a savepoint inside the store's transaction
+                self._copy(raw, "vectors", model_id, ids, X)
+            return int(ids.size)
+        except psycopg.errors.UniqueViolation:
+            pass
         raw.execute("CREATE TEMP TABLE vectors_in (LIKE vectors INCLUDING STORAGE) ON COMMIT DROP")
-        step = max(1, COPY_BLOCK_BYTES // (4 * X.shape[1] + 26))
-        with raw.cursor() as cur:
-            with cur.copy("COPY vectors_in (image_id, model_id, vector) FROM STDIN (FORMAT BINARY)") as cp:
-                cp.write(_COPY_HEADER)
-                for s in range(0, ids.size, step):
-                    cp.write(_copy_block(ids[s:s + step], model_id, X[s:s + step]))
-                cp.write(_COPY_TRAILER)
-            cur.execute("INSERT INTO vectors (image_id, model_id, vector) SELECT image_id, model_id, vector "
-                        "FROM vectors_in ON CONFLICT (image_id, model_id) DO NOTHING")
-            n = cur.rowcount
-            raw.execute("DROP TABLE vectors_in")
+        self._copy(raw, "vectors_in", model_id, ids, X)
+        n = raw.execute("INSERT INTO vectors (image_id, model_id, vector) SELECT image_id, model_id, vector "
+                        "FROM vectors_in ON CONFLICT (image_id, model_id) DO NOTHING").rowcount
+        raw.execute("DROP TABLE vectors_in")
         return int(n)
+
+    @staticmethod
+    def _copy(raw: Any, table: str, model_id: int, ids: np.ndarray, X: np.ndarray) -> None:
+        step = max(1, COPY_BLOCK_BYTES // (4 * X.shape[1] + 26))
+        with raw.cursor() as cur, cur.copy(f"COPY {table} (image_id, model_id, vector) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.write(_COPY_HEADER)
+            for s in range(0, ids.size, step):
+                cp.write(_copy_block(ids[s:s + step], model_id, X[s:s + step]))
+            cp.write(_COPY_TRAILER)
+
+    def mark_complete(self, model_id: int) -> ModelInfo:
+        """As for SQLite, then ``ANALYZE``: the planner's statistics after a bulk load (without
+        them it sorts the whole join of a split's rows instead of walking the keys in order)."""
+        info = super().mark_complete(model_id)
+        with self._write() as conn:
+            conn.exec_driver_sql("ANALYZE images")
+            conn.exec_driver_sql("ANALYZE vectors")
+        return info
 
 
 def open_store(target: str | os.PathLike | PgStore, *, create: bool = False) -> FeatureStore:
