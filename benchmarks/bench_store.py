@@ -22,11 +22,12 @@
    stage 04 does (chunks of ``WRITE_CHUNK_ROWS``, generated on the fly so the writer holds one
    chunk; PostgreSQL: binary ``COPY``), then stream every vector back through ``verify_store``
    (checked block by block, bounded memory) and load the whole matrix (``load_matrix``); against
-   the baseline in the same run: one ``INSERT`` per row (psycopg ``executemany``, a commit per
-   chunk) on ``--baseline-n`` rows. vectors/s and the peak RSS growth of each step.
+   the baselines in the same run: one ``INSERT`` per row (one ``execute`` each, and psycopg's
+   pipelined ``executemany``; a commit per chunk) on ``--baseline-n`` rows (default ``--n``).
+   vectors/s and the peak RSS growth of each step.
 
 Usage:  python benchmarks/bench_store.py [--quick]
-        python benchmarks/bench_store.py --postgres [--n 200000] [--baseline-n 20000]
+        python benchmarks/bench_store.py --postgres [--n 200000] [--baseline-n N]
 """
 from __future__ import annotations
 
@@ -224,8 +225,9 @@ def _chunk(i: int, rows: int, dim: int) -> np.ndarray:
     return X
 
 
-def _write_store(target, n: int, dim: int) -> tuple[float, int]:
-    """(seconds spent in write_vectors + mark_complete, model id); vectors made chunk by chunk."""
+def _write_store(target, n: int, dim: int, vectors: bool = True) -> tuple[float, int]:
+    """(seconds spent in write_vectors + mark_complete, model id); vectors made chunk by chunk
+    (``vectors=False``: only the images and the model)."""
     from common.features import open_store
 
     with open_store(target, create=True) as store:
@@ -235,6 +237,8 @@ def _write_store(target, n: int, dim: int) -> tuple[float, int]:
                                        dim=dim, mean=[0.1] * 3, std=[0.2] * 3, image_size=224, pad_fill=0,
                                        classes=[f"class_{i:02d}" for i in range(N_CLASSES)], checkpoint_path="best.pt")
         spent = 0.0
+        if not vectors:
+            return spent, info.id
         for k, s in enumerate(range(0, n, WRITE_CHUNK_ROWS)):
             rows = min(WRITE_CHUNK_ROWS, n - s)
             X = _chunk(k, rows, dim)
@@ -253,29 +257,36 @@ def _load_shape(target, model_id: int) -> tuple[int, int]:
         return st.load_matrix("train", model_id)[2].shape
 
 
-def _row_inserts(url: str, n: int, dim: int) -> float:
-    """Seconds to write ``n`` vectors as one INSERT per row (psycopg executemany, a commit per chunk)."""
+def _row_inserts(url: str, n: int, dim: int, pipelined: bool) -> float:
+    """Seconds to write ``n`` vectors into a fresh store's ``vectors`` table (same table, keys and
+    foreign keys as ``write_vectors``) as one INSERT per row, a commit per chunk: psycopg's
+    ``executemany`` (pipelined: no wait for each row's answer) or one ``execute`` per row."""
     import psycopg
     from sqlalchemy.engine import make_url
 
+    from common.features import PgStore, remove_store
+
+    target = PgStore(url, "bench_rows")
+    remove_store(target)
+    _write_store(target, n, dim, vectors=False)
     u = make_url(url)
-    with psycopg.connect(dbname=u.database, user=u.username, host=u.query["host"]) as conn:
-        conn.execute("DROP TABLE IF EXISTS public.baseline_vectors")
-        conn.execute("CREATE TABLE public.baseline_vectors (image_id BIGINT, model_id INTEGER, vector BYTEA NOT NULL, "
-                     "PRIMARY KEY (image_id, model_id))")
-        conn.execute("ALTER TABLE public.baseline_vectors ALTER COLUMN vector SET STORAGE EXTERNAL")
-        conn.commit()
+    with psycopg.connect(dbname=u.database, user=u.username, host=u.query["host"],
+                         options="-c search_path=bench_rows") as conn:
         spent = 0.0
         for k, s in enumerate(range(0, n, WRITE_CHUNK_ROWS)):
             rows = min(WRITE_CHUNK_ROWS, n - s)
             X = _chunk(k, rows, dim)
             t0 = time.perf_counter()
+            sql = "INSERT INTO vectors (image_id, model_id, vector) VALUES (%s, %s, %s)"
             with conn.cursor() as cur:
-                cur.executemany("INSERT INTO public.baseline_vectors (image_id, model_id, vector) VALUES (%s, %s, %s)",
-                                [(s + i + 1, 1, X[i].tobytes()) for i in range(rows)])
+                if pipelined:
+                    cur.executemany(sql, [(s + i + 1, 1, X[i].tobytes()) for i in range(rows)])
+                else:
+                    for i in range(rows):
+                        cur.execute(sql, (s + i + 1, 1, X[i].tobytes()))
             conn.commit()
             spent += time.perf_counter() - t0
-        conn.execute("DROP TABLE public.baseline_vectors")
+    remove_store(target)
     return spent
 
 
@@ -310,12 +321,14 @@ def bench_postgres(n: int, dim: int, baseline_n: int) -> None:
                 print(f"load the whole matrix (load_matrix): {t_load:.1f} s = {n / t_load:,.0f} vectors/s; peak RSS "
                       f"+{peak_l:.0f} MiB = {peak_l / (n * dim * 4 / 2**20):.2f}x the matrix")
                 print(f"content_digest: {t_dig:.1f} s")
-            t_rows = _row_inserts(url, baseline_n, dim)
-            base = baseline_n / t_rows
             pg_w = rates["PostgreSQL"][0]
-            print(f"\n## baseline: one INSERT per row on PostgreSQL ({baseline_n:,} rows, psycopg executemany, a commit "
-                  f"per {WRITE_CHUNK_ROWS} rows): {t_rows:.1f} s = {base:,.0f} vectors/s")
-            print(f"ratio COPY / row INSERTs: {pg_w / base:.1f}x; PostgreSQL / SQLite: write "
+            print(f"\n## baseline: one INSERT per row on PostgreSQL ({baseline_n:,} rows, a commit per "
+                  f"{WRITE_CHUNK_ROWS} rows)")
+            for pipelined, what in ((False, "one execute per row"), (True, "executemany, pipelined")):
+                t_rows = _row_inserts(url, baseline_n, dim, pipelined)
+                base = baseline_n / t_rows
+                print(f"{what}: {t_rows:.1f} s = {base:,.0f} vectors/s; COPY / this: {pg_w / base:.2f}x")
+            print(f"PostgreSQL / SQLite: write "
                   f"{pg_w / rates['SQLite'][0]:.2f}x, stream {rates['PostgreSQL'][1] / rates['SQLite'][1]:.2f}x, "
                   f"load {rates['PostgreSQL'][2] / rates['SQLite'][2]:.2f}x")
         finally:
@@ -328,10 +341,11 @@ def main() -> None:
     ap.add_argument("--postgres", action="store_true", help="SQLite and PostgreSQL at --n vectors (section 5)")
     ap.add_argument("--n", type=int, default=200_000, help="--postgres: vectors written and streamed")
     ap.add_argument("--dim", type=int, default=2048, help="--postgres: vector length")
-    ap.add_argument("--baseline-n", type=int, default=20_000, help="--postgres: rows of the row-INSERT baseline")
+    ap.add_argument("--baseline-n", type=int, default=None, help="--postgres: rows of the row-INSERT baselines "
+                    "(default --n)")
     args = ap.parse_args()
     if args.postgres:
-        bench_postgres(args.n, args.dim, min(args.baseline_n, args.n))
+        bench_postgres(args.n, args.dim, min(args.baseline_n or args.n, args.n))
         return
     n, dim = (4000, 2048) if args.quick else (33000, 2048)
     repeat = 2 if args.quick else 3
