@@ -435,6 +435,17 @@ class FeatureStore:
             return [r[0] for r in conn.exec_driver_sql(
                 "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
 
+    def meta(self, key: str) -> str | None:
+        """The ``meta`` value of ``key`` (None when absent)."""
+        with self._read() as conn:
+            return conn.execute(select(meta_t.c.value).where(meta_t.c.key == key)).scalar()
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a ``meta`` value (not part of ``content_digest``)."""
+        with self._write() as conn:
+            _raw(conn).execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) "
+                                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value"), (key, value))
+
     def counts(self) -> dict[str, int]:
         """Row counts of every table."""
         out = {}

@@ -41,6 +41,7 @@ def _pg_worker(rank: int, world: int, port: int, args: dict) -> None:
             outcome = {"error": f"{type(e).__name__}: {e}"}
         outcome["rows_sent"] = sum(written)
         Path(f"{args['out']}.{rank}").write_text(json.dumps(outcome))
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         PgFeatureStore.write_vectors = original
         dist.destroy_process_group()

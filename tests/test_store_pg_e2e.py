@@ -86,3 +86,10 @@ def test_stages_04_to_07_on_postgres_give_the_sqlite_predictions(pipeline, pg_se
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no longer has the content digest" in r.stderr
     assert content_digest(target) == good
+    # another run folder of the same name (so the same default schema) never takes this store over
+    other = tmp_path / "elsewhere" / "pg_run"
+    shutil.copytree(copy, other, symlinks=True)
+    r = run_script(["04_extract_features.py", "--run", str(other), "--force"], **env)
+    assert r.returncode == 2 and "store.schema: the schema run_pg_run" in r.stderr, r.stderr[-2000:]
+    assert str(copy) in r.stderr and SECRET not in r.stdout + r.stderr
+    assert content_digest(target) == good  # untouched

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import distributed as D
 from ..extract import extract_features, resolve_checkpoint
-from ..features import PgStore, content_digest, open_store, remove_store, verify_store
+from ..features import PgStore, content_digest, open_store, remove_store, store_exists, verify_store
 from ..gallery import gallery_classes, list_extras
 from ..fileio import read_json, write_json
 from ..errors import UserError
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "features.sqlite"
 MODEL_JSON = "model.json"
+OWNER_KEY = "run_folder"  # meta key of a PostgreSQL store: the run folder whose stage 04 writes it
 
 
 def main(ctx: Context) -> dict[str, Any]:
@@ -53,12 +54,17 @@ def main(ctx: Context) -> dict[str, Any]:
     else:
         store = ctx.output(STORE_FILE, digest="feature_store")
         model_json = ctx.output(MODEL_JSON)
+    if ctx.rank == 0 and isinstance(store, PgStore):
+        _check_owner(store, ctx.run_dir, explicit=scfg.schema is not None)
     if ctx.rank == 0 and ctx.previous is not None and (ctx.force or ctx.changed_output):
         why = "--force" if ctx.force else f"{ctx.changed_output} changed since this stage recorded it"
         if ctx.changed_output == MODEL_JSON and scfg.url:
             why = f"the feature store {store} no longer has the content digest {MODEL_JSON} recorded"
         remove_store(store)
         log.info("%s: embedding every image again into a new store %s", why, store)
+    if ctx.rank == 0 and isinstance(store, PgStore):
+        with open_store(store, create=True) as st:
+            st.set_meta(OWNER_KEY, str(Path(ctx.run_dir).resolve()))
     extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels)
     D.barrier()
     metrics = extract_features(ckpt, splits, stats, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
@@ -91,6 +97,21 @@ def main(ctx: Context) -> dict[str, Any]:
         "extra_images": len(extras), **record,
     })
     return metrics
+
+
+def _check_owner(store: PgStore, run_dir: Path, explicit: bool) -> None:
+    """A schema another run folder wrote is never mixed with this run's: ``UserError`` when the
+    default schema (``run_<folder name>``) holds the store of another folder of the same name.
+    A schema named in ``store.schema`` is taken over (the user chose it)."""
+    if explicit or not store_exists(store):
+        return
+    with open_store(store) as st:
+        owner = st.meta(OWNER_KEY)
+    here = str(Path(run_dir).resolve())
+    if owner is not None and owner != here:
+        raise UserError(f"store.schema: the schema {store.schema} on {store.url} holds the store of another run "
+                        f"folder ({owner}): set store.schema to a name of this run's own, or to {store.schema} to "
+                        "take that store over")
 
 
 def default_schema(run_dir: Path) -> str:
