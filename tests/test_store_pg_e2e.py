@@ -47,6 +47,7 @@ def test_stages_04_to_07_on_postgres_give_the_sqlite_predictions(pipeline, pg_se
     r = run_script(["04_extract_features.py", "--run", str(copy), *digits, f"store.url={pg_server}"], **env)
     out.append(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((copy / STAGES[0] / "manifest.json").read_text())["undeclared_keys_read"] == []
     for s in STAGES[1:]:
         r = run_script([f"{s}.py", "--run", str(copy)], **env)
         out.append(r.stdout + r.stderr)
