@@ -17,7 +17,17 @@
    images, timm ``test_resnet`` at 32 px and ``seresnext50_32x4d`` at 224 px, batch 16, random
    weights, a few batches) and the ratio of store write throughput to embedding throughput.
 
+5. ``--postgres``: SQLite and PostgreSQL (a server started by ``pgserver`` in a temporary
+   folder) at ``--n`` vectors (default 200,000 x 2048 = 1.6 GiB; 1,000,000 is 8 GiB): write as
+   stage 04 does (chunks of ``WRITE_CHUNK_ROWS``, generated on the fly so the writer holds one
+   chunk; PostgreSQL: binary ``COPY``), then stream every vector back through ``verify_store``
+   (checked block by block, bounded memory) and load the whole matrix (``load_matrix``); against
+   the baselines in the same run: one ``INSERT`` per row (one ``execute`` each, and psycopg's
+   pipelined ``executemany``; a commit per chunk) on ``--baseline-n`` rows (default ``--n``).
+   vectors/s and the peak RSS growth of each step.
+
 Usage:  python benchmarks/bench_store.py [--quick]
+        python benchmarks/bench_store.py --postgres [--n 200000] [--baseline-n N]
 """
 from __future__ import annotations
 
@@ -188,10 +198,155 @@ def embed_rate(backbone: str, size: int, batch: int, batches: int) -> float:
     return batch * batches / (time.perf_counter() - t0)
 
 
+def _status() -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                out[k] = int(v.split()[0]) / 1024
+    return out
+
+
+def _peak_growth(fn, *args):
+    """(result, seconds, peak RSS growth in MiB during ``fn(*args)``): VmHWM reset just before (Linux)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status()["VmRSS"]
+    t0 = time.perf_counter()
+    out = fn(*args)
+    secs = time.perf_counter() - t0
+    return out, secs, _status()["VmHWM"] - before
+
+
+def _chunk(i: int, rows: int, dim: int) -> np.ndarray:
+    X = np.random.default_rng(1000 + i).standard_normal((rows, dim), dtype=np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X
+
+
+def _write_store(target, n: int, dim: int, vectors: bool = True) -> tuple[float, int]:
+    """(seconds spent in write_vectors + mark_complete, model id); vectors made chunk by chunk
+    (``vectors=False``: only the images and the model)."""
+    from common.features import open_store
+
+    with open_store(target, create=True) as store:
+        store.sync_images(SimpleNamespace(path=f"/data/img_{i:08d}.jpg", label=f"class_{i % N_CLASSES:02d}",
+                                          split="train", sha256="0" * 64) for i in range(n))
+        info, _ = store.register_model(checkpoint_sha256="f" * 64, embedding="encoder", backbone="seresnext50_32x4d",
+                                       dim=dim, mean=[0.1] * 3, std=[0.2] * 3, image_size=224, pad_fill=0,
+                                       classes=[f"class_{i:02d}" for i in range(N_CLASSES)], checkpoint_path="best.pt")
+        spent = 0.0
+        if not vectors:
+            return spent, info.id
+        for k, s in enumerate(range(0, n, WRITE_CHUNK_ROWS)):
+            rows = min(WRITE_CHUNK_ROWS, n - s)
+            X = _chunk(k, rows, dim)
+            t0 = time.perf_counter()
+            store.write_vectors(info.id, np.arange(s + 1, s + rows + 1), X)
+            spent += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store.mark_complete(info.id)
+    return spent + time.perf_counter() - t0, info.id
+
+
+def _load_shape(target, model_id: int) -> tuple[int, int]:
+    from common.features import open_store
+
+    with open_store(target) as st:
+        return st.load_matrix("train", model_id)[2].shape
+
+
+def _row_inserts(url: str, n: int, dim: int, pipelined: bool) -> float:
+    """Seconds to write ``n`` vectors into a fresh store's ``vectors`` table (same table, keys and
+    foreign keys as ``write_vectors``) as one INSERT per row, a commit per chunk: psycopg's
+    ``executemany`` (pipelined: no wait for each row's answer) or one ``execute`` per row."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from common.features import PgStore, remove_store
+
+    target = PgStore(url, "bench_rows")
+    remove_store(target)
+    _write_store(target, n, dim, vectors=False)
+    u = make_url(url)
+    with psycopg.connect(dbname=u.database, user=u.username, host=u.query["host"],
+                         options="-c search_path=bench_rows") as conn:
+        spent = 0.0
+        for k, s in enumerate(range(0, n, WRITE_CHUNK_ROWS)):
+            rows = min(WRITE_CHUNK_ROWS, n - s)
+            X = _chunk(k, rows, dim)
+            t0 = time.perf_counter()
+            sql = "INSERT INTO vectors (image_id, model_id, vector) VALUES (%s, %s, %s)"
+            with conn.cursor() as cur:
+                if pipelined:
+                    cur.executemany(sql, [(s + i + 1, 1, X[i].tobytes()) for i in range(rows)])
+                else:
+                    for i in range(rows):
+                        cur.execute(sql, (s + i + 1, 1, X[i].tobytes()))
+            conn.commit()
+            spent += time.perf_counter() - t0
+    remove_store(target)
+    return spent
+
+
+def bench_postgres(n: int, dim: int, baseline_n: int) -> None:
+    import pgserver
+
+    from common.features import PgStore, content_digest, verify_store
+
+    gib = n * dim * 4 / 2**30
+    print(f"feature store on SQLite and PostgreSQL: {n:,} x {dim} float32 vectors ({gib:.2f} GiB), "
+          f"{os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="bench_pg_", dir=os.environ.get("BENCH_TMP", "/tmp")) as tmp:
+        tmp = Path(tmp)
+        srv = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+        try:
+            url = f"postgresql+psycopg://postgres@/postgres?host={tmp / 'pg'}"
+            targets = {"SQLite": tmp / "features.sqlite", "PostgreSQL": PgStore(url, "bench")}
+            rates = {}
+            for name, target in targets.items():
+                (secs, mid), _, peak_w = _peak_growth(_write_store, target, n, dim)
+                checked, t_stream, peak_s = _peak_growth(verify_store, target, mid)
+                assert checked == n
+                shape, t_load, peak_l = _peak_growth(_load_shape, target, mid)
+                assert shape == (n, dim)
+                _, t_dig, _ = _peak_growth(content_digest, target)
+                rates[name] = (n / secs, n / t_stream, n / t_load)
+                print(f"\n## {name}")
+                print(f"write (write_vectors, {WRITE_CHUNK_ROWS} rows per transaction): {secs:.1f} s = {n / secs:,.0f} "
+                      f"vectors/s; peak RSS +{peak_w:.0f} MiB")
+                print(f"stream every vector, checked (verify_store): {t_stream:.1f} s = {n / t_stream:,.0f} vectors/s; "
+                      f"peak RSS +{peak_s:.0f} MiB (bounded: blocks of {2} MiB)")
+                print(f"load the whole matrix (load_matrix): {t_load:.1f} s = {n / t_load:,.0f} vectors/s; peak RSS "
+                      f"+{peak_l:.0f} MiB = {peak_l / (n * dim * 4 / 2**20):.2f}x the matrix")
+                print(f"content_digest: {t_dig:.1f} s")
+            pg_w = rates["PostgreSQL"][0]
+            print(f"\n## baseline: one INSERT per row on PostgreSQL ({baseline_n:,} rows, a commit per "
+                  f"{WRITE_CHUNK_ROWS} rows)")
+            for pipelined, what in ((False, "one execute per row"), (True, "executemany, pipelined")):
+                t_rows = _row_inserts(url, baseline_n, dim, pipelined)
+                base = baseline_n / t_rows
+                print(f"{what}: {t_rows:.1f} s = {base:,.0f} vectors/s; COPY / this: {pg_w / base:.2f}x")
+            print(f"PostgreSQL / SQLite: write "
+                  f"{pg_w / rates['SQLite'][0]:.2f}x, stream {rates['PostgreSQL'][1] / rates['SQLite'][1]:.2f}x, "
+                  f"load {rates['PostgreSQL'][2] / rates['SQLite'][2]:.2f}x")
+        finally:
+            srv.cleanup()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4,000 vectors, fewer repeats (a smoke run)")
+    ap.add_argument("--postgres", action="store_true", help="SQLite and PostgreSQL at --n vectors (section 5)")
+    ap.add_argument("--n", type=int, default=200_000, help="--postgres: vectors written and streamed")
+    ap.add_argument("--dim", type=int, default=2048, help="--postgres: vector length")
+    ap.add_argument("--baseline-n", type=int, default=None, help="--postgres: rows of the row-INSERT baselines "
+                    "(default --n)")
     args = ap.parse_args()
+    if args.postgres:
+        bench_postgres(args.n, args.dim, min(args.baseline_n or args.n, args.n))
+        return
     n, dim = (4000, 2048) if args.quick else (33000, 2048)
     repeat = 2 if args.quick else 3
     pat_repeat = 1 if args.quick else 2

@@ -197,6 +197,13 @@ class NotifyConfig:
     allow_insecure_login: bool = False  # allow a login with security: plain (the password would cross the network in clear)
 
 
+@dataclass
+class StoreConfig:
+    url: Optional[str] = None  # null = stage 04's features.sqlite; else postgresql+psycopg://user@host:port/db (no password in it)
+    password_env: str = "PLANKTON_STORE_PASSWORD"  # environment variable holding the PostgreSQL password
+    schema: Optional[str] = None  # PostgreSQL schema holding this run's tables; null = run_<run folder name>
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
@@ -210,6 +217,7 @@ SECTIONS: dict[str, type] = {
     "search": SearchConfig,
     "inference": InferenceConfig,
     "notify": NotifyConfig,
+    "store": StoreConfig,
 }
 
 # ----------------------------------------------------------------------------- numeric ranges
@@ -375,7 +383,7 @@ def check_ranges(cfg: Config) -> None:
 NON_SEMANTIC = {
     "run.dir", "run.log_level", "run.device", "data.num_workers", "stats.batch_size",
     "extract.batch_size", "inference.batch_size", "inference.block_size", "lut.block_size",
-    "train.compile", "train.trial", "notify",
+    "train.compile", "train.trial", "notify", "store.password_env",
 }
 
 # Flags of the reference SupCon code (HobbitLong/SupContrast main_supcon.py) accepted by stage 03.
@@ -428,6 +436,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -694,6 +703,36 @@ def validate(cfg: Config) -> None:
     n = cfg.notify
     if n.enabled and n.user and n.security == "plain" and not n.allow_insecure_login:
         raise ConfigError(INSECURE_LOGIN_MESSAGE)
+    check_store(cfg.store)
+
+
+STORE_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # a PostgreSQL identifier that needs no quoting
+
+
+def check_store(st: StoreConfig) -> None:
+    """``store.url``: a PostgreSQL URL without a password (never echoed: it could hold one);
+    ``store.schema``: a plain lower-case identifier; ``store.password_env``: a variable name."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", st.password_env or ""):
+        raise ConfigError(f"store.password_env: must name an environment variable, got {_show(st.password_env)}")
+    if st.schema is not None and not STORE_SCHEMA_RE.fullmatch(st.schema):
+        raise ConfigError(f"store.schema: must be a lower-case identifier (a-z, 0-9, _; at most 63), got {_show(st.schema)}")
+    if st.url is None:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        u = make_url(st.url)
+    except ArgumentError:
+        raise ConfigError("store.url: not a URL: expected postgresql+psycopg://user@host:port/database") from None
+    if u.password is not None:
+        raise ConfigError(f"store.url: must not contain a password: put it in the environment variable "
+                          f"{st.password_env} (store.password_env) and remove it from the URL")
+    if u.drivername not in ("postgresql", "postgresql+psycopg"):
+        raise ConfigError(f"store.url: expected postgresql+psycopg://user@host:port/database, got the scheme "
+                          f"{_show(u.drivername)}")
+    if not u.database:
+        raise ConfigError("store.url: names no database: expected postgresql+psycopg://user@host:port/database")
 
 
 # ----------------------------------------------------------------------------- output

@@ -25,10 +25,14 @@ backbone's pooled output (``SupConModel.encoder``), ``head`` the projection head
 L2-normalised in float32 (Khosla et al. 2020 evaluate on the encoder output, the head is thrown
 away after training; Yang et al. 2022's LUT retrieval works on the same embedding).
 
-Several GPUs (torchrun): every rank embeds a strided share of each chunk; the shares are
-gathered to rank 0 (``torch.distributed.gather_object``), the only writer, which sorts them by
-image id: the store ends up identical to a one-process run. A rank that fails (an unreadable
-image) sends its error with its share, and every rank stops with it.
+Several GPUs (torchrun): every rank embeds a strided share of each chunk. With a SQLite store
+the shares are gathered to rank 0 (``torch.distributed.gather_object``), the only writer, which
+sorts them by image id: the store ends up identical to a one-process run. With a PostgreSQL
+store (``features.PgStore``, shared by every node) each rank writes its own share of each chunk
+to the server itself (``COPY``; nothing goes through rank 0), and only the ranks' errors are
+exchanged after each chunk; rows are keyed by image and model and a rewritten row is skipped,
+so a resumed run never duplicates one. A rank that fails (an unreadable image) sends its error,
+and every rank stops with it.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import torch
 
 from .errors import ImageReadError, UserError
 from .embed import embed_batch, prepare_model
-from .features import FeatureStore, ImageRecord
+from .features import FeatureStore, ImageRecord, PgStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +141,17 @@ def _gather(part: tuple[np.ndarray, np.ndarray, str | None], rank: int, world: i
     return out
 
 
+def _all_gather(obj: Any, world: int) -> list:
+    """Every rank's ``obj`` (small: an error line, a count), on every rank."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _broadcast_error(err: str | None, rank: int, world: int) -> str | None:
     if world == 1:
         return err
@@ -188,7 +203,7 @@ class _Batches:
         return out
 
 
-def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store_path: Path, cfg: Any, *,
+def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store_path: Path | PgStore, cfg: Any, *,
                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                      chunk_rows: int | None = None, extras: Sequence[Any] = ()) -> dict[str, Any]:
     """Embed every image of ``splits_csv`` with ``checkpoint`` into the store; returns metrics (rank 0).
@@ -197,6 +212,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     ``chunk_rows`` overrides the vectors per write transaction (default: ``WRITE_CHUNK_ROWS``).
     ``extras``: gallery-only images (``common.gallery.list_extras``), stored under the split
     ``extra``; the checkpoint's class list is checked against the splits' classes only.
+    ``store_path``: a SQLite file, or a ``PgStore`` (every rank then writes its own share).
     """
     from tqdm import tqdm
 
@@ -204,7 +220,10 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     from .model import load_checkpoint_model
 
     device = torch.device(device)
-    checkpoint, splits_csv, stats_json, store_path = map(Path, (checkpoint, splits_csv, stats_json, store_path))
+    checkpoint, splits_csv, stats_json = map(Path, (checkpoint, splits_csv, stats_json))
+    if not isinstance(store_path, PgStore):
+        store_path = Path(store_path)
+    direct = world_size > 1 and isinstance(store_path, PgStore)  # every rank writes its own share
     ecfg = cfg.extract
     model, ckpt = load_checkpoint_model(checkpoint, map_location="cpu")
     rows = read_splits(splits_csv)
@@ -241,7 +260,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     plan: _Plan | None = None
     if rank == 0:
         try:
-            store = FeatureStore(store_path, create=True)
+            store = open_store(store_path, create=True)
             sync = store.sync_images([*rows, *extras])
             info, dropped = store.register_model(
                 checkpoint_sha256=sha, embedding=ecfg.embedding, backbone=backbone, dim=dim, mean=stats["mean"],
@@ -257,6 +276,8 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
                 store.close()
             raise
     plan = _broadcast_plan(plan, rank, world_size)
+    if direct and rank != 0:
+        store = open_store(store_path)  # rank 0 created it before the plan was sent
     n_todo = len(plan.todo_ids)
     n_images = len(rows) + len(extras)
     if rank == 0:
@@ -290,11 +311,20 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
                 if failed is None:
                     try:
                         vecs = batches.take(len(mine))
-                    except Exception as e:  # sent to rank 0, which stops every rank
+                        if direct:  # this rank's share goes to the shared server itself
+                            written += store.write_vectors(plan.model_id, ids, vecs)
+                    except Exception as e:  # sent to the other ranks, which stop with it
                         if world_size == 1:
                             raise
                         failed = err = f"rank {rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                         failed_exc = e
+                if direct:
+                    errs = [e for e in _all_gather(err, world_size) if e]
+                    if errs:
+                        if failed_exc is not None:
+                            raise failed_exc
+                        raise UserError(f"extraction stopped: {errs[0]}")
+                    continue
                 parts = _gather((ids, vecs, err), rank, world_size)
                 stop, write_exc = None, None
                 if rank == 0:
@@ -324,6 +354,10 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
         finally:
             bar.close()
     elapsed = time.perf_counter() - t0
+    if direct:
+        written = sum(_all_gather(written, world_size))  # after every rank's last commit
+        if rank != 0:
+            store.close()
 
     if rank != 0:
         return {}

@@ -49,9 +49,11 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import logging
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,6 +396,22 @@ class FeatureStore:
         with self.engine.connect().execution_options(write=True) as conn, conn.begin():
             yield conn
 
+    # dialect hooks (PgFeatureStore overrides them): SQL text, id lists, streaming cursor
+    dialect = "sqlite"
+    shared = False  # True when several processes (ranks, nodes) may write vectors at once
+
+    def _q(self, sql: str) -> str:
+        """Hot-path SQL (written with ``?`` and ``json_each``) in this store's dialect."""
+        return sql
+
+    def _ids(self, ids: np.ndarray) -> Any:
+        """An id list as the one parameter of ``json_each(?)``."""
+        return _json_ids(ids)
+
+    def _stream(self, conn: Connection) -> Any:
+        """A DBAPI cursor that fetches rows block by block (``fetchmany``)."""
+        return _raw(conn).cursor()
+
     def _create_schema(self) -> None:
         with self._write() as conn:
             for stmt in SCHEMA_SQL:
@@ -416,6 +434,17 @@ class FeatureStore:
         with self._read() as conn:
             return [r[0] for r in conn.exec_driver_sql(
                 "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
+
+    def meta(self, key: str) -> str | None:
+        """The ``meta`` value of ``key`` (None when absent)."""
+        with self._read() as conn:
+            return conn.execute(select(meta_t.c.value).where(meta_t.c.key == key)).scalar()
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a ``meta`` value (not part of ``content_digest``)."""
+        with self._write() as conn:
+            _raw(conn).execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) "
+                                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value"), (key, value))
 
     def counts(self) -> dict[str, int]:
         """Row counts of every table."""
@@ -467,12 +496,12 @@ class FeatureStore:
             if not report.changed:
                 return report
             if removed.size:
-                conn.exec_driver_sql("DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))",
-                                     (_json_ids(removed),))  # cascades to vectors
+                _raw(conn).execute(self._q("DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))"),
+                                   (self._ids(removed),))  # cascades to vectors
             if content:
                 ids = np.array([c["i"] for c in content], dtype=np.int64)
-                conn.exec_driver_sql("DELETE FROM vectors WHERE image_id IN (SELECT value FROM json_each(?))",
-                                     (_json_ids(ids),))
+                _raw(conn).execute(self._q("DELETE FROM vectors WHERE image_id IN (SELECT value FROM json_each(?))"),
+                                   (self._ids(ids),))
             upd = (update(images_t).where(images_t.c.id == bindparam("i"))
                    .values(label=bindparam("label"), split=bindparam("split"), sha256=bindparam("sha256")))
             if content or moved:
@@ -559,9 +588,9 @@ class FeatureStore:
         return info, dropped
 
     def _set_status(self, conn: Connection, model_id: int, status: str) -> None:
-        conn.exec_driver_sql("INSERT INTO meta (key, value) VALUES (?, ?) "
-                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                             (f"model.{model_id}.status", status))
+        _raw(conn).execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) "
+                                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
+                           (f"model.{model_id}.status", status))
 
     def _set_complete(self, conn: Connection, model_id: int | None, complete: bool) -> None:
         """Set ``complete`` of one model (or of every model when None) and its meta status."""
@@ -622,7 +651,7 @@ class FeatureStore:
     def missing_vectors(self, model_id: int) -> list[ImageRecord]:
         """Images that have no vector of ``model_id`` yet, by id (the extraction's to-do list)."""
         with self._read() as conn:
-            return [ImageRecord(*r) for r in _raw(conn).execute(_SQL_MISSING, (int(model_id),))]
+            return [ImageRecord(*r) for r in _raw(conn).execute(self._q(_SQL_MISSING), (int(model_id),))]
 
     def write_vectors(self, model_id: int, image_ids: Sequence[int] | np.ndarray, vectors: Any) -> int:
         """Insert one vector per image for ``model_id``, in one transaction; returns the rows written.
@@ -650,16 +679,21 @@ class FeatureStore:
             raise ValueError(f"vectors must be L2-normalised (norms {norms.min():.4f} to {norms.max():.4f})")
         mid = int(model_id)
         with self._write() as conn:
-            # numpy rows are bound as BLOBs through the buffer protocol: no per-row bytes copy
-            _raw(conn).executemany(_SQL_INSERT_VECTOR, zip(ids.tolist(), [mid] * ids.size, X))
+            n = self._insert_vectors(conn, mid, ids, X)
             if info.complete:
                 self._set_complete(conn, mid, False)
+        return n
+
+    def _insert_vectors(self, conn: Connection, model_id: int, ids: np.ndarray, X: np.ndarray) -> int:
+        # numpy rows are bound as BLOBs through the buffer protocol: no per-row bytes copy
+        _raw(conn).executemany(_SQL_INSERT_VECTOR, zip(ids.tolist(), [model_id] * ids.size, X))
         return int(ids.size)
 
     def mark_complete(self, model_id: int) -> ModelInfo:
         """Mark a model complete, in the transaction that checks every image has its vector."""
         with self._write() as conn:
-            n = _raw(conn).execute(f"SELECT count(*) FROM ({_SQL_MISSING})", (int(model_id),)).fetchone()[0]
+            n = _raw(conn).execute(self._q(f"SELECT count(*) FROM ({_SQL_MISSING}) AS missing"),
+                                   (int(model_id),)).fetchone()[0]
             if n:
                 raise RuntimeError(f"{n} images of {self.path} have no vector of model {model_id} yet")
             done = conn.execute(select(models_t.c.complete).where(models_t.c.id == int(model_id))).scalar()
@@ -712,13 +746,14 @@ class FeatureStore:
             raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
         info = self.require_complete(model_id)
         with self._read() as conn:
-            cur = _raw(conn).cursor()
             if split is None:
-                n = cur.execute(_SQL_ALL_COUNT, (info.id,)).fetchone()[0]
-                cur.execute(_SQL_ALL_ROWS, (info.id,))
+                n = _raw(conn).execute(self._q(_SQL_ALL_COUNT), (info.id,)).fetchone()[0]
+                cur = self._stream(conn)
+                cur.execute(self._q(_SQL_ALL_ROWS), (info.id,))
             else:
-                n = cur.execute(_SQL_SPLIT_COUNT, (info.id, split)).fetchone()[0]
-                cur.execute(_SQL_SPLIT_ROWS, (info.id, split))
+                n = _raw(conn).execute(self._q(_SQL_SPLIT_COUNT), (info.id, split)).fetchone()[0]
+                cur = self._stream(conn)
+                cur.execute(self._q(_SQL_SPLIT_ROWS), (info.id, split))
             X = np.empty((n, info.dim), dtype=np.float32)
             ids = np.empty(n, dtype=np.int64)
             labels: list[str] = []
@@ -736,8 +771,8 @@ class FeatureStore:
         X = np.empty((uniq.size, info.dim), dtype=np.float32)
         got = np.empty(uniq.size, dtype=np.int64)
         with self._read() as conn:
-            cur = _raw(conn).cursor()
-            cur.execute(_SQL_IDS_ROWS, (info.id, _json_ids(uniq)))
+            cur = self._stream(conn)
+            cur.execute(self._q(_SQL_IDS_ROWS), (info.id, self._ids(uniq)))
             k = self._fill(cur, X, got, None)
             cur.close()
         if k != uniq.size:
@@ -752,12 +787,276 @@ class FeatureStore:
         """Labels of ``image_ids``, in that order."""
         ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
         with self._read() as conn:
-            lab = dict(_raw(conn).execute("SELECT id, label FROM images WHERE id IN (SELECT value FROM json_each(?))",
-                                          (_json_ids(np.unique(ids)),)).fetchall())
+            lab = dict(_raw(conn).execute(self._q("SELECT id, label FROM images WHERE id IN "
+                                                  "(SELECT value FROM json_each(?))"),
+                                          (self._ids(np.unique(ids)),)).fetchall())
         try:
             return [lab[int(i)] for i in ids]
         except KeyError as e:
             raise UserError(f"{self.path} has no image {e.args[0]}: rerun {STAGE}") from None
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+# The same tables on PostgreSQL (the columns are documented once, in SCHEMA_SQL above). Created
+# in one schema per store (``PgStore.schema``), so several runs share a database without mixing.
+# Identity keys are never reused, like AUTOINCREMENT. Vectors are the same float32 little-endian
+# bytes, as bytea; STORAGE EXTERNAL keeps them out of line uncompressed (float bits do not
+# compress: trying costs CPU on every write).
+SCHEMA_PG_SQL: tuple[str, ...] = (
+    """CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)""",
+    """CREATE TABLE images (
+    id     BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    path   TEXT NOT NULL UNIQUE,
+    label  TEXT NOT NULL,
+    split  TEXT NOT NULL CHECK (split IN ('train', 'val', 'test', 'extra')),
+    sha256 TEXT NOT NULL
+)""",
+    """CREATE INDEX images_split ON images (split, id)""",
+    """CREATE TABLE models (
+    id                INTEGER GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    checkpoint_sha256 TEXT NOT NULL,
+    embedding         TEXT NOT NULL CHECK (embedding IN ('encoder', 'head')),
+    backbone          TEXT NOT NULL,
+    dim               INTEGER NOT NULL CHECK (dim > 0),
+    mean              TEXT NOT NULL,
+    std               TEXT NOT NULL,
+    image_size        INTEGER NOT NULL,
+    pad_fill          INTEGER NOT NULL,
+    classes           TEXT NOT NULL,
+    checkpoint_path   TEXT NOT NULL,
+    epoch             INTEGER,
+    created           TEXT NOT NULL,
+    complete          INTEGER NOT NULL DEFAULT 0 CHECK (complete IN (0, 1)),
+    UNIQUE (checkpoint_sha256, embedding)
+)""",
+    """CREATE TABLE vectors (
+    image_id BIGINT NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    model_id INTEGER NOT NULL REFERENCES models (id) ON DELETE CASCADE,
+    vector   BYTEA NOT NULL,
+    PRIMARY KEY (image_id, model_id)
+)""",
+    """ALTER TABLE vectors ALTER COLUMN vector SET STORAGE EXTERNAL""",
+)
+PG_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # a schema name that needs no quoting
+COPY_BLOCK_BYTES = 16 * 2**20  # bytes of COPY data built and sent at a time (bounds the extra memory)
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8  # binary COPY signature, flags, no extension
+_COPY_TRAILER = b"\xff\xff"
+_CURSOR_NUMBERS = itertools.count(1)  # server-side cursor names, unique within a process
+
+
+@dataclass(frozen=True)
+class PgStore:
+    """Where a feature store lives on a PostgreSQL server: an SQLAlchemy ``url`` without a
+    password (``postgresql+psycopg://user@host:port/db``), the ``schema`` holding its tables, and
+    the environment variable holding the password (read when connecting, never stored)."""
+
+    url: str
+    schema: str
+    password_env: str = "PLANKTON_STORE_PASSWORD"
+
+    def __post_init__(self) -> None:
+        from sqlalchemy.engine import make_url
+
+        if make_url(self.url).password is not None:
+            raise UserError(f"the feature store URL must not contain a password: put it in the environment "
+                            f"variable {self.password_env}")
+        if not PG_SCHEMA_RE.fullmatch(self.schema):
+            raise UserError(f"feature store schema {self.schema!r}: must be a lower-case identifier (a-z, 0-9, _)")
+
+    def __str__(self) -> str:
+        return f"{self.url} (schema {self.schema})"
+
+
+def is_postgres_url(url: str | None) -> bool:
+    return bool(url) and str(url).startswith("postgresql")
+
+
+def _pg_engine(t: PgStore) -> Engine:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(t.url).set(drivername="postgresql+psycopg")
+    args: dict[str, Any] = {"options": f"-c search_path={t.schema}"}
+    password = os.environ.get(t.password_env)
+    if password:
+        args["password"] = password  # a connect argument: never part of the URL, its repr or a message
+    return create_engine(url, connect_args=args, hide_parameters=True)
+
+
+def _copy_block(ids: np.ndarray, model_id: int, X: np.ndarray) -> bytes:
+    """Rows (image_id int8, model_id int4, vector bytea) in PostgreSQL's binary COPY layout, built
+    by numpy in one pass (no per-row Python object)."""
+    n, d = X.shape
+    dt = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("id", ">i8"), ("l2", ">i4"), ("mid", ">i4"), ("l3", ">i4"),
+                   ("v", "<f4", (d,))])
+    a = np.empty(n, dt)
+    a["nf"], a["l1"], a["id"], a["l2"], a["mid"], a["l3"], a["v"] = 3, 8, ids, 4, model_id, 4 * d, X
+    return a.tobytes()
+
+
+class PgFeatureStore(FeatureStore):
+    """The feature store in one schema of a PostgreSQL database: the same tables, API and checks.
+
+    Vectors are written with binary ``COPY`` (built by numpy); the primary key (image, model)
+    refuses a duplicate, and a chunk written again after an interruption is copied into a
+    temporary table and inserted ``ON CONFLICT DO NOTHING``: several processes (the ranks of a
+    multi-node extraction) write their own shares at once, and no row is ever duplicated. Reads stream through a
+    server-side cursor a block at a time into the preallocated matrix, in one REPEATABLE READ
+    snapshot, every block checked by ``check_unit_vectors``.
+    """
+
+    dialect = "postgresql"
+    shared = True
+
+    def __init__(self, target: PgStore, *, create: bool = False):
+        self.path = target  # str(): the URL without password and the schema, for messages
+        self.target = target
+        self.engine = _pg_engine(target)
+        try:
+            with self._read() as conn:
+                has = conn.exec_driver_sql(
+                    "SELECT 1 FROM information_schema.tables WHERE table_schema = %(s)s AND table_name = 'meta'",
+                    {"s": target.schema}).first()
+            if has is None and create:
+                self._create_schema()
+            elif has is None:
+                raise UserError(f"feature store {target} is missing (no meta table in the schema): run {STAGE}")
+            else:
+                self._check_version()
+        except DBAPIError as e:
+            self.engine.dispose()
+            why = str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else type(e.orig).__name__
+            raise UserError(f"feature store {target}: the PostgreSQL server refused ({why}): check the server, "
+                            f"the URL and the password variable {target.password_env}") from None
+        except BaseException:
+            self.engine.dispose()
+            raise
+
+    def __repr__(self) -> str:
+        return f"PgFeatureStore({str(self.target)!r})"
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", "%s").replace("SELECT value FROM json_each(%s)", "SELECT unnest(%s::bigint[])")
+
+    def _ids(self, ids: np.ndarray) -> Any:
+        return [int(i) for i in ids]
+
+    def _stream(self, conn: Connection) -> Any:
+        cur = _raw(conn).cursor(name=f"stream_{next(_CURSOR_NUMBERS)}", binary=True)
+        cur.itersize = 256
+        return cur
+
+    def _create_schema(self) -> None:
+        with self._write() as conn:
+            conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {self.target.schema}")
+            for stmt in SCHEMA_PG_SQL:
+                conn.exec_driver_sql(stmt)
+            conn.execute(insert(meta_t), [{"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                                          {"key": "format", "value": FORMAT},
+                                          {"key": "created", "value": _now()}])
+        log.info("created feature store %s (schema version %d)", self.target, SCHEMA_VERSION)
+
+    def schema(self) -> list[str]:
+        """One line per table of the schema: ``table (column type, ...)`` from the catalog."""
+        with self._read() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT table_name, column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = %(s)s ORDER BY table_name, ordinal_position", {"s": self.target.schema}).all()
+        tables: dict[str, list[str]] = {}
+        for t, c, ty in rows:
+            tables.setdefault(t, []).append(f"{c} {ty}")
+        return [f"{t} ({', '.join(cols)})" for t, cols in tables.items()]
+
+    def _insert_vectors(self, conn: Connection, model_id: int, ids: np.ndarray, X: np.ndarray) -> int:
+        """COPY straight into ``vectors`` (in a savepoint); when a row is already there (a chunk
+        written again after an interruption), COPY into a temporary table and insert the rows
+        that are not, ``ON CONFLICT DO NOTHING``. Returns the rows added."""
+        import psycopg
+
+        raw = _raw(conn)
+        try:
+            with raw.transaction():  # a savepoint inside the store's transaction
+                self._copy(raw, "vectors", model_id, ids, X)
+            return int(ids.size)
+        except psycopg.errors.UniqueViolation:
+            pass
+        raw.execute("CREATE TEMP TABLE vectors_in (LIKE vectors INCLUDING STORAGE) ON COMMIT DROP")
+        self._copy(raw, "vectors_in", model_id, ids, X)
+        n = raw.execute("INSERT INTO vectors (image_id, model_id, vector) SELECT image_id, model_id, vector "
+                        "FROM vectors_in ON CONFLICT (image_id, model_id) DO NOTHING").rowcount
+        raw.execute("DROP TABLE vectors_in")
+        return int(n)
+
+    @staticmethod
+    def _copy(raw: Any, table: str, model_id: int, ids: np.ndarray, X: np.ndarray) -> None:
+        step = max(1, COPY_BLOCK_BYTES // (4 * X.shape[1] + 26))
+        with raw.cursor() as cur, cur.copy(f"COPY {table} (image_id, model_id, vector) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.write(_COPY_HEADER)
+            for s in range(0, ids.size, step):
+                cp.write(_copy_block(ids[s:s + step], model_id, X[s:s + step]))
+            cp.write(_COPY_TRAILER)
+
+    def mark_complete(self, model_id: int) -> ModelInfo:
+        """As for SQLite, then ``ANALYZE``: the planner's statistics after a bulk load (without
+        them it sorts the whole join of a split's rows instead of walking the keys in order)."""
+        info = super().mark_complete(model_id)
+        with self._write() as conn:
+            conn.exec_driver_sql("ANALYZE images")
+            conn.exec_driver_sql("ANALYZE vectors")
+        return info
+
+
+def open_store(target: str | os.PathLike | PgStore, *, create: bool = False) -> FeatureStore:
+    """The feature store at ``target``: a SQLite file (a path) or a PostgreSQL schema (``PgStore``)."""
+    if isinstance(target, PgStore):
+        return PgFeatureStore(target, create=create)
+    return FeatureStore(target, create=create)
+
+
+def store_exists(target: str | os.PathLike | PgStore) -> bool:
+    """True when ``target`` holds a store (a non-empty file; a schema with a meta table)."""
+    if not isinstance(target, PgStore):
+        p = Path(target)
+        return p.is_file() and p.stat().st_size > 0
+    engine = _pg_engine(target)
+    try:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql(
+                "SELECT 1 FROM information_schema.tables WHERE table_schema = %(s)s AND table_name = 'meta'",
+                {"s": target.schema}).first() is not None
+    finally:
+        engine.dispose()
+
+
+def remove_store(target: str | os.PathLike | PgStore) -> None:
+    """Delete a store: the SQLite file with its journal files, or the PostgreSQL schema with its tables."""
+    if not isinstance(target, PgStore):
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{target}{suffix}").unlink()
+        return
+    engine = _pg_engine(target)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {target.schema} CASCADE")
+    except DBAPIError as e:
+        raise UserError(f"feature store {target}: cannot drop the schema ({str(e.orig).splitlines()[0]})") from None
+    finally:
+        engine.dispose()
+    log.info("dropped feature store %s", target)
 
 
 # ----------------------------------------------------------------------------- checks and digest
@@ -780,14 +1079,14 @@ def check_unit_vectors(X: np.ndarray, ids: np.ndarray, path: Any) -> None:
                         f"{STAGE} with --force")
 
 
-def verify_store(path: str | os.PathLike, model_id: int) -> int:
+def verify_store(path: str | os.PathLike | PgStore, model_id: int) -> int:
     """Read every vector of ``model_id`` once (streamed) and check it; returns the number checked."""
-    with FeatureStore(path) as store:
+    with open_store(path) as store:
         info = store.model_info(model_id)
         n = 0
         with store._read() as conn:
-            cur = _raw(conn).cursor()
-            cur.execute(_SQL_DIGEST_VECTORS, (info.id,))
+            cur = store._stream(conn)
+            cur.execute(store._q(_SQL_DIGEST_VECTORS), (info.id,))
             block = max(1, READ_BLOCK_BYTES // (4 * info.dim))
             while rows := cur.fetchmany(block):
                 ids, blobs = zip(*rows)
@@ -802,18 +1101,50 @@ def verify_store(path: str | os.PathLike, model_id: int) -> int:
     return n
 
 
-def content_digest(path: str | os.PathLike) -> str:
+def _digest(h: Any, rows: Any, stream: Any) -> None:
+    """Hash images, complete models and their vectors; ``rows(sql, params)`` -> every row,
+    ``stream(sql, params)`` -> a cursor read with ``fetchmany`` (SQL in the store's dialect)."""
+    for row in rows("SELECT id, path, label, split, sha256 FROM images ORDER BY id", ()):
+        h.update(json.dumps(tuple(row), ensure_ascii=False).encode())
+        h.update(b"\n")
+    models = rows("SELECT id, checkpoint_sha256, embedding, backbone, dim, mean, std, image_size, "
+                  "pad_fill, classes FROM models WHERE complete = 1 ORDER BY id", ())
+    for m in models:
+        h.update(json.dumps(tuple(m), ensure_ascii=False).encode())
+        h.update(b"\n")
+    for m in models:
+        cur = stream(_SQL_DIGEST_VECTORS, (m[0],))
+        while rows_ := cur.fetchmany(max(1, READ_BLOCK_BYTES // (4 * int(m[4])))):
+            ids, blobs = zip(*rows_)
+            h.update(np.asarray(ids, dtype="<i8").tobytes())
+            h.update(b"".join(blobs))
+        cur.close()
+
+
+def content_digest(path: str | os.PathLike | PgStore) -> str:
     """sha256 of the images, complete models and their vectors (not ``meta``).
 
     What stage 04's (and 06's) manifest records for the store. Times and checkpoint paths are left
     out (rerunning stage 04 on the same inputs gives the same digest). Streams the blobs in image
-    id order through one hash; the file is opened read-only.
+    id order through one hash; the file is opened read-only. The same content gives the same
+    digest in SQLite and in PostgreSQL (``PgStore``: read in one REPEATABLE READ snapshot).
     """
+    h = hashlib.sha256()
+    h.update(f"{FORMAT}/{SCHEMA_VERSION}\n".encode())
+    if isinstance(path, PgStore):
+        with PgFeatureStore(path) as st, st._read() as conn:
+            raw = _raw(conn)
+
+            def stream(sql: str, params: Any) -> Any:
+                cur = st._stream(conn)
+                cur.execute(st._q(sql), params)
+                return cur
+
+            _digest(h, lambda sql, params: raw.execute(st._q(sql), params).fetchall(), stream)
+        return h.hexdigest()
     p = Path(path)
     if not p.is_file():
         raise UserError(f"feature store {p} is missing: run {STAGE}")
-    h = hashlib.sha256()
-    h.update(f"{FORMAT}/{SCHEMA_VERSION}\n".encode())
     conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
                            isolation_level=None)
     try:
@@ -821,20 +1152,7 @@ def content_digest(path: str | os.PathLike) -> str:
         v = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if v is None or v[0] != str(SCHEMA_VERSION):
             raise UserError(f"{p} is not a feature store of schema version {SCHEMA_VERSION}: rerun {STAGE}")
-        for row in conn.execute("SELECT id, path, label, split, sha256 FROM images ORDER BY id"):
-            h.update(json.dumps(row, ensure_ascii=False).encode())
-            h.update(b"\n")
-        models = conn.execute("SELECT id, checkpoint_sha256, embedding, backbone, dim, mean, std, image_size, "
-                              "pad_fill, classes FROM models WHERE complete = 1 ORDER BY id").fetchall()
-        for m in models:
-            h.update(json.dumps(m, ensure_ascii=False).encode())
-            h.update(b"\n")
-        for m in models:
-            cur = conn.execute(_SQL_DIGEST_VECTORS, (m[0],))
-            while rows := cur.fetchmany(max(1, READ_BLOCK_BYTES // (4 * int(m[4])))):
-                ids, blobs = zip(*rows)
-                h.update(np.asarray(ids, dtype="<i8").tobytes())
-                h.update(b"".join(blobs))
+        _digest(h, lambda sql, params: conn.execute(sql, params).fetchall(), conn.execute)
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as e:
         raise UserError(f"{p} is not a readable feature store ({e}): rerun {STAGE}") from None

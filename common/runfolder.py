@@ -48,8 +48,22 @@ TMP_SUFFIX = ".tmp"  # fileio.atomic_path's temporary files: ".<name>.<random>.t
 
 
 def digest_of(path: Path, kind: str) -> str:
-    """The digest of one output: ``sha256`` of the file or the feature store's ``content_digest``."""
+    """The digest of one output: ``sha256`` of the file or the feature store's ``content_digest``.
+
+    ``store_ref``: a JSON file naming a feature store on a server (``{"store": {"url", "schema",
+    "password_env", "digest"}}``, stage 04's ``model.json``): its sha256 while the server's store
+    still has the recorded content digest, else a digest that differs (the store changed).
+    """
     if kind == "sha256":
+        return sha256_file(path)
+    if kind == "store_ref":
+        from .features import PgStore, content_digest
+
+        rec = (json.loads(Path(path).read_text(encoding="utf-8")).get("store") or {})
+        if rec.get("url"):
+            now = content_digest(PgStore(rec["url"], rec["schema"], rec.get("password_env", "PLANKTON_STORE_PASSWORD")))
+            if now != rec.get("digest"):
+                return f"store changed: {now}"
         return sha256_file(path)
     if kind == "feature_store":
         from .features import content_digest
@@ -115,7 +129,8 @@ def changed_outputs(stage_dir: Path, manifest: dict) -> str | None:
         if not p.is_file():
             return rel
         st = p.stat()
-        if st.st_size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns"):
+        same_file = st.st_size == rec.get("size") and st.st_mtime_ns == rec.get("mtime_ns")
+        if same_file and rec.get("digest_kind") != "store_ref":  # a store on a server is always checked
             continue
         try:
             if digest_of(p, rec.get("digest_kind", "sha256")) != rec.get("digest"):

@@ -71,3 +71,38 @@ def pipeline(digits, tmp_path_factory):
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden ones too) by relative path -> content."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A real PostgreSQL server (``pgserver`` ships the binaries) in a temporary folder, started
+    once per session and stopped at the end: yields its SQLAlchemy URL (no password: trust auth
+    on a Unix socket). Tests that need it are skipped, saying why, only when it cannot start."""
+    try:
+        import pgserver
+    except ImportError as e:
+        pytest.skip(f"pgserver is not installed ({e}): pip install pgserver")
+    # a short folder: the Unix socket path must stay under 107 bytes
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
+    try:
+        srv = pgserver.get_server(folder, cleanup_mode="stop")
+    except Exception as e:  # noqa: BLE001 - any failure to start means: skip, with the reason
+        pytest.skip(f"pgserver could not start a PostgreSQL server in {folder}: {e}")
+    yield f"postgresql+psycopg://postgres@/postgres?host={folder}"
+    srv.cleanup()
+
+
+@pytest.fixture
+def pg_store(pg_server, request):
+    """A fresh ``PgStore`` (its own schema) on the session's server, dropped after the test."""
+    import re
+
+    from common.features import PgStore, remove_store
+
+    schema = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    target = PgStore(pg_server, schema)
+    remove_store(target)
+    yield target
+    remove_store(target)

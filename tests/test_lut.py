@@ -409,8 +409,8 @@ def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):
     ctx = FakeCtx(run, "05_lut_threshold", cfg)
     orig = S5.load_splits
 
-    def no_val(stage04, splits):
-        model, classes, v = orig(stage04, splits)
+    def no_val(stage04, splits, *store):
+        model, classes, v = orig(stage04, splits, *store)
         s = v["val"]
         v["val"] = Vectors(s.X[:0], s.labels[:0], [], s.ids[:0])
         return model, classes, v

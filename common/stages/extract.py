@@ -10,17 +10,24 @@ classes: the checkpoint's ``train_classes`` then the gallery-only ``extra_classe
 A finished store is embedded again in full on ``--force`` or when the store no longer matches
 what this stage recorded (a corrupted or hand-edited file): it is never re-recorded as good.
 Every vector is checked finite and unit-norm before the stage finishes.
+
+With ``store.url`` set the store lives on a PostgreSQL server, in the schema ``store.schema``
+(default ``run_<run folder name>``): no ``features.sqlite`` then; ``model.json`` records the URL
+(it never holds a password), the schema and the store's ``content_digest``, and is recorded with
+the digest kind ``store_ref``: its sha256, which changes when the server's content no longer
+has the recorded digest. Downstream freshness follows ``model.json``; this stage then embeds
+again in full, as for a changed file. Under torchrun every rank writes its own share to the server.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import distributed as D
 from ..extract import extract_features, resolve_checkpoint
-from ..features import FeatureStore, verify_store
+from ..features import PgStore, content_digest, open_store, remove_store, store_exists, verify_store
 from ..gallery import gallery_classes, list_extras
 from ..fileio import read_json, write_json
 from ..errors import UserError
@@ -33,17 +40,31 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "features.sqlite"
 MODEL_JSON = "model.json"
+OWNER_KEY = "run_folder"  # meta key of a PostgreSQL store: the run folder whose stage 04 writes it
 
 
 def main(ctx: Context) -> dict[str, Any]:
     splits = ctx.upstream(SPLIT) / "splits.csv"
     stats = ctx.upstream(STATS) / "stats.json"
     ckpt = resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
-    store = ctx.output(STORE_FILE, digest="feature_store")
+    scfg = ctx.cfg.store
+    if scfg.url:
+        store: Path | PgStore = PgStore(scfg.url, scfg.schema or default_schema(ctx.run_dir), scfg.password_env)
+        model_json = ctx.output(MODEL_JSON, digest="store_ref")
+    else:
+        store = ctx.output(STORE_FILE, digest="feature_store")
+        model_json = ctx.output(MODEL_JSON)
+    if ctx.rank == 0 and isinstance(store, PgStore):
+        _check_owner(store, ctx.run_dir, explicit=scfg.schema is not None)
     if ctx.rank == 0 and ctx.previous is not None and (ctx.force or ctx.changed_output):
-        why = "--force" if ctx.force else f"{STORE_FILE} changed since this stage recorded it"
-        _remove_store(store)
-        log.info("%s: embedding every image again into a new %s", why, store)
+        why = "--force" if ctx.force else f"{ctx.changed_output} changed since this stage recorded it"
+        if ctx.changed_output == MODEL_JSON and scfg.url:
+            why = f"the feature store {store} no longer has the content digest {MODEL_JSON} recorded"
+        remove_store(store)
+        log.info("%s: embedding every image again into a new store %s", why, store)
+    if ctx.rank == 0 and isinstance(store, PgStore):
+        with open_store(store, create=True) as st:
+            st.set_meta(OWNER_KEY, str(Path(ctx.run_dir).resolve()))
     extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels)
     D.barrier()
     metrics = extract_features(ckpt, splits, stats, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
@@ -52,7 +73,7 @@ def main(ctx: Context) -> dict[str, Any]:
         return metrics
     n = verify_store(store, metrics["model_id"])
     log.info("checked %d vectors: finite and unit-norm", n)
-    with FeatureStore(store) as st:
+    with open_store(store) as st:
         info = st.model_info(metrics["model_id"])
     ck = Path(ckpt).resolve()
     run = Path(ctx.run_dir).resolve()
@@ -62,22 +83,53 @@ def main(ctx: Context) -> dict[str, Any]:
         log.info("gallery-only images (data.gallery_extra): %d, in %d classes%s", len(extras),
                  len({e.label for e in extras}),
                  f"; classes the backbone never saw: {', '.join(extra_classes)}" if extra_classes else "")
-    write_json(ctx.output(MODEL_JSON), {
+    record = {}
+    if isinstance(store, PgStore):  # where the vectors are, and what they were when recorded
+        record = {"store": {"url": store.url, "schema": store.schema, "password_env": store.password_env,
+                            "digest": content_digest(store)}}
+    write_json(model_json, {
         # inside the run folder the checkpoint is named relative to it, so a moved run still finds it
         "model_id": info.id, "checkpoint": str(ck.relative_to(run)) if ck.is_relative_to(run) else str(ck), "checkpoint_sha256": info.checkpoint_sha256,
         "backbone": info.backbone, "embedding": info.embedding, "dim": info.dim, "mean": info.mean, "std": info.std,
         "image_size": info.image_size, "pad_fill": info.pad_fill, "epoch": info.epoch, "vectors": metrics["vectors"],
         # classes = the gallery's: the checkpoint's (train_classes), then the gallery-only ones
         "classes": classes, "train_classes": list(info.classes), "extra_classes": extra_classes,
-        "extra_images": len(extras),
+        "extra_images": len(extras), **record,
     })
     return metrics
 
 
-def _remove_store(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"{path}{suffix}").unlink()
+def _check_owner(store: PgStore, run_dir: Path, explicit: bool) -> None:
+    """A schema another run folder wrote is never mixed with this run's: ``UserError`` when the
+    default schema (``run_<folder name>``) holds the store of another folder of the same name.
+    A schema named in ``store.schema`` is taken over (the user chose it)."""
+    if explicit or not store_exists(store):
+        return
+    with open_store(store) as st:
+        owner = st.meta(OWNER_KEY)
+    here = str(Path(run_dir).resolve())
+    if owner is not None and owner != here:
+        raise UserError(f"store.schema: the schema {store.schema} on {store.url} holds the store of another run "
+                        f"folder ({owner}): set store.schema to a name of this run's own, or to {store.schema} to "
+                        "take that store over")
+
+
+def default_schema(run_dir: Path) -> str:
+    """``run_<run folder name>`` as a PostgreSQL identifier (lower case, other characters ``_``)."""
+    return ("run_" + re.sub(r"[^a-z0-9_]", "_", Path(run_dir).resolve().name.lower()))[:63]
+
+
+def store_of(stage04_dir: Path, cfg: Any) -> Path | PgStore:
+    """The store stage 04 wrote: its ``features.sqlite``, or the PostgreSQL schema ``model.json``
+    names (the password from ``store.password_env``)."""
+    rec = read_model_json(stage04_dir).get("store") or {}
+    if rec.get("url"):
+        try:
+            return PgStore(str(rec["url"]), str(rec["schema"]), cfg.store.password_env)
+        except (KeyError, UserError) as e:
+            raise UserError(f"{Path(stage04_dir) / MODEL_JSON}: its store record is unusable ({e}): rerun "
+                            "04_extract_features.py --force") from None
+    return Path(stage04_dir) / STORE_FILE
 
 
 def read_model_json(stage04_dir: Path) -> dict[str, Any]:

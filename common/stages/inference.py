@@ -26,14 +26,14 @@ import numpy as np
 from .. import classifiers as K
 from .. import retrieval, search
 from ..errors import UserError
-from ..features import FeatureStore, ModelInfo, Vectors
+from ..features import FeatureStore, ModelInfo, PgStore, Vectors, open_store
 from ..fileio import read_json
 from ..gallery import EXTRA_SPLIT, class_indices, gallery_classes, merge, subset
 from ..inference import EvalInputs, evaluate, predict
 from ..samples import list_inputs
 from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
-from .extract import STORE_FILE, read_model_json
+from .extract import STORE_FILE, read_model_json, store_of
 from .prune import INDEX_FILE, INDEX_JSON, LUT_FILE
 
 if TYPE_CHECKING:
@@ -83,18 +83,20 @@ def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str]) -> tuple[
     return gallery, f"LUT {lut_path} ({len(gallery)} vectors)"
 
 
-def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None) -> StoreData:
+def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
+                    store: Path | PgStore | None = None) -> StoreData:
     """Load one model's train/val/test vectors and the gallery (the LUT, or every train and extra
     vector when None). The classes are the checkpoint's (equal to the splits'), then the
-    gallery-only classes stage 04 recorded in ``model.json``."""
+    gallery-only classes stage 04 recorded in ``model.json``. ``store``: where stage 04's vectors
+    are (``store_of``; default its ``features.sqlite``)."""
     from ..data import class_names, read_splits
 
     meta = read_model_json(stage04)
     rows = read_splits(splits_csv)
     train_classes = list(class_names(rows))
     classes = gallery_classes(train_classes, meta.get("extra_classes", []))
-    store_path = stage04 / STORE_FILE
-    with FeatureStore(store_path) as store:
+    store_path = stage04 / STORE_FILE if store is None else store
+    with open_store(store_path) as store:
         info = store.require_complete(int(meta["model_id"]))
         check_same_model(info.checkpoint_sha256, meta["checkpoint_sha256"], f"the vectors of {store_path}")
         if list(info.classes) != train_classes:
@@ -223,7 +225,8 @@ def main(ctx: Context) -> dict[str, Any]:
         log.info("stage 05 suggests inference.reject_below=%.4f (now %s)", suggested, icfg.reject_below)
     if icfg.reject_below is None:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
-    data = hold_out(load_store_data(stage04, splits_dir / "splits.csv", lut_path), list(icfg.unknown_classes))
+    data = hold_out(load_store_data(stage04, splits_dir / "splits.csv", lut_path, store_of(stage04, ctx.cfg)),
+                    list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
     index = open_index(ctx, data, lut_path.parent if lut_path is not None else None)
     info = index_agreement(index, data, icfg.block_size, ctx.device()) if index is not None else {}

@@ -23,11 +23,11 @@ import numpy as np
 
 from .. import lut, search
 from ..errors import UserError
-from ..features import FeatureStore, Vectors
+from ..features import FeatureStore, PgStore, Vectors, open_store
 from ..fileio import atomic_path, read_json, write_csv, write_json
 from ..plots import plot_prune_summary
 from . import EXTRACT, THRESHOLD
-from .extract import STORE_FILE
+from .extract import store_of
 from ..gallery import EXTRA_SPLIT, merge
 from .threshold import THRESHOLD_JSON, gallery_of, load_splits
 
@@ -54,10 +54,10 @@ def _threshold(ctx: Context) -> tuple[float, str, int | None]:
         raise UserError(f"{tj} is unreadable ({e}): rerun 05_lut_threshold.py") from None
 
 
-def write_lut_store(path: Path, source: Path, model_id: int, gallery: Vectors) -> None:
+def write_lut_store(path: Path, source: Path | PgStore, model_id: int, gallery: Vectors) -> None:
     """Write the kept ``gallery`` rows of ``source`` (images, model, vectors) as a new store at ``path``."""
     keep = {int(i) for i in gallery.ids}
-    with FeatureStore(source) as src:
+    with open_store(source) as src:
         info = src.model_info(model_id)
         images = [r for r in src.images() if r.id in keep]  # train and extra (gallery-only) rows
     with atomic_path(path) as tmp:
@@ -95,19 +95,20 @@ def main(ctx: Context) -> dict[str, Any]:
     stage04 = ctx.upstream(EXTRACT)
     t, source, tj_model = _threshold(ctx)
     t = round(t, 6)
-    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT))
+    source = store_of(stage04, ctx.cfg)
+    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT), source)
     if tj_model is not None and int(tj_model) != int(model["model_id"]):
         raise UserError(f"{source} was chosen for model {tj_model}, but stage 04's vectors are of model "
                         f"{model['model_id']}: rerun 05_lut_threshold.py")
     gal = gallery_of(vec)
     if len(gal) == 0:
-        raise UserError(f"{stage04 / STORE_FILE} holds no train vectors to prune: rerun 04_extract_features.py")
+        raise UserError(f"{source} holds no train vectors to prune: rerun 04_extract_features.py")
     t0 = time.perf_counter()
     keep = lut.prune(gal.X, gal.labels, gal.ids, t, ctx.cfg.lut.block_size, ctx.device())
     secs = time.perf_counter() - t0
     kept = Vectors(gal.X[keep], gal.labels[keep], [p for p, k in zip(gal.paths, keep) if k], gal.ids[keep])
     lut_path = ctx.output(LUT_FILE, digest="feature_store")
-    write_lut_store(lut_path, stage04 / STORE_FILE, int(model["model_id"]), kept)
+    write_lut_store(lut_path, source, int(model["model_id"]), kept)
     index = build_lut_index(ctx, lut_path, classes) if ctx.cfg.search.index != "exact" else None
 
     n_classes = len(classes)

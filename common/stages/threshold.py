@@ -20,12 +20,12 @@ import numpy as np
 
 from .. import lut, search
 from ..errors import UserError
-from ..features import FeatureStore, Vectors
+from ..features import PgStore, Vectors, open_store
 from ..fileio import write_csv, write_json
 from ..gallery import EXTRA_SPLIT, merge
 from ..plots import plot_sweep
 from . import EXTRACT
-from .extract import STORE_FILE, read_model_json
+from .extract import STORE_FILE, read_model_json, store_of
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -36,16 +36,18 @@ THRESHOLD_JSON = "threshold.json"
 INDEX_COLUMNS = ["index_top1_accuracy", "index_same_image", "index_same_class"]
 
 
-def load_splits(stage04_dir: Path, splits: Sequence[str]) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
-    """(model.json, classes, {split: Vectors}) of the one model stage 04 recorded.
+def load_splits(stage04_dir: Path, splits: Sequence[str], store: Path | PgStore | None = None,
+                ) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
+    """(model.json, classes, {split: Vectors}) of the one model stage 04 recorded, from ``store``
+    (``store_of``; default stage 04's ``features.sqlite``).
 
     ``classes`` are the gallery's (the checkpoint's, then the gallery-only classes of
     ``data.gallery_extra``); ``gallery_of`` joins the ``train`` and ``extra`` splits.
     """
     model = read_model_json(stage04_dir)
-    path = Path(stage04_dir) / STORE_FILE
+    path = Path(stage04_dir) / STORE_FILE if store is None else store
     classes = list(model["classes"])
-    with FeatureStore(path) as store:
+    with open_store(path) as store:
         info = store.require_complete(int(model["model_id"]))
         if info.checkpoint_sha256 != model["checkpoint_sha256"] or info.dim != int(model["dim"]):
             raise UserError(f"{path} does not hold the model {Path(stage04_dir) / 'model.json'} describes: rerun "
@@ -83,9 +85,9 @@ def main(ctx: Context) -> dict[str, Any]:
     device = ctx.device()
     thresholds = lut.threshold_grid(lcfg)
     stage04 = ctx.upstream(EXTRACT)
-    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT, "val"))
+    store = store_of(stage04, ctx.cfg)
+    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT, "val"), store)
     gal, val = gallery_of(vec), vec["val"]
-    store = stage04 / STORE_FILE
     if len(gal) == 0:
         raise UserError(f"{store} holds no train vectors (the gallery): check split.train and rerun "
                         "01_random_split_dataset.py and 04_extract_features.py")
