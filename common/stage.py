@@ -21,6 +21,7 @@ A refused stage (exit 2 in steps 1-2) leaves the run folder byte for byte as it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -260,10 +261,8 @@ def library_versions() -> dict[str, str]:
 
     out = {"python": sys.version.split()[0]}
     for pkg in ("torch", "torchvision", "timm", "numpy", "pillow", "sqlalchemy", "scikit-learn", "pyyaml"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -474,22 +473,18 @@ def _install_signals() -> dict:
 
 def _restore_signals(old: dict) -> None:
     for s, h in old.items():
-        try:
+        with contextlib.suppress(ValueError, TypeError):
             signal.signal(s, h)
-        except (ValueError, TypeError):
-            pass
 
 
 def _close(handlers: list[logging.Handler], lock: rf.StageLock, world: int) -> None:
     lock.release()
     if world > 1:
-        try:
+        with contextlib.suppress(Exception):  # closing must not hide the stage's outcome
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - closing must not hide the stage's outcome
-            pass
     for h in handlers:
         logging.getLogger().removeHandler(h)
         h.close()
