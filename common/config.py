@@ -383,7 +383,7 @@ def check_ranges(cfg: Config) -> None:
 NON_SEMANTIC = {
     "run.dir", "run.log_level", "run.device", "data.num_workers", "stats.batch_size",
     "extract.batch_size", "inference.batch_size", "inference.block_size", "lut.block_size",
-    "train.compile", "train.trial", "notify", "store.password_env",
+    "train.compile", "train.trial", "train.resume", "notify", "store.password_env",
 }
 
 # Flags of the reference SupCon code (HobbitLong/SupContrast main_supcon.py) accepted by stage 03.
@@ -782,7 +782,7 @@ PATH_KEYS: dict[str, tuple[str, ...]] = {
 }
 # Keys that describe one invocation, not the run: never saved in RUN/config.yaml (a predict run
 # must not turn the next evaluation into a prediction).
-INVOCATION_KEYS = ("inference.mode", "inference.input", "inference.name", "run.dir")
+INVOCATION_KEYS = ("inference.mode", "inference.input", "inference.name", "run.dir", "train.resume")
 
 
 def get_key(cfg: Config, dotted: str) -> Any:

@@ -416,3 +416,13 @@ def test_gallery_extra_paths_are_made_absolute(tmp_path, monkeypatch):
     cfg = C.load_config([], ["data.gallery_extra=[extra, corrections.csv]"])
     assert cfg.data.gallery_extra == [str(tmp_path / "extra"), str(tmp_path / "corrections.csv")]
     assert _one_line_error("inference.unknown_classes=[a, a]").startswith("inference.unknown_classes")
+
+
+def test_keys_of_one_command_are_not_saved_in_the_run_configuration():
+    """train.resume=false starts one training afresh; saved, it would restart every later rerun too."""
+    cfg = C.load_config([], ["train.resume=false", "inference.mode=predict", "inference.input=/tmp",
+                             "inference.name=x", "lut.tolerance=0.01"])
+    d = C.run_config_dict(cfg)
+    assert "resume" not in d["train"] and not {"mode", "input", "name"} & set(d["inference"])
+    assert d["lut"]["tolerance"] == 0.01
+    assert C.key_values(cfg, ["train.resume", "train.epochs"]) == {"train.epochs": cfg.train.epochs}
