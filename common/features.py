@@ -987,12 +987,10 @@ class PgFeatureStore(FeatureStore):
         import psycopg
 
         raw = _raw(conn)
-        try:
+        with contextlib.suppress(psycopg.errors.UniqueViolation):  # a row already there: the slower path below
             with raw.transaction():  # a savepoint inside the store's transaction
                 self._copy(raw, "vectors", model_id, ids, X)
             return int(ids.size)
-        except psycopg.errors.UniqueViolation:
-            pass
         raw.execute("CREATE TEMP TABLE vectors_in (LIKE vectors INCLUDING STORAGE) ON COMMIT DROP")
         self._copy(raw, "vectors_in", model_id, ids, X)
         n = raw.execute("INSERT INTO vectors (image_id, model_id, vector) SELECT image_id, model_id, vector "
