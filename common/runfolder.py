@@ -333,7 +333,12 @@ class Freshness:
         bad = changed_outputs(sdir, manifest)
         if bad:
             return f"{name}'s output {bad} changed or disappeared since it ran"
-        diff = config_mod.diff_values(manifest.get("config", {}), config_mod.key_values(self.cfg, spec.keys))
+        # a recorded key that is no longer declared or no longer semantic (a speed knob, a key of one
+        # command) is no reason to rerun; a key added since counts as its default (what ran before it)
+        now = config_mod.key_values(self.cfg, spec.keys)
+        recorded = manifest.get("config", {})
+        defaults = config_mod.key_values(config_mod.Config(), [k for k in now if k not in recorded])
+        diff = config_mod.diff_values({**defaults, **{k: v for k, v in recorded.items() if k in now}}, now)
         if diff:
             more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
             return f"{name} is out of date: {diff[0]}{more}"

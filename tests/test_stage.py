@@ -303,3 +303,17 @@ def test_unreachable_mail_server_never_changes_the_exit_code(tmp_path, exc, code
         "notify.recipients=[me@lab.example]"])
     assert rc == code
     assert "could not send" in caplog.text
+
+
+def test_a_key_added_or_dropped_since_a_run_is_no_reason_to_rerun(tmp_path, caplog):
+    """A run recorded before a key existed counts it at its default; a key no longer hashed is ignored."""
+    assert run_a(tmp_path) == 0
+    m_path = tmp_path / "01_random_split_dataset" / "manifest.json"
+    m = json.loads(m_path.read_text())
+    del m["config"]["model.backbone"]  # recorded before the key was declared (default then and now)
+    m["config"]["train.resume"] = True  # a key that is no longer semantic
+    m_path.write_text(json.dumps(m))
+    caplog.set_level("INFO")
+    assert run_a(tmp_path) == 0 and "up to date" in caplog.text
+    caplog.clear()
+    assert run_a(tmp_path, "model.backbone=resnet18") == 0 and "up to date" not in caplog.text
