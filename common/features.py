@@ -703,6 +703,20 @@ class FeatureStore:
                 self._set_complete(conn, int(model_id), True)
         return self.model_info(model_id)
 
+    def _decode(self, blobs: Sequence[bytes], ids: np.ndarray, dim: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The vectors of ``blobs`` (one per id) as float32 (m, dim), into ``out`` when given;
+        checked finite and unit-norm (``check_unit_vectors``). The one place blobs become numbers."""
+        m = len(blobs)
+        blob = b"".join(blobs)
+        if len(blob) != m * dim * 4:
+            raise UserError(f"{self.path}: stored vectors are not {dim} float32 values each: rerun {STAGE} with --force")
+        X = np.frombuffer(blob, dtype="<f4").reshape(m, dim)
+        if out is not None:
+            out[...] = X
+            X = out
+        check_unit_vectors(X, ids, self.path)
+        return X
+
     def _fill(self, cur: sqlite3.Cursor, out: np.ndarray, ids: np.ndarray, labels: list[str] | None) -> int:
         """Stream (id[, label], blob) rows into preallocated arrays, a block of rows at a time."""
         n, dim = out.shape
@@ -717,15 +731,45 @@ class FeatureStore:
                 raise RuntimeError(f"{self.path} changed while it was read")
             cols = list(zip(*rows))
             ids[k:k + m] = cols[0]
-            blob = b"".join(cols[-1])
-            if len(blob) != m * dim * 4:
-                raise UserError(f"{self.path}: stored vectors are not {dim} float32 values each: rerun {STAGE}")
-            out[k:k + m] = np.frombuffer(blob, dtype="<f4").reshape(m, dim)
-            check_unit_vectors(out[k:k + m], ids[k:k + m], self.path)
+            self._decode(cols[-1], ids[k:k + m], dim, out[k:k + m])
             if labels is not None:
                 labels.extend(cols[1])
             k += m
         return k
+
+    def split_rows(self, splits: Sequence[str], model_id: int) -> tuple[np.ndarray, list[str]]:
+        """(image ids, labels) of the rows of ``splits`` that ``iter_blocks`` yields, in its order:
+        each split in turn, by image id (no vector is read)."""
+        info = self.require_complete(model_id)
+        ids: list[int] = []
+        labels: list[str] = []
+        with self._read() as conn:
+            for split in splits:
+                for i, lab in _raw(conn).execute(self._q(
+                        "SELECT i.id, i.label FROM images i WHERE i.split = ? AND EXISTS (SELECT 1 FROM vectors v "
+                        "WHERE v.image_id = i.id AND v.model_id = ?) ORDER BY i.id"), (split, info.id)).fetchall():
+                    ids.append(int(i))
+                    labels.append(lab)
+        return np.asarray(ids, dtype=np.int64), labels
+
+    def iter_blocks(self, splits: Sequence[str], model_id: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every vector of ``splits`` (each split in turn, by image id) as blocks ``(ids (m,), X float32
+        (m, D))`` of at most ``block_rows`` rows, streamed in one read snapshot and checked: memory
+        holds one block, whatever the store's size (``common.streaming``'s exact search)."""
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        info = self.require_complete(model_id)
+        with self._read() as conn:
+            for split in splits:
+                cur = self._stream(conn)
+                cur.execute(self._q(_SQL_SPLIT_ROWS), (info.id, split))
+                try:
+                    while rows := cur.fetchmany(block_rows):
+                        cols = list(zip(*rows))
+                        ids = np.asarray(cols[0], dtype=np.int64)
+                        yield ids, self._decode(cols[-1], ids, info.dim, np.empty((len(rows), info.dim), np.float32))
+                finally:
+                    cur.close()
 
     def load_split(self, split: str | None, model_id: int, classes: Sequence[str]) -> Vectors:
         """One split's ``Vectors`` (class indices in ``classes``, paths and ids), ordered by image id."""
@@ -1088,12 +1132,7 @@ def verify_store(path: str | os.PathLike | PgStore, model_id: int) -> int:
             block = max(1, READ_BLOCK_BYTES // (4 * info.dim))
             while rows := cur.fetchmany(block):
                 ids, blobs = zip(*rows)
-                blob = b"".join(blobs)
-                if len(blob) != len(rows) * info.dim * 4:
-                    raise UserError(f"{path}: stored vectors are not {info.dim} float32 values each: rerun "
-                                    f"{STAGE} with --force")
-                check_unit_vectors(np.frombuffer(blob, dtype="<f4").reshape(len(rows), info.dim),
-                                   np.asarray(ids), path)
+                store._decode(blobs, np.asarray(ids), info.dim)
                 n += len(rows)
             cur.close()
     return n
