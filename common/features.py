@@ -198,7 +198,8 @@ _SQL_DIGEST_VECTORS = "SELECT image_id, vector FROM vectors WHERE model_id = ? O
 @dataclass
 class Vectors:
     """The one container of a set of vectors: ``X`` (N, D) float32 L2-normalised, class indices
-    ``labels`` (N,) (-1 = none), image ``paths``, and the store's image ``ids`` when they come from one."""
+    ``labels`` (N,) (-1 = none), image ``paths``, and the store's image ``ids`` when they come from one.
+    ``X`` may be a ``common.streaming.StoreMatrix`` (a gallery read from the store block by block)."""
 
     X: np.ndarray
     labels: np.ndarray
@@ -206,7 +207,8 @@ class Vectors:
     ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.X = np.ascontiguousarray(self.X, dtype=np.float32)
+        if not hasattr(self.X, "blocks"):  # a common.streaming.StoreMatrix stays in the store
+            self.X = np.ascontiguousarray(self.X, dtype=np.float32)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if not (self.X.shape[0] == self.labels.shape[0] == len(self.paths)):
             raise ValueError(f"vectors, labels and paths differ in length: {self.X.shape[0]}, "
@@ -293,6 +295,16 @@ def _model_from_row(r: Any) -> ModelInfo:
         image_size=int(m["image_size"]), pad_fill=int(m["pad_fill"]), classes=json.loads(m["classes"]),
         checkpoint_path=m["checkpoint_path"], epoch=m["epoch"], created=m["created"], complete=bool(m["complete"]),
     )
+
+
+def _split_list(splits: Sequence[str]) -> str:
+    """``'train', 'extra'``: an SQL list of split names, each checked to be one of ``SPLITS`` (so quoting is safe)."""
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not splits:
+        raise ValueError("no split given")
+    return ", ".join(f"'{x}'" for x in splits)
 
 
 def _json_ids(ids: np.ndarray) -> str:
@@ -737,38 +749,59 @@ class FeatureStore:
             k += m
         return k
 
-    def split_rows(self, splits: Sequence[str], model_id: int) -> tuple[np.ndarray, list[str]]:
-        """(image ids, labels) of the rows of ``splits`` that ``iter_blocks`` yields, in its order:
-        each split in turn, by image id (no vector is read)."""
+    def split_rows(self, splits: Sequence[str], model_id: int) -> tuple[np.ndarray, list[str], list[str]]:
+        """(image ids, labels, paths) of the images of ``splits`` that have a vector of ``model_id``,
+        by image id: the rows ``iter_blocks`` yields, in its order (no vector is read)."""
         info = self.require_complete(model_id)
-        ids: list[int] = []
-        labels: list[str] = []
         with self._read() as conn:
-            for split in splits:
-                for i, lab in _raw(conn).execute(self._q(
-                        "SELECT i.id, i.label FROM images i WHERE i.split = ? AND EXISTS (SELECT 1 FROM vectors v "
-                        "WHERE v.image_id = i.id AND v.model_id = ?) ORDER BY i.id"), (split, info.id)).fetchall():
-                    ids.append(int(i))
-                    labels.append(lab)
-        return np.asarray(ids, dtype=np.int64), labels
+            rows = _raw(conn).execute(self._q(
+                "SELECT i.id, i.label, i.path FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
+                f"WHERE i.split IN ({_split_list(splits)}) ORDER BY i.id"), (info.id,)).fetchall()
+        return (np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows],
+                [r[2] for r in rows])
 
     def iter_blocks(self, splits: Sequence[str], model_id: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every vector of ``splits`` (each split in turn, by image id) as blocks ``(ids (m,), X float32
-        (m, D))`` of at most ``block_rows`` rows, streamed in one read snapshot and checked: memory
-        holds one block, whatever the store's size (``common.streaming``'s exact search)."""
+        """Every vector of ``splits`` by image id (the order of ``split_rows``, and of ``load_split``
+        merged by ``common.gallery.merge``), as blocks ``(ids (m,), X float32 (m, D))`` of at most
+        ``block_rows`` rows, checked, in one read snapshot: memory holds about one block whatever the
+        store's size (``common.streaming``'s exact search).
+
+        Each split is read by its own cursor in id order (the ``images_split`` index: no sort of
+        vector blobs), and the splits are interleaved by id block by block.
+        """
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         info = self.require_complete(model_id)
+        dim = info.dim
         with self._read() as conn:
-            for split in splits:
-                cur = self._stream(conn)
-                cur.execute(self._q(_SQL_SPLIT_ROWS), (info.id, split))
-                try:
-                    while rows := cur.fetchmany(block_rows):
-                        cols = list(zip(*rows))
-                        ids = np.asarray(cols[0], dtype=np.int64)
-                        yield ids, self._decode(cols[-1], ids, info.dim, np.empty((len(rows), info.dim), np.float32))
-                finally:
+            # which split each row of the id order comes from (ids only: small)
+            rows = _raw(conn).execute(self._q(
+                "SELECT i.id, i.split FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
+                f"WHERE i.split IN ({_split_list(splits)}) ORDER BY i.id"), (info.id,)).fetchall()
+            order = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            which = np.fromiter((list(splits).index(r[1]) for r in rows), dtype=np.int64, count=len(rows))
+            del rows
+            curs = []
+            try:
+                for split in splits:
+                    cur = self._stream(conn)
+                    cur.execute(self._q(_SQL_SPLIT_ROWS), (info.id, split))
+                    curs.append(cur)
+                for a in range(0, order.size, block_rows):
+                    ids = order[a:a + block_rows]
+                    w = which[a:a + block_rows]
+                    X = np.empty((ids.size, dim), dtype=np.float32)
+                    for s, cur in enumerate(curs):
+                        sel = np.flatnonzero(w == s)
+                        if not sel.size:
+                            continue
+                        got = cur.fetchmany(sel.size)
+                        if len(got) != sel.size or any(int(g[0]) != int(i) for g, i in zip(got, ids[sel])):
+                            raise UserError(f"{self.path} changed while it was read: rerun the stage")
+                        X[sel] = self._decode([g[-1] for g in got], ids[sel], dim)
+                    yield ids, X
+            finally:
+                for cur in curs:
                     cur.close()
 
     def load_split(self, split: str | None, model_id: int, classes: Sequence[str]) -> Vectors:

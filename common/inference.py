@@ -54,6 +54,7 @@ from . import report as R
 from .errors import UserError
 from .features import Vectors
 from .fileio import write_csv, write_json
+from .streaming import is_streamed as streamed
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
     ``common.retrieval.topk`` does; memory ``block_size x G`` float32), then a max over each class's
     columns (``torch.max`` returns the first of equal maxima: ties go to the lower gallery row).
     The per-class maxima cost one pass, where a ``topk`` call per class re-reads the queries
-    once per class (about 1.4x slower at DYB scale, 87 classes).
+    once per class (about 1.4x slower at DYB scale, 87 classes). A streamed gallery
+    (``common.streaming.StoreMatrix``) is searched block by block with the same result.
     """
     import torch
 
@@ -132,6 +134,13 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
         s, r = index.search(queries, index.candidates, gallery.X)
         return ClassSearch(*class_best(s, r, gallery.labels, n_classes), time.perf_counter() - t0)
     Q, C = queries.shape[0], n_classes
+    if block_size < 1:
+        raise UserError(f"inference.block_size: must be >= 1, got {block_size}")
+    from .streaming import class_best, is_streamed
+
+    if is_streamed(gallery.X):  # the gallery stays in the store: one pass, block by block
+        return ClassSearch(*class_best(queries, gallery.X, gallery.labels, C, block_size, device),
+                           time.perf_counter() - t0)
     sims = np.full((Q, C), -np.inf, dtype=np.float32)
     idx = np.full((Q, C), -1, dtype=np.int64)
     if Q and len(gallery):
@@ -159,8 +168,9 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
 
 
 def _on_device(a: np.ndarray, device: Any) -> Any:
-    """On a GPU, copy once to the device (the per-class searches then reuse it); else leave as numpy."""
-    if device is not None and str(device).startswith("cuda"):
+    """On a GPU, copy once to the device (the per-class searches then reuse it); else leave as numpy
+    (and a streamed gallery stays in the store)."""
+    if device is not None and str(device).startswith("cuda") and not hasattr(a, "blocks"):
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
@@ -323,7 +333,7 @@ def _round(d: dict[str, Any], nd: int = 6) -> dict[str, Any]:
 
 
 def _sizeof_gallery(g: Vectors) -> int:
-    return int(g.X.nbytes + g.labels.nbytes)
+    return int(g.X.nbytes + g.labels.nbytes)  # a streamed gallery: the bytes of its vectors all the same
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -461,7 +471,11 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
         comp_rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], 0.0,
                           1000.0 * own_seconds[key] / n, _sizeof_gallery(gallery)])
     fitted_info: dict[str, Any] = {}
-    if icfg.classifiers:
+    if icfg.classifiers and inp.train is not None and streamed(inp.train.X):
+        out["classifiers_skipped"] = (f"the train vectors ({inp.train.X.nbytes / 2**30:.2f} GiB) exceed "
+                                      "search.max_memory_gib: they stay in the store")
+        log.warning("inference.classifiers skipped: %s", out["classifiers_skipped"])
+    elif icfg.classifiers:
         comp, cpreds, fitted_info = _classical(inp, icfg, output, device, seed)
         comp_rows += comp
         preds.update(cpreds)

@@ -161,6 +161,28 @@ def map_at_r_from_neighbours(neighbour_labels: np.ndarray, query_labels: np.ndar
 TopkFn = Callable[..., tuple[Any, Any]]
 
 
+def _map_at_r_streamed(queries: Any, q_lab: np.ndarray, g_lab: np.ndarray, r: np.ndarray, not_lone: np.ndarray,
+                       gallery: Any, topk_fn: TopkFn, block_size: int, device: Any, ap: np.ndarray,
+                       p1: np.ndarray) -> None:
+    """MAP@R and precision@1 against a gallery streamed from the store, into ``ap`` and ``p1``.
+
+    One class at a time would read the store once per class; instead every query is searched for
+    the largest R (``R_max``) at once, in as few passes as ``MAP_AT_R_CELLS`` allows, and scored on
+    the first R of its list: the top-R of a (similarity, row)-ordered top-R_max list are the top R.
+    """
+    rows = np.flatnonzero(not_lone)
+    if not rows.size:
+        return
+    r_max = int(r[rows].max())
+    step = max(1, MAP_AT_R_CELLS // r_max)
+    for s in range(0, rows.size, step):
+        sel = rows[s:s + step]
+        _, idx = topk_fn(queries[sel], gallery, r_max, block_size=block_size, device=device)
+        nl = g_lab[np.asarray(idx)]
+        ap[sel] = map_at_r_from_neighbours(nl, q_lab[sel], r[sel])
+        p1[sel] = (nl[:, 0] == q_lab[sel]).astype(np.float64)
+
+
 def retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
                       gallery_labels: np.ndarray, topk_fn: TopkFn, block_size: int = 4096,
                       device: Any = None) -> dict[str, Any]:
@@ -178,17 +200,19 @@ def retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, gallery: np
     not_lone = r > 0
     ap = np.full(q_lab.shape[0], np.nan)
     p1 = np.full(q_lab.shape[0], np.nan)
-    for c in np.unique(q_lab[not_lone]):
-        rows = np.flatnonzero(q_lab == c)
-        rc = int(r_per_class[c])
-        step = max(1, MAP_AT_R_CELLS // max(rc, 1))
-        for s in range(0, rows.size, step):
-            sel = rows[s:s + step]
-            _, idx = topk_fn(queries[sel], gallery, rc, block_size=block_size, device=device)
-            idx = np.asarray(idx)
-            nl = g_lab[idx]
-            ap[sel] = map_at_r_from_neighbours(nl, q_lab[sel], np.full(sel.size, rc))
-            p1[sel] = (nl[:, 0] == c).astype(np.float64)
+    if hasattr(gallery, "blocks"):  # a common.streaming.StoreMatrix: few passes over the store
+        _map_at_r_streamed(queries, q_lab, g_lab, r, not_lone, gallery, topk_fn, block_size, device, ap, p1)
+    else:
+        for c in np.unique(q_lab[not_lone]):
+            rows = np.flatnonzero(q_lab == c)
+            rc = int(r_per_class[c])
+            step = max(1, MAP_AT_R_CELLS // max(rc, 1))
+            for s in range(0, rows.size, step):
+                sel = rows[s:s + step]
+                _, idx = topk_fn(queries[sel], gallery, rc, block_size=block_size, device=device)
+                nl = g_lab[np.asarray(idx)]
+                ap[sel] = map_at_r_from_neighbours(nl, q_lab[sel], np.full(sel.size, rc))
+                p1[sel] = (nl[:, 0] == c).astype(np.float64)
     n_lone = int((~not_lone).sum())
     if n_lone:
         log.info("%d test queries belong to classes with no gallery item: left out of precision@1 and MAP@R "

@@ -71,7 +71,8 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
 
     Args:
         queries: (Q, D) L2-normalised vectors (numpy or torch).
-        gallery: (G, D) L2-normalised vectors (numpy or torch).
+        gallery: (G, D) L2-normalised vectors (numpy or torch), or a ``common.streaming.StoreMatrix``
+            (streamed from the store: one pass, memory bounded by a block).
         k: neighbours per query; clamped to ``G`` (so the answer has ``min(k, G)`` columns).
         block_size: queries per matrix product (memory: ``block_size x G`` float32 at once).
         device: where to compute (None: the device of ``queries`` when it is a tensor, else CPU).
@@ -80,6 +81,12 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
         ``(sims (Q, k) float32, idx (Q, k) int64)``, each row sorted by similarity descending,
         ties to the lower gallery index (see the module docstring).
     """
+    from .streaming import is_streamed
+
+    if is_streamed(gallery):  # a gallery read from the store block by block: the same answer
+        from .streaming import topk as stream_topk
+
+        return stream_topk(queries, gallery, k, block_size, device)
     if k < 1:
         raise ValueError(f"topk: k must be >= 1, got {k}")
     if block_size < 1:

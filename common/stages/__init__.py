@@ -135,7 +135,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                                           "block_size", "classifiers", "linear_epochs", "linear_lr", "worst_classes",
                                           "embedding_map"),
                     "extract.amp", "model.channels_last", "data.num_workers", *IMAGE_CHECKS, *SEARCH_BUILD,
-                    *SEARCH_QUERY, "store.password_env"),
+                    *SEARCH_QUERY, "search.max_memory_gib", "store.password_env"),
               upstream_fn=_inference_upstream, optional_upstream=(THRESHOLD,), external_fn=_inference_external,
               folder_fn=_inference_folder),
 )}

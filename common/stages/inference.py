@@ -31,6 +31,7 @@ from ..fileio import read_json
 from ..gallery import EXTRA_SPLIT, class_indices, gallery_classes, merge, subset
 from ..inference import EvalInputs, evaluate, predict
 from ..samples import list_inputs
+from ..streaming import GIB, StoreMatrix, block_rows, describe, fits, is_streamed
 from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
 from .extract import STORE_FILE, read_model_json, store_of
@@ -64,7 +65,6 @@ class StoreData:
     gallery: Vectors
     test_rows: list = field(default_factory=list)  # splits.csv rows of the test split
     facts: list[tuple[str, Any]] = field(default_factory=list)
-    extra: Vectors | None = None  # gallery-only images (data.gallery_extra), all of them
     unknown_test: Vectors | None = None  # test images of inference.unknown_classes
     unknown_classes: list[str] = field(default_factory=list)
 
@@ -73,22 +73,47 @@ class StoreData:
         return int(self.model.id)
 
 
-def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str]) -> tuple[Vectors, str]:
+def split_vectors(store: FeatureStore, target: Path | PgStore, splits: tuple[str, ...], info: ModelInfo,
+                  classes: list[str], max_memory_gib: float | None = None) -> Vectors:
+    """The vectors of ``splits`` (merged by image id): loaded, or, when they exceed
+    ``max_memory_gib`` (None: always loaded), a ``StoreMatrix`` streamed from ``target`` at each search."""
+    if max_memory_gib is not None:
+        ids, labels, paths = store.split_rows(splits, info.id)
+        if not fits(ids.size, info.dim, max_memory_gib):
+            index = {c: i for i, c in enumerate(classes)}
+            try:
+                y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
+            except KeyError as e:
+                raise UserError(f"{target}: label {e.args[0]!r} is not a class of the model: rerun "
+                                f"04_extract_features.py") from None
+            X = StoreMatrix(target, info.id, splits, ids, info.dim, block_rows(info.dim, max_memory_gib * GIB))
+            log.info("%s of %s: %d vectors (%.2f GiB) above search.max_memory_gib=%g: streamed from the store in "
+                     "blocks of %d rows at each search", "+".join(splits), target, ids.size, X.nbytes / GIB,
+                     max_memory_gib, X.rows_per_block)
+            return Vectors(X, y, paths, ids)
+    return merge(*(store.load_split(s, info.id, classes) for s in splits))
+
+
+def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str],
+                 max_memory_gib: float | None = None) -> tuple[Vectors, str]:
     """Stage 06's self-contained LUT, checked to be of the same checkpoint and embedding as ``model``."""
     with FeatureStore(lut_path) as lut:
         info = lut.current_model()
         check_same_model((info.checkpoint_sha256, info.embedding, info.dim),
                          (model.checkpoint_sha256, model.embedding, model.dim), f"the LUT {lut_path}'s vectors")
-        gallery = merge(lut.load_split("train", info.id, classes), lut.load_split(EXTRA_SPLIT, info.id, classes))
-    return gallery, f"LUT {lut_path} ({len(gallery)} vectors)"
+        gallery = split_vectors(lut, lut_path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib)
+    how = f", {describe(gallery.X)}" if is_streamed(gallery.X) else ""
+    return gallery, f"LUT {lut_path} ({len(gallery)} vectors{how})"
 
 
 def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
-                    store: Path | PgStore | None = None) -> StoreData:
+                    store: Path | PgStore | None = None, max_memory_gib: float | None = None) -> StoreData:
     """Load one model's train/val/test vectors and the gallery (the LUT, or every train and extra
     vector when None). The classes are the checkpoint's (equal to the splits'), then the
     gallery-only classes stage 04 recorded in ``model.json``. ``store``: where stage 04's vectors
-    are (``store_of``; default its ``features.sqlite``)."""
+    are (``store_of``; default its ``features.sqlite``). ``max_memory_gib``: the gallery, and the
+    train split, above this many GiB of vectors stay in the store (``common.streaming``); the val
+    and test queries are always loaded."""
     from ..data import class_names, read_splits
 
     meta = read_model_json(stage04)
@@ -102,23 +127,30 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
         if list(info.classes) != train_classes:
             raise UserError(f"{store_path}: the vectors' checkpoint has {len(info.classes)} classes but {splits_csv} "
                             f"has {len(train_classes)}: rerun 04_extract_features.py")
-        train, val, test, extra = (store.load_split(s, info.id, classes) for s in ("train", "val", "test", EXTRA_SPLIT))
-    if lut_path is None:
-        gallery = merge(train, extra)
-        desc = f"full gallery ({len(train)} train + {len(extra)} gallery-only vectors)"
-    else:
-        gallery, desc = load_gallery(lut_path, info, classes)
+        val, test = (store.load_split(s, info.id, classes) for s in ("val", "test"))
+        train = split_vectors(store, store_path, ("train",), info, classes, max_memory_gib)
+        extra_ids, _, _ = store.split_rows((EXTRA_SPLIT,), info.id)
+        if lut_path is None and not is_streamed(train.X):
+            extra = store.load_split(EXTRA_SPLIT, info.id, classes)
+            gallery = merge(train, extra)
+        elif lut_path is None:  # the full gallery, streamed like the train split
+            gallery = split_vectors(store, store_path, ("train", EXTRA_SPLIT), info, classes, 0.0)
+        if lut_path is None:
+            how = f"; {describe(gallery.X)}" if is_streamed(gallery.X) else ""
+            desc = f"full gallery ({len(train)} train + {extra_ids.size} gallery-only vectors{how})"
+    if lut_path is not None:
+        gallery, desc = load_gallery(lut_path, info, classes, max_memory_gib)
     facts = [("model", info.describe()), ("backbone", info.backbone), ("image size", info.image_size),
              ("gallery", desc), ("classes", len(classes))]
-    if len(extra):
+    if extra_ids.size:
         only = classes[len(train_classes):]
         facts.append(("gallery-only images (data.gallery_extra)",
-                      f"{len(extra)}" + (f"; classes the backbone never saw: {', '.join(only)}" if only else "")))
+                      f"{extra_ids.size}" + (f"; classes the backbone never saw: {', '.join(only)}" if only else "")))
     checkpoint = Path(meta["checkpoint"])
     if not checkpoint.is_absolute():  # relative to the run folder (stage 04's parent)
         checkpoint = Path(stage04).parent / checkpoint
     return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val, test=test,
-                     gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts, extra=extra)
+                     gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts)
 
 
 def hold_out(data: StoreData, names: list[str]) -> StoreData:
@@ -225,7 +257,9 @@ def main(ctx: Context) -> dict[str, Any]:
         log.info("stage 05 suggests inference.reject_below=%.4f (now %s)", suggested, icfg.reject_below)
     if icfg.reject_below is None:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
-    data = hold_out(load_store_data(stage04, splits_dir / "splits.csv", lut_path, store_of(stage04, ctx.cfg)),
+    scfg = ctx.cfg.search
+    data = hold_out(load_store_data(stage04, splits_dir / "splits.csv", lut_path, store_of(stage04, ctx.cfg),
+                                    scfg.max_memory_gib if scfg.index == "exact" else None),
                     list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
     index = open_index(ctx, data, lut_path.parent if lut_path is not None else None)
@@ -356,6 +390,10 @@ def _classifiers_for_predict(ctx: Context, data: StoreData) -> dict[str, Any]:
             return {n: loaded[n] for n in icfg.classifiers}
     if len(data.train) == 0:
         raise UserError("inference.classifiers: the feature store has no train vectors to fit them on")
+    if is_streamed(data.train.X):
+        log.warning("inference.classifiers skipped: the train vectors (%.2f GiB) exceed search.max_memory_gib and "
+                    "no up-to-date evaluation saved them", data.train.X.nbytes / 2**30)
+        return {}
     fitted = K.fit_classifiers(icfg.classifiers, data.train.X, data.train.labels, data.val.X, data.val.labels,
                                len(data.classes), epochs=icfg.linear_epochs, lr=icfg.linear_lr,
                                batch_size=K.LINEAR_BATCH_SIZE, device=ctx.device(), seed=ctx.cfg.run.seed)
