@@ -25,6 +25,8 @@ Classification (exact cosine search on L2-normalised float32 vectors, blocked ma
 - ``inference.method=top1``: the class of the nearest gallery item (= candidate 1);
   ``knn``: DINO's weighted vote of the ``k`` nearest items (``common.retrieval.topk`` and
   ``knn_vote``, weight ``exp(sim / T)``); the candidates are then ordered by vote score first;
+- a gallery whose ``X`` is a ``common.streaming.StoreMatrix`` (``search.max_memory_gib``) is
+  searched block by block from the store, with the same answers;
 - ``search.index`` other than ``exact``: the neighbours come from a FAISS index over the gallery
   (``common.search``: ``search.candidates`` proposed per query, rescored exactly), so the candidate
   classes are those among them; the retrieval metrics (precision@1, MAP@R) stay exact;
@@ -475,6 +477,7 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
         out["classifiers_skipped"] = (f"the train vectors ({inp.train.X.nbytes / 2**30:.2f} GiB) exceed "
                                       "search.max_memory_gib: they stay in the store")
         log.warning("inference.classifiers skipped: %s", out["classifiers_skipped"])
+        inp.facts.append(("classical classifiers", f"skipped: {out['classifiers_skipped']}"))
     elif icfg.classifiers:
         comp, cpreds, fitted_info = _classical(inp, icfg, output, device, seed)
         comp_rows += comp

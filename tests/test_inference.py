@@ -671,3 +671,22 @@ def test_predict_name_defaults_to_the_input_name(tmp_path):
         assert predict_name(cfg) == want
     cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={tmp_path}", "inference.name=x"])
     assert predict_name(cfg) == "x"
+
+
+def test_load_store_data_streamed(tmp_path):
+    """``max_memory_gib=0``: the gallery and the train split stay in the store (``StoreMatrix``)
+    with the rows, labels and paths of the loaded ones; val and test are loaded."""
+    from common.streaming import StoreMatrix
+
+    splits, stage04, lut_path, mid = make_store(tmp_path)
+    for lp in (lut_path, None):
+        mem = S7.load_store_data(stage04, splits, lp)
+        st = S7.load_store_data(stage04, splits, lp, max_memory_gib=0.0)
+        assert isinstance(st.gallery.X, StoreMatrix) and isinstance(st.train.X, StoreMatrix)
+        assert isinstance(st.val.X, np.ndarray) and isinstance(st.test.X, np.ndarray)
+        for a, b in ((mem.gallery, st.gallery), (mem.train, st.train)):
+            assert np.array_equal(a.ids, b.ids) and np.array_equal(a.labels, b.labels) and a.paths == b.paths
+            assert np.array_equal(np.concatenate([x for _, x in b.X.blocks()]), a.X)
+        assert any("streamed from" in str(v) for _, v in st.facts)
+        big = S7.load_store_data(stage04, splits, lp, max_memory_gib=1.0)  # fits: loaded
+        assert isinstance(big.gallery.X, np.ndarray)

@@ -12,6 +12,10 @@ With ``search.index`` other than ``exact`` the gallery is searched through a FAI
 on the val queries (at most ``AGREEMENT_QUERIES``; same top-1 image, same top-1 class, and both
 speeds) goes to ``metrics.json``
 (``search``) and the report.
+
+With exact search, a gallery (and a train split) of more vectors than ``search.max_memory_gib``
+stays in the store: ``split_vectors`` gives a ``common.streaming.StoreMatrix`` in place of the
+matrix, searched block by block (the classical classifiers are then skipped).
 """
 from __future__ import annotations
 
