@@ -346,12 +346,40 @@ def _class_rows(X: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     return X.index_select(0, torch.from_numpy(rows).to(X.device))
 
 
+def _device(vectors: Any, device: Any) -> torch.device:
+    """``device``, else the device of a tensor ``vectors``, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return vectors.device if isinstance(vectors, torch.Tensor) else torch.device("cpu")
+
+
+def _classes(vectors: Any, labels: np.ndarray, ids: Any, device: Any) -> Iterator[tuple[np.ndarray, torch.Tensor, float]]:
+    """``(rows, X_c, margin)`` of every class, rows in (class, image id) order. A gallery streamed
+    from the store (``common.streaming.StoreMatrix``) is read one class at a time (memory: the
+    largest class), each class with its own rounding margin (any valid margin gives the same
+    decisions: it only chooses which similarities are recomputed exactly)."""
+    from .streaming import is_streamed
+
+    order, slices = class_order(labels, None if ids is None else np.asarray(ids))
+    if is_streamed(vectors):
+        for s, e in slices:
+            rows = order[s:e]
+            Xc, margin = _prepare(vectors.rows(rows), device)
+            yield rows, Xc, margin
+        return
+    X, margin = _prepare(vectors, device)
+    for s, e in slices:
+        rows = order[s:e]
+        yield rows, _class_rows(X, rows), margin
+
+
 def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, block_size: int = 4096,
           device: Any = None) -> np.ndarray:
     """The LUT rule (module docstring) at one threshold: keep mask (N,) bool in the input's row order.
 
     Args:
-        vectors: (N, D) float32 L2-normalised gallery vectors (numpy or torch).
+        vectors: (N, D) float32 L2-normalised gallery vectors (numpy or torch), or a
+            ``common.streaming.StoreMatrix`` (read from the store one class at a time).
         labels: (N,) class of each row (any sortable values).
         ids: (N,) image ids giving the order within a class (None: row order).
         threshold: cosine similarity; a later item is removed when ``s > threshold``.
@@ -361,15 +389,13 @@ def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, bl
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     labels = np.asarray(labels)
-    order, slices = class_order(labels, None if ids is None else np.asarray(ids))
     keep = np.zeros(labels.size, dtype=bool)
+    dev = _device(vectors, device)
     with _full_fp32():
-        X, margin = _prepare(vectors, device)
-        tile = tile_rows(block_size, X.device)
-        with _Threads(X.device) as th:
-            for s, e in slices:
-                rows = order[s:e]
-                keep[rows] = _prune_class(_class_rows(X, rows), float(threshold), tile, block_size, margin, th)
+        tile = tile_rows(block_size, dev)
+        with _Threads(dev) as th:
+            for rows, Xc, margin in _classes(vectors, labels, ids, dev):
+                keep[rows] = _prune_class(Xc, float(threshold), tile, block_size, margin, th)
     return keep
 
 
@@ -378,17 +404,15 @@ def prune_sweep(vectors: Any, labels: Any, ids: Any, thresholds: Sequence[float]
     """``prune`` at every threshold: keep masks (T, N) bool, each identical to ``prune`` at that
     threshold; a class's similarity blocks are computed once and reused (module docstring)."""
     labels = np.asarray(labels)
-    order, slices = class_order(labels, None if ids is None else np.asarray(ids))
     keeps = np.zeros((len(thresholds), labels.size), dtype=bool)
+    dev = _device(vectors, device)
     with _full_fp32():
-        X, margin = _prepare(vectors, device)
-        tile = tile_rows(block_size, X.device)
-        with _Threads(X.device) as th:
-            for s, e in slices:
-                rows = order[s:e]
-                Xc = _class_rows(X, rows)
-                fits = _ClassBlocks.nbytes(e - s, tile) <= cache_bytes
-                cache = _ClassBlocks(Xc, tile, th) if fits and e - s > 1 else None
+        tile = tile_rows(block_size, dev)
+        with _Threads(dev) as th:
+            for rows, Xc, margin in _classes(vectors, labels, ids, dev):
+                n = rows.size
+                fits = _ClassBlocks.nbytes(n, tile) <= cache_bytes
+                cache = _ClassBlocks(Xc, tile, th) if fits and n > 1 else None
                 for ti, t in enumerate(thresholds):
                     keeps[ti, rows] = _prune_class(Xc, float(t), tile, block_size, margin, th, cache)
                 del cache, Xc
@@ -423,6 +447,10 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
     M = top_m if top_m is not None else choose_top_m(N, int(n_kept.min()), max(kts))
     M = int(min(max(M, max(kts)), N))
     stats = {"top_m": M, "fallback_queries": 0}
+    from .streaming import is_streamed
+
+    if is_streamed(gallery):
+        return _nearest_kept_streamed(queries, gallery, keeps, kts, M, block_size, device, stats), stats
     with _full_fp32():
         q = retrieval.as_tensor(queries, device)
         g = retrieval.as_tensor(gallery, q.device)
@@ -455,6 +483,36 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
                     out[t][1][a:a + B] = si.cpu().numpy()
             del S, tv, ti
     return out, stats
+
+
+def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: list[int], M: int, block_size: int,
+                           device: Any, stats: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``nearest_kept`` over a gallery streamed from the store (``common.streaming.StoreMatrix``):
+    one pass for every query's top-``M`` list, the same per-threshold choice from it, and for the
+    queries whose list holds fewer than ``k`` kept items one more pass over that threshold's kept
+    rows (a masked ``StoreMatrix``: row order kept, so ties still go to the lower row)."""
+    from .streaming import topk as stream_topk
+
+    with _full_fp32():
+        tv_np, ti_np = stream_topk(queries, gallery, M, block_size, device)
+        dev = _device(None, device)
+        tv, ti = torch.from_numpy(tv_np).to(dev), torch.from_numpy(ti_np).to(dev)
+        keep_t = torch.from_numpy(keeps).to(dev)
+        rank_key = torch.arange(M, 0, -1, device=dev)
+        q_np = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
+        out = []
+        for t, kt in enumerate(kts):
+            kin = keep_t[t][ti]
+            pos = torch.topk(kin * rank_key, kt, dim=1).indices.sort(1).values
+            sv, si = tv.gather(1, pos).cpu().numpy(), ti.gather(1, pos).cpu().numpy()
+            bad = torch.nonzero(kin.sum(1) < kt).flatten().cpu().numpy()
+            stats["fallback_queries"] += int(bad.size)
+            if bad.size:
+                kept_rows = np.flatnonzero(keeps[t])
+                v, i = stream_topk(q_np[bad], gallery[keeps[t]], kt, block_size, device)
+                sv[bad], si[bad] = v, kept_rows[i]
+            out.append((sv.astype(np.float32), si.astype(np.int64)))
+    return out
 
 
 def measure_latency(queries: Any, gallery: Any, sizes: Sequence[int], k: int, block_size: int,

@@ -103,6 +103,14 @@ class StoreMatrix:
     def ids(self) -> np.ndarray:
         return self.all_ids if self.mask is None else self.all_ids[self.mask]
 
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of the (masked) rows ``rows``, in that order, read from the store (stages
+        05-06 read one class at a time)."""
+        from .features import open_store
+
+        with open_store(self.target) as store:
+            return store.load_vectors(self.ids[np.asarray(rows, dtype=np.int64)], self.model_id)
+
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, X (m, D) float32)`` for consecutive blocks of the (masked) rows."""
         from .errors import UserError
@@ -126,6 +134,32 @@ class StoreMatrix:
             raise UserError(f"{self.target} changed since its rows were listed: rerun the stage")
         self.passes += 1
         log.debug("streamed %d x %d vectors from %s in %.2f s", out, self.dim, self.target, time.perf_counter() - t0)
+
+
+def vectors_of(store: Any, target: Any, splits: tuple[str, ...], info: Any, classes: list[str],
+               max_memory_gib: float | None = None) -> Any:
+    """The ``Vectors`` of ``splits`` of model ``info`` in ``store`` (opened at ``target``), merged by
+    image id: loaded, or, when they exceed ``max_memory_gib`` (None: always loaded), with a
+    ``StoreMatrix`` as ``X``, read from ``target`` at each search."""
+    from .errors import UserError
+    from .features import Vectors
+    from .gallery import merge
+
+    if max_memory_gib is not None:
+        ids, labels, paths = store.split_rows(splits, info.id)
+        if not fits(ids.size, info.dim, max_memory_gib):
+            index = {c: i for i, c in enumerate(classes)}
+            try:
+                y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
+            except KeyError as e:
+                raise UserError(f"{target}: label {e.args[0]!r} is not a class of the model: rerun "
+                                f"04_extract_features.py") from None
+            X = StoreMatrix(target, info.id, splits, ids, info.dim, block_rows(info.dim, max_memory_gib * GIB))
+            log.info("%s of %s: %d vectors (%.2f GiB) above search.max_memory_gib=%g: streamed from the store in "
+                     "blocks of %d rows at each search", "+".join(splits), target, ids.size, X.nbytes / GIB,
+                     max_memory_gib, X.rows_per_block)
+            return Vectors(X, y, paths, ids)
+    return merge(*(store.load_split(s, info.id, classes) for s in splits))
 
 
 def is_streamed(x: Any) -> bool:

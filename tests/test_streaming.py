@@ -233,3 +233,54 @@ def test_stage07_streamed_gives_the_in_memory_predictions(pipeline, tmp_path):
     assert len(outs["mem"]) > 10
     assert [(x["path"], x["predicted_label"], x["neighbour1_path"]) for x in outs["mem"]] == \
         [(x["path"], x["predicted_label"], x["neighbour1_path"]) for x in outs["stream"]]
+
+
+def test_prune_and_sweep_streamed_equal_in_memory(tmp_path):
+    """Stages 05-06's library on a gallery that stays in the store: pruning class by class and the
+    sweep's val neighbours (with the exact fallback) equal the in-memory ones."""
+    from common import lut
+
+    p = tmp_path / "f.sqlite"
+    st, mid = _store(p, n=400)
+    mem, streamed = _gallery(st, p, mid, 16)
+    ts = [0.0, 0.3, 0.6, 0.9, 1.0]
+    for t in ts:
+        assert np.array_equal(lut.prune(mem.X, mem.labels, mem.ids, t, 8), lut.prune(streamed.X, streamed.labels,
+                                                                                        streamed.ids, t, 8))
+    k1 = lut.prune_sweep(mem.X, mem.labels, mem.ids, ts, 8)
+    k2 = lut.prune_sweep(streamed.X, streamed.labels, streamed.ids, ts, 8)
+    assert np.array_equal(k1, k2) and k1[0].sum() < k1[-1].sum()
+    q = st.load_split("val", mid, CLASSES).X
+    for top_m in (None, 3):  # 3: most queries need the exact fallback at the sparse thresholds
+        n1, s1 = lut.nearest_kept(q, mem.X, k1, 5, 16, top_m=top_m)
+        n2, s2 = lut.nearest_kept(q, streamed.X, k2, 5, 16, top_m=top_m)
+        assert s1 == s2 and (top_m is None or s1["fallback_queries"] > 0)
+        for (a_s, a_i), (b_s, b_i) in zip(n1, n2):
+            _same_lists(a_s, a_i, b_s, b_i)
+    st.close()
+
+
+def test_stages_05_06_streamed_give_the_same_lut(pipeline, tmp_path):
+    """``search.max_memory_gib=0`` from stage 05 on: the same sweep, the same LUT."""
+    run, _, res = pipeline
+    assert res.returncode == 0, res.stderr[-3000:]
+    copy = tmp_path / "stream56"
+    shutil.copytree(run, copy, symlinks=True)
+    for s in ("05_lut_threshold", "06_prune_features"):
+        r = run_script([f"{s}.py", "--run", str(copy), "search.max_memory_gib=0"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "streamed from the store" in r.stderr
+        assert json.loads((copy / s / "manifest.json").read_text())["undeclared_keys_read"] == []
+    a = _rows(run / "05_lut_threshold" / "threshold_sweep.csv")
+    b = _rows(copy / "05_lut_threshold" / "threshold_sweep.csv")
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k != "latency_ms":
+                assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-9), k
+    la = json.loads((run / "06_prune_features" / "lut.json").read_text())
+    lb = json.loads((copy / "06_prune_features" / "lut.json").read_text())
+    assert la["kept_ids_sha256"] == lb["kept_ids_sha256"] and la["n_after"] == lb["n_after"]
+    from common.features import content_digest
+
+    assert content_digest(run / "06_prune_features" / "lut.sqlite") == \
+        content_digest(copy / "06_prune_features" / "lut.sqlite")

@@ -124,9 +124,10 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(THRESHOLD, "threshold",
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
                             "target_size", "knn_k", "knn_temperature", "block_size") + SEARCH_BUILD + SEARCH_QUERY
-              + ("store.password_env",),
+              + ("search.max_memory_gib", "store.password_env"),
               upstream_fn=lambda cfg: (EXTRACT,)),
-    StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size", *SEARCH_BUILD, "store.password_env"),
+    StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size", *SEARCH_BUILD, "search.max_memory_gib",
+                                    "store.password_env"),
               upstream_fn=_prune_upstream),
     StageSpec(INFERENCE, "inference",
               keys=("run.seed", *_section("inference", "mode", "input", "name", "gallery", "method", "k",

@@ -14,7 +14,7 @@ speeds) goes to ``metrics.json``
 (``search``) and the report.
 
 With exact search, a gallery (and a train split) of more vectors than ``search.max_memory_gib``
-stays in the store: ``split_vectors`` gives a ``common.streaming.StoreMatrix`` in place of the
+stays in the store: ``common.streaming.vectors_of`` gives a ``common.streaming.StoreMatrix`` in place of the
 matrix, searched block by block (the classical classifiers are then skipped).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..fileio import read_json
 from ..gallery import EXTRA_SPLIT, class_indices, gallery_classes, merge, subset
 from ..inference import EvalInputs, evaluate, predict
 from ..samples import list_inputs
-from ..streaming import GIB, StoreMatrix, block_rows, describe, fits, is_streamed
+from ..streaming import describe, is_streamed, vectors_of
 from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
 from .extract import STORE_FILE, read_model_json, store_of
@@ -77,27 +77,6 @@ class StoreData:
         return int(self.model.id)
 
 
-def split_vectors(store: FeatureStore, target: Path | PgStore, splits: tuple[str, ...], info: ModelInfo,
-                  classes: list[str], max_memory_gib: float | None = None) -> Vectors:
-    """The vectors of ``splits`` (merged by image id): loaded, or, when they exceed
-    ``max_memory_gib`` (None: always loaded), a ``StoreMatrix`` streamed from ``target`` at each search."""
-    if max_memory_gib is not None:
-        ids, labels, paths = store.split_rows(splits, info.id)
-        if not fits(ids.size, info.dim, max_memory_gib):
-            index = {c: i for i, c in enumerate(classes)}
-            try:
-                y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
-            except KeyError as e:
-                raise UserError(f"{target}: label {e.args[0]!r} is not a class of the model: rerun "
-                                f"04_extract_features.py") from None
-            X = StoreMatrix(target, info.id, splits, ids, info.dim, block_rows(info.dim, max_memory_gib * GIB))
-            log.info("%s of %s: %d vectors (%.2f GiB) above search.max_memory_gib=%g: streamed from the store in "
-                     "blocks of %d rows at each search", "+".join(splits), target, ids.size, X.nbytes / GIB,
-                     max_memory_gib, X.rows_per_block)
-            return Vectors(X, y, paths, ids)
-    return merge(*(store.load_split(s, info.id, classes) for s in splits))
-
-
 def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str],
                  max_memory_gib: float | None = None) -> tuple[Vectors, str]:
     """Stage 06's self-contained LUT, checked to be of the same checkpoint and embedding as ``model``."""
@@ -105,7 +84,7 @@ def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str],
         info = lut.current_model()
         check_same_model((info.checkpoint_sha256, info.embedding, info.dim),
                          (model.checkpoint_sha256, model.embedding, model.dim), f"the LUT {lut_path}'s vectors")
-        gallery = split_vectors(lut, lut_path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib)
+        gallery = vectors_of(lut, lut_path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib)
     how = f", {describe(gallery.X)}" if is_streamed(gallery.X) else ""
     return gallery, f"LUT {lut_path} ({len(gallery)} vectors{how})"
 
@@ -132,13 +111,13 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
             raise UserError(f"{store_path}: the vectors' checkpoint has {len(info.classes)} classes but {splits_csv} "
                             f"has {len(train_classes)}: rerun 04_extract_features.py")
         val, test = (store.load_split(s, info.id, classes) for s in ("val", "test"))
-        train = split_vectors(store, store_path, ("train",), info, classes, max_memory_gib)
+        train = vectors_of(store, store_path, ("train",), info, classes, max_memory_gib)
         extra_ids, _, _ = store.split_rows((EXTRA_SPLIT,), info.id)
         if lut_path is None and not is_streamed(train.X):
             extra = store.load_split(EXTRA_SPLIT, info.id, classes)
             gallery = merge(train, extra)
         elif lut_path is None:  # the full gallery, streamed like the train split
-            gallery = split_vectors(store, store_path, ("train", EXTRA_SPLIT), info, classes, 0.0)
+            gallery = vectors_of(store, store_path, ("train", EXTRA_SPLIT), info, classes, 0.0)
         if lut_path is None:
             how = f"; {describe(gallery.X)}" if is_streamed(gallery.X) else ""
             desc = f"full gallery ({len(train)} train + {extra_ids.size} gallery-only vectors{how})"

@@ -9,7 +9,8 @@ machine; ``lut.json`` (threshold, counts, the model's checkpoint sha256), ``prun
 and ``prune_summary.png``. With ``search.index`` other than ``exact`` it also builds the FAISS
 index over the LUT's rows (``common.search``): ``lut.faiss`` and ``lut_faiss.json`` (what it
 indexes: the factory string, the number of rows and the sha256 of their image ids in the LUT's row
-order, which stage 07 checks).
+order, which stage 07 checks). A gallery of more vectors than ``search.max_memory_gib`` stays in
+the store: pruned one class at a time and its kept vectors copied to the LUT block by block.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from ..fileio import atomic_path, read_json, write_csv, write_json
 from ..plots import plot_prune_summary
 from . import EXTRACT, THRESHOLD
 from .extract import store_of
-from ..gallery import EXTRA_SPLIT, merge
-from .threshold import THRESHOLD_JSON, gallery_of, load_splits
+from ..gallery import EXTRA_SPLIT, merge, subset
+from ..streaming import is_streamed
+from .threshold import GALLERY, THRESHOLD_JSON, load_splits
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -70,8 +72,12 @@ def write_lut_store(path: Path, source: Path | PgStore, model_id: int, gallery: 
                                         checkpoint_path=info.checkpoint_path, epoch=info.epoch)
             id_of = {r.path: r.id for r in dst.images()}
             ids = np.array([id_of[p] for p in gallery.paths], dtype=np.int64)
-            order = np.argsort(ids, kind="stable")
-            dst.write_vectors(new.id, ids[order], gallery.X[order])
+            if is_streamed(gallery.X):  # kept rows of a gallery that stays in the store: block by block
+                for start, X in gallery.X.blocks():
+                    dst.write_vectors(new.id, ids[start:start + X.shape[0]], X)
+            else:
+                order = np.argsort(ids, kind="stable")
+                dst.write_vectors(new.id, ids[order], gallery.X[order])
             dst.mark_complete(new.id)
 
 
@@ -96,17 +102,18 @@ def main(ctx: Context) -> dict[str, Any]:
     t, source, tj_model = _threshold(ctx)
     t = round(t, 6)
     source = store_of(stage04, ctx.cfg)
-    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT), source)
+    scfg = ctx.cfg.search
+    model, classes, vec = load_splits(stage04, (GALLERY,), source, scfg.max_memory_gib if scfg.index == "exact" else None)
     if tj_model is not None and int(tj_model) != int(model["model_id"]):
         raise UserError(f"{source} was chosen for model {tj_model}, but stage 04's vectors are of model "
                         f"{model['model_id']}: rerun 05_lut_threshold.py")
-    gal = gallery_of(vec)
+    gal = vec[GALLERY]
     if len(gal) == 0:
         raise UserError(f"{source} holds no train vectors to prune: rerun 04_extract_features.py")
     t0 = time.perf_counter()
     keep = lut.prune(gal.X, gal.labels, gal.ids, t, ctx.cfg.lut.block_size, ctx.device())
     secs = time.perf_counter() - t0
-    kept = Vectors(gal.X[keep], gal.labels[keep], [p for p, k in zip(gal.paths, keep) if k], gal.ids[keep])
+    kept = subset(gal, keep)
     lut_path = ctx.output(LUT_FILE, digest="feature_store")
     write_lut_store(lut_path, source, int(model["model_id"]), kept)
     index = build_lut_index(ctx, lut_path, classes) if ctx.cfg.search.index != "exact" else None

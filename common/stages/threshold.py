@@ -1,7 +1,9 @@
 """Stage 05's driver: sweep the LUT pruning threshold on the val split, choose one, write the artefacts.
 
 Reads 04's ``features.sqlite`` (train + extra = gallery, val = queries) and ``model.json``; writes
-``threshold_sweep.csv``, ``threshold.json`` and ``threshold_sweep.png``.
+``threshold_sweep.csv``, ``threshold.json`` and ``threshold_sweep.png``. A gallery of more vectors
+than ``search.max_memory_gib`` stays in the store: pruned one class at a time, the val queries
+searched block by block (``common.streaming``), with the same results.
 
 With ``search.index`` other than ``exact`` the sweep also runs through that FAISS index
 (``common.search``), built once over the whole train gallery and searched at each threshold
@@ -22,8 +24,9 @@ from .. import lut, search
 from ..errors import UserError
 from ..features import PgStore, Vectors, open_store
 from ..fileio import write_csv, write_json
-from ..gallery import EXTRA_SPLIT, merge
+from ..gallery import EXTRA_SPLIT
 from ..plots import plot_sweep
+from ..streaming import fits, is_streamed, vectors_of
 from . import EXTRACT
 from .extract import STORE_FILE, read_model_json, store_of
 
@@ -33,16 +36,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THRESHOLD_JSON = "threshold.json"
+GALLERY = "gallery"  # load_splits: the train and extra splits, by image id
 INDEX_COLUMNS = ["index_top1_accuracy", "index_same_image", "index_same_class"]
 
 
 def load_splits(stage04_dir: Path, splits: Sequence[str], store: Path | PgStore | None = None,
-                ) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
+                max_memory_gib: float | None = None) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
     """(model.json, classes, {split: Vectors}) of the one model stage 04 recorded, from ``store``
     (``store_of``; default stage 04's ``features.sqlite``).
 
     ``classes`` are the gallery's (the checkpoint's, then the gallery-only classes of
-    ``data.gallery_extra``); ``gallery_of`` joins the ``train`` and ``extra`` splits.
+    ``data.gallery_extra``). The pseudo-split ``GALLERY`` is the ``train`` and ``extra`` splits
+    by image id; when its vectors exceed ``max_memory_gib`` (None: never) it stays in the store
+    (``common.streaming``: pruned class by class, searched block by block).
     """
     model = read_model_json(stage04_dir)
     path = Path(stage04_dir) / STORE_FILE if store is None else store
@@ -52,15 +58,28 @@ def load_splits(stage04_dir: Path, splits: Sequence[str], store: Path | PgStore 
         if info.checkpoint_sha256 != model["checkpoint_sha256"] or info.dim != int(model["dim"]):
             raise UserError(f"{path} does not hold the model {Path(stage04_dir) / 'model.json'} describes: rerun "
                             "04_extract_features.py --force")
-        out = {s: store.load_split(s, info.id, classes) for s in splits}
+        out = {s: vectors_of(store, path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib) if s == GALLERY
+               else store.load_split(s, info.id, classes) for s in splits}
     log.info("feature store %s: %s; %s", path, info.describe(),
              ", ".join(f"{s} {len(v):,} vectors" for s, v in out.items()))
     return model, classes, out
 
 
-def gallery_of(vec: dict[str, Vectors]) -> Vectors:
-    """The gallery: train vectors and the gallery-only (``extra``) ones, by image id."""
-    return merge(vec["train"], vec[EXTRA_SPLIT])
+def latency(val: Vectors, gal: Vectors, sizes: list[int], lcfg: Any, max_memory_gib: float, device: Any) -> list[float]:
+    """ms per query of exact search in a gallery of each pruned size. A streamed gallery is timed
+    on random unit vectors in memory (exact search costs the same whatever the vectors), for the
+    sizes that fit ``search.max_memory_gib`` (nan for the others: stage 07 would stream them)."""
+    q = val.X[:lut.LATENCY_QUERIES]
+    if not is_streamed(gal.X):
+        return lut.measure_latency(q, gal.X, sizes, lcfg.knn_k, lcfg.block_size, device)
+    dim = gal.X.shape[1]
+    fit = [n for n in sizes if fits(n, dim, max_memory_gib)]
+    if not fit:
+        return [float("nan")] * len(sizes)
+    G = np.random.default_rng(0).standard_normal((max(fit), dim), dtype=np.float32)
+    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    ms = dict(zip(fit, lut.measure_latency(q, G, fit, lcfg.knn_k, lcfg.block_size, device)))
+    return [ms.get(n, float("nan")) for n in sizes]
 
 
 def index_sweep(ctx: Context, gal: Vectors, val: Vectors, keeps: Any, neighbours: list, rows: list[dict]) -> dict:
@@ -86,8 +105,10 @@ def main(ctx: Context) -> dict[str, Any]:
     thresholds = lut.threshold_grid(lcfg)
     stage04 = ctx.upstream(EXTRACT)
     store = store_of(stage04, ctx.cfg)
-    model, classes, vec = load_splits(stage04, ("train", EXTRA_SPLIT, "val"), store)
-    gal, val = gallery_of(vec), vec["val"]
+    scfg = ctx.cfg.search
+    model, classes, vec = load_splits(stage04, (GALLERY, "val"), store,
+                                      scfg.max_memory_gib if scfg.index == "exact" else None)
+    gal, val = vec[GALLERY], vec["val"]
     if len(gal) == 0:
         raise UserError(f"{store} holds no train vectors (the gallery): check split.train and rerun "
                         "01_random_split_dataset.py and 04_extract_features.py")
@@ -105,8 +126,7 @@ def main(ctx: Context) -> dict[str, Any]:
     neighbours, qstats = lut.nearest_kept(val.X, gal.X, keeps, lcfg.knn_k, lcfg.block_size, device)
     t_query = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lat = lut.measure_latency(val.X[:lut.LATENCY_QUERIES], gal.X, [int(k.sum()) for k in keeps], lcfg.knn_k,
-                              lcfg.block_size, device)
+    lat = latency(val, gal, [int(k.sum()) for k in keeps], lcfg, scfg.max_memory_gib, device)
     t_lat = time.perf_counter() - t0
     log.info("pruned at %d thresholds in %.1f s; val neighbours in %.1f s (top-%d lists, %d exact fallbacks); "
              "latency timing %.1f s", len(thresholds), t_prune, t_query, qstats["top_m"], qstats["fallback_queries"],
