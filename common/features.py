@@ -713,7 +713,8 @@ class FeatureStore:
         if ids.size == 0:
             return 0
         if info.dtype != "float32":  # round to the stored dtype first: the checks are on what is stored
-            X = np.ascontiguousarray(X, dtype=DTYPES[info.dtype])
+            with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf, refused below
+                X = np.ascontiguousarray(X, dtype=DTYPES[info.dtype])
         if not np.isfinite(X).all():
             raise ValueError(f"non-finite values in the vectors for {info.describe()}")
         norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
@@ -1230,6 +1231,15 @@ def _digest(h: Any, rows: Any, stream: Any, version: int = SCHEMA_VERSION) -> No
         cur.close()
 
 
+def _connect_read_only(p: Path, **kw: Any) -> sqlite3.Connection:
+    """A read-only sqlite3 connection that leaves no file behind. With no ``-wal`` file the
+    database is whole and is opened ``immutable`` (SQLite then creates no ``-wal``/``-shm``, which
+    a read-only connection could not remove: a freshness check must leave the run folder as it
+    was); with one (a writer is active, or was killed) it is opened ``mode=ro`` to read it too."""
+    mode = "mode=ro" if Path(f"{p}-wal").exists() else "immutable=1"
+    return sqlite3.connect(p.resolve().as_uri() + "?" + mode, uri=True, timeout=BUSY_TIMEOUT_S, **kw)
+
+
 def content_digest(path: str | os.PathLike | PgStore) -> str:
     """sha256 of the images, complete models (dtype included) and their vectors (not ``meta``).
 
@@ -1254,8 +1264,7 @@ def content_digest(path: str | os.PathLike | PgStore) -> str:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"feature store {p} is missing: run {STAGE}")
-    conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                           isolation_level=None)
+    conn = _connect_read_only(p, isolation_level=None)
     try:
         conn.execute("BEGIN")  # one snapshot for every table
         v = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -1286,7 +1295,7 @@ def schema_version(path: str | os.PathLike | PgStore) -> int | None:
         if not p.is_file():
             raise UserError(f"feature store {p} is missing: run {STAGE}")
         try:
-            conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+            conn = _connect_read_only(p)
             try:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             finally:
@@ -1305,9 +1314,9 @@ def upgrade_store(path: str | os.PathLike | PgStore) -> int | None:
     transaction; returns the version it had (None when it was current). Version 2 -> 3 adds
     ``models.dtype`` with ``DEFAULT 'float32'`` (what every vector of version 2 is): no vector is
     read or written, nothing is embedded again. SQLite keeps the ALTER TABLE's text in
-    ``sqlite_master`` (the column appended after the table's UNIQUE constraint, without
-    ``SCHEMA_SQL``'s comment): the columns, their order, types, defaults and checks are those of a
-    new store."""
+    ``sqlite_master``: ``models``' CREATE text differs from ``SCHEMA_SQL``'s (the column spliced
+    in after ``complete``, on its line, without its comment), while its columns, their order,
+    types, defaults and checks are a new store's (tested)."""
     with open_store(path, any_version=True) as st:
         old = st.version
         if old == SCHEMA_VERSION:
