@@ -367,6 +367,11 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     try:
         info = store.mark_complete(plan.model_id)
         total = store.counts()["vectors"]
+        if dropped:  # the replaced model's pages back to the file system (SQLite)
+            before, after = store.compact()
+            if after != before:
+                log.info("compacted %s after replacing %s: %.1f MiB -> %.1f MiB", store_path,
+                         "; ".join(m.describe() for m in dropped), before / 2**20, after / 2**20)
     finally:
         store.close()
     rate = n_todo / elapsed if n_todo and elapsed > 0 else 0.0

@@ -755,6 +755,21 @@ class FeatureStore:
             raise UserError(f"{self.path} holds {held}: which vectors of dim {dim} to read is ambiguous: rerun {STAGE}")
         return got.pop()
 
+    def compact(self) -> tuple[int, int]:
+        """Give the pages of deleted rows back to the file system (SQLite ``VACUUM``: the file is
+        rewritten, so it needs as much free disk as the store; its content is unchanged). Stage 04
+        calls it after a model was replaced (another checkpoint, embedding or ``extract.dtype``),
+        whose vectors otherwise leave the file at its old size. Returns (bytes before, after)."""
+        before = store_bytes(self.path)
+        self.engine.dispose()  # VACUUM runs outside any transaction, on a connection of its own
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        return before, store_bytes(self.path)
+
     def _decode(self, blobs: Sequence[bytes], ids: np.ndarray, dim: int, out: np.ndarray | None = None,
                 dtype: str | None = None) -> np.ndarray:
         """The vectors of ``blobs`` (one per id) as float32 (m, dim), into ``out`` when given;
@@ -1117,6 +1132,12 @@ class PgFeatureStore(FeatureStore):
             for s in range(0, ids.size, step):
                 cp.write(_copy_block(ids[s:s + step], model_id, X[s:s + step]))
             cp.write(_COPY_TRAILER)
+
+    def compact(self) -> tuple[int, int]:
+        """Nothing on PostgreSQL: its (auto)vacuum reuses the space of deleted rows for the next
+        ones; ``VACUUM FULL`` would lock the tables of every rank. Returns (bytes, the same)."""
+        n = store_bytes(self.target)
+        return n, n
 
     def mark_complete(self, model_id: int) -> ModelInfo:
         """As for SQLite, then ``ANALYZE``: the planner's statistics after a bulk load (without
