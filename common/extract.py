@@ -25,7 +25,8 @@ backbone's pooled output (``SupConModel.encoder``), ``head`` the projection head
 L2-normalised in float32 (Khosla et al. 2020 evaluate on the encoder output, the head is thrown
 away after training; Yang et al. 2022's LUT retrieval works on the same embedding), then stored as
 ``extract.dtype`` (float32, or float16 at half the bytes: the model row records it, and another
-dtype is another model, embedded again).
+dtype is another model; float32 vectors already stored are converted to float16 by
+``FeatureStore.register_model`` without embedding again, float16 ones are embedded again for float32).
 
 Several GPUs (torchrun): every rank embeds a strided share of each chunk. With a SQLite store
 the shares are gathered to rank 0 (``torch.distributed.gather_object``), the only writer, which

@@ -52,6 +52,7 @@ page with no overflow chain: 7 rows per page) are set by a SQLAlchemy ``connect`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import itertools
@@ -580,7 +581,10 @@ class FeatureStore:
         ``dtype``: how its vectors are stored, ``float32`` or ``float16`` (``extract.dtype``).
         An existing row of the same checkpoint and embedding whose preprocessing or dtype differs
         (other stats, image size, pad fill, float16 instead of float32) is dropped with its
-        vectors and recreated. With
+        vectors and recreated; when only the dtype differs, the old model is complete and float32
+        and the new one float16, its vectors are converted into the new model in the same
+        transaction instead (``_convert_vectors``: what embedding again would store, without
+        embedding: float16 is float32 rounded). With
         ``replace_others`` every other model (another checkpoint or embedding) is deleted with its
         vectors in the same transaction: the store then holds one model's vectors.
         Returns (the model, the models dropped).
@@ -610,12 +614,22 @@ class FeatureStore:
                     keep = m
                 elif same_key or replace_others:
                     dropped.append(m)
-            for m in dropped:
-                conn.execute(delete(models_t).where(models_t.c.id == m.id))  # cascades to vectors
-                conn.execute(delete(meta_t).where(meta_t.c.key == f"model.{m.id}.status"))
+            source = next((m for m in dropped if keep is None and m.complete and (m.dtype, dtype) == ("float32", "float16")
+                           and m.checkpoint_sha256 == checkpoint_sha256 and m.embedding == embedding
+                           and m.same_transform(dataclasses.replace(wanted, dtype=m.dtype))), None)
+            if source is not None:  # its key is free for the new row while its vectors are converted
+                conn.execute(update(models_t).where(models_t.c.id == source.id)
+                             .values(checkpoint_sha256=f"{source.checkpoint_sha256}:converting"))
+            else:
+                self._drop_models(conn, dropped)
             if keep is None:
                 new_id = conn.execute(insert(models_t).values(**values)).inserted_primary_key[0]
                 self._set_status(conn, int(new_id), "extracting")
+                if source is not None:
+                    n = self._convert_vectors(conn, source, int(new_id), dtype)
+                    self._drop_models(conn, dropped)
+                    log.info("converted the %d float32 vectors of %s to %s in place: no image embedded again", n,
+                             source.describe(), dtype)
             else:
                 new_id = keep.id
                 if keep.checkpoint_path != str(checkpoint_path) or keep.epoch != epoch:
@@ -625,6 +639,30 @@ class FeatureStore:
         for m in dropped:
             log.info("dropped %s with its vectors (replaced by %s)", m.describe(), info.describe())
         return info, dropped
+
+    def _drop_models(self, conn: Connection, models: Sequence[ModelInfo]) -> None:
+        for m in models:
+            conn.execute(delete(models_t).where(models_t.c.id == m.id))  # cascades to vectors
+            conn.execute(delete(meta_t).where(meta_t.c.key == f"model.{m.id}.status"))
+
+    def _convert_vectors(self, conn: Connection, source: ModelInfo, model_id: int, dtype: str) -> int:
+        """Copy every vector of ``source`` into ``model_id`` as ``dtype``, in ``conn``'s
+        transaction, a block of rows at a time (keyset: each block is read whole before it is
+        written). Every vector is checked on read and again, rounded, on write. Returns the count."""
+        block = max(1, READ_BLOCK_BYTES // (source.itemsize * source.dim))
+        sql = self._q("SELECT image_id, vector FROM vectors WHERE model_id = ? AND image_id > ? "
+                      "ORDER BY image_id LIMIT ?")
+        last, n = -1, 0
+        while rows := _raw(conn).execute(sql, (source.id, last, block)).fetchall():
+            ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+            X = self._decode([r[1] for r in rows], ids, source.dim, None, source.dtype)
+            S = np.ascontiguousarray(X, dtype=DTYPES[dtype])
+            norms = np.sqrt(np.einsum("ij,ij->i", S, S, dtype=np.float64))
+            if not np.isfinite(norms).all() or np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+                raise ValueError(f"vectors of {source.describe()} are not unit-norm once stored as {dtype}")
+            n += self._insert_vectors(conn, model_id, ids, S)
+            last = int(ids[-1])
+        return n
 
     def _set_status(self, conn: Connection, model_id: int, status: str) -> None:
         _raw(conn).execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) "

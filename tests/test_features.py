@@ -373,12 +373,42 @@ def test_digest_includes_the_dtype_and_another_dtype_is_another_model(tmp_path):
     info, _ = register(s)
     s.write_vectors(info.id, np.arange(1, 13), X[:12].astype("<f2").astype(np.float32))
     s.mark_complete(info.id)
-    # the same checkpoint with extract.dtype=float16 drops the float32 vectors (stage 04 embeds again)
-    new, dropped = register(s, dtype="float16")
-    assert [m.id for m in dropped] == [info.id] and new.dtype == "float16" and s.counts()["vectors"] == 0
-    same, dropped = register(s, dtype="float16")
-    assert same.id == new.id and dropped == []
     s.close()
+    assert content_digest(tmp_path / "c.sqlite") not in (content_digest(tmp_path / "a.sqlite"),
+                                                         content_digest(tmp_path / "b.sqlite"))
+
+
+def test_float32_vectors_are_converted_to_float16_in_place_and_back_is_embedded_again(tmp_path):
+    store, mid, X = filled(tmp_path / "f.sqlite", n=12)
+    new, dropped = register(store, dtype="float16")  # extract.dtype: float32 -> float16
+    assert [m.id for m in dropped] == [mid] and new.id != mid and new.dtype == "float16" and not new.complete
+    assert store.counts()["models"] == 1 and store.missing_vectors(new.id) == []  # nothing to embed
+    store.mark_complete(new.id)
+    ids, _, M = store.load_matrix(None, new.id)
+    np.testing.assert_array_equal(M, X[ids - 1].astype("<f2").astype(np.float32))
+    store.close()
+    # the same blobs as writing the float32 vectors to a float16 model directly (the model id differs)
+    filled16(tmp_path / "g.sqlite", n=12)[0].close()
+    blobs = []
+    for db in ("f.sqlite", "g.sqlite"):
+        con = sqlite3.connect(tmp_path / db)
+        blobs.append(con.execute("SELECT image_id, vector FROM vectors ORDER BY image_id").fetchall())
+        con.close()
+    assert blobs[0] == blobs[1] and len(blobs[0]) == 12
+    store = FeatureStore(tmp_path / "f.sqlite")
+    same, dropped = register(store, dtype="float16")
+    assert same.id == new.id and dropped == []
+    back, dropped = register(store, dtype="float32")  # float16 -> float32 cannot be converted: embedded again
+    assert [m.id for m in dropped] == [new.id] and store.counts()["vectors"] == 0
+    store.close()
+    # an incomplete float32 model (an interrupted extraction) is not converted either
+    part = FeatureStore(tmp_path / "p.sqlite", create=True)
+    part.sync_images(rows(6))
+    info, _ = register(part)
+    part.write_vectors(info.id, [1, 2], unit(2))
+    new, dropped = register(part, dtype="float16")
+    assert [m.id for m in dropped] == [info.id] and part.counts()["vectors"] == 0
+    part.close()
 
 
 # ----------------------------------------------------------------------------- a store of schema version 2

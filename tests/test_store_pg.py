@@ -199,3 +199,20 @@ def test_copy_block_layout_float16():
     b = F._copy_block(ids, 7, X)
     assert len(b) == 2 + 4 + 8 + 4 + 4 + 4 + 2 * DIM
     assert b[22:26] == (2 * DIM).to_bytes(4, "big") and b[26:] == X[0].tobytes()
+
+
+def test_float32_vectors_are_converted_to_float16_on_postgres(pg_store, tmp_path):
+    store, mid, X = fill(pg_store, n=30)
+    with store:
+        new, dropped = register(store, dtype="float16")
+        assert [m.id for m in dropped] == [mid] and store.missing_vectors(new.id) == []
+        store.mark_complete(new.id)
+        ids, _, M = store.load_matrix(None, new.id)
+    assert np.array_equal(M, X[ids - 1].astype("<f2").astype(np.float32))
+    # the same content as the SQLite store converted alike (model ids included)
+    from test_features import filled
+
+    lite, _, _ = filled(tmp_path / "f.sqlite")
+    with lite:
+        lite.mark_complete(register(lite, dtype="float16")[0].id)
+    assert content_digest(pg_store) == content_digest(tmp_path / "f.sqlite")
