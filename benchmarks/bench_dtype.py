@@ -12,6 +12,9 @@ the same classes. In one run, against the float32 baseline:
   vectors come from the same store); the baseline is float32 queries against the float32 gallery: share of queries whose top-1 gallery image / class is the
   float32 search's, top-1 class accuracy of both, max and mean |similarity difference| over every
   query-gallery pair and over the top-1 similarities;
+- **pruning**: the LUT rule (``common.lut.prune``, stage 06) on the first ``--prune-n`` vectors
+  of both galleries (the rule's cost grows with the square of a class's size) at each of
+  ``--thresholds``: vectors kept, and how many gallery images one keeps and the other does not;
 - **store**: the SQLite store written as stage 04 writes it (``FeatureStore.write_vectors``, 2,048
   vectors per transaction), streamed back checked (``verify_store``) and loaded whole
   (``load_matrix``) for each dtype: vectors/s and bytes, with ratios float16 / float32.
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_scale import make_data, peak_gib  # noqa: E402
+from common import lut  # noqa: E402
 from common.extract import WRITE_CHUNK_ROWS  # noqa: E402
 from common.features import FeatureStore, store_bytes, verify_store  # noqa: E402
 
@@ -126,6 +130,8 @@ def main() -> None:
     ap.add_argument("--spread", type=float, default=1.0, help="within-class spread (norm, latent space)")
     ap.add_argument("--noise", type=float, default=0.3, help="isotropic noise (norm, full space)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--thresholds", default="0.6,0.7,0.8", help="pruning thresholds compared (comma-separated)")
+    ap.add_argument("--prune-n", type=int, default=50_000, help="gallery vectors pruned (the first ones)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
     if a.quick:
@@ -149,6 +155,20 @@ def main() -> None:
               f"|similarity difference| over all pairs max {c['max_abs_similarity_diff']:.2e}, mean "
               f"{c['mean_abs_similarity_diff']:.2e}; of the top-1 similarity max "
               f"{c['max_abs_top1_similarity_diff']:.2e}, mean {c['mean_abs_top1_similarity_diff']:.2e}")
+    m = min(a.prune_n, a.n)
+    for t in (float(x) for x in a.thresholds.split(",")):
+        t0 = time.perf_counter()
+        k32 = lut.prune(X[:m], labels[:m], None, t)
+        t1 = time.perf_counter()
+        k16 = lut.prune(X16[:m], labels[:m], None, t)
+        t2 = time.perf_counter()
+        p = {"kept_float32": int(k32.sum()), "kept_float16": int(k16.sum()), "kept_only_float32": int((k32 & ~k16).sum()),
+             "kept_only_float16": int((k16 & ~k32).sum()), "seconds_float32": t1 - t0, "seconds_float16": t2 - t1}
+        res[f"prune {t:g}"] = p
+        print(f"prune at {t:g}: kept {p['kept_float32']:,} (float32) / {p['kept_float16']:,} (float16) of {m:,}; "
+              f"kept by one only: {p['kept_only_float32']:,} / {p['kept_only_float16']:,} "
+              f"({(p['kept_only_float32'] + p['kept_only_float16']) / max(1, p['kept_float32']):.2%} of the LUT); "
+              f"{t1 - t0:.1f} s / {t2 - t1:.1f} s")
     del X16
     tmp = Path(tempfile.mkdtemp(prefix="bench_dtype_"))
     try:
