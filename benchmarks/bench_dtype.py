@@ -136,7 +136,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.n = 20_000
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     X, labels, Q, q_labels = make_data(a)
     print(f"gallery {a.n:,} x {a.dim} ({X.nbytes / 2**30:.2f} GiB float32), {a.classes} classes "
           f"(Zipf, {np.bincount(labels).max():,} down to {np.bincount(labels).min():,}), {a.queries:,} queries; "
@@ -187,7 +187,7 @@ def main() -> None:
     res["ratios_float16_over_float32"] = ratios
     print("float16 / float32: store bytes {bytes:.3f}x, write {write_per_s:.2f}x, stream {stream_per_s:.2f}x, "
           "load {load_per_s:.2f}x".format(**ratios))
-    print(f"peak RSS {peak_gib():.2f} GiB; {time.perf_counter() - t0:.0f} s in all")
+    print(f"peak RSS {peak_gib():.2f} GiB; {time.perf_counter() - start:.0f} s in all")
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
 
