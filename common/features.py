@@ -614,8 +614,8 @@ class FeatureStore:
                     keep = m
                 elif same_key or replace_others:
                     dropped.append(m)
-            source = next((m for m in dropped if keep is None and m.complete and (m.dtype, dtype) == ("float32", "float16")
-                           and m.checkpoint_sha256 == checkpoint_sha256 and m.embedding == embedding
+            # float32 -> float16 of the same vectors: converted, not embedded again
+            source = next((m for m in dropped if m.complete and (m.dtype, dtype) == ("float32", "float16")
                            and m.same_transform(dataclasses.replace(wanted, dtype=m.dtype))), None)
             if source is not None:  # its key is free for the new row while its vectors are converted
                 conn.execute(update(models_t).where(models_t.c.id == source.id)
