@@ -23,7 +23,10 @@ augmentation, ``model.eval()``, ``torch.inference_mode``; on CUDA, AMP (``extrac
 channels_last and pinned, non-blocking copies. ``extract.embedding=encoder`` stores the
 backbone's pooled output (``SupConModel.encoder``), ``head`` the projection head's; either way
 L2-normalised in float32 (Khosla et al. 2020 evaluate on the encoder output, the head is thrown
-away after training; Yang et al. 2022's LUT retrieval works on the same embedding).
+away after training; Yang et al. 2022's LUT retrieval works on the same embedding), then stored as
+``extract.dtype`` (float32, or float16 at half the bytes: the model row records it, and another
+dtype is another model; float32 vectors already stored are converted to float16 by
+``FeatureStore.register_model`` without embedding again, float16 ones are embedded again for float32).
 
 Several GPUs (torchrun): every rank embeds a strided share of each chunk. With a SQLite store
 the shares are gathered to rank 0 (``torch.distributed.gather_object``), the only writer, which
@@ -265,7 +268,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
             info, dropped = store.register_model(
                 checkpoint_sha256=sha, embedding=ecfg.embedding, backbone=backbone, dim=dim, mean=stats["mean"],
                 std=stats["std"], image_size=image_size, pad_fill=pad_fill, classes=classes,
-                checkpoint_path=str(checkpoint.resolve()), epoch=ckpt.get("epoch"))
+                checkpoint_path=str(checkpoint.resolve()), epoch=ckpt.get("epoch"), dtype=ecfg.dtype)
             todo: list[ImageRecord] = store.missing_vectors(info.id)
             plan = _Plan(info.id, info.dim, [r.id for r in todo], [r.path for r in todo])
         except Exception as e:
@@ -281,8 +284,8 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     n_todo = len(plan.todo_ids)
     n_images = len(rows) + len(extras)
     if rank == 0:
-        log.info("%s: %d images, %d to embed with %s (%s embedding, %d-d, model id %d)%s", store_path, n_images,
-                 n_todo, checkpoint, ecfg.embedding, dim, plan.model_id,
+        log.info("%s: %d images, %d to embed with %s (%s embedding, %d-d, stored as %s, model id %d)%s", store_path,
+                 n_images, n_todo, checkpoint, ecfg.embedding, dim, ecfg.dtype, plan.model_id,
                  f"; {n_images - n_todo} already embedded" if n_todo < n_images else "")
 
     # --- every rank: a strided share of each chunk
@@ -365,6 +368,11 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     try:
         info = store.mark_complete(plan.model_id)
         total = store.counts()["vectors"]
+        if dropped:  # the replaced model's pages back to the file system (SQLite)
+            before, after = store.compact()
+            if after != before:
+                log.info("compacted %s after replacing %s: %.1f MiB -> %.1f MiB", store_path,
+                         "; ".join(m.describe() for m in dropped), before / 2**20, after / 2**20)
     finally:
         store.close()
     rate = n_todo / elapsed if n_todo and elapsed > 0 else 0.0
@@ -381,6 +389,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
         "checkpoint_sha256": sha,
         "embedding": info.embedding,
         "dim": info.dim,
+        "dtype": info.dtype,
         "images": n_images,
         "extra_images": len(extras),
         "vectors": total,

@@ -3,15 +3,18 @@
 Stage 04's ``features.sqlite`` holds every image of every split (train, val, test) and the
 gallery-only images of ``data.gallery_extra`` (split ``extra``; gallery = train + extra), the
 model that embedded them (checkpoint sha256, backbone, embedding kind, dimension, normalisation)
-and one float32 vector per image and model. Stage 06's pruned look-up table (LUT, Yang et al.
+and one vector per image and model (float32, or float16 with ``extract.dtype: float16``). Stage 06's pruned look-up table (LUT, Yang et al.
 2022), ``lut.sqlite``, is a store of the same schema holding only the kept gallery images: a
 self-contained gallery. Any SQLite client can read it: the schema is ``SCHEMA_SQL`` below,
 created verbatim (its comments are kept in ``sqlite_master``, so ``sqlite3 features.sqlite .schema`` shows them).
 
 Rules the code keeps (and a reader of the file can rely on):
 
-- **Vectors** are ``dim`` float32 values, little-endian, L2-normalised, ``4 * dim`` bytes
-  (``np.frombuffer(blob, "<f4")``); never pickled tensors.
+- **Vectors** are ``dim`` little-endian values of the model's ``models.dtype``, L2-normalised:
+  float32, ``4 * dim`` bytes (``np.frombuffer(blob, "<f4")``), or float16, ``2 * dim`` bytes
+  (``"<f2"``); never pickled tensors. Writes round to the model's dtype and check the norms of
+  the values as stored; reads convert them to float32 exactly (``_decode``, never re-normalised),
+  so every reader sees float32 matrices and a float16 store's LUT holds the same bytes.
 - **One checkpoint's vectors are never compared with another's**: every load takes a model id;
   ``require_model`` / ``check_same_model`` raise ``UserError`` naming both checkpoints and
   dimensions when they differ, and writing vectors of another dimension is refused.
@@ -21,8 +24,10 @@ Rules the code keeps (and a reader of the file can rely on):
   extraction) with a message to rerun ``04_extract_features.py``.
 - **Every read checks every vector**: finite and unit-norm (``check_unit_vectors``), so a
   corrupted file is refused naming the image and the stage to rerun, whatever SQLite says.
-- ``meta`` holds ``schema_version`` (a store of another version is refused), ``format``, and
-  ``model.<id>.status`` (``extracting`` or ``complete``, kept in step with ``models.complete``).
+- ``meta`` holds ``schema_version``, ``format``, and ``model.<id>.status`` (``extracting`` or
+  ``complete``, kept in step with ``models.complete``). A store of another version is refused;
+  one of version 2 (before ``models.dtype``) is upgraded in place by ``upgrade_store`` (stage 04
+  calls it): one ``ALTER TABLE ... ADD COLUMN`` with ``DEFAULT 'float32'``, no vector touched.
 
 API (``FeatureStore(path)`` opens an existing store, ``create=True`` makes one; a context manager):
 
@@ -47,6 +52,7 @@ page with no overflow chain: 7 rows per page) are set by a SQLAlchemy ``connect`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import itertools
@@ -70,14 +76,20 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# bump when SCHEMA_SQL changes; older stores are refused, never migrated silently.
+# bump when SCHEMA_SQL changes; older stores are refused, never migrated silently (stage 04
+# upgrades the versions in UPGRADABLE, logging it; every other stage refuses them).
 # 2: split 'extra' (gallery-only images); the LUT tables left the store (stage 06 writes lut.sqlite)
-SCHEMA_VERSION = 2
+# 3: models.dtype (float32 | float16 vectors)
+SCHEMA_VERSION = 3
+UPGRADABLE = (2,)  # older versions stage 04 upgrades in place (upgrade_store)
 FORMAT = "plankton-feature-store"
 EMBEDDINGS = ("encoder", "head")
 SPLITS = ("train", "val", "test", "extra")  # extra: gallery-only images (data.gallery_extra), never trained on
 GALLERY_SPLITS = ("train", "extra")  # the gallery stages 05-07 search
-NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed when writing vectors (float32 and AMP round-off)
+NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed for stored vectors (float32 and AMP round-off; float16 rounding moves a norm by <= 2**-11)
+DTYPES = {"float32": "<f4", "float16": "<f2"}  # models.dtype -> the numpy dtype of its blobs (little-endian)
+# models.dtype as ALTER TABLE adds it to a version-2 store (SCHEMA_SQL declares the same column)
+DTYPE_COLUMN = "dtype TEXT NOT NULL DEFAULT 'float32' CHECK (dtype IN ('float32', 'float16'))"
 READ_BLOCK_BYTES = 2 * 2**20  # vector bytes fetched per block when streaming blobs into a matrix (bounds the extra memory)
 BUSY_TIMEOUT_S = 60.0  # wait this long for another process's write lock before failing
 STAGE = "04_extract_features.py"
@@ -127,12 +139,13 @@ SCHEMA_SQL: tuple[str, ...] = (
     epoch             INTEGER,  -- training epochs the checkpoint had completed
     created           TEXT NOT NULL,  -- ISO 8601 time this row was written
     complete          INTEGER NOT NULL DEFAULT 0 CHECK (complete IN (0, 1)),  -- 1 once every image has its vector
+    dtype             TEXT NOT NULL DEFAULT 'float32' CHECK (dtype IN ('float32', 'float16')),  -- vector values: float32 (4 bytes) or float16 (2 bytes)
     UNIQUE (checkpoint_sha256, embedding)
 )""",
     """CREATE TABLE vectors (
     image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
     model_id INTEGER NOT NULL REFERENCES models (id) ON DELETE CASCADE,
-    vector   BLOB NOT NULL,  -- dim float32 values, little-endian, L2-normalised (4 * dim bytes)
+    vector   BLOB NOT NULL,  -- dim values of the model's dtype, little-endian, L2-normalised (4 * dim bytes float32, 2 * dim float16)
     PRIMARY KEY (image_id, model_id)
 )""",
 )
@@ -164,8 +177,10 @@ models_t = Table(
     Column("epoch", Integer),
     Column("created", Text, nullable=False),
     Column("complete", Integer, nullable=False, default=0),
+    Column("dtype", Text, nullable=False, default="float32"),
     UniqueConstraint("checkpoint_sha256", "embedding"),
     CheckConstraint("complete IN (0, 1)"),
+    CheckConstraint("dtype IN ('float32', 'float16')"),
 )
 vectors_t = Table(
     "vectors", metadata,
@@ -249,15 +264,22 @@ class ModelInfo:
     epoch: int | None
     created: str
     complete: bool
+    dtype: str = "float32"  # the stored values: float32 or float16 (DTYPES)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per stored value (4 for float32, 2 for float16)."""
+        return np.dtype(DTYPES[self.dtype]).itemsize
 
     def describe(self) -> str:
         """One line naming the checkpoint, embedding and dimension (for error messages)."""
         return (f"model {self.id} (checkpoint {self.checkpoint_path} sha256 {self.checkpoint_sha256[:12]}, "
-                f"{self.embedding} embedding, dim {self.dim})")
+                f"{self.embedding} embedding, dim {self.dim}{'' if self.dtype == 'float32' else ', ' + self.dtype})")
 
     def same_transform(self, other: "ModelInfo") -> bool:
-        """True when both embed images identically (same checkpoint, embedding and preprocessing)."""
-        keys = ("checkpoint_sha256", "embedding", "backbone", "dim", "image_size", "pad_fill")
+        """True when both give the same stored vectors (same checkpoint, embedding, preprocessing and
+        dtype: float16 vectors of a checkpoint are another model than its float32 ones)."""
+        keys = ("checkpoint_sha256", "embedding", "backbone", "dim", "image_size", "pad_fill", "dtype")
         return (all(getattr(self, k) == getattr(other, k) for k in keys)
                 and np.allclose(self.mean, other.mean, rtol=0, atol=1e-7)
                 and np.allclose(self.std, other.std, rtol=0, atol=1e-7))
@@ -294,6 +316,7 @@ def _model_from_row(r: Any) -> ModelInfo:
         backbone=m["backbone"], dim=int(m["dim"]), mean=json.loads(m["mean"]), std=json.loads(m["std"]),
         image_size=int(m["image_size"]), pad_fill=int(m["pad_fill"]), classes=json.loads(m["classes"]),
         checkpoint_path=m["checkpoint_path"], epoch=m["epoch"], created=m["created"], complete=bool(m["complete"]),
+        dtype=m["dtype"],
     )
 
 
@@ -356,8 +379,9 @@ class FeatureStore:
     schema version. Use as a context manager or call ``close()``.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = False):
+    def __init__(self, path: str | os.PathLike, *, create: bool = False, any_version: bool = False):
         self.path = Path(path)
+        self.version = SCHEMA_VERSION  # of the file; another only with any_version (see _check_version)
         exists = self.path.is_file() and self.path.stat().st_size > 0
         if not exists and not create:
             raise UserError(f"feature store {self.path} is missing: run {STAGE}")
@@ -372,7 +396,7 @@ class FeatureStore:
             elif "meta" not in tables:
                 raise UserError(f"{self.path} is not a feature store (no meta table): delete it and rerun {STAGE}")
             else:
-                self._check_version()
+                self._check_version(any_version)
         except DBAPIError as e:
             self.engine.dispose()
             raise UserError(f"{self.path} is not a readable SQLite feature store ({e.orig}): "
@@ -433,12 +457,23 @@ class FeatureStore:
                                           {"key": "created", "value": _now()}])
         log.info("created feature store %s (schema version %d)", self.path, SCHEMA_VERSION)
 
-    def _check_version(self) -> None:
+    def _check_version(self, any_version: bool = False) -> None:
+        """Refuse a store of another schema version. ``any_version`` lets a version of
+        ``UPGRADABLE`` open (``self.version`` says which), for ``upgrade_store`` and
+        ``content_digest`` only: the other methods assume the current schema."""
         with self._read() as conn:
             v = conn.execute(select(meta_t.c.value).where(meta_t.c.key == "schema_version")).scalar()
-        if v != str(SCHEMA_VERSION):
-            raise UserError(f"{self.path} has feature-store schema version {v}, this code reads version "
-                            f"{SCHEMA_VERSION}: delete it and rerun {STAGE}")
+        if v == str(SCHEMA_VERSION):
+            return
+        if v in {str(u) for u in UPGRADABLE}:
+            if any_version:
+                self.version = int(v)
+                return
+            raise UserError(f"{self.path} is a feature store of schema version {v}, written by an older version of "
+                            f"this tool (this code reads version {SCHEMA_VERSION}): rerun {STAGE}, which upgrades "
+                            "it in place (no image is embedded again), then the stages after it")
+        raise UserError(f"{self.path} has feature-store schema version {v}, this code reads version "
+                        f"{SCHEMA_VERSION}: delete it and rerun {STAGE}")
 
     def schema(self) -> list[str]:
         """The CREATE statements of the file, as stored in ``sqlite_master`` (tables and indexes;
@@ -552,11 +587,16 @@ class FeatureStore:
     def register_model(self, *, checkpoint_sha256: str, embedding: str, backbone: str, dim: int,
                        mean: Sequence[float], std: Sequence[float], image_size: int, pad_fill: int,
                        classes: Sequence[str], checkpoint_path: str, epoch: int | None = None,
-                       replace_others: bool = True) -> tuple[ModelInfo, list[ModelInfo]]:
+                       dtype: str = "float32", replace_others: bool = True) -> tuple[ModelInfo, list[ModelInfo]]:
         """The model row for these settings, created (incomplete) when absent; one transaction.
 
-        An existing row of the same checkpoint and embedding whose preprocessing differs (other
-        stats, image size or pad fill) is dropped with its vectors and recreated. With
+        ``dtype``: how its vectors are stored, ``float32`` or ``float16`` (``extract.dtype``).
+        An existing row of the same checkpoint and embedding whose preprocessing or dtype differs
+        (other stats, image size, pad fill, float16 instead of float32) is dropped with its
+        vectors and recreated; when only the dtype differs, the old model is complete and float32
+        and the new one float16, its vectors are converted into the new model in the same
+        transaction instead (``_convert_vectors``: what embedding again would store, without
+        embedding: float16 is float32 rounded). With
         ``replace_others`` every other model (another checkpoint or embedding) is deleted with its
         vectors in the same transaction: the store then holds one model's vectors.
         Returns (the model, the models dropped).
@@ -565,11 +605,14 @@ class FeatureStore:
             raise UserError(f"extract.embedding: expected one of {'/'.join(EMBEDDINGS)}, got {embedding!r}")
         if int(dim) <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
+        if dtype not in DTYPES:
+            raise UserError(f"extract.dtype: expected one of {'/'.join(DTYPES)}, got {dtype!r}")
         values = {"checkpoint_sha256": checkpoint_sha256, "embedding": embedding, "backbone": backbone,
                   "dim": int(dim), "mean": json.dumps([float(x) for x in mean]),
                   "std": json.dumps([float(x) for x in std]), "image_size": int(image_size),
                   "pad_fill": int(pad_fill), "classes": json.dumps(list(classes)),
-                  "checkpoint_path": str(checkpoint_path), "epoch": epoch, "created": _now(), "complete": 0}
+                  "checkpoint_path": str(checkpoint_path), "epoch": epoch, "created": _now(), "complete": 0,
+                  "dtype": dtype}
         dropped: list[ModelInfo] = []
         with self._write() as conn:
             rows = [_model_from_row(r) for r in conn.execute(select(models_t).order_by(models_t.c.id))]
@@ -583,12 +626,22 @@ class FeatureStore:
                     keep = m
                 elif same_key or replace_others:
                     dropped.append(m)
-            for m in dropped:
-                conn.execute(delete(models_t).where(models_t.c.id == m.id))  # cascades to vectors
-                conn.execute(delete(meta_t).where(meta_t.c.key == f"model.{m.id}.status"))
+            # float32 -> float16 of the same vectors: converted, not embedded again
+            source = next((m for m in dropped if m.complete and (m.dtype, dtype) == ("float32", "float16")
+                           and m.same_transform(dataclasses.replace(wanted, dtype=m.dtype))), None)
+            if source is not None:  # its key is free for the new row while its vectors are converted
+                conn.execute(update(models_t).where(models_t.c.id == source.id)
+                             .values(checkpoint_sha256=f"{source.checkpoint_sha256}:converting"))
+            else:
+                self._drop_models(conn, dropped)
             if keep is None:
                 new_id = conn.execute(insert(models_t).values(**values)).inserted_primary_key[0]
                 self._set_status(conn, int(new_id), "extracting")
+                if source is not None:
+                    n = self._convert_vectors(conn, source, int(new_id), dtype)
+                    self._drop_models(conn, dropped)
+                    log.info("converted the %d float32 vectors of %s to %s in place: no image embedded again", n,
+                             source.describe(), dtype)
             else:
                 new_id = keep.id
                 if keep.checkpoint_path != str(checkpoint_path) or keep.epoch != epoch:
@@ -598,6 +651,30 @@ class FeatureStore:
         for m in dropped:
             log.info("dropped %s with its vectors (replaced by %s)", m.describe(), info.describe())
         return info, dropped
+
+    def _drop_models(self, conn: Connection, models: Sequence[ModelInfo]) -> None:
+        for m in models:
+            conn.execute(delete(models_t).where(models_t.c.id == m.id))  # cascades to vectors
+            conn.execute(delete(meta_t).where(meta_t.c.key == f"model.{m.id}.status"))
+
+    def _convert_vectors(self, conn: Connection, source: ModelInfo, model_id: int, dtype: str) -> int:
+        """Copy every vector of ``source`` into ``model_id`` as ``dtype``, in ``conn``'s
+        transaction, a block of rows at a time (keyset: each block is read whole before it is
+        written). Every vector is checked on read and again, rounded, on write. Returns the count."""
+        block = max(1, READ_BLOCK_BYTES // (source.itemsize * source.dim))
+        sql = self._q("SELECT image_id, vector FROM vectors WHERE model_id = ? AND image_id > ? "
+                      "ORDER BY image_id LIMIT ?")
+        last, n = -1, 0
+        while rows := _raw(conn).execute(sql, (source.id, last, block)).fetchall():
+            ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+            X = self._decode([r[1] for r in rows], ids, source.dim, None, source.dtype)
+            S = np.ascontiguousarray(X, dtype=DTYPES[dtype])
+            norms = np.sqrt(np.einsum("ij,ij->i", S, S, dtype=np.float64))
+            if not np.isfinite(norms).all() or np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+                raise ValueError(f"vectors of {source.describe()} are not unit-norm once stored as {dtype}")
+            n += self._insert_vectors(conn, model_id, ids, S)
+            last = int(ids[-1])
+        return n
 
     def _set_status(self, conn: Connection, model_id: int, status: str) -> None:
         _raw(conn).execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) "
@@ -668,10 +745,11 @@ class FeatureStore:
     def write_vectors(self, model_id: int, image_ids: Sequence[int] | np.ndarray, vectors: Any) -> int:
         """Insert one vector per image for ``model_id``, in one transaction; returns the rows written.
 
-        ``vectors``: (N, dim) L2-normalised (float32 after conversion). A dimension other than the
-        model's is a ``UserError`` naming both; non-finite or non-normalised rows, or an image
-        that already has a vector of this model, are errors. The model becomes incomplete
-        until ``mark_complete``.
+        ``vectors``: (N, dim) L2-normalised, stored as the model's dtype (rounded to float16 for a
+        float16 model). A dimension other than the model's is a ``UserError`` naming both;
+        non-finite or non-normalised rows (checked on the values as stored), or an image that
+        already has a vector of this model, are errors. The model becomes incomplete until
+        ``mark_complete``.
         """
         X = _as_matrix(vectors)
         ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
@@ -684,9 +762,12 @@ class FeatureStore:
             raise ValueError(f"{X.shape[0]} vectors for {ids.size} image ids")
         if ids.size == 0:
             return 0
+        if info.dtype != "float32":  # round to the stored dtype first: the checks are on what is stored
+            with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf, refused below
+                X = np.ascontiguousarray(X, dtype=DTYPES[info.dtype])
         if not np.isfinite(X).all():
             raise ValueError(f"non-finite values in the vectors for {info.describe()}")
-        norms = np.linalg.norm(X, axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
         if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
             raise ValueError(f"vectors must be L2-normalised (norms {norms.min():.4f} to {norms.max():.4f})")
         mid = int(model_id)
@@ -715,24 +796,58 @@ class FeatureStore:
                 self._set_complete(conn, int(model_id), True)
         return self.model_info(model_id)
 
-    def _decode(self, blobs: Sequence[bytes], ids: np.ndarray, dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    def _dtype_of(self, dim: int) -> str:
+        """The dtype of the vectors of ``dim`` values in this store (from ``models``; one per
+        dimension, else ``UserError``): what ``_decode`` reads when its caller does not say."""
+        got = {m.dtype for m in self.models() if m.dim == int(dim)}
+        if len(got) != 1:
+            held = "; ".join(m.describe() for m in self.models()) or "no model"
+            raise UserError(f"{self.path} holds {held}: which vectors of dim {dim} to read is ambiguous: rerun {STAGE}")
+        return got.pop()
+
+    def compact(self) -> tuple[int, int]:
+        """Give the pages of deleted rows back to the file system (SQLite ``VACUUM``: the file is
+        rewritten, so it needs as much free disk as the store; its content is unchanged). Stage 04
+        calls it after a model was replaced (another checkpoint, embedding or ``extract.dtype``),
+        whose vectors otherwise leave the file at its old size. Returns (bytes before, after)."""
+        before = store_bytes(self.path)
+        self.engine.dispose()  # VACUUM runs outside any transaction, on a connection of its own
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        return before, store_bytes(self.path)
+
+    def _decode(self, blobs: Sequence[bytes], ids: np.ndarray, dim: int, out: np.ndarray | None = None,
+                dtype: str | None = None) -> np.ndarray:
         """The vectors of ``blobs`` (one per id) as float32 (m, dim), into ``out`` when given;
-        checked finite and unit-norm (``check_unit_vectors``). The one place blobs become numbers."""
+        checked finite and unit-norm (``check_unit_vectors``). The one place blobs become numbers.
+
+        ``dtype``: the model's (``ModelInfo.dtype``; looked up from ``dim`` when None). float16
+        values convert to float32 exactly and are not re-normalised: every reader (and the LUT
+        that stage 06 writes back as float16) sees the numbers as stored."""
+        dtype = dtype or self._dtype_of(dim)
+        np_dtype = np.dtype(DTYPES[dtype])
         m = len(blobs)
         blob = b"".join(blobs)
-        if len(blob) != m * dim * 4:
-            raise UserError(f"{self.path}: stored vectors are not {dim} float32 values each: rerun {STAGE} with --force")
-        X = np.frombuffer(blob, dtype="<f4").reshape(m, dim)
+        if len(blob) != m * dim * np_dtype.itemsize:
+            raise UserError(f"{self.path}: stored vectors are not {dim} {dtype} values each: rerun {STAGE} with --force")
+        X = np.frombuffer(blob, dtype=np_dtype).reshape(m, dim)
         if out is not None:
             out[...] = X
             X = out
+        elif np_dtype != np.float32:
+            X = X.astype(np.float32)
         check_unit_vectors(X, ids, self.path)
         return X
 
-    def _fill(self, cur: sqlite3.Cursor, out: np.ndarray, ids: np.ndarray, labels: list[str] | None) -> int:
+    def _fill(self, cur: sqlite3.Cursor, out: np.ndarray, ids: np.ndarray, labels: list[str] | None,
+              dtype: str | None = None) -> int:
         """Stream (id[, label], blob) rows into preallocated arrays, a block of rows at a time."""
         n, dim = out.shape
-        block = max(1, READ_BLOCK_BYTES // (4 * dim))
+        block = max(1, READ_BLOCK_BYTES // (4 * dim))  # float32 rows of ``out`` per block
         k = 0
         while True:
             rows = cur.fetchmany(block)
@@ -743,7 +858,7 @@ class FeatureStore:
                 raise RuntimeError(f"{self.path} changed while it was read")
             cols = list(zip(*rows))
             ids[k:k + m] = cols[0]
-            self._decode(cols[-1], ids[k:k + m], dim, out[k:k + m])
+            self._decode(cols[-1], ids[k:k + m], dim, out[k:k + m], dtype)
             if labels is not None:
                 labels.extend(cols[1])
             k += m
@@ -798,7 +913,7 @@ class FeatureStore:
                         got = cur.fetchmany(sel.size)
                         if len(got) != sel.size or any(int(g[0]) != int(i) for g, i in zip(got, ids[sel])):
                             raise UserError(f"{self.path} changed while it was read: rerun the stage")
-                        X[sel] = self._decode([g[-1] for g in got], ids[sel], dim)
+                        X[sel] = self._decode([g[-1] for g in got], ids[sel], dim, None, info.dtype)
                     yield ids, X
             finally:
                 for cur in curs:
@@ -834,7 +949,7 @@ class FeatureStore:
             X = np.empty((n, info.dim), dtype=np.float32)
             ids = np.empty(n, dtype=np.int64)
             labels: list[str] = []
-            k = self._fill(cur, X, ids, labels)
+            k = self._fill(cur, X, ids, labels, info.dtype)
             cur.close()
         if k != n:
             raise RuntimeError(f"{self.path} changed while it was read")
@@ -850,7 +965,7 @@ class FeatureStore:
         with self._read() as conn:
             cur = self._stream(conn)
             cur.execute(self._q(_SQL_IDS_ROWS), (info.id, self._ids(uniq)))
-            k = self._fill(cur, X, got, None)
+            k = self._fill(cur, X, got, None, info.dtype)
             cur.close()
         if k != uniq.size:
             missing = np.setdiff1d(uniq, got[:k])
@@ -877,8 +992,8 @@ class FeatureStore:
 
 # The same tables on PostgreSQL (the columns are documented once, in SCHEMA_SQL above). Created
 # in one schema per store (``PgStore.schema``), so several runs share a database without mixing.
-# Identity keys are never reused, like AUTOINCREMENT. Vectors are the same float32 little-endian
-# bytes, as bytea; STORAGE EXTERNAL keeps them out of line uncompressed (float bits do not
+# Identity keys are never reused, like AUTOINCREMENT. Vectors are the same little-endian bytes
+# (float32 or float16, models.dtype), as bytea; STORAGE EXTERNAL keeps them out of line uncompressed (float bits do not
 # compress: trying costs CPU on every write).
 SCHEMA_PG_SQL: tuple[str, ...] = (
     """CREATE TABLE meta (
@@ -908,6 +1023,7 @@ SCHEMA_PG_SQL: tuple[str, ...] = (
     epoch             INTEGER,
     created           TEXT NOT NULL,
     complete          INTEGER NOT NULL DEFAULT 0 CHECK (complete IN (0, 1)),
+    dtype             TEXT NOT NULL DEFAULT 'float32' CHECK (dtype IN ('float32', 'float16')),
     UNIQUE (checkpoint_sha256, embedding)
 )""",
     """CREATE TABLE vectors (
@@ -965,12 +1081,14 @@ def _pg_engine(t: PgStore) -> Engine:
 
 def _copy_block(ids: np.ndarray, model_id: int, X: np.ndarray) -> bytes:
     """Rows (image_id int8, model_id int4, vector bytea) in PostgreSQL's binary COPY layout, built
-    by numpy in one pass (no per-row Python object)."""
+    by numpy in one pass (no per-row Python object). ``X`` holds the values as stored: little-endian
+    float32 (``<f4``) or float16 (``<f2``) rows."""
     n, d = X.shape
+    vt = X.dtype.newbyteorder("<")
     dt = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("id", ">i8"), ("l2", ">i4"), ("mid", ">i4"), ("l3", ">i4"),
-                   ("v", "<f4", (d,))])
+                   ("v", vt, (d,))])
     a = np.empty(n, dt)
-    a["nf"], a["l1"], a["id"], a["l2"], a["mid"], a["l3"], a["v"] = 3, 8, ids, 4, model_id, 4 * d, X
+    a["nf"], a["l1"], a["id"], a["l2"], a["mid"], a["l3"], a["v"] = 3, 8, ids, 4, model_id, vt.itemsize * d, X
     return a.tobytes()
 
 
@@ -988,9 +1106,10 @@ class PgFeatureStore(FeatureStore):
     dialect = "postgresql"
     shared = True
 
-    def __init__(self, target: PgStore, *, create: bool = False):
+    def __init__(self, target: PgStore, *, create: bool = False, any_version: bool = False):
         self.path = target  # str(): the URL without password and the schema, for messages
         self.target = target
+        self.version = SCHEMA_VERSION
         self.engine = _pg_engine(target)
         try:
             with self._read() as conn:
@@ -1002,7 +1121,7 @@ class PgFeatureStore(FeatureStore):
             elif has is None:
                 raise UserError(f"feature store {target} is missing (no meta table in the schema): run {STAGE}")
             else:
-                self._check_version()
+                self._check_version(any_version)
         except DBAPIError as e:
             self.engine.dispose()
             why = str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else type(e.orig).__name__
@@ -1077,12 +1196,18 @@ class PgFeatureStore(FeatureStore):
 
     @staticmethod
     def _copy(raw: Any, table: str, model_id: int, ids: np.ndarray, X: np.ndarray) -> None:
-        step = max(1, COPY_BLOCK_BYTES // (4 * X.shape[1] + 26))
+        step = max(1, COPY_BLOCK_BYTES // (X.itemsize * X.shape[1] + 26))
         with raw.cursor() as cur, cur.copy(f"COPY {table} (image_id, model_id, vector) FROM STDIN (FORMAT BINARY)") as cp:
             cp.write(_COPY_HEADER)
             for s in range(0, ids.size, step):
                 cp.write(_copy_block(ids[s:s + step], model_id, X[s:s + step]))
             cp.write(_COPY_TRAILER)
+
+    def compact(self) -> tuple[int, int]:
+        """Nothing on PostgreSQL: its (auto)vacuum reuses the space of deleted rows for the next
+        ones; ``VACUUM FULL`` would lock the tables of every rank. Returns (bytes, the same)."""
+        n = store_bytes(self.target)
+        return n, n
 
     def mark_complete(self, model_id: int) -> ModelInfo:
         """As for SQLite, then ``ANALYZE``: the planner's statistics after a bulk load (without
@@ -1094,11 +1219,13 @@ class PgFeatureStore(FeatureStore):
         return info
 
 
-def open_store(target: str | os.PathLike | PgStore, *, create: bool = False) -> FeatureStore:
-    """The feature store at ``target``: a SQLite file (a path) or a PostgreSQL schema (``PgStore``)."""
+def open_store(target: str | os.PathLike | PgStore, *, create: bool = False, any_version: bool = False
+               ) -> FeatureStore:
+    """The feature store at ``target``: a SQLite file (a path) or a PostgreSQL schema (``PgStore``).
+    ``any_version``: see ``FeatureStore._check_version`` (``upgrade_store``, ``content_digest``)."""
     if isinstance(target, PgStore):
-        return PgFeatureStore(target, create=create)
-    return FeatureStore(target, create=create)
+        return PgFeatureStore(target, create=create, any_version=any_version)
+    return FeatureStore(target, create=create, any_version=any_version)
 
 
 def store_exists(target: str | os.PathLike | PgStore) -> bool:
@@ -1162,47 +1289,60 @@ def verify_store(path: str | os.PathLike | PgStore, model_id: int) -> int:
         with store._read() as conn:
             cur = store._stream(conn)
             cur.execute(store._q(_SQL_DIGEST_VECTORS), (info.id,))
-            block = max(1, READ_BLOCK_BYTES // (4 * info.dim))
+            block = max(1, READ_BLOCK_BYTES // (info.itemsize * info.dim))
             while rows := cur.fetchmany(block):
                 ids, blobs = zip(*rows)
-                store._decode(blobs, np.asarray(ids), info.dim)
+                store._decode(blobs, np.asarray(ids), info.dim, None, info.dtype)
                 n += len(rows)
             cur.close()
     return n
 
 
-def _digest(h: Any, rows: Any, stream: Any) -> None:
+def _digest(h: Any, rows: Any, stream: Any, version: int = SCHEMA_VERSION) -> None:
     """Hash images, complete models and their vectors; ``rows(sql, params)`` -> every row,
-    ``stream(sql, params)`` -> a cursor read with ``fetchmany`` (SQL in the store's dialect)."""
+    ``stream(sql, params)`` -> a cursor read with ``fetchmany`` (SQL in the store's dialect).
+    ``version``: the store's schema version; a version-2 store (no ``models.dtype``, float32
+    vectors) hashes as the code of version 2 did, so a run recorded then is recognised unchanged."""
+    h.update(f"{FORMAT}/{version}\n".encode())
     for row in rows("SELECT id, path, label, split, sha256 FROM images ORDER BY id", ()):
         h.update(json.dumps(tuple(row), ensure_ascii=False).encode())
         h.update(b"\n")
     models = rows("SELECT id, checkpoint_sha256, embedding, backbone, dim, mean, std, image_size, "
-                  "pad_fill, classes FROM models WHERE complete = 1 ORDER BY id", ())
+                  f"pad_fill, classes{', dtype' if version >= 3 else ''} FROM models WHERE complete = 1 ORDER BY id", ())
     for m in models:
         h.update(json.dumps(tuple(m), ensure_ascii=False).encode())
         h.update(b"\n")
     for m in models:
+        itemsize = np.dtype(DTYPES[m[10] if version >= 3 else "float32"]).itemsize
         cur = stream(_SQL_DIGEST_VECTORS, (m[0],))
-        while rows_ := cur.fetchmany(max(1, READ_BLOCK_BYTES // (4 * int(m[4])))):
+        while rows_ := cur.fetchmany(max(1, READ_BLOCK_BYTES // (itemsize * int(m[4])))):
             ids, blobs = zip(*rows_)
             h.update(np.asarray(ids, dtype="<i8").tobytes())
             h.update(b"".join(blobs))
         cur.close()
 
 
+def _connect_read_only(p: Path, **kw: Any) -> sqlite3.Connection:
+    """A read-only sqlite3 connection that leaves no file behind. With no ``-wal`` file the
+    database is whole and is opened ``immutable`` (SQLite then creates no ``-wal``/``-shm``, which
+    a read-only connection could not remove: a freshness check must leave the run folder as it
+    was); with one (a writer is active, or was killed) it is opened ``mode=ro`` to read it too."""
+    mode = "mode=ro" if Path(f"{p}-wal").exists() else "immutable=1"
+    return sqlite3.connect(p.resolve().as_uri() + "?" + mode, uri=True, timeout=BUSY_TIMEOUT_S, **kw)
+
+
 def content_digest(path: str | os.PathLike | PgStore) -> str:
-    """sha256 of the images, complete models and their vectors (not ``meta``).
+    """sha256 of the images, complete models (dtype included) and their vectors (not ``meta``).
 
     What stage 04's (and 06's) manifest records for the store. Times and checkpoint paths are left
     out (rerunning stage 04 on the same inputs gives the same digest). Streams the blobs in image
     id order through one hash; the file is opened read-only. The same content gives the same
-    digest in SQLite and in PostgreSQL (``PgStore``: read in one REPEATABLE READ snapshot).
+    digest in SQLite and in PostgreSQL (``PgStore``: read in one REPEATABLE READ snapshot). A
+    store of an ``UPGRADABLE`` version gives the digest that version's code recorded.
     """
     h = hashlib.sha256()
-    h.update(f"{FORMAT}/{SCHEMA_VERSION}\n".encode())
     if isinstance(path, PgStore):
-        with PgFeatureStore(path) as st, st._read() as conn:
+        with PgFeatureStore(path, any_version=True) as st, st._read() as conn:
             raw = _raw(conn)
 
             def stream(sql: str, params: Any) -> Any:
@@ -1210,22 +1350,83 @@ def content_digest(path: str | os.PathLike | PgStore) -> str:
                 cur.execute(st._q(sql), params)
                 return cur
 
-            _digest(h, lambda sql, params: raw.execute(st._q(sql), params).fetchall(), stream)
+            _digest(h, lambda sql, params: raw.execute(st._q(sql), params).fetchall(), stream, st.version)
         return h.hexdigest()
     p = Path(path)
     if not p.is_file():
         raise UserError(f"feature store {p} is missing: run {STAGE}")
-    conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                           isolation_level=None)
+    conn = _connect_read_only(p, isolation_level=None)
     try:
         conn.execute("BEGIN")  # one snapshot for every table
         v = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if v is None or v[0] != str(SCHEMA_VERSION):
+        versions = {str(u): u for u in (SCHEMA_VERSION, *UPGRADABLE)}
+        if v is None or v[0] not in versions:
             raise UserError(f"{p} is not a feature store of schema version {SCHEMA_VERSION}: rerun {STAGE}")
-        _digest(h, lambda sql, params: conn.execute(sql, params).fetchall(), conn.execute)
+        _digest(h, lambda sql, params: conn.execute(sql, params).fetchall(), conn.execute, versions[v[0]])
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as e:
         raise UserError(f"{p} is not a readable feature store ({e}): rerun {STAGE}") from None
     finally:
         conn.close()
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- versions and size
+
+
+def schema_version(path: str | os.PathLike | PgStore) -> int | None:
+    """The store's ``meta`` schema version (None when it has none or it is not a number); raises
+    ``UserError`` when the store is missing or unreadable. Reads one row: cheap enough for every
+    freshness check."""
+    if isinstance(path, PgStore):
+        with open_store(path, any_version=True) as st:
+            v = st.meta("schema_version")
+    else:  # read-only, as content_digest reads it: a freshness check never writes to the run folder
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"feature store {p} is missing: run {STAGE}")
+        try:
+            conn = _connect_read_only(p)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{p} is not a readable feature store ({e}): rerun {STAGE}") from None
+        v = None if row is None else row[0]
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def upgrade_store(path: str | os.PathLike | PgStore) -> int | None:
+    """Bring a store of an ``UPGRADABLE`` schema version to ``SCHEMA_VERSION`` in place, in one
+    transaction; returns the version it had (None when it was current). Version 2 -> 3 adds
+    ``models.dtype`` with ``DEFAULT 'float32'`` (what every vector of version 2 is): no vector is
+    read or written, nothing is embedded again. SQLite keeps the ALTER TABLE's text in
+    ``sqlite_master``: ``models``' CREATE text differs from ``SCHEMA_SQL``'s (the column spliced
+    in after ``complete``, on its line, without its comment), while its columns, their order,
+    types, defaults and checks are a new store's (tested)."""
+    with open_store(path, any_version=True) as st:
+        old = st.version
+        if old == SCHEMA_VERSION:
+            return None
+        with st._write() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE models ADD COLUMN {DTYPE_COLUMN}")
+            conn.execute(update(meta_t).where(meta_t.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
+    log.info("upgraded feature store %s in place from schema version %d to %d: models.dtype added ('float32', "
+             "what its vectors are); no vector was touched or embedded again", path, old, SCHEMA_VERSION)
+    return old
+
+
+def store_bytes(path: str | os.PathLike | PgStore) -> int:
+    """Bytes the store takes: the SQLite file (with its WAL, if any), or the PostgreSQL schema's
+    tables with their indexes and out-of-line (TOAST) data."""
+    if not isinstance(path, PgStore):
+        return sum(Path(f"{path}{suffix}").stat().st_size for suffix in ("", "-wal")
+                   if Path(f"{path}{suffix}").is_file())
+    with PgFeatureStore(path) as st, st._read() as conn:
+        return int(conn.exec_driver_sql(
+            "SELECT coalesce(sum(pg_total_relation_size(format('%%I.%%I', table_schema, table_name))), 0) "
+            "FROM information_schema.tables WHERE table_schema = %(s)s", {"s": path.schema}).scalar())

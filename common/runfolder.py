@@ -141,6 +141,34 @@ def changed_outputs(stage_dir: Path, manifest: dict) -> str | None:
     return None
 
 
+def outdated_store(stage_dir: Path, manifest: dict) -> str | None:
+    """The first recorded feature store (``feature_store`` or ``store_ref`` output) that a former
+    version of this tool wrote (an older schema version), as ``"<output> (schema version N, ...)"``;
+    else None. One ``meta`` row read per store; a store that cannot be read is left to
+    ``changed_outputs``."""
+    from .features import SCHEMA_VERSION, PgStore, schema_version
+
+    for rel, rec in manifest.get("outputs", {}).items():
+        kind = rec.get("digest_kind")
+        if kind not in ("feature_store", "store_ref"):
+            continue
+        p = stage_dir / rel
+        try:
+            if kind == "store_ref":
+                ref = json.loads(p.read_text(encoding="utf-8")).get("store") or {}
+                if not ref.get("url"):
+                    continue
+                v = schema_version(PgStore(ref["url"], ref["schema"], ref.get("password_env", "PLANKTON_STORE_PASSWORD")))
+            else:
+                v = schema_version(p)
+        except Exception as e:  # noqa: BLE001 - unreadable: changed_outputs says so
+            log.debug("schema version of %s: %s", p, e)
+            continue
+        if v is not None and v < SCHEMA_VERSION:
+            return f"{rel} (feature-store schema version {v}; this version of the tool reads {SCHEMA_VERSION})"
+    return None
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
     """The stage's manifest, or None when the stage has not finished (or the file is unreadable)."""
     p = stage_dir / MANIFEST
@@ -333,6 +361,9 @@ class Freshness:
         bad = changed_outputs(sdir, manifest)
         if bad:
             return f"{name}'s output {bad} changed or disappeared since it ran"
+        old = outdated_store(sdir, manifest)
+        if old:  # stage 04 upgrades its store in place; stage 06 writes a new lut.sqlite
+            return f"{name}'s output {old} was written by an older version of this tool"
         # a recorded key that is no longer declared or no longer semantic (a speed knob, a key of one
         # command) is no reason to rerun; a key added since counts as its default (what ran before it)
         now = config_mod.key_values(self.cfg, spec.keys)

@@ -255,3 +255,210 @@ def test_content_digest_follows_vectors(tmp_path):
     assert content_digest(q) != d0
     with pytest.raises(UserError, match="missing"):
         content_digest(tmp_path / "none.sqlite")
+
+
+# ----------------------------------------------------------------------------- float16 vectors (extract.dtype)
+
+
+def filled16(path, n: int = 30, seed: int = 0) -> tuple[FeatureStore, int, np.ndarray]:
+    """As ``filled``, with a float16 model: returns (store, model id, the float32 vectors written)."""
+    store = FeatureStore(path, create=True)
+    store.sync_images(rows(n))
+    info, _ = register(store, dtype="float16")
+    X = unit(n, seed=seed)
+    store.write_vectors(info.id, [r.id for r in store.missing_vectors(info.id)], X)
+    store.mark_complete(info.id)
+    return store, info.id, X
+
+
+def test_float16_round_trip_blob_sizes_and_exact_float32_reads(tmp_path):
+    store, mid, X = filled16(tmp_path / "f.sqlite")
+    X16 = X.astype("<f2")
+    stored = X16.astype(np.float32)  # what every reader gets: the float16 values, exactly, not re-normalised
+    assert not np.array_equal(stored, X)  # rounding happened
+    info = store.model_info(mid)
+    assert info.dtype == "float16" and info.itemsize == 2 and "float16" in info.describe()
+    ids, _, M = store.load_matrix(None, mid)
+    assert M.dtype == np.float32 and np.array_equal(M, stored[ids - 1])
+    np.testing.assert_array_equal(store.load_vectors([7, 2, 7], mid), stored[[6, 1, 6]])
+    blocks = list(store.iter_blocks(["train", "val", "test"], mid, 4))
+    got_ids = np.concatenate([b[0] for b in blocks])
+    assert all(b[1].dtype == np.float32 and len(b[0]) <= 4 for b in blocks)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), stored[got_ids - 1])
+    assert F.verify_store(tmp_path / "f.sqlite", mid) == 30
+    # _decode without a dtype (as a caller that knows only the dimension calls it) looks it up
+    with store._read() as conn:
+        blobs = [r[0] for r in F._raw(conn).execute("SELECT vector FROM vectors ORDER BY image_id").fetchall()]
+    np.testing.assert_array_equal(store._decode(blobs, np.arange(1, 31), DIM), stored)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "f.sqlite")
+    blob, dtype = conn.execute("SELECT v.vector, m.dtype FROM vectors v JOIN models m ON m.id = v.model_id "
+                               "WHERE image_id = 3").fetchone()
+    sizes = {r[0] for r in conn.execute("SELECT length(vector) FROM vectors")}
+    conn.close()
+    assert dtype == "float16" and sizes == {2 * DIM} and len(blob) == 2 * DIM
+    np.testing.assert_array_equal(np.frombuffer(blob, "<f2"), X16[2])  # any client: numpy.frombuffer(blob, "<f2")
+    # a float32 store of the same vectors takes twice the vector bytes
+    lite, _, _ = filled(tmp_path / "g.sqlite")
+    with lite._read() as conn:
+        assert {r[0] for r in F._raw(conn).execute("SELECT length(vector) FROM vectors")} == {4 * DIM}
+    lite.close()
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 7, 16, 128, 2048])
+def test_float16_rounding_keeps_unit_norms_within_the_tolerance(tmp_path, dim):
+    """Rounding to float16 moves each value by at most 2**-11 of itself (round to nearest; values
+    below 2**-14 err by at most 2**-25 absolute), so a unit vector's norm by at most ~2**-11 = 4.9e-4
+    < NORM_TOLERANCE: random vectors, equal components and near-one-hot ones are all stored."""
+    rng = np.random.default_rng(dim)
+    X = rng.standard_normal((2000 if dim < 2048 else 300, dim))
+    X = np.concatenate([X, np.ones((1, dim)), np.eye(dim)[:1] + 1e-3, np.abs(X[:5]) ** 3])
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    n16 = np.linalg.norm(X.astype("<f2").astype(np.float64), axis=1)
+    worst = float(np.abs(n16 - 1.0).max())
+    assert worst <= 2.0 ** -11 + 1e-6 < F.NORM_TOLERANCE, worst
+    store = FeatureStore(tmp_path / "f.sqlite", create=True)
+    store.sync_images([SimpleNamespace(path=f"/i/{i}.png", label="c0", split="train", sha256=str(i))
+                       for i in range(len(X))])
+    info, _ = register(store, dim=dim, dtype="float16")
+    assert store.write_vectors(info.id, np.arange(1, len(X) + 1), X) == len(X)
+    store.mark_complete(info.id)
+    assert F.verify_store(tmp_path / "f.sqlite", info.id) == len(X)
+    store.close()
+
+
+def test_float16_write_checks_the_stored_values(tmp_path):
+    store = FeatureStore(tmp_path / "f.sqlite", create=True)
+    store.sync_images(rows(4))
+    info, _ = register(store, dtype="float16")
+    big = unit(2) * 1e6  # finite in float32, infinite once rounded to float16 (max 65504)
+    with pytest.raises(ValueError, match="non-finite"):
+        store.write_vectors(info.id, [1, 2], big)
+    with pytest.raises(ValueError, match="L2-normalised"):
+        store.write_vectors(info.id, [1, 2], 2 * unit(2))
+    with pytest.raises(UserError, match="extract.dtype: expected one of float32/float16, got 'float64'"):
+        register(store, dtype="float64")
+    store.close()
+
+
+def test_corrupted_float16_vector_refused_naming_the_image(tmp_path):
+    p = tmp_path / "f.sqlite"
+    store, mid, _ = filled16(p, n=12)
+    store.close()
+    con = sqlite3.connect(p)
+    con.execute("UPDATE vectors SET vector = ? WHERE image_id = 5", (np.full(DIM, np.sqrt(2 / DIM), "<f2").tobytes(),))
+    con.commit()
+    con.close()
+    with FeatureStore(p) as s2, pytest.raises(UserError, match=r"vector of image 5 is of norm 1\.41.*, not 1.*--force"):
+        s2.load_matrix(None, mid)
+    with pytest.raises(UserError, match="image 5"):
+        F.verify_store(p, mid)
+    con = sqlite3.connect(p)  # a float32 blob in a float16 model: wrong length
+    con.execute("UPDATE vectors SET vector = ? WHERE image_id = 5", (unit(1)[0].astype("<f4").tobytes(),))
+    con.commit()
+    con.close()
+    with FeatureStore(p) as s2, pytest.raises(UserError, match=f"not {DIM} float16 values each"):
+        s2.load_matrix(None, mid)
+
+
+def test_digest_includes_the_dtype_and_another_dtype_is_another_model(tmp_path):
+    a, mid, X = filled(tmp_path / "a.sqlite", n=12)
+    a.close()
+    b, _, _ = filled16(tmp_path / "b.sqlite", n=12)
+    b.close()
+    assert content_digest(tmp_path / "a.sqlite") != content_digest(tmp_path / "b.sqlite")
+    # vectors already exactly float16 (so the same blob values): still another digest, the dtype differs
+    s = FeatureStore(tmp_path / "c.sqlite", create=True)
+    s.sync_images(rows(12))
+    info, _ = register(s)
+    s.write_vectors(info.id, np.arange(1, 13), X[:12].astype("<f2").astype(np.float32))
+    s.mark_complete(info.id)
+    s.close()
+    assert content_digest(tmp_path / "c.sqlite") not in (content_digest(tmp_path / "a.sqlite"),
+                                                         content_digest(tmp_path / "b.sqlite"))
+
+
+def test_float32_vectors_are_converted_to_float16_in_place_and_back_is_embedded_again(tmp_path):
+    store, mid, X = filled(tmp_path / "f.sqlite", n=12)
+    new, dropped = register(store, dtype="float16")  # extract.dtype: float32 -> float16
+    assert [m.id for m in dropped] == [mid] and new.id != mid and new.dtype == "float16" and not new.complete
+    assert store.counts()["models"] == 1 and store.missing_vectors(new.id) == []  # nothing to embed
+    store.mark_complete(new.id)
+    ids, _, M = store.load_matrix(None, new.id)
+    np.testing.assert_array_equal(M, X[ids - 1].astype("<f2").astype(np.float32))
+    store.close()
+    # the same blobs as writing the float32 vectors to a float16 model directly (the model id differs)
+    filled16(tmp_path / "g.sqlite", n=12)[0].close()
+    blobs = []
+    for db in ("f.sqlite", "g.sqlite"):
+        con = sqlite3.connect(tmp_path / db)
+        blobs.append(con.execute("SELECT image_id, vector FROM vectors ORDER BY image_id").fetchall())
+        con.close()
+    assert blobs[0] == blobs[1] and len(blobs[0]) == 12
+    store = FeatureStore(tmp_path / "f.sqlite")
+    same, dropped = register(store, dtype="float16")
+    assert same.id == new.id and dropped == []
+    back, dropped = register(store, dtype="float32")  # float16 -> float32 cannot be converted: embedded again
+    assert [m.id for m in dropped] == [new.id] and store.counts()["vectors"] == 0
+    store.close()
+    # an incomplete float32 model (an interrupted extraction) is not converted either
+    part = FeatureStore(tmp_path / "p.sqlite", create=True)
+    part.sync_images(rows(6))
+    info, _ = register(part)
+    part.write_vectors(info.id, [1, 2], unit(2))
+    new, dropped = register(part, dtype="float16")
+    assert [m.id for m in dropped] == [info.id] and part.counts()["vectors"] == 0
+    part.close()
+
+
+# ----------------------------------------------------------------------------- a store of schema version 2
+
+
+def downgrade_to_version_2(path) -> None:
+    """Make a store what version 2 of this tool wrote (no models.dtype; schema_version 2)."""
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE models DROP COLUMN dtype")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+
+
+def test_version_2_store_is_upgraded_in_place_by_stage_04_only(tmp_path):
+    p = tmp_path / "f.sqlite"
+    store, mid, X = filled(p, n=12)
+    store.close()
+    d3 = content_digest(p)
+    downgrade_to_version_2(p)
+    # the digest version 2 of this tool recorded for this content (computed by that code, commit 1a18a4a)
+    assert content_digest(p) == "0911f64476a5b9cc0fad1e5a2e67c9ae1ed46a40f3c24eed5feccb50243a777e"
+    assert F.schema_version(p) == 2
+    with pytest.raises(UserError, match=r"schema version 2, written by an older version.*rerun 04_extract_features"
+                                        r"\.py, which upgrades it in place"):
+        FeatureStore(p)
+    con = sqlite3.connect(p)
+    blobs = con.execute("SELECT image_id, model_id, vector FROM vectors ORDER BY image_id").fetchall()
+    con.close()
+    assert F.upgrade_store(p) == 2 and F.upgrade_store(p) is None  # once
+    assert F.schema_version(p) == F.SCHEMA_VERSION
+    with FeatureStore(p) as s:
+        assert s.model_info(mid).dtype == "float32" and s.model_info(mid).complete
+        np.testing.assert_array_equal(s.load_matrix(None, mid)[2], X)
+        text = s.schema()
+    con = sqlite3.connect(p)
+    assert con.execute("SELECT image_id, model_id, vector FROM vectors ORDER BY image_id").fetchall() == blobs
+    cols = con.execute("SELECT * FROM pragma_table_info('models')").fetchall()
+    with pytest.raises(sqlite3.IntegrityError):  # the CHECK came with the column
+        con.execute("UPDATE models SET dtype = 'float64'")
+    con.close()
+    assert content_digest(p) == d3  # the same content as the store version 3 wrote
+    # the upgraded file has a new store's columns (name, type, not null, default, key), in order;
+    # only SQLite's CREATE text of models differs (the column spliced in by ALTER TABLE)
+    FeatureStore(tmp_path / "new.sqlite", create=True).close()
+    con = sqlite3.connect(tmp_path / "new.sqlite")
+    assert cols == con.execute("SELECT * FROM pragma_table_info('models')").fetchall()
+    con.close()
+    norm = [F._norm_sql(t) for t in text]
+    want = [F._norm_sql(t) for t in F.SCHEMA_SQL]
+    assert [a for a, b in zip(norm, want) if a != b] == [n for n in norm if n.startswith("CREATE TABLE models")]
+    assert F.DTYPE_COLUMN in norm[3]
+

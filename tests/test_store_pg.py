@@ -143,3 +143,76 @@ def test_copy_block_layout():
     b = F._copy_block(ids, 7, X)
     assert len(b) == 2 * (2 + 4 + 8 + 4 + 4 + 4 + 4 * DIM)
     assert b[:2] == b"\x00\x03" and b[6:14] == (1).to_bytes(8, "big") and b[26:26 + 4 * DIM] == X[0].tobytes()
+
+
+def test_float16_round_trip_and_digest_equal_sqlite(pg_store, tmp_path):
+    from test_features import filled16
+
+    pg = open_store(pg_store, create=True)
+    pg.sync_images(rows(30))
+    info, _ = register(pg, dtype="float16")
+    X = unit(30)
+    # two chunks, the second written again (the COPY conflict path) with float16 rows
+    assert pg.write_vectors(info.id, np.arange(1, 21), X[:20]) == 20
+    assert pg.write_vectors(info.id, np.arange(11, 31), X[10:]) == 10
+    pg.mark_complete(info.id)
+    lite, mid, _ = filled16(tmp_path / "f.sqlite")
+    with pg, lite:
+        assert pg.model_info(info.id).dtype == "float16" and mid == info.id
+        for split in ("train", None):
+            a, b = pg.load_matrix(split, mid), lite.load_matrix(split, mid)
+            assert a[2].dtype == np.float32 and np.array_equal(a[2], b[2])
+            assert np.array_equal(a[2], X[a[0] - 1].astype("<f2").astype(np.float32))
+        with pg.engine.connect() as conn:
+            sizes = set(conn.exec_driver_sql("SELECT octet_length(vector) FROM vectors").scalars())
+            dtype = conn.exec_driver_sql("SELECT dtype FROM models").scalar()
+    assert sizes == {2 * DIM} and dtype == "float16"
+    assert content_digest(pg_store) == content_digest(tmp_path / "f.sqlite")
+    assert F.verify_store(pg_store, mid) == 30
+    assert F.store_bytes(pg_store) > 30 * 2 * DIM
+
+
+def test_version_2_store_on_postgres_is_upgraded_in_place(pg_store):
+    store, mid, X = fill(pg_store, n=12)
+    store.close()
+    d3 = content_digest(pg_store)
+    eng = F._pg_engine(pg_store)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE models DROP COLUMN dtype")
+        conn.exec_driver_sql("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    eng.dispose()
+    # the digest the code of version 2 recorded for this content (tests/test_features.py pins it)
+    assert content_digest(pg_store) == "0911f64476a5b9cc0fad1e5a2e67c9ae1ed46a40f3c24eed5feccb50243a777e"
+    assert F.schema_version(pg_store) == 2
+    with pytest.raises(UserError, match="schema version 2.*rerun 04_extract_features.py, which upgrades"):
+        open_store(pg_store)
+    assert F.upgrade_store(pg_store) == 2
+    with open_store(pg_store) as s:
+        assert s.model_info(mid).dtype == "float32"
+        assert np.array_equal(s.load_matrix(None, mid)[2], X)
+    assert content_digest(pg_store) == d3
+
+
+def test_copy_block_layout_float16():
+    ids = np.array([5], np.int64)
+    X = unit(1, DIM).astype("<f2")
+    b = F._copy_block(ids, 7, X)
+    assert len(b) == 2 + 4 + 8 + 4 + 4 + 4 + 2 * DIM
+    assert b[22:26] == (2 * DIM).to_bytes(4, "big") and b[26:] == X[0].tobytes()
+
+
+def test_float32_vectors_are_converted_to_float16_on_postgres(pg_store, tmp_path):
+    store, mid, X = fill(pg_store, n=30)
+    with store:
+        new, dropped = register(store, dtype="float16")
+        assert [m.id for m in dropped] == [mid] and store.missing_vectors(new.id) == []
+        store.mark_complete(new.id)
+        ids, _, M = store.load_matrix(None, new.id)
+    assert np.array_equal(M, X[ids - 1].astype("<f2").astype(np.float32))
+    # the same content as the SQLite store converted alike (model ids included)
+    from test_features import filled
+
+    lite, _, _ = filled(tmp_path / "f.sqlite")
+    with lite:
+        lite.mark_complete(register(lite, dtype="float16")[0].id)
+    assert content_digest(pg_store) == content_digest(tmp_path / "f.sqlite")

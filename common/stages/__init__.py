@@ -117,7 +117,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                               "eval_every", "eval_knn_k", "amp", "compile", "max_steps_per_epoch", "resume")),
               upstream_fn=lambda cfg: (SPLIT, STATS), aliases=SUPCON_ALIASES),
     StageSpec(EXTRACT, "extract",
-              keys=(*_section("extract", "checkpoint", "embedding", "batch_size", "amp"), "model.channels_last",
+              keys=(*_section("extract", "checkpoint", "embedding", "batch_size", "amp", "dtype"), "model.channels_last",
                     *_section("store", "url", "schema", "password_env"),
                     "data.num_workers", "data.gallery_extra", *IMAGE_CHECKS),
               upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN), external_fn=lambda cfg: list(cfg.data.gallery_extra)),

@@ -9,7 +9,11 @@ classes: the checkpoint's ``train_classes`` then the gallery-only ``extra_classe
 
 A finished store is embedded again in full on ``--force`` or when the store no longer matches
 what this stage recorded (a corrupted or hand-edited file): it is never re-recorded as good.
-Every vector is checked finite and unit-norm before the stage finishes.
+A store of an older schema version that still has the content recorded (a run folder made by an
+earlier version of this tool) is upgraded in place instead (``features.upgrade_store``, logged:
+no vector touched, nothing embedded again). Every vector is checked finite and unit-norm before
+the stage finishes. ``extract.dtype`` (float32 | float16) is how the vectors are stored;
+``model.json``, the manifest's metrics and the log record it with the store's size.
 
 With ``store.url`` set the store lives on a PostgreSQL server, in the schema ``store.schema``
 (default ``run_<run folder name>``): no ``features.sqlite`` then; ``model.json`` records the URL
@@ -27,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import distributed as D
 from ..extract import extract_features, resolve_checkpoint
-from ..features import PgStore, content_digest, open_store, remove_store, store_exists, verify_store
+from ..features import (PgStore, content_digest, open_store, remove_store, store_bytes, store_exists, upgrade_store,
+                        verify_store)
 from ..gallery import gallery_classes, list_extras
 from ..fileio import read_json, write_json
 from ..errors import UserError
@@ -62,6 +67,8 @@ def main(ctx: Context) -> dict[str, Any]:
             why = f"the feature store {store} no longer has the content digest {MODEL_JSON} recorded"
         remove_store(store)
         log.info("%s: embedding every image again into a new store %s", why, store)
+    elif ctx.rank == 0 and store_exists(store):
+        upgrade_store(store)  # a store written by an older version of this tool (logged when it was)
     if ctx.rank == 0 and isinstance(store, PgStore):
         with open_store(store, create=True) as st:
             st.set_meta(OWNER_KEY, str(Path(ctx.run_dir).resolve()))
@@ -75,6 +82,11 @@ def main(ctx: Context) -> dict[str, Any]:
     log.info("checked %d vectors: finite and unit-norm", n)
     with open_store(store) as st:
         info = st.model_info(metrics["model_id"])
+    vector_bytes = n * info.dim * info.itemsize
+    size = store_bytes(store)
+    log.info("store %s: %d vectors of %d %s values, %.1f MiB of vectors; %.1f MiB in all", store, n, info.dim,
+             info.dtype, vector_bytes / 2**20, size / 2**20)
+    metrics.update(vector_bytes=vector_bytes, store_bytes=size)
     ck = Path(ckpt).resolve()
     run = Path(ctx.run_dir).resolve()
     classes = gallery_classes(info.classes, [e.label for e in extras])
@@ -90,7 +102,7 @@ def main(ctx: Context) -> dict[str, Any]:
     write_json(model_json, {
         # inside the run folder the checkpoint is named relative to it, so a moved run still finds it
         "model_id": info.id, "checkpoint": str(ck.relative_to(run)) if ck.is_relative_to(run) else str(ck), "checkpoint_sha256": info.checkpoint_sha256,
-        "backbone": info.backbone, "embedding": info.embedding, "dim": info.dim, "mean": info.mean, "std": info.std,
+        "backbone": info.backbone, "embedding": info.embedding, "dim": info.dim, "dtype": info.dtype, "mean": info.mean, "std": info.std,
         "image_size": info.image_size, "pad_fill": info.pad_fill, "epoch": info.epoch, "vectors": metrics["vectors"],
         # classes = the gallery's: the checkpoint's (train_classes), then the gallery-only ones
         "classes": classes, "train_classes": list(info.classes), "extra_classes": extra_classes,
@@ -105,7 +117,7 @@ def _check_owner(store: PgStore, run_dir: Path, explicit: bool) -> None:
     A schema named in ``store.schema`` is taken over (the user chose it)."""
     if explicit or not store_exists(store):
         return
-    with open_store(store) as st:
+    with open_store(store, any_version=True) as st:  # a store of an older version too: upgraded only if ours
         owner = st.meta(OWNER_KEY)
     here = str(Path(run_dir).resolve())
     if owner is not None and owner != here:

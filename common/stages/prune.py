@@ -57,7 +57,10 @@ def _threshold(ctx: Context) -> tuple[float, str, int | None]:
 
 
 def write_lut_store(path: Path, source: Path | PgStore, model_id: int, gallery: Vectors) -> None:
-    """Write the kept ``gallery`` rows of ``source`` (images, model, vectors) as a new store at ``path``."""
+    """Write the kept ``gallery`` rows of ``source`` (images, model, vectors) as a new store at ``path``.
+
+    The LUT keeps the source model's dtype: ``gallery.X`` is what the source's blobs decode to
+    (float16 values converted to float32 exactly), so a float16 LUT holds the source's very bytes."""
     keep = {int(i) for i in gallery.ids}
     with open_store(source) as src:
         info = src.model_info(model_id)
@@ -69,7 +72,8 @@ def write_lut_store(path: Path, source: Path | PgStore, model_id: int, gallery: 
             new, _ = dst.register_model(checkpoint_sha256=info.checkpoint_sha256, embedding=info.embedding,
                                         backbone=info.backbone, dim=info.dim, mean=info.mean, std=info.std,
                                         image_size=info.image_size, pad_fill=info.pad_fill, classes=info.classes,
-                                        checkpoint_path=info.checkpoint_path, epoch=info.epoch)
+                                        checkpoint_path=info.checkpoint_path, epoch=info.epoch,
+                                        dtype=info.dtype)  # the source's dtype: float16 values are copied as they are
             id_of = {r.path: r.id for r in dst.images()}
             ids = np.array([id_of[p] for p in gallery.paths], dtype=np.int64)
             if is_streamed(gallery.X):  # kept rows of a gallery that stays in the store: block by block
@@ -131,9 +135,11 @@ def main(ctx: Context) -> dict[str, Any]:
     imbalance = {"ratio_before": float(b.max() / b.min()), "ratio_after": float(a.max() / a.min()),
                  "gini_before": lut.gini(b), "gini_after": lut.gini(a)}
     n_before, n_after = len(gal), len(kept)
-    log.info("threshold %g (%s): kept %s of %s train vectors (%.1f%%, %.1f MB -> %.1f MB float32) in %.2f s",
+    itemsize = 2 if model.get("dtype") == "float16" else 4  # model.json of a run before extract.dtype: float32
+    log.info("threshold %g (%s): kept %s of %s train vectors (%.1f%%, %.1f MB -> %.1f MB %s) in %.2f s",
              t, source, f"{n_after:,}", f"{n_before:,}", 100 * n_after / n_before,
-             n_before * gal.X.shape[1] * 4 / 2**20, n_after * gal.X.shape[1] * 4 / 2**20, secs)
+             n_before * gal.X.shape[1] * itemsize / 2**20, n_after * gal.X.shape[1] * itemsize / 2**20,
+             model.get("dtype", "float32"), secs)
     log.info("class imbalance: largest/smallest class %.1f -> %.1f, Gini %.3f -> %.3f",
              imbalance["ratio_before"], imbalance["ratio_after"], imbalance["gini_before"], imbalance["gini_after"])
     write_json(ctx.output(LUT_JSON), {

@@ -55,7 +55,8 @@ def load_splits(stage04_dir: Path, splits: Sequence[str], store: Path | PgStore 
     classes = list(model["classes"])
     with open_store(path) as store:
         info = store.require_complete(int(model["model_id"]))
-        if info.checkpoint_sha256 != model["checkpoint_sha256"] or info.dim != int(model["dim"]):
+        if (info.checkpoint_sha256 != model["checkpoint_sha256"] or info.dim != int(model["dim"])
+                or info.dtype != model.get("dtype", "float32")):
             raise UserError(f"{path} does not hold the model {Path(stage04_dir) / 'model.json'} describes: rerun "
                             "04_extract_features.py --force")
         out = {s: vectors_of(store, path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib) if s == GALLERY
