@@ -27,7 +27,7 @@ DIM = 24
 CLASSES = ["a", "b", "c", "d", "e"]
 
 
-def _store(path: Path, n: int = 300, seed: int = 0, dup: bool = True) -> tuple[FeatureStore, int]:
+def _store(path: Path, n: int = 300, seed: int = 0, dup: bool = True, dtype: str = "float32") -> tuple[FeatureStore, int]:
     """A store of ``n`` clustered unit vectors in train/val/test/extra, with exact duplicates (ties)."""
     rng = np.random.default_rng(seed)
     splits = rng.choice(["train", "train", "extra", "val", "test"], n)
@@ -44,7 +44,7 @@ def _store(path: Path, n: int = 300, seed: int = 0, dup: bool = True) -> tuple[F
     st.sync_images(rows)
     info, _ = st.register_model(checkpoint_sha256="c" * 64, embedding="encoder", backbone="t", dim=DIM,
                                 mean=[0, 0, 0], std=[1, 1, 1], image_size=8, pad_fill=0, classes=CLASSES,
-                                checkpoint_path="x.pt")
+                                checkpoint_path="x.pt", dtype=dtype)
     recs = st.images()
     st.write_vectors(info.id, [r.id for r in recs], X[[int(r.path[5:9]) for r in recs]])
     st.mark_complete(info.id)
@@ -68,10 +68,11 @@ def _same_lists(s1, i1, s2, i2) -> None:
     assert np.array_equal(np.take_along_axis(i1, key(s1, i1), 1), np.take_along_axis(i2, key(s2, i2), 1))
 
 
-@pytest.mark.parametrize("rows_per_block", [1, 7, 64, 10_000])
-def test_streamed_search_equals_in_memory(tmp_path, rows_per_block):
+@pytest.mark.parametrize("rows_per_block,dtype", [(1, "float32"), (7, "float32"), (64, "float16"),
+                                                  (10_000, "float32")])
+def test_streamed_search_equals_in_memory(tmp_path, rows_per_block, dtype):
     p = tmp_path / "f.sqlite"
-    st, mid = _store(p)
+    st, mid = _store(p, dtype=dtype)
     mem, streamed = _gallery(st, p, mid, rows_per_block)
     assert np.array_equal(mem.ids, streamed.ids) and mem.paths == streamed.paths
     assert np.array_equal(mem.labels, streamed.labels) and streamed.X.shape == mem.X.shape
