@@ -889,13 +889,20 @@ class FeatureStore:
         info = self.require_complete(model_id)
         dim = info.dim
         with self._read() as conn:
-            # which split each row of the id order comes from (ids only: small)
-            rows = _raw(conn).execute(self._q(
-                "SELECT i.id, i.split FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
-                f"WHERE i.split IN ({_split_list(splits)}) ORDER BY i.id"), (info.id,)).fetchall()
-            order = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            which = np.fromiter((list(splits).index(r[1]) for r in rows), dtype=np.int64, count=len(rows))
-            del rows
+            # which split each row of the id order comes from: two small arrays, read in chunks
+            # (the split as its index in ``splits``: no Python object per row is kept)
+            cases = " ".join(f"WHEN '{s}' THEN {k}" for k, s in enumerate(splits))
+            cur = self._stream(conn)
+            cur.execute(self._q(
+                f"SELECT i.id, CASE i.split {cases} END FROM images i JOIN vectors v ON v.image_id = i.id "
+                f"AND v.model_id = ? WHERE i.split IN ({_split_list(splits)}) ORDER BY i.id"), (info.id,))
+            parts = []
+            while chunk := cur.fetchmany(65536):
+                parts.append(np.array(chunk, dtype=np.int64).reshape(-1, 2))
+            cur.close()
+            pairs = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+            order, which = pairs[:, 0].copy(), pairs[:, 1].copy()
+            del parts, pairs
             curs = []
             try:
                 for split in splits:

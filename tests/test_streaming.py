@@ -11,13 +11,14 @@ import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from common import metrics as M
 from common import retrieval
-from common.features import FeatureStore, Vectors
+from common.features import FeatureStore, Vectors, open_store
 from common.gallery import merge, subset
 from common.inference import classify, search_classes
 from common.streaming import StoreMatrix, block_rows
@@ -27,7 +28,7 @@ DIM = 24
 CLASSES = ["a", "b", "c", "d", "e"]
 
 
-def _store(path: Path, n: int = 300, seed: int = 0, dup: bool = True, dtype: str = "float32") -> tuple[FeatureStore, int]:
+def _store(path: Any, n: int = 300, seed: int = 0, dup: bool = True, dtype: str = "float32") -> tuple[FeatureStore, int]:
     """A store of ``n`` clustered unit vectors in train/val/test/extra, with exact duplicates (ties)."""
     rng = np.random.default_rng(seed)
     splits = rng.choice(["train", "train", "extra", "val", "test"], n)
@@ -38,7 +39,7 @@ def _store(path: Path, n: int = 300, seed: int = 0, dup: bool = True, dtype: str
         X[10:20] = X[0]  # ten copies of one vector (one class): ties across blocks
         labels[10:20] = labels[0]
     X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
-    st = FeatureStore(path, create=True)
+    st = open_store(path, create=True)
     rows = [SimpleNamespace(path=f"/img/{i:04d}.png", label=CLASSES[labels[i]], split=str(splits[i]), sha256=f"{i}")
             for i in rng.permutation(n)]  # ids are given in path order: splits interleave
     st.sync_images(rows)
@@ -101,6 +102,16 @@ def test_streamed_search_equals_in_memory(tmp_path, rows_per_block, dtype):
     r1 = M.retrieval_metrics(qv, y, mem.X, mem.labels, retrieval.topk, block_size=16)
     r2 = M.retrieval_metrics(qv, y, streamed.X, streamed.labels, retrieval.topk, block_size=16)
     assert r1 == pytest.approx(r2, abs=1e-12)
+    st.close()
+
+
+def test_streamed_from_postgres_equals_in_memory(pg_store):
+    """The same blocks, rows and neighbours from a PostgreSQL store (server-side cursors, one per split)."""
+    st, mid = _store(pg_store, dtype="float16")
+    mem, streamed = _gallery(st, pg_store, mid, 9)
+    assert np.array_equal(np.concatenate([x for _, x in streamed.X.blocks()]), mem.X)
+    q = st.load_split("val", mid, CLASSES).X
+    _same_lists(*retrieval.topk(q, mem.X, 6), *retrieval.topk(q, streamed.X, 6))
     st.close()
 
 
