@@ -4,8 +4,8 @@ A gallery whose vectors do not fit in memory (``search.max_memory_gib``) is not 
 gets a ``StoreMatrix``, which stands where the (G, D) float32 matrix would (``Vectors.X``): it has
 a shape, and yields its rows a block at a time from the store (``FeatureStore.iter_blocks``: one
 read snapshot, every vector checked), in image-id order, which is the order of the in-memory
-gallery (``common.gallery.merge``). The gallery's labels, ids and paths stay in memory (a few tens
-of bytes per image, against ``4 * D`` for its vector).
+gallery (``common.gallery.merge``). The gallery's labels, ids and paths stay in memory (about 250
+bytes per image with its path string, against ``4 * D`` for its vector).
 
 Exact search then runs block by block, with running results merged after each block:
 
