@@ -152,7 +152,7 @@ class SearchConfig:
     train_size: int = 100000  # vectors sampled (seeded by run.seed) to train the cells, codebooks and PCA
     pca_dim: Optional[int] = None  # project on this many principal axes (fitted on the gallery) before indexing; null = no projection
     candidates: int = 64  # neighbours the index proposes per query, rescored exactly (top-k classes and k-NN vote come from them)
-    max_memory_gib: float = 16.0  # exact search (stage 07): a gallery, or train split, of more float32 vectors than this many GiB stays in the store and is streamed in blocks at each search (the classical classifiers are then skipped); 0 = always stream
+    max_memory_gib: float = 16.0  # exact search (stages 05-07): a gallery, or train split, of more float32 vectors than this many GiB stays in the store and is streamed in blocks (same results; stage 07 then skips the classical classifiers); 0 = always stream
 
 
 @dataclass

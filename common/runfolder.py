@@ -366,7 +366,7 @@ class Freshness:
             return f"{name}'s output {old} was written by an older version of this tool"
         # a recorded key that is no longer declared or no longer semantic (a speed knob, a key of one
         # command) is no reason to rerun; a key added since counts as its default (what ran before it)
-        now = config_mod.key_values(self.cfg, spec.keys)
+        now = config_mod.key_values(self.cfg, spec.hashed_keys)
         recorded = manifest.get("config", {})
         defaults = config_mod.key_values(config_mod.Config(), [k for k in now if k not in recorded])
         diff = config_mod.diff_values({**defaults, **{k: v for k, v in recorded.items() if k in now}}, now)

@@ -407,7 +407,7 @@ def _begin(inv: Invocation, stage_dir: Path, lock: rf.StageLock, buffer: _Buffer
 def _manifest(spec: StageSpec, inv: Invocation, ctx: Context, reads: set[str], argv: Sequence[str], started: str,
               t0: float, metrics: dict) -> dict[str, Any]:
     """``manifest.json``: what ran, on what, with which declared keys, and every output's digest."""
-    values = config_mod.key_values(inv.cfg, spec.keys)
+    values = config_mod.key_values(inv.cfg, spec.hashed_keys)
     return {
         "format": rf.FORMAT, "stage": spec.name, "status": "ok", "started": started, "finished": _now(),
         "elapsed_s": round(time.time() - t0, 3), "argv": _redact_argv([spec.script, *argv]),

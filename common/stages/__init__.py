@@ -43,6 +43,12 @@ class StageSpec:
     external_fn: Callable[[Config], list[str]] = lambda cfg: []
     folder_fn: Callable[[Path, Config], Path] | None = None
     aliases: dict[str, str] = field(default_factory=dict)  # --flag -> section.key (stage 03)
+    speed_keys: tuple[str, ...] = ()  # of ``keys``, those that change how this stage runs, not what it writes: not hashed here
+
+    @property
+    def hashed_keys(self) -> tuple[str, ...]:
+        """The keys whose values make this stage's outputs (recorded and compared for freshness)."""
+        return tuple(k for k in self.keys if k not in self.speed_keys)
 
     @property
     def script(self) -> str:
@@ -125,10 +131,10 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
                             "target_size", "knn_k", "knn_temperature", "block_size") + SEARCH_BUILD + SEARCH_QUERY
               + ("search.max_memory_gib", "store.password_env"),
-              upstream_fn=lambda cfg: (EXTRACT,)),
+              upstream_fn=lambda cfg: (EXTRACT,), speed_keys=("search.max_memory_gib",)),
     StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size", *SEARCH_BUILD, "search.max_memory_gib",
                                     "store.password_env"),
-              upstream_fn=_prune_upstream),
+              upstream_fn=_prune_upstream, speed_keys=("search.max_memory_gib",)),
     StageSpec(INFERENCE, "inference",
               keys=("run.seed", *_section("inference", "mode", "input", "name", "gallery", "method", "k",
                                           "temperature", "top_k", "reject_below", "reject_keep", "reject_score",
@@ -158,4 +164,4 @@ def downstream(names: set[str], cfg: Config) -> list[str]:
 
 def stages_reading(keys: set[str]) -> set[str]:
     """The stages that declare one of ``keys`` (``section.key``)."""
-    return {s.name for s in SPECS.values() if set(s.keys) & keys}
+    return {s.name for s in SPECS.values() if set(s.hashed_keys) & keys}
