@@ -153,19 +153,22 @@ def outdated_store(stage_dir: Path, manifest: dict) -> str | None:
         if kind not in ("feature_store", "store_ref"):
             continue
         p = stage_dir / rel
+        name = rel
         try:
             if kind == "store_ref":
                 ref = json.loads(p.read_text(encoding="utf-8")).get("store") or {}
                 if not ref.get("url"):
                     continue
-                v = schema_version(PgStore(ref["url"], ref["schema"], ref.get("password_env", "PLANKTON_STORE_PASSWORD")))
+                target = PgStore(ref["url"], ref["schema"], ref.get("password_env", "PLANKTON_STORE_PASSWORD"))
+                name = f"{rel}'s feature store {target}"  # the URL holds no password (PgStore refuses one)
+                v = schema_version(target)
             else:
                 v = schema_version(p)
         except Exception as e:  # noqa: BLE001 - unreadable: changed_outputs says so
             log.debug("schema version of %s: %s", p, e)
             continue
         if v is not None and v < SCHEMA_VERSION:
-            return f"{rel} (feature-store schema version {v}; this version of the tool reads {SCHEMA_VERSION})"
+            return f"{name} (feature-store schema version {v}; this version of the tool reads {SCHEMA_VERSION})"
     return None
 
 
