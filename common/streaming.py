@@ -141,19 +141,13 @@ def vectors_of(store: Any, target: Any, splits: tuple[str, ...], info: Any, clas
     """The ``Vectors`` of ``splits`` of model ``info`` in ``store`` (opened at ``target``), merged by
     image id: loaded, or, when they exceed ``max_memory_gib`` (None: always loaded), with a
     ``StoreMatrix`` as ``X``, read from ``target`` at each search."""
-    from .errors import UserError
-    from .features import Vectors
+    from .features import Vectors, label_indices
     from .gallery import merge
 
     if max_memory_gib is not None:
         ids, labels, paths = store.split_rows(splits, info.id)
         if not fits(ids.size, info.dim, max_memory_gib):
-            index = {c: i for i, c in enumerate(classes)}
-            try:
-                y = np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
-            except KeyError as e:
-                raise UserError(f"{target}: label {e.args[0]!r} is not a class of the model: rerun "
-                                f"04_extract_features.py") from None
+            y = label_indices(labels, classes, f"{target}: label {{!r}}")
             X = StoreMatrix(target, info.id, splits, ids, info.dim, block_rows(info.dim, max_memory_gib * GIB))
             log.info("%s of %s: %d vectors (%.2f GiB) above search.max_memory_gib=%g: streamed from the store in "
                      "blocks of %d rows at each search", "+".join(splits), target, ids.size, X.nbytes / GIB,
