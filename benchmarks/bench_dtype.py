@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_scale import make_data, peak_gib  # noqa: E402
+from bench_scale import add_data_args, make_data, peak_gib  # noqa: E402
 from common import lut  # noqa: E402
 from common.extract import WRITE_CHUNK_ROWS  # noqa: E402
 from common.features import FeatureStore, store_bytes, verify_store  # noqa: E402
@@ -122,14 +122,7 @@ def store_figures(db: Path, X: np.ndarray, dtype: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="20,000 vectors (a smoke run)")
-    ap.add_argument("--n", type=int, default=200_000, help="gallery vectors")
-    ap.add_argument("--dim", type=int, default=2048, help="vector dimension")
-    ap.add_argument("--classes", type=int, default=300, help="classes (Zipf sizes)")
-    ap.add_argument("--queries", type=int, default=1000, help="queries")
-    ap.add_argument("--latent", type=int, default=32, help="intrinsic dimension of the classes")
-    ap.add_argument("--spread", type=float, default=1.0, help="within-class spread (norm, latent space)")
-    ap.add_argument("--noise", type=float, default=0.3, help="isotropic noise (norm, full space)")
-    ap.add_argument("--seed", type=int, default=0)
+    add_data_args(ap, 200_000)
     ap.add_argument("--thresholds", default="0.6,0.7,0.8", help="pruning thresholds compared (comma-separated)")
     ap.add_argument("--prune-n", type=int, default=50_000, help="gallery vectors pruned (the first ones)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")

@@ -97,15 +97,21 @@ def make_data(a: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return X, labels, Q, q_labels
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=1_000_000, help="gallery vectors")
+def add_data_args(ap: argparse.ArgumentParser, n: int) -> None:
+    """The options ``make_data`` reads (the synthetic gallery and its queries); ``n``: default size."""
+    ap.add_argument("--n", type=int, default=n, help="gallery vectors")
     ap.add_argument("--dim", type=int, default=2048, help="vector dimension")
     ap.add_argument("--classes", type=int, default=300, help="classes (Zipf sizes)")
     ap.add_argument("--queries", type=int, default=1000, help="queries")
     ap.add_argument("--latent", type=int, default=32, help="intrinsic dimension of the classes")
     ap.add_argument("--spread", type=float, default=1.0, help="within-class spread (norm, latent space)")
     ap.add_argument("--noise", type=float, default=0.3, help="isotropic noise (norm, full space)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_args(ap, 1_000_000)
     ap.add_argument("--indexes", default="ivf,ivfpq,hnsw", help="comma-separated search.index values")
     ap.add_argument("--pca-dim", type=int, default=256, help="search.pca_dim (0: none)")
     ap.add_argument("--nlist", type=int, default=0, help="search.nlist (0: the default rule)")
@@ -118,7 +124,6 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=SearchConfig.candidates, help="search.candidates")
     ap.add_argument("--block-size", type=int, default=256, help="exact search: queries per matrix product")
     ap.add_argument("--k", type=int, default=10, help="neighbours per query")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a 50,000-vector gallery and 500 queries (sanity check)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()

@@ -469,10 +469,7 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
             with th:  # the per-threshold steps are small: one thread (see _Threads)
                 for t in range(T):
                     kt = kts[t]
-                    kin = keep_t[t][ti]  # (B, M) is the listed item kept at this threshold?
-                    pos = torch.topk(kin * rank_key, kt, dim=1).indices.sort(1).values  # first kt kept in list order
-                    sv, si = tv.gather(1, pos), ti.gather(1, pos)
-                    bad = torch.nonzero(kin.sum(1) < kt).flatten()
+                    sv, si, bad = _first_kept(tv, ti, keep_t[t], kt, rank_key)
                     stats["fallback_queries"] += int(bad.numel())
                     for c0 in range(0, bad.numel(), fb_rows):  # exact masked search, S still in memory
                         rows = bad[c0:c0 + fb_rows]
@@ -483,6 +480,15 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
                     out[t][1][a:a + B] = si.cpu().numpy()
             del S, tv, ti
     return out, stats
+
+
+def _first_kept(tv: torch.Tensor, ti: torch.Tensor, keep: torch.Tensor, kt: int,
+                rank_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From top-M lists ``(tv, ti)`` (Q, M), the first ``kt`` items kept at one threshold (``keep``
+    (N,) bool), in list order: ``(sims, rows, queries whose list holds fewer than kt kept items)``."""
+    kin = keep[ti]  # (Q, M) is the listed item kept at this threshold?
+    pos = torch.topk(kin * rank_key, kt, dim=1).indices.sort(1).values
+    return tv.gather(1, pos), ti.gather(1, pos), torch.nonzero(kin.sum(1) < kt).flatten()
 
 
 def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: list[int], M: int, block_size: int,
@@ -502,10 +508,7 @@ def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: l
         q_np = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
         out = []
         for t, kt in enumerate(kts):
-            kin = keep_t[t][ti]
-            pos = torch.topk(kin * rank_key, kt, dim=1).indices.sort(1).values
-            sv, si = tv.gather(1, pos).cpu().numpy(), ti.gather(1, pos).cpu().numpy()
-            bad = torch.nonzero(kin.sum(1) < kt).flatten().cpu().numpy()
+            sv, si, bad = (x.cpu().numpy() for x in _first_kept(tv, ti, keep_t[t], kt, rank_key))
             stats["fallback_queries"] += int(bad.size)
             if bad.size:
                 kept_rows = np.flatnonzero(keeps[t])
