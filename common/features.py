@@ -874,6 +874,13 @@ class FeatureStore:
             k += m
         return k
 
+    def count_vectors(self, splits: Sequence[str], model_id: int) -> int:
+        """How many images of ``splits`` have a vector of ``model_id`` (no row is read)."""
+        with self._read() as conn:
+            return int(_raw(conn).execute(self._q(
+                "SELECT count(*) FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
+                f"WHERE i.split IN ({_split_list(splits)})"), (int(model_id),)).fetchone()[0])
+
     def split_rows(self, splits: Sequence[str], model_id: int) -> tuple[np.ndarray, list[str], list[str]]:
         """(image ids, labels, paths) of the images of ``splits`` that have a vector of ``model_id``,
         by image id: the rows ``iter_blocks`` yields, in its order (no vector is read)."""

@@ -144,15 +144,14 @@ def vectors_of(store: Any, target: Any, splits: tuple[str, ...], info: Any, clas
     from .features import Vectors, label_indices
     from .gallery import merge
 
-    if max_memory_gib is not None:
+    if max_memory_gib is not None and not fits(store.count_vectors(splits, info.id), info.dim, max_memory_gib):
         ids, labels, paths = store.split_rows(splits, info.id)
-        if not fits(ids.size, info.dim, max_memory_gib):
-            y = label_indices(labels, classes, f"{target}: label {{!r}}")
-            X = StoreMatrix(target, info.id, splits, ids, info.dim, block_rows(info.dim, max_memory_gib * GIB))
-            log.info("%s of %s: %d vectors (%.2f GiB) above search.max_memory_gib=%g: streamed from the store in "
-                     "blocks of %d rows at each search", "+".join(splits), target, ids.size, X.nbytes / GIB,
-                     max_memory_gib, X.rows_per_block)
-            return Vectors(X, y, paths, ids)
+        y = label_indices(labels, classes, f"{target}: label {{!r}}")
+        X = StoreMatrix(target, info.id, splits, ids, info.dim, block_rows(info.dim, max_memory_gib * GIB))
+        log.info("%s of %s: %d vectors (%.2f GiB) above search.max_memory_gib=%g: streamed from the store in "
+                 "blocks of %d rows at each search", "+".join(splits), target, ids.size, X.nbytes / GIB,
+                 max_memory_gib, X.rows_per_block)
+        return Vectors(X, y, paths, ids)
     return merge(*(store.load_split(s, info.id, classes) for s in splits))
 
 

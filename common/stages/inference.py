@@ -112,7 +112,7 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
                             f"has {len(train_classes)}: rerun 04_extract_features.py")
         val, test = (store.load_split(s, info.id, classes) for s in ("val", "test"))
         train = vectors_of(store, store_path, ("train",), info, classes, max_memory_gib)
-        extra_ids, _, _ = store.split_rows((EXTRA_SPLIT,), info.id)
+        n_extra = store.count_vectors((EXTRA_SPLIT,), info.id)
         if lut_path is None and not is_streamed(train.X):
             extra = store.load_split(EXTRA_SPLIT, info.id, classes)
             gallery = merge(train, extra)
@@ -120,15 +120,15 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
             gallery = vectors_of(store, store_path, ("train", EXTRA_SPLIT), info, classes, 0.0)
         if lut_path is None:
             how = f"; {describe(gallery.X)}" if is_streamed(gallery.X) else ""
-            desc = f"full gallery ({len(train)} train + {extra_ids.size} gallery-only vectors{how})"
+            desc = f"full gallery ({len(train)} train + {n_extra} gallery-only vectors{how})"
     if lut_path is not None:
         gallery, desc = load_gallery(lut_path, info, classes, max_memory_gib)
     facts = [("model", info.describe()), ("backbone", info.backbone), ("image size", info.image_size),
              ("gallery", desc), ("classes", len(classes))]
-    if extra_ids.size:
+    if n_extra:
         only = classes[len(train_classes):]
         facts.append(("gallery-only images (data.gallery_extra)",
-                      f"{extra_ids.size}" + (f"; classes the backbone never saw: {', '.join(only)}" if only else "")))
+                      f"{n_extra}" + (f"; classes the backbone never saw: {', '.join(only)}" if only else "")))
     checkpoint = Path(meta["checkpoint"])
     if not checkpoint.is_absolute():  # relative to the run folder (stage 04's parent)
         checkpoint = Path(stage04).parent / checkpoint
