@@ -123,7 +123,8 @@ img.plot{max-width:100%;height:auto;border:1px solid #eee}
 .strip{display:flex;flex-wrap:wrap;gap:10px;margin:.4em 0 1em}
 .pair{border:1px solid #ddd;padding:4px;font-size:.75em;text-align:center;background:#fafafa}
 .figs{display:flex;gap:4px;justify-content:center}
-figure{margin:0}figcaption{color:#555;white-space:nowrap}
+figure{margin:0;width:126px;display:flex;flex-direction:column;align-items:center}/* THUMB_PX + 30 */
+figcaption{color:#555;white-space:nowrap}
 .box{position:relative;display:flex;align-items:center;justify-content:center;background:#e6e6e6}
 .box img{display:block}.box.shrunk{outline:2px dashed #c60}
 .bar{position:absolute;left:3px;bottom:3px;height:3px;background:#d00;border:1px solid #fff}
@@ -187,7 +188,9 @@ def _strips(rep: Report) -> str:
         box = (f'<span class="box{shrunk}" style="width:{THUMB_PX}px;height:{THUMB_PX}px">'
                f'<img src="{t.uri}" alt="{esc(alt)}" style="width:{w:.1f}px;height:{h:.1f}px">'
                f'<i class="bar" style="width:{scale.bar(t.width, t.height):.1f}px"></i></span>')
-        return f"<figure>{box}<figcaption>{esc(size_text(t.width, t.height, rep.pixel_size_um))}</figcaption></figure>"
+        lines = "".join(f"<figcaption>{esc(x)}</figcaption>" for x in size_text(t.width, t.height,
+                                                                              rep.pixel_size_um).split(" · "))
+        return f"<figure>{box}{lines}</figure>"
 
     out = ["<h2>Worst classes: misclassified queries beside their nearest gallery image</h2>\n",
            f'<p class="note">Every thumbnail is drawn at one scale, so sizes compare: the red bar is '

@@ -119,8 +119,9 @@ def test_report_is_well_formed_and_self_contained(sample_report):
 def test_strips_give_sizes_in_micrometres(tmp_path):
     q, g = _img(tmp_path / "q.png", (50, 20)), _img(tmp_path / "g.png", (60, 40))
     rep = R.Report(title="t", strips=[("a", "", [R.StripItem(q, "a", "b", 0.5, g, "b")])], pixel_size_um=2.0)
-    body = "".join(parse(R.render(rep)).text)
-    assert "50 × 20 px · 100 × 40 µm" in body and "120 × 80 µm" in body and "µm; a dashed frame" in body
+    text = R.render(rep)
+    assert "<figcaption>50 × 20 px</figcaption><figcaption>100 × 40 µm</figcaption>" in text
+    assert "120 × 80 µm" in text and "µm; a dashed frame" in text
 
 
 def test_confusion_matrix_grows_with_class_count(tmp_path):

@@ -164,7 +164,7 @@
   }
   function figure(imgIndex, box, common, alt) {
     var fig = el("figure");
-    fig.style.width = (box === BOX ? FIG_W : box) + "px";
+    if (box === BOX) { fig.style.width = FIG_W + "px"; }  // a row's column; the panel's figure takes its width
     var im = D.images[imgIndex];
     var b = el("span", "box");
     b.style.width = box + "px"; b.style.height = box + "px";
