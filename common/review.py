@@ -49,6 +49,7 @@ THUMB_QUALITY = 70  # WebP/JPEG quality of the thumbnails (96 px: artefacts are 
 REASONS = ("unknown", "low similarity", "small margin")  # the doubt reasons of common.samples.doubt_order
 UNKNOWN = "unknown"  # the label of a rejected query, and the re-label that adds nothing to the gallery
 KEY_PREFIX = "plankton-review/v1/"  # localStorage key prefix (v1: the layout of the stored labels)
+THUMB_WORKERS = 4  # threads reading images for the thumbnails (decoding is mostly I/O and C code)
 
 
 @dataclass
@@ -105,9 +106,9 @@ def _number(x: float, nd: int = 4) -> float | None:
     return round(float(x), nd) if x is not None and math.isfinite(float(x)) else None
 
 
-def build_data(rev: Review, workers: int = 4) -> dict[str, Any]:
+def build_data(rev: Review) -> dict[str, Any]:
     """The page's JSON blob (see the module docstring). Each image is read once (thumbnail and
-    pixel size), in ``workers`` threads (decoding is mostly I/O and C code)."""
+    pixel size), in ``THUMB_WORKERS`` threads."""
     from .thumbs import common_scale, image_format, size_text, thumbnail
 
     rows = rev.all_rows()
@@ -122,10 +123,10 @@ def build_data(rev: Review, workers: int = 4) -> dict[str, Any]:
     def thumb(p: str):
         return thumbnail(p, THUMB_PX, fmt, THUMB_QUALITY)
 
-    if len(paths) > 1 and workers > 1:
+    if len(paths) > 1:
         from tqdm import tqdm
 
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(THUMB_WORKERS) as pool:
             thumbs = list(tqdm(pool.map(thumb, paths), total=len(paths), desc="review thumbnails", unit="img",
                                disable=None, leave=False))
     else:
