@@ -359,6 +359,7 @@ class EvalInputs:
     unknown_classes: list[str] = field(default_factory=list)
     index: Any = None  # common.search.AnnIndex over the gallery's rows; None = exact search
     search_info: dict[str, Any] = field(default_factory=dict)  # the index and its agreement with exact search
+    pixel_size_um: float | None = None  # the camera's pixel size: the report's image sizes in micrometres too
 
 
 def open_scores(queries: np.ndarray, d: Decision, gallery: Vectors, icfg: Any, device: Any = None,
@@ -616,7 +617,7 @@ def _evaluate_report(path: Path, inp: EvalInputs, icfg: Any, m: dict, d: Decisio
         ("gallery", f"{icfg.gallery} ({len(inp.gallery)} vectors)"), ("method", icfg.method),
         ("reject_below", icfg.reject_below), ("open-set rule", m.get("reject_rule")),
         ("suggested reject_below (stage 05)", inp.suggested_reject_below)],
-        metrics=headline)
+        metrics=headline, pixel_size_um=inp.pixel_size_um)
     if m.get("unknown_classes"):
         rep.extra_tables.append(unknown_table(m["unknown_classes"]))
     rep.notes.append("Accuracy counts rejected (unknown) queries as errors. Macro averages run over the classes "
@@ -664,7 +665,8 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
             val: Vectors | None = None, classifiers: dict[str, Any] | None = None,
             errors: Sequence[tuple[str, str]] = (), error_samples: Sequence[str] | None = None,
             timing: dict[str, float] | None = None, facts: Sequence[tuple[str, Any]] = (),
-            suggested_reject_below: float | None = None, device: Any = None, index: Any = None) -> dict[str, Any]:
+            suggested_reject_below: float | None = None, device: Any = None, index: Any = None,
+            pixel_size_um: float | None = None) -> dict[str, Any]:
     """Predict mode on embedded query vectors (labels unused), grouped into ``samples``.
 
     Writes ``predictions.csv`` (per image: sample, prediction or unknown, best similarity, margin,
@@ -673,8 +675,10 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     ``corrections.csv``, ``metrics.json`` and ``report.html``. ``val``: the val vectors the
     open-set cuts are chosen on (``inference.reject_below=auto``; the "low similarity" of review).
     ``index``: a ``common.search.AnnIndex`` over the gallery's rows (None: exact search); the
-    open-set scores and the review's neighbours come from exact search.
+    open-set scores and the review's neighbours come from exact search. ``pixel_size_um``: the
+    camera's pixel size (review.html and the report give image sizes in micrometres too).
     """
+    from . import review as RV
     from . import samples as S
     from .plots import plot_sample_counts
 
@@ -755,18 +759,20 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     low = rule.auto_cuts.get("similarity")
     order_q, reasons = S.doubt_order(d.final, d.best_sim, d.margin, low, icfg.review_margin)
     out["n_doubtful"] = int(sum(1 for r in reasons if r))
-    write_csv(output("corrections.csv"), ["path", "predicted", "validated"],
-              [[queries.paths[q], _label(classes, int(d.final[q])), ""] for q in order_q])
+    sheet = [(queries.paths[q], _label(classes, int(d.final[q]))) for q in order_q]
+    write_csv(output("corrections.csv"), ["path", "predicted", "validated"], [[p, c, ""] for p, c in sheet])
     shown = order_q[:max(0, icfg.review_max)]
-    items = [R.ReviewItem(queries.paths[q], samples[q], _label(classes, int(d.final[q])), float(d.best_sim[q]),
-                          float(d.margin[q]), float(scores["knn"][q]), reasons[q],
-                          [(gallery.paths[int(nb_idx[q, j])], classes[int(gallery.labels[int(nb_idx[q, j])])],
-                            float(nb_sims[q, j])) for j in range(min(REVIEW_NEIGHBOURS, kn))]) for q in shown]
-    note = (f"{n} images, {out['n_doubtful']} doubtful: rejected as unknown ({rule.source}), best similarity below "
-            f"{'the val cut ' + format(low, '.4f') if low is not None else '(no val cut)'}, or a margin between the two "
-            f"best classes below {icfg.review_margin:g}. Showing the {len(items)} most doubtful first.")
+    items = [RV.ReviewItem(queries.paths[q], samples[q], _label(classes, int(d.final[q])), float(d.best_sim[q]),
+                           float(d.margin[q]), float(scores["knn"][q]), reasons[q],
+                           [(gallery.paths[int(nb_idx[q, j])], classes[int(gallery.labels[int(nb_idx[q, j])])],
+                             float(nb_sims[q, j])) for j in range(min(REVIEW_NEIGHBOURS, kn))]) for q in shown]
+    note = RV.doubt_note(n, out["n_doubtful"], len(items), icfg.review_max,
+                         rule.source if rule.cut is not None else None, low, icfg.review_margin)
     review_path = output("review.html")
-    R.write_review(review_path, R.Review(title=f"Review: {name}", note=note, items=items))
+    RV.write_review(review_path, RV.Review(
+        title=f"Review: {name}", note=note, name=name, items=items, rows=sheet,
+        classes=[classes[c] for c in np.unique(gallery.labels)] if len(gallery) else list(classes),
+        ecotaxa=(eco_path.name, [eco[0], eco[1], *(eco[2 + q] for q in order_q)]), pixel_size_um=pixel_size_um))
     out["review"] = str(review_path)
 
     # ---- summary and report
@@ -778,7 +784,8 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
         ("open-set rule", rule.source), ("suggested reject_below (stage 05)", suggested_reject_below),
         ("review", review_path.name), ("EcoTaxa table", eco_path.name)],
         metrics={k: v for k, v in out.items() if k in ("n_images", "n_unreadable", "n_doubtful", "rejection_rate",
-                                                        "n_rejected", "images_per_s", "mean_latency_ms")})
+                                                        "n_rejected", "images_per_s", "mean_latency_ms")},
+        pixel_size_um=pixel_size_um)
     rep.images.append(("Predicted classes per sample", counts_png, "Stacked counts; white, hatched: unknown."))
     rep.extra_tables.append(("Counts per sample", h_counts, r_counts))
     strip = [R.StripItem(queries.paths[q], "", _label(classes, int(d.final[q])), float(d.best_sim[q]),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -42,21 +41,9 @@ def file_data_uri(path: Path, mime: str = "image/png") -> str:
 
 def thumbnail_data_uri(path: str | Path, px: int = THUMB_PX) -> str | None:
     """A small JPEG thumbnail of an image as a data URI, or None when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    from .thumbs import thumbnail
 
-    from .data import upright
-
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (px * 2, px * 2))  # fast JPEG downscale on decode
-            im = upright(im).convert("RGB")  # EXIF orientation applied, as the network sees it
-            im.thumbnail((px, px))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=THUMB_QUALITY)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        log.debug("no thumbnail for %s: %s", path, e)
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return thumbnail(path, px, "JPEG", THUMB_QUALITY).uri
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -122,6 +109,7 @@ class Report:
     strips: list[tuple[str, str, list[StripItem]]] = field(default_factory=list)  # (class, note, items)
     extra_tables: list[tuple[str, list[str], list[list[Any]]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    pixel_size_um: float | None = None  # the camera's pixel size: image sizes in micrometres too
 
 
 _CSS = """
@@ -134,7 +122,13 @@ td:first-child,th:first-child{text-align:left}
 img.plot{max-width:100%;height:auto;border:1px solid #eee}
 .strip{display:flex;flex-wrap:wrap;gap:10px;margin:.4em 0 1em}
 .pair{border:1px solid #ddd;padding:4px;font-size:.75em;text-align:center;background:#fafafa}
-.pair img{width:96px;height:96px;object-fit:contain;background:#000;margin:1px}
+.figs{display:flex;gap:4px;justify-content:center}
+figure{margin:0;width:126px;display:flex;flex-direction:column;align-items:center}/* THUMB_PX + 30 */
+figcaption{color:#555;white-space:nowrap}
+.box{position:relative;display:flex;align-items:center;justify-content:center;background:#e6e6e6}
+.box img{display:block}.box.shrunk{outline:2px dashed #c60}
+.bar{position:absolute;left:3px;bottom:3px;height:3px;background:#d00;border:1px solid #fff}
+.num{white-space:nowrap}
 .missing{display:inline-block;width:96px;height:96px;background:#ccc;font-size:.7em}
 .note{color:#555;font-size:.9em}
 """
@@ -170,23 +164,51 @@ def render(rep: Report) -> str:
     if rep.per_class is not None:
         out.append("<h2>Per class</h2>\n" + table(*rep.per_class))
     if rep.strips:
-        out.append("<h2>Worst classes: misclassified queries beside their nearest gallery image</h2>\n")
-        for cls_name, note, items in rep.strips:
-            out.append(f"<h3>{esc(cls_name)}</h3>\n")
-            if note:
-                out.append(f'<p class="note">{esc(note)}</p>\n')
-            out.append('<div class="strip">\n')
-            for it in items:
-                q = img_tag(thumbnail_data_uri(it.query_path), f"query {Path(it.query_path).name}")
-                g = (img_tag(thumbnail_data_uri(it.neighbour_path), f"gallery {Path(it.neighbour_path).name}")
-                     if it.neighbour_path else '<span class="missing">no neighbour</span>')
-                cap = (f"true {esc(it.true_label)}<br>" if it.true_label else "") + (
-                    f"predicted {esc(it.predicted)} ({it.similarity:.3f})<br>nearest: {esc(it.neighbour_label or '–')}")
-                out.append(f'<div class="pair">{q}{g}<br>{cap}</div>\n')
-            out.append("</div>\n")
+        out.append(_strips(rep))
     for heading, header, rows in rep.extra_tables:
         out.append(f"<h2>{esc(heading)}</h2>\n" + table(header, rows))
     out.append("</body>\n</html>\n")
+    return "".join(out)
+
+
+def _strips(rep: Report) -> str:
+    """The neighbour strips: every thumbnail at one scale (``common.thumbs``), its pixel size below."""
+    from .thumbs import common_scale, size_text, thumbnail
+
+    paths = {p for _, _, items in rep.strips for it in items for p in (it.query_path, it.neighbour_path) if p}
+    thumbs = {p: thumbnail(p, THUMB_PX, "JPEG", THUMB_QUALITY) for p in sorted(paths)}
+    scale = common_scale([(t.width, t.height) for t in thumbs.values() if t.uri], THUMB_PX, rep.pixel_size_um)
+
+    def fig(path: str | None, alt: str) -> str:
+        t = thumbs.get(path) if path else None
+        if t is None or t.uri is None:
+            return f'<span class="missing">{esc(alt)} ({"unreadable" if path else "none"})</span>'
+        w, h, to_scale = scale.fit(t.width, t.height)
+        shrunk = '' if to_scale else ' shrunk" title="shrunk to fit: not at the common scale'
+        box = (f'<span class="box{shrunk}" style="width:{THUMB_PX}px;height:{THUMB_PX}px">'
+               f'<img src="{t.uri}" alt="{esc(alt)}" style="width:{w:.1f}px;height:{h:.1f}px">'
+               f'<i class="bar" style="width:{scale.bar(t.width, t.height):.1f}px"></i></span>')
+        lines = "".join(f"<figcaption>{esc(x)}</figcaption>" for x in size_text(t.width, t.height,
+                                                                              rep.pixel_size_um).split(" · "))
+        return f"<figure>{box}{lines}</figure>"
+
+    out = ["<h2>Worst classes: misclassified queries beside their nearest gallery image</h2>\n",
+           f'<p class="note">Every thumbnail is drawn at one scale, so sizes compare: the red bar is '
+           f'{esc(scale.bar_label)}; a dashed frame marks an image too large for it, shrunk to fit (its bar is '
+           f'shorter). Below each image: its size in pixels{" and micrometres" if rep.pixel_size_um else ""}.</p>\n']
+    for cls_name, note, items in rep.strips:
+        out.append(f"<h3>{esc(cls_name)}</h3>\n")
+        if note:
+            out.append(f'<p class="note">{esc(note)}</p>\n')
+        out.append('<div class="strip">\n')
+        for it in items:
+            q = fig(it.query_path, f"query {Path(it.query_path).name}")
+            g = fig(it.neighbour_path, f"gallery {Path(it.neighbour_path).name}" if it.neighbour_path else "neighbour")
+            cap = (f"true {esc(it.true_label)}<br>" if it.true_label else "") + (
+                f'predicted {esc(it.predicted)} <span class="num">({it.similarity:.3f})</span><br>'
+                f"nearest: {esc(it.neighbour_label or '–')}")
+            out.append(f'<div class="pair"><div class="figs">{q}{g}</div>{cap}</div>\n')
+        out.append("</div>\n")
     return "".join(out)
 
 
@@ -196,125 +218,4 @@ def write_report(path: Path, rep: Report) -> Path:
     with atomic_open(path, "w") as fh:
         fh.write(text)
     log.debug("report: %s (%.1f MB)", path, len(text) / 1e6)
-    return path
-
-
-# ----------------------------------------------------------------------------- review page (predict mode)
-
-
-@dataclass
-class ReviewItem:
-    """One query of the review page: its call, its scores, why it is doubtful, its neighbours."""
-
-    query_path: str
-    sample: str
-    predicted: str
-    similarity: float
-    margin: float
-    knn_similarity: float
-    reasons: list[str]  # "unknown", "low similarity", "small margin"; empty = not doubtful
-    neighbours: list[tuple[str, str, float]]  # (gallery path, class, similarity), nearest first
-
-
-@dataclass
-class Review:
-    """``review.html``: the items (most doubtful first) and a line saying what is shown."""
-
-    title: str
-    note: str
-    items: list[ReviewItem]
-
-
-_REVIEW_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1em;color:#222}
-h1{font-size:1.4em}.note{color:#555;font-size:.9em}
-.filters{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd;z-index:1}
-.filters label{margin-right:1.5em}
-table{border-collapse:collapse;font-size:.8em}td,th{border:1px solid #ddd;padding:3px;vertical-align:top}
-tr.doubtful td.call{background:#fff3e0}tr.unknown td.call{background:#fde0e0}
-figure{display:inline-block;margin:0;text-align:center;width:100px}
-figure img{width:96px;height:96px;object-fit:contain;background:#000}
-figcaption{font-size:.85em;word-break:break-all}
-.missing{display:inline-block;width:96px;height:96px;background:#ccc;font-size:.7em}
-"""
-
-# Filters by predicted class, sample and doubt: show or hide rows, count what is shown (the
-# page's only script; no library, no network).
-_REVIEW_JS = """
-(function () {
-  var c = document.getElementById("f-class"), s = document.getElementById("f-sample"),
-      d = document.getElementById("f-doubtful"), out = document.getElementById("shown");
-  function apply() {
-    var n = 0, rows = document.querySelectorAll("tr.item");
-    for (var i = 0; i < rows.length; i++) {
-      var r = rows[i];
-      var ok = (!c.value || r.getAttribute("data-class") === c.value) &&
-               (!s.value || r.getAttribute("data-sample") === s.value) &&
-               (!d.checked || r.getAttribute("data-doubtful") === "1");
-      r.style.display = ok ? "" : "none";
-      if (ok) { n++; }
-    }
-    out.textContent = n + " of " + rows.length + " shown";
-  }
-  c.addEventListener("change", apply); s.addEventListener("change", apply); d.addEventListener("change", apply);
-  // a link may preset the filters: review.html#class=NAME&sample=NAME&doubtful=1
-  var h = window.location.hash.replace(/^#/, "").split("&");
-  for (var j = 0; j < h.length; j++) {
-    var kv = h[j].split("="), v = decodeURIComponent(kv[1] || "");
-    if (kv[0] === "class") { c.value = v; } else if (kv[0] === "sample") { s.value = v; }
-    else if (kv[0] === "doubtful") { d.checked = v === "1"; }
-  }
-  apply();
-})();
-"""
-
-
-def _options(element_id: str, label: str, values: Sequence[str]) -> str:
-    opts = '<option value="">all</option>' + "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
-    return f'<label>{esc(label)} <select id="{element_id}">{opts}</select></label>'
-
-
-def render_review(rev: Review) -> str:
-    """``review.html`` as one string: every image is a data URI (thumbnails), no external file."""
-    cache: dict[str, str | None] = {}
-
-    def thumb(path: str, alt: str) -> str:
-        if path not in cache:
-            cache[path] = thumbnail_data_uri(path)
-        return img_tag(cache[path], alt)
-
-    out = ["<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
-           f"<title>{esc(rev.title)}</title>\n<style>{_REVIEW_CSS}</style>\n</head>\n<body>\n",
-           f"<h1>{esc(rev.title)}</h1>\n<p class=\"note\">{esc(rev.note)}</p>\n",
-           '<div class="filters">', _options("f-class", "Predicted class", sorted({i.predicted for i in rev.items})),
-           _options("f-sample", "Sample", list(dict.fromkeys(i.sample for i in rev.items))),
-           '<label><input type="checkbox" id="f-doubtful"> doubtful only</label>',
-           '<span id="shown"></span></div>\n',
-           '<table id="review">\n<thead><tr><th>#</th><th>query</th><th>call</th>'
-           + "".join(f"<th>neighbour {j}</th>" for j in range(1, 6)) + "</tr></thead>\n<tbody>\n"]
-    for n, it in enumerate(rev.items, start=1):
-        cls = "item" + (" doubtful" if it.reasons else "") + (" unknown" if "unknown" in it.reasons else "")
-        margin = "–" if not math.isfinite(it.margin) else f"{it.margin:.3f}"
-        call = (f"<b>{esc(it.predicted)}</b><br>similarity {it.similarity:.3f}<br>margin {margin}<br>"
-                f"k-th neighbour {it.knn_similarity:.3f}<br>sample {esc(it.sample)}"
-                + (f"<br><i>{esc(', '.join(it.reasons))}</i>" if it.reasons else ""))
-        cells = [f"<td>{n}</td>",
-                 f"<td><figure>{thumb(it.query_path, 'query')}<figcaption>{esc(Path(it.query_path).name)}"
-                 "</figcaption></figure></td>", f'<td class="call">{call}</td>']
-        for path, label, sim in it.neighbours:
-            cells.append(f"<td><figure>{thumb(path, 'gallery ' + label)}<figcaption>{esc(label)} {sim:.3f}"
-                         "</figcaption></figure></td>")
-        cells += ["<td></td>"] * (5 - len(it.neighbours))
-        out.append(f'<tr class="{cls}" data-class="{esc(it.predicted)}" data-sample="{esc(it.sample)}" '
-                   f'data-doubtful="{1 if it.reasons else 0}">' + "".join(cells) + "</tr>\n")
-    out.append(f"</tbody>\n</table>\n<script>{_REVIEW_JS}</script>\n</body>\n</html>\n")
-    return "".join(out)
-
-
-def write_review(path: Path, rev: Review) -> Path:
-    """Render ``rev`` and write ``review.html`` atomically."""
-    text = render_review(rev)
-    with atomic_open(path, "w") as fh:
-        fh.write(text)
-    log.debug("review: %s (%.1f MB, %d images)", path, len(text) / 1e6, len(rev.items))
     return path

@@ -632,8 +632,20 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
     assert list(sheet[0]) == ["path", "predicted", "validated"] and {r["path"] for r in sheet} == set(paths)
     doubtful_first = [r["predicted"] == "unknown" for r in sheet]
     assert doubtful_first == sorted(doubtful_first, reverse=True)  # rejected ones lead
-    review = (out / "review.html").read_text()
-    assert review.count('class="item') == n and "data:image/jpeg;base64," in review
+    from common.review import Review, review_key
+
+    page = (out / "review.html").read_text()
+    data = json.loads(page.split('id="review-data">', 1)[1].split("</script>", 1)[0])
+    assert len(data["items"]) == n and data["rows"] == [[r["path"], r["predicted"]] for r in sheet]
+    assert data["images"][0][0].startswith("data:image/") and data["images"][0][1:3] == [8, 8]
+    assert data["ecotaxa"]["file"] == "ecotaxa_cruise.tsv" and data["classes"] == inp.classes
+    # the page's EcoTaxa rows follow the sheet's order (doubtful first), one per query
+    tsv_rows = {r.split("\t")[0]: r.split("\t") for r in tsv[2:]}
+    assert [r[0] for r in data["ecotaxa"]["rows"]] == [Path(r["path"]).relative_to(tmp_path / "in").as_posix()
+                                                      for r in sheet]
+    assert all(tsv_rows[r[0]] == r for r in data["ecotaxa"]["rows"])
+    keyed = Review("", "", "cruise", [], [], rows=[(r["path"], r["predicted"]) for r in sheet])
+    assert data["key"].startswith("plankton-review/v1/cruise/") and data["key"] == review_key(keyed)
     assert m["n_images"] == n and m["samples"]["st2"]["unreadable"] == 1
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -108,6 +109,19 @@ def test_report_is_well_formed_and_self_contained(sample_report):
     assert 'Copepoda <juvenile> & "odd"' in body  # escaped in the file, intact once parsed
     assert "<juvenile>" not in text
     assert "0.9123" in body and "unreadable" in body
+    # size is evidence: each thumbnail's pixel size, both drawn at one scale (40 px wide and 300 px wide)
+    assert "40 × 30 px" in body and "300 × 200 px" in body and "the red bar is" in body
+    widths = [float(re.search(r"width:([0-9.]+)px", im["style"]).group(1)) for im in c.images[2:]]
+    assert widths[1] == pytest.approx(R.THUMB_PX, abs=0.1) and widths[0] == pytest.approx(widths[1] * 40 / 300, abs=0.1)
+    assert '<span class="num">(0.800)</span>' in text  # a similarity never wraps mid-number
+
+
+def test_strips_give_sizes_in_micrometres(tmp_path):
+    q, g = _img(tmp_path / "q.png", (50, 20)), _img(tmp_path / "g.png", (60, 40))
+    rep = R.Report(title="t", strips=[("a", "", [R.StripItem(q, "a", "b", 0.5, g, "b")])], pixel_size_um=2.0)
+    text = R.render(rep)
+    assert "<figcaption>50 × 20 px</figcaption><figcaption>100 × 40 µm</figcaption>" in text
+    assert "120 × 80 µm" in text and "µm; a dashed frame" in text
 
 
 def test_confusion_matrix_grows_with_class_count(tmp_path):
@@ -168,84 +182,3 @@ def test_class_names_are_drawn_literally(tmp_path):
                         tmp_path / "map.png", method="pca")
     for f in ("dist.png", "cm.png", "map.png"):
         assert Image.open(tmp_path / f).size[0] > 100
-@pytest.fixture
-def sample_review(tmp_path) -> Path:
-    g1 = _img(tmp_path / "g1.png", colour=(10, 200, 10))
-    g2 = _img(tmp_path / "g2.png", colour=(10, 10, 200))
-    items = [
-        R.ReviewItem(_img(tmp_path / "q1.png"), "st<1>", "unknown", 0.41, 0.01, 0.3,
-                     ["unknown", "low similarity", "small margin"], [(g1, "Copepoda & co", 0.41), (g2, "b", 0.40)]),
-        R.ReviewItem(_img(tmp_path / "q2.png"), "st<1>", "b", 0.93, float("nan"), 0.9, [],
-                     [(g2, "b", 0.93)] * 5),
-        R.ReviewItem(_img(tmp_path / "q3.png"), "st2", "Copepoda & co", 0.88, 0.2, 0.8, [], [(g1, "Copepoda & co", 0.88)]),
-    ]
-    return R.write_review(tmp_path / "review.html", R.Review("Review <x>", "3 images", items))
-
-
-def test_review_is_well_formed_self_contained_and_filterable(sample_review):
-    text = sample_review.read_text(encoding="utf-8")
-    c = parse(text)
-    assert not c.errors and c.stack == [] and not c.external, (c.errors, c.stack, c.external)
-    assert len(c.images) == 3 + 2 + 5 + 1  # every query and every neighbour, as data URIs
-    assert all(decode_data_uri(im["src"]).size for im in c.images)
-    assert text.count('class="item') == 3 and text.count('data-doubtful="1"') == 1
-    assert 'data-class="Copepoda &amp; co"' in text and 'data-sample="st&lt;1&gt;"' in text
-    assert '<option value="st&lt;1&gt;">' in text and '<option value="unknown">' in text
-    assert "<script>" in text and "src=\"http" not in text
-    body = "".join(c.text)
-    assert "unknown, low similarity, small margin" in body and "margin –" in body
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no /usr/bin/chromium on this machine")
-def test_review_filters_in_headless_chromium(sample_review):
-    def dom(fragment: str) -> str:
-        res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                              sample_review.as_uri() + fragment], capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0, res.stderr[-2000:]
-        return res.stdout
-
-    assert "3 of 3 shown" in dom("")
-    assert "1 of 3 shown" in dom("#class=b")
-    assert "2 of 3 shown" in dom("#sample=st%3C1%3E")
-    assert "1 of 3 shown" in dom("#doubtful=1")
-
-
-NODE = next((p for p in ("/usr/bin/node", "/usr/bin/nodejs") if Path(p).exists()), None)
-
-# A minimal DOM for the review page's script: the three filters, the rows (their data-* attributes)
-# and the counter; prints which rows stay visible.
-_NODE_DOM = """
-const [rowsJson, hash] = process.argv.slice(-2);
-const rows = JSON.parse(rowsJson).map(a => ({a, style: {display: ""},
-  getAttribute(k) { return this.a[k]; }}));
-const el = {"f-class": {value: "", addEventListener() {}}, "f-sample": {value: "", addEventListener() {}},
-            "f-doubtful": {checked: false, addEventListener() {}}, "shown": {textContent: ""}};
-global.window = {location: {hash}};
-global.document = {getElementById: id => el[id], querySelectorAll: () => rows};
-eval(require("fs").readFileSync(0, "utf-8"));
-console.log(JSON.stringify({shown: el.shown.textContent, visible: rows.map(r => r.style.display !== "none")}));
-"""
-
-
-@pytest.mark.skipif(NODE is None, reason="no node on this machine")
-def test_review_filter_script_runs_in_node(sample_review):
-    import json
-    import re
-
-    text = sample_review.read_text(encoding="utf-8")
-    script = re.search(r"<script>(.*)</script>", text, re.S).group(1)
-    attrs = [dict(re.findall(r'(data-[a-z]+)="([^"]*)"', m)) for m in re.findall(r'<tr class="item[^>]*>', text)]
-    attrs = [{k: v.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") for k, v in a.items()}
-             for a in attrs]
-
-    def run(fragment: str) -> dict:
-        res = subprocess.run([NODE, "-e", _NODE_DOM, json.dumps(attrs), fragment], input=script,
-                             capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0, res.stderr[-2000:]
-        return json.loads(res.stdout)
-
-    assert run("") == {"shown": "3 of 3 shown", "visible": [True, True, True]}
-    assert run("#class=b")["visible"] == [False, True, False]
-    assert run("#sample=st%3C1%3E") == {"shown": "2 of 3 shown", "visible": [True, True, False]}
-    assert run("#doubtful=1&class=unknown")["visible"] == [True, False, False]
-    assert run("#class=Copepoda%20%26%20co")["visible"] == [False, False, True]

@@ -1,0 +1,361 @@
+"""review.html (common/review.py, common/assets/review.js) and the thumbnails at one scale
+(common/thumbs.py): the builder without a browser, then the page in a real headless Chromium
+(Selenium + chromedriver): re-label, reload, save, filters, and 20,000 images with a bounded DOM."""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import review as RV
+from common import samples as S
+from common import thumbs as T
+from common.gallery import read_corrections
+
+CLASSES = ["Copepoda & co", "Diatom", "b", "Noctiluca </script>"]
+
+
+def _img(path: Path, size=(40, 30), colour=(200, 100, 50)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: float | None = None) -> RV.Review:
+    """``n_rows`` queries (two samples) with real image files; the first ``n_items`` are shown."""
+    g = [_img(tmp_path / "gallery" / f"g{i}.png", (30 + 40 * i, 20 + 30 * i), (10, 60 * i, 200)) for i in range(4)]
+    preds = ["unknown", "b", "Copepoda & co", "b", "Diatom"]
+    reasons = [["unknown", "low similarity"], ["small margin"], [], [], []]
+    items, rows = [], []
+    for q in range(n_rows):
+        p = _img(tmp_path / "in" / f"st{q % 2}" / f"q{q}.png", (20 + 10 * q, 16 + 5 * q), (40 * q, 90, 90))
+        rows.append((p, preds[q % 5]))
+        items.append(RV.ReviewItem(p, f"st{q % 2}", preds[q % 5], 0.9 - 0.01 * q, 0.02 * q if q else float("nan"),
+                                   0.8 - 0.01 * q, reasons[q % 5],
+                                   [(g[j], CLASSES[j], 0.9 - 0.01 * q - 0.05 * j) for j in range(4)]))
+    eco = S.ecotaxa_rows([r[0] for r in rows], [f"st{q % 2}" for q in range(n_rows)],
+                         [None if c == "unknown" else c for _, c in rows], tmp_path / "in",
+                         {"similarity": np.linspace(0.9, 0.8, n_rows)})
+    return RV.Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
+                     rows=rows, ecotaxa=("ecotaxa_cruise.tsv", eco), pixel_size_um=pixel_size_um)
+
+
+def _blob(html: str) -> dict:
+    m = re.search(r'<script type="application/json" id="review-data">(.*?)</script>', html, re.S)
+    return json.loads(m.group(1))
+
+
+# ----------------------------------------------------------------------------- no browser
+
+
+def test_common_scale_fits_most_images_and_marks_the_rest():
+    sizes = [(100, 50)] * 19 + [(400, 300)]
+    s = T.common_scale(sizes, 96)
+    assert s.per_px == pytest.approx(96 / 100)  # the 90 % quantile of the longest sides fills the box
+    w, h, to_scale = s.fit(100, 50)
+    assert (w, h, to_scale) == (pytest.approx(96), pytest.approx(48), True)
+    w, h, to_scale = s.fit(400, 300)
+    assert (w, h, to_scale) == (pytest.approx(96), pytest.approx(72), False)  # shrunk to fit, marked
+    assert s.bar(400, 300) == pytest.approx(s.bar(100, 50) / 4)  # its bar is shorter, in proportion
+    assert s.bar_px == 20 and s.bar_label == "20 px"  # a round length near 40 % of the box
+    tiny = T.common_scale([(8, 8)], 96)
+    assert tiny.per_px == T.MAX_UPSCALE
+    um = T.common_scale(sizes, 96, pixel_size_um=2.5)
+    assert um.bar_label == "100 µm" and um.bar_px == pytest.approx(40)
+    assert T.size_text(120, 80) == "120 × 80 px"
+    assert T.size_text(120, 80, 2.5) == "120 × 80 px · 300 × 200 µm"
+    assert T.size_text(1000, 3, 1.5) == "1000 × 3 px · 1,500 × 4.5 µm"
+
+
+def test_thumbnail_keeps_the_upright_size(tmp_path, exif_rotated_jpeg):
+    t = T.thumbnail(exif_rotated_jpeg(tmp_path / "rot6.jpg"), 16, "WEBP")
+    assert (t.width, t.height) == (24, 40)  # EXIF orientation 6: stored 40 x 24
+    im = Image.open(io.BytesIO(base64.b64decode(t.uri.split(",", 1)[1])))
+    assert t.uri.startswith("data:image/webp;base64,") and im.size == (10, 16)
+    big = T.thumbnail(_img(tmp_path / "big.png", (300, 120)), 96, "JPEG")
+    assert (big.width, big.height) == (300, 120) and big.uri.startswith("data:image/jpeg")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    assert T.thumbnail(tmp_path / "bad.png", 96) == T.Thumb(None)
+
+
+def test_build_data_layout(tmp_path):
+    rev = _review(tmp_path, pixel_size_um=2.0)
+    (tmp_path / "gallery" / "g3.png").write_bytes(b"broken")  # an unreadable neighbour
+    d = RV.build_data(rev)
+    assert len(d["items"]) == 4 and len(d["rows"]) == 5 and len(d["ecotaxa"]["rows"]) == 5
+    assert d["rows"][4] == [rev.rows[4][0], "Diatom"]  # every query, shown or not, is saved
+    assert len(d["images"]) == 4 + 4  # four queries and four gallery images, each once
+    sample, pred, sim, margin, knn, mask, img, nbs = d["items"][0]
+    assert d["samples"][sample] == "st0" and d["names"][pred] == "unknown" and margin is None
+    assert mask == 0b011 and d["reasons"][:2] == ["unknown", "low similarity"]
+    q = d["images"][img]
+    assert q[1:] == [20, 16, "20 × 16 px · 40 × 32 µm"]
+    assert [d["names"][n[1]] for n in nbs] == CLASSES and d["images"][nbs[3][0]][0] is None
+    assert d["images"][nbs[2][0]][1:3] == [110, 80]
+    assert d["scale"]["pixel_size_um"] == 2.0 and d["scale"]["bar_label"].endswith("µm")
+    assert d["ecotaxa"]["header"][:5] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
+                                          "object_annotation_status"]
+    # the storage key: the same prediction gives the same key; another call, another key
+    assert d["key"] == RV.review_key(rev) and d["key"].startswith(RV.KEY_PREFIX + "cruise/")
+    again = _review(tmp_path)
+    assert RV.review_key(again) == d["key"]
+    again.rows[4] = (again.rows[4][0], "b")
+    assert RV.review_key(again) != d["key"]
+    bad = _review(tmp_path)
+    bad.items = bad.items[1:]
+    with pytest.raises(ValueError, match="first rows"):
+        RV.build_data(bad)
+    bad = _review(tmp_path)
+    bad.ecotaxa = ("e.tsv", bad.ecotaxa[1][:-1])
+    with pytest.raises(ValueError, match="4 rows for 5 queries"):
+        RV.build_data(bad)
+
+
+def test_page_is_one_self_contained_file(tmp_path):
+    rev = _review(tmp_path)
+    path = RV.write_review(tmp_path / "review.html", rev)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<title>Review &lt;x&gt;</title>" in text
+    # a class named "... </script>" cannot end the data block: two scripts open and close
+    assert text.count("<script") == 2 and text.count("</script>") == 2
+    assert _blob(text)["classes"] == CLASSES
+    assert not re.search(r'(src|href)="(?!data:)', text) and "http" not in text.split("<script>")[1]
+    assert "function saveEcotaxa" in text and "localStorage" in text  # the assets are inlined
+
+
+def test_doubt_note_says_what_is_shown():
+    off = RV.doubt_note(15, 10, 15, 500, None, None, 0.05)
+    assert "(off (" not in off and "rejected as unknown (" not in off
+    assert "Open-set rejection is off (inference.reject_below=null)" in off
+    assert "15 images, 10 doubtful" in off and "All 15 images are shown, the doubtful ones first." in off
+    cut = RV.doubt_note(2000, 10, 500, 500, "inference.reject_below=0.7 on similarity", 0.81, 0.05)
+    assert "rejected as unknown (inference.reject_below=0.7 on similarity)" in cut and "0.8100" in cut
+    assert "The 500 most doubtful are shown (inference.review_max=500), 10 of them doubtful" in cut
+    many = RV.doubt_note(2000, 900, 500, 500, None, 0.81, 0.05)
+    assert "The 500 most doubtful are shown (inference.review_max=500);" in many
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver") or next(
+        (p for p in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if Path(p).is_file()), None)
+    return (browser, driver) if browser and driver else None
+
+
+CHROMIUM = _chromium()
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium and chromedriver on this machine "
+                                    "(.ci/run installs Debian's chromium and chromium-driver)")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by Selenium, downloads into ``tmp_path / "downloads"``."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (requirements-dev.txt)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM[0]
+    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    # the background-networking flags: the closed test network refuses those connections
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,900"):
+        opts.add_argument(a)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    drv = webdriver.Chrome(service=Service(CHROMIUM[1]), options=opts)
+    drv.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    drv.downloads = downloads
+    yield drv
+    drv.quit()
+
+
+def _keys(drv, *keys):
+    """Keys typed into whatever has the focus (as a user types)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    for k in keys:
+        ActionChains(drv).send_keys(k).perform()
+
+
+def _text(drv, css: str) -> str:
+    return drv.find_element("css selector", css).text
+
+
+def _row(drv, n: int):
+    return drv.find_element("css selector", f'.row[data-item="{n}"]')
+
+
+def _downloaded(folder: Path, name: str) -> Path:
+    p = folder / name
+    for _ in range(100):  # a download is written in the background: wait for it (up to 10 s)
+        if p.is_file() and not (folder / (name + ".crdownload")).exists() and p.stat().st_size:
+            return p
+        time.sleep(0.1)
+    raise AssertionError(f"{name} was not downloaded: {sorted(x.name for x in folder.iterdir())}")
+
+
+@needs_chromium
+def test_relabel_reload_and_save_in_chromium(tmp_path, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    rev = _review(tmp_path)
+    page = RV.write_review(tmp_path / "review.html", rev)
+    browser.get(page.as_uri())
+    assert browser.get_log("browser") == []  # no script error
+    assert _text(browser, "#progress") == "0 of 4 reviewed"
+    assert "Image #1" in _text(browser, "#panel h2")
+    _keys(browser, "c")  # confirm #1 (predicted unknown); the next image becomes current
+    assert "confirmed" in _row(browser, 0).text and "current" in _row(browser, 1).get_attribute("class")
+    _keys(browser, "/", "dia")  # re-label #2 with the keyboard: type to filter, Enter
+    options = [o.text for o in browser.find_elements("css selector", "#label-options div")]
+    assert options[0] == "Diatom" and options[-1] == "new class “dia”"
+    _keys(browser, Keys.ENTER)
+    assert "→ Diatom" in _row(browser, 1).text
+    _keys(browser, "j")  # skip #3
+    filt = browser.find_element("css selector", "#label-filter")
+    filt.click()
+    filt.send_keys("cop")
+    browser.find_element("css selector", '#label-options div[data-label="Copepoda & co"]').click()
+    assert "→ Copepoda & co" in _row(browser, 3).text
+    assert _text(browser, "#progress") == "3 of 4 reviewed"
+
+    browser.refresh()  # the work survives a reload (localStorage)
+    assert _text(browser, "#progress") == "3 of 4 reviewed"
+    assert "confirmed" in _row(browser, 0).text and "→ Diatom" in _row(browser, 1).text
+    assert "not reviewed" in _row(browser, 2).text and "→ Copepoda & co" in _row(browser, 3).text
+    stored = json.loads(browser.execute_script("return window.localStorage.getItem(arguments[0])", RV.review_key(rev)))
+    assert stored["labels"] == {"0": "unknown", "1": "Diatom", "3": "Copepoda & co"}
+
+    browser.find_element("css selector", "#save-csv").click()
+    saved = _downloaded(browser.downloads, "corrections_cruise.csv")
+    with open(saved, newline="", encoding="utf-8") as fh:
+        sheet = list(csv.DictReader(fh))
+    assert [(r["path"], r["predicted"]) for r in sheet] == rev.rows  # every query, the stage's order
+    assert [r["validated"] for r in sheet] == ["unknown", "Diatom", "", "Copepoda & co", ""]
+    # exactly what data.gallery_extra takes: the two re-labelled images (unknown adds nothing)
+    assert read_corrections(saved) == [(str(Path(rev.rows[1][0]).resolve()), "Diatom"),
+                                       (str(Path(rev.rows[3][0]).resolve()), "Copepoda & co")]
+
+    browser.find_element("css selector", "#save-eco").click()
+    tsv = _downloaded(browser.downloads, "ecotaxa_cruise_reviewed.tsv").read_text(encoding="utf-8").splitlines()
+    table = [line.split("\t") for line in tsv]
+    assert table[:2] == rev.ecotaxa[1][:2] and len(table) == 2 + 5
+    got = [(r[3], r[4]) for r in table[2:]]
+    assert got == [("", ""), ("Diatom", "validated"), ("Copepoda & co", "predicted"),
+                   ("Copepoda & co", "validated"), ("Diatom", "predicted")]
+    assert [r[:3] + r[5:] for r in table[2:]] == [r[:3] + r[5:] for r in rev.ecotaxa[1][2:]]
+
+
+@needs_chromium
+def test_filters_hash_presets_and_clear_in_chromium(tmp_path, browser):
+    from selenium.webdriver.support.ui import Select
+
+    page = RV.write_review(tmp_path / "review.html", _review(tmp_path))
+    browser.get(page.as_uri() + "#sample=st1")
+    assert _text(browser, "#shown") == "2 of 4 shown"
+    browser.get(page.as_uri() + "#class=Copepoda%20%26%20co")
+    assert _text(browser, "#shown") == "1 of 4 shown" and "Image #3" in _text(browser, "#panel h2")
+    browser.get(page.as_uri() + "#doubtful=1&status=todo")
+    assert _text(browser, "#shown") == "2 of 4 shown"
+    _keys(browser, "2")  # #1 takes its second neighbour's class, and leaves the "to review" view
+    assert _text(browser, "#shown") == "1 of 4 shown" and "Image #2" in _text(browser, "#panel h2")
+    assert _text(browser, "#progress") == "1 of 4 reviewed"
+    Select(browser.find_element("css selector", "#f-status")).select_by_value("done")
+    assert _text(browser, "#shown") == "1 of 4 shown" and "→ Diatom" in _row(browser, 0).text
+    _keys(browser, "x")  # clear: back to "not reviewed"
+    assert _text(browser, "#progress") == "0 of 4 reviewed" and _text(browser, "#shown") == "0 of 4 shown"
+    # one scale: the query (20 x 16 px) and a neighbour (110 x 80 px) keep their size ratio
+    Select(browser.find_element("css selector", "#f-status")).select_by_value("")
+    imgs = _row(browser, 0).find_elements("css selector", "img")
+    widths = [float(i.value_of_css_property("width")[:-2]) for i in imgs[:4]]
+    assert widths[3] / widths[0] == pytest.approx(110 / 20, rel=0.02)
+    assert "20 × 16 px" in _row(browser, 0).text and "110 × 80 px" in _row(browser, 0).text
+
+
+def _dom_counts(drv) -> tuple[int, int]:
+    return drv.execute_script("return [document.getElementsByTagName('*').length, "
+                              "document.querySelectorAll('img[src^=\"data:\"]').length]")
+
+
+@needs_chromium
+def test_20000_images_render_a_bounded_dom(tmp_path, browser):
+    """The list is virtualised: the DOM (and the thumbnails decoded) stay bounded, wherever one looks."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    n = 20_000
+    files = [_img(tmp_path / "img" / f"{i}.png", (20 + i, 30), (i * 8, 50, 100)) for i in range(30)]
+    items = [RV.ReviewItem(files[i % 30], f"st{i % 7}", CLASSES[i % 3], 0.5, 0.1, 0.4, ["small margin"] if i % 2 else [],
+                           [(files[(i + j) % 30], CLASSES[j % 4], 0.5) for j in range(5)]) for i in range(n)]
+    page = RV.write_review(tmp_path / "review.html", RV.Review("big", "", "big", items, CLASSES))
+    size_mb = page.stat().st_size / 1e6
+    assert size_mb < 8, size_mb  # 20,000 rows of data; thumbnails stored once per image file
+    browser.get(page.as_uri())
+    assert _text(browser, "#progress") == f"0 of {n} reviewed"
+    rows = browser.execute_script("return document.querySelectorAll('.row').length")
+    nodes, thumbs = _dom_counts(browser)
+    # a query and five neighbours per row, and the current image large in the side panel
+    assert 3 <= rows <= 30 and nodes < 2500 and thumbs <= 6 * rows + 1, (rows, nodes, thumbs)
+    browser.execute_script("document.getElementById('list').scrollTop = 1e9")  # to the end
+    time.sleep(0.2)  # one animation frame renders the rows in view
+    _keys(browser, Keys.END)  # the last image becomes current
+    assert "Image #20000" in _text(browser, "#panel h2") and _row(browser, n - 1).is_displayed()
+    _keys(browser, "c")
+    assert _text(browser, "#progress") == f"1 of {n} reviewed"
+    nodes2, thumbs2 = _dom_counts(browser)
+    assert nodes2 < 2500 and thumbs2 <= 6 * 30 + 1, (nodes2, thumbs2)
+    Select(browser.find_element("css selector", "#f-doubt")).select_by_value("doubtful")
+    assert _text(browser, "#shown") == f"{n // 2} of {n} shown"
+    assert _dom_counts(browser)[0] < 2500
+
+
+@needs_chromium
+def test_the_page_predict_writes_in_chromium(tmp_path, browser):
+    """One path through the real predict code: its review.html, re-labelled and saved in the browser."""
+    from selenium.webdriver.common.keys import Keys
+
+    from common import config as C
+    from common import inference as I
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8))
+    G = centres.repeat(4, axis=0) + 0.3 * rng.normal(size=(12, 8))
+    Q = centres[[0, 1, 2, 0, 1]] + 0.6 * rng.normal(size=(5, 8))
+    G, Q = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (G, Q))
+    gallery = I.Vectors(G.astype(np.float32), np.arange(12) // 4,
+                        [_img(tmp_path / "g" / f"{i}.png", (30 + 5 * i, 30)) for i in range(12)])
+    queries = I.Vectors(Q.astype(np.float32), np.full(5, -1),
+                        [_img(tmp_path / "in" / f"q{i}.png", (20 + 20 * i, 40)) for i in range(5)])
+    cfg = C.InferenceConfig()
+    cfg.mode, cfg.input, cfg.classifiers = "predict", str(tmp_path / "in"), []
+
+    def output(*parts, digest="sha256"):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        return tmp_path.joinpath("out", *parts)
+
+    I.predict(queries, gallery, ["Acartia", "Ceratium", "Tripos"], cfg, output, name="st", root=tmp_path / "in",
+              pixel_size_um=1.5)
+    browser.get((tmp_path / "out" / "review.html").as_uri())
+    assert _text(browser, "#progress") == "0 of 5 reviewed" and "µm" in _row(browser, 0).text
+    sheet = list(csv.DictReader(io.StringIO((tmp_path / "out" / "corrections.csv").read_text(encoding="utf-8"))))
+    first = sheet[0]["predicted"]
+    _keys(browser, "c", "/", "trip", Keys.ENTER)  # confirm the first, re-label the second
+    browser.find_element("css selector", "#save-csv").click()
+    with open(_downloaded(browser.downloads, "corrections_st.csv"), newline="", encoding="utf-8") as fh:
+        saved = list(csv.DictReader(fh))
+    assert [(r["path"], r["predicted"]) for r in saved] == [(r["path"], r["predicted"]) for r in sheet]
+    assert [r["validated"] for r in saved] == [first, "Tripos", "", "", ""]
