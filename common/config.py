@@ -779,6 +779,8 @@ def validate(cfg: Config) -> None:
     n = cfg.notify
     if n.enabled and n.user and n.security == "plain" and not n.allow_insecure_login:
         raise ConfigError(INSECURE_LOGIN_MESSAGE)
+    if not str(cfg.run.dir).strip():
+        raise ConfigError("run.dir: must name a folder (empty: the current folder would become the run folder)")
     if str(cfg.run.log_level).upper() not in LOG_LEVELS:
         raise ConfigError(f"run.log_level: must be one of {', '.join(LOG_LEVELS)} (any case), got {_show(cfg.run.log_level)}")
     check_names(cfg)
@@ -787,6 +789,7 @@ def validate(cfg: Config) -> None:
 
 STORE_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # a PostgreSQL identifier that needs no quoting
 STORE_URL_FORM = "postgresql+psycopg://user@host:port/database"
+SHARED_SCHEMAS = ("public", "information_schema")  # and pg_*: never a run's own (stage 04 drops its schema on --force)
 # Query parameters (and key=value text inside a part of the URL, which libpq would read as a
 # connection string) that hold a secret or name a file of secrets: password, passfile,
 # sslpassword, sslkey, any *token*, *secret*, *cred*... Refused whatever their value.
@@ -845,6 +848,9 @@ def check_store(st: StoreConfig) -> None:
         raise ConfigError(f"store.password_env: must name an environment variable, got {_show(st.password_env)}")
     if st.schema is not None and not STORE_SCHEMA_RE.fullmatch(st.schema):
         raise ConfigError(f"store.schema: must be a lower-case identifier (a-z, 0-9, _; at most 63), got {_show(st.schema)}")
+    if st.schema is not None and (st.schema in SHARED_SCHEMAS or st.schema.startswith("pg_")):
+        raise ConfigError(f"store.schema: {st.schema} is a schema PostgreSQL or other users share, and stage 04 drops "
+                          "its schema to embed again: name one of this run's own")
     if st.url is None:
         return
     why = store_url_problem(st.url, st.password_env)

@@ -527,6 +527,9 @@ def check_writable(run_dir: Path, stage_dir: Path) -> None:
     exists above one not created yet, cannot be written by this user, before anything is written."""
     for p in (run_dir, stage_dir):
         q = _nearest_existing(p)
+        if not q.is_dir():
+            raise UserError(f"run folder {run_dir}: {q} is a file where a folder must be: move it away or give "
+                            "another --run folder")
         if not os.access(q, os.W_OK | os.X_OK):
             raise UserError(not_writable_message(run_dir, q))
 

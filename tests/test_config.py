@@ -571,3 +571,14 @@ def test_an_empty_password_is_no_secret_and_is_dropped():
 def test_a_secret_typed_in_the_wrong_place_is_never_echoed(override):
     msg = _one_line_error(override)
     assert MARK not in msg, msg
+
+
+@pytest.mark.parametrize("schema", ["public", "pg_catalog", "pg_temp_3", "information_schema"])
+def test_a_shared_postgresql_schema_is_never_a_runs_store(schema):
+    """Attack pass: store.schema=public would have been dropped with CASCADE by stage 04 --force."""
+    msg = _one_line_error(f"store.schema={schema}")
+    assert msg.startswith(f"store.schema: {schema} is a schema PostgreSQL or other users share"), msg
+
+
+def test_an_empty_run_dir_is_refused():
+    assert _one_line_error("run.dir=''").startswith("run.dir: must name a folder")

@@ -178,6 +178,14 @@ def test_permission_denied_in_the_run_folder_is_one_line_exit_2(tmp_path, capsys
     assert sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir()) == before
 
 
+def test_a_run_folder_that_is_a_file_is_one_line_exit_2(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    assert ex(SPEC_A, _producer("x"), ["--run", str(f)]) == 2
+    assert f"run folder {f}: {f} is a file where a folder must be" in capsys.readouterr().err
+    assert f.read_text() == "keep"
+
+
 def test_bad_config_is_exit_2(tmp_path, capsys):
     rc = ex(SPEC_A, _producer("x"), ["--run", str(tmp_path), "train.epochz=1"])
     assert rc == 2
