@@ -325,9 +325,18 @@ class StageLock:
                     os.close(fd)
                 raise
             self._fd, self.held = fd, True
+            os.register_at_fork(after_in_child=self._not_in_child)
             return
         raise UserError(f"cannot take the lock {self.path}: it keeps changing; is another process starting "
                         f"{self.stage_name}?")
+
+    def _not_in_child(self) -> None:
+        """A forked child (a DataLoader or scan worker) closes its copy of the lock's descriptor and
+        never releases it: the lock goes with the stage's own process, even if a worker outlives it."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self.held = None, False
 
     def _live_holder(self) -> LockInfo:
         """The holder of the flock, named in the lock file. A holder that has just taken the lock

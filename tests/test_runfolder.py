@@ -589,3 +589,34 @@ def test_ctrl_c_on_run_pipeline_is_130_in_one_line_and_the_stage_saves_its_state
     assert "interrupted" in text and "rerun the same command to continue" in text  # the stage's own state line
     assert not (run / "01_random_split_dataset" / "manifest.json").exists()
     assert not (run / "01_random_split_dataset" / ".lock").exists()
+
+
+def test_a_forked_worker_never_holds_or_releases_the_stage_lock(tmp_path):
+    """DataLoader and scan workers are forked while the lock is held: the lock goes with the stage
+    process. Here the stage is killed (no release) while its worker lives on: the lock is free."""
+    from common.errors import UserError
+    from common.runfolder import StageLock
+
+    sdir = tmp_path / "05_lut_threshold"
+    r, w = os.pipe()
+    stage_pid = os.fork()
+    if stage_pid == 0:  # the stage: takes the lock, forks a worker, dies without releasing
+        lock = StageLock(sdir, "05_lut_threshold", tmp_path)
+        lock.acquire()
+        if os.fork() == 0:  # the worker: its release must not touch the stage's lock
+            lock.release()
+            os.write(w, b"1" if (sdir / ".lock").exists() else b"0")
+            time.sleep(5)
+            os._exit(0)
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"  # the worker is alive (sleeping) and the lock file is still there
+    os.close(r)
+    os.waitpid(stage_pid, 0)
+    again = StageLock(sdir, "05_lut_threshold", tmp_path)
+    try:
+        again.acquire()  # the stage is gone: taken over at once, though its worker still runs
+    except UserError as e:
+        pytest.fail(f"a worker kept the lock: {e}")
+    finally:
+        again.release()
