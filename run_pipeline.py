@@ -10,20 +10,23 @@ Usage:
     python run_pipeline.py -c configs/default.yaml --run runs/dyb --from 4 --to 7 extract.checkpoint=last
 
 Each stage skips itself when it is up to date; --force is passed on to every stage run.
-Exit code: that of the first stage that fails (0 when all succeed).
+Exit code: that of the first stage that fails (0 when all succeed); 130 on Ctrl-C (the running
+stage saves its state as it does alone: rerun the same command to continue).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common.config import load_config
+from common.config import load_config, secret_args
 from common.errors import UserError
-from common.stage import STAGES, script_for
+from common.stage import STAGES, ArgParser, script_for
 
 ROOT = Path(__file__).resolve().parent
 
@@ -32,8 +35,9 @@ DEMO_DATA = ROOT / ".cache" / "demo" / "digits"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgParser(description=__doc__.strip().splitlines()[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.hidden = secret_args(argv)
     p.add_argument("-c", "--config", action="append", default=[], help="configuration file (repeatable)")
     p.add_argument("--run", default=None, help="run directory")
     p.add_argument("--from", dest="start", type=int, default=1, help="first stage number (1-7)")
@@ -66,6 +70,36 @@ def _summary(run_dir: Path, ran: bool) -> None:
     report = run_dir / "07_inference" / "report.html"
     if report.is_file():
         print(f"\nReport: {report.resolve()}")
+
+
+def run_stage(cmd: list[str]) -> tuple[int, bool]:
+    """Run one stage and wait for it, however it ends: (its exit code, whether we were interrupted).
+
+    Ctrl-C reaches the stage from the terminal (same process group) and the stage saves its state
+    (stage 03: last.pt) before it exits 130; this process only notes the signal and keeps waiting,
+    where ``subprocess.call`` would kill the stage mid-save. A SIGTERM, sent to this process alone
+    (a scheduler, ``kill``), is passed on to the stage, which stops the same way.
+    """
+    interrupted = False
+    procs: list[subprocess.Popen] = []
+
+    def note(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
+        nonlocal interrupted
+        interrupted = True
+        if signum == signal.SIGTERM and procs:
+            with contextlib.suppress(ProcessLookupError):
+                procs[0].send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if interrupted:  # a signal in the instant before the stage starts
+            return 130, True
+        procs.append(subprocess.Popen(cmd))
+        rc = procs[0].wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc, interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"\n[{i}/7] {name}", flush=True)
         t = time.time()
-        rc = subprocess.call([sys.executable, str(script), *common_args, *overrides])
+        rc, interrupted = run_stage([sys.executable, str(script), *common_args, *overrides])
+        if interrupted or rc in (130, -signal.SIGINT, -signal.SIGTERM):
+            print(f"\n{name} interrupted (exit code 130): rerun the same command to continue", file=sys.stderr)
+            return 130
         if rc != 0:
             log_txt = run_dir / name / "log.txt"
             where = f"; see {log_txt}" if rc != 2 and log_txt.is_file() else ""
@@ -115,5 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _main() -> int:
+    """``main`` with Ctrl-C outside a stage (the demo's rendering, between stages) as exit 130, one line."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\ninterrupted (exit code 130): rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())

@@ -535,14 +535,21 @@ def _suggest(name: str, options: list[str]) -> str:
 
 def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     if section not in SECTIONS:
-        raise ConfigError(f"unknown config section {_show(section)} in {origin}{_suggest(section, list(SECTIONS))}")
+        raise ConfigError(f"unknown config section {NOT_SHOWN if _may_hold_secret(section, name=True) else _show(section)} in {origin}{_suggest(section, list(SECTIONS))}")
     sec_obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(sec_obj))
     if key not in hints:
         raise ConfigError(
-            f"unknown config key {_cut(f'{section}.{key}')} in {origin}{_suggest(key, list(hints))}"
+            f"unknown config key {_show_arg(f'{section}.{key}', name=True)} in {origin}{_suggest(key, list(hints))}"
         )
-    setattr(sec_obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+    dotted = f"{section}.{key}"
+    try:
+        setattr(sec_obj, key, _coerce(value, hints[key], dotted))
+    except ConfigError:
+        if not holds_secret(dotted):
+            raise
+        raise ConfigError(f"{dotted}: expected {_type_name(hints[key])}, got a {type(value).__name__} "
+                          f"(in {origin}; the value is not shown: it may hold a secret)") from None
 
 
 def _merge_mapping(cfg: Config, data: Any, origin: str) -> None:
@@ -554,63 +561,84 @@ def _merge_mapping(cfg: Config, data: Any, origin: str) -> None:
         if body is None:
             continue
         if not isinstance(body, dict):
-            raise ConfigError(f"{section}: expected a mapping of keys in {origin}, got {_show(body)}")
+            raise ConfigError(f"{_show_arg(str(section), name=True)}: expected a mapping of keys in {origin}, got a "
+                              f"{type(body).__name__}")
         for key, value in body.items():
             _apply(cfg, str(section), str(key), value, origin)
 
 
 # ----------------------------------------------------------------------------- YAML
 
-MAX_YAML_NODES = 100_000  # values of one YAML document once every alias is expanded
+MAX_YAML_ALIAS_VALUES = 100_000  # values that aliases add to one YAML document once expanded ("billion laughs")
 MAX_YAML_DEPTH = 32  # nesting levels of one YAML document (a configuration needs four)
+MAX_CONFIG_BYTES = 16 * 2**20  # a -c file larger than this is refused before it is read (a configuration is a few KiB)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that composes at most ``MAX_YAML_DEPTH`` nesting levels: a deeper
+    document is refused at level ``MAX_YAML_DEPTH + 1``, so the work done on it is bounded by that
+    depth, never by the file's length or Python's recursion limit."""
+
+    def __init__(self, stream: str, origin: str):
+        super().__init__(stream)
+        self._depth, self._origin = 0, origin
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self._depth >= MAX_YAML_DEPTH:
+            raise ConfigError(f"{self._origin}: YAML nested deeper than {MAX_YAML_DEPTH} levels: refusing to load it")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _check_yaml_graph(root: yaml.Node, origin: str) -> None:
-    """Refuse a composed YAML document whose aliases expand to more than ``MAX_YAML_NODES``
-    values ("billion laughs"), that nests deeper than ``MAX_YAML_DEPTH`` or that refers to itself.
+    """Refuse a composed YAML document whose aliases add more than ``MAX_YAML_ALIAS_VALUES`` values
+    once expanded ("billion laughs") or whose alias refers to the value that contains it.
 
-    Aliases share nodes, so the expanded size of each node is computed once (linear time).
+    What counts is what aliases add (expanded size minus the nodes written in the text), never
+    the document's own length: a plain list of 200,000 values adds nothing. Aliases share nodes,
+    so each node's expanded size is computed once (time linear in the text); an alias always
+    follows its anchor, so the walk never goes deeper than the text nests (``_BoundedLoader``).
     """
     sizes: dict[int, int] = {}  # id(node) -> expanded size; -1 while the node is being visited
 
-    def size(node: yaml.Node, depth: int) -> int:
-        if depth > MAX_YAML_DEPTH:
-            raise ConfigError(f"{origin}: YAML nested deeper than {MAX_YAML_DEPTH} levels: refusing to load it")
+    def size(node: yaml.Node) -> int:
         known = sizes.get(id(node))
         if known is not None:
             if known < 0:
                 raise ConfigError(f"{origin}: a YAML alias refers to the value that contains it: refusing to load it")
             return known
         sizes[id(node)] = -1
-        total = 1
         if isinstance(node, yaml.SequenceNode):
             children = node.value
         elif isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
         else:
             children = []
-        for child in children:
-            total += size(child, depth + 1)
-            if total > MAX_YAML_NODES:
-                raise ConfigError(f"{origin}: YAML aliases expand to more than {MAX_YAML_NODES} values "
-                                  "(a \"billion laughs\" file?): refusing to load it")
+        total = 1 + sum(size(child) for child in children)
         sizes[id(node)] = total
         return total
 
-    size(root, 0)
+    added = size(root) - len(sizes)
+    if added > MAX_YAML_ALIAS_VALUES:
+        raise ConfigError(f"{origin}: YAML aliases expand to more than {MAX_YAML_ALIAS_VALUES} values "
+                          "(a \"billion laughs\" file?): refusing to load it")
 
 
 def load_yaml(text: str, origin: str) -> Any:
-    """Parse one YAML document with the safe loader, checking its expanded size before building it.
+    """Parse one YAML document with the safe loader, checking its nesting while composing it and
+    what its aliases expand to before building it.
 
     Raises ``ConfigError`` naming ``origin`` for an alias bomb, a self-referring alias or too deep
     nesting; ``yaml.YAMLError`` for a syntax error.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _BoundedLoader(text, origin)
     try:
         try:
             node = loader.get_single_node()
-        except RecursionError:
+        except RecursionError:  # not expected (the depth is bounded): kept as a last guard
             raise ConfigError(f"{origin}: YAML nested too deeply: refusing to load it") from None
         if node is None:
             return None
@@ -620,18 +648,55 @@ def load_yaml(text: str, origin: str) -> Any:
         loader.dispose()
 
 
+def _may_hold_secret(text: str, name: bool = False) -> bool:
+    """True for command-line text that could carry a secret: a URL (``@``, ``://``) and, unless
+    ``name`` (a key's name: ``notify.password`` names no secret), a ``password``/``token`` word.
+    Such text is never quoted back in a message."""
+    url_like = "@" in text or "://" in text
+    return url_like or (not name and bool(_SECRET_RE.search(text) or _URL_SECRET_RE.search(text)))
+
+
+NOT_SHOWN = "(not shown: it may hold a secret)"
+
+
+def _show_arg(text: str, name: bool = False) -> str:
+    """``_show(text)`` (``_cut`` for a ``name``), or ``NOT_SHOWN`` when the text may hold a secret."""
+    if _may_hold_secret(text, name):
+        return NOT_SHOWN
+    return _cut(text) if name else _show(text)
+
+
+def holds_secret(dotted: str) -> bool:
+    """Keys whose value may be a secret or carry one (``store.url``, ``*password*``...): their
+    values are never quoted in a message."""
+    return dotted in SECRET_VALUE_KEYS or is_secret_key(dotted.split(".")[-1])
+
+
+SECRET_VALUE_KEYS = ("store.url",)
+
+
+def secret_args(argv: Iterable[str]) -> set[str]:
+    """The command-line words never quoted back (``NOT_SHOWN`` instead): those that may hold a
+    secret (``_may_hold_secret``) and the word after an option named like one (``--password X``)."""
+    words = list(argv)
+    out = {w for w in words if _may_hold_secret(w)}
+    out |= {b for a, b in zip(words, words[1:]) if a.startswith("-") and _may_hold_secret(a)}
+    return out
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split ``section.key=value`` and parse the value as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {_show(text)} must look like section.key=value")
+        raise ConfigError(f"override {_show_arg(text)} must look like section.key=value")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key {_show(dotted)} must look like section.key")
+        raise ConfigError(f"override key {_show_arg(dotted, name=True)} must look like section.key")
     try:
         value = load_yaml(raw, f"command-line override {_cut(dotted.strip())}") if raw.strip() != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{_cut(dotted)}: cannot parse value {_show(raw)} as YAML ({e.__class__.__name__})") from None
+        shown = "" if holds_secret(dotted.strip()) else f" {_show(raw)}"
+        raise ConfigError(f"{_cut(dotted)}: cannot parse value{shown} as YAML ({e.__class__.__name__})") from None
     return parts[0], parts[1], value
 
 
@@ -646,8 +711,14 @@ def load_config(files: list[str | Path] | None = None, overrides: list[str] | No
         _merge_mapping(cfg, base, base_origin)
     for f in files or []:
         p = Path(f)
-        if not p.is_file():
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a folder, not a file")
+        if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
+        if not p.is_file():
+            raise ConfigError(f"config file {p} is not a regular file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a configuration")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -663,6 +734,8 @@ def load_config(files: list[str | Path] | None = None, overrides: list[str] | No
         section, key, value = parse_override(o)
         _apply(cfg, section, key, value, "command line")
     resolve_paths(cfg)
+    if cfg.store.url:
+        cfg.store.url = strip_empty_password(cfg.store.url)
     validate(cfg)
     return cfg
 
@@ -706,36 +779,130 @@ def validate(cfg: Config) -> None:
     n = cfg.notify
     if n.enabled and n.user and n.security == "plain" and not n.allow_insecure_login:
         raise ConfigError(INSECURE_LOGIN_MESSAGE)
+    if not str(cfg.run.dir).strip():
+        raise ConfigError("run.dir: must name a folder (empty: the current folder would become the run folder)")
+    if str(cfg.run.log_level).upper() not in LOG_LEVELS:
+        raise ConfigError(f"run.log_level: must be one of {', '.join(LOG_LEVELS)} (any case), got {_show(cfg.run.log_level)}")
+    check_names(cfg)
     check_store(cfg.store)
 
 
 STORE_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # a PostgreSQL identifier that needs no quoting
+STORE_URL_FORM = "postgresql+psycopg://user@host:port/database"
+SHARED_SCHEMAS = ("public", "information_schema")  # and pg_*: never a run's own (stage 04 drops its schema on --force)
+# Query parameters (and key=value text inside a part of the URL, which libpq would read as a
+# connection string) that hold a secret or name a file of secrets: password, passfile,
+# sslpassword, sslkey, any *token*, *secret*, *cred*... Refused whatever their value.
+_URL_SECRET_RE = re.compile(r"pass|secret|token|key|cred", re.I)
+_URL_SECRET_ASSIGN_RE = re.compile(r"(pass|secret|token|key|cred)\w*\s*=", re.I)
+_URL_KNOWN_SECRET_PARAMS = ("password", "passfile", "sslpassword", "sslkey")  # named in the message; others are not echoed
+_EMPTY_PASSWORD_RE = re.compile(r"^([A-Za-z0-9+._-]+://[^:/@?#]*):@")  # scheme://user:@ (pgserver prints its URI so)
+
+
+def strip_empty_password(url: str) -> str:
+    """``postgresql://postgres:@/db`` -> ``postgresql://postgres@/db``: an empty password is no
+    secret (``pgserver`` prints its URI so); the rest of the URL is kept as written."""
+    return _EMPTY_PASSWORD_RE.sub(r"\1@", url, count=1)
+
+
+def store_url_problem(url: str, password_env: str = "PLANKTON_STORE_PASSWORD") -> str | None:
+    """Why ``url`` is not an acceptable feature-store URL, or None. The reason never quotes the URL
+    (it may hold a secret): a password in the user part, a secret query parameter (``password``,
+    ``passfile``, ``sslpassword``, ``sslkey``, anything named like a token or secret), ``key=value``
+    text with such a key inside a part (libpq reads a database name holding ``=`` as a connection
+    string), a second ``@``; then the scheme and the database. An empty password is accepted
+    (``strip_empty_password`` drops it)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    where = f"put it in the environment variable {password_env} (store.password_env)"
+    try:
+        u = make_url(url)
+    except (ArgumentError, ValueError):
+        return f"store.url: not a URL: expected {STORE_URL_FORM}"
+    if u.password:  # None: no password; "": "user:@", no secret
+        return f"store.url: must not contain a password: {where} and remove it from the URL"
+    for k in u.query:
+        if _URL_SECRET_RE.search(str(k)):
+            name = f"parameter {str(k)!r}" if str(k).lower() in _URL_KNOWN_SECRET_PARAMS else "parameter named like a secret"
+            return (f"store.url: a query {name} holds or names a secret: remove it; a password: {password_env} "
+                    "(store.password_env); a password or key file: PGPASSFILE, PGSSLKEY")
+    values = [v for vs in u.query.values() for v in ((vs,) if isinstance(vs, str) else vs)]
+    for part in (u.username, u.host, u.database, *values):
+        if part and _URL_SECRET_ASSIGN_RE.search(str(part)):
+            return f"store.url: a part of the URL holds a secret-looking key=value setting: {where}"
+    if "@" in f"{u.username or ''}{u.host or ''}":
+        return f"store.url: holds more than one '@' (a password containing '@'?): {where}"
+    if u.drivername not in ("postgresql", "postgresql+psycopg"):
+        return f"store.url: not a PostgreSQL URL: expected {STORE_URL_FORM}"
+    if not u.database:
+        return f"store.url: names no database: expected {STORE_URL_FORM}"
+    return None
 
 
 def check_store(st: StoreConfig) -> None:
-    """``store.url``: a PostgreSQL URL without a password (never echoed: it could hold one);
-    ``store.schema``: a plain lower-case identifier; ``store.password_env``: a variable name."""
+    """``store.url``: a PostgreSQL URL without a secret (``store_url_problem``; never echoed: it
+    could hold one); ``store.schema``: a plain lower-case identifier; ``store.password_env``: a
+    variable name."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", st.password_env or ""):
         raise ConfigError(f"store.password_env: must name an environment variable, got {_show(st.password_env)}")
     if st.schema is not None and not STORE_SCHEMA_RE.fullmatch(st.schema):
         raise ConfigError(f"store.schema: must be a lower-case identifier (a-z, 0-9, _; at most 63), got {_show(st.schema)}")
+    if st.schema is not None and (st.schema in SHARED_SCHEMAS or st.schema.startswith("pg_")):
+        raise ConfigError(f"store.schema: {st.schema} is a schema PostgreSQL or other users share, and stage 04 drops "
+                          "its schema to embed again: name one of this run's own")
     if st.url is None:
         return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    why = store_url_problem(st.url, st.password_env)
+    if why is not None:
+        raise ConfigError(why)
 
-    try:
-        u = make_url(st.url)
-    except ArgumentError:
-        raise ConfigError("store.url: not a URL: expected postgresql+psycopg://user@host:port/database") from None
-    if u.password is not None:
-        raise ConfigError(f"store.url: must not contain a password: put it in the environment variable "
-                          f"{st.password_env} (store.password_env) and remove it from the URL")
-    if u.drivername not in ("postgresql", "postgresql+psycopg"):
-        raise ConfigError(f"store.url: expected postgresql+psycopg://user@host:port/database, got the scheme "
-                          f"{_show(u.drivername)}")
-    if not u.database:
-        raise ConfigError("store.url: names no database: expected postgresql+psycopg://user@host:port/database")
+
+# ----------------------------------------------------------------------------- names that become paths
+
+NAME_MAX_CHARS = 64
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+# Keys whose value becomes one component of a path in the run folder (07_inference/predict/<name>/,
+# ecotaxa_<name>.tsv). store.schema is a PostgreSQL identifier, checked by check_store.
+NAME_KEYS = ("inference.name",)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a plain name (letters, digits, ``-``, ``_``, ``.``; not starting with
+    ``.``; 1 to ``NAME_MAX_CHARS`` characters), or None. ``..``, ``/``, an absolute path, a
+    hidden name, an empty or a too long one are all refused here."""
+    if not name:
+        return "it is empty"
+    if len(name) > NAME_MAX_CHARS:
+        return f"{len(name)} characters"
+    if not _NAME_RE.fullmatch(name):
+        return "a character other than A-Z a-z 0-9 - _ ."
+    if name.startswith("."):
+        return "it starts with '.'"
+    return None
+
+
+def plain_name(text: str, default: str = "input") -> str:
+    """``text`` made a plain name (``name_problem`` is None): other characters become ``_``,
+    leading dots are dropped, cut to ``NAME_MAX_CHARS``; ``default`` when nothing is left. For
+    names derived from an input (a folder's name), never for names the user typed."""
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).lstrip(".")[:NAME_MAX_CHARS]
+    return out if out.strip("_") else default
+
+
+def check_names(cfg: Config) -> None:
+    """Every key of ``NAME_KEYS`` that is set is a plain name (``ConfigError`` naming the key)."""
+    for dotted in NAME_KEYS:
+        v = get_key(cfg, dotted)
+        if v is None:
+            continue
+        why = name_problem(str(v))
+        if why is not None:
+            raise ConfigError(f"{dotted}: {_show(v)} is not a plain name ({why}): it names a folder; at most "
+                              f"{NAME_MAX_CHARS} characters, not starting with '.'")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 # ----------------------------------------------------------------------------- output

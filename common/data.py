@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from .errors import ImageReadError, UserError
-from .fileio import read_json
+from .fileio import read_json, spreadsheet_text
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,39 @@ class Listing:
         return notes
 
 
+def check_class_links(root: str | Path, classes: Sequence[str], key: str = "data.root") -> None:
+    """``UserError`` naming the link when a class folder of ``root`` is a symbolic link to ``root``
+    itself or a folder above it (the class would hold every image), or to another class folder, a
+    folder inside one or a folder holding one (images listed under two classes), whatever
+    ``data.follow_symlinks`` says. A class folder linked to a folder elsewhere stays fine.
+    """
+    root_p = Path(root)
+    real_root = os.path.realpath(root_p)
+    real = {c: os.path.realpath(root_p / c) for c in classes}
+    for c in classes:
+        link = root_p / c
+        if not os.path.islink(link):
+            continue
+        if _inside(real_root, real[c]):
+            raise UserError(f"{key}: class folder {link} is a symbolic link to {real[c]}, which is the {key} folder or one "
+                            "above it (the class would hold every image): remove the link")
+    links = [c for c in classes if os.path.islink(root_p / c)]  # few: the check costs links x classes
+    for c in links:
+        for d in classes:
+            if d == c or not (_inside(real[c], real[d]) or _inside(real[d], real[c])):
+                continue
+            if d in links and real[c] == real[d] and sort_key(d) > sort_key(c):
+                c, d = d, c  # two links to one folder: name the later one
+            raise UserError(f"{key}: class folder {root_p / c} is a symbolic link to {real[c]}, which is, holds or lies "
+                            f"inside class folder {d!r} (its images would count in two classes): remove the link")
+
+
 def list_image_folder(root: str | Path, follow_symlinks: bool = False) -> Listing:
     """List an image folder with one sub-folder per class (``data.root``).
 
     Every non-hidden file anywhere under a class folder is listed (whether it is an image is
-    decided later, by content). A class folder may itself be a symbolic link. Directory symlinks
+    decided later, by content). A class folder may itself be a symbolic link, to a folder outside
+    ``data.root`` and the other class folders (``check_class_links`` refuses the others). Directory symlinks
     *inside* class folders are followed only with ``follow_symlinks`` (``data.follow_symlinks``);
     otherwise they are skipped and listed in ``Listing.skipped``. When followed, each real folder
     is listed once, under the class whose folder holds the link, except that a link into a
@@ -212,6 +240,7 @@ def list_image_folder(root: str | Path, follow_symlinks: bool = False) -> Listin
         raise UserError(f"data.root: cannot list {root_p} ({e.strerror or e.__class__.__name__})") from None
     classes = [e for e in entries if (root_p / e).is_dir()]
     strays = [str(root_p / e) for e in entries if e not in classes and (root_p / e).is_file()]
+    check_class_links(root_p, classes)
     real_root = str(root_p)
     class_real = {c: os.path.realpath(root_p / c) for c in classes}
 
@@ -292,7 +321,8 @@ def read_splits(path: str | Path) -> list[SplitRow]:
             except (TypeError, ValueError):
                 raise UserError(f"{p}, line {i}: width and height must be integers") from None
             extras = {k: v for k, v in r.items() if k not in SPLITS_COLUMNS and k is not None}
-            rows.append(SplitRow(r["path"], r["label"], r["split"], r["sha256"], w, h, r["mode"], extras))
+            rows.append(SplitRow(spreadsheet_text(r["path"]), spreadsheet_text(r["label"]), r["split"], r["sha256"],
+                                 w, h, r["mode"], extras))
     return rows
 
 

@@ -1071,11 +1071,12 @@ class PgStore:
     password_env: str = "PLANKTON_STORE_PASSWORD"
 
     def __post_init__(self) -> None:
-        from sqlalchemy.engine import make_url
+        from .config import store_url_problem, strip_empty_password
 
-        if make_url(self.url).password is not None:
-            raise UserError(f"the feature store URL must not contain a password: put it in the environment "
-                            f"variable {self.password_env}")
+        object.__setattr__(self, "url", strip_empty_password(self.url))  # "user:@": no secret, dropped
+        why = store_url_problem(self.url, self.password_env)
+        if why is not None:  # the configuration refused it already; a model.json edited by hand too
+            raise UserError(f"feature store URL: {why.removeprefix('store.url: ')}")
         if not PG_SCHEMA_RE.fullmatch(self.schema):
             raise UserError(f"feature store schema {self.schema!r}: must be a lower-case identifier (a-z, 0-9, _)")
 

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -68,14 +69,42 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
+# A spreadsheet reads a cell that starts with one of these as a formula (CSV injection, OWASP):
+# "=HYPERLINK(...)" in a class or file name would run when a colleague opens predictions.csv.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.I)
+_QUOTED_RE = re.compile(r"'+[=+\-@\t\r]")
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with ``'`` (shown as text).
+
+    Only text is touched, and never a number written as text (``-0.5``, ``+3``, ``1e-4``, ``nan``
+    stay as they are), so numeric columns never change; nor a cell of any other type. Text made
+    of quotes then a formula character gets one more quote, so ``spreadsheet_text`` gives back
+    exactly the original text. Every CSV and TSV the tool writes goes through this (``write_csv``,
+    ``samples.write_tsv``)."""
+    if not isinstance(cell, str) or not cell or _NUMBER_RE.fullmatch(cell):
+        return cell
+    if cell.startswith(FORMULA_START) or _QUOTED_RE.match(cell):
+        return "'" + cell
+    return cell
+
+
+def spreadsheet_text(cell: str) -> str:
+    """The inverse of ``spreadsheet_safe``: what the tool reads back from its own CSV files."""
+    return cell[1:] if _QUOTED_RE.match(cell) else cell
+
+
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
-    """Write a CSV with a header, atomically. Returns the number of data rows."""
+    """Write a CSV with a header, atomically; every text cell through ``spreadsheet_safe``.
+    Returns the number of data rows."""
     n = 0
     with atomic_open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(header)
+        w.writerow([spreadsheet_safe(c) for c in header])
         for row in rows:
-            w.writerow(row)
+            w.writerow([spreadsheet_safe(c) for c in row])
             n += 1
     return n
 

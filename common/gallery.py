@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import UserError
 from .features import Vectors
+from .fileio import spreadsheet_text
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,12 @@ class ExtraImage:
 
 
 def _folder_images(folder: Path) -> list[tuple[str, str]]:
-    from .data import IMAGE_SUFFIXES, is_hidden, walk_files
+    from .data import IMAGE_SUFFIXES, check_class_links, is_hidden, walk_files
 
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
     if not classes:
         raise UserError(f"data.gallery_extra: {folder} holds no class sub-folder (expected {folder}/<class>/<images>)")
+    check_class_links(folder, [c.name for c in classes], key="data.gallery_extra")
     out = []
     for c in classes:
         for p in walk_files(c.resolve()):
@@ -71,7 +73,8 @@ def read_corrections(path: Path) -> list[tuple[str, str]]:
             if not {"path", "validated"} <= cols:
                 raise UserError(f"data.gallery_extra: {path} has no 'path' and 'validated' columns (a corrections.csv "
                                 f"of 07_inference predict mode has {', '.join(CORRECTIONS_COLUMNS)})")
-            rows = [(i, (r.get("path") or "").strip(), (r.get("validated") or "").strip())
+            # spreadsheet_text: a class copied from the "predicted" column keeps no formula guard quote
+            rows = [(i, spreadsheet_text((r.get("path") or "").strip()), spreadsheet_text((r.get("validated") or "").strip()))
                     for i, r in enumerate(reader, start=2)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"data.gallery_extra: {path} cannot be read ({e.__class__.__name__}: {e})") from None

@@ -749,11 +749,14 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     predicted = [None if d.final[q] == M.UNKNOWN else classes[int(d.final[q])] for q in range(n)]
     base = Path(root) if root is not None else (Path(os.path.commonpath([str(Path(p).parent) for p in queries.paths]))
                                                  if n else Path("."))
-    eco = S.ecotaxa_rows(queries.paths, samples, predicted, base,
-                         {"similarity": d.best_sim, "margin": d.margin, "knn_similarity": scores["knn"]})
+    eco, eco_left_out = S.ecotaxa_rows(queries.paths, samples, predicted, base,
+                                       {"similarity": d.best_sim, "margin": d.margin, "knn_similarity": scores["knn"]})
     eco_path = output(f"ecotaxa_{name}.tsv")
     S.write_tsv(eco_path, eco)
-    out["ecotaxa"] = {"file": eco_path.name, "img_file_name_relative_to": str(base), "rows": len(eco) - 2}
+    out["ecotaxa"] = {"file": eco_path.name, "img_file_name_relative_to": str(base), "rows": len(eco) - 2,
+                      "left_out": [{"path": p, "reason": why} for p, why in eco_left_out]}
+    for p, why in eco_left_out:  # !r: the name's control characters stay visible on one log line
+        log.warning("%s: %r left out: %s", eco_path.name, p, why)
 
     # ---- review, most doubtful first, and the corrections sheet
     low = rule.auto_cuts.get("similarity")
@@ -796,6 +799,9 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
                            f"{len(strip)} of {n}; every image with its five neighbours is in {review_path.name}", strip))
     if errors:
         rep.extra_tables.append(("Unreadable files (not classified)", ["path", "reason"], [list(e) for e in errors]))
+    if eco_left_out:
+        rep.extra_tables.append((f"Left out of {eco_path.name} (classified: see predictions.csv)", ["path", "reason"],
+                                 [[repr(p), why] for p, why in eco_left_out]))
     R.write_report(report_path, rep)
     log.info("predicted %d images in %d samples (%d unreadable, %d rejected, %d doubtful); predictions in %s", n,
              len(order), len(errors), out.get("n_rejected", 0), out["n_doubtful"], output("predictions.csv"))

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -268,43 +270,108 @@ def holder(stage_dir: Path) -> LockInfo | None:
 
 
 class StageLock:
-    """``stage_dir/.lock``, created exclusively; a lock of a dead process on this host is taken over."""
+    """``stage_dir/.lock``: held through ``fcntl.flock`` on the lock file, kept open while the stage runs.
+
+    Why flock (issue 17): the kernel drops the lock when its holder dies, however it dies, so a
+    lock left by a dead process is taken over by the very same atomic call that takes a free one
+    (``flock(LOCK_EX | LOCK_NB)``): of any number of processes started together, exactly one gets
+    it and the others are refused naming it. Deleting a stale file and creating a new one (the
+    former way) let two processes both delete and both create. The only race left, a holder
+    unlinking the file on release between another's ``open`` and ``flock``, is closed by checking,
+    once locked, that the path still names the file that was locked (else retry).
+
+    The file still records the holder (pid, host, start time) for messages and for ``holder``;
+    a lock file naming a live process on this host (written without flock) or any process on
+    another host (flock on a network file system may not reach it) is still respected, as before.
+    """
 
     def __init__(self, stage_dir: Path, stage_name: str, run_dir: Path):
         self.path = stage_dir / LOCK
         self.stage_name, self.run_dir = stage_name, run_dir
         self.held = False
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(50):  # a retry only when a releasing holder unlinked the file under us
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            except FileExistsError:
-                info = read_lock(self.path.parent)
-                if info is None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UserError(running_message(self.stage_name, self.run_dir, self._live_holder())) from None
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:  # released (unlinked) between our open and our flock: try the new file
+                    os.close(fd)
                     continue
-                alive = info.alive() if info.pid >= 0 else False
-                if alive is False:
+                info = _parse_lock(os.pread(fd, 4096, 0))
+                if info is not None and info.pid < 0:
+                    log.warning("%s: taking over a damaged lock file %s (no process holds it)", self.stage_name,
+                                self.path)
+                elif info is not None:
+                    if info.alive() is not False and info.pid != os.getpid():  # respected as before (docstring)
+                        raise UserError(running_message(self.stage_name, self.run_dir, info))
                     log.warning("%s: taking over the lock left by %s (that process is gone)", self.stage_name,
                                 info.describe())
-                    with contextlib.suppress(FileNotFoundError):
-                        self.path.unlink()
-                    continue
-                raise UserError(running_message(self.stage_name, self.run_dir, info)) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, fh)
-            self.held = True
+                text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, text.encode(), 0)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+            self._fd, self.held = fd, True
+            os.register_at_fork(after_in_child=self._not_in_child)
             return
         raise UserError(f"cannot take the lock {self.path}: it keeps changing; is another process starting "
                         f"{self.stage_name}?")
 
+    def _not_in_child(self) -> None:
+        """A forked child (a DataLoader or scan worker) closes its copy of the lock's descriptor and
+        never releases it: the lock goes with the stage's own process, even if a worker outlives it."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self.held = None, False
+
+    def _live_holder(self) -> LockInfo:
+        """The holder of the flock, named in the lock file. A holder that has just taken the lock
+        may not have written its record yet (the file is empty, torn, or still names the dead
+        process it took over from): waited for, briefly."""
+        for _ in range(200):
+            info = read_lock(self.path.parent)
+            if info is not None and info.pid >= 0 and info.alive() is not False:
+                return info
+            time.sleep(0.01)
+        return LockInfo(-1, "another process", "just now")
+
     def release(self) -> None:
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
+        if not self.held:
+            return
+        fd, self._fd, self.held = self._fd, None, False
+        try:  # unlink only our own file (someone may have deleted it by hand and another taken a new one)
+            if fd is not None and os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
                 self.path.unlink()
-            self.held = False
+        except FileNotFoundError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)  # drops the flock
+
+
+def _parse_lock(data: bytes) -> LockInfo | None:
+    """The holder recorded in a lock file's bytes; None when empty; pid -1 when torn."""
+    if not data.strip():
+        return None
+    try:
+        d = json.loads(data.decode("utf-8"))
+        return LockInfo(int(d["pid"]), str(d["host"]), str(d["started"]))
+    except (ValueError, KeyError, TypeError):
+        return LockInfo(-1, "?", "?")
 
 
 def running_message(stage_name: str, run_dir: Path, info: LockInfo) -> str:
@@ -429,3 +496,63 @@ def open_log_nofollow(path: Path) -> int:
 
 def write_manifest(stage_dir: Path, manifest: dict) -> None:
     write_json(stage_dir / MANIFEST, manifest)
+
+
+# ----------------------------------------------------------------------------- where a stage may write
+
+
+def _inside_real(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or below it once every existing symbolic link is followed."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def check_stage_folder(stage_dir: Path, run_dir: Path, stage_name: str) -> None:
+    """``UserError`` unless ``stage_dir`` lies inside ``RUN/<stage_name>/``, written plainly (no
+    ``..``) and once links are followed (``07_inference/predict/<name>`` must not lead elsewhere).
+    Configured names are plain names already (``config.check_names``); this checks the result."""
+    own = Path(run_dir) / stage_name
+    rel = os.path.relpath(os.path.abspath(stage_dir), os.path.abspath(own))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or not _inside_real(stage_dir, own):
+        raise UserError(f"{stage_name}: its output folder {stage_dir} is not inside {own} (a link or a name leads "
+                        "out of it): refusing to write there")
+
+
+def _nearest_existing(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def not_writable_message(run_dir: Path, where: Path | str, why: str = "permission denied") -> str:
+    """The one line of a run folder this user cannot write."""
+    return (f"run folder {run_dir} is not writable ({why}: {where}): give a --run folder you can write, or fix "
+            "its permissions")
+
+
+def check_writable(run_dir: Path, stage_dir: Path) -> None:
+    """``UserError`` (one line) when the run folder or the stage folder, or the nearest folder that
+    exists above one not created yet, cannot be written by this user, before anything is written."""
+    for p in (run_dir, stage_dir):
+        q = _nearest_existing(p)
+        if not q.is_dir():
+            raise UserError(f"run folder {run_dir}: {q} is a file where a folder must be: move it away or give "
+                            "another --run folder")
+        if not os.access(q, os.W_OK | os.X_OK):
+            raise UserError(not_writable_message(run_dir, q))
+
+
+_NOT_PERMITTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def as_user_error(e: BaseException, run_dir: Path) -> BaseException:
+    """A permission error on a file of the run folder, as the one-line ``UserError`` of
+    ``not_writable_message`` (exit 2, nothing to look up in a log.txt that may not exist); any
+    other exception unchanged."""
+    if not isinstance(e, OSError) or e.errno not in _NOT_PERMITTED or not e.filename:
+        return e
+    name = os.path.abspath(os.fsdecode(e.filename))
+    if not _inside_real(Path(name), Path(run_dir)) and not name.startswith(os.path.abspath(run_dir) + os.sep):
+        return e
+    return UserError(not_writable_message(run_dir, name, e.strerror or "permission denied"))

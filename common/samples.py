@@ -32,6 +32,7 @@ import csv
 import logging
 import os
 import re
+import unicodedata
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .fileio import FORMULA_START, spreadsheet_text
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,10 @@ def _listed(lst: Path) -> Inputs:
                 reader = csv.DictReader(fh)
                 if "path" not in (reader.fieldnames or ()):
                     raise UserError(f"inference.input: {lst} has no 'path' column (columns: path, optional sample)")
-                for i, r in enumerate(reader, start=2):
-                    p = (r.get("path") or "").strip()
+                for i, r in enumerate(reader, start=2):  # spreadsheet_text: our own predictions.csv listed again
+                    p = spreadsheet_text((r.get("path") or "").strip())
                     if p:
-                        entries.append((p, (r.get("sample") or "").strip() or None, i))
+                        entries.append((p, spreadsheet_text((r.get("sample") or "").strip()) or None, i))
         else:
             for i, line in enumerate(lst.read_text(encoding="utf-8-sig").splitlines(), start=1):
                 line = line.strip()
@@ -147,7 +149,8 @@ def sample_counts(samples: Sequence[str], final: np.ndarray, classes: Sequence[s
 
 
 def _object_id(rel: str, used: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(Path(rel).with_suffix(""))).strip("_") or "object"
+    # never starting with "-", "." or "_": no spreadsheet formula, no hidden-looking name
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(Path(rel).with_suffix(""))).strip("_.-") or "object"
     oid, n = base, 1
     while oid in used:  # unique in the table (EcoTaxa: unique in the project)
         n += 1
@@ -156,42 +159,62 @@ def _object_id(rel: str, used: set[str]) -> str:
     return oid
 
 
+ECOTAXA_CONTROL = ("file name holds a tab, a line break or another control character: the EcoTaxa table "
+                   "cannot name it (rename the file)")
+
+
 def ecotaxa_rows(paths: Sequence[str], samples: Sequence[str], predicted: Sequence[str | None], root: Path,
-                 scores: dict[str, np.ndarray]) -> list[list[str]]:
-    """The EcoTaxa import table: header row, type row, one row per classified image.
+                 scores: dict[str, np.ndarray]) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """The EcoTaxa import table (header row, type row, one row per classified image) and the
+    images left out of it, ``(path, reason)``.
 
     ``predicted``: the class name, or None for a query rejected as unknown (no category, no
     status: EcoTaxa's "unclassified"). ``scores``: ``object_<name>`` float columns (similarity,
     margin, knn). ``img_file_name`` is the path relative to ``root``, where the TSV must sit
-    (beside the images) when the folder is zipped for EcoTaxa's import.
+    (beside the images) when the folder is zipped for EcoTaxa's import. A path holding a control
+    character (tab, line break...) is left out: a TSV cell cannot carry it, and a cleaned name
+    would name no file. A path that starts with a spreadsheet formula character (``=``, ``+``,
+    ``-``, ``@``) is written ``./<path>``: the same file, never read as a formula.
     """
     names = list(scores)
     header = ["img_file_name", "img_rank", "object_id", "object_annotation_category", "object_annotation_status",
               *[f"object_{n}" for n in names], "sample_id"]
     types = ["[t]", "[f]", "[t]", "[t]", "[t]", *["[f]"] * len(names), "[t]"]
     rows = [header, types]
+    left_out: list[tuple[str, str]] = []
     used: set[str] = set()
     for i, p in enumerate(paths):
         rel = os.path.relpath(p, root).replace(os.sep, "/")
+        if has_control(rel):
+            left_out.append((p, ECOTAXA_CONTROL))
+            continue
         cat = predicted[i]
         vals = [f"{float(scores[n][i]):.6f}" if np.isfinite(scores[n][i]) else "nan" for n in names]
-        rows.append([rel, "1", _object_id(rel, used), cat or "", ECOTAXA_STATUS if cat else "", *vals,
+        name = f"./{rel}" if rel.startswith(FORMULA_START) else rel
+        rows.append([name, "1", _object_id(rel, used), cat or "", ECOTAXA_STATUS if cat else "", *vals,
                      _clean(samples[i])])
-    return rows
+    return rows, left_out
+
+
+def has_control(text: str) -> bool:
+    """True when ``text`` holds a control character (tab, line break, DEL, C1) or a Unicode line
+    or paragraph separator: what a TSV row or a one-line log cannot carry."""
+    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text)
 
 
 def _clean(text: str) -> str:
-    """A TSV cell: tabs and line breaks would break the table."""
-    return re.sub(r"[\t\r\n]+", " ", str(text))
+    """A TSV cell: control characters (tabs, line breaks...) would break the table."""
+    return "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in str(text))
 
 
 def write_tsv(path: Path, rows: Sequence[Sequence[str]]) -> None:
-    """Write rows as a tab-separated file (UTF-8, ``\\n`` line ends), atomically."""
-    from .fileio import atomic_open
+    """Write rows as a tab-separated file (UTF-8, ``\\n`` line ends), atomically; control characters
+    become spaces and every text cell goes through ``fileio.spreadsheet_safe``."""
+    from .fileio import atomic_open, spreadsheet_safe
 
     with atomic_open(path, "w", newline="") as fh:
         for r in rows:
-            fh.write("\t".join(_clean(c) for c in r) + "\n")
+            fh.write("\t".join(spreadsheet_safe(_clean(c)) for c in r) + "\n")
 
 
 def doubt_order(final: np.ndarray, best_sim: np.ndarray, margin: np.ndarray, low_similarity: float | None,

@@ -136,8 +136,21 @@ def _alias_value(target: str, raw: str) -> str:
     return raw
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose "unrecognized arguments" line never quotes a word that may hold a secret
+    (``--password hunter2``): ``hidden`` holds those words (``config.secret_args``)."""
+
+    hidden: set[str] = set()
+
+    def error(self, message: str) -> typing.NoReturn:
+        head, sep, rest = message.partition("unrecognized arguments: ")
+        if sep:
+            message = head + sep + " ".join(config_mod.NOT_SHOWN if w in self.hidden else w for w in rest.split(" "))
+        super().error(message)
+
+
 def build_parser(spec: StageSpec, doc: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog=spec.script,
         description=(doc or "").strip().splitlines()[0] if doc else None,
         epilog="Overrides: section.key=value (values parse as YAML), e.g. train.epochs=10; options and overrides "
@@ -161,7 +174,9 @@ def build_parser(spec: StageSpec, doc: str | None) -> argparse.ArgumentParser:
 
 def parse_args(spec: StageSpec, argv: Sequence[str], doc: str | None = None) -> Invocation:
     """Parse a stage's command line and resolve the configuration (reads files, writes none)."""
-    args = build_parser(spec, doc).parse_intermixed_args(list(argv))
+    parser = build_parser(spec, doc)
+    parser.hidden = config_mod.secret_args(argv)
+    args = parser.parse_intermixed_args(list(argv))
     overrides = []
     for flag, target in spec.aliases.items():
         v = getattr(args, f"alias__{flag}")
@@ -517,6 +532,7 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
     lock = rf.StageLock(stage_dir, spec.name, run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        rf.check_stage_folder(stage_dir, run_dir, spec.name)  # no configured name leads out of the stage's folder
         fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0, slog)  # nothing is written before
         if why is None:
             if rank0 and (inv.changes or inv.new_run):
@@ -527,6 +543,7 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
             return 0
         rank, world = _init_distributed()
         if rank == 0:
+            rf.check_writable(run_dir, stage_dir)  # one line, before the first write
             _begin(inv, stage_dir, lock, buffer, handlers, slog)
         slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
         from .seed import seed_everything
@@ -549,7 +566,7 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
             slog.info("%s finished in %.1f s", spec.name, time.time() - t0)
         code = 0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every outcome gets its exit code
-        code, err_line, tb_text = _failure(e, spec, stage_dir, slog)
+        code, err_line, tb_text = _failure(rf.as_user_error(e, run_dir), spec, stage_dir, slog)
     finally:
         try:
             if not quiet and rank0:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from common import config as C
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -349,25 +349,38 @@ def billion_laughs(levels: int = 9) -> str:
 
 
 _HOSTILE_CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (768 * 2**20, 768 * 2**20))  # an unguarded repr dies here, not the box
+import yaml
 from common import config as C
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
+work = {}
+def counted(name):
+    orig = getattr(yaml.SafeLoader, name)
+    def f(self, *a, **k):
+        work[name] = work.get(name, 0) + 1
+        return orig(self, *a, **k)
+    setattr(yaml.SafeLoader, name, f)
+for name in ("fetch_more_tokens", "get_event", "compose_node", "construct_object"):
+    counted(name)
 out = {}
 for name, files, overrides in json.loads(sys.argv[1]):
-    t0 = time.perf_counter()
+    work.clear()
     try:
         C.load_config(files, overrides)
-        out[name] = ["loaded", time.perf_counter() - t0, ""]
+        out[name] = ["loaded", dict(work), ""]
     except ConfigError as e:
-        out[name] = ["ConfigError", time.perf_counter() - t0, str(e)]
+        out[name] = ["ConfigError", dict(work), str(e)]
     except BaseException as e:
-        out[name] = [type(e).__name__, time.perf_counter() - t0, str(e)[:200]]
+        out[name] = [type(e).__name__, dict(work), str(e)[:200]]
 print(json.dumps(out))
 """
 
 
-def test_alias_bombs_and_hostile_yaml_are_refused_quickly(tmp_path):
+def test_alias_bombs_and_hostile_yaml_are_refused_with_bounded_work(tmp_path):
+    """Issue 17 #7: the former test compared wall time with 2 s and failed on a loaded machine.
+    This one counts the loader's work (tokens scanned, events, nodes composed, values built),
+    which depends on the input alone: a refusal stops early, whatever the machine's speed."""
     bomb = billion_laughs()
     assert len(bomb) < 500
     f = tmp_path / "laughs.yaml"
@@ -375,21 +388,91 @@ def test_alias_bombs_and_hostile_yaml_are_refused_quickly(tmp_path):
     loop = tmp_path / "loop.yaml"
     loop.write_text("lut:\n  thresholds: &x [0.9, *x]\n")
     deep = tmp_path / "deep.yaml"
-    deep.write_text("lut:\n  thresholds: " + "[" * 3000 + "]" * 3000 + "\n")
+    deep.write_text("lut:\n  thresholds: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    block = tmp_path / "block.yaml"
+    block.write_text("lut:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 3000)) + "  " * 3000 + "x\n")
     cases = [("file", [str(f)], []), ("override", [], [f"lut.thresholds={bomb}"]),
-             ("loop", [str(loop)], []), ("deep", [str(deep)], []),
+             ("loop", [str(loop)], []), ("deep", [str(deep)], []), ("block", [str(block)], []),
              ("fine", [], ["lut.thresholds=[&t 0.9, *t, 0.95]"])]
     proc = subprocess.run([sys.executable, "-c", _HOSTILE_CHILD, json.dumps(cases)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60, check=False)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout)
     assert res["fine"][0] == "loaded"  # a few aliases are still fine
-    for name, where in (("file", str(f)), ("override", "lut.thresholds"), ("loop", str(loop)), ("deep", str(deep))):
-        kind, seconds, msg = res[name]
+    for name, where in (("file", str(f)), ("override", "lut.thresholds"), ("loop", str(loop)), ("deep", str(deep)),
+                        ("block", str(block))):
+        kind, work, msg = res[name]
         assert kind == "ConfigError", (name, res[name])
-        assert seconds < 2.0, (name, seconds)
         assert where in msg and "\n" not in msg and len(msg) < 300, (name, msg)
+        assert work.get("construct_object", 0) == 0, (name, work)  # refused before a single value is built
     assert "alias" in res["file"][2] and "alias" in res["override"][2] and "alias" in res["loop"][2]
+    assert "deeper than 32" in res["deep"][2] and "deeper than 32" in res["block"][2]
+    for name in ("file", "override", "loop"):  # linear in the ~400 bytes of text, not in 9**9 values
+        assert res[name][1]["compose_node"] < 200 and res[name][1]["fetch_more_tokens"] < 500, res[name]
+    for name in ("deep", "block"):  # stops at level 33 of 100,000 / 3,000
+        work = res[name][1]
+        assert work["compose_node"] <= 2 * C.MAX_YAML_DEPTH + 2 and work["get_event"] <= 2 * C.MAX_YAML_DEPTH + 4, work
+        assert work["fetch_more_tokens"] < 1200, work  # the scanner's own look-ahead (1024 characters) bounds it
+
+
+def test_a_long_plain_list_is_no_alias_bomb(monkeypatch):
+    """Issue 17 #6: a plain 200,000-element list was refused as an alias bomb (list length counted)."""
+    plain = C.load_yaml("[" + ", ".join(["0"] * 200_000) + "]", "plain list")
+    assert len(plain) == 200_000
+    with pytest.raises(ConfigError, match="lut.thresholds: give 1 to 10001 thresholds"):  # refused for what it is
+        C.load_config([], ["lut.thresholds=[" + ", ".join(["0.5"] * 10_002) + "]"])
+    monkeypatch.setattr(C, "MAX_YAML_ALIAS_VALUES", 1000)  # what aliases add is what counts
+    assert len(C.load_yaml("[" + ", ".join(["0"] * 5000) + "]", "plain")) == 5000
+    assert len(C.load_yaml("[&a 0, " + ", ".join(["*a"] * 1000) + "]", "at the limit")) == 1001
+    with pytest.raises(ConfigError, match="aliases expand to more than 1000 values"):
+        C.load_yaml("[&a 0, " + ", ".join(["*a"] * 1001) + "]", "over")
+    with pytest.raises(ConfigError, match="aliases expand to more than 1000 values"):
+        C.load_yaml("[&a [0, 0, 0, 0], " + ", ".join(["*a"] * 201) + "]", "nested")  # 201 x 5 values
+
+
+def test_config_file_that_is_a_folder_or_not_a_regular_file(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {re.escape(str(tmp_path))} is a folder, not a file"):
+        C.load_config([tmp_path])
+    with pytest.raises(ConfigError, match="config file /dev/null is not a regular file"):
+        C.load_config(["/dev/null"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        C.load_config([tmp_path / "nope.yaml"])
+
+
+def test_log_level_is_one_of_four(tmp_path):
+    assert _one_line_error("run.log_level=EVIL").startswith("run.log_level: must be one of DEBUG, INFO, WARNING, ERROR")
+    assert _one_line_error("run.log_level=[INFO]").startswith("run.log_level: expected")
+    for level in ("DEBUG", "info", "Warning", "ERROR"):
+        assert C.load_config([], [f"run.log_level={level}"]).run.log_level == level
+
+
+BAD_NAMES = {"..": "starts with '.'", "../../01_random_split_dataset": "other than A-Z",
+             "/tmp/elsewhere": "other than A-Z", "''": "empty", "x" * 300: "300 characters",
+             "a/b": "other than A-Z", ".hidden": "starts with '.'", "a b": "other than A-Z",
+             '"a\\tb"': "other than A-Z", "'é'": "other than A-Z", "'~'": "other than A-Z"}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_NAMES))
+def test_a_name_that_becomes_a_path_is_a_plain_name(name):
+    """Issue 17 #3: inference.name=.. overwrote the evaluation; an absolute name wrote anywhere."""
+    msg = _one_line_error(f"inference.name={name}")
+    assert msg.startswith("inference.name: ") and "is not a plain name" in msg and BAD_NAMES[name] in msg, msg
+
+
+def test_plain_names_and_derived_defaults(tmp_path):
+    from common.stages import predict_name
+
+    for ok in ("cruise_42", "2026-11-29.a", "x" * 64, "'-'", "A_b-c.d"):
+        assert C.load_config([], [f"inference.name={ok}"]).inference.name == ok.strip("'")
+    # a default derived from an input folder is made a plain name, never refused
+    for folder, expect in (("cruise 42 (día 1)", "cruise_42_d_a_1_"), ("...", "input"), (".hidden", "hidden"),
+                           ("x" * 100, "x" * 64), ("=cmd|calc", "_cmd_calc"), ("ok-name", "ok-name")):
+        (tmp_path / folder).mkdir()
+        cfg = C.load_config([], ["inference.mode=predict", f"inference.input={tmp_path / folder}"])
+        assert predict_name(cfg) == expect and C.name_problem(predict_name(cfg)) is None, folder
+    img = tmp_path / "a b.png"
+    img.write_bytes(b"")
+    assert predict_name(C.load_config([], ["inference.mode=predict", f"inference.input={img}"])) == "a_b"
 
 
 def test_error_messages_never_render_huge_values(tmp_path):
@@ -427,3 +510,75 @@ def test_keys_of_one_command_are_not_saved_in_the_run_configuration():
     assert "resume" not in d["train"] and not {"mode", "input", "name"} & set(d["inference"])
     assert d["lut"]["tolerance"] == 0.01
     assert C.key_values(cfg, ["train.resume", "train.epochs"]) == {"train.epochs": cfg.train.epochs}
+
+
+MARK = "S3cretMark-91"
+BASE_URL = "postgresql+psycopg://postgres@/postgres?host=/tmp/pg"
+SECRET_URLS = {  # every place of a URL that can carry a secret -> what the refusal says
+    f"postgresql+psycopg://postgres:{MARK}@/postgres?host=/tmp/pg": "must not contain a password",
+    f"postgresql+psycopg://postgres:{MARK.replace('S', '%53')}@h/db": "must not contain a password",
+    f"{BASE_URL}&password={MARK}": "query parameter 'password'",
+    f"{BASE_URL}&PASSWORD={MARK}": "query parameter 'PASSWORD'",
+    f"{BASE_URL}&passfile=/home/{MARK}/.pgpass": "query parameter 'passfile'",
+    f"{BASE_URL}&sslpassword={MARK}": "query parameter 'sslpassword'",
+    f"{BASE_URL}&sslkey=/keys/{MARK}.key": "query parameter 'sslkey'",
+    f"{BASE_URL}&api_token={MARK}": "query parameter named like a secret",
+    f"{BASE_URL}&{MARK}secret=1": "query parameter named like a secret",
+    f"{BASE_URL}&password={MARK}&password=again": "query parameter 'password'",
+    f"postgresql+psycopg://postgres@h/db%20password={MARK}": "secret-looking key=value",
+    f"postgresql+psycopg://postgres@/db?host=/tmp%20password={MARK}": "secret-looking key=value",
+    f"postgresql+psycopg://postgres:@{MARK}@h/db": "more than one '@'",
+    f"postgresql+psycopg://postgres@{MARK}@h/db": "more than one '@'",
+    f"mysql://u:{MARK}@h/db": "must not contain a password",
+    f"mysql://u@h/db?x={MARK}": "not a PostgreSQL URL",
+    f"{MARK}": "not a URL",
+}
+
+
+@pytest.mark.parametrize("url", sorted(SECRET_URLS))
+def test_a_secret_anywhere_in_the_store_url_is_refused_and_never_echoed(url, tmp_path):
+    """Issue 17 #4: ?password=SECRET was accepted and written to RUN/config.yaml, manifests and logs."""
+    says = SECRET_URLS[url]
+    msg = _one_line_error(f"store.url={url}")
+    assert msg.startswith("store.url: ") and says in msg and MARK not in msg and "%53" not in msg, msg
+    f = tmp_path / "store.yaml"
+    f.write_text(yaml.safe_dump({"store": {"url": url}}))
+    with pytest.raises(ConfigError) as e:
+        C.load_config([f])
+    assert MARK not in str(e.value) and says in str(e.value)
+    from common.features import PgStore  # a model.json edited by hand is refused the same way
+
+    with pytest.raises(UserError) as e:
+        PgStore(url, "x")
+    assert MARK not in str(e.value)
+
+
+def test_an_empty_password_is_no_secret_and_is_dropped():
+    """pgserver prints its URI as postgres:@ (an empty password): accepted, written without it."""
+    cfg = C.load_config([], ["store.url=postgresql+psycopg://postgres:@/postgres?host=/tmp/pg"])
+    assert cfg.store.url == BASE_URL
+    from common.features import PgStore
+
+    assert PgStore("postgresql+psycopg://postgres:@/postgres?host=/tmp/pg", "x").url == BASE_URL
+    assert C.load_config([], [f"store.url={BASE_URL}&sslmode=require"]).store.url == f"{BASE_URL}&sslmode=require"
+
+
+@pytest.mark.parametrize("override", [f"store.url=[{MARK}]", f"store.url={{a: {MARK}}}", f"store.url=[{MARK}",
+                                      f"store.url={{{MARK}", f"postgresql://u:{MARK}@h/db",
+                                      f"postgresql://u:{MARK}@db.example.org/db?x=1", f"notify.password={MARK}",
+                                      f"notify.smtp_password={MARK}", f"store.password={MARK}",
+                                      f"notify.password:{MARK}"])
+def test_a_secret_typed_in_the_wrong_place_is_never_echoed(override):
+    msg = _one_line_error(override)
+    assert MARK not in msg, msg
+
+
+@pytest.mark.parametrize("schema", ["public", "pg_catalog", "pg_temp_3", "information_schema"])
+def test_a_shared_postgresql_schema_is_never_a_runs_store(schema):
+    """Attack pass: store.schema=public would have been dropped with CASCADE by stage 04 --force."""
+    msg = _one_line_error(f"store.schema={schema}")
+    assert msg.startswith(f"store.schema: {schema} is a schema PostgreSQL or other users share"), msg
+
+
+def test_an_empty_run_dir_is_refused():
+    assert _one_line_error("run.dir=''").startswith("run.dir: must name a folder")

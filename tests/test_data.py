@@ -291,6 +291,40 @@ def test_followed_directory_symlinks_list_each_real_file_once_under_its_own_clas
     assert walked == ["o1.png", "sub/o2.png"]
 
 
+@pytest.mark.parametrize("follow", [False, True])
+def test_class_folder_linked_to_the_root_or_another_class_is_refused_naming_the_link(tmp_path, follow):
+    """Issue 17 #6: a class folder linked to data.root became a class holding every image; one
+    linked to another class folder a duplicate class (only a warning), whatever follow_symlinks said."""
+    root = tmp_path / "root"
+    _png(root / "a" / "a1.png", 1)
+    _png(root / "b" / "b1.png", 2)
+    _png(root / "b" / "sub" / "b2.png", 3)
+    outside = tmp_path / "outside"
+    _png(outside / "o1.png", 4)
+    os.symlink(outside, root / "c_elsewhere")  # a class kept on another disk: fine
+    listing = D.list_image_folder(root, follow)
+    assert listing.classes == ["a", "b", "c_elsewhere"] and len(listing.files) == 4
+    for name, target, says in [("all", ".", "data.root folder or one above it"),
+                               ("up", "..", "data.root folder or one above it"),
+                               ("z_copy_of_b", "b", "inside class folder 'b'"),
+                               ("b_sub", "b/sub", "inside class folder 'b'"),
+                               ("x_also_elsewhere", str(outside), "class folder 'c_elsewhere'")]:
+        link = root / name
+        os.symlink(target, link)
+        try:
+            with pytest.raises(UserError) as e:
+                D.list_image_folder(root, follow)
+        finally:
+            link.unlink()
+        msg = str(e.value)
+        assert msg.startswith(f"data.root: class folder {link} is a symbolic link to ") and says in msg, msg
+        assert "\n" not in msg
+    # two links to one outside folder: the later one is named
+    os.symlink(outside, root / "d_again")
+    with pytest.raises(UserError, match=f"class folder {root / 'd_again'} is a symbolic link"):
+        D.list_image_folder(root, follow)
+
+
 def _unreadable(monkeypatch, *folders):
     """Make ``folders`` unreadable as chmod 000 would for a non-root user (tests run as root)."""
     bad = {os.path.realpath(f) for f in folders}

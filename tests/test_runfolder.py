@@ -338,3 +338,285 @@ def test_missing_input_folder_is_refused_before_the_run_folder_exists(tmp_path):
     res = run_script(["07_inference.py", "--run", str(tmp_path / "new"), "inference.mode=predict",
                       f"inference.input={tmp_path}/cruise"])
     assert res.returncode == 2 and not (tmp_path / "new").exists()
+
+
+# ----------------------------------------------------------------------------- issue 17: names, secrets, locks, links
+
+
+def _tiny_images(root: Path, classes=("a", "b"), n: int = 3) -> Path:
+    from PIL import Image
+
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (12, 12), 40 * k + 10 * i + 5).save(root / c / f"{i}.png")
+    return root
+
+
+def _racer(stage_dir, run_dir, barrier, results, release):
+    from common.errors import UserError
+    from common.runfolder import StageLock
+
+    lock = StageLock(Path(stage_dir), "05_lut_threshold", Path(run_dir))
+    barrier.wait()
+    try:
+        lock.acquire()
+    except UserError as e:
+        results.put(("refused", os.getpid(), str(e)))
+        return
+    results.put(("ran", os.getpid(), ""))
+    release.wait(120)
+    lock.release()
+
+
+def test_twenty_processes_on_a_stale_lock_exactly_one_runs(tmp_path):
+    """Issue 17 #5: two processes started together both took over a stale lock and both ran."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sdir = tmp_path / "05_lut_threshold"
+    n = 20
+    for _ in range(5):  # the former take-over let two of them run about one time in two
+        _lock(sdir, dead.pid)  # left by a process that is gone
+        barrier, results, release = ctx.Barrier(n), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_racer, args=(str(sdir), str(tmp_path), barrier, results, release))
+                 for _ in range(n)]
+        for p in procs:
+            p.start()
+        try:
+            got = [results.get(timeout=120) for _ in range(n)]
+        finally:
+            release.set()
+            for p in procs:
+                p.join(timeout=60)
+        ran = [pid for kind, pid, _ in got if kind == "ran"]
+        assert len(ran) == 1, got
+        refused = [msg for kind, _, msg in got if kind == "refused"]
+        assert len(refused) == n - 1
+        assert all(f"05_lut_threshold is running in {tmp_path}: pid {ran[0]} on " in m for m in refused), refused
+        assert not (sdir / ".lock").exists()  # released by the one that ran
+
+
+def _cycler(stage_dir, run_dir, barrier, inside, violations, cycles):
+    from common.errors import UserError
+    from common.runfolder import StageLock
+
+    lock = StageLock(Path(stage_dir), "05_lut_threshold", Path(run_dir))
+    barrier.wait()
+    done = 0
+    while done < cycles:
+        try:
+            lock.acquire()
+        except UserError:
+            continue
+        with inside.get_lock():
+            inside.value += 1
+            if inside.value != 1:
+                violations.value += 1
+        time.sleep(0.001)
+        with inside.get_lock():
+            inside.value -= 1
+        lock.release()
+        done += 1
+
+
+def test_lock_taken_and_released_in_a_loop_by_many_processes_is_never_held_twice(tmp_path):
+    """The release race: a holder unlinks the file between another's open and its lock."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    n, cycles = 8, 25
+    barrier, inside, violations = ctx.Barrier(n), ctx.Value("i", 0), ctx.Value("i", 0)
+    sdir = tmp_path / "05_lut_threshold"
+    procs = [ctx.Process(target=_cycler, args=(str(sdir), str(tmp_path), barrier, inside, violations, cycles))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * n
+    assert violations.value == 0 and not (sdir / ".lock").exists()
+
+
+@pytest.mark.parametrize("name", ["..", "../../01_random_split_dataset", "/tmp/i17-elsewhere", "''", "x" * 300,
+                                  "a/b", ".hidden"])
+def test_a_predict_name_never_leaves_its_folder(pipeline, tmp_path, capsys, name):
+    """Issue 17 #3: inference.name=.. overwrote the evaluation's files; ../../01... deleted stage 01's
+    manifest; an absolute name wrote anywhere; 300 characters gave an OSError traceback."""
+    from common import stage as wrapper
+
+    src, _, res = pipeline
+    assert res.returncode == 0
+    folder = tmp_path / "cruise"
+    folder.mkdir()
+    before = snapshot(src)
+    capsys.readouterr()
+    assert wrapper.execute("07_inference", ["--run", str(src), "inference.mode=predict", f"inference.input={folder}",
+                                            f"inference.name={name}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: inference.name: ") and "is not a plain name" in err[0], err
+    assert snapshot(src) == before and not Path("/tmp/i17-elsewhere").exists()
+
+
+def test_a_predict_folder_that_links_out_of_the_run_is_refused(run, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "07_inference" / "predict").mkdir(exist_ok=True)
+    (run / "07_inference" / "predict" / "cruise").symlink_to(elsewhere)
+    folder = tmp_path / "cruise"
+    shutil.copytree(Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]) / "digit_3", folder)
+    before = snapshot(run)
+    res = stage("07_inference", run, "inference.mode=predict", f"inference.input={folder}")
+    assert res.returncode == 2 and "is not inside" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert list(elsewhere.iterdir()) == [] and snapshot(run) == before
+
+
+MARK = "S3cretMark-17x"
+
+
+def test_no_secret_placed_anywhere_reaches_a_file_or_the_console(tmp_path):
+    """Issue 17 #4: a marker secret in every place a user could put one; stages 01-02 run for real
+    (RUN/config.yaml, the stages' config.yaml, manifest.json with its argv, log.txt are written)
+    and refused commands print their line; the marker is in no file and no output."""
+    data = _tiny_images(tmp_path / "data")
+    run = tmp_path / "run"
+    env = {"PLANKTON_STORE_PASSWORD": MARK, "PLANKTON_SMTP_PASSWORD": MARK, "PGPASSWORD": MARK, "MY_PW": MARK}
+    good = tmp_path / "good.yaml"  # accepted: an empty password (no secret), secrets named by variables
+    good.write_text(yaml.safe_dump({
+        "data": {"root": str(data), "num_workers": 0}, "model": {"image_size": 16},
+        "store": {"url": "postgresql+psycopg://postgres:@/postgres?host=/tmp/pg", "password_env": "MY_PW"},
+        "notify": {"user": "lab-robot", "password_env": "PLANKTON_SMTP_PASSWORD"}}))
+    outputs = []
+    for name in ("01_random_split_dataset", "02_mean_std_variables"):
+        res = run_script([f"{name}.py", "-c", str(good), "--run", str(run), "notify.sender=me@lab.org",
+                          "store.url=postgresql+psycopg://postgres:@/postgres?host=/tmp/pg"], **env)
+        outputs.append(res.stdout + res.stderr)
+        assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((run / "01_random_split_dataset" / "manifest.json").read_text())
+    assert any(a.startswith("store.url=") for a in m["argv"]) and (run / "02_mean_std_variables" / "log.txt").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["store"]["url"] == "postgresql+psycopg://postgres@/postgres?host=/tmp/pg"  # empty password dropped
+    before = snapshot(run)
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(f"store:\n  url: postgresql+psycopg://postgres@/postgres?host=/tmp/pg&password={MARK}\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(f"notify:\n  password: {MARK}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f"store: [url: {MARK}\n")
+    refused = [["-c", str(bad_file)], ["-c", str(unknown)], ["-c", str(broken)],
+               [f"store.url=postgresql+psycopg://postgres:{MARK}@/postgres?host=/tmp/pg"],
+               [f"store.url=postgresql+psycopg://postgres@/postgres?host=/tmp/pg&password={MARK}"],
+               [f"store.url=postgresql+psycopg://postgres@/postgres?host=/tmp/pg&sslpassword={MARK}"],
+               [f"store.url=postgresql+psycopg://postgres@/postgres?passfile=/x/{MARK}"],
+               [f"store.url=postgresql+psycopg://postgres:@{MARK}@/postgres"],
+               [f"store.url=[{MARK}]"], [f"notify.password={MARK}"], [f"notify.smtp_password={MARK}"],
+               [f"postgresql://postgres:{MARK}@host/db"], ["--password", MARK], [f"--password={MARK}"]]
+    for args in refused:
+        res = run_script(["02_mean_std_variables.py", "--run", str(run), *args], **env)
+        outputs.append(res.stdout + res.stderr)
+        assert res.returncode == 2, (args, res.stderr[-2000:])
+    assert snapshot(run) == before
+    leaks = [p for p in run.rglob("*") if p.is_file() and MARK.encode() in p.read_bytes()]
+    assert not leaks and all(MARK not in o for o in outputs), (leaks, [o for o in outputs if MARK in o][:1])
+
+
+def _world_readable_tmp() -> Path:
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="i17ro", dir="/tmp"))
+    os.chmod(d, 0o755)
+    return d
+
+
+def test_a_read_only_run_folder_is_one_line_exit_2(tmp_path):
+    """Issue 17 #6: exit 1 and "traceback in log.txt", a file that cannot exist. Root writes
+    anywhere, so as root the stage runs as nobody (uid 65534) on folders root owns."""
+    base = _world_readable_tmp()
+    try:
+        data = _tiny_images(base / "data")
+        run = base / "run"
+        run.mkdir()
+        parent = base / "locked"
+        parent.mkdir()
+        for p in [base, *base.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        as_root = os.geteuid() == 0
+        if not as_root:
+            os.chmod(run, 0o555)
+            os.chmod(parent, 0o555)
+        extra = {"user": 65534, "group": 65534} if as_root else {}
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(base), MPLCONFIGDIR=str(base / "mpl"))
+        for target in (run, parent / "new_run"):
+            res = subprocess.run([sys.executable, "01_random_split_dataset.py", "--run", str(target),
+                                  f"data.root={data}", "data.num_workers=0"], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=300, env=env, **extra)
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2, res.stderr[-2000:]
+            assert "Traceback" not in res.stderr and "log.txt" not in res.stderr, res.stderr[-2000:]
+            assert lines[-1].endswith("give a --run folder you can write, or fix its permissions") and \
+                f"run folder {target} is not writable" in lines[-1], lines
+        assert list(run.iterdir()) == [] and list(parent.iterdir()) == []
+    finally:
+        os.chmod(base / "run", 0o755)
+        os.chmod(base / "locked", 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_ctrl_c_on_run_pipeline_is_130_in_one_line_and_the_stage_saves_its_state(tmp_path):
+    """Issue 17 #6: Ctrl-C on run_pipeline.py printed a KeyboardInterrupt traceback (and
+    subprocess.call killed the stage). A FIFO among the images holds stage 01 until the signal."""
+    data = _tiny_images(tmp_path / "data")
+    os.mkfifo(data / "a" / "waiting.png")  # reading it blocks: the stage is busy when Ctrl-C comes
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "run_pipeline.py", "-c", "configs/demo.yaml", "--run", str(run),
+                             f"data.root={data}", "data.num_workers=0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log = run / "01_random_split_dataset" / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "runs because" in log.read_text()):
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the scan, blocked on the FIFO
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "01_random_split_dataset interrupted (exit code 130): rerun the same " \
+                                           "command to continue"
+    text = log.read_text()
+    assert "interrupted" in text and "rerun the same command to continue" in text  # the stage's own state line
+    assert not (run / "01_random_split_dataset" / "manifest.json").exists()
+    assert not (run / "01_random_split_dataset" / ".lock").exists()
+
+
+def test_a_forked_worker_never_holds_or_releases_the_stage_lock(tmp_path):
+    """DataLoader and scan workers are forked while the lock is held: the lock goes with the stage
+    process. Here the stage is killed (no release) while its worker lives on: the lock is free."""
+    from common.errors import UserError
+    from common.runfolder import StageLock
+
+    sdir = tmp_path / "05_lut_threshold"
+    r, w = os.pipe()
+    stage_pid = os.fork()
+    if stage_pid == 0:  # the stage: takes the lock, forks a worker, dies without releasing
+        lock = StageLock(sdir, "05_lut_threshold", tmp_path)
+        lock.acquire()
+        if os.fork() == 0:  # the worker: its release must not touch the stage's lock
+            lock.release()
+            os.write(w, b"1" if (sdir / ".lock").exists() else b"0")
+            time.sleep(5)
+            os._exit(0)
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"  # the worker is alive (sleeping) and the lock file is still there
+    os.close(r)
+    os.waitpid(stage_pid, 0)
+    again = StageLock(sdir, "05_lut_threshold", tmp_path)
+    try:
+        again.acquire()  # the stage is gone: taken over at once, though its worker still runs
+    except UserError as e:
+        pytest.fail(f"a worker kept the lock: {e}")
+    finally:
+        again.release()

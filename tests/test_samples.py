@@ -68,8 +68,9 @@ def test_sample_counts_table():
 def test_ecotaxa_rows_follow_the_import_format(tmp_path):
     root = tmp_path / "in"
     paths = [str(root / "s1" / "a.png"), str(root / "s1" / "deep" / "a.png"), str(root / "s2" / "a b.png")]
-    rows = S.ecotaxa_rows(paths, ["s1", "s1", "s\t2"], ["copepod", None, "copepod"], root,
-                          {"similarity": np.array([0.9, 0.2, 0.8]), "margin": np.array([0.1, np.nan, 0.3])})
+    rows, left_out = S.ecotaxa_rows(paths, ["s1", "s1", "s\t2"], ["copepod", None, "copepod"], root,
+                                    {"similarity": np.array([0.9, 0.2, 0.8]), "margin": np.array([0.1, np.nan, 0.3])})
+    assert left_out == []
     assert rows[0] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
                        "object_annotation_status", "object_similarity", "object_margin", "sample_id"]
     assert rows[1] == ["[t]", "[f]", "[t]", "[t]", "[t]", "[f]", "[f]", "[t]"]
@@ -93,3 +94,62 @@ def test_doubt_order_puts_unknown_then_more_reasons_then_lower_similarity():
     assert order.tolist() == [1, 2, 3, 0, 4]
     assert reasons[1] == ["unknown", "low similarity", "small margin"]
     assert reasons[2] == ["low similarity", "small margin"] and reasons[0] == [] and reasons[4] == []
+
+
+def test_ecotaxa_keeps_control_characters_out_and_formulas_inert(tmp_path):
+    """Issue 17 #6: a tab or newline in a file name became a space in the TSV, a row naming no file."""
+    root = tmp_path / "in"
+    paths = [str(root / "s1" / "a\tb.png"), str(root / "s1" / "new\nline.png"), str(root / "s1" / "ok.png"),
+             str(root / "-5m" / "x.png"), str(root / "s1" / "del\x7f.png"), str(root / "s1" / "sep\u2028.png")]
+    rows, left_out = S.ecotaxa_rows(paths, ["s1", "s1", "s1", "-5m", "s1", "s1"],
+                                    ["=SUM(A1)", "copepod", "copepod", "copepod", "copepod", "copepod"], root,
+                                    {"similarity": np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]),
+                                     "margin": np.array([-0.1, 0.1, 0.1, -0.25, 0.1, 0.1])})
+    assert [p for p, _ in left_out] == [paths[0], paths[1], paths[4], paths[5]]
+    assert all(why == S.ECOTAXA_CONTROL for _, why in left_out)
+    assert [r[0] for r in rows[2:]] == ["s1/ok.png", "./-5m/x.png"]  # ./: the same file, never a formula
+    out = tmp_path / "ecotaxa_x.tsv"
+    S.write_tsv(out, rows)
+    lines = out.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 5 and all(len(line.split("\t")) == 8 for line in lines[:-1])
+    cells = lines[3].split("\t")
+    assert cells[0] == "./-5m/x.png" and cells[2] == "5m_x" and cells[-1] == "'-5m"  # text: neutralised
+    assert cells[6] == "-0.250000"  # a number stays a number
+
+
+def test_every_csv_cell_a_spreadsheet_would_run_is_neutralised_and_read_back(tmp_path):
+    """Issue 17 #6: CSV injection through class, sample or file names; numbers never change."""
+    import csv
+
+    from common.data import SplitRow, read_splits
+    from common.fileio import spreadsheet_safe, spreadsheet_text, write_csv
+    from common.gallery import read_corrections
+    from common.split import write_splits_csv
+
+    cells = ["=HYPERLINK(\"http://evil\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(1)", "\tx", "plain", "-", "'=x",
+             "''@y", "'s-Hertogenbosch", "-0.5", "+3", "1e-4", "-inf", "nan", "", -0.25, 7]
+    out = tmp_path / "t.csv"
+    write_csv(out, [f"c{i}" for i in range(len(cells))], [cells])
+    with open(out, newline="", encoding="utf-8") as fh:
+        got = list(csv.reader(fh))[1]
+    assert got[:10] == ["'=HYPERLINK(\"http://evil\")", "'+cmd|' /C calc'!A0", "'-2+3", "'@SUM(1)", "'\tx", "plain",
+                        "'-", "''=x", "'''@y", "'s-Hertogenbosch"]
+    assert got[10:] == ["-0.5", "+3", "1e-4", "-inf", "nan", "", "-0.25", "7"]  # numbers untouched
+    assert [spreadsheet_text(c) for c in got[:16]] == cells[:16]  # exactly the original text back
+    assert all(spreadsheet_safe(c) == c for c in (1.5, -2, None))
+    # the tool's own readers undo it: splits.csv labels, corrections.csv classes, predict .csv lists
+    img = tmp_path / "=img" / "-5m.png"
+    img.parent.mkdir()
+    img.write_bytes(b"x")
+    rows = [SplitRow(str(img), "-5m depth", "train", "0" * 64, 8, 8, "L"),
+            SplitRow(str(tmp_path / "b.png"), "=cmd", "val", "1" * 64, 8, 8, "L")]
+    write_splits_csv(tmp_path / "splits.csv", rows)
+    assert "'-5m depth" in (tmp_path / "splits.csv").read_text()
+    assert [(r.path, r.label) for r in read_splits(tmp_path / "splits.csv")] == [(r.path, r.label) for r in rows]
+    write_csv(tmp_path / "corrections.csv", ["path", "predicted", "validated"], [[str(img), "-5m depth", ""]])
+    text = (tmp_path / "corrections.csv").read_text()  # the user copies the predicted cell, quote and all
+    (tmp_path / "corrections.csv").write_text(text.replace(",'-5m depth,", ",'-5m depth,'-5m depth"))
+    assert read_corrections(tmp_path / "corrections.csv") == [(str(img.resolve()), "-5m depth")]
+    write_csv(tmp_path / "list.csv", ["path", "sample"], [[str(img), "=station"]])
+    inp = S.list_inputs(tmp_path / "list.csv")
+    assert inp.images == [str(img.resolve())] and inp.samples[str(img.resolve())] == "=station"

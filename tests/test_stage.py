@@ -151,6 +151,41 @@ def test_exit_codes_and_no_manifest_on_failure(tmp_path, exc, code):
         assert "bad file x.png" in log_text and "Traceback" not in log_text
 
 
+def test_permission_denied_in_the_run_folder_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Issue 17 #6: a run folder that turns out not writable mid-run (a file another user owns, a
+    read-only mount) was exit 1 "traceback in log.txt"; a denial outside the run folder stays exit 1."""
+    assert run_a(tmp_path) == 0
+
+    def main(ctx):
+        raise PermissionError(13, "Permission denied", str(ctx.dir / "threshold.json"))
+    capsys.readouterr()
+    assert ex(SPEC_A, main, ["--run", str(tmp_path), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {tmp_path} is not writable (Permission denied: {tmp_path / '01_random_split_dataset'}" in err
+    assert "Traceback" not in (tmp_path / "01_random_split_dataset" / "log.txt").read_text()
+
+    def elsewhere(ctx):
+        raise PermissionError(13, "Permission denied", "/etc/shadow")
+    assert ex(SPEC_A, elsewhere, ["--run", str(tmp_path), "--force"]) == 1
+    # checked before the first write: nothing of the stage is touched
+    from common import runfolder as rf
+
+    monkeypatch.setattr(rf.os, "access", lambda p, mode: False)  # what a non-owner sees (tests run as root)
+    before = sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir())
+    capsys.readouterr()
+    assert ex(SPEC_A, _producer("y"), ["--run", str(tmp_path), "--force"]) == 2
+    assert f"error: run folder {tmp_path} is not writable" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir()) == before
+
+
+def test_a_run_folder_that_is_a_file_is_one_line_exit_2(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    assert ex(SPEC_A, _producer("x"), ["--run", str(f)]) == 2
+    assert f"run folder {f}: {f} is a file where a folder must be" in capsys.readouterr().err
+    assert f.read_text() == "keep"
+
+
 def test_bad_config_is_exit_2(tmp_path, capsys):
     rc = ex(SPEC_A, _producer("x"), ["--run", str(tmp_path), "train.epochz=1"])
     assert rc == 2

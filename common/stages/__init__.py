@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import SUPCON_ALIASES, SUPCON_FLAGS, Config  # noqa: F401 - SUPCON_FLAGS re-exported
+from ..config import SUPCON_ALIASES, SUPCON_FLAGS, Config, plain_name  # noqa: F401 - SUPCON_FLAGS re-exported
 
 SPLIT = "01_random_split_dataset"
 STATS = "02_mean_std_variables"
@@ -81,11 +81,13 @@ def _inference_upstream(cfg: Config) -> tuple[str, ...]:
 
 
 def predict_name(cfg: Config) -> str:
-    """``inference.name``, default the input folder's name (a file's name without its suffix)."""
+    """``inference.name`` (a plain name: ``config.check_names`` refused any other when it was
+    loaded), default the input folder's name (a file's name without its suffix) made a plain
+    name: ``cruise 42 (día 1)`` gives ``cruise_42_d_a_1_``; a name of dots only gives ``input``."""
     if cfg.inference.name:
         return cfg.inference.name
     p = Path(str(cfg.inference.input or "input"))
-    return (p.stem if p.is_file() else p.name) or "input"
+    return plain_name((p.stem if p.is_file() else p.name) or "input")
 
 
 def _inference_folder(run_dir: Path, cfg: Config) -> Path:
