@@ -43,7 +43,7 @@ def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: fl
         items.append(RV.ReviewItem(p, f"st{q % 2}", preds[q % 5], 0.9 - 0.01 * q, 0.02 * q if q else float("nan"),
                                    0.8 - 0.01 * q, reasons[q % 5],
                                    [(g[j], CLASSES[j], 0.9 - 0.01 * q - 0.05 * j) for j in range(4)]))
-    eco = S.ecotaxa_rows([r[0] for r in rows], [f"st{q % 2}" for q in range(n_rows)],
+    eco, _left_out = S.ecotaxa_rows([r[0] for r in rows], [f"st{q % 2}" for q in range(n_rows)],
                          [None if c == "unknown" else c for _, c in rows], tmp_path / "in",
                          {"similarity": np.linspace(0.9, 0.8, n_rows)})
     return RV.Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
