@@ -327,6 +327,22 @@ def test_another_model_or_split_starts_a_new_training_and_keeps_the_old(run_inpu
     assert len(list(d.glob("previous-*/checkpoints/last.pt"))) == 4
 
 
+def test_a_checkpoint_of_an_earlier_version_is_continued(run_inputs, caplog):
+    """A last.pt written before checkpoints recorded their preprocessing: derived from its stats and
+    config (the same values), so raising train.epochs continues it rather than starting again."""
+    quick = ["train.epochs=1", "train.eval_every=0", "train.max_steps_per_epoch=1"]
+    _run(run_inputs, "earlier", quick)
+    last = run_inputs / "earlier" / STAGE / "checkpoints" / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    del ck["preprocessing"]
+    torch.save(ck, last)
+    with caplog.at_level("INFO", logger="common.stages.train"):
+        summary, ctx = _run(run_inputs, "earlier", quick + ["train.epochs=2"])
+    assert summary["resumed"] and summary["steps"] == 2 and "starts a new training" not in caplog.text
+    assert not list(ctx.dir.glob("previous-*"))
+    assert torch.load(last, weights_only=True)["preprocessing"]["pad_fill"] == 0  # written by this version now
+
+
 def test_classification_of_every_stage_03_key():
     """Each key stage 03 hashes either may change while a training continues or starts a new one."""
     from common.config import is_semantic
