@@ -8,15 +8,23 @@ A stage script calls ``stage.run("04_extract_features")``. The wrapper, in order
 2. checks, touching no file: every upstream stage finished, is unchanged and is not running;
    no other process runs this stage; whether this stage is up to date (exit 0, "up to date") or
    why it reruns (one line: the key, the output or the upstream that changed);
-3. takes the stage's lock, saves ``RUN/config.yaml`` when the command changed it (saying which
+3. the check phase, still touching no file: the wrapper's own checks (``log.txt`` is not a
+   link) and the driver's ``check(ctx)`` when it has one (inputs, upstream files it will read,
+   names, store ownership, planted files; what it finds goes to ``ctx.checked`` for ``main``);
+4. takes the stage's lock, saves ``RUN/config.yaml`` when the command changed it (saying which
    keys changed and which stages that makes out of date), removes temporaries a killed run left,
    removes the old manifest, writes the stage's ``config.yaml`` and starts ``log.txt``;
-4. calls the stage's ``main(ctx)`` with a configuration that records the keys it reads;
-5. writes ``manifest.json`` last (its presence means the stage finished);
-6. e-mails per the ``notify`` section and exits 0 (done), 2 (bad input or configuration: one
+5. calls the stage's ``main(ctx)`` with a configuration that records the keys it reads;
+6. writes ``manifest.json`` last (its presence means the stage finished);
+7. e-mails per the ``notify`` section and exits 0 (done), 2 (bad input or configuration: one
    line, no traceback), 1 (unexpected: traceback in ``log.txt``) or 130 (interrupted).
 
-A refused stage (exit 2 in steps 1-2) leaves the run folder byte for byte as it was.
+A refusal in steps 1-3 leaves the run folder byte for byte as it was. A refusal found while
+``main`` runs (a file that goes bad while it is read) is rolled back when ``main`` changed nothing
+in the stage's folder and the last finished run's outputs are unchanged (``_roll_back``): the
+manifest, the stage's ``config.yaml`` and ``RUN/config.yaml`` get their old bytes back, and a
+folder the command created is removed, so only ``log.txt`` differs. Otherwise the stage is in the
+ordinary unfinished state (rerun to continue), and its one error line says so.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Stage 04's driver: embed every image of every split with one checkpoint into the feature store.
 
-Reads 01's splits.csv, 02's stats.json, 03's checkpoint (``extract.checkpoint``) and the
+Reads 01's splits.csv, 03's checkpoint (``extract.checkpoint``; the images are embedded with the
+preprocessing it records, never with 02's stats.json, which is only checked up to date) and the
 gallery-only images of ``data.gallery_extra`` (split ``extra``, ``common.gallery``); writes
 ``features.sqlite`` (resumable: an interrupted run continues where it stopped) and ``model.json``,
 the small description of the model and embedding that stages 05-07 read (checkpoint path and
