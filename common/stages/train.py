@@ -215,6 +215,10 @@ def decide(ctx: Context, inp: Inputs) -> Plan:
         raise UserError(f"{ck_dir / 'best.pt'} (epoch {best.get('epoch')}, recorded in {last}) is missing: restore "
                         "it, or set train.resume=false to train again (the checkpoints are kept in "
                         "previous-<UTC time>/)")
+    if ctx.force:
+        log.info("--force: the training has not finished, so it continues from %s (--force never throws away "
+                 "progress; train.resume=false starts again and keeps these checkpoints in previous-<UTC time>/)",
+                 last)
     return Plan(inp, resume_from=ckpt)
 
 
