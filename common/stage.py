@@ -468,10 +468,15 @@ def _roll_back(before: _Before, inv: Invocation, stage_dir: Path, old: dict | No
         return False
     if old is not None and rf.changed_outputs(stage_dir, old) is not None:
         return False
-    _put_back(stage_dir / rf.MANIFEST, before.manifest)
-    _put_back(stage_dir / "config.yaml", before.stage_config)
-    if inv.changes or inv.new_run:
-        _put_back(inv.run_dir / rf.RUN_CONFIG, before.run_config)
+    try:
+        _put_back(stage_dir / rf.MANIFEST, before.manifest)
+        _put_back(stage_dir / "config.yaml", before.stage_config)
+        if inv.changes or inv.new_run:
+            _put_back(inv.run_dir / rf.RUN_CONFIG, before.run_config)
+    except OSError as e:  # the refusal is still the outcome; the stage is then unfinished
+        log.warning("could not put %s back as it was: %s", stage_dir, e)
+        (stage_dir / rf.MANIFEST).unlink(missing_ok=True)
+        return False
     return True
 
 
@@ -492,9 +497,11 @@ def _remove_created(before: _Before, stage_dir: Path) -> None:
         p = p.parent
 
 
-def _begin(inv: Invocation, stage_dir: Path, buffer: _Buffer, handlers: list[logging.Handler],
-           slog: logging.Logger) -> None:
+def _begin(inv: Invocation, specs: dict[str, StageSpec], stage_dir: Path, buffer: _Buffer,
+           handlers: list[logging.Handler], slog: logging.Logger) -> None:
     """The checks passed and the stage holds its lock (rank 0): run config, clean-up, config.yaml, log.txt."""
+    if inv.changes:
+        slog.info("%s", _config_change_message(inv, specs))
     if inv.changes or inv.new_run:
         rf.write_run_config(inv.run_dir, inv.cfg)
     for p in rf.remove_stale_temporaries(stage_dir):
@@ -523,8 +530,8 @@ def _manifest(spec: StageSpec, inv: Invocation, ctx: Context, reads: set[str], a
     }
 
 
-def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage_dir: Path, rank0: bool,
-            slog: logging.Logger) -> tuple[rf.Freshness, dict | None, str | None]:
+def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage_dir: Path, rank0: bool
+            ) -> tuple[rf.Freshness, dict | None, str | None]:
     """Read-only checks: (freshness, the last finished run's manifest, why the stage runs; None = up to date).
 
     Raises ``UserError`` when the stage must not run (its lock is held, an upstream is not usable).
@@ -538,8 +545,6 @@ def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage
     _check_upstream(spec, inv, fresh, specs)
     _check_external(spec, inv.cfg)
     old, why = _own_state(spec, inv, fresh, stage_dir)
-    if inv.changes:
-        slog.info("%s", _config_change_message(inv, specs))
     return fresh, old, why
 
 
@@ -625,8 +630,10 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
     before: _Before | None = None  # set once the stage may write (rank 0)
     rolled_back = False
     try:
-        fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0, slog)  # nothing is written before
+        fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0)  # nothing is written before
         if why is None:
+            if inv.changes:
+                slog.info("%s", _config_change_message(inv, specs))
             if rank0 and (inv.changes or inv.new_run):
                 rf.write_run_config(run_dir, cfg)
             slog.info("%s is up to date (inputs and configuration unchanged since %s); use --force to rerun",
@@ -648,7 +655,7 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
             taken = _Before.take(inv, stage_dir)  # read before the first write
             lock.acquire()
             before = taken
-            _begin(inv, stage_dir, buffer, handlers, slog)
+            _begin(inv, specs, stage_dir, buffer, handlers, slog)
         slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
         from .seed import seed_everything
 
