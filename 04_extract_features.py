@@ -1,8 +1,9 @@
 """Stage 04: embed every image of every split with one checkpoint into the feature store.
 
-Reads:  03_main_supcon/checkpoints/<extract.checkpoint>.pt (best | last, or a path),
-        01_random_split_dataset/splits.csv, 02_mean_std_variables/stats.json, and the gallery-only
-        images of data.gallery_extra (class folders or filled corrections.csv files; split "extra")
+Reads:  03_main_supcon/checkpoints/<extract.checkpoint>.pt (best | last, or a path; its own
+        preprocessing: mean/std, image size, pad fill), 01_random_split_dataset/splits.csv, and the
+        gallery-only images of data.gallery_extra (class folders or filled corrections.csv files;
+        split "extra"); 02_mean_std_variables is checked up to date, its stats.json is not read
 Writes: 04_extract_features/features.sqlite (images, the model, one L2-normalised float32 vector
         per image; resumable: an interrupted run continues where it stopped), model.json (the model
         and embedding that stages 05-07 read)

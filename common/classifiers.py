@@ -307,8 +307,8 @@ def _structure(est: Any) -> list[type]:
     return [type(est), *(type(step) for _, step in getattr(est, "steps", []))]
 
 
-def _load_sklearn(p: Path, name: str) -> Any:
-    """A scikit-learn model from a skops file, refused unless every type in it is trusted."""
+def _check_skops_types(p: Path) -> None:
+    """Refuse a file that is not a skops file or names a type that is not trusted (nothing loaded)."""
     import skops.io as sio
 
     try:
@@ -319,6 +319,13 @@ def _load_sklearn(p: Path, name: str) -> Any:
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else "")
         raise _refused(p, f"it names types that are not trusted ({shown})")
+
+
+def _load_sklearn(p: Path, name: str) -> Any:
+    """A scikit-learn model from a skops file, refused unless every type in it is trusted."""
+    import skops.io as sio
+
+    _check_skops_types(p)
     try:
         model = sio.load(p, trusted=list(SKOPS_TRUSTED))
     except Exception as e:  # noqa: BLE001 - skops refuses or cannot rebuild something
@@ -328,16 +335,10 @@ def _load_sklearn(p: Path, name: str) -> Any:
     return model
 
 
-def load_classifiers(folder: Path, classes: Sequence[str], model_id: Any, dim: int,
-                     names: Sequence[str] | None = None) -> dict[str, Fitted]:
-    """Load the classifiers saved by ``save_classifiers``, checking files, sha256, classes and model.
-
-    Nothing is unpickled: the linear head is read from safetensors, the scikit-learn models from
-    skops files whose types are all trusted. Raises ``UserError`` naming the file when a file is
-    missing, not in the expected format (e.g. an older ``.joblib`` pickle), holds an untrusted
-    type or differs from its digest, or when the classifiers were fitted for other classes or
-    another model's vectors.
-    """
+def _saved_files(folder: Path, classes: Sequence[str], model_id: Any, dim: int,
+                 names: Sequence[str] | None) -> list[tuple[str, Path, dict]]:
+    """(name, file, record) of each saved classifier asked for, after checking ``classes.json``
+    against the classes and model, and every file against its sha256 (``UserError`` otherwise)."""
     meta_p, dig_p = folder / CLASSES_FILE, folder / DIGESTS_FILE
     if not meta_p.is_file() or not dig_p.is_file():
         raise UserError(f"{folder} holds no saved classifiers ({CLASSES_FILE}, {DIGESTS_FILE} missing): "
@@ -348,7 +349,7 @@ def load_classifiers(folder: Path, classes: Sequence[str], model_id: Any, dim: i
     if meta.get("model_id") != model_id or int(meta.get("dim", -1)) != int(dim):
         raise UserError(f"{meta_p}: the classifiers were fitted on another model's vectors "
                         f"(model {meta.get('model_id')!r}, not {model_id!r}): rerun 07_inference.py in evaluate mode")
-    out: dict[str, Fitted] = {}
+    out = []
     for name, rec in meta.get("classifiers", {}).items():
         if names is not None and name not in names:
             continue
@@ -363,6 +364,31 @@ def load_classifiers(folder: Path, classes: Sequence[str], model_id: Any, dim: i
         want = digests.get(p.name)
         if want is None or sha256_file(p) != want:
             raise _refused(p, f"its sha256 differs from {dig_p.name} (changed since it was saved)")
+        out.append((name, p, rec))
+    return out
+
+
+def check_saved_classifiers(folder: Path, classes: Sequence[str], model_id: Any, dim: int,
+                            names: Sequence[str] | None = None) -> None:
+    """What ``load_classifiers`` refuses that can be seen without building a model: the files,
+    their sha256, the classes and model they were fitted for, and the types a skops file names."""
+    for name, p, _ in _saved_files(folder, classes, model_id, dim, names):
+        if name != "linear":
+            _check_skops_types(p)
+
+
+def load_classifiers(folder: Path, classes: Sequence[str], model_id: Any, dim: int,
+                     names: Sequence[str] | None = None) -> dict[str, Fitted]:
+    """Load the classifiers saved by ``save_classifiers``, checking files, sha256, classes and model.
+
+    Nothing is unpickled: the linear head is read from safetensors, the scikit-learn models from
+    skops files whose types are all trusted. Raises ``UserError`` naming the file when a file is
+    missing, not in the expected format (e.g. an older ``.joblib`` pickle), holds an untrusted
+    type or differs from its digest, or when the classifiers were fitted for other classes or
+    another model's vectors.
+    """
+    out: dict[str, Fitted] = {}
+    for name, p, rec in _saved_files(folder, classes, model_id, dim, names):
         model: Any = _load_linear(p, dim, len(classes)) if name == "linear" else _load_sklearn(p, name)
         out[name] = Fitted(name, model, len(classes), float("nan"), dict(rec.get("info", {})))
     return out

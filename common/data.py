@@ -517,10 +517,66 @@ def square_uint8_transform(image_size: int, fill: int) -> v2.Compose:
     ])
 
 
+PREPROCESSING_CHANNELS = "RGB"  # load_rgb's output: every image becomes 8-bit RGB (3 channels)
+STATS_TOLERANCE = 1e-6  # two records of mean / std are the same statistics within this
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the network sees of an image, as one record: ``load_rgb`` (``channels``) -> pad to a
+    square with ``pad_fill`` -> resize to ``image_size`` -> normalise with ``mean`` / ``std``.
+
+    Stage 03 stores it in every checkpoint (``as_dict``: plain lists, ints and a string, so
+    ``torch.load(weights_only=True)`` reads it); stages 04 and 07 embed with exactly the
+    checkpoint's (``common.model.checkpoint_preprocessing``), never with ``stats.json`` or the
+    configuration.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    pad_fill: int
+    channels: str = PREPROCESSING_CHANNELS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": [float(x) for x in self.mean], "std": [float(x) for x in self.std],
+                "image_size": int(self.image_size), "pad_fill": int(self.pad_fill), "channels": self.channels}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Preprocessing:
+        """The record ``as_dict`` wrote (``UserError`` naming ``where`` when it is not one)."""
+        try:
+            mean, std = (tuple(float(x) for x in d[k]) for k in ("mean", "std"))
+            pre = cls(mean, std, int(d["image_size"]), int(d["pad_fill"]), str(d.get("channels", PREPROCESSING_CHANNELS)))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"{where}: its preprocessing record is incomplete (mean, std, image_size, pad_fill): "
+                            "is it a checkpoint of 03_main_supcon.py?") from None
+        if len(pre.mean) != 3 or len(pre.std) != 3 or pre.channels != PREPROCESSING_CHANNELS:
+            raise UserError(f"{where}: its preprocessing is not 3-channel {PREPROCESSING_CHANNELS} "
+                            f"({pre.channels}, mean of {len(pre.mean)} values)")
+        return pre
+
+    def same_as(self, other: Preprocessing) -> bool:
+        """Equal, mean and std within ``STATS_TOLERANCE`` (they pass through JSON and float32)."""
+        return (self.image_size, self.pad_fill, self.channels) == (other.image_size, other.pad_fill, other.channels) \
+            and all(len(a) == len(b) and all(abs(x - y) <= STATS_TOLERANCE for x, y in zip(a, b))
+                    for a, b in ((self.mean, other.mean), (self.std, other.std)))
+
+    def describe(self) -> str:
+        """``mean [0.1, ...], std [...], 224 px, pad 0, RGB``."""
+        return (f"mean {[round(x, 6) for x in self.mean]}, std {[round(x, 6) for x in self.std]}, "
+                f"{self.image_size} px, pad {self.pad_fill}, {self.channels}")
+
+    def transform(self) -> v2.Compose:
+        """The evaluation transform of this preprocessing (``eval_transform``)."""
+        return eval_transform(self.image_size, self.mean, self.std, self.pad_fill)
+
+
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], fill: int) -> v2.Compose:
     """The deterministic view of an image: RGB -> pad to square -> resize -> [0, 1] -> normalise.
 
-    ``mean`` and ``std`` come from ``stats.json`` (``read_stats``).
+    ``mean`` and ``std``: ``stats.json`` (``read_stats``) while training, the checkpoint's own
+    (``Preprocessing``) afterwards.
     """
     return v2.Compose([
         square_uint8_transform(image_size, fill),

@@ -4,8 +4,9 @@ What it does, in order (``extract_features``):
 
 1. loads the checkpoint (``extract.checkpoint``: ``best`` | ``last`` | a path) with
    ``common.model.load_checkpoint_model``; its class list must equal the splits' (``UserError``
-   naming both otherwise); ``stats.json`` (stage 02) should equal the checkpoint's stats (a warning
-   otherwise: the vectors are normalised with ``stats.json`` and the store records which);
+   naming both otherwise); the preprocessing (mean/std, image size, pad fill) is the one the
+   checkpoint records (``common.model.checkpoint_preprocessing``), never ``stats.json`` or the
+   configuration: the network sees its images as it saw them in training, and the store records it;
 2. rank 0 syncs the store's ``images`` table with ``splits.csv`` (new images added, removed ones
    deleted with their vectors, changed files lose their vectors) and registers the model
    (checkpoint sha256 + embedding kind + preprocessing). **The store holds one model at a time**:
@@ -60,7 +61,6 @@ STORE_FILE = "features.sqlite"
 # seconds on a GPU, minutes for SE-ResNeXt-50 on a CPU) and rank 0's buffer, while keeping
 # transactions large (one commit per chunk; benchmarks/bench_store.py writes this way).
 WRITE_CHUNK_ROWS = 2048
-STATS_TOLERANCE = 1e-6  # stats.json and the checkpoint's stats are "equal" within this
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -92,18 +92,6 @@ def check_classes(ckpt_classes: Sequence[str], split_classes: Sequence[str], che
         else "same names in another order"
     raise UserError(f"checkpoint {checkpoint} has {len(a)} classes but {splits_csv} has {len(b)} ({detail}): "
                     f"rerun {STAGE03}.py on these splits or choose another extract.checkpoint")
-
-
-def check_stats(stats: dict, ckpt_stats: dict | None, stats_json: Path, checkpoint: Path) -> None:
-    """Warn when stats.json differs from the statistics the checkpoint was trained with."""
-    if not ckpt_stats:
-        log.warning("checkpoint %s records no normalisation statistics: using %s", checkpoint, stats_json)
-        return
-    for key in ("mean", "std"):
-        a, b = np.asarray(stats[key], float), np.asarray(ckpt_stats.get(key, [np.nan] * 3), float)
-        if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=STATS_TOLERANCE):
-            log.warning("%s %s %s differs from the checkpoint's %s %s (trained with other statistics?): the "
-                        "vectors are normalised with %s", stats_json, key, a.tolist(), key, b.tolist(), stats_json.name)
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -206,7 +194,7 @@ class _Batches:
         return out
 
 
-def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store_path: Path | PgStore, cfg: Any, *,
+def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgStore, cfg: Any, *,
                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                      chunk_rows: int | None = None, extras: Sequence[Any] = ()) -> dict[str, Any]:
     """Embed every image of ``splits_csv`` with ``checkpoint`` into the store; returns metrics (rank 0).
@@ -219,11 +207,11 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     """
     from tqdm import tqdm
 
-    from .data import ImageListDataset, class_names, eval_transform, read_splits, read_stats
-    from .model import load_checkpoint_model
+    from .data import ImageListDataset, class_names, read_splits
+    from .model import checkpoint_preprocessing, load_checkpoint_model
 
     device = torch.device(device)
-    checkpoint, splits_csv, stats_json = map(Path, (checkpoint, splits_csv, stats_json))
+    checkpoint, splits_csv = Path(checkpoint), Path(splits_csv)
     if not isinstance(store_path, PgStore):
         store_path = Path(store_path)
     direct = world_size > 1 and isinstance(store_path, PgStore)  # every rank writes its own share
@@ -238,17 +226,14 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     if not isinstance(ckpt.get("classes"), list):
         raise UserError(f"checkpoint {checkpoint} records no class list: is it a checkpoint of {STAGE03}.py?")
     check_classes(ckpt["classes"], classes, checkpoint, splits_csv)
-    stats = read_stats(stats_json)
-    check_stats(stats, ckpt.get("stats"), stats_json, checkpoint)
-    # the preprocessing is the checkpoint's own (what the network was trained on), never the config's
-    ck_cfg = ckpt.get("config") or {}
+    # the preprocessing is the checkpoint's own (what the network was trained on), never stats.json or the config's
+    pre = checkpoint_preprocessing(ckpt, checkpoint)
     try:
-        backbone = str(ck_cfg["model"]["backbone"])
-        image_size = int(ck_cfg["model"]["image_size"])
-        pad_fill = int(ck_cfg["data"]["pad_fill"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"checkpoint {checkpoint} does not record model.backbone, model.image_size and "
-                        f"data.pad_fill: is it a checkpoint of {STAGE03}.py?") from None
+        backbone = str(ckpt["config"]["model"]["backbone"])
+    except (KeyError, TypeError):
+        raise UserError(f"checkpoint {checkpoint} does not record model.backbone: is it a checkpoint of "
+                        f"{STAGE03}.py?") from None
+    image_size = pre.image_size
     sha = str(ckpt["sha256"])
     channels_last = bool(cfg.model.channels_last)
     model = prepare_model(model, device, channels_last)
@@ -266,8 +251,8 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
             store = open_store(store_path, create=True)
             sync = store.sync_images([*rows, *extras])
             info, dropped = store.register_model(
-                checkpoint_sha256=sha, embedding=ecfg.embedding, backbone=backbone, dim=dim, mean=stats["mean"],
-                std=stats["std"], image_size=image_size, pad_fill=pad_fill, classes=classes,
+                checkpoint_sha256=sha, embedding=ecfg.embedding, backbone=backbone, dim=dim, mean=pre.mean,
+                std=pre.std, image_size=pre.image_size, pad_fill=pre.pad_fill, classes=classes,
                 checkpoint_path=str(checkpoint.resolve()), epoch=ckpt.get("epoch"), dtype=ecfg.dtype)
             todo: list[ImageRecord] = store.missing_vectors(info.id)
             plan = _Plan(info.id, info.dim, [r.id for r in todo], [r.path for r in todo])
@@ -296,7 +281,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, stats_json: Path, store
     t0 = time.perf_counter()
     batches = None
     if n_todo:
-        transform = eval_transform(image_size, stats["mean"], stats["std"], pad_fill)
+        transform = pre.transform()
         ds = ImageListDataset([plan.todo_paths[i] for i in share], transform=transform)
         loader = torch.utils.data.DataLoader(ds, batch_size=ecfg.batch_size, shuffle=False,
                                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",

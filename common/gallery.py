@@ -135,6 +135,20 @@ def list_extras(sources: Sequence[str | Path], min_side: int = 1, max_pixels: in
     return out
 
 
+def check_decodable(extras: Sequence[ExtraImage]) -> None:
+    """Every gallery-only image decodes (``UserError`` naming the first that does not and its
+    ``data.gallery_extra`` entry): stage 04 checks this before it writes anything."""
+    from .data import load_rgb
+    from .errors import ImageReadError
+
+    for e in extras:
+        try:
+            load_rgb(e.path)
+        except ImageReadError as err:
+            why = str(err).splitlines()[0].removeprefix(f"{e.path}: ")
+            raise UserError(f"data.gallery_extra: {e.path} ({e.source}): {why}") from None
+
+
 def check_no_overlap(extras: Sequence[ExtraImage], split_paths: set[str], splits_csv: Path) -> None:
     """An extra image must not already be in the splits (it would be both trained on and gallery-only)."""
     both = [e for e in extras if e.path in split_paths]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .data import Preprocessing
 from .errors import UserError
 from .fileio import sha256_file
 
@@ -232,11 +233,33 @@ def model_config_from(stored: Mapping[str, Any] | None) -> ModelConfig:
     return mc
 
 
+def checkpoint_preprocessing(ckpt: Mapping[str, Any], path: str | Path) -> Preprocessing:
+    """The preprocessing a stage-03 checkpoint was trained with (``ckpt["preprocessing"]``).
+
+    A checkpoint written before that record existed (a run folder of an earlier version of this
+    tool) still loads: its preprocessing is derived from what that version trained with, the
+    stored ``stats`` (mean/std of stats.json at the time) and the stored ``config``
+    (``model.image_size``, ``data.pad_fill``); images were RGB then too.
+    """
+    where = f"checkpoint {path}"
+    if "preprocessing" in ckpt:
+        return Preprocessing.from_dict(ckpt["preprocessing"], where)
+    stats, cfg = ckpt.get("stats") or {}, ckpt.get("config") or {}
+    try:
+        derived = {"mean": stats["mean"], "std": stats["std"], "image_size": cfg["model"]["image_size"],
+                   "pad_fill": cfg["data"]["pad_fill"]}
+    except (KeyError, TypeError):
+        raise UserError(f"{where} records neither its preprocessing nor the stats and model.image_size / "
+                        "data.pad_fill it was trained with: is it a checkpoint of 03_main_supcon.py?") from None
+    return Preprocessing.from_dict(derived, where)
+
+
 def load_checkpoint_model(path: str | Path, map_location: Any = "cpu") -> tuple[SupConModel, dict]:
     """Rebuild the model a stage-03 checkpoint was trained with and load its weights.
 
     Returns ``(model.eval(), ckpt)``; ``ckpt`` is the checkpoint dict (``classes``, ``stats``,
-    ``config``, ``epoch``, ...) plus ``sha256``, the file's hash.
+    ``config``, ``epoch``, ``preprocessing``...) plus ``sha256``, the file's hash. What the network
+    saw is ``checkpoint_preprocessing(ckpt, path)``.
     """
     p = Path(path)
     if not p.is_file():

@@ -8,15 +8,23 @@ A stage script calls ``stage.run("04_extract_features")``. The wrapper, in order
 2. checks, touching no file: every upstream stage finished, is unchanged and is not running;
    no other process runs this stage; whether this stage is up to date (exit 0, "up to date") or
    why it reruns (one line: the key, the output or the upstream that changed);
-3. takes the stage's lock, saves ``RUN/config.yaml`` when the command changed it (saying which
+3. the check phase, still touching no file: the wrapper's own checks (``log.txt`` is not a
+   link) and the driver's ``check(ctx)`` when it has one (inputs, upstream files it will read,
+   names, store ownership, planted files; what it finds goes to ``ctx.checked`` for ``main``);
+4. takes the stage's lock, saves ``RUN/config.yaml`` when the command changed it (saying which
    keys changed and which stages that makes out of date), removes temporaries a killed run left,
    removes the old manifest, writes the stage's ``config.yaml`` and starts ``log.txt``;
-4. calls the stage's ``main(ctx)`` with a configuration that records the keys it reads;
-5. writes ``manifest.json`` last (its presence means the stage finished);
-6. e-mails per the ``notify`` section and exits 0 (done), 2 (bad input or configuration: one
+5. calls the stage's ``main(ctx)`` with a configuration that records the keys it reads;
+6. writes ``manifest.json`` last (its presence means the stage finished);
+7. e-mails per the ``notify`` section and exits 0 (done), 2 (bad input or configuration: one
    line, no traceback), 1 (unexpected: traceback in ``log.txt``) or 130 (interrupted).
 
-A refused stage (exit 2 in steps 1-2) leaves the run folder byte for byte as it was.
+A refusal in steps 1-3 leaves the run folder byte for byte as it was. A refusal found while
+``main`` runs (a file that goes bad while it is read) is rolled back when ``main`` changed nothing
+in the stage's folder and the last finished run's outputs are unchanged (``_roll_back``): the
+manifest, the stage's ``config.yaml`` and ``RUN/config.yaml`` get their old bytes back, and a
+folder the command created is removed, so only ``log.txt`` differs. Otherwise the stage is in the
+ordinary unfinished state (rerun to continue), and its one error line says so.
 """
 from __future__ import annotations
 
@@ -73,6 +81,7 @@ class Context:
     world_size: int = 1
     outputs: dict[str, str] = field(default_factory=dict)
     used: dict[str, str] = field(default_factory=dict)
+    checked: dict[str, Any] = field(default_factory=dict)  # what the driver's check found, for its main
     _device: Any = None
 
     def upstream(self, stage_name: str, required: bool = True) -> Path | None:
@@ -378,6 +387,13 @@ def _check_external(spec: StageSpec, cfg: config_mod.Config) -> None:
             raise UserError(f"{keys[0] if keys else 'input'}: {p} does not exist")
 
 
+def _check_stage_folder(stage_dir: Path) -> None:
+    """What the wrapper will write in the stage folder can be written: ``log.txt`` is not a link."""
+    log_txt = stage_dir / "log.txt"
+    if log_txt.is_symlink():
+        raise UserError(f"{log_txt} is a symbolic link: logs are never written through links; remove it")
+
+
 def _own_state(spec: StageSpec, inv: Invocation, fresh: rf.Freshness, stage_dir: Path
                ) -> tuple[dict | None, str | None]:
     """(the last finished run's manifest or None, why this stage runs; None = it is up to date)."""
@@ -405,10 +421,102 @@ def _config_change_message(inv: Invocation, specs: dict[str, StageSpec]) -> str:
 # ----------------------------------------------------------------------------- running a stage
 
 
-def _begin(inv: Invocation, stage_dir: Path, lock: rf.StageLock, buffer: _Buffer, handlers: list[logging.Handler],
-           slog: logging.Logger) -> None:
-    """The checks passed and the stage runs (rank 0): lock, run config, clean-up, config.yaml, log.txt."""
-    lock.acquire()
+@dataclass
+class _Before:
+    """What a stage's start changes, as it was before (rank 0): put back when the stage is refused
+    mid-run (exit 2) without having changed its folder."""
+
+    run_config: bytes | None  # RUN/config.yaml (None: the run had none)
+    stage_config: bytes | None  # the stage's config.yaml
+    manifest: bytes | None  # the stage's manifest.json (a finished stage)
+    listing: dict[str, tuple[int, int]]  # the stage folder's own files and folders (``_listing``)
+    created: Path | None  # the outermost folder of the stage folder's path that this command creates
+
+    @classmethod
+    def take(cls, inv: Invocation, stage_dir: Path) -> _Before:
+        def read(p: Path) -> bytes | None:
+            return p.read_bytes() if p.is_file() else None
+
+        created, p = None, stage_dir
+        while not p.exists() and p != p.parent:
+            created, p = p, p.parent
+        return cls(read(inv.run_dir / rf.RUN_CONFIG), read(stage_dir / "config.yaml"), read(stage_dir / rf.MANIFEST),
+                   _listing(stage_dir), created)
+
+
+WRAPPER_FILES = (rf.MANIFEST, "config.yaml", "log.txt", rf.LOCK)  # what the wrapper itself writes in a stage folder
+
+
+def _listing(stage_dir: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of what the driver may have written in its folder: every
+    file and folder but the wrapper's own files, temporaries, and sub-folders that hold their own
+    ``log.txt`` (another stage's folder, as 07's ``predict/<name>/``, or 03's ``previous-*``)."""
+    out: dict[str, tuple[int, int]] = {}
+    for root, dirs, files in os.walk(stage_dir):
+        here = Path(root)
+        dirs[:] = [d for d in dirs if not (here / d / "log.txt").exists()]
+        for name in [*dirs, *files]:
+            p = here / name
+            if (here == stage_dir and name in WRAPPER_FILES) or (name.startswith(".") and name.endswith(rf.TMP_SUFFIX)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = p.lstat()
+                out[p.relative_to(stage_dir).as_posix()] = (st.st_size, st.st_mtime_ns) if p.is_file() else (-1, 0)
+    return out
+
+
+def _put_back(p: Path, data: bytes | None) -> None:
+    """Write ``data`` to ``p`` atomically, or remove ``p`` when ``data`` is None."""
+    if data is None:
+        p.unlink(missing_ok=True)
+        return
+    with rf.atomic_open(p, "wb") as fh:
+        fh.write(data)
+
+
+def _roll_back(before: _Before, inv: Invocation, stage_dir: Path, old: dict | None) -> bool:
+    """After a refusal (exit 2) in ``main``: when the driver changed nothing in its folder (and the
+    outputs of the last finished run, a store on a server included, are unchanged), put back the
+    manifest, the stage's ``config.yaml`` and ``RUN/config.yaml`` as they were, and say True:
+    the stage is exactly as before the command. False: it had started writing, and is unfinished."""
+    if _listing(stage_dir) != before.listing:
+        return False
+    if old is not None and rf.changed_outputs(stage_dir, old) is not None:
+        return False
+    try:
+        _put_back(stage_dir / rf.MANIFEST, before.manifest)
+        _put_back(stage_dir / "config.yaml", before.stage_config)
+        if inv.changes or inv.new_run:
+            _put_back(inv.run_dir / rf.RUN_CONFIG, before.run_config)
+    except OSError as e:  # the refusal is still the outcome; the stage is then unfinished
+        log.warning("could not put %s back as it was: %s", stage_dir, e)
+        (stage_dir / rf.MANIFEST).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _remove_created(before: _Before, stage_dir: Path) -> None:
+    """A rolled-back stage whose folder this command created: remove what the wrapper wrote there,
+    then the folders, innermost first, as long as they are empty (nothing else is ever removed)."""
+    if before.created is None:
+        return
+    (stage_dir / "log.txt").unlink(missing_ok=True)
+    p = stage_dir
+    while True:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == before.created:
+            return
+        p = p.parent
+
+
+def _begin(inv: Invocation, specs: dict[str, StageSpec], stage_dir: Path, buffer: _Buffer,
+           handlers: list[logging.Handler], slog: logging.Logger) -> None:
+    """The checks passed and the stage holds its lock (rank 0): run config, clean-up, config.yaml, log.txt."""
+    if inv.changes:
+        slog.info("%s", _config_change_message(inv, specs))
     if inv.changes or inv.new_run:
         rf.write_run_config(inv.run_dir, inv.cfg)
     for p in rf.remove_stale_temporaries(stage_dir):
@@ -437,8 +545,8 @@ def _manifest(spec: StageSpec, inv: Invocation, ctx: Context, reads: set[str], a
     }
 
 
-def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage_dir: Path, rank0: bool,
-            slog: logging.Logger) -> tuple[rf.Freshness, dict | None, str | None]:
+def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage_dir: Path, rank0: bool
+            ) -> tuple[rf.Freshness, dict | None, str | None]:
     """Read-only checks: (freshness, the last finished run's manifest, why the stage runs; None = up to date).
 
     Raises ``UserError`` when the stage must not run (its lock is held, an upstream is not usable).
@@ -452,19 +560,21 @@ def _checks(spec: StageSpec, inv: Invocation, specs: dict[str, StageSpec], stage
     _check_upstream(spec, inv, fresh, specs)
     _check_external(spec, inv.cfg)
     old, why = _own_state(spec, inv, fresh, stage_dir)
-    if inv.changes:
-        slog.info("%s", _config_change_message(inv, specs))
     return fresh, old, why
 
 
-def _failure(e: BaseException, spec: StageSpec, stage_dir: Path, slog: logging.Logger) -> tuple[int, str, str | None]:
-    """(exit code, one line, traceback or None) of a stage that stopped, logged."""
+def _failure(e: BaseException, spec: StageSpec, stage_dir: Path, slog: logging.Logger,
+             unfinished: bool = False) -> tuple[int, str, str | None]:
+    """(exit code, one line, traceback or None) of a stage that stopped, logged. ``unfinished``: a
+    refusal after the stage had started writing (its line says so)."""
     if isinstance(e, UserError):
         line = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         if line.startswith("Caught "):  # re-raised by a DataLoader worker: the file is on the last line
             from .data import loader_error_line
 
             line = loader_error_line(e)
+        if unfinished:
+            line += f" ({spec.name} had started writing: it is unfinished now; rerun it once this is fixed)"
         slog.error("error: %s", line)
         return 2, line, None
     if isinstance(e, KeyboardInterrupt):
@@ -505,12 +615,12 @@ def _close(handlers: list[logging.Handler], lock: rf.StageLock, world: int) -> N
         h.close()
 
 
-def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: Any = None,
+def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: Any = None, check: Any = None,
             doc: str | None = None, specs: dict[str, StageSpec] | None = None) -> int:
     """Run one stage and return its exit code (``run`` calls this and exits).
 
-    ``main`` replaces the spec's driver and ``specs`` the stage table (tests wire small stages
-    into the real wrapper).
+    ``main`` and ``check`` replace the spec's driver (its ``check`` too, None: no check) and
+    ``specs`` the stage table (tests wire small stages into the real wrapper).
     """
     specs = specs or SPECS
     spec = specs[spec] if isinstance(spec, str) else spec
@@ -531,10 +641,15 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
     code, err_line, tb_text, quiet = 1, None, None, False  # quiet: up to date, no e-mail
     lock = rf.StageLock(stage_dir, spec.name, run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    old: dict | None = None
+    before: _Before | None = None  # set once the stage may write (rank 0)
+    rolled_back = False
     try:
         rf.check_stage_folder(stage_dir, run_dir, spec.name)  # no configured name leads out of the stage's folder
-        fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0, slog)  # nothing is written before
+        fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0)  # nothing is written before
         if why is None:
+            if inv.changes:
+                slog.info("%s", _config_change_message(inv, specs))
             if rank0 and (inv.changes or inv.new_run):
                 rf.write_run_config(run_dir, cfg)
             slog.info("%s is up to date (inputs and configuration unchanged since %s); use --force to rerun",
@@ -542,18 +657,26 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
             code, quiet = 0, True
             return 0
         rank, world = _init_distributed()
-        if rank == 0:
-            rf.check_writable(run_dir, stage_dir)  # one line, before the first write
-            _begin(inv, stage_dir, lock, buffer, handlers, slog)
-        slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
-        from .seed import seed_everything
-
-        seed_everything(cfg.run.seed)
         rec_cfg, reads = config_mod.recording(cfg)
         ctx = Context(name=spec.name, cfg=rec_cfg, run_dir=run_dir, dir=stage_dir, freshness=fresh,
                       upstream_names=spec.upstream(cfg), force=inv.force, previous=old,
                       changed_output=rf.changed_outputs(stage_dir, old) if old else None, rank=rank,
                       world_size=world)
+        # the check phase, still read only: the wrapper's own, then the driver's
+        _check_stage_folder(stage_dir)
+        check_fn = check if main is not None else spec.check()
+        if check_fn is not None:
+            check_fn(ctx)
+        if rank == 0:
+            rf.check_writable(run_dir, stage_dir)  # one line, before the first write
+            taken = _Before.take(inv, stage_dir)  # read before the first write
+            lock.acquire()
+            before = taken
+            _begin(inv, specs, stage_dir, buffer, handlers, slog)
+        slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
+        from .seed import seed_everything
+
+        seed_everything(cfg.run.seed)
         _barrier(world)
         metrics = (main or spec.main())(ctx) or {}
         _barrier(world)
@@ -566,7 +689,11 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
             slog.info("%s finished in %.1f s", spec.name, time.time() - t0)
         code = 0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every outcome gets its exit code
-        code, err_line, tb_text = _failure(rf.as_user_error(e, run_dir), spec, stage_dir, slog)
+        e = rf.as_user_error(e, run_dir)  # a permission error inside the run folder: one line, exit 2
+        refused_mid_run = isinstance(e, UserError) and before is not None
+        if refused_mid_run:
+            rolled_back = _roll_back(before, inv, stage_dir, old)
+        code, err_line, tb_text = _failure(e, spec, stage_dir, slog, unfinished=refused_mid_run and not rolled_back)
     finally:
         try:
             if not quiet and rank0:
@@ -576,6 +703,8 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
                     "log_path": str(stage_dir / "log.txt"), "exit_code": code, "metrics": metrics,
                 })
             _close(handlers, lock, world)
+            if rolled_back and before is not None:
+                _remove_created(before, stage_dir)
         except KeyboardInterrupt:  # a signal during the clean-up: the outcome is already decided
             code = 130 if code == 0 else code
         finally:

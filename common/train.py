@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 UPSTREAM = ("01_random_split_dataset", "02_mean_std_variables")
 METRIC_COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "eta_s",
                   "val_top1", "val_knn", "val_macro_f1")
-MODEL_KEYS_MUST_MATCH = ("backbone", "head", "feat_dim", "image_size")  # resume refuses other values
 AUG_PREVIEW_IMAGES = 6  # training images shown (each with its two views) in augmentations.png
 EVAL_BATCH_FACTOR = 2  # k-NN evaluation batch = this x train.batch_size (no activations kept for backward)
 

@@ -71,18 +71,16 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("extract")
     rows = _write_images(root / "images")
     splits = _write_splits(root / "splits.csv", rows)
-    stats = root / "stats.json"
-    stats.write_text(json.dumps(STATS))
     cfg = _cfg()
     ck_a = _checkpoint(root / "a.pt", cfg, CLASSES, seed=0)
     ck_b = _checkpoint(root / "b.pt", cfg, CLASSES, seed=1)
-    return {"root": root, "rows": rows, "splits": splits, "stats": stats, "cfg": cfg, "a": ck_a, "b": ck_b}
+    return {"root": root, "rows": rows, "splits": splits, "cfg": cfg, "a": ck_a, "b": ck_b}
 
 
 def _extract(data, store: Path, ckpt: Path | None = None, splits: Path | None = None, cfg=None, **kw) -> dict:
     from common.extract import extract_features
 
-    return extract_features(ckpt or data["a"], splits or data["splits"], data["stats"], store, cfg or data["cfg"],
+    return extract_features(ckpt or data["a"], splits or data["splits"], store, cfg or data["cfg"],
                             device="cpu", **kw)
 
 
@@ -129,6 +127,34 @@ def test_round_trip_equals_the_model(data, full_run):
         assert info.complete and info.backbone == "test_resnet" and info.image_size == 32
         assert info.classes == CLASSES and np.allclose(info.mean, STATS["mean"])
         assert {r.split for r in s.images("val")} == {"val"} and len(s.images()) == N_IMAGES
+
+
+def test_the_checkpoints_own_preprocessing_is_used(data, tmp_path):
+    """Issue 17 #1: the vectors are made with the preprocessing the checkpoint records (a checkpoint
+    of this version) or derives from its stats and config (an earlier one, as ``data["a"]``)."""
+    from common.data import eval_transform, load_rgb
+    from common.model import checkpoint_preprocessing, load_checkpoint_model
+
+    ck = torch.load(data["a"], weights_only=True)
+    pre = {"mean": [0.6, 0.5, 0.4], "std": [0.3, 0.35, 0.4], "image_size": 32, "pad_fill": 255, "channels": "RGB"}
+    torch.save({**ck, "preprocessing": pre}, tmp_path / "new.pt")
+    m = _extract(data, tmp_path / "f.sqlite", ckpt=tmp_path / "new.pt")
+    model, loaded = load_checkpoint_model(tmp_path / "new.pt")
+    assert checkpoint_preprocessing(loaded, "new.pt").as_dict() == pre
+    assert checkpoint_preprocessing(ck, "a.pt").as_dict() == {**STATS, "image_size": 32, "pad_fill": 0,
+                                                               "channels": "RGB"}  # derived
+    tf = eval_transform(32, pre["mean"], pre["std"], 255)
+    got = _vectors(tmp_path / "f.sqlite", m["model_id"])
+    with torch.inference_mode():
+        for r in data["rows"][:4]:
+            want = torch.nn.functional.normalize(model.encoder(tf(load_rgb(r["path"]))[None]).float(), dim=1)[0]
+            np.testing.assert_allclose(got[r["path"]], want.numpy(), rtol=0, atol=1e-6)
+    with FeatureStore(tmp_path / "f.sqlite") as s:
+        info = s.model_info(m["model_id"])
+        assert np.allclose(info.mean, pre["mean"]) and info.pad_fill == 255
+    torch.save({**ck, "preprocessing": {**pre, "channels": "L"}}, tmp_path / "grey.pt")
+    with pytest.raises(UserError, match="not 3-channel RGB"):
+        _extract(data, tmp_path / "g.sqlite", ckpt=tmp_path / "grey.pt")
 
 
 def test_head_embedding(data, tmp_path):
@@ -229,12 +255,12 @@ def _ddp_worker(rank: int, world: int, port: int, args: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # chunks of 11 and 1 images: rank 1 has nothing to embed in the second
-        m = extract_features(args["ckpt"], args["splits"], args["stats"], args["store"], args["cfg"], device="cpu",
+        m = extract_features(args["ckpt"], args["splits"], args["store"], args["cfg"], device="cpu",
                              rank=rank, world_size=world, chunk_rows=11)
         if rank == 0:
             Path(args["out"]).write_text(json.dumps(m))
         try:  # an unreadable image on one rank stops every rank, with its name
-            extract_features(args["ckpt"], args["bad_splits"], args["stats"], args["bad_store"], args["cfg"],
+            extract_features(args["ckpt"], args["bad_splits"], args["bad_store"], args["cfg"],
                              device="cpu", rank=rank, world_size=world, chunk_rows=5)
             outcome = "finished"
         except Exception as e:  # noqa: BLE001 - recorded for the test to check
@@ -251,7 +277,7 @@ def test_two_processes_equal_one(data, full_run, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     bad_splits = _write_splits(tmp_path / "bad.csv", [{**data["rows"][0], "path": str(bad)}, *data["rows"]])
-    args = {"ckpt": str(data["a"]), "splits": str(data["splits"]), "stats": str(data["stats"]), "store": str(store),
+    args = {"ckpt": str(data["a"]), "splits": str(data["splits"]), "store": str(store),
             "cfg": data["cfg"], "out": str(tmp_path / "m.json"), "bad_splits": str(bad_splits),
             "bad_store": str(tmp_path / "bad.sqlite")}
     mp.spawn(_ddp_worker, args=(2, _free_port(), args), nprocs=2, join=True)

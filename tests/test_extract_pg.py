@@ -35,7 +35,7 @@ def _pg_worker(rank: int, world: int, port: int, args: dict) -> None:
     PgFeatureStore.write_vectors = spy
     try:
         try:
-            m = extract_features(args["ckpt"], args["splits"], args["stats"], target, args["cfg"], device="cpu",
+            m = extract_features(args["ckpt"], args["splits"], target, args["cfg"], device="cpu",
                                  rank=rank, world_size=world, chunk_rows=4)
             outcome = {"metrics": m}
         except Exception as e:  # noqa: BLE001 - recorded for the test to check
@@ -55,7 +55,7 @@ def _pg_worker(rank: int, world: int, port: int, args: dict) -> None:
 def _spawn(data, pg_store, tmp_path, fail_rank: int) -> list[dict]:  # noqa: F811
     import torch.multiprocessing as mp
 
-    args = {"ckpt": str(data["a"]), "splits": str(data["splits"]), "stats": str(data["stats"]), "cfg": data["cfg"],
+    args = {"ckpt": str(data["a"]), "splits": str(data["splits"]), "cfg": data["cfg"],
             "url": pg_store.url, "schema": pg_store.schema, "out": str(tmp_path / "out.json"), "fail_rank": fail_rank}
     mp.spawn(_pg_worker, args=(2, _free_port(), args), nprocs=2, join=True)
     return [json.loads((tmp_path / f"out.json.{r}").read_text()) for r in range(2)]

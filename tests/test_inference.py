@@ -459,7 +459,8 @@ def _checkpoint(path: Path, classes, seed: int) -> Path:
     torch.manual_seed(seed)
     model = build_model(mc)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": {"model": dataclasses.asdict(mc)},
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                "config": {"model": dataclasses.asdict(mc), "data": {"pad_fill": 0}},
                 "classes": list(classes), "stats": {"mean": [0.5] * 3, "std": [0.25] * 3}, "epoch": 1}, path)
     return path
 
@@ -552,6 +553,27 @@ def test_stage_refuses_queries_from_another_checkpoint(tmp_path):
                                        "inference.classifiers=[]"])
     _checkpoint(ck, ["sp0", "sp1", "sp2"], seed=1)  # retrained: other weights, other sha256
     with pytest.raises(UserError, match="another checkpoint"):
+        S7.main(ctx)
+
+
+def test_queries_use_the_checkpoints_preprocessing_and_a_gallery_of_another_is_refused(tmp_path):
+    """Issue 17 #1: the queries are embedded as the checkpoint was trained (its recorded
+    preprocessing); a store an earlier version filled with other statistics is refused."""
+    import sqlite3
+
+    ctx, ck = _run_folder(tmp_path, "evaluate")
+    ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={_image_folder(tmp_path / 'new')}",
+                                       "inference.classifiers=[]", "data.pad_fill=255"])  # the config is never used
+    data = S7.load_store_data(ctx.run_dir / "04_extract_features", ctx.run_dir / "01_random_split_dataset" /
+                              "splits.csv", None)
+    _, transform = S7.load_query_model(ctx, data)
+    steps = [t for t in transform.transforms]
+    assert "fill=0" in repr(steps[0]) and list(steps[-1].mean) == [0.5] * 3  # the checkpoint's, not data.pad_fill
+    con = sqlite3.connect(ctx.run_dir / "04_extract_features" / "features.sqlite")
+    con.execute("UPDATE models SET mean = '[0.4, 0.5, 0.5]'")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match=r"another preprocessing .*rerun 04_extract_features.py --force"):
         S7.main(ctx)
 
 

@@ -21,9 +21,9 @@ SPEC_C = StageSpec("03_main_supcon", "train", keys=(), upstream_fn=lambda cfg: (
 TEST_SPECS = {s.name: s for s in (SPEC_A, SPEC_B, SPEC_C)}
 
 
-def ex(spec, main, argv):
+def ex(spec, main, argv, check=None):
     """The real wrapper over a small stage table."""
-    return stage.execute(spec, argv, main=main, specs={**TEST_SPECS, spec.name: spec})
+    return stage.execute(spec, argv, main=main, check=check, specs={**TEST_SPECS, spec.name: spec})
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -352,3 +352,92 @@ def test_a_key_added_or_dropped_since_a_run_is_no_reason_to_rerun(tmp_path, capl
     assert run_a(tmp_path) == 0 and "up to date" in caplog.text
     caplog.clear()
     assert run_a(tmp_path, "model.backbone=resnet18") == 0 and "up to date" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- check phase and roll-back
+
+
+def _files(folder: Path, log_too: bool = False) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and (log_too or p.name != "log.txt")}
+
+
+def _refuse(ctx):
+    raise UserError("input.csv is unusable")
+
+
+def test_a_check_refusal_writes_nothing(tmp_path, caplog):
+    """Issue 17 #2: a driver's check runs before the lock, RUN/config.yaml, the manifest and log.txt."""
+    assert run_a(tmp_path) == 0
+    before = _files(tmp_path, log_too=True)
+    calls = []
+    rc = ex(SPEC_A, lambda ctx: calls.append(1), ["--run", str(tmp_path), "model.backbone=other"], check=_refuse)
+    assert rc == 2 and not calls and "input.csv is unusable" in caplog.text
+    assert _files(tmp_path, log_too=True) == before
+    # the check sees what main will see, and main gets what it found
+    seen = {}
+
+    def check(ctx):
+        ctx.checked["n"] = 7
+        seen["up"] = ctx.upstream("01_random_split_dataset")
+
+    def main(ctx):
+        seen["n"] = ctx.checked["n"]
+        return {}
+    assert ex(SPEC_B, main, ["--run", str(tmp_path)], check=check) == 0
+    assert seen == {"up": tmp_path / "01_random_split_dataset", "n": 7}
+
+
+def test_a_refusal_mid_run_that_wrote_nothing_puts_everything_back(tmp_path, caplog):
+    """A file found bad while being read (exit 2 in main): the finished stage is as it was, manifest,
+    config.yaml and RUN/config.yaml included, and the line says nothing more."""
+    assert run_a(tmp_path) == 0
+    before = _files(tmp_path)
+    rc = ex(SPEC_A, _refuse, ["--run", str(tmp_path), "model.backbone=other"])
+    assert rc == 2
+    assert _files(tmp_path) == before
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["error: input.csv is unusable"]
+    caplog.clear()
+    caplog.set_level("INFO")
+    assert run_a(tmp_path) == 0 and "up to date" in caplog.text  # the backbone change was not kept
+
+
+def test_a_refusal_after_writing_leaves_the_stage_unfinished_and_says_so(tmp_path, caplog):
+    assert run_a(tmp_path) == 0
+
+    def main(ctx):
+        ctx.output("data.txt").write_text("half")
+        raise UserError("input.csv is unusable")
+    assert ex(SPEC_A, main, ["--run", str(tmp_path), "--force"]) == 2
+    sdir = tmp_path / "01_random_split_dataset"
+    assert not (sdir / "manifest.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["error: input.csv is unusable (01_random_split_dataset had started writing: it is unfinished "
+                      "now; rerun it once this is fixed)"]
+    caplog.clear()
+    caplog.set_level("INFO")
+    assert run_a(tmp_path) == 0 and "the last run did not finish" in caplog.text
+
+
+def test_a_refused_first_run_leaves_no_folder(tmp_path):
+    """A stage folder, even a run folder, that the refused command created is removed again."""
+    run = tmp_path / "new"
+    assert ex(SPEC_A, _refuse, ["--run", str(run)]) == 2
+    assert not run.exists()
+    assert run_a(run) == 0
+    assert ex(SPEC_B, _refuse, ["--run", str(run)]) == 2
+    assert sorted(p.name for p in run.iterdir()) == ["01_random_split_dataset", "config.yaml"]
+
+
+def test_log_txt_link_is_refused_in_the_check_phase(tmp_path, caplog):
+    assert run_a(tmp_path) == 0
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep")
+    log_txt = tmp_path / "01_random_split_dataset" / "log.txt"
+    log_txt.unlink()
+    log_txt.symlink_to(target)
+    before = _files(tmp_path, log_too=True)
+    assert run_a(tmp_path, "--force") == 2
+    assert "log.txt is a symbolic link" in caplog.text
+    assert _files(tmp_path, log_too=True) == before and target.read_text() == "keep"

@@ -179,6 +179,7 @@ class FakeCtx:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world_size = 0, 1
         self.outputs: list[str] = []
+        self.checked: dict = {}
         # a finished run (its manifest) is what the wrapper hands over; these tests resume unfinished runs
         self.previous, self.changed_output = None, None
 
@@ -207,6 +208,7 @@ def _run(root: Path, run_name: str, overrides: list[str], force: bool = False, o
             shutil.copytree(root / "run" / up, run_dir / up)
     cfg = C.load_config(None, BASE + overrides)
     ctx = FakeCtx(cfg, run_dir, force=force)
+    S3.check(ctx)  # as the stage wrapper does: check, then main
     seed_everything(cfg.run.seed)  # as the stage wrapper does before main
     return S3.main(ctx, on_step=on_step), ctx
 
@@ -284,25 +286,99 @@ def test_resume_after_an_interruption_is_exact(run_inputs):
     assert (ctx.dir / "checkpoints" / "epoch_0002.pt").is_file()
 
 
-def test_resume_refuses_another_model_and_force_starts_fresh(run_inputs):
+def test_another_model_or_split_starts_a_new_training_and_keeps_the_old(run_inputs, caplog):
+    """Issue 17 #1: a changed model, split or stats.json was refused (or, for stats, continued with
+    the new mean/std): it starts a new training, the old one moved to previous-*/ (nothing destroyed)."""
     quick = ["train.epochs=1", "train.eval_every=0", "train.max_steps_per_epoch=1"]
     _run(run_inputs, "guard", quick)
-    with pytest.raises(UserError, match=r"model.feat_dim 32 -> 16.*train.resume=false"):
-        _run(run_inputs, "guard", quick + ["model.feat_dim=16"])
+    d = run_inputs / "guard" / STAGE
+    with caplog.at_level("INFO", logger="common.stages.train"):
+        summary, ctx = _run(run_inputs, "guard", quick + ["model.feat_dim=16"])
+    assert not summary["resumed"] and summary["steps"] == 1
+    lines = [r.getMessage() for r in caplog.records if "starts a new training" in r.getMessage()]
+    assert len(lines) == 1 and "model.feat_dim: 32 -> 16" in lines[0] and "previous-" in lines[0]
+    assert len(list(d.glob("previous-*/checkpoints/last.pt"))) == 1
+    assert torch.load(d / "checkpoints" / "last.pt", weights_only=True)["config"]["model"]["feat_dim"] == 16
     splits = run_inputs / "guard" / "01_random_split_dataset" / "splits.csv"
-    lines = splits.read_text().splitlines(keepends=True)
-    splits.write_text(lines[0] + "".join(reversed(lines[1:])))  # a new split: same classes, other rows
-    with pytest.raises(UserError, match=r"splits.csv changed since .*last.pt.*train.resume=false"):
-        _run(run_inputs, "guard", quick)
+    lines_ = splits.read_text().splitlines(keepends=True)
+    splits.write_text(lines_[0] + "".join(reversed(lines_[1:])))  # a new split: same classes, other rows
+    caplog.clear()
+    with caplog.at_level("INFO", logger="common.stages.train"):
+        _run(run_inputs, "guard", quick + ["model.feat_dim=16"])
+    assert "starts a new training (01_random_split_dataset/splits.csv changed)" in caplog.text
+    stats = run_inputs / "guard" / "02_mean_std_variables" / "stats.json"
+    stats.write_text(json.dumps({"mean": [0.25, 0.2, 0.2], "std": [0.3, 0.3, 0.3]}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="common.stages.train"):
+        _run(run_inputs, "guard", quick + ["model.feat_dim=16"])
+    assert "02_mean_std_variables/stats.json: mean/std [0.2, 0.2, 0.2]" in caplog.text
+    ck = torch.load(d / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["preprocessing"] == {"mean": [0.25, 0.2, 0.2], "std": [0.3, 0.3, 0.3], "image_size": 24, "pad_fill": 0,
+                                   "channels": "RGB"}
+    assert len(list(d.glob("previous-*/checkpoints/last.pt"))) == 3
     summary, ctx = _run(run_inputs, "guard", quick + ["model.feat_dim=16", "train.method=simclr",
                                                       "train.resume=false"])
     assert not summary["resumed"] and summary["steps"] == 1
-    assert len(list(ctx.dir.glob("previous-*/checkpoints/last.pt"))) == 1
-    assert torch.load(ctx.dir / "checkpoints" / "last.pt", weights_only=True)["config"]["model"]["feat_dim"] == 16
-    assert (ctx.dir / "checkpoints" / "best.pt").is_file()  # no evaluation: best = last
+    assert len(list(d.glob("previous-*/checkpoints/last.pt"))) == 4
+    assert (d / "checkpoints" / "best.pt").is_file()  # no evaluation: best = last
     # finished already: a rerun has nothing to train and says so
     again, _ = _run(run_inputs, "guard", quick + ["model.feat_dim=16", "train.method=simclr"])
     assert again["resumed"] and again["steps"] == 1
+    assert len(list(d.glob("previous-*/checkpoints/last.pt"))) == 4
+
+
+def test_a_checkpoint_of_an_earlier_version_is_continued(run_inputs, caplog):
+    """A last.pt written before checkpoints recorded their preprocessing: derived from its stats and
+    config (the same values), so raising train.epochs continues it rather than starting again."""
+    quick = ["train.epochs=1", "train.eval_every=0", "train.max_steps_per_epoch=1"]
+    _run(run_inputs, "earlier", quick)
+    last = run_inputs / "earlier" / STAGE / "checkpoints" / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    del ck["preprocessing"]
+    torch.save(ck, last)
+    with caplog.at_level("INFO", logger="common.stages.train"):
+        summary, ctx = _run(run_inputs, "earlier", quick + ["train.epochs=2"])
+    assert summary["resumed"] and summary["steps"] == 2 and "starts a new training" not in caplog.text
+    assert not list(ctx.dir.glob("previous-*"))
+    assert torch.load(last, weights_only=True)["preprocessing"]["pad_fill"] == 0  # written by this version now
+
+
+def test_classification_of_every_stage_03_key():
+    """Each key stage 03 hashes either may change while a training continues or starts a new one."""
+    from common.config import is_semantic
+    from common.stages import SPECS, TRAIN_CONTINUE_KEYS
+
+    hashed = {k for k in SPECS[STAGE].hashed_keys if is_semantic(k)}
+    assert set(TRAIN_CONTINUE_KEYS) <= hashed
+    assert set(S3.restart_keys()) == hashed - set(TRAIN_CONTINUE_KEYS)
+    for key in ("data.pad_fill", "model.image_size", "model.feat_dim", "train.learning_rate", "train.crop_scale",
+                "train.batch_size", "train.max_steps_per_epoch", "run.seed", "train.eval_knn_k"):
+        assert key in S3.restart_keys(), key
+
+
+@pytest.mark.parametrize("change, restarts", [
+    (["train.epochs=3"], False),  # raised: continues
+    (["train.save_freq=1", "train.eval_every=1"], False),
+    (["train.epochs=1"], True),  # below the 2 epochs done
+    (["data.pad_fill=255"], True),
+    (["train.hflip=0.0"], True),
+])
+def test_a_changed_key_continues_or_starts_a_new_training(run_inputs, change, restarts, caplog):
+    quick = ["train.epochs=2", "train.eval_every=0", "train.max_steps_per_epoch=1", "train.hflip=0.5"]
+    name = "classify_" + "_".join(c.replace(".", "").replace("=", "") for c in change)
+    _run(run_inputs, name, quick)
+    d = run_inputs / name / STAGE
+    with caplog.at_level("INFO", logger="common.stages.train"):
+        summary, _ = _run_finished(run_inputs, name, quick + change, False, {"status": "ok"})
+    new = [r.getMessage() for r in caplog.records if "starts a new training" in r.getMessage()]
+    assert summary["resumed"] is not restarts
+    assert len(new) == int(restarts)
+    assert len(list(d.glob("previous-*"))) == int(restarts)
+    if restarts:
+        key = change[0].split("=")[0]
+        assert key in new[0]
+    else:
+        assert "continuing" in caplog.text and change[0].split("=")[0] in caplog.text
 
 
 def test_non_finite_loss_stops_with_the_batch_saved(run_inputs, monkeypatch):
@@ -343,6 +419,7 @@ def _run_finished(root: Path, run_name: str, overrides: list[str], force: bool, 
     cfg = C.load_config(None, BASE + overrides)
     ctx = FakeCtx(cfg, run_dir, force=force)
     ctx.previous, ctx.changed_output = previous, changed
+    S3.check(ctx)
     seed_everything(cfg.run.seed)
     return S3.main(ctx, on_step=on_step), ctx
 

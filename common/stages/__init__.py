@@ -1,7 +1,9 @@
 """The seven stages, declared once: upstream stages, configuration keys read, folder, driver.
 
 Each stage's driver is a module of this package with a ``main(ctx)`` that reads its inputs
-through ``ctx``, calls library code and writes its outputs through ``ctx.output``. What a stage
+through ``ctx``, calls library code and writes its outputs through ``ctx.output``, and may have a
+``check(ctx)``: read-only checks (inputs, files it will read, ownership) that the wrapper runs
+before the stage's first write, so that such a refusal leaves the run folder as it was. What a stage
 reads is declared here and nowhere else: its upstream stages (a function of the configuration
 where it depends on it) and the configuration keys its driver reads. Freshness is the sha256 of
 the declared upstream outputs plus the hash of the declared (semantic) keys; a test runs every
@@ -69,6 +71,10 @@ class StageSpec:
     def main(self) -> Callable[[Any], dict | None]:
         return importlib.import_module(f"{__name__}.{self.driver}").main
 
+    def check(self) -> Callable[[Any], None] | None:
+        """The driver's ``check(ctx)``, if it has one: read-only checks run before anything is written."""
+        return getattr(importlib.import_module(f"{__name__}.{self.driver}"), "check", None)
+
 
 def _prune_upstream(cfg: Config) -> tuple[str, ...]:
     # stage 06 reads stage 05's threshold.json unless prune.threshold is set
@@ -105,6 +111,14 @@ IMAGE_CHECKS = _section("data", "max_pixels", "min_side")  # every stage that de
 SEARCH_BUILD = ("run.seed", *_section("search", "index", "nlist", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
                                       "train_size", "pca_dim"))
 SEARCH_QUERY = _section("search", "nprobe", "ef_search", "candidates")
+
+# Stage 03's hashed keys that may change while a training continues from its last.pt: raising
+# train.epochs extends the training (lowering it below the epochs done starts a new one); the others
+# change how often it saves or evaluates, or how its kernels run, not what the network sees or
+# learns. Every other key stage 03 hashes (data.*, model.* and train.* keys, run.seed), and a
+# changed stats.json or splits.csv, starts a new training (common/stages/train.py).
+TRAIN_CONTINUE_KEYS = ("train.epochs", "train.save_freq", "train.eval_every", "model.grad_checkpointing",
+                       "model.channels_last", "run.deterministic")
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(SPLIT, "split",

@@ -1,6 +1,7 @@
 """Stage 04's driver: embed every image of every split with one checkpoint into the feature store.
 
-Reads 01's splits.csv, 02's stats.json, 03's checkpoint (``extract.checkpoint``) and the
+Reads 01's splits.csv, 03's checkpoint (``extract.checkpoint``; the images are embedded with the
+preprocessing it records, never with 02's stats.json, which is only checked up to date) and the
 gallery-only images of ``data.gallery_extra`` (split ``extra``, ``common.gallery``); writes
 ``features.sqlite`` (resumable: an interrupted run continues where it stopped) and ``model.json``,
 the small description of the model and embedding that stages 05-07 read (checkpoint path and
@@ -33,7 +34,8 @@ from .. import distributed as D
 from ..extract import extract_features, resolve_checkpoint
 from ..features import (PgStore, content_digest, open_store, remove_store, store_bytes, store_exists, upgrade_store,
                         verify_store)
-from ..gallery import gallery_classes, list_extras
+from ..data import read_splits
+from ..gallery import check_decodable, check_no_overlap, gallery_classes, list_extras
 from ..fileio import read_json, write_json
 from ..errors import UserError
 from . import SPLIT, STATS, TRAIN
@@ -48,19 +50,40 @@ MODEL_JSON = "model.json"
 OWNER_KEY = "run_folder"  # meta key of a PostgreSQL store: the run folder whose stage 04 writes it
 
 
+def _pg_store(ctx: Context) -> PgStore | None:
+    """The PostgreSQL store of ``store.url`` (None: the run's own ``features.sqlite``)."""
+    scfg = ctx.cfg.store
+    return PgStore(scfg.url, scfg.schema or default_schema(ctx.run_dir), scfg.password_env) if scfg.url else None
+
+
+def check(ctx: Context) -> None:
+    """Read only, before anything is written: the checkpoint exists, the gallery-only images of
+    ``data.gallery_extra`` are new to the splits and decode (kept in ``ctx.checked`` for ``main``),
+    and a PostgreSQL schema is not another run folder's."""
+    splits = ctx.upstream(SPLIT) / "splits.csv"
+    resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
+    extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels)
+    if extras:
+        check_no_overlap(extras, {r.path for r in read_splits(splits)}, splits)
+        check_decodable(extras)  # else a bad image would stop the stage after the store is changed
+    ctx.checked["extras"] = extras
+    pg = _pg_store(ctx)
+    if pg is not None:
+        _check_owner(pg, ctx.run_dir, explicit=ctx.cfg.store.schema is not None)
+
+
 def main(ctx: Context) -> dict[str, Any]:
     splits = ctx.upstream(SPLIT) / "splits.csv"
-    stats = ctx.upstream(STATS) / "stats.json"
+    ctx.upstream(STATS)  # recorded for freshness only: the preprocessing is the checkpoint's own, never stats.json
     ckpt = resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
-    scfg = ctx.cfg.store
-    if scfg.url:
-        store: Path | PgStore = PgStore(scfg.url, scfg.schema or default_schema(ctx.run_dir), scfg.password_env)
+    pg = _pg_store(ctx)
+    if pg is not None:
+        store: Path | PgStore = pg
         model_json = ctx.output(MODEL_JSON, digest="store_ref")
     else:
         store = ctx.output(STORE_FILE, digest="feature_store")
         model_json = ctx.output(MODEL_JSON)
-    if ctx.rank == 0 and isinstance(store, PgStore):
-        _check_owner(store, ctx.run_dir, explicit=scfg.schema is not None)
+    scfg = ctx.cfg.store
     if ctx.rank == 0 and ctx.previous is not None and (ctx.force or ctx.changed_output):
         why = "--force" if ctx.force else f"{ctx.changed_output} changed since this stage recorded it"
         if ctx.changed_output == MODEL_JSON and scfg.url:
@@ -72,9 +95,9 @@ def main(ctx: Context) -> dict[str, Any]:
     if ctx.rank == 0 and isinstance(store, PgStore):
         with open_store(store, create=True) as st:
             st.set_meta(OWNER_KEY, str(Path(ctx.run_dir).resolve()))
-    extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels)
+    extras = ctx.checked["extras"]
     D.barrier()
-    metrics = extract_features(ckpt, splits, stats, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
+    metrics = extract_features(ckpt, splits, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
                                world_size=ctx.world_size, extras=extras)
     if ctx.rank != 0:
         return metrics

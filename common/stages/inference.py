@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import classifiers as K
 from .. import retrieval, search
+from ..data import Preprocessing, class_names, read_splits
 from ..errors import UserError
 from ..features import FeatureStore, ModelInfo, PgStore, Vectors, open_store
 from ..fileio import read_json
@@ -97,8 +98,6 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
     are (``store_of``; default its ``features.sqlite``). ``max_memory_gib``: the gallery, and the
     train split, above this many GiB of vectors stay in the store (``common.streaming``); the val
     and test queries are always loaded."""
-    from ..data import class_names, read_splits
-
     meta = read_model_json(stage04)
     rows = read_splits(splits_csv)
     train_classes = list(class_names(rows))
@@ -227,6 +226,26 @@ def index_agreement(ann: search.AnnIndex, data: StoreData, block_size: int, devi
     return info
 
 
+def check(ctx: Context) -> None:
+    """Read only, before anything is written. Predict mode: ``inference.input`` lists images (a list
+    naming one twice is refused), and the classifiers an up-to-date evaluation saved, when they
+    will be used, are the files it saved, of trusted types only."""
+    icfg = ctx.cfg.inference
+    if icfg.mode != "predict":
+        return
+    if not list_inputs(icfg.input).images:
+        raise UserError(f"inference.input: no image files in {icfg.input}")
+    evaluation = ctx.run_dir / INFERENCE
+    saved = evaluation / "classifiers"
+    if not icfg.classifiers or read_manifest(evaluation) is None or not (saved / K.CLASSES_FILE).is_file():
+        return
+    meta = read_model_json(ctx.upstream(EXTRACT))
+    classes = gallery_classes(class_names(read_splits(ctx.upstream(SPLIT) / "splits.csv")),
+                              meta.get("extra_classes", []))
+    if "dim" in meta and _same_classes(saved / K.CLASSES_FILE, classes, quiet=True):  # else main fits them again
+        K.check_saved_classifiers(saved, classes, int(meta["model_id"]), int(meta["dim"]), icfg.classifiers)
+
+
 def main(ctx: Context) -> dict[str, Any]:
     """Load the vectors and gallery, then evaluate on the test split or predict new images."""
     icfg = ctx.cfg.inference
@@ -308,19 +327,22 @@ def _predict(ctx: Context, data: StoreData, facts: list, suggested: float | None
 
 
 def load_query_model(ctx: Context, data: StoreData) -> tuple[Any, Callable]:
-    """The store's own checkpoint (the one 04's model.json names, sha256 checked) and transform."""
-    from ..data import eval_transform
+    """The store's own checkpoint (the one 04's model.json names, sha256 checked) and the transform
+    of the preprocessing it records (what it was trained with), checked equal to the store's."""
     from ..embed import prepare_model
-    from ..model import load_checkpoint_model
+    from ..model import checkpoint_preprocessing, load_checkpoint_model
 
     if not data.checkpoint.is_file():
         raise UserError(f"checkpoint {data.checkpoint} (named by 04_extract_features/model.json) is missing: "
                         "rerun 04_extract_features.py")
     model, ckpt = load_checkpoint_model(data.checkpoint, map_location="cpu")
     check_same_model(ckpt.get("sha256"), data.model.checkpoint_sha256, f"queries embedded with {data.checkpoint}")
-    m = data.model
-    transform = eval_transform(m.image_size, m.mean, m.std, m.pad_fill)
-    return prepare_model(model, ctx.device(), ctx.cfg.model.channels_last), transform
+    pre, m = checkpoint_preprocessing(ckpt, data.checkpoint), data.model
+    stored = Preprocessing(tuple(m.mean), tuple(m.std), m.image_size, m.pad_fill)
+    if not pre.same_as(stored):  # a store an earlier version normalised with a stats.json that had changed
+        raise UserError(f"the gallery vectors were embedded with another preprocessing ({stored.describe()}) than "
+                        f"{data.checkpoint} was trained with ({pre.describe()}): rerun 04_extract_features.py --force")
+    return prepare_model(model, ctx.device(), ctx.cfg.model.channels_last), pre.transform()
 
 
 def _embed(ctx: Context, data: StoreData, paths: list[str]) -> tuple[np.ndarray, list[int], list, dict]:
@@ -345,14 +367,14 @@ def _embed_split(ctx: Context, data: StoreData) -> tuple[Vectors, float]:
     return Vectors(X, labels, [paths[i] for i in ok]), timing["decode_embed_s"]
 
 
-def _same_classes(classes_json: Path, classes: list[str]) -> bool:
+def _same_classes(classes_json: Path, classes: list[str], quiet: bool = False) -> bool:
     """Whether the evaluation's classifiers know the gallery's classes (gallery-only classes added
     since, or classes held out, mean fitting them again here rather than refusing)."""
     try:
         same = list(read_json(classes_json).get("classes", [])) == list(classes)
     except (OSError, ValueError, AttributeError):
         return True  # let load_classifiers say what is wrong with the file
-    if not same:
+    if not same and not quiet:
         log.info("the evaluation's classifiers (%s) were fitted for other classes: fitting them again", classes_json)
     return same
 

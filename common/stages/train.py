@@ -1,18 +1,24 @@
 """Stage 03's driver: Supervised Contrastive training of the backbone, built to survive days-long runs.
 
-The story: read the splits and stats; start fresh or resume from ``checkpoints/last.pt``; train
-epoch by epoch (k-NN model selection, checkpoints, metrics, plots); record the outputs.
+The story: read the splits and stats and decide, read only, between a new training and
+continuing ``checkpoints/last.pt`` (``check``); train epoch by epoch (k-NN model selection,
+checkpoints, metrics, plots); record the outputs.
 
 What a rerun does (nothing finished is ever destroyed):
 
-- an unfinished run (no manifest) continues from ``last.pt`` exactly where it stopped, with or
-  without ``--force``;
-- ``--force`` on a finished run (or ``train.resume: false``) moves its checkpoints, metrics and
-  logs to ``03_main_supcon/previous-<UTC time>/`` and trains from scratch;
-- a finished run whose ``best.pt`` or ``last.pt`` is missing or was edited is refused with what to
-  do; a checkpoint is never replaced silently;
-- a finished run with a changed configuration (say ``train.epochs`` raised) continues from
-  ``last.pt`` when the model is the same, and is refused otherwise.
+- ``last.pt`` is continued only when it was trained with what this run would train with: the
+  values of stage 03's keys (those of ``TRAIN_CONTINUE_KEYS`` aside), the mean/std of
+  ``stats.json`` and ``splits.csv`` (the class list with it). An unfinished run continues exactly
+  where it stopped, with or without ``--force``; a finished one continues when only
+  ``TRAIN_CONTINUE_KEYS`` changed (raising ``train.epochs`` trains the epochs added);
+- otherwise a new training starts: the present checkpoints, metrics, plots and TensorBoard files
+  move to ``03_main_supcon/previous-<UTC time>/`` (as ``--force`` on a finished run and
+  ``train.resume: false`` do), and one line names the keys or inputs that changed;
+- a finished run whose ``best.pt`` or ``last.pt`` is missing or was edited, with nothing that
+  asks for a new training, is refused with what to do; a checkpoint is never replaced silently.
+
+Every checkpoint records the preprocessing it was trained with (``common.data.Preprocessing``:
+mean/std, image size, pad fill, RGB); stages 04 and 07 embed with exactly that.
 """
 from __future__ import annotations
 
@@ -29,19 +35,19 @@ import torch
 
 from .. import distributed as D
 from ..augment import TwoViews, train_transform
-from ..config import Config, ModelConfig, get_key
-from ..data import class_names, label_indices, read_splits, read_stats, rows_of
+from ..config import Config, ModelConfig, diff_values, get_key, is_semantic, key_values
+from ..data import Preprocessing, class_names, label_indices, read_splits, read_stats, rows_of
 from ..errors import UserError
 from ..fileio import sha256_file, write_json
-from ..model import CHECKPOINT_FORMAT, build_model
+from ..model import CHECKPOINT_FORMAT, build_model, checkpoint_preprocessing
 from ..runfolder import unique_previous
 from ..seed import rng_state, set_rng_state
 from ..signals import DeferSignals
-from ..train import (AUG_PREVIEW_IMAGES, MODEL_KEYS_MUST_MATCH, EpochBatchSampler, Evaluator, Position,
-                     Trainer, TwoViewDataset, augmentation_preview, copy_checkpoint, duration,
-                     preview_indices, save_checkpoint, worker_errors, write_metrics_csv)
+from ..train import (AUG_PREVIEW_IMAGES, EpochBatchSampler, Evaluator, Position, Trainer, TwoViewDataset,
+                     augmentation_preview, copy_checkpoint, duration, preview_indices, save_checkpoint,
+                     worker_errors, write_metrics_csv)
 from ..plots import plot_curves, plot_image_grid
-from . import SPECS, SPLIT, STATS, TRAIN
+from . import SPECS, SPLIT, STATS, TRAIN, TRAIN_CONTINUE_KEYS
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -49,16 +55,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = ("last.pt", "best.pt")  # a finished run's checkpoints that must be intact to continue
+# what a new training moves to previous-<UTC time>/ (with the manifest and a copy of log.txt)
+RUN_FILES = ("checkpoints", "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
 
 
 def _move_aside(stage_dir: Path, why: str, manifest: dict | None = None) -> Path | None:
-    """Move the previous run's checkpoints, metrics, plots and TensorBoard files to ``previous-<UTC time>/``.
+    """Start a new training: move the present checkpoints, metrics, plots and TensorBoard files to
+    ``previous-<UTC time>/`` and say so in one line naming ``why``.
 
     Its ``manifest`` (the wrapper has already taken it out of the stage folder) and a copy of
     ``log.txt`` so far go with them. Never deletes: every earlier ``previous-*`` folder stays.
     """
-    names = ("checkpoints", "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
-    present = [n for n in names if (stage_dir / n).exists()]
+    present = [n for n in RUN_FILES if (stage_dir / n).exists()]
     if not present:
         return None
     prev = unique_previous(stage_dir)
@@ -69,7 +77,8 @@ def _move_aside(stage_dir: Path, why: str, manifest: dict | None = None) -> Path
         write_json(prev / "manifest.json", manifest)
     if (stage_dir / "log.txt").is_file():
         shutil.copyfile(stage_dir / "log.txt", prev / "log.txt")
-    log.info("%s: starting fresh; moved the previous run's %s to %s", why, ", ".join(present), prev)
+    log.info("%s starts a new training (%s); the previous one (%s) is moved to %s", TRAIN, why, ", ".join(present),
+             prev)
     return prev
 
 
@@ -82,79 +91,47 @@ def _declared(cfg: Config) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _start_fresh(ctx: Context, ck_dir: Path, resume: bool) -> bool:
-    """Decide between a fresh start (True, earlier checkpoints moved aside) and continuing from last.pt.
+def restart_keys() -> tuple[str, ...]:
+    """Stage 03's hashed keys whose change starts a new training: every semantic one but
+    ``TRAIN_CONTINUE_KEYS`` (speed knobs such as ``data.num_workers`` never count)."""
+    return tuple(k for k in SPECS[TRAIN].hashed_keys if is_semantic(k) and k not in TRAIN_CONTINUE_KEYS)
 
-    Raises ``UserError`` when a finished run's checkpoint is missing or was edited.
+
+def preprocessing_of(cfg: Config, stats: dict) -> Preprocessing:
+    """What the network sees under ``cfg`` and ``stats.json``: what a checkpoint of this run records."""
+    return Preprocessing(tuple(stats["mean"]), tuple(stats["std"]), cfg.model.image_size, cfg.data.pad_fill)
+
+
+def new_training_reasons(ckpt: dict, path: Path, cfg: Config, inp: Inputs) -> list[str]:
+    """Why ``ckpt`` cannot be continued under ``cfg`` and these inputs (empty: it may be).
+
+    Each reason is short: ``data.pad_fill: 0 -> 255``, ``02_mean_std_variables/stats.json``'s
+    mean/std, ``01_random_split_dataset/splits.csv``, the class list, or ``train.epochs`` below
+    the epochs already done. A key the checkpoint does not record (added to the tool since) counts
+    at its default, what that version trained with.
     """
-    last = ck_dir / "last.pt"
-    hint = f"`python 03_main_supcon.py --run {ctx.run_dir} --force`"
-    if ctx.previous is not None and ctx.force:
-        _move_aside(ctx.dir, "--force on a finished training", ctx.previous)
-        return True
-    if not resume:
-        _move_aside(ctx.dir, "train.resume is false")
-        return True
-    if ctx.previous is not None and ctx.changed_output:
-        raise UserError(f"{ctx.dir / ctx.changed_output} of the finished training is missing or was edited: restore "
-                        f"it, or train again with {hint} (the present checkpoints are then kept in "
-                        f"{ctx.dir.name}/previous-<UTC time>/)")
-    if ctx.force and last.exists():
-        log.info("--force: the training has not finished, so it continues from %s (--force never throws away "
-                 "progress; train.resume=false starts again and keeps these checkpoints in previous-<UTC time>/)",
-                 last)
-    return not last.exists()
-
-
-def _check_resumable(ckpt: dict, path: Path, cfg: Config, classes: list[str], stats: dict, splits_sha: str) -> None:
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a 03_main_supcon.py checkpoint: set train.resume=false to start a new training (this one is kept in previous-<UTC time>/)")
-    if ckpt.get("splits_sha256") not in (None, splits_sha):
+    stored = ckpt.get("config") or {}
+    keys = restart_keys()
+    defaults = key_values(Config(), keys)
+    old = {k: (stored.get(k.split(".")[0]) or {}).get(k.split(".")[1], v) for k, v in defaults.items()}
+    reasons = diff_values(old, key_values(cfg, keys))
+    was, now = checkpoint_preprocessing(ckpt, path), preprocessing_of(cfg, inp.stats)
+    if not Preprocessing(was.mean, was.std, now.image_size, now.pad_fill).same_as(now):  # size, fill: keys above
+        reasons.append(f"{STATS}/stats.json: mean/std {_rounded(was.mean)}/{_rounded(was.std)} -> "
+                       f"{_rounded(now.mean)}/{_rounded(now.std)}")
+    if ckpt.get("splits_sha256") not in (None, inp.splits_sha):
         # continuing on another split would train on former validation images (and select on them)
-        raise UserError(f"splits.csv changed since {path} was written (01_random_split_dataset was rerun): "
-                        f"set train.resume=false to train from scratch on the new split (the checkpoints are kept in "
-                        f"previous-<UTC time>/), or use a new --run folder")
-    if list(ckpt.get("classes") or []) != list(classes):
-        old = ckpt.get("classes") or []
-        raise UserError(f"{path} was trained on {len(old)} classes, the splits now have {len(classes)} "
-                        f"(class list differs): set train.resume=false to start again (the checkpoints are kept in "
-                        f"previous-<UTC time>/), or use a new --run folder")
-    stored = (ckpt.get("config") or {}).get("model", {})
-    now = _declared(cfg)["model"]
-    diff = [f"model.{k} {stored.get(k)!r} -> {now[k]!r}" for k in MODEL_KEYS_MUST_MATCH if stored.get(k) != now[k]]
-    if diff:
-        raise UserError(f"cannot resume from {path}: {', '.join(diff)}: set train.resume=false to start again "
-                        "(the checkpoints are kept in previous-<UTC time>/), or use a new --run folder")
-    old_stats = ckpt.get("stats") or {}
-    if any(abs(a - b) > 1e-6 for key in ("mean", "std") for a, b in zip(old_stats.get(key, []), stats[key])):
-        log.warning("stats.json changed since %s was written: training continues with the new mean/std", path)
-    old_train = (ckpt.get("config") or {}).get("train", {})
-    changed = [f"train.{k} {old_train.get(k)!r} -> {v!r}" for k, v in _declared(cfg)["train"].items()
-               if k in old_train and old_train[k] != v and k not in ("resume",)]
-    if changed:
-        log.warning("resuming with changed training settings: %s", "; ".join(changed))
+        reasons.append(f"{SPLIT}/splits.csv changed")
+    elif list(ckpt.get("classes") or []) != list(inp.classes):
+        reasons.append(f"the class list: {len(ckpt.get('classes') or [])} -> {len(inp.classes)} classes")
+    done, epochs = int(ckpt.get("epoch", 0)), cfg.train.epochs
+    if done > epochs:
+        reasons.append(f"train.epochs={epochs} is below the {done} epochs {path.name} has done")
+    return reasons
 
 
-def main(ctx: Context, on_step: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
-    """Stage 03: read the inputs, start or resume, train epoch by epoch, record the outputs.
-
-    ``on_step(epoch, step_in_epoch, global_step)`` is called after every step (tests use it to
-    simulate an interruption). On the CPU, denormal floats are flushed to zero while training:
-    tiny weights and gradients otherwise slow convolutions and batch norm down 10-20 times.
-    """
-    flush = ctx.device().type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        training = Training(ctx, on_step)
-        training.start_or_resume()
-        training.open_logs()
-        try:
-            training.train()
-        finally:
-            training.close_logs()
-        return training.finish()
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
+def _rounded(v: Any) -> list[float]:
+    return [round(float(x), 4) for x in v]
 
 
 @dataclass
@@ -181,20 +158,113 @@ def read_inputs(ctx: Context) -> Inputs:
                   [r.path for r in val_rows], label_indices(val_rows, classes))
 
 
+@dataclass
+class Plan:
+    """What stage 03 does with what its folder holds, decided read only by ``check``."""
+
+    inputs: Inputs
+    resume_from: dict | None = None  # the checkpoint (last.pt) to continue
+    new_training: str | None = None  # why a new training starts (the present files then move aside)
+
+
+def _read_last(ctx: Context, last: Path, hint: str) -> dict:
+    """``last.pt``, refused with what to do when it cannot be read or is not a stage-03 checkpoint."""
+    edited = ctx.previous is not None and ctx.changed_output
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        if edited:
+            raise UserError(f"{ctx.dir / ctx.changed_output} of the finished training is missing or was edited: "
+                            f"restore it, or train again with {hint} (the present checkpoints are then kept in "
+                            f"{ctx.dir.name}/previous-<UTC time>/)") from None
+        raise UserError(f"cannot read {last} to resume ({e.__class__.__name__}): set train.resume=false to start "
+                        "again (the checkpoints are kept in previous-<UTC time>/)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{last} is not a 03_main_supcon.py checkpoint: set train.resume=false to start a new "
+                        "training (this one is kept in previous-<UTC time>/)")
+    return ckpt
+
+
+def decide(ctx: Context, inp: Inputs) -> Plan:
+    """A new training or continuing ``last.pt`` (read only; ``UserError`` when neither may be done).
+
+    ``--force`` on a finished run and ``train.resume=false`` start a new training; so does a
+    ``last.pt`` trained with something else (``new_training_reasons``). A finished run whose
+    checkpoint is missing or edited is refused; an unfinished one continues.
+    """
+    ck_dir = ctx.dir / "checkpoints"
+    last = ck_dir / "last.pt"
+    hint = f"`python 03_main_supcon.py --run {ctx.run_dir} --force`"
+    if ctx.previous is not None and ctx.force:
+        return Plan(inp, new_training="--force on a finished training")
+    if not ctx.cfg.train.resume:
+        return Plan(inp, new_training="train.resume is false")
+    ckpt = _read_last(ctx, last, hint) if last.is_file() else None
+    if ckpt is not None:
+        reasons = new_training_reasons(ckpt, last, ctx.cfg, inp)
+        if reasons:
+            return Plan(inp, new_training="; ".join(reasons))
+    if ctx.previous is not None and ctx.changed_output:
+        raise UserError(f"{ctx.dir / ctx.changed_output} of the finished training is missing or was edited: restore "
+                        f"it, or train again with {hint} (the present checkpoints are then kept in "
+                        f"{ctx.dir.name}/previous-<UTC time>/)")
+    if ckpt is None:
+        return Plan(inp)
+    best = dict(ckpt.get("best") or {})
+    if best and not (ck_dir / "best.pt").exists():
+        raise UserError(f"{ck_dir / 'best.pt'} (epoch {best.get('epoch')}, recorded in {last}) is missing: restore "
+                        "it, or set train.resume=false to train again (the checkpoints are kept in "
+                        "previous-<UTC time>/)")
+    if ctx.force:
+        log.info("--force: the training has not finished, so it continues from %s (--force never throws away "
+                 "progress; train.resume=false starts again and keeps these checkpoints in previous-<UTC time>/)",
+                 last)
+    return Plan(inp, resume_from=ckpt)
+
+
+def check(ctx: Context) -> None:
+    """Read the inputs and decide between a new training and continuing (``decide``), before anything
+    is written; ``main`` follows the plan (``ctx.checked["plan"]``)."""
+    ctx.checked["plan"] = decide(ctx, read_inputs(ctx))
+
+
+def main(ctx: Context, on_step: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    """Stage 03: follow ``check``'s plan (start or continue), train epoch by epoch, record the outputs.
+
+    ``on_step(epoch, step_in_epoch, global_step)`` is called after every step (tests use it to
+    simulate an interruption). On the CPU, denormal floats are flushed to zero while training:
+    tiny weights and gradients otherwise slow convolutions and batch norm down 10-20 times.
+    """
+    flush = ctx.device().type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        training = Training(ctx, ctx.checked["plan"], on_step)
+        training.start_or_resume()
+        training.open_logs()
+        try:
+            training.train()
+        finally:
+            training.close_logs()
+        return training.finish()
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
 class Training:
     """State that outlives one step of stage 03's story: data, trainer, evaluator, logs, history."""
 
-    def __init__(self, ctx: Context, on_step: Callable[[int, int, int], None] | None):
+    def __init__(self, ctx: Context, plan: Plan, on_step: Callable[[int, int, int], None] | None):
         from ..seed import worker_init_fn
 
         self.ctx, self.cfg, self.t, self.on_step = ctx, ctx.cfg, ctx.cfg.train, on_step
+        self.plan = plan
         self.rank, self.world = int(ctx.rank), int(ctx.world_size)
         self.is_main = self.rank == 0
         self.device = ctx.device()
         self.dir = Path(ctx.dir)
         self.ck_dir = self.dir / "checkpoints"
         self.last = self.ck_dir / "last.pt"
-        self.inp = read_inputs(ctx)
+        self.inp = plan.inputs
         cfg, t, inp = self.cfg, self.t, self.inp
         self.ds = TwoViewDataset(inp.train_paths, inp.train_labels,
                                  TwoViews(train_transform(cfg, inp.stats["mean"], inp.stats["std"])), cfg.run.seed)
@@ -219,17 +289,14 @@ class Training:
     # -- start
 
     def start_or_resume(self) -> None:
-        """Build the model; continue from last.pt (checked) or start fresh (earlier runs moved aside)."""
-        cfg, t = self.cfg, self.t
-        fresh = _start_fresh(self.ctx, self.ck_dir, t.resume) if self.is_main else True
+        """Build the model; continue from last.pt or start a new training (the present one moved aside),
+        as ``check`` planned."""
+        cfg, t, plan = self.cfg, self.t, self.plan
+        D.barrier()  # every rank has planned (read last.pt) before rank 0 moves anything
+        if self.is_main and plan.new_training is not None:
+            _move_aside(self.dir, plan.new_training, self.ctx.previous)
         D.barrier()
-        if not fresh or (not self.is_main and self.last.exists() and t.resume):
-            try:
-                self.ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a torn or foreign file
-                raise UserError(f"cannot read {self.last} to resume ({e.__class__.__name__}): set train.resume=false "
-                                "to start again (the checkpoints are kept in previous-<UTC time>/)") from None
-            _check_resumable(self.ckpt, self.last, cfg, self.inp.classes, self.inp.stats, self.inp.splits_sha)
+        self.ckpt = plan.resume_from
         mcfg = cfg.model
         if self.ckpt is not None and mcfg.pretrained.lower() != "none":
             mcfg = ModelConfig(**{**asdict(mcfg), "pretrained": "none"})  # weights come from last.pt: never download
@@ -256,10 +323,12 @@ class Training:
         trainer.load_state(ckpt)
         set_rng_state(ckpt.get("rng") or {})
         self.rows, self.best = list(ckpt.get("metrics") or []), dict(ckpt.get("best") or {})
-        if self.is_main and self.best and not (self.ck_dir / "best.pt").exists():
-            raise UserError(f"{self.ck_dir / 'best.pt'} (epoch {self.best.get('epoch')}, recorded in {self.last}) is "
-                            "missing: restore it, or set train.resume=false to train again (the checkpoints are "
-                            "kept in previous-<UTC time>/)")
+        stored = ckpt.get("config") or {}
+        changed = diff_values({k: (stored.get(k.split(".")[0]) or {}).get(k.split(".")[1], "(unset)")
+                               for k in TRAIN_CONTINUE_KEYS}, key_values(self.cfg, TRAIN_CONTINUE_KEYS))
+        if changed:
+            log.info("continuing %s with %s (keys that may change while a training continues)", self.last,
+                     "; ".join(changed))
         p = trainer.position
         if p.steps_per_epoch != self.steps and 0 < p.step_in_epoch:
             log.warning("steps per epoch changed (%d -> %d): epoch %d restarts from its first batch",
@@ -271,18 +340,20 @@ class Training:
         log.info("resuming from %s (epoch %d done, global step %d): continuing at %s", self.last,
                  int(ckpt.get("epoch", 0)), trainer.global_step, what)
         if int(ckpt.get("epoch", 0)) >= t.epochs:
-            log.warning("%s already completed %d epochs (train.epochs=%d): nothing to train; use --force to train "
-                        "from scratch, or raise train.epochs", self.last, int(ckpt["epoch"]), t.epochs)
+            log.info("%s already completed the %d epochs of train.epochs: nothing to train; use --force to train "
+                     "from scratch, or raise train.epochs", self.last, t.epochs)
 
     def open_logs(self) -> None:
-        """augmentations.png and the TensorBoard writer (rank 0)."""
+        """augmentations.png (a new training's; a continued one keeps it: the same views) and the
+        TensorBoard writer (rank 0)."""
         if not self.is_main:
             return
         self.ck_dir.mkdir(parents=True, exist_ok=True)
-        preview = preview_indices(self.ds.labels, AUG_PREVIEW_IMAGES)
-        plot_image_grid(self.dir / "augmentations.png",
-                        augmentation_preview(self.ds, preview, self.cfg, self.inp.stats, self.inp.classes),
-                        ("image", "view 1", "view 2"), "What the network sees (epoch 1)")
+        if self.ckpt is None or not (self.dir / "augmentations.png").is_file():
+            preview = preview_indices(self.ds.labels, AUG_PREVIEW_IMAGES)
+            plot_image_grid(self.dir / "augmentations.png",
+                            augmentation_preview(self.ds, preview, self.cfg, self.inp.stats, self.inp.classes),
+                            ("image", "view 1", "view 2"), "What the network sees (epoch 1)")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=self.trainer.position.epoch)
@@ -297,7 +368,8 @@ class Training:
         """Everything a resume needs, as plain tensors and lists (``torch.load(weights_only=True)``)."""
         inp = self.inp
         return {"format": CHECKPOINT_FORMAT, **self.trainer.state(), "epoch": completed, "rng": rng_state(),
-                "config": _declared(self.cfg), "classes": inp.classes, "stats": inp.stats, "metrics": self.rows,
+                "config": _declared(self.cfg), "classes": inp.classes, "stats": inp.stats,
+                "preprocessing": preprocessing_of(self.cfg, inp.stats).as_dict(), "metrics": self.rows,
                 "best": self.best, "world_size": self.world, "splits_sha256": inp.splits_sha}
 
     def train(self) -> None:
@@ -417,4 +489,5 @@ class Training:
                 "images_per_s": trained[-1].get("images_per_s") if trained else None,
                 "best_epoch": best.get("epoch"), "best_val_macro_f1": best.get("val_macro_f1"),
                 "best_val_top1": best.get("val_top1"),
-                "untrained_val_top1": first.get("val_top1") if first else None, "resumed": self.ckpt is not None}
+                "untrained_val_top1": first.get("val_top1") if first else None, "resumed": self.ckpt is not None,
+                "preprocessing": preprocessing_of(self.cfg, self.inp.stats).as_dict()}
