@@ -208,3 +208,16 @@ def test_a_planted_classifier_file(run, tmp_path):
     res = stage(S07, run, "inference.mode=predict", f"inference.input={folder}")
     assert res.returncode == 0 and "using the classifiers the evaluation saved" in res.stderr, res.stderr[-2000:]
 
+
+
+def test_a_class_folder_linked_to_another_class(run, tmp_path):
+    """Stage 01 lists ``data.root`` in its check: a class folder linked to another class is refused
+    (exit 2, naming the link) before ``RUN/config.yaml`` takes the new root or 01's manifest goes."""
+    old_root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
+    root = tmp_path / "digits"
+    shutil.copytree(old_root, root)
+    (root / "digit_x").symlink_to(root / "digit_3", target_is_directory=True)
+    before = digests(run)
+    line = refused(stage("01_random_split_dataset", run, f"data.root={root}"))
+    assert "digit_x" in line and "symbolic link" in line
+    assert digests(run) == before

@@ -27,7 +27,7 @@ def run_split(cfg, output, stage_dir):
 
     from common.stages import split as S1
 
-    return S1.main(SimpleNamespace(cfg=cfg, output=output, dir=stage_dir))
+    return S1.main(SimpleNamespace(cfg=cfg, output=output, dir=stage_dir, checked={}))
 
 def _cfg(root: Path, **over) -> C.Config:
     items = [f"data.root={root}", "data.num_workers=0", *[f"{k}={v}" for k, v in over.items()]]

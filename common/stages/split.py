@@ -24,10 +24,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def check(ctx: Context) -> None:
+    """Read only, before anything is written: ``data.root`` lists as class folders, none of them a
+    link back to ``data.root`` or to another class (kept in ``ctx.checked`` for ``main``)."""
+    ctx.checked["listing"] = list_classes(ctx.cfg.data.root, ctx.cfg.data.follow_symlinks)
+
+
 def main(ctx: Context) -> dict:
     """List and check the images, split each class, write the tables, plot and (optionally) folders."""
     cfg = ctx.cfg
-    listing = list_classes(cfg.data.root, cfg.data.follow_symlinks)
+    listing = ctx.checked.get("listing") or list_classes(cfg.data.root, cfg.data.follow_symlinks)
     scans = scan_files(listing.files, cfg.data.min_side, cfg.data.max_pixels, cfg.data.num_workers)
     good, bad, other = (([s for s in scans if s.kind == kind]) for kind in ("image", "bad", "other"))
     report_bad(ctx, listing, bad, other)
