@@ -79,7 +79,7 @@ def test_faiss_index_runs_stages_06_and_07(pipeline, tmp_path):
     digits = [a for a in json.loads((run / "01_random_split_dataset" / "manifest.json").read_text())["argv"]
               if a.startswith("data.root=")]
     for script in ("05_lut_threshold.py", "06_prune_features.py", "07_inference.py"):
-        r = _run([script, "--run", str(copy), *digits, "search.index=ivf", "search.nprobe=4"])
+        r = _run([script, "--run", str(copy), *digits, "search.index=ivf", "search.nprobe=16"])
         assert r.returncode == 0, r.stderr[-3000:]
     sweep = list(csv.DictReader(open(copy / "05_lut_threshold" / "threshold_sweep.csv")))
     assert all(float(r["index_same_class"]) >= 0.9 for r in sweep), sweep
