@@ -35,9 +35,8 @@ float32 values), ``fl32(d) = s``. Otherwise (rare: exact midpoints, or sums with
 
 The bound (why the candidates hold the answer)
 ----------------------------------------------
-For a vector ``x``, its code ``x~``: ``bf16``: each coordinate rounded to the nearest bfloat16
-(coordinates below 2^-126 in magnitude flushed to 0 first, so a kernel that treats subnormal
-inputs as zero computes with the same values); ``int8``: ``x~ = c a`` with integers ``a_k`` in
+For a vector ``x``, its code ``x~``: ``bf16``: each coordinate rounded to the nearest bfloat16;
+``int8``: ``x~ = c a`` with integers ``a_k`` in
 [-127, 127] and a float32 scale ``c = max_k |x_k| / 127``; ``fp32``: ``x~ = x``. At quantisation
 three numbers per row are computed in float64 and rounded up: ``n_x >= |x|``, ``m_x >= |x~|``,
 ``e_x >= |x - x~|`` (Euclidean norms; the residual ``x - x~`` is exact in float64).
@@ -45,7 +44,7 @@ three numbers per row are computed in float64 and rounded up: ``n_x >= |x|``, ``
 The product gives ``A(q, g)`` for every pair: ``fp32`` / ``bf16``: the matrix product of the
 codes accumulated in float32 (``bf16``: then rounded to nearest bfloat16, as every torch CPU and
 CUDA kernel does); ``int8``: the exact integer product ``N`` of the codes, times ``c_q c_g`` in
-float32. With ``u = 2^-24``, ``gamma_D = D u / (1 - D u)`` (0 for int8), ``tau = D 2^-125``,
+float32. With ``u = 2^-24``, ``gamma_D = D u / (1 - D u)`` (0 for int8), ``tau = D 2^-125 (1 + m_q + m_g)``,
 ``rho = 2^-8 / (1 - 2^-8)`` (bf16), ``4u`` (int8), 0 (fp32), and
 
     E(q, g) = n_q e_g + e_q m_g + gamma_D m_q m_g + u n_q n_g + tau,
@@ -60,8 +59,9 @@ its output rounding (the float32 accumulation; int8: ``c_q c_g N`` exactly). The
    (Cauchy-Schwarz twice);
 3. ``|a - x~| <= gamma_D sum_k |q~_k g~_k| + tau <= gamma_D m_q m_g + tau``: D float32 operations
    on the products in any order, fused or not (Higham eq. 3.5); bf16 x bf16 products are exact in
-   float32, so the bf16 product is this sum of exact terms; ``tau`` covers underflow, at most 2^-126
-   per operation even with flush-to-zero. int8: ``N`` is exact (``|N| <= 127^2 D < 2^31``), ``a = x~``;
+   float32, so the bf16 product is this sum of exact terms; ``tau`` covers underflow: at most 2^-126
+   per operation with flush-to-zero, and a kernel that reads subnormal inputs as zero changes a term
+   ``q~_k g~_k`` by at most ``2^-126 (|q~_k| + |g~_k|)``. int8: ``N`` is exact (``|N| <= 127^2 D < 2^31``), ``a = x~``;
 4. bf16: ``|A - a| <= 2^-8 |a|`` and ``|a| <= |A| / (1 - 2^-8)``, so ``|A - a| <= rho |A|``;
    int8: ``A`` rounds ``a`` at most three times (``N`` to float32, ``c_q c_g``, the product):
    ``|A - a| <= ((1 + u)^3 - 1) |a| <= 4u |A|``; fp32: ``A = a``.
@@ -87,17 +87,30 @@ with the gallery's maxima of ``e_g``, ``m_g``, ``n_g`` (one number per query, ne
 below 2^-44), moved outwards by ``2^-40 (1 + |value|)`` and rounded outwards to the dtype ``A`` is
 compared in, so the comparisons only ever admit more candidates.
 
-Adaptivity and fallback. The candidates of a query are whatever its window holds (a handful on
-spread-out data, more where many items crowd the k-th similarity). A query whose candidates exceed
-``max_candidates`` is searched again with ``precision="fp32"`` (window ~``2 gamma_D``, about 2.4e-4
-at D = 2048), whose candidates are not capped: still identical, only slower for that query.
+Rescoring. The candidates of a query are whatever its window holds (a handful on spread-out
+data, more where many items crowd the k-th similarity). Round 1: each query's k candidates of
+largest ``A`` get their exact ``s``; the k-th largest of those, ``F``, is a lower bound on the k-th
+best ``s`` (k rows reach it), so round 2 keeps only the other candidates with ``upper(A) >= F``
+(a window about half as wide: ``F`` is close to the k-th best itself). Round 2 first computes
+float32 dot products of the gathered rows, bounded like step 1 and 3 of the proof with
+``x~ = x`` (``|s - d| <= (gamma_D + u) n_q n_g + tau``, ~2.4e-4 at D = 2048), and computes ``s``
+only for the rows whose upper bound still reaches the k-th largest lower bound. (Best per class:
+the same with k = 1 per query and class.)
 
-Speed. The products are blocked (``query_block`` queries x ``block_rows`` gallery rows, a few MB)
-so each block's output stays in cache while its running top-k is merged, as FAISS does. On a CPU
-with AMX or AVX512-BF16, oneDNN's bf16 product runs several times faster than float32;
-``precision="auto"`` times one small product of each kind once per process and logs the choice
-(``choose_precision``). Float32 products are computed at full precision (no TF32 / bf16 shortcut),
-which the bound assumes.
+Fallback. A query whose candidates exceed ``max_candidates`` is searched again with
+``precision="fp32"`` (window ~``2 gamma_D``), whose candidates are not capped: still identical,
+only slower for that query.
+
+Speed. The products are blocked (``query_block`` queries x ``block_rows`` gallery rows) and each
+block is read once more, for the maxima of groups of ``GROUP`` columns; the k largest group maxima
+are k distinct entries, so with the running k best they bound the k-th largest ``A`` from below
+and give ``theta`` before the block's entries are looked at; only groups whose maximum reaches
+``theta`` are compared. The running k best are merged from those entries (FAISS keeps a heap per
+query in the same way). On a CPU with AMX or AVX512-BF16 oneDNN's bf16 product runs several times
+faster than float32; ``precision="auto"`` times one small product of each kind once per process
+and logs the choice (``choose_precision``). The products run on all of torch's threads, every
+other step on one (``_threads``). Float32 products are computed at full precision (no TF32 / bf16
+shortcut), which the bound assumes.
 
 Inputs: numpy arrays or torch tensors (computation on the gallery's device); outputs: numpy.
 """
@@ -124,16 +137,17 @@ U32 = 2.0 ** -24  # float32 unit roundoff
 U64 = 2.0 ** -53  # float64 unit roundoff
 RHO = {"fp32": 0.0, "bf16": 2.0 ** -8 / (1 - 2.0 ** -8), "int8": 4 * U32}  # relative error of A's output rounding
 SAFE = 2.0 ** -40  # float64 slack on computed thresholds (their own rounding is below 2^-44)
-MIN_NORMAL32 = 2.0 ** -126  # bf16 codes flush coordinates below this to zero
 BF16_MAX = 3.3e38  # coordinates at or above this would round to an infinite bfloat16
-QUERY_BLOCK = 1024  # queries per product block
-BLOCK_ROWS = 2048  # gallery rows per product block (QUERY_BLOCK x BLOCK_ROWS bf16 = 4 MiB of output)
+QUERY_BLOCK = 4096  # queries per product block (fewer passes over the gallery; AMX runs best on tall blocks)
+GROUP = 128  # columns per maximum in the first pass over a block of products (_group_max)
+FIRST_GROUP = 16  # the same for a query block's first gallery block, whose k-th value is not known yet
+BLOCK_ROWS = 2048  # gallery rows per product block (QUERY_BLOCK x BLOCK_ROWS bf16 = 16 MiB of output, in L3)
 MIN_CANDIDATES = 256  # a query may rescore at least this many candidates before it falls back to fp32
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
-PAIR_CHUNK = 1 << 22  # vector elements gathered at a time when rescoring (16 MiB of float32)
+PAIR_CHUNK = 1 << 18  # vector elements gathered at a time when rescoring (1 MiB of float32: stays in L2)
 PRUNE_TILE = 512  # rows per greedy step of prune_class (lut.CPU_TILE: the fastest on a CPU)
 PRUNE_CACHE_BYTES = 2 * 2**30  # prune_class keeps a class's product blocks up to this size for several thresholds
-INT8_PENALTY = 1.5  # auto: int8 must be this much faster than bf16 (its window is ~4x wider on embeddings)
+AUTO_GAIN = 1.5  # auto: a reduced precision is used when its product is at least this much faster than fp32
 _CHOICE: dict[tuple[str, int], str] = {}  # precision chosen per (device type, dimension), once per process
 
 
@@ -196,47 +210,55 @@ def _as_tensor(x: Any, device: Any = None) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _code_rows(X: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
-                                                          torch.Tensor, torch.Tensor]:
-    """``(low, scale, norm, lnorm, resid)`` of a few rows (module docstring). ``lnorm`` is taken as
-    ``norm + resid`` (triangle inequality: |x~| <= |x| + |x - x~|)."""
+def _code_rows(X: torch.Tensor, precision: str, low: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor,
+                                                                             torch.Tensor]:
+    """Codes of a few rows written into ``low``; returns ``(scale, norm, resid)`` (module docstring)."""
     norm = _norm_up(X)
-    if precision == "fp32":
-        return X, None, norm, norm, torch.zeros_like(norm)
     if precision == "bf16":
-        low = X.masked_fill(X.abs() < MIN_NORMAL32, 0.0).to(torch.bfloat16)
-        resid = _norm_up(X - low.float())  # exact in float32: x and its rounding are within a factor 2 (Sterbenz)
-        return low, None, norm, norm + resid, resid
+        low.copy_(X)  # rounds to nearest bfloat16
+        return None, norm, _norm_up(X - low.float())  # exact in float32: x and its rounding are within 2x (Sterbenz)
     amax = X.abs().amax(1) if X.shape[1] else torch.zeros(X.shape[0], device=X.device)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    low = torch.round(X / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    low.copy_(torch.round(X / scale[:, None]).clamp_(-127, 127))
     # x - c a in float32: c a and the difference are each rounded (relative u), so per coordinate
     # |x - c a| <= (1 + u) |r| + u |c a|, and |c a| <= |x| + |x - c a|
     r = _norm_up(X - low.float() * scale[:, None])
-    resid = ((1 + U32) * r + U32 * norm) / (1 - U32) * (1 + 4 * U64)
-    return low, scale, norm, norm + resid, resid
+    return scale, norm, ((1 + U32) * r + U32 * norm) / (1 - U32) * (1 + 4 * U64)
 
 
 def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
     """``Codes`` of the rows of ``X`` (N, D) (numpy or torch; float16 is widened exactly).
 
     ``precision``: ``fp32``, ``bf16``, ``int8`` or ``auto`` (``choose_precision``). Raises
-    ``ValueError`` for a non-finite value or a shape other than (N, D)."""
+    ``ValueError`` for a non-finite value or a shape other than (N, D). ``lnorm`` is taken as
+    ``norm + resid`` (triangle inequality: |x~| <= |x| + |x - x~|)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     X = _as_tensor(X, device)
     if X.ndim != 2:
         raise ValueError(f"expected an (N, D) matrix, got shape {tuple(X.shape)}")
-    if X.numel() and not math.isfinite(float(X.abs().amax())):  # amax propagates nan
+    lo, hi = (float(v) for v in torch.aminmax(X)) if X.numel() else (0.0, 0.0)  # nan propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("vectors hold a non-finite value (inf or nan)")
-    if X.numel() and precision == "bf16" and float(X.abs().amax()) >= BF16_MAX:
+    if precision == "bf16" and max(-lo, hi) >= BF16_MAX:
         raise ValueError("vectors too large for bfloat16 codes: use precision fp32")
     if precision == "auto":
         precision = choose_precision(X.shape[1], X.device)
-    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the float64 temporaries stay in cache
-    parts = [_code_rows(X[a:a + step], precision) for a in range(0, X.shape[0], step)] or [_code_rows(X, precision)]
-    low, scale, norm, lnorm, resid = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
-    return Codes(precision, X, X if precision == "fp32" else low, scale, norm, lnorm, resid)
+    N = X.shape[0]
+    if precision == "fp32":
+        with _threads(X.device):
+            norm = _norm_up(X)
+        return Codes("fp32", X, X, None, norm, norm, torch.zeros_like(norm))
+    low = torch.empty(X.shape, dtype=torch.bfloat16 if precision == "bf16" else torch.int8, device=X.device)
+    scale = torch.empty(N, device=X.device) if precision == "int8" else None
+    norm, resid = (torch.empty(N, dtype=torch.float64, device=X.device) for _ in range(2))
+    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
+    with _threads(X.device):
+        for a in range(0, N, step):
+            sc, norm[a:a + step], resid[a:a + step] = _code_rows(X[a:a + step], precision, low[a:a + step])
+            if scale is not None:
+                scale[a:a + step] = sc
+    return Codes(precision, X, low, scale, norm, norm + resid, resid)
 
 
 # ----------------------------------------------------------------------------- the products
@@ -257,28 +279,54 @@ def _full_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+_PRODUCT_THREADS: list[int] = []  # torch's thread count, while a search runs its element-wise steps on one
+
+
 @contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Small steps (gathers of a few rows, comparisons of a few thousand values) on one CPU thread:
-    on a shared, loaded machine every parallel region of a small op can wait a scheduler quantum
-    for a descheduled thread (``common.lut._Threads`` measured 15x); the products keep all threads."""
+def _threads(device: torch.device) -> Iterator[None]:
+    """Element-wise steps (comparisons, maxima, gathers, float64 dot products) on one CPU thread, the
+    matrix products (``_product``) on all of torch's threads: on a shared, loaded machine every
+    parallel region of a small step can wait a scheduler quantum for a descheduled thread
+    (``common.lut._Threads`` measured 15x on one prune; a top-10 search here 3x)."""
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
+    if device.type != "cpu" or n == 1 or _PRODUCT_THREADS:
         yield
         return
+    _PRODUCT_THREADS.append(n)
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
+        _PRODUCT_THREADS.pop()
+
+
+@contextlib.contextmanager
+def _all_threads() -> Iterator[None]:
+    """Inside ``_threads``: a big step (a product, a pass over a block of products, a gather of many
+    rows) on all threads again; long enough that a late thread costs little of it."""
+    if not _PRODUCT_THREADS:
+        yield
+        return
+    torch.set_num_threads(_PRODUCT_THREADS[-1])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
+
+
+def _mm(ql: torch.Tensor, qs: torch.Tensor | None, gl: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
+    """``A`` of code rows ``ql`` against code rows ``gl`` (scales ``qs``, ``gs`` for int8), on all threads."""
+    with _all_threads():
+        if qs is not None:
+            n = torch._int_mm(ql, gl.t())  # exact int32 (VNNI / AMX through oneDNN)
+            return n.to(torch.float32).mul_(qs[:, None]).mul_(gs[None, :])
+        return torch.nn.functional.linear(ql, gl)  # q g^T; oneDNN's path, faster than mm here
 
 
 def _product(q: Codes, g: Codes, g0: int, g1: int) -> torch.Tensor:
     """``A`` (len(q), g1 - g0) of the queries against gallery rows ``g0:g1`` (float32 or bfloat16)."""
-    if g.precision == "int8":
-        n = torch._int_mm(q.low, g.low[g0:g1].t())  # exact int32 (VNNI / AMX through oneDNN)
-        return n.to(torch.float32).mul_(q.scale[:, None]).mul_(g.scale[None, g0:g1])
-    return q.low @ g.low[g0:g1].t()
+    return _mm(q.low, q.scale, g.low[g0:g1], None if g.scale is None else g.scale[g0:g1])
 
 
 def _query_codes(queries: torch.Tensor, g: Codes) -> Codes:
@@ -292,7 +340,7 @@ def _error_terms(q: Codes, g: Codes) -> torch.Tensor:
     if len(g) == 0:
         return torch.zeros(len(q), dtype=torch.float64, device=q.X.device)
     ne, mm, nn = float(g.resid.max()), float(g.lnorm.max()), float(g.norm.max())
-    E = q.norm * ne + q.resid * mm + gamma * q.lnorm * mm + U32 * q.norm * nn + D * 2.0 ** -125
+    E = q.norm * ne + q.resid * mm + gamma * q.lnorm * mm + U32 * q.norm * nn + D * 2.0 ** -125 * (1 + q.lnorm + mm)
     return E * (1.0 + 8 * U64)
 
 
@@ -328,9 +376,11 @@ def _candidate_threshold(kth: torch.Tensor, E: torch.Tensor, rho: float) -> torc
 
 
 def choose_precision(dim: int, device: Any = "cpu") -> str:
-    """``auto``: the fastest product kind on this machine for vectors of ``dim``, measured once per
-    process on one (256 x dim) x (dim x 2048) product of each kind (int8 must beat bf16 by
-    ``INT8_PENALTY``: its bound is wider); the choice and the timings are logged."""
+    """``auto``: bf16 when its product is ``AUTO_GAIN`` times faster than float32 on this machine, else
+    int8 when it is, else fp32 (measured once per process on one (256 x dim) x (dim x 2048) product
+    of each kind; the choice and the timings are logged). bf16 comes first: its bound is 2^-8
+    relative per coordinate whatever the vector, while int8's step is set by each vector's largest
+    coordinate, which on embeddings gives a window several times wider (more candidates to rescore)."""
     dev = torch.device(device)
     key = (dev.type, int(dim))
     if key in _CHOICE:
@@ -352,7 +402,8 @@ def choose_precision(dim: int, device: Any = "cpu") -> str:
                 times[kind] = best
             except (RuntimeError, NotImplementedError) as e:  # a kind this build or device lacks
                 log.debug("precision %s unavailable: %s", kind, e)
-    choice = min(times, key=lambda k: times[k] * (INT8_PENALTY if k == "int8" else 1.0))
+    fast = [k for k in ("bf16", "int8") if k in times and times[k] * AUTO_GAIN <= times["fp32"]]
+    choice = fast[0] if fast else "fp32"
     _CHOICE[key] = choice
     log.info("exact search precision %s (one 256 x 2048 x %d product: %s; CPU flags: %s)", choice, dim,
              ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()), " ".join(cpu_flags()) or "unknown")
@@ -466,7 +517,8 @@ def _f32_error(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, d: torch.Te
     """A bound on ``|s - d|`` for float32 dot products ``d`` of pairs ``(r, c)``: ``(gamma_D + u) |q| |g| + tau``
     (steps 1 and 3 of the proof with ``q~ = q``), widened by the float64 rounding of ``d -+ bound``."""
     D = q.dim
-    e = (D * U32 / (1.0 - D * U32) + U32) * q.norm[r] * g.norm[c] * (1.0 + 8 * U64) + D * 2.0 ** -125
+    e = (D * U32 / (1.0 - D * U32) + U32) * q.norm[r] * g.norm[c] * (1.0 + 8 * U64)
+    e = e + D * 2.0 ** -125 * (1 + q.norm[r] + g.norm[c])
     return e + 2.0 ** -50 * (d.abs() + e)
 
 
@@ -495,14 +547,13 @@ def _rescore(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, key: torch.Te
     r, c, key = r[p], c[p], key[p]
     keep = torch.zeros(r.numel(), dtype=torch.bool, device=r.device)
     s = torch.empty(r.numel(), dtype=torch.float32, device=r.device)
-    with _one_thread(q.X.device):
-        for sl, x, Y, gi, ps, d in _gathered(q, g, r, c):
-            d = d.double()
-            e = _f32_error(q, g, r[sl], c[sl], d)
-            ks = key[sl]
-            ok = torch.nonzero(d + e >= torch.maximum(_kth_largest(ks, d - e, n_keys, k), floor)[ks]).flatten()
-            keep[sl.start + ok] = True
-            s[sl.start + ok] = _exact_dots(x[gi[ok]], Y[gi[ok], ps[ok]], q.norm[r[sl][ok]] * g.norm[c[sl][ok]])
+    for sl, x, Y, gi, ps, d in _gathered(q, g, r, c):
+        d = d.double()
+        e = _f32_error(q, g, r[sl], c[sl], d)
+        ks = key[sl]
+        ok = torch.nonzero(d + e >= torch.maximum(_kth_largest(ks, d - e, n_keys, k), floor)[ks]).flatten()
+        keep[sl.start + ok] = True
+        s[sl.start + ok] = _exact_dots(x[gi[ok]], Y[gi[ok], ps[ok]], q.norm[r[sl][ok]] * g.norm[c[sl][ok]])
     stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(r.numel())
     return r[keep], c[keep], s[keep], key[keep]
 
@@ -519,8 +570,7 @@ def _exact_top(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch.Te
     p = _order_rows(key, v, c)
     r, c, v, key = r[p], c[p], v[p], key[p]
     first = _rank_in_row(key, n_keys) < k
-    with _one_thread(q.X.device):
-        s1 = exact_pairs(q.X, r[first], g.X, c[first], q.norm[r[first]] * g.norm[c[first]])
+    s1 = exact_pairs(q.X, r[first], g.X, c[first], q.norm[r[first]] * g.norm[c[first]])
     floor = _kth_largest(key[first], s1.double(), n_keys, k)
     theta = _round_out(_upper_inv(floor, E_key, RHO[g.precision]), torch.float32, up=False)
     rest = torch.nonzero(~first & (v >= theta[key])).flatten()
@@ -553,16 +603,37 @@ def _merge_top(best: torch.Tensor, r: torch.Tensor, v: torch.Tensor) -> torch.Te
     return torch.topk(torch.cat([best, pad], 1), k, dim=1).values
 
 
-def _above(A: torch.Tensor, m: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions ``(rows, cols)`` of the entries of ``A`` at or above their row's ``theta`` (float32),
-    given the row maxima ``m``: only rows whose maximum reaches ``theta`` are compared (few, once a
-    query's neighbours have been met)."""
-    hit = torch.nonzero(m >= theta).flatten()
-    if hit.numel() == 0:
-        return hit, hit
-    t = _round_out(theta[hit].double(), A.dtype, up=False)[:, None]  # exact comparison in A's dtype
-    r, c = torch.nonzero((A if hit.numel() == A.shape[0] else A.index_select(0, hit)) >= t, as_tuple=True)
-    return hit[r], c
+def _group_max(A: torch.Tensor, group: int) -> torch.Tensor:
+    """Maxima of consecutive groups of ``group`` columns of ``A`` (B, w), the last group possibly
+    shorter: (B, ceil(w / group)) in ``A``'s dtype. One pass over ``A``."""
+    B, w = A.shape
+    n = w // group * group
+    parts = [A[:, :n].unflatten(1, (n // group, group)).amax(2)] if n else []
+    if n < w:
+        parts.append(A[:, n:].amax(1, keepdim=True))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
+def _hits(A: torch.Tensor, gm: torch.Tensor, group: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions ``(rows, cols)``, sorted by row, of the entries of ``A`` at or above their row's
+    ``theta`` (float32; +inf: none), given the group maxima ``gm`` (``_group_max``): only the groups
+    whose maximum reaches ``theta`` are compared (a few per row, once its neighbours have been met)."""
+    t = _round_out(theta.double(), A.dtype, up=False)  # exact comparisons in A's dtype
+    gr, gg = torch.nonzero(gm >= t[:, None], as_tuple=True)
+    if 4 * gr.numel() > gm.numel():  # most groups: compare the block directly
+        return torch.nonzero(A >= t[:, None], as_tuple=True)
+    B, w = A.shape
+    full = w // group
+    inner = gg < full
+    r1, g1 = gr[inner], gg[inner]
+    h, j = torch.nonzero(A[:, :full * group].unflatten(1, (full, group))[r1, g1] >= t[r1, None], as_tuple=True)
+    rows, cols = r1[h], g1[h] * group + j
+    r2 = gr[~inner]  # the block's last, shorter group
+    if r2.numel():
+        h, j = torch.nonzero(A[r2, full * group:] >= t[r2, None], as_tuple=True)
+        p = torch.argsort(torch.cat([rows, r2[h]]), stable=True)
+        rows, cols = torch.cat([rows, r2[h]])[p], torch.cat([cols, full * group + j])[p]
+    return rows, cols
 
 
 def _candidates(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int,
@@ -571,10 +642,11 @@ def _candidates(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int,
 
     Returns ``(rows, cols, A, over)``: the pairs with ``A >= theta`` of their query, and the queries
     whose candidates exceeded ``cap`` (their pairs are left out: they fall back to fp32). Per block
-    of products: the row maxima, which give a lower bound on the k-th largest ``A`` after the block
-    and so a ``theta``; the entries above it (``_above``); the running k largest ``A`` merged from
-    those entries alone (an entry below ``theta`` is below the k-th largest), after a ``topk`` of
-    the first block."""
+    of products, one pass takes the maxima of groups of columns; k of them are k distinct entries,
+    so the k-th largest of them and of the running k best is a lower bound on the k-th largest
+    ``A`` after the block, which gives ``theta``; only groups reaching it are compared
+    (``_hits``), and the running k largest ``A`` are merged from those entries alone (an entry
+    below ``theta`` is below the k-th largest)."""
     B, G = len(q), len(g)
     dev, rho = q.X.device, RHO[g.precision]
     best = torch.full((B, k), -math.inf, device=dev)  # the k largest A so far, per query
@@ -583,20 +655,16 @@ def _candidates(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int,
     found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for g0 in range(0, G, block_rows):
         A = _product(q, g, g0, min(G, g0 + block_rows))  # (B, b): stays in cache
-        m = A.amax(1).float()
-        if g0 == 0:
-            v = torch.topk(A, min(k, A.shape[1]), dim=1).values.float()
-            best = torch.topk(torch.cat([best, v], 1), k, dim=1).values
-            kth = best[:, k - 1]
-        else:  # the k-th largest after this block is at least this
-            kth = torch.maximum(best[:, k - 1], m if k == 1 else torch.minimum(m, best[:, k - 2]))
-        r, c = _above(A, m, _candidate_threshold(kth, E, rho).masked_fill_(over, math.inf))
+        group = max(1, min(GROUP if g0 or k == 1 else FIRST_GROUP, A.shape[1] // k))  # first block: no k-th yet
+        gm = _group_max(A, group)
+        low = gm if gm.shape[1] >= k else torch.topk(A, min(k, A.shape[1]), dim=1).values  # k distinct entries
+        kth = torch.topk(torch.cat([best, low.float()], 1), k, dim=1).values[:, k - 1]
+        r, c = _hits(A, gm, group, _candidate_threshold(kth, E, rho).masked_fill_(over, math.inf))
         if r.numel():
             v = A[r, c].float()
-            if g0:  # the merged k-th can only be higher: keep what passes its theta
-                best = _merge_top(best, r, v)
-                ok = v >= _candidate_threshold(best[:, k - 1], E, rho)[r]
-                r, c, v = r[ok], c[ok], v[ok]
+            best = _merge_top(best, r, v)
+            ok = v >= _candidate_threshold(best[:, k - 1], E, rho)[r]  # the merged k-th may be higher
+            r, c, v = r[ok], c[ok], v[ok]
             found.append((r, c + g0, v))
             if cap is not None:
                 count += torch.bincount(r, minlength=B)
@@ -681,7 +749,7 @@ def topk(queries: Any, gallery: Any, k: int, *, precision: str = "auto", keep: A
     st["precision"] = g.precision
     if Q == 0 or kk == 0:
         return sims, idx
-    with _full_fp32():
+    with _full_fp32(), _threads(g.X.device):
         for a in range(0, Q, query_block):
             qc = _query_codes(q_all[a:a + query_block], g)
             s, i = _topk_codes(qc, g, kk, block_rows, _cap(max_candidates, kk), st)
@@ -712,9 +780,9 @@ def _class_candidates(q: Codes, g: Codes, E: torch.Tensor, cls: torch.Tensor, n_
         cuts = [g0] + [b for b in starts if g0 < b < g1] + [g1]
         for lo, hi in zip(cuts[:-1], cuts[1:]):  # each class's piece of the block
             piece, ci = A[:, lo - g0:hi - g0], int(cls[lo])
-            m = piece.amax(1).float()
-            best[:, ci] = torch.maximum(best[:, ci], m)
-            r, c = _above(piece, m, _candidate_threshold(best[:, ci], E, rho).masked_fill_(over, math.inf))
+            gm = _group_max(piece, GROUP)
+            best[:, ci] = torch.maximum(best[:, ci], gm.amax(1).float())
+            r, c = _hits(piece, gm, GROUP, _candidate_threshold(best[:, ci], E, rho).masked_fill_(over, math.inf))
             if r.numel():
                 found.append((r, c + lo, piece[r, c].float()))
                 if cap is not None:
@@ -778,7 +846,7 @@ def class_best(queries: Any, gallery: Any, labels: Any, n_classes: int, *, preci
     present, cls = np.unique(lab[order], return_inverse=True)
     gs, cls_t = g.take(order), torch.from_numpy(cls).to(g.X.device)
     cap = max(MIN_CANDIDATES, 4 * present.size) if max_candidates is None else int(max_candidates)
-    with _full_fp32():
+    with _full_fp32(), _threads(g.X.device):
         for a in range(0, Q, query_block):
             qc = _query_codes(q_all[a:a + query_block], g)
             s, c = _class_best_codes(qc, gs, cls_t, present.size, block_rows, cap, st)
@@ -853,8 +921,18 @@ class _Blocks:
     def __init__(self, c: Codes, tile: int, cache: bool):
         self.c, self.tile = c, tile
         n = len(c)
-        self.cols = [_product(c.take(torch.arange(0, min(n, a + tile))), c, a, min(n, a + tile))
-                     for a in range(0, n, tile)] if cache else None
+        self.cols = [self._mm(slice(0, min(n, a + tile)), a) for a in range(0, n, tile)] if cache else None
+
+    def _mm(self, rows: Any, a: int) -> torch.Tensor:
+        """Products of code rows ``rows`` (a slice or indices) with the step's columns ``a:a + tile``."""
+        c, e = self.c, min(len(self.c), a + self.tile)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+        return _mm(pick(c.low), pick(c.scale), c.low[a:e], None if c.scale is None else c.scale[a:e])
 
     @staticmethod
     def nbytes(n: int, tile: int, itemsize: int) -> int:
@@ -863,8 +941,7 @@ class _Blocks:
     def get(self, b: int, rows: torch.Tensor) -> torch.Tensor:
         if self.cols is not None:
             return self.cols[b].index_select(0, rows)
-        a = b * self.tile
-        return _product(self.c.take(rows), self.c, a, min(len(self.c), a + self.tile))
+        return self._mm(rows, b * self.tile)
 
 
 def _decide(c: Codes, A: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, t: float, lo: float, hi: float,
@@ -942,9 +1019,9 @@ def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto",
     D = c.dim
     gamma = 0.0 if c.precision == "int8" else D * U32 / (1.0 - D * U32)
     ne, mm, nn = float(c.resid.max()), float(c.lnorm.max()), float(c.norm.max())
-    E = (nn * ne + ne * mm + gamma * mm * mm + U32 * nn * nn + D * 2.0 ** -125) * (1.0 + 8 * U64)
+    E = (nn * ne + ne * mm + gamma * mm * mm + U32 * nn * nn + D * 2.0 ** -125 * (1 + 2 * mm)) * (1.0 + 8 * U64)
     dtype = torch.float32 if c.precision != "bf16" else torch.bfloat16
-    with _full_fp32():
+    with _full_fp32(), _threads(c.X.device):
         item = 2 if c.precision == "bf16" else 4
         blocks = _Blocks(c, tile, len(thresholds) > 1 and _Blocks.nbytes(n, tile, item) <= cache_bytes)
         for ti, t in enumerate(thresholds):
