@@ -144,7 +144,7 @@ FIRST_GROUP = 16  # the same for a query block's first gallery block, whose k-th
 BLOCK_ROWS = 2048  # gallery rows per product block (QUERY_BLOCK x BLOCK_ROWS bf16 = 16 MiB of output, in L3)
 MIN_CANDIDATES = 256  # a query may rescore at least this many candidates before it falls back to fp32
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
-PAIR_CHUNK = 1 << 18  # vector elements gathered at a time when rescoring (1 MiB of float32: stays in L2)
+PAIR_CHUNK = 1 << 20  # vector elements gathered at a time when rescoring (4 MiB of float32)
 PRUNE_TILE = 512  # rows per greedy step of prune_class (lut.CPU_TILE: the fastest on a CPU)
 PRUNE_CACHE_BYTES = 2 * 2**30  # prune_class keeps a class's product blocks up to this size for several thresholds
 AUTO_GAIN = 1.5  # auto: a reduced precision is used when its product is at least this much faster than fp32
@@ -477,11 +477,12 @@ def exact_pairs(X: Any, rows: Any, Y: Any, cols: Any, nn: torch.Tensor | None = 
     return out
 
 
-def _gathered(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, ...]]:
+def _gathered(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor,
+              dots: bool = True) -> Iterator[tuple[slice, torch.Tensor, ...]]:
     """Pairs ``(r, c)`` grouped by ``r``, a chunk of whole rows at a time: ``(pairs, x (U, D), Y (U, m, D),
     gi, pos, d)``: the chunk's distinct query rows, their gallery rows gathered once and padded to the
-    longest list (``Y[gi, pos]`` is pair p's row), and the float32 dot products ``d`` of the pairs
-    (error at most ``gamma_D |x| |y|``). At most ``PAIR_CHUNK`` gathered elements per chunk."""
+    longest list (``Y[gi, pos]`` is pair p's row), and (``dots``) the float32 dot products ``d`` of the
+    pairs (error at most ``gamma_D |x| |y|``). At most ``PAIR_CHUNK`` gathered elements per chunk."""
     P, D, dev = r.numel(), q.dim, q.X.device
     if P == 0:
         return
@@ -501,7 +502,7 @@ def _gathered(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor) -> Iterator[
         pad[gi, ps] = c[sl]
         Y = g.X.index_select(0, pad.flatten()).view(g1 - g0, m, D)
         x = q.X.index_select(0, u[g0:g1])
-        d = torch.bmm(Y, x.unsqueeze(2)).squeeze(2)[gi, ps]  # (pairs,) float32
+        d = torch.bmm(Y, x.unsqueeze(2)).squeeze(2)[gi, ps] if dots else None  # (pairs,) float32
         yield sl, x, Y, gi, ps, d
         g0 = g1
 
@@ -570,7 +571,10 @@ def _exact_top(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch.Te
     p = _order_rows(key, v, c)
     r, c, v, key = r[p], c[p], v[p], key[p]
     first = _rank_in_row(key, n_keys) < k
-    s1 = exact_pairs(q.X, r[first], g.X, c[first], q.norm[r[first]] * g.norm[c[first]])
+    r1, c1 = r[first], c[first]  # sorted by query: each query row is gathered once
+    s1 = torch.empty(r1.numel(), dtype=torch.float32, device=r.device)
+    for sl, x, Y, gi, ps, _ in _gathered(q, g, r1, c1, dots=False):
+        s1[sl] = _exact_dots(x[gi], Y[gi, ps], q.norm[r1[sl]] * g.norm[c1[sl]])
     floor = _kth_largest(key[first], s1.double(), n_keys, k)
     theta = _round_out(_upper_inv(floor, E_key, RHO[g.precision]), torch.float32, up=False)
     rest = torch.nonzero(~first & (v >= theta[key])).flatten()
