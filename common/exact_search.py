@@ -140,7 +140,6 @@ SAFE = 2.0 ** -40  # float64 slack on computed thresholds (their own rounding is
 BF16_MAX = 3.3e38  # coordinates at or above this would round to an infinite bfloat16
 QUERY_BLOCK = 4096  # queries per product block (fewer passes over the gallery; AMX runs best on tall blocks)
 GROUP = 128  # columns per maximum in the first pass over a block of products (_group_max)
-FIRST_GROUP = 16  # the same for a query block's first gallery block, whose k-th value is not known yet
 BLOCK_ROWS = 2048  # gallery rows per product block (QUERY_BLOCK x BLOCK_ROWS bf16 = 16 MiB of output, in L3)
 MIN_CANDIDATES = 256  # a query may rescore at least this many candidates before it falls back to fp32
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
@@ -442,24 +441,39 @@ def _exact_one(a: np.ndarray, b: np.ndarray) -> float:
     return _round_f32_exact(sum(x * y for x, y in zip(ai, bi)), 298)
 
 
-def _exact_dots(x: torch.Tensor, y: torch.Tensor, nn: torch.Tensor) -> torch.Tensor:
-    """``s(x[p], y[p])`` of float32 rows (P, D), given ``nn[p] >= |x[p]| |y[p]|`` (float64): float64
-    dot products whose error (``gamma64_D nn``, doubled to cover the rounding of ``d -+ err``) keeps
-    clear of the float32 rounding boundaries; the rest are computed in integers (``_exact_one``).
-    (The float64 copies stay small: numpy's buffered casts, or ``DOT_ROWS`` rows at a time.)"""
-    D = x.shape[1]
-    if x.device.type == "cpu":  # numpy casts in small buffers: no float64 copy of the rows
-        d = torch.from_numpy(np.einsum("ij,ij->i", x.numpy(), y.numpy(), dtype=np.float64))
-    else:
-        d = torch.cat([torch.linalg.vecdot(x[a:a + DOT_ROWS].double(), y[a:a + DOT_ROWS].double())
-                       for a in range(0, x.shape[0], DOT_ROWS)] or [torch.zeros(0, dtype=torch.float64)])
+def _round_dots(d: torch.Tensor, nn: torch.Tensor, D: int, rows_of: Any) -> torch.Tensor:
+    """``s`` from float64 dot products ``d`` (P,) of float32 rows, given ``nn[p] >= |x| |y|``: ``fl32(d)``
+    where ``d`` plus or minus its error (``gamma64_D nn``, doubled to cover the rounding of ``d -+ err``)
+    holds no float32 rounding boundary; the rest in integers (``_exact_one(*rows_of(p))``)."""
     err = 2 * D * U64 / (1.0 - D * U64) * nn + 2.0 ** -52 * d.abs() + 2.0 ** -1000
     f = d.to(torch.float32)
     below = (f.double() + torch.nextafter(f, torch.full_like(f, -math.inf)).double()) / 2
     above = (f.double() + torch.nextafter(f, torch.full_like(f, math.inf)).double()) / 2
     for p in torch.nonzero(~((d - err > below) & (d + err < above))).flatten().tolist():
-        f[p] = _exact_one(x[p].cpu().numpy(), y[p].cpu().numpy())  # may straddle a boundary: integers decide
+        f[p] = _exact_one(*rows_of(p))  # the sum may straddle a rounding boundary: integers decide
     return f
+
+
+def _exact_dots(x: torch.Tensor, y: torch.Tensor, nn: torch.Tensor) -> torch.Tensor:
+    """``s(x[p], y[p])`` of float32 rows (P, D), given ``nn[p] >= |x[p]| |y[p]|`` (float64). (The float64
+    work stays in cache: numpy's buffered casts, or ``DOT_ROWS`` rows at a time.)"""
+    if x.device.type == "cpu":
+        d = torch.from_numpy(np.einsum("ij,ij->i", x.numpy(), y.numpy(), dtype=np.float64))
+    else:
+        d = torch.cat([torch.linalg.vecdot(x[a:a + DOT_ROWS].double(), y[a:a + DOT_ROWS].double())
+                       for a in range(0, x.shape[0], DOT_ROWS)] or [torch.zeros(0, dtype=torch.float64)])
+    return _round_dots(d, nn, x.shape[1], lambda p: (x[p].cpu().numpy(), y[p].cpu().numpy()))
+
+
+def _exact_grouped(x: torch.Tensor, Y: torch.Tensor, gi: torch.Tensor, ps: torch.Tensor,
+                   nn: torch.Tensor) -> torch.Tensor:
+    """``s(x[gi[p]], Y[gi[p], ps[p]])`` for rows gathered by ``_gathered`` (x (U, D), Y (U, m, D)), without
+    copying them pair by pair: every padded entry is computed, for lists that are all wanted."""
+    if x.device.type == "cpu":
+        d = torch.from_numpy(np.einsum("umd,ud->um", Y.numpy(), x.numpy(), dtype=np.float64))[gi, ps]
+    else:
+        d = torch.bmm(Y.double(), x.double().unsqueeze(2)).squeeze(2)[gi, ps]
+    return _round_dots(d, nn, x.shape[1], lambda p: (x[gi[p]].cpu().numpy(), Y[gi[p], ps[p]].cpu().numpy()))
 
 
 def exact_pairs(X: Any, rows: Any, Y: Any, cols: Any, nn: torch.Tensor | None = None) -> torch.Tensor:
@@ -574,7 +588,7 @@ def _exact_top(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch.Te
     r1, c1 = r[first], c[first]  # sorted by query: each query row is gathered once
     s1 = torch.empty(r1.numel(), dtype=torch.float32, device=r.device)
     for sl, x, Y, gi, ps, _ in _gathered(q, g, r1, c1, dots=False):
-        s1[sl] = _exact_dots(x[gi], Y[gi, ps], q.norm[r1[sl]] * g.norm[c1[sl]])
+        s1[sl] = _exact_grouped(x, Y, gi, ps, q.norm[r1[sl]] * g.norm[c1[sl]])
     floor = _kth_largest(key[first], s1.double(), n_keys, k)
     theta = _round_out(_upper_inv(floor, E_key, RHO[g.precision]), torch.float32, up=False)
     rest = torch.nonzero(~first & (v >= theta[key])).flatten()
@@ -640,6 +654,19 @@ def _hits(A: torch.Tensor, gm: torch.Tensor, group: int, theta: torch.Tensor) ->
     return rows, cols
 
 
+def _seed_kth(q: Codes, g: Codes, k: int, block_rows: int) -> torch.Tensor:
+    """A lower bound on each query's k-th largest ``A`` before the scan: the k-th largest over a
+    sample of ``block_rows`` gallery rows spread over the gallery (a subset's k-th largest is at
+    most the whole set's), so the first blocks already have a useful ``theta``. -inf when the
+    gallery is small (one block) or k exceeds the sample."""
+    G = len(g)
+    if G <= 2 * block_rows or k > block_rows:
+        return torch.full((len(q),), -math.inf, device=q.X.device)
+    rows = torch.linspace(0, G - 1, block_rows, device=q.X.device).long()
+    gs = _mm(q.low, q.scale, g.low.index_select(0, rows), None if g.scale is None else g.scale.index_select(0, rows))
+    return torch.topk(gs, k, dim=1).values[:, k - 1].float()
+
+
 def _candidates(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int,
                 cap: int | None) -> tuple[torch.Tensor, ...]:
     """Candidate pairs of a block of queries against the whole gallery (module docstring, top-k).
@@ -657,12 +684,13 @@ def _candidates(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int,
     count = torch.zeros(B, dtype=torch.int64, device=dev)
     over = torch.zeros(B, dtype=torch.bool, device=dev)
     found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    seed = _seed_kth(q, g, k, block_rows)
     for g0 in range(0, G, block_rows):
         A = _product(q, g, g0, min(G, g0 + block_rows))  # (B, b): stays in cache
-        group = max(1, min(GROUP if g0 or k == 1 else FIRST_GROUP, A.shape[1] // k))  # first block: no k-th yet
+        group = max(1, min(GROUP, A.shape[1] // k))
         gm = _group_max(A, group)
         low = gm if gm.shape[1] >= k else torch.topk(A, min(k, A.shape[1]), dim=1).values  # k distinct entries
-        kth = torch.topk(torch.cat([best, low.float()], 1), k, dim=1).values[:, k - 1]
+        kth = torch.maximum(torch.topk(torch.cat([best, low.float()], 1), k, dim=1).values[:, k - 1], seed)
         r, c = _hits(A, gm, group, _candidate_threshold(kth, E, rho).masked_fill_(over, math.inf))
         if r.numel():
             v = A[r, c].float()
