@@ -38,8 +38,9 @@ The bound (why the candidates hold the answer)
 For a vector ``x``, its code ``x~``: ``bf16``: each coordinate rounded to the nearest bfloat16;
 ``int8``: ``x~ = c a`` with integers ``a_k`` in
 [-127, 127] and a float32 scale ``c = max_k |x_k| / 127``; ``fp32``: ``x~ = x``. At quantisation
-three numbers per row are computed in float64 and rounded up: ``n_x >= |x|``, ``m_x >= |x~|``,
-``e_x >= |x - x~|`` (Euclidean norms; the residual ``x - x~`` is exact in float64).
+three numbers per row are computed and rounded up: ``n_x >= |x|``, ``e_x >= |x - x~|`` (Euclidean
+norms from float32 sums of squares, widened by their worst-case error; the bf16 residual is exact in
+float32, the int8 one is widened by its rounding) and ``m_x = n_x + e_x >= |x~|``.
 
 The product gives ``A(q, g)`` for every pair: ``fp32`` / ``bf16``: the matrix product of the
 codes accumulated in float32 (``bf16``: then rounded to nearest bfloat16, as every torch CPU and
@@ -265,17 +266,19 @@ def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
 
 @contextlib.contextmanager
 def _full_fp32() -> Iterator[None]:
-    """Plain float32 products (no TF32 / bf16 shortcut) and no autograd: the bound assumes them."""
-    prec = torch.get_float32_matmul_precision()
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    """Plain float32 products (no TF32 / bf16 shortcut), bf16 products accumulated in float32 (cuBLAS
+    may otherwise reduce split sums in bf16) and no autograd: the bound assumes them."""
+    cuda = torch.backends.cuda.matmul
+    prec, tf32, bf16 = (torch.get_float32_matmul_precision(), cuda.allow_tf32,
+                        cuda.allow_bf16_reduced_precision_reduction)
     torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    cuda.allow_tf32 = cuda.allow_bf16_reduced_precision_reduction = False
     try:
         with torch.inference_mode():
             yield
     finally:
         torch.set_float32_matmul_precision(prec)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction = tf32, bf16
 
 
 _PRODUCT_THREADS: list[int] = []  # torch's thread count, while a search runs its element-wise steps on one
@@ -302,8 +305,8 @@ def _threads(device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _all_threads() -> Iterator[None]:
-    """Inside ``_threads``: a big step (a product, a pass over a block of products, a gather of many
-    rows) on all threads again; long enough that a late thread costs little of it."""
+    """Inside ``_threads``: a matrix product on all threads again (long enough that a late thread
+    costs little of it; the passes over its output measured slower on two threads here)."""
     if not _PRODUCT_THREADS:
         yield
         return
