@@ -979,56 +979,56 @@ class _Blocks:
         return self._mm(rows, b * self.tile)
 
 
-def _decide(c: Codes, A: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, t: float, lo: float, hi: float,
-            mask: torch.Tensor | None, stats: dict) -> torch.Tensor:
-    """``s(rows[i], cols[j]) > t`` for a block ``A`` of products, exact: entries inside the band
-    ``[lo, hi]`` (and in ``mask``) get float32 dot products and, when those do not decide either
-    (within their own bound of ``t``), the exact ``s``; entries outside ``mask`` are False."""
-    P = A > hi
-    U = (A >= lo) & ~P
-    if mask is not None:
-        P &= mask
-        U &= mask
-    i, j = torch.nonzero(U, as_tuple=True)  # row-major: sorted by i, as _gathered wants
-    if i.numel():
-        r, k = rows[i], cols[j]
-        res = torch.zeros(i.numel(), dtype=torch.bool, device=A.device)
-        for sl, x, Y, gi, ps, d in _gathered(c, c, r, k):
-            d = d.double()
-            e = _f32_error(c, c, r[sl], k[sl], d)
-            res[sl] = d - e > t
-            near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
-            if near.numel():
-                nn = c.norm[r[sl][near]] * c.norm[k[sl][near]]
-                res[sl.start + near] = _exact_dots(x[gi[near]], Y[gi[near], ps[near]], nn).double() > t
-                stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
-        P[i, j] = res
-        stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(i.numel())
-    return P
+def _exceeds(c: Codes, rows: torch.Tensor, cols: torch.Tensor, t: float, stats: dict) -> torch.Tensor:
+    """``s(rows[p], cols[p]) > t`` for pairs inside the band of the products (``rows`` sorted): float32
+    dot products first, the exact ``s`` where they do not decide (within their own bound of ``t``)."""
+    res = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    for sl, x, Y, gi, ps, d in _gathered(c, c, rows, cols):
+        d = d.double()
+        e = _f32_error(c, c, rows[sl], cols[sl], d)
+        res[sl] = d - e > t
+        near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
+        if near.numel():
+            nn = c.norm[rows[sl][near]] * c.norm[cols[sl][near]]
+            res[sl.start + near] = _exact_dots(x[gi[near]], Y[gi[near], ps[near]], nn).double() > t
+            stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
+    stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(rows.numel())
+    return res
+
+
+def _dominated(c: Codes, A: torch.Tensor, rows: torch.Tensor, a: int, dom: torch.Tensor, t: float, lo: float,
+               hi: float, stats: dict) -> None:
+    """Step 1 of ``_prune_one``: marks in ``dom`` the columns of a step (``a + j``) that a kept row
+    ``rows[i]`` prunes, from their products ``A`` (rows x step): a column maximum above ``hi`` proves
+    it; below ``lo`` rules it out; the entries in the band of the other columns are decided exactly."""
+    top = A.amax(0)
+    dom |= top > hi
+    near = torch.nonzero(~dom & (top >= lo)).flatten()
+    if near.numel():
+        i, j = torch.nonzero(A[:, near] >= lo, as_tuple=True)  # all <= hi: their column's top is
+        hit = _exceeds(c, rows[i], a + near[j], t, stats)
+        dom[near[j[hit]]] = True
 
 
 def _prune_one(c: Codes, blocks: _Blocks, t: float, lo: float, hi: float, chunk: int, stats: dict) -> np.ndarray:
     """Keep mask of one class at threshold ``t``: ``common.lut``'s greedy, steps of ``blocks.tile``
-    rows; 1. the rows of a step dominated by a kept row of an earlier step, 2. the greedy in the step."""
+    rows; 1. the rows of a step pruned by a kept row of an earlier step, 2. the greedy within the step
+    (one (m, m) block of the step's other rows: sure entries above ``hi``, band entries exact)."""
     n, tile, dev = len(c), blocks.tile, c.X.device
     keep = torch.zeros(n, dtype=torch.bool, device=dev)
     for b, a in enumerate(range(0, n, tile)):
-        e = min(n, a + tile)
-        cols = torch.arange(a, e, device=dev)
-        dom = torch.zeros(e - a, dtype=torch.bool, device=dev)
+        dom = torch.zeros(min(n, a + tile) - a, dtype=torch.bool, device=dev)
         kept = torch.nonzero(keep[:a]).flatten()
         for c0 in range(0, kept.numel(), chunk):  # kept rows x step columns, chunk rows at a time
-            rows = kept[c0:c0 + chunk]
-            A = blocks.get(b, rows)
-            open_cols = ~dom & (A.amax(0) >= lo)  # only these columns can still change
-            if bool(open_cols.any()):
-                dom |= _decide(c, A, rows, cols, t, lo, hi, open_cols[None, :], stats).any(0)
+            _dominated(c, blocks.get(b, kept[c0:c0 + chunk]), kept[c0:c0 + chunk], a, dom, t, lo, hi, stats)
         cand = torch.nonzero(~dom).flatten()
         if cand.numel() == 0:
             continue
         A = blocks.get(b, a + cand).index_select(1, cand)  # (m, m) among the step's open rows
-        upper = torch.ones(A.shape, dtype=torch.bool, device=dev).triu_(1)
-        P = _decide(c, A, a + cand, a + cand, t, lo, hi, upper, stats)
+        P = (A > hi).triu_(1)
+        i, j = torch.nonzero(((A >= lo) & ~P).triu_(1), as_tuple=True)
+        if i.numel():
+            P[i, j] = _exceeds(c, a + cand[i], a + cand[j], t, stats)
         alive = torch.from_numpy(_greedy_scan(P.cpu().numpy())).to(dev)
         keep[a + cand[alive]] = True
     return keep.cpu().numpy()
@@ -1040,10 +1040,10 @@ def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto",
 
     ``X`` (n, D): the class's vectors in image-id order (or their ``Codes``). Each decision is
     ``s(i, j) > t`` exactly (module docstring), so the masks are those of the pair loop on ``s``
-    for any precision, ``tile`` or ``chunk``. With several thresholds the product blocks of the
-    upper triangle are computed once when they take at most ``cache_bytes`` (bf16 codes: 2 bytes
-    per pair); with one, only the products of kept rows are computed. ``stats`` gains
-    ``exact_pairs`` (pairs computed exactly) and ``precision``."""
+    for any precision, ``tile`` or ``chunk``. The product blocks of the upper triangle are computed
+    once (for every threshold) when they take at most ``cache_bytes`` (bf16 codes: 2 bytes per pair;
+    at bf16 speed this beats skipping the pruned rows' products), else per step for the kept rows
+    only. ``stats`` gains ``float32_pairs`` / ``exact_pairs`` (band pairs recomputed) and ``precision``."""
     c = _gallery_codes(X, precision)
     st = stats if stats is not None else {}
     st["precision"] = c.precision
@@ -1058,7 +1058,7 @@ def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto",
     dtype = torch.float32 if c.precision != "bf16" else torch.bfloat16
     with _full_fp32(), _threads(c.X.device):
         item = 2 if c.precision == "bf16" else 4
-        blocks = _Blocks(c, tile, len(thresholds) > 1 and _Blocks.nbytes(n, tile, item) <= cache_bytes)
+        blocks = _Blocks(c, tile, _Blocks.nbytes(n, tile, item) <= cache_bytes)
         for ti, t in enumerate(thresholds):
             lo, hi = _band(float(t), E, RHO[c.precision], dtype)
             keeps[ti] = _prune_one(c, blocks, float(t), lo, hi, chunk, st)
