@@ -243,6 +243,10 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
         fns[f"exact_search.prune_class bf16 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="bf16")[0]
     fns["lut.prune_sweep (all thresholds)"] = lambda: lut.prune_sweep(Xc, lab, None, thresholds)
     fns["exact_search.prune_class bf16 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="bf16")
+    codes = X.quantize(Xc, "bf16")
+    fns["  of which: bf16 codes (quantize)"] = lambda: X.quantize(Xc, "bf16")
+    fns["  of which: bf16 upper-triangle products"] = lambda: [  # prune_class's blocks of 512 columns
+        torch.nn.functional.linear(codes.low[:a + 512], codes.low[a:a + 512]) for a in range(0, n, 512)]
     t, res = best_interleaved(fns, repeat)
     print(f"\n## LUT pruning: one class of {n:,} x {dim}, thresholds {thresholds}")
     bare = t["bare float32 X @ X.T"]
@@ -354,7 +358,7 @@ def bench_predict(backbone: str, size: int, n_images: int, n_gallery: int, batch
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "new", n_images, rng)
-        embed_paths = I.embed_paths  # the predict-mode loop (decoding errors reported, not fatal)
+        from common.embed import embed_paths  # the predict-mode loop (decoding errors reported, not fatal)
         embed_paths(paths[:2], model, tf, size, embedding="encoder", batch_size=2, num_workers=0,
                     device="cpu")  # warm-up: imports and first-call allocations are not per-image costs
         t0 = time.perf_counter()
