@@ -130,7 +130,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "Codes", "quantize", "choose_precision", "exact_pairs", "topk", "class_best",
+__all__ = ["PRECISIONS", "Codes", "quantize", "choose_precision", "cpu_flags", "exact_pairs", "topk", "class_best",
            "topk_blocks", "class_best_blocks", "prune_class"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
