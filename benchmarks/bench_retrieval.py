@@ -1,5 +1,16 @@
-"""Benchmark: stage 07's retrieval at DYB-PlanktonNet scale, and predict mode end to end.
+"""Benchmark: exact search against FAISS flat, stage 07's retrieval at DYB-PlanktonNet scale, and
+predict mode end to end.
 
+0. Exact search (``common.exact_search``), one process, the machine's CPU flags printed first:
+   3,000 queries against 33,000 x 2048 (synthetic clustered vectors as below), top-1 and top-10 by
+   ``faiss.IndexFlatIP``, by the project's float32 ``retrieval.topk``, and by ``exact_search.topk``
+   at each precision (bf16 / int8 candidates rescored exactly, or fp32); the bare float32 and bf16
+   products (all queries x gallery) and the compute floors (the product's FLOPs at the peak rate
+   of a cache-resident block). Identity checks: the same neighbours in the same order as
+   ``retrieval.topk``, bit-identical answers across precisions, and the exact similarity (float64
+   products rounded to float32) on a subset of queries. Then LUT pruning of one class of 3,000 x
+   2048 (``bench_prune``'s data): ``exact_search.prune_class`` and ``lut.prune`` against the bare
+   float32 ``X @ X.T``, with identical keep masks.
 1. Retrieval: a gallery of 33,000 x 2048 and 7,000 queries (synthetic clustered vectors,
    L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.inference.classify``
    (exact search, bounded blocks) against
@@ -12,7 +23,7 @@
    at 64 px, and a few images through ``seresnext50_32x4d`` at 224 px) and searched, with the share
    of time spent decoding, embedding and searching.
 
-Usage:  python benchmarks/bench_retrieval.py [--quick]
+Usage:  python benchmarks/bench_retrieval.py [--quick] [--exact-only] [--threads N]
 """
 from __future__ import annotations
 
@@ -77,6 +88,185 @@ def reference_predict(db: Path, queries: np.ndarray) -> tuple[np.ndarray, float]
     dt = time.perf_counter() - t0
     con.close()
     return np.array(preds), dt
+
+
+def machine_line() -> str:
+    """The CPU model, its matrix-product flags, the cores torch uses and the load average."""
+    import os
+
+    import torch
+
+    from common.exact_search import cpu_flags
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{model}; {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+            f"flags: {' '.join(cpu_flags()) or 'none found'}; load average (1/5/15 min) {load}")
+
+
+def peak_products(dim: int) -> dict:
+    """Ten products of one cache-resident 2048 x 2048 x dim block per dtype, for ``best_interleaved``:
+    their best time gives the kernel's peak rate (``10 * 2 * 2048^2 * dim`` FLOPs)."""
+    import torch
+
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, dim).to(dtype), torch.randn(2048, dim).to(dtype)
+        out[f"peak block products {name}"] = lambda a=a, b=b: [torch.nn.functional.linear(a, b) for _ in range(10)]
+    return out
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def exact_data(n_gallery: int, n_query: int, dim: int):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((DYB_CLASSES, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+    G, _ = clustered(n_gallery, centres, class_sizes(n_gallery), NOISE / np.sqrt(dim), rng)
+    Q, _ = clustered(n_query, centres, class_sizes(n_query), NOISE / np.sqrt(dim), rng)
+    return Q, G
+
+
+def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queries: int) -> None:
+    """Section 0: exact search against FAISS flat, the project's float32 top-k and the floors."""
+    import faiss
+    import torch
+
+    from common import exact_search as X
+    from common import retrieval
+
+    Q, G = exact_data(n_gallery, n_query, dim)
+    print(f"\n## Exact search: {n_query:,} queries x {n_gallery:,} x {dim}\n{machine_line()}")
+    index = faiss.IndexFlatIP(dim)
+    index.add(G)
+    codes, t_quant = {}, {}
+    for p in ("fp32", "bf16", "int8"):
+        t_quant[p], codes[p] = _timed(lambda p=p: X.quantize(G, p))
+    auto = X.choose_precision(dim)
+    qt, gt = torch.from_numpy(Q), torch.from_numpy(G)
+    qb, gb = qt.bfloat16(), codes["bf16"].low
+    fns = {"bare float32 product (Q x G)": lambda: qt @ gt.T, "bare bf16 product": lambda: qb @ gb.T}
+    for k in (1, 10):
+        fns[f"faiss.IndexFlatIP k={k}"] = lambda k=k: index.search(Q, k)
+        fns[f"retrieval.topk (float32) k={k}"] = lambda k=k: retrieval.topk(Q, G, k)
+        for p in ("bf16", "int8", "fp32"):
+            fns[f"exact_search.topk {p} k={k}"] = lambda k=k, p=p: X.topk(Q, codes[p], k)
+    peaks = peak_products(dim)
+    t, res = best_interleaved({**fns, **peaks}, repeat)
+    flops, block = 2.0 * n_query * n_gallery * dim, 10 * 2.0 * 2048 * 2048 * dim
+    floor32 = flops / block * t.pop("peak block products float32")
+    floor16 = flops / block * t.pop("peak block products bf16")
+    print(f"auto precision here: {auto}; quantising the gallery (once per gallery, like FAISS's add): "
+          + ", ".join(f"{p} {v:.2f} s" for p, v in t_quant.items()))
+    print(f"compute floor (the product's FLOPs at the rate of a cache-resident 2048 x 2048 block, measured in the "
+          f"same rounds): float32 {floor32:.2f} s, bf16 {floor16:.2f} s")
+    print(f"{'':40s} {'seconds':>8s} {'FAISS/this':>10s} {'/bare fp32':>10s} {'/fp32 floor':>11s}")
+    for name, v in t.items():
+        k = 10 if name.endswith("k=10") else 1
+        f = t[f"faiss.IndexFlatIP k={k}"]
+        print(f"{name:40s} {v:8.2f} {f / v:10.2f} {v / t['bare float32 product (Q x G)']:10.2f} {v / floor32:11.2f}")
+    exact_identity(Q, G, res, codes, check_queries)
+    exact_class_best(Q, G, codes["bf16"], repeat)
+
+
+def exact_class_best(Q, G, codes, repeat: int) -> None:
+    """The best row of each of the 87 classes per query: ``inference.search_classes`` (float32) and
+    ``exact_search.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
+    from common import exact_search as X
+
+    lab = np.repeat(np.arange(DYB_CLASSES), class_sizes(len(G)))[:len(G)]
+    gallery = I.Vectors(G, lab, [str(i) for i in range(len(G))])
+    t, res = best_interleaved({"search_classes": lambda: I.search_classes(Q, gallery, DYB_CLASSES, 4096),
+                               "class_best": lambda: X.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
+    same = np.array_equal(res["class_best"][1], res["search_classes"].idx)
+    print(f"best per class ({DYB_CLASSES} classes): inference.search_classes {t['search_classes']:.2f} s, "
+          f"exact_search.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
+          f"same rows: {same} (every (query, class) needs one exact dot product: the full (Q, C) matrix costs "
+          f"{len(Q) * DYB_CLASSES:,} gathered rows)")
+
+
+def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
+    """Identity checks of section 0 (raises SystemExit on a mismatch between precisions or with s)."""
+    from common import exact_search as X
+
+    ok = True
+    for k in (1, 10):
+        ref = res[f"retrieval.topk (float32) k={k}"]
+        same = {p: res[f"exact_search.topk {p} k={k}"] for p in ("bf16", "int8", "fp32")}
+        agree = all(np.array_equal(v[0], same["fp32"][0]) and np.array_equal(v[1], same["fp32"][1])
+                    for v in same.values())
+        like_ref = float(np.mean(np.all(same["fp32"][1] == ref[1], axis=1)))
+        fa = res[f"faiss.IndexFlatIP k={k}"][1]
+        print(f"k={k}: bf16 / int8 / fp32 answers bit-identical: {agree}; same neighbours in the same order as "
+              f"retrieval.topk for {100 * like_ref:.2f}% of queries (float32 products may differ from s in the "
+              f"last bit); as FAISS: {100 * float(np.mean(np.all(same['fp32'][1] == fa, axis=1))):.2f}%")
+        sub = np.arange(0, len(Q), max(1, len(Q) // check_queries))[:check_queries]
+        S = (Q[sub].astype(np.float64) @ G.astype(np.float64).T).astype(np.float32).astype(np.float64)
+        cols = np.broadcast_to(np.arange(G.shape[0]), S.shape)
+        want = np.lexsort((cols, -S), axis=1)[:, :k]
+        exact = np.array_equal(same["bf16"][1][sub], want) and np.array_equal(
+            same["bf16"][0][sub], np.take_along_axis(S, want, 1).astype(np.float32))
+        print(f"k={k}: identical to the exact similarity (float64 products rounded to float32, ties to the lower "
+              f"row) on {sub.size} queries: {exact}")
+        ok = ok and agree and exact
+    st: dict = {}
+    X.topk(Q, codes["bf16"], 10, stats=st)
+    print(f"bf16 top-10 rescoring: {st.get('candidates', 0) / len(Q):.1f} candidates per query, "
+          f"{st.get('float32_pairs', 0) / len(Q):.1f} float32 and {st.get('exact_pairs', 0) / len(Q):.1f} float64 "
+          f"dot products per query, {st.get('fallback_queries', 0)} queries fell back to fp32")
+    st = {}
+    X.topk(Q, codes["int8"], 10, stats=st)
+    print(f"int8 top-10: {st.get('candidates', 0) / len(Q):.1f} candidates per query, "
+          f"{st.get('fallback_queries', 0)} of {len(Q)} queries fell back to fp32 (the int8 window is wider)")
+    if not ok:
+        raise SystemExit("exact search differs between precisions or from the exact similarity: a bug")
+
+
+def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) -> None:
+    """Section 0, pruning: one class, ``exact_search.prune_class`` and ``lut.prune`` against X @ X.T."""
+    import torch
+    from bench_prune import clustered_class
+
+    from common import exact_search as X
+    from common import lut
+
+    Xc = clustered_class(n, dim)
+    lab = np.zeros(n, np.int64)
+    xt = torch.from_numpy(Xc)
+    fns = {"bare float32 X @ X.T": lambda: xt @ xt.T}
+    for t in thresholds:
+        fns[f"lut.prune t={t:g}"] = lambda t=t: lut.prune(Xc, lab, None, t)
+        fns[f"exact_search.prune_class bf16 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="bf16")[0]
+    fns["lut.prune_sweep (all thresholds)"] = lambda: lut.prune_sweep(Xc, lab, None, thresholds)
+    fns["exact_search.prune_class bf16 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="bf16")
+    codes = X.quantize(Xc, "bf16")
+    fns["  of which: bf16 codes (quantize)"] = lambda: X.quantize(Xc, "bf16")
+    fns["  of which: bf16 upper-triangle products"] = lambda: [  # prune_class's blocks of 512 columns
+        torch.nn.functional.linear(codes.low[:a + 512], codes.low[a:a + 512]) for a in range(0, n, 512)]
+    t, res = best_interleaved(fns, repeat)
+    print(f"\n## LUT pruning: one class of {n:,} x {dim}, thresholds {thresholds}")
+    bare = t["bare float32 X @ X.T"]
+    for name, v in t.items():
+        print(f"{name:40s} {v:8.3f} s  {v / bare:6.2f}x the bare product")
+    same = all(np.array_equal(res[f"lut.prune t={x:g}"], res[f"exact_search.prune_class bf16 t={x:g}"])
+               for x in thresholds) and np.array_equal(res["lut.prune_sweep (all thresholds)"],
+                                                       res["exact_search.prune_class bf16 (all)"])
+    st: dict = {}
+    X.prune_class(Xc, thresholds, precision="bf16", stats=st)
+    print(f"identical keep masks (per threshold and sweep): {same}; kept "
+          + ", ".join(f"{int(m.sum()):,}" for m in res["exact_search.prune_class bf16 (all)"])
+          + f"; the sweep recomputed {st.get('float32_pairs', 0):,} pairs in float32 and "
+            f"{st.get('exact_pairs', 0):,} exactly")
+    if not same:
+        raise SystemExit("exact_search.prune_class differs from lut.prune: a bug")
 
 
 def bench_retrieval(n_gallery: int, n_query: int, dim: int, ref_queries: int, repeat: int) -> None:
@@ -172,7 +362,7 @@ def bench_predict(backbone: str, size: int, n_images: int, n_gallery: int, batch
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "new", n_images, rng)
-        embed_paths = I.embed_paths  # the predict-mode loop (decoding errors reported, not fatal)
+        from common.embed import embed_paths  # the predict-mode loop (decoding errors reported, not fatal)
         embed_paths(paths[:2], model, tf, size, embedding="encoder", batch_size=2, num_workers=0,
                     device="cpu")  # warm-up: imports and first-call allocations are not per-image costs
         t0 = time.perf_counter()
@@ -192,7 +382,23 @@ def bench_predict(backbone: str, size: int, n_images: int, n_gallery: int, batch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a minute)")
+    ap.add_argument("--exact-only", action="store_true", help="section 0 only (exact search and pruning)")
+    ap.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: torch's default)")
     a = ap.parse_args()
+    if a.threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(a.threads)
+        faiss.omp_set_num_threads(a.threads)
+    if a.quick:
+        bench_exact(6_000, 600, 512, repeat=2, check_queries=50)
+        bench_exact_prune(1_000, 512, [0.8, 0.9], repeat=2)
+    else:
+        bench_exact(33_000, 3_000, 2048, repeat=3, check_queries=200)
+        bench_exact_prune(3_000, 2048, [0.8, 0.9, 0.95], repeat=3)
+    if a.exact_only:
+        return
     if a.quick:
         bench_retrieval(6_000, 1_500, 512, ref_queries=10, repeat=2)
         bench_predict("test_resnet", 64, 64, 6_000, 32)
