@@ -109,6 +109,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (quick tests); null = all
     trial: str = "0"  # free-form run label, as in the reference SupCon code
     resume: bool = True  # continue from checkpoints/last.pt when it exists (after a crash or Ctrl-C)
+    sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm); false: per GPU
 
 
 @dataclass

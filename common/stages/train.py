@@ -221,24 +221,28 @@ class Training:
     def start_or_resume(self) -> None:
         """Build the model; continue from last.pt (checked) or start fresh (earlier runs moved aside)."""
         cfg, t = self.cfg, self.t
-        fresh = _start_fresh(self.ctx, self.ck_dir, t.resume) if self.is_main else True
-        D.barrier()
-        if not fresh or (not self.is_main and self.last.exists() and t.resume):
-            try:
-                self.ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a torn or foreign file
-                raise UserError(f"cannot read {self.last} to resume ({e.__class__.__name__}): set train.resume=false "
-                                "to start again (the checkpoints are kept in previous-<UTC time>/)") from None
-            _check_resumable(self.ckpt, self.last, cfg, self.inp.classes, self.inp.stats, self.inp.splits_sha)
+        # go/no-go after each check that may fail on one rank only: the others stop with it, not in a collective
+        with D.go_no_go():
+            fresh = _start_fresh(self.ctx, self.ck_dir, t.resume) if self.is_main else True
+        with D.go_no_go():
+            if not fresh or (not self.is_main and self.last.exists() and t.resume):
+                try:
+                    self.ckpt = torch.load(self.last, map_location="cpu", weights_only=True)
+                except Exception as e:  # noqa: BLE001 - a torn or foreign file
+                    raise UserError(f"cannot read {self.last} to resume ({e.__class__.__name__}): set "
+                                    "train.resume=false to start again (the checkpoints are kept in "
+                                    "previous-<UTC time>/)") from None
+                _check_resumable(self.ckpt, self.last, cfg, self.inp.classes, self.inp.stats, self.inp.splits_sha)
         mcfg = cfg.model
         if self.ckpt is not None and mcfg.pretrained.lower() != "none":
             mcfg = ModelConfig(**{**asdict(mcfg), "pretrained": "none"})  # weights come from last.pt: never download
         self.trainer = Trainer(build_model(mcfg), cfg, self.device, rank=self.rank, world_size=self.world,
                                train_paths=self.inp.train_paths, checkpoint_dir=self.ck_dir if self.is_main else None)
-        if self.ckpt is not None:
-            self._resume(self.ckpt)
-        else:
-            self.trainer.position = Position(epoch=1, steps_per_epoch=self.steps)
+        with D.go_no_go():  # rank 0 alone checks best.pt
+            if self.ckpt is not None:
+                self._resume(self.ckpt)
+            else:
+                self.trainer.position = Position(epoch=1, steps_per_epoch=self.steps)
         inp = self.inp
         log.info("training %s (%s head, %d-d) with %s on %d classes, %d train / %d val images; %d step(s) of %d x %d "
                  "images per epoch, %d epochs, device %s%s", cfg.model.backbone, cfg.model.head, cfg.model.feat_dim,
@@ -316,8 +320,8 @@ class Training:
                 epoch_times.append(time.perf_counter() - t0)
                 row["epoch_time_s"] = epoch_times[-1]
                 row["eta_s"] = float(np.mean(epoch_times)) * (self.t.epochs - row["epoch"])
-                self.end_epoch(row, improved)
-                D.barrier()
+                with D.go_no_go():  # rank 0 writes the checkpoints: its error (a full disk) stops every rank
+                    self.end_epoch(row, improved)
         except KeyboardInterrupt:
             p = self.trainer.position
             if self.is_main and p.epoch <= self.t.epochs:
@@ -390,22 +394,22 @@ class Training:
     def finish(self) -> dict[str, Any]:
         """Register the outputs (rank 0) and return the manifest metrics."""
         ck_dir = self.ck_dir
-        if self.is_main:
-            if not (ck_dir / "best.pt").exists():
-                if self.do_eval:  # best.pt was removed while the training ran: never replaced silently by last.pt
-                    raise UserError(f"{ck_dir / 'best.pt'} (epoch {self.best.get('epoch')}) disappeared during the "
-                                    f"training: restore it, or train again with `python 03_main_supcon.py --run "
-                                    f"{self.ctx.run_dir} --force`")
-                copy_checkpoint(self.last, ck_dir / "best.pt")  # no validation: best is the last epoch (documented)
-            plot_curves(self.dir / "loss_curve.png", self.rows)
-            if not (self.dir / "metrics.csv").exists():
-                write_metrics_csv(self.dir / "metrics.csv", self.rows)
-            for name in sorted(os.listdir(ck_dir)):
-                if name in ("last.pt", "best.pt") or (name.startswith("epoch_") and name.endswith(".pt")):
-                    self.ctx.output("checkpoints", name)
-            for name in ("metrics.csv", "loss_curve.png", "augmentations.png"):
-                self.ctx.output(name)
-        D.barrier()
+        with D.go_no_go():  # rank 0 alone checks best.pt and registers the outputs
+            if self.is_main:
+                if not (ck_dir / "best.pt").exists():
+                    if self.do_eval:  # best.pt was removed while the training ran: never replaced silently by last.pt
+                        raise UserError(f"{ck_dir / 'best.pt'} (epoch {self.best.get('epoch')}) disappeared during the "
+                                        f"training: restore it, or train again with `python 03_main_supcon.py --run "
+                                        f"{self.ctx.run_dir} --force`")
+                    copy_checkpoint(self.last, ck_dir / "best.pt")  # no validation: best is the last epoch (documented)
+                plot_curves(self.dir / "loss_curve.png", self.rows)
+                if not (self.dir / "metrics.csv").exists():
+                    write_metrics_csv(self.dir / "metrics.csv", self.rows)
+                for name in sorted(os.listdir(ck_dir)):
+                    if name in ("last.pt", "best.pt") or (name.startswith("epoch_") and name.endswith(".pt")):
+                        self.ctx.output("checkpoints", name)
+                for name in ("metrics.csv", "loss_curve.png", "augmentations.png"):
+                    self.ctx.output(name)
         trained = [r for r in self.rows if r["epoch"] > 0 and r.get("loss") is not None]
         first = next((r for r in self.rows if r["epoch"] == 0), None)
         best = self.best
