@@ -120,7 +120,7 @@ class ExtractConfig:
     amp: Literal["bf16", "fp16", "off"] = "bf16"  # mixed precision on CUDA for the forward pass (vectors L2-normalised in float32, then stored as extract.dtype)
     dtype: Literal["float32", "float16"] = "float32"  # stored vector values: float32 (4 bytes each) or float16 (2 bytes: half the store; accuracy effect measured in README)
     cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward pass on a CPU (stages 04 and 07): bf16 autocast, or fp32; auto = bf16 where the CPU has native bfloat16 (AVX512-BF16/AMX)
-    cpu_compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the forward pass on a CPU (stages 04 and 07; a C++ compiler, about a minute); auto = from 2,000 images on
+    cpu_compile: bool = False  # torch.compile the forward pass on a CPU when a process embeds at least 2,000 images (stages 04 and 07; needs a C++ compiler, compiles for about a minute)
 
 
 @dataclass

@@ -149,13 +149,13 @@ def test_cuda_amp_setting_is_ignored_on_the_cpu():
 
 def test_use_cpu_compile(monkeypatch):
     monkeypatch.setattr(E.shutil, "which", lambda name: "/usr/bin/c++")
-    assert E.use_cpu_compile("auto", "cpu", E.CPU_COMPILE_MIN_IMAGES)
-    assert not E.use_cpu_compile("auto", "cpu", E.CPU_COMPILE_MIN_IMAGES - 1)
-    assert E.use_cpu_compile("on", "cpu", 1) and not E.use_cpu_compile("on", "cpu", 0)
-    assert not E.use_cpu_compile("off", "cpu", 10**6)
-    assert not E.use_cpu_compile("on", "cuda:0", 10**6)  # CUDA has train.compile / its own kernels
+    assert E.use_cpu_compile(True, "cpu", E.CPU_COMPILE_MIN_IMAGES)
+    assert not E.use_cpu_compile(True, "cpu", E.CPU_COMPILE_MIN_IMAGES - 1)  # compiling would cost more
+    assert E.use_cpu_compile(True, "cpu", 1, min_images=0) and not E.use_cpu_compile(True, "cpu", 0, min_images=0)
+    assert not E.use_cpu_compile(False, "cpu", 10**6)  # the default
+    assert not E.use_cpu_compile(True, "cuda:0", 10**6)  # CUDA has train.compile / its own kernels
     monkeypatch.setattr(E.shutil, "which", lambda name: None)
-    assert not E.use_cpu_compile("auto", "cpu", 10**6)  # inductor needs a C++ compiler
+    assert not E.use_cpu_compile(True, "cpu", 10**6)  # inductor needs a C++ compiler
 
 
 def test_compiled_cpu_model_pads_every_batch_to_one_shape(monkeypatch):
@@ -195,3 +195,27 @@ def test_compiled_cpu_model_falls_back_in_one_line(monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "long traceback" not in warnings[0]
     assert cm.failed is not None
+
+
+def test_batch_norms_fold_into_the_convolutions_on_the_cpu():
+    from common.model import SupConModel
+
+    class Backbone(torch.nn.Sequential):
+        num_features = 16
+
+    torch.manual_seed(0)
+    backbone = Backbone(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with torch.no_grad():  # statistics away from the identity, so that folding matters
+        backbone[1].running_mean.uniform_(-1, 1)
+        backbone[1].running_var.uniform_(0.5, 2)
+        backbone[1].weight.uniform_(0.5, 2)
+    model = SupConModel(backbone, head="linear", feat_dim=4)
+    x = _images()
+    want = E.embed_batch(model.eval(), x, "encoder", "off", "cpu", False)
+    assert not E.fold_batchnorm(SupConModel(Backbone(torch.nn.Conv2d(3, 4, 1)), "linear", 4).train())  # training
+    prepared = E.prepare_model(model, torch.device("cpu"), channels_last=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.backbone.modules())
+    assert prepared.backbone.num_features == 16
+    got = E.embed_batch(prepared, x, "encoder", "off", "cpu", True)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.equal(got, want)
