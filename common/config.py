@@ -109,6 +109,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (quick tests); null = all
     trial: str = "0"  # free-form run label, as in the reference SupCon code
     resume: bool = True  # continue from checkpoints/last.pt when it exists (after a crash or Ctrl-C)
+    sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm); false: per GPU
 
 
 @dataclass
@@ -118,6 +119,8 @@ class ExtractConfig:
     batch_size: int = 256  # images per forward pass
     amp: Literal["bf16", "fp16", "off"] = "bf16"  # mixed precision on CUDA for the forward pass (vectors L2-normalised in float32, then stored as extract.dtype)
     dtype: Literal["float32", "float16"] = "float32"  # stored vector values: float32 (4 bytes each) or float16 (2 bytes: half the store; accuracy effect measured in README)
+    cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward pass on a CPU (stages 04 and 07): bf16 autocast, or fp32; auto = bf16 where the CPU has native bfloat16 (AVX512-BF16/AMX)
+    cpu_compile: bool = False  # torch.compile the forward pass on a CPU when a process embeds at least 2,000 images (stages 04 and 07; needs a C++ compiler, compiles for about a minute)
 
 
 @dataclass
@@ -387,6 +390,7 @@ NON_SEMANTIC = {
     "run.dir", "run.log_level", "run.device", "data.num_workers", "stats.batch_size",
     "extract.batch_size", "inference.batch_size", "inference.block_size", "lut.block_size",
     "train.compile", "train.trial", "train.resume", "notify", "store.password_env",
+    "extract.cpu_compile",
 }
 
 # Flags of the reference SupCon code (HobbitLong/SupContrast main_supcon.py) accepted by stage 03.

@@ -17,8 +17,9 @@ keeps the local slice, as some SimCLR ports do, would need the factor W instead)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -95,7 +96,6 @@ def global_batch(features: torch.Tensor, labels: torch.Tensor | None) -> tuple[t
 
 
 @torch.no_grad()
-@torch.no_grad()
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (batch-norm running statistics) to every rank, in place."""
     if not is_distributed():
@@ -124,3 +124,87 @@ def gather_strided(x_local: torch.Tensor, n: int) -> torch.Tensor:
     stacked = gather_nograd(torch.cat([x_local, pad], dim=0)).view(world, m, *x_local.shape[1:])
     # row j*world + r lives at stacked[r, j]
     return stacked.transpose(0, 1).reshape(world * m, *x_local.shape[1:])[:n]
+
+
+# ----------------------------------------------------------------------------- go / no-go
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed unexpectedly (its traceback is in its own output): this rank stops too."""
+
+
+def _flag_device() -> torch.device:
+    """Where a collective's tensor must live: the current GPU for NCCL, the CPU otherwise."""
+    if dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(error: BaseException | None) -> None:
+    """Go/no-go across ranks: every rank calls this at the same point, with what it raised there (or None).
+
+    Returns when no rank failed. Otherwise every rank stops at once, instead of the healthy ones
+    waiting in their next collective until the backend times out (NCCL: about 10 minutes): a rank
+    that failed raises its own exception again; the others raise the first failed rank's, as one
+    line: ``UserError("rank R stopped: ...")`` for a user error (exit 2 on every rank),
+    ``KeyboardInterrupt`` for an interruption, ``PeerFailed`` otherwise. One 4-byte all-reduce when
+    every rank is fine (cheap enough for every training step); the messages travel only on failure.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=_flag_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if int(flag.item()) == 0:
+        return
+    from .errors import UserError
+
+    mine = None
+    if error is not None:
+        kind = "user" if isinstance(error, UserError) else "interrupt" if isinstance(error, KeyboardInterrupt) \
+            else "other"
+        line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        mine = (kind, line if kind == "user" else f"{type(error).__name__}: {line}")
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if error is not None:
+        raise error
+    rank, (kind, line) = next((r, m) for r, m in enumerate(every) if m is not None)
+    if kind == "user":
+        raise UserError(f"rank {rank} stopped: {line}")
+    if kind == "interrupt":
+        raise KeyboardInterrupt(f"rank {rank} was interrupted")
+    raise PeerFailed(f"rank {rank} failed: {line}")
+
+
+@contextlib.contextmanager
+def go_no_go() -> Iterator[None]:
+    """``with go_no_go(): <work that may fail on one rank only>``: every rank leaves the block
+    together, all fine or all raising (``agree``). Every rank must enter the block; in one process
+    it changes nothing."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as e:
+        agree(e)
+        raise
+    agree(None)
+
+
+def agreed(items: Iterable) -> Iterator:
+    """``items`` (a DataLoader), each fetched under ``go_no_go``: an unreadable image on one rank
+    stops every rank at that step. The identity in one process."""
+    if not is_distributed():
+        yield from items
+        return
+    it = iter(items)
+    while True:
+        done = False
+        with go_no_go():
+            try:
+                item = next(it)
+            except StopIteration:
+                done = True
+        if done:
+            return
+        yield item

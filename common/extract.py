@@ -20,8 +20,10 @@ What it does, in order (``extract_features``):
 Rerunning with the same checkpoint and images embeds nothing and writes nothing.
 
 Embedding (``embed_batch``): evaluation transform (pad to square, resize, normalise), no
-augmentation, ``model.eval()``, ``torch.inference_mode``; on CUDA, AMP (``extract.amp``),
-channels_last and pinned, non-blocking copies. ``extract.embedding=encoder`` stores the
+augmentation, ``model.eval()``, ``torch.inference_mode``, channels_last; on CUDA, AMP
+(``extract.amp``) and pinned, non-blocking copies; on a CPU, bfloat16 autocast when
+``extract.cpu_precision`` resolves to bf16 (``device.resolve_cpu_precision``), and
+``torch.compile`` for a long job (``extract.cpu_compile``, ``embed.CompiledCpuModel``). ``extract.embedding=encoder`` stores the
 backbone's pooled output (``SupConModel.encoder``), ``head`` the projection head's; either way
 L2-normalised in float32 (Khosla et al. 2020 evaluate on the encoder output, the head is thrown
 away after training; Yang et al. 2022's LUT retrieval works on the same embedding), then stored as
@@ -50,7 +52,8 @@ import numpy as np
 import torch
 
 from .errors import ImageReadError, UserError
-from .embed import embed_batch, prepare_model
+from .device import resolve_cpu_precision
+from .embed import CompiledCpuModel, embed_batch, prepare_model, use_cpu_compile
 from .features import FeatureStore, ImageRecord, PgStore, open_store
 
 log = logging.getLogger(__name__)
@@ -160,10 +163,11 @@ class _Batches:
     """Embedded vectors of a rank's share, in order, handed out by count (chunks straddle batches)."""
 
     def __init__(self, loader: Any, model: Any, embedding: str, amp: str, device: torch.device,
-                 channels_last: bool, bar: Any, dim: int):
+                 channels_last: bool, bar: Any, dim: int, cpu_precision: str = "fp32"):
         self.it = iter(loader)
         self.dim = dim
         self.model, self.embedding, self.amp, self.device, self.cl = model, embedding, amp, device, channels_last
+        self.cpu_precision = cpu_precision
         self.buf: list[np.ndarray] = []
         self.have = 0
         self.bar = bar
@@ -181,7 +185,8 @@ class _Batches:
             except ImageReadError as e:  # from a worker: the message is the last line of the wrapped text
                 raise ImageReadError(loader_error_line(e)) from None
             t0 = time.perf_counter()
-            v = embed_batch(self.model, x, self.embedding, self.amp, self.device, self.cl).cpu().numpy()
+            v = embed_batch(self.model, x, self.embedding, self.amp, self.device, self.cl,
+                            self.cpu_precision).cpu().numpy()
             self.forward_s += time.perf_counter() - t0
             self.buf.append(v)
             self.have += v.shape[0]
@@ -236,6 +241,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgSt
     image_size = pre.image_size
     sha = str(ckpt["sha256"])
     channels_last = bool(cfg.model.channels_last)
+    cpu_precision = resolve_cpu_precision(ecfg.cpu_precision)  # what a CPU forward uses (model.json records it)
     model = prepare_model(model, device, channels_last)
     # the vector length, from the network itself (one blank image): what the store records is what it gets
     dim = int(embed_batch(model, torch.zeros(1, 3, image_size, image_size), ecfg.embedding, "off", device,
@@ -288,7 +294,10 @@ def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgSt
                                              persistent_workers=False)
         bar = tqdm(total=len(share), desc="embedding" if world_size == 1 else f"embedding (rank 0 of {world_size})",
                    unit="img", disable=None if rank == 0 else True)
-        batches = _Batches(loader, model, ecfg.embedding, ecfg.amp, device, channels_last, bar, dim)
+        net = model
+        if use_cpu_compile(ecfg.cpu_compile, device, len(share)):
+            net = CompiledCpuModel(model, ecfg.batch_size)
+        batches = _Batches(loader, net, ecfg.embedding, ecfg.amp, device, channels_last, bar, dim, cpu_precision)
         failed: str | None = None
         failed_exc: BaseException | None = None
         try:
@@ -363,8 +372,10 @@ def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgSt
     rate = n_todo / elapsed if n_todo and elapsed > 0 else 0.0
     if n_todo:
         fwd = batches.forward_s if batches is not None else 0.0
-        log.info("embedded %d images in %.1f s: %.1f images/s (%d process%s; forward passes on rank 0: %.1f images/s)",
-                 n_todo, elapsed, rate, world_size, "es" if world_size > 1 else "",
+        how = (f"AMP {ecfg.amp}" if device.type == "cuda" else
+               f"{cpu_precision}{', compiled' if isinstance(batches.model, CompiledCpuModel) and not batches.model.failed else ''}")
+        log.info("embedded %d images in %.1f s: %.1f images/s (%d process%s, %s; forward passes on rank 0: %.1f "
+                 "images/s)", n_todo, elapsed, rate, world_size, "es" if world_size > 1 else "", how,
                  len(share) / fwd if fwd > 0 else 0.0)
     else:
         log.info("nothing to embed: the %d vectors of model %d are up to date", total, info.id)
@@ -384,4 +395,5 @@ def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgSt
         "models_replaced": len(dropped),
         "images_per_s": round(rate, 2),
         "world_size": world_size,
+        "cpu_precision": cpu_precision,
     }

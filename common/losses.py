@@ -27,7 +27,9 @@ How it is computed (the same numbers as the reference, with less work and memory
   diagonal of the logits to ``-inf`` instead of multiplying by a scattered ``(N, N)`` mask.
 - The positive term is linear in the logits, so it needs no ``(N, N)`` mask at all:
   ``sum_{p in P(i)} l_ip = z_i . (sum_{p in P(i)} z_p) / T``, where the sum of positives is the
-  per-class sum of the vectors (``index_add``) minus ``z_i``, ``O(B * D)``.
+  per-class sum of the vectors (the ``(B, B)`` label-equality matrix over images times the
+  per-image sum of views) minus ``z_i``. No ``torch.unique`` and no ``index_add_``: nothing that
+  syncs the GPU or is non-deterministic on CUDA.
 - The log-sum-exp is a small autograd function (``_NonSelfLogSumExp``) that holds ONE ``(A, N)``
   buffer (logits turned into the softmax in place, kept for backward) and computes its gradient
   with two matrix products; the reference keeps about eight ``(N, N)`` tensors, ``mask.repeat``
@@ -66,12 +68,11 @@ def _positive_stats(features: torch.Tensor, labels: Optional[torch.Tensor],
     ones = features.new_ones(B)
     if labels is None:  # SimCLR: the positives of an image are its own other views
         return view_sum, ones, ones * (V - 1)
-    # Label equality without a (B, B) mask: per-class sums by index_add (class ids < B, so no
-    # device sync is needed to size the buffers).
-    _, cls = torch.unique(labels, return_inverse=True)  # (B,) dense class ids
-    class_sum = torch.zeros_like(view_sum).index_add_(0, cls, view_sum)  # (B, D), rows >= C unused
-    class_n = torch.zeros_like(ones).index_add_(0, cls, ones)  # (B,) images per class
-    return class_sum[cls], ones, V * class_n[cls] - 1
+    # Label equality as a (B, B) matrix over images (not the (N, N) one over views): one matrix
+    # product. Neither torch.unique (its output size depends on the data: a GPU sync every step)
+    # nor index_add_ (atomic adds: not deterministic on CUDA); O(B^2 D), small beside the (A, N) logits.
+    same = (labels[:, None] == labels[None, :]).to(view_sum.dtype)  # (B, B), 1 on the diagonal
+    return same @ view_sum, ones, V * same.sum(dim=1) - 1
 
 
 class _NonSelfLogSumExp(torch.autograd.Function):

@@ -15,11 +15,15 @@ With ``search.pca_dim`` the vectors are first projected on the gallery's ``pca_d
 axes and re-normalised (``PCA<d>,L2norm``), the PCA fitted on the training sample.
 
 Training (IVF cells, PQ codebooks, PCA) uses a random sample of at most ``train_size`` gallery
-vectors (seeded); the gallery is then added in chunks with a progress bar. On a machine where
-the FAISS GPU build sees a GPU, IVF indexes are trained, filled and searched there (HNSW has no
-GPU version and stays on the CPU; a search restricted to kept rows, stage 05's, runs on the CPU
-form); the saved file is always the CPU form. (The GPU path has not been run here: no GPU build
-of FAISS on this project's machines.)
+vectors (seeded); the gallery is then added in chunks with a progress bar. When ``run.device``
+is a GPU that the FAISS GPU build sees, IVF indexes are trained, filled and searched on that GPU
+(``to_gpu``; HNSW has no GPU version and stays on the CPU; a search restricted to kept rows,
+stage 05's, runs on the CPU form); the saved file is always the CPU form. ``ivfpq`` goes to the
+GPU with float16 look-up tables (``GpuClonerOptions.useFloat16``): at the default ``pq_m`` 64
+with 8 bits, float32 tables need 64 KiB of shared memory per block, above the 48 KiB FAISS
+allows. When FAISS cannot put an index on the GPU (another code size, too little memory) the CPU
+index is used, said in one line. (The GPU path has not been run here: no GPU build of FAISS on
+this project's machines; ``tests/test_search.py`` checks the calls against a stand-in.)
 
 Search. ``AnnIndex.search`` asks the index for ``candidates`` neighbours of each query, then,
 given the gallery's vectors, rescores them by exact float32 dot products and orders them by
@@ -63,6 +67,40 @@ def gpu_available() -> bool:
     """True when the FAISS GPU build is installed and sees a GPU."""
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def gpu_number(device: Any = None) -> int | None:
+    """The GPU FAISS works on: ``device``'s (``run.device`` resolved, e.g. ``cuda:1``) when the
+    FAISS GPU build sees it; None (the CPU) for a CPU device or without the GPU build. ``device``
+    None: GPU 0 when the GPU build sees one."""
+    if device is not None and getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return None
+    if not gpu_available():
+        return None
+    n = 0 if device is None or getattr(device, "index", None) is None else int(device.index)
+    if n >= _faiss().get_num_gpus():
+        log.warning("FAISS sees %d GPU(s), not %s: its index stays on the CPU", _faiss().get_num_gpus(), device)
+        return None
+    return n
+
+
+def to_gpu(index: Any, kind: str, gpu: int) -> tuple[Any, Any] | None:
+    """``(resources, copy of index on GPU gpu)``, or None (said in one line) when FAISS cannot.
+
+    ``ivfpq`` with float16 look-up tables: float32 ones need ``pq_m * 2**bits * 4`` bytes of
+    shared memory per block (64 KiB at the defaults), above FAISS's 48 KiB. The resources object
+    must live as long as the copy."""
+    faiss = _faiss()
+    try:
+        res = faiss.StandardGpuResources()
+        opts = faiss.GpuClonerOptions()
+        if kind == "ivfpq":
+            opts.useFloat16 = True  # GpuIndexIVFPQConfig.useFloat16LookupTables, set by the cloner
+        return res, faiss.index_cpu_to_gpu(res, gpu, index, opts)
+    except (RuntimeError, MemoryError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("FAISS could not put the %s index on GPU %d (%s): it stays on the CPU", kind, gpu, first)
+        return None
 
 
 def auto_nlist(n: int) -> int:
@@ -126,6 +164,7 @@ class AnnIndex:
     nprobe: int = 32  # search.nprobe (IVF)
     ef_search: int = 128  # search.ef_search (HNSW)
     gpu_copy: Any = field(default=None, repr=False)  # (resources, index) on the GPU, made by the first search there
+    gpu: int | None = None  # the GPU searches run on (``gpu_number``); None: the CPU
 
     @property
     def ntotal(self) -> int:
@@ -174,13 +213,11 @@ class AnnIndex:
     def _gpu_index(self) -> Any:
         """The index to search without a row restriction: a GPU copy of an IVF index when the FAISS
         GPU build sees a GPU (HNSW has no GPU version), else the index itself."""
-        if self.kind == "hnsw" or not gpu_available():
+        if self.kind == "hnsw" or self.gpu is None:
             return self.index
         if self.gpu_copy is None:
-            faiss = _faiss()
-            res = faiss.StandardGpuResources()
-            self.gpu_copy = (res, faiss.index_cpu_to_gpu(res, 0, self.index))  # keeps the knobs set on the CPU form
-        return self.gpu_copy[1]
+            self.gpu_copy = to_gpu(self.index, self.kind, self.gpu) or False  # keeps the knobs set on the CPU form
+        return self.gpu_copy[1] if self.gpu_copy else self.index
 
     def search(self, queries: np.ndarray, k: int, gallery: np.ndarray,
                keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -226,10 +263,11 @@ def rescore(queries: np.ndarray, gallery: np.ndarray, rows: np.ndarray) -> np.nd
     return out
 
 
-def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, progress: bool = True) -> AnnIndex:
+def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, progress: bool = True, device: Any = None) -> AnnIndex:
     """Train ``search.index`` on a seeded sample of at most ``search.train_size`` rows of ``vectors``
     (N, D) float32 L2-normalised, then add every row in order (row i of the index = row i here).
-    Reads only the build keys; call ``set_query_params`` before searching."""
+    Reads only the build keys; call ``set_query_params`` before searching. ``device``: the
+    ``run.device`` (``gpu_number``): an IVF index is built and searched on its GPU."""
     from tqdm import tqdm
 
     faiss = _faiss()
@@ -243,9 +281,10 @@ def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, progress: bool = 
     inner = _inner(index)
     if scfg.index == "hnsw":
         inner.hnsw.efConstruction = int(scfg.ef_construction)
-    gpu = gpu_available() and scfg.index != "hnsw"
-    if gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    gpu = gpu_number(device) if scfg.index != "hnsw" else None
+    on_gpu = to_gpu(index, scfg.index, gpu) if gpu is not None else None
+    if on_gpu is not None:
+        index = on_gpu[1]
     if not index.is_trained:
         m = min(n, int(scfg.train_size))
         sample = X if m == n else X[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
@@ -258,22 +297,23 @@ def build_index(vectors: np.ndarray, scfg: Any, seed: int = 0, progress: bool = 
         for a in range(0, n, ADD_CHUNK):
             index.add(X[a:a + ADD_CHUNK])
             bar.update(min(ADD_CHUNK, n - a))
-    if gpu:
+    if on_gpu is not None:
         index = faiss.index_gpu_to_cpu(index)  # the CPU form is kept and saved; searches copy it back (_gpu_index)
-    ann = AnnIndex(index, scfg.index, desc, dim, time.perf_counter() - t0)
+    ann = AnnIndex(index, scfg.index, desc, dim, time.perf_counter() - t0, gpu=gpu)
     log.info("built %s over %s x %d in %.1f s", desc, f"{n:,}", dim, ann.build_seconds)
     return ann
 
 
-def load_index(path: Path, kind: str, scfg: Any) -> AnnIndex:
-    """Read an index written by ``AnnIndex.save`` and apply the query-time knobs of ``scfg``."""
+def load_index(path: Path, kind: str, scfg: Any, device: Any = None) -> AnnIndex:
+    """Read an index written by ``AnnIndex.save`` and apply the query-time knobs of ``scfg``
+    (``device``: searched on its GPU, see ``build_index``)."""
     faiss = _faiss()
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable FAISS index ({first}): rerun 06_prune_features.py") from None
-    ann = AnnIndex(index, kind, kind, int(index.d))
+    ann = AnnIndex(index, kind, kind, int(index.d), gpu=gpu_number(device) if kind != "hnsw" else None)
     ann.set_query_params(scfg)
     return ann
 

@@ -319,20 +319,33 @@ def _now() -> str:
     return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed(device_spec: str) -> tuple[int, int]:
+    """Under torchrun: the process group, its backend chosen by the device (``device.process_plan``:
+    NCCL for CUDA, gloo for the CPU; ``ConfigError`` for a device the processes cannot share)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         import torch
         import torch.distributed as dist
 
+        from .device import process_plan
+
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend=backend)
+            plan = process_plan(device_spec)
+            if plan.device.type == "cuda":
+                torch.cuda.set_device(plan.device)
+            dist.init_process_group(backend=plan.backend)
         rank, world = dist.get_rank(), dist.get_world_size()
     return rank, world
+
+
+def _go_no_go(world: int) -> Any:
+    """``distributed.go_no_go`` under torchrun; nothing to share in one process (torch not imported)."""
+    if world > 1:
+        from .distributed import go_no_go
+
+        return go_no_go()
+    return contextlib.nullcontext()
 
 
 def _barrier(world: int) -> None:
@@ -646,7 +659,10 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
     rolled_back = False
     try:
         rf.check_stage_folder(stage_dir, run_dir, spec.name)  # no configured name leads out of the stage's folder
-        fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0)  # nothing is written before
+        # every rank must hear of a refusal on one (rank 0's lock check): the group first, then the checks
+        rank, world = _init_distributed(cfg.run.device)
+        with _go_no_go(world):
+            fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0)  # nothing is written before
         if why is None:
             if inv.changes:
                 slog.info("%s", _config_change_message(inv, specs))
@@ -656,30 +672,30 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
                       spec.name, old.get("finished") if old else "?")
             code, quiet = 0, True
             return 0
-        rank, world = _init_distributed()
         rec_cfg, reads = config_mod.recording(cfg)
         ctx = Context(name=spec.name, cfg=rec_cfg, run_dir=run_dir, dir=stage_dir, freshness=fresh,
                       upstream_names=spec.upstream(cfg), force=inv.force, previous=old,
                       changed_output=rf.changed_outputs(stage_dir, old) if old else None, rank=rank,
                       world_size=world)
-        # the check phase, still read only: the wrapper's own, then the driver's
-        _check_stage_folder(stage_dir)
-        check_fn = check if main is not None else spec.check()
-        if check_fn is not None:
-            check_fn(ctx)
-        if rank == 0:
-            rf.check_writable(run_dir, stage_dir)  # one line, before the first write
-            taken = _Before.take(inv, stage_dir)  # read before the first write
-            lock.acquire()
-            before = taken
-            _begin(inv, specs, stage_dir, buffer, handlers, slog)
+        with _go_no_go(world):  # a refusal on one rank (the lock, a driver's check) stops every rank
+            # the check phase, still read only: the wrapper's own, then the driver's
+            _check_stage_folder(stage_dir)
+            check_fn = check if main is not None else spec.check()
+            if check_fn is not None:
+                check_fn(ctx)
+            if rank == 0:
+                rf.check_writable(run_dir, stage_dir)  # one line, before the first write
+                taken = _Before.take(inv, stage_dir)  # read before the first write
+                lock.acquire()
+                before = taken
+                _begin(inv, specs, stage_dir, buffer, handlers, slog)
         slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
         from .seed import seed_everything
 
         seed_everything(cfg.run.seed)
         _barrier(world)
-        metrics = (main or spec.main())(ctx) or {}
-        _barrier(world)
+        with _go_no_go(world):  # a rank that fails stops the others, which would wait for it at the end
+            metrics = (main or spec.main())(ctx) or {}
         if rank == 0:
             manifest = _manifest(spec, inv, ctx, reads, argv, started, t0, metrics)
             if manifest["undeclared_keys_read"]:

@@ -8,7 +8,9 @@ per iteration, SupCon loss on the L2-normalised projection head. Around it:
   SIGTERM (mid-epoch position included). The data a step sees is a pure function of
   (run.seed, epoch, step): the per-epoch shuffle is seeded by (seed, epoch), and each image's two
   views by (seed, epoch, image index), whatever the number of DataLoader workers. A rerun therefore
-  skips the batches already done and continues with the same learning rate, data and views.
+  skips the batches already done and continues with the same learning rate, data and views:
+  the same weights bit for bit on a CPU; on CUDA up to kernels that are not deterministic
+  (``run.deterministic`` asks PyTorch for deterministic ones and names the others in a warning).
   A whole training step (forward, backward, update) is a critical section: SIGINT/SIGTERM are
   delivered after it, so a saved position never sits half-way through a step.
 - **Model selection** every ``train.eval_every`` epochs: k-NN retrieval of the validation split
@@ -16,7 +18,10 @@ per iteration, SupCon loss on the L2-normalised projection head. Around it:
   the best val macro-F1 (tie: top-1 accuracy). The untrained network is evaluated too (epoch 0).
 - **Non-finite loss** stops the run (DINO's habit), saving the model and the offending batch.
 - **Multi-GPU** with torchrun: DDP, per-rank slices of every global batch, SupCon on the
-  gathered global batch (``common.distributed``), rank 0 writes everything.
+  gathered global batch (``common.distributed``), rank 0 writes everything. Batch norm uses each
+  GPU's share unless ``train.sync_bn`` (``SyncBatchNorm``, CUDA); an unreadable image on one rank
+  stops every rank at that step (``distributed.agreed``).
+- **TF32** (CUDA) only inside the training step (``device.tf32``): model selection ranks in float32.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from . import distributed as D
 from .augment import TwoViews, denormalize
 from .config import Config, TrainConfig
 from .data import (ImageListDataset, eval_transform, load_rgb, loader_error_line)
+from .device import tf32
 from .embed import AMP_DTYPES, embed_batch
 from .errors import NonFiniteLossError, UserError
 from .signals import DeferSignals
@@ -226,12 +232,20 @@ class Trainer:
         self.raw = model.to(self.device)
         if self.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
+        if self.tcfg.sync_bn and D.is_distributed():
+            if self.cuda:  # batch-norm statistics over the global batch, not each GPU's share
+                self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
+            elif rank == 0:
+                log.warning("train.sync_bn applies to CUDA only (PyTorch's SyncBatchNorm): batch-norm statistics "
+                            "stay per process here")
         self.amp_dtype = AMP_DTYPES.get(self.tcfg.amp) if self.cuda else None
         if self.cuda:
             torch.backends.cudnn.benchmark = not cfg.run.deterministic
             torch.backends.cudnn.deterministic = bool(cfg.run.deterministic)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            if cfg.run.deterministic:  # deterministic kernels where PyTorch has them; the others are named in a warning
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            # TF32 only inside the training step (``device.tf32``): k-NN model selection ranks in float32
         # SGD as the reference: momentum and weight decay on every parameter.
         self.optimizer = torch.optim.SGD(self.raw.parameters(), lr=lr_at(1, 0, 1, self.tcfg, world_size),
                                          momentum=self.tcfg.momentum, weight_decay=self.tcfg.weight_decay)
@@ -283,18 +297,19 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self._set_lr(lr)
-        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            z = self.net(x)  # (2B, D) float32, L2-normalised
-        feats = z.view(B, 2, -1)  # (B, V=2, D)
-        labels = y.to(self.device, non_blocking=self.cuda) if self.tcfg.method == "supcon" else None
-        feats, labels = D.global_batch(feats, labels)  # (W*B, 2, D): the loss sees the global batch
-        loss = self.criterion(feats, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        with tf32(self.cuda):  # forward and backward in TF32 on CUDA; restored before anything ranks
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                z = self.net(x)  # (2B, D) float32, L2-normalised
+            feats = z.view(B, 2, -1)  # (B, V=2, D)
+            labels = y.to(self.device, non_blocking=self.cuda) if self.tcfg.method == "supcon" else None
+            feats, labels = D.global_batch(feats, labels)  # (W*B, 2, D): the loss sees the global batch
+            loss = self.criterion(feats, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
         value = float(loss.detach())  # one sync per step: the non-finite check and the log need it
         if not math.isfinite(value):
             self._non_finite(value, idx, y)
@@ -342,7 +357,7 @@ class Trainer:
         images = 0
         t0 = time.perf_counter()
         t_prev = 0.0
-        for x, y, idx in batches:
+        for x, y, idx in D.agreed(batches):  # an unreadable image on one rank stops every rank at once
             if p.step_in_epoch >= steps_per_epoch:
                 break
             lr = lr_at(epoch, p.step_in_epoch, steps_per_epoch, self.tcfg, self.world_size)
@@ -447,7 +462,7 @@ class Evaluator:
         feats = {}
         try:
             for name, (ds, n, _) in self.sets.items():
-                with worker_errors():
+                with D.go_no_go(), worker_errors():  # a rank's unreadable image stops every rank
                     local = embed(model, self._loader(ds), self.device, self.cfg.train.amp, cl)
                 feats[name] = D.gather_strided(local.to(self.device), n).cpu()
         finally:

@@ -121,3 +121,121 @@ def test_gather_helpers(two_ranks):
     assert D.rank_world() == (0, 1) and not D.is_distributed()  # this process: no group
     x = torch.ones(2, 3)
     assert D.gather_with_grad(x) is x and D.gather_nograd(x) is x
+
+
+# ----------------------------------------------------------------------------- go / no-go
+
+
+def _run_pair(target, *args, timeout: float = 180.0) -> None:
+    """Two forked ranks of ``target(rank, *args)``; fails when a rank is still running after ``timeout``
+    (a rank blocked in a collective waits for the backend's timeout: 30 minutes for gloo)."""
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not alive, f"rank(s) {alive} still blocked after {timeout} s"
+
+
+def _agree_worker(rank: int, port: int, out: str) -> None:
+    from common.errors import UserError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    res: dict = {}
+    try:
+        with D.go_no_go():  # every rank fine: nothing raised
+            pass
+        try:
+            with D.go_no_go():
+                if rank == 1:
+                    raise UserError("cannot read /data/x/bad.png")
+            D.barrier()  # rank 0 would wait here forever without the go/no-go
+            res["check"] = "passed"
+        except UserError as e:
+            res["check"] = str(e)
+
+        def loader():  # rank 1's third batch holds an unreadable image
+            for i in range(5):
+                if rank == 1 and i == 2:
+                    raise UserError("cannot read /data/y/torn.jpg")
+                yield i
+
+        seen = []
+        try:
+            for i in D.agreed(loader()):
+                seen.append(i)
+                D.barrier()  # the step's collectives
+        except UserError as e:
+            res["loader"] = (seen, str(e))
+        try:
+            with D.go_no_go():
+                if rank == 0:
+                    raise ValueError("disk full")
+        except Exception as e:  # noqa: BLE001 - the kind is what is checked
+            res["other"] = (type(e).__name__, str(e))
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"agree{rank}.json").write_text(__import__("json").dumps(res))
+
+
+def test_an_error_on_one_rank_stops_every_rank(tmp_path):
+    import json
+
+    _run_pair(_agree_worker, _free_port(), str(tmp_path))
+    r0, r1 = (json.loads((tmp_path / f"agree{r}.json").read_text()) for r in range(WORLD))
+    assert r1["check"] == "cannot read /data/x/bad.png"
+    assert r0["check"] == "rank 1 stopped: cannot read /data/x/bad.png"
+    assert r0["loader"] == [[0, 1], "rank 1 stopped: cannot read /data/y/torn.jpg"]
+    assert r1["loader"] == [[0, 1], "cannot read /data/y/torn.jpg"]
+    assert r0["other"] == ["ValueError", "disk full"]
+    assert r1["other"] == ["PeerFailed", "rank 0 failed: ValueError: disk full"]
+
+
+def _stage_worker(rank: int, port: int, run_dir: str, scenario: str) -> None:
+    from common import stage
+    from common.errors import UserError
+    from common.stages import StageSpec
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    spec = StageSpec("01_random_split_dataset", "split", keys=("model.backbone",))
+
+    def main(ctx):
+        if scenario == "main" and ctx.rank == 1:
+            raise UserError("cannot read /data/x/bad.png")
+        ctx.output("data.txt").write_text("x")
+        return {}
+
+    if scenario == "lock" and rank == 0:  # rank 0 alone checks the lock: another process holds it
+        def held(*a, **k):
+            raise UserError("01_random_split_dataset is running (pid 4242 on host): wait for it")
+        stage._checks = held
+    code = stage.execute(spec, ["--run", run_dir, "run.device=cpu"], main=main, specs={spec.name: spec})
+    Path(run_dir, f"code{rank}").write_text(str(code))
+
+
+@pytest.mark.parametrize("scenario", ["main", "lock"])
+def test_a_stage_refused_or_failing_on_one_rank_ends_both(tmp_path, scenario):
+    _run_pair(_stage_worker, _free_port(), str(tmp_path), scenario)
+    assert [(tmp_path / f"code{r}").read_text() for r in range(WORLD)] == ["2", "2"]
+    sdir = tmp_path / "01_random_split_dataset"
+    assert not (sdir / "manifest.json").exists()
+    if scenario == "main":  # rank 0 says why, naming the rank
+        assert "error: rank 1 stopped: cannot read /data/x/bad.png" in (sdir / "log.txt").read_text()
+    else:  # refused before anything is written
+        assert not (sdir / "log.txt").exists()
+
+
+def test_go_no_go_in_one_process_changes_nothing():
+    D.agree(None)
+    with pytest.raises(ValueError, match="mine"):
+        with D.go_no_go():
+            raise ValueError("mine")
+    assert list(D.agreed(iter([1, 2, 3]))) == [1, 2, 3]

@@ -22,7 +22,8 @@ STATS = {"mean": [0.2, 0.25, 0.3], "std": [0.2, 0.22, 0.25]}
 
 def _cfg(**over: str) -> C.Config:
     base = {"model.backbone": "test_resnet", "model.image_size": "32", "model.feat_dim": "16",
-            "data.num_workers": "0", "extract.batch_size": "5", "run.device": "cpu"}
+            "data.num_workers": "0", "extract.batch_size": "5", "run.device": "cpu",
+            "extract.cpu_precision": "fp32"}  # the vectors equal the model's own float32 output
     base.update(over)
     return C.load_config([], [f"{k}={v}" for k, v in base.items()])
 
@@ -155,6 +156,17 @@ def test_the_checkpoints_own_preprocessing_is_used(data, tmp_path):
     torch.save({**ck, "preprocessing": {**pre, "channels": "L"}}, tmp_path / "grey.pt")
     with pytest.raises(UserError, match="not 3-channel RGB"):
         _extract(data, tmp_path / "g.sqlite", ckpt=tmp_path / "grey.pt")
+
+
+def test_bf16_on_the_cpu_is_close_and_recorded(data, full_run, tmp_path):
+    store32, m32 = full_run
+    m = _extract(data, tmp_path / "f.sqlite", cfg=_cfg(**{"extract.cpu_precision": "bf16"}))
+    assert m["cpu_precision"] == "bf16" and m32["cpu_precision"] == "fp32"
+    got, want = _vectors(tmp_path / "f.sqlite", m["model_id"]), _vectors(store32, m32["model_id"])
+    cos = [float(np.dot(got[p], want[p])) for p in want]
+    assert min(cos) >= 0.999 and max(abs(c - 1) for c in cos) > 0  # close, and really bf16
+    for v in got.values():
+        assert abs(np.linalg.norm(v) - 1) < 1e-6  # normalised in float32 after the forward
 
 
 def test_head_embedding(data, tmp_path):

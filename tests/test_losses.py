@@ -208,3 +208,20 @@ def test_cuda_fp16_autocast_matches_cpu_float32():
     got.backward()
     assert got.dtype == torch.float32 and torch.isfinite(xc.grad).all()
     assert got.item() == pytest.approx(want.item(), abs=1e-3)  # fp16 rounding of the inputs only
+
+
+def test_labels_need_no_unique_or_index_add(monkeypatch):
+    """The label path uses neither ``torch.unique`` (a GPU sync every step: its output size depends on
+    the data) nor ``index_add_`` (atomic adds: non-deterministic on CUDA); same value as the loops."""
+    g = torch.Generator().manual_seed(3)
+    feats = F.normalize(torch.randn(10, 2, 8, generator=g, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([5, 1, 5, 9, 1, 1, 7, 5, 9, 2])  # sparse ids, a singleton class
+
+    def forbidden(*a, **k):
+        raise AssertionError("called")
+
+    monkeypatch.setattr(torch, "unique", forbidden)
+    monkeypatch.setattr(torch.Tensor, "index_add_", forbidden)
+    monkeypatch.setattr(torch.Tensor, "index_add", forbidden)
+    got = supcon_loss(feats, labels, temperature=0.1, base_temperature=0.07)
+    assert got.item() == pytest.approx(loop_supcon(feats, labels, temperature=0.1, base_temperature=0.07), abs=1e-10)

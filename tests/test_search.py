@@ -127,3 +127,128 @@ def test_search_restricted_to_kept_rows_finds_the_pruned_gallerys_neighbours(dat
     _, er = retrieval.topk(Q, X[keep], 3)
     exact_rows = np.flatnonzero(keep)[er]
     assert search.agreement(exact_rows, rows, y)["same_class"] >= 0.99
+
+
+# ----------------------------------------------------------------------------- FAISS GPU (a stand-in)
+
+
+class _FakeGpuFaiss:
+    """faiss-cpu plus a stand-in for the GPU build's API: ``index_cpu_to_gpu`` records its
+    arguments and, like FAISS on a GPU with 48 KiB of shared memory per block, refuses an IVF-PQ
+    index with float32 look-up tables of more than 48 KiB (``pq_m * 2**bits * 4`` bytes). The
+    "GPU index" is a CPU clone: results must equal the CPU path's."""
+
+    SMEM = 48 * 1024
+
+    def __init__(self, n_gpus: int = 2, fail: str | None = None):
+        import faiss
+
+        self._faiss, self.n_gpus, self.fail = faiss, n_gpus, fail
+        self.calls: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._faiss, name)
+
+    class StandardGpuResources:
+        pass
+
+    class GpuClonerOptions:
+        def __init__(self):
+            self.useFloat16 = False  # FAISS's name; the cloner hands it to useFloat16LookupTables (IVF-PQ)
+
+    def get_num_gpus(self) -> int:
+        return self.n_gpus
+
+    def index_cpu_to_gpu(self, res, device, index, options=None):
+        self.calls.append({"device": device, "float16": getattr(options, "useFloat16", False)})
+        if self.fail:
+            raise RuntimeError(f"Error in virtual void faiss::gpu::...: {self.fail}\nstack trace")
+        ivf = self._faiss.extract_index_ivf(index)
+        pq = getattr(self._faiss.downcast_index(ivf), "pq", None)
+        if pq is not None and not (options and options.useFloat16) and pq.M * (1 << pq.nbits) * 4 > self.SMEM:
+            raise RuntimeError(f"Device {device} has {self.SMEM} bytes of shared memory, while 8 bits per code and "
+                               f"{pq.M} sub-quantizers requires {pq.M * (1 << pq.nbits) * 4} bytes")
+        return self._faiss.clone_index(index)
+
+    def index_gpu_to_cpu(self, index):
+        return self._faiss.clone_index(index)
+
+
+def _gpu_faiss(monkeypatch, **kw) -> _FakeGpuFaiss:
+    fake = _FakeGpuFaiss(**kw)
+    monkeypatch.setattr(search, "_faiss", lambda: fake)
+    return fake
+
+
+def test_gpu_number_follows_run_device(monkeypatch):
+    import torch
+
+    assert search.gpu_number(torch.device("cuda", 1)) is None  # faiss-cpu: no GPU build
+    _gpu_faiss(monkeypatch, n_gpus=2)
+    assert search.gpu_number(torch.device("cuda", 1)) == 1
+    assert search.gpu_number(torch.device("cpu")) is None  # run.device=cpu on a GPU machine
+    assert search.gpu_number(None) == 0
+    assert search.gpu_number(torch.device("cuda", 3)) is None  # FAISS does not see that one
+
+
+def test_ivfpq_goes_to_the_gpu_of_run_device_with_float16_tables(monkeypatch, data, tmp_path):
+    import faiss
+    import torch
+
+    X, _, Q, _ = data
+    sc = cfg(index="ivfpq", pq_m=64, nlist=8)  # the default pq_m: 64 KiB of float32 tables, refused
+    fake = _gpu_faiss(monkeypatch, n_gpus=2)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # 64 codebooks to train: one thread is faster on a busy machine
+    try:
+        ann = search.build_index(X[:2000], sc, seed=0, progress=False, device=torch.device("cuda", 1))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    ann.set_query_params(sc)
+    got = ann.search(Q, 5, X[:2000])
+    assert fake.calls == [{"device": 1, "float16": True}] * 2  # built there, then searched there
+    ann.save(tmp_path / "pq.faiss")
+    cpu = search.load_index(tmp_path / "pq.faiss", "ivfpq", sc, device=torch.device("cpu"))
+    want = cpu.search(Q, 5, X[:2000])
+    assert cpu.gpu is None and len(fake.calls) == 2
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    again = search.load_index(tmp_path / "pq.faiss", "ivfpq", sc, device=torch.device("cuda", 0))
+    again.search(Q[:2], 1, X[:2000])
+    assert fake.calls[-1] == {"device": 0, "float16": True}
+
+
+def test_ivf_keeps_float32_on_the_gpu(monkeypatch, data):
+    import torch
+
+    X, _, Q, _ = data
+    fake = _gpu_faiss(monkeypatch, n_gpus=1)
+    ann = search.build_index(X, cfg(index="ivf", nlist=32), seed=0, progress=False, device=torch.device("cuda", 0))
+    ann.set_query_params(cfg(index="ivf"))
+    ann.search(Q[:3], 2, X)
+    assert fake.calls == [{"device": 0, "float16": False}] * 2
+
+
+def test_a_gpu_refusal_falls_back_to_the_cpu_in_one_line(monkeypatch, data, caplog, tmp_path):
+    import logging
+
+    import torch
+
+    X, _, Q, _ = data
+    sc = cfg(index="ivf", nlist=32)
+    cpu = search.build_index(X, sc, seed=0, progress=False)
+    cpu.set_query_params(sc)
+    want = cpu.search(Q, 5, X)
+    fake = _gpu_faiss(monkeypatch, n_gpus=1, fail="out of memory")
+    with caplog.at_level(logging.WARNING, logger="common.search"):
+        ann = search.build_index(X, sc, seed=0, progress=False, device=torch.device("cuda", 0))
+        ann.set_query_params(sc)
+        got = ann.search(Q, 5, X)
+        ann.search(Q, 5, X)  # the failed copy is not attempted again at every search
+    np.testing.assert_array_equal(got[1], want[1])
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2 and all("out of memory" in m and "stays on the CPU" in m and "\n" not in m for m in lines)
+    assert len(fake.calls) == 2
+    ann.save(tmp_path / "g.faiss")  # the CPU form, loadable for a CPU run
+    back = search.load_index(tmp_path / "g.faiss", "ivf", sc, device=torch.device("cpu"))
+    assert back.gpu is None and back.search(Q, 5, X)[1].tolist() == want[1].tolist()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import distributed as D
+from ..device import resolve_cpu_precision
 from ..extract import extract_features, resolve_checkpoint
 from ..features import (PgStore, content_digest, open_store, remove_store, store_bytes, store_exists, upgrade_store,
                         verify_store)
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 STORE_FILE = "features.sqlite"
 MODEL_JSON = "model.json"
 OWNER_KEY = "run_folder"  # meta key of a PostgreSQL store: the run folder whose stage 04 writes it
+PRECISION_KEY = "cpu_precision"  # meta key: extract.cpu_precision (resolved) of the store's vectors
 
 
 def _pg_store(ctx: Context) -> PgStore | None:
@@ -83,18 +85,10 @@ def main(ctx: Context) -> dict[str, Any]:
     else:
         store = ctx.output(STORE_FILE, digest="feature_store")
         model_json = ctx.output(MODEL_JSON)
-    scfg = ctx.cfg.store
-    if ctx.rank == 0 and ctx.previous is not None and (ctx.force or ctx.changed_output):
-        why = "--force" if ctx.force else f"{ctx.changed_output} changed since this stage recorded it"
-        if ctx.changed_output == MODEL_JSON and scfg.url:
-            why = f"the feature store {store} no longer has the content digest {MODEL_JSON} recorded"
-        remove_store(store)
-        log.info("%s: embedding every image again into a new store %s", why, store)
-    elif ctx.rank == 0 and store_exists(store):
-        upgrade_store(store)  # a store written by an older version of this tool (logged when it was)
-    if ctx.rank == 0 and isinstance(store, PgStore):
-        with open_store(store, create=True) as st:
-            st.set_meta(OWNER_KEY, str(Path(ctx.run_dir).resolve()))
+    precision = resolve_cpu_precision(ctx.cfg.extract.cpu_precision)
+    with D.go_no_go():  # an error of rank 0 here stops every rank at once (none waits in a collective)
+        if ctx.rank == 0:
+            _prepare_store(ctx, store, precision)
     extras = ctx.checked["extras"]
     D.barrier()
     metrics = extract_features(ckpt, splits, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
@@ -129,9 +123,44 @@ def main(ctx: Context) -> dict[str, Any]:
         "image_size": info.image_size, "pad_fill": info.pad_fill, "epoch": info.epoch, "vectors": metrics["vectors"],
         # classes = the gallery's: the checkpoint's (train_classes), then the gallery-only ones
         "classes": classes, "train_classes": list(info.classes), "extra_classes": extra_classes,
-        "extra_images": len(extras), **record,
+        "extra_images": len(extras), "cpu_precision": precision, **record,
     })
     return metrics
+
+
+def _prepare_store(ctx: Context, store: Path | PgStore, precision: str) -> None:
+    """Rank 0, before anything is embedded (its owner was checked by ``check``): a store to embed
+    again removed (``--force``, a changed output, another precision), an older one upgraded."""
+    scfg = ctx.cfg.store
+    if ctx.previous is not None and (ctx.force or ctx.changed_output):
+        why = "--force" if ctx.force else f"{ctx.changed_output} changed since this stage recorded it"
+        if ctx.changed_output == MODEL_JSON and scfg.url:
+            why = f"the feature store {store} no longer has the content digest {MODEL_JSON} recorded"
+        remove_store(store)
+        log.info("%s: embedding every image again into a new store %s", why, store)
+    elif store_exists(store):
+        upgrade_store(store)  # a store written by an older version of this tool (logged when it was)
+    _check_precision(store, precision)
+    if isinstance(store, PgStore):
+        with open_store(store, create=True) as st:
+            st.set_meta(OWNER_KEY, str(Path(ctx.run_dir).resolve()))
+
+
+def _check_precision(store: Path | PgStore, precision: str) -> None:
+    """A store whose vectors were embedded with another ``extract.cpu_precision`` (resolved; a store
+    that records none: fp32, the only one before) is removed, so that every image is embedded
+    again: queries (stage 07) and gallery then share one precision. Records ``precision`` in the
+    store's ``meta`` (not part of its content digest)."""
+    if store_exists(store):
+        with open_store(store) as st:
+            recorded = st.meta(PRECISION_KEY) or "fp32"
+        if recorded == precision:
+            return
+        remove_store(store)
+        log.info("extract.cpu_precision: the vectors of %s were embedded in %s, this run embeds in %s: embedding "
+                 "every image again into a new store", store, recorded, precision)
+    with open_store(store, create=True) as st:
+        st.set_meta(PRECISION_KEY, precision)
 
 
 def _check_owner(store: PgStore, run_dir: Path, explicit: bool) -> None:

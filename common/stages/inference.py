@@ -72,6 +72,7 @@ class StoreData:
     facts: list[tuple[str, Any]] = field(default_factory=list)
     unknown_test: Vectors | None = None  # test images of inference.unknown_classes
     unknown_classes: list[str] = field(default_factory=list)
+    cpu_precision: str = "fp32"  # model.json's: queries embedded on a CPU in the gallery's precision
 
     @property
     def model_id(self) -> int:
@@ -131,8 +132,13 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
     checkpoint = Path(meta["checkpoint"])
     if not checkpoint.is_absolute():  # relative to the run folder (stage 04's parent)
         checkpoint = Path(stage04).parent / checkpoint
+    precision = meta.get("cpu_precision", "fp32")  # absent: a store of a version that embedded in fp32 only
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"{Path(stage04) / 'model.json'}: cpu_precision {precision!r} is not fp32 or bf16: rerun "
+                        "04_extract_features.py --force")
     return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val, test=test,
-                     gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts)
+                     gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts,
+                     cpu_precision=precision)
 
 
 def hold_out(data: StoreData, names: list[str]) -> StoreData:
@@ -181,7 +187,7 @@ def open_index(ctx: Context, data: StoreData, stage06: Path | None) -> search.An
         return None
     if stage06 is None:
         log.info("search.index=%s over the full train gallery: building the index now (not saved)", scfg.index)
-        ann = search.build_index(data.gallery.X, scfg, seed=ctx.cfg.run.seed)
+        ann = search.build_index(data.gallery.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
     else:
         path, meta_path = stage06 / INDEX_FILE, stage06 / INDEX_JSON
         if not path.is_file() or not meta_path.is_file():
@@ -192,7 +198,7 @@ def open_index(ctx: Context, data: StoreData, stage06: Path | None) -> search.An
                 or meta.get("ids_sha256") != search.ids_sha256(data.gallery.ids)):
             raise UserError(f"{path} does not index this LUT with search.index={scfg.index} (it holds "
                             f"{meta.get('index')} over {meta.get('ntotal')} rows): rerun 06_prune_features.py")
-        ann = search.load_index(path, scfg.index, scfg)
+        ann = search.load_index(path, scfg.index, scfg, device=ctx.device())
         ann.description = str(meta.get("factory", scfg.index))
         if ann.ntotal != len(data.gallery) or ann.dim != data.gallery.X.shape[1]:
             raise UserError(f"{path} holds {ann.ntotal} x {ann.dim} vectors but the LUT {len(data.gallery)} x "
@@ -353,7 +359,8 @@ def _embed(ctx: Context, data: StoreData, paths: list[str]) -> tuple[np.ndarray,
     return embed_paths(paths, model, transform, data.model.image_size, embedding=data.model.embedding,
                        batch_size=cfg.inference.batch_size, num_workers=cfg.data.num_workers, device=ctx.device(),
                        amp=cfg.extract.amp, channels_last=cfg.model.channels_last, min_side=cfg.data.min_side,
-                       max_pixels=cfg.data.max_pixels)
+                       max_pixels=cfg.data.max_pixels, cpu_precision=data.cpu_precision,
+                       cpu_compile=cfg.extract.cpu_compile)
 
 
 def _embed_split(ctx: Context, data: StoreData) -> tuple[Vectors, float]:

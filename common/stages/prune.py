@@ -92,7 +92,7 @@ def build_lut_index(ctx: Context, lut_path: Path, classes: list[str]) -> dict[st
     with FeatureStore(lut_path) as store:
         mid = store.current_model().id
         gallery = merge(store.load_split("train", mid, classes), store.load_split(EXTRA_SPLIT, mid, classes))
-    ann = search.build_index(gallery.X, scfg, seed=ctx.cfg.run.seed)
+    ann = search.build_index(gallery.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
     with atomic_path(ctx.output(INDEX_FILE)) as tmp:
         ann.save(tmp)
     meta = {**ann.meta(), "ids_sha256": search.ids_sha256(gallery.ids), "train_size": scfg.train_size,

@@ -87,7 +87,7 @@ def index_sweep(ctx: Context, gal: Vectors, val: Vectors, keeps: Any, neighbours
     """Search the val queries through ``search.index`` at every threshold (kept rows only); adds
     ``INDEX_COLUMNS`` to ``rows``. Returns what the index is, for threshold.json."""
     scfg = ctx.cfg.search
-    ann = search.build_index(gal.X, scfg, seed=ctx.cfg.run.seed)
+    ann = search.build_index(gal.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
     ann.set_query_params(scfg)
     t0 = time.perf_counter()
     for r, keep, (_, exact_idx) in zip(rows, keeps, neighbours):

@@ -293,19 +293,20 @@ class Training:
         as ``check`` planned."""
         cfg, t, plan = self.cfg, self.t, self.plan
         D.barrier()  # every rank has planned (read last.pt) before rank 0 moves anything
-        if self.is_main and plan.new_training is not None:
-            _move_aside(self.dir, plan.new_training, self.ctx.previous)
-        D.barrier()
+        with D.go_no_go():  # a failure of rank 0 moving the old training aside stops every rank at once
+            if self.is_main and plan.new_training is not None:
+                _move_aside(self.dir, plan.new_training, self.ctx.previous)
         self.ckpt = plan.resume_from
         mcfg = cfg.model
         if self.ckpt is not None and mcfg.pretrained.lower() != "none":
             mcfg = ModelConfig(**{**asdict(mcfg), "pretrained": "none"})  # weights come from last.pt: never download
         self.trainer = Trainer(build_model(mcfg), cfg, self.device, rank=self.rank, world_size=self.world,
                                train_paths=self.inp.train_paths, checkpoint_dir=self.ck_dir if self.is_main else None)
-        if self.ckpt is not None:
-            self._resume(self.ckpt)
-        else:
-            self.trainer.position = Position(epoch=1, steps_per_epoch=self.steps)
+        with D.go_no_go():  # rank 0 alone checks best.pt
+            if self.ckpt is not None:
+                self._resume(self.ckpt)
+            else:
+                self.trainer.position = Position(epoch=1, steps_per_epoch=self.steps)
         inp = self.inp
         log.info("training %s (%s head, %d-d) with %s on %d classes, %d train / %d val images; %d step(s) of %d x %d "
                  "images per epoch, %d epochs, device %s%s", cfg.model.backbone, cfg.model.head, cfg.model.feat_dim,
@@ -388,8 +389,8 @@ class Training:
                 epoch_times.append(time.perf_counter() - t0)
                 row["epoch_time_s"] = epoch_times[-1]
                 row["eta_s"] = float(np.mean(epoch_times)) * (self.t.epochs - row["epoch"])
-                self.end_epoch(row, improved)
-                D.barrier()
+                with D.go_no_go():  # rank 0 writes the checkpoints: its error (a full disk) stops every rank
+                    self.end_epoch(row, improved)
         except KeyboardInterrupt:
             p = self.trainer.position
             if self.is_main and p.epoch <= self.t.epochs:
@@ -462,22 +463,22 @@ class Training:
     def finish(self) -> dict[str, Any]:
         """Register the outputs (rank 0) and return the manifest metrics."""
         ck_dir = self.ck_dir
-        if self.is_main:
-            if not (ck_dir / "best.pt").exists():
-                if self.do_eval:  # best.pt was removed while the training ran: never replaced silently by last.pt
-                    raise UserError(f"{ck_dir / 'best.pt'} (epoch {self.best.get('epoch')}) disappeared during the "
-                                    f"training: restore it, or train again with `python 03_main_supcon.py --run "
-                                    f"{self.ctx.run_dir} --force`")
-                copy_checkpoint(self.last, ck_dir / "best.pt")  # no validation: best is the last epoch (documented)
-            plot_curves(self.dir / "loss_curve.png", self.rows)
-            if not (self.dir / "metrics.csv").exists():
-                write_metrics_csv(self.dir / "metrics.csv", self.rows)
-            for name in sorted(os.listdir(ck_dir)):
-                if name in ("last.pt", "best.pt") or (name.startswith("epoch_") and name.endswith(".pt")):
-                    self.ctx.output("checkpoints", name)
-            for name in ("metrics.csv", "loss_curve.png", "augmentations.png"):
-                self.ctx.output(name)
-        D.barrier()
+        with D.go_no_go():  # rank 0 alone checks best.pt and registers the outputs
+            if self.is_main:
+                if not (ck_dir / "best.pt").exists():
+                    if self.do_eval:  # best.pt was removed while the training ran: never replaced silently by last.pt
+                        raise UserError(f"{ck_dir / 'best.pt'} (epoch {self.best.get('epoch')}) disappeared during the "
+                                        f"training: restore it, or train again with `python 03_main_supcon.py --run "
+                                        f"{self.ctx.run_dir} --force`")
+                    copy_checkpoint(self.last, ck_dir / "best.pt")  # no validation: best is the last epoch (documented)
+                plot_curves(self.dir / "loss_curve.png", self.rows)
+                if not (self.dir / "metrics.csv").exists():
+                    write_metrics_csv(self.dir / "metrics.csv", self.rows)
+                for name in sorted(os.listdir(ck_dir)):
+                    if name in ("last.pt", "best.pt") or (name.startswith("epoch_") and name.endswith(".pt")):
+                        self.ctx.output("checkpoints", name)
+                for name in ("metrics.csv", "loss_curve.png", "augmentations.png"):
+                    self.ctx.output(name)
         trained = [r for r in self.rows if r["epoch"] > 0 and r.get("loss") is not None]
         first = next((r for r in self.rows if r["epoch"] == 0), None)
         best = self.best
