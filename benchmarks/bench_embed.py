@@ -183,7 +183,7 @@ def _images_of_run(run: Path):
     """(model, transform, gallery paths/labels, query paths/labels, image size) of a finished run."""
     from common.data import eval_transform, read_splits
     from common.model import load_checkpoint_model
-    from common.stages.extract import read_model_json
+    from common.stages.artefacts import read_model_json
 
     meta = read_model_json(run / "04_extract_features")
     ck = Path(meta["checkpoint"])

@@ -220,7 +220,7 @@ def store_vs_cpu(run: Path) -> tuple[str, bool]:
     from common.embed import embed_batch, prepare_model
     from common.features import open_store
     from common.model import load_checkpoint_model
-    from common.stages.extract import read_model_json, store_of
+    from common.stages.artefacts import read_model_json, store_of
     from common.config import load_config
 
     stage04 = run / "04_extract_features"

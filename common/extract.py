@@ -59,7 +59,6 @@ from .features import FeatureStore, ImageRecord, PgStore, open_store
 log = logging.getLogger(__name__)
 
 STAGE03 = "03_main_supcon"
-STORE_FILE = "features.sqlite"
 # Vectors per write transaction (16 MiB at 2,048-d). Bounds the work an interruption loses (a few
 # seconds on a GPU, minutes for SE-ResNeXt-50 on a CPU) and rank 0's buffer, while keeping
 # transactions large (one commit per chunk; benchmarks/bench_store.py writes this way).
@@ -67,20 +66,6 @@ WRITE_CHUNK_ROWS = 2048
 
 
 # ----------------------------------------------------------------------------- embedding
-
-
-def resolve_checkpoint(stage03_dir: Path | None, spec: str, run_dir: Path | None = None) -> Path:
-    """``extract.checkpoint`` as a file: ``best``/``last`` -> 03_main_supcon/checkpoints/<name>.pt."""
-    if spec in ("best", "last"):
-        if stage03_dir is None:
-            raise UserError(f"extract.checkpoint={spec} needs {STAGE03}: run {STAGE03}.py")
-        p = Path(stage03_dir) / "checkpoints" / f"{spec}.pt"
-    else:
-        p = Path(spec).expanduser()
-    if not p.is_file():
-        where = f" --run {run_dir}" if run_dir is not None else ""
-        raise UserError(f"checkpoint {p} (extract.checkpoint={spec}) is missing: run {STAGE03}.py{where}")
-    return p
 
 
 def check_classes(ckpt_classes: Sequence[str], split_classes: Sequence[str], checkpoint: Path, splits_csv: Path) -> None:

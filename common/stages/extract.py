@@ -32,22 +32,21 @@ from typing import TYPE_CHECKING, Any
 
 from .. import distributed as D
 from ..device import resolve_cpu_precision
-from ..extract import extract_features, resolve_checkpoint
+from ..extract import extract_features
 from ..features import (PgStore, content_digest, open_store, remove_store, store_bytes, store_exists, upgrade_store,
                         verify_store)
 from ..data import read_splits
 from ..gallery import check_decodable, check_no_overlap, gallery_classes, list_extras
-from ..fileio import read_json, write_json
+from ..fileio import write_json
 from ..errors import UserError
 from . import SPLIT, STATS, TRAIN
+from .artefacts import MODEL_JSON, SPLITS_CSV, STORE_FILE, resolve_checkpoint
 
 if TYPE_CHECKING:
     from ..stage import Context
 
 log = logging.getLogger(__name__)
 
-STORE_FILE = "features.sqlite"
-MODEL_JSON = "model.json"
 OWNER_KEY = "run_folder"  # meta key of a PostgreSQL store: the run folder whose stage 04 writes it
 PRECISION_KEY = "cpu_precision"  # meta key: extract.cpu_precision (resolved) of the store's vectors
 
@@ -62,7 +61,7 @@ def check(ctx: Context) -> None:
     """Read only, before anything is written: the checkpoint exists, the gallery-only images of
     ``data.gallery_extra`` are new to the splits and decode (kept in ``ctx.checked`` for ``main``),
     and a PostgreSQL schema is not another run folder's."""
-    splits = ctx.upstream(SPLIT) / "splits.csv"
+    splits = ctx.upstream(SPLIT) / SPLITS_CSV
     resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
     extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels)
     if extras:
@@ -75,7 +74,7 @@ def check(ctx: Context) -> None:
 
 
 def main(ctx: Context) -> dict[str, Any]:
-    splits = ctx.upstream(SPLIT) / "splits.csv"
+    splits = ctx.upstream(SPLIT) / SPLITS_CSV
     ctx.upstream(STATS)  # recorded for freshness only: the preprocessing is the checkpoint's own, never stats.json
     ckpt = resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
     pg = _pg_store(ctx)
@@ -182,26 +181,3 @@ def default_schema(run_dir: Path) -> str:
     """``run_<run folder name>`` as a PostgreSQL identifier (lower case, other characters ``_``)."""
     return ("run_" + re.sub(r"[^a-z0-9_]", "_", Path(run_dir).resolve().name.lower()))[:63]
 
-
-def store_of(stage04_dir: Path, cfg: Any) -> Path | PgStore:
-    """The store stage 04 wrote: its ``features.sqlite``, or the PostgreSQL schema ``model.json``
-    names (the password from ``store.password_env``)."""
-    rec = read_model_json(stage04_dir).get("store") or {}
-    if rec.get("url"):
-        try:
-            return PgStore(str(rec["url"]), str(rec["schema"]), cfg.store.password_env)
-        except (KeyError, UserError) as e:
-            raise UserError(f"{Path(stage04_dir) / MODEL_JSON}: its store record is unusable ({e}): rerun "
-                            "04_extract_features.py --force") from None
-    return Path(stage04_dir) / STORE_FILE
-
-
-def read_model_json(stage04_dir: Path) -> dict[str, Any]:
-    """Stage 04's ``model.json`` (``UserError`` naming the stage to rerun when unreadable)."""
-    p = Path(stage04_dir) / MODEL_JSON
-    try:
-        d = read_json(p)
-        int(d["model_id"]), str(d["checkpoint_sha256"])  # noqa: B018 - the keys every reader needs
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{p} is unreadable ({e.__class__.__name__}): rerun 04_extract_features.py --force") from None
-    return d

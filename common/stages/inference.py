@@ -39,8 +39,8 @@ from ..samples import list_inputs
 from ..streaming import describe, is_streamed, vectors_of
 from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
-from .extract import STORE_FILE, read_model_json, store_of
-from .prune import INDEX_FILE, INDEX_JSON, LUT_FILE
+from .artefacts import (CLASSIFIERS_DIR, INDEX_FILE, INDEX_JSON, LUT_FILE, MODEL_JSON, SPLITS_CSV, STORE_FILE, SWEEP_PNG,
+                        read_model_json, read_threshold_json, store_of)
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -134,7 +134,7 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
         checkpoint = Path(stage04).parent / checkpoint
     precision = meta.get("cpu_precision", "fp32")  # absent: a store of a version that embedded in fp32 only
     if precision not in ("fp32", "bf16"):
-        raise UserError(f"{Path(stage04) / 'model.json'}: cpu_precision {precision!r} is not fp32 or bf16: rerun "
+        raise UserError(f"{Path(stage04) / MODEL_JSON}: cpu_precision {precision!r} is not fp32 or bf16: rerun "
                         "04_extract_features.py --force")
     return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val, test=test,
                      gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts,
@@ -167,15 +167,15 @@ def hold_out(data: StoreData, names: list[str]) -> StoreData:
 def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
     if sweep_dir is None:
         return None, None
-    png = sweep_dir / "threshold_sweep.png"
-    tj = sweep_dir / "threshold.json"
+    png = sweep_dir / SWEEP_PNG
     suggested = None
-    if tj.is_file():
+    meta = read_threshold_json(sweep_dir, required=False)
+    if meta is not None:
         try:
-            v = read_json(tj).get("suggested_reject_below")
+            v = meta.get("suggested_reject_below")
             suggested = float(v) if v is not None else None
-        except (OSError, ValueError, TypeError, AttributeError) as e:
-            log.warning("cannot read suggested_reject_below from %s: %s", tj, e)
+        except (ValueError, TypeError) as e:
+            log.warning("cannot read suggested_reject_below from %s: %s", sweep_dir, e)
     return (png if png.is_file() else None), suggested
 
 
@@ -242,11 +242,11 @@ def check(ctx: Context) -> None:
     if not list_inputs(icfg.input).images:
         raise UserError(f"inference.input: no image files in {icfg.input}")
     evaluation = ctx.run_dir / INFERENCE
-    saved = evaluation / "classifiers"
+    saved = evaluation / CLASSIFIERS_DIR
     if not icfg.classifiers or read_manifest(evaluation) is None or not (saved / K.CLASSES_FILE).is_file():
         return
     meta = read_model_json(ctx.upstream(EXTRACT))
-    classes = gallery_classes(class_names(read_splits(ctx.upstream(SPLIT) / "splits.csv")),
+    classes = gallery_classes(class_names(read_splits(ctx.upstream(SPLIT) / SPLITS_CSV)),
                               meta.get("extra_classes", []))
     if "dim" in meta and _same_classes(saved / K.CLASSES_FILE, classes, quiet=True):  # else main fits them again
         K.check_saved_classifiers(saved, classes, int(meta["model_id"]), int(meta["dim"]), icfg.classifiers)
@@ -266,7 +266,7 @@ def main(ctx: Context) -> dict[str, Any]:
     if icfg.reject_below is None:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
     scfg = ctx.cfg.search
-    data = hold_out(load_store_data(stage04, splits_dir / "splits.csv", lut_path, store_of(stage04, ctx.cfg),
+    data = hold_out(load_store_data(stage04, splits_dir / SPLITS_CSV, lut_path, store_of(stage04, ctx.cfg),
                                     scfg.max_memory_gib if scfg.index == "exact" else None),
                     list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
@@ -393,7 +393,7 @@ def _classifiers_for_predict(ctx: Context, data: StoreData) -> dict[str, Any]:
         return {}
     dim = data.gallery.X.shape[1]
     evaluation = ctx.run_dir / INFERENCE
-    saved = evaluation / "classifiers"
+    saved = evaluation / CLASSIFIERS_DIR
     if read_manifest(evaluation) is not None and (saved / K.CLASSES_FILE).is_file() and \
             _same_classes(saved / K.CLASSES_FILE, data.classes):
         loaded = K.load_classifiers(saved, data.classes, data.model_id, dim, icfg.classifiers)
@@ -409,8 +409,8 @@ def _classifiers_for_predict(ctx: Context, data: StoreData) -> dict[str, Any]:
     fitted = K.fit_classifiers(icfg.classifiers, data.train.X, data.train.labels, data.val.X, data.val.labels,
                                len(data.classes), epochs=icfg.linear_epochs, lr=icfg.linear_lr,
                                batch_size=K.LINEAR_BATCH_SIZE, device=ctx.device(), seed=ctx.cfg.run.seed)
-    folder = ctx.dir / "classifiers"
+    folder = ctx.dir / CLASSIFIERS_DIR
     paths = K.save_classifiers(fitted, folder, data.classes, data.model_id, dim)
     for p in [*paths.values(), folder / K.CLASSES_FILE, folder / K.DIGESTS_FILE]:
-        ctx.output("classifiers", p.name)
+        ctx.output(CLASSIFIERS_DIR, p.name)
     return fitted

@@ -25,35 +25,27 @@ import numpy as np
 from .. import lut, search
 from ..errors import UserError
 from ..features import FeatureStore, PgStore, Vectors, open_store
-from ..fileio import atomic_path, read_json, write_csv, write_json
+from ..fileio import atomic_path, write_csv, write_json
 from ..plots import plot_prune_summary
 from . import EXTRACT, THRESHOLD
-from .extract import store_of
+from .artefacts import INDEX_FILE, INDEX_JSON, LUT_FILE, LUT_JSON, THRESHOLD_JSON, read_threshold_json, store_of
 from ..gallery import EXTRA_SPLIT, merge, subset
 from ..streaming import is_streamed
-from .threshold import GALLERY, THRESHOLD_JSON, load_splits
+from .threshold import GALLERY, load_splits
 
 if TYPE_CHECKING:
     from ..stage import Context
 
 log = logging.getLogger(__name__)
 
-LUT_FILE = "lut.sqlite"
-LUT_JSON = "lut.json"
-INDEX_FILE = "lut.faiss"
-INDEX_JSON = "lut_faiss.json"
-
 
 def _threshold(ctx: Context) -> tuple[float, str, int | None]:
     """(threshold, where it comes from, the model id stage 05 chose it for)."""
     if ctx.cfg.prune.threshold is not None:
         return float(ctx.cfg.prune.threshold), "prune.threshold", None
-    tj = ctx.upstream(THRESHOLD) / THRESHOLD_JSON
-    try:
-        meta = read_json(tj)
-        return float(meta["threshold"]), str(tj), meta.get("model_id")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{tj} is unreadable ({e}): rerun 05_lut_threshold.py") from None
+    stage05 = ctx.upstream(THRESHOLD)
+    meta = read_threshold_json(stage05)
+    return float(meta["threshold"]), str(stage05 / THRESHOLD_JSON), meta.get("model_id")
 
 
 def write_lut_store(path: Path, source: Path | PgStore, model_id: int, gallery: Vectors) -> None:

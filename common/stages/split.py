@@ -17,6 +17,7 @@ from ..fileio import write_csv
 from ..plots import plot_class_distribution
 from ..split import (Scan, SplitResult, check_enough_classes, make_split, materialize, report_skipped_folders,
                      scan_files, write_bad_images, write_splits_csv)
+from .artefacts import SPLITS_CSV
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -39,7 +40,7 @@ def main(ctx: Context) -> dict:
     report_bad(ctx, listing, bad, other)
     res = split_classes(ctx, listing, good, bad, other)
     extra_copies = write_duplicates(ctx.output("duplicates.csv"), good, res)
-    write_splits_csv(ctx.output("splits.csv"), res.rows)
+    write_splits_csv(ctx.output(SPLITS_CSV), res.rows)
     write_csv(ctx.output("class_counts.csv"), ("class", "total", "train", "val", "test", "status", "bad", "reason"),
               ([c.name, c.total, c.train, c.val, c.test, c.status, c.bad, c.reason] for c in res.counts))
     plot_class_distribution(res.counts, ctx.output("class_distribution.png"))

@@ -8,6 +8,7 @@ from .. import stats
 from ..data import read_splits, rows_of
 from ..fileio import write_json
 from . import SPLIT
+from .artefacts import SPLITS_CSV, STATS_JSON
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -17,13 +18,13 @@ log = logging.getLogger(__name__)
 
 def main(ctx: Context) -> dict:
     cfg = ctx.cfg
-    train = rows_of(read_splits(ctx.upstream(SPLIT) / "splits.csv"), "train")
+    train = rows_of(read_splits(ctx.upstream(SPLIT) / SPLITS_CSV), "train")
     log.info("mean/std over %d train images at %d px (pad fill %d)", len(train), cfg.model.image_size,
              cfg.data.pad_fill)
     result = stats.mean_std([r.path for r in train], cfg.model.image_size, cfg.data.pad_fill, cfg.stats.batch_size,
                             cfg.data.num_workers, ctx.device())
     result["split"] = "train"
-    write_json(ctx.output("stats.json"), result)
+    write_json(ctx.output(STATS_JSON), result)
     log.info("mean %s, std %s over %d pixels per channel", _fmt(result["mean"]), _fmt(result["std"]),
              result["pixels"])
     return {"images": result["images"], "pixels": result["pixels"], "mean": result["mean"], "std": result["std"]}

@@ -28,14 +28,13 @@ from ..gallery import EXTRA_SPLIT
 from ..plots import plot_sweep
 from ..streaming import fits, is_streamed, vectors_of
 from . import EXTRACT
-from .extract import STORE_FILE, read_model_json, store_of
+from .artefacts import MODEL_JSON, STORE_FILE, SWEEP_PNG, THRESHOLD_JSON, read_model_json, store_of
 
 if TYPE_CHECKING:
     from ..stage import Context
 
 log = logging.getLogger(__name__)
 
-THRESHOLD_JSON = "threshold.json"
 GALLERY = "gallery"  # load_splits: the train and extra splits, by image id
 INDEX_COLUMNS = ["index_top1_accuracy", "index_same_image", "index_same_class"]
 
@@ -57,7 +56,7 @@ def load_splits(stage04_dir: Path, splits: Sequence[str], store: Path | PgStore 
         info = store.require_complete(int(model["model_id"]))
         if (info.checkpoint_sha256 != model["checkpoint_sha256"] or info.dim != int(model["dim"])
                 or info.dtype != model.get("dtype", "float32")):
-            raise UserError(f"{path} does not hold the model {Path(stage04_dir) / 'model.json'} describes: rerun "
+            raise UserError(f"{path} does not hold the model {Path(stage04_dir) / MODEL_JSON} describes: rerun "
                             "04_extract_features.py --force")
         out = {s: vectors_of(store, path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib) if s == GALLERY
                else store.load_split(s, info.id, classes) for s in splits}
@@ -166,7 +165,7 @@ def main(ctx: Context) -> dict[str, Any]:
         "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds,
         **({"search": index_info} if index_info is not None else {}),
     })
-    plot_sweep(rows, i, ctx.output("threshold_sweep.png"))
+    plot_sweep(rows, i, ctx.output(SWEEP_PNG))
     return {"threshold": chosen["threshold"], "rule": lcfg.rule, "n_kept": chosen["n_kept"],
             "n_gallery": len(gal), "macro_f1": chosen["macro_f1"],
             "top1_accuracy": chosen["top1_accuracy"], "suggested_reject_below": reject,

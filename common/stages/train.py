@@ -48,6 +48,7 @@ from ..train import (AUG_PREVIEW_IMAGES, EpochBatchSampler, Evaluator, Position,
                      worker_errors, write_metrics_csv)
 from ..plots import plot_curves, plot_image_grid
 from . import SPECS, SPLIT, STATS, TRAIN, TRAIN_CONTINUE_KEYS
+from .artefacts import CHECKPOINTS_DIR, SPLITS_CSV, STATS_JSON
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = ("last.pt", "best.pt")  # a finished run's checkpoints that must be intact to continue
 # what a new training moves to previous-<UTC time>/ (with the manifest and a copy of log.txt)
-RUN_FILES = ("checkpoints", "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
+RUN_FILES = (CHECKPOINTS_DIR, "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
 
 
 def _move_aside(stage_dir: Path, why: str, manifest: dict | None = None) -> Path | None:
@@ -149,11 +150,11 @@ class Inputs:
 
 
 def read_inputs(ctx: Context) -> Inputs:
-    splits_csv = Path(ctx.upstream(SPLIT)) / "splits.csv"
+    splits_csv = Path(ctx.upstream(SPLIT)) / SPLITS_CSV
     rows = read_splits(splits_csv)
     classes = class_names(rows)
     train_rows, val_rows = rows_of(rows, "train"), rows_of(rows, "val")
-    return Inputs(splits_csv, sha256_file(splits_csv), classes, read_stats(Path(ctx.upstream(STATS)) / "stats.json"),
+    return Inputs(splits_csv, sha256_file(splits_csv), classes, read_stats(Path(ctx.upstream(STATS)) / STATS_JSON),
                   [r.path for r in train_rows], label_indices(train_rows, classes),
                   [r.path for r in val_rows], label_indices(val_rows, classes))
 
@@ -192,7 +193,7 @@ def decide(ctx: Context, inp: Inputs) -> Plan:
     ``last.pt`` trained with something else (``new_training_reasons``). A finished run whose
     checkpoint is missing or edited is refused; an unfinished one continues.
     """
-    ck_dir = ctx.dir / "checkpoints"
+    ck_dir = ctx.dir / CHECKPOINTS_DIR
     last = ck_dir / "last.pt"
     hint = f"`python 03_main_supcon.py --run {ctx.run_dir} --force`"
     if ctx.previous is not None and ctx.force:
@@ -262,7 +263,7 @@ class Training:
         self.is_main = self.rank == 0
         self.device = ctx.device()
         self.dir = Path(ctx.dir)
-        self.ck_dir = self.dir / "checkpoints"
+        self.ck_dir = self.dir / CHECKPOINTS_DIR
         self.last = self.ck_dir / "last.pt"
         self.inp = plan.inputs
         cfg, t, inp = self.cfg, self.t, self.inp
@@ -476,7 +477,7 @@ class Training:
                     write_metrics_csv(self.dir / "metrics.csv", self.rows)
                 for name in sorted(os.listdir(ck_dir)):
                     if name in ("last.pt", "best.pt") or (name.startswith("epoch_") and name.endswith(".pt")):
-                        self.ctx.output("checkpoints", name)
+                        self.ctx.output(CHECKPOINTS_DIR, name)
                 for name in ("metrics.csv", "loss_curve.png", "augmentations.png"):
                     self.ctx.output(name)
         trained = [r for r in self.rows if r["epoch"] > 0 and r.get("loss") is not None]
