@@ -809,7 +809,7 @@ def strip_empty_password(url: str) -> str:
     return _EMPTY_PASSWORD_RE.sub(r"\1@", url, count=1)
 
 
-def store_url_problem(url: str, password_env: str = "PLANKTON_STORE_PASSWORD") -> str | None:
+def store_url_problem(url: str, password_env: str) -> str | None:
     """Why ``url`` is not an acceptable feature-store URL, or None. The reason never quotes the URL
     (it may hold a secret): a password in the user part, a secret query parameter (``password``,
     ``passfile``, ``sslpassword``, ``sslkey``, anything named like a token or secret), ``key=value``

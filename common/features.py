@@ -1068,7 +1068,7 @@ class PgStore:
 
     url: str
     schema: str
-    password_env: str = "PLANKTON_STORE_PASSWORD"
+    password_env: str = dataclasses.field(default_factory=lambda: _default_password_env())
 
     def __post_init__(self) -> None:
         from .config import store_url_problem, strip_empty_password
@@ -1082,6 +1082,27 @@ class PgStore:
 
     def __str__(self) -> str:
         return f"{self.url} (schema {self.schema})"
+
+    @classmethod
+    def from_record(cls, rec: dict | None, password_env: str | None = None) -> PgStore | None:
+        """The store a ``{"url", "schema", "password_env", ...}`` record names (stage 04's
+        ``model.json`` ``store`` entry), None when it names none (no ``url``: the run's SQLite
+        file). ``password_env`` overrides the recorded variable (the configuration's
+        ``store.password_env``). ``UserError`` for a record that is incomplete or unacceptable."""
+        rec = rec or {}
+        if not rec.get("url"):
+            return None
+        if not rec.get("schema"):
+            raise UserError("feature store record: it names no schema")
+        env = password_env or rec.get("password_env")
+        return cls(str(rec["url"]), str(rec["schema"]), *([str(env)] if env else []))
+
+
+def _default_password_env() -> str:
+    """``store.password_env``'s default, written once in the configuration's declaration."""
+    from .config import StoreConfig
+
+    return StoreConfig().password_env
 
 
 def is_postgres_url(url: str | None) -> bool:

@@ -62,8 +62,9 @@ def digest_of(path: Path, kind: str) -> str:
         from .features import PgStore, content_digest
 
         rec = (json.loads(Path(path).read_text(encoding="utf-8")).get("store") or {})
-        if rec.get("url"):
-            now = content_digest(PgStore(rec["url"], rec["schema"], rec.get("password_env", "PLANKTON_STORE_PASSWORD")))
+        target = PgStore.from_record(rec)
+        if target is not None:
+            now = content_digest(target)
             if now != rec.get("digest"):
                 return f"store changed: {now}"
         return sha256_file(path)
@@ -158,10 +159,9 @@ def outdated_store(stage_dir: Path, manifest: dict) -> str | None:
         name = rel
         try:
             if kind == "store_ref":
-                ref = json.loads(p.read_text(encoding="utf-8")).get("store") or {}
-                if not ref.get("url"):
+                target = PgStore.from_record(json.loads(p.read_text(encoding="utf-8")).get("store"))
+                if target is None:
                     continue
-                target = PgStore(ref["url"], ref["schema"], ref.get("password_env", "PLANKTON_STORE_PASSWORD"))
                 name = f"{rel}'s feature store {target}"  # the URL holds no password (PgStore refuses one)
                 v = schema_version(target)
             else:

@@ -64,14 +64,13 @@ def store_of(stage04_dir: Path, cfg: Any) -> Path | PgStore:
     names (the password from ``store.password_env``)."""
     from ..features import PgStore  # here: stages 01-03 import this module's names, not the store
 
-    rec = read_model_json(stage04_dir).get("store") or {}
-    if rec.get("url"):
-        try:
-            return PgStore(str(rec["url"]), str(rec["schema"]), cfg.store.password_env)
-        except (KeyError, UserError) as e:
-            raise UserError(f"{Path(stage04_dir) / MODEL_JSON}: its store record is unusable ({e}): rerun "
-                            "04_extract_features.py --force") from None
-    return Path(stage04_dir) / STORE_FILE
+    rec = read_model_json(stage04_dir).get("store")
+    try:
+        pg = PgStore.from_record(rec, cfg.store.password_env)
+    except UserError as e:
+        raise UserError(f"{Path(stage04_dir) / MODEL_JSON}: its store record is unusable ({e}): rerun "
+                        "04_extract_features.py --force") from None
+    return Path(stage04_dir) / STORE_FILE if pg is None else pg
 
 
 def read_threshold_json(stage05_dir: Path, required: bool = True) -> dict[str, Any] | None:
