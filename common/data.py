@@ -338,15 +338,15 @@ def rows_of(rows: Sequence[SplitRow], split: str) -> list[SplitRow]:
     return [r for r in rows if r.split == split]
 
 
-def label_indices(rows: Sequence[SplitRow], classes: Sequence[str]) -> list[int]:
-    """Each row's class index in ``classes``; ``UserError`` for a label not in the list."""
+def class_index(labels: Sequence[str], classes: Sequence[str], unknown: Callable[[str], str]) -> np.ndarray:
+    """The index in ``classes`` of every label (int64): the one label -> class-index map of the
+    pipeline. ``UserError(unknown(label))`` for the first label that is not a class (each caller
+    words its refusal: which file, which key, which stage to rerun)."""
     index = {c: i for i, c in enumerate(classes)}
-    out = []
-    for r in rows:
-        if r.label not in index:
-            raise UserError(f"label {r.label!r} of {r.path} is not among the {len(classes)} known classes")
-        out.append(index[r.label])
-    return out
+    try:
+        return np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
+    except KeyError as e:
+        raise UserError(unknown(e.args[0])) from None
 
 
 # ----------------------------------------------------------------------------- stats.json

@@ -320,16 +320,6 @@ def _model_from_row(r: Any) -> ModelInfo:
     )
 
 
-def label_indices(labels: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
-    """The index in ``classes`` of every label (int64); ``UserError`` ``"<where> is not a class of the
-    model: rerun 04"`` for one that is not (``where`` holds ``{!r}`` for the label)."""
-    index = {c: i for i, c in enumerate(classes)}
-    try:
-        return np.fromiter((index[v] for v in labels), dtype=np.int64, count=len(labels))
-    except KeyError as e:
-        raise UserError(f"{where.format(e.args[0])} is not a class of the model: rerun {STAGE}") from None
-
-
 def _split_list(splits: Sequence[str]) -> str:
     """``'train', 'extra'``: an SQL list of split names, each checked to be one of ``SPLITS`` (so quoting is safe)."""
     for split in splits:
@@ -946,7 +936,10 @@ class FeatureStore:
     def load_split(self, split: str | None, model_id: int, classes: Sequence[str]) -> Vectors:
         """One split's ``Vectors`` (class indices in ``classes``, paths and ids), ordered by image id."""
         ids, labels, X = self.load_matrix(split, model_id)
-        y = label_indices(labels, classes, f"{self.path}: label {{!r}} of the {split or 'whole'} store")
+        from .data import class_index  # here: the store module imports no torch (data does)
+
+        y = class_index(labels, classes, lambda v: f"{self.path}: label {v!r} of the {split or 'whole'} store is not a "
+                        f"class of the model: rerun {STAGE}")
         path_of = {r.id: r.path for r in self.images(split)}
         return Vectors(X, y, [path_of[int(i)] for i in ids], ids)
 

@@ -184,13 +184,3 @@ def subset(v: Vectors, mask: np.ndarray) -> Vectors:
     mask = np.asarray(mask, dtype=bool)
     return Vectors(v.X[mask], v.labels[mask], [p for p, m in zip(v.paths, mask) if m],
                    v.ids[mask] if v.ids is not None else None)
-
-
-def class_indices(names: Sequence[str], classes: Sequence[str], key: str) -> np.ndarray:
-    """Indices of ``names`` in ``classes`` (``UserError`` naming ``key`` and the unknown name)."""
-    index = {c: i for i, c in enumerate(classes)}
-    missing = [n for n in names if n not in index]
-    if missing:
-        shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
-        raise UserError(f"{key}: {missing[0]!r} is not a class of the gallery ({shown})")
-    return np.array([index[n] for n in names], dtype=np.int64)

@@ -141,12 +141,13 @@ def vectors_of(store: Any, target: Any, splits: tuple[str, ...], info: Any, clas
     """The ``Vectors`` of ``splits`` of model ``info`` in ``store`` (opened at ``target``), merged by
     image id: loaded, or, when they exceed ``max_memory_gib`` (None: always loaded), with a
     ``StoreMatrix`` as ``X``, read from ``target`` at each search."""
-    from .features import Vectors, label_indices
+    from .data import class_index
+    from .features import STAGE, Vectors
     from .gallery import merge
 
     if max_memory_gib is not None and not fits(store.count_vectors(splits, info.id), info.dim, max_memory_gib):
         ids, labels, paths = store.split_rows(splits, info.id)
-        y = label_indices(labels, classes, f"{target}: label {{!r}}")
+        y = class_index(labels, classes, lambda v: f"{target}: label {v!r} is not a class of the model: rerun {STAGE}")
         X = StoreMatrix(target, info.id, splits, ids, info.dim, block_rows(info.dim, max_memory_gib * GIB))
         log.info("%s of %s: %d vectors (%.2f GiB) above search.max_memory_gib=%g: streamed from the store in "
                  "blocks of %d rows at each search", "+".join(splits), target, ids.size, X.nbytes / GIB,

@@ -91,9 +91,9 @@ def test_read_splits_round_trip_and_helpers(tmp_path):
     assert rows[1] == D.SplitRow("/x/a/1.png", "a", "val", "h2", 30, 40, "RGB", {"dup_group": "3"})
     assert D.class_names(rows) == ["a", "b"]
     assert [r.path for r in D.rows_of(rows, "train")] == ["/x/b/1.png", "/x/a/2.png"]
-    assert D.label_indices(rows, D.class_names(rows)) == [1, 0, 0]
-    with pytest.raises(UserError, match="label 'b' of /x/b/1.png"):
-        D.label_indices(rows, ["a", "c"])
+    assert D.class_index([r.label for r in rows], D.class_names(rows), str).tolist() == [1, 0, 0]
+    with pytest.raises(UserError, match="^label 'b' is unknown$"):
+        D.class_index([r.label for r in rows], ["a", "c"], lambda v: f"label {v!r} is unknown")
 
 
 def test_read_splits_errors_name_the_file(tmp_path):

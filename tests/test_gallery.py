@@ -73,9 +73,6 @@ def test_bad_entries_are_user_errors_naming_them(tmp_path):
 def test_gallery_classes_keep_the_training_indices():
     assert G.gallery_classes(["b", "d"], ["d", "z", "a", "z"]) == ["b", "d", "a", "z"]
     assert G.gallery_classes(["b", "d"], []) == ["b", "d"]
-    with pytest.raises(UserError, match="inference.unknown_classes: 'q' is not a class"):
-        G.class_indices(["q"], ["a", "b"], "inference.unknown_classes")
-    assert G.class_indices(["b"], ["a", "b"], "k").tolist() == [1]
 
 
 def test_merge_orders_by_image_id_and_subset():

@@ -421,6 +421,14 @@ def test_load_store_data_lut_and_full(tmp_path):
     assert all(Path(p).name.startswith("test_") for p in full.test.paths)
 
 
+def test_hold_out_refuses_a_name_that_is_not_a_gallery_class(tmp_path):
+    splits, stage04, lut_path, mid = make_store(tmp_path)
+    data = S7.load_store_data(stage04, splits, lut_path)
+    with pytest.raises(UserError, match=r"^inference.unknown_classes: 'q' is not a class of the gallery \(sp0, sp1"):
+        S7.hold_out(data, ["q"])
+    assert len(S7.hold_out(data, ["sp1"]).unknown_test) == 5
+
+
 def test_lut_of_another_model_is_refused(tmp_path):
     splits, stage04, lut_path, mid = make_store(tmp_path, lut_sha="b" * 64)
     with pytest.raises(UserError, match="another checkpoint"):

@@ -29,11 +29,11 @@ import numpy as np
 
 from .. import classifiers as K
 from .. import retrieval, search
-from ..data import Preprocessing, class_names, read_splits
+from ..data import Preprocessing, class_index, class_names, read_splits
 from ..errors import UserError
 from ..features import FeatureStore, ModelInfo, PgStore, Vectors, open_store
 from ..fileio import read_json
-from ..gallery import EXTRA_SPLIT, class_indices, gallery_classes, merge, subset
+from ..gallery import EXTRA_SPLIT, gallery_classes, merge, subset
 from ..inference import EvalInputs, evaluate, predict
 from ..samples import list_inputs
 from ..streaming import describe, is_streamed, vectors_of
@@ -141,12 +141,19 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
                      cpu_precision=precision)
 
 
+def _held_out(names: list[str], classes: list[str]) -> np.ndarray:
+    """The indices of ``inference.unknown_classes`` (``UserError`` for a name not a gallery class)."""
+    shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+    return class_index(names, classes, lambda v: f"inference.unknown_classes: {v!r} is not a class of the gallery "
+                       f"({shown})")
+
+
 def hold_out(data: StoreData, names: list[str]) -> StoreData:
     """``inference.unknown_classes``: those classes leave the gallery, train and val; their test
     images become ``unknown_test`` (queries that should be rejected)."""
     if not names:
         return data
-    out = class_indices(names, data.classes, "inference.unknown_classes")
+    out = _held_out(names, data.classes)
     keep = ~np.isin(data.gallery.labels, out)
     if not keep.any():
         raise UserError("inference.unknown_classes: every gallery class is held out; keep at least one")
@@ -293,7 +300,7 @@ def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None
         log.info("the store holds no test vectors: embedding the test split's %d images now", len(data.test_rows))
         test, embed_s = _embed_split(ctx, data)
         if data.unknown_classes:  # hold_out saw no test vectors: split these
-            out = class_indices(data.unknown_classes, data.classes, "inference.unknown_classes")
+            out = _held_out(data.unknown_classes, data.classes)
             data.unknown_test = subset(test, np.isin(test.labels, out))
             test = subset(test, ~np.isin(test.labels, out))
     inp = EvalInputs(classes=data.classes, test=test, gallery=data.gallery, train=data.train, val=data.val,
@@ -369,8 +376,8 @@ def _embed_split(ctx: Context, data: StoreData) -> tuple[Vectors, float]:
     X, ok, errors, timing = _embed(ctx, data, paths)
     if errors:
         raise UserError(f"test image {errors[0][0]} cannot be read ({errors[0][1]}): rerun 01_random_split_dataset.py")
-    idx = {c: i for i, c in enumerate(data.classes)}
-    labels = np.array([idx[data.test_rows[i].label] for i in ok], dtype=np.int64)
+    labels = class_index([data.test_rows[i].label for i in ok], data.classes,
+                         lambda v: f"test image label {v!r} is not a class of the gallery: rerun 04_extract_features.py")
     return Vectors(X, labels, [paths[i] for i in ok]), timing["decode_embed_s"]
 
 

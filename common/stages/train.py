@@ -36,7 +36,7 @@ import torch
 from .. import distributed as D
 from ..augment import TwoViews, train_transform
 from ..config import Config, ModelConfig, diff_values, get_key, is_semantic, key_values
-from ..data import Preprocessing, class_names, label_indices, read_splits, read_stats, rows_of
+from ..data import Preprocessing, class_index, class_names, read_splits, read_stats, rows_of
 from ..errors import UserError
 from ..fileio import sha256_file, write_json
 from ..model import CHECKPOINT_FORMAT, build_model, checkpoint_preprocessing
@@ -154,9 +154,12 @@ def read_inputs(ctx: Context) -> Inputs:
     rows = read_splits(splits_csv)
     classes = class_names(rows)
     train_rows, val_rows = rows_of(rows, "train"), rows_of(rows, "val")
+    def labels(rows: list) -> list[int]:
+        return class_index([r.label for r in rows], classes, lambda v: f"label {v!r} of {splits_csv} is not among the "
+                           f"{len(classes)} known classes").tolist()
+
     return Inputs(splits_csv, sha256_file(splits_csv), classes, read_stats(Path(ctx.upstream(STATS)) / STATS_JSON),
-                  [r.path for r in train_rows], label_indices(train_rows, classes),
-                  [r.path for r in val_rows], label_indices(val_rows, classes))
+                  [r.path for r in train_rows], labels(train_rows), [r.path for r in val_rows], labels(val_rows))
 
 
 @dataclass
