@@ -199,12 +199,12 @@ def _images_of_run(run: Path):
 
 def _digits():
     """The demo's digits with a random-weight resnet10t: every fifth image a query."""
-    from common.data import eval_transform, list_class_files
+    from common.data import eval_transform, list_image_folder
     from common.demo import render_digits
     from common.model import SupConModel
 
     root = render_digits(Path(__file__).resolve().parent.parent / ".cache" / "demo" / "digits")
-    files, _ = list_class_files(root)
+    files = list_image_folder(root).files
     lab = {c: i for i, c in enumerate(sorted({c for _, c in files}))}
     items = [(p, lab[c]) for p, c in files]
     q = items[::5]

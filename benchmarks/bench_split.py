@@ -39,7 +39,7 @@ def _time(fn, repeat: int = 1) -> float:
 
 
 def bench_scan(root: Path) -> None:
-    files, _ = D.list_class_files(root)
+    files = D.list_image_folder(root).files
     print(f"\n[1] scan: {len(files)} files (read, sha256, header checks, full decode)")
     base = None
     for workers in (0, 2, 4):
@@ -50,7 +50,7 @@ def bench_scan(root: Path) -> None:
 
 
 def bench_stats(root: Path, image_size: int) -> None:
-    files, _ = D.list_class_files(root)
+    files = D.list_image_folder(root).files
     ds = D.ImageListDataset([p for p, _ in files], transform=D.square_uint8_transform(image_size, 0))
     batches = [x for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=64)]
     n_pix = sum(b.shape[0] for b in batches) * image_size * image_size

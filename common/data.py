@@ -267,16 +267,23 @@ def list_image_folder(root: str | Path, follow_symlinks: bool = False) -> Listin
     return Listing(real_root, files, strays, classes, skipped)
 
 
-def list_class_files(root: str | Path, follow_symlinks: bool = False) -> tuple[list[tuple[str, str]], list[str]]:
-    """``(files, strays)`` of ``list_image_folder``: ``files`` is ``[(absolute path, class name)]``
-    sorted by (class, path); ``strays`` are files directly in ``root`` (no class), which callers
-    report and ignore. Folders not listed are logged as warnings. Raises ``UserError`` when
-    ``root`` is not a folder.
-    """
-    listing = list_image_folder(root, follow_symlinks)
-    for s in listing.skipped:
-        log.warning("%s: %s", s.path, s.reason)
-    return listing.files, listing.strays
+def is_image_name(path: str | os.PathLike) -> bool:
+    """Whether a file's suffix is an image's (``IMAGE_SUFFIXES``): how every input list but stage
+    01's tells images from other files (stage 01 decides by content)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: str | Path, what: str = "inference.input") -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped): the
+    one image lister of a folder without classes (``what`` names the key in its refusal). Returns
+    (image paths, [(path, reason)] for the other files, which callers report rather than drop)."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{what}: {root} is not a folder")
+    images, others = [], []
+    for p in walk_files(root.resolve()):
+        (images if is_image_name(p) else others).append(str(p))
+    return images, [(p, "not an image file (suffix)") for p in others]
 
 
 def class_folders(root: str | Path) -> list[str]:

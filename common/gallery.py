@@ -50,18 +50,13 @@ class ExtraImage:
 
 
 def _folder_images(folder: Path) -> list[tuple[str, str]]:
-    from .data import IMAGE_SUFFIXES, check_class_links, is_hidden, walk_files
+    from .data import check_class_links, class_folders, list_images
 
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
+    classes = class_folders(folder)
     if not classes:
         raise UserError(f"data.gallery_extra: {folder} holds no class sub-folder (expected {folder}/<class>/<images>)")
-    check_class_links(folder, [c.name for c in classes], key="data.gallery_extra")
-    out = []
-    for c in classes:
-        for p in walk_files(c.resolve()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
-                out.append((str(p), c.name))
-    return out
+    check_class_links(folder, classes, key="data.gallery_extra")
+    return [(p, c) for c in classes for p in list_images(folder / c, "data.gallery_extra")[0]]
 
 
 def read_corrections(path: Path) -> list[tuple[str, str]]:

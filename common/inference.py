@@ -643,23 +643,6 @@ def _evaluate_report(path: Path, inp: EvalInputs, icfg: Any, m: dict, d: Decisio
 # ----------------------------------------------------------------------------- predict
 
 
-def list_images(folder: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped).
-
-    Uses ``common.data``'s listing and image suffixes (as stage 01 does). Returns (image paths,
-    [(path, reason)] for the other files, reported in predictions.csv rather than dropped silently).
-    """
-    from .data import IMAGE_SUFFIXES, walk_files
-
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise UserError(f"inference.input: {root} is not a folder")
-    images, others = [], []
-    for p in walk_files(root.resolve()):
-        (images if p.suffix.lower() in IMAGE_SUFFIXES else others).append(str(p))
-    return images, [(p, "not an image file (suffix)") for p in others]
-
-
 def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, output: Output, *,
             samples: Sequence[str] | None = None, name: str = "input", root: Path | None = None,
             val: Vectors | None = None, classifiers: dict[str, Any] | None = None,

@@ -60,7 +60,7 @@ class Inputs:
 
 
 def _folder(root: Path) -> Inputs:
-    from .inference import list_images
+    from .data import list_images
 
     images, others = list_images(root)
     base = root.resolve()
@@ -72,7 +72,7 @@ def _folder(root: Path) -> Inputs:
 
 
 def _listed(lst: Path) -> Inputs:
-    from .data import IMAGE_SUFFIXES
+    from .data import is_image_name
 
     base = lst.resolve().parent
     entries: list[tuple[str, str | None, int]] = []
@@ -103,7 +103,7 @@ def _listed(lst: Path) -> Inputs:
         samples[path] = sample or q.parent.name
         if not q.is_file():
             others.append((path, "listed file does not exist"))
-        elif q.suffix.lower() not in IMAGE_SUFFIXES:
+        elif not is_image_name(q):
             others.append((path, "not an image file (suffix)"))
         else:
             images.append(path)
@@ -114,14 +114,14 @@ def _listed(lst: Path) -> Inputs:
 
 def list_inputs(source: str | Path) -> Inputs:
     """The images of ``inference.input`` and their samples (see the module docstring)."""
-    from .data import IMAGE_SUFFIXES
+    from .data import is_image_name
 
     p = Path(source).expanduser()
     if p.is_dir():
         return _folder(p)
     if p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
         return _listed(p)
-    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+    if p.is_file() and is_image_name(p):
         q = str(p.resolve())
         return Inputs([q], {q: p.resolve().parent.name}, [], p.resolve().parent)
     if not p.exists():

@@ -54,8 +54,8 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from .data import (IMAGE_SUFFIXES, PIL_ERRORS, PIL_FORMATS, SPLITS, SPLITS_COLUMNS, Listing, Skipped, SplitRow,
-                   oriented_size, sort_key)
+from .data import (PIL_ERRORS, PIL_FORMATS, SPLITS, SPLITS_COLUMNS, Listing, Skipped, SplitRow,
+                   is_image_name, oriented_size, sort_key)
 from .errors import UserError
 from .fileio import sha256_bytes, write_csv
 
@@ -91,7 +91,7 @@ def _open_formats() -> tuple[str, ...]:
 def scan_file(item: tuple[str, str], min_side: int, max_pixels: int) -> Scan:
     """Read, hash and fully decode one file (a top-level function: it runs in worker processes)."""
     path, label = item
-    announced = Path(path).suffix.lower() in IMAGE_SUFFIXES
+    announced = is_image_name(path)
     try:
         data = Path(path).read_bytes()
     except OSError as e:

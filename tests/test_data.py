@@ -35,7 +35,8 @@ def _tree(root):
 
 def test_listing_sorted_hidden_ignored_strays_reported(tmp_path):
     _tree(tmp_path)
-    files, strays = D.list_class_files(tmp_path)
+    listing = D.list_image_folder(tmp_path)
+    files, strays = listing.files, listing.strays
     rel = [(os.path.relpath(p, tmp_path), lbl) for p, lbl in files]
     assert rel == [("a_class/a.png", "a_class"), ("a_class/m.png", "a_class"), ("a_class/sub/deep.png", "a_class"),
                    ("a_class/z.png", "a_class"), ("b_class/a.png", "b_class"), ("b_class/m.png", "b_class"),
@@ -47,7 +48,7 @@ def test_listing_sorted_hidden_ignored_strays_reported(tmp_path):
 
 def test_listing_does_not_depend_on_file_system_order(tmp_path, monkeypatch):
     _tree(tmp_path)
-    expected = D.list_class_files(tmp_path)
+    expected = D.list_image_folder(tmp_path)
     real_walk, real_listdir = os.walk, os.listdir
     rnd = random.Random(3)
 
@@ -65,12 +66,12 @@ def test_listing_does_not_depend_on_file_system_order(tmp_path, monkeypatch):
     monkeypatch.setattr(D.os, "walk", shuffled_walk)
     monkeypatch.setattr(D.os, "listdir", shuffled_listdir)
     for _ in range(3):
-        assert D.list_class_files(tmp_path) == expected
+        assert D.list_image_folder(tmp_path) == expected
 
 
 def test_missing_root_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="data.root"):
-        D.list_class_files(tmp_path / "nope")
+        D.list_image_folder(tmp_path / "nope")
 
 
 def _write_splits(path, rows, header=D.SPLITS_COLUMNS + ("dup_group",)):
@@ -258,11 +259,11 @@ def _linked_tree(tmp_path):
 
 def test_directory_symlinks_are_not_followed_by_default(tmp_path):
     root, _ = _linked_tree(tmp_path)
-    rel = [(os.path.relpath(p, root), lbl) for p, lbl in D.list_class_files(root)[0]]
+    listing = D.list_image_folder(root)
+    rel = [(os.path.relpath(p, root), lbl) for p, lbl in listing.files]
     assert rel == [("a/a1.png", "a"), ("a/file_link.png", "a"), ("a/sub/a2.png", "a"),
                    ("b/b1.png", "b"), ("b/deep/b2.png", "b")]
-    listing = D.list_image_folder(root)
-    assert listing.files == D.list_class_files(root)[0] and listing.classes == ["a", "b"]
+    assert listing.classes == ["a", "b"]
     assert [(os.path.relpath(s.path, root), s.label, s.kind) for s in listing.skipped] == [
         ("a/ext", "a", "symlink"), ("a/into_b", "a", "symlink"), ("a/loop", "a", "symlink"),
         ("b/above", "b", "symlink"), ("b/ext_again", "b", "symlink")]

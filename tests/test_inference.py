@@ -11,6 +11,7 @@ import pytest
 from sklearn import metrics as skm
 
 from common import config as C
+from common import data as D
 from common import inference as I
 from common import metrics as M
 from common.embed import embed_paths
@@ -258,11 +259,11 @@ def test_list_images_recursive_skips_hidden(tmp_path):
     for p in ("a/x.png", "a/.y.png", "a/.hidden/z.png", "b.JPG", "notes.txt"):
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_bytes(b"")
-    images, others = I.list_images(tmp_path)
+    images, others = D.list_images(tmp_path)
     assert sorted(Path(p).relative_to(tmp_path.resolve()).as_posix() for p in images) == ["a/x.png", "b.JPG"]
     assert [Path(p).name for p, _ in others] == ["notes.txt"]
     with pytest.raises(UserError, match="not a folder"):
-        I.list_images(tmp_path / "missing")
+        D.list_images(tmp_path / "missing")
 
 
 def test_predict_vectors_writes_error_rows_and_classifier_columns(brute, tmp_path):
@@ -321,7 +322,7 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
     from common.data import eval_transform
 
     folder = _image_folder(tmp_path / "new")
-    images, others = I.list_images(folder)
+    images, others = D.list_images(folder)
     assert len(images) == 7 and [Path(p).name for p, _ in others] == ["README.txt"]
     model = _tiny_model()
     tf = eval_transform(32, [0.5] * 3, [0.25] * 3, 0)
