@@ -229,7 +229,7 @@ def store_vs_cpu(run: Path) -> tuple[str, bool]:
     model, _ = load_checkpoint_model(ck if ck.is_absolute() else run / ck)
     model = prepare_model(model, torch.device("cpu"), channels_last=True)
     tf = eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["pad_fill"])
-    with open_store(store_of(stage04, load_config())) as st:
+    with open_store(store_of(stage04, load_config().store.password_env)) as st:
         ids, _, X = st.load_matrix("test", int(meta["model_id"]))
         path = {r.id: r.path for r in st.images("test")}
     x = torch.stack([tf(load_rgb(path[int(i)])) for i in ids])

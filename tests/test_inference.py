@@ -246,9 +246,11 @@ def test_empty_gallery_and_unlabelled_test_are_user_errors(brute, tmp_path):
 
 
 def test_gallery_of_another_checkpoint_is_refused():
-    S7.check_same_model("sha-a", "sha-a", "queries")
+    from common.stages.artefacts import require_same_checkpoint
+
+    require_same_checkpoint("sha-a", "sha-a", "queries")
     with pytest.raises(UserError, match="another checkpoint.*sha-b.*sha-a"):
-        S7.check_same_model("sha-b", "sha-a", "queries embedded with best.pt")
+        require_same_checkpoint("sha-b", "sha-a", "queries embedded with best.pt")
 
 
 # ----------------------------------------------------------------------------- predict mode (vectors)

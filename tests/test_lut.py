@@ -407,14 +407,14 @@ def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):
     run, _ = _run_folder(tmp_path)
     cfg = C.load_config(overrides=["lut.thresholds=[0.9]"])
     ctx = FakeCtx(run, "05_lut_threshold", cfg)
-    orig = S5.load_splits
+    from common.stages.artefacts import ModelStore
 
-    def no_val(stage04, splits, *store):
-        model, classes, v = orig(stage04, splits, *store)
-        s = v["val"]
-        v["val"] = Vectors(s.X[:0], s.labels[:0], [], s.ids[:0])
-        return model, classes, v
+    orig = ModelStore.load
 
-    monkeypatch.setattr(S5, "load_splits", no_val)
+    def no_val(self, splits, classes, max_memory_gib=None):
+        v = orig(self, splits, classes, max_memory_gib)
+        return Vectors(v.X[:0], v.labels[:0], [], v.ids[:0]) if tuple(splits) == ("val",) else v
+
+    monkeypatch.setattr(ModelStore, "load", no_val)
     with pytest.raises(UserError, match="no val vectors"):
         S5.main(ctx)

@@ -7,16 +7,18 @@ and the readers more than one stage uses (stage 04's ``model.json`` and store, t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import UserError
 from ..fileio import read_json
 from . import TRAIN
 
 if TYPE_CHECKING:
-    from ..features import PgStore
+    from ..features import FeatureStore, ModelInfo, PgStore, Vectors
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +61,78 @@ def read_model_json(stage04_dir: Path) -> dict[str, Any]:
     return d
 
 
-def store_of(stage04_dir: Path, cfg: Any) -> Path | PgStore:
+def store_of(stage04_dir: Path, password_env: str | None = None) -> Path | PgStore:
     """The store stage 04 wrote: its ``features.sqlite``, or the PostgreSQL schema ``model.json``
-    names (the password from ``store.password_env``)."""
+    names (the password from ``password_env``, ``store.password_env``; None: the recorded one)."""
     from ..features import PgStore  # here: stages 01-03 import this module's names, not the store
 
     rec = read_model_json(stage04_dir).get("store")
     try:
-        pg = PgStore.from_record(rec, cfg.store.password_env)
+        pg = PgStore.from_record(rec, password_env)
     except UserError as e:
         raise UserError(f"{Path(stage04_dir) / MODEL_JSON}: its store record is unusable ({e}): rerun "
                         "04_extract_features.py --force") from None
     return Path(stage04_dir) / STORE_FILE if pg is None else pg
+
+
+def require_same_checkpoint(query_model: Any, gallery_model: Any, what: str) -> None:
+    """Refuse to match vectors of one checkpoint against a gallery of another (``UserError``)."""
+    if query_model != gallery_model:
+        raise UserError(f"{what} were embedded by another checkpoint ({query_model!r}) than the gallery "
+                        f"({gallery_model!r}): rerun 04_extract_features.py and 06_prune_features.py")
+
+
+@dataclass
+class ModelStore:
+    """Stage 04's store, open, and the one model its ``model.json`` describes (``open_model_store``)."""
+
+    meta: dict[str, Any]  # model.json
+    target: Path | PgStore
+    store: FeatureStore
+    info: ModelInfo
+
+    def load(self, splits: Sequence[str], classes: Sequence[str], max_memory_gib: float | None = None) -> Vectors:
+        """The vectors of ``splits`` merged by image id (labels indexed in ``classes``); above
+        ``max_memory_gib`` of vectors (None: never) they stay in the store (``common.streaming``)."""
+        from ..streaming import vectors_of
+
+        return vectors_of(self.store, self.target, tuple(splits), self.info, list(classes), max_memory_gib)
+
+
+@contextlib.contextmanager
+def open_model_store(stage04_dir: Path, password_env: str | None = None) -> Iterator[ModelStore]:
+    """The one reader of stage 04's vectors (stages 05, 06 and 07): its store (``store_of``) open,
+    the model ``model.json`` names complete in it and holding what ``model.json`` says (checkpoint
+    sha256, dimension, dtype), else ``UserError`` naming the stage to rerun."""
+    from ..features import open_store
+
+    meta = read_model_json(stage04_dir)
+    target = store_of(stage04_dir, password_env)
+    with open_store(target) as store:
+        info = store.require_complete(int(meta["model_id"]))
+        if (info.checkpoint_sha256 != meta["checkpoint_sha256"] or info.dim != int(meta.get("dim", info.dim))
+                or info.dtype != meta.get("dtype", "float32")):  # a model.json before extract.dtype: float32
+            raise UserError(f"{target} holds vectors of another checkpoint than {Path(stage04_dir) / MODEL_JSON} "
+                            f"describes ({info.describe()}): rerun 04_extract_features.py --force")
+        log.info("feature store %s: %s", target, info.describe())
+        yield ModelStore(meta, target, store, info)
+
+
+def open_lut(lut_path: Path, model: ModelInfo, classes: Sequence[str],
+             max_memory_gib: float | None = None) -> tuple[Vectors, str]:
+    """Stage 06's self-contained LUT (its train and gallery-only rows by image id: the order its
+    FAISS index was built in), checked to be of the checkpoint and embedding of ``model``; and a
+    line describing it."""
+    from ..features import GALLERY_SPLITS, FeatureStore
+    from ..streaming import describe, is_streamed, vectors_of
+
+    with FeatureStore(lut_path) as lut:
+        info = lut.current_model()
+        require_same_checkpoint((info.checkpoint_sha256, info.embedding, info.dim),
+                                (model.checkpoint_sha256, model.embedding, model.dim), f"the LUT {lut_path}'s vectors")
+        gallery = vectors_of(lut, lut_path, GALLERY_SPLITS, info, list(classes), max_memory_gib)
+    how = f", {describe(gallery.X)}" if is_streamed(gallery.X) else ""
+    return gallery, f"LUT {lut_path} ({len(gallery)} vectors{how})"
 
 
 def read_threshold_json(stage05_dir: Path, required: bool = True) -> dict[str, Any] | None:

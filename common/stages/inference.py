@@ -31,16 +31,16 @@ from .. import classifiers as K
 from .. import retrieval, search
 from ..data import Preprocessing, class_index, class_names, read_splits
 from ..errors import UserError
-from ..features import FeatureStore, ModelInfo, PgStore, Vectors, open_store
+from ..features import GALLERY_SPLITS, ModelInfo, Vectors
 from ..fileio import read_json
 from ..gallery import EXTRA_SPLIT, gallery_classes, merge, subset
 from ..inference import EvalInputs, evaluate, predict
 from ..samples import list_inputs
-from ..streaming import describe, is_streamed, vectors_of
+from ..streaming import describe, is_streamed
 from ..runfolder import read_manifest
 from . import EXTRACT, INFERENCE, PRUNE, SPLIT, STATS, THRESHOLD, TRAIN
-from .artefacts import (CLASSIFIERS_DIR, INDEX_FILE, INDEX_JSON, LUT_FILE, MODEL_JSON, SPLITS_CSV, STORE_FILE, SWEEP_PNG,
-                        read_model_json, read_threshold_json, store_of)
+from .artefacts import (CLASSIFIERS_DIR, INDEX_FILE, INDEX_JSON, LUT_FILE, MODEL_JSON, SPLITS_CSV, SWEEP_PNG, open_lut,
+                        open_model_store, read_model_json, read_threshold_json, require_same_checkpoint)
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -48,13 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AGREEMENT_QUERIES = 1000  # val queries searched both ways to measure an index's agreement with exact search
-
-
-def check_same_model(query_model: Any, gallery_model: Any, what: str) -> None:
-    """Refuse to match vectors of one checkpoint against a gallery of another (``UserError``)."""
-    if query_model != gallery_model:
-        raise UserError(f"{what} were embedded by another checkpoint ({query_model!r}) than the gallery "
-                        f"({gallery_model!r}): rerun 04_extract_features.py and 06_prune_features.py")
 
 
 @dataclass
@@ -79,50 +72,34 @@ class StoreData:
         return int(self.model.id)
 
 
-def load_gallery(lut_path: Path, model: ModelInfo, classes: list[str],
-                 max_memory_gib: float | None = None) -> tuple[Vectors, str]:
-    """Stage 06's self-contained LUT, checked to be of the same checkpoint and embedding as ``model``."""
-    with FeatureStore(lut_path) as lut:
-        info = lut.current_model()
-        check_same_model((info.checkpoint_sha256, info.embedding, info.dim),
-                         (model.checkpoint_sha256, model.embedding, model.dim), f"the LUT {lut_path}'s vectors")
-        gallery = vectors_of(lut, lut_path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib)
-    how = f", {describe(gallery.X)}" if is_streamed(gallery.X) else ""
-    return gallery, f"LUT {lut_path} ({len(gallery)} vectors{how})"
-
-
-def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None,
-                    store: Path | PgStore | None = None, max_memory_gib: float | None = None) -> StoreData:
+def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None, password_env: str | None = None,
+                    max_memory_gib: float | None = None) -> StoreData:
     """Load one model's train/val/test vectors and the gallery (the LUT, or every train and extra
     vector when None). The classes are the checkpoint's (equal to the splits'), then the
-    gallery-only classes stage 04 recorded in ``model.json``. ``store``: where stage 04's vectors
-    are (``store_of``; default its ``features.sqlite``). ``max_memory_gib``: the gallery, and the
-    train split, above this many GiB of vectors stay in the store (``common.streaming``); the val
-    and test queries are always loaded."""
-    meta = read_model_json(stage04)
+    gallery-only classes stage 04 recorded in ``model.json``. ``password_env``: the PostgreSQL
+    password's variable of a store on a server (``store.password_env``; None: the recorded one).
+    ``max_memory_gib``: the gallery, and the train split, above this many GiB of vectors stay in the
+    store (``common.streaming``); the val and test queries are always loaded."""
     rows = read_splits(splits_csv)
     train_classes = list(class_names(rows))
-    classes = gallery_classes(train_classes, meta.get("extra_classes", []))
-    store_path = stage04 / STORE_FILE if store is None else store
-    with open_store(store_path) as store:
-        info = store.require_complete(int(meta["model_id"]))
-        check_same_model(info.checkpoint_sha256, meta["checkpoint_sha256"], f"the vectors of {store_path}")
+    with open_model_store(stage04, password_env) as ms:
+        meta, info, store_path = ms.meta, ms.info, ms.target
+        classes = gallery_classes(train_classes, meta.get("extra_classes", []))
         if list(info.classes) != train_classes:
             raise UserError(f"{store_path}: the vectors' checkpoint has {len(info.classes)} classes but {splits_csv} "
                             f"has {len(train_classes)}: rerun 04_extract_features.py")
-        val, test = (store.load_split(s, info.id, classes) for s in ("val", "test"))
-        train = vectors_of(store, store_path, ("train",), info, classes, max_memory_gib)
-        n_extra = store.count_vectors((EXTRA_SPLIT,), info.id)
+        val, test = (ms.load((s,), classes) for s in ("val", "test"))
+        train = ms.load(("train",), classes, max_memory_gib)
+        n_extra = ms.store.count_vectors((EXTRA_SPLIT,), info.id)
         if lut_path is None and not is_streamed(train.X):
-            extra = store.load_split(EXTRA_SPLIT, info.id, classes)
-            gallery = merge(train, extra)
+            gallery = merge(train, ms.load((EXTRA_SPLIT,), classes))
         elif lut_path is None:  # the full gallery, streamed like the train split
-            gallery = vectors_of(store, store_path, ("train", EXTRA_SPLIT), info, classes, 0.0)
+            gallery = ms.load(GALLERY_SPLITS, classes, 0.0)
         if lut_path is None:
             how = f"; {describe(gallery.X)}" if is_streamed(gallery.X) else ""
             desc = f"full gallery ({len(train)} train + {n_extra} gallery-only vectors{how})"
     if lut_path is not None:
-        gallery, desc = load_gallery(lut_path, info, classes, max_memory_gib)
+        gallery, desc = open_lut(lut_path, info, classes, max_memory_gib)
     facts = [("model", info.describe()), ("backbone", info.backbone), ("image size", info.image_size),
              ("gallery", desc), ("classes", len(classes))]
     if n_extra:
@@ -273,7 +250,7 @@ def main(ctx: Context) -> dict[str, Any]:
     if icfg.reject_below is None:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
     scfg = ctx.cfg.search
-    data = hold_out(load_store_data(stage04, splits_dir / SPLITS_CSV, lut_path, store_of(stage04, ctx.cfg),
+    data = hold_out(load_store_data(stage04, splits_dir / SPLITS_CSV, lut_path, ctx.cfg.store.password_env,
                                     scfg.max_memory_gib if scfg.index == "exact" else None),
                     list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
@@ -349,7 +326,7 @@ def load_query_model(ctx: Context, data: StoreData) -> tuple[Any, Callable]:
         raise UserError(f"checkpoint {data.checkpoint} (named by 04_extract_features/model.json) is missing: "
                         "rerun 04_extract_features.py")
     model, ckpt = load_checkpoint_model(data.checkpoint, map_location="cpu")
-    check_same_model(ckpt.get("sha256"), data.model.checkpoint_sha256, f"queries embedded with {data.checkpoint}")
+    require_same_checkpoint(ckpt.get("sha256"), data.model.checkpoint_sha256, f"queries embedded with {data.checkpoint}")
     pre, m = checkpoint_preprocessing(ckpt, data.checkpoint), data.model
     stored = Preprocessing(tuple(m.mean), tuple(m.std), m.image_size, m.pad_fill)
     if not pre.same_as(stored):  # a store an earlier version normalised with a stats.json that had changed

@@ -24,14 +24,14 @@ import numpy as np
 
 from .. import lut, search
 from ..errors import UserError
-from ..features import FeatureStore, PgStore, Vectors, open_store
+from ..features import GALLERY_SPLITS, FeatureStore, ModelInfo, PgStore, Vectors, open_store
 from ..fileio import atomic_path, write_csv, write_json
 from ..plots import plot_prune_summary
 from . import EXTRACT, THRESHOLD
-from .artefacts import INDEX_FILE, INDEX_JSON, LUT_FILE, LUT_JSON, THRESHOLD_JSON, read_threshold_json, store_of
-from ..gallery import EXTRA_SPLIT, merge, subset
+from .artefacts import (INDEX_FILE, INDEX_JSON, LUT_FILE, LUT_JSON, THRESHOLD_JSON, open_lut, open_model_store,
+                        read_threshold_json)
+from ..gallery import subset
 from ..streaming import is_streamed
-from .threshold import GALLERY, load_splits
 
 if TYPE_CHECKING:
     from ..stage import Context
@@ -77,13 +77,11 @@ def write_lut_store(path: Path, source: Path | PgStore, model_id: int, gallery: 
             dst.mark_complete(new.id)
 
 
-def build_lut_index(ctx: Context, lut_path: Path, classes: list[str]) -> dict[str, Any]:
-    """Index the LUT's rows (train and extra, by image id: the order stage 07 loads them); write
-    ``lut.faiss`` and its json."""
+def build_lut_index(ctx: Context, lut_path: Path, model: ModelInfo, classes: list[str]) -> dict[str, Any]:
+    """Index the LUT's rows, read as stage 07 reads them (``open_lut``: train and extra, by image
+    id); write ``lut.faiss`` and its json."""
     scfg = ctx.cfg.search
-    with FeatureStore(lut_path) as store:
-        mid = store.current_model().id
-        gallery = merge(store.load_split("train", mid, classes), store.load_split(EXTRA_SPLIT, mid, classes))
+    gallery, _ = open_lut(lut_path, model, classes)
     ann = search.build_index(gallery.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
     with atomic_path(ctx.output(INDEX_FILE)) as tmp:
         ann.save(tmp)
@@ -97,13 +95,13 @@ def main(ctx: Context) -> dict[str, Any]:
     stage04 = ctx.upstream(EXTRACT)
     t, source, tj_model = _threshold(ctx)
     t = round(t, 6)
-    source = store_of(stage04, ctx.cfg)
     scfg = ctx.cfg.search
-    model, classes, vec = load_splits(stage04, (GALLERY,), source, scfg.max_memory_gib if scfg.index == "exact" else None)
+    with open_model_store(stage04, ctx.cfg.store.password_env) as ms:
+        model, source, info, classes = ms.meta, ms.target, ms.info, list(ms.meta["classes"])
+        gal = ms.load(GALLERY_SPLITS, classes, scfg.max_memory_gib if scfg.index == "exact" else None)
     if tj_model is not None and int(tj_model) != int(model["model_id"]):
         raise UserError(f"{source} was chosen for model {tj_model}, but stage 04's vectors are of model "
                         f"{model['model_id']}: rerun 05_lut_threshold.py")
-    gal = vec[GALLERY]
     if len(gal) == 0:
         raise UserError(f"{source} holds no train vectors to prune: rerun 04_extract_features.py")
     t0 = time.perf_counter()
@@ -112,7 +110,7 @@ def main(ctx: Context) -> dict[str, Any]:
     kept = subset(gal, keep)
     lut_path = ctx.output(LUT_FILE, digest="feature_store")
     write_lut_store(lut_path, source, int(model["model_id"]), kept)
-    index = build_lut_index(ctx, lut_path, classes) if ctx.cfg.search.index != "exact" else None
+    index = build_lut_index(ctx, lut_path, info, classes) if ctx.cfg.search.index != "exact" else None
 
     n_classes = len(classes)
     before = np.bincount(gal.labels, minlength=n_classes)

@@ -15,54 +15,25 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import lut, search
 from ..errors import UserError
-from ..features import PgStore, Vectors, open_store
+from ..features import GALLERY_SPLITS, Vectors
 from ..fileio import write_csv, write_json
-from ..gallery import EXTRA_SPLIT
 from ..plots import plot_sweep
-from ..streaming import fits, is_streamed, vectors_of
+from ..streaming import fits, is_streamed
 from . import EXTRACT
-from .artefacts import MODEL_JSON, STORE_FILE, SWEEP_PNG, THRESHOLD_JSON, read_model_json, store_of
+from .artefacts import SWEEP_PNG, THRESHOLD_JSON, open_model_store
 
 if TYPE_CHECKING:
     from ..stage import Context
 
 log = logging.getLogger(__name__)
 
-GALLERY = "gallery"  # load_splits: the train and extra splits, by image id
 INDEX_COLUMNS = ["index_top1_accuracy", "index_same_image", "index_same_class"]
-
-
-def load_splits(stage04_dir: Path, splits: Sequence[str], store: Path | PgStore | None = None,
-                max_memory_gib: float | None = None) -> tuple[dict[str, Any], list[str], dict[str, Vectors]]:
-    """(model.json, classes, {split: Vectors}) of the one model stage 04 recorded, from ``store``
-    (``store_of``; default stage 04's ``features.sqlite``).
-
-    ``classes`` are the gallery's (the checkpoint's, then the gallery-only classes of
-    ``data.gallery_extra``). The pseudo-split ``GALLERY`` is the ``train`` and ``extra`` splits
-    by image id; when its vectors exceed ``max_memory_gib`` (None: never) it stays in the store
-    (``common.streaming``: pruned class by class, searched block by block).
-    """
-    model = read_model_json(stage04_dir)
-    path = Path(stage04_dir) / STORE_FILE if store is None else store
-    classes = list(model["classes"])
-    with open_store(path) as store:
-        info = store.require_complete(int(model["model_id"]))
-        if (info.checkpoint_sha256 != model["checkpoint_sha256"] or info.dim != int(model["dim"])
-                or info.dtype != model.get("dtype", "float32")):
-            raise UserError(f"{path} does not hold the model {Path(stage04_dir) / MODEL_JSON} describes: rerun "
-                            "04_extract_features.py --force")
-        out = {s: vectors_of(store, path, ("train", EXTRA_SPLIT), info, classes, max_memory_gib) if s == GALLERY
-               else store.load_split(s, info.id, classes) for s in splits}
-    log.info("feature store %s: %s; %s", path, info.describe(),
-             ", ".join(f"{s} {len(v):,} vectors" for s, v in out.items()))
-    return model, classes, out
 
 
 def latency(val: Vectors, gal: Vectors, sizes: list[int], lcfg: Any, max_memory_gib: float, device: Any) -> list[float]:
@@ -103,12 +74,11 @@ def main(ctx: Context) -> dict[str, Any]:
     lcfg = ctx.cfg.lut
     device = ctx.device()
     thresholds = lut.threshold_grid(lcfg)
-    stage04 = ctx.upstream(EXTRACT)
-    store = store_of(stage04, ctx.cfg)
     scfg = ctx.cfg.search
-    model, classes, vec = load_splits(stage04, (GALLERY, "val"), store,
-                                      scfg.max_memory_gib if scfg.index == "exact" else None)
-    gal, val = vec[GALLERY], vec["val"]
+    with open_model_store(ctx.upstream(EXTRACT), ctx.cfg.store.password_env) as ms:
+        model, store, classes = ms.meta, ms.target, list(ms.meta["classes"])
+        gal = ms.load(GALLERY_SPLITS, classes, scfg.max_memory_gib if scfg.index == "exact" else None)
+        val = ms.load(("val",), classes)
     if len(gal) == 0:
         raise UserError(f"{store} holds no train vectors (the gallery): check split.train and rerun "
                         "01_random_split_dataset.py and 04_extract_features.py")
