@@ -387,6 +387,7 @@ def test_stages_05_and_06_over_a_store(tmp_path):
     np.testing.assert_array_equal(got.labels, full.labels[keep])
     assert lj["threshold"] == tj["threshold"] and lj["n_after"] == int(keep.sum()) == m6["n_after"]
     assert lj["n_before"] == 100 and lj["kept_ids_sha256"] == lut.kept_ids_sha256(full.ids[keep])
+    assert lj["threshold_source"] == str(ctx5.dir / "threshold.json")  # where the threshold comes from
     assert "lut.sqlite" in ctx6.outputs
     # stage 06 writes nothing in stage 04's folder
     assert sorted(p.name for p in (run / "04_extract_features").iterdir()) == ["features.sqlite", "model.json"]
@@ -399,6 +400,7 @@ def test_stages_05_and_06_over_a_store(tmp_path):
     assert SPECS["06_prune_features"].upstream(cfg) == ("04_extract_features", "05_lut_threshold")
     ctx6b = FakeCtx(run, "06_prune_features", cfg2)
     assert S6.main(ctx6b)["threshold"] == 1.0
+    assert json.loads((ctx6b.dir / "lut.json").read_text())["threshold_source"] == "prune.threshold"
 
 
 def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):

@@ -97,19 +97,19 @@ def main(ctx: Context) -> dict[str, Any]:
     t = round(t, 6)
     scfg = ctx.cfg.search
     with open_model_store(stage04, ctx.cfg.store.password_env) as ms:
-        model, source, info, classes = ms.meta, ms.target, ms.info, list(ms.meta["classes"])
+        model, store, info, classes = ms.meta, ms.target, ms.info, list(ms.meta["classes"])
         gal = ms.load(GALLERY_SPLITS, classes, scfg.max_memory_gib if scfg.index == "exact" else None)
     if tj_model is not None and int(tj_model) != int(model["model_id"]):
         raise UserError(f"{source} was chosen for model {tj_model}, but stage 04's vectors are of model "
                         f"{model['model_id']}: rerun 05_lut_threshold.py")
     if len(gal) == 0:
-        raise UserError(f"{source} holds no train vectors to prune: rerun 04_extract_features.py")
+        raise UserError(f"{store} holds no train vectors to prune: rerun 04_extract_features.py")
     t0 = time.perf_counter()
     keep = lut.prune(gal.X, gal.labels, gal.ids, t, ctx.cfg.lut.block_size, ctx.device())
     secs = time.perf_counter() - t0
     kept = subset(gal, keep)
     lut_path = ctx.output(LUT_FILE, digest="feature_store")
-    write_lut_store(lut_path, source, int(model["model_id"]), kept)
+    write_lut_store(lut_path, store, int(model["model_id"]), kept)
     index = build_lut_index(ctx, lut_path, info, classes) if ctx.cfg.search.index != "exact" else None
 
     n_classes = len(classes)
