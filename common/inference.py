@@ -146,26 +146,18 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
     sims = np.full((Q, C), -np.inf, dtype=np.float32)
     idx = np.full((Q, C), -1, dtype=np.int64)
     if Q and len(gallery):
-        if block_size < 1:
-            raise UserError(f"inference.block_size: must be >= 1, got {block_size}")
+        from .retrieval import ClassSlices, as_tensor, class_max_block
+
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        order = np.argsort(gallery.labels, kind="stable")  # each class one contiguous slice, rows kept in order
-        lab = gallery.labels[order]
-        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
-        ends = np.r_[starts[1:], lab.size]
-        cls = lab[starts]  # the classes present, in column order
-        gt = torch.from_numpy(np.ascontiguousarray(gallery.X[order])).to(dev).t()  # (D, G)
-        q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        sl = ClassSlices.of(gallery.labels)  # the whole gallery is one block
+        gt = as_tensor(gallery.X[sl.order], dev).t()  # (D, G)
+        q_all = as_tensor(queries, "cpu")
         with torch.inference_mode():
             for a in range(0, Q, block_size):
                 qb = q_all[a:a + block_size].to(dev, non_blocking=True)
-                s = qb @ gt  # (B, G) float32
-                v = torch.empty((qb.shape[0], cls.size), dtype=torch.float32, device=dev)
-                j = torch.empty((qb.shape[0], cls.size), dtype=torch.int64, device=dev)
-                for c, (lo, hi) in enumerate(zip(starts, ends)):
-                    v[:, c], j[:, c] = s[:, lo:hi].max(dim=1)
-                sims[a:a + qb.shape[0], cls] = v.cpu().numpy()
-                idx[a:a + qb.shape[0], cls] = order[j.cpu().numpy() + starts[None, :]]
+                v, j = class_max_block(qb @ gt, sl)  # one (B, G) float32 product
+                sims[a:a + qb.shape[0], sl.classes] = v.cpu().numpy()
+                idx[a:a + qb.shape[0], sl.classes] = j.cpu().numpy()
     return ClassSearch(sims, idx, time.perf_counter() - t0)
 
 

@@ -19,15 +19,13 @@ Inputs may be numpy arrays or torch tensors (on any device); outputs are numpy.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-
-__all__ = ["topk", "knn_vote", "as_tensor", "sort_desc_stable"]
-
 
 def as_tensor(x: Any, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x`` (numpy or torch) as a contiguous torch tensor of ``dtype`` on ``device`` (None: keep/CPU)."""
@@ -63,6 +61,40 @@ def block_topk(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             sv, si = torch.sort(s[bad], dim=1, descending=True, stable=True)
             vals[bad], idx[bad] = sv[:, :k], si[:, :k]
     return sort_desc_stable(vals, idx)
+
+
+@dataclass(frozen=True)
+class ClassSlices:
+    """Gallery rows sorted by class (stable: rows of a class keep their order), so that each class
+    present is one contiguous slice ``starts[c]:ends[c]`` of ``order``."""
+
+    order: np.ndarray  # (m,) row of each sorted column
+    starts: np.ndarray  # (n,) first column of each class present
+    ends: np.ndarray  # (n,) one past its last column
+    classes: np.ndarray  # (n,) the class of each slice
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> ClassSlices:
+        order = np.argsort(labels, kind="stable")
+        lab = np.asarray(labels)[order]
+        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        return cls(order, starts, np.r_[starts[1:], lab.size], lab[starts])
+
+
+def class_max_block(s: torch.Tensor, slices: ClassSlices, row_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best row of every class present in one block of gallery rows: ``s`` (B, m) holds the
+    similarities to the rows in ``slices.order``; returns ``(sims (B, n), rows (B, n) int64)`` for
+    the n classes of ``slices.classes``, rows numbered from ``row_offset``. ``torch.max`` returns
+    the first of equal maxima: ties go to the lower row. The one reduction of the exact per-class
+    search, in memory (one block) and streamed (block by block)."""
+    dev = s.device
+    n = slices.classes.size
+    v = torch.empty((s.shape[0], n), dtype=torch.float32, device=dev)
+    j = torch.empty((s.shape[0], n), dtype=torch.int64, device=dev)
+    for c, (lo, hi) in enumerate(zip(slices.starts, slices.ends)):
+        v[:, c], j[:, c] = s[:, lo:hi].max(dim=1)
+    rows = torch.from_numpy(slices.order + row_offset).to(dev)
+    return v, rows[j + torch.from_numpy(slices.starts).to(dev)[None, :]]
 
 
 def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,

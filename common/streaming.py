@@ -160,12 +160,6 @@ def is_streamed(x: Any) -> bool:
     return isinstance(x, StoreMatrix)
 
 
-def _tensor(x: np.ndarray, dev: Any) -> Any:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-
-
 def topk(queries: Any, gallery: StoreMatrix, k: int, block_size: int = 4096,
          device: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """``retrieval.topk`` over a streamed gallery: ``(sims (Q, k'), idx (Q, k'))``, k' = min(k, G),
@@ -191,7 +185,7 @@ def topk(queries: Any, gallery: StoreMatrix, k: int, block_size: int = 4096,
     rows = torch.empty((Q, 0), dtype=torch.int64, device=dev)
     with torch.inference_mode():
         for start, X in gallery.blocks():
-            gt = _tensor(X, dev).t()
+            gt = as_tensor(X, dev).t()
             bk = min(kk, X.shape[0])
             nv = torch.empty((Q, bk), dtype=torch.float32, device=dev)
             ni = torch.empty((Q, bk), dtype=torch.int64, device=dev)
@@ -214,28 +208,21 @@ def class_best(queries: np.ndarray, gallery: StoreMatrix, labels: np.ndarray, n_
     idx = np.full((Q, C), -1, dtype=np.int64)
     if not Q or not len(gallery):
         return sims, idx
+    from .retrieval import ClassSlices, as_tensor, class_max_block
+
     dev = torch.device(device) if device is not None else torch.device("cpu")
     labels = np.asarray(labels, dtype=np.int64)
     best = torch.full((Q, C), -torch.inf, dtype=torch.float32, device=dev)
     arg = torch.full((Q, C), -1, dtype=torch.int64, device=dev)
-    q_all = _tensor(queries, "cpu")
+    q_all = as_tensor(queries, "cpu")
     with torch.inference_mode():
         for start, X in gallery.blocks():
-            lab = labels[start:start + X.shape[0]]
-            order = np.argsort(lab, kind="stable")  # each class one contiguous slice, rows kept in order
-            ls = lab[order]
-            starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
-            ends = np.r_[starts[1:], ls.size]
-            cls = torch.from_numpy(ls[starts]).to(dev)
-            gt = _tensor(X[order], dev).t()
-            rows_of = torch.from_numpy(order + start).to(dev)
+            sl = ClassSlices.of(labels[start:start + X.shape[0]])
+            cls = torch.from_numpy(sl.classes).to(dev)
+            gt = as_tensor(X[sl.order], dev).t()
             for a in range(0, Q, block_size):
                 s = q_all[a:a + block_size].to(dev) @ gt
-                v = torch.empty((s.shape[0], starts.size), dtype=torch.float32, device=dev)
-                j = torch.empty((s.shape[0], starts.size), dtype=torch.int64, device=dev)
-                for c, (lo, hi) in enumerate(zip(starts, ends)):
-                    v[:, c], j[:, c] = s[:, lo:hi].max(dim=1)
-                j = rows_of[j + torch.from_numpy(starts).to(dev)[None, :]]
+                v, j = class_max_block(s, sl, start)
                 cur_v, cur_j = best[a:a + s.shape[0]][:, cls], arg[a:a + s.shape[0]][:, cls]
                 better = v > cur_v  # strictly: an equal similarity keeps the earlier (lower) row
                 best[a:a + s.shape[0], cls] = torch.where(better, v, cur_v)
