@@ -11,7 +11,7 @@ Writes: 05_lut_threshold/threshold_sweep.csv, threshold.json (threshold, rule, r
         model id, suggested_reject_below for stage 07), threshold_sweep.png
 Usage:  python 05_lut_threshold.py --run runs/dyb lut.rule=max_f1
 """
-from common import stage
+from common import stages
 
 if __name__ == "__main__":
-    stage.run("05_lut_threshold")
+    stages.run("05_lut_threshold")

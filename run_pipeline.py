@@ -26,7 +26,8 @@ from pathlib import Path
 
 from common.config import load_config, secret_args
 from common.errors import UserError
-from common.stage import STAGES, ArgParser, script_for
+from common.stage import ArgParser, script_for
+from common.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent
 

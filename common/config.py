@@ -393,28 +393,6 @@ NON_SEMANTIC = {
     "extract.cpu_compile",
 }
 
-# Flags of the reference SupCon code (HobbitLong/SupContrast main_supcon.py) accepted by stage 03.
-SUPCON_ALIASES: dict[str, str] = {
-    "batch_size": "train.batch_size",
-    "learning_rate": "train.learning_rate",
-    "temp": "train.temperature",
-    "epochs": "train.epochs",
-    "cosine": "train.cosine",
-    "size": "model.image_size",
-    "model": "model.backbone",
-    "method": "train.method",
-    "save_freq": "train.save_freq",
-    "num_workers": "data.num_workers",
-    "lr_decay_epochs": "train.lr_decay_epochs",
-    "lr_decay_rate": "train.lr_decay_rate",
-    "weight_decay": "train.weight_decay",
-    "momentum": "train.momentum",
-    "warm": "train.warm",
-    "trial": "train.trial",
-}
-# Of those, the ones that are on/off switches in the reference (store_true).
-SUPCON_FLAGS = {"cosine", "warm"}
-
 INSECURE_LOGIN_MESSAGE = ("notify.security: plain with notify.user set would send the SMTP password across the "
                           "network in clear: use starttls or ssl, or set notify.allow_insecure_login: true")
 

@@ -56,6 +56,7 @@ from . import report as R
 from .errors import UserError
 from .features import Vectors
 from .fileio import write_csv, write_json
+from .retrieval import knn_vote, topk
 from .streaming import is_streamed as streamed
 
 log = logging.getLogger(__name__)
@@ -96,19 +97,6 @@ class ClassSearch:
 
 
 # ----------------------------------------------------------------------------- search and decide
-
-
-def _np(a: Any) -> np.ndarray:
-    """A torch tensor (any device) or array-like as a numpy array."""
-    if hasattr(a, "detach"):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
-
-
-def _retrieval():
-    from . import retrieval  # written by another module owner; imported when first needed
-
-    return retrieval
 
 
 def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_size: int,
@@ -238,14 +226,13 @@ def classify(queries: np.ndarray, gallery: Vectors, n_classes: int, *, method: s
     if method == "top1":
         d = decide(cs, top_k, reject_below)
     elif method == "knn":
-        r = _retrieval()
         kk = max(1, min(k, len(gallery)))
         if index is not None:
             sims, idx = index.search(queries, kk, gallery.X)
         else:
-            sims, idx = r.topk(queries, gallery.X, kk, block_size=block_size, device=device)
-        pred, scores = r.knn_vote(sims, idx, gallery.labels, n_classes, temperature)
-        d = decide(cs, top_k, reject_below, _np(pred).astype(np.int64), _np(scores))
+            sims, idx = topk(queries, gallery.X, kk, block_size=block_size, device=device)
+        pred, scores = knn_vote(sims, idx, gallery.labels, n_classes, temperature)
+        d = decide(cs, top_k, reject_below, np.asarray(pred, dtype=np.int64), np.asarray(scores))
     else:
         raise UserError(f"inference.method: expected top1 or knn, got {method!r}")
     d.seconds = time.perf_counter() - t0 + extra
@@ -433,15 +420,9 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     if inp.search_info:
         out["search"] = inp.search_info
     out.update(M.classification_metrics(y, d.final, C, d.candidates, icfg.top_k))
-    topk = _retrieval().topk
-
-    def topk_np(q, g, k, **kw):
-        s, i = topk(q, g, k, **kw)
-        return _np(s), _np(i)
-
     # on a GPU both matrices go to the device once, not once per class searched
     out.update(M.retrieval_metrics(_on_device(test.X, device), y, _on_device(gallery.X, device), gallery.labels,
-                                   topk_np, block_size=icfg.block_size, device=device))
+                                   topk, block_size=icfg.block_size, device=device))
     out["reject_below"] = icfg.reject_below
     out.update(_rejection_facts(rule))
     if rule.cut is not None:

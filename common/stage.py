@@ -1,6 +1,7 @@
 """The wrapper every stage runs in: command line, run configuration, checks, lock, manifest, exit codes.
 
-A stage script calls ``stage.run("04_extract_features")``. The wrapper, in order:
+A stage script calls ``stages.run("04_extract_features")``, which calls ``execute`` with the
+stage's spec and the stage table. The wrapper, in order:
 
 1. parses ``-c`` (repeatable), ``--run``, ``--force`` and ``section.key=value`` overrides, in
    any order, and resolves the configuration: defaults, the run's own ``RUN/config.yaml``, the
@@ -43,13 +44,15 @@ import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import config as config_mod
 from . import runfolder as rf
 from .errors import StaleUpstreamError, UserError
 from .signals import interrupt
-from .stages import SPECS, STAGES, SUPCON_FLAGS, StageSpec, downstream, stages_reading
+
+if TYPE_CHECKING:
+    from .stages import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +163,7 @@ class ArgParser(argparse.ArgumentParser):
 
 def build_parser(spec: StageSpec, doc: str | None) -> argparse.ArgumentParser:
     p = ArgParser(
-        prog=spec.script,
+        prog=script_for(spec.name),
         description=(doc or "").strip().splitlines()[0] if doc else None,
         epilog="Overrides: section.key=value (values parse as YAML), e.g. train.epochs=10; options and overrides "
         "in any order. Exit codes: 0 done, 2 bad input or configuration, 1 unexpected failure, 130 interrupted.",
@@ -173,7 +176,7 @@ def build_parser(spec: StageSpec, doc: str | None) -> argparse.ArgumentParser:
                    "(an unfinished run still resumes)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="configuration overrides")
     for flag, target in spec.aliases.items():
-        if flag in SUPCON_FLAGS:
+        if flag in spec.switches:
             p.add_argument(f"--{flag}", dest=f"alias__{flag}", action="store_true", default=None,
                            help=f"alias of {target}=true")
         else:
@@ -423,9 +426,24 @@ def _own_state(spec: StageSpec, inv: Invocation, fresh: rf.Freshness, stage_dir:
     return old, why
 
 
+def downstream(table: dict[str, StageSpec], names: set[str], cfg: config_mod.Config) -> list[str]:
+    """``names`` and every stage of ``table`` that reads one of them, directly or not, in the table's
+    (pipeline) order."""
+    out = set(names)
+    for s, spec in table.items():
+        if set(spec.upstream(cfg)) & out:
+            out.add(s)
+    return [s for s in table if s in out]
+
+
+def stages_reading(table: dict[str, StageSpec], keys: set[str]) -> set[str]:
+    """The stages of ``table`` that declare one of ``keys`` (``section.key``)."""
+    return {s.name for s in table.values() if set(s.hashed_keys) & keys}
+
+
 def _config_change_message(inv: Invocation, specs: dict[str, StageSpec]) -> str:
     keys = {c.split(":")[0] for c in inv.changes}
-    affected = downstream(stages_reading({k for k in keys if config_mod.is_semantic(k)}), inv.cfg)
+    affected = downstream(specs, stages_reading(specs, {k for k in keys if config_mod.is_semantic(k)}), inv.cfg)
     stale = [s for s in affected if s in specs and rf.read_manifest(specs[s].folder(inv.run_dir, inv.cfg))]
     tail = f"; out of date now: {', '.join(stale)}" if stale else "; no finished stage is affected"
     return f"{inv.run_dir / rf.RUN_CONFIG}: " + "; ".join(inv.changes) + tail
@@ -546,7 +564,7 @@ def _manifest(spec: StageSpec, inv: Invocation, ctx: Context, reads: set[str], a
     values = config_mod.key_values(inv.cfg, spec.hashed_keys)
     return {
         "format": rf.FORMAT, "stage": spec.name, "status": "ok", "started": started, "finished": _now(),
-        "elapsed_s": round(time.time() - t0, 3), "argv": _redact_argv([spec.script, *argv]),
+        "elapsed_s": round(time.time() - t0, 3), "argv": _redact_argv([script_for(spec.name), *argv]),
         "host": socket.gethostname(), "git_commit": git_commit(),
         "config": values, "config_hash": config_mod.hash_values(values),
         "keys_read": sorted(reads), "undeclared_keys_read": sorted(reads - set(spec.keys)),
@@ -628,15 +646,12 @@ def _close(handlers: list[logging.Handler], lock: rf.StageLock, world: int) -> N
         h.close()
 
 
-def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: Any = None, check: Any = None,
-            doc: str | None = None, specs: dict[str, StageSpec] | None = None) -> int:
-    """Run one stage and return its exit code (``run`` calls this and exits).
-
-    ``main`` and ``check`` replace the spec's driver (its ``check`` too, None: no check) and
-    ``specs`` the stage table (tests wire small stages into the real wrapper).
-    """
-    specs = specs or SPECS
-    spec = specs[spec] if isinstance(spec, str) else spec
+def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, table: dict[str, StageSpec],
+            doc: str | None = None) -> int:
+    """Run one stage (a spec, or its name in ``table``) and return its exit code. ``table``: the
+    stage table its upstream stages and the stages a configuration change affects are looked up
+    in (``stages.run`` passes ``stages.SPECS`` and exits with the code)."""
+    spec = table[spec] if isinstance(spec, str) else spec
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         inv = parse_args(spec, argv, doc)
@@ -662,10 +677,10 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
         # every rank must hear of a refusal on one (rank 0's lock check): the group first, then the checks
         rank, world = _init_distributed(cfg.run.device)
         with _go_no_go(world):
-            fresh, old, why = _checks(spec, inv, specs, stage_dir, rank0)  # nothing is written before
+            fresh, old, why = _checks(spec, inv, table, stage_dir, rank0)  # nothing is written before
         if why is None:
             if inv.changes:
-                slog.info("%s", _config_change_message(inv, specs))
+                slog.info("%s", _config_change_message(inv, table))
             if rank0 and (inv.changes or inv.new_run):
                 rf.write_run_config(run_dir, cfg)
             slog.info("%s is up to date (inputs and configuration unchanged since %s); use --force to rerun",
@@ -680,7 +695,7 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
         with _go_no_go(world):  # a refusal on one rank (the lock, a driver's check) stops every rank
             # the check phase, still read only: the wrapper's own, then the driver's
             _check_stage_folder(stage_dir)
-            check_fn = check if main is not None else spec.check()
+            check_fn = spec.check()
             if check_fn is not None:
                 check_fn(ctx)
             if rank == 0:
@@ -688,14 +703,14 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
                 taken = _Before.take(inv, stage_dir)  # read before the first write
                 lock.acquire()
                 before = taken
-                _begin(inv, specs, stage_dir, buffer, handlers, slog)
+                _begin(inv, table, stage_dir, buffer, handlers, slog)
         slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
         from .seed import seed_everything
 
         seed_everything(cfg.run.seed)
         _barrier(world)
         with _go_no_go(world):  # a rank that fails stops the others, which would wait for it at the end
-            metrics = (main or spec.main())(ctx) or {}
+            metrics = spec.main()(ctx) or {}
         if rank == 0:
             manifest = _manifest(spec, inv, ctx, reads, argv, started, t0, metrics)
             if manifest["undeclared_keys_read"]:
@@ -726,11 +741,3 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, main: A
         finally:
             _restore_signals(old_signals)
     return code
-
-
-def run(name: str) -> typing.NoReturn:
-    """Entry point of every stage script: ``stage.run("04_extract_features")``."""
-    sys.exit(execute(SPECS[name], doc=sys.modules["__main__"].__doc__))
-
-
-__all__ = ["Context", "STAGES", "execute", "run", "script_for", "rerun_hint"]

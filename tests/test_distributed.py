@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import types
 from pathlib import Path
 
 import pytest
@@ -205,8 +206,6 @@ def _stage_worker(rank: int, port: int, run_dir: str, scenario: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
-    spec = StageSpec("01_random_split_dataset", "split", keys=("model.backbone",))
-
     def main(ctx):
         if scenario == "main" and ctx.rank == 1:
             raise UserError("cannot read /data/x/bad.png")
@@ -217,7 +216,8 @@ def _stage_worker(rank: int, port: int, run_dir: str, scenario: str) -> None:
         def held(*a, **k):
             raise UserError("01_random_split_dataset is running (pid 4242 on host): wait for it")
         stage._checks = held
-    code = stage.execute(spec, ["--run", run_dir, "run.device=cpu"], main=main, specs={spec.name: spec})
+    spec = StageSpec("01_random_split_dataset", types.SimpleNamespace(main=main), keys=("model.backbone",))
+    code = stage.execute(spec, ["--run", run_dir, "run.device=cpu"], table={spec.name: spec})
     Path(run_dir, f"code{rank}").write_text(str(code))
 
 

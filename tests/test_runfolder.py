@@ -287,7 +287,9 @@ def main(ctx):
         ctx.output("saved.txt").write_text("saved")
     return {}
 
-sys.exit(stage.execute(StageSpec("05_lut_threshold", "threshold", keys=()), main=main))
+from types import SimpleNamespace
+from common.stages import SPECS
+sys.exit(stage.execute(StageSpec("05_lut_threshold", SimpleNamespace(main=main), keys=()), table=SPECS))
 """
 
 
@@ -324,7 +326,7 @@ def test_every_bad_numeric_value_is_refused_by_every_stage_before_anything_is_wr
     for i, (key, (value, named)) in enumerate(sorted(OUT_OF_RANGE.items())):
         name = STAGES[i % len(STAGES)]  # every stage sees some of the keys
         capsys.readouterr()
-        assert wrapper.execute(name, ["--run", str(src), f"{key}={value}"]) == 2, key
+        assert wrapper.execute(name, ["--run", str(src), f"{key}={value}"], table=SPECS) == 2, key
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {named}: must be "), (key, err)
     assert snapshot(src) == before
@@ -454,7 +456,7 @@ def test_a_predict_name_never_leaves_its_folder(pipeline, tmp_path, capsys, name
     before = snapshot(src)
     capsys.readouterr()
     assert wrapper.execute("07_inference", ["--run", str(src), "inference.mode=predict", f"inference.input={folder}",
-                                            f"inference.name={name}"]) == 2
+                                            f"inference.name={name}"], table=SPECS) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: inference.name: ") and "is not a plain name" in err[0], err
     assert snapshot(src) == before and not Path("/tmp/i17-elsewhere").exists()

@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,16 +16,17 @@ from common import stage
 from common.errors import UserError
 from common.stages import SPECS, StageSpec
 
-SPEC_A = StageSpec("01_random_split_dataset", "split", keys=("model.backbone",))
-SPEC_B = StageSpec("02_mean_std_variables", "stats", keys=("stats.batch_size",),
+SPEC_A = StageSpec("01_random_split_dataset", None, keys=("model.backbone",))
+SPEC_B = StageSpec("02_mean_std_variables", None, keys=("stats.batch_size",),
                    upstream_fn=lambda cfg: ("01_random_split_dataset",))
-SPEC_C = StageSpec("03_main_supcon", "train", keys=(), upstream_fn=lambda cfg: ("02_mean_std_variables",))
+SPEC_C = StageSpec("03_main_supcon", None, keys=(), upstream_fn=lambda cfg: ("02_mean_std_variables",))
 TEST_SPECS = {s.name: s for s in (SPEC_A, SPEC_B, SPEC_C)}
 
 
 def ex(spec, main, argv, check=None):
-    """The real wrapper over a small stage table."""
-    return stage.execute(spec, argv, main=main, check=check, specs={**TEST_SPECS, spec.name: spec})
+    """The real wrapper over a small stage table, ``spec`` run with the driver ``main`` (and ``check``)."""
+    spec = replace(spec, driver=SimpleNamespace(main=main, check=check))
+    return stage.execute(spec, argv, table={**TEST_SPECS, spec.name: spec})
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,7 +211,7 @@ def test_external_input_change_reruns(tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.png").write_bytes(b"1")
-    spec = StageSpec("01_random_split_dataset", "split", keys=("data.root", "model.backbone"), external_fn=lambda cfg: [cfg.data.root])
+    spec = StageSpec("01_random_split_dataset", None, keys=("data.root", "model.backbone"), external_fn=lambda cfg: [cfg.data.root])
     run = ["--run", str(tmp_path / "run"), f"data.root={data}"]
     assert ex(spec, _producer("x"), run) == 0
     caplog.set_level("INFO")
@@ -237,7 +240,11 @@ def main(ctx):
         fh.write("end\\n")
     return {{}}
 
-sys.exit(stage.execute("01_random_split_dataset", main=main))
+from dataclasses import replace
+from types import SimpleNamespace
+from common.stages import SPECS
+spec = replace(SPECS["01_random_split_dataset"], driver=SimpleNamespace(main=main))
+sys.exit(stage.execute(spec, table=SPECS))
 """
 
 

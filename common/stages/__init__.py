@@ -12,11 +12,13 @@ stage with a recording configuration and fails if a driver reads a key it did no
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
-from ..config import SUPCON_ALIASES, SUPCON_FLAGS, Config, plain_name  # noqa: F401 - SUPCON_FLAGS re-exported
+from ..config import Config, plain_name
+from ..stage import execute
 
 SPLIT = "01_random_split_dataset"
 STATS = "02_mean_std_variables"
@@ -28,6 +30,28 @@ INFERENCE = "07_inference"
 STAGES = [SPLIT, STATS, TRAIN, EXTRACT, THRESHOLD, PRUNE, INFERENCE]
 PREDICT_DIR = "predict"  # 07_inference/predict/<name>/: predict runs, apart from the evaluation
 
+# Flags of the reference SupCon code (HobbitLong/SupContrast main_supcon.py) accepted by stage 03.
+SUPCON_ALIASES: dict[str, str] = {
+    "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate",
+    "temp": "train.temperature",
+    "epochs": "train.epochs",
+    "cosine": "train.cosine",
+    "size": "model.image_size",
+    "model": "model.backbone",
+    "method": "train.method",
+    "save_freq": "train.save_freq",
+    "num_workers": "data.num_workers",
+    "lr_decay_epochs": "train.lr_decay_epochs",
+    "lr_decay_rate": "train.lr_decay_rate",
+    "weight_decay": "train.weight_decay",
+    "momentum": "train.momentum",
+    "warm": "train.warm",
+    "trial": "train.trial",
+}
+# Of those, the ones that are on/off switches in the reference (store_true).
+SUPCON_FLAGS = frozenset({"cosine", "warm"})
+
 
 def _section(cls_name: str, *names: str) -> tuple[str, ...]:
     return tuple(f"{cls_name}.{n}" for n in names)
@@ -35,26 +59,25 @@ def _section(cls_name: str, *names: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage: its name, driver module, upstream stages and the configuration keys it reads."""
+    """One stage: its name, driver, upstream stages and the configuration keys it reads."""
 
     name: str
-    driver: str  # module under common.stages holding main(ctx)
+    # the module holding main(ctx) and maybe check(ctx) ("common.stages.split", imported when the
+    # stage runs), or any object with those attributes (a test's driver)
+    driver: Any
     keys: tuple[str, ...]  # section.key read by the driver (speed-only keys are read but not hashed)
     upstream_fn: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
     optional_upstream: tuple[str, ...] = ()  # read when present and fresh; never required
     external_fn: Callable[[Config], list[str]] = lambda cfg: []
     folder_fn: Callable[[Path, Config], Path] | None = None
     aliases: dict[str, str] = field(default_factory=dict)  # --flag -> section.key (stage 03)
+    switches: frozenset[str] = frozenset()  # of ``aliases``, the on/off flags (``--cosine``: true)
     speed_keys: tuple[str, ...] = ()  # of ``keys``, those that change how this stage runs, not what it writes: not hashed here
 
     @property
     def hashed_keys(self) -> tuple[str, ...]:
         """The keys whose values make this stage's outputs (recorded and compared for freshness)."""
         return tuple(k for k in self.keys if k not in self.speed_keys)
-
-    @property
-    def script(self) -> str:
-        return f"{self.name}.py"
 
     def upstream(self, cfg: Config) -> tuple[str, ...]:
         return tuple(self.upstream_fn(cfg)) + tuple(u for u in self.optional_upstream)
@@ -68,12 +91,15 @@ class StageSpec:
     def folder(self, run_dir: Path, cfg: Config) -> Path:
         return self.folder_fn(run_dir, cfg) if self.folder_fn else Path(run_dir) / self.name
 
+    def _driver(self) -> Any:
+        return importlib.import_module(self.driver) if isinstance(self.driver, str) else self.driver
+
     def main(self) -> Callable[[Any], dict | None]:
-        return importlib.import_module(f"{__name__}.{self.driver}").main
+        return self._driver().main
 
     def check(self) -> Callable[[Any], None] | None:
         """The driver's ``check(ctx)``, if it has one: read-only checks run before anything is written."""
-        return getattr(importlib.import_module(f"{__name__}.{self.driver}"), "check", None)
+        return getattr(self._driver(), "check", None)
 
 
 def _prune_upstream(cfg: Config) -> tuple[str, ...]:
@@ -121,14 +147,14 @@ TRAIN_CONTINUE_KEYS = ("train.epochs", "train.save_freq", "train.eval_every", "m
                        "model.channels_last", "run.deterministic")
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec(SPLIT, "split",
+    StageSpec(SPLIT, "common.stages.split",
               keys=("run.seed", *_section("data", "root", "bad_images", "num_workers", "follow_symlinks"),
                     *IMAGE_CHECKS, *_section("split", "train", "val", "test", "min_images", "materialize")),
               external_fn=lambda cfg: [cfg.data.root]),
-    StageSpec(STATS, "stats",
+    StageSpec(STATS, "common.stages.stats",
               keys=("data.pad_fill", "data.num_workers", "model.image_size", "stats.batch_size", *IMAGE_CHECKS),
               upstream_fn=lambda cfg: (SPLIT,)),
-    StageSpec(TRAIN, "train",
+    StageSpec(TRAIN, "common.stages.train",
               keys=("run.seed", "run.deterministic", "data.pad_fill", "data.num_workers", *IMAGE_CHECKS,
                     *_section("model", "backbone", "pretrained", "image_size", "head", "feat_dim",
                               "grad_checkpointing", "channels_last"),
@@ -138,23 +164,24 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                               "hflip", "vflip", "rot90", "color_jitter", "color_jitter_p", "grayscale_p", "save_freq",
                               "eval_every", "eval_knn_k", "amp", "compile", "max_steps_per_epoch", "resume",
                               "sync_bn")),
-              upstream_fn=lambda cfg: (SPLIT, STATS), aliases=SUPCON_ALIASES),
-    StageSpec(EXTRACT, "extract",
+              upstream_fn=lambda cfg: (SPLIT, STATS), aliases=SUPCON_ALIASES,
+              switches=SUPCON_FLAGS),
+    StageSpec(EXTRACT, "common.stages.extract",
               keys=(*_section("extract", "checkpoint", "embedding", "batch_size", "amp", "dtype", "cpu_precision",
                              "cpu_compile"),
                     "model.channels_last",
                     *_section("store", "url", "schema", "password_env"),
                     "data.num_workers", "data.gallery_extra", *IMAGE_CHECKS),
               upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN), external_fn=lambda cfg: list(cfg.data.gallery_extra)),
-    StageSpec(THRESHOLD, "threshold",
+    StageSpec(THRESHOLD, "common.stages.threshold",
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
                             "target_size", "knn_k", "knn_temperature", "block_size") + SEARCH_BUILD + SEARCH_QUERY
               + ("search.max_memory_gib", "store.password_env"),
               upstream_fn=lambda cfg: (EXTRACT,), speed_keys=("search.max_memory_gib",)),
-    StageSpec(PRUNE, "prune", keys=("prune.threshold", "lut.block_size", *SEARCH_BUILD, "search.max_memory_gib",
+    StageSpec(PRUNE, "common.stages.prune", keys=("prune.threshold", "lut.block_size", *SEARCH_BUILD, "search.max_memory_gib",
                                     "store.password_env"),
               upstream_fn=_prune_upstream, speed_keys=("search.max_memory_gib",)),
-    StageSpec(INFERENCE, "inference",
+    StageSpec(INFERENCE, "common.stages.inference",
               keys=("run.seed", *_section("inference", "mode", "input", "name", "gallery", "method", "k",
                                           "temperature", "top_k", "reject_below", "reject_keep", "reject_score",
                                           "ood_k", "unknown_classes", "review_margin", "review_max", "batch_size",
@@ -168,20 +195,6 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
 )}
 
 
-def number_of(name: str) -> int:
-    """1 for ``01_random_split_dataset``, ..."""
-    return STAGES.index(name) + 1
-
-
-def downstream(names: set[str], cfg: Config) -> list[str]:
-    """``names`` and every stage that reads one of them, directly or not, in pipeline order."""
-    out = set(names)
-    for s in STAGES:
-        if set(SPECS[s].upstream(cfg)) & out:
-            out.add(s)
-    return [s for s in STAGES if s in out]
-
-
-def stages_reading(keys: set[str]) -> set[str]:
-    """The stages that declare one of ``keys`` (``section.key``)."""
-    return {s.name for s in SPECS.values() if set(s.hashed_keys) & keys}
+def run(name: str) -> NoReturn:
+    """Entry point of every stage script: ``stages.run("04_extract_features")``."""
+    sys.exit(execute(SPECS[name], table=SPECS, doc=sys.modules["__main__"].__doc__))
