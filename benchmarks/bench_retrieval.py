@@ -96,7 +96,7 @@ def machine_line() -> str:
 
     import torch
 
-    from common.exact_search import cpu_flags
+    from common.exact_search import matmul_flags
 
     model = "unknown CPU"
     try:
@@ -106,7 +106,7 @@ def machine_line() -> str:
         pass
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"{model}; {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
-            f"flags: {' '.join(cpu_flags()) or 'none found'}; load average (1/5/15 min) {load}")
+            f"flags: {' '.join(matmul_flags()) or 'none found'}; load average (1/5/15 min) {load}")
 
 
 def peak_products(dim: int) -> dict:

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import CLASSIFIER_NAMES
 from .errors import NonFiniteLossError, UserError
 from .fileio import atomic_path, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
-CLASSIFIERS = ("linear", "logreg", "svm", "random_forest")
 # Fixed choices of the references (not knobs): SupContrast main_linear.py's optimiser, and
 # scikit-learn's defaults except an iteration budget large enough for 87 classes to converge.
 LINEAR_MOMENTUM = 0.9  # SupContrast main_linear.py
@@ -179,7 +179,7 @@ def make_sklearn(name: str, seed: int) -> Any:
                                                          random_state=seed))
     if name == "random_forest":
         return RandomForestClassifier(n_estimators=RF_TREES, class_weight="balanced", n_jobs=-1, random_state=seed)
-    raise UserError(f"inference.classifiers: unknown classifier {name!r} (choose from {list(CLASSIFIERS)})")
+    raise UserError(f"inference.classifiers: unknown classifier {name!r} (choose from {list(CLASSIFIER_NAMES)})")
 
 
 # ----------------------------------------------------------------------------- a fitted classifier
@@ -252,8 +252,8 @@ def fit_classifiers(names: Sequence[str], X_train: np.ndarray, y_train: np.ndarr
 
 def model_file(name: str) -> str:
     """The file name a classifier is saved under: ``linear.safetensors`` or ``<name>.skops``."""
-    if name not in CLASSIFIERS:
-        raise UserError(f"inference.classifiers: unknown classifier {name!r} (choose from {list(CLASSIFIERS)})")
+    if name not in CLASSIFIER_NAMES:
+        raise UserError(f"inference.classifiers: unknown classifier {name!r} (choose from {list(CLASSIFIER_NAMES)})")
     return LINEAR_FILE if name == "linear" else f"{name}{SKOPS_SUFFIX}"
 
 
@@ -354,7 +354,7 @@ def _saved_files(folder: Path, classes: Sequence[str], model_id: Any, dim: int,
         if names is not None and name not in names:
             continue
         file = rec.get("file") if isinstance(rec, dict) else None
-        expected = model_file(name) if name in CLASSIFIERS else None
+        expected = model_file(name) if name in CLASSIFIER_NAMES else None
         if expected is None or file != expected:
             raise _refused(meta_p, f"it lists classifier {str(name)[:40]!r} in file {str(file)[:60]!r}, "
                            f"not {expected or 'a known classifier'} (an older, unsafe format?)")

@@ -158,6 +158,9 @@ class SearchConfig:
     max_memory_gib: float = 16.0  # exact search (stages 05-07): a gallery, or train split, of more float32 vectors than this many GiB stays in the store and is streamed in blocks (same results; stage 07 then skips the classical classifiers); 0 = always stream
 
 
+CLASSIFIER_NAMES = ("linear", "logreg", "svm", "random_forest")  # inference.classifiers: common.classifiers fits them
+
+
 @dataclass
 class InferenceConfig:
     mode: Literal["evaluate", "predict"] = "evaluate"  # test split, or a folder of new images
@@ -177,7 +180,7 @@ class InferenceConfig:
     review_max: int = 500  # predict mode: images shown in review.html, most doubtful first (every image is in predictions.csv)
     batch_size: int = 256  # images per forward pass when embedding
     block_size: int = 4096  # query rows per similarity block
-    classifiers: list[str] = field(default_factory=lambda: ["linear", "logreg", "svm", "random_forest"])  # also fit: linear, logreg, svm, random_forest
+    classifiers: list[str] = field(default_factory=lambda: list(CLASSIFIER_NAMES))  # also fit: linear, logreg, svm, random_forest
     linear_epochs: int = 100  # linear head on frozen features: epochs
     linear_lr: float = 0.1  # linear head learning rate
     worst_classes: int = 5  # report: misclassified strips for this many worst classes
@@ -749,10 +752,10 @@ def validate(cfg: Config) -> None:
                           f"to {_num(lut.grid_stop)}, more than {MAX_GRID_THRESHOLDS}: use a larger step")
     if lut.rule == "target_size" and lut.target_size is None:
         raise ConfigError("lut.target_size: must be set when lut.rule is target_size")
-    allowed = {"linear", "logreg", "svm", "random_forest"}
     for c in cfg.inference.classifiers:
-        if c not in allowed:
-            raise ConfigError(f"inference.classifiers: unknown classifier {_show(c)} (choose from {sorted(allowed)})")
+        if c not in CLASSIFIER_NAMES:
+            raise ConfigError(f"inference.classifiers: unknown classifier {_show(c)} (choose from "
+                              f"{sorted(CLASSIFIER_NAMES)})")
     if cfg.inference.mode == "predict" and not cfg.inference.input:
         raise ConfigError("inference.input: must name a folder, an image or a list of images when inference.mode is "
                           "predict")

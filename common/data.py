@@ -20,6 +20,7 @@ before decoding). A 40 x 24 JPEG with orientation 6 is 24 x 40 in ``splits.csv``
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -638,3 +639,16 @@ def loader_error_line(e: BaseException) -> str:
                 return last[len(p):]
         return last[len(prefix):] if last.startswith(prefix) else last
     return lines[0] if lines else e.__class__.__name__
+
+
+@contextlib.contextmanager
+def worker_errors(hint: str = "") -> Iterator[None]:
+    """Around a DataLoader loop: a ``UserError`` (an unreadable image) that a worker re-raised,
+    made one line again (``loader_error_line``), with ``hint`` appended (then to an error of this
+    process too)."""
+    try:
+        yield
+    except UserError as e:
+        if str(e).startswith("Caught ") or hint:
+            raise type(e)(loader_error_line(e) + hint) from None
+        raise

@@ -114,6 +114,24 @@ def tf32(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Plain float32 products inside the block (no TF32 / bf16 shortcut), bf16 products accumulated
+    in float32 (cuBLAS may otherwise reduce split sums in bf16), and no autograd: what the error
+    bounds of exact search and LUT pruning assume. The previous settings come back after it."""
+    cuda = torch.backends.cuda.matmul
+    prec, tf32, bf16 = (torch.get_float32_matmul_precision(), cuda.allow_tf32,
+                        cuda.allow_bf16_reduced_precision_reduction)
+    torch.set_float32_matmul_precision("highest")
+    cuda.allow_tf32 = cuda.allow_bf16_reduced_precision_reduction = False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_float32_matmul_precision(prec)
+        cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction = tf32, bf16
+
+
 # ----------------------------------------------------------------------------- CPU precision
 
 

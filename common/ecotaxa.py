@@ -444,14 +444,10 @@ class ClassMap:
         return (category if cls == ANY else cls), ""
 
 
-def read_class_map(path: str | os.PathLike, key: str = "data.class_map") -> ClassMap:
-    """Read a class map CSV: a header, then ``category,class`` lines.
-
-    ``class`` ``-`` drops the category. A category not listed is skipped as unmapped, unless a
-    line ``*,...`` says otherwise: ``*,*`` keeps every unlisted category as its own class,
-    ``*,NAME`` merges them into NAME, ``*,-`` drops them. Categories are matched exactly (EcoTaxa
-    display names, e.g. ``Calanus<Calanidae``).
-    """
+def read_pairs_csv(path: str | os.PathLike, key: str, pairs: str) -> tuple[Path, list[tuple[int, list[str]]]]:
+    """The non-blank lines of a small CSV of ``pairs`` lines after a header, as (line number, stripped
+    cells), header first; ``UserError`` naming ``key`` when it cannot be read or has no line after
+    the header (the class map of ``data.class_map`` and the taxa map of ``inference.ecotaxa_taxa``)."""
     p = Path(path).expanduser()
     try:
         with open(p, encoding="utf-8-sig", newline="") as fh:
@@ -462,7 +458,19 @@ def read_class_map(path: str | os.PathLike, key: str = "data.class_map") -> Clas
         raise UserError(f"{key}: {p} is not a UTF-8 CSV ({e})") from None
     body = [(i + 1, [c.strip() for c in r]) for i, r in enumerate(lines) if r and any(c.strip() for c in r)]
     if len(body) < 2:
-        raise UserError(f"{key}: {p} has no lines (expected a header, then lines category,class)")
+        raise UserError(f"{key}: {p} has no lines (expected a header, then lines {pairs})")
+    return p, body
+
+
+def read_class_map(path: str | os.PathLike, key: str = "data.class_map") -> ClassMap:
+    """Read a class map CSV: a header, then ``category,class`` lines.
+
+    ``class`` ``-`` drops the category. A category not listed is skipped as unmapped, unless a
+    line ``*,...`` says otherwise: ``*,*`` keeps every unlisted category as its own class,
+    ``*,NAME`` merges them into NAME, ``*,-`` drops them. Categories are matched exactly (EcoTaxa
+    display names, e.g. ``Calanus<Calanidae``).
+    """
+    p, body = read_pairs_csv(path, key, "category,class")
     mapping: dict[str, str | None] = {}
     unlisted: str | None = None
     seen: set[str] = set()
@@ -643,17 +651,7 @@ class TaxaMap:
 def read_taxa_map(path: str | os.PathLike, key: str = "inference.ecotaxa_taxa") -> TaxaMap:
     """Read ``class,taxon`` lines after a header: taxon a number -> ``object_annotation_category_id``,
     otherwise the name written to ``object_annotation_category`` (use EcoTaxa's unique display name)."""
-    p = Path(path).expanduser()
-    try:
-        with open(p, encoding="utf-8-sig", newline="") as fh:
-            lines = list(csv.reader(fh))
-    except OSError as e:
-        raise UserError(f"{key}: {p} cannot be read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{key}: {p} is not a UTF-8 CSV ({e})") from None
-    body = [(i + 1, [c.strip() for c in r]) for i, r in enumerate(lines) if r and any(c.strip() for c in r)]
-    if len(body) < 2:
-        raise UserError(f"{key}: {p} has no lines (expected a header, then lines class,taxon)")
+    p, body = read_pairs_csv(path, key, "class,taxon")
     taxa: dict[str, str | int] = {}
     for line, cells in body[1:]:
         if len(cells) < 2 or not cells[0] or not cells[1]:

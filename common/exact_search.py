@@ -128,9 +128,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .device import cpu_flags, full_fp32
+from .retrieval import as_tensor
+
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "Codes", "quantize", "choose_precision", "cpu_flags", "exact_pairs", "topk", "class_best",
+__all__ = ["PRECISIONS", "Codes", "quantize", "choose_precision", "matmul_flags", "exact_pairs", "topk", "class_best",
            "topk_blocks", "class_best_blocks", "prune_class"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -203,13 +206,6 @@ def _norm_up(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(ss / (1.0 - (D + 1) * U32) + D * 2.0 ** -149) * (1.0 + 4 * U32)
 
 
-def _as_tensor(x: Any, device: Any = None) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-    if device is not None:
-        t = t.to(device)
-    return t.to(torch.float32).contiguous()
-
-
 def _code_rows(X: torch.Tensor, precision: str, low: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor,
                                                                              torch.Tensor]:
     """Codes of a few rows written into ``low``; returns ``(scale, norm, resid)`` (module docstring)."""
@@ -234,7 +230,7 @@ def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
     ``norm + resid`` (triangle inequality: |x~| <= |x| + |x - x~|)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
-    X = _as_tensor(X, device)
+    X = as_tensor(X, device)
     if X.ndim != 2:
         raise ValueError(f"expected an (N, D) matrix, got shape {tuple(X.shape)}")
     lo, hi = (float(v) for v in torch.aminmax(X)) if X.numel() else (0.0, 0.0)  # nan propagates
@@ -262,23 +258,6 @@ def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
 
 
 # ----------------------------------------------------------------------------- the products
-
-
-@contextlib.contextmanager
-def _full_fp32() -> Iterator[None]:
-    """Plain float32 products (no TF32 / bf16 shortcut), bf16 products accumulated in float32 (cuBLAS
-    may otherwise reduce split sums in bf16) and no autograd: the bound assumes them."""
-    cuda = torch.backends.cuda.matmul
-    prec, tf32, bf16 = (torch.get_float32_matmul_precision(), cuda.allow_tf32,
-                        cuda.allow_bf16_reduced_precision_reduction)
-    torch.set_float32_matmul_precision("highest")
-    cuda.allow_tf32 = cuda.allow_bf16_reduced_precision_reduction = False
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.set_float32_matmul_precision(prec)
-        cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction = tf32, bf16
 
 
 _PRODUCT_THREADS: list[int] = []  # torch's thread count, while a search runs its element-wise steps on one
@@ -390,7 +369,7 @@ def choose_precision(dim: int, device: Any = "cpu") -> str:
     gen = torch.Generator().manual_seed(0)
     X = torch.nn.functional.normalize(torch.randn(2048 + 256, max(dim, 1), generator=gen), dim=1).to(dev)
     times = {}
-    with _full_fp32():
+    with full_fp32():
         for kind in ("fp32", "bf16", "int8"):
             try:
                 c = quantize(X, kind)
@@ -408,21 +387,13 @@ def choose_precision(dim: int, device: Any = "cpu") -> str:
     choice = fast[0] if fast else "fp32"
     _CHOICE[key] = choice
     log.info("exact search precision %s (one 256 x 2048 x %d product: %s; CPU flags: %s)", choice, dim,
-             ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()), " ".join(cpu_flags()) or "unknown")
+             ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()), " ".join(matmul_flags()) or "unknown")
     return choice
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's matrix-product flags (AVX-512, VNNI, BF16, AMX) from /proc/cpuinfo (Linux; else [])."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")))
-    except OSError:
-        pass
-    return []
+def matmul_flags() -> list[str]:
+    """The CPU's matrix-product flags (AVX-512, VNNI, BF16, AMX), sorted (empty where unknown)."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx_vnni")))
 
 
 # ----------------------------------------------------------------------------- the exact similarity
@@ -482,8 +453,8 @@ def _exact_grouped(x: torch.Tensor, Y: torch.Tensor, gi: torch.Tensor, ps: torch
 def exact_pairs(X: Any, rows: Any, Y: Any, cols: Any, nn: torch.Tensor | None = None) -> torch.Tensor:
     """``s(X[rows[p]], Y[cols[p]])`` for every p: float32 (P,), the similarity of the module docstring.
     ``nn`` (P,) float64, optional: bounds ``>= |x| |y|`` of the pairs (else computed)."""
-    X = _as_tensor(X)
-    Y = _as_tensor(Y, X.device)
+    X = as_tensor(X)
+    Y = as_tensor(Y, X.device)
     rows = torch.as_tensor(rows, dtype=torch.int64, device=X.device).flatten()
     cols = torch.as_tensor(cols, dtype=torch.int64, device=X.device).flatten()
     out = torch.empty(rows.numel(), dtype=torch.float32, device=X.device)
@@ -775,7 +746,7 @@ def topk(queries: Any, gallery: Any, k: int, *, precision: str = "auto", keep: A
         rows = torch.as_tensor(np.asarray(keep) if not isinstance(keep, torch.Tensor) else keep, device=g.X.device)
         rows = torch.nonzero(rows).flatten() if rows.dtype == torch.bool else rows.to(torch.int64)
         g = g.take(rows)
-    q_all = _as_tensor(queries, g.X.device)
+    q_all = as_tensor(queries, g.X.device)
     if q_all.ndim != 2 or (q_all.shape[0] and len(g) and q_all.shape[1] != g.dim):
         raise ValueError(f"topk: expected (Q, D) queries for a (G, {g.dim}) gallery, got {tuple(q_all.shape)}")
     Q, kk = q_all.shape[0], min(k, len(g))
@@ -784,7 +755,7 @@ def topk(queries: Any, gallery: Any, k: int, *, precision: str = "auto", keep: A
     st["precision"] = g.precision
     if Q == 0 or kk == 0:
         return sims, idx
-    with _full_fp32(), _threads(g.X.device):
+    with full_fp32(), _threads(g.X.device):
         for a in range(0, Q, query_block):
             qc = _query_codes(q_all[a:a + query_block], g)
             s, i = _topk_codes(qc, g, kk, block_rows, _cap(max_candidates, kk), st)
@@ -870,7 +841,7 @@ def class_best(queries: Any, gallery: Any, labels: Any, n_classes: int, *, preci
         raise ValueError(f"class_best: {lab.size} labels for {len(g)} gallery rows")
     if lab.size and (lab.min() < 0 or lab.max() >= n_classes):
         raise ValueError(f"class_best: labels must lie in [0, {n_classes}), got {lab.min()}..{lab.max()}")
-    q_all = _as_tensor(queries, g.X.device)
+    q_all = as_tensor(queries, g.X.device)
     Q = q_all.shape[0]
     sims, idx = np.full((Q, n_classes), -np.inf, np.float32), np.full((Q, n_classes), -1, np.int64)
     st = stats if stats is not None else {}
@@ -881,7 +852,7 @@ def class_best(queries: Any, gallery: Any, labels: Any, n_classes: int, *, preci
     present, cls = np.unique(lab[order], return_inverse=True)
     gs, cls_t = g.take(order), torch.from_numpy(cls).to(g.X.device)
     cap = max(MIN_CANDIDATES, 4 * present.size) if max_candidates is None else int(max_candidates)
-    with _full_fp32(), _threads(g.X.device):
+    with full_fp32(), _threads(g.X.device):
         for a in range(0, Q, query_block):
             qc = _query_codes(q_all[a:a + query_block], g)
             s, c = _class_best_codes(qc, gs, cls_t, present.size, block_rows, cap, st)
@@ -898,7 +869,7 @@ def topk_blocks(queries: Any, blocks: Iterable[tuple[int, Any]], k: int, **kw: A
     ``common.streaming.StoreMatrix``'s ``blocks()``): each block searched exactly, the running lists
     merged by (similarity descending, row ascending). ``s`` does not depend on the blocking, so the
     answer is ``topk`` on the whole matrix. ``kw``: ``topk``'s keyword arguments (not ``keep``)."""
-    q = _as_tensor(queries)
+    q = as_tensor(queries)
     Q = q.shape[0]
     vals, rows = np.empty((Q, 0), np.float32), np.empty((Q, 0), np.int64)
     for first, X in blocks:
@@ -914,7 +885,7 @@ def class_best_blocks(queries: Any, blocks: Iterable[tuple[int, Any]], labels: A
     """``class_best`` over a gallery given as consecutive blocks ``(first_row, X_block)``; ``labels``
     (G,) covers the whole gallery. Blocks come in row order, so an equal similarity keeps the
     earlier (lower) row: the answer of ``class_best`` on the whole matrix."""
-    q = _as_tensor(queries)
+    q = as_tensor(queries)
     lab = np.asarray(labels, dtype=np.int64)
     sims = np.full((q.shape[0], n_classes), -np.inf, np.float32)
     idx = np.full((q.shape[0], n_classes), -1, np.int64)
@@ -1056,7 +1027,7 @@ def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto",
     ne, mm, nn = float(c.resid.max()), float(c.lnorm.max()), float(c.norm.max())
     E = (nn * ne + ne * mm + gamma * mm * mm + U32 * nn * nn + D * 2.0 ** -125 * (1 + 2 * mm)) * (1.0 + 8 * U64)
     dtype = torch.float32 if c.precision != "bf16" else torch.bfloat16
-    with _full_fp32(), _threads(c.X.device):
+    with full_fp32(), _threads(c.X.device):
         item = 2 if c.precision == "bf16" else 4
         blocks = _Blocks(c, tile, _Blocks.nbytes(n, tile, item) <= cache_bytes)
         for ti, t in enumerate(thresholds):

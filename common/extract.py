@@ -51,7 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .errors import ImageReadError, UserError
+from .errors import UserError
 from .device import resolve_cpu_precision
 from .embed import CompiledCpuModel, embed_batch, prepare_model, use_cpu_compile
 from .features import FeatureStore, ImageRecord, PgStore, open_store
@@ -160,15 +160,13 @@ class _Batches:
 
     def take(self, n: int) -> np.ndarray:
         """The next ``n`` vectors (n, dim) of this rank's share."""
-        from .data import loader_error_line
+        from .data import worker_errors
 
         if n == 0:  # a short last chunk can leave a rank nothing to embed
             return np.zeros((0, self.dim), np.float32)
         while self.have < n:
-            try:
+            with worker_errors():  # from a worker: the message is the last line of the wrapped text
                 x, _, _ = next(self.it)
-            except ImageReadError as e:  # from a worker: the message is the last line of the wrapped text
-                raise ImageReadError(loader_error_line(e)) from None
             t0 = time.perf_counter()
             v = embed_batch(self.model, x, self.embedding, self.amp, self.device, self.cl,
                             self.cpu_precision).cpu().numpy()

@@ -59,7 +59,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,6 +368,11 @@ def _engine(path: Path) -> Engine:
 def _raw(conn: Connection) -> sqlite3.Connection:
     """The sqlite3 connection under a SQLAlchemy connection (same transaction)."""
     return conn.connection.driver_connection  # type: ignore[return-value]
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Bytes an SQLite store takes on disk: the file and its WAL, if any."""
+    return sum(Path(f"{path}{suffix}").stat().st_size for suffix in ("", "-wal") if Path(f"{path}{suffix}").is_file())
 
 
 class FeatureStore:
@@ -810,7 +814,7 @@ class FeatureStore:
         rewritten, so it needs as much free disk as the store; its content is unchanged). Stage 04
         calls it after a model was replaced (another checkpoint, embedding or ``extract.dtype``),
         whose vectors otherwise leave the file at its old size. Returns (bytes before, after)."""
-        before = store_bytes(self.path)
+        before = file_bytes(self.path)
         self.engine.dispose()  # VACUUM runs outside any transaction, on a connection of its own
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
@@ -818,7 +822,7 @@ class FeatureStore:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             conn.close()
-        return before, store_bytes(self.path)
+        return before, file_bytes(self.path)
 
     def _decode(self, blobs: Sequence[bytes], ids: np.ndarray, dim: int, out: np.ndarray | None = None,
                 dtype: str | None = None) -> np.ndarray:
@@ -1046,7 +1050,6 @@ SCHEMA_PG_SQL: tuple[str, ...] = (
 )""",
     """ALTER TABLE vectors ALTER COLUMN vector SET STORAGE EXTERNAL""",
 )
-PG_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # a schema name that needs no quoting
 COPY_BLOCK_BYTES = 16 * 2**20  # bytes of COPY data built and sent at a time (bounds the extra memory)
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8  # binary COPY signature, flags, no extension
 _COPY_TRAILER = b"\xff\xff"
@@ -1064,13 +1067,13 @@ class PgStore:
     password_env: str = dataclasses.field(default_factory=lambda: _default_password_env())
 
     def __post_init__(self) -> None:
-        from .config import store_url_problem, strip_empty_password
+        from .config import STORE_SCHEMA_RE, store_url_problem, strip_empty_password
 
         object.__setattr__(self, "url", strip_empty_password(self.url))  # "user:@": no secret, dropped
         why = store_url_problem(self.url, self.password_env)
         if why is not None:  # the configuration refused it already; a model.json edited by hand too
             raise UserError(f"feature store URL: {why.removeprefix('store.url: ')}")
-        if not PG_SCHEMA_RE.fullmatch(self.schema):
+        if not STORE_SCHEMA_RE.fullmatch(self.schema):
             raise UserError(f"feature store schema {self.schema!r}: must be a lower-case identifier (a-z, 0-9, _)")
 
     def __str__(self) -> str:
@@ -1096,10 +1099,6 @@ def _default_password_env() -> str:
     from .config import StoreConfig
 
     return StoreConfig().password_env
-
-
-def is_postgres_url(url: str | None) -> bool:
-    return bool(url) and str(url).startswith("postgresql")
 
 
 def _pg_engine(t: PgStore) -> Engine:
@@ -1240,8 +1239,15 @@ class PgFeatureStore(FeatureStore):
     def compact(self) -> tuple[int, int]:
         """Nothing on PostgreSQL: its (auto)vacuum reuses the space of deleted rows for the next
         ones; ``VACUUM FULL`` would lock the tables of every rank. Returns (bytes, the same)."""
-        n = store_bytes(self.target)
+        n = self.size_bytes()
         return n, n
+
+    def size_bytes(self) -> int:
+        """Bytes the schema's tables take with their indexes and out-of-line (TOAST) data."""
+        with self._read() as conn:
+            return int(conn.exec_driver_sql(
+                "SELECT coalesce(sum(pg_total_relation_size(format('%%I.%%I', table_schema, table_name))), 0) "
+                "FROM information_schema.tables WHERE table_schema = %(s)s", {"s": self.target.schema}).scalar())
 
     def mark_complete(self, model_id: int) -> ModelInfo:
         """As for SQLite, then ``ANALYZE``: the planner's statistics after a bulk load (without
@@ -1458,9 +1464,6 @@ def store_bytes(path: str | os.PathLike | PgStore) -> int:
     """Bytes the store takes: the SQLite file (with its WAL, if any), or the PostgreSQL schema's
     tables with their indexes and out-of-line (TOAST) data."""
     if not isinstance(path, PgStore):
-        return sum(Path(f"{path}{suffix}").stat().st_size for suffix in ("", "-wal")
-                   if Path(f"{path}{suffix}").is_file())
-    with PgFeatureStore(path) as st, st._read() as conn:
-        return int(conn.exec_driver_sql(
-            "SELECT coalesce(sum(pg_total_relation_size(format('%%I.%%I', table_schema, table_name))), 0) "
-            "FROM information_schema.tables WHERE table_schema = %(s)s", {"s": path.schema}).scalar())
+        return file_bytes(path)
+    with PgFeatureStore(path) as st:
+        return st.size_bytes()

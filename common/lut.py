@@ -59,7 +59,6 @@ val vectors, ``retrieval.topk`` with ``k = lut.knn_k``) against a gallery of tha
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -70,6 +69,7 @@ import numpy as np
 import torch
 
 from . import retrieval
+from .device import full_fp32
 from .errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -168,21 +168,6 @@ def band_bounds(t: float, margin: float) -> tuple[float, float]:
     values, so comparing a float32 block with them (in float32) loses nothing to rounding: a
     product above ``hi`` has ``s > t``, one below ``lo`` has ``s < t``."""
     return float32_down(float(t) - margin), float32_up(float(t) + margin)
-
-
-@contextlib.contextmanager
-def _full_fp32() -> Iterator[None]:
-    """Plain float32 products (no TF32 / bf16 shortcuts): the error bound above assumes them."""
-    prec = torch.get_float32_matmul_precision()
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.set_float32_matmul_precision(prec)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # ----------------------------------------------------------------------------- one class
@@ -391,7 +376,7 @@ def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, bl
     labels = np.asarray(labels)
     keep = np.zeros(labels.size, dtype=bool)
     dev = _device(vectors, device)
-    with _full_fp32():
+    with full_fp32():
         tile = tile_rows(block_size, dev)
         with _Threads(dev) as th:
             for rows, Xc, margin in _classes(vectors, labels, ids, dev):
@@ -406,7 +391,7 @@ def prune_sweep(vectors: Any, labels: Any, ids: Any, thresholds: Sequence[float]
     labels = np.asarray(labels)
     keeps = np.zeros((len(thresholds), labels.size), dtype=bool)
     dev = _device(vectors, device)
-    with _full_fp32():
+    with full_fp32():
         tile = tile_rows(block_size, dev)
         with _Threads(dev) as th:
             for rows, Xc, margin in _classes(vectors, labels, ids, dev):
@@ -451,7 +436,7 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
 
     if is_streamed(gallery):
         return _nearest_kept_streamed(queries, gallery, keeps, kts, M, block_size, device, stats), stats
-    with _full_fp32():
+    with full_fp32():
         q = retrieval.as_tensor(queries, device)
         g = retrieval.as_tensor(gallery, q.device)
         dev = q.device
@@ -499,7 +484,7 @@ def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: l
     rows (a masked ``StoreMatrix``: row order kept, so ties still go to the lower row)."""
     from .streaming import topk as stream_topk
 
-    with _full_fp32():
+    with full_fp32():
         tv_np, ti_np = stream_topk(queries, gallery, M, block_size, device)
         dev = _device(None, device)
         tv, ti = torch.from_numpy(tv_np).to(dev), torch.from_numpy(ti_np).to(dev)

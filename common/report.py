@@ -22,11 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from .fileio import atomic_open
+from .thumbs import THUMB_PX
 
 log = logging.getLogger(__name__)
 
 # Presentation constants (the page's look, not results).
-THUMB_PX = 96  # longest side of an embedded thumbnail
 THUMB_QUALITY = 80  # JPEG quality of thumbnails
 STRIP_MAX = 8  # misclassified queries shown per worst class
 

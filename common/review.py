@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from .fileio import atomic_open
+from .thumbs import THUMB_PX
 
 log = logging.getLogger(__name__)
 
-THUMB_PX = 96  # longest side of an embedded thumbnail, and the side of each image's box in a row
 THUMB_QUALITY = 70  # WebP/JPEG quality of the thumbnails (96 px: artefacts are not visible at 70)
 REASONS = ("unknown", "low similarity", "small margin")  # the doubt reasons of common.samples.doubt_order
 UNKNOWN = "unknown"  # the label of a rejected query, and the re-label that adds nothing to the gallery

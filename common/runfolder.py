@@ -395,9 +395,6 @@ def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- freshness
 
 
-UpstreamOf = Callable[[config_mod.Config], tuple[str, ...]]
-
-
 class Freshness:
     """Memoised freshness checks of the stages of one run folder under one configuration.
 

@@ -351,14 +351,6 @@ def _go_no_go(world: int) -> Any:
     return contextlib.nullcontext()
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-
-
 def _send_email(cfg: config_mod.Config, event: str, info: dict) -> None:
     """E-mail per config; a failure to send is logged and never changes the stage's outcome."""
     if not cfg.notify.enabled:
@@ -708,7 +700,10 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, table: 
         from .seed import seed_everything
 
         seed_everything(cfg.run.seed)
-        _barrier(world)
+        if world > 1:  # torch is imported by a stage that runs, never by one that is up to date
+            from .distributed import barrier
+
+            barrier()
         with _go_no_go(world):  # a rank that fails stops the others, which would wait for it at the end
             metrics = spec.main()(ctx) or {}
         if rank == 0:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import ImageListDataset, loader_error_line, square_uint8_transform
-from .errors import ImageReadError, UserError
+from .data import ImageListDataset, square_uint8_transform, worker_errors
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,11 @@ def channel_histogram(paths: Sequence[str], image_size: int, fill: int, batch_si
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=cuda, drop_last=False)
     hist = torch.zeros(3, LEVELS, dtype=torch.int64, device=device)
-    try:
+    with worker_errors(" (rerun 01_random_split_dataset.py if the data changed)"):  # the line naming the file
         for x, _, _ in tqdm(loader, desc="mean/std", unit="batch", disable=None):
             x = x.to(device, non_blocking=cuda)  # (B, 3, S, S) uint8
             for c in range(3):
                 hist[c] += torch.bincount(x[:, c].reshape(-1), minlength=LEVELS)
-    except ImageReadError as e:  # from a worker: keep the line that names the file
-        raise ImageReadError(loader_error_line(e) + " (rerun 01_random_split_dataset.py if the data changed)") from None
     return hist.cpu().numpy()
 
 

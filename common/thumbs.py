@@ -21,6 +21,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+THUMB_PX = 96  # longest side of a thumbnail, and the side of each image's box, on both pages (report, review)
 FIT_QUANTILE = 0.9  # share of the images (by longest side) drawn at the common scale; the rest are shrunk
 MAX_UPSCALE = 4.0  # a page of tiny images is enlarged at most this much (blocky pixels tell nothing more)
 BAR_SHARE = 0.4  # the scale bar is about this share of the box at the common scale

@@ -25,7 +25,6 @@ per iteration, SupCon loss on the L2-normalised projection head. Around it:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -41,17 +40,16 @@ import torch
 from . import distributed as D
 from .augment import TwoViews, denormalize
 from .config import Config, TrainConfig
-from .data import (ImageListDataset, eval_transform, load_rgb, loader_error_line)
+from .data import ImageListDataset, eval_transform, load_rgb, worker_errors
 from .device import tf32
 from .embed import AMP_DTYPES, embed_batch
-from .errors import NonFiniteLossError, UserError
+from .errors import NonFiniteLossError
 from .signals import DeferSignals
 from .fileio import atomic_path, write_csv
 from .model import CHECKPOINT_FORMAT, SupConModel
 
 log = logging.getLogger(__name__)
 
-UPSTREAM = ("01_random_split_dataset", "02_mean_std_variables")
 METRIC_COLUMNS = ("epoch", "step", "loss", "lr", "images_per_s", "epoch_time_s", "eta_s",
                   "val_top1", "val_knn", "val_macro_f1")
 AUG_PREVIEW_IMAGES = 6  # training images shown (each with its two views) in augmentations.png
@@ -409,17 +407,6 @@ def knn_metrics(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
     return {"val_top1": float((top1 == val_y).float().mean()),
             "val_knn": float((pred == val_y).float().mean()),
             "val_macro_f1": float(f1_score(y, top1.numpy(), average="macro", zero_division=0))}
-
-
-@contextlib.contextmanager
-def worker_errors() -> Iterator[None]:
-    """A ``UserError`` (unreadable image) re-raised by a DataLoader worker, made one line again."""
-    try:
-        yield
-    except UserError as e:
-        if str(e).startswith("Caught "):
-            raise type(e)(loader_error_line(e)) from None
-        raise
 
 
 class Evaluator:

@@ -24,7 +24,7 @@ def clustered(n_per_class: int, n_classes: int = 4, dim: int = 16, spread: float
     return X.astype(np.float32), y
 
 
-@pytest.mark.parametrize("name", list(K.CLASSIFIERS))
+@pytest.mark.parametrize("name", list(K.CLASSIFIER_NAMES))
 def test_each_classifier_fits_and_predicts(name):
     X, y = clustered(30, seed=1)
     Xv, yv = clustered(10, seed=1)  # same centres (same seed), new noise draws below

@@ -36,7 +36,7 @@ import torch
 from .. import distributed as D
 from ..augment import TwoViews, train_transform
 from ..config import Config, ModelConfig, diff_values, get_key, is_semantic, key_values
-from ..data import Preprocessing, class_index, class_names, read_splits, read_stats, rows_of
+from ..data import Preprocessing, class_index, class_names, read_splits, read_stats, rows_of, worker_errors
 from ..errors import UserError
 from ..fileio import sha256_file, write_json
 from ..model import CHECKPOINT_FORMAT, build_model, checkpoint_preprocessing
@@ -45,7 +45,7 @@ from ..seed import rng_state, set_rng_state
 from ..signals import DeferSignals
 from ..train import (AUG_PREVIEW_IMAGES, EpochBatchSampler, Evaluator, Position, Trainer, TwoViewDataset,
                      augmentation_preview, copy_checkpoint, duration, preview_indices, save_checkpoint,
-                     worker_errors, write_metrics_csv)
+                     write_metrics_csv)
 from ..plots import plot_curves, plot_image_grid
 from . import SPECS, SPLIT, STATS, TRAIN, TRAIN_CONTINUE_KEYS
 from .artefacts import CHECKPOINTS_DIR, SPLITS_CSV, STATS_JSON
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = ("last.pt", "best.pt")  # a finished run's checkpoints that must be intact to continue
 # what a new training moves to previous-<UTC time>/ (with the manifest and a copy of log.txt)
 RUN_FILES = (CHECKPOINTS_DIR, "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
 
@@ -118,11 +117,11 @@ def new_training_reasons(ckpt: dict, path: Path, cfg: Config, inp: Inputs) -> li
     reasons = diff_values(old, key_values(cfg, keys))
     was, now = checkpoint_preprocessing(ckpt, path), preprocessing_of(cfg, inp.stats)
     if not Preprocessing(was.mean, was.std, now.image_size, now.pad_fill).same_as(now):  # size, fill: keys above
-        reasons.append(f"{STATS}/stats.json: mean/std {_rounded(was.mean)}/{_rounded(was.std)} -> "
+        reasons.append(f"{STATS}/{STATS_JSON}: mean/std {_rounded(was.mean)}/{_rounded(was.std)} -> "
                        f"{_rounded(now.mean)}/{_rounded(now.std)}")
     if ckpt.get("splits_sha256") not in (None, inp.splits_sha):
         # continuing on another split would train on former validation images (and select on them)
-        reasons.append(f"{SPLIT}/splits.csv changed")
+        reasons.append(f"{SPLIT}/{SPLITS_CSV} changed")
     elif list(ckpt.get("classes") or []) != list(inp.classes):
         reasons.append(f"the class list: {len(ckpt.get('classes') or [])} -> {len(inp.classes)} classes")
     done, epochs = int(ckpt.get("epoch", 0)), cfg.train.epochs
