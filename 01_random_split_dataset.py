@@ -9,7 +9,7 @@ Usage:  python 01_random_split_dataset.py -c configs/default.yaml --run runs/dyb
 The splitting rule (stratified per class, duplicates kept together, small classes) is in the
 docstring of common/split.py.
 """
-from common import stages
+from common.stages import run
 
 if __name__ == "__main__":
-    stages.run("01_random_split_dataset")
+    run("01_random_split_dataset")

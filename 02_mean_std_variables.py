@@ -6,7 +6,7 @@ Writes: 02_mean_std_variables/stats.json ({"mean": [r,g,b], "std": [r,g,b], "pix
         data.pad_fill, resized to model.image_size, values in [0, 1])
 Usage:  python 02_mean_std_variables.py --run runs/dyb data.num_workers=8
 """
-from common import stages
+from common.stages import run
 
 if __name__ == "__main__":
-    stages.run("02_mean_std_variables")
+    run("02_mean_std_variables")

@@ -12,7 +12,7 @@ Rerunning after a crash, Ctrl-C or SIGTERM continues from checkpoints/last.pt ex
 stopped, with or without --force. --force on a finished training starts again and moves the old
 checkpoints, metrics and logs to 03_main_supcon/previous-<UTC time>/ (never deleted).
 """
-from common import stages
+from common.stages import run
 
 if __name__ == "__main__":
-    stages.run("03_main_supcon")
+    run("03_main_supcon")

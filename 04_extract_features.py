@@ -11,7 +11,7 @@ Usage:  python 04_extract_features.py --run runs/dyb extract.batch_size=256
         torchrun --nproc_per_node=4 04_extract_features.py run.dir=runs/dyb
         (under torchrun give the run folder as run.dir=...: torchrun takes --run for its own --run-path)
 """
-from common import stages
+from common.stages import run
 
 if __name__ == "__main__":
-    stages.run("04_extract_features")
+    run("04_extract_features")

@@ -11,7 +11,7 @@ Writes: 05_lut_threshold/threshold_sweep.csv, threshold.json (threshold, rule, r
         model id, suggested_reject_below for stage 07), threshold_sweep.png
 Usage:  python 05_lut_threshold.py --run runs/dyb lut.rule=max_f1
 """
-from common import stages
+from common.stages import run
 
 if __name__ == "__main__":
-    stages.run("05_lut_threshold")
+    run("05_lut_threshold")

@@ -10,7 +10,7 @@ Writes: 06_prune_features/lut.sqlite, lut.json, prune_summary.csv (per class: be
         fraction kept), prune_summary.png
 Usage:  python 06_prune_features.py --run runs/dyb [prune.threshold=0.93]
 """
-from common import stages
+from common.stages import run
 
 if __name__ == "__main__":
-    stages.run("06_prune_features")
+    run("06_prune_features")

@@ -13,7 +13,7 @@ Usage:  python 07_inference.py --run runs/dyb inference.gallery=lut
         python 07_inference.py --run runs/dyb inference.mode=predict inference.input=cruise_42/
         python 07_inference.py --run runs/dyb "inference.unknown_classes=[a, b]" inference.reject_below=auto
 """
-from common import stages
+from common.stages import run
 
 if __name__ == "__main__":
-    stages.run("07_inference")
+    run("07_inference")

@@ -24,9 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import load_config, secret_args
+from common.config.load import load_config
+from common.config.secrets import secret_args
 from common.errors import UserError
-from common.stage import ArgParser, script_for
+from common.pipeline.cli import ArgParser
+from common.pipeline.spec import script_for
 from common.stages import STAGES
 
 ROOT = Path(__file__).resolve().parent
@@ -53,12 +55,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _summary(run_dir: Path, ran: bool) -> None:
     """Print the test metrics of stage 07 when this call ran it or it is up to date."""
-    from common import runfolder
-    from common.stage import rerun_hint
+    from common.pipeline.freshness import Freshness
+    from common.pipeline.runconfig import read_run_config
+    from common.pipeline.spec import rerun_hint
     from common.stages import SPECS
 
-    cfg = load_config(base=runfolder.read_run_config(run_dir) or {})
-    why = runfolder.Freshness(run_dir, cfg, SPECS, lambda s: rerun_hint(s, run_dir)).problem("07_inference")
+    cfg = load_config(base=read_run_config(run_dir) or {})
+    why = Freshness(run_dir, cfg, SPECS, lambda s: rerun_hint(s, run_dir)).problem("07_inference")
     if why is not None:
         if not ran:
             print(f"\nNo test metrics: {why}")
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(a.overrides)
     existing = a.run is not None and (Path(a.run) / "config.yaml").is_file()
     if not configs and not existing:  # the demo (an existing run keeps its own configuration)
-        from common.demo import render_digits
+        from common.data.demo import render_digits
 
         print(f"Demo: scikit-learn digits rendered into {DEMO_DATA} (once)", flush=True)
         root = render_digits(DEMO_DATA)

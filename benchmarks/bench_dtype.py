@@ -40,9 +40,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_scale import add_data_args, make_data, peak_gib  # noqa: E402
-from common import lut  # noqa: E402
-from common.extract import WRITE_CHUNK_ROWS  # noqa: E402
-from common.features import FeatureStore, store_bytes, verify_store  # noqa: E402
+
+from common.model.extract import WRITE_CHUNK_ROWS  # noqa: E402
+from common.retrieval.prune import prune  # noqa: E402
+from common.store.maintenance import store_bytes, verify_store  # noqa: E402
+from common.store.sqlite import FeatureStore  # noqa: E402
 
 QUERY_BLOCK = 50  # queries per similarity block (50 x N float32 per dtype)
 
@@ -151,9 +153,9 @@ def main() -> None:
     m = min(a.prune_n, a.n)
     for t in (float(x) for x in a.thresholds.split(",")):
         t0 = time.perf_counter()
-        k32 = lut.prune(X[:m], labels[:m], None, t)
+        k32 = prune(X[:m], labels[:m], None, t)
         t1 = time.perf_counter()
-        k16 = lut.prune(X16[:m], labels[:m], None, t)
+        k16 = prune(X16[:m], labels[:m], None, t)
         t2 = time.perf_counter()
         p = {"kept_float32": int(k32.sum()), "kept_float16": int(k16.sum()), "kept_only_float32": int((k32 & ~k16).sum()),
              "kept_only_float16": int((k16 & ~k32).sum()), "seconds_float32": t1 - t0, "seconds_float16": t2 - t1}

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import device as dev  # noqa: E402
-from common.embed import CompiledCpuModel, embed_batch, prepare_model  # noqa: E402
+from common.model.embed import CompiledCpuModel, embed_batch, prepare_model  # noqa: E402
+from common.runtime.device import cpu_flags, resolve_cpu_precision  # noqa: E402
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 MIN_COSINE = 0.999
@@ -181,8 +181,9 @@ def table(header: list[str], rows: list[list]) -> None:
 
 def _images_of_run(run: Path):
     """(model, transform, gallery paths/labels, query paths/labels, image size) of a finished run."""
-    from common.data import eval_transform, read_splits
-    from common.model import load_checkpoint_model
+    from common.data.splits import read_splits
+    from common.data.transforms import eval_transform
+    from common.model.checkpoint import load_checkpoint_model
     from common.stages.artefacts import read_model_json
 
     meta = read_model_json(run / "04_extract_features")
@@ -199,9 +200,10 @@ def _images_of_run(run: Path):
 
 def _digits():
     """The demo's digits with a random-weight resnet10t: every fifth image a query."""
-    from common.data import eval_transform, list_image_folder
-    from common.demo import render_digits
-    from common.model import SupConModel
+    from common.data.demo import render_digits
+    from common.data.listing import list_image_folder
+    from common.data.transforms import eval_transform
+    from common.model.network import SupConModel
 
     root = render_digits(Path(__file__).resolve().parent.parent / ".cache" / "demo" / "digits")
     files = list_image_folder(root).files
@@ -216,8 +218,8 @@ def _digits():
 
 
 def predictions(a: argparse.Namespace) -> bool:
-    from common.embed import embed_paths
-    from common.retrieval import knn_vote, topk
+    from common.model.embed import embed_paths
+    from common.retrieval.search import knn_vote, topk
 
     run = Path(a.run) if a.run else Path(__file__).resolve().parent.parent / "runs" / "demo"
     trained = (run / "04_extract_features" / "manifest.json").is_file()
@@ -283,11 +285,11 @@ def main() -> int:
         a.rounds, a.batch, a.no_compile = min(a.rounds, 2), min(a.batch, 4), True
     if a.threads:
         torch.set_num_threads(a.threads)
-    flags = dev.cpu_flags()
+    flags = cpu_flags()
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), capability {torch.backends.cpu.get_cpu_capability()}")
     print("flags: " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS))
-    print(f"extract.cpu_precision=auto resolves to {dev.resolve_cpu_precision('auto')} here")
+    print(f"extract.cpu_precision=auto resolves to {resolve_cpu_precision('auto')} here")
     print(f"load before: {load_text()}")
     _, cos_ok = throughput(a)
     same = predictions(a)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.losses import supcon_loss  # noqa: E402
+from common.model.loss import supcon_loss  # noqa: E402
 
 N_CLASSES = 87  # DYB-PlanktonNet
 TEMPERATURE = 0.07

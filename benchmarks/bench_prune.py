@@ -37,7 +37,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import lut  # noqa: E402
+from common.retrieval.prune import prune  # noqa: E402
 
 
 def clustered_class(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -125,18 +125,18 @@ def main() -> None:
     X = clustered_class(n, args.dim)
     Xt = torch.from_numpy(X)
     lab = np.zeros(n, dtype=np.int64)
-    lut.prune(X[:64], lab[:64], None, 0.9)  # warm-up
+    prune(X[:64], lab[:64], None, 0.9)  # warm-up
     t_bare = best_of(lambda: Xt @ Xt.T, repeats)
     S = (X.astype(np.float64) @ X.astype(np.float64).T).astype(np.float32)
     print(f"bare float32 similarity product X @ X.T ({n:,} x {n:,}): {t_bare:.3f} s")
 
     summary = []
     for t in args.thresholds:
-        keep_sub = lut.prune(X[:sub], lab[:sub], None, t)
-        keep = lut.prune(X, lab, None, t)
-        t_prune = best_of(lambda t=t: lut.prune(X, lab, None, t), repeats)
+        keep_sub = prune(X[:sub], lab[:sub], None, t)
+        keep = prune(X, lab, None, t)
+        t_prune = best_of(lambda t=t: prune(X, lab, None, t), repeats)
         pairs_full = pairs_evaluated(S, keep, t)
-        same_blocks = bool(np.array_equal(keep, lut.prune(X, lab, None, t, block_size=256)))
+        same_blocks = bool(np.array_equal(keep, prune(X, lab, None, t, block_size=256)))
         print(f"\nthreshold {t:g}: kept {int(keep.sum()):,} of {n:,} ({100 * keep.mean():.1f}%); the pair loop "
               f"evaluates {pairs_full:,} of the {n * (n - 1) // 2:,} pairs")
         print(f"  lut.prune: {t_prune:.3f} s = {t_prune / t_bare:.2f}x the bare product "

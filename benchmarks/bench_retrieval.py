@@ -39,7 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import inference as I  # noqa: E402
+from common.evaluate.decide import classify  # noqa: E402
+from common.retrieval.search import search_classes  # noqa: E402
+from common.store.containers import Vectors  # noqa: E402
 
 DYB_CLASS_MAX, DYB_CLASS_MIN, DYB_CLASSES = 7760, 2, 87  # DYB-PlanktonNet's largest and smallest class
 NOISE = 4.0  # noise norm relative to the class centre's: overlapping classes, top-1 accuracy below 1
@@ -96,7 +98,7 @@ def machine_line() -> str:
 
     import torch
 
-    from common.exact_search import matmul_flags
+    from common.retrieval.kernel import matmul_flags
 
     model = "unknown CPU"
     try:
@@ -140,8 +142,9 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
     import faiss
     import torch
 
-    from common import exact_search as X
-    from common import retrieval
+    from common.retrieval import kernel as retrieval_kernel
+    from common.retrieval import search as retrieval_search
+    from common.retrieval.kernel import choose_precision, quantize
 
     Q, G = exact_data(n_gallery, n_query, dim)
     print(f"\n## Exact search: {n_query:,} queries x {n_gallery:,} x {dim}\n{machine_line()}")
@@ -149,16 +152,16 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
     index.add(G)
     codes, t_quant = {}, {}
     for p in ("fp32", "bf16", "int8"):
-        t_quant[p], codes[p] = _timed(lambda p=p: X.quantize(G, p))
-    auto = X.choose_precision(dim)
+        t_quant[p], codes[p] = _timed(lambda p=p: quantize(G, p))
+    auto = choose_precision(dim)
     qt, gt = torch.from_numpy(Q), torch.from_numpy(G)
     qb, gb = qt.bfloat16(), codes["bf16"].low
     fns = {"bare float32 product (Q x G)": lambda: qt @ gt.T, "bare bf16 product": lambda: qb @ gb.T}
     for k in (1, 10):
         fns[f"faiss.IndexFlatIP k={k}"] = lambda k=k: index.search(Q, k)
-        fns[f"retrieval.topk (float32) k={k}"] = lambda k=k: retrieval.topk(Q, G, k)
+        fns[f"retrieval.topk (float32) k={k}"] = lambda k=k: retrieval_search.topk(Q, G, k)
         for p in ("bf16", "int8", "fp32"):
-            fns[f"exact_search.topk {p} k={k}"] = lambda k=k, p=p: X.topk(Q, codes[p], k)
+            fns[f"exact_search.topk {p} k={k}"] = lambda k=k, p=p: retrieval_kernel.topk(Q, codes[p], k)
     peaks = peak_products(dim)
     t, res = best_interleaved({**fns, **peaks}, repeat)
     flops, block = 2.0 * n_query * n_gallery * dim, 10 * 2.0 * 2048 * 2048 * dim
@@ -180,12 +183,12 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
 def exact_class_best(Q, G, codes, repeat: int) -> None:
     """The best row of each of the 87 classes per query: ``inference.search_classes`` (float32) and
     ``exact_search.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
-    from common import exact_search as X
+    from common.retrieval import kernel as retrieval_kernel
 
     lab = np.repeat(np.arange(DYB_CLASSES), class_sizes(len(G)))[:len(G)]
-    gallery = I.Vectors(G, lab, [str(i) for i in range(len(G))])
-    t, res = best_interleaved({"search_classes": lambda: I.search_classes(Q, gallery, DYB_CLASSES, 4096),
-                               "class_best": lambda: X.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
+    gallery = Vectors(G, lab, [str(i) for i in range(len(G))])
+    t, res = best_interleaved({"search_classes": lambda: search_classes(Q, gallery, DYB_CLASSES, 4096),
+                               "class_best": lambda: retrieval_kernel.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
     same = np.array_equal(res["class_best"][1], res["search_classes"].idx)
     print(f"best per class ({DYB_CLASSES} classes): inference.search_classes {t['search_classes']:.2f} s, "
           f"exact_search.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
@@ -195,7 +198,7 @@ def exact_class_best(Q, G, codes, repeat: int) -> None:
 
 def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
     """Identity checks of section 0 (raises SystemExit on a mismatch between precisions or with s)."""
-    from common import exact_search as X
+    from common.retrieval import kernel as retrieval_kernel
 
     ok = True
     for k in (1, 10):
@@ -218,12 +221,12 @@ def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
               f"row) on {sub.size} queries: {exact}")
         ok = ok and agree and exact
     st: dict = {}
-    X.topk(Q, codes["bf16"], 10, stats=st)
+    retrieval_kernel.topk(Q, codes["bf16"], 10, stats=st)
     print(f"bf16 top-10 rescoring: {st.get('candidates', 0) / len(Q):.1f} candidates per query, "
           f"{st.get('float32_pairs', 0) / len(Q):.1f} float32 and {st.get('exact_pairs', 0) / len(Q):.1f} float64 "
           f"dot products per query, {st.get('fallback_queries', 0)} queries fell back to fp32")
     st = {}
-    X.topk(Q, codes["int8"], 10, stats=st)
+    retrieval_kernel.topk(Q, codes["int8"], 10, stats=st)
     print(f"int8 top-10: {st.get('candidates', 0) / len(Q):.1f} candidates per query, "
           f"{st.get('fallback_queries', 0)} of {len(Q)} queries fell back to fp32 (the int8 window is wider)")
     if not ok:
@@ -235,20 +238,20 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
     import torch
     from bench_prune import clustered_class
 
-    from common import exact_search as X
-    from common import lut
+    from common.retrieval.kernel import prune_class, quantize
+    from common.retrieval.prune import prune, prune_sweep
 
     Xc = clustered_class(n, dim)
     lab = np.zeros(n, np.int64)
     xt = torch.from_numpy(Xc)
     fns = {"bare float32 X @ X.T": lambda: xt @ xt.T}
     for t in thresholds:
-        fns[f"lut.prune t={t:g}"] = lambda t=t: lut.prune(Xc, lab, None, t)
-        fns[f"exact_search.prune_class bf16 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="bf16")[0]
-    fns["lut.prune_sweep (all thresholds)"] = lambda: lut.prune_sweep(Xc, lab, None, thresholds)
-    fns["exact_search.prune_class bf16 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="bf16")
-    codes = X.quantize(Xc, "bf16")
-    fns["  of which: bf16 codes (quantize)"] = lambda: X.quantize(Xc, "bf16")
+        fns[f"lut.prune t={t:g}"] = lambda t=t: prune(Xc, lab, None, t)
+        fns[f"exact_search.prune_class bf16 t={t:g}"] = lambda t=t: prune_class(Xc, [t], precision="bf16")[0]
+    fns["lut.prune_sweep (all thresholds)"] = lambda: prune_sweep(Xc, lab, None, thresholds)
+    fns["exact_search.prune_class bf16 (all)"] = lambda: prune_class(Xc, thresholds, precision="bf16")
+    codes = quantize(Xc, "bf16")
+    fns["  of which: bf16 codes (quantize)"] = lambda: quantize(Xc, "bf16")
     fns["  of which: bf16 upper-triangle products"] = lambda: [  # prune_class's blocks of 512 columns
         torch.nn.functional.linear(codes.low[:a + 512], codes.low[a:a + 512]) for a in range(0, n, 512)]
     t, res = best_interleaved(fns, repeat)
@@ -260,7 +263,7 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
                for x in thresholds) and np.array_equal(res["lut.prune_sweep (all thresholds)"],
                                                        res["exact_search.prune_class bf16 (all)"])
     st: dict = {}
-    X.prune_class(Xc, thresholds, precision="bf16", stats=st)
+    prune_class(Xc, thresholds, precision="bf16", stats=st)
     print(f"identical keep masks (per threshold and sweep): {same}; kept "
           + ", ".join(f"{int(m.sum()):,}" for m in res["exact_search.prune_class bf16 (all)"])
           + f"; the sweep recomputed {st.get('float32_pairs', 0):,} pairs in float32 and "
@@ -276,7 +279,7 @@ def bench_retrieval(n_gallery: int, n_query: int, dim: int, ref_queries: int, re
     centres = rng.standard_normal((DYB_CLASSES, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
     G, g_lab = clustered(n_gallery, centres, class_sizes(n_gallery), NOISE / np.sqrt(dim), rng)
     Q, q_lab = clustered(n_query, centres, class_sizes(n_query), NOISE / np.sqrt(dim), rng)
-    gallery = I.Vectors(G, g_lab, [f"g{i}" for i in range(len(g_lab))])
+    gallery = Vectors(G, g_lab, [f"g{i}" for i in range(len(g_lab))])
     C = DYB_CLASSES
     print(f"\n## Retrieval: gallery {len(g_lab):,} x {dim}, {len(q_lab):,} queries, {C} classes, "
           f"{torch.get_num_threads()} torch threads")
@@ -287,7 +290,7 @@ def bench_retrieval(n_gallery: int, n_query: int, dim: int, ref_queries: int, re
             torch.from_numpy(Q[s:s + 4096]) @ gt.T
 
     def ours(method):
-        return I.classify(Q, gallery, C, method=method, top_k=5, k=10, temperature=0.07, reject_below=None,
+        return classify(Q, gallery, C, method=method, top_k=5, k=10, temperature=0.07, reject_below=None,
                           block_size=4096)
     t, res = best_interleaved({"bare": bare, "top1": lambda: ours("top1"), "knn": lambda: ours("knn")}, repeat)
     t_bare, t_top1, t_knn, d1, dk = t["bare"], t["top1"], t["knn"], res["top1"], res["knn"]
@@ -341,7 +344,7 @@ def bench_predict(backbone: str, size: int, n_images: int, n_gallery: int, batch
     import timm
     import torch
 
-    from common.data import eval_transform
+    from common.data.transforms import eval_transform
 
     rng = np.random.default_rng(2)
 
@@ -357,18 +360,18 @@ def bench_predict(backbone: str, size: int, n_images: int, n_gallery: int, batch
     dim = model.backbone.num_features
     G, g_lab = clustered(n_gallery, rng.standard_normal((DYB_CLASSES, dim), dtype=np.float32),
                          class_sizes(n_gallery), 1.0, rng)
-    gallery = I.Vectors(G, g_lab, [f"g{i}" for i in range(len(g_lab))])
+    gallery = Vectors(G, g_lab, [f"g{i}" for i in range(len(g_lab))])
     tf = eval_transform(size, [0.1] * 3, [0.2] * 3, 0)  # pad to square, resize, normalise (as stage 04)
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp) / "new", n_images, rng)
-        from common.embed import embed_paths  # the predict-mode loop (decoding errors reported, not fatal)
+        from common.model.embed import embed_paths  # the predict-mode loop (decoding errors reported, not fatal)
         embed_paths(paths[:2], model, tf, size, embedding="encoder", batch_size=2, num_workers=0,
                     device="cpu")  # warm-up: imports and first-call allocations are not per-image costs
         t0 = time.perf_counter()
         X, ok, errors, timing = embed_paths(paths, model, tf, size, embedding="encoder", batch_size=batch,
                                             num_workers=0, device="cpu")  # common.extract.embed_batch
-        d = I.classify(X, gallery, DYB_CLASSES, method="top1", top_k=5, k=10, temperature=0.07,
+        d = classify(X, gallery, DYB_CLASSES, method="top1", top_k=5, k=10, temperature=0.07,
                        reject_below=None, block_size=4096)
         total = time.perf_counter() - t0
     dec, emb, srch = timing["loader_wait_s"], timing["embed_s"], d.seconds

@@ -40,8 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import retrieval, search  # noqa: E402
-from common.config import SearchConfig  # noqa: E402
+from common.config.schema import SearchConfig  # noqa: E402
+from common.retrieval import search as retrieval_search  # noqa: E402
+from common.retrieval.ann import ADD_CHUNK, AnnIndex, _faiss, agreement, build_index  # noqa: E402
 
 GEN_CHUNK = 50_000  # gallery rows generated at a time
 
@@ -136,9 +137,9 @@ def main() -> None:
           f"(largest {np.bincount(labels).max():,}, smallest {np.bincount(labels).min():,}), {a.queries:,} queries; "
           f"generated in {time.perf_counter() - t0:.1f} s; RSS {rss_gib():.2f} GiB")
 
-    retrieval.topk(Q[:8], X, a.k, a.block_size)  # warm-up
+    retrieval_search.topk(Q[:8], X, a.k, a.block_size)  # warm-up
     t0 = time.perf_counter()
-    es, er = retrieval.topk(Q, X, a.k, a.block_size)
+    es, er = retrieval_search.topk(Q, X, a.k, a.block_size)
     t_exact = time.perf_counter() - t0
     exact_qps = a.queries / t_exact
     acc = float(np.mean(labels[er[:, 0]] == q_labels))
@@ -155,7 +156,7 @@ def main() -> None:
                                   "train_size": a.train_size, "pca_dim": a.pca_dim or None,
                                   "candidates": a.candidates})
         rss0 = rss_gib()
-        ann = search.build_index(X, scfg, seed=a.seed)
+        ann = build_index(X, scfg, seed=a.seed)
         rss1 = rss_gib()
         with tempfile.TemporaryDirectory() as tmp:
             ann.save(Path(tmp) / "i.faiss")
@@ -171,7 +172,7 @@ def main() -> None:
             t0 = time.perf_counter()
             _, rows = ann.search(Q, a.k, X)
             t_ann = time.perf_counter() - t0
-            agr = search.agreement(er, rows, labels)
+            agr = agreement(er, rows, labels)
             r = {knob: v, "seconds": t_ann, "qps": a.queries / t_ann, "speedup": t_exact / t_ann, **agr}
             results[kind]["search"].append(r)
             print(f"       {knob} {v:4d}: search {t_ann:.2f} s, {r['qps']:,.0f} queries/s = {r['speedup']:.1f}x exact; "
@@ -185,22 +186,22 @@ def pca_effect(X: np.ndarray, Q: np.ndarray, labels: np.ndarray, exact_rows: np.
                a: argparse.Namespace) -> dict:
     """What ``search.pca_dim`` alone costs: exact search in the PCA space (``PCA<d>,L2norm,Flat``, fitted on
     the same sample as the indexes), top-1 as is and after rescoring ``--candidates`` exactly."""
-    faiss = search._faiss()
+    faiss = _faiss()
     t0 = time.perf_counter()
     index = faiss.index_factory(a.dim, f"PCA{a.pca_dim},L2norm,Flat", faiss.METRIC_INNER_PRODUCT)
     m = min(a.n, a.train_size)
     index.train(X[np.sort(np.random.default_rng(a.seed).choice(a.n, m, replace=False))])
-    for s in range(0, a.n, search.ADD_CHUNK):
-        index.add(X[s:s + search.ADD_CHUNK])
-    ann = search.AnnIndex(index, "flat", f"PCA{a.pca_dim},L2norm,Flat", a.dim, time.perf_counter() - t0,
+    for s in range(0, a.n, ADD_CHUNK):
+        index.add(X[s:s + ADD_CHUNK])
+    ann = AnnIndex(index, "flat", f"PCA{a.pca_dim},L2norm,Flat", a.dim, time.perf_counter() - t0,
                           candidates=a.candidates)
     _, raw = ann.raw_search(Q, 1)
     t0 = time.perf_counter()
     _, rows = ann.search(Q, a.k, X)
     t_ann = time.perf_counter() - t0
     r = {"factory": ann.description, "build_seconds": ann.build_seconds, "qps": a.queries / t_ann,
-         "speedup": t_exact / t_ann, "raw": search.agreement(exact_rows, raw, labels),
-         "rescored": search.agreement(exact_rows, rows, labels)}
+         "speedup": t_exact / t_ann, "raw": agreement(exact_rows, raw, labels),
+         "rescored": agreement(exact_rows, rows, labels)}
     print(f"pca    {ann.description} (exact search in the PCA space; the effect of search.pca_dim alone): built in "
           f"{ann.build_seconds:.1f} s; {r['qps']:,.0f} queries/s = {r['speedup']:.1f}x exact; same top-1 image / class "
           f"{r['raw']['same_image']:.4f} / {r['raw']['same_class']:.4f} as projected, "

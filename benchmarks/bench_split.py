@@ -23,10 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import data as D  # noqa: E402
-from common import split as S  # noqa: E402
-from common import stats as ST  # noqa: E402
-from common.demo import make_synthetic_plankton  # noqa: E402
+from common.data.datasets import ImageListDataset  # noqa: E402
+from common.data.demo import make_synthetic_plankton  # noqa: E402
+from common.data.listing import list_image_folder  # noqa: E402
+from common.data.scan import Scan, scan_files  # noqa: E402
+from common.data.split import make_split  # noqa: E402
+from common.data.stats import channel_histogram, histogram_moments  # noqa: E402
+from common.data.transforms import square_uint8_transform  # noqa: E402
 
 
 def _time(fn, repeat: int = 1) -> float:
@@ -39,19 +42,19 @@ def _time(fn, repeat: int = 1) -> float:
 
 
 def bench_scan(root: Path) -> None:
-    files = D.list_image_folder(root).files
+    files = list_image_folder(root).files
     print(f"\n[1] scan: {len(files)} files (read, sha256, header checks, full decode)")
     base = None
     for workers in (0, 2, 4):
-        t = _time(lambda w=workers: S.scan_files(files, 4, 89_478_485, w))
+        t = _time(lambda w=workers: scan_files(files, 4, 89_478_485, w))
         base = base or t
         label = "1 process (baseline)" if workers == 0 else f"{workers} worker processes"
         print(f"    {label:<24} {t:7.2f} s  {len(files) / t:8.0f} images/s  speed-up x{base / t:.2f}")
 
 
 def bench_stats(root: Path, image_size: int) -> None:
-    files = D.list_image_folder(root).files
-    ds = D.ImageListDataset([p for p, _ in files], transform=D.square_uint8_transform(image_size, 0))
+    files = list_image_folder(root).files
+    ds = ImageListDataset([p for p, _ in files], transform=square_uint8_transform(image_size, 0))
     batches = [x for x, _, _ in torch.utils.data.DataLoader(ds, batch_size=64)]
     n_pix = sum(b.shape[0] for b in batches) * image_size * image_size
     print(f"\n[2] mean/std accumulation: {len(ds)} images at {image_size} px ({n_pix / 1e6:.1f} M pixels per channel)")
@@ -61,7 +64,7 @@ def bench_stats(root: Path, image_size: int) -> None:
         for x in batches:
             for c in range(3):
                 h[c] += torch.bincount(x[:, c].reshape(-1), minlength=256)
-        return ST.histogram_moments(h.numpy())
+        return histogram_moments(h.numpy())
 
     def sums(dtype):
         s1 = torch.zeros(3, dtype=torch.float64)
@@ -82,7 +85,7 @@ def bench_stats(root: Path, image_size: int) -> None:
     paths = [p for p, _ in files]
     base = None
     for workers in (0, 2):
-        t = _time(lambda w=workers: ST.channel_histogram(paths, image_size, 0, 64, w))
+        t = _time(lambda w=workers: channel_histogram(paths, image_size, 0, 64, w))
         base = base or t
         label = "in process (baseline)" if workers == 0 else f"{workers} DataLoader workers"
         print(f"    stage 02 end to end, {label:<22} {t:6.2f} s  {len(paths) / t:7.0f} images/s  x{base / t:.2f}")
@@ -106,10 +109,10 @@ def bench_split_rule(n_images: int) -> None:
     for c, n in enumerate(sizes):
         for i in range(n):
             h = f"{c}-{i}" if rng.random() > 0.02 else f"{c}-dup{rng.integers(0, 20)}"
-            scans.append(S.Scan(f"/d/class_{c:02d}/{i:05d}.jpg", f"class_{c:02d}", "image", sha256=h))
+            scans.append(Scan(f"/d/class_{c:02d}/{i:05d}.jpg", f"class_{c:02d}", "image", sha256=h))
     classes = sorted({s.label for s in scans})
-    t = _time(lambda: S.make_split(scans, classes, (0.7, 0.15, 0.15), 2, 42), 3)
-    res = S.make_split(scans, classes, (0.7, 0.15, 0.15), 2, 42)
+    t = _time(lambda: make_split(scans, classes, (0.7, 0.15, 0.15), 2, 42), 3)
+    res = make_split(scans, classes, (0.7, 0.15, 0.15), 2, 42)
     print(f"\n[3] split rule: {len(scans)} images, {len(classes)} classes (largest {sizes.max()}, smallest "
           f"{sizes.min()}), {len(res.dup_groups)} duplicate groups: {t * 1e3:.0f} ms")
 

@@ -49,8 +49,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.extract import WRITE_CHUNK_ROWS  # noqa: E402  (stage 04's rows per write transaction)
-from common.features import FeatureStore, content_digest  # noqa: E402
+from common.model.extract import WRITE_CHUNK_ROWS  # noqa: E402  (stage 04's rows per write transaction)
+from common.store.maintenance import content_digest  # noqa: E402
+from common.store.sqlite import FeatureStore  # noqa: E402
 
 N_CLASSES = 87  # DYB-PlanktonNet
 PATTERN_COMMIT_EVERY = 256  # the reference pattern commits every this many rows
@@ -147,7 +148,7 @@ def rss_of_load(db: Path, model_id: int) -> dict[str, float] | None:
     code = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
-from common.features import FeatureStore
+from common.store.sqlite import FeatureStore
 
 def status():
     out = {{}}
@@ -179,7 +180,7 @@ def embed_rate(backbone: str, size: int, batch: int, batches: int) -> float:
     import timm
     import torch
 
-    from common.extract import embed_batch
+    from common.model.embed import embed_batch
 
     class Enc(torch.nn.Module):  # the encoder part of a SupConModel: timm backbone, pooled features
         def __init__(self):
@@ -228,7 +229,7 @@ def _chunk(i: int, rows: int, dim: int) -> np.ndarray:
 def _write_store(target, n: int, dim: int, vectors: bool = True) -> tuple[float, int]:
     """(seconds spent in write_vectors + mark_complete, model id); vectors made chunk by chunk
     (``vectors=False``: only the images and the model)."""
-    from common.features import open_store
+    from common.store.maintenance import open_store
 
     with open_store(target, create=True) as store:
         store.sync_images(SimpleNamespace(path=f"/data/img_{i:08d}.jpg", label=f"class_{i % N_CLASSES:02d}",
@@ -251,7 +252,7 @@ def _write_store(target, n: int, dim: int, vectors: bool = True) -> tuple[float,
 
 
 def _load_shape(target, model_id: int) -> tuple[int, int]:
-    from common.features import open_store
+    from common.store.maintenance import open_store
 
     with open_store(target) as st:
         return st.load_matrix("train", model_id)[2].shape
@@ -264,7 +265,8 @@ def _row_inserts(url: str, n: int, dim: int, pipelined: bool) -> float:
     import psycopg
     from sqlalchemy.engine import make_url
 
-    from common.features import PgStore, remove_store
+    from common.store.maintenance import remove_store
+    from common.store.postgres import PgStore
 
     target = PgStore(url, "bench_rows")
     remove_store(target)
@@ -293,7 +295,8 @@ def _row_inserts(url: str, n: int, dim: int, pipelined: bool) -> float:
 def bench_postgres(n: int, dim: int, baseline_n: int) -> None:
     import pgserver
 
-    from common.features import PgStore, content_digest, verify_store
+    from common.store.maintenance import content_digest, verify_store
+    from common.store.postgres import PgStore
 
     gib = n * dim * 4 / 2**30
     print(f"feature store on SQLite and PostgreSQL: {n:,} x {dim} float32 vectors ({gib:.2f} GiB), "

@@ -37,10 +37,10 @@ from bench_store import N_CLASSES, _chunk, _peak_growth, _write_store  # noqa: E
 
 def child(target_json: str, model_id: int, how: str, queries: int, k: int, budget_gib: float, out: str) -> None:
     """One way, in this (fresh) process: prints a JSON line of seconds and peak RSS growth."""
-    from common.features import PgStore, open_store
-    from common.inference import search_classes
-    from common.retrieval import topk
-    from common.streaming import GIB, StoreMatrix, block_rows
+    from common.retrieval.search import search_classes, topk
+    from common.retrieval.streamed import GIB, StoreMatrix, block_rows
+    from common.store.maintenance import open_store
+    from common.store.postgres import PgStore
 
     t = json.loads(target_json)
     target = PgStore(**t) if isinstance(t, dict) else Path(t)
@@ -48,7 +48,7 @@ def child(target_json: str, model_id: int, how: str, queries: int, k: int, budge
     with open_store(target) as st:
         dim = st.model_info(model_id).dim
     Q = _chunk(99_999, queries, dim)
-    from common.features import Vectors
+    from common.store.containers import Vectors
 
     warm = Vectors(np.eye(dim, dtype=np.float32)[:N_CLASSES], np.arange(N_CLASSES), [""] * N_CLASSES)
     topk(Q[:2], warm.X, 1)  # warm up torch (first calls allocate thread pools)
@@ -137,7 +137,7 @@ def main() -> None:
         if a.postgres:
             import pgserver
 
-            from common.features import PgStore
+            from common.store.postgres import PgStore
 
             srv = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
             try:

@@ -34,8 +34,16 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import config as C  # noqa: E402
-from common import lut  # noqa: E402
+from common.config.schema import LutConfig  # noqa: E402
+from common.retrieval.prune import prune, prune_sweep  # noqa: E402
+from common.retrieval.sweep import (  # noqa: E402
+    LATENCY_QUERIES,
+    choose_threshold,
+    measure_latency,
+    nearest_kept,
+    sweep_rows,
+    threshold_grid,
+)
 
 
 def zipf_sizes(n_classes: int, total: int, largest: int, smallest: int = 2) -> np.ndarray:
@@ -104,8 +112,8 @@ def main() -> None:
         n_classes, total, largest, n_val = 30, 8000, 2000, 1500
     else:
         n_classes, total, largest, n_val = 87, 33000, 7760, 7000
-    lcfg = C.LutConfig()
-    thresholds = lut.threshold_grid(lcfg)
+    lcfg = LutConfig()
+    thresholds = threshold_grid(lcfg)
     dev = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -136,18 +144,18 @@ def main() -> None:
 
     # stage 05: the sweep
     t0 = time.perf_counter()
-    keeps = lut.prune_sweep(X, y, ids, thresholds, lcfg.block_size, dev)
+    keeps = prune_sweep(X, y, ids, thresholds, lcfg.block_size, dev)
     t_prune_all = time.perf_counter() - t0
     t1 = time.perf_counter()
-    nb, qst = lut.nearest_kept(V, X, keeps, lcfg.knn_k, lcfg.block_size, dev)
+    nb, qst = nearest_kept(V, X, keeps, lcfg.knn_k, lcfg.block_size, dev)
     t_q = time.perf_counter() - t1
     t1 = time.perf_counter()
-    lat = lut.measure_latency(V[:lut.LATENCY_QUERIES], X, [int(k.sum()) for k in keeps], lcfg.knn_k,
+    lat = measure_latency(V[:LATENCY_QUERIES], X, [int(k.sum()) for k in keeps], lcfg.knn_k,
                               lcfg.block_size, dev)
     t_lat = time.perf_counter() - t1
     t1 = time.perf_counter()
-    rows = lut.sweep_rows(thresholds, keeps, y, yv, nb, n_classes, lcfg.knn_temperature, args.dim, lat)
-    i, reason = lut.choose_threshold(rows, types.SimpleNamespace(**vars(lcfg)))
+    rows = sweep_rows(thresholds, keeps, y, yv, nb, n_classes, lcfg.knn_temperature, args.dim, lat)
+    i, reason = choose_threshold(rows, types.SimpleNamespace(**vars(lcfg)))
     t_rows = time.perf_counter() - t1
     t_sweep = time.perf_counter() - t0
     print(f"\nstage 05 sweep: {t_sweep:.2f} s = {t_sweep / t_floor:.2f}x the floor "
@@ -162,9 +170,9 @@ def main() -> None:
 
     # stage 06 at the chosen threshold
     t = rows[i]["threshold"]
-    lut.prune(X[:64], y[:64], ids[:64], t)
+    prune(X[:64], y[:64], ids[:64], t)
     t0 = time.perf_counter()
-    keep = lut.prune(X, y, ids, t, lcfg.block_size, dev)
+    keep = prune(X, y, ids, t, lcfg.block_size, dev)
     t_prune = time.perf_counter() - t0
     same = bool(np.array_equal(keep, keeps[i]))
     print(f"\nstage 06 prune at {t:g}: {t_prune:.2f} s = {t_prune / t_cls:.2f}x the per-class products; kept "

@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import config as C  # noqa: E402
-from common.losses import SupConLoss  # noqa: E402
-from common.model import build_model  # noqa: E402
-from common.train import Trainer  # noqa: E402
+from common.config.load import load_config  # noqa: E402
+from common.model.loss import SupConLoss  # noqa: E402
+from common.model.network import build_model  # noqa: E402
+from common.training.trainer import Trainer  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -49,7 +49,7 @@ def main() -> None:
     device = torch.device(a.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as stage 03 does on the CPU, for both loops
-    cfg = C.load_config(None, [f"model.backbone={backbone}", f"model.image_size={size}", "model.feat_dim=128",
+    cfg = load_config(None, [f"model.backbone={backbone}", f"model.image_size={size}", "model.feat_dim=128",
                                f"train.batch_size={batch}", "train.learning_rate=0.05", "train.warm_epochs=1",
                                "train.epochs=10", "train.temperature=0.1", "train.amp=bf16"])
     g = torch.Generator().manual_seed(0)

@@ -112,8 +112,8 @@ def copy_run(src: Path, dst: Path, stages: tuple[str, ...]) -> Path:
 
 
 def seresnext() -> torch.nn.Module:
-    from common.config import ModelConfig
-    from common.model import build_model
+    from common.config.schema import ModelConfig
+    from common.model.network import build_model
 
     torch.manual_seed(0)
     return build_model(ModelConfig(backbone="seresnext50_32x4d", pretrained="none", image_size=224))
@@ -124,8 +124,8 @@ def ref_images() -> torch.Tensor:
 
 
 def cpu_reference(state: dict) -> tuple[str, bool]:
-    from common.device import resolve_cpu_precision
-    from common.embed import embed_batch, prepare_model
+    from common.model.embed import embed_batch, prepare_model
+    from common.runtime.device import resolve_cpu_precision
 
     model = prepare_model(seresnext(), torch.device("cpu"), channels_last=True)
     x = ref_images()
@@ -216,12 +216,13 @@ def gpu_half(work: Path, state: dict, a: argparse.Namespace) -> None:
 
 
 def store_vs_cpu(run: Path) -> tuple[str, bool]:
-    from common.data import eval_transform, load_rgb
-    from common.embed import embed_batch, prepare_model
-    from common.features import open_store
-    from common.model import load_checkpoint_model
+    from common.config.load import load_config
+    from common.data.images import load_rgb
+    from common.data.transforms import eval_transform
+    from common.model.checkpoint import load_checkpoint_model
+    from common.model.embed import embed_batch, prepare_model
     from common.stages.artefacts import read_model_json, store_of
-    from common.config import load_config
+    from common.store.maintenance import open_store
 
     stage04 = run / "04_extract_features"
     meta = read_model_json(stage04)
@@ -239,7 +240,7 @@ def store_vs_cpu(run: Path) -> tuple[str, bool]:
 
 
 def gpu_vs_cpu(state: dict) -> tuple[str, bool]:
-    from common.embed import embed_batch, prepare_model
+    from common.model.embed import embed_batch, prepare_model
 
     if "cpu_ref" not in state:
         return "no CPU reference (step 3 failed)", False
@@ -260,8 +261,8 @@ def gpu_vs_cpu(state: dict) -> tuple[str, bool]:
 
 
 def train_speed(batch: int, steps: int = 8) -> tuple[str, bool]:
-    from common.config import load_config
-    from common.train import Trainer
+    from common.config.load import load_config
+    from common.training.trainer import Trainer
 
     cfg = load_config(None, ["model.backbone=seresnext50_32x4d", "model.image_size=224", "train.amp=bf16",
                              "model.channels_last=true", f"train.batch_size={batch}"])
@@ -285,7 +286,7 @@ def train_speed(batch: int, steps: int = 8) -> tuple[str, bool]:
 
 
 def embed_speed(batch: int, batches: int = 8) -> tuple[str, bool]:
-    from common.embed import embed_batch, prepare_model
+    from common.model.embed import embed_batch, prepare_model
 
     dev = torch.device("cuda", 0)
     model = prepare_model(seresnext(), dev, channels_last=True)
@@ -306,10 +307,11 @@ def embed_speed(batch: int, batches: int = 8) -> tuple[str, bool]:
 def faiss_gpu() -> tuple[str, bool | None]:
     from types import SimpleNamespace
 
-    from common import retrieval, search
-    from common.config import SearchConfig
+    from common.config.schema import SearchConfig
+    from common.retrieval import search as retrieval_search
+    from common.retrieval.ann import agreement, build_index, gpu_available
 
-    if not search.gpu_available():
+    if not gpu_available():
         return "skipped: the FAISS GPU build is not installed (faiss-cpu)", None
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((50, 2048)).astype(np.float32)
@@ -318,11 +320,11 @@ def faiss_gpu() -> tuple[str, bool | None]:
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     Q, G, gl = X[:500], X[500:], labels[500:]
     scfg = SimpleNamespace(**{**SearchConfig().__dict__, "index": "ivfpq"})
-    ann = search.build_index(G, scfg, seed=0, progress=False, device=torch.device("cuda", 0))
+    ann = build_index(G, scfg, seed=0, progress=False, device=torch.device("cuda", 0))
     ann.set_query_params(scfg)
     _, rows = ann.search(Q, 5, G)
-    _, er = retrieval.topk(Q, G, 5)
-    agr = search.agreement(np.asarray(er), rows, gl)
+    _, er = retrieval_search.topk(Q, G, 5)
+    agr = agreement(np.asarray(er), rows, gl)
     on_gpu = bool(ann.gpu_copy)
     return (f"on the GPU: {on_gpu}; top-1 class as exact search for {agr['same_class']:.3f} of the queries",
             on_gpu and agr["same_class"] >= 0.9)

@@ -49,7 +49,7 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 900, **env: str
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
     """scikit-learn's digits rendered as an image folder (once per test session)."""
-    from common.demo import render_digits
+    from common.data.demo import render_digits
 
     return render_digits(tmp_path_factory.mktemp("cache") / "digits")
 
@@ -99,7 +99,8 @@ def pg_store(pg_server, request):
     """A fresh ``PgStore`` (its own schema) on the session's server, dropped after the test."""
     import re
 
-    from common.features import PgStore, remove_store
+    from common.store.maintenance import remove_store
+    from common.store.postgres import PgStore
 
     schema = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
     target = PgStore(pg_server, schema)

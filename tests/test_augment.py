@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import config as C
-from common.augment import RandomRot90, TwoViews, denormalize, train_transform
+from common.config.load import load_config
+from common.data.augment import RandomRot90, TwoViews, denormalize, train_transform
 
 MEAN, STD = [0.2, 0.3, 0.4], [0.25, 0.2, 0.15]
 
@@ -19,7 +19,7 @@ def _image(w: int = 40, h: int = 20, seed: int = 0) -> Image.Image:
 
 
 def test_two_views_differ_and_have_the_network_shape():
-    cfg = C.load_config(None, ["model.image_size=16"])
+    cfg = load_config(None, ["model.image_size=16"])
     views = TwoViews(train_transform(cfg, MEAN, STD))
     torch.manual_seed(0)
     v1, v2 = views(_image())
@@ -31,7 +31,7 @@ def test_two_views_differ_and_have_the_network_shape():
 
 
 def test_without_randomness_the_view_is_the_padded_normalised_image():
-    cfg = C.load_config(None, ["model.image_size=8", "train.crop_scale=[1.0, 1.0]", "train.hflip=0", "train.vflip=0",
+    cfg = load_config(None, ["model.image_size=8", "train.crop_scale=[1.0, 1.0]", "train.hflip=0", "train.vflip=0",
                                "train.rot90=false", "train.color_jitter_p=0", "train.grayscale_p=0", "data.pad_fill=0"])
     img = Image.fromarray(np.full((4, 8, 3), 255, np.uint8))  # white 8x4 -> padded 8x8: rows 0-1 and 6-7 black
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def test_rot90_covers_the_four_rotations_on_pil_and_tensor():
 
 
 def test_greyscale_and_jitter_probabilities_apply():
-    cfg = C.load_config(None, ["model.image_size=8", "train.grayscale_p=1.0", "train.color_jitter_p=0"])
+    cfg = load_config(None, ["model.image_size=8", "train.grayscale_p=1.0", "train.color_jitter_p=0"])
     torch.manual_seed(0)
     x = denormalize(train_transform(cfg, MEAN, STD)(_image(seed=3)), MEAN, STD)
     assert torch.allclose(x[0], x[1], atol=1e-5) and torch.allclose(x[1], x[2], atol=1e-5)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from common import runfolder as rf
 from conftest import run_script
+
+from common.pipeline.manifest import outputs_digest, read_manifest, record_outputs, write_manifest
 
 S04, S05, S07 = "04_extract_features", "05_lut_threshold", "07_inference"
 
@@ -62,12 +62,12 @@ def refused(res) -> str:
 
 def _relink(run: Path, up: str, downs: tuple[str, ...]) -> None:
     """Make ``downs`` record ``up``'s outputs as they are now (as when they ran after it)."""
-    d = rf.outputs_digest(rf.read_manifest(run / up))
+    d = outputs_digest(read_manifest(run / up))
     for s in downs:
-        m = rf.read_manifest(run / s)
+        m = read_manifest(run / s)
         if up in m["inputs"]["upstream"]:
             m["inputs"]["upstream"][up]["digest"] = d
-            rf.write_manifest(run / s, m)
+            write_manifest(run / s, m)
 
 
 def test_a_corrupted_vector_under_a_forged_digest(run):
@@ -81,9 +81,9 @@ def test_a_corrupted_vector_under_a_forged_digest(run):
     at = data.find(blob)
     data[at + 64:at + 96] = np.full(8, 7.0, "<f4").tobytes()
     store.write_bytes(bytes(data))
-    m = rf.read_manifest(s04)  # the forged digest: freshness does not notice the change
-    m["outputs"].update(rf.record_outputs(s04, {"features.sqlite": "feature_store"}))
-    rf.write_manifest(s04, m)
+    m = read_manifest(s04)  # the forged digest: freshness does not notice the change
+    m["outputs"].update(record_outputs(s04, {"features.sqlite": "feature_store"}))
+    write_manifest(s04, m)
     _relink(run, S04, (S05, "06_prune_features", S07))
     before = digests(run)
     line = refused(stage(S05, run, "--force", "lut.tolerance=0.01"))
@@ -112,7 +112,7 @@ def test_a_predict_list_naming_one_image_10000_times(run, tmp_path):
     lst.write_text("".join(f"{images[0]}\n" for _ in range(10_000)))
     before = digests(run)
     refused(stage(S07, run, "inference.mode=predict", f"inference.input={lst}"))
-    assert digests(run) == before and rf.read_manifest(run / S07 / "predict" / "cruise") is not None
+    assert digests(run) == before and read_manifest(run / S07 / "predict" / "cruise") is not None
     # the list fixed: it runs
     lst.write_text("".join(f"{p}\n" for p in reversed(images)))
     assert stage(S07, run, "inference.mode=predict", f"inference.input={lst}").returncode == 0
@@ -152,15 +152,16 @@ def test_a_log_txt_link(run, tmp_path):
     line = refused(stage(S05, run, "--force", "lut.tolerance=0.01"))
     assert "log.txt is a symbolic link" in line and "remove it" in line
     assert digests(run) == before and target.read_text() == "keep me\n"
-    assert rf.read_manifest(run / S05) is not None
+    assert read_manifest(run / S05) is not None
     log.unlink()
     assert stage(S05, run, "--force").returncode == 0
 
 
 def test_a_postgres_schema_of_another_run_folder(run, pg_server, tmp_path):
     """(e) store ownership is checked before RUN/config.yaml is saved or 04's manifest retired."""
-    from common.features import PgStore, open_store, remove_store
     from common.stages.extract import OWNER_KEY, default_schema
+    from common.store.maintenance import open_store, remove_store
+    from common.store.postgres import PgStore
 
     target = PgStore(pg_server, default_schema(run))
     remove_store(target)

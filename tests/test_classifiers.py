@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from common import classifiers as K
+from common.config.schema import CLASSIFIER_NAMES
 from common.errors import UserError
+from common.evaluate.classifiers import (
+    CLASSES_FILE,
+    DIGESTS_FILE,
+    fit_classifiers,
+    fit_linear,
+    load_classifiers,
+    save_classifiers,
+)
 
 
 def clustered(n_per_class: int, n_classes: int = 4, dim: int = 16, spread: float = 0.35, seed: int = 0):
@@ -24,14 +32,14 @@ def clustered(n_per_class: int, n_classes: int = 4, dim: int = 16, spread: float
     return X.astype(np.float32), y
 
 
-@pytest.mark.parametrize("name", list(K.CLASSIFIER_NAMES))
+@pytest.mark.parametrize("name", list(CLASSIFIER_NAMES))
 def test_each_classifier_fits_and_predicts(name):
     X, y = clustered(30, seed=1)
     Xv, yv = clustered(10, seed=1)  # same centres (same seed), new noise draws below
     Xt, yt = clustered(12, seed=1)
     rng = np.random.default_rng(9)
     Xv = Xv + 0.01 * rng.normal(size=Xv.shape).astype(np.float32)
-    fitted = K.fit_classifiers([name], X, y, Xv, yv, n_classes=5, epochs=15, lr=0.1, batch_size=32)
+    fitted = fit_classifiers([name], X, y, Xv, yv, n_classes=5, epochs=15, lr=0.1, batch_size=32)
     f = fitted[name]
     pred, ranked = f.predict(Xt)
     assert pred.shape == (Xt.shape[0],) and ranked.shape == (Xt.shape[0], 5)
@@ -58,7 +66,7 @@ def test_linear_selection_follows_val_not_test():
             test_acc[epoch] = float((head(torch.from_numpy(Xte)).argmax(1).numpy() == yte).mean())
         assert acc == pytest.approx(val_acc[epoch])
 
-    fit = K.fit_linear(X, y, Xv, yv, 3, epochs=12, lr=0.02, batch_size=16, seed=0, on_epoch=hook)
+    fit = fit_linear(X, y, Xv, yv, 3, epochs=12, lr=0.02, batch_size=16, seed=0, on_epoch=hook)
     best_val = max(val_acc, key=lambda e: (val_acc[e], -e))  # first epoch with the best val accuracy
     best_test = max(test_acc, key=lambda e: (test_acc[e], -e))
     assert best_val != best_test, "the data must make val and test disagree for this test to mean anything"
@@ -70,39 +78,39 @@ def test_linear_selection_follows_val_not_test():
 
 def test_linear_without_val_keeps_last_epoch():
     X, y = clustered(10, n_classes=2, dim=4)
-    fit = K.fit_linear(X, y, X[:0], y[:0], 2, epochs=3, lr=0.1, batch_size=8)
+    fit = fit_linear(X, y, X[:0], y[:0], 2, epochs=3, lr=0.1, batch_size=8)
     assert fit.best_epoch == 3
 
 
 def test_save_load_round_trip_and_sha256_check(tmp_path):
     X, y = clustered(15, n_classes=3, dim=6, seed=4)
-    fitted = K.fit_classifiers(["linear", "logreg"], X, y, X, y, n_classes=3, epochs=3, lr=0.1, batch_size=16)
+    fitted = fit_classifiers(["linear", "logreg"], X, y, X, y, n_classes=3, epochs=3, lr=0.1, batch_size=16)
     folder = tmp_path / "classifiers"
     classes = ["a", "b", "c"]
-    paths = K.save_classifiers(fitted, folder, classes, model_id="m1", dim=6)
+    paths = save_classifiers(fitted, folder, classes, model_id="m1", dim=6)
     assert paths["linear"].name == "linear.safetensors" and paths["logreg"].name == "logreg.skops"
     from safetensors.torch import load_file
     assert set(load_file(str(paths["linear"]))) == {"mean", "std", "fc.weight", "fc.bias"}  # tensors only
     digests = json.loads((folder / "sha256.json").read_text())
     assert set(digests) == {"linear.safetensors", "logreg.skops"}
-    loaded = K.load_classifiers(folder, classes, "m1", 6)
+    loaded = load_classifiers(folder, classes, "m1", 6)
     for name in fitted:
         np.testing.assert_allclose(loaded[name].scores(X), fitted[name].scores(X), rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="another model"):
-        K.load_classifiers(folder, classes, "other-model", 6)
+        load_classifiers(folder, classes, "other-model", 6)
     with pytest.raises(UserError, match="other classes"):
-        K.load_classifiers(folder, ["a", "b", "x"], "m1", 6)
+        load_classifiers(folder, ["a", "b", "x"], "m1", 6)
     with open(paths["logreg"], "ab") as fh:  # damaged after it was written
         fh.write(b"\0")
     with pytest.raises(UserError, match="sha256"):
-        K.load_classifiers(folder, classes, "m1", 6)
+        load_classifiers(folder, classes, "m1", 6)
 
 
 def test_random_forest_round_trips_through_skops(tmp_path):
     X, y = clustered(10, n_classes=3, dim=4, seed=5)
-    fitted = K.fit_classifiers(["random_forest", "svm"], X, y, X, y, n_classes=3, epochs=1, lr=0.1, batch_size=8)
-    K.save_classifiers(fitted, tmp_path, ["a", "b", "c"], model_id="m", dim=4)
-    loaded = K.load_classifiers(tmp_path, ["a", "b", "c"], "m", 4)
+    fitted = fit_classifiers(["random_forest", "svm"], X, y, X, y, n_classes=3, epochs=1, lr=0.1, batch_size=8)
+    save_classifiers(fitted, tmp_path, ["a", "b", "c"], model_id="m", dim=4)
+    loaded = load_classifiers(tmp_path, ["a", "b", "c"], "m", 4)
     for name in fitted:
         np.testing.assert_allclose(loaded[name].scores(X), fitted[name].scores(X))
 
@@ -119,9 +127,9 @@ class Planted:
 
 def _saved(tmp_path, names=("linear", "logreg")):
     X, y = clustered(12, n_classes=3, dim=5, seed=6)
-    fitted = K.fit_classifiers(list(names), X, y, X, y, n_classes=3, epochs=2, lr=0.1, batch_size=16)
+    fitted = fit_classifiers(list(names), X, y, X, y, n_classes=3, epochs=2, lr=0.1, batch_size=16)
     folder = tmp_path / "classifiers"
-    return K.save_classifiers(fitted, folder, ["a", "b", "c"], model_id="m", dim=5), folder
+    return save_classifiers(fitted, folder, ["a", "b", "c"], model_id="m", dim=5), folder
 
 
 def _replace(folder, path, data: bytes, rename_to: str | None = None):
@@ -129,16 +137,16 @@ def _replace(folder, path, data: bytes, rename_to: str | None = None):
     target = folder / (rename_to or path.name)
     if rename_to:
         path.unlink()
-        meta = json.loads((folder / K.CLASSES_FILE).read_text())
+        meta = json.loads((folder / CLASSES_FILE).read_text())
         for rec in meta["classifiers"].values():
             if rec["file"] == path.name:
                 rec["file"] = rename_to
-        (folder / K.CLASSES_FILE).write_text(json.dumps(meta))
+        (folder / CLASSES_FILE).write_text(json.dumps(meta))
     target.write_bytes(data)
-    digests = json.loads((folder / K.DIGESTS_FILE).read_text())
+    digests = json.loads((folder / DIGESTS_FILE).read_text())
     digests.pop(path.name, None)
     digests[target.name] = hashlib.sha256(data).hexdigest()
-    (folder / K.DIGESTS_FILE).write_text(json.dumps(digests))
+    (folder / DIGESTS_FILE).write_text(json.dumps(digests))
 
 
 @pytest.mark.parametrize("victim, rename_to", [("logreg", None), ("linear", None), ("logreg", "logreg.joblib")])
@@ -152,7 +160,7 @@ def test_planted_pickle_is_refused_and_never_run(tmp_path, victim, rename_to):
     assert b"pwned" in payload.read_bytes()
     _replace(folder, paths[victim], payload.read_bytes(), rename_to)
     with pytest.raises(UserError) as e:
-        K.load_classifiers(folder, ["a", "b", "c"], "m", 5)
+        load_classifiers(folder, ["a", "b", "c"], "m", 5)
     msg = str(e.value)
     assert "\n" not in msg and "refusing to load" in msg and "evaluate mode" in msg and str(folder) in msg
     assert not marker.exists(), "the planted pickle ran"
@@ -171,7 +179,7 @@ def test_skops_file_with_an_untrusted_type_is_refused(tmp_path):
     assert sio.get_untrusted_types(file=evil)  # skops itself does not trust it
     _replace(folder, paths["logreg"], evil.read_bytes())
     with pytest.raises(UserError, match=r"logreg\.skops: it names types that are not trusted \(.*system"):
-        K.load_classifiers(folder, ["a", "b", "c"], "m", 5)
+        load_classifiers(folder, ["a", "b", "c"], "m", 5)
 
 
 def test_skops_file_with_another_model_is_refused(tmp_path):
@@ -183,4 +191,4 @@ def test_skops_file_with_another_model_is_refused(tmp_path):
     sio.dump(StandardScaler().fit(np.ones((3, 5))), other)  # trusted by skops, but not a logreg pipeline
     _replace(folder, paths["logreg"], other.read_bytes())
     with pytest.raises(UserError, match="StandardScaler, not the logreg model"):
-        K.load_classifiers(folder, ["a", "b", "c"], "m", 5)
+        load_classifiers(folder, ["a", "b", "c"], "m", 5)

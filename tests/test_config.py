@@ -12,20 +12,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common import config as C
+from common.config import load as config_load
+from common.config import secrets as config_secrets
+from common.config.load import MAX_YAML_DEPTH, from_dict, load_config, load_yaml, resolve_paths
+from common.config.schema import RANGES, SECTIONS, Config, LutConfig, name_problem
+from common.config.secrets import redact, to_yaml
+from common.config.values import hash_values, key_values, recording, run_config_dict
 from common.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_file_equals_dataclass_defaults_and_every_key_has_a_comment():
-    cfg = C.load_config([ROOT / "configs" / "default.yaml"])
-    want = C.Config()
-    C.resolve_paths(want)  # paths are made absolute when loaded
+    cfg = load_config([ROOT / "configs" / "default.yaml"])
+    want = Config()
+    resolve_paths(want)  # paths are made absolute when loaded
     assert cfg == want
     text = (ROOT / "configs" / "default.yaml").read_text()
     data = yaml.safe_load(text)
-    for sec, cls in C.SECTIONS.items():
+    for sec, cls in SECTIONS.items():
         assert set(data[sec]) == {f.name for f in dataclasses.fields(cls)}, sec
     for line in text.splitlines():
         if re.match(r"^  \w+:", line):
@@ -33,7 +38,7 @@ def test_defaults_file_equals_dataclass_defaults_and_every_key_has_a_comment():
 
 
 def test_reference_defaults():
-    cfg = C.Config()
+    cfg = Config()
     assert cfg.model.backbone == "seresnext50_32x4d" and cfg.model.image_size == 224
     assert (cfg.train.batch_size, cfg.train.learning_rate, cfg.train.temperature) == (32, 0.016, 0.07)
     assert cfg.train.epochs == 1000 and cfg.train.cosine and cfg.train.save_freq == 50
@@ -45,7 +50,7 @@ def test_files_layer_and_overrides_win(tmp_path):
     a.write_text("train:\n  epochs: 5\n  batch_size: 8\nmodel:\n  backbone: resnet18\n")
     b = tmp_path / "b.yaml"
     b.write_text("train:\n  epochs: 7\n")
-    cfg = C.load_config([a, b], ["train.batch_size=16", "train.lr_decay_epochs=[1, 2]", "lut.thresholds=[0.9, 0.95]"])
+    cfg = load_config([a, b], ["train.batch_size=16", "train.lr_decay_epochs=[1, 2]", "lut.thresholds=[0.9, 0.95]"])
     assert cfg.train.epochs == 7
     assert cfg.train.batch_size == 16
     assert cfg.model.backbone == "resnet18"
@@ -54,7 +59,7 @@ def test_files_layer_and_overrides_win(tmp_path):
 
 
 def test_int_widens_to_float_and_null_for_optional():
-    cfg = C.load_config([], ["train.learning_rate=1", "prune.threshold=null", "inference.reject_below=0.5"])
+    cfg = load_config([], ["train.learning_rate=1", "prune.threshold=null", "inference.reject_below=0.5"])
     assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
     assert cfg.prune.threshold is None and cfg.inference.reject_below == 0.5
 
@@ -69,59 +74,59 @@ def test_int_widens_to_float_and_null_for_optional():
 ])
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(ConfigError) as e:
-        C.load_config([], [override])
+        load_config([], [override])
     assert str(e.value).startswith(key)
 
 
 def test_unknown_key_and_section_are_errors_with_suggestion(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key train.epochz .*did you mean 'epochs'"):
-        C.load_config([], ["train.epochz=3"])
+        load_config([], ["train.epochz=3"])
     with pytest.raises(ConfigError, match="unknown config section 'trian'.*'train'"):
-        C.load_config([], ["trian.epochs=3"])
+        load_config([], ["trian.epochs=3"])
     f = tmp_path / "bad.yaml"
     f.write_text("model:\n  backbon: resnet18\n")
     with pytest.raises(ConfigError, match=f"model.backbon in {re.escape(str(f))}"):
-        C.load_config([f])
+        load_config([f])
 
 
 def test_bad_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        C.load_config([tmp_path / "nope.yaml"])
+        load_config([tmp_path / "nope.yaml"])
     f = tmp_path / "broken.yaml"
     f.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        C.load_config([f])
+        load_config([f])
     with pytest.raises(ConfigError, match="section.key=value"):
-        C.load_config([], ["epochs"])
+        load_config([], ["epochs"])
     with pytest.raises(ConfigError, match="split.train"):
-        C.load_config([], ["split.train=0.9"])
+        load_config([], ["split.train=0.9"])
 
 
 def test_redaction_hides_secrets_but_keeps_variable_names():
     d = {"notify": {"password_env": "MY_VAR", "smtp_password": "hunter2", "api_token": "abc", "user": "me"}}
-    r = C.redact(d)
+    r = redact(d)
     assert r["notify"]["password_env"] == "MY_VAR"
-    assert r["notify"]["smtp_password"] == C.REDACTED and r["notify"]["api_token"] == C.REDACTED
+    assert r["notify"]["smtp_password"] == config_secrets.REDACTED and r["notify"]["api_token"] == config_secrets.REDACTED
     assert r["notify"]["user"] == "me"
     assert "hunter2" not in yaml.safe_dump(r)
     assert "hunter2" in str(d)  # the input is not modified
 
 
 def test_yaml_dump_round_trips():
-    cfg = C.load_config([], ["train.epochs=3", "inference.classifiers=[svm]"])
-    again = C.from_dict(yaml.safe_load(C.to_yaml(cfg)))
+    cfg = load_config([], ["train.epochs=3", "inference.classifiers=[svm]"])
+    again = from_dict(yaml.safe_load(to_yaml(cfg)))
     assert again == cfg
 
 
 def test_hash_ignores_speed_knobs_and_undeclared_keys():
     def h(cfg, keys):
-        return C.hash_values(C.key_values(cfg, keys))
+        return hash_values(key_values(cfg, keys))
 
     keys = ["data.root", "data.num_workers", "extract.batch_size", "extract.embedding", "notify.enabled"]
-    a = C.load_config([], [])
-    b = C.load_config([], ["data.num_workers=16", "extract.batch_size=8", "notify.enabled=true"])
-    assert h(a, keys) == h(b, keys) and set(C.key_values(a, keys)) == {"data.root", "extract.embedding"}
-    c = C.load_config([], ["train.epochs=3", "train.trial=x"])
+    a = load_config([], [])
+    b = load_config([], ["data.num_workers=16", "extract.batch_size=8", "notify.enabled=true"])
+    assert h(a, keys) == h(b, keys) and set(key_values(a, keys)) == {"data.root", "extract.embedding"}
+    c = load_config([], ["train.epochs=3", "train.trial=x"])
     assert h(a, keys) == h(c, keys)
     assert h(a, ["train.epochs"]) != h(c, ["train.epochs"])
     assert h(a, ["train.trial"]) == h(c, ["train.trial"])  # a label, never a reason to rerun
@@ -130,22 +135,22 @@ def test_hash_ignores_speed_knobs_and_undeclared_keys():
 def test_recording_config_records_reads_including_asdict():
     import dataclasses
 
-    cfg, reads = C.recording(C.load_config([], []))
+    cfg, reads = recording(load_config([], []))
     _ = cfg.lut.tolerance
     dataclasses.asdict(cfg.prune)
     assert reads == {"lut.tolerance", "prune.threshold"}
-    assert cfg.lut.tolerance == 0.005 and isinstance(cfg.lut, C.LutConfig)
+    assert cfg.lut.tolerance == 0.005 and isinstance(cfg.lut, LutConfig)
 
 
 def test_same_folder_two_ways_is_one_value(tmp_path, monkeypatch):
     (tmp_path / "imgs").mkdir()
     monkeypatch.chdir(tmp_path)
-    a = C.load_config([], ["data.root=imgs"])
-    b = C.load_config([], [f"data.root={tmp_path}/imgs/"])
-    c = C.load_config([], ["data.root=./imgs/../imgs"])
+    a = load_config([], ["data.root=imgs"])
+    b = load_config([], [f"data.root={tmp_path}/imgs/"])
+    c = load_config([], ["data.root=./imgs/../imgs"])
     assert a.data.root == b.data.root == c.data.root == str(tmp_path / "imgs")
-    assert C.load_config([], ["extract.checkpoint=best"]).extract.checkpoint == "best"
-    assert C.load_config([], ["model.pretrained=timm"]).model.pretrained == "timm"
+    assert load_config([], ["extract.checkpoint=best"]).extract.checkpoint == "best"
+    assert load_config([], ["model.pretrained=timm"]).model.pretrained == "timm"
 
 
 # ----------------------------------------------------------------------------- numeric ranges
@@ -161,7 +166,7 @@ def _numeric_keys(want: tuple[type, ...] = (int, float)) -> list[str]:
             return False
         return any(holds(a) for a in typing.get_args(tp))
 
-    return [f"{sec}.{f.name}" for sec, cls in C.SECTIONS.items() for f in dataclasses.fields(cls)
+    return [f"{sec}.{f.name}" for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)
             if holds(typing.get_type_hints(cls)[f.name])]
 
 
@@ -243,7 +248,7 @@ OUT_OF_RANGE = {
 
 def _one_line_error(override: str) -> str:
     with pytest.raises(ConfigError) as e:
-        C.load_config([], [override])
+        load_config([], [override])
     msg = str(e.value)
     assert "\n" not in msg and len(msg) < 200, msg[:300]
     return msg
@@ -252,11 +257,11 @@ def _one_line_error(override: str) -> str:
 def test_every_numeric_key_has_a_declared_range_and_an_out_of_range_case():
     keys = _numeric_keys()
     assert len(keys) > 50  # the walk finds the numeric keys (int, float, Optional, lists)
-    missing = [k for k in keys if k not in C.RANGES]
+    missing = [k for k in keys if k not in RANGES]
     assert not missing, f"numeric keys without a range in config.RANGES: {missing}"
-    assert set(C.RANGES) <= set(keys), "RANGES names keys that are not numeric config keys"
+    assert set(RANGES) <= set(keys), "RANGES names keys that are not numeric config keys"
     assert set(OUT_OF_RANGE) == set(keys), "every numeric key needs an out-of-range case in this test"
-    C.load_config([], [])  # every default lies within its range
+    load_config([], [])  # every default lies within its range
 
 
 @pytest.mark.parametrize("key", sorted(OUT_OF_RANGE))
@@ -264,12 +269,12 @@ def test_out_of_range_value_names_the_key_and_the_range(key):
     value, named = OUT_OF_RANGE[key]
     msg = _one_line_error(f"{key}={value}")
     assert msg.startswith(f"{named}: must be "), msg
-    assert C.RANGES[key].describe() in msg  # the allowed range is spelled out
+    assert RANGES[key].describe() in msg  # the allowed range is spelled out
 
 
 def _is_list(key: str) -> bool:
     sec, name = key.split(".")
-    tp = typing.get_type_hints(C.SECTIONS[sec])[name]
+    tp = typing.get_type_hints(SECTIONS[sec])[name]
     return list in {typing.get_origin(a) for a in (tp, *typing.get_args(tp))}
 
 
@@ -298,13 +303,13 @@ def test_range_messages(override, message):
 
 def test_cross_key_numeric_checks():
     assert "10001" in _one_line_error("lut.grid_step=0.0000001")  # two million thresholds
-    C.load_config([], ["lut.grid_start=-1", "lut.grid_step=0.0002"])  # exactly 10,001: accepted
+    load_config([], ["lut.grid_start=-1", "lut.grid_step=0.0002"])  # exactly 10,001: accepted
     assert _one_line_error("lut.grid_stop=0.5").startswith("lut.grid_start: must be <= lut.grid_stop")
     assert _one_line_error("lut.thresholds=[]").startswith("lut.thresholds")
     assert _one_line_error("train.crop_scale=[0.9, 0.2]").startswith("train.crop_scale")
     assert _one_line_error("train.color_jitter=[0.4, 0.4, 0.4, 0.6]").startswith("train.color_jitter[3]")
     assert _one_line_error("data.num_workers=100000000000000000000").startswith("data.num_workers")
-    C.load_config([], ["prune.threshold=-1", "inference.reject_below=1", "train.max_steps_per_epoch=null",
+    load_config([], ["prune.threshold=-1", "inference.reject_below=1", "train.max_steps_per_epoch=null",
                        "lut.target_size=1", "train.eval_every=0", "notify.log_lines=0"])  # edges are allowed
 
 
@@ -312,7 +317,7 @@ def test_out_of_range_in_a_file_names_the_key(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("stats:\n  batch_size: 0\n")
     with pytest.raises(ConfigError, match=r"^stats.batch_size: must be >= 1, got 0$"):
-        C.load_config([f])
+        load_config([f])
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -352,7 +357,7 @@ _HOSTILE_CHILD = r"""
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (768 * 2**20, 768 * 2**20))  # an unguarded repr dies here, not the box
 import yaml
-from common import config as C
+from common.config.load import load_config
 from common.errors import ConfigError, UserError
 work = {}
 def counted(name):
@@ -367,7 +372,7 @@ out = {}
 for name, files, overrides in json.loads(sys.argv[1]):
     work.clear()
     try:
-        C.load_config(files, overrides)
+        load_config(files, overrides)
         out[name] = ["loaded", dict(work), ""]
     except ConfigError as e:
         out[name] = ["ConfigError", dict(work), str(e)]
@@ -411,39 +416,39 @@ def test_alias_bombs_and_hostile_yaml_are_refused_with_bounded_work(tmp_path):
         assert res[name][1]["compose_node"] < 200 and res[name][1]["fetch_more_tokens"] < 500, res[name]
     for name in ("deep", "block"):  # stops at level 33 of 100,000 / 3,000
         work = res[name][1]
-        assert work["compose_node"] <= 2 * C.MAX_YAML_DEPTH + 2 and work["get_event"] <= 2 * C.MAX_YAML_DEPTH + 4, work
+        assert work["compose_node"] <= 2 * MAX_YAML_DEPTH + 2 and work["get_event"] <= 2 * MAX_YAML_DEPTH + 4, work
         assert work["fetch_more_tokens"] < 1200, work  # the scanner's own look-ahead (1024 characters) bounds it
 
 
 def test_a_long_plain_list_is_no_alias_bomb(monkeypatch):
     """Issue 17 #6: a plain 200,000-element list was refused as an alias bomb (list length counted)."""
-    plain = C.load_yaml("[" + ", ".join(["0"] * 200_000) + "]", "plain list")
+    plain = load_yaml("[" + ", ".join(["0"] * 200_000) + "]", "plain list")
     assert len(plain) == 200_000
     with pytest.raises(ConfigError, match="lut.thresholds: give 1 to 10001 thresholds"):  # refused for what it is
-        C.load_config([], ["lut.thresholds=[" + ", ".join(["0.5"] * 10_002) + "]"])
-    monkeypatch.setattr(C, "MAX_YAML_ALIAS_VALUES", 1000)  # what aliases add is what counts
-    assert len(C.load_yaml("[" + ", ".join(["0"] * 5000) + "]", "plain")) == 5000
-    assert len(C.load_yaml("[&a 0, " + ", ".join(["*a"] * 1000) + "]", "at the limit")) == 1001
+        load_config([], ["lut.thresholds=[" + ", ".join(["0.5"] * 10_002) + "]"])
+    monkeypatch.setattr(config_load, "MAX_YAML_ALIAS_VALUES", 1000)  # what aliases add is what counts
+    assert len(load_yaml("[" + ", ".join(["0"] * 5000) + "]", "plain")) == 5000
+    assert len(load_yaml("[&a 0, " + ", ".join(["*a"] * 1000) + "]", "at the limit")) == 1001
     with pytest.raises(ConfigError, match="aliases expand to more than 1000 values"):
-        C.load_yaml("[&a 0, " + ", ".join(["*a"] * 1001) + "]", "over")
+        load_yaml("[&a 0, " + ", ".join(["*a"] * 1001) + "]", "over")
     with pytest.raises(ConfigError, match="aliases expand to more than 1000 values"):
-        C.load_yaml("[&a [0, 0, 0, 0], " + ", ".join(["*a"] * 201) + "]", "nested")  # 201 x 5 values
+        load_yaml("[&a [0, 0, 0, 0], " + ", ".join(["*a"] * 201) + "]", "nested")  # 201 x 5 values
 
 
 def test_config_file_that_is_a_folder_or_not_a_regular_file(tmp_path):
     with pytest.raises(ConfigError, match=f"config file {re.escape(str(tmp_path))} is a folder, not a file"):
-        C.load_config([tmp_path])
+        load_config([tmp_path])
     with pytest.raises(ConfigError, match="config file /dev/null is not a regular file"):
-        C.load_config(["/dev/null"])
+        load_config(["/dev/null"])
     with pytest.raises(ConfigError, match="does not exist"):
-        C.load_config([tmp_path / "nope.yaml"])
+        load_config([tmp_path / "nope.yaml"])
 
 
 def test_log_level_is_one_of_four(tmp_path):
     assert _one_line_error("run.log_level=EVIL").startswith("run.log_level: must be one of DEBUG, INFO, WARNING, ERROR")
     assert _one_line_error("run.log_level=[INFO]").startswith("run.log_level: expected")
     for level in ("DEBUG", "info", "Warning", "ERROR"):
-        assert C.load_config([], [f"run.log_level={level}"]).run.log_level == level
+        assert load_config([], [f"run.log_level={level}"]).run.log_level == level
 
 
 BAD_NAMES = {"..": "starts with '.'", "../../01_random_split_dataset": "other than A-Z",
@@ -463,16 +468,16 @@ def test_plain_names_and_derived_defaults(tmp_path):
     from common.stages import predict_name
 
     for ok in ("cruise_42", "2026-11-29.a", "x" * 64, "'-'", "A_b-c.d"):
-        assert C.load_config([], [f"inference.name={ok}"]).inference.name == ok.strip("'")
+        assert load_config([], [f"inference.name={ok}"]).inference.name == ok.strip("'")
     # a default derived from an input folder is made a plain name, never refused
     for folder, expect in (("cruise 42 (día 1)", "cruise_42_d_a_1_"), ("...", "input"), (".hidden", "hidden"),
                            ("x" * 100, "x" * 64), ("=cmd|calc", "_cmd_calc"), ("ok-name", "ok-name")):
         (tmp_path / folder).mkdir()
-        cfg = C.load_config([], ["inference.mode=predict", f"inference.input={tmp_path / folder}"])
-        assert predict_name(cfg) == expect and C.name_problem(predict_name(cfg)) is None, folder
+        cfg = load_config([], ["inference.mode=predict", f"inference.input={tmp_path / folder}"])
+        assert predict_name(cfg) == expect and name_problem(predict_name(cfg)) is None, folder
     img = tmp_path / "a b.png"
     img.write_bytes(b"")
-    assert predict_name(C.load_config([], ["inference.mode=predict", f"inference.input={img}"])) == "a_b"
+    assert predict_name(load_config([], ["inference.mode=predict", f"inference.input={img}"])) == "a_b"
 
 
 def test_error_messages_never_render_huge_values(tmp_path):
@@ -483,33 +488,33 @@ def test_error_messages_never_render_huge_values(tmp_path):
     f = tmp_path / "big.yaml"
     f.write_text("lut: " + huge + "\n")
     with pytest.raises(ConfigError) as e:
-        C.load_config([f])
+        load_config([f])
     assert len(str(e.value)) < 250 and str(f) in str(e.value)
 
 
 def test_reject_below_takes_a_cosine_or_auto():
-    assert C.load_config([], ["inference.reject_below=auto"]).inference.reject_below == "auto"
-    assert C.load_config([], ["inference.reject_below=0.5"]).inference.reject_below == 0.5
-    assert C.load_config([], ["inference.reject_below=null"]).inference.reject_below is None
+    assert load_config([], ["inference.reject_below=auto"]).inference.reject_below == "auto"
+    assert load_config([], ["inference.reject_below=0.5"]).inference.reject_below == 0.5
+    assert load_config([], ["inference.reject_below=null"]).inference.reject_below is None
     assert _one_line_error("inference.reject_below=1.5").startswith("inference.reject_below: must be >= -1")
     assert _one_line_error("inference.reject_below=always").startswith("inference.reject_below: expected")
 
 
 def test_gallery_extra_paths_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = C.load_config([], ["data.gallery_extra=[extra, corrections.csv]"])
+    cfg = load_config([], ["data.gallery_extra=[extra, corrections.csv]"])
     assert cfg.data.gallery_extra == [str(tmp_path / "extra"), str(tmp_path / "corrections.csv")]
     assert _one_line_error("inference.unknown_classes=[a, a]").startswith("inference.unknown_classes")
 
 
 def test_keys_of_one_command_are_not_saved_in_the_run_configuration():
     """train.resume=false starts one training afresh; saved, it would restart every later rerun too."""
-    cfg = C.load_config([], ["train.resume=false", "inference.mode=predict", "inference.input=/tmp",
+    cfg = load_config([], ["train.resume=false", "inference.mode=predict", "inference.input=/tmp",
                              "inference.name=x", "lut.tolerance=0.01"])
-    d = C.run_config_dict(cfg)
+    d = run_config_dict(cfg)
     assert "resume" not in d["train"] and not {"mode", "input", "name"} & set(d["inference"])
     assert d["lut"]["tolerance"] == 0.01
-    assert C.key_values(cfg, ["train.resume", "train.epochs"]) == {"train.epochs": cfg.train.epochs}
+    assert key_values(cfg, ["train.resume", "train.epochs"]) == {"train.epochs": cfg.train.epochs}
 
 
 MARK = "S3cretMark-91"
@@ -544,9 +549,9 @@ def test_a_secret_anywhere_in_the_store_url_is_refused_and_never_echoed(url, tmp
     f = tmp_path / "store.yaml"
     f.write_text(yaml.safe_dump({"store": {"url": url}}))
     with pytest.raises(ConfigError) as e:
-        C.load_config([f])
+        load_config([f])
     assert MARK not in str(e.value) and says in str(e.value)
-    from common.features import PgStore  # a model.json edited by hand is refused the same way
+    from common.store.postgres import PgStore  # a model.json edited by hand is refused the same way
 
     with pytest.raises(UserError) as e:
         PgStore(url, "x")
@@ -555,12 +560,12 @@ def test_a_secret_anywhere_in_the_store_url_is_refused_and_never_echoed(url, tmp
 
 def test_an_empty_password_is_no_secret_and_is_dropped():
     """pgserver prints its URI as postgres:@ (an empty password): accepted, written without it."""
-    cfg = C.load_config([], ["store.url=postgresql+psycopg://postgres:@/postgres?host=/tmp/pg"])
+    cfg = load_config([], ["store.url=postgresql+psycopg://postgres:@/postgres?host=/tmp/pg"])
     assert cfg.store.url == BASE_URL
-    from common.features import PgStore
+    from common.store.postgres import PgStore
 
     assert PgStore("postgresql+psycopg://postgres:@/postgres?host=/tmp/pg", "x").url == BASE_URL
-    assert C.load_config([], [f"store.url={BASE_URL}&sslmode=require"]).store.url == f"{BASE_URL}&sslmode=require"
+    assert load_config([], [f"store.url={BASE_URL}&sslmode=require"]).store.url == f"{BASE_URL}&sslmode=require"
 
 
 @pytest.mark.parametrize("override", [f"store.url=[{MARK}]", f"store.url={{a: {MARK}}}", f"store.url=[{MARK}",

@@ -18,10 +18,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import config as C
-from common import distributed as D
-from common.model import SupConModel
-from common.train import Trainer
+from common.config.load import load_config
+from common.config.schema import Config
+from common.model.network import SupConModel
+from common.runtime.distributed import (
+    agree,
+    agreed,
+    barrier,
+    gather_nograd,
+    gather_strided,
+    gather_with_grad,
+    go_no_go,
+    is_distributed,
+    rank_world,
+)
+from common.training.trainer import Trainer
 
 WORLD = 2
 B_GLOBAL = 8  # images per global batch (4 per rank), two views each
@@ -46,8 +57,8 @@ def _model() -> SupConModel:
     return SupConModel(_Backbone(), head="mlp", feat_dim=4).double()
 
 
-def _cfg(method: str) -> C.Config:
-    return C.load_config(None, [f"train.method={method}", "train.momentum=0.9", "train.weight_decay=0.0001",
+def _cfg(method: str) -> Config:
+    return load_config(None, [f"train.method={method}", "train.momentum=0.9", "train.weight_decay=0.0001",
                                 "train.temperature=0.5", "train.base_temperature=0.5", "model.channels_last=false"])
 
 
@@ -74,12 +85,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         res = {m: _step(m, rank, world) for m in METHODS}
         # rows sharded rank::world come back whole and in order
-        res["strided"] = D.gather_strided(torch.arange(7.0)[rank::world].view(-1, 1), 7).flatten()
-        res["rank_world"] = D.rank_world()
+        res["strided"] = gather_strided(torch.arange(7.0)[rank::world].view(-1, 1), 7).flatten()
+        res["rank_world"] = rank_world()
         # a strided (transposed) incoming gradient reaches each rank's rows intact, summed over ranks
         t = (torch.arange(6.0).view(2, 3) + 10 * rank).requires_grad_()
         w = torch.arange(3.0 * 2 * world).view(3, 2 * world)
-        (D.gather_with_grad(t).T * w).sum().backward()
+        (gather_with_grad(t).T * w).sum().backward()
         res["strided_grad"] = t.grad
         torch.save(res, Path(out) / f"rank{rank}.pt")
     finally:
@@ -119,9 +130,9 @@ def test_gather_helpers(two_ranks):
         assert res["strided"].tolist() == list(range(7))
         w = torch.arange(3.0 * 2 * WORLD).view(3, 2 * WORLD)
         assert torch.equal(res["strided_grad"], WORLD * w.T[2 * r:2 * r + 2])
-    assert D.rank_world() == (0, 1) and not D.is_distributed()  # this process: no group
+    assert rank_world() == (0, 1) and not is_distributed()  # this process: no group
     x = torch.ones(2, 3)
-    assert D.gather_with_grad(x) is x and D.gather_nograd(x) is x
+    assert gather_with_grad(x) is x and gather_nograd(x) is x
 
 
 # ----------------------------------------------------------------------------- go / no-go
@@ -151,13 +162,13 @@ def _agree_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     res: dict = {}
     try:
-        with D.go_no_go():  # every rank fine: nothing raised
+        with go_no_go():  # every rank fine: nothing raised
             pass
         try:
-            with D.go_no_go():
+            with go_no_go():
                 if rank == 1:
                     raise UserError("cannot read /data/x/bad.png")
-            D.barrier()  # rank 0 would wait here forever without the go/no-go
+            barrier()  # rank 0 would wait here forever without the go/no-go
             res["check"] = "passed"
         except UserError as e:
             res["check"] = str(e)
@@ -170,13 +181,13 @@ def _agree_worker(rank: int, port: int, out: str) -> None:
 
         seen = []
         try:
-            for i in D.agreed(loader()):
+            for i in agreed(loader()):
                 seen.append(i)
-                D.barrier()  # the step's collectives
+                barrier()  # the step's collectives
         except UserError as e:
             res["loader"] = (seen, str(e))
         try:
-            with D.go_no_go():
+            with go_no_go():
                 if rank == 0:
                     raise ValueError("disk full")
         except Exception as e:  # noqa: BLE001 - the kind is what is checked
@@ -200,9 +211,10 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
 
 
 def _stage_worker(rank: int, port: int, run_dir: str, scenario: str) -> None:
-    from common import stage
     from common.errors import UserError
-    from common.stages import StageSpec
+    from common.pipeline import runner
+    from common.pipeline.runner import execute
+    from common.pipeline.spec import StageSpec
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
@@ -215,9 +227,9 @@ def _stage_worker(rank: int, port: int, run_dir: str, scenario: str) -> None:
     if scenario == "lock" and rank == 0:  # rank 0 alone checks the lock: another process holds it
         def held(*a, **k):
             raise UserError("01_random_split_dataset is running (pid 4242 on host): wait for it")
-        stage._checks = held
+        runner._checks = held
     spec = StageSpec("01_random_split_dataset", types.SimpleNamespace(main=main), keys=("model.backbone",))
-    code = stage.execute(spec, ["--run", run_dir, "run.device=cpu"], table={spec.name: spec})
+    code = execute(spec, ["--run", run_dir, "run.device=cpu"], table={spec.name: spec})
     Path(run_dir, f"code{rank}").write_text(str(code))
 
 
@@ -234,8 +246,8 @@ def test_a_stage_refused_or_failing_on_one_rank_ends_both(tmp_path, scenario):
 
 
 def test_go_no_go_in_one_process_changes_nothing():
-    D.agree(None)
+    agree(None)
     with pytest.raises(ValueError, match="mine"):
-        with D.go_no_go():
+        with go_no_go():
             raise ValueError("mine")
-    assert list(D.agreed(iter([1, 2, 3]))) == [1, 2, 3]
+    assert list(agreed(iter([1, 2, 3]))) == [1, 2, 3]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ecotaxa_exports import SAMPLES, category, make_export
 from PIL import Image
 
-from common import ecotaxa
-from common.ecotaxa import Export, Prediction, read_class_map, read_taxa_map, select, write_bundle
+from common.ecotaxa.bundle import Prediction, read_taxa_map, write_bundle
+from common.ecotaxa.export import Export, _member_name, read_class_map, select
 from common.errors import UserError
-from ecotaxa_exports import SAMPLES, category, make_export
 
 
 def _truth_of(rows):
@@ -201,7 +201,7 @@ def test_zip_slip_member_is_refused(tmp_path):
 def test_zip_member_names_without_the_utf8_flag():
     info = zipfile.ZipInfo("Station é1/a.png".encode("utf-8").decode("cp437"))
     info.flag_bits = 0
-    assert ecotaxa._member_name(info) == "Station é1/a.png"
+    assert _member_name(info) == "Station é1/a.png"
 
 
 # ============================================================================ writing

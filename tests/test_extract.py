@@ -10,22 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from common import config as C
+from common.config.load import load_config
+from common.config.schema import Config
 from common.errors import ImageReadError, UserError
-from common.features import FeatureStore, content_digest
 from common.fileio import sha256_file
+from common.store.maintenance import content_digest
+from common.store.sqlite import FeatureStore
 
 CLASSES = ["copepod", "diatom", "noctiluca"]
 N_IMAGES = 12
 STATS = {"mean": [0.2, 0.25, 0.3], "std": [0.2, 0.22, 0.25]}
 
 
-def _cfg(**over: str) -> C.Config:
+def _cfg(**over: str) -> Config:
     base = {"model.backbone": "test_resnet", "model.image_size": "32", "model.feat_dim": "16",
             "data.num_workers": "0", "extract.batch_size": "5", "run.device": "cpu",
             "extract.cpu_precision": "fp32"}  # the vectors equal the model's own float32 output
     base.update(over)
-    return C.load_config([], [f"{k}={v}" for k, v in base.items()])
+    return load_config([], [f"{k}={v}" for k, v in base.items()])
 
 
 def _write_images(root: Path) -> list[dict]:
@@ -55,9 +57,9 @@ def _write_splits(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _checkpoint(path: Path, cfg: C.Config, classes: list[str], seed: int) -> Path:
+def _checkpoint(path: Path, cfg: Config, classes: list[str], seed: int) -> Path:
     """A checkpoint in the documented format (docs/INTERNALS.md), random weights."""
-    from common.model import build_model
+    from common.model.network import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg.model)
@@ -79,7 +81,7 @@ def data(tmp_path_factory):
 
 
 def _extract(data, store: Path, ckpt: Path | None = None, splits: Path | None = None, cfg=None, **kw) -> dict:
-    from common.extract import extract_features
+    from common.model.extract import extract_features
 
     return extract_features(ckpt or data["a"], splits or data["splits"], store, cfg or data["cfg"],
                             device="cpu", **kw)
@@ -87,8 +89,9 @@ def _extract(data, store: Path, ckpt: Path | None = None, splits: Path | None = 
 
 def _reference(data, ckpt: Path, embedding: str = "encoder") -> dict[str, np.ndarray]:
     """Each image embedded alone, straight from the model: path -> L2-normalised float32 vector."""
-    from common.data import eval_transform, load_rgb
-    from common.model import load_checkpoint_model
+    from common.data.images import load_rgb
+    from common.data.transforms import eval_transform
+    from common.model.checkpoint import load_checkpoint_model
 
     model, ck = load_checkpoint_model(ckpt, map_location="cpu")
     tf = eval_transform(32, STATS["mean"], STATS["std"], 0)
@@ -133,8 +136,9 @@ def test_round_trip_equals_the_model(data, full_run):
 def test_the_checkpoints_own_preprocessing_is_used(data, tmp_path):
     """Issue 17 #1: the vectors are made with the preprocessing the checkpoint records (a checkpoint
     of this version) or derives from its stats and config (an earlier one, as ``data["a"]``)."""
-    from common.data import eval_transform, load_rgb
-    from common.model import checkpoint_preprocessing, load_checkpoint_model
+    from common.data.images import load_rgb
+    from common.data.transforms import eval_transform
+    from common.model.checkpoint import checkpoint_preprocessing, load_checkpoint_model
 
     ck = torch.load(data["a"], weights_only=True)
     pre = {"mean": [0.6, 0.5, 0.4], "std": [0.3, 0.35, 0.4], "image_size": 32, "pad_fill": 255, "channels": "RGB"}
@@ -261,7 +265,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, args: dict) -> None:
     import torch.distributed as dist
 
-    from common.extract import extract_features
+    from common.model.extract import extract_features
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -310,7 +314,7 @@ def test_two_processes_equal_one(data, full_run, tmp_path):
 def test_gallery_extra_images_are_stored_as_extra_and_embedded_once(data, tmp_path):
     from PIL import Image
 
-    from common.gallery import list_extras
+    from common.data.extras import list_extras
 
     extra = tmp_path / "extra"
     rng = np.random.default_rng(5)
@@ -332,7 +336,7 @@ def test_gallery_extra_images_are_stored_as_extra_and_embedded_once(data, tmp_pa
     vecs = _vectors(store, again["model_id"])
     assert all(np.isclose(np.linalg.norm(vecs[r.path]), 1, atol=1e-5) for r in rows)
     # an image both in the splits and in data.gallery_extra is refused, naming it
-    from common.gallery import ExtraImage
+    from common.data.extras import ExtraImage
 
     dup = ExtraImage(data["rows"][0]["path"], "diatom", data["rows"][0]["sha256"], str(extra))
     with pytest.raises(UserError, match="already in .*splits.csv"):

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from common.features import PgFeatureStore, PgStore, open_store
 from test_extract import N_IMAGES, _free_port, _vectors, data, full_run  # noqa: F401 - fixtures
+
+from common.store.maintenance import open_store
+from common.store.postgres import PgFeatureStore, PgStore
 
 
 def _pg_worker(rank: int, world: int, port: int, args: dict) -> None:
     import torch.distributed as dist
 
-    from common.extract import extract_features
+    from common.model.extract import extract_features
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from common import features as F
 from common.errors import UserError
-from common.features import FeatureStore, content_digest
+from common.store import maintenance as store_maintenance
+from common.store.maintenance import content_digest, schema_version, upgrade_store
+from common.store.schema import DTYPE_COLUMN, NORM_TOLERANCE, SCHEMA_SQL, SCHEMA_VERSION, _norm_sql, metadata
+from common.store.sqlite import FeatureStore, _raw
 
 DIM = 16
 
@@ -47,11 +49,11 @@ def filled(path, n: int = 30, sha: str = "a" * 64, seed: int = 0) -> tuple[Featu
 
 def test_documented_schema_is_the_created_schema(tmp_path):
     with FeatureStore(tmp_path / "f.sqlite", create=True) as store:
-        created = [F._norm_sql(s) for s in store.schema()]
-    assert created == [F._norm_sql(s) for s in F.SCHEMA_SQL]
+        created = [_norm_sql(s) for s in store.schema()]
+    assert created == [_norm_sql(s) for s in SCHEMA_SQL]
     # the SQLAlchemy tables the code queries name the same columns, in the same order
     conn = sqlite3.connect(tmp_path / "f.sqlite")
-    for t in F.metadata.sorted_tables:
+    for t in metadata.sorted_tables:
         cols = [r[1] for r in conn.execute("SELECT * FROM pragma_table_info(?)", (t.name,))]
         assert cols == [c.name for c in t.columns], t.name
     assert conn.execute("PRAGMA page_size").fetchone()[0] == 65536
@@ -165,7 +167,7 @@ def test_open_errors_are_user_errors(tmp_path):
     conn.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(UserError, match=rf"old.sqlite has feature-store schema version 0.*version {F.SCHEMA_VERSION}"):
+    with pytest.raises(UserError, match=rf"old.sqlite has feature-store schema version 0.*version {SCHEMA_VERSION}"):
         FeatureStore(tmp_path / "old.sqlite")
     with pytest.raises(UserError, match="schema version"):
         content_digest(tmp_path / "old.sqlite")
@@ -208,7 +210,7 @@ def test_every_read_checks_every_vector(tmp_path):
     """A vector that is not finite or not unit-norm is refused naming the image, on every read."""
     import sqlite3
 
-    from common.features import verify_store
+    from common.store.maintenance import verify_store
 
     p = tmp_path / "f.sqlite"
     store, mid, _ = filled(p, n=12)
@@ -285,10 +287,10 @@ def test_float16_round_trip_blob_sizes_and_exact_float32_reads(tmp_path):
     got_ids = np.concatenate([b[0] for b in blocks])
     assert all(b[1].dtype == np.float32 and len(b[0]) <= 4 for b in blocks)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), stored[got_ids - 1])
-    assert F.verify_store(tmp_path / "f.sqlite", mid) == 30
+    assert store_maintenance.verify_store(tmp_path / "f.sqlite", mid) == 30
     # _decode without a dtype (as a caller that knows only the dimension calls it) looks it up
     with store._read() as conn:
-        blobs = [r[0] for r in F._raw(conn).execute("SELECT vector FROM vectors ORDER BY image_id").fetchall()]
+        blobs = [r[0] for r in _raw(conn).execute("SELECT vector FROM vectors ORDER BY image_id").fetchall()]
     np.testing.assert_array_equal(store._decode(blobs, np.arange(1, 31), DIM), stored)
     store.close()
     conn = sqlite3.connect(tmp_path / "f.sqlite")
@@ -301,7 +303,7 @@ def test_float16_round_trip_blob_sizes_and_exact_float32_reads(tmp_path):
     # a float32 store of the same vectors takes twice the vector bytes
     lite, _, _ = filled(tmp_path / "g.sqlite")
     with lite._read() as conn:
-        assert {r[0] for r in F._raw(conn).execute("SELECT length(vector) FROM vectors")} == {4 * DIM}
+        assert {r[0] for r in _raw(conn).execute("SELECT length(vector) FROM vectors")} == {4 * DIM}
     lite.close()
 
 
@@ -316,14 +318,14 @@ def test_float16_rounding_keeps_unit_norms_within_the_tolerance(tmp_path, dim):
     X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
     n16 = np.linalg.norm(X.astype("<f2").astype(np.float64), axis=1)
     worst = float(np.abs(n16 - 1.0).max())
-    assert worst <= 2.0 ** -11 + 1e-6 < F.NORM_TOLERANCE, worst
+    assert worst <= 2.0 ** -11 + 1e-6 < NORM_TOLERANCE, worst
     store = FeatureStore(tmp_path / "f.sqlite", create=True)
     store.sync_images([SimpleNamespace(path=f"/i/{i}.png", label="c0", split="train", sha256=str(i))
                        for i in range(len(X))])
     info, _ = register(store, dim=dim, dtype="float16")
     assert store.write_vectors(info.id, np.arange(1, len(X) + 1), X) == len(X)
     store.mark_complete(info.id)
-    assert F.verify_store(tmp_path / "f.sqlite", info.id) == len(X)
+    assert store_maintenance.verify_store(tmp_path / "f.sqlite", info.id) == len(X)
     store.close()
 
 
@@ -352,7 +354,7 @@ def test_corrupted_float16_vector_refused_naming_the_image(tmp_path):
     with FeatureStore(p) as s2, pytest.raises(UserError, match=r"vector of image 5 is of norm 1\.41.*, not 1.*--force"):
         s2.load_matrix(None, mid)
     with pytest.raises(UserError, match="image 5"):
-        F.verify_store(p, mid)
+        store_maintenance.verify_store(p, mid)
     con = sqlite3.connect(p)  # a float32 blob in a float16 model: wrong length
     con.execute("UPDATE vectors SET vector = ? WHERE image_id = 5", (unit(1)[0].astype("<f4").tobytes(),))
     con.commit()
@@ -431,15 +433,15 @@ def test_version_2_store_is_upgraded_in_place_by_stage_04_only(tmp_path):
     downgrade_to_version_2(p)
     # the digest version 2 of this tool recorded for this content (computed by that code, commit 1a18a4a)
     assert content_digest(p) == "0911f64476a5b9cc0fad1e5a2e67c9ae1ed46a40f3c24eed5feccb50243a777e"
-    assert F.schema_version(p) == 2
+    assert schema_version(p) == 2
     with pytest.raises(UserError, match=r"schema version 2, written by an older version.*rerun 04_extract_features"
                                         r"\.py, which upgrades it in place"):
         FeatureStore(p)
     con = sqlite3.connect(p)
     blobs = con.execute("SELECT image_id, model_id, vector FROM vectors ORDER BY image_id").fetchall()
     con.close()
-    assert F.upgrade_store(p) == 2 and F.upgrade_store(p) is None  # once
-    assert F.schema_version(p) == F.SCHEMA_VERSION
+    assert upgrade_store(p) == 2 and upgrade_store(p) is None  # once
+    assert schema_version(p) == SCHEMA_VERSION
     with FeatureStore(p) as s:
         assert s.model_info(mid).dtype == "float32" and s.model_info(mid).complete
         np.testing.assert_array_equal(s.load_matrix(None, mid)[2], X)
@@ -457,8 +459,8 @@ def test_version_2_store_is_upgraded_in_place_by_stage_04_only(tmp_path):
     con = sqlite3.connect(tmp_path / "new.sqlite")
     assert cols == con.execute("SELECT * FROM pragma_table_info('models')").fetchall()
     con.close()
-    norm = [F._norm_sql(t) for t in text]
-    want = [F._norm_sql(t) for t in F.SCHEMA_SQL]
+    norm = [_norm_sql(t) for t in text]
+    want = [_norm_sql(t) for t in SCHEMA_SQL]
     assert [a for a, b in zip(norm, want) if a != b] == [n for n in norm if n.startswith("CREATE TABLE models")]
-    assert F.DTYPE_COLUMN in norm[3]
+    assert DTYPE_COLUMN in norm[3]
 

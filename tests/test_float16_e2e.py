@@ -12,9 +12,10 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from common import runfolder as rf
-from common.features import content_digest
 from conftest import run_script, snapshot
+
+from common.pipeline.manifest import outputs_digest, read_manifest, record_outputs, write_manifest
+from common.store.maintenance import content_digest
 
 S04, S05, S06, S07 = "04_extract_features", "05_lut_threshold", "06_prune_features", "07_inference"
 
@@ -78,19 +79,19 @@ def test_float16_store_predicts_as_the_float32_store(pipeline, tmp_path):
 
 def _rerecord(stage_dir: Path, name: str, kind: str) -> None:
     """Record output ``name`` of a stage's manifest as it is now on disk (the digest of ``kind``)."""
-    m = rf.read_manifest(stage_dir)
-    m["outputs"].update(rf.record_outputs(stage_dir, {name: kind}))
-    rf.write_manifest(stage_dir, m)
+    m = read_manifest(stage_dir)
+    m["outputs"].update(record_outputs(stage_dir, {name: kind}))
+    write_manifest(stage_dir, m)
 
 
 def _relink(run: Path, up: str, downs: tuple[str, ...]) -> None:
     """Make ``downs`` record ``up``'s outputs as they are now (as when they ran after it)."""
-    d = rf.outputs_digest(rf.read_manifest(run / up))
+    d = outputs_digest(read_manifest(run / up))
     for s in downs:
-        m = rf.read_manifest(run / s)
+        m = read_manifest(run / s)
         if up in m["inputs"]["upstream"]:
             m["inputs"]["upstream"][up]["digest"] = d
-            rf.write_manifest(run / s, m)
+            write_manifest(run / s, m)
 
 
 def make_version_2_run(run: Path) -> None:

@@ -10,15 +10,21 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from common import config as C
-from common import data as D
-from common import inference as I
-from common import metrics as M
-from common.embed import embed_paths
-from common.stages import SPECS
-from common.stages import inference as S7
+from common.config.load import load_config
+from common.config.schema import InferenceConfig, ModelConfig
+from common.data.listing import list_images
 from common.errors import UserError
-
+from common.evaluate import decide as evaluate_decide
+from common.evaluate import metrics as evaluate_metrics
+from common.evaluate.decide import classify
+from common.evaluate.evaluation import EvalInputs, evaluate
+from common.evaluate.prediction import predict
+from common.model.embed import embed_paths
+from common.retrieval.search import search_classes
+from common.stages import SPECS
+from common.stages import inference as stages_inference
+from common.stages.inference.load import hold_out, load_query_model, load_store_data
+from common.store.containers import Vectors
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -38,8 +44,8 @@ def brute_knn_vote(sims, idx, gallery_labels, n_classes, temperature):
 @pytest.fixture
 def brute(monkeypatch):
     """Brute-force stand-ins for common.retrieval, so these tests check this module's logic alone."""
-    monkeypatch.setattr(I, "topk", brute_topk)
-    monkeypatch.setattr(I, "knn_vote", brute_knn_vote)
+    monkeypatch.setattr(evaluate_decide, "topk", brute_topk)
+    monkeypatch.setattr(evaluate_decide, "knn_vote", brute_knn_vote)
 
 
 def clustered(n_per_class, n_classes=5, dim=16, spread=0.5, seed=0, centres_seed=0):
@@ -52,11 +58,11 @@ def clustered(n_per_class, n_classes=5, dim=16, spread=0.5, seed=0, centres_seed
 
 
 def vectors(X, y, prefix):
-    return I.Vectors(X, y, [f"/data/{prefix}/{i:04d}.png" for i in range(len(y))])
+    return Vectors(X, y, [f"/data/{prefix}/{i:04d}.png" for i in range(len(y))])
 
 
 def icfg(**kw):
-    cfg = C.InferenceConfig()
+    cfg = InferenceConfig()
     cfg.embedding_map = "pca"
     cfg.classifiers = []
     cfg.linear_epochs = 5
@@ -85,7 +91,7 @@ def test_top1_candidates_are_distinct_classes_ranked_by_nearest_member(brute):
     Xg, yg = clustered(8, seed=1)
     Xq, yq = clustered(6, seed=2)
     g = vectors(Xg, yg, "g")
-    d = I.classify(Xq, g, 6, method="top1", top_k=5, k=5, temperature=0.07, reject_below=None, block_size=7)
+    d = classify(Xq, g, 6, method="top1", top_k=5, k=5, temperature=0.07, reject_below=None, block_size=7)
     s, i = brute_topk(Xq, Xg, len(yg))
     np.testing.assert_array_equal(d.nn_idx, i[:, 0])
     np.testing.assert_array_equal(d.raw, yg[i[:, 0]])
@@ -103,10 +109,10 @@ def test_exact_ties_go_to_the_lower_gallery_row():
     G = base[[3, 1, 3, 2, 1, 3, 0]]
     yg = np.array([2, 1, 0, 1, 1, 2, 0])  # row 0 (class 2) and row 2 (class 0) are the same vector
     q = base[[3, 1]]
-    cs = I.search_classes(q, vectors(G, yg, "g"), 3, block_size=1)
+    cs = search_classes(q, vectors(G, yg, "g"), 3, block_size=1)
     assert cs.idx[0].tolist() == [2, 1, 0]  # class 0: row 2; class 1: rows 1, 3, 4 all at 0 -> 1; class 2: 0 < 5
     assert cs.idx[1].tolist() == [2, 1, 0]  # class 1: rows 1 and 4 tie at 1.0 -> row 1
-    d = I.decide(cs, 3, None)
+    d = evaluate_decide.decide(cs, 3, None)
     assert d.nn_idx.tolist() == [0, 1] and d.raw.tolist() == [2, 1]  # row 0 (class 2) beats row 2 (class 0)
     assert d.candidates[0].tolist() == [2, 0, 1]
 
@@ -115,7 +121,7 @@ def test_knn_method_uses_the_vote_and_ranks_the_winner_first(brute):
     Xg, yg = clustered(10, spread=0.9, seed=3)
     Xq, _ = clustered(5, spread=0.9, seed=4)
     g = vectors(Xg, yg, "g")
-    d = I.classify(Xq, g, 5, method="knn", top_k=3, k=7, temperature=0.1, reject_below=None, block_size=64)
+    d = classify(Xq, g, 5, method="knn", top_k=3, k=7, temperature=0.1, reject_below=None, block_size=64)
     s, i = brute_topk(Xq, Xg, 7)
     pred, _ = brute_knn_vote(s, i, yg, 5, 0.1)
     np.testing.assert_array_equal(d.raw, pred)
@@ -127,17 +133,17 @@ def test_rejection_labels_low_similarity_unknown(brute):
     Xg, yg = clustered(5, seed=5)
     Xq, _ = clustered(4, seed=6)
     g = vectors(Xg, yg, "g")
-    free = I.classify(Xq, g, 5, method="top1", top_k=5, k=5, temperature=0.07, reject_below=None, block_size=64)
+    free = classify(Xq, g, 5, method="top1", top_k=5, k=5, temperature=0.07, reject_below=None, block_size=64)
     thr = float(np.median(free.best_sim))
-    d = I.classify(Xq, g, 5, method="top1", top_k=5, k=5, temperature=0.07, reject_below=thr, block_size=64)
+    d = classify(Xq, g, 5, method="top1", top_k=5, k=5, temperature=0.07, reject_below=thr, block_size=64)
     np.testing.assert_array_equal(d.accepted, free.best_sim >= thr)
-    np.testing.assert_array_equal(d.final, np.where(free.best_sim >= thr, free.raw, M.UNKNOWN))
+    np.testing.assert_array_equal(d.final, np.where(free.best_sim >= thr, free.raw, evaluate_metrics.UNKNOWN))
     np.testing.assert_array_equal(d.raw, free.raw)
 
 
 def test_fewer_gallery_classes_than_top_k_pads(brute):
     g = vectors(np.eye(4, dtype=np.float32)[[0, 1]], np.array([0, 2]), "g")
-    d = I.classify(np.eye(4, dtype=np.float32)[[1]], g, 4, method="top1", top_k=5, k=3, temperature=0.1,
+    d = classify(np.eye(4, dtype=np.float32)[[1]], g, 4, method="top1", top_k=5, k=3, temperature=0.1,
                    reject_below=None, block_size=8)
     assert d.candidates.tolist() == [[2, 0, -1, -1]]
 
@@ -147,7 +153,7 @@ def test_real_retrieval_module_agrees_with_brute_force():
     Xq, _ = clustered(3, seed=8)
     g = vectors(Xg, yg, "g")
     for method in ("top1", "knn"):
-        d = I.classify(Xq, g, 5, method=method, top_k=5, k=5, temperature=0.07, reject_below=None, block_size=4)
+        d = classify(Xq, g, 5, method=method, top_k=5, k=5, temperature=0.07, reject_below=None, block_size=4)
         s, i = brute_topk(Xq, Xg, 5)
         want = yg[i[:, 0]] if method == "top1" else brute_knn_vote(s, i, yg, 5, 0.07)[0]
         np.testing.assert_array_equal(d.raw, want)
@@ -161,15 +167,15 @@ def _eval_inputs(seed=0, n_test=8):
     Xv, yv = clustered(6, spread=0.8, seed=seed + 11)
     Xte, yte = clustered(n_test, spread=0.8, seed=seed + 12)
     train = vectors(Xtr, ytr, "train")
-    lut = I.Vectors(Xtr[::2], ytr[::2], train.paths[::2])  # a "pruned" gallery
-    return I.EvalInputs(classes=[f"class_{c}" for c in "abcde"], test=vectors(Xte, yte, "test"), gallery=lut,
+    lut = Vectors(Xtr[::2], ytr[::2], train.paths[::2])  # a "pruned" gallery
+    return EvalInputs(classes=[f"class_{c}" for c in "abcde"], test=vectors(Xte, yte, "test"), gallery=lut,
                         train=train, val=vectors(Xv, yv, "val"), model_id="model-1", facts=[("run", "t")])
 
 
 def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
     inp = _eval_inputs()
     cfg = icfg(reject_below=0.5, classifiers=["linear", "logreg"], worst_classes=2)
-    m = I.evaluate(inp, cfg, out_in(tmp_path), seed=0)
+    m = evaluate(inp, cfg, out_in(tmp_path), seed=0)
     for f in ("predictions.csv", "metrics.json", "classification_report.csv", "confusion_matrix.png",
               "embedding_map.png", "comparison.csv", "report.html", "classifiers/linear.safetensors",
               "classifiers/logreg.skops", "classifiers/classes.json", "classifiers/sha256.json"):
@@ -178,14 +184,14 @@ def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
     assert len(rows) == len(inp.test)
     names = inp.classes
     y = np.array([names.index(r["true_label"]) for r in rows])
-    pred = np.array([M.UNKNOWN if r["predicted_label"] == "unknown" else names.index(r["predicted_label"]) for r in rows])
+    pred = np.array([evaluate_metrics.UNKNOWN if r["predicted_label"] == "unknown" else names.index(r["predicted_label"]) for r in rows])
     acc = np.array([int(r["accepted"]) for r in rows]).astype(bool)
-    assert ((pred == M.UNKNOWN) == ~acc).all()
+    assert ((pred == evaluate_metrics.UNKNOWN) == ~acc).all()
     sims = np.array([float(r["similarity"]) for r in rows])
     assert (acc == (sims >= 0.5)).all()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
-    labels = sorted(set(y) | set(pred) - {M.UNKNOWN})
+    labels = sorted(set(y) | set(pred) - {evaluate_metrics.UNKNOWN})
     assert saved["macro_f1"] == pytest.approx(skm.f1_score(y, pred, labels=labels, average="macro",
                                                           zero_division=0), abs=1e-6)
     top5 = np.array([[names.index(r[f"top{j}_label"]) for j in range(1, 6)] for r in rows])
@@ -210,7 +216,7 @@ def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
 def test_comparison_table_equals_recomputation_from_predictions(brute, tmp_path):
     inp = _eval_inputs(seed=1)
     cfg = icfg(classifiers=["linear", "logreg", "svm", "random_forest"], method="knn", k=5)
-    I.evaluate(inp, cfg, out_in(tmp_path), seed=0)
+    evaluate(inp, cfg, out_in(tmp_path), seed=0)
     rows = read_csv(tmp_path / "predictions.csv")
     comp = read_csv(tmp_path / "comparison.csv")
     assert [c["method"] for c in comp] == ["retrieval_top1", "retrieval_knn", "linear", "logreg", "svm",
@@ -234,13 +240,13 @@ def test_comparison_table_equals_recomputation_from_predictions(brute, tmp_path)
 
 def test_empty_gallery_and_unlabelled_test_are_user_errors(brute, tmp_path):
     inp = _eval_inputs()
-    inp.gallery = I.Vectors(inp.gallery.X[:0], inp.gallery.labels[:0], [])
+    inp.gallery = Vectors(inp.gallery.X[:0], inp.gallery.labels[:0], [])
     with pytest.raises(UserError, match="gallery is empty"):
-        I.evaluate(inp, icfg(), out_in(tmp_path))
+        evaluate(inp, icfg(), out_in(tmp_path))
     inp = _eval_inputs()
     inp.test.labels[0] = -1
     with pytest.raises(UserError, match="no label"):
-        I.evaluate(inp, icfg(), out_in(tmp_path))
+        evaluate(inp, icfg(), out_in(tmp_path))
 
 
 def test_gallery_of_another_checkpoint_is_refused():
@@ -259,21 +265,21 @@ def test_list_images_recursive_skips_hidden(tmp_path):
     for p in ("a/x.png", "a/.y.png", "a/.hidden/z.png", "b.JPG", "notes.txt"):
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_bytes(b"")
-    images, others = D.list_images(tmp_path)
+    images, others = list_images(tmp_path)
     assert sorted(Path(p).relative_to(tmp_path.resolve()).as_posix() for p in images) == ["a/x.png", "b.JPG"]
     assert [Path(p).name for p, _ in others] == ["notes.txt"]
     with pytest.raises(UserError, match="not a folder"):
-        D.list_images(tmp_path / "missing")
+        list_images(tmp_path / "missing")
 
 
 def test_predict_vectors_writes_error_rows_and_classifier_columns(brute, tmp_path):
-    from common import classifiers as K
+    from common.evaluate.classifiers import fit_classifiers
 
     inp = _eval_inputs()
-    q = I.Vectors(inp.test.X[:5], np.full(5, -1), inp.test.paths[:5])
-    fitted = K.fit_classifiers(["logreg"], inp.train.X, inp.train.labels, inp.val.X, inp.val.labels, 5,
+    q = Vectors(inp.test.X[:5], np.full(5, -1), inp.test.paths[:5])
+    fitted = fit_classifiers(["logreg"], inp.train.X, inp.train.labels, inp.val.X, inp.val.labels, 5,
                                epochs=1, lr=0.1, batch_size=32)
-    m = I.predict(q, inp.gallery, inp.classes, icfg(mode="predict", input="/x"), out_in(tmp_path),
+    m = predict(q, inp.gallery, inp.classes, icfg(mode="predict", input="/x"), out_in(tmp_path),
                   classifiers=fitted, errors=[("/x/bad.png", "cannot identify image file")],
                   timing={"decode_embed_s": 0.5})
     rows = read_csv(tmp_path / "predictions.csv")
@@ -319,10 +325,10 @@ def _image_folder(root: Path, n: int = 6) -> Path:
 
 
 def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
-    from common.data import eval_transform
+    from common.data.transforms import eval_transform
 
     folder = _image_folder(tmp_path / "new")
-    images, others = D.list_images(folder)
+    images, others = list_images(folder)
     assert len(images) == 7 and [Path(p).name for p, _ in others] == ["README.txt"]
     model = _tiny_model()
     tf = eval_transform(32, [0.5] * 3, [0.25] * 3, 0)
@@ -339,9 +345,9 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
     rng = np.random.default_rng(1)
     G = rng.normal(size=(30, 96)).astype(np.float32)
     G /= np.linalg.norm(G, axis=1, keepdims=True)
-    gallery = I.Vectors(G, np.arange(30) % 3, [f"/gallery/{i}.png" for i in range(30)])
-    q = I.Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
-    m = I.predict(q, gallery, ["a", "b", "c"], icfg(mode="predict", input=str(folder)), out_in(tmp_path / "out"),
+    gallery = Vectors(G, np.arange(30) % 3, [f"/gallery/{i}.png" for i in range(30)])
+    q = Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
+    m = predict(q, gallery, ["a", "b", "c"], icfg(mode="predict", input=str(folder)), out_in(tmp_path / "out"),
                   errors=[*errors, *others], timing=timing)
     rows = read_csv(tmp_path / "out" / "predictions.csv")
     assert len(rows) == 8
@@ -359,9 +365,9 @@ def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a
                lut_sha: str | None = None) -> tuple[Path, Path, Path, int]:
     """splits.csv, a stage-04 folder (features.sqlite with one complete model + model.json) and stage
     06's lut.sqlite of every other train image (embedded by ``lut_sha``, default the same checkpoint)."""
-    from common.features import FeatureStore
     from common.fileio import write_json
     from common.stages.prune import write_lut_store
+    from common.store.sqlite import FeatureStore
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     classes = [f"sp{c}" for c in range(n_classes)]
@@ -394,7 +400,7 @@ def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a
         train = store.load_split("train", info.id, classes)
     write_json(stage04 / "model.json", {"model_id": info.id, "checkpoint": str(tmp_path / "best.pt"),
                                         "checkpoint_sha256": sha, **model_args})
-    kept = I.Vectors(train.X[::2], train.labels[::2], train.paths[::2], train.ids[::2])
+    kept = Vectors(train.X[::2], train.labels[::2], train.paths[::2], train.ids[::2])
     lut_path = tmp_path / "lut.sqlite"
     if lut_sha is None:
         write_lut_store(lut_path, store_path, info.id, kept)
@@ -409,8 +415,8 @@ def make_store(tmp_path: Path, per_split=(12, 4, 5), n_classes=3, dim=16, sha="a
 
 def test_load_store_data_lut_and_full(tmp_path):
     splits, stage04, lut_path, mid = make_store(tmp_path)
-    lut = S7.load_store_data(stage04, splits, lut_path)
-    full = S7.load_store_data(stage04, splits, None)
+    lut = load_store_data(stage04, splits, lut_path)
+    full = load_store_data(stage04, splits, None)
     assert lut.classes == ["sp0", "sp1", "sp2"] and lut.model_id == mid
     assert (len(full.train), len(full.val), len(full.test)) == (36, 12, 15)
     assert len(full.gallery) == 36 and len(lut.gallery) == 18
@@ -424,30 +430,30 @@ def test_load_store_data_lut_and_full(tmp_path):
 
 def test_hold_out_refuses_a_name_that_is_not_a_gallery_class(tmp_path):
     splits, stage04, lut_path, mid = make_store(tmp_path)
-    data = S7.load_store_data(stage04, splits, lut_path)
+    data = load_store_data(stage04, splits, lut_path)
     with pytest.raises(UserError, match=r"^inference.unknown_classes: 'q' is not a class of the gallery \(sp0, sp1"):
-        S7.hold_out(data, ["q"])
-    assert len(S7.hold_out(data, ["sp1"]).unknown_test) == 5
+        hold_out(data, ["q"])
+    assert len(hold_out(data, ["sp1"]).unknown_test) == 5
 
 
 def test_lut_of_another_model_is_refused(tmp_path):
     splits, stage04, lut_path, mid = make_store(tmp_path, lut_sha="b" * 64)
     with pytest.raises(UserError, match="another checkpoint"):
-        S7.load_store_data(stage04, splits, lut_path)
+        load_store_data(stage04, splits, lut_path)
     # model.json naming another checkpoint than the store's vectors
     splits, stage04, lut_path, mid = make_store(tmp_path / "second")
     meta = json.loads((stage04 / "model.json").read_text())
     (stage04 / "model.json").write_text(json.dumps(meta | {"checkpoint_sha256": "c" * 64}))
     with pytest.raises(UserError, match="another checkpoint"):
-        S7.load_store_data(stage04, splits, lut_path)
+        load_store_data(stage04, splits, lut_path)
 
 
 def test_evaluate_from_a_tiny_store(brute, tmp_path):
     splits, stage04, lut_path, mid = make_store(tmp_path)
-    data = S7.load_store_data(stage04, splits, lut_path)
-    inp = I.EvalInputs(classes=data.classes, test=data.test, gallery=data.gallery, train=data.train, val=data.val,
+    data = load_store_data(stage04, splits, lut_path)
+    inp = EvalInputs(classes=data.classes, test=data.test, gallery=data.gallery, train=data.train, val=data.val,
                        model_id=data.model_id, facts=data.facts)
-    m = I.evaluate(inp, icfg(classifiers=["logreg"]), out_in(tmp_path / "out"))
+    m = evaluate(inp, icfg(classifiers=["logreg"]), out_in(tmp_path / "out"))
     assert m["n_queries"] == 15 and m["gallery_size"] == 18 and m["accuracy"] > 0.6
     saved = json.loads((tmp_path / "out" / "classifiers" / "classes.json").read_text())
     assert saved["model_id"] == mid and saved["classes"] == data.classes
@@ -462,9 +468,10 @@ def _checkpoint(path: Path, classes, seed: int) -> Path:
 
     import torch
 
-    from common.model import CHECKPOINT_FORMAT, build_model
+    from common.model.checkpoint import CHECKPOINT_FORMAT
+    from common.model.network import build_model
 
-    mc = C.ModelConfig(backbone="test_resnet", pretrained="none", image_size=32, feat_dim=16)
+    mc = ModelConfig(backbone="test_resnet", pretrained="none", image_size=32, feat_dim=16)
     torch.manual_seed(seed)
     model = build_model(mc)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -514,14 +521,14 @@ def _run_folder(tmp_path: Path, mode: str, **inference):
     (stage04 / "model.json").write_text(json.dumps(meta | {"checkpoint": str(ck)}))
     splits.rename(run / "01_random_split_dataset" / "splits.csv")
     lut_path.rename(run / "06_prune_features" / "lut.sqlite")
-    cfg = C.load_config(overrides=[f"inference.mode={mode}", "inference.embedding_map=pca",
+    cfg = load_config(overrides=[f"inference.mode={mode}", "inference.embedding_map=pca",
                                    "inference.linear_epochs=2", *[f"inference.{k}={v}" for k, v in inference.items()]])
     return FakeCtx(run, cfg), ck
 
 
 def test_stage_evaluate_mode_wired(tmp_path):  # real common.retrieval
     ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]", reject_below=0.2)
-    m = S7.main(ctx)
+    m = stages_inference.main(ctx)
     assert set(m) >= {"accuracy", "macro_f1", "report"} and m["report"].endswith("report.html")
     assert json.loads((ctx.dir / "metrics.json").read_text())["gallery_size"] == 18  # the LUT, not all 36
     assert {"predictions.csv", "comparison.csv", "classifiers/logreg.skops", "classifiers/sha256.json"} <= set(ctx.outputs)
@@ -531,16 +538,16 @@ def test_stage_predict_mode_on_images_and_saved_classifiers(tmp_path, caplog):
     from common.fileio import write_json
 
     ctx, _ = _run_folder(tmp_path, "evaluate", classifiers="[logreg]")
-    S7.main(ctx)  # fits and saves the classifier
+    stages_inference.main(ctx)  # fits and saves the classifier
     evaluation = ctx.dir
     write_json(evaluation / "manifest.json", {"status": "ok"})  # the wrapper's mark of a finished evaluation
     before = {p.name: p.read_bytes() for p in evaluation.iterdir() if p.is_file()}
     folder = _image_folder(tmp_path / "new")
-    ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
+    ctx.cfg = load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
                                        "inference.classifiers=[logreg]", "data.num_workers=0"])
     assert ctx.dir == evaluation / "predict" / "new"  # inference.name defaults to the input folder's name
     with caplog.at_level("INFO", logger="common.stages.inference"):
-        m = S7.main(ctx)
+        m = stages_inference.main(ctx)
     assert "using the classifiers the evaluation saved" in caplog.text  # loaded (checked), not refitted
     assert m["n_images"] == 6 and m["n_unreadable"] == 2
     rows = read_csv(ctx.dir / "predictions.csv")
@@ -552,17 +559,17 @@ def test_stage_predict_mode_on_images_and_saved_classifiers(tmp_path, caplog):
     with open(evaluation / "classifiers" / "logreg.skops", "ab") as fh:
         fh.write(b"x")
     with pytest.raises(UserError, match="sha256"):
-        S7.main(ctx)
+        stages_inference.main(ctx)
 
 
 def test_stage_refuses_queries_from_another_checkpoint(tmp_path):
     ctx, ck = _run_folder(tmp_path, "evaluate")
     folder = _image_folder(tmp_path / "new")
-    ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
+    ctx.cfg = load_config(overrides=["inference.mode=predict", f"inference.input={folder}",
                                        "inference.classifiers=[]"])
     _checkpoint(ck, ["sp0", "sp1", "sp2"], seed=1)  # retrained: other weights, other sha256
     with pytest.raises(UserError, match="another checkpoint"):
-        S7.main(ctx)
+        stages_inference.main(ctx)
 
 
 def test_queries_use_the_checkpoints_preprocessing_and_a_gallery_of_another_is_refused(tmp_path):
@@ -571,11 +578,11 @@ def test_queries_use_the_checkpoints_preprocessing_and_a_gallery_of_another_is_r
     import sqlite3
 
     ctx, ck = _run_folder(tmp_path, "evaluate")
-    ctx.cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={_image_folder(tmp_path / 'new')}",
+    ctx.cfg = load_config(overrides=["inference.mode=predict", f"inference.input={_image_folder(tmp_path / 'new')}",
                                        "inference.classifiers=[]", "data.pad_fill=255"])  # the config is never used
-    data = S7.load_store_data(ctx.run_dir / "04_extract_features", ctx.run_dir / "01_random_split_dataset" /
+    data = load_store_data(ctx.run_dir / "04_extract_features", ctx.run_dir / "01_random_split_dataset" /
                               "splits.csv", None)
-    _, transform = S7.load_query_model(ctx, data)
+    _, transform = load_query_model(ctx, data)
     steps = [t for t in transform.transforms]
     assert "fill=0" in repr(steps[0]) and list(steps[-1].mean) == [0.5] * 3  # the checkpoint's, not data.pad_fill
     con = sqlite3.connect(ctx.run_dir / "04_extract_features" / "features.sqlite")
@@ -583,24 +590,23 @@ def test_queries_use_the_checkpoints_preprocessing_and_a_gallery_of_another_is_r
     con.commit()
     con.close()
     with pytest.raises(UserError, match=r"another preprocessing .*rerun 04_extract_features.py --force"):
-        S7.main(ctx)
+        stages_inference.main(ctx)
 
 
 def test_predict_applies_the_size_checks_of_stage_01(tmp_path):
     """Issue 11 #10: predict mode decoded and classified an image stage 01 rejects."""
+    import torch
     from PIL import Image
 
-    from common.model import build_model
-
-    import torch
+    from common.model.network import build_model
 
     folder = tmp_path / "new"
     folder.mkdir()
     Image.new("L", (64, 64), 40).save(folder / "ok.png")
     Image.new("L", (300, 300), 40).save(folder / "huge.png")  # 90,000 pixels
     Image.new("L", (64, 2), 40).save(folder / "thin.png")
-    model = build_model(C.ModelConfig(backbone="test_resnet", pretrained="none", image_size=32, feat_dim=16)).eval()
-    from common.data import eval_transform
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained="none", image_size=32, feat_dim=16)).eval()
+    from common.data.transforms import eval_transform
 
     tf = eval_transform(32, [0.5] * 3, [0.25] * 3, 0)
     paths = [str(folder / n) for n in ("ok.png", "huge.png", "thin.png")]
@@ -630,11 +636,11 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (0, i, 0)).save(p)
         gpaths.append(str(p))
-    gallery = I.Vectors(inp.gallery.X, inp.gallery.labels, gpaths)
-    q = I.Vectors(inp.test.X[:n], np.full(n, -1), paths)
+    gallery = Vectors(inp.gallery.X, inp.gallery.labels, gpaths)
+    q = Vectors(inp.test.X[:n], np.full(n, -1), paths)
     samples = ["st1"] * 4 + ["st2"] * 2
     cfg = icfg(mode="predict", input=str(tmp_path / "in"), reject_below="auto", reject_keep=0.9, ood_k=3)
-    m = I.predict(q, gallery, inp.classes, cfg, out_in(tmp_path / "out"), samples=samples, name="cruise",
+    m = predict(q, gallery, inp.classes, cfg, out_in(tmp_path / "out"), samples=samples, name="cruise",
                   root=tmp_path / "in", val=inp.val, errors=[(str(tmp_path / "in" / "st2" / "bad.png"), "broken")],
                   error_samples=["st2"], timing={"decode_embed_s": 0.1})
     out = tmp_path / "out"
@@ -663,7 +669,7 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
     assert list(sheet[0]) == ["path", "predicted", "validated"] and {r["path"] for r in sheet} == set(paths)
     doubtful_first = [r["predicted"] == "unknown" for r in sheet]
     assert doubtful_first == sorted(doubtful_first, reverse=True)  # rejected ones lead
-    from common.review import Review, review_key
+    from common.report.review import Review, review_key
 
     page = (out / "review.html").read_text()
     data = json.loads(page.split('id="review-data">', 1)[1].split("</script>", 1)[0])
@@ -684,14 +690,14 @@ def test_evaluate_with_unknown_classes_reports_both_scores(brute, tmp_path):
     inp = _eval_inputs(n_test=10)
     out_c = 4  # class_e leaves the gallery: its test images are unknowns
     keep = inp.gallery.labels != out_c
-    inp.gallery = I.Vectors(inp.gallery.X[keep], inp.gallery.labels[keep], [p for p, k in zip(inp.gallery.paths, keep) if k])
+    inp.gallery = Vectors(inp.gallery.X[keep], inp.gallery.labels[keep], [p for p, k in zip(inp.gallery.paths, keep) if k])
     known = inp.test.labels != out_c
-    unknown = I.Vectors(inp.test.X[~known], inp.test.labels[~known], [p for p, k in zip(inp.test.paths, known) if not k])
-    inp.test = I.Vectors(inp.test.X[known], inp.test.labels[known], [p for p, k in zip(inp.test.paths, known) if k])
-    inp.val = I.Vectors(inp.val.X[inp.val.labels != out_c], inp.val.labels[inp.val.labels != out_c],
+    unknown = Vectors(inp.test.X[~known], inp.test.labels[~known], [p for p, k in zip(inp.test.paths, known) if not k])
+    inp.test = Vectors(inp.test.X[known], inp.test.labels[known], [p for p, k in zip(inp.test.paths, known) if k])
+    inp.val = Vectors(inp.val.X[inp.val.labels != out_c], inp.val.labels[inp.val.labels != out_c],
                         [p for p, lab in zip(inp.val.paths, inp.val.labels) if lab != out_c])
     inp.unknown_test, inp.unknown_classes = unknown, ["class_e"]
-    m = I.evaluate(inp, icfg(reject_below="auto", reject_score="knn", ood_k=3), out_in(tmp_path))
+    m = evaluate(inp, icfg(reject_below="auto", reject_score="knn", ood_k=3), out_in(tmp_path))
     u = json.loads((tmp_path / "metrics.json").read_text())["unknown_classes"]
     assert u["classes"] == ["class_e"] and u["n_unknown"] == 10 and u["n_known"] == 40
     for score in ("similarity", "knn"):
@@ -710,26 +716,26 @@ def test_predict_name_defaults_to_the_input_name(tmp_path):
     (tmp_path / "cruise_42").mkdir()
     (tmp_path / "list.csv").write_text("path\n")
     for inp, want in ((tmp_path / "cruise_42", "cruise_42"), (tmp_path / "list.csv", "list")):
-        cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={inp}"])
+        cfg = load_config(overrides=["inference.mode=predict", f"inference.input={inp}"])
         assert predict_name(cfg) == want
-    cfg = C.load_config(overrides=["inference.mode=predict", f"inference.input={tmp_path}", "inference.name=x"])
+    cfg = load_config(overrides=["inference.mode=predict", f"inference.input={tmp_path}", "inference.name=x"])
     assert predict_name(cfg) == "x"
 
 
 def test_load_store_data_streamed(tmp_path):
     """``max_memory_gib=0``: the gallery and the train split stay in the store (``StoreMatrix``)
     with the rows, labels and paths of the loaded ones; val and test are loaded."""
-    from common.streaming import StoreMatrix
+    from common.retrieval.streamed import StoreMatrix
 
     splits, stage04, lut_path, mid = make_store(tmp_path)
     for lp in (lut_path, None):
-        mem = S7.load_store_data(stage04, splits, lp)
-        st = S7.load_store_data(stage04, splits, lp, max_memory_gib=0.0)
+        mem = load_store_data(stage04, splits, lp)
+        st = load_store_data(stage04, splits, lp, max_memory_gib=0.0)
         assert isinstance(st.gallery.X, StoreMatrix) and isinstance(st.train.X, StoreMatrix)
         assert isinstance(st.val.X, np.ndarray) and isinstance(st.test.X, np.ndarray)
         for a, b in ((mem.gallery, st.gallery), (mem.train, st.train)):
             assert np.array_equal(a.ids, b.ids) and np.array_equal(a.labels, b.labels) and a.paths == b.paths
             assert np.array_equal(np.concatenate([x for _, x in b.X.blocks()]), a.X)
         assert any("streamed from" in str(v) for _, v in st.facts)
-        big = S7.load_store_data(stage04, splits, lp, max_memory_gib=1.0)  # fits: loaded
+        big = load_store_data(stage04, splits, lp, max_memory_gib=1.0)  # fits: loaded
         assert isinstance(big.gallery.X, np.ndarray)

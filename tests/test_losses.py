@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import SupConLoss, supcon_loss
+from common.model.loss import SupConLoss, supcon_loss
 
 
 def loop_supcon(features: torch.Tensor, labels=None, mask=None, temperature: float = 0.07,

@@ -10,13 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from common import config as C
-from common import lut, retrieval
-from common.stages import SPECS
-from common.stages import prune as S6
-from common.stages import threshold as S5
+from common.config.load import load_config
+from common.config.schema import LutConfig
 from common.errors import ConfigError, UserError
-
+from common.retrieval import search as retrieval_search
+from common.retrieval.prune import exact_similarity, prune, prune_sweep, similarity_margin
+from common.retrieval.search import knn_vote
+from common.retrieval.sweep import (
+    SWEEP_COLUMNS,
+    choose_threshold,
+    gini,
+    kept_ids_sha256,
+    nearest_kept,
+    suggested_reject_below,
+    sweep_rows,
+    threshold_grid,
+)
+from common.stages import SPECS
+from common.stages import prune as stages_prune
+from common.stages import threshold as stages_threshold
 
 # ----------------------------------------------------------------------------- data and the reference
 
@@ -111,7 +123,7 @@ def test_prune_equals_pair_loop_clustered():
         if t == 0.8:
             assert 0.1 * len(X) < want.sum() < 0.9 * len(X)  # pruning does something on this data
         for block in (1, 5, 32, 4096):  # blocks of one item, smaller than a class, all of a class
-            got = lut.prune(X, y, ids, t, block_size=block)
+            got = prune(X, y, ids, t, block_size=block)
             assert np.array_equal(got, want), (t, block, np.flatnonzero(got != want))
 
 
@@ -122,18 +134,18 @@ def test_prune_equals_pair_loop_exact_ties():
         assert (np.triu(S, 1) == t).any()  # the threshold value itself occurs: equal does not prune
         want = pair_loop(X, y, ids, t)
         for block in (1, 7, 4096):
-            assert np.array_equal(lut.prune(X, y, ids, t, block_size=block), want), (t, block)
+            assert np.array_equal(prune(X, y, ids, t, block_size=block), want), (t, block)
     # identical vectors have similarity exactly 1.0: kept at t = 1.0, pruned just below it
     Xd = np.repeat(X[:1], 5, axis=0)
-    assert lut.prune(Xd, np.zeros(5), None, 1.0).all()
-    assert lut.prune(Xd, np.zeros(5), None, 0.999999).tolist() == [True, False, False, False, False]
+    assert prune(Xd, np.zeros(5), None, 1.0).all()
+    assert prune(Xd, np.zeros(5), None, 0.999999).tolist() == [True, False, False, False, False]
 
 
 def test_thresholds_are_not_rounded_to_float32():
     """For every threshold of the default grid, pairs whose similarity is float32(t) and one ulp
     either side: prune and prune_sweep decide like the pair loop in float64. float32(t) lies above
     t for 0.8 and 0.99 (among others), so such a pair must be pruned although it equals t in float32."""
-    grid = lut.threshold_grid(C.LutConfig())
+    grid = threshold_grid(LutConfig())
     vecs, labels, cases = [], [], []
     for t in grid:
         s0 = np.float32(t)
@@ -150,20 +162,20 @@ def test_thresholds_are_not_rounded_to_float32():
     Xt = torch.from_numpy(X)
     first, second = torch.arange(0, len(X), 2), torch.arange(1, len(X), 2)
     s_all = np.array([s for _, s in cases], np.float32)
-    np.testing.assert_array_equal(lut.exact_similarity(Xt, first, second).numpy(), s_all)
+    np.testing.assert_array_equal(exact_similarity(Xt, first, second).numpy(), s_all)
     np.testing.assert_array_equal((Xt[first] * Xt[second]).sum(1).numpy(), s_all)
     np.testing.assert_array_equal(np.diag(X[0::2] @ X[1::2].T), s_all)
     for t in (0.8, 0.99):  # the cases the float32-rounded comparison got wrong exist
         assert float(np.float32(t)) > t and not np.float32(t) > np.float32(t)
         i = cases.index((t, np.float32(t)))
         assert not pair_loop(X, y, ids, t)[2 * i + 1]  # s = float32(t) > t: the later item goes
-    sweep = lut.prune_sweep(X, y, ids, grid, block_size=4096)
+    sweep = prune_sweep(X, y, ids, grid, block_size=4096)
     for ti, t in enumerate(grid):
         want = pair_loop(X, y, ids, t)
         for i, (_, s) in enumerate(cases):
             assert want[2 * i + 1] == (not float(s) > t)
         for block in (1, 4096):
-            got = lut.prune(X, y, ids, t, block_size=block)
+            got = prune(X, y, ids, t, block_size=block)
             assert np.array_equal(got, want), (t, block, [cases[i // 2] for i in np.flatnonzero(got != want)])
         assert np.array_equal(sweep[ti], want), (t, [cases[i // 2] for i in np.flatnonzero(sweep[ti] != want)])
 
@@ -174,10 +186,10 @@ def test_classes_never_prune_each_other_and_each_keeps_its_first():
     ys = np.concatenate([y, y + 10])
     ids2 = np.concatenate([ids, ids + 10_000])
     for t in (-1.0, 0.7):
-        k = lut.prune(Xs, ys, ids2, t, block_size=16)
+        k = prune(Xs, ys, ids2, t, block_size=16)
         assert np.array_equal(k[:len(X)], k[len(X):])  # identical twins in other classes survive alike
-        assert np.array_equal(k[:len(X)], lut.prune(X, y, ids, t, block_size=16))
-    k = lut.prune(X, y, ids, -1.0, block_size=8)  # prunes everything it can
+        assert np.array_equal(k[:len(X)], prune(X, y, ids, t, block_size=16))
+    k = prune(X, y, ids, -1.0, block_size=8)  # prunes everything it can
     for c in np.unique(y):
         rows = np.flatnonzero(y == c)
         assert k[rows].sum() >= 1 and k[rows[np.argmin(ids[rows])]]  # the lowest id is always kept
@@ -185,12 +197,12 @@ def test_classes_never_prune_each_other_and_each_keeps_its_first():
 
 def test_margin_band_is_used_and_bound_holds():
     X, y, ids = clustered(dim=64)
-    m = lut.similarity_margin(64)
+    m = similarity_margin(64)
     S32 = (torch.from_numpy(X) @ torch.from_numpy(X).T).numpy()
     exact = X.astype(np.float64) @ X.astype(np.float64).T
     assert np.abs(S32 - exact).max() < m  # the worst-case bound covers the float32 product
     rows = torch.arange(10)
-    np.testing.assert_array_equal(lut.exact_similarity(torch.from_numpy(X), rows, rows + 1).numpy(),
+    np.testing.assert_array_equal(exact_similarity(torch.from_numpy(X), rows, rows + 1).numpy(),
                                   exact[np.arange(10), np.arange(10) + 1].astype(np.float32))
 
 
@@ -198,11 +210,11 @@ def test_margin_band_is_used_and_bound_holds():
 def test_sweep_equals_prune_per_threshold(block):
     X, y, ids = clustered()
     ts = [0.5, 0.8, 0.9, 1.0] + tie_thresholds(X, y, ids)
-    keeps = lut.prune_sweep(X, y, ids, ts, block_size=block)
+    keeps = prune_sweep(X, y, ids, ts, block_size=block)
     for i, t in enumerate(ts):
-        assert np.array_equal(keeps[i], lut.prune(X, y, ids, t, block_size=block))
+        assert np.array_equal(keeps[i], prune(X, y, ids, t, block_size=block))
     # a class too large for the cache is recomputed per threshold, with the same result
-    np.testing.assert_array_equal(lut.prune_sweep(X, y, ids, ts, block_size=block, cache_bytes=0), keeps)
+    np.testing.assert_array_equal(prune_sweep(X, y, ids, ts, block_size=block, cache_bytes=0), keeps)
 
 
 # ----------------------------------------------------------------------------- the sweep's queries
@@ -210,9 +222,9 @@ def test_sweep_equals_prune_per_threshold(block):
 
 def _independent(Q, yq, G, yg, ids, t, k, n_classes, T):
     """Prune at t, then classify against the pruned gallery from scratch."""
-    keep = lut.prune(G, yg, ids, t, block_size=16)
+    keep = prune(G, yg, ids, t, block_size=16)
     gi = np.flatnonzero(keep)
-    s, i = retrieval.topk(Q, G[gi], k)
+    s, i = retrieval_search.topk(Q, G[gi], k)
     return keep, s, gi[i]
 
 
@@ -223,18 +235,18 @@ def test_nearest_kept_and_rows_equal_independent_prune_and_classify(top_m):
     yq = rng.integers(0, 4, 50)
     Q = _unit(G[rng.integers(0, 200, 50)] + 0.3 * rng.normal(size=(50, G.shape[1])))
     ts, k = [0.4, 0.8, 0.95, 1.0], 5
-    keeps = lut.prune_sweep(G, yg, ids, ts, block_size=16)
-    nb, stats = lut.nearest_kept(Q, G, keeps, k, block_size=7, top_m=top_m)
+    keeps = prune_sweep(G, yg, ids, ts, block_size=16)
+    nb, stats = nearest_kept(Q, G, keeps, k, block_size=7, top_m=top_m)
     if top_m == 2:
         assert stats["fallback_queries"] > 0  # the exact fallback path ran
-    rows = lut.sweep_rows(ts, keeps, yg, yq, nb, 4, 0.07, G.shape[1])
+    rows = sweep_rows(ts, keeps, yg, yq, nb, 4, 0.07, G.shape[1])
     for ti, t in enumerate(ts):
         keep, s, idx = _independent(Q, yq, G, yg, ids, t, k, 4, 0.07)
         np.testing.assert_array_equal(keeps[ti], keep)
         np.testing.assert_array_equal(nb[ti][1], idx)
         np.testing.assert_allclose(nb[ti][0], s, atol=1e-6)
         pred = yg[idx[:, 0]]
-        knn, _ = retrieval.knn_vote(s, idx, yg, 4, 0.07)
+        knn, _ = knn_vote(s, idx, yg, 4, 0.07)
         from sklearn.metrics import f1_score
         r = rows[ti]
         assert r["n_kept"] == keep.sum() and r["min_kept_per_class"] == np.bincount(yg[keep]).min()
@@ -247,7 +259,7 @@ def test_nearest_kept_and_rows_equal_independent_prune_and_classify(top_m):
 def test_nearest_kept_clamps_k_to_a_tiny_gallery():
     G = _unit(np.random.default_rng(0).normal(size=(6, 8)))
     keeps = np.array([[True] * 6, [True, False, False, False, False, True]])
-    nb, _ = lut.nearest_kept(G, G, keeps, 4)
+    nb, _ = nearest_kept(G, G, keeps, 4)
     assert nb[0][1].shape == (6, 4) and nb[1][1].shape == (6, 2)
     assert set(np.unique(nb[1][1])) <= {0, 5}
 
@@ -272,39 +284,39 @@ TABLE = [_row(0.80, 200, 0.800, 0.85), _row(0.85, 350, 0.902, 0.90), _row(0.90, 
     ("target_size", {"target_size": 400}, 0.85),
 ])
 def test_choose_threshold_rules(rule, extra, want):
-    lcfg = types.SimpleNamespace(**{**vars(C.LutConfig()), "rule": rule, **extra})
-    i, reason = lut.choose_threshold(TABLE, lcfg)
+    lcfg = types.SimpleNamespace(**{**vars(LutConfig()), "rule": rule, **extra})
+    i, reason = choose_threshold(TABLE, lcfg)
     assert TABLE[i]["threshold"] == want and rule in reason and f"{want:g}" in reason
 
 
 def test_choose_threshold_errors():
-    lcfg = types.SimpleNamespace(**{**vars(C.LutConfig()), "rule": "target_size"})
+    lcfg = types.SimpleNamespace(**{**vars(LutConfig()), "rule": "target_size"})
     with pytest.raises(ConfigError, match="target_size"):
-        lut.choose_threshold(TABLE, lcfg)
+        choose_threshold(TABLE, lcfg)
     lcfg.target_size = 100
     with pytest.raises(UserError, match="200 vectors"):
-        lut.choose_threshold(TABLE, lcfg)
+        choose_threshold(TABLE, lcfg)
 
 
 def test_threshold_grid_exact_values():
-    g = lut.threshold_grid(C.LutConfig())
+    g = threshold_grid(LutConfig())
     assert len(g) == 21 and g[0] == 0.8 and g[-1] == 1.0
     assert g == [round(0.8 + i / 100, 2) for i in range(21)]
     assert all(t == float(f"{t:.2f}") for t in g)  # 0.83 itself, not 0.8300000000000001
-    assert lut.threshold_grid(C.LutConfig(grid_start=0.9, grid_stop=0.95, grid_step=0.025)) == [0.9, 0.925, 0.95]
-    assert lut.threshold_grid(C.LutConfig(thresholds=[0.95, 0.9, 0.95])) == [0.9, 0.95]
+    assert threshold_grid(LutConfig(grid_start=0.9, grid_stop=0.95, grid_step=0.025)) == [0.9, 0.925, 0.95]
+    assert threshold_grid(LutConfig(thresholds=[0.95, 0.9, 0.95])) == [0.9, 0.95]
     with pytest.raises(ConfigError, match="grid_step"):
-        lut.threshold_grid(C.LutConfig(grid_step=0.0))
+        threshold_grid(LutConfig(grid_step=0.0))
     with pytest.raises(ConfigError, match="grid_stop"):
-        lut.threshold_grid(C.LutConfig(grid_start=1.0, grid_stop=0.9))
+        threshold_grid(LutConfig(grid_start=1.0, grid_stop=0.9))
 
 
 def test_reject_level_gini_and_digest():
     sims = np.linspace(0, 1, 101)
-    assert lut.suggested_reject_below(sims, np.ones(101, bool)) == pytest.approx(0.05)
-    assert lut.suggested_reject_below(sims, np.zeros(101, bool)) is None
-    assert lut.gini([5, 5, 5]) == 0 and lut.gini([0, 0, 9]) == pytest.approx(2 / 3)
-    assert lut.kept_ids_sha256([3, 1, 2]) == lut.kept_ids_sha256(np.array([1, 2, 3]))
+    assert suggested_reject_below(sims, np.ones(101, bool)) == pytest.approx(0.05)
+    assert suggested_reject_below(sims, np.zeros(101, bool)) is None
+    assert gini([5, 5, 5]) == 0 and gini([0, 0, 9]) == pytest.approx(2 / 3)
+    assert kept_ids_sha256([3, 1, 2]) == kept_ids_sha256(np.array([1, 2, 3]))
 
 
 # ----------------------------------------------------------------------------- stages 05 and 06
@@ -332,8 +344,8 @@ class FakeCtx:
 
 
 def _run_folder(tmp_path):
-    from common.features import FeatureStore
     from common.fileio import write_json
+    from common.store.sqlite import FeatureStore
 
     run = tmp_path / "run"
     (run / "04_extract_features").mkdir(parents=True)
@@ -357,26 +369,26 @@ def _run_folder(tmp_path):
 
 
 def test_stages_05_and_06_over_a_store(tmp_path):
-    from common.features import FeatureStore
+    from common.store.sqlite import FeatureStore
 
     run, mid = _run_folder(tmp_path)
-    cfg = C.load_config(overrides=["lut.rule=max_f1", "lut.knn_k=3", "lut.grid_start=0.5", "lut.grid_step=0.05"])
+    cfg = load_config(overrides=["lut.rule=max_f1", "lut.knn_k=3", "lut.grid_start=0.5", "lut.grid_step=0.05"])
     ctx5 = FakeCtx(run, "05_lut_threshold", cfg)
-    m5 = S5.main(ctx5)
+    m5 = stages_threshold.main(ctx5)
     assert set(ctx5.outputs) == {"threshold_sweep.csv", "threshold.json", "threshold_sweep.png"}
     tj = json.loads((ctx5.dir / "threshold.json").read_text())
     assert tj["model_id"] == mid and tj["rule"] == "max_f1" and tj["threshold"] == m5["threshold"]
-    assert tj["thresholds"] == lut.threshold_grid(cfg.lut) and len(tj["thresholds"]) == 11
+    assert tj["thresholds"] == threshold_grid(cfg.lut) and len(tj["thresholds"]) == 11
     assert tj["suggested_reject_below"] is not None and tj["reason"]
     lines = (ctx5.dir / "threshold_sweep.csv").read_text().splitlines()
-    assert lines[0].split(",") == lut.SWEEP_COLUMNS and len(lines) == 12
+    assert lines[0].split(",") == SWEEP_COLUMNS and len(lines) == 12
 
     ctx6 = FakeCtx(run, "06_prune_features", cfg)
-    m6 = S6.main(ctx6)
+    m6 = stages_prune.main(ctx6)
     lj = json.loads((ctx6.dir / "lut.json").read_text())
     with FeatureStore(run / "04_extract_features" / "features.sqlite") as store:
         full = store.load_split("train", mid, ["c0", "c1", "c2"])
-    keep = lut.prune(full.X, full.labels, full.ids, tj["threshold"])
+    keep = prune(full.X, full.labels, full.ids, tj["threshold"])
     # stage 06's own artefact: a self-contained store of the kept rows (paths, labels, vectors)
     with FeatureStore(ctx6.dir / "lut.sqlite") as lut_store:
         info = lut_store.current_model()
@@ -386,7 +398,7 @@ def test_stages_05_and_06_over_a_store(tmp_path):
     np.testing.assert_array_equal(got.X, full.X[keep])
     np.testing.assert_array_equal(got.labels, full.labels[keep])
     assert lj["threshold"] == tj["threshold"] and lj["n_after"] == int(keep.sum()) == m6["n_after"]
-    assert lj["n_before"] == 100 and lj["kept_ids_sha256"] == lut.kept_ids_sha256(full.ids[keep])
+    assert lj["n_before"] == 100 and lj["kept_ids_sha256"] == kept_ids_sha256(full.ids[keep])
     assert lj["threshold_source"] == str(ctx5.dir / "threshold.json")  # where the threshold comes from
     assert "lut.sqlite" in ctx6.outputs
     # stage 06 writes nothing in stage 04's folder
@@ -395,19 +407,19 @@ def test_stages_05_and_06_over_a_store(tmp_path):
     assert summary[0] == "class,before,after,fraction_kept" and len(summary) == 4
 
     # prune.threshold wins over threshold.json, and then stage 05 is not an upstream
-    cfg2 = C.load_config(overrides=["prune.threshold=1.0"])
+    cfg2 = load_config(overrides=["prune.threshold=1.0"])
     assert SPECS["06_prune_features"].upstream(cfg2) == ("04_extract_features",)
     assert SPECS["06_prune_features"].upstream(cfg) == ("04_extract_features", "05_lut_threshold")
     ctx6b = FakeCtx(run, "06_prune_features", cfg2)
-    assert S6.main(ctx6b)["threshold"] == 1.0
+    assert stages_prune.main(ctx6b)["threshold"] == 1.0
     assert json.loads((ctx6b.dir / "lut.json").read_text())["threshold_source"] == "prune.threshold"
 
 
 def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):
-    from common.features import Vectors
+    from common.store.containers import Vectors
 
     run, _ = _run_folder(tmp_path)
-    cfg = C.load_config(overrides=["lut.thresholds=[0.9]"])
+    cfg = load_config(overrides=["lut.thresholds=[0.9]"])
     ctx = FakeCtx(run, "05_lut_threshold", cfg)
     from common.stages.artefacts import ModelStore
 
@@ -419,4 +431,4 @@ def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ModelStore, "load", no_val)
     with pytest.raises(UserError, match="no val vectors"):
-        S5.main(ctx)
+        stages_threshold.main(ctx)

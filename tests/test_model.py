@@ -5,10 +5,11 @@ import pytest
 import timm
 import torch
 
-from common.config import ModelConfig
+from common.config.schema import ModelConfig
 from common.errors import UserError
 from common.fileio import sha256_file
-from common.model import SupConModel, build_model, load_checkpoint_model
+from common.model.checkpoint import load_checkpoint_model
+from common.model.network import SupConModel, build_model
 
 BACKBONE = "test_resnet"  # timm's tiny test network: 96-d pooled features
 
@@ -127,8 +128,8 @@ def test_pretrained_errors(tmp_path, monkeypatch):
 
 
 def _checkpoint(path, model: SupConModel, mcfg: ModelConfig) -> None:
-    from common.config import Config
-    from common.seed import rng_state
+    from common.config.schema import Config
+    from common.runtime.seed import rng_state
 
     cfg = Config()
     cfg.model = mcfg

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import NotifyConfig
-from common.notify import human_duration, scrub, send_stage_email
+from common.config.schema import NotifyConfig
+from common.pipeline.notify import human_duration, scrub, send_stage_email
 
 aiosmtpd_controller = pytest.importorskip("aiosmtpd.controller")
 from aiosmtpd.smtp import AuthResult, LoginPassword  # noqa: E402
@@ -129,7 +129,7 @@ def body_of(msg) -> str:
 def test_failure_email_plain_content(smtp_server, tmp_path, caplog):
     rec, port = smtp_server()
     info = make_info(tmp_path)
-    with caplog.at_level(logging.INFO, logger="common.notify"):
+    with caplog.at_level(logging.INFO, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port), "failure", info) is True
     assert len(rec.messages) == 1
     msg = rec.messages[0]
@@ -181,7 +181,7 @@ def test_login_over_plain_and_password_never_leaks(smtp_server, tmp_path, caplog
     # the program printed the password into its error and traceback
     info = make_info(tmp_path, error=f"ValueError: bad login {PASSWORD}",
                      traceback=f"Traceback:\n  ...\nValueError: bad login {PASSWORD}\n")
-    with caplog.at_level(logging.DEBUG, logger="common.notify"):
+    with caplog.at_level(logging.DEBUG, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure", info) is True
     assert rec.logins == [("mailer", PASSWORD)]
     raw = rec.envelopes[0].content.decode("utf-8", errors="replace")
@@ -194,7 +194,7 @@ def test_login_over_plain_and_password_never_leaks(smtp_server, tmp_path, caplog
 def test_rejected_login_is_logged_without_password(smtp_server, tmp_path, caplog, monkeypatch):
     rec, port = smtp_server(Recorder(accept_login=False), authenticator=True, auth_require_tls=False)
     monkeypatch.setenv(ENV, PASSWORD)
-    with caplog.at_level(logging.DEBUG, logger="common.notify"):
+    with caplog.at_level(logging.DEBUG, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure",
                                 make_info(tmp_path)) is False
     assert rec.messages == [] and set(rec.logins) == {("mailer", PASSWORD)}  # smtplib tries PLAIN, then LOGIN
@@ -206,7 +206,7 @@ def test_rejected_login_is_logged_without_password(smtp_server, tmp_path, caplog
 def test_missing_password_variable_sends_nothing(smtp_server, tmp_path, caplog, monkeypatch):
     rec, port = smtp_server(authenticator=True, auth_require_tls=False)
     monkeypatch.delenv(ENV, raising=False)
-    with caplog.at_level(logging.INFO, logger="common.notify"):
+    with caplog.at_level(logging.INFO, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure",
                                 make_info(tmp_path)) is False
     assert rec.messages == [] and rec.logins == []
@@ -232,21 +232,21 @@ def test_ssl_mode(smtp_server, tmp_path, tls_files, monkeypatch):
 def test_untrusted_certificate_is_refused(smtp_server, tmp_path, tls_files, caplog, monkeypatch):
     rec, port = smtp_server(tls_context=server_tls_context(tls_files), require_starttls=True)
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "no-such-ca.pem"))
-    with caplog.at_level(logging.ERROR, logger="common.notify"):
+    with caplog.at_level(logging.ERROR, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port, security="starttls"), "failure", make_info(tmp_path)) is False
     assert rec.messages == [] and "CERTIFICATE_VERIFY_FAILED" in caplog.text
 
 
 def test_server_down_returns_false_and_logs(tmp_path, caplog):
     port = free_port()  # nothing listens there
-    with caplog.at_level(logging.ERROR, logger="common.notify"):
+    with caplog.at_level(logging.ERROR, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port), "failure", make_info(tmp_path)) is False
     assert f"127.0.0.1:{port}" in caplog.text and "ConnectionRefusedError" in caplog.text
 
 
 def test_never_raises_on_bad_input(tmp_path, caplog):
     cfg = make_cfg(free_port())
-    with caplog.at_level(logging.ERROR, logger="common.notify"):
+    with caplog.at_level(logging.ERROR, logger="common.pipeline.notify"):
         assert send_stage_email(cfg, "exploded", make_info(tmp_path)) is False
         assert send_stage_email(replace(cfg, recipients=[]), "failure", make_info(tmp_path)) is False
         assert send_stage_email(cfg, "failure", {"elapsed_s": "soon", "log_path": None}) is False  # server down
@@ -266,12 +266,12 @@ def test_scrub_and_duration():
 def test_login_over_plain_is_refused_unless_allowed(smtp_server, tmp_path, caplog, monkeypatch):
     rec, port = smtp_server(authenticator=True, auth_require_tls=False)
     monkeypatch.setenv(ENV, PASSWORD)
-    with caplog.at_level(logging.INFO, logger="common.notify"):
+    with caplog.at_level(logging.INFO, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port, user="mailer"), "failure", make_info(tmp_path)) is False
     assert rec.messages == [] and rec.logins == []  # not even a connection that could carry the password
     assert "in clear" in caplog.text and "notify.allow_insecure_login" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="common.notify"):
+    with caplog.at_level(logging.INFO, logger="common.pipeline.notify"):
         assert send_stage_email(make_cfg(port, user="mailer", allow_insecure_login=True), "failure",
                                 make_info(tmp_path)) is True
     assert rec.logins == [("mailer", PASSWORD)] and len(rec.messages) == 1
@@ -287,7 +287,7 @@ def test_login_over_plain_is_refused_unless_allowed(smtp_server, tmp_path, caplo
     (["notify.security=plain"], True),
 ])
 def test_config_refuses_a_password_in_clear(overrides, ok):
-    from common.config import load_config
+    from common.config.load import load_config
     from common.errors import ConfigError
 
     args = ["notify.enabled=true", *overrides]

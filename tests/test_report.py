@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import plots as P
-from common import report as R
+from common.report.html import Report, StripItem, render, thumbnail_data_uri, write_report
+from common.report.plots import confusion_matrix_png, embedding_map_png, plot_class_distribution
+from common.report.thumbs import THUMB_PX
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "col", "area", "base", "source", "wbr"}
 
@@ -75,23 +76,23 @@ def _img(path: Path, size=(40, 30), colour=(200, 100, 50)) -> str:
 def sample_report(tmp_path) -> Path:
     cm = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])
     names = ["Noctiluca", "Copepoda <juvenile> & \"odd\"", "Diatom"]
-    cm_png = P.confusion_matrix_png(cm, names, names, tmp_path / "cm.png")
+    cm_png = confusion_matrix_png(cm, names, names, tmp_path / "cm.png")
     X = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
-    map_png = P.embedding_map_png(X, np.repeat([0, 1, 2], 10), names, tmp_path / "map.png", "tsne", 0)
+    map_png = embedding_map_png(X, np.repeat([0, 1, 2], 10), names, tmp_path / "map.png", "tsne", 0)
     q = _img(tmp_path / "q.png")
     g = _img(tmp_path / "g.jpg", (300, 200))
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"not an image")
-    rep = R.Report(title="Test <report>", facts=[("run", "runs/x"), ("model", "seresnext50_32x4d")],
+    rep = Report(title="Test <report>", facts=[("run", "runs/x"), ("model", "seresnext50_32x4d")],
                    metrics={"accuracy": 0.91234567, "macro_f1": 0.5, "n_queries": 12, "nested": {"x": 1}},
                    comparison=(["method", "accuracy"], [["retrieval_top1", 0.9], ["logreg", 0.8]]),
                    images=[("Confusion matrix", cm_png, "rows normalised"), ("Map", map_png, ""),
                            ("Missing plot", tmp_path / "absent.png", "")],
                    per_class=(["class", "f1"], [[n, 0.5] for n in names]),
                    strips=[(names[1], "2 misclassified", [
-                       R.StripItem(q, names[1], names[0], 0.8, g, names[0]),
-                       R.StripItem(str(bad), names[1], "unknown", 0.2, None, None)])])
-    return R.write_report(tmp_path / "report.html", rep)
+                       StripItem(q, names[1], names[0], 0.8, g, names[0]),
+                       StripItem(str(bad), names[1], "unknown", 0.2, None, None)])])
+    return write_report(tmp_path / "report.html", rep)
 
 
 def test_report_is_well_formed_and_self_contained(sample_report):
@@ -104,7 +105,7 @@ def test_report_is_well_formed_and_self_contained(sample_report):
     # 2 plots + 2 thumbnails (query, neighbour); the corrupt query and the missing plot are skipped
     assert len(c.images) == 4
     sizes = [decode_data_uri(im["src"]).size for im in c.images]
-    assert all(max(s) <= R.THUMB_PX for s in sizes[2:])  # thumbnails are small
+    assert all(max(s) <= THUMB_PX for s in sizes[2:])  # thumbnails are small
     body = "".join(c.text)
     assert 'Copepoda <juvenile> & "odd"' in body  # escaped in the file, intact once parsed
     assert "<juvenile>" not in text
@@ -112,25 +113,25 @@ def test_report_is_well_formed_and_self_contained(sample_report):
     # size is evidence: each thumbnail's pixel size, both drawn at one scale (40 px wide and 300 px wide)
     assert "40 × 30 px" in body and "300 × 200 px" in body and "the red bar is" in body
     widths = [float(re.search(r"width:([0-9.]+)px", im["style"]).group(1)) for im in c.images[2:]]
-    assert widths[1] == pytest.approx(R.THUMB_PX, abs=0.1) and widths[0] == pytest.approx(widths[1] * 40 / 300, abs=0.1)
+    assert widths[1] == pytest.approx(THUMB_PX, abs=0.1) and widths[0] == pytest.approx(widths[1] * 40 / 300, abs=0.1)
     assert '<span class="num">(0.800)</span>' in text  # a similarity never wraps mid-number
 
 
 def test_strips_give_sizes_in_micrometres(tmp_path):
     q, g = _img(tmp_path / "q.png", (50, 20)), _img(tmp_path / "g.png", (60, 40))
-    rep = R.Report(title="t", strips=[("a", "", [R.StripItem(q, "a", "b", 0.5, g, "b")])], pixel_size_um=2.0)
-    text = R.render(rep)
+    rep = Report(title="t", strips=[("a", "", [StripItem(q, "a", "b", 0.5, g, "b")])], pixel_size_um=2.0)
+    text = render(rep)
     assert "<figcaption>50 × 20 px</figcaption><figcaption>100 × 40 µm</figcaption>" in text
     assert "120 × 80 µm" in text and "µm; a dashed frame" in text
 
 
 def test_confusion_matrix_grows_with_class_count(tmp_path):
     rng = np.random.default_rng(0)
-    small = P.confusion_matrix_png(rng.integers(0, 5, (5, 5)), list("abcde"), list("abcde"), tmp_path / "s.png")
+    small = confusion_matrix_png(rng.integers(0, 5, (5, 5)), list("abcde"), list("abcde"), tmp_path / "s.png")
     names = [f"species_{i:02d}_long_name" for i in range(90)]
     cm = rng.integers(0, 3, (90, 91))
     cm[np.arange(90), np.arange(90)] += 30
-    big = P.confusion_matrix_png(cm, names, names + ["unknown"], tmp_path / "b.png")
+    big = confusion_matrix_png(cm, names, names + ["unknown"], tmp_path / "b.png")
     ws, hs = Image.open(small).size
     wb, hb = Image.open(big).size
     assert hb > 1.8 * hs and wb > 1.8 * ws
@@ -138,7 +139,7 @@ def test_confusion_matrix_grows_with_class_count(tmp_path):
 
 
 def test_thumbnail_is_upright(tmp_path, exif_rotated_jpeg):
-    uri = R.thumbnail_data_uri(exif_rotated_jpeg(tmp_path / "rot6.jpg"))
+    uri = thumbnail_data_uri(exif_rotated_jpeg(tmp_path / "rot6.jpg"))
     im = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
     w, h = im.size
     assert h > w  # EXIF orientation 6 applied, as load_rgb does
@@ -149,8 +150,8 @@ def test_thumbnail_is_upright(tmp_path, exif_rotated_jpeg):
 def test_thumbnail_of_unreadable_file_is_none(tmp_path):
     p = tmp_path / "x.jpg"
     p.write_bytes(b"\xff\xd8garbage")
-    assert R.thumbnail_data_uri(p) is None
-    assert R.thumbnail_data_uri(tmp_path / "missing.png") is None
+    assert thumbnail_data_uri(p) is None
+    assert thumbnail_data_uri(tmp_path / "missing.png") is None
 
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
@@ -175,10 +176,10 @@ def test_class_names_are_drawn_literally(tmp_path):
 
     names = ["cost$1", "a$b$c", "under_score", "back\\slash", "$x^2$", "per%cent"]
     counts = [SimpleNamespace(name=n, total=5, train=3, val=1, test=1, status="kept", reason="") for n in names]
-    P.plot_class_distribution(counts, tmp_path / "dist.png")
+    plot_class_distribution(counts, tmp_path / "dist.png")
     cm = np.eye(len(names)) * 3
-    P.confusion_matrix_png(cm, names, names, tmp_path / "cm.png")
-    P.embedding_map_png(np.random.default_rng(0).normal(size=(30, 4)), np.arange(30) % len(names), names,
+    confusion_matrix_png(cm, names, names, tmp_path / "cm.png")
+    embedding_map_png(np.random.default_rng(0).normal(size=(30, 4)), np.arange(30) % len(names), names,
                         tmp_path / "map.png", method="pca")
     for f in ("dist.png", "cm.png", "map.png"):
         assert Image.open(tmp_path / f).size[0] > 100

@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from common import config as C
-from common import runfolder as rf
-from common.stage import rerun_hint
-from common.stages import SPECS
 from conftest import run_script
+
+from common.config.load import load_config
+from common.pipeline.freshness import Freshness
+from common.pipeline.runconfig import read_run_config
+from common.pipeline.spec import rerun_hint
+from common.stages import SPECS
 
 S03 = "03_main_supcon"
 
@@ -31,8 +32,8 @@ def _sha(p: Path) -> str:
 
 
 def _fresh(run: Path, stage: str) -> str | None:
-    cfg = C.load_config(base=rf.read_run_config(run))
-    return rf.Freshness(run, cfg, SPECS, lambda s: rerun_hint(s, run)).problem(stage)
+    cfg = load_config(base=read_run_config(run))
+    return Freshness(run, cfg, SPECS, lambda s: rerun_hint(s, run)).problem(stage)
 
 
 def test_pad_fill_changed_from_stage_07_follows_its_hints_to_a_retrained_checkpoint(pipeline, tmp_path):

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import review as RV
-from common import samples as S
-from common import thumbs as T
-from common.gallery import read_corrections
+from common.data.extras import read_corrections
+from common.ecotaxa.bundle import ecotaxa_rows
+from common.report.review import KEY_PREFIX, Review, ReviewItem, build_data, doubt_note, review_key, write_review
+from common.report.thumbs import MAX_UPSCALE, Thumb, common_scale, size_text, thumbnail
 
 CLASSES = ["Copepoda & co", "Diatom", "b", "Noctiluca </script>"]
 
@@ -31,7 +31,7 @@ def _img(path: Path, size=(40, 30), colour=(200, 100, 50)) -> str:
     return str(path)
 
 
-def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: float | None = None) -> RV.Review:
+def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: float | None = None) -> Review:
     """``n_rows`` queries (two samples) with real image files; the first ``n_items`` are shown."""
     g = [_img(tmp_path / "gallery" / f"g{i}.png", (30 + 40 * i, 20 + 30 * i), (10, 60 * i, 200)) for i in range(4)]
     preds = ["unknown", "b", "Copepoda & co", "b", "Diatom"]
@@ -40,13 +40,13 @@ def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: fl
     for q in range(n_rows):
         p = _img(tmp_path / "in" / f"st{q % 2}" / f"q{q}.png", (20 + 10 * q, 16 + 5 * q), (40 * q, 90, 90))
         rows.append((p, preds[q % 5]))
-        items.append(RV.ReviewItem(p, f"st{q % 2}", preds[q % 5], 0.9 - 0.01 * q, 0.02 * q if q else float("nan"),
+        items.append(ReviewItem(p, f"st{q % 2}", preds[q % 5], 0.9 - 0.01 * q, 0.02 * q if q else float("nan"),
                                    0.8 - 0.01 * q, reasons[q % 5],
                                    [(g[j], CLASSES[j], 0.9 - 0.01 * q - 0.05 * j) for j in range(4)]))
-    eco, _left_out = S.ecotaxa_rows([r[0] for r in rows], [f"st{q % 2}" for q in range(n_rows)],
+    eco, _left_out = ecotaxa_rows([r[0] for r in rows], [f"st{q % 2}" for q in range(n_rows)],
                          [None if c == "unknown" else c for _, c in rows], tmp_path / "in",
                          {"similarity": np.linspace(0.9, 0.8, n_rows)})
-    return RV.Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
+    return Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
                      rows=rows, ecotaxa=("ecotaxa_cruise.tsv", eco), pixel_size_um=pixel_size_um)
 
 
@@ -60,7 +60,7 @@ def _blob(html: str) -> dict:
 
 def test_common_scale_fits_most_images_and_marks_the_rest():
     sizes = [(100, 50)] * 19 + [(400, 300)]
-    s = T.common_scale(sizes, 96)
+    s = common_scale(sizes, 96)
     assert s.per_px == pytest.approx(96 / 100)  # the 90 % quantile of the longest sides fills the box
     w, h, to_scale = s.fit(100, 50)
     assert (w, h, to_scale) == (pytest.approx(96), pytest.approx(48), True)
@@ -68,30 +68,30 @@ def test_common_scale_fits_most_images_and_marks_the_rest():
     assert (w, h, to_scale) == (pytest.approx(96), pytest.approx(72), False)  # shrunk to fit, marked
     assert s.bar(400, 300) == pytest.approx(s.bar(100, 50) / 4)  # its bar is shorter, in proportion
     assert s.bar_px == 20 and s.bar_label == "20 px"  # a round length near 40 % of the box
-    tiny = T.common_scale([(8, 8)], 96)
-    assert tiny.per_px == T.MAX_UPSCALE
-    um = T.common_scale(sizes, 96, pixel_size_um=2.5)
+    tiny = common_scale([(8, 8)], 96)
+    assert tiny.per_px == MAX_UPSCALE
+    um = common_scale(sizes, 96, pixel_size_um=2.5)
     assert um.bar_label == "100 µm" and um.bar_px == pytest.approx(40)
-    assert T.size_text(120, 80) == "120 × 80 px"
-    assert T.size_text(120, 80, 2.5) == "120 × 80 px · 300 × 200 µm"
-    assert T.size_text(1000, 3, 1.5) == "1000 × 3 px · 1,500 × 4.5 µm"
+    assert size_text(120, 80) == "120 × 80 px"
+    assert size_text(120, 80, 2.5) == "120 × 80 px · 300 × 200 µm"
+    assert size_text(1000, 3, 1.5) == "1000 × 3 px · 1,500 × 4.5 µm"
 
 
 def test_thumbnail_keeps_the_upright_size(tmp_path, exif_rotated_jpeg):
-    t = T.thumbnail(exif_rotated_jpeg(tmp_path / "rot6.jpg"), 16, "WEBP")
+    t = thumbnail(exif_rotated_jpeg(tmp_path / "rot6.jpg"), 16, "WEBP")
     assert (t.width, t.height) == (24, 40)  # EXIF orientation 6: stored 40 x 24
     im = Image.open(io.BytesIO(base64.b64decode(t.uri.split(",", 1)[1])))
     assert t.uri.startswith("data:image/webp;base64,") and im.size == (10, 16)
-    big = T.thumbnail(_img(tmp_path / "big.png", (300, 120)), 96, "JPEG")
+    big = thumbnail(_img(tmp_path / "big.png", (300, 120)), 96, "JPEG")
     assert (big.width, big.height) == (300, 120) and big.uri.startswith("data:image/jpeg")
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    assert T.thumbnail(tmp_path / "bad.png", 96) == T.Thumb(None)
+    assert thumbnail(tmp_path / "bad.png", 96) == Thumb(None)
 
 
 def test_build_data_layout(tmp_path):
     rev = _review(tmp_path, pixel_size_um=2.0)
     (tmp_path / "gallery" / "g3.png").write_bytes(b"broken")  # an unreadable neighbour
-    d = RV.build_data(rev)
+    d = build_data(rev)
     assert len(d["items"]) == 4 and len(d["rows"]) == 5 and len(d["ecotaxa"]["rows"]) == 5
     assert d["rows"][4] == [rev.rows[4][0], "Diatom"]  # every query, shown or not, is saved
     assert len(d["images"]) == 4 + 4  # four queries and four gallery images, each once
@@ -106,24 +106,24 @@ def test_build_data_layout(tmp_path):
     assert d["ecotaxa"]["header"][:5] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
                                           "object_annotation_status"]
     # the storage key: the same prediction gives the same key; another call, another key
-    assert d["key"] == RV.review_key(rev) and d["key"].startswith(RV.KEY_PREFIX + "cruise/")
+    assert d["key"] == review_key(rev) and d["key"].startswith(KEY_PREFIX + "cruise/")
     again = _review(tmp_path)
-    assert RV.review_key(again) == d["key"]
+    assert review_key(again) == d["key"]
     again.rows[4] = (again.rows[4][0], "b")
-    assert RV.review_key(again) != d["key"]
+    assert review_key(again) != d["key"]
     bad = _review(tmp_path)
     bad.items = bad.items[1:]
     with pytest.raises(ValueError, match="first rows"):
-        RV.build_data(bad)
+        build_data(bad)
     bad = _review(tmp_path)
     bad.ecotaxa = ("e.tsv", bad.ecotaxa[1][:-1])
     with pytest.raises(ValueError, match="4 rows for 5 queries"):
-        RV.build_data(bad)
+        build_data(bad)
 
 
 def test_page_is_one_self_contained_file(tmp_path):
     rev = _review(tmp_path)
-    path = RV.write_review(tmp_path / "review.html", rev)
+    path = write_review(tmp_path / "review.html", rev)
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and "<title>Review &lt;x&gt;</title>" in text
     # a class named "... </script>" cannot end the data block: two scripts open and close
@@ -134,14 +134,14 @@ def test_page_is_one_self_contained_file(tmp_path):
 
 
 def test_doubt_note_says_what_is_shown():
-    off = RV.doubt_note(15, 10, 15, 500, None, None, 0.05)
+    off = doubt_note(15, 10, 15, 500, None, None, 0.05)
     assert "(off (" not in off and "rejected as unknown (" not in off
     assert "Open-set rejection is off (inference.reject_below=null)" in off
     assert "15 images, 10 doubtful" in off and "All 15 images are shown, the doubtful ones first." in off
-    cut = RV.doubt_note(2000, 10, 500, 500, "inference.reject_below=0.7 on similarity", 0.81, 0.05)
+    cut = doubt_note(2000, 10, 500, 500, "inference.reject_below=0.7 on similarity", 0.81, 0.05)
     assert "rejected as unknown (inference.reject_below=0.7 on similarity)" in cut and "0.8100" in cut
     assert "The 500 most doubtful are shown (inference.review_max=500), 10 of them doubtful" in cut
-    many = RV.doubt_note(2000, 900, 500, 500, None, 0.81, 0.05)
+    many = doubt_note(2000, 900, 500, 500, None, 0.81, 0.05)
     assert "The 500 most doubtful are shown (inference.review_max=500);" in many
 
 
@@ -213,7 +213,7 @@ def test_relabel_reload_and_save_in_chromium(tmp_path, browser):
     from selenium.webdriver.common.keys import Keys
 
     rev = _review(tmp_path)
-    page = RV.write_review(tmp_path / "review.html", rev)
+    page = write_review(tmp_path / "review.html", rev)
     browser.get(page.as_uri())
     assert browser.get_log("browser") == []  # no script error
     assert _text(browser, "#progress") == "0 of 4 reviewed"
@@ -237,7 +237,7 @@ def test_relabel_reload_and_save_in_chromium(tmp_path, browser):
     assert _text(browser, "#progress") == "3 of 4 reviewed"
     assert "confirmed" in _row(browser, 0).text and "→ Diatom" in _row(browser, 1).text
     assert "not reviewed" in _row(browser, 2).text and "→ Copepoda & co" in _row(browser, 3).text
-    stored = json.loads(browser.execute_script("return window.localStorage.getItem(arguments[0])", RV.review_key(rev)))
+    stored = json.loads(browser.execute_script("return window.localStorage.getItem(arguments[0])", review_key(rev)))
     assert stored["labels"] == {"0": "unknown", "1": "Diatom", "3": "Copepoda & co"}
 
     browser.find_element("css selector", "#save-csv").click()
@@ -264,7 +264,7 @@ def test_relabel_reload_and_save_in_chromium(tmp_path, browser):
 def test_filters_hash_presets_and_clear_in_chromium(tmp_path, browser):
     from selenium.webdriver.support.ui import Select
 
-    page = RV.write_review(tmp_path / "review.html", _review(tmp_path))
+    page = write_review(tmp_path / "review.html", _review(tmp_path))
     browser.get(page.as_uri() + "#sample=st1")
     assert _text(browser, "#shown") == "2 of 4 shown"
     browser.get(page.as_uri() + "#class=Copepoda%20%26%20co")
@@ -299,9 +299,9 @@ def test_20000_images_render_a_bounded_dom(tmp_path, browser):
 
     n = 20_000
     files = [_img(tmp_path / "img" / f"{i}.png", (20 + i, 30), (i * 8, 50, 100)) for i in range(30)]
-    items = [RV.ReviewItem(files[i % 30], f"st{i % 7}", CLASSES[i % 3], 0.5, 0.1, 0.4, ["small margin"] if i % 2 else [],
+    items = [ReviewItem(files[i % 30], f"st{i % 7}", CLASSES[i % 3], 0.5, 0.1, 0.4, ["small margin"] if i % 2 else [],
                            [(files[(i + j) % 30], CLASSES[j % 4], 0.5) for j in range(5)]) for i in range(n)]
-    page = RV.write_review(tmp_path / "review.html", RV.Review("big", "", "big", items, CLASSES))
+    page = write_review(tmp_path / "review.html", Review("big", "", "big", items, CLASSES))
     size_mb = page.stat().st_size / 1e6
     assert size_mb < 8, size_mb  # 20,000 rows of data; thumbnails stored once per image file
     browser.get(page.as_uri())
@@ -328,26 +328,27 @@ def test_the_page_predict_writes_in_chromium(tmp_path, browser):
     """One path through the real predict code: its review.html, re-labelled and saved in the browser."""
     from selenium.webdriver.common.keys import Keys
 
-    from common import config as C
-    from common import inference as I
+    from common.config.schema import InferenceConfig
+    from common.evaluate.prediction import predict
+    from common.store.containers import Vectors
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 8))
     G = centres.repeat(4, axis=0) + 0.3 * rng.normal(size=(12, 8))
     Q = centres[[0, 1, 2, 0, 1]] + 0.6 * rng.normal(size=(5, 8))
     G, Q = (a / np.linalg.norm(a, axis=1, keepdims=True) for a in (G, Q))
-    gallery = I.Vectors(G.astype(np.float32), np.arange(12) // 4,
+    gallery = Vectors(G.astype(np.float32), np.arange(12) // 4,
                         [_img(tmp_path / "g" / f"{i}.png", (30 + 5 * i, 30)) for i in range(12)])
-    queries = I.Vectors(Q.astype(np.float32), np.full(5, -1),
+    queries = Vectors(Q.astype(np.float32), np.full(5, -1),
                         [_img(tmp_path / "in" / f"q{i}.png", (20 + 20 * i, 40)) for i in range(5)])
-    cfg = C.InferenceConfig()
+    cfg = InferenceConfig()
     cfg.mode, cfg.input, cfg.classifiers = "predict", str(tmp_path / "in"), []
 
     def output(*parts, digest="sha256"):
         (tmp_path / "out").mkdir(exist_ok=True)
         return tmp_path.joinpath("out", *parts)
 
-    I.predict(queries, gallery, ["Acartia", "Ceratium", "Tripos"], cfg, output, name="st", root=tmp_path / "in",
+    predict(queries, gallery, ["Acartia", "Ceratium", "Tripos"], cfg, output, name="st", root=tmp_path / "in",
               pixel_size_um=1.5)
     browser.get((tmp_path / "out" / "review.html").as_uri())
     assert _text(browser, "#progress") == "0 of 5 reviewed" and "µm" in _row(browser, 0).text

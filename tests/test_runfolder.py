@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, run_script, snapshot
 
 from common.stages import SPECS, STAGES
-from conftest import ROOT, run_script, snapshot
 
 
 @pytest.fixture
@@ -274,8 +274,8 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next(run):
 
 SLOW_STAGE = """
 import sys, time
-from common import stage
-from common.stages import StageSpec
+from common.pipeline.runner import execute
+from common.pipeline.spec import StageSpec
 
 def main(ctx):
     try:
@@ -289,7 +289,7 @@ def main(ctx):
 
 from types import SimpleNamespace
 from common.stages import SPECS
-sys.exit(stage.execute(StageSpec("05_lut_threshold", SimpleNamespace(main=main), keys=()), table=SPECS))
+sys.exit(execute(StageSpec("05_lut_threshold", SimpleNamespace(main=main), keys=()), table=SPECS))
 """
 
 
@@ -318,7 +318,7 @@ def test_every_bad_numeric_value_is_refused_by_every_stage_before_anything_is_wr
     """Issue 11 #6: a bad value for every numeric key, through the real wrapper, on a finished run."""
     from test_config import OUT_OF_RANGE
 
-    from common import stage as wrapper
+    from common.pipeline.runner import execute
 
     src, _, res = pipeline
     assert res.returncode == 0
@@ -326,7 +326,7 @@ def test_every_bad_numeric_value_is_refused_by_every_stage_before_anything_is_wr
     for i, (key, (value, named)) in enumerate(sorted(OUT_OF_RANGE.items())):
         name = STAGES[i % len(STAGES)]  # every stage sees some of the keys
         capsys.readouterr()
-        assert wrapper.execute(name, ["--run", str(src), f"{key}={value}"], table=SPECS) == 2, key
+        assert execute(name, ["--run", str(src), f"{key}={value}"], table=SPECS) == 2, key
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {named}: must be "), (key, err)
     assert snapshot(src) == before
@@ -357,7 +357,7 @@ def _tiny_images(root: Path, classes=("a", "b"), n: int = 3) -> Path:
 
 def _racer(stage_dir, run_dir, barrier, results, release):
     from common.errors import UserError
-    from common.runfolder import StageLock
+    from common.pipeline.lock import StageLock
 
     lock = StageLock(Path(stage_dir), "05_lut_threshold", Path(run_dir))
     barrier.wait()
@@ -403,7 +403,7 @@ def test_twenty_processes_on_a_stale_lock_exactly_one_runs(tmp_path):
 
 def _cycler(stage_dir, run_dir, barrier, inside, violations, cycles):
     from common.errors import UserError
-    from common.runfolder import StageLock
+    from common.pipeline.lock import StageLock
 
     lock = StageLock(Path(stage_dir), "05_lut_threshold", Path(run_dir))
     barrier.wait()
@@ -447,7 +447,7 @@ def test_lock_taken_and_released_in_a_loop_by_many_processes_is_never_held_twice
 def test_a_predict_name_never_leaves_its_folder(pipeline, tmp_path, capsys, name):
     """Issue 17 #3: inference.name=.. overwrote the evaluation's files; ../../01... deleted stage 01's
     manifest; an absolute name wrote anywhere; 300 characters gave an OSError traceback."""
-    from common import stage as wrapper
+    from common.pipeline.runner import execute
 
     src, _, res = pipeline
     assert res.returncode == 0
@@ -455,7 +455,7 @@ def test_a_predict_name_never_leaves_its_folder(pipeline, tmp_path, capsys, name
     folder.mkdir()
     before = snapshot(src)
     capsys.readouterr()
-    assert wrapper.execute("07_inference", ["--run", str(src), "inference.mode=predict", f"inference.input={folder}",
+    assert execute("07_inference", ["--run", str(src), "inference.mode=predict", f"inference.input={folder}",
                                             f"inference.name={name}"], table=SPECS) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: inference.name: ") and "is not a plain name" in err[0], err
@@ -597,7 +597,7 @@ def test_a_forked_worker_never_holds_or_releases_the_stage_lock(tmp_path):
     """DataLoader and scan workers are forked while the lock is held: the lock goes with the stage
     process. Here the stage is killed (no release) while its worker lives on: the lock is free."""
     from common.errors import UserError
-    from common.runfolder import StageLock
+    from common.pipeline.lock import StageLock
 
     sdir = tmp_path / "05_lut_threshold"
     r, w = os.pipe()

@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import samples as S
+from common.data.samples import list_inputs
+from common.ecotaxa.bundle import ECOTAXA_CONTROL, ecotaxa_rows, write_tsv
 from common.errors import UserError
-from common.metrics import UNKNOWN
+from common.evaluate.metrics import UNKNOWN
+from common.evaluate.tables import doubt_order, sample_counts
 
 
 def _touch(p: Path) -> Path:
@@ -21,7 +23,7 @@ def test_folder_samples_are_first_sub_folders(tmp_path):
     root = tmp_path / "cruise"
     for rel in ("st1/a.png", "st1/deep/b.png", "st2/c.jpg", "loose.png", "st2/readme.txt", "st2/.d.png"):
         _touch(root / rel)
-    inp = S.list_inputs(root)
+    inp = list_inputs(root)
     got = {Path(p).relative_to(root.resolve()).as_posix(): inp.samples[p] for p in inp.images}
     assert got == {"st1/a.png": "st1", "st1/deep/b.png": "st1", "st2/c.jpg": "st2", "loose.png": "cruise"}
     assert [Path(p).name for p, _ in inp.others] == ["readme.txt"] and inp.root == root.resolve()
@@ -30,14 +32,14 @@ def test_folder_samples_are_first_sub_folders(tmp_path):
 
 def test_single_image_csv_and_text_lists(tmp_path):
     img = _touch(tmp_path / "st9" / "x.png")
-    one = S.list_inputs(img)
+    one = list_inputs(img)
     assert one.images == [str(img.resolve())] and one.samples[one.images[0]] == "st9"
     a = _touch(tmp_path / "imgs" / "a.png")
     b = _touch(tmp_path / "imgs" / "sub" / "b.png")
     lst = tmp_path / "list.csv"
     lst.write_text(f"path,sample\nimgs/a.png,north\n{b},\nimgs/missing.png,north\nimgs/notes.txt,x\n")
     _touch(tmp_path / "imgs" / "notes.txt")
-    inp = S.list_inputs(lst)
+    inp = list_inputs(lst)
     assert inp.images == [str(a.resolve()), str(b.resolve())]
     assert inp.samples[str(a.resolve())] == "north" and inp.samples[str(b.resolve())] == "sub"
     assert [(Path(p).name, why) for p, why in inp.others] == [("missing.png", "listed file does not exist"),
@@ -45,21 +47,21 @@ def test_single_image_csv_and_text_lists(tmp_path):
     assert inp.root == (tmp_path / "imgs").resolve()
     txt = tmp_path / "list.txt"
     txt.write_text(f"# images\n\nimgs/a.png\n{b}\n")
-    assert S.list_inputs(txt).images == [str(a.resolve()), str(b.resolve())]
+    assert list_inputs(txt).images == [str(a.resolve()), str(b.resolve())]
     bad = tmp_path / "bad.csv"
     bad.write_text("file\nx.png\n")
     with pytest.raises(UserError, match="bad.csv has no 'path' column"):
-        S.list_inputs(bad)
+        list_inputs(bad)
     with pytest.raises(UserError, match="does not exist"):
-        S.list_inputs(tmp_path / "nothing")
+        list_inputs(tmp_path / "nothing")
     twice = tmp_path / "twice.txt"
     twice.write_text("imgs/a.png\nimgs/a.png\n")
     with pytest.raises(UserError, match="listed twice"):
-        S.list_inputs(twice)
+        list_inputs(twice)
 
 
 def test_sample_counts_table():
-    header, rows = S.sample_counts(["s1", "s2", "s1", "s1"], np.array([0, 1, UNKNOWN, 0]), ["a", "b"],
+    header, rows = sample_counts(["s1", "s2", "s1", "s1"], np.array([0, 1, UNKNOWN, 0]), ["a", "b"],
                                    unreadable={"s2": 3})
     assert header == ["sample", "a", "b", "unknown", "total", "unreadable"]
     assert rows == [["s1", 2, 0, 1, 3, 0], ["s2", 0, 1, 0, 1, 3]]
@@ -68,7 +70,7 @@ def test_sample_counts_table():
 def test_ecotaxa_rows_follow_the_import_format(tmp_path):
     root = tmp_path / "in"
     paths = [str(root / "s1" / "a.png"), str(root / "s1" / "deep" / "a.png"), str(root / "s2" / "a b.png")]
-    rows, left_out = S.ecotaxa_rows(paths, ["s1", "s1", "s\t2"], ["copepod", None, "copepod"], root,
+    rows, left_out = ecotaxa_rows(paths, ["s1", "s1", "s\t2"], ["copepod", None, "copepod"], root,
                                     {"similarity": np.array([0.9, 0.2, 0.8]), "margin": np.array([0.1, np.nan, 0.3])})
     assert left_out == []
     assert rows[0] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
@@ -80,7 +82,7 @@ def test_ecotaxa_rows_follow_the_import_format(tmp_path):
     assert rows[2][3:5] == ["copepod", "predicted"] and rows[3][3:5] == ["", ""]  # unknown: unclassified
     assert rows[3][6] == "nan" and rows[2][5] == "0.900000"
     out = tmp_path / "ecotaxa_x.tsv"
-    S.write_tsv(out, rows)
+    write_tsv(out, rows)
     lines = out.read_text().splitlines()
     assert len(lines) == 5 and all(len(line.split("\t")) == 8 for line in lines)
     assert lines[4].endswith("\ts 2")  # a tab inside a value never breaks the table
@@ -90,7 +92,7 @@ def test_doubt_order_puts_unknown_then_more_reasons_then_lower_similarity():
     final = np.array([0, UNKNOWN, 1, 0, 1])
     sim = np.array([0.95, 0.5, 0.6, 0.9, 0.99])
     margin = np.array([0.2, 0.01, 0.01, 0.2, np.nan])
-    order, reasons = S.doubt_order(final, sim, margin, low_similarity=0.7, small_margin=0.05)
+    order, reasons = doubt_order(final, sim, margin, low_similarity=0.7, small_margin=0.05)
     assert order.tolist() == [1, 2, 3, 0, 4]
     assert reasons[1] == ["unknown", "low similarity", "small margin"]
     assert reasons[2] == ["low similarity", "small margin"] and reasons[0] == [] and reasons[4] == []
@@ -101,15 +103,15 @@ def test_ecotaxa_keeps_control_characters_out_and_formulas_inert(tmp_path):
     root = tmp_path / "in"
     paths = [str(root / "s1" / "a\tb.png"), str(root / "s1" / "new\nline.png"), str(root / "s1" / "ok.png"),
              str(root / "-5m" / "x.png"), str(root / "s1" / "del\x7f.png"), str(root / "s1" / "sep\u2028.png")]
-    rows, left_out = S.ecotaxa_rows(paths, ["s1", "s1", "s1", "-5m", "s1", "s1"],
+    rows, left_out = ecotaxa_rows(paths, ["s1", "s1", "s1", "-5m", "s1", "s1"],
                                     ["=SUM(A1)", "copepod", "copepod", "copepod", "copepod", "copepod"], root,
                                     {"similarity": np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]),
                                      "margin": np.array([-0.1, 0.1, 0.1, -0.25, 0.1, 0.1])})
     assert [p for p, _ in left_out] == [paths[0], paths[1], paths[4], paths[5]]
-    assert all(why == S.ECOTAXA_CONTROL for _, why in left_out)
+    assert all(why == ECOTAXA_CONTROL for _, why in left_out)
     assert [r[0] for r in rows[2:]] == ["s1/ok.png", "./-5m/x.png"]  # ./: the same file, never a formula
     out = tmp_path / "ecotaxa_x.tsv"
-    S.write_tsv(out, rows)
+    write_tsv(out, rows)
     lines = out.read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) == 5 and all(len(line.split("\t")) == 8 for line in lines[:-1])
     cells = lines[3].split("\t")
@@ -121,10 +123,9 @@ def test_every_csv_cell_a_spreadsheet_would_run_is_neutralised_and_read_back(tmp
     """Issue 17 #6: CSV injection through class, sample or file names; numbers never change."""
     import csv
 
-    from common.data import SplitRow, read_splits
+    from common.data.extras import read_corrections
+    from common.data.splits import SplitRow, read_splits, write_splits_csv
     from common.fileio import spreadsheet_safe, spreadsheet_text, write_csv
-    from common.gallery import read_corrections
-    from common.split import write_splits_csv
 
     cells = ["=HYPERLINK(\"http://evil\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(1)", "\tx", "plain", "-", "'=x",
              "''@y", "'s-Hertogenbosch", "-0.5", "+3", "1e-4", "-inf", "nan", "", -0.25, 7]
@@ -151,5 +152,5 @@ def test_every_csv_cell_a_spreadsheet_would_run_is_neutralised_and_read_back(tmp
     (tmp_path / "corrections.csv").write_text(text.replace(",'-5m depth,", ",'-5m depth,'-5m depth"))
     assert read_corrections(tmp_path / "corrections.csv") == [(str(img.resolve()), "-5m depth")]
     write_csv(tmp_path / "list.csv", ["path", "sample"], [[str(img), "=station"]])
-    inp = S.list_inputs(tmp_path / "list.csv")
+    inp = list_inputs(tmp_path / "list.csv")
     assert inp.images == [str(img.resolve())] and inp.samples[str(img.resolve())] == "=station"

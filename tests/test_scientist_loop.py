@@ -47,7 +47,7 @@ def _rows(p: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
-    from common.demo import render_digits
+    from common.data.demo import render_digits
 
     base = tmp_path_factory.mktemp("loop")
     digits = render_digits(tmp_path_factory.mktemp("cache") / "digits")

@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import config as C
-from common import data as D
-from common import split as S
-from common.demo import make_bad_files, make_synthetic_plankton
+from common.config.load import load_config
+from common.config.schema import Config
+from common.data import splits as data_splits
+from common.data.demo import make_bad_files, make_synthetic_plankton
+from common.data.images import load_rgb
+from common.data.scan import Scan, scan_file
+from common.data.split import SplitResult, assign_units, make_split, split_counts
 from common.errors import UserError
-
 
 
 def run_split(cfg, output, stage_dir):
@@ -29,9 +31,9 @@ def run_split(cfg, output, stage_dir):
 
     return S1.main(SimpleNamespace(cfg=cfg, output=output, dir=stage_dir, checked={}))
 
-def _cfg(root: Path, **over) -> C.Config:
+def _cfg(root: Path, **over) -> Config:
     items = [f"data.root={root}", "data.num_workers=0", *[f"{k}={v}" for k, v in over.items()]]
-    return C.load_config([], items)
+    return load_config([], items)
 
 
 def _out(folder: Path):
@@ -53,13 +55,13 @@ def _csv(path: Path) -> list[dict]:
 @pytest.mark.parametrize("n,expected", [(1, (1, 0, 0)), (2, (1, 1, 0)), (3, (1, 1, 1)), (4, (2, 1, 1)),
                                         (9, (6, 2, 1)), (10, (7, 2, 1)), (100, (70, 15, 15)), (7760, (5432, 1164, 1164))])
 def test_split_counts_default_fractions(n, expected):
-    assert S.split_counts(n, (0.7, 0.15, 0.15)) == expected
+    assert split_counts(n, (0.7, 0.15, 0.15)) == expected
 
 
 def test_split_counts_properties():
     for fr in [(0.7, 0.15, 0.15), (0.8, 0.2, 0.0), (0.5, 0.25, 0.25), (1.0, 0.0, 0.0), (0.34, 0.33, 0.33)]:
         for n in range(1, 60):
-            c = S.split_counts(n, fr)
+            c = split_counts(n, fr)
             assert sum(c) == n and c[0] >= 1
             for i in (1, 2):
                 if fr[i] == 0:
@@ -68,21 +70,21 @@ def test_split_counts_properties():
                 assert min(c) >= 1
             if n >= 20:  # close to the fractions once the minimums no longer matter
                 assert all(abs(c[i] - n * fr[i]) <= 1.0 for i in range(3))
-    assert S.split_counts(0, (0.7, 0.15, 0.15)) == (0, 0, 0)
+    assert split_counts(0, (0.7, 0.15, 0.15)) == (0, 0, 0)
 
 
 def test_assign_units_meets_targets_and_keeps_units_whole():
     rng = np.random.default_rng(0)
-    out = S.assign_units([1] * 20, (14, 3, 3), rng)
+    out = assign_units([1] * 20, (14, 3, 3), rng)
     assert Counter(out) == {0: 14, 1: 3, 2: 3}
-    out = S.assign_units([8, 1, 1], (7, 2, 1), np.random.default_rng(0))
+    out = assign_units([8, 1, 1], (7, 2, 1), np.random.default_rng(0))
     assert out[0] == 0 and sorted(out[1:]) == [1, 2]  # the big group goes to train, test still gets one
     # a pinned unit goes first to its split, but train never ends empty
-    assert S.assign_units([1, 1], (1, 1, 0), np.random.default_rng(0), pinned={1: 1}) == [0, 1]
-    assert S.assign_units([2], (1, 1, 0), np.random.default_rng(0), pinned={0: 1}) == [0]
+    assert assign_units([1, 1], (1, 1, 0), np.random.default_rng(0), pinned={1: 1}) == [0, 1]
+    assert assign_units([2], (1, 1, 0), np.random.default_rng(0), pinned={0: 1}) == [0]
 
 
-def _scans(spec: dict[str, int], dup: dict[str, list[int]] | None = None) -> list[S.Scan]:
+def _scans(spec: dict[str, int], dup: dict[str, list[int]] | None = None) -> list[Scan]:
     """Fake scans: ``spec`` class -> n images; ``dup`` class -> indices sharing one content."""
     out = []
     for c, n in spec.items():
@@ -90,11 +92,11 @@ def _scans(spec: dict[str, int], dup: dict[str, list[int]] | None = None) -> lis
             h = f"{c}-{i}"
             if dup and i in dup.get(c, []):
                 h = f"{c}-dup"
-            out.append(S.Scan(f"/d/{c}/{i:04d}.png", c, "image", sha256=h, width=8, height=8, mode="L"))
+            out.append(Scan(f"/d/{c}/{i:04d}.png", c, "image", sha256=h, width=8, height=8, mode="L"))
     return out
 
 
-def _assignment(res: S.SplitResult) -> dict[str, str]:
+def _assignment(res: SplitResult) -> dict[str, str]:
     return {r.path: r.split for r in res.rows}
 
 
@@ -102,34 +104,34 @@ def test_split_is_deterministic_order_free_and_stratified():
     spec = {"big": 200, "mid": 37, "small": 5, "pair": 2, "one": 1}
     scans = _scans(spec)
     fr = (0.7, 0.15, 0.15)
-    a = S.make_split(scans, list(spec), fr, 2, seed=7)
+    a = make_split(scans, list(spec), fr, 2, seed=7)
     shuffled = scans[:]
     random.Random(1).shuffle(shuffled)
-    b = S.make_split(shuffled, list(reversed(spec)), fr, 2, seed=7)
+    b = make_split(shuffled, list(reversed(spec)), fr, 2, seed=7)
     assert _assignment(a) == _assignment(b)
     assert [r.path for r in a.rows] == sorted(r.path for r in a.rows)  # sorted by (label, path)
-    c = S.make_split(scans, list(spec), fr, 2, seed=8)
+    c = make_split(scans, list(spec), fr, 2, seed=8)
     assert _assignment(a) != _assignment(c)  # the seed matters
     per = defaultdict(Counter)
     for r in a.rows:
         per[r.label][r.split] += 1
     for cls, n in spec.items():
         if n >= 2:
-            assert tuple(per[cls][s] for s in D.SPLITS) == S.split_counts(n, fr), cls
+            assert tuple(per[cls][s] for s in data_splits.SPLITS) == split_counts(n, fr), cls
     assert per["pair"] == {"train": 1, "val": 1}
     counts = {c.name: c for c in a.counts}
     assert counts["one"].status == "dropped" and "one" not in per
     # one class's split does not change when another class is added (per-class generators)
-    d = S.make_split(scans + _scans({"new": 30}), list(spec) + ["new"], fr, 2, seed=7)
+    d = make_split(scans + _scans({"new": 30}), list(spec) + ["new"], fr, 2, seed=7)
     assert {p: s for p, s in _assignment(d).items() if "/new/" not in p} == _assignment(a)
 
 
 def test_duplicates_stay_together_and_cross_class_copies_follow():
     scans = _scans({"a": 30, "b": 30}, dup={"a": [0, 5, 9, 13]})
     # the same content under class b as well
-    scans.append(S.Scan("/d/b/zz.png", "b", "image", sha256="a-dup", width=8, height=8, mode="L"))
+    scans.append(Scan("/d/b/zz.png", "b", "image", sha256="a-dup", width=8, height=8, mode="L"))
     for seed in range(5):
-        res = S.make_split(scans, ["a", "b"], (0.7, 0.15, 0.15), 2, seed=seed)
+        res = make_split(scans, ["a", "b"], (0.7, 0.15, 0.15), 2, seed=seed)
         where = {r.path: r.split for r in res.rows}
         group = [r for r in res.rows if r.sha256 == "a-dup"]
         assert len(group) == 5 and len({where[r.path] for r in group}) == 1
@@ -157,7 +159,7 @@ def folder(tmp_path) -> tuple[Path, dict[str, Path]]:
 
 def test_run_split_outputs(folder, tmp_path, caplog):
     root, bad = folder
-    caplog.set_level(logging.INFO, logger="common.split")
+    caplog.set_level(logging.INFO, logger="common.data")
     out = tmp_path / "stage"
     metrics = run_split(_cfg(root), _out(out), out)
 
@@ -206,8 +208,8 @@ def test_splits_csv_identical_across_runs_listing_orders_and_workers(folder, tmp
             rnd.shuffle(files)
             yield r, dirs, files
 
-    monkeypatch.setattr(D.os, "walk", shuffled_walk)
-    monkeypatch.setattr(D.os, "listdir", lambda *a: sorted(real_listdir(*a), reverse=True))
+    monkeypatch.setattr(os, "walk", shuffled_walk)
+    monkeypatch.setattr(os, "listdir", lambda *a: sorted(real_listdir(*a), reverse=True))
     run_split(_cfg(root), _out(tmp_path / "c"), tmp_path / "c")
     first = (tmp_path / "a" / "splits.csv").read_bytes()
     assert (tmp_path / "b" / "splits.csv").read_bytes() == first
@@ -244,10 +246,10 @@ def test_size_limits_from_config(tmp_path):
 
 def test_scan_records_the_upright_size_of_exif_rotated_images(tmp_path, exif_rotated_jpeg):
     p = exif_rotated_jpeg(tmp_path / "rot6.jpg")
-    s = S.scan_file((str(p), "c"), min_side=4, max_pixels=10**6)
+    s = scan_file((str(p), "c"), min_side=4, max_pixels=10**6)
     assert s.kind == "image" and (s.width, s.height) == (24, 40)
-    assert (s.width, s.height) == D.load_rgb(p).size  # stage 01 and the loaders agree
-    thin = S.scan_file((str(p), "c"), min_side=30, max_pixels=10**6)
+    assert (s.width, s.height) == load_rgb(p).size  # stage 01 and the loaders agree
+    thin = scan_file((str(p), "c"), min_side=30, max_pixels=10**6)
     assert thin.kind == "bad" and "24x40 px" in thin.reason
 
 
@@ -269,14 +271,14 @@ def test_materialize(folder, tmp_path, how):
     out = tmp_path / "stage"
     run_split(_cfg(root, **{"split.materialize": how}), _out(out), out)
     rows = _csv(out / "splits.csv")
-    for split in D.SPLITS:
+    for split in data_splits.SPLITS:
         files = sorted(p for p in (out / split).rglob("*") if p.is_file())
         assert len(files) == sum(r["split"] == split for r in rows)
     p = out / rows[0]["split"] / rows[0]["label"] / Path(rows[0]["path"]).name
     assert p.read_bytes() == Path(rows[0]["path"]).read_bytes()
     assert p.is_symlink() == (how == "symlink")
     run_split(_cfg(root), _out(out), out)  # back to none: stale folders go
-    assert not any((out / split).exists() for split in D.SPLITS)
+    assert not any((out / split).exists() for split in data_splits.SPLITS)
 
 
 # ----------------------------------------------------------------------------- links, unreadable folders, classes
@@ -299,7 +301,7 @@ def test_directory_symlink_is_not_followed_unless_configured(tmp_path, caplog):
     outside.mkdir()
     Image.new("L", (10, 10), 200).save(outside / "x.png")
     os.symlink(outside, root / "digit_0" / "more")
-    caplog.set_level(logging.INFO, logger="common.split")
+    caplog.set_level(logging.INFO, logger="common.data")
     out = tmp_path / "a"
     metrics = run_split(_cfg(root), _out(out), out)
     rows = _csv(out / "splits.csv")
@@ -337,9 +339,9 @@ def test_unreadable_folders_go_to_bad_images_and_class_counts(tmp_path, monkeypa
         if p is not None and os.path.realpath(p) in bad_dirs:
             raise PermissionError(13, "Permission denied", str(p))
 
-    monkeypatch.setattr(D.os, "listdir", lambda p=".": (check(p), real_listdir(p))[1])
-    monkeypatch.setattr(D.os, "scandir", lambda p=".": (check(p), real_scandir(p))[1])
-    caplog.set_level(logging.INFO, logger="common.split")
+    monkeypatch.setattr(os, "listdir", lambda p=".": (check(p), real_listdir(p))[1])
+    monkeypatch.setattr(os, "scandir", lambda p=".": (check(p), real_scandir(p))[1])
+    caplog.set_level(logging.INFO, logger="common.data")
     out = tmp_path / "o"
     run_split(_cfg(root), _out(out), out)
     bad = {os.path.relpath(r["path"], root): (r["label"], r["reason"]) for r in _csv(out / "bad_images.csv")}

@@ -12,9 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from common import stage
 from common.errors import UserError
-from common.stages import SPECS, StageSpec
+from common.pipeline.cli import parse_args
+from common.pipeline.context import Context
+from common.pipeline.runner import execute
+from common.pipeline.spec import StageSpec
+from common.stages import SPECS
 
 SPEC_A = StageSpec("01_random_split_dataset", None, keys=("model.backbone",))
 SPEC_B = StageSpec("02_mean_std_variables", None, keys=("stats.batch_size",),
@@ -26,20 +29,20 @@ TEST_SPECS = {s.name: s for s in (SPEC_A, SPEC_B, SPEC_C)}
 def ex(spec, main, argv, check=None):
     """The real wrapper over a small stage table, ``spec`` run with the driver ``main`` (and ``check``)."""
     spec = replace(spec, driver=SimpleNamespace(main=main, check=check))
-    return stage.execute(spec, argv, table={**TEST_SPECS, spec.name: spec})
+    return execute(spec, argv, table={**TEST_SPECS, spec.name: spec})
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _producer(text: str):
-    def main(ctx: stage.Context) -> dict:
+    def main(ctx: Context) -> dict:
         p = ctx.output("data.txt")
         p.write_text(text + ctx.cfg.model.backbone)
         return {"n": 1}
     return main
 
 
-def _consumer(ctx: stage.Context) -> dict:
+def _consumer(ctx: Context) -> dict:
     up = ctx.upstream("01_random_split_dataset")
     ctx.output("copy.txt").write_text((up / "data.txt").read_text().upper())
     return {"copied": True}
@@ -171,9 +174,9 @@ def test_permission_denied_in_the_run_folder_is_one_line_exit_2(tmp_path, capsys
         raise PermissionError(13, "Permission denied", "/etc/shadow")
     assert ex(SPEC_A, elsewhere, ["--run", str(tmp_path), "--force"]) == 1
     # checked before the first write: nothing of the stage is touched
-    from common import runfolder as rf
+    import os
 
-    monkeypatch.setattr(rf.os, "access", lambda p, mode: False)  # what a non-owner sees (tests run as root)
+    monkeypatch.setattr(os, "access", lambda p, mode: False)  # what a non-owner sees (tests run as root)
     before = sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir())
     capsys.readouterr()
     assert ex(SPEC_A, _producer("y"), ["--run", str(tmp_path), "--force"]) == 2
@@ -196,7 +199,7 @@ def test_bad_config_is_exit_2(tmp_path, capsys):
 
 
 def test_supcon_aliases(tmp_path):
-    inv = stage.parse_args(
+    inv = parse_args(
         SPECS["03_main_supcon"],
         ["--batch_size", "8", "--learning_rate", "0.5", "--cosine", "--lr_decay_epochs", "700,800,900",
          "--temp", "0.1", "--model", "resnet18", "--trial", "3", "--run", str(tmp_path), "train.epochs=2"])
@@ -227,7 +230,7 @@ def test_external_input_change_reruns(tmp_path, caplog):
 SCRIPT = """
 import sys, time
 sys.path.insert(0, {root!r})
-from common import stage
+from common.pipeline.runner import execute
 
 def main(ctx):
     p = ctx.output("big.txt")
@@ -244,7 +247,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 from common.stages import SPECS
 spec = replace(SPECS["01_random_split_dataset"], driver=SimpleNamespace(main=main))
-sys.exit(stage.execute(spec, table=SPECS))
+sys.exit(execute(spec, table=SPECS))
 """
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common import config as C
-from common import data as D
-from common import stats as ST
+from common.config.load import load_config
+from common.data.splits import SPLITS_COLUMNS
+from common.data.stats import channel_histogram, histogram_moments, mean_std, read_stats
 from common.errors import ImageReadError
 
 
@@ -51,7 +51,7 @@ def _direct_numpy(paths, size, fill):
 @pytest.mark.parametrize("size,fill", [(16, 0), (24, 37)])
 def test_mean_std_equals_direct_numpy(tmp_path, size, fill):
     paths = _folder(tmp_path)
-    st = ST.mean_std(paths, size, fill, batch_size=4, num_workers=0)
+    st = mean_std(paths, size, fill, batch_size=4, num_workers=0)
     mean, std, n = _direct_numpy(paths, size, fill)
     np.testing.assert_allclose(st["mean"], mean, rtol=0, atol=1e-6)
     np.testing.assert_allclose(st["std"], std, rtol=0, atol=1e-6)
@@ -61,8 +61,8 @@ def test_mean_std_equals_direct_numpy(tmp_path, size, fill):
 
 def test_batch_size_and_workers_do_not_change_the_result(tmp_path):
     paths = _folder(tmp_path)
-    a = ST.mean_std(paths, 16, 5, batch_size=1, num_workers=0)
-    b = ST.mean_std(paths, 16, 5, batch_size=5, num_workers=1)
+    a = mean_std(paths, 16, 5, batch_size=1, num_workers=0)
+    b = mean_std(paths, 16, 5, batch_size=5, num_workers=1)
     assert a == b  # integer histograms: bit-identical, not just close
 
 
@@ -70,13 +70,13 @@ def test_histogram_moments_known_answers():
     h = np.zeros((3, 256), np.int64)
     h[:, 0] = 10
     h[:, 255] = 10
-    mean, std, n = ST.histogram_moments(h)
+    mean, std, n = histogram_moments(h)
     assert mean == [0.5] * 3 and std == [0.5] * 3 and n == 20
     # tiny spread on a large mean: exact, where E[x^2] - E[x]^2 in float32 would lose it
     h = np.zeros((3, 256), np.int64)
     h[:, 200] = 10**9
     h[:, 201] = 10**9
-    mean, std, _ = ST.histogram_moments(h)
+    mean, std, _ = histogram_moments(h)
     assert mean[0] == pytest.approx(200.5 / 255, abs=1e-15) and std[0] == pytest.approx(0.5 / 255, rel=1e-12)
 
 
@@ -90,15 +90,15 @@ def test_stage_02_writes_train_stats(tmp_path):
     splits = tmp_path / "01_random_split_dataset" / "splits.csv"
     with open(splits, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(D.SPLITS_COLUMNS)
+        w.writerow(SPLITS_COLUMNS)
         for i, p in enumerate(paths):
             w.writerow([p, "a", "train" if i % 3 else "test", "h", 1, 1, "L"])
-    cfg = C.load_config([], ["model.image_size=12", "data.pad_fill=3", "data.num_workers=0", "stats.batch_size=2"])
+    cfg = load_config([], ["model.image_size=12", "data.pad_fill=3", "data.num_workers=0", "stats.batch_size=2"])
     out = tmp_path / "stats.json"
     ctx = SimpleNamespace(cfg=cfg, upstream=lambda name: tmp_path / name, output=lambda name: out,
                           device=lambda: torch.device("cpu"))
     m = S2.main(ctx)
-    st = D.read_stats(out)
+    st = read_stats(out)
     train = [p for i, p in enumerate(paths) if i % 3]
     mean, std, n = _direct_numpy(train, 12, 3)
     np.testing.assert_allclose(st["mean"], mean, atol=1e-6)
@@ -112,7 +112,7 @@ def test_unreadable_image_in_a_worker_names_the_file(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nrubbish")
     with pytest.raises(ImageReadError) as e:
-        ST.mean_std(paths + [str(broken)], 8, 0, batch_size=4, num_workers=1)
+        mean_std(paths + [str(broken)], 8, 0, batch_size=4, num_workers=1)
     assert str(e.value).startswith(str(broken)) and "\n" not in str(e.value)
 
 
@@ -120,6 +120,6 @@ def test_histogram_on_the_accelerator_matches_cpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     paths = _folder(tmp_path)
-    cpu = ST.channel_histogram(paths, 16, 0, 4, 0, torch.device("cpu"))
-    gpu = ST.channel_histogram(paths, 16, 0, 4, 0, torch.device("cuda"))
+    cpu = channel_histogram(paths, 16, 0, 4, 0, torch.device("cpu"))
+    gpu = channel_histogram(paths, 16, 0, 4, 0, torch.device("cuda"))
     np.testing.assert_array_equal(cpu, gpu)

@@ -7,13 +7,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import sqlalchemy as sa
-
-from common import config as C
-from common import features as F
-from common.errors import ConfigError, UserError
-from common.features import PgStore, content_digest, open_store
-
 from test_features import DIM, register, rows, unit
+
+from common.config.schema import Config, validate
+from common.errors import ConfigError, UserError
+from common.store.maintenance import (
+    content_digest,
+    open_store,
+    remove_store,
+    schema_version,
+    store_bytes,
+    store_exists,
+    upgrade_store,
+    verify_store,
+)
+from common.store.postgres import PgStore, _copy_block, _pg_engine
+from common.store.schema import metadata
 
 
 def fill(target, n: int = 30, seed: int = 0):
@@ -42,7 +51,7 @@ def test_round_trip_and_digest_equal_sqlite(pg_store, tmp_path):
         a, b = pg.model_info(mid), lite.model_info(mid)
         assert a.same_transform(b) and (a.classes, a.epoch, a.complete) == (b.classes, b.epoch, b.complete)
     assert content_digest(pg_store) == content_digest(tmp_path / "f.sqlite")
-    assert F.verify_store(pg_store, mid) == 30
+    assert verify_store(pg_store, mid) == 30
 
 
 def test_tables_are_the_documented_ones(pg_store):
@@ -50,7 +59,7 @@ def test_tables_are_the_documented_ones(pg_store):
         lines = store.schema()
         eng = store.engine
         with eng.connect() as conn:
-            for t in F.metadata.sorted_tables:
+            for t in metadata.sorted_tables:
                 cols = conn.exec_driver_sql(
                     "SELECT column_name FROM information_schema.columns WHERE table_schema = %(s)s AND "
                     "table_name = %(t)s ORDER BY ordinal_position", {"s": pg_store.schema, "t": t.name}).scalars().all()
@@ -90,7 +99,7 @@ def test_a_corrupted_vector_is_refused_on_read(pg_store):
 
 def test_stores_in_two_schemas_do_not_mix(pg_server, pg_store):
     other = PgStore(pg_server, pg_store.schema + "_b")
-    F.remove_store(other)
+    remove_store(other)
     try:
         a, mid, _ = fill(pg_store, n=30, seed=0)
         b, _, _ = fill(other, n=12, seed=1)
@@ -98,8 +107,8 @@ def test_stores_in_two_schemas_do_not_mix(pg_server, pg_store):
             assert a.counts()["images"] == 30 and b.counts()["images"] == 12
         assert content_digest(pg_store) != content_digest(other)
     finally:
-        F.remove_store(other)
-    assert not F.store_exists(other)
+        remove_store(other)
+    assert not store_exists(other)
     with pytest.raises(UserError, match="missing"):
         open_store(other)
 
@@ -110,20 +119,20 @@ def test_password_only_from_the_variable_never_in_the_url(pg_server, monkeypatch
     with pytest.raises(UserError) as e:
         PgStore(url, "x")
     assert secret not in str(e.value) and "PLANKTON_STORE_PASSWORD" in str(e.value)
-    cfg = C.Config()
+    cfg = Config()
     cfg.store.url = url
     with pytest.raises(ConfigError) as e:
-        C.validate(cfg)
+        validate(cfg)
     assert secret not in str(e.value) and "store.url" in str(e.value) and "store.password_env" in str(e.value)
     cfg.store.url = "sqlite:///x.db"
     with pytest.raises(ConfigError, match="store.url"):
-        C.validate(cfg)
+        validate(cfg)
     cfg.store.url, cfg.store.schema = pg_server, "Bad-Name"
     with pytest.raises(ConfigError, match="store.schema"):
-        C.validate(cfg)
+        validate(cfg)
     # the password is handed to the driver as a connect argument, not through the URL
     monkeypatch.setenv("PLANKTON_STORE_PASSWORD", secret)
-    eng = F._pg_engine(PgStore(pg_server, "x"))
+    eng = _pg_engine(PgStore(pg_server, "x"))
     try:
         assert secret not in repr(eng.url) and secret not in str(eng.url)
     finally:
@@ -140,7 +149,7 @@ def test_unreachable_server_is_one_line(tmp_path):
 def test_copy_block_layout():
     ids = np.array([1, 2], np.int64)
     X = unit(2, DIM)
-    b = F._copy_block(ids, 7, X)
+    b = _copy_block(ids, 7, X)
     assert len(b) == 2 * (2 + 4 + 8 + 4 + 4 + 4 + 4 * DIM)
     assert b[:2] == b"\x00\x03" and b[6:14] == (1).to_bytes(8, "big") and b[26:26 + 4 * DIM] == X[0].tobytes()
 
@@ -168,25 +177,25 @@ def test_float16_round_trip_and_digest_equal_sqlite(pg_store, tmp_path):
             dtype = conn.exec_driver_sql("SELECT dtype FROM models").scalar()
     assert sizes == {2 * DIM} and dtype == "float16"
     assert content_digest(pg_store) == content_digest(tmp_path / "f.sqlite")
-    assert F.verify_store(pg_store, mid) == 30
-    assert F.store_bytes(pg_store) > 30 * 2 * DIM
+    assert verify_store(pg_store, mid) == 30
+    assert store_bytes(pg_store) > 30 * 2 * DIM
 
 
 def test_version_2_store_on_postgres_is_upgraded_in_place(pg_store):
     store, mid, X = fill(pg_store, n=12)
     store.close()
     d3 = content_digest(pg_store)
-    eng = F._pg_engine(pg_store)
+    eng = _pg_engine(pg_store)
     with eng.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE models DROP COLUMN dtype")
         conn.exec_driver_sql("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     eng.dispose()
     # the digest the code of version 2 recorded for this content (tests/test_features.py pins it)
     assert content_digest(pg_store) == "0911f64476a5b9cc0fad1e5a2e67c9ae1ed46a40f3c24eed5feccb50243a777e"
-    assert F.schema_version(pg_store) == 2
+    assert schema_version(pg_store) == 2
     with pytest.raises(UserError, match="schema version 2.*rerun 04_extract_features.py, which upgrades"):
         open_store(pg_store)
-    assert F.upgrade_store(pg_store) == 2
+    assert upgrade_store(pg_store) == 2
     with open_store(pg_store) as s:
         assert s.model_info(mid).dtype == "float32"
         assert np.array_equal(s.load_matrix(None, mid)[2], X)
@@ -196,7 +205,7 @@ def test_version_2_store_on_postgres_is_upgraded_in_place(pg_store):
 def test_copy_block_layout_float16():
     ids = np.array([5], np.int64)
     X = unit(1, DIM).astype("<f2")
-    b = F._copy_block(ids, 7, X)
+    b = _copy_block(ids, 7, X)
     assert len(b) == 2 + 4 + 8 + 4 + 4 + 4 + 2 * DIM
     assert b[22:26] == (2 * DIM).to_bytes(4, "big") and b[26:] == X[0].tobytes()
 

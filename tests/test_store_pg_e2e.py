@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 import sqlalchemy as sa
-
-from common.features import PgStore, content_digest
 from conftest import run_script
+
+from common.store.maintenance import content_digest
+from common.store.postgres import PgStore
 
 SECRET = "pw-7Hq2-never-logged"
 STAGES = ("04_extract_features", "05_lut_threshold", "06_prune_features", "07_inference")

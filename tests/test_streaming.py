@@ -15,14 +15,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from common import metrics as M
-from common import retrieval
-from common.features import FeatureStore, Vectors, open_store
-from common.gallery import merge, subset
-from common.inference import classify, search_classes
-from common.streaming import StoreMatrix, block_rows
 from conftest import ROOT, run_script
+
+from common.evaluate.decide import classify
+from common.evaluate.metrics import retrieval_metrics
+from common.retrieval import search as retrieval_search
+from common.retrieval.search import search_classes
+from common.retrieval.streamed import StoreMatrix, block_rows
+from common.store.containers import Vectors, merge, subset
+from common.store.maintenance import open_store
+from common.store.sqlite import FeatureStore
 
 DIM = 24
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -79,8 +81,8 @@ def test_streamed_search_equals_in_memory(tmp_path, rows_per_block, dtype):
     assert np.array_equal(mem.labels, streamed.labels) and streamed.X.shape == mem.X.shape
     q = np.concatenate([st.load_split("val", mid, CLASSES).X, mem.X[:3]])  # gallery rows as queries: ties
     for k in (1, 5, 40, 10_000):
-        s1, i1 = retrieval.topk(q, mem.X, k, block_size=16)
-        s2, i2 = retrieval.topk(q, streamed.X, k, block_size=16)
+        s1, i1 = retrieval_search.topk(q, mem.X, k, block_size=16)
+        s2, i2 = retrieval_search.topk(q, streamed.X, k, block_size=16)
         _same_lists(s1, i1, s2, i2)
     a = search_classes(q, mem, len(CLASSES), 16)
     b = search_classes(q, streamed, len(CLASSES), 16)
@@ -94,13 +96,13 @@ def test_streamed_search_equals_in_memory(tmp_path, rows_per_block, dtype):
     # the ten duplicates of row 0: ties go to the lower gallery row, as in one pass
     dup = np.flatnonzero((mem.X == mem.X[0]).all(1))
     if dup.size > 1:
-        _, i = retrieval.topk(mem.X[:1], streamed.X, dup.size)
+        _, i = retrieval_search.topk(mem.X[:1], streamed.X, dup.size)
         assert i[0].tolist() == dup.tolist()
     # MAP@R and precision@1 in few passes
     y = st.load_split("val", mid, CLASSES).labels
     qv = st.load_split("val", mid, CLASSES).X
-    r1 = M.retrieval_metrics(qv, y, mem.X, mem.labels, retrieval.topk, block_size=16)
-    r2 = M.retrieval_metrics(qv, y, streamed.X, streamed.labels, retrieval.topk, block_size=16)
+    r1 = retrieval_metrics(qv, y, mem.X, mem.labels, retrieval_search.topk, block_size=16)
+    r2 = retrieval_metrics(qv, y, streamed.X, streamed.labels, retrieval_search.topk, block_size=16)
     assert r1 == pytest.approx(r2, abs=1e-12)
     st.close()
 
@@ -111,7 +113,7 @@ def test_streamed_from_postgres_equals_in_memory(pg_store):
     mem, streamed = _gallery(st, pg_store, mid, 9)
     assert np.array_equal(np.concatenate([x for _, x in streamed.X.blocks()]), mem.X)
     q = st.load_split("val", mid, CLASSES).X
-    _same_lists(*retrieval.topk(q, mem.X, 6), *retrieval.topk(q, streamed.X, 6))
+    _same_lists(*retrieval_search.topk(q, mem.X, 6), *retrieval_search.topk(q, streamed.X, 6))
     st.close()
 
 
@@ -125,7 +127,7 @@ def test_streamed_subset_and_refusals(tmp_path):
     keep2 = np.arange(len(m2)) % 3 != 0  # a subset of a subset
     m3, s3 = subset(m2, keep2), subset(s2, keep2)
     q = st.load_split("test", mid, CLASSES).X
-    assert np.array_equal(retrieval.topk(q, m3.X, 4)[1], retrieval.topk(q, s3.X, 4)[1])
+    assert np.array_equal(retrieval_search.topk(q, m3.X, 4)[1], retrieval_search.topk(q, s3.X, 4)[1])
     blocks = list(s3.X.blocks())
     assert np.array_equal(np.concatenate([x for _, x in blocks]), m3.X)
     assert [b for b, _ in blocks] == list(np.cumsum([0] + [x.shape[0] for _, x in blocks])[:-1])
@@ -138,7 +140,7 @@ def test_streamed_subset_and_refusals(tmp_path):
     st.sync_images([SimpleNamespace(path=r.path, label=r.label, split=r.split, sha256=r.sha256)
                     for r in st.images() if r.id != recs[0].id])
     with pytest.raises(Exception, match="changed since its rows were listed|incomplete"):
-        retrieval.topk(q, streamed.X, 3)
+        retrieval_search.topk(q, streamed.X, 3)
     st.close()
 
 
@@ -167,9 +169,9 @@ def test_streamed_search_memory_is_bounded(tmp_path):
     code = textwrap.dedent(f"""
         import resource, sys, threading, time, numpy as np
         sys.path.insert(0, {str(ROOT)!r})
-        from common.features import FeatureStore
-        from common.retrieval import topk
-        from common.streaming import StoreMatrix
+        from common.store.sqlite import FeatureStore
+        from common.retrieval.search import topk
+        from common.retrieval.streamed import StoreMatrix
         st = FeatureStore({str(p)!r}); mid = st.current_model().id
         ids, _, _ = st.split_rows(("train",), mid)
         q = np.random.default_rng(0).normal(size=(200, 512)).astype(np.float32)
@@ -233,7 +235,7 @@ def test_stages_05_to_07_streamed_give_the_in_memory_results(pipeline, tmp_path)
     la = json.loads((run / "06_prune_features" / "lut.json").read_text())
     lb = json.loads((copy / "06_prune_features" / "lut.json").read_text())
     assert la["kept_ids_sha256"] == lb["kept_ids_sha256"] and la["n_after"] == lb["n_after"]
-    from common.features import content_digest
+    from common.store.maintenance import content_digest
 
     assert content_digest(run / "06_prune_features" / "lut.sqlite") == \
         content_digest(copy / "06_prune_features" / "lut.sqlite")
@@ -273,22 +275,23 @@ def test_stages_05_to_07_streamed_give_the_in_memory_results(pipeline, tmp_path)
 def test_prune_and_sweep_streamed_equal_in_memory(tmp_path):
     """Stages 05-06's library on a gallery that stays in the store: pruning class by class and the
     sweep's val neighbours (with the exact fallback) equal the in-memory ones."""
-    from common import lut
+    from common.retrieval.prune import prune, prune_sweep
+    from common.retrieval.sweep import nearest_kept
 
     p = tmp_path / "f.sqlite"
     st, mid = _store(p, n=400)
     mem, streamed = _gallery(st, p, mid, 16)
     ts = [0.0, 0.3, 0.6, 0.9, 1.0]
     for t in ts:
-        assert np.array_equal(lut.prune(mem.X, mem.labels, mem.ids, t, 8), lut.prune(streamed.X, streamed.labels,
+        assert np.array_equal(prune(mem.X, mem.labels, mem.ids, t, 8), prune(streamed.X, streamed.labels,
                                                                                         streamed.ids, t, 8))
-    k1 = lut.prune_sweep(mem.X, mem.labels, mem.ids, ts, 8)
-    k2 = lut.prune_sweep(streamed.X, streamed.labels, streamed.ids, ts, 8)
+    k1 = prune_sweep(mem.X, mem.labels, mem.ids, ts, 8)
+    k2 = prune_sweep(streamed.X, streamed.labels, streamed.ids, ts, 8)
     assert np.array_equal(k1, k2) and k1[0].sum() < k1[-1].sum()
     q = st.load_split("val", mid, CLASSES).X
     for top_m in (None, 3):  # 3: most queries need the exact fallback at the sparse thresholds
-        n1, s1 = lut.nearest_kept(q, mem.X, k1, 5, 16, top_m=top_m)
-        n2, s2 = lut.nearest_kept(q, streamed.X, k2, 5, 16, top_m=top_m)
+        n1, s1 = nearest_kept(q, mem.X, k1, 5, 16, top_m=top_m)
+        n2, s2 = nearest_kept(q, streamed.X, k2, 5, 16, top_m=top_m)
         assert s1 == s2 and (top_m is None or s1["fallback_queries"] > 0)
         for (a_s, a_i), (b_s, b_i) in zip(n1, n2):
             _same_lists(a_s, a_i, b_s, b_i)

@@ -21,13 +21,19 @@ import pytest
 import torch
 from PIL import Image
 
-from common import config as C
-from common import train as T
-from common.augment import train_transform
-from common.stages import train as S3
+from common.config.load import load_config
+from common.config.schema import Config, TrainConfig
+from common.data.augment import train_transform
 from common.errors import NonFiniteLossError, UserError
-from common.seed import rng_state, seed_everything, set_rng_state
-from common.signals import DeferSignals
+from common.runtime.seed import rng_state, seed_everything, set_rng_state
+from common.runtime.signals import DeferSignals
+from common.stages import train as stages_train
+from common.stages.train import restart_keys
+from common.training import trainer as training_trainer
+from common.training.records import METRIC_COLUMNS, preview_indices
+from common.training.sampler import EpochBatchSampler, TwoViewDataset
+from common.training.schedule import lr_at
+from common.training.trainer import make_criterion
 
 CLASSES = ["cross", "disk", "ring", "stripes"]
 STAGE = "03_main_supcon"
@@ -36,8 +42,8 @@ STAGE = "03_main_supcon"
 # ----------------------------------------------------------------------------- schedule
 
 
-def _tcfg(**kw) -> C.TrainConfig:
-    return C.TrainConfig(**kw)
+def _tcfg(**kw) -> TrainConfig:
+    return TrainConfig(**kw)
 
 
 def test_lr_warmup_then_cosine_matches_the_reference_formula():
@@ -46,37 +52,37 @@ def test_lr_warmup_then_cosine_matches_the_reference_formula():
     eta_min = 0.5 * 0.1 ** 3
     cos = lambda e: eta_min + (0.5 - eta_min) * (1 + math.cos(math.pi * e / 10)) / 2  # noqa: E731
     warmup_to = cos(2)
-    assert T.lr_at(1, 0, n, t) == pytest.approx(0.01)
-    assert T.lr_at(2, 4, n, t) == pytest.approx(0.01 + (4 + 5) / 10 * (warmup_to - 0.01))
-    warm = [T.lr_at(e, s, n, t) for e in (1, 2) for s in range(n)]
+    assert lr_at(1, 0, n, t) == pytest.approx(0.01)
+    assert lr_at(2, 4, n, t) == pytest.approx(0.01 + (4 + 5) / 10 * (warmup_to - 0.01))
+    warm = [lr_at(e, s, n, t) for e in (1, 2) for s in range(n)]
     assert all(a < b for a, b in zip(warm, warm[1:]))  # linear per iteration
     assert np.allclose(np.diff(warm), (warmup_to - 0.01) / 10)
     for e in (3, 6, 10):  # after warm-up: the epoch's cosine value, constant within the epoch
-        assert T.lr_at(e, 0, n, t) == pytest.approx(cos(e)) and T.lr_at(e, n - 1, n, t) == pytest.approx(cos(e))
-    assert T.lr_at(10, 0, n, t) == pytest.approx(eta_min)
+        assert lr_at(e, 0, n, t) == pytest.approx(cos(e)) and lr_at(e, n - 1, n, t) == pytest.approx(cos(e))
+    assert lr_at(10, 0, n, t) == pytest.approx(eta_min)
 
 
 def test_lr_step_decay_and_linear_scaling():
     t = _tcfg(learning_rate=0.2, epochs=10, cosine=False, lr_decay_epochs=[3, 6], lr_decay_rate=0.1, warm=False)
-    got = [T.lr_at(e, 0, 4, t) for e in range(1, 9)]
+    got = [lr_at(e, 0, 4, t) for e in range(1, 9)]
     assert got == pytest.approx([0.2, 0.2, 0.2, 0.02, 0.02, 0.02, 0.002, 0.002])
     s = _tcfg(learning_rate=0.2, cosine=False, warm=False, scale_lr=True, batch_size=32)
-    assert T.lr_at(1, 0, 4, s, world_size=4) == pytest.approx(0.2 * 128 / 256)
+    assert lr_at(1, 0, 4, s, world_size=4) == pytest.approx(0.2 * 128 / 256)
     w = _tcfg(learning_rate=0.2, cosine=False, warm=True, warm_epochs=1, warmup_from=0.01)
-    assert T.lr_at(1, 2, 4, w) == pytest.approx(0.01 + 0.5 * (0.2 - 0.01))  # step decay warms up to lr
+    assert lr_at(1, 2, 4, w) == pytest.approx(0.01 + 0.5 * (0.2 - 0.01))  # step decay warms up to lr
 
 
 # ----------------------------------------------------------------------------- data order
 
 
 def test_sampler_order_is_a_function_of_seed_and_epoch_and_ranks_split_the_global_batch():
-    one = T.EpochBatchSampler(23, 4, seed=7)
+    one = EpochBatchSampler(23, 4, seed=7)
     assert one.steps_per_epoch == 5  # drop_last: 23 // 4
     one.set_epoch(3)
     b3 = list(one)
     assert all(len(b) == 4 for b in b3) and all(e == 3 for b in b3 for e, _ in b)
     assert len({i for b in b3 for _, i in b}) == 20
-    again = T.EpochBatchSampler(23, 4, seed=7)
+    again = EpochBatchSampler(23, 4, seed=7)
     again.set_epoch(3)
     assert list(again) == b3
     again.set_epoch(4)
@@ -84,21 +90,21 @@ def test_sampler_order_is_a_function_of_seed_and_epoch_and_ranks_split_the_globa
     one.set_epoch(3, start_step=2)  # resume: the same epoch, its first two batches skipped
     assert len(one) == 3 and list(one) == b3[2:]
     # two ranks with batch 2 = one process with batch 4: rank 0 then rank 1 form each global batch
-    r0, r1 = (T.EpochBatchSampler(23, 2, seed=7, rank=r, world_size=2) for r in (0, 1))
+    r0, r1 = (EpochBatchSampler(23, 2, seed=7, rank=r, world_size=2) for r in (0, 1))
     for s in (r0, r1):
         s.set_epoch(3)
     assert [a + b for a, b in zip(r0, r1)] == b3
-    capped = T.EpochBatchSampler(23, 4, seed=7, max_steps=2)
+    capped = EpochBatchSampler(23, 4, seed=7, max_steps=2)
     assert capped.steps_per_epoch == 2
 
 
 def test_views_are_a_function_of_seed_epoch_and_index(tmp_path):
     p = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(p)
-    cfg = C.load_config(None, ["model.image_size=16"])
-    from common.augment import TwoViews
+    cfg = load_config(None, ["model.image_size=16"])
+    from common.data.augment import TwoViews
 
-    ds = T.TwoViewDataset([str(p)], [0], TwoViews(train_transform(cfg, [0.5] * 3, [0.2] * 3)), seed=1)
+    ds = TwoViewDataset([str(p)], [0], TwoViews(train_transform(cfg, [0.5] * 3, [0.2] * 3)), seed=1)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     x, y, i = ds[(2, 0)]
@@ -172,7 +178,7 @@ def run_inputs(tmp_path_factory) -> Path:
 class FakeCtx:
     """The parts of ``common.stage.Context`` that stage 03 uses."""
 
-    def __init__(self, cfg: C.Config, run_dir: Path, force: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, force: bool = False):
         self.cfg, self.run_dir, self.force = cfg, run_dir, force
         self.name = STAGE
         self.dir = run_dir / STAGE
@@ -206,11 +212,11 @@ def _run(root: Path, run_name: str, overrides: list[str], force: bool = False, o
     for up in ("01_random_split_dataset", "02_mean_std_variables"):
         if not (run_dir / up).exists():
             shutil.copytree(root / "run" / up, run_dir / up)
-    cfg = C.load_config(None, BASE + overrides)
+    cfg = load_config(None, BASE + overrides)
     ctx = FakeCtx(cfg, run_dir, force=force)
-    S3.check(ctx)  # as the stage wrapper does: check, then main
+    stages_train.check(ctx)  # as the stage wrapper does: check, then main
     seed_everything(cfg.run.seed)  # as the stage wrapper does before main
-    return S3.main(ctx, on_step=on_step), ctx
+    return stages_train.main(ctx, on_step=on_step), ctx
 
 
 def _metrics(ctx: FakeCtx) -> list[dict]:
@@ -219,7 +225,7 @@ def _metrics(ctx: FakeCtx) -> list[dict]:
 
 
 def test_training_learns_and_writes_every_artefact(run_inputs):
-    from common.model import load_checkpoint_model
+    from common.model.checkpoint import load_checkpoint_model
 
     summary, ctx = _run(run_inputs, "learn", ["train.epochs=8", "train.eval_every=4", "train.save_freq=4"])
     d = ctx.dir
@@ -238,7 +244,7 @@ def test_training_learns_and_writes_every_artefact(run_inputs):
 
     rows = _metrics(ctx)
     assert [int(r["epoch"]) for r in rows] == list(range(9))
-    assert set(rows[0]) == set(T.METRIC_COLUMNS)
+    assert set(rows[0]) == set(METRIC_COLUMNS)
     assert rows[0]["loss"] == "" and rows[0]["val_top1"] != ""  # epoch 0: the untrained network
     assert all(rows[e]["val_top1"] == "" for e in (1, 2, 3, 5, 6, 7)) and rows[8]["val_top1"] != ""
     assert all(float(r["images_per_s"]) > 0 and float(r["lr"]) == pytest.approx(0.1) for r in rows[1:])
@@ -345,15 +351,15 @@ def test_a_checkpoint_of_an_earlier_version_is_continued(run_inputs, caplog):
 
 def test_classification_of_every_stage_03_key():
     """Each key stage 03 hashes either may change while a training continues or starts a new one."""
-    from common.config import is_semantic
+    from common.config.values import is_semantic
     from common.stages import SPECS, TRAIN_CONTINUE_KEYS
 
     hashed = {k for k in SPECS[STAGE].hashed_keys if is_semantic(k)}
     assert set(TRAIN_CONTINUE_KEYS) <= hashed
-    assert set(S3.restart_keys()) == hashed - set(TRAIN_CONTINUE_KEYS)
+    assert set(restart_keys()) == hashed - set(TRAIN_CONTINUE_KEYS)
     for key in ("data.pad_fill", "model.image_size", "model.feat_dim", "train.learning_rate", "train.crop_scale",
                 "train.batch_size", "train.max_steps_per_epoch", "run.seed", "train.eval_knn_k"):
-        assert key in S3.restart_keys(), key
+        assert key in restart_keys(), key
 
 
 @pytest.mark.parametrize("change, restarts", [
@@ -382,7 +388,7 @@ def test_a_changed_key_continues_or_starts_a_new_training(run_inputs, change, re
 
 
 def test_non_finite_loss_stops_with_the_batch_saved(run_inputs, monkeypatch):
-    real = T.make_criterion
+    real = make_criterion
 
     def poisoned(cfg):
         loss = real(cfg)
@@ -394,7 +400,7 @@ def test_non_finite_loss_stops_with_the_batch_saved(run_inputs, monkeypatch):
             return out * float("nan") if len(calls) == 2 else out
         return fwd
 
-    monkeypatch.setattr(T, "make_criterion", poisoned)
+    monkeypatch.setattr(training_trainer, "make_criterion", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2 of 6.*nonfinite_e0001_s0000002.pt"):
         _run(run_inputs, "nan", ["train.epochs=2", "train.eval_every=0"])
     bad = torch.load(run_inputs / "nan" / STAGE / "checkpoints" / "nonfinite_e0001_s0000002.pt", weights_only=True)
@@ -408,20 +414,20 @@ def test_batch_larger_than_the_train_set_names_the_key(run_inputs):
 
 
 def test_preview_takes_one_image_per_class_in_turn():
-    assert T.preview_indices([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1]
-    assert T.preview_indices([0, 0], 6) == [0, 1]
+    assert preview_indices([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1]
+    assert preview_indices([0, 0], 6) == [0, 1]
 
 
 def _run_finished(root: Path, run_name: str, overrides: list[str], force: bool, previous: dict | None,
                   changed: str | None = None, on_step=None) -> tuple[dict, FakeCtx]:
     """Like _run, with the wrapper's view of the last finished run (its manifest, a changed output)."""
     run_dir = root / run_name
-    cfg = C.load_config(None, BASE + overrides)
+    cfg = load_config(None, BASE + overrides)
     ctx = FakeCtx(cfg, run_dir, force=force)
     ctx.previous, ctx.changed_output = previous, changed
-    S3.check(ctx)
+    stages_train.check(ctx)
     seed_everything(cfg.run.seed)
-    return S3.main(ctx, on_step=on_step), ctx
+    return stages_train.main(ctx, on_step=on_step), ctx
 
 
 def test_force_never_throws_away_an_unfinished_run(run_inputs):

@@ -11,14 +11,13 @@ stage with a recording configuration and fails if a driver reads a key it did no
 """
 from __future__ import annotations
 
-import importlib
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import NoReturn
 
-from ..config import Config, plain_name
-from ..stage import execute
+from ..config.schema import Config, plain_name
+from ..pipeline.runner import execute
+from ..pipeline.spec import StageSpec
 
 SPLIT = "01_random_split_dataset"
 STATS = "02_mean_std_variables"
@@ -57,51 +56,6 @@ def _section(cls_name: str, *names: str) -> tuple[str, ...]:
     return tuple(f"{cls_name}.{n}" for n in names)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage: its name, driver, upstream stages and the configuration keys it reads."""
-
-    name: str
-    # the module holding main(ctx) and maybe check(ctx) ("common.stages.split", imported when the
-    # stage runs), or any object with those attributes (a test's driver)
-    driver: Any
-    keys: tuple[str, ...]  # section.key read by the driver (speed-only keys are read but not hashed)
-    upstream_fn: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
-    optional_upstream: tuple[str, ...] = ()  # read when present and fresh; never required
-    external_fn: Callable[[Config], list[str]] = lambda cfg: []
-    folder_fn: Callable[[Path, Config], Path] | None = None
-    aliases: dict[str, str] = field(default_factory=dict)  # --flag -> section.key (stage 03)
-    switches: frozenset[str] = frozenset()  # of ``aliases``, the on/off flags (``--cosine``: true)
-    speed_keys: tuple[str, ...] = ()  # of ``keys``, those that change how this stage runs, not what it writes: not hashed here
-
-    @property
-    def hashed_keys(self) -> tuple[str, ...]:
-        """The keys whose values make this stage's outputs (recorded and compared for freshness)."""
-        return tuple(k for k in self.keys if k not in self.speed_keys)
-
-    def upstream(self, cfg: Config) -> tuple[str, ...]:
-        return tuple(self.upstream_fn(cfg)) + tuple(u for u in self.optional_upstream)
-
-    def required_upstream(self, cfg: Config) -> tuple[str, ...]:
-        return tuple(self.upstream_fn(cfg))
-
-    def external(self, cfg: Config) -> list[str]:
-        return list(self.external_fn(cfg))
-
-    def folder(self, run_dir: Path, cfg: Config) -> Path:
-        return self.folder_fn(run_dir, cfg) if self.folder_fn else Path(run_dir) / self.name
-
-    def _driver(self) -> Any:
-        return importlib.import_module(self.driver) if isinstance(self.driver, str) else self.driver
-
-    def main(self) -> Callable[[Any], dict | None]:
-        return self._driver().main
-
-    def check(self) -> Callable[[Any], None] | None:
-        """The driver's ``check(ctx)``, if it has one: read-only checks run before anything is written."""
-        return getattr(self._driver(), "check", None)
-
-
 def _prune_upstream(cfg: Config) -> tuple[str, ...]:
     # stage 06 reads stage 05's threshold.json unless prune.threshold is set
     return (EXTRACT,) + (() if cfg.prune.threshold is not None else (THRESHOLD,))
@@ -129,7 +83,6 @@ def _inference_folder(run_dir: Path, cfg: Config) -> Path:
 
 def _inference_external(cfg: Config) -> list[str]:
     return [cfg.inference.input] if cfg.inference.mode == "predict" and cfg.inference.input else []
-
 
 
 IMAGE_CHECKS = _section("data", "max_pixels", "min_side")  # every stage that decodes images applies them

@@ -18,7 +18,9 @@ from ..fileio import read_json
 from . import TRAIN
 
 if TYPE_CHECKING:
-    from ..features import FeatureStore, ModelInfo, PgStore, Vectors
+    from ..store.containers import ModelInfo, Vectors
+    from ..store.postgres import PgStore
+    from ..store.sqlite import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def read_model_json(stage04_dir: Path) -> dict[str, Any]:
 def store_of(stage04_dir: Path, password_env: str | None = None) -> Path | PgStore:
     """The store stage 04 wrote: its ``features.sqlite``, or the PostgreSQL schema ``model.json``
     names (the password from ``password_env``, ``store.password_env``; None: the recorded one)."""
-    from ..features import PgStore  # here: stages 01-03 import this module's names, not the store
+    from ..store.postgres import PgStore  # here: stages 01-03 import this module's names, not the store
 
     rec = read_model_json(stage04_dir).get("store")
     try:
@@ -94,7 +96,7 @@ class ModelStore:
     def load(self, splits: Sequence[str], classes: Sequence[str], max_memory_gib: float | None = None) -> Vectors:
         """The vectors of ``splits`` merged by image id (labels indexed in ``classes``); above
         ``max_memory_gib`` of vectors (None: never) they stay in the store (``common.streaming``)."""
-        from ..streaming import vectors_of
+        from ..retrieval.gallery import vectors_of
 
         return vectors_of(self.store, self.target, tuple(splits), self.info, list(classes), max_memory_gib)
 
@@ -104,7 +106,7 @@ def open_model_store(stage04_dir: Path, password_env: str | None = None) -> Iter
     """The one reader of stage 04's vectors (stages 05, 06 and 07): its store (``store_of``) open,
     the model ``model.json`` names complete in it and holding what ``model.json`` says (checkpoint
     sha256, dimension, dtype), else ``UserError`` naming the stage to rerun."""
-    from ..features import open_store
+    from ..store.maintenance import open_store
 
     meta = read_model_json(stage04_dir)
     target = store_of(stage04_dir, password_env)
@@ -123,8 +125,10 @@ def open_lut(lut_path: Path, model: ModelInfo, classes: Sequence[str],
     """Stage 06's self-contained LUT (its train and gallery-only rows by image id: the order its
     FAISS index was built in), checked to be of the checkpoint and embedding of ``model``; and a
     line describing it."""
-    from ..features import GALLERY_SPLITS, FeatureStore
-    from ..streaming import describe, is_streamed, vectors_of
+    from ..retrieval.gallery import vectors_of
+    from ..retrieval.streamed import describe, is_streamed
+    from ..store.schema import GALLERY_SPLITS
+    from ..store.sqlite import FeatureStore
 
     with FeatureStore(lut_path) as lut:
         info = lut.current_model()

@@ -30,22 +30,32 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import distributed as D
-from ..device import resolve_cpu_precision
-from ..extract import extract_features
-from ..features import (PgStore, content_digest, open_store, remove_store, store_bytes, store_exists, upgrade_store,
-                        verify_store)
-from ..data import read_splits
-from ..gallery import check_decodable, check_no_overlap, gallery_classes, list_extras
-from ..fileio import write_json
+from ..data.extras import check_decodable, check_no_overlap, list_extras
+from ..data.labels import gallery_classes
+from ..data.splits import read_splits
 from ..errors import UserError
+from ..fileio import write_json
+from ..model.extract import extract_features
+from ..runtime.device import resolve_cpu_precision
+from ..runtime.distributed import barrier, go_no_go
+from ..store.maintenance import (
+    content_digest,
+    open_store,
+    remove_store,
+    store_bytes,
+    store_exists,
+    upgrade_store,
+    verify_store,
+)
+from ..store.postgres import PgStore
 from . import SPLIT, STATS, TRAIN
 from .artefacts import MODEL_JSON, SPLITS_CSV, STORE_FILE, resolve_checkpoint
 
 if TYPE_CHECKING:
-    from ..stage import Context
+    from ..pipeline.context import Context
 
 log = logging.getLogger(__name__)
+
 
 OWNER_KEY = "run_folder"  # meta key of a PostgreSQL store: the run folder whose stage 04 writes it
 PRECISION_KEY = "cpu_precision"  # meta key: extract.cpu_precision (resolved) of the store's vectors
@@ -85,11 +95,11 @@ def main(ctx: Context) -> dict[str, Any]:
         store = ctx.output(STORE_FILE, digest="feature_store")
         model_json = ctx.output(MODEL_JSON)
     precision = resolve_cpu_precision(ctx.cfg.extract.cpu_precision)
-    with D.go_no_go():  # an error of rank 0 here stops every rank at once (none waits in a collective)
+    with go_no_go():  # an error of rank 0 here stops every rank at once (none waits in a collective)
         if ctx.rank == 0:
             _prepare_store(ctx, store, precision)
     extras = ctx.checked["extras"]
-    D.barrier()
+    barrier()
     metrics = extract_features(ckpt, splits, store, ctx.cfg, device=ctx.device(), rank=ctx.rank,
                                world_size=ctx.world_size, extras=extras)
     if ctx.rank != 0:
@@ -180,4 +190,3 @@ def _check_owner(store: PgStore, run_dir: Path, explicit: bool) -> None:
 def default_schema(run_dir: Path) -> str:
     """``run_<run folder name>`` as a PostgreSQL identifier (lower case, other characters ``_``)."""
     return ("run_" + re.sub(r"[^a-z0-9_]", "_", Path(run_dir).resolve().name.lower()))[:63]
-

@@ -22,19 +22,32 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import lut, search
 from ..errors import UserError
-from ..features import GALLERY_SPLITS, FeatureStore, ModelInfo, PgStore, Vectors, open_store
 from ..fileio import atomic_path, write_csv, write_json
-from ..plots import plot_prune_summary
+from ..report.plots import plot_prune_summary
+from ..retrieval.ann import build_index, ids_sha256
+from ..retrieval.prune import prune
+from ..retrieval.streamed import is_streamed
+from ..retrieval.sweep import gini, kept_ids_sha256
+from ..store.containers import ModelInfo, Vectors, subset
+from ..store.maintenance import open_store
+from ..store.postgres import PgStore
+from ..store.schema import GALLERY_SPLITS
+from ..store.sqlite import FeatureStore
 from . import EXTRACT, THRESHOLD
-from .artefacts import (INDEX_FILE, INDEX_JSON, LUT_FILE, LUT_JSON, THRESHOLD_JSON, open_lut, open_model_store,
-                        read_threshold_json)
-from ..gallery import subset
-from ..streaming import is_streamed
+from .artefacts import (
+    INDEX_FILE,
+    INDEX_JSON,
+    LUT_FILE,
+    LUT_JSON,
+    THRESHOLD_JSON,
+    open_lut,
+    open_model_store,
+    read_threshold_json,
+)
 
 if TYPE_CHECKING:
-    from ..stage import Context
+    from ..pipeline.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +95,10 @@ def build_lut_index(ctx: Context, lut_path: Path, model: ModelInfo, classes: lis
     id); write ``lut.faiss`` and its json."""
     scfg = ctx.cfg.search
     gallery, _ = open_lut(lut_path, model, classes)
-    ann = search.build_index(gallery.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
+    ann = build_index(gallery.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
     with atomic_path(ctx.output(INDEX_FILE)) as tmp:
         ann.save(tmp)
-    meta = {**ann.meta(), "ids_sha256": search.ids_sha256(gallery.ids), "train_size": scfg.train_size,
+    meta = {**ann.meta(), "ids_sha256": ids_sha256(gallery.ids), "train_size": scfg.train_size,
             "seed": ctx.cfg.run.seed}
     write_json(ctx.output(INDEX_JSON), meta)
     return meta
@@ -105,7 +118,7 @@ def main(ctx: Context) -> dict[str, Any]:
     if len(gal) == 0:
         raise UserError(f"{store} holds no train vectors to prune: rerun 04_extract_features.py")
     t0 = time.perf_counter()
-    keep = lut.prune(gal.X, gal.labels, gal.ids, t, ctx.cfg.lut.block_size, ctx.device())
+    keep = prune(gal.X, gal.labels, gal.ids, t, ctx.cfg.lut.block_size, ctx.device())
     secs = time.perf_counter() - t0
     kept = subset(gal, keep)
     lut_path = ctx.output(LUT_FILE, digest="feature_store")
@@ -123,7 +136,7 @@ def main(ctx: Context) -> dict[str, Any]:
     plot_prune_summary(summary, ctx.output("prune_summary.png"), t)
     b, a = before[present], after[present]
     imbalance = {"ratio_before": float(b.max() / b.min()), "ratio_after": float(a.max() / a.min()),
-                 "gini_before": lut.gini(b), "gini_after": lut.gini(a)}
+                 "gini_before": gini(b), "gini_after": gini(a)}
     n_before, n_after = len(gal), len(kept)
     itemsize = 2 if model.get("dtype") == "float16" else 4  # model.json of a run before extract.dtype: float32
     log.info("threshold %g (%s): kept %s of %s train vectors (%.1f%%, %.1f MB -> %.1f MB %s) in %.2f s",
@@ -135,7 +148,7 @@ def main(ctx: Context) -> dict[str, Any]:
     write_json(ctx.output(LUT_JSON), {
         "checkpoint_sha256": model["checkpoint_sha256"], "embedding": model["embedding"], "dim": model["dim"],
         "threshold": t, "threshold_source": source, "n_before": n_before, "n_after": n_after,
-        "kept_ids_sha256": lut.kept_ids_sha256(kept.ids), "imbalance": imbalance,
+        "kept_ids_sha256": kept_ids_sha256(kept.ids), "imbalance": imbalance,
     })
     out = {"threshold": t, "n_before": n_before, "n_after": n_after, "seconds": round(secs, 3), **imbalance}
     if index is not None:

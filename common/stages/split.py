@@ -11,16 +11,22 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data import Listing, list_image_folder, sort_key
+from ..data.listing import Listing, list_image_folder, sort_key
+from ..data.scan import Scan, scan_files
+from ..data.split import SplitResult, check_enough_classes, make_split, materialize
+from ..data.splits import write_splits_csv
 from ..errors import UserError
 from ..fileio import write_csv
-from ..plots import plot_class_distribution
-from ..split import (Scan, SplitResult, check_enough_classes, make_split, materialize, report_skipped_folders,
-                     scan_files, write_bad_images, write_splits_csv)
+from ..report.plots import plot_class_distribution
 from .artefacts import SPLITS_CSV
 
 if TYPE_CHECKING:
-    from ..stage import Context
+    from ..pipeline.context import Context
+
+
+from typing import Sequence
+
+from ..data.listing import Skipped
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +129,32 @@ def write_duplicates(path: Path, good: list[Scan], res: SplitResult) -> int:
                     len(res.cross_class), example[0],
                     ", ".join(f"{r[2]}/{Path(r[3]).name}" for r in dup_rows if r[0] == example[0]))
     return extra_copies
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_bad_images(path: Path, bad: Sequence[Scan], skipped: Sequence[Skipped]) -> int:
+    """``bad_images.csv`` (path,label,reason): the bad images, then the folders listing did not
+    enter (unreadable folders, directory symlinks not followed). Returns the number of rows."""
+    return write_csv(path, ("path", "label", "reason"),
+                     ([s.path, s.label, s.reason] for s in [*bad, *skipped]))
+
+
+def report_skipped_folders(listing: Listing, bad_images: str, csv_path: Path) -> None:
+    """Log the folders listing did not enter (listed in ``csv_path``). An unreadable folder stops
+    the stage with ``data.bad_images=fail`` (its images could not be checked); a directory symlink
+    not followed never does (``data.follow_symlinks`` decides)."""
+    unreadable = listing.unreadable()
+    links = [s for s in listing.skipped if s.kind == "symlink"]
+    for s in listing.skipped:
+        log.debug("%s (class %s): %s", s.path, s.label, s.reason)
+    if links:
+        log.warning("%d directory symlink(s) not followed (e.g. %s: %s): listed in %s", len(links), links[0].path,
+                    links[0].reason, csv_path)
+    if unreadable:
+        log.warning("%d folder(s) cannot be read, their images are left out (e.g. %s: %s): listed in %s",
+                    len(unreadable), unreadable[0].path, unreadable[0].reason, csv_path)
+        if bad_images == "fail":
+            raise UserError(f"folder {unreadable[0].path}: {unreadable[0].reason} (data.bad_images=fail; all "
+                            f"{len(listing.skipped)} folder(s) not listed are in {csv_path})")

@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Sequence
 
-from .. import stats
-from ..data import read_splits, rows_of
+from ..data.splits import read_splits, rows_of
+from ..data.stats import mean_std
 from ..fileio import write_json
 from . import SPLIT
 from .artefacts import SPLITS_CSV, STATS_JSON
 
 if TYPE_CHECKING:
-    from ..stage import Context
+    from ..pipeline.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def main(ctx: Context) -> dict:
     train = rows_of(read_splits(ctx.upstream(SPLIT) / SPLITS_CSV), "train")
     log.info("mean/std over %d train images at %d px (pad fill %d)", len(train), cfg.model.image_size,
              cfg.data.pad_fill)
-    result = stats.mean_std([r.path for r in train], cfg.model.image_size, cfg.data.pad_fill, cfg.stats.batch_size,
+    result = mean_std([r.path for r in train], cfg.model.image_size, cfg.data.pad_fill, cfg.stats.batch_size,
                             cfg.data.num_workers, ctx.device())
     result["split"] = "train"
     write_json(ctx.output(STATS_JSON), result)

@@ -19,19 +19,33 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import lut, search
 from ..errors import UserError
-from ..features import GALLERY_SPLITS, Vectors
 from ..fileio import write_csv, write_json
-from ..plots import plot_sweep
-from ..streaming import fits, is_streamed
+from ..report.plots import plot_sweep
+from ..retrieval.ann import agreement, build_index
+from ..retrieval.prune import prune_sweep
+from ..retrieval.streamed import fits, is_streamed
+from ..retrieval.sweep import (
+    LATENCY_QUERIES,
+    REJECT_PERCENTILE,
+    SWEEP_COLUMNS,
+    choose_threshold,
+    measure_latency,
+    nearest_kept,
+    suggested_reject_below,
+    sweep_rows,
+    threshold_grid,
+)
+from ..store.containers import Vectors
+from ..store.schema import GALLERY_SPLITS
 from . import EXTRACT
 from .artefacts import SWEEP_PNG, THRESHOLD_JSON, open_model_store
 
 if TYPE_CHECKING:
-    from ..stage import Context
+    from ..pipeline.context import Context
 
 log = logging.getLogger(__name__)
+
 
 INDEX_COLUMNS = ["index_top1_accuracy", "index_same_image", "index_same_class"]
 
@@ -40,16 +54,16 @@ def latency(val: Vectors, gal: Vectors, sizes: list[int], lcfg: Any, max_memory_
     """ms per query of exact search in a gallery of each pruned size. A streamed gallery is timed
     on random unit vectors in memory (exact search costs the same whatever the vectors), for the
     sizes that fit ``search.max_memory_gib`` (nan for the others: stage 07 would stream them)."""
-    q = val.X[:lut.LATENCY_QUERIES]
+    q = val.X[:LATENCY_QUERIES]
     if not is_streamed(gal.X):
-        return lut.measure_latency(q, gal.X, sizes, lcfg.knn_k, lcfg.block_size, device)
+        return measure_latency(q, gal.X, sizes, lcfg.knn_k, lcfg.block_size, device)
     dim = gal.X.shape[1]
     fit = [n for n in sizes if fits(n, dim, max_memory_gib)]
     if not fit:
         return [float("nan")] * len(sizes)
     G = np.random.default_rng(0).standard_normal((max(fit), dim), dtype=np.float32)
     G /= np.linalg.norm(G, axis=1, keepdims=True)
-    ms = dict(zip(fit, lut.measure_latency(q, G, fit, lcfg.knn_k, lcfg.block_size, device)))
+    ms = dict(zip(fit, measure_latency(q, G, fit, lcfg.knn_k, lcfg.block_size, device)))
     return [ms.get(n, float("nan")) for n in sizes]
 
 
@@ -57,12 +71,12 @@ def index_sweep(ctx: Context, gal: Vectors, val: Vectors, keeps: Any, neighbours
     """Search the val queries through ``search.index`` at every threshold (kept rows only); adds
     ``INDEX_COLUMNS`` to ``rows``. Returns what the index is, for threshold.json."""
     scfg = ctx.cfg.search
-    ann = search.build_index(gal.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
+    ann = build_index(gal.X, scfg, seed=ctx.cfg.run.seed, device=ctx.device())
     ann.set_query_params(scfg)
     t0 = time.perf_counter()
     for r, keep, (_, exact_idx) in zip(rows, keeps, neighbours):
         _, idx = ann.search(val.X, 1, gal.X, keep=keep)
-        agr = search.agreement(exact_idx, idx, gal.labels)
+        agr = agreement(exact_idx, idx, gal.labels)
         found = idx[:, 0] >= 0  # an IVF search restricted to few kept rows can find none in its cells
         r["index_top1_accuracy"] = float((found & (gal.labels[np.where(found, idx[:, 0], 0)] == val.labels)).mean())
         r["index_same_image"], r["index_same_class"] = agr["same_image"], agr["same_class"]
@@ -73,7 +87,7 @@ def index_sweep(ctx: Context, gal: Vectors, val: Vectors, keeps: Any, neighbours
 def main(ctx: Context) -> dict[str, Any]:
     lcfg = ctx.cfg.lut
     device = ctx.device()
-    thresholds = lut.threshold_grid(lcfg)
+    thresholds = threshold_grid(lcfg)
     scfg = ctx.cfg.search
     with open_model_store(ctx.upstream(EXTRACT), ctx.cfg.store.password_env) as ms:
         model, store, classes = ms.meta, ms.target, list(ms.meta["classes"])
@@ -90,10 +104,10 @@ def main(ctx: Context) -> dict[str, Any]:
              len(thresholds), thresholds[0], thresholds[-1], f"{len(gal):,}", dim, f"{len(val):,}", device)
 
     t0 = time.perf_counter()
-    keeps = lut.prune_sweep(gal.X, gal.labels, gal.ids, thresholds, lcfg.block_size, device)
+    keeps = prune_sweep(gal.X, gal.labels, gal.ids, thresholds, lcfg.block_size, device)
     t_prune = time.perf_counter() - t0
     t0 = time.perf_counter()
-    neighbours, qstats = lut.nearest_kept(val.X, gal.X, keeps, lcfg.knn_k, lcfg.block_size, device)
+    neighbours, qstats = nearest_kept(val.X, gal.X, keeps, lcfg.knn_k, lcfg.block_size, device)
     t_query = time.perf_counter() - t0
     t0 = time.perf_counter()
     lat = latency(val, gal, [int(k.sum()) for k in keeps], lcfg, scfg.max_memory_gib, device)
@@ -101,9 +115,9 @@ def main(ctx: Context) -> dict[str, Any]:
     log.info("pruned at %d thresholds in %.1f s; val neighbours in %.1f s (top-%d lists, %d exact fallbacks); "
              "latency timing %.1f s", len(thresholds), t_prune, t_query, qstats["top_m"], qstats["fallback_queries"],
              t_lat)
-    rows = lut.sweep_rows(thresholds, keeps, gal.labels, val.labels, neighbours, n_classes, lcfg.knn_temperature,
+    rows = sweep_rows(thresholds, keeps, gal.labels, val.labels, neighbours, n_classes, lcfg.knn_temperature,
                           dim, lat)
-    columns = list(lut.SWEEP_COLUMNS)
+    columns = list(SWEEP_COLUMNS)
     index_info = None
     if ctx.cfg.search.index != "exact":
         index_info = index_sweep(ctx, gal, val, keeps, neighbours, rows)
@@ -112,11 +126,11 @@ def main(ctx: Context) -> dict[str, Any]:
         log.info("t=%-8g kept %7s (%5.1f%%)  top-1 %.4f  k-NN %.4f  macro-F1 %.4f  %.3f ms/query", r["threshold"],
                  f"{r['n_kept']:,}", 100 * r["fraction_kept"], r["top1_accuracy"], r["knn_accuracy"], r["macro_f1"],
                  r["latency_ms"])
-    i, reason = lut.choose_threshold(rows, lcfg)
+    i, reason = choose_threshold(rows, lcfg)
     chosen = rows[i]
     sims, idx = neighbours[i]
     correct = gal.labels[idx[:, 0]] == val.labels
-    reject = lut.suggested_reject_below(sims[:, 0], correct)
+    reject = suggested_reject_below(sims[:, 0], correct)
     log.info("chosen: %s", reason)
     if index_info is not None:
         index_info.update({c: chosen[c] for c in INDEX_COLUMNS})
@@ -124,13 +138,13 @@ def main(ctx: Context) -> dict[str, Any]:
                  "same class %.4f", index_info["factory"], *(chosen[c] for c in INDEX_COLUMNS))
     if reject is not None:
         log.info("suggested inference.reject_below: %.4f (%g%% of the correct val predictions at threshold %g have "
-                 "a lower best similarity)", reject, lut.REJECT_PERCENTILE, chosen["threshold"])
+                 "a lower best similarity)", reject, REJECT_PERCENTILE, chosen["threshold"])
 
     write_csv(ctx.output("threshold_sweep.csv"), columns, ([r[c] for c in columns] for r in rows))
     write_json(ctx.output(THRESHOLD_JSON), {
         "threshold": chosen["threshold"], "rule": lcfg.rule, "reason": reason, "metrics": chosen,
         "model_id": model["model_id"], "checkpoint_sha256": model["checkpoint_sha256"],
-        "suggested_reject_below": reject, "reject_percentile": lut.REJECT_PERCENTILE,
+        "suggested_reject_below": reject, "reject_percentile": REJECT_PERCENTILE,
         "n_gallery": len(gal), "n_val": len(val), "knn_k": lcfg.knn_k,
         "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds,
         **({"search": index_info} if index_info is not None else {}),

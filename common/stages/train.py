@@ -33,27 +33,35 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from .. import distributed as D
-from ..augment import TwoViews, train_transform
-from ..config import Config, ModelConfig, diff_values, get_key, is_semantic, key_values
-from ..data import Preprocessing, class_index, class_names, read_splits, read_stats, rows_of, worker_errors
+from ..config.schema import Config, ModelConfig, get_key
+from ..config.values import diff_values, is_semantic, key_values
+from ..data.augment import TwoViews, train_transform
+from ..data.datasets import worker_errors
+from ..data.labels import class_index
+from ..data.splits import class_names, read_splits, rows_of
+from ..data.stats import read_stats
+from ..data.transforms import Preprocessing
 from ..errors import UserError
 from ..fileio import sha256_file, write_json
-from ..model import CHECKPOINT_FORMAT, build_model, checkpoint_preprocessing
-from ..runfolder import unique_previous
-from ..seed import rng_state, set_rng_state
-from ..signals import DeferSignals
-from ..train import (AUG_PREVIEW_IMAGES, EpochBatchSampler, Evaluator, Position, Trainer, TwoViewDataset,
-                     augmentation_preview, copy_checkpoint, duration, preview_indices, save_checkpoint,
-                     write_metrics_csv)
-from ..plots import plot_curves, plot_image_grid
+from ..model.checkpoint import CHECKPOINT_FORMAT, checkpoint_preprocessing, copy_checkpoint, save_checkpoint
+from ..model.network import build_model
+from ..pipeline.folders import unique_previous
+from ..report.plots import plot_curves, plot_image_grid
+from ..runtime.distributed import barrier, go_no_go
+from ..runtime.seed import rng_state, set_rng_state
+from ..runtime.signals import DeferSignals
+from ..training.records import AUG_PREVIEW_IMAGES, augmentation_preview, duration, preview_indices, write_metrics_csv
+from ..training.sampler import EpochBatchSampler, TwoViewDataset
+from ..training.trainer import Position, Trainer
+from ..training.validate import Evaluator
 from . import SPECS, SPLIT, STATS, TRAIN, TRAIN_CONTINUE_KEYS
 from .artefacts import CHECKPOINTS_DIR, SPLITS_CSV, STATS_JSON
 
 if TYPE_CHECKING:
-    from ..stage import Context
+    from ..pipeline.context import Context
 
 log = logging.getLogger(__name__)
+
 
 # what a new training moves to previous-<UTC time>/ (with the manifest and a copy of log.txt)
 RUN_FILES = (CHECKPOINTS_DIR, "metrics.csv", "loss_curve.png", "tensorboard", "augmentations.png")
@@ -257,7 +265,7 @@ class Training:
     """State that outlives one step of stage 03's story: data, trainer, evaluator, logs, history."""
 
     def __init__(self, ctx: Context, plan: Plan, on_step: Callable[[int, int, int], None] | None):
-        from ..seed import worker_init_fn
+        from ..runtime.seed import worker_init_fn
 
         self.ctx, self.cfg, self.t, self.on_step = ctx, ctx.cfg, ctx.cfg.train, on_step
         self.plan = plan
@@ -295,8 +303,8 @@ class Training:
         """Build the model; continue from last.pt or start a new training (the present one moved aside),
         as ``check`` planned."""
         cfg, t, plan = self.cfg, self.t, self.plan
-        D.barrier()  # every rank has planned (read last.pt) before rank 0 moves anything
-        with D.go_no_go():  # a failure of rank 0 moving the old training aside stops every rank at once
+        barrier()  # every rank has planned (read last.pt) before rank 0 moves anything
+        with go_no_go():  # a failure of rank 0 moving the old training aside stops every rank at once
             if self.is_main and plan.new_training is not None:
                 _move_aside(self.dir, plan.new_training, self.ctx.previous)
         self.ckpt = plan.resume_from
@@ -305,7 +313,7 @@ class Training:
             mcfg = ModelConfig(**{**asdict(mcfg), "pretrained": "none"})  # weights come from last.pt: never download
         self.trainer = Trainer(build_model(mcfg), cfg, self.device, rank=self.rank, world_size=self.world,
                                train_paths=self.inp.train_paths, checkpoint_dir=self.ck_dir if self.is_main else None)
-        with D.go_no_go():  # rank 0 alone checks best.pt
+        with go_no_go():  # rank 0 alone checks best.pt
             if self.ckpt is not None:
                 self._resume(self.ckpt)
             else:
@@ -392,7 +400,7 @@ class Training:
                 epoch_times.append(time.perf_counter() - t0)
                 row["epoch_time_s"] = epoch_times[-1]
                 row["eta_s"] = float(np.mean(epoch_times)) * (self.t.epochs - row["epoch"])
-                with D.go_no_go():  # rank 0 writes the checkpoints: its error (a full disk) stops every rank
+                with go_no_go():  # rank 0 writes the checkpoints: its error (a full disk) stops every rank
                     self.end_epoch(row, improved)
         except KeyboardInterrupt:
             p = self.trainer.position
@@ -466,7 +474,7 @@ class Training:
     def finish(self) -> dict[str, Any]:
         """Register the outputs (rank 0) and return the manifest metrics."""
         ck_dir = self.ck_dir
-        with D.go_no_go():  # rank 0 alone checks best.pt and registers the outputs
+        with go_no_go():  # rank 0 alone checks best.pt and registers the outputs
             if self.is_main:
                 if not (ck_dir / "best.pt").exists():
                     if self.do_eval:  # best.pt was removed while the training ran: never replaced silently by last.pt

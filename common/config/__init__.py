@@ -1,0 +1,1 @@
+"""Typed configuration (library: knows no run folder)."""

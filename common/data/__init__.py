@@ -1,0 +1,1 @@
+"""images, folders, splits: everything before a network sees a tensor."""

@@ -1,0 +1,1 @@
+"""EcoTaxa both ways (issue 19); knows no run folder."""

@@ -1,0 +1,592 @@
+"""EcoTaxa both ways: read an EcoTaxa export (to train or predict on), write a bundle EcoTaxa imports.
+
+EcoTaxa (ecotaxa/ecotaxa_back, commit cb44b19) is cited by file:line below; the figures come from
+running its own import validation (``InBundle.validate_import`` -> ``TSVFile.do_validate``).
+
+**Reading an export** (``Export``, ``select``). An export is a ``.zip`` or a folder holding one or
+more ``ecotaxa*.tsv`` / ``ecotaxa*.txt`` files (EcoTaxa's own filter, Bundle.py:44) with their
+images; EcoTaxa writes one TSV per sample (``split_by=sample``), either at the root with images in
+``<sample>/`` (general export) or inside ``<sample>/`` beside its images (backup). Each TSV is read
+the way EcoTaxa writes it (ForProject.py:592-609): a UTF-8 BOM (default) or latin-1 (``use_latin1``),
+strings quoted (``QUOTE_NONNUMERIC``), the ``[t]``/``[f]`` type row present or not. Without a BOM
+EcoTaxa itself assumes latin-1 (TSVFile.py:103-111); here a file without a BOM is read as UTF-8
+when it decodes as UTF-8 (a hand-made file) and as latin-1 otherwise. Column names are stripped
+and lower-cased as EcoTaxa does (TSVFile.py:120). ``img_file_name`` is relative to the TSV's folder
+(TSVFile.py:84-85, 427-434); a path that leaves the export is refused, and so is a zip member
+whose name would (zip slip). ``object_id`` is unique in a project: a second row with the same
+``object_id`` is refused (every one listed) unless it is another image of the object (another
+``img_rank``, EcoTaxa's "all images" export); ``select`` then keeps the first image. Images in a
+zip are read member by member, never all at once.
+
+Why not ``pyecotaxa`` (0.0.5, ``pyecotaxa.archive.read_tsv``): it reads one encoding it is told
+(default UTF-8: a latin-1 export fails with UnicodeDecodeError), its fixed dtypes make a TSV with
+an empty ``img_rank`` fail ("Integer column has NA values", EcoTaxa's own test data has such rows),
+it returns a pandas DataFrame (pandas is not a dependency here, and a DataFrame of every column
+of a large export is what ``Export.rows(columns=...)`` avoids), and it pulls in requests,
+werkzeug, anytree and python-dotenv for its EcoTaxa client, under the GPL-3.0. Its type-row test
+(every cell ``[t]``/``[f]``) is the one used here. The csv module and ~100 lines do the reading.
+
+**Writing a bundle** (``write_bundle``): ``ecotaxa_<name>.zip`` with ``ecotaxa_<name>.tsv`` at
+its root (UTF-8 with a BOM, else EcoTaxa reads latin-1: TSVFile.py:103-111), the column names,
+the ``[t]``/``[f]`` type row, one row per image, and each image at its ``img_file_name``:
+
+- images are streamed into the zip one at a time; the TSV rows are spooled to a temporary file
+  and added last, so memory does not grow with the images' bytes (only a few hundred bytes of
+  zip directory and ids per image, plus the result's lists of converted and renamed files);
+- EcoTaxa takes JPEG, PNG and GIF only (py/BO/Image.py:16, 36-40; one other file stops the whole
+  import): other formats (BMP, TIFF, WebP, MPO, ...) are converted to PNG, pixel for pixel; a
+  mode PNG cannot hold (float, CMYK, 32-bit) is converted to the nearest one and listed as lossy;
+- a name EcoTaxa cannot carry (tab, line break and other control characters, bytes that are
+  not UTF-8, ``"``, ``\\``, ``..``, longer than ``img_file_name``'s 255 characters, or an extension that does not match
+  its format) is renamed inside the bundle: the cleaned name, ``_`` and 8 hex digits of the
+  original path; every renamed or converted file is listed in the result, and its original path
+  (relative to the input) is in the free column ``object_source_file``;
+- ``object_id`` = ``<prefix>_<file stem>_<12 hex digits of sha256(path in the input, content)>``
+  and ``sample_id`` = ``<prefix>_<sample>``: the same for the same image and prefix whatever the
+  listing order or run, and distinct across predictions with other prefixes (default: the
+  prediction's name), so two cruises never merge samples or collide as "already in EcoTaxa"
+  (TSVFile.py:489-492, 1092-1099);
+- a row from an EcoTaxa export (``Prediction.origin``) keeps its own ``object_id``, ``sample_id``,
+  ``acq_id`` and ``sample_*``/``acq_*`` columns: imported with update mode "Cla" (update with
+  classification; "Yes" drops annotation columns, TSVFile.py:452-456) and "skip existing
+  objects" (otherwise an unchanged ``img_file_name`` is "already in EcoTaxa", TSVFile.py:1092-1099;
+  EcoTaxa's own update test sets it), EcoTaxa finds each object by ``object_id`` alone
+  (TSVFile.py:800-805, Object.py:135-143) and updates its classification. An object a person has
+  already validated or marked dubious is not written (its classification would be replaced by a
+  prediction) unless ``overwrite_validated``; it is listed as skipped;
+- taxonomy: EcoTaxa matches each ``object_annotation_category`` to exactly one taxon
+  (case-insensitive name, display name, or ``name<parent``: Taxonomy.py:116-146, Import.py:246-280);
+  an unmatched or ambiguous name makes the import job stop and ask a person to map it
+  (Import.py:139-148). ``read_taxa_map`` reads a CSV ``class,taxon``: a taxon that is a number is
+  written to ``object_annotation_category_id`` (checked against the taxonomy, never matched by
+  name: TSVFile.py:1247-1255, Bundle.py:264-265, 331-346) with the class name kept in
+  ``object_annotation_category`` for people (EcoTaxa drops it when the id is set,
+  TSVFile.py:180-185); any other taxon is written as the category name. Classes without a map
+  entry are written as they are and returned as ``unmatched_classes``;
+- a classified row has ``object_annotation_status`` ``predicted``; a row rejected as unknown has
+  no category and no status (EcoTaxa's "unclassified"). EcoTaxa stores a fixed score of 1.0 for
+  every predicted row it imports (``PSEUDO_TRAINING_SCORE``, TSVFile.py:222-227, 376-377;
+  DB/Prediction.py:21): the similarity, margin and k-NN scores arrive only as free numeric
+  ``object_<score>`` columns (up to 500 per project), not as EcoTaxa's prediction score.
+
+Text cells are written as they are, apart from control characters (a tab or line break would
+cut the row): no spreadsheet formula escaping, since a leading ``'`` would become part of the
+ids and names EcoTaxa stores.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import logging
+import os
+import posixpath
+import re
+import shutil
+import struct
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from PIL import Image
+
+from ..errors import UserError
+from ..fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+TSV_PATTERN = re.compile(r"^ecotaxa.*\.(tsv|txt)$")  # Bundle.py:44 (case-sensitive glob there too)
+TYPE_CELLS = frozenset({"[t]", "[f]"})
+STATUSES = ("predicted", "dubious", "validated", "discarded")  # DB/Object.py:52-57
+HUMAN_STATUSES = frozenset({"validated", "dubious", "discarded"})  # set by a person, not a classifier
+MAX_NAME = 255  # images.orig_file_name, obj_head.orig_id, samples.orig_id: VARCHAR(255)
+DROP = "-"  # class map: drop this category
+ANY = "*"  # class map: every category not listed
+# Pillow's errors on undecodable input (as common.data.PIL_ERRORS, which imports torch with it).
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# The lone surrogates Python uses for file-name bytes that are not UTF-8: they cannot be written
+# as UTF-8 at all.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_COLUMN = re.compile(r"[^a-z0-9_]+")
+_COPY_CHUNK = 1 << 20
+
+
+def clean_text(value: Any) -> str:
+    """A TSV cell: control characters (tab, line breaks) would cut the row: each run becomes a
+    space; a file-name byte that is not UTF-8 becomes U+FFFD."""
+    return _SURROGATE.sub("\ufffd", _CONTROL.sub(" ", str(value)))
+
+
+# ============================================================================ reading an export
+
+
+@dataclass(eq=False)
+class EcoObject:
+    """One row of an EcoTaxa export: an image of an object.
+
+    ``image``: the image's path inside the export ('/'-separated, relative to the export's root);
+    ``category``: ``object_annotation_category`` ('' when none); ``hierarchy``:
+    ``object_annotation_hierarchy`` ('>'-separated names from the root, '' when absent);
+    ``status``: ``object_annotation_status`` in lower case ('' = not classified); ``rank``:
+    ``img_rank`` (None when empty); ``fields``: the row's other columns that ``Export.rows`` was
+    asked to keep, by lower-case column name.
+    """
+
+    object_id: str
+    sample_id: str
+    image: str
+    category: str
+    hierarchy: str
+    status: str
+    rank: float | None
+    tsv: str
+    line: int
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        """``<tsv>:<line>``, for messages."""
+        return f"{self.tsv}:{self.line}"
+
+
+def _is_tsv(name: str) -> bool:
+    parts = name.split("/")
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts[:-1]) or parts[-1].startswith("."):
+        return False  # hidden files and the resource forks macOS adds to a zip
+    return bool(TSV_PATTERN.match(parts[-1]))
+
+
+def _escapes(name: str) -> bool:
+    """True when a '/'-separated relative name is absolute or climbs out of its root."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return True
+    return any(p == ".." for p in re.split(r"[/\\]", name))
+
+
+def is_export(source: str | os.PathLike) -> bool:
+    """True when ``source`` is a .zip file or a folder holding at least one ``ecotaxa*.tsv|txt``."""
+    p = Path(source)
+    if p.is_file():
+        return p.suffix.lower() == ".zip"
+    if p.is_dir():
+        return any(_is_tsv(f.relative_to(p).as_posix()) for f in _walk_tsv_candidates(p))
+    return False
+
+
+def _walk_tsv_candidates(root: Path) -> Iterator[Path]:
+    for pattern in ("ecotaxa*.tsv", "ecotaxa*.txt"):
+        yield from root.rglob(pattern)
+
+
+class Export:
+    """An EcoTaxa export: a .zip or a folder of ``ecotaxa*.tsv`` files with their images.
+
+    Use as a context manager (a zip stays open for reading members). ``tsv_files``: the TSVs,
+    relative to the export's root, sorted.
+    """
+
+    def __init__(self, source: str | os.PathLike, what: str = "EcoTaxa export"):
+        self.source = Path(source).expanduser()
+        self.what = what
+        self._zip: zipfile.ZipFile | None = None
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        if self.source.is_file() and self.source.suffix.lower() == ".zip":
+            try:
+                self._zip = zipfile.ZipFile(self.source)
+            except (OSError, zipfile.BadZipFile) as e:
+                raise UserError(f"{what}: {self.source} cannot be read as a zip ({e})") from None
+            for info in self._zip.infolist():
+                name = _member_name(info)
+                if _escapes(name):
+                    self.close()
+                    raise UserError(f"{what}: {self.source} holds a member that leaves the archive: {name!r}")
+                if not info.is_dir():
+                    self._members[name] = info
+            self.tsv_files = sorted(n for n in self._members if _is_tsv(n))
+        elif self.source.is_dir():
+            root = self.source
+            self.tsv_files = sorted({f.relative_to(root).as_posix() for f in _walk_tsv_candidates(root)
+                                     if f.is_file() and _is_tsv(f.relative_to(root).as_posix())})
+        elif not self.source.exists():
+            raise UserError(f"{what}: {self.source} does not exist")
+        else:
+            raise UserError(f"{what}: {self.source} is neither a .zip nor a folder")
+        if not self.tsv_files:
+            self.close()
+            raise UserError(f"{what}: {self.source} holds no ecotaxa*.tsv file (an EcoTaxa export has one per "
+                            "sample, or one in all)")
+
+    # -- files
+
+    @property
+    def is_zip(self) -> bool:
+        return self._zip is not None
+
+    def has(self, name: str) -> bool:
+        """True when the export holds the file ``name`` (relative to its root)."""
+        if self._zip is not None:
+            return name in self._members
+        return self._local(name).is_file()
+
+    def _local(self, name: str) -> Path:
+        return self.source / name
+
+    def local_path(self, name: str) -> Path | None:
+        """The file on disk for a folder export, None for a zip (read it with ``open`` or ``extract``)."""
+        return None if self._zip is not None else self._local(name)
+
+    def open(self, name: str) -> IO[bytes]:
+        """A binary file object for ``name`` (a zip member is decompressed as it is read)."""
+        if self._zip is not None:
+            info = self._members.get(name)
+            if info is None:
+                raise FileNotFoundError(f"{self.source}: no member {name!r}")
+            return self._zip.open(info)
+        return open(self._local(name), "rb")
+
+    def extract(self, names: Iterable[str], dest: str | os.PathLike) -> dict[str, Path]:
+        """Copy the files ``names`` to ``dest/<name>`` one at a time (streamed); returns name -> path.
+
+        Each file is written under a temporary name and renamed, so a file at its final path is
+        complete. Names were checked not to leave the export, so they stay inside ``dest``.
+        """
+        dest = Path(dest)
+        out: dict[str, Path] = {}
+        for name in names:
+            target = dest / name
+            with self.open(name) as src, atomic_path(target) as tmp, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, _COPY_CHUNK)
+            out[name] = target
+        return out
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+    def __enter__(self) -> Export:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- rows
+
+    def rows(self, columns: Sequence[str] | None = ("sample_", "acq_")) -> list[EcoObject]:
+        """Every row of every TSV, in TSV order. Refuses (UserError listing them) object ids that
+        appear twice, unless the rows are different images (``img_rank``) of the object.
+
+        ``columns``: prefixes of the other columns to keep in ``EcoObject.fields`` (None: all).
+        Values repeated from row to row (sample and acquisition columns) share one string.
+        """
+        out: list[EcoObject] = []
+        for tsv in self.tsv_files:
+            out.extend(self._read_tsv(tsv, columns))
+        _refuse_duplicates(out, self)
+        return out
+
+    def _read_tsv(self, tsv: str, columns: Sequence[str] | None) -> list[EcoObject]:
+        with self.open(tsv) as fh:
+            bom = fh.read(3) == codecs.BOM_UTF8
+        encodings = ["utf-8-sig"] if bom else ["utf-8", "latin-1"]
+        for enc in encodings:
+            try:
+                with self.open(tsv) as raw:
+                    text = io.TextIOWrapper(raw, encoding=enc, newline="")
+                    rows = list(self._parse(tsv, text, columns))
+                if enc == "latin-1":
+                    log.info("%s: %s is not UTF-8 and has no BOM: read as latin-1 (as EcoTaxa does)", self.what, tsv)
+                return rows
+            except UnicodeDecodeError:
+                continue
+        raise AssertionError("latin-1 decodes every byte")  # pragma: no cover
+
+    def _parse(self, tsv: str, text: IO[str], columns: Sequence[str] | None) -> Iterator[EcoObject]:
+        where = f"{self.what}: {self.source}"
+        reader = csv.reader(text, delimiter="\t", quotechar='"')
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"{where}: {tsv} line 1: {e}") from None
+        names = [h.strip(" \t").lower() for h in header]  # TSVFile.py:120
+        seen: dict[str, int] = {}
+        for i, n in enumerate(names):
+            if n and n in seen:
+                raise UserError(f"{where}: {tsv} has the column {n!r} twice (columns {seen[n] + 1} and {i + 1})")
+            seen[n] = i
+        for need in ("object_id", "img_file_name"):
+            if need not in seen:
+                hint = " (export again with images)" if need == "img_file_name" else ""
+                raise UserError(f"{where}: {tsv} has no {need} column{hint}")
+        keep = [i for i, n in enumerate(names) if n and (columns is None or n.startswith(tuple(columns)))]
+        col = {n: seen.get(n) for n in ("object_id", "sample_id", "img_file_name", "img_rank", "object_annotation_category",
+                                        "object_annotation_hierarchy", "object_annotation_status")}
+        folder = posixpath.dirname(tsv)
+        shared: dict[str, str] = {}
+        first = True
+        try:
+            for row in reader:
+                if not row or all(not c.strip() for c in row):
+                    continue  # blank line
+                if first:
+                    first = False
+                    cells = [c.strip() for c in row if c.strip()]
+                    if cells and all(c in TYPE_CELLS for c in cells):
+                        continue  # the type row
+                line = reader.line_num
+                if len(row) > len(names) and any(c.strip() for c in row[len(names):]):
+                    raise UserError(f"{where}: {tsv} line {line}: {len(row)} values for {len(names)} columns")
+                row = row + [""] * (len(names) - len(row))
+
+                def get(name: str, row: list[str] = row) -> str:
+                    i = col[name]
+                    return row[i].strip() if i is not None else ""
+
+                oid = get("object_id")
+                if not oid:
+                    raise UserError(f"{where}: {tsv} line {line}: empty object_id")
+                img = get("img_file_name")
+                if not img:
+                    raise UserError(f"{where}: {tsv} line {line}: empty img_file_name")
+                if _escapes(img):
+                    raise UserError(f"{where}: {tsv} line {line}: img_file_name {img!r} leaves the export")
+                image = posixpath.normpath(posixpath.join(folder, img))
+                if not self.is_zip and not _inside(self.source, image):
+                    raise UserError(f"{where}: {tsv} line {line}: img_file_name {img!r} leads outside the export")
+                rank_text = get("img_rank")
+                try:
+                    rank = float(rank_text) if rank_text else None
+                except ValueError:
+                    raise UserError(f"{where}: {tsv} line {line}: img_rank {rank_text!r} is not a number") from None
+                fields = {names[i]: shared.setdefault(row[i], row[i]) for i in keep}
+                yield EcoObject(oid, get("sample_id"), image, get("object_annotation_category"),
+                                get("object_annotation_hierarchy"), get("object_annotation_status").lower(), rank,
+                                tsv, line, fields)
+        except csv.Error as e:
+            raise UserError(f"{where}: {tsv} line {reader.line_num}: {e}") from None
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name as its creator meant it: a zip tool that does not set the UTF-8 flag
+    (Windows Explorer) stores UTF-8 bytes that zipfile decodes as cp437."""
+    name = info.filename
+    if not info.flag_bits & 0x800 and not name.isascii():
+        try:
+            name = name.encode("cp437").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            pass
+    return name
+
+
+def _inside(root: Path, name: str) -> bool:
+    """True when ``root/name`` resolves inside ``root`` (a symlink may point elsewhere)."""
+    base = root.resolve()
+    target = (root / name).resolve()
+    return target == base or base in target.parents
+
+
+def _refuse_duplicates(rows: Sequence[EcoObject], export: Export) -> None:
+    by_id: dict[str, list[EcoObject]] = {}
+    for r in rows:
+        by_id.setdefault(r.object_id, []).append(r)
+    clashes = []
+    for oid, group in by_id.items():
+        if len(group) < 2:
+            continue
+        ranks = [g.rank for g in group]
+        if None in ranks or len(set(ranks)) < len(ranks) or len({g.image for g in group}) < len(group):
+            clashes.append(f"{oid} ({', '.join(g.where for g in group)})")
+    if clashes:
+        more = f" and {len(clashes) - 10} more" if len(clashes) > 10 else ""
+        raise UserError(f"{export.what}: {export.source}: {len(clashes)} object_id(s) appear on several rows "
+                        f"(EcoTaxa's object_id is unique in a project): {'; '.join(clashes[:10])}{more}")
+
+
+# ---------------------------------------------------------------------------- choosing the rows
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """``category -> class`` (None: drop). ``unlisted``: what a category not listed becomes: None
+    (skipped as unmapped), ``*`` (kept as its own class), ``-`` (dropped) or a class name."""
+
+    mapping: Mapping[str, str | None]
+    unlisted: str | None = None
+    source: str = ""
+
+    def apply(self, category: str) -> tuple[str | None, str]:
+        """(class or None, skip reason kind '' | 'dropped' | 'unmapped')."""
+        cls = self.mapping[category] if category in self.mapping else self.unlisted
+        if category not in self.mapping and cls is None:
+            return None, "unmapped"
+        if cls is None or cls == DROP:
+            return None, "dropped"
+        return (category if cls == ANY else cls), ""
+
+
+def read_pairs_csv(path: str | os.PathLike, key: str, pairs: str) -> tuple[Path, list[tuple[int, list[str]]]]:
+    """The non-blank lines of a small CSV of ``pairs`` lines after a header, as (line number, stripped
+    cells), header first; ``UserError`` naming ``key`` when it cannot be read or has no line after
+    the header (the class map of ``data.class_map`` and the taxa map of ``inference.ecotaxa_taxa``)."""
+    p = Path(path).expanduser()
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as fh:
+            lines = list(csv.reader(fh))
+    except OSError as e:
+        raise UserError(f"{key}: {p} cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{key}: {p} is not a UTF-8 CSV ({e})") from None
+    body = [(i + 1, [c.strip() for c in r]) for i, r in enumerate(lines) if r and any(c.strip() for c in r)]
+    if len(body) < 2:
+        raise UserError(f"{key}: {p} has no lines (expected a header, then lines {pairs})")
+    return p, body
+
+
+def read_class_map(path: str | os.PathLike, key: str = "data.class_map") -> ClassMap:
+    """Read a class map CSV: a header, then ``category,class`` lines.
+
+    ``class`` ``-`` drops the category. A category not listed is skipped as unmapped, unless a
+    line ``*,...`` says otherwise: ``*,*`` keeps every unlisted category as its own class,
+    ``*,NAME`` merges them into NAME, ``*,-`` drops them. Categories are matched exactly (EcoTaxa
+    display names, e.g. ``Calanus<Calanidae``).
+    """
+    p, body = read_pairs_csv(path, key, "category,class")
+    mapping: dict[str, str | None] = {}
+    unlisted: str | None = None
+    seen: set[str] = set()
+    for line, cells in body[1:]:
+        if len(cells) < 2 or not cells[0] or not cells[1]:
+            raise UserError(f"{key}: {p} line {line}: expected category,class (class '-' drops the category)")
+        cat, cls = cells[0], cells[1]
+        if cat in seen:
+            raise UserError(f"{key}: {p} line {line}: category {cat!r} is listed twice")
+        seen.add(cat)
+        if cat == ANY:
+            unlisted = cls
+        else:
+            mapping[cat] = None if cls == DROP else cls
+    return ClassMap(mapping, unlisted, str(p))
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A row not used, and why. ``kind``: ``another image``, ``status``, ``no category``,
+    ``unmapped``, ``dropped``, ``missing image`` or ``unreadable image``; ``detail``: one line."""
+
+    row: EcoObject
+    kind: str
+    detail: str
+
+
+@dataclass
+class Selection:
+    """The rows used, with their class, and every row skipped."""
+
+    used: list[tuple[EcoObject, str]]
+    skipped: list[Skip]
+
+    def counts(self) -> dict[str, int]:
+        """Skipped rows per kind."""
+        out: dict[str, int] = {}
+        for s in self.skipped:
+            out[s.kind] = out.get(s.kind, 0) + 1
+        return out
+
+    def class_counts(self) -> dict[str, int]:
+        """Used rows per class."""
+        out: dict[str, int] = {}
+        for _, c in self.used:
+            out[c] = out.get(c, 0) + 1
+        return out
+
+
+def category_at(row: EcoObject, level: int | None) -> str:
+    """The row's category: ``object_annotation_category``, or with ``level`` the ``level``-th name
+    (from 1, left to right) of ``object_annotation_hierarchy``, which EcoTaxa writes from the root
+    down (``living>Eukaryota>...>Calanus``); an object identified only to a coarser taxon keeps
+    its deepest name."""
+    if level is None:
+        return row.category
+    names = [n.strip() for n in row.hierarchy.split(">") if n.strip()]
+    if not names:
+        return ""
+    return names[min(level, len(names)) - 1]
+
+
+def select(rows: Sequence[EcoObject], export: Export | None = None, *, statuses: Sequence[str] = ("validated",),
+           class_map: ClassMap | None = None, level: int | None = None, verify_images: bool = False,
+           need_category: bool = True) -> Selection:
+    """Choose the rows to train on and their class; every other row is listed with its reason.
+
+    In order: a later image of an object already kept (``another image``), a status not in
+    ``statuses`` (``status``; ``''`` selects unclassified objects), no category (``no category``),
+    the class map (``unmapped``, ``dropped``), then with ``export`` an image the export does not
+    hold (``missing image``) and with ``verify_images`` one Pillow cannot decode (``unreadable
+    image``). ``need_category=False`` (objects to predict): a row without a category is used, with
+    class ''.
+    """
+    wanted = {s.strip().lower() for s in statuses}
+    bad = sorted(wanted - set(STATUSES) - {""})
+    if bad:
+        raise UserError(f"data.ecotaxa_status: unknown status {bad[0]!r} (EcoTaxa's are {', '.join(STATUSES)}; "
+                        "'' selects unclassified objects)")
+    if level is not None:
+        if level < 1:
+            raise UserError(f"data.ecotaxa_level: {level} must be 1 or more (1 = the first name of "
+                            "object_annotation_hierarchy)")
+        if rows and not any(r.hierarchy for r in rows):
+            raise UserError("data.ecotaxa_level: the export has no object_annotation_hierarchy (EcoTaxa writes it in "
+                            "a general export, not in a backup)")
+    first: dict[str, EcoObject] = {}
+    for r in rows:  # the first image of each object: the lowest img_rank, then TSV order
+        kept = first.get(r.object_id)
+        if kept is None or (r.rank is not None and (kept.rank is None or r.rank < kept.rank)):
+            first[r.object_id] = r
+    used: list[tuple[EcoObject, str]] = []
+    skipped: list[Skip] = []
+    for r in rows:
+        if first[r.object_id] is not r:
+            skipped.append(Skip(r, "another image", f"another image of object {r.object_id} (img_rank {r.rank:g})"
+                                if r.rank is not None else f"another image of object {r.object_id}"))
+            continue
+        if r.status not in wanted:
+            skipped.append(Skip(r, "status", f"status {r.status or 'unclassified'!r} not selected"))
+            continue
+        cat = category_at(r, level)
+        if not cat and need_category:
+            skipped.append(Skip(r, "no category", "no category"))
+            continue
+        cls = cat
+        if class_map is not None and cat:
+            mapped, why = class_map.apply(cat)
+            if mapped is None:
+                detail = (f"category {cat!r} dropped by the class map" if why == "dropped"
+                          else f"category {cat!r} is not in the class map")
+                skipped.append(Skip(r, why, detail))
+                continue
+            cls = mapped
+        if export is not None and not export.has(r.image):
+            skipped.append(Skip(r, "missing image", f"image {r.image!r} is not in the export"))
+            continue
+        if export is not None and verify_images:
+            problem = _decode_problem(export, r.image)
+            if problem:
+                skipped.append(Skip(r, "unreadable image", problem))
+                continue
+        used.append((r, cls))
+    return Selection(used, skipped)
+
+
+def _decode_problem(export: Export, name: str) -> str:
+    try:
+        with export.open(name) as fh, Image.open(fh) as im:
+            im.load()
+    except PIL_ERRORS as e:
+        return f"cannot decode: {e.__class__.__name__}: {e}".splitlines()[0]
+    return ""

@@ -1,0 +1,1 @@
+"""Decisions and their measurement (library: returns results, writes nothing)."""

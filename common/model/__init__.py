@@ -1,0 +1,1 @@
+"""The network and what turns images into vectors."""

@@ -1,0 +1,1 @@
+"""The stage machinery: knows run folders, no ML."""

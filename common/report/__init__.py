@@ -1,0 +1,1 @@
+"""Rendering only (knows no evaluation): figures and self-contained HTML."""

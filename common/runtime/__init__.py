@@ -1,0 +1,1 @@
+"""Process facilities every layer may use."""

@@ -1,0 +1,1 @@
+"""The feature store (numpy + SQLAlchemy, no torch)."""

@@ -1,0 +1,1 @@
+"""SupCon training: the loop and what decides it."""
