@@ -1,12 +1,22 @@
-"""key() field helper, KeyMeta, Range + ge/gt/PROB/COSINE/..., Section base (recording reads), one-line value rendering."""
+"""key() field helper, KeyMeta, Range + ge/gt/PROB/COSINE/..., Section base (recording reads), one-line value rendering.
+
+A configuration key is declared once, as a field of a section dataclass (``config.schema``):
+``seed: int = key(42, "one seed for every random choice", range=Range(0, 2**63, hi_open=True))``.
+Its default, meaning, range, whether it is hashed for freshness, whether it holds a path and
+whether it belongs to one command only are all in that declaration; ``RANGES``, ``NON_SEMANTIC``,
+``PATH_KEYS``, ``INVOCATION_KEYS`` and ``configs/default.yaml`` are derived from it.
+"""
 from __future__ import annotations
 
+import copy
+import functools
 import reprlib
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 # exp(sim / T) of the weighted k-NN vote overflows float64 for T < 1/709.8; a round floor above that.
 KNN_TEMPERATURE_MIN = 0.002
-_INT64 = 2**63  # every int key must fit a signed 64-bit integer (numpy, torch)
+INT64 = 2**63  # every int key must fit a signed 64-bit integer (numpy, torch)
 
 
 class Range(NamedTuple):
@@ -39,23 +49,74 @@ class Range(NamedTuple):
 
 
 def _num(v: float) -> str:
-    if v == _INT64:
+    if v == INT64:
         return "2**63"
     return str(v) if isinstance(v, int) else f"{v:g}"
 
 
-def _ge(lo: float, why: str = "") -> Range:
+def ge(lo: float, why: str = "") -> Range:
+    """``>= lo``."""
     return Range(lo=lo, why=why)
 
 
-def _gt(lo: float, why: str = "") -> Range:
+def gt(lo: float, why: str = "") -> Range:
+    """``> lo``."""
     return Range(lo=lo, lo_open=True, why=why)
 
 
-_PROB = Range(0.0, 1.0, why="a probability")
-_FRACTION = Range(0.0, 1.0)
-_COSINE = Range(-1.0, 1.0, why="a cosine similarity")
-_KNN_T = _ge(KNN_TEMPERATURE_MIN, why="exp(sim / T) overflows below that")
+PROB = Range(0.0, 1.0, why="a probability")
+FRACTION = Range(0.0, 1.0)
+COSINE = Range(-1.0, 1.0, why="a cosine similarity")
+KNN_T = ge(KNN_TEMPERATURE_MIN, why="exp(sim / T) overflows below that")
+
+
+# ----------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class KeyMeta:
+    """Everything about one key but its name, type and default (the field has those)."""
+
+    doc: str  # meaning and unit: configs/default.yaml's comment
+    range: Range | None = None  # numeric keys (each element of a list key): checked on load
+    # True: the key changes what a stage writes (every stage that reads it hashes it for freshness);
+    # False: speed, logging or delivery only (never hashed); a tuple of stage names: hashed by those
+    # stages only, a speed knob for the others that read it
+    hashed: bool | tuple[str, ...] = True
+    path: tuple[str, ...] | None = None  # a path: made absolute on load, unless one of these keywords
+    invocation: bool = False  # one command's key: never saved in RUN/config.yaml
+
+    def hashed_by(self, stage: str) -> bool:
+        """Whether ``stage``'s freshness hash includes this key (when the stage reads it)."""
+        return self.hashed is True or (isinstance(self.hashed, tuple) and stage in self.hashed)
+
+
+def key(default: Any, doc: str, *, range: Range | None = None, hashed: bool | tuple[str, ...] = True,
+        path: tuple[str, ...] | None = None, invocation: bool = False) -> Any:
+    """A section field with its declaration: ``dataclasses.field`` whose metadata ``"key"`` is a
+    ``KeyMeta``. A list default is copied for every instance."""
+    meta = {"key": KeyMeta(doc, range, hashed, path, invocation)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Section:
+    """Base of the section dataclasses.
+
+    While ``_reads`` is set on an instance (``values.recording``) every read of one of its fields
+    adds ``section.key`` to that set (``dataclasses.asdict`` and ``==`` read every field): the stage
+    wrapper hands a stage such a copy, and a test fails if a stage reads a key it did not declare.
+    Names starting with ``_`` are never recorded.
+    """
+
+    def __getattribute__(self, name: str) -> Any:
+        if name[:1] != "_":
+            d = object.__getattribute__(self, "__dict__")
+            reads = d.get("_reads")
+            if reads is not None and name in type(self).__dataclass_fields__:
+                reads.add(f"{d['_section']}.{name}")
+        return object.__getattribute__(self, name)
 
 
 # ----------------------------------------------------------------------------- type checking
@@ -74,20 +135,3 @@ def _cut(text: str) -> str:
 def _show(value: Any) -> str:
     """A bounded ``repr`` of ``value`` for one-line error messages (never renders a huge value)."""
     return _cut(_REPR.repr(value))
-
-
-_RECORDING_CLASSES: dict[type, type] = {}
-
-
-class _Recorder:
-    def __getattribute__(self, name: str) -> Any:
-        if not name.startswith("_") and name in type(self).__dataclass_fields__:
-            reads = object.__getattribute__(self, "_reads")
-            reads.add(f"{object.__getattribute__(self, '_section')}.{name}")
-        return object.__getattribute__(self, name)
-
-
-def _recording_class(cls: type) -> type:
-    if cls not in _RECORDING_CLASSES:
-        _RECORDING_CLASSES[cls] = type(f"Recording{cls.__name__}", (_Recorder, cls), {})
-    return _RECORDING_CLASSES[cls]

@@ -4,8 +4,11 @@
 dotted ``section.key=value`` overrides (values parsed as YAML). Every section is a dataclass:
 an unknown section or key, or a value of the wrong type, raises ``ConfigError`` naming the key.
 
-The dataclass defaults below are the single source of defaults; ``configs/default.yaml``
-repeats them with a comment each, and a test checks that both agree.
+Each key is declared once, below, with ``keys.key()``: its default, its meaning, its range, whether
+stages hash it for freshness, whether it holds a path, whether it belongs to one command only.
+``RANGES``, ``NON_SEMANTIC``, ``PATH_KEYS`` and ``INVOCATION_KEYS`` are derived from these
+declarations, and ``configs/default.yaml`` is rendered from them (``config.reference``; a test
+fails when the file and the declarations differ).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from ..errors import ConfigError
-from .keys import _COSINE, _FRACTION, _INT64, _KNN_T, _PROB, Range, _ge, _gt, _num, _show
+from .keys import COSINE, FRACTION, INT64, KNN_T, PROB, KeyMeta, Range, Section, _num, _show, ge, gt, key
 
 log = logging.getLogger(__name__)
 
@@ -26,188 +29,239 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunConfig:
-    dir: str = "runs/default"  # run directory; each stage writes RUN/<stage name>/
-    seed: int = 42  # one seed for every random choice (split, augmentation, init)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_level: str = "INFO"  # console and log.txt level
-    deterministic: bool = False  # cuDNN deterministic kernels (slower)
+class RunConfig(Section):
+    dir: str = key("runs/default", "run directory; each stage writes RUN/<stage name>/", hashed=False, invocation=True)
+    seed: int = key(42, "one seed for every random choice (split, augmentation, init)",
+                        range=Range(0, INT64, hi_open=True))
+    device: str = key("auto", "auto | cpu | cuda | cuda:N", hashed=False)
+    log_level: str = key("INFO", "console and log.txt level", hashed=False)
+    deterministic: bool = key(False, "cuDNN deterministic kernels (slower)")
 
 
 @dataclass
-class DataConfig:
-    root: str = "data/DYB-PlanktonNet"  # image folder: one sub-folder per class
-    bad_images: Literal["skip", "fail"] = "skip"  # skip: list unreadable images in bad_images.csv and leave them out | fail: stop
-    max_pixels: int = 89_478_485  # images with more pixels are rejected (decompression bombs)
-    min_side: int = 4  # images with a side shorter than this (px) are rejected
-    pad_fill: int = 0  # grey level (0-255) used to pad images to a square (0 = dark field)
-    num_workers: int = 4  # DataLoader worker processes for every stage
-    follow_symlinks: bool = False  # stage 01: follow directory symlinks inside class folders (each real folder once); false: skip and list them in bad_images.csv
-    gallery_extra: list[str] = field(default_factory=list)  # gallery-only images (stage 04 on): folders with one sub-folder per class, or filled corrections.csv files; never train the backbone
+class DataConfig(Section):
+    root: str = key("data/DYB-PlanktonNet", "image folder: one sub-folder per class", path=())
+    bad_images: Literal["skip", "fail"] = key("skip", "skip: list unreadable images in bad_images.csv and leave them "
+                                                      "out | fail: stop")
+    max_pixels: int = key(89_478_485, "images with more pixels are rejected (decompression bombs)", range=ge(1))
+    min_side: int = key(4, "images with a side shorter than this (px) are rejected", range=ge(1))
+    pad_fill: int = key(0, "grey level (0-255) used to pad images to a square (0 = dark field)",
+                           range=Range(0, 255, why="a grey level"))
+    num_workers: int = key(4, "DataLoader worker processes for every stage",
+                              range=ge(0, why="0 = load in the main process"), hashed=False)
+    follow_symlinks: bool = key(False, "stage 01: follow directory symlinks inside class folders (each real folder "
+                                       "once); false: skip and list them in bad_images.csv")
+    gallery_extra: list[str] = key([], "gallery-only images (stage 04 on): folders with one sub-folder per class, or "
+                                       "filled corrections.csv files; never train the backbone", path=())
 
 
 @dataclass
-class SplitConfig:
-    train: float = 0.70  # fraction of each class for training (the gallery)
-    val: float = 0.15  # fraction for validation (threshold search, model selection)
-    test: float = 0.15  # fraction for the final test
-    min_images: int = 2  # classes with fewer usable images are dropped
-    materialize: Literal["none", "symlink", "hardlink", "copy"] = "none"  # none | symlink | hardlink | copy: also write train/val/test class folders
+class SplitConfig(Section):
+    train: float = key(0.70, "fraction of each class for training (the gallery)", range=FRACTION)
+    val: float = key(0.15, "fraction for validation (threshold search, model selection)", range=FRACTION)
+    test: float = key(0.15, "fraction for the final test", range=FRACTION)
+    min_images: int = key(2, "classes with fewer usable images are dropped", range=ge(1))
+    materialize: Literal["none", "symlink", "hardlink", "copy"] = key(
+        "none", "none | symlink | hardlink | copy: also write train/val/test class folders")
 
 
 @dataclass
-class StatsConfig:
-    batch_size: int = 64  # images per batch while computing mean and std
+class StatsConfig(Section):
+    batch_size: int = key(64, "images per batch while computing mean and std", range=ge(1), hashed=False)
 
 
 @dataclass
-class ModelConfig:
-    backbone: str = "seresnext50_32x4d"  # any timm model name
-    pretrained: str = "none"  # none | timm | path to a .pth/.pt/.safetensors file
-    image_size: int = 224  # network input side (px); images are padded to square then resized
-    head: Literal["mlp", "linear"] = "mlp"  # projection head (mlp = Linear-ReLU-Linear)
-    feat_dim: int = 128  # projection head output dimension
-    grad_checkpointing: bool = False  # trade compute for memory in the backbone
-    channels_last: bool = True  # NHWC memory format on CUDA
+class ModelConfig(Section):
+    backbone: str = key("seresnext50_32x4d", "any timm model name")
+    pretrained: str = key("none", "none | timm | path to a .pth/.pt/.safetensors file", path=("none", "timm"))
+    image_size: int = key(224, "network input side (px); images are padded to square then resized", range=ge(8))
+    head: Literal["mlp", "linear"] = key("mlp", "projection head (mlp = Linear-ReLU-Linear)")
+    feat_dim: int = key(128, "projection head output dimension", range=ge(1))
+    grad_checkpointing: bool = key(False, "trade compute for memory in the backbone")
+    channels_last: bool = key(True, "NHWC memory format on CUDA")
 
 
 @dataclass
-class TrainConfig:
-    method: Literal["supcon", "simclr"] = "supcon"  # supcon uses labels; simclr ignores them
-    epochs: int = 1000  # training epochs
-    batch_size: int = 32  # images per step (per GPU with torchrun); each gives two views
-    learning_rate: float = 0.016  # base learning rate for SGD
-    scale_lr: bool = False  # multiply the learning rate by global batch / 256
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1.0e-4  # SGD weight decay
-    cosine: bool = True  # cosine learning-rate schedule (else step decay)
-    lr_decay_epochs: list[int] = field(default_factory=lambda: [700, 800, 900])  # step decay epochs
-    lr_decay_rate: float = 0.1  # step decay factor (also the cosine floor: lr * rate**3)
-    warm: bool = True  # linear warm-up per iteration from warmup_from
-    warm_epochs: int = 10  # warm-up length in epochs
-    warmup_from: float = 0.01  # learning rate at the first warm-up step
-    temperature: float = 0.07  # SupCon temperature (Khosla et al. 2020 use 0.07-0.1)
-    base_temperature: float = 0.07  # SupCon base temperature (loss scale)
-    contrast_mode: Literal["all", "one"] = "all"  # anchors: every view, or the first view only
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop area range
-    hflip: float = 0.5  # probability of a horizontal flip
-    vflip: float = 0.5  # probability of a vertical flip
-    rot90: bool = True  # random 0/90/180/270 degree rotations (plankton has no "up")
-    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
-    color_jitter_p: float = 0.8  # probability of colour jitter
-    grayscale_p: float = 0.2  # probability of random greyscale
-    save_freq: int = 50  # keep checkpoints/epoch_NNNN.pt every this many epochs
-    eval_every: int = 10  # k-NN validation every this many epochs (0 = never)
-    eval_knn_k: int = 20  # neighbours for the weighted k-NN validation accuracy
-    amp: Literal["bf16", "fp16", "off"] = "bf16"  # mixed precision on CUDA (ignored on CPU)
-    compile: bool = False  # torch.compile the model (CUDA)
-    max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (quick tests); null = all
-    trial: str = "0"  # free-form run label, as in the reference SupCon code
-    resume: bool = True  # continue from checkpoints/last.pt when it exists (after a crash or Ctrl-C)
-    sync_bn: bool = False  # torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm); false: per GPU
+class TrainConfig(Section):
+    method: Literal["supcon", "simclr"] = key("supcon", "supcon uses labels; simclr ignores them")
+    epochs: int = key(1000, "training epochs", range=ge(1))
+    batch_size: int = key(32, "images per step (per GPU with torchrun); each gives two views",
+                              range=ge(2, why="SupCon needs two images per step"))
+    learning_rate: float = key(0.016, "base learning rate for SGD", range=gt(0.0))
+    scale_lr: bool = key(False, "multiply the learning rate by global batch / 256")
+    momentum: float = key(0.9, "SGD momentum", range=Range(0.0, 1.0, hi_open=True))
+    weight_decay: float = key(1.0e-4, "SGD weight decay", range=ge(0.0))
+    cosine: bool = key(True, "cosine learning-rate schedule (else step decay)")
+    lr_decay_epochs: list[int] = key([700, 800, 900], "step decay epochs", range=ge(1))
+    lr_decay_rate: float = key(0.1, "step decay factor (also the cosine floor: lr * rate**3)",
+                                    range=Range(0.0, 1.0, lo_open=True))
+    warm: bool = key(True, "linear warm-up per iteration from warmup_from")
+    warm_epochs: int = key(10, "warm-up length in epochs", range=ge(0))
+    warmup_from: float = key(0.01, "learning rate at the first warm-up step", range=ge(0.0))
+    # also the k-NN validation vote's temperature: the same floor as the vote's
+    temperature: float = key(0.07, "SupCon temperature (Khosla et al. 2020 use 0.07-0.1)", range=KNN_T)
+    base_temperature: float = key(0.07, "SupCon base temperature (loss scale)", range=gt(0.0))
+    contrast_mode: Literal["all", "one"] = key("all", "anchors: every view, or the first view only")
+    crop_scale: list[float] = key([0.2, 1.0], "random resized crop area range",
+                                              range=Range(0.0, 1.0, lo_open=True, why="a fraction of the image area"))
+    hflip: float = key(0.5, "probability of a horizontal flip", range=PROB)
+    vflip: float = key(0.5, "probability of a vertical flip", range=PROB)
+    rot90: bool = key(True, "random 0/90/180/270 degree rotations (plankton has no \"up\")")
+    color_jitter: list[float] = key([0.4, 0.4, 0.4, 0.1], "brightness, contrast, saturation, hue", range=ge(0.0))
+    color_jitter_p: float = key(0.8, "probability of colour jitter", range=PROB)
+    grayscale_p: float = key(0.2, "probability of random greyscale", range=PROB)
+    save_freq: int = key(50, "keep checkpoints/epoch_NNNN.pt every this many epochs", range=ge(1))
+    eval_every: int = key(10, "k-NN validation every this many epochs (0 = never)", range=ge(0, why="0 = never"))
+    eval_knn_k: int = key(20, "neighbours for the weighted k-NN validation accuracy", range=ge(1))
+    amp: Literal["bf16", "fp16", "off"] = key("bf16", "mixed precision on CUDA (ignored on CPU)")
+    compile: bool = key(False, "torch.compile the model (CUDA)", hashed=False)
+    max_steps_per_epoch: Optional[int] = key(None, "cap steps per epoch (quick tests); null = all",
+                                                   range=ge(1, why="or null for all"))
+    trial: str = key("0", "free-form run label, as in the reference SupCon code", hashed=False)
+    resume: bool = key(True, "continue from checkpoints/last.pt when it exists (after a crash or Ctrl-C)",
+                             hashed=False, invocation=True)
+    sync_bn: bool = key(False, "torchrun on CUDA: batch-norm statistics over the global batch (SyncBatchNorm); false: "
+                               "per GPU")
 
 
 @dataclass
-class ExtractConfig:
-    checkpoint: str = "best"  # best | last | path to a checkpoint file
-    embedding: Literal["encoder", "head"] = "encoder"  # backbone pooled output or projection head
-    batch_size: int = 256  # images per forward pass
-    amp: Literal["bf16", "fp16", "off"] = "bf16"  # mixed precision on CUDA for the forward pass (vectors L2-normalised in float32, then stored as extract.dtype)
-    dtype: Literal["float32", "float16"] = "float32"  # stored vector values: float32 (4 bytes each) or float16 (2 bytes: half the store; accuracy effect measured in README)
-    cpu_precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward pass on a CPU (stages 04 and 07): bf16 autocast, or fp32; auto = bf16 where the CPU has native bfloat16 (AVX512-BF16/AMX)
-    cpu_compile: bool = False  # torch.compile the forward pass on a CPU when a process embeds at least 2,000 images (stages 04 and 07; needs a C++ compiler, compiles for about a minute)
+class ExtractConfig(Section):
+    checkpoint: str = key("best", "best | last | path to a checkpoint file", path=("best", "last"))
+    embedding: Literal["encoder", "head"] = key("encoder", "backbone pooled output or projection head")
+    batch_size: int = key(256, "images per forward pass", range=ge(1), hashed=False)
+    amp: Literal["bf16", "fp16", "off"] = key("bf16", "mixed precision on CUDA for the forward pass (vectors "
+                                                      "L2-normalised in float32, then stored as extract.dtype)")
+    dtype: Literal["float32", "float16"] = key("float32", "stored vector values: float32 (4 bytes each) or float16 (2 "
+                                                          "bytes: half the store; accuracy effect measured in README)")
+    cpu_precision: Literal["auto", "fp32", "bf16"] = key(
+        "auto", "forward pass on a CPU (stages 04 and 07): bf16 autocast, or fp32; auto = bf16 where the CPU has "
+                "native bfloat16 (AVX512-BF16/AMX)")
+    cpu_compile: bool = key(False, "torch.compile the forward pass on a CPU when a process embeds at least 2,000 "
+                                   "images (stages 04 and 07; needs a C++ compiler, compiles for about a minute)",
+                                   hashed=False)
 
 
 @dataclass
-class LutConfig:
-    thresholds: Optional[list[float]] = None  # explicit thresholds; null = the grid below
-    grid_start: float = 0.80  # first threshold of the grid
-    grid_stop: float = 1.00  # last threshold of the grid (inclusive)
-    grid_step: float = 0.01  # grid step
-    rule: Literal["tolerance", "max_f1", "max_accuracy", "target_size"] = "tolerance"  # threshold choice
-    tolerance: float = 0.005  # rule=tolerance: smallest gallery with val macro-F1 within this of the best
-    target_size: Optional[int] = None  # rule=target_size: largest gallery not above this many vectors
-    knn_k: int = 10  # neighbours for the weighted k-NN vote
-    knn_temperature: float = 0.07  # k-NN vote weight exp(sim / T) (DINO)
-    block_size: int = 4096  # rows per similarity block (bounds memory: block x block float32)
+class LutConfig(Section):
+    thresholds: Optional[list[float]] = key(None, "explicit thresholds; null = the grid below", range=COSINE)
+    grid_start: float = key(0.80, "first threshold of the grid", range=COSINE)
+    grid_stop: float = key(1.00, "last threshold of the grid (inclusive)", range=COSINE)
+    grid_step: float = key(0.01, "grid step", range=gt(0.0))
+    rule: Literal["tolerance", "max_f1", "max_accuracy", "target_size"] = key("tolerance", "threshold choice")
+    tolerance: float = key(0.005, "rule=tolerance: smallest gallery with val macro-F1 within this of the best",
+                                  range=ge(0.0))
+    target_size: Optional[int] = key(None, "rule=target_size: largest gallery not above this many vectors", range=ge(1))
+    knn_k: int = key(10, "neighbours for the weighted k-NN vote", range=ge(1))
+    knn_temperature: float = key(0.07, "k-NN vote weight exp(sim / T) (DINO)", range=KNN_T)
+    block_size: int = key(4096, "rows per similarity block (bounds memory: block x block float32)",
+                                range=ge(1), hashed=False)
 
 
 @dataclass
-class PruneConfig:
-    threshold: Optional[float] = None  # overrides threshold.json from stage 05; null = use it
+class PruneConfig(Section):
+    threshold: Optional[float] = key(None, "overrides threshold.json from stage 05; null = use it", range=COSINE)
 
 
 @dataclass
-class SearchConfig:
-    index: Literal["exact", "ivf", "ivfpq", "hnsw"] = "exact"  # exact (blocked matrix products) | ivf | ivfpq | hnsw (FAISS, approximate; stage 06 builds it over the LUT)
-    nlist: Optional[int] = None  # ivf/ivfpq: k-means cells; null = 4 * sqrt(gallery size), at most size / 39
-    nprobe: int = 32  # ivf/ivfpq: cells scanned per query (more: closer to exact, slower; 32: same-class top-1 0.994 at 1M, benchmarks/bench_scale.py)
-    pq_m: int = 64  # ivfpq: bytes per stored vector (sub-quantizers; must divide the indexed dimension)
-    pq_bits: int = 8  # ivfpq: bits per sub-quantizer code (the gallery needs at least 2**pq_bits vectors)
-    hnsw_m: int = 32  # hnsw: graph degree (neighbours per node)
-    ef_construction: int = 80  # hnsw: candidates explored per insertion when building
-    ef_search: int = 128  # hnsw: candidates explored per query (more: closer to exact, slower)
-    train_size: int = 100000  # vectors sampled (seeded by run.seed) to train the cells, codebooks and PCA
-    pca_dim: Optional[int] = None  # project on this many principal axes (fitted on the gallery) before indexing; null = no projection
-    candidates: int = 64  # neighbours the index proposes per query, rescored exactly (top-k classes and k-NN vote come from them)
-    max_memory_gib: float = 16.0  # exact search (stages 05-07): a gallery, or train split, of more float32 vectors than this many GiB stays in the store and is streamed in blocks (same results; stage 07 then skips the classical classifiers); 0 = always stream
+class SearchConfig(Section):
+    index: Literal["exact", "ivf", "ivfpq", "hnsw"] = key(
+        "exact", "exact (blocked matrix products) | ivf | ivfpq | hnsw (FAISS, approximate; stage 06 builds it over "
+                 "the LUT)")
+    nlist: Optional[int] = key(None, "ivf/ivfpq: k-means cells; null = 4 * sqrt(gallery size), at most size / 39",
+                                     range=ge(1))
+    nprobe: int = key(32, "ivf/ivfpq: cells scanned per query (more: closer to exact, slower; 32: same-class top-1 "
+                          "0.994 at 1M, benchmarks/bench_scale.py)", range=ge(1))
+    pq_m: int = key(64, "ivfpq: bytes per stored vector (sub-quantizers; must divide the indexed dimension)",
+                        range=ge(1))
+    pq_bits: int = key(8, "ivfpq: bits per sub-quantizer code (the gallery needs at least 2**pq_bits vectors)",
+                          range=Range(1, 16, why="bits per code"))
+    hnsw_m: int = key(32, "hnsw: graph degree (neighbours per node)", range=ge(2))
+    ef_construction: int = key(80, "hnsw: candidates explored per insertion when building", range=ge(1))
+    ef_search: int = key(128, "hnsw: candidates explored per query (more: closer to exact, slower)", range=ge(1))
+    train_size: int = key(100000, "vectors sampled (seeded by run.seed) to train the cells, codebooks and PCA",
+                                  range=ge(1))
+    pca_dim: Optional[int] = key(None, "project on this many principal axes (fitted on the gallery) before indexing; "
+                                       "null = no projection", range=ge(1))
+    candidates: int = key(64, "neighbours the index proposes per query, rescored exactly (top-k classes and k-NN vote "
+                              "come from them)", range=ge(1))
+    max_memory_gib: float = key(16.0, "exact search (stages 05-07): a gallery, or train split, of more float32 "
+                                      "vectors than this many GiB stays in the store and is streamed in blocks (same "
+                                      "results; stage 07 then skips the classical classifiers); 0 = always stream",
+                                      range=ge(0, why="GiB of vectors held in memory; 0 = always stream"),
+                                      hashed=("07_inference",))
 
 
 CLASSIFIER_NAMES = ("linear", "logreg", "svm", "random_forest")  # inference.classifiers: common.classifiers fits them
 
 
 @dataclass
-class InferenceConfig:
-    mode: Literal["evaluate", "predict"] = "evaluate"  # test split, or a folder of new images
-    input: Optional[str] = None  # predict mode: a folder of images (searched recursively; samples = first sub-folders), one image, or a .csv (column path, optional sample) / .txt list of paths
-    name: Optional[str] = None  # predict mode: results go to 07_inference/predict/<name>/; null = the input folder's name
-    gallery: Literal["lut", "full"] = "lut"  # pruned LUT or the full train gallery
-    method: Literal["top1", "knn"] = "top1"  # nearest neighbour, or weighted k-NN vote
-    k: int = 10  # neighbours for method=knn
-    temperature: float = 0.07  # k-NN vote weight exp(sim / T)
-    top_k: int = 5  # candidates listed per query
-    reject_below: Union[float, Literal["auto"], None] = None  # open-set: a score (reject_score) below this -> "unknown"; auto = the cut keeping reject_keep of correct val predictions; null = off
-    reject_keep: float = 0.95  # reject_below=auto: share of correct val predictions kept above the cut
-    reject_score: Literal["similarity", "knn"] = "similarity"  # score compared with reject_below: best similarity, or similarity of the ood_k-th nearest gallery item (Sun et al. 2022)
-    ood_k: int = 10  # k of the k-th nearest neighbour score (Sun et al. 2022 use 50 on CIFAR-10, 1000 on ImageNet; the LUT is small)
-    unknown_classes: list[str] = field(default_factory=list)  # evaluation of unknowns: these classes leave the gallery (and train, val) and their test images count as unknowns
-    review_margin: float = 0.05  # predict mode: a margin between the two best classes below this is doubtful (review.html)
-    review_max: int = 500  # predict mode: images shown in review.html, most doubtful first (every image is in predictions.csv)
-    batch_size: int = 256  # images per forward pass when embedding
-    block_size: int = 4096  # query rows per similarity block
-    classifiers: list[str] = field(default_factory=lambda: list(CLASSIFIER_NAMES))  # also fit: linear, logreg, svm, random_forest
-    linear_epochs: int = 100  # linear head on frozen features: epochs
-    linear_lr: float = 0.1  # linear head learning rate
-    worst_classes: int = 5  # report: misclassified strips for this many worst classes
-    embedding_map: Literal["pca", "tsne", "none"] = "tsne"  # 2-D map of test embeddings in the report
+class InferenceConfig(Section):
+    mode: Literal["evaluate", "predict"] = key("evaluate", "test split, or a folder of new images", invocation=True)
+    input: Optional[str] = key(None, "predict mode: a folder of images (searched recursively; samples = first "
+                                     "sub-folders), one image, or a .csv (column path, optional sample) / .txt list "
+                                     "of paths", path=(), invocation=True)
+    name: Optional[str] = key(None, "predict mode: results go to 07_inference/predict/<name>/; null = the input "
+                                    "folder's name", invocation=True)
+    gallery: Literal["lut", "full"] = key("lut", "pruned LUT or the full train gallery")
+    method: Literal["top1", "knn"] = key("top1", "nearest neighbour, or weighted k-NN vote")
+    k: int = key(10, "neighbours for method=knn", range=ge(1))
+    temperature: float = key(0.07, "k-NN vote weight exp(sim / T)", range=KNN_T)
+    top_k: int = key(5, "candidates listed per query", range=ge(1))
+    reject_below: Union[float, Literal["auto"], None] = key(
+        None, "open-set: a score (reject_score) below this -> \"unknown\"; auto = the cut keeping reject_keep of "
+              "correct val predictions; null = off", range=COSINE)
+    reject_keep: float = key(0.95, "reject_below=auto: share of correct val predictions kept above the cut",
+                                   range=Range(0.0, 1.0, lo_open=True, why="a share of the correct val predictions"))
+    reject_score: Literal["similarity", "knn"] = key(
+        "similarity", "score compared with reject_below: best similarity, or similarity of the ood_k-th nearest "
+                      "gallery item (Sun et al. 2022)")
+    ood_k: int = key(10, "k of the k-th nearest neighbour score (Sun et al. 2022 use 50 on CIFAR-10, 1000 on "
+                         "ImageNet; the LUT is small)", range=ge(1))
+    unknown_classes: list[str] = key([], "evaluation of unknowns: these classes leave the gallery (and train, val) "
+                                         "and their test images count as unknowns")
+    review_margin: float = key(0.05, "predict mode: a margin between the two best classes below this is doubtful "
+                                     "(review.html)", range=Range(0.0, 2.0, why="a difference of cosine similarities"))
+    review_max: int = key(500, "predict mode: images shown in review.html, most doubtful first (every image is in "
+                               "predictions.csv)", range=ge(0))
+    batch_size: int = key(256, "images per forward pass when embedding", range=ge(1), hashed=False)
+    block_size: int = key(4096, "query rows per similarity block", range=ge(1), hashed=False)
+    classifiers: list[str] = key(list(CLASSIFIER_NAMES), "also fit: linear, logreg, svm, random_forest")
+    linear_epochs: int = key(100, "linear head on frozen features: epochs", range=ge(1))
+    linear_lr: float = key(0.1, "linear head learning rate", range=gt(0.0))
+    worst_classes: int = key(5, "report: misclassified strips for this many worst classes", range=ge(0))
+    embedding_map: Literal["pca", "tsne", "none"] = key("tsne", "2-D map of test embeddings in the report")
 
 
 @dataclass
-class NotifyConfig:
-    enabled: bool = False  # send e-mail from stages at all
-    on_failure: bool = True  # e-mail when a stage fails
-    on_success: bool = False  # e-mail when a stage finishes
-    on_interrupt: bool = True  # e-mail when a stage is interrupted (Ctrl-C, SIGTERM)
-    smtp_host: str = "localhost"  # SMTP server
-    smtp_port: int = 587  # SMTP port (587 STARTTLS, 465 SSL, 25 plain)
-    security: Literal["starttls", "ssl", "plain"] = "starttls"  # connection security
-    user: Optional[str] = None  # SMTP login; null = no login
-    password_env: str = "PLANKTON_SMTP_PASSWORD"  # environment variable holding the password
-    sender: str = "plankton@localhost"  # From address
-    recipients: list[str] = field(default_factory=list)  # To addresses
-    timeout: float = 30.0  # seconds before giving up on the server
-    log_lines: int = 40  # last lines of the traceback / log in the e-mail
-    allow_insecure_login: bool = False  # allow a login with security: plain (the password would cross the network in clear)
+class NotifyConfig(Section):
+    enabled: bool = key(False, "send e-mail from stages at all", hashed=False)
+    on_failure: bool = key(True, "e-mail when a stage fails", hashed=False)
+    on_success: bool = key(False, "e-mail when a stage finishes", hashed=False)
+    on_interrupt: bool = key(True, "e-mail when a stage is interrupted (Ctrl-C, SIGTERM)", hashed=False)
+    smtp_host: str = key("localhost", "SMTP server", hashed=False)
+    smtp_port: int = key(587, "SMTP port (587 STARTTLS, 465 SSL, 25 plain)", range=Range(1, 65535), hashed=False)
+    security: Literal["starttls", "ssl", "plain"] = key("starttls", "connection security", hashed=False)
+    user: Optional[str] = key(None, "SMTP login; null = no login", hashed=False)
+    password_env: str = key("PLANKTON_SMTP_PASSWORD", "environment variable holding the password", hashed=False)
+    sender: str = key("plankton@localhost", "From address", hashed=False)
+    recipients: list[str] = key([], "To addresses", hashed=False)
+    timeout: float = key(30.0, "seconds before giving up on the server",
+                               range=Range(0.0, 3600.0, lo_open=True, why="seconds"), hashed=False)
+    log_lines: int = key(40, "last lines of the traceback / log in the e-mail", range=ge(0), hashed=False)
+    allow_insecure_login: bool = key(False, "allow a login with security: plain (the password would cross the network "
+                                            "in clear)", hashed=False)
 
 
 @dataclass
-class StoreConfig:
-    url: Optional[str] = None  # null = stage 04's features.sqlite; else postgresql+psycopg://user@host:port/db (no password in it)
-    password_env: str = "PLANKTON_STORE_PASSWORD"  # environment variable holding the PostgreSQL password
-    schema: Optional[str] = None  # PostgreSQL schema holding this run's tables; null = run_<run folder name>
+class StoreConfig(Section):
+    url: Optional[str] = key(None, "null = stage 04's features.sqlite; else postgresql+psycopg://user@host:port/db "
+                                   "(no password in it)")
+    password_env: str = key("PLANKTON_STORE_PASSWORD", "environment variable holding the PostgreSQL password",
+                                                       hashed=False)
+    schema: Optional[str] = key(None, "PostgreSQL schema holding this run's tables; null = run_<run folder name>")
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type[Section]] = {
     "run": RunConfig,
     "data": DataConfig,
     "split": SplitConfig,
@@ -222,87 +276,18 @@ SECTIONS: dict[str, type] = {
     "notify": NotifyConfig,
     "store": StoreConfig,
 }
+# Every key's declaration, in declaration order (a field declared without key() fails here).
+KEYS: dict[str, KeyMeta] = {f"{s}.{f.name}": f.metadata["key"] for s, cls in SECTIONS.items()
+                            for f in dataclasses.fields(cls)}
 
 # ----------------------------------------------------------------------------- numeric ranges
 
 MAX_GRID_THRESHOLDS = 10_001  # lut.grid_*: at most this many thresholds (a step of 2e-4 over [-1, 1])
 
-# Every int / float key (lists: each element; Optional keys: when not null) and its allowed
-# values, checked by ``check_ranges`` when the configuration is loaded. A test fails when a
-# numeric key of any section has no entry here.
-RANGES: dict[str, Range] = {
-    "run.seed": Range(0, _INT64, hi_open=True),
-    "data.max_pixels": _ge(1),
-    "data.min_side": _ge(1),
-    "data.pad_fill": Range(0, 255, why="a grey level"),
-    "data.num_workers": _ge(0, why="0 = load in the main process"),
-    "split.train": _FRACTION,
-    "split.val": _FRACTION,
-    "split.test": _FRACTION,
-    "split.min_images": _ge(1),
-    "stats.batch_size": _ge(1),
-    "model.image_size": _ge(8),
-    "model.feat_dim": _ge(1),
-    "train.epochs": _ge(1),
-    "train.batch_size": _ge(2, why="SupCon needs two images per step"),
-    "train.learning_rate": _gt(0.0),
-    "train.momentum": Range(0.0, 1.0, hi_open=True),
-    "train.weight_decay": _ge(0.0),
-    "train.lr_decay_epochs": _ge(1),
-    "train.lr_decay_rate": Range(0.0, 1.0, lo_open=True),
-    "train.warm_epochs": _ge(0),
-    "train.warmup_from": _ge(0.0),
-    "train.temperature": _KNN_T,  # also the k-NN validation vote's temperature
-    "train.base_temperature": _gt(0.0),
-    "train.crop_scale": Range(0.0, 1.0, lo_open=True, why="a fraction of the image area"),
-    "train.hflip": _PROB,
-    "train.vflip": _PROB,
-    "train.color_jitter": _ge(0.0),
-    "train.color_jitter_p": _PROB,
-    "train.grayscale_p": _PROB,
-    "train.save_freq": _ge(1),
-    "train.eval_every": _ge(0, why="0 = never"),
-    "train.eval_knn_k": _ge(1),
-    "train.max_steps_per_epoch": _ge(1, why="or null for all"),
-    "extract.batch_size": _ge(1),
-    "lut.thresholds": _COSINE,
-    "lut.grid_start": _COSINE,
-    "lut.grid_stop": _COSINE,
-    "lut.grid_step": _gt(0.0),
-    "lut.tolerance": _ge(0.0),
-    "lut.target_size": _ge(1),
-    "lut.knn_k": _ge(1),
-    "lut.knn_temperature": _KNN_T,
-    "lut.block_size": _ge(1),
-    "prune.threshold": _COSINE,
-    "search.nlist": _ge(1),
-    "search.nprobe": _ge(1),
-    "search.pq_m": _ge(1),
-    "search.pq_bits": Range(1, 16, why="bits per code"),
-    "search.hnsw_m": _ge(2),
-    "search.ef_construction": _ge(1),
-    "search.ef_search": _ge(1),
-    "search.train_size": _ge(1),
-    "search.pca_dim": _ge(1),
-    "search.candidates": _ge(1),
-    "search.max_memory_gib": _ge(0, why="GiB of vectors held in memory; 0 = always stream"),
-    "inference.k": _ge(1),
-    "inference.temperature": _KNN_T,
-    "inference.top_k": _ge(1),
-    "inference.reject_below": _COSINE,
-    "inference.reject_keep": Range(0.0, 1.0, lo_open=True, why="a share of the correct val predictions"),
-    "inference.ood_k": _ge(1),
-    "inference.review_margin": Range(0.0, 2.0, why="a difference of cosine similarities"),
-    "inference.review_max": _ge(0),
-    "inference.batch_size": _ge(1),
-    "inference.block_size": _ge(1),
-    "inference.linear_epochs": _ge(1),
-    "inference.linear_lr": _gt(0.0),
-    "inference.worst_classes": _ge(0),
-    "notify.smtp_port": Range(1, 65535),
-    "notify.timeout": Range(0.0, 3600.0, lo_open=True, why="seconds"),
-    "notify.log_lines": _ge(0),
-}
+# Every int / float key (lists: each element; Optional keys: when not null) has a range in its
+# declaration, checked by ``check_ranges`` when the configuration is loaded. A test fails when a
+# numeric key of any section has none.
+RANGES: dict[str, Range] = {k: m.range for k, m in KEYS.items() if m.range is not None}
 
 
 def _check_number(key: str, v: Any, rng: Range) -> None:
@@ -311,7 +296,7 @@ def _check_number(key: str, v: Any, rng: Range) -> None:
         raise ConfigError(f"{key}: must be a finite number {rng.describe()}{why}, got {_show(v)}")
     if not rng.contains(v):
         raise ConfigError(f"{key}: must be {rng.describe()}{why}, got {_show(v)}")
-    if isinstance(v, int) and not -_INT64 <= v < _INT64:
+    if isinstance(v, int) and not -INT64 <= v < INT64:
         raise ConfigError(f"{key}: must be {rng.describe()} and fit a 64-bit integer (< 2**63), got {_show(v)}")
 
 
@@ -330,14 +315,9 @@ def check_ranges(cfg: Config) -> None:
             _check_number(dotted, value, rng)
 
 
-# Keys that change how fast a stage runs, not what it produces: left out of the config hash
-# that decides whether a stage is up to date.
-NON_SEMANTIC = {
-    "run.dir", "run.log_level", "run.device", "data.num_workers", "stats.batch_size",
-    "extract.batch_size", "inference.batch_size", "inference.block_size", "lut.block_size",
-    "train.compile", "train.trial", "train.resume", "notify", "store.password_env",
-    "extract.cpu_compile",
-}
+# Keys that change how fast a stage runs (or how it logs, or whom it tells), not what it produces:
+# left out of the config hash that decides whether a stage is up to date.
+NON_SEMANTIC = frozenset(k for k, m in KEYS.items() if m.hashed is False)
 
 INSECURE_LOGIN_MESSAGE = ("notify.security: plain with notify.user set would send the SMTP password across the "
                           "network in clear: use starttls or ssl, or set notify.allow_insecure_login: true")
@@ -538,19 +518,13 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # ----------------------------------------------------------------------------- run-level configuration
 
-# Keys that hold a path: made absolute (relative to the working directory) when loaded, so the same
-# folder written two ways is the same configuration. ``model.pretrained`` and ``extract.checkpoint``
-# hold a path only when they are not one of their keywords.
-PATH_KEYS: dict[str, tuple[str, ...]] = {
-    "data.root": (),
-    "data.gallery_extra": (),
-    "inference.input": (),
-    "model.pretrained": ("none", "timm"),
-    "extract.checkpoint": ("best", "last"),
-}
+# Keys that hold a path (``path=`` in the declaration): made absolute (relative to the working
+# directory) when loaded, so the same folder written two ways is the same configuration.
+# ``model.pretrained`` and ``extract.checkpoint`` hold a path only when they are not one of their keywords.
+PATH_KEYS: dict[str, tuple[str, ...]] = {k: m.path for k, m in KEYS.items() if m.path is not None}
 # Keys that describe one invocation, not the run: never saved in RUN/config.yaml (a predict run
 # must not turn the next evaluation into a prediction).
-INVOCATION_KEYS = ("inference.mode", "inference.input", "inference.name", "run.dir", "train.resume")
+INVOCATION_KEYS = tuple(k for k, m in KEYS.items() if m.invocation)
 
 
 def all_keys() -> list[str]:

@@ -6,8 +6,7 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .keys import _recording_class
-from .schema import INVOCATION_KEYS, NON_SEMANTIC, SECTIONS, get_key
+from .schema import INVOCATION_KEYS, KEYS, SECTIONS, get_key
 from .secrets import redact
 
 if TYPE_CHECKING:
@@ -15,8 +14,17 @@ if TYPE_CHECKING:
 
 
 def is_semantic(dotted: str) -> bool:
-    """False for keys that change how fast a stage runs, not what it produces (``NON_SEMANTIC``)."""
-    return dotted not in NON_SEMANTIC and dotted.split(".")[0] not in NON_SEMANTIC
+    """False for keys that change how fast a stage runs, not what it produces (declared
+    ``hashed=False``: ``NON_SEMANTIC``); True for a key hashed by some stage, and for a name that is
+    no key (nothing decides it is a speed knob)."""
+    meta = KEYS.get(dotted)
+    return meta is None or meta.hashed is not False
+
+
+def hashed_for(dotted: str, stage: str) -> bool:
+    """Whether ``stage``'s freshness hash includes ``dotted`` when the stage reads it: its
+    declaration's ``hashed`` is True or names the stage. ``KeyError`` for a name that is no key."""
+    return KEYS[dotted].hashed_by(stage)
 
 
 def key_values(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
@@ -58,12 +66,12 @@ def recording(cfg: Config) -> tuple[Config, set[str]]:
 
     The stage wrapper hands this copy to a stage, so a test can check that a stage reads only
     the keys it declares. ``dataclasses.asdict`` of a section counts as reading all its keys.
+    The sections keep their own classes: ``keys.Section`` records a read while ``_reads`` is set.
     """
     reads: set[str] = set()
     rec = copy.deepcopy(cfg)
     for section in SECTIONS:
         obj = getattr(rec, section)
-        obj.__class__ = _recording_class(type(obj))
-        object.__setattr__(obj, "_reads", reads)
         object.__setattr__(obj, "_section", section)
+        object.__setattr__(obj, "_reads", reads)
     return rec, reads

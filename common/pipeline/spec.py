@@ -1,20 +1,14 @@
 """StageSpec, script_for, rerun_hint, downstream(table), stages_reading(table)."""
 from __future__ import annotations
 
+import importlib
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
-
-from ..config import schema as config_schema
-
-if TYPE_CHECKING:
-    pass
-
-import importlib
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from ..config.schema import Config
+from ..config.values import hashed_for
 
 
 def script_for(stage_name: str) -> str:
@@ -30,7 +24,7 @@ def rerun_hint(stage_name: str, run_dir: Path, extra: Sequence[str] = ()) -> str
     return f"run `{shlex.join(words)}`"
 
 
-def downstream(table: dict[str, StageSpec], names: set[str], cfg: config_schema.Config) -> list[str]:
+def downstream(table: dict[str, StageSpec], names: set[str], cfg: Config) -> list[str]:
     """``names`` and every stage of ``table`` that reads one of them, directly or not, in the table's
     (pipeline) order."""
     out = set(names)
@@ -53,19 +47,19 @@ class StageSpec:
     # the module holding main(ctx) and maybe check(ctx) ("common.stages.split", imported when the
     # stage runs), or any object with those attributes (a test's driver)
     driver: Any
-    keys: tuple[str, ...]  # section.key read by the driver (speed-only keys are read but not hashed)
+    keys: tuple[str, ...]  # section.key read by the driver (keys declared hashed=False are read but not hashed)
     upstream_fn: Callable[[Config], tuple[str, ...]] = lambda cfg: ()
     optional_upstream: tuple[str, ...] = ()  # read when present and fresh; never required
     external_fn: Callable[[Config], list[str]] = lambda cfg: []
     folder_fn: Callable[[Path, Config], Path] | None = None
     aliases: dict[str, str] = field(default_factory=dict)  # --flag -> section.key (stage 03)
     switches: frozenset[str] = frozenset()  # of ``aliases``, the on/off flags (``--cosine``: true)
-    speed_keys: tuple[str, ...] = ()  # of ``keys``, those that change how this stage runs, not what it writes: not hashed here
 
     @property
     def hashed_keys(self) -> tuple[str, ...]:
-        """The keys whose values make this stage's outputs (recorded and compared for freshness)."""
-        return tuple(k for k in self.keys if k not in self.speed_keys)
+        """The keys whose values make this stage's outputs (recorded and compared for freshness):
+        those of ``keys`` whose declaration hashes them for this stage (``config.values.hashed_for``)."""
+        return tuple(k for k in self.keys if hashed_for(k, self.name))
 
     def upstream(self, cfg: Config) -> tuple[str, ...]:
         return tuple(self.upstream_fn(cfg)) + tuple(u for u in self.optional_upstream)

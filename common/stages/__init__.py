@@ -130,10 +130,10 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
                             "target_size", "knn_k", "knn_temperature", "block_size") + SEARCH_BUILD + SEARCH_QUERY
               + ("search.max_memory_gib", "store.password_env"),
-              upstream_fn=lambda cfg: (EXTRACT,), speed_keys=("search.max_memory_gib",)),
+              upstream_fn=lambda cfg: (EXTRACT,)),
     StageSpec(PRUNE, "common.stages.prune", keys=("prune.threshold", "lut.block_size", *SEARCH_BUILD, "search.max_memory_gib",
                                     "store.password_env"),
-              upstream_fn=_prune_upstream, speed_keys=("search.max_memory_gib",)),
+              upstream_fn=_prune_upstream),
     StageSpec(INFERENCE, "common.stages.inference",
               keys=("run.seed", *_section("inference", "mode", "input", "name", "gallery", "method", "k",
                                           "temperature", "top_k", "reject_below", "reject_keep", "reject_score",
