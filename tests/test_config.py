@@ -15,26 +15,106 @@ import yaml
 from common.config import load as config_load
 from common.config import secrets as config_secrets
 from common.config.load import MAX_YAML_DEPTH, from_dict, load_config, load_yaml, resolve_paths
-from common.config.schema import RANGES, SECTIONS, Config, LutConfig, name_problem
+from common.config.keys import KeyMeta
+from common.config.reference import render_default_yaml, yaml_value
+from common.config.schema import (CLASSIFIER_NAMES, INVOCATION_KEYS, KEYS, NON_SEMANTIC, PATH_KEYS, RANGES, SECTIONS,
+                                  Config, LutConfig, all_keys, name_problem)
 from common.config.secrets import redact, to_yaml
-from common.config.values import hash_values, key_values, recording, run_config_dict
+from common.config.values import (hash_values, hashed_for, is_semantic, key_values, recording,
+                                  run_config_dict)
 from common.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_defaults_file_equals_dataclass_defaults_and_every_key_has_a_comment():
+def test_defaults_file_is_rendered_from_the_declarations():
+    """configs/default.yaml is what ``config.reference`` renders from the key declarations: a key
+    declared and missing from the file, or written in the file and declared nowhere, or a changed
+    default or comment, fails here."""
+    text = (ROOT / "configs" / "default.yaml").read_text(encoding="utf-8")
+    assert text == render_default_yaml(), \
+        "configs/default.yaml differs from the declarations: python -m common.config.reference configs/default.yaml"
+
+
+def test_defaults_file_loads_as_the_dataclass_defaults_and_every_key_has_a_comment():
     cfg = load_config([ROOT / "configs" / "default.yaml"])
     want = Config()
     resolve_paths(want)  # paths are made absolute when loaded
     assert cfg == want
     text = (ROOT / "configs" / "default.yaml").read_text()
     data = yaml.safe_load(text)
+    assert set(data) == set(SECTIONS)
     for sec, cls in SECTIONS.items():
         assert set(data[sec]) == {f.name for f in dataclasses.fields(cls)}, sec
     for line in text.splitlines():
         if re.match(r"^  \w+:", line):
             assert "  # " in line, f"no comment: {line}"
+
+
+def test_every_key_is_declared_with_a_one_line_doc():
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            meta = f.metadata.get("key")
+            assert isinstance(meta, KeyMeta), f"{sec}.{f.name}: declare it with keys.key(default, doc, ...)"
+            assert meta.doc.strip() and "\n" not in meta.doc and "  # " not in meta.doc, f"{sec}.{f.name}"
+    assert list(KEYS) == all_keys()
+
+
+def test_rendered_values_read_back_as_the_defaults():
+    for sec, cls in SECTIONS.items():
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            v = getattr(defaults, f.name)
+            assert yaml.safe_load(yaml_value(v)) == v, f"{sec}.{f.name}"
+
+
+def test_list_defaults_are_not_shared_between_instances():
+    a, b = Config(), Config()
+    a.train.lr_decay_epochs.append(1)
+    a.inference.classifiers.clear()
+    assert b.train.lr_decay_epochs == [700, 800, 900] and Config().inference.classifiers == list(CLASSIFIER_NAMES)
+
+
+def test_derived_tables_follow_the_declarations():
+    assert set(NON_SEMANTIC) == {k for k, m in KEYS.items() if m.hashed is False}
+    assert {k for k in KEYS if k.startswith("notify.")} <= NON_SEMANTIC  # e-mail never changes a result
+    assert set(PATH_KEYS) == {k for k, m in KEYS.items() if m.path is not None}
+    assert set(INVOCATION_KEYS) == {k for k, m in KEYS.items() if m.invocation}
+    assert set(RANGES) == {k for k, m in KEYS.items() if m.range is not None}
+
+
+# Keys no stage driver reads: the stage wrapper reads them for every stage (run folder, device,
+# log level, e-mail), or nothing does (train.trial: a label, kept for SupContrast's --trial flag).
+WRAPPER_KEYS = {"run.dir", "run.device", "run.log_level"} | {k for k in KEYS if k.startswith("notify.")}
+NOT_READ = {"train.trial"}
+
+
+def test_every_stage_key_is_declared_and_every_key_is_read():
+    from common.stages import SPECS
+
+    declared = set()
+    for name, spec in SPECS.items():
+        unknown = [k for k in spec.keys if k not in KEYS]
+        assert not unknown, f"{name} reads keys that are not declared in config.schema: {unknown}"
+        declared |= set(spec.keys)
+    unread = set(KEYS) - declared - WRAPPER_KEYS - NOT_READ
+    assert not unread, f"keys no stage declares and the wrapper does not read: {sorted(unread)}"
+    assert not declared & NOT_READ
+    for k, m in KEYS.items():  # a stage named in hashed=(...) exists and reads the key
+        if isinstance(m.hashed, tuple):
+            assert m.hashed and all(s in SPECS and k in SPECS[s].keys for s in m.hashed), k
+
+
+def test_a_key_hashed_for_some_stages_is_a_speed_knob_for_the_others():
+    from common.stages import SPECS
+
+    for name in ("05_lut_threshold", "06_prune_features", "07_inference"):
+        assert "search.max_memory_gib" in SPECS[name].keys
+    assert "search.max_memory_gib" not in SPECS["05_lut_threshold"].hashed_keys
+    assert "search.max_memory_gib" not in SPECS["06_prune_features"].hashed_keys
+    assert "search.max_memory_gib" in SPECS["07_inference"].hashed_keys
+    assert is_semantic("search.max_memory_gib") and not is_semantic("data.num_workers")
+    assert hashed_for("lut.tolerance", "05_lut_threshold") and not hashed_for("notify.enabled", "07_inference")
 
 
 def test_reference_defaults():
@@ -139,7 +219,10 @@ def test_recording_config_records_reads_including_asdict():
     _ = cfg.lut.tolerance
     dataclasses.asdict(cfg.prune)
     assert reads == {"lut.tolerance", "prune.threshold"}
-    assert cfg.lut.tolerance == 0.005 and isinstance(cfg.lut, LutConfig)
+    assert cfg.lut.tolerance == 0.005 and type(cfg.lut) is LutConfig  # no recording subclass
+    plain = load_config([], [])
+    _ = plain.lut.knn_k, plain.store.url  # a configuration not made by recording() records nothing
+    assert reads == {"lut.tolerance", "prune.threshold"} and "_reads" not in vars(plain.lut)
 
 
 def test_same_folder_two_ways_is_one_value(tmp_path, monkeypatch):
