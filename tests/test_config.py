@@ -16,7 +16,8 @@ from common.config import load as config_load
 from common.config import secrets as config_secrets
 from common.config.load import MAX_YAML_DEPTH, from_dict, load_config, load_yaml, resolve_paths
 from common.config.keys import KeyMeta
-from common.config.reference import render_default_yaml, yaml_value
+from common.config.reference import (KEY_TABLE_BEGIN, KEY_TABLE_END, render_default_yaml, with_key_table,
+                                     yaml_value)
 from common.config.schema import (CLASSIFIER_NAMES, INVOCATION_KEYS, KEYS, NON_SEMANTIC, PATH_KEYS, RANGES, SECTIONS,
                                   Config, LutConfig, all_keys, name_problem)
 from common.config.secrets import redact, to_yaml
@@ -34,6 +35,31 @@ def test_defaults_file_is_rendered_from_the_declarations():
     text = (ROOT / "configs" / "default.yaml").read_text(encoding="utf-8")
     assert text == render_default_yaml(), \
         "configs/default.yaml differs from the declarations: python -m common.config.reference configs/default.yaml"
+
+
+def test_reference_key_table_is_rendered_from_the_declarations():
+    page = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    assert with_key_table(page) == page, \
+        "docs/reference.md's key table differs from the declarations: python -m common.config.reference docs/reference.md"
+    table = page[page.index(KEY_TABLE_BEGIN):page.index(KEY_TABLE_END)]
+    assert [ln.split("`")[1] for ln in table.splitlines() if ln.startswith("| `")] == list(KEYS)
+
+
+def test_reference_command_writes_both_files_and_refuses_a_page_without_markers(tmp_path, capsys):
+    from common.config.reference import main
+
+    assert main([str(tmp_path / "default.yaml")]) == 0
+    assert (tmp_path / "default.yaml").read_text(encoding="utf-8") == render_default_yaml()
+    page = tmp_path / "reference.md"
+    page.write_text(f"# Reference\n\nbefore\n{KEY_TABLE_BEGIN}\nold\n{KEY_TABLE_END}\nafter\n", encoding="utf-8")
+    assert main([str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("# Reference\n\nbefore\n") and text.endswith("after\n") and "\nold\n" not in text
+    assert "| `store.schema` |" in text
+    page.write_text("# no markers\n", encoding="utf-8")
+    assert main([str(page)]) == 2 and page.read_text(encoding="utf-8") == "# no markers\n"
+    assert main(["x.txt"]) == 2
+    assert "no key table markers" in capsys.readouterr().err
 
 
 def test_defaults_file_loads_as_the_dataclass_defaults_and_every_key_has_a_comment():
