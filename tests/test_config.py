@@ -367,8 +367,8 @@ def test_every_numeric_key_has_a_declared_range_and_an_out_of_range_case():
     keys = _numeric_keys()
     assert len(keys) > 50  # the walk finds the numeric keys (int, float, Optional, lists)
     missing = [k for k in keys if k not in RANGES]
-    assert not missing, f"numeric keys without a range in config.RANGES: {missing}"
-    assert set(RANGES) <= set(keys), "RANGES names keys that are not numeric config keys"
+    assert not missing, f"numeric keys declared without range= in config.schema: {missing}"
+    assert set(RANGES) <= set(keys), "a range is declared on a key that is not numeric"
     assert set(OUT_OF_RANGE) == set(keys), "every numeric key needs an out-of-range case in this test"
     load_config([], [])  # every default lies within its range
 

@@ -191,7 +191,7 @@ class SearchConfig(Section):
                                       hashed=("07_inference",))
 
 
-CLASSIFIER_NAMES = ("linear", "logreg", "svm", "random_forest")  # inference.classifiers: common.classifiers fits them
+CLASSIFIER_NAMES = ("linear", "logreg", "svm", "random_forest")  # inference.classifiers: common.evaluate.classifiers fits them
 
 
 @dataclass
