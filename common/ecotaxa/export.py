@@ -547,6 +547,25 @@ def select(rows: Sequence[EcoObject], export: Export | None = None, *, statuses:
     image``). ``need_category=False`` (objects to predict): a row without a category is used, with
     class ''.
     """
+    wanted = _check_selection_args(rows, statuses, level)
+    first: dict[str, EcoObject] = {}
+    for r in rows:  # the first image of each object: the lowest img_rank, then TSV order
+        kept = first.get(r.object_id)
+        if kept is None or (r.rank is not None and (kept.rank is None or r.rank < kept.rank)):
+            first[r.object_id] = r
+    used: list[tuple[EcoObject, str]] = []
+    skipped: list[Skip] = []
+    for r in rows:
+        got = _class_of(r, first, wanted, level, class_map, export, verify_images, need_category)
+        if isinstance(got, Skip):
+            skipped.append(got)
+        else:
+            used.append((r, got))
+    return Selection(used, skipped)
+
+
+def _check_selection_args(rows: Sequence[EcoObject], statuses: Sequence[str], level: int | None) -> set[str]:
+    """The statuses to select (lower case); ``UserError`` for an unknown status or an unusable ``level``."""
     wanted = {s.strip().lower() for s in statuses}
     bad = sorted(wanted - set(STATUSES) - {""})
     if bad:
@@ -559,45 +578,36 @@ def select(rows: Sequence[EcoObject], export: Export | None = None, *, statuses:
         if rows and not any(r.hierarchy for r in rows):
             raise UserError("data.ecotaxa_level: the export has no object_annotation_hierarchy (EcoTaxa writes it in "
                             "a general export, not in a backup)")
-    first: dict[str, EcoObject] = {}
-    for r in rows:  # the first image of each object: the lowest img_rank, then TSV order
-        kept = first.get(r.object_id)
-        if kept is None or (r.rank is not None and (kept.rank is None or r.rank < kept.rank)):
-            first[r.object_id] = r
-    used: list[tuple[EcoObject, str]] = []
-    skipped: list[Skip] = []
-    for r in rows:
-        if first[r.object_id] is not r:
-            skipped.append(Skip(r, "another image", f"another image of object {r.object_id} (img_rank {r.rank:g})"
-                                if r.rank is not None else f"another image of object {r.object_id}"))
-            continue
-        if r.status not in wanted:
-            skipped.append(Skip(r, "status", f"status {r.status or 'unclassified'!r} not selected"))
-            continue
-        cat = category_at(r, level)
-        if not cat and need_category:
-            skipped.append(Skip(r, "no category", "no category"))
-            continue
-        cls = cat
-        if class_map is not None and cat:
-            mapped, why = class_map.apply(cat)
-            if mapped is None:
-                detail = (f"category {cat!r} dropped by the class map" if why == "dropped"
-                          else f"category {cat!r} is not in the class map")
-                skipped.append(Skip(r, why, detail))
-                continue
-            cls = mapped
-        if export is not None and not export.has(r.image):
-            skipped.append(Skip(r, "missing image", f"image {r.image!r} is not in the export"))
-            continue
-        if export is not None and verify_images:
-            problem = _decode_problem(export, r.image)
-            if problem:
-                skipped.append(Skip(r, "unreadable image", problem))
-                continue
-        used.append((r, cls))
-    return Selection(used, skipped)
+    return wanted
 
+
+def _class_of(r: EcoObject, first: dict[str, EcoObject], wanted: set[str], level: int | None,
+              class_map: ClassMap | None, export: Export | None, verify_images: bool,
+              need_category: bool) -> str | Skip:
+    """The class row ``r`` is used with, or why it is skipped (the checks in ``select``'s order)."""
+    if first[r.object_id] is not r:
+        return Skip(r, "another image", f"another image of object {r.object_id} (img_rank {r.rank:g})"
+                    if r.rank is not None else f"another image of object {r.object_id}")
+    if r.status not in wanted:
+        return Skip(r, "status", f"status {r.status or 'unclassified'!r} not selected")
+    cat = category_at(r, level)
+    if not cat and need_category:
+        return Skip(r, "no category", "no category")
+    cls = cat
+    if class_map is not None and cat:
+        mapped, why = class_map.apply(cat)
+        if mapped is None:
+            detail = (f"category {cat!r} dropped by the class map" if why == "dropped"
+                      else f"category {cat!r} is not in the class map")
+            return Skip(r, why, detail)
+        cls = mapped
+    if export is not None and not export.has(r.image):
+        return Skip(r, "missing image", f"image {r.image!r} is not in the export")
+    if export is not None and verify_images:
+        problem = _decode_problem(export, r.image)
+        if problem:
+            return Skip(r, "unreadable image", problem)
+    return cls
 
 def _decode_problem(export: Export, name: str) -> str:
     try:
