@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 RETRIEVAL_TOP1 = "retrieval_top1"
 RETRIEVAL_KNN = "retrieval_knn"
 
-Output = Callable[..., Path]  # ctx.output: relative parts -> registered path under the stage folder
+Output = Callable[..., Path]  # ctx.output: relative parts -> registered path (the drivers, and predict, take one)
 # the comparison table's columns (comparison.csv, report.html)
 COMPARISON_HEADER = ["method", "accuracy", "macro_f1", "balanced_accuracy", "fit_time_s", "predict_ms_per_image",
                      "model_size_bytes"]
