@@ -150,8 +150,23 @@ def main() -> None:
               f"|similarity difference| over all pairs max {c['max_abs_similarity_diff']:.2e}, mean "
               f"{c['mean_abs_similarity_diff']:.2e}; of the top-1 similarity max "
               f"{c['max_abs_top1_similarity_diff']:.2e}, mean {c['mean_abs_top1_similarity_diff']:.2e}")
-    m = min(a.prune_n, a.n)
-    for t in (float(x) for x in a.thresholds.split(",")):
+    res.update(_measure_prune(X, X16, labels, min(a.prune_n, a.n), a.thresholds))
+    del X16
+    res.update(_measure_stores(X))
+    r32, r16 = res["float32"], res["float16"]
+    ratios = {k: r16[k] / r32[k] for k in ("bytes", "write_per_s", "stream_per_s", "load_per_s")}
+    res["ratios_float16_over_float32"] = ratios
+    print("float16 / float32: store bytes {bytes:.3f}x, write {write_per_s:.2f}x, stream {stream_per_s:.2f}x, "
+          "load {load_per_s:.2f}x".format(**ratios))
+    print(f"peak RSS {peak_gib():.2f} GiB; {time.perf_counter() - start:.0f} s in all")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+
+
+def _measure_prune(X: np.ndarray, X16: np.ndarray, labels: np.ndarray, m: int, thresholds: str) -> dict:
+    """The LUT of the first ``m`` vectors at each threshold, pruned as float32 and as float16."""
+    res = {}
+    for t in (float(x) for x in thresholds.split(",")):
         t0 = time.perf_counter()
         k32 = prune(X[:m], labels[:m], None, t)
         t1 = time.perf_counter()
@@ -164,7 +179,12 @@ def main() -> None:
               f"kept by one only: {p['kept_only_float32']:,} / {p['kept_only_float16']:,} "
               f"({(p['kept_only_float32'] + p['kept_only_float16']) / max(1, p['kept_float32']):.2%} of the LUT); "
               f"{t1 - t0:.1f} s / {t2 - t1:.1f} s")
-    del X16
+    return res
+
+
+def _measure_stores(X: np.ndarray) -> dict:
+    """A SQLite store of ``X`` as float32 and as float16: size, write, stream and load rates."""
+    res = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_dtype_"))
     try:
         for dtype in ("float32", "float16"):
@@ -177,14 +197,7 @@ def main() -> None:
             (tmp / f"{dtype}.sqlite").unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    r32, r16 = res["float32"], res["float16"]
-    ratios = {k: r16[k] / r32[k] for k in ("bytes", "write_per_s", "stream_per_s", "load_per_s")}
-    res["ratios_float16_over_float32"] = ratios
-    print("float16 / float32: store bytes {bytes:.3f}x, write {write_per_s:.2f}x, stream {stream_per_s:.2f}x, "
-          "load {load_per_s:.2f}x".format(**ratios))
-    print(f"peak RSS {peak_gib():.2f} GiB; {time.perf_counter() - start:.0f} s in all")
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2))
+    return res
 
 
 if __name__ == "__main__":

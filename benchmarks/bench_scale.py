@@ -111,6 +111,22 @@ def add_data_args(ap: argparse.ArgumentParser, n: int) -> None:
 
 
 def main() -> None:
+    a = _parse_args()
+    t0 = time.perf_counter()
+    X, labels, Q, q_labels = make_data(a)
+    print(f"gallery {a.n:,} x {a.dim} ({X.nbytes / 2**30:.2f} GiB float32) in {a.classes} classes "
+          f"(largest {np.bincount(labels).max():,}, smallest {np.bincount(labels).min():,}), {a.queries:,} queries; "
+          f"generated in {time.perf_counter() - t0:.1f} s; RSS {rss_gib():.2f} GiB")
+    results, er, t_exact = _measure_exact(X, labels, Q, q_labels, a)
+    if a.pca_dim:
+        results["pca_flat"] = pca_effect(X, Q, labels, er, t_exact, a)
+    for kind in [k for k in a.indexes.split(",") if k]:
+        results[kind] = _measure_index(kind, X, labels, Q, er, t_exact, a)
+        if a.json:  # after every index: a later one running out of time or memory keeps these
+            a.json.write_text(json.dumps(results, indent=1))
+
+
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_args(ap, 1_000_000)
     ap.add_argument("--indexes", default="ivf,ivfpq,hnsw", help="comma-separated search.index values")
@@ -130,13 +146,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.n, a.queries = 50_000, 500
+    return a
 
-    t0 = time.perf_counter()
-    X, labels, Q, q_labels = make_data(a)
-    print(f"gallery {a.n:,} x {a.dim} ({X.nbytes / 2**30:.2f} GiB float32) in {a.classes} classes "
-          f"(largest {np.bincount(labels).max():,}, smallest {np.bincount(labels).min():,}), {a.queries:,} queries; "
-          f"generated in {time.perf_counter() - t0:.1f} s; RSS {rss_gib():.2f} GiB")
 
+def _measure_exact(X: np.ndarray, labels: np.ndarray, Q: np.ndarray, q_labels: np.ndarray,
+                   a: argparse.Namespace) -> tuple[dict, np.ndarray, float]:
+    """Exact search, the reference: the results so far, its neighbours and its seconds."""
     retrieval_search.topk(Q[:8], X, a.k, a.block_size)  # warm-up
     t0 = time.perf_counter()
     es, er = retrieval_search.topk(Q, X, a.k, a.block_size)
@@ -147,40 +162,40 @@ def main() -> None:
           f"top-1 class accuracy {acc:.4f}; peak RSS {peak_gib():.2f} GiB")
     results = {"n": a.n, "dim": a.dim, "classes": a.classes, "queries": a.queries, "threads": _threads(),
                "exact": {"seconds": t_exact, "qps": exact_qps, "top1_accuracy": acc, "peak_rss_gib": peak_gib()}}
+    return results, er, t_exact
 
-    if a.pca_dim:
-        results["pca_flat"] = pca_effect(X, Q, labels, er, t_exact, a)
-    for kind in [k for k in a.indexes.split(",") if k]:
-        scfg = SimpleNamespace(**{**SearchConfig().__dict__, "index": kind, "nlist": a.nlist or None,
-                                  "pq_m": a.pq_m, "hnsw_m": a.hnsw_m, "ef_construction": a.ef_construction,
-                                  "train_size": a.train_size, "pca_dim": a.pca_dim or None,
-                                  "candidates": a.candidates})
-        rss0 = rss_gib()
-        ann = build_index(X, scfg, seed=a.seed)
-        rss1 = rss_gib()
-        with tempfile.TemporaryDirectory() as tmp:
-            ann.save(Path(tmp) / "i.faiss")
-            size = (Path(tmp) / "i.faiss").stat().st_size / 2**30
-        print(f"{kind:6s} {ann.description}: build {ann.build_seconds:.1f} s, index {size:.3f} GiB on disk "
-              f"(+{rss1 - rss0:.2f} GiB RSS, peak {peak_gib():.2f} GiB)")
-        results[kind] = {"factory": ann.description, "build_seconds": ann.build_seconds, "index_gib": size,
-                         "rss_growth_gib": rss1 - rss0, "peak_rss_gib": peak_gib(), "search": []}
-        knob = "ef_search" if kind == "hnsw" else "nprobe"
-        for v in [int(x) for x in (a.ef_search if kind == "hnsw" else a.nprobe).split(",")]:
-            ann.set_query_params(SimpleNamespace(**{**scfg.__dict__, "nprobe": v, "ef_search": v}))
-            ann.search(Q[:8], a.k, X)  # warm-up
-            t0 = time.perf_counter()
-            _, rows = ann.search(Q, a.k, X)
-            t_ann = time.perf_counter() - t0
-            agr = agreement(er, rows, labels)
-            r = {knob: v, "seconds": t_ann, "qps": a.queries / t_ann, "speedup": t_exact / t_ann, **agr}
-            results[kind]["search"].append(r)
-            print(f"       {knob} {v:4d}: search {t_ann:.2f} s, {r['qps']:,.0f} queries/s = {r['speedup']:.1f}x exact; "
-                  f"same top-1 image {agr['same_image']:.4f}, same top-1 class {agr['same_class']:.4f}", flush=True)
-        del ann
-        if a.json:  # after every index: a later one running out of time or memory keeps these
-            a.json.write_text(json.dumps(results, indent=1))
 
+def _measure_index(kind: str, X: np.ndarray, labels: np.ndarray, Q: np.ndarray, er: np.ndarray, t_exact: float,
+                   a: argparse.Namespace) -> dict:
+    """One ``search.index`` kind: its build, size and, at each query setting, speed and agreement with exact search."""
+    scfg = SimpleNamespace(**{**SearchConfig().__dict__, "index": kind, "nlist": a.nlist or None,
+                              "pq_m": a.pq_m, "hnsw_m": a.hnsw_m, "ef_construction": a.ef_construction,
+                              "train_size": a.train_size, "pca_dim": a.pca_dim or None,
+                              "candidates": a.candidates})
+    rss0 = rss_gib()
+    ann = build_index(X, scfg, seed=a.seed)
+    rss1 = rss_gib()
+    with tempfile.TemporaryDirectory() as tmp:
+        ann.save(Path(tmp) / "i.faiss")
+        size = (Path(tmp) / "i.faiss").stat().st_size / 2**30
+    print(f"{kind:6s} {ann.description}: build {ann.build_seconds:.1f} s, index {size:.3f} GiB on disk "
+          f"(+{rss1 - rss0:.2f} GiB RSS, peak {peak_gib():.2f} GiB)")
+    out = {"factory": ann.description, "build_seconds": ann.build_seconds, "index_gib": size,
+           "rss_growth_gib": rss1 - rss0, "peak_rss_gib": peak_gib(), "search": []}
+    knob = "ef_search" if kind == "hnsw" else "nprobe"
+    for v in [int(x) for x in (a.ef_search if kind == "hnsw" else a.nprobe).split(",")]:
+        ann.set_query_params(SimpleNamespace(**{**scfg.__dict__, "nprobe": v, "ef_search": v}))
+        ann.search(Q[:8], a.k, X)  # warm-up
+        t0 = time.perf_counter()
+        _, rows = ann.search(Q, a.k, X)
+        t_ann = time.perf_counter() - t0
+        agr = agreement(er, rows, labels)
+        r = {knob: v, "seconds": t_ann, "qps": a.queries / t_ann, "speedup": t_exact / t_ann, **agr}
+        out["search"].append(r)
+        print(f"       {knob} {v:4d}: search {t_ann:.2f} s, {r['qps']:,.0f} queries/s = {r['speedup']:.1f}x exact; "
+              f"same top-1 image {agr['same_image']:.4f}, same top-1 class {agr['same_class']:.4f}", flush=True)
+    del ann
+    return out
 
 def pca_effect(X: np.ndarray, Q: np.ndarray, labels: np.ndarray, exact_rows: np.ndarray, t_exact: float,
                a: argparse.Namespace) -> dict:

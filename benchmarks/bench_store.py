@@ -358,70 +358,82 @@ def main() -> None:
     print(f"feature store benchmark: {n} x {dim} float32 vectors, {N_CLASSES} classes; "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
     X, labels, paths = synthetic(n, dim)
-    mib = X.nbytes / 2**20
-
     with tempfile.TemporaryDirectory(prefix="bench_store_", dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
-        # --- write
-        # best of a few runs each, fresh files (the machine and its disk are shared)
-        t_pat_w = min(pattern_write(fresh(tmp / "pattern.sqlite"), X, labels, paths) for _ in range(pat_repeat))
-        runs = [store_write(fresh(tmp / "features.sqlite"), X, labels, paths) for _ in range(repeat)]
-        t_sync, t_vec, t_close, mid = min(runs, key=lambda r: r[1] + r[2])
-        t_store_w = t_vec + t_close
-        pat_w, our_w = n / t_pat_w, n / t_store_w
-        size_pat = (tmp / "pattern.sqlite").stat().st_size / 2**20
-        size_our = (tmp / "features.sqlite").stat().st_size / 2**20
-        print("\n## write")
-        print(f"pattern (INSERT per row, torch.save blob, commit every {PATTERN_COMMIT_EVERY} rows): "
-              f"{t_pat_w:.2f} s = {pat_w:,.0f} vectors/s, file {size_pat:.0f} MiB")
-        print(f"store   (write_vectors, {WRITE_CHUNK_ROWS} rows per transaction, incl. the final checkpoint): "
-              f"{t_store_w:.2f} s = {our_w:,.0f} vectors/s ({n * dim * 4 / 2**20 / t_store_w:,.0f} MiB/s), "
-              f"file {size_our:.0f} MiB")
-        print(f"        of which transactions {t_vec:.2f} s ({n / t_vec:,.0f} vectors/s), closing (WAL checkpoint "
-              f"+ fsync) {t_close:.2f} s; sync_images of {n} image rows beforehand {t_sync:.2f} s")
-        print(f"ratio store / pattern: {our_w / pat_w:.1f}x  (target >= 4x)")
-
-        # --- load
-        t_pat_r, Xp = best(lambda: pattern_read(tmp / "pattern.sqlite"), pat_repeat)
-        assert np.array_equal(Xp, X)
-        del Xp
-        store = FeatureStore(tmp / "features.sqlite")
-        t_our_r, (ids, labs, Xo) = best(lambda: store.load_matrix("train", mid), repeat)
-        assert np.array_equal(Xo, X) and labs == labels and ids.tolist() == list(range(1, n + 1))
-        del Xo, ids, labs
-        t_open_r, _ = best(lambda: FeatureStore(tmp / "features.sqlite").load_matrix("train", mid), repeat)
-        tracemalloc.start()
-        ids, labs, Xo = store.load_matrix("train", mid)
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        del Xo, ids, labs
-        rss = rss_of_load(tmp / "features.sqlite", mid)
-        print("\n## load (whole gallery as one float32 matrix)")
-        print(f"pattern (SELECT, torch.load per row, torch.stack): {t_pat_r:.2f} s = {n / t_pat_r:,.0f} vectors/s")
-        print(f"store   load_matrix('train'): {t_our_r:.3f} s = {n / t_our_r:,.0f} vectors/s "
-              f"({mib / t_our_r:,.0f} MiB/s); opening the store too: {t_open_r:.3f} s")
-        print(f"ratio store / pattern: {t_pat_r / t_our_r:.1f}x  (target >= 10x; whole gallery < 0.5 s: "
-              f"{'yes' if t_our_r < 0.5 else 'NO'})")
-        print(f"peak memory of the load (matrix = {mib:.0f} MiB; target < 2x):")
-        print(f"  tracemalloc peak (Python + numpy allocations, this process): {peak / 2**20:.0f} MiB = "
-              f"{peak / X.nbytes:.2f}x the matrix")
-        if rss is not None:
-            print(f"  fresh process, /proc/self/status: peak RSS +{rss['peak']:.0f} MiB = {rss['peak'] / mib:.2f}x the "
-                  f"matrix (anonymous +{rss['anon']:.0f} MiB, mapped file pages +{rss['file']:.0f} MiB)")
-
+        our_w, size_our, mid = _measure_write(tmp, X, labels, paths, repeat, pat_repeat)
+        store = _measure_load(tmp, X, labels, mid, repeat, pat_repeat)
         # --- digest
         t_dig, _ = best(lambda: content_digest(tmp / "features.sqlite"), repeat)
         print(f"\n## content_digest: {t_dig:.3f} s ({size_our / t_dig:,.0f} MiB/s of store)")
         store.close()
+    _measure_stage04(our_w, args.quick)
 
-    # --- stage 04 balance
+
+def _measure_write(tmp: Path, X: np.ndarray, labels: list, paths: list, repeat: int,
+                   pat_repeat: int) -> tuple[float, float, int]:
+    """## write: the pattern against the store; returns the store's vectors/s, its file MiB and model id."""
+    n, dim = X.shape
+    # best of a few runs each, fresh files (the machine and its disk are shared)
+    t_pat_w = min(pattern_write(fresh(tmp / "pattern.sqlite"), X, labels, paths) for _ in range(pat_repeat))
+    runs = [store_write(fresh(tmp / "features.sqlite"), X, labels, paths) for _ in range(repeat)]
+    t_sync, t_vec, t_close, mid = min(runs, key=lambda r: r[1] + r[2])
+    t_store_w = t_vec + t_close
+    pat_w, our_w = n / t_pat_w, n / t_store_w
+    size_pat = (tmp / "pattern.sqlite").stat().st_size / 2**20
+    size_our = (tmp / "features.sqlite").stat().st_size / 2**20
+    print("\n## write")
+    print(f"pattern (INSERT per row, torch.save blob, commit every {PATTERN_COMMIT_EVERY} rows): "
+          f"{t_pat_w:.2f} s = {pat_w:,.0f} vectors/s, file {size_pat:.0f} MiB")
+    print(f"store   (write_vectors, {WRITE_CHUNK_ROWS} rows per transaction, incl. the final checkpoint): "
+          f"{t_store_w:.2f} s = {our_w:,.0f} vectors/s ({n * dim * 4 / 2**20 / t_store_w:,.0f} MiB/s), "
+          f"file {size_our:.0f} MiB")
+    print(f"        of which transactions {t_vec:.2f} s ({n / t_vec:,.0f} vectors/s), closing (WAL checkpoint "
+          f"+ fsync) {t_close:.2f} s; sync_images of {n} image rows beforehand {t_sync:.2f} s")
+    print(f"ratio store / pattern: {our_w / pat_w:.1f}x  (target >= 4x)")
+    return our_w, size_our, mid
+
+
+def _measure_load(tmp: Path, X: np.ndarray, labels: list, mid: int, repeat: int, pat_repeat: int) -> FeatureStore:
+    """## load: the whole gallery as one matrix, the pattern against the store, and the load's peak
+    memory; returns the store, still open."""
+    n, mib = X.shape[0], X.nbytes / 2**20
+    t_pat_r, Xp = best(lambda: pattern_read(tmp / "pattern.sqlite"), pat_repeat)
+    assert np.array_equal(Xp, X)
+    del Xp
+    store = FeatureStore(tmp / "features.sqlite")
+    t_our_r, (ids, labs, Xo) = best(lambda: store.load_matrix("train", mid), repeat)
+    assert np.array_equal(Xo, X) and labs == labels and ids.tolist() == list(range(1, n + 1))
+    del Xo, ids, labs
+    t_open_r, _ = best(lambda: FeatureStore(tmp / "features.sqlite").load_matrix("train", mid), repeat)
+    tracemalloc.start()
+    ids, labs, Xo = store.load_matrix("train", mid)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del Xo, ids, labs
+    rss = rss_of_load(tmp / "features.sqlite", mid)
+    print("\n## load (whole gallery as one float32 matrix)")
+    print(f"pattern (SELECT, torch.load per row, torch.stack): {t_pat_r:.2f} s = {n / t_pat_r:,.0f} vectors/s")
+    print(f"store   load_matrix('train'): {t_our_r:.3f} s = {n / t_our_r:,.0f} vectors/s "
+          f"({mib / t_our_r:,.0f} MiB/s); opening the store too: {t_open_r:.3f} s")
+    print(f"ratio store / pattern: {t_pat_r / t_our_r:.1f}x  (target >= 10x; whole gallery < 0.5 s: "
+          f"{'yes' if t_our_r < 0.5 else 'NO'})")
+    print(f"peak memory of the load (matrix = {mib:.0f} MiB; target < 2x):")
+    print(f"  tracemalloc peak (Python + numpy allocations, this process): {peak / 2**20:.0f} MiB = "
+          f"{peak / X.nbytes:.2f}x the matrix")
+    if rss is not None:
+        print(f"  fresh process, /proc/self/status: peak RSS +{rss['peak']:.0f} MiB = {rss['peak'] / mib:.2f}x the "
+              f"matrix (anonymous +{rss['anon']:.0f} MiB, mapped file pages +{rss['file']:.0f} MiB)")
+    return store
+
+
+def _measure_stage04(our_w: float, quick: bool) -> None:
+    """## stage 04: embedding rates (random weights, CPU) against the store's write rate."""
     print("\n## stage 04: embedding vs store writes (CPU, random weights, batch 16, no AMP)")
-    rates = {"test_resnet @ 32 px": embed_rate("test_resnet", 32, 16, 5 if args.quick else 20)}
-    rates["seresnext50_32x4d @ 224 px"] = embed_rate("seresnext50_32x4d", 224, 16, 1 if args.quick else 3)
+    rates = {"test_resnet @ 32 px": embed_rate("test_resnet", 32, 16, 5 if quick else 20)}
+    rates["seresnext50_32x4d @ 224 px"] = embed_rate("seresnext50_32x4d", 224, 16, 1 if quick else 3)
     for name, r in rates.items():
         print(f"{name}: {r:,.1f} images/s embedded; store writes {our_w:,.0f} vectors/s = "
               f"{our_w / r:,.0f}x the embedding rate")
-
 
 if __name__ == "__main__":
     main()

@@ -123,12 +123,26 @@ def main() -> None:
     print(f"gallery {X.shape[0]:,} x {args.dim} in {n_classes} classes (sizes {sizes.max():,} .. {sizes.min()}), "
           f"{V.shape[0]:,} val queries; {len(thresholds)} thresholds {thresholds[0]:g}..{thresholds[-1]:g}")
 
-    # the floor: bare float32 products
+    t_qg, t_cls = _measure_floor(X, V, y, sizes, lcfg.block_size)
+    t_floor = t_qg + t_cls
+    rows, i, keeps, t_sweep = _measure_sweep(X, y, ids, V, yv, thresholds, lcfg, n_classes, args.dim, dev, t_floor)
+    t_prune, same = _measure_prune(X, y, ids, rows[i]["threshold"], keeps[i], lcfg, dev, t_cls)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak memory (ru_maxrss): {peak_mb:,.0f} MB (the data alone: {(X.nbytes + V.nbytes) / 2**20:,.0f} MB)")
+    print(f"\nsummary: sweep {t_sweep:.1f} s (floor {t_floor:.1f} s, {t_sweep / t_floor:.2f}x), stage 06 prune "
+          f"{t_prune:.2f} s, peak {peak_mb / 1024:.2f} GB, load average {os.getloadavg()[0]:.2f}")
+    if not same:
+        raise SystemExit("MISMATCH between prune and prune_sweep")
+
+
+def _measure_floor(X: np.ndarray, V: np.ndarray, y: np.ndarray, sizes: np.ndarray,
+                   block_size: int) -> tuple[float, float]:
+    """The floor: bare float32 products, val x gallery and per class; their seconds."""
     Xt, Vt = torch.from_numpy(X), torch.from_numpy(V)
     _ = Vt[:256] @ Xt.T  # warm-up
     t0 = time.perf_counter()
-    for a in range(0, V.shape[0], lcfg.block_size):
-        _ = Vt[a:a + lcfg.block_size] @ Xt.T
+    for a in range(0, V.shape[0], block_size):
+        _ = Vt[a:a + block_size] @ Xt.T
     t_qg = time.perf_counter() - t0
     del _
     order = np.argsort(y, kind="stable")
@@ -139,10 +153,14 @@ def main() -> None:
         _ = Xc @ Xc.T
     t_cls = time.perf_counter() - t0
     del _, Xc
-    t_floor = t_qg + t_cls
-    print(f"floor: val x gallery product {t_qg:.2f} s + per-class X_c @ X_c.T {t_cls:.2f} s = {t_floor:.2f} s")
+    print(f"floor: val x gallery product {t_qg:.2f} s + per-class X_c @ X_c.T {t_cls:.2f} s = {t_qg + t_cls:.2f} s")
+    return t_qg, t_cls
 
-    # stage 05: the sweep
+
+def _measure_sweep(X: np.ndarray, y: np.ndarray, ids: np.ndarray, V: np.ndarray, yv: np.ndarray,
+                   thresholds: list[float], lcfg: LutConfig, n_classes: int, dim: int, dev: torch.device,
+                   t_floor: float) -> tuple[list[dict], int, list, float]:
+    """Stage 05: the sweep, timed step by step, and its table; (rows, chosen row, keeps, seconds)."""
     t0 = time.perf_counter()
     keeps = prune_sweep(X, y, ids, thresholds, lcfg.block_size, dev)
     t_prune_all = time.perf_counter() - t0
@@ -151,10 +169,10 @@ def main() -> None:
     t_q = time.perf_counter() - t1
     t1 = time.perf_counter()
     lat = measure_latency(V[:LATENCY_QUERIES], X, [int(k.sum()) for k in keeps], lcfg.knn_k,
-                              lcfg.block_size, dev)
+                          lcfg.block_size, dev)
     t_lat = time.perf_counter() - t1
     t1 = time.perf_counter()
-    rows = sweep_rows(thresholds, keeps, y, yv, nb, n_classes, lcfg.knn_temperature, args.dim, lat)
+    rows = sweep_rows(thresholds, keeps, y, yv, nb, n_classes, lcfg.knn_temperature, dim, lat)
     i, reason = choose_threshold(rows, types.SimpleNamespace(**vars(lcfg)))
     t_rows = time.perf_counter() - t1
     t_sweep = time.perf_counter() - t0
@@ -167,23 +185,20 @@ def main() -> None:
         print(f"  {r['threshold']:5.2f} {r['n_kept']:7,} {100 * r['fraction_kept']:6.1f} {r['top1_accuracy']:7.4f} "
               f"{r['knn_accuracy']:7.4f} {r['macro_f1']:7.4f} {r['latency_ms']:6.3f}")
     print(f"  chosen: {reason}")
+    return rows, i, keeps, t_sweep
 
-    # stage 06 at the chosen threshold
-    t = rows[i]["threshold"]
+
+def _measure_prune(X: np.ndarray, y: np.ndarray, ids: np.ndarray, t: float, swept: np.ndarray, lcfg: LutConfig,
+                   dev: torch.device, t_cls: float) -> tuple[float, bool]:
+    """Stage 06 at the chosen threshold: its seconds, and whether it keeps what the sweep kept."""
     prune(X[:64], y[:64], ids[:64], t)
     t0 = time.perf_counter()
     keep = prune(X, y, ids, t, lcfg.block_size, dev)
     t_prune = time.perf_counter() - t0
-    same = bool(np.array_equal(keep, keeps[i]))
+    same = bool(np.array_equal(keep, swept))
     print(f"\nstage 06 prune at {t:g}: {t_prune:.2f} s = {t_prune / t_cls:.2f}x the per-class products; kept "
           f"{int(keep.sum()):,} of {keep.size:,}; identical to the sweep's LUT at {t:g}: {same}")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak memory (ru_maxrss): {peak_mb:,.0f} MB (the data alone: {(X.nbytes + V.nbytes) / 2**20:,.0f} MB)")
-    print(f"\nsummary: sweep {t_sweep:.1f} s (floor {t_floor:.1f} s, {t_sweep / t_floor:.2f}x), stage 06 prune "
-          f"{t_prune:.2f} s, peak {peak_mb / 1024:.2f} GB, load average {os.getloadavg()[0]:.2f}")
-    if not same:
-        raise SystemExit("MISMATCH between prune and prune_sweep")
-
+    return t_prune, same
 
 if __name__ == "__main__":
     main()

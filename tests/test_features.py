@@ -11,7 +11,8 @@ from common.errors import UserError
 from common.store import maintenance as store_maintenance
 from common.store.maintenance import content_digest, schema_version, upgrade_store
 from common.store.schema import DTYPE_COLUMN, NORM_TOLERANCE, SCHEMA_SQL, SCHEMA_VERSION, _norm_sql, metadata
-from common.store.sqlite import FeatureStore, _raw
+from common.store.sqlite import FeatureStore
+from common.store.schema import raw_connection
 
 DIM = 16
 
@@ -288,10 +289,10 @@ def test_float16_round_trip_blob_sizes_and_exact_float32_reads(tmp_path):
     assert all(b[1].dtype == np.float32 and len(b[0]) <= 4 for b in blocks)
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), stored[got_ids - 1])
     assert store_maintenance.verify_store(tmp_path / "f.sqlite", mid) == 30
-    # _decode without a dtype (as a caller that knows only the dimension calls it) looks it up
-    with store._read() as conn:
-        blobs = [r[0] for r in _raw(conn).execute("SELECT vector FROM vectors ORDER BY image_id").fetchall()]
-    np.testing.assert_array_equal(store._decode(blobs, np.arange(1, 31), DIM), stored)
+    # decode without a dtype (as a caller that knows only the dimension calls it) looks it up
+    with store.read_tx() as conn:
+        blobs = [r[0] for r in raw_connection(conn).execute("SELECT vector FROM vectors ORDER BY image_id").fetchall()]
+    np.testing.assert_array_equal(store.decode(blobs, np.arange(1, 31), DIM), stored)
     store.close()
     conn = sqlite3.connect(tmp_path / "f.sqlite")
     blob, dtype = conn.execute("SELECT v.vector, m.dtype FROM vectors v JOIN models m ON m.id = v.model_id "
@@ -302,8 +303,8 @@ def test_float16_round_trip_blob_sizes_and_exact_float32_reads(tmp_path):
     np.testing.assert_array_equal(np.frombuffer(blob, "<f2"), X16[2])  # any client: numpy.frombuffer(blob, "<f2")
     # a float32 store of the same vectors takes twice the vector bytes
     lite, _, _ = filled(tmp_path / "g.sqlite")
-    with lite._read() as conn:
-        assert {r[0] for r in _raw(conn).execute("SELECT length(vector) FROM vectors")} == {4 * DIM}
+    with lite.read_tx() as conn:
+        assert {r[0] for r in raw_connection(conn).execute("SELECT length(vector) FROM vectors")} == {4 * DIM}
     lite.close()
 
 

@@ -23,6 +23,7 @@ from common.model.embed import embed_paths
 from common.retrieval.search import search_classes
 from common.stages import SPECS
 from common.stages import inference as stages_inference
+from common.stages.inference.evaluate import write_evaluation
 from common.stages.inference.load import hold_out, load_query_model, load_store_data
 from common.store.containers import Vectors
 
@@ -69,6 +70,11 @@ def icfg(**kw):
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def evaluate_and_write(inp, cfg, output, seed=0):
+    """What evaluate mode does: the library's evaluation, then the driver's writers."""
+    return write_evaluation(evaluate(inp, cfg, seed=seed), inp, cfg, output, seed)
 
 
 def out_in(tmp_path):
@@ -175,7 +181,7 @@ def _eval_inputs(seed=0, n_test=8):
 def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
     inp = _eval_inputs()
     cfg = icfg(reject_below=0.5, classifiers=["linear", "logreg"], worst_classes=2)
-    m = evaluate(inp, cfg, out_in(tmp_path), seed=0)
+    m = evaluate_and_write(inp, cfg, out_in(tmp_path), seed=0)
     for f in ("predictions.csv", "metrics.json", "classification_report.csv", "confusion_matrix.png",
               "embedding_map.png", "comparison.csv", "report.html", "classifiers/linear.safetensors",
               "classifiers/logreg.skops", "classifiers/classes.json", "classifiers/sha256.json"):
@@ -216,7 +222,7 @@ def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
 def test_comparison_table_equals_recomputation_from_predictions(brute, tmp_path):
     inp = _eval_inputs(seed=1)
     cfg = icfg(classifiers=["linear", "logreg", "svm", "random_forest"], method="knn", k=5)
-    evaluate(inp, cfg, out_in(tmp_path), seed=0)
+    evaluate_and_write(inp, cfg, out_in(tmp_path), seed=0)
     rows = read_csv(tmp_path / "predictions.csv")
     comp = read_csv(tmp_path / "comparison.csv")
     assert [c["method"] for c in comp] == ["retrieval_top1", "retrieval_knn", "linear", "logreg", "svm",
@@ -242,11 +248,11 @@ def test_empty_gallery_and_unlabelled_test_are_user_errors(brute, tmp_path):
     inp = _eval_inputs()
     inp.gallery = Vectors(inp.gallery.X[:0], inp.gallery.labels[:0], [])
     with pytest.raises(UserError, match="gallery is empty"):
-        evaluate(inp, icfg(), out_in(tmp_path))
+        evaluate(inp, icfg())
     inp = _eval_inputs()
     inp.test.labels[0] = -1
     with pytest.raises(UserError, match="no label"):
-        evaluate(inp, icfg(), out_in(tmp_path))
+        evaluate(inp, icfg())
 
 
 def test_gallery_of_another_checkpoint_is_refused():
@@ -453,7 +459,7 @@ def test_evaluate_from_a_tiny_store(brute, tmp_path):
     data = load_store_data(stage04, splits, lut_path)
     inp = EvalInputs(classes=data.classes, test=data.test, gallery=data.gallery, train=data.train, val=data.val,
                        model_id=data.model_id, facts=data.facts)
-    m = evaluate(inp, icfg(classifiers=["logreg"]), out_in(tmp_path / "out"))
+    m = evaluate_and_write(inp, icfg(classifiers=["logreg"]), out_in(tmp_path / "out"))
     assert m["n_queries"] == 15 and m["gallery_size"] == 18 and m["accuracy"] > 0.6
     saved = json.loads((tmp_path / "out" / "classifiers" / "classes.json").read_text())
     assert saved["model_id"] == mid and saved["classes"] == data.classes
@@ -697,7 +703,7 @@ def test_evaluate_with_unknown_classes_reports_both_scores(brute, tmp_path):
     inp.val = Vectors(inp.val.X[inp.val.labels != out_c], inp.val.labels[inp.val.labels != out_c],
                         [p for p, lab in zip(inp.val.paths, inp.val.labels) if lab != out_c])
     inp.unknown_test, inp.unknown_classes = unknown, ["class_e"]
-    m = evaluate(inp, icfg(reject_below="auto", reject_score="knn", ood_k=3), out_in(tmp_path))
+    m = evaluate_and_write(inp, icfg(reject_below="auto", reject_score="knn", ood_k=3), out_in(tmp_path))
     u = json.loads((tmp_path / "metrics.json").read_text())["unknown_classes"]
     assert u["classes"] == ["class_e"] and u["n_unknown"] == 10 and u["n_known"] == 40
     for score in ("similarity", "knn"):

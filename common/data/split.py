@@ -174,18 +174,7 @@ def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequen
         lst.sort(key=lambda s: sort_key(s.path))
     all_classes = sorted(set(classes) | set(by_class), key=sort_key)
 
-    # Duplicate groups among the images kept (classes with enough images), numbered in
-    # (label, path) order of their first member.
-    ordered = [s for c in all_classes if len(by_class.get(c, [])) >= min_images for s in by_class[c]]
-    members: dict[str, list[Scan]] = defaultdict(list)
-    for s in ordered:
-        members[s.sha256].append(s)
-    dup_groups: dict[str, int] = {}
-    for s in ordered:
-        if len(members[s.sha256]) > 1 and s.sha256 not in dup_groups:
-            dup_groups[s.sha256] = len(dup_groups) + 1
-    cross = {h for h in dup_groups if len({m.label for m in members[h]}) > 1}
-
+    dup_groups, cross = _duplicate_groups(by_class, all_classes, min_images)
     rows: list[SplitRow] = []
     counts: list[ClassCount] = []
     placed: dict[str, int] = {}  # sha256 -> split index, for cross-class pinning
@@ -197,30 +186,58 @@ def make_split(images: Sequence[Scan], classes: Sequence[str], fractions: Sequen
                             + ([notes[c]] if notes.get(c) else []))
             counts.append(ClassCount(c, n, status="dropped", bad=bad_per_class.get(c, 0), reason=why))
             continue
-        targets = split_counts(n, fractions)
-        unit_of: dict[str, int] = {}
-        units: list[list[Scan]] = []
-        for s in imgs:
-            if s.sha256 not in unit_of:
-                unit_of[s.sha256] = len(units)
-                units.append([])
-            units[unit_of[s.sha256]].append(s)
-        pinned = {unit_of[h]: placed[h] for h in unit_of if h in placed}
-        where = assign_units([len(u) for u in units], targets, class_rng(seed, c), pinned)
-        got = [0, 0, 0]
-        for u, s_idx in zip(units, where):
-            got[s_idx] += len(u)
-            for s in u:
-                placed.setdefault(s.sha256, s_idx)
-                rows.append(SplitRow(s.path, c, SPLITS[s_idx], s.sha256, s.width, s.height, s.mode,
-                                     {"dup_group": str(dup_groups.get(s.sha256, ""))}))
-        counts.append(ClassCount(c, n, got[0], got[1], got[2], "kept", bad_per_class.get(c, 0), notes.get(c, "")))
-        if any(got[i] == 0 and fractions[i] > 0 for i in range(3)):
-            log.info("class %s: only %d usable image(s) -> %d train, %d val, %d test", c, n, *got)
-        elif tuple(got) != targets:
-            log.debug("class %s: duplicates moved the split from %s to %s", c, targets, tuple(got))
+        class_rows, count = _split_class(c, imgs, fractions, seed, placed, dup_groups, bad_per_class.get(c, 0),
+                                         notes.get(c, ""))
+        rows += class_rows
+        counts.append(count)
     rows.sort(key=lambda r: (sort_key(r.label), sort_key(r.path)))
     return SplitResult(rows, counts, dup_groups, cross)
+
+
+def _duplicate_groups(by_class: dict[str, list[Scan]], classes: Sequence[str],
+                      min_images: int) -> tuple[dict[str, int], set[str]]:
+    """Duplicate groups among the images kept (classes with enough images), numbered in (label,
+    path) order of their first member (sha256 -> group), and the contents found in more than one class."""
+    ordered = [s for c in classes if len(by_class.get(c, [])) >= min_images for s in by_class[c]]
+    members: dict[str, list[Scan]] = defaultdict(list)
+    for s in ordered:
+        members[s.sha256].append(s)
+    dup_groups: dict[str, int] = {}
+    for s in ordered:
+        if len(members[s.sha256]) > 1 and s.sha256 not in dup_groups:
+            dup_groups[s.sha256] = len(dup_groups) + 1
+    cross = {h for h in dup_groups if len({m.label for m in members[h]}) > 1}
+    return dup_groups, cross
+
+
+def _split_class(c: str, imgs: list[Scan], fractions: Sequence[float], seed: int, placed: dict[str, int],
+                 dup_groups: dict[str, int], bad: int, note: str) -> tuple[list[SplitRow], ClassCount]:
+    """One kept class's rows and count: identical images form one unit (placed together), a
+    content already placed in another class is pinned to that split (``placed`` grows)."""
+    n = len(imgs)
+    targets = split_counts(n, fractions)
+    unit_of: dict[str, int] = {}
+    units: list[list[Scan]] = []
+    for s in imgs:
+        if s.sha256 not in unit_of:
+            unit_of[s.sha256] = len(units)
+            units.append([])
+        units[unit_of[s.sha256]].append(s)
+    pinned = {unit_of[h]: placed[h] for h in unit_of if h in placed}
+    where = assign_units([len(u) for u in units], targets, class_rng(seed, c), pinned)
+    rows: list[SplitRow] = []
+    got = [0, 0, 0]
+    for u, s_idx in zip(units, where):
+        got[s_idx] += len(u)
+        for s in u:
+            placed.setdefault(s.sha256, s_idx)
+            rows.append(SplitRow(s.path, c, SPLITS[s_idx], s.sha256, s.width, s.height, s.mode,
+                                 {"dup_group": str(dup_groups.get(s.sha256, ""))}))
+    if any(got[i] == 0 and fractions[i] > 0 for i in range(3)):
+        log.info("class %s: only %d usable image(s) -> %d train, %d val, %d test", c, n, *got)
+    elif tuple(got) != targets:
+        log.debug("class %s: duplicates moved the split from %s to %s", c, targets, tuple(got))
+    return rows, ClassCount(c, n, got[0], got[1], got[2], "kept", bad, note)
 
 
 def check_enough_classes(res: SplitResult, root: str | Path, min_images: int) -> None:

@@ -268,38 +268,12 @@ def write_bundle(folder: str | os.PathLike, name: str, predictions: Iterable[Pre
     try:
         with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for pred in predictions:
-                origin = pred.origin
-                if origin is not None and origin.status in HUMAN_STATUSES and not overwrite_validated:
-                    result.skipped.append((pred.name, f"{origin.status} in EcoTaxa: a prediction would replace it"))
+                added = _add_image(zf, pred, open_image, used_names, result, overwrite_validated)
+                if added is None:
                     continue
-                try:
-                    with open_image(pred.path) as fh:
-                        data = fh.read()
-                except OSError as e:
-                    result.skipped.append((pred.name, f"cannot read the file ({e.strerror or e})"))
-                    continue
-                written, fmt, problem, lossy = _ecotaxa_image(data)
-                if problem:
-                    result.skipped.append((pred.name, problem))
-                    continue
-                arc, why = bundle_name(pred.name, fmt)
-                if arc in used_names:  # a renamed file meeting another's name: only then does order matter
-                    stem, ext = posixpath.splitext(arc)
-                    k = 2
-                    while f"{stem}_{k}{ext}" in used_names:
-                        k += 1
-                    arc, why = f"{stem}_{k}{ext}", (why + "; " if why else "") + "name taken"
-                used_names.add(arc)
-                if written is not data:
-                    result.converted.append((pred.name, arc))
-                if lossy:
-                    result.lossy.append((pred.name, lossy))
-                if why:
-                    result.renamed.append((pred.name, arc, why))
-                zf.writestr(_member(arc), written, zipfile.ZIP_STORED)  # already compressed: stored
-                del written
+                arc, data = added
                 row, types = _row(pred, arc, data, prefix, taxa_map, with_ids, used_ids, unmatched)
-                del data
+                del data, added
                 spool.add(row, types)
             info = _member(tsv_name)
             info.compress_type = zipfile.ZIP_DEFLATED
@@ -312,6 +286,44 @@ def write_bundle(folder: str | os.PathLike, name: str, predictions: Iterable[Pre
     log.info("EcoTaxa bundle %s: %d rows, %d converted to PNG, %d renamed, %d skipped", dest, result.rows,
              len(result.converted), len(result.renamed), len(result.skipped))
     return result
+
+
+def _add_image(zf: zipfile.ZipFile, pred: Prediction, open_image: Callable[[str], IO[bytes]], used_names: set[str],
+               result: BundleResult, overwrite_validated: bool) -> tuple[str, bytes] | None:
+    """Put one prediction's image into the zip: converted to PNG when EcoTaxa cannot show it,
+    renamed when its name is not usable or already taken (``used_names`` grows). Returns its name
+    in the zip and the file's own bytes, or None when it is left out (the reason in ``result.skipped``:
+    validated in EcoTaxa, unreadable, or not an image EcoTaxa can take)."""
+    origin = pred.origin
+    if origin is not None and origin.status in HUMAN_STATUSES and not overwrite_validated:
+        result.skipped.append((pred.name, f"{origin.status} in EcoTaxa: a prediction would replace it"))
+        return None
+    try:
+        with open_image(pred.path) as fh:
+            data = fh.read()
+    except OSError as e:
+        result.skipped.append((pred.name, f"cannot read the file ({e.strerror or e})"))
+        return None
+    written, fmt, problem, lossy = _ecotaxa_image(data)
+    if problem:
+        result.skipped.append((pred.name, problem))
+        return None
+    arc, why = bundle_name(pred.name, fmt)
+    if arc in used_names:  # a renamed file meeting another's name: only then does order matter
+        stem, ext = posixpath.splitext(arc)
+        k = 2
+        while f"{stem}_{k}{ext}" in used_names:
+            k += 1
+        arc, why = f"{stem}_{k}{ext}", (why + "; " if why else "") + "name taken"
+    used_names.add(arc)
+    if written is not data:
+        result.converted.append((pred.name, arc))
+    if lossy:
+        result.lossy.append((pred.name, lossy))
+    if why:
+        result.renamed.append((pred.name, arc, why))
+    zf.writestr(_member(arc), written, zipfile.ZIP_STORED)  # already compressed: stored
+    return arc, data
 
 
 def _member(name: str) -> zipfile.ZipInfo:

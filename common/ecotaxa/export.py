@@ -306,28 +306,16 @@ class Export:
         raise AssertionError("latin-1 decodes every byte")  # pragma: no cover
 
     def _parse(self, tsv: str, text: IO[str], columns: Sequence[str] | None) -> Iterator[EcoObject]:
+        """The objects of one TSV, row by row (blank lines and EcoTaxa's type row skipped)."""
         where = f"{self.what}: {self.source}"
         reader = csv.reader(text, delimiter="\t", quotechar='"')
-        try:
-            header = next(reader)
-        except StopIteration:
+        header = _read_header(reader, tsv, where)
+        if header is None:
             return
-        except csv.Error as e:
-            raise UserError(f"{where}: {tsv} line 1: {e}") from None
-        names = [h.strip(" \t").lower() for h in header]  # TSVFile.py:120
-        seen: dict[str, int] = {}
-        for i, n in enumerate(names):
-            if n and n in seen:
-                raise UserError(f"{where}: {tsv} has the column {n!r} twice (columns {seen[n] + 1} and {i + 1})")
-            seen[n] = i
-        for need in ("object_id", "img_file_name"):
-            if need not in seen:
-                hint = " (export again with images)" if need == "img_file_name" else ""
-                raise UserError(f"{where}: {tsv} has no {need} column{hint}")
+        names, seen = header
         keep = [i for i, n in enumerate(names) if n and (columns is None or n.startswith(tuple(columns)))]
         col = {n: seen.get(n) for n in ("object_id", "sample_id", "img_file_name", "img_rank", "object_annotation_category",
                                         "object_annotation_hierarchy", "object_annotation_status")}
-        folder = posixpath.dirname(tsv)
         shared: dict[str, str] = {}
         first = True
         try:
@@ -339,37 +327,65 @@ class Export:
                     cells = [c.strip() for c in row if c.strip()]
                     if cells and all(c in TYPE_CELLS for c in cells):
                         continue  # the type row
-                line = reader.line_num
-                if len(row) > len(names) and any(c.strip() for c in row[len(names):]):
-                    raise UserError(f"{where}: {tsv} line {line}: {len(row)} values for {len(names)} columns")
-                row = row + [""] * (len(names) - len(row))
-
-                def get(name: str, row: list[str] = row) -> str:
-                    i = col[name]
-                    return row[i].strip() if i is not None else ""
-
-                oid = get("object_id")
-                if not oid:
-                    raise UserError(f"{where}: {tsv} line {line}: empty object_id")
-                img = get("img_file_name")
-                if not img:
-                    raise UserError(f"{where}: {tsv} line {line}: empty img_file_name")
-                if _escapes(img):
-                    raise UserError(f"{where}: {tsv} line {line}: img_file_name {img!r} leaves the export")
-                image = posixpath.normpath(posixpath.join(folder, img))
-                if not self.is_zip and not _inside(self.source, image):
-                    raise UserError(f"{where}: {tsv} line {line}: img_file_name {img!r} leads outside the export")
-                rank_text = get("img_rank")
-                try:
-                    rank = float(rank_text) if rank_text else None
-                except ValueError:
-                    raise UserError(f"{where}: {tsv} line {line}: img_rank {rank_text!r} is not a number") from None
-                fields = {names[i]: shared.setdefault(row[i], row[i]) for i in keep}
-                yield EcoObject(oid, get("sample_id"), image, get("object_annotation_category"),
-                                get("object_annotation_hierarchy"), get("object_annotation_status").lower(), rank,
-                                tsv, line, fields)
+                yield self._object(row, reader.line_num, names, col, keep, shared, tsv, where)
         except csv.Error as e:
             raise UserError(f"{where}: {tsv} line {reader.line_num}: {e}") from None
+
+    def _object(self, row: list[str], line: int, names: list[str], col: dict[str, int | None], keep: list[int],
+                shared: dict[str, str], tsv: str, where: str) -> EcoObject:
+        """One data row of ``tsv`` (``where``: the export, for the error lines) as an ``EcoObject``;
+        ``UserError`` naming the line when a value is missing or unusable."""
+        at = f"{where}: {tsv}"
+        if len(row) > len(names) and any(c.strip() for c in row[len(names):]):
+            raise UserError(f"{at} line {line}: {len(row)} values for {len(names)} columns")
+        row = row + [""] * (len(names) - len(row))
+
+        def get(name: str) -> str:
+            i = col[name]
+            return row[i].strip() if i is not None else ""
+
+        oid = get("object_id")
+        if not oid:
+            raise UserError(f"{at} line {line}: empty object_id")
+        img = get("img_file_name")
+        if not img:
+            raise UserError(f"{at} line {line}: empty img_file_name")
+        if _escapes(img):
+            raise UserError(f"{at} line {line}: img_file_name {img!r} leaves the export")
+        image = posixpath.normpath(posixpath.join(posixpath.dirname(tsv), img))
+        if not self.is_zip and not _inside(self.source, image):
+            raise UserError(f"{at} line {line}: img_file_name {img!r} leads outside the export")
+        rank_text = get("img_rank")
+        try:
+            rank = float(rank_text) if rank_text else None
+        except ValueError:
+            raise UserError(f"{at} line {line}: img_rank {rank_text!r} is not a number") from None
+        fields = {names[i]: shared.setdefault(row[i], row[i]) for i in keep}
+        return EcoObject(oid, get("sample_id"), image, get("object_annotation_category"),
+                         get("object_annotation_hierarchy"), get("object_annotation_status").lower(), rank,
+                         tsv, line, fields)
+
+
+def _read_header(reader: Any, tsv: str, where: str) -> tuple[list[str], dict[str, int]] | None:
+    """A TSV's column names (lower case, as EcoTaxa's TSVFile.py:120) and their indices; None for an
+    empty file. ``UserError`` for a column named twice, or without object_id or img_file_name."""
+    try:
+        header = next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as e:
+        raise UserError(f"{where}: {tsv} line 1: {e}") from None
+    names = [h.strip(" \t").lower() for h in header]  # TSVFile.py:120
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n and n in seen:
+            raise UserError(f"{where}: {tsv} has the column {n!r} twice (columns {seen[n] + 1} and {i + 1})")
+        seen[n] = i
+    for need in ("object_id", "img_file_name"):
+        if need not in seen:
+            hint = " (export again with images)" if need == "img_file_name" else ""
+            raise UserError(f"{where}: {tsv} has no {need} column{hint}")
+    return names, seen
 
 
 def _member_name(info: zipfile.ZipInfo) -> str:
@@ -531,6 +547,25 @@ def select(rows: Sequence[EcoObject], export: Export | None = None, *, statuses:
     image``). ``need_category=False`` (objects to predict): a row without a category is used, with
     class ''.
     """
+    wanted = _check_selection_args(rows, statuses, level)
+    first: dict[str, EcoObject] = {}
+    for r in rows:  # the first image of each object: the lowest img_rank, then TSV order
+        kept = first.get(r.object_id)
+        if kept is None or (r.rank is not None and (kept.rank is None or r.rank < kept.rank)):
+            first[r.object_id] = r
+    used: list[tuple[EcoObject, str]] = []
+    skipped: list[Skip] = []
+    for r in rows:
+        got = _class_of(r, first, wanted, level, class_map, export, verify_images, need_category)
+        if isinstance(got, Skip):
+            skipped.append(got)
+        else:
+            used.append((r, got))
+    return Selection(used, skipped)
+
+
+def _check_selection_args(rows: Sequence[EcoObject], statuses: Sequence[str], level: int | None) -> set[str]:
+    """The statuses to select (lower case); ``UserError`` for an unknown status or an unusable ``level``."""
     wanted = {s.strip().lower() for s in statuses}
     bad = sorted(wanted - set(STATUSES) - {""})
     if bad:
@@ -543,45 +578,36 @@ def select(rows: Sequence[EcoObject], export: Export | None = None, *, statuses:
         if rows and not any(r.hierarchy for r in rows):
             raise UserError("data.ecotaxa_level: the export has no object_annotation_hierarchy (EcoTaxa writes it in "
                             "a general export, not in a backup)")
-    first: dict[str, EcoObject] = {}
-    for r in rows:  # the first image of each object: the lowest img_rank, then TSV order
-        kept = first.get(r.object_id)
-        if kept is None or (r.rank is not None and (kept.rank is None or r.rank < kept.rank)):
-            first[r.object_id] = r
-    used: list[tuple[EcoObject, str]] = []
-    skipped: list[Skip] = []
-    for r in rows:
-        if first[r.object_id] is not r:
-            skipped.append(Skip(r, "another image", f"another image of object {r.object_id} (img_rank {r.rank:g})"
-                                if r.rank is not None else f"another image of object {r.object_id}"))
-            continue
-        if r.status not in wanted:
-            skipped.append(Skip(r, "status", f"status {r.status or 'unclassified'!r} not selected"))
-            continue
-        cat = category_at(r, level)
-        if not cat and need_category:
-            skipped.append(Skip(r, "no category", "no category"))
-            continue
-        cls = cat
-        if class_map is not None and cat:
-            mapped, why = class_map.apply(cat)
-            if mapped is None:
-                detail = (f"category {cat!r} dropped by the class map" if why == "dropped"
-                          else f"category {cat!r} is not in the class map")
-                skipped.append(Skip(r, why, detail))
-                continue
-            cls = mapped
-        if export is not None and not export.has(r.image):
-            skipped.append(Skip(r, "missing image", f"image {r.image!r} is not in the export"))
-            continue
-        if export is not None and verify_images:
-            problem = _decode_problem(export, r.image)
-            if problem:
-                skipped.append(Skip(r, "unreadable image", problem))
-                continue
-        used.append((r, cls))
-    return Selection(used, skipped)
+    return wanted
 
+
+def _class_of(r: EcoObject, first: dict[str, EcoObject], wanted: set[str], level: int | None,
+              class_map: ClassMap | None, export: Export | None, verify_images: bool,
+              need_category: bool) -> str | Skip:
+    """The class row ``r`` is used with, or why it is skipped (the checks in ``select``'s order)."""
+    if first[r.object_id] is not r:
+        return Skip(r, "another image", f"another image of object {r.object_id} (img_rank {r.rank:g})"
+                    if r.rank is not None else f"another image of object {r.object_id}")
+    if r.status not in wanted:
+        return Skip(r, "status", f"status {r.status or 'unclassified'!r} not selected")
+    cat = category_at(r, level)
+    if not cat and need_category:
+        return Skip(r, "no category", "no category")
+    cls = cat
+    if class_map is not None and cat:
+        mapped, why = class_map.apply(cat)
+        if mapped is None:
+            detail = (f"category {cat!r} dropped by the class map" if why == "dropped"
+                      else f"category {cat!r} is not in the class map")
+            return Skip(r, why, detail)
+        cls = mapped
+    if export is not None and not export.has(r.image):
+        return Skip(r, "missing image", f"image {r.image!r} is not in the export")
+    if export is not None and verify_images:
+        problem = _decode_problem(export, r.image)
+        if problem:
+            return Skip(r, "unreadable image", problem)
+    return cls
 
 def _decode_problem(export: Export, name: str) -> str:
     try:

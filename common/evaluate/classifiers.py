@@ -97,6 +97,28 @@ def _accuracy(head: nn.Module, X: torch.Tensor, y: torch.Tensor, batch: int) -> 
     return correct / max(1, X.shape[0])
 
 
+def _train_epoch(head: LinearHead, opt: torch.optim.Optimizer, sched: Any, loss_fn: nn.Module, Xt: torch.Tensor,
+                 yt: torch.Tensor, gen: torch.Generator, batch_size: int, epoch: int) -> tuple[torch.Tensor, int]:
+    """One epoch of the linear head over the train vectors in a random order (``gen``): the summed
+    loss (on the device: no sync per step) and the rows seen."""
+    head.train()
+    perm = torch.randperm(Xt.shape[0], generator=gen).to(Xt.device)
+    total = torch.zeros((), device=Xt.device)
+    n = 0
+    for s in range(0, Xt.shape[0], batch_size):
+        b = perm[s:s + batch_size]
+        loss = loss_fn(head(Xt[b]), yt[b])  # (B, C) logits vs (B,) labels
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"linear head: non-finite loss at epoch {epoch} (lower inference.linear_lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.detach() * b.numel()
+        n += b.numel()
+    return total, n
+
+
 def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
                n_classes: int, epochs: int, lr: float, batch_size: int, device: torch.device | str = "cpu",
                seed: int = 0, on_epoch: Callable[[int, LinearHead, float], None] | None = None) -> LinearFit:
@@ -131,21 +153,7 @@ def fit_linear(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_va
     best_acc, best_epoch = -1.0, 0
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
-        head.train()
-        perm = torch.randperm(Xt.shape[0], generator=gen).to(device)
-        total = torch.zeros((), device=device)  # summed on the device: no sync per step
-        n = 0
-        for s in range(0, Xt.shape[0], batch_size):
-            b = perm[s:s + batch_size]
-            loss = loss_fn(head(Xt[b]), yt[b])  # (B, C) logits vs (B,) labels
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"linear head: non-finite loss at epoch {epoch} (lower inference.linear_lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * b.numel()
-            n += b.numel()
+        total, n = _train_epoch(head, opt, sched, loss_fn, Xt, yt, gen, batch_size, epoch)
         val_acc = _accuracy(head, Xv, yv, batch_size) if use_val else float("nan")
         history.append({"epoch": epoch, "loss": float(total) / max(n, 1), "val_accuracy": val_acc,
                         "lr": opt.param_groups[0]["lr"]})

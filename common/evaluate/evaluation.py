@@ -1,4 +1,12 @@
-"""EvalInputs, evaluate() -> Evaluation."""
+"""Evaluate mode's measurement: ``evaluate(EvalInputs) -> Evaluation``; writes nothing.
+
+The test queries are searched against the gallery once, classified by both retrieval methods
+(top-1 and k-NN), rejected by one open-set rule, and measured (classification, retrieval,
+rejection, unknown classes, timing); the classical classifiers (``inference.classifiers``) are
+fitted on the same frozen train vectors and compared. Stage 07's driver
+(``common.stages.inference.evaluate``) writes the files: the classifiers, ``comparison.csv``,
+``predictions.csv``, ``classification_report.csv``, the plots, ``metrics.json`` and ``report.html``.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,17 +18,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..errors import UserError
-from ..fileio import write_csv, write_json
-from ..report.plots import confusion_matrix_png, embedding_map_png
 from ..retrieval.search import _on_device, search_classes, topk
 from ..retrieval.streamed import is_streamed as streamed
 from ..store.containers import Vectors
-from . import metrics as evaluate_metrics
 from .decide import classify, reject
-from .metrics import UNKNOWN_NAME, classification_metrics, confusion, rejection_metrics, retrieval_metrics
+from .metrics import classification_metrics, rejection_metrics, retrieval_metrics
 from .openset import _rejection_facts, open_scores, rejection_rule
-from .pages import _evaluate_report
-from .tables import _round, class_report_rows, prediction_rows
+from .tables import _round
 
 if TYPE_CHECKING:
     from .decide import Decision
@@ -30,7 +34,10 @@ log = logging.getLogger(__name__)
 RETRIEVAL_TOP1 = "retrieval_top1"
 RETRIEVAL_KNN = "retrieval_knn"
 
-Output = Callable[..., Path]  # ctx.output: relative parts -> registered path under the stage folder
+Output = Callable[..., Path]  # ctx.output: relative parts -> registered path (the drivers, and predict, take one)
+# the comparison table's columns (comparison.csv, report.html)
+COMPARISON_HEADER = ["method", "accuracy", "macro_f1", "balanced_accuracy", "fit_time_s", "predict_ms_per_image",
+                     "model_size_bytes"]
 
 
 def _sizeof_gallery(g: Vectors) -> int:
@@ -56,21 +63,71 @@ class EvalInputs:
     embed_seconds: float = 0.0  # test vectors embedded on the fly (0 when read from the store)
     unknown_test: Vectors | None = None  # test images of inference.unknown_classes (not in the gallery)
     unknown_classes: list[str] = field(default_factory=list)
-    index: Any = None  # common.search.AnnIndex over the gallery's rows; None = exact search
+    index: Any = None  # common.retrieval.ann.AnnIndex over the gallery's rows; None = exact search
     search_info: dict[str, Any] = field(default_factory=dict)  # the index and its agreement with exact search
     pixel_size_um: float | None = None  # the camera's pixel size: the report's image sizes in micrometres too
 
 
-def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, seed: int = 0) -> dict[str, Any]:
-    """Evaluate mode on loaded vectors: every artefact of the stage; returns the metrics summary."""
-    classes, test, gallery = inp.classes, inp.test, inp.gallery
-    C = len(classes)
-    if len(test) == 0:
+@dataclass
+class Evaluation:
+    """What evaluate mode found, for the driver to write."""
+
+    summary: dict[str, Any]  # metrics.json's content (the driver adds "report")
+    decision: Decision  # the headline method's (inference.method), after rejection
+    scores: dict[str, np.ndarray]  # the open-set scores of every test query
+    preds: dict[str, np.ndarray]  # each compared method's prediction of every test query
+    # rows of the comparison table (COMPARISON_HEADER); a fitted classifier's size (the last
+    # column) is its saved file's, None until the driver saves it
+    comparison: list[list[Any]]
+    fitted: dict[str, Any] = field(default_factory=dict)  # the classical classifiers, to be saved
+
+
+def evaluate(inp: EvalInputs, icfg: Any, *, device: Any = None, seed: int = 0) -> Evaluation:
+    """Evaluate mode on loaded vectors: search once, decide with both methods, reject by one rule,
+    measure, and fit the classical classifiers (``inference.classifiers``); writes nothing."""
+    _check_inputs(inp)
+    C = len(inp.classes)
+    decisions, class_search_s = _decide(inp, icfg, device)
+    rule = rejection_rule(icfg, inp.val, inp.gallery, C, device)
+    scores, _, _ = open_scores(inp.test.X, decisions[icfg.method], inp.gallery, icfg, device)
+    for dd in decisions.values():  # both methods share the per-class search: the same scores
+        reject(dd, scores, rule)
+    # comparison table: each method's own work (k-NN: its k-neighbour search and vote; its
+    # candidate list reuses the per-class search, which the headline timing does include)
+    own_seconds = {"top1": decisions["top1"].seconds, "knn": decisions["knn"].seconds - class_search_s}
+    d = decisions[icfg.method]
+    summary = _summary(inp, icfg, d, rule, scores, device)
+    rows, preds = comparison(inp, decisions, own_seconds, icfg)
+    fitted: dict[str, Any] = {}
+    fitted_info: dict[str, Any] = {}
+    if icfg.classifiers and inp.train is not None and streamed(inp.train.X):
+        summary["classifiers_skipped"] = (f"the train vectors ({inp.train.X.nbytes / 2**30:.2f} GiB) exceed "
+                                          "search.max_memory_gib: they stay in the store")
+        log.warning("inference.classifiers skipped: %s", summary["classifiers_skipped"])
+        inp.facts.append(("classical classifiers", f"skipped: {summary['classifiers_skipped']}"))
+    elif icfg.classifiers:
+        fitted, cpreds, crows, fitted_info = fit_classical(inp, icfg, device, seed)
+        rows += crows
+        preds.update(cpreds)
+    summary["classifiers"] = fitted_info
+    return Evaluation(summary, d, scores, preds, rows, fitted)
+
+
+def _check_inputs(inp: EvalInputs) -> None:
+    """Refuse what cannot be evaluated (one line each)."""
+    if len(inp.test) == 0:
         raise UserError("the test split is empty: nothing to evaluate (check split.test)")
-    if len(gallery) == 0:
+    if len(inp.gallery) == 0:
         raise UserError("the gallery is empty: rerun 06_prune_features.py (or use inference.gallery=full)")
-    if (test.labels < 0).any():
+    if (inp.test.labels < 0).any():
         raise UserError("some test vectors have no label in the feature store")
+
+
+def _decide(inp: EvalInputs, icfg: Any, device: Any) -> tuple[dict[str, Decision], float]:
+    """Both retrieval methods' decisions (no rejection yet) from one per-class search, and that
+    search's seconds."""
+    test, gallery = inp.test, inp.gallery
+    C = len(inp.classes)
     kw = dict(top_k=icfg.top_k, k=icfg.k, temperature=icfg.temperature, block_size=icfg.block_size, device=device,
               index=inp.index)
     log.info("searching %d test queries against a %s gallery of %d vectors (%d classes)", len(test),
@@ -80,17 +137,14 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
         "top1": classify(test.X, gallery, C, method="top1", reject_below=None, class_search=cs, **kw),
         "knn": classify(test.X, gallery, C, method="knn", reject_below=None, class_search=cs, **kw),
     }
-    rule = rejection_rule(icfg, inp.val, gallery, C, device)
-    scores, _, _ = open_scores(test.X, decisions[icfg.method], gallery, icfg, device)
-    for dd in decisions.values():  # both methods share the per-class search: the same scores
-        reject(dd, scores, rule)
-    # comparison table: each method's own work (k-NN: its k-neighbour search and vote; its
-    # candidate list reuses the per-class search, which the headline timing does include)
-    own_seconds = {"top1": decisions["top1"].seconds, "knn": decisions["knn"].seconds - cs.seconds}
-    d = decisions[icfg.method]
-    y = test.labels
-    n = len(test)
+    return decisions, cs.seconds
 
+
+def _summary(inp: EvalInputs, icfg: Any, d: Decision, rule: Any, scores: dict[str, np.ndarray],
+             device: Any) -> dict[str, Any]:
+    """metrics.json's measurements of the headline decision ``d`` (its keys in their file order)."""
+    test, gallery = inp.test, inp.gallery
+    C, y, n = len(inp.classes), test.labels, len(test)
     out: dict[str, Any] = {"mode": "evaluate", "gallery": icfg.gallery, "gallery_size": len(gallery),
                            "method": icfg.method}
     if inp.search_info:
@@ -98,7 +152,7 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     out.update(classification_metrics(y, d.final, C, d.candidates, icfg.top_k))
     # on a GPU both matrices go to the device once, not once per class searched
     out.update(retrieval_metrics(_on_device(test.X, device), y, _on_device(gallery.X, device), gallery.labels,
-                                   topk, block_size=icfg.block_size, device=device))
+                                 topk, block_size=icfg.block_size, device=device))
     out["reject_below"] = icfg.reject_below
     out.update(_rejection_facts(rule))
     if rule.cut is not None:
@@ -111,58 +165,23 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     out["timing_scope"] = "embed+search" if inp.embed_seconds else "search (vectors read from the store)"
     out["images_per_s"] = n / total if total > 0 else float("nan")
     out["mean_latency_ms"] = 1000.0 * total / n
+    return out
 
-    # ---- classical classifiers on the same frozen vectors
-    comp_rows: list[list[Any]] = []
+
+def comparison(inp: EvalInputs, decisions: dict[str, Decision], own_seconds: dict[str, float],
+               icfg: Any) -> tuple[list[list[Any]], dict[str, np.ndarray]]:
+    """The retrieval methods' rows of the comparison table (without rejection), and their predictions."""
+    y, n, C = inp.test.labels, len(inp.test), len(inp.classes)
+    rows: list[list[Any]] = []
     preds: dict[str, np.ndarray] = {}
     for name in (RETRIEVAL_TOP1, RETRIEVAL_KNN):
         key = "top1" if name == RETRIEVAL_TOP1 else "knn"
         dd = decisions[key]
         preds[name] = dd.raw
         mm = classification_metrics(y, dd.raw, C, dd.candidates, icfg.top_k)
-        comp_rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], 0.0,
-                          1000.0 * own_seconds[key] / n, _sizeof_gallery(gallery)])
-    fitted_info: dict[str, Any] = {}
-    if icfg.classifiers and inp.train is not None and streamed(inp.train.X):
-        out["classifiers_skipped"] = (f"the train vectors ({inp.train.X.nbytes / 2**30:.2f} GiB) exceed "
-                                      "search.max_memory_gib: they stay in the store")
-        log.warning("inference.classifiers skipped: %s", out["classifiers_skipped"])
-        inp.facts.append(("classical classifiers", f"skipped: {out['classifiers_skipped']}"))
-    elif icfg.classifiers:
-        comp, cpreds, fitted_info = _classical(inp, icfg, output, device, seed)
-        comp_rows += comp
-        preds.update(cpreds)
-
-    comp_header = ["method", "accuracy", "macro_f1", "balanced_accuracy", "fit_time_s", "predict_ms_per_image",
-                   "model_size_bytes"]
-    write_csv(output("comparison.csv"), comp_header,
-              [[r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", f"{r[4]:.3f}", f"{r[5]:.6f}", r[6]] for r in comp_rows])
-    out["classifiers"] = fitted_info
-
-    # ---- files
-    header, rows = prediction_rows(test, d, classes, gallery, preds, with_truth=True,
-                                   scores={"margin": d.margin, "knn_similarity": scores["knn"]})
-    write_csv(output("predictions.csv"), header, rows)
-    g_counts = np.bincount(gallery.labels, minlength=C)
-    h2, r2 = class_report_rows(y, d.final, classes, g_counts)
-    write_csv(output("classification_report.csv"), h2, r2)
-    cm = confusion(y, d.final, C)
-    rejected = bool((d.final == evaluate_metrics.UNKNOWN).any())
-    cm_png = confusion_matrix_png(cm if rejected else cm[:, :C], classes,
-                                    list(classes) + ([UNKNOWN_NAME] if rejected else []),
-                                    output("confusion_matrix.png"))
-    map_png = None
-    if icfg.embedding_map != "none":
-        map_png = embedding_map_png(test.X, y, classes, output("embedding_map.png"), icfg.embedding_map, seed)
-    report_path = output("report.html")
-    out["report"] = str(report_path)
-    write_json(output("metrics.json"), _round(out))
-    _evaluate_report(report_path, inp, icfg, out, d, comp_header, comp_rows, cm_png, map_png, h2, r2)
-    log.info("test: accuracy %.4f, top-%d %.4f, macro-F1 %.4f, balanced accuracy %.4f, MAP@R %.4f (%s, %s gallery)",
-             out["accuracy"], icfg.top_k, out.get(f"top{icfg.top_k}_accuracy", float("nan")), out["macro_f1"],
-             out["balanced_accuracy"], out["map_at_r"], icfg.method, icfg.gallery)
-    log.info("report: %s", report_path)
-    return out
+        rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], 0.0,
+                     1000.0 * own_seconds[key] / n, _sizeof_gallery(inp.gallery)])
+    return rows, preds
 
 
 def _unknown_metrics(inp: EvalInputs, icfg: Any, d: Decision, scores: dict[str, np.ndarray], rule: Any,
@@ -186,21 +205,19 @@ def _unknown_metrics(inp: EvalInputs, icfg: Any, d: Decision, scores: dict[str, 
             "scores": {k: _round(v) for k, v in per_score.items()}}
 
 
-def _classical(inp: EvalInputs, icfg: Any, output: Output, device: Any, seed: int):
-    """Fit, save and evaluate the classical classifiers; rows of the comparison table."""
-    from .classifiers import CLASSES_FILE, DIGESTS_FILE, LINEAR_BATCH_SIZE, fit_classifiers, save_classifiers
+def fit_classical(inp: EvalInputs, icfg: Any, device: Any, seed: int
+                  ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[list[Any]], dict[str, Any]]:
+    """Fit and evaluate the classical classifiers: (fitted, their predictions, their rows of the
+    comparison table with the size still None, their metrics.json entries). Saves nothing."""
+    from .classifiers import LINEAR_BATCH_SIZE, fit_classifiers
 
     if inp.train is None or len(inp.train) == 0:
         raise UserError("inference.classifiers: the feature store has no train vectors to fit them on")
     val = inp.val if inp.val is not None else Vectors(inp.train.X[:0], inp.train.labels[:0], [])
     C = len(inp.classes)
     fitted = fit_classifiers(icfg.classifiers, inp.train.X, inp.train.labels, val.X, val.labels, C,
-                               epochs=icfg.linear_epochs, lr=icfg.linear_lr, batch_size=LINEAR_BATCH_SIZE,
-                               device=device or "cpu", seed=seed)
-    folder = output("classifiers", CLASSES_FILE).parent
-    paths = save_classifiers(fitted, folder, inp.classes, inp.model_id, inp.test.X.shape[1])
-    for p in [*paths.values(), folder / CLASSES_FILE, folder / DIGESTS_FILE]:
-        output("classifiers", p.name)  # registered in the manifest
+                             epochs=icfg.linear_epochs, lr=icfg.linear_lr, batch_size=LINEAR_BATCH_SIZE,
+                             device=device or "cpu", seed=seed)
     rows, preds, info = [], {}, {}
     y = inp.test.labels
     for name, f in fitted.items():
@@ -210,8 +227,8 @@ def _classical(inp: EvalInputs, icfg: Any, output: Output, device: Any, seed: in
         preds[name] = pred
         mm = classification_metrics(y, pred, C, ranked, icfg.top_k)
         rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], f.fit_time_s,
-                     1000.0 * dt / len(y), paths[name].stat().st_size])
+                     1000.0 * dt / len(y), None])
         info[name] = _round({k: v for k, v in mm.items() if isinstance(v, float)}) | {
             k: v for k, v in f.info.items() if k != "history"}
         log.info("%s: accuracy %.4f, macro-F1 %.4f (fit %.1f s)", name, mm["accuracy"], mm["macro_f1"], f.fit_time_s)
-    return rows, preds, info
+    return fitted, preds, rows, info

@@ -103,6 +103,33 @@ class _NonSelfLogSumExp(torch.autograd.Function):
         return dq, dc
 
 
+def _check_inputs(features: torch.Tensor, labels: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                  temperature: float, base_temperature: float,
+                  contrast_mode: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``supcon_loss``'s arguments checked (``ValueError`` naming the one at fault): the features
+    as (B, V, D), the labels as (B,) on their device."""
+    if features.dim() < 3:
+        raise ValueError(f"SupCon features must be (batch, n_views, dim), got shape {tuple(features.shape)}")
+    if features.dim() > 3:
+        features = features.reshape(features.shape[0], features.shape[1], -1)
+    if labels is not None and mask is not None:
+        raise ValueError("SupCon: give labels or mask, not both")
+    if contrast_mode not in ("all", "one"):
+        raise ValueError(f"SupCon: unknown contrast_mode {contrast_mode!r} (all, one)")
+    if not temperature > 0 or not base_temperature > 0:
+        raise ValueError(f"SupCon: temperatures must be > 0 (temperature={temperature}, "
+                         f"base_temperature={base_temperature})")
+    B = features.shape[0]
+    if labels is not None:
+        labels = labels.reshape(-1)
+        if labels.shape[0] != B:
+            raise ValueError(f"SupCon: {labels.shape[0]} labels for a batch of {B}")
+        labels = labels.to(features.device)
+    if mask is not None and tuple(mask.shape) != (B, B):
+        raise ValueError(f"SupCon: mask must be ({B}, {B}), got {tuple(mask.shape)}")
+    return features, labels
+
+
 def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, temperature: float = 0.07,
                 base_temperature: float = 0.07, contrast_mode: ContrastMode = "all") -> torch.Tensor:
@@ -117,25 +144,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None,
     the module docstring); a zero with a ``grad_fn`` is returned when no anchor has one.
     Returns a scalar (float32, or float64 for float64 features).
     """
-    if features.dim() < 3:
-        raise ValueError(f"SupCon features must be (batch, n_views, dim), got shape {tuple(features.shape)}")
-    if features.dim() > 3:
-        features = features.reshape(features.shape[0], features.shape[1], -1)
-    if labels is not None and mask is not None:
-        raise ValueError("SupCon: give labels or mask, not both")
-    if contrast_mode not in ("all", "one"):
-        raise ValueError(f"SupCon: unknown contrast_mode {contrast_mode!r} (all, one)")
-    if not temperature > 0 or not base_temperature > 0:
-        raise ValueError(f"SupCon: temperatures must be > 0 (temperature={temperature}, "
-                         f"base_temperature={base_temperature})")
+    features, labels = _check_inputs(features, labels, mask, temperature, base_temperature, contrast_mode)
     B, V, _ = features.shape
-    if labels is not None:
-        labels = labels.reshape(-1)
-        if labels.shape[0] != B:
-            raise ValueError(f"SupCon: {labels.shape[0]} labels for a batch of {B}")
-        labels = labels.to(features.device)
-    if mask is not None and tuple(mask.shape) != (B, B):
-        raise ValueError(f"SupCon: mask must be ({B}, {B}), got {tuple(mask.shape)}")
 
     with torch.autocast(device_type=features.device.type, enabled=False):
         if features.dtype not in (torch.float32, torch.float64):

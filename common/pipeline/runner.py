@@ -37,32 +37,29 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..config.secrets import to_yaml
 from ..config.values import recording
 from ..errors import UserError
 from ..fileio import atomic_open
-from .folders import as_user_error, check_stage_folder, check_writable, remove_stale_temporaries
-from .lock import StageLock
-from .manifest import MANIFEST, changed_outputs, write_manifest
-from .runconfig import write_run_config
-
-if TYPE_CHECKING:
-    from .spec import StageSpec
 from ..runtime.distributed import _go_no_go, _init_distributed
 from ..runtime.signals import _install_signals, _restore_signals
 from .checks import _check_stage_folder, _checks, _config_change_message
 from .cli import parse_args
 from .context import Context
+from .folders import as_user_error, check_stage_folder, check_writable, remove_stale_temporaries
+from .lock import StageLock
 from .logs import setup_logging, start_log_file
-from .manifest import _manifest, _now
+from .manifest import MANIFEST, _manifest, _now, changed_outputs, write_manifest
 from .notify import _send_email
 from .rollback import _Before, _remove_created, _roll_back
+from .runconfig import write_run_config
 
 if TYPE_CHECKING:
     from .cli import Invocation
     from .logs import _Buffer
+    from .spec import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,101 +115,167 @@ def _close(handlers: list[logging.Handler], lock: StageLock, world: int) -> None
         h.close()
 
 
+def parse(spec: StageSpec, argv: list[str], doc: str | None) -> Invocation | None:
+    """Step 1: the command line and the configuration; None (its one line printed) when refused."""
+    try:
+        return parse_args(spec, argv, doc)
+    except UserError as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}", file=sys.stderr)
+        return None
+
+
+class _Run:
+    """One stage run: what outlives a phase of ``execute`` (logging, signals, the lock, what was
+    read before the first write) and its outcome (``code``). Creating it writes nothing."""
+
+    def __init__(self, spec: StageSpec, inv: Invocation, table: dict[str, StageSpec], argv: list[str]):
+        self.spec, self.inv, self.table, self.argv = spec, inv, table, argv
+        self.cfg, self.run_dir = inv.cfg, inv.run_dir
+        self.stage_dir = spec.folder(self.run_dir, self.cfg)
+        self.rank0 = int(os.environ.get("RANK", "0")) == 0
+        self.handlers, self.buffer = setup_logging(self.cfg.run.log_level, self.rank0)
+        self.old_signals = _install_signals()
+        self.t0, self.started = time.time(), _now()
+        self.slog = logging.getLogger(spec.name)
+        self.metrics: dict | None = None
+        self.code, self.err_line, self.tb_text, self.quiet = 1, None, None, False  # quiet: up to date, no e-mail
+        self.lock = StageLock(self.stage_dir, spec.name, self.run_dir)
+        self.rank, self.world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+        self.old: dict | None = None
+        self.before: _Before | None = None  # set once the stage may write (rank 0)
+        self.rolled_back = False
+
+    def run_checks(self) -> tuple[Any, str | None]:
+        """Step 2, touching no file: the stage's folder, the process group, then upstream, lock and
+        freshness on every rank; returns the freshness record and why the stage runs (None: up to date)."""
+        check_stage_folder(self.stage_dir, self.run_dir, self.spec.name)  # no configured name leads out of the stage's folder
+        # every rank must hear of a refusal on one (rank 0's lock check): the group first, then the checks
+        self.rank, self.world = _init_distributed(self.cfg.run.device)
+        with _go_no_go(self.world):
+            fresh, self.old, why = _checks(self.spec, self.inv, self.table, self.stage_dir, self.rank0)
+        return fresh, why
+
+    def up_to_date(self) -> None:
+        """Nothing to run: say so (and save a changed run configuration); no e-mail."""
+        inv = self.inv
+        if inv.changes:
+            self.slog.info("%s", _config_change_message(inv, self.table))
+        if self.rank0 and (inv.changes or inv.new_run):
+            write_run_config(self.run_dir, self.cfg)
+        self.slog.info("%s is up to date (inputs and configuration unchanged since %s); use --force to rerun",
+                       self.spec.name, self.old.get("finished") if self.old else "?")
+        self.code, self.quiet = 0, True
+
+    def context(self, fresh: Any) -> tuple[Context, Any]:
+        """The driver's ``Context``, with a configuration that records the keys it reads (and that record)."""
+        rec_cfg, reads = recording(self.cfg)
+        old = self.old
+        ctx = Context(name=self.spec.name, cfg=rec_cfg, run_dir=self.run_dir, dir=self.stage_dir, freshness=fresh,
+                      upstream_names=self.spec.upstream(self.cfg), force=self.inv.force, previous=old,
+                      changed_output=changed_outputs(self.stage_dir, old) if old else None, rank=self.rank,
+                      world_size=self.world)
+        return ctx, reads
+
+    def check_and_begin(self, ctx: Context) -> None:
+        """Steps 3 and 4 under one go/no-go: the check phase (still read only: the wrapper's own, then
+        the driver's, then rank 0's writability), then rank 0 takes the lock and begins writing."""
+        with _go_no_go(self.world):  # a refusal on one rank (the lock, a driver's check) stops every rank
+            _check_stage_folder(self.stage_dir)
+            check_fn = self.spec.check()
+            if check_fn is not None:
+                check_fn(ctx)
+            if self.rank == 0:
+                check_writable(self.run_dir, self.stage_dir)  # one line, before the first write
+                self.begin()
+
+    def begin(self) -> None:
+        """Rank 0: what rollback needs is read, the lock taken, then the first writes (``_begin``)."""
+        taken = _Before.take(self.inv, self.stage_dir)  # read before the first write
+        self.lock.acquire()
+        self.before = taken
+        _begin(self.inv, self.table, self.stage_dir, self.buffer, self.handlers, self.slog)
+
+    def run_driver(self, ctx: Context, why: str) -> None:
+        """Step 5: seed, wait for every rank, then the driver's ``main(ctx)`` (its metrics kept)."""
+        self.slog.info("%s: run folder %s; runs because %s", self.spec.name, self.run_dir, why)
+        from ..runtime.seed import seed_everything
+
+        seed_everything(self.cfg.run.seed)
+        if self.world > 1:  # torch is imported by a stage that runs, never by one that is up to date
+            from ..runtime.distributed import barrier
+
+            barrier()
+        with _go_no_go(self.world):  # a rank that fails stops the others, which would wait for it at the end
+            self.metrics = self.spec.main()(ctx) or {}
+
+    def record(self, ctx: Context, reads: Any) -> None:
+        """Step 6 (rank 0): ``manifest.json``, written last."""
+        if self.rank != 0:
+            return
+        spec = self.spec
+        manifest = _manifest(spec, self.inv, ctx, reads, self.argv, self.started, self.t0, self.metrics)
+        if manifest["undeclared_keys_read"]:
+            self.slog.error("internal: %s read configuration keys it does not declare: %s", spec.name,
+                            ", ".join(manifest["undeclared_keys_read"]))
+        write_manifest(self.stage_dir, manifest)
+        self.slog.info("%s finished in %.1f s", spec.name, time.time() - self.t0)
+
+    def fail(self, e: BaseException) -> None:
+        """The stage stopped: its exit code and line; a refusal after the first write is rolled back
+        when it can be (``_roll_back``)."""
+        e = as_user_error(e, self.run_dir)  # a permission error inside the run folder: one line, exit 2
+        refused_mid_run = isinstance(e, UserError) and self.before is not None
+        if refused_mid_run:
+            self.rolled_back = _roll_back(self.before, self.inv, self.stage_dir, self.old)
+        self.code, self.err_line, self.tb_text = _failure(e, self.spec, self.stage_dir, self.slog,
+                                                          unfinished=refused_mid_run and not self.rolled_back)
+
+    def finish(self) -> None:
+        """Step 7, whatever happened: e-mail, lock and log released, a rolled-back run's new folders
+        removed, the signal handlers restored. A signal here keeps the decided outcome."""
+        try:
+            if not self.quiet and self.rank0:
+                code = self.code
+                _send_email(self.cfg, {0: "success", 130: "interrupt"}.get(code, "failure"), {
+                    "stage": self.spec.name, "run_dir": str(self.run_dir), "host": socket.gethostname(),
+                    "elapsed_s": time.time() - self.t0, "error": self.err_line, "traceback": self.tb_text,
+                    "log_path": str(self.stage_dir / "log.txt"), "exit_code": code, "metrics": self.metrics,
+                })
+            _close(self.handlers, self.lock, self.world)
+            if self.rolled_back and self.before is not None:
+                _remove_created(self.before, self.stage_dir)
+        except KeyboardInterrupt:  # a signal during the clean-up: the outcome is already decided
+            self.code = 130 if self.code == 0 else self.code
+        finally:
+            _restore_signals(self.old_signals)
+
+
 def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, table: dict[str, StageSpec],
             doc: str | None = None) -> int:
     """Run one stage (a spec, or its name in ``table``) and return its exit code. ``table``: the
     stage table its upstream stages and the stages a configuration change affects are looked up
-    in (``stages.run`` passes ``stages.SPECS`` and exits with the code)."""
+    in (``stages.run`` passes ``stages.SPECS`` and exits with the code).
+
+    Every refusal happens before the first write (``check_and_begin`` writes only after the check
+    phase passed on every rank); a refusal after it is rolled back (``_Run.fail``)."""
     spec = table[spec] if isinstance(spec, str) else spec
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        inv = parse_args(spec, argv, doc)
-    except UserError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}", file=sys.stderr)
+    inv = parse(spec, argv, doc)
+    if inv is None:
         return 2
-    cfg, run_dir = inv.cfg, inv.run_dir
-    stage_dir = spec.folder(run_dir, cfg)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    handlers, buffer = setup_logging(cfg.run.log_level, rank0)
-    old_signals = _install_signals()
-    t0, started = time.time(), _now()
-    slog = logging.getLogger(spec.name)
-    metrics: dict | None = None
-    code, err_line, tb_text, quiet = 1, None, None, False  # quiet: up to date, no e-mail
-    lock = StageLock(stage_dir, spec.name, run_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    old: dict | None = None
-    before: _Before | None = None  # set once the stage may write (rank 0)
-    rolled_back = False
+    run = _Run(spec, inv, table, argv)
     try:
-        check_stage_folder(stage_dir, run_dir, spec.name)  # no configured name leads out of the stage's folder
-        # every rank must hear of a refusal on one (rank 0's lock check): the group first, then the checks
-        rank, world = _init_distributed(cfg.run.device)
-        with _go_no_go(world):
-            fresh, old, why = _checks(spec, inv, table, stage_dir, rank0)  # nothing is written before
+        fresh, why = run.run_checks()  # nothing is written before
         if why is None:
-            if inv.changes:
-                slog.info("%s", _config_change_message(inv, table))
-            if rank0 and (inv.changes or inv.new_run):
-                write_run_config(run_dir, cfg)
-            slog.info("%s is up to date (inputs and configuration unchanged since %s); use --force to rerun",
-                      spec.name, old.get("finished") if old else "?")
-            code, quiet = 0, True
-            return 0
-        rec_cfg, reads = recording(cfg)
-        ctx = Context(name=spec.name, cfg=rec_cfg, run_dir=run_dir, dir=stage_dir, freshness=fresh,
-                      upstream_names=spec.upstream(cfg), force=inv.force, previous=old,
-                      changed_output=changed_outputs(stage_dir, old) if old else None, rank=rank,
-                      world_size=world)
-        with _go_no_go(world):  # a refusal on one rank (the lock, a driver's check) stops every rank
-            # the check phase, still read only: the wrapper's own, then the driver's
-            _check_stage_folder(stage_dir)
-            check_fn = spec.check()
-            if check_fn is not None:
-                check_fn(ctx)
-            if rank == 0:
-                check_writable(run_dir, stage_dir)  # one line, before the first write
-                taken = _Before.take(inv, stage_dir)  # read before the first write
-                lock.acquire()
-                before = taken
-                _begin(inv, table, stage_dir, buffer, handlers, slog)
-        slog.info("%s: run folder %s; runs because %s", spec.name, run_dir, why)
-        from ..runtime.seed import seed_everything
-
-        seed_everything(cfg.run.seed)
-        if world > 1:  # torch is imported by a stage that runs, never by one that is up to date
-            from ..runtime.distributed import barrier
-
-            barrier()
-        with _go_no_go(world):  # a rank that fails stops the others, which would wait for it at the end
-            metrics = spec.main()(ctx) or {}
-        if rank == 0:
-            manifest = _manifest(spec, inv, ctx, reads, argv, started, t0, metrics)
-            if manifest["undeclared_keys_read"]:
-                slog.error("internal: %s read configuration keys it does not declare: %s", spec.name,
-                           ", ".join(manifest["undeclared_keys_read"]))
-            write_manifest(stage_dir, manifest)
-            slog.info("%s finished in %.1f s", spec.name, time.time() - t0)
-        code = 0
+            run.up_to_date()
+            return 0  # (a signal during the clean-up does not change it)
+        ctx, reads = run.context(fresh)
+        run.check_and_begin(ctx)
+        run.run_driver(ctx, why)
+        run.record(ctx, reads)
+        run.code = 0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every outcome gets its exit code
-        e = as_user_error(e, run_dir)  # a permission error inside the run folder: one line, exit 2
-        refused_mid_run = isinstance(e, UserError) and before is not None
-        if refused_mid_run:
-            rolled_back = _roll_back(before, inv, stage_dir, old)
-        code, err_line, tb_text = _failure(e, spec, stage_dir, slog, unfinished=refused_mid_run and not rolled_back)
+        run.fail(e)
     finally:
-        try:
-            if not quiet and rank0:
-                _send_email(cfg, {0: "success", 130: "interrupt"}.get(code, "failure"), {
-                    "stage": spec.name, "run_dir": str(run_dir), "host": socket.gethostname(),
-                    "elapsed_s": time.time() - t0, "error": err_line, "traceback": tb_text,
-                    "log_path": str(stage_dir / "log.txt"), "exit_code": code, "metrics": metrics,
-                })
-            _close(handlers, lock, world)
-            if rolled_back and before is not None:
-                _remove_created(before, stage_dir)
-        except KeyboardInterrupt:  # a signal during the clean-up: the outcome is already decided
-            code = 130 if code == 0 else code
-        finally:
-            _restore_signals(old_signals)
-    return code
+        run.finish()
+    return run.code

@@ -2,7 +2,7 @@
 
 Reads 01's splits.csv, 03's checkpoint (``extract.checkpoint``; the images are embedded with the
 preprocessing it records, never with 02's stats.json, which is only checked up to date) and the
-gallery-only images of ``data.gallery_extra`` (split ``extra``, ``common.gallery``); writes
+gallery-only images of ``data.gallery_extra`` (split ``extra``, ``common.data.extras``); writes
 ``features.sqlite`` (resumable: an interrupted run continues where it stopped) and ``model.json``,
 the small description of the model and embedding that stages 05-07 read (checkpoint path and
 sha256, backbone, embedding kind, dimension, normalisation, the store's model id, and the gallery's
@@ -11,7 +11,7 @@ classes: the checkpoint's ``train_classes`` then the gallery-only ``extra_classe
 A finished store is embedded again in full on ``--force`` or when the store no longer matches
 what this stage recorded (a corrupted or hand-edited file): it is never re-recorded as good.
 A store of an older schema version that still has the content recorded (a run folder made by an
-earlier version of this tool) is upgraded in place instead (``features.upgrade_store``, logged:
+earlier version of this tool) is upgraded in place instead (``common.store.maintenance.upgrade_store``, logged:
 no vector touched, nothing embedded again). Every vector is checked finite and unit-norm before
 the stage finishes. ``extract.dtype`` (float32 | float16) is how the vectors are stored;
 ``model.json``, the manifest's metrics and the log record it with the store's size.
@@ -84,6 +84,7 @@ def check(ctx: Context) -> None:
 
 
 def main(ctx: Context) -> dict[str, Any]:
+    """Prepare the store (rank 0), embed every image into it, check it, and write ``model.json``."""
     splits = ctx.upstream(SPLIT) / SPLITS_CSV
     ctx.upstream(STATS)  # recorded for freshness only: the preprocessing is the checkpoint's own, never stats.json
     ckpt = resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
@@ -106,6 +107,13 @@ def main(ctx: Context) -> dict[str, Any]:
         return metrics
     n = verify_store(store, metrics["model_id"])
     log.info("checked %d vectors: finite and unit-norm", n)
+    info = _record_size(store, metrics, n)
+    _write_model_json(model_json, info, ckpt, ctx.run_dir, extras, store, metrics["vectors"], precision)
+    return metrics
+
+
+def _record_size(store: Path | PgStore, metrics: dict[str, Any], n: int) -> Any:
+    """The model row of the vectors just written; their bytes and the store's go to ``metrics`` and the log."""
     with open_store(store) as st:
         info = st.model_info(metrics["model_id"])
     vector_bytes = n * info.dim * info.itemsize
@@ -113,8 +121,15 @@ def main(ctx: Context) -> dict[str, Any]:
     log.info("store %s: %d vectors of %d %s values, %.1f MiB of vectors; %.1f MiB in all", store, n, info.dim,
              info.dtype, vector_bytes / 2**20, size / 2**20)
     metrics.update(vector_bytes=vector_bytes, store_bytes=size)
+    return info
+
+
+def _write_model_json(path: Path, info: Any, ckpt: Path, run_dir: Path, extras: list, store: Path | PgStore,
+                      vectors: int, precision: str) -> None:
+    """``model.json``: the model and embedding the store holds, the gallery's classes (the
+    checkpoint's, then the gallery-only ones) and, for a PostgreSQL store, where it is and its digest."""
     ck = Path(ckpt).resolve()
-    run = Path(ctx.run_dir).resolve()
+    run = Path(run_dir).resolve()
     classes = gallery_classes(info.classes, [e.label for e in extras])
     extra_classes = classes[len(info.classes):]
     if extras:
@@ -125,16 +140,16 @@ def main(ctx: Context) -> dict[str, Any]:
     if isinstance(store, PgStore):  # where the vectors are, and what they were when recorded
         record = {"store": {"url": store.url, "schema": store.schema, "password_env": store.password_env,
                             "digest": content_digest(store)}}
-    write_json(model_json, {
+    write_json(path, {
         # inside the run folder the checkpoint is named relative to it, so a moved run still finds it
-        "model_id": info.id, "checkpoint": str(ck.relative_to(run)) if ck.is_relative_to(run) else str(ck), "checkpoint_sha256": info.checkpoint_sha256,
-        "backbone": info.backbone, "embedding": info.embedding, "dim": info.dim, "dtype": info.dtype, "mean": info.mean, "std": info.std,
-        "image_size": info.image_size, "pad_fill": info.pad_fill, "epoch": info.epoch, "vectors": metrics["vectors"],
+        "model_id": info.id, "checkpoint": str(ck.relative_to(run)) if ck.is_relative_to(run) else str(ck),
+        "checkpoint_sha256": info.checkpoint_sha256, "backbone": info.backbone, "embedding": info.embedding,
+        "dim": info.dim, "dtype": info.dtype, "mean": info.mean, "std": info.std,
+        "image_size": info.image_size, "pad_fill": info.pad_fill, "epoch": info.epoch, "vectors": vectors,
         # classes = the gallery's: the checkpoint's (train_classes), then the gallery-only ones
         "classes": classes, "train_classes": list(info.classes), "extra_classes": extra_classes,
         "extra_images": len(extras), "cpu_precision": precision, **record,
     })
-    return metrics
 
 
 def _prepare_store(ctx: Context, store: Path | PgStore, precision: str) -> None:

@@ -18,7 +18,7 @@ from .schema import DTYPES, NORM_TOLERANCE, STAGE
 class Vectors:
     """The one container of a set of vectors: ``X`` (N, D) float32 L2-normalised, class indices
     ``labels`` (N,) (-1 = none), image ``paths``, and the store's image ``ids`` when they come from one.
-    ``X`` may be a ``common.streaming.StoreMatrix`` (a gallery read from the store block by block)."""
+    ``X`` may be a ``common.retrieval.streamed.StoreMatrix`` (a gallery read from the store block by block)."""
 
     X: np.ndarray
     labels: np.ndarray
@@ -26,7 +26,7 @@ class Vectors:
     ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if not hasattr(self.X, "blocks"):  # a common.streaming.StoreMatrix stays in the store
+        if not hasattr(self.X, "blocks"):  # a common.retrieval.streamed.StoreMatrix stays in the store
             self.X = np.ascontiguousarray(self.X, dtype=np.float32)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if not (self.X.shape[0] == self.labels.shape[0] == len(self.paths)):

@@ -27,7 +27,8 @@ from .schema import (
     UPGRADABLE,
     meta_t,
 )
-from .sqlite import BUSY_TIMEOUT_S, FeatureStore, _raw, file_bytes
+from .sqlite import BUSY_TIMEOUT_S, FeatureStore, file_bytes
+from .schema import raw_connection
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,13 @@ def verify_store(path: str | os.PathLike | PgStore, model_id: int) -> int:
     with open_store(path) as store:
         info = store.model_info(model_id)
         n = 0
-        with store._read() as conn:
-            cur = store._stream(conn)
-            cur.execute(store._q(_SQL_DIGEST_VECTORS), (info.id,))
+        with store.read_tx() as conn:
+            cur = store.stream_cursor(conn)
+            cur.execute(store.sql(_SQL_DIGEST_VECTORS), (info.id,))
             block = max(1, READ_BLOCK_BYTES // (info.itemsize * info.dim))
             while rows := cur.fetchmany(block):
                 ids, blobs = zip(*rows)
-                store._decode(blobs, np.asarray(ids), info.dim, None, info.dtype)
+                store.decode(blobs, np.asarray(ids), info.dim, None, info.dtype)
                 n += len(rows)
             cur.close()
     return n
@@ -135,15 +136,15 @@ def content_digest(path: str | os.PathLike | PgStore) -> str:
     """
     h = hashlib.sha256()
     if isinstance(path, PgStore):
-        with PgFeatureStore(path, any_version=True) as st, st._read() as conn:
-            raw = _raw(conn)
+        with PgFeatureStore(path, any_version=True) as st, st.read_tx() as conn:
+            raw = raw_connection(conn)
 
             def stream(sql: str, params: Any) -> Any:
-                cur = st._stream(conn)
-                cur.execute(st._q(sql), params)
+                cur = st.stream_cursor(conn)
+                cur.execute(st.sql(sql), params)
                 return cur
 
-            _digest(h, lambda sql, params: raw.execute(st._q(sql), params).fetchall(), stream, st.version)
+            _digest(h, lambda sql, params: raw.execute(st.sql(sql), params).fetchall(), stream, st.version)
         return h.hexdigest()
     p = Path(path)
     if not p.is_file():
@@ -205,7 +206,7 @@ def upgrade_store(path: str | os.PathLike | PgStore) -> int | None:
         old = st.version
         if old == SCHEMA_VERSION:
             return None
-        with st._write() as conn:
+        with st.write_tx() as conn:
             conn.exec_driver_sql(f"ALTER TABLE models ADD COLUMN {DTYPE_COLUMN}")
             conn.execute(update(meta_t).where(meta_t.c.key == "schema_version").values(value=str(SCHEMA_VERSION)))
     log.info("upgraded feature store %s in place from schema version %d to %d: models.dtype added ('float32', "

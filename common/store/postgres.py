@@ -17,7 +17,8 @@ from sqlalchemy.exc import DBAPIError
 from ..errors import UserError
 from .containers import _now
 from .schema import FORMAT, SCHEMA_PG_SQL, SCHEMA_VERSION, STAGE, meta_t
-from .sqlite import FeatureStore, _raw
+from .sqlite import FeatureStore
+from .schema import raw_connection
 
 if TYPE_CHECKING:
     from .containers import ModelInfo
@@ -119,7 +120,7 @@ class PgFeatureStore(FeatureStore):
         self.version = SCHEMA_VERSION
         self.engine = _pg_engine(target)
         try:
-            with self._read() as conn:
+            with self.read_tx() as conn:
                 has = conn.exec_driver_sql(
                     "SELECT 1 FROM information_schema.tables WHERE table_schema = %(s)s AND table_name = 'meta'",
                     {"s": target.schema}).first()
@@ -142,28 +143,28 @@ class PgFeatureStore(FeatureStore):
         return f"PgFeatureStore({str(self.target)!r})"
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def read_tx(self) -> Iterator[Connection]:
         with self.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
             yield conn
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def write_tx(self) -> Iterator[Connection]:
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
-    def _q(self, sql: str) -> str:
+    def sql(self, sql: str) -> str:
         return sql.replace("?", "%s").replace("SELECT value FROM json_each(%s)", "SELECT unnest(%s::bigint[])")
 
-    def _ids(self, ids: np.ndarray) -> Any:
+    def id_param(self, ids: np.ndarray) -> Any:
         return [int(i) for i in ids]
 
-    def _stream(self, conn: Connection) -> Any:
-        cur = _raw(conn).cursor(name=f"stream_{next(_CURSOR_NUMBERS)}", binary=True)
+    def stream_cursor(self, conn: Connection) -> Any:
+        cur = raw_connection(conn).cursor(name=f"stream_{next(_CURSOR_NUMBERS)}", binary=True)
         cur.itersize = 256
         return cur
 
     def _create_schema(self) -> None:
-        with self._write() as conn:
+        with self.write_tx() as conn:
             conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {self.target.schema}")
             for stmt in SCHEMA_PG_SQL:
                 conn.exec_driver_sql(stmt)
@@ -174,7 +175,7 @@ class PgFeatureStore(FeatureStore):
 
     def schema(self) -> list[str]:
         """One line per table of the schema: ``table (column type, ...)`` from the catalog."""
-        with self._read() as conn:
+        with self.read_tx() as conn:
             rows = conn.exec_driver_sql(
                 "SELECT table_name, column_name, data_type FROM information_schema.columns "
                 "WHERE table_schema = %(s)s ORDER BY table_name, ordinal_position", {"s": self.target.schema}).all()
@@ -189,7 +190,7 @@ class PgFeatureStore(FeatureStore):
         that are not, ``ON CONFLICT DO NOTHING``. Returns the rows added."""
         import psycopg
 
-        raw = _raw(conn)
+        raw = raw_connection(conn)
         with contextlib.suppress(psycopg.errors.UniqueViolation):  # a row already there: the slower path below
             with raw.transaction():  # a savepoint inside the store's transaction
                 self._copy(raw, "vectors", model_id, ids, X)
@@ -218,7 +219,7 @@ class PgFeatureStore(FeatureStore):
 
     def size_bytes(self) -> int:
         """Bytes the schema's tables take with their indexes and out-of-line (TOAST) data."""
-        with self._read() as conn:
+        with self.read_tx() as conn:
             return int(conn.exec_driver_sql(
                 "SELECT coalesce(sum(pg_total_relation_size(format('%%I.%%I', table_schema, table_name))), 0) "
                 "FROM information_schema.tables WHERE table_schema = %(s)s", {"s": self.target.schema}).scalar())
@@ -227,7 +228,7 @@ class PgFeatureStore(FeatureStore):
         """As for SQLite, then ``ANALYZE``: the planner's statistics after a bulk load (without
         them it sorts the whole join of a split's rows instead of walking the keys in order)."""
         info = super().mark_complete(model_id)
-        with self._write() as conn:
+        with self.write_tx() as conn:
             conn.exec_driver_sql("ANALYZE images")
             conn.exec_driver_sql("ANALYZE vectors")
         return info

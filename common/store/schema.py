@@ -1,7 +1,7 @@
 """versions, SQL text, tables, dtypes, STORE_SPLITS, GALLERY_SPLITS."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sqlalchemy import (
     CheckConstraint,
@@ -14,6 +14,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 # bump when SCHEMA_SQL changes; older stores are refused, never migrated silently (stage 04
 # upgrades the versions in UPGRADABLE, logging it; every other stage refuses them).
@@ -191,3 +194,9 @@ SCHEMA_PG_SQL: tuple[str, ...] = (
 )""",
     """ALTER TABLE vectors ALTER COLUMN vector SET STORAGE EXTERNAL""",
 )
+
+
+def raw_connection(conn: Connection) -> Any:
+    """The DBAPI connection (sqlite3 or psycopg) under a SQLAlchemy connection (same transaction):
+    the hot paths bind numpy rows and stream cursors through it."""
+    return conn.connection.driver_connection

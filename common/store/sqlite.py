@@ -13,7 +13,7 @@ Rules the code keeps (and a reader of the file can rely on):
 - **Vectors** are ``dim`` little-endian values of the model's ``models.dtype``, L2-normalised:
   float32, ``4 * dim`` bytes (``np.frombuffer(blob, "<f4")``), or float16, ``2 * dim`` bytes
   (``"<f2"``); never pickled tensors. Writes round to the model's dtype and check the norms of
-  the values as stored; reads convert them to float32 exactly (``_decode``, never re-normalised),
+  the values as stored; reads convert them to float32 exactly (``decode``, never re-normalised),
   so every reader sees float32 matrices and a float16 store's LUT holds the same bytes.
 - **One checkpoint's vectors are never compared with another's**: every load takes a model id;
   ``require_model`` / ``check_same_model`` raise ``UserError`` naming both checkpoints and
@@ -29,7 +29,10 @@ Rules the code keeps (and a reader of the file can rely on):
   one of version 2 (before ``models.dtype``) is upgraded in place by ``upgrade_store`` (stage 04
   calls it): one ``ALTER TABLE ... ADD COLUMN`` with ``DEFAULT 'float32'``, no vector touched.
 
-API (``FeatureStore(path)`` opens an existing store, ``create=True`` makes one; a context manager):
+API (``FeatureStore(path)`` opens an existing store, ``create=True`` makes one; a context manager).
+This module holds the plumbing (transactions, dialect hooks), the images and the writes; the
+model-table methods are ``common.store.models.ModelTable``'s and the vector reads
+``common.store.reads.VectorReads``' (mixins of ``FeatureStore``):
 
 - reading: ``images(split=None) -> [ImageRecord]``, ``load_matrix(split, model_id) -> (ids int64,
   labels list[str], float32 (N, D))`` (split None = every split), ``load_vectors(ids, model_id)``,
@@ -52,7 +55,6 @@ page with no overflow chain: 7 rows per page) are set by a SQLAlchemy ``connect`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -61,34 +63,29 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import bindparam, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import UserError
-from .containers import ImageRecord, ModelInfo, SyncReport, Vectors, _model_from_row, _now, check_unit_vectors
+from .containers import ImageRecord, ModelInfo, SyncReport, _now
+from .models import ModelTable
+from .reads import VectorReads
 from .schema import (
-    _SQL_ALL_COUNT,
-    _SQL_ALL_ROWS,
-    _SQL_IDS_ROWS,
     _SQL_INSERT_VECTOR,
     _SQL_MISSING,
-    _SQL_SPLIT_COUNT,
-    _SQL_SPLIT_ROWS,
     DTYPES,
-    EMBEDDINGS,
     FORMAT,
     NORM_TOLERANCE,
-    READ_BLOCK_BYTES,
     SCHEMA_SQL,
     SCHEMA_VERSION,
     SPLITS,
     STAGE,
     UPGRADABLE,
-    _split_list,
     images_t,
     meta_t,
     models_t,
+    raw_connection,
     vectors_t,
 )
 
@@ -148,17 +145,12 @@ def _engine(path: Path) -> Engine:
     return engine
 
 
-def _raw(conn: Connection) -> sqlite3.Connection:
-    """The sqlite3 connection under a SQLAlchemy connection (same transaction)."""
-    return conn.connection.driver_connection  # type: ignore[return-value]
-
-
 def file_bytes(path: str | os.PathLike) -> int:
     """Bytes an SQLite store takes on disk: the file and its WAL, if any."""
     return sum(Path(f"{path}{suffix}").stat().st_size for suffix in ("", "-wal") if Path(f"{path}{suffix}").is_file())
 
 
-class FeatureStore:
+class FeatureStore(ModelTable, VectorReads):
     """The feature store in one SQLite file. ``FeatureStore(path)`` opens an existing store;
     ``create=True`` creates it when the file is missing or empty (stage 04).
 
@@ -176,7 +168,7 @@ class FeatureStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = _engine(self.path)
         try:
-            with self._read() as conn:
+            with self.read_tx() as conn:
                 tables = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if not tables and create:
                 self._create_schema()
@@ -208,13 +200,13 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r})"
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def read_tx(self) -> Iterator[Connection]:
         """A read transaction: one consistent snapshot (WAL) for every statement inside."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Connection]:
+    def write_tx(self) -> Iterator[Connection]:
         """A write transaction (BEGIN IMMEDIATE): committed as a whole, or rolled back."""
         with self.engine.connect().execution_options(write=True) as conn, conn.begin():
             yield conn
@@ -223,20 +215,20 @@ class FeatureStore:
     dialect = "sqlite"
     shared = False  # True when several processes (ranks, nodes) may write vectors at once
 
-    def _q(self, sql: str) -> str:
+    def sql(self, sql: str) -> str:
         """Hot-path SQL (written with ``?`` and ``json_each``) in this store's dialect."""
         return sql
 
-    def _ids(self, ids: np.ndarray) -> Any:
+    def id_param(self, ids: np.ndarray) -> Any:
         """An id list as the one parameter of ``json_each(?)``."""
         return _json_ids(ids)
 
-    def _stream(self, conn: Connection) -> Any:
+    def stream_cursor(self, conn: Connection) -> Any:
         """A DBAPI cursor that fetches rows block by block (``fetchmany``)."""
-        return _raw(conn).cursor()
+        return raw_connection(conn).cursor()
 
     def _create_schema(self) -> None:
-        with self._write() as conn:
+        with self.write_tx() as conn:
             for stmt in SCHEMA_SQL:
                 conn.exec_driver_sql(stmt)
             conn.execute(insert(meta_t), [{"key": "schema_version", "value": str(SCHEMA_VERSION)},
@@ -248,7 +240,7 @@ class FeatureStore:
         """Refuse a store of another schema version. ``any_version`` lets a version of
         ``UPGRADABLE`` open (``self.version`` says which), for ``upgrade_store`` and
         ``content_digest`` only: the other methods assume the current schema."""
-        with self._read() as conn:
+        with self.read_tx() as conn:
             v = conn.execute(select(meta_t.c.value).where(meta_t.c.key == "schema_version")).scalar()
         if v == str(SCHEMA_VERSION):
             return
@@ -265,25 +257,25 @@ class FeatureStore:
     def schema(self) -> list[str]:
         """The CREATE statements of the file, as stored in ``sqlite_master`` (tables and indexes;
         not SQLite's own ``sqlite_sequence``, which AUTOINCREMENT keys create)."""
-        with self._read() as conn:
+        with self.read_tx() as conn:
             return [r[0] for r in conn.exec_driver_sql(
                 "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY rowid")]
 
     def meta(self, key: str) -> str | None:
         """The ``meta`` value of ``key`` (None when absent)."""
-        with self._read() as conn:
+        with self.read_tx() as conn:
             return conn.execute(select(meta_t.c.value).where(meta_t.c.key == key)).scalar()
 
     def set_meta(self, key: str, value: str) -> None:
         """Set a ``meta`` value (not part of ``content_digest``)."""
-        with self._write() as conn:
-            _raw(conn).execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) "
+        with self.write_tx() as conn:
+            raw_connection(conn).execute(self.sql("INSERT INTO meta (key, value) VALUES (?, ?) "
                                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"), (key, value))
 
     def counts(self) -> dict[str, int]:
         """Row counts of every table."""
         out = {}
-        with self._read() as conn:
+        with self.read_tx() as conn:
             for t in (meta_t, images_t, models_t, vectors_t):
                 out[t.name] = int(conn.execute(select(func.count()).select_from(t)).scalar_one())
         return out
@@ -295,12 +287,12 @@ class FeatureStore:
         q = select(images_t).order_by(images_t.c.id)
         if split is not None:
             q = q.where(images_t.c.split == split)
-        with self._read() as conn:
+        with self.read_tx() as conn:
             return [ImageRecord(*r) for r in conn.execute(q)]
 
     def sync_images(self, rows: Iterable[Any]) -> SyncReport:
         """Make the images table equal ``rows`` (objects with ``path, label, split, sha256``, e.g.
-        ``common.data.SplitRow``), in one transaction.
+        ``common.data.splits.SplitRow``), in one transaction.
 
         Kept paths keep their id. New paths get ids in path order. A removed path loses its row,
         its vectors. A path whose file content changed (sha256) loses its vectors. When images were added or changed every model becomes incomplete.
@@ -312,7 +304,7 @@ class FeatureStore:
             if r.path in want:
                 raise UserError(f"image {r.path} is listed twice in the splits")
             want[r.path] = (r.label, r.split, r.sha256 or "")
-        with self._write() as conn:
+        with self.write_tx() as conn:
             have = {r.path: r for r in (ImageRecord(*x) for x in conn.execute(select(images_t)))}
             removed = np.array(sorted(have[p].id for p in have.keys() - want.keys()), dtype=np.int64)
             added = sorted(want.keys() - have.keys())
@@ -330,12 +322,12 @@ class FeatureStore:
             if not report.changed:
                 return report
             if removed.size:
-                _raw(conn).execute(self._q("DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))"),
-                                   (self._ids(removed),))  # cascades to vectors
+                raw_connection(conn).execute(self.sql("DELETE FROM images WHERE id IN (SELECT value FROM json_each(?))"),
+                                   (self.id_param(removed),))  # cascades to vectors
             if content:
                 ids = np.array([c["i"] for c in content], dtype=np.int64)
-                _raw(conn).execute(self._q("DELETE FROM vectors WHERE image_id IN (SELECT value FROM json_each(?))"),
-                                   (self._ids(ids),))
+                raw_connection(conn).execute(self.sql("DELETE FROM vectors WHERE image_id IN (SELECT value FROM json_each(?))"),
+                                   (self.id_param(ids),))
             upd = (update(images_t).where(images_t.c.id == bindparam("i"))
                    .values(label=bindparam("label"), split=bindparam("split"), sha256=bindparam("sha256")))
             if content or moved:
@@ -349,185 +341,12 @@ class FeatureStore:
                  report.added, report.removed, report.content_changed, report.moved, report.total)
         return report
 
-    # -- models
-
-    def models(self) -> list[ModelInfo]:
-        """Every model row, by id."""
-        with self._read() as conn:
-            return [_model_from_row(r) for r in conn.execute(select(models_t).order_by(models_t.c.id))]
-
-    def model_info(self, model_id: int) -> ModelInfo:
-        """The model row ``model_id`` (``UserError`` when there is none)."""
-        with self._read() as conn:
-            r = conn.execute(select(models_t).where(models_t.c.id == int(model_id))).first()
-        if r is None:
-            raise UserError(f"{self.path} holds no model {model_id}: rerun {STAGE}")
-        return _model_from_row(r)
-
-    def find_model(self, checkpoint_sha256: str, embedding: str) -> ModelInfo | None:
-        """The model row of a checkpoint and embedding kind, complete or not; None when absent."""
-        with self._read() as conn:
-            r = conn.execute(select(models_t).where(models_t.c.checkpoint_sha256 == checkpoint_sha256,
-                                                    models_t.c.embedding == embedding)).first()
-        return None if r is None else _model_from_row(r)
-
-    def register_model(self, *, checkpoint_sha256: str, embedding: str, backbone: str, dim: int,
-                       mean: Sequence[float], std: Sequence[float], image_size: int, pad_fill: int,
-                       classes: Sequence[str], checkpoint_path: str, epoch: int | None = None,
-                       dtype: str = "float32", replace_others: bool = True) -> tuple[ModelInfo, list[ModelInfo]]:
-        """The model row for these settings, created (incomplete) when absent; one transaction.
-
-        ``dtype``: how its vectors are stored, ``float32`` or ``float16`` (``extract.dtype``).
-        An existing row of the same checkpoint and embedding whose preprocessing or dtype differs
-        (other stats, image size, pad fill, float16 instead of float32) is dropped with its
-        vectors and recreated; when only the dtype differs, the old model is complete and float32
-        and the new one float16, its vectors are converted into the new model in the same
-        transaction instead (``_convert_vectors``: what embedding again would store, without
-        embedding: float16 is float32 rounded). With
-        ``replace_others`` every other model (another checkpoint or embedding) is deleted with its
-        vectors in the same transaction: the store then holds one model's vectors.
-        Returns (the model, the models dropped).
-        """
-        if embedding not in EMBEDDINGS:
-            raise UserError(f"extract.embedding: expected one of {'/'.join(EMBEDDINGS)}, got {embedding!r}")
-        if int(dim) <= 0:
-            raise ValueError(f"dim must be positive, got {dim}")
-        if dtype not in DTYPES:
-            raise UserError(f"extract.dtype: expected one of {'/'.join(DTYPES)}, got {dtype!r}")
-        values = {"checkpoint_sha256": checkpoint_sha256, "embedding": embedding, "backbone": backbone,
-                  "dim": int(dim), "mean": json.dumps([float(x) for x in mean]),
-                  "std": json.dumps([float(x) for x in std]), "image_size": int(image_size),
-                  "pad_fill": int(pad_fill), "classes": json.dumps(list(classes)),
-                  "checkpoint_path": str(checkpoint_path), "epoch": epoch, "created": _now(), "complete": 0,
-                  "dtype": dtype}
-        dropped: list[ModelInfo] = []
-        with self._write() as conn:
-            rows = [_model_from_row(r) for r in conn.execute(select(models_t).order_by(models_t.c.id))]
-            wanted = ModelInfo(id=-1, **{**values, "mean": json.loads(values["mean"]),
-                                         "std": json.loads(values["std"]), "classes": list(classes),
-                                         "complete": False})
-            keep: ModelInfo | None = None
-            for m in rows:
-                same_key = m.checkpoint_sha256 == checkpoint_sha256 and m.embedding == embedding
-                if same_key and m.same_transform(wanted):
-                    keep = m
-                elif same_key or replace_others:
-                    dropped.append(m)
-            # float32 -> float16 of the same vectors: converted, not embedded again
-            source = next((m for m in dropped if m.complete and (m.dtype, dtype) == ("float32", "float16")
-                           and m.same_transform(dataclasses.replace(wanted, dtype=m.dtype))), None)
-            if source is not None:  # its key is free for the new row while its vectors are converted
-                conn.execute(update(models_t).where(models_t.c.id == source.id)
-                             .values(checkpoint_sha256=f"{source.checkpoint_sha256}:converting"))
-            else:
-                self._drop_models(conn, dropped)
-            if keep is None:
-                new_id = conn.execute(insert(models_t).values(**values)).inserted_primary_key[0]
-                self._set_status(conn, int(new_id), "extracting")
-                if source is not None:
-                    n = self._convert_vectors(conn, source, int(new_id), dtype)
-                    self._drop_models(conn, dropped)
-                    log.info("converted the %d float32 vectors of %s to %s in place: no image embedded again", n,
-                             source.describe(), dtype)
-            else:
-                new_id = keep.id
-                if keep.checkpoint_path != str(checkpoint_path) or keep.epoch != epoch:
-                    conn.execute(update(models_t).where(models_t.c.id == keep.id)
-                                 .values(checkpoint_path=str(checkpoint_path), epoch=epoch))
-            info = _model_from_row(conn.execute(select(models_t).where(models_t.c.id == new_id)).one())
-        for m in dropped:
-            log.info("dropped %s with its vectors (replaced by %s)", m.describe(), info.describe())
-        return info, dropped
-
-    def _drop_models(self, conn: Connection, models: Sequence[ModelInfo]) -> None:
-        for m in models:
-            conn.execute(delete(models_t).where(models_t.c.id == m.id))  # cascades to vectors
-            conn.execute(delete(meta_t).where(meta_t.c.key == f"model.{m.id}.status"))
-
-    def _convert_vectors(self, conn: Connection, source: ModelInfo, model_id: int, dtype: str) -> int:
-        """Copy every vector of ``source`` into ``model_id`` as ``dtype``, in ``conn``'s
-        transaction, a block of rows at a time (keyset: each block is read whole before it is
-        written). Every vector is checked on read and again, rounded, on write. Returns the count."""
-        block = max(1, READ_BLOCK_BYTES // (source.itemsize * source.dim))
-        sql = self._q("SELECT image_id, vector FROM vectors WHERE model_id = ? AND image_id > ? "
-                      "ORDER BY image_id LIMIT ?")
-        last, n = -1, 0
-        while rows := _raw(conn).execute(sql, (source.id, last, block)).fetchall():
-            ids = np.asarray([r[0] for r in rows], dtype=np.int64)
-            X = self._decode([r[1] for r in rows], ids, source.dim, None, source.dtype)
-            S = np.ascontiguousarray(X, dtype=DTYPES[dtype])
-            norms = np.sqrt(np.einsum("ij,ij->i", S, S, dtype=np.float64))
-            if not np.isfinite(norms).all() or np.abs(norms - 1.0).max() > NORM_TOLERANCE:
-                raise ValueError(f"vectors of {source.describe()} are not unit-norm once stored as {dtype}")
-            n += self._insert_vectors(conn, model_id, ids, S)
-            last = int(ids[-1])
-        return n
-
-    def _set_status(self, conn: Connection, model_id: int, status: str) -> None:
-        _raw(conn).execute(self._q("INSERT INTO meta (key, value) VALUES (?, ?) "
-                                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value"),
-                           (f"model.{model_id}.status", status))
-
-    def _set_complete(self, conn: Connection, model_id: int | None, complete: bool) -> None:
-        """Set ``complete`` of one model (or of every model when None) and its meta status."""
-        q = update(models_t).values(complete=int(complete))
-        if model_id is not None:
-            q = q.where(models_t.c.id == model_id)
-        conn.execute(q)
-        ids = [model_id] if model_id is not None else [r[0] for r in conn.execute(select(models_t.c.id))]
-        for i in ids:
-            self._set_status(conn, int(i), "complete" if complete else "extracting")
-
-    def require_complete(self, model_id: int) -> ModelInfo:
-        """The model row, checked complete: else ``UserError`` saying to rerun stage 04."""
-        info = self.model_info(model_id)
-        if not info.complete:
-            raise UserError(f"{self.path}: the vectors of {info.describe()} are incomplete (an interrupted or "
-                            f"unfinished extraction): rerun {STAGE}")
-        return info
-
-    def current_model(self, embedding: str | None = None) -> ModelInfo:
-        """The most recent complete model (of one embedding kind, when given)."""
-        cands = [m for m in self.models() if embedding is None or m.embedding == embedding]
-        done = [m for m in cands if m.complete]
-        if not done:
-            why = "only incomplete vectors (an interrupted extraction)" if cands else "no vectors"
-            raise UserError(f"{self.path} holds {why}{'' if embedding is None else f' of the {embedding} embedding'}: "
-                            f"rerun {STAGE}")
-        return done[-1]
-
-    def require_model(self, checkpoint_sha256: str, embedding: str, dim: int | None = None) -> ModelInfo:
-        """The complete model of a checkpoint and embedding, with dimension ``dim`` when given.
-
-        ``UserError`` naming the checkpoint and dimension asked for and those the store holds
-        when they differ (queries must be embedded by the gallery's own checkpoint).
-        """
-        m = self.find_model(checkpoint_sha256, embedding)
-        asked = f"checkpoint sha256 {checkpoint_sha256[:12]} ({embedding} embedding{'' if dim is None else f', dim {dim}'})"
-        if m is None:
-            held = "; ".join(x.describe() for x in self.models()) or "no vectors"
-            raise UserError(f"{self.path} holds {held}, not vectors of {asked}: vectors of different checkpoints "
-                            f"cannot be compared: rerun {STAGE} with that checkpoint")
-        if dim is not None and int(dim) != m.dim:
-            raise UserError(f"{self.path}: {m.describe()} has dim {m.dim}, but {asked} gives dim {dim}: "
-                            f"rerun {STAGE}")
-        return self.require_complete(m.id)
-
-    def check_same_model(self, model_id_a: int, model_id_b: int) -> ModelInfo:
-        """``UserError`` naming both models when two sets of vectors come from different models."""
-        a = self.model_info(model_id_a)
-        if int(model_id_a) == int(model_id_b):
-            return a
-        b = self.model_info(model_id_b)
-        raise UserError(f"vectors of {a.describe()} cannot be compared with vectors of {b.describe()} "
-                        f"in {self.path}: embed both with one checkpoint ({STAGE})")
-
     # -- vectors
 
     def missing_vectors(self, model_id: int) -> list[ImageRecord]:
         """Images that have no vector of ``model_id`` yet, by id (the extraction's to-do list)."""
-        with self._read() as conn:
-            return [ImageRecord(*r) for r in _raw(conn).execute(self._q(_SQL_MISSING), (int(model_id),))]
+        with self.read_tx() as conn:
+            return [ImageRecord(*r) for r in raw_connection(conn).execute(self.sql(_SQL_MISSING), (int(model_id),))]
 
     def write_vectors(self, model_id: int, image_ids: Sequence[int] | np.ndarray, vectors: Any) -> int:
         """Insert one vector per image for ``model_id``, in one transaction; returns the rows written.
@@ -558,7 +377,7 @@ class FeatureStore:
         if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
             raise ValueError(f"vectors must be L2-normalised (norms {norms.min():.4f} to {norms.max():.4f})")
         mid = int(model_id)
-        with self._write() as conn:
+        with self.write_tx() as conn:
             n = self._insert_vectors(conn, mid, ids, X)
             if info.complete:
                 self._set_complete(conn, mid, False)
@@ -566,13 +385,13 @@ class FeatureStore:
 
     def _insert_vectors(self, conn: Connection, model_id: int, ids: np.ndarray, X: np.ndarray) -> int:
         # numpy rows are bound as BLOBs through the buffer protocol: no per-row bytes copy
-        _raw(conn).executemany(_SQL_INSERT_VECTOR, zip(ids.tolist(), [model_id] * ids.size, X))
+        raw_connection(conn).executemany(_SQL_INSERT_VECTOR, zip(ids.tolist(), [model_id] * ids.size, X))
         return int(ids.size)
 
     def mark_complete(self, model_id: int) -> ModelInfo:
         """Mark a model complete, in the transaction that checks every image has its vector."""
-        with self._write() as conn:
-            n = _raw(conn).execute(self._q(f"SELECT count(*) FROM ({_SQL_MISSING}) AS missing"),
+        with self.write_tx() as conn:
+            n = raw_connection(conn).execute(self.sql(f"SELECT count(*) FROM ({_SQL_MISSING}) AS missing"),
                                    (int(model_id),)).fetchone()[0]
             if n:
                 raise RuntimeError(f"{n} images of {self.path} have no vector of model {model_id} yet")
@@ -582,15 +401,6 @@ class FeatureStore:
             if not done:  # already complete: write nothing (a rerun leaves the file untouched)
                 self._set_complete(conn, int(model_id), True)
         return self.model_info(model_id)
-
-    def _dtype_of(self, dim: int) -> str:
-        """The dtype of the vectors of ``dim`` values in this store (from ``models``; one per
-        dimension, else ``UserError``): what ``_decode`` reads when its caller does not say."""
-        got = {m.dtype for m in self.models() if m.dim == int(dim)}
-        if len(got) != 1:
-            held = "; ".join(m.describe() for m in self.models()) or "no model"
-            raise UserError(f"{self.path} holds {held}: which vectors of dim {dim} to read is ambiguous: rerun {STAGE}")
-        return got.pop()
 
     def compact(self) -> tuple[int, int]:
         """Give the pages of deleted rows back to the file system (SQLite ``VACUUM``: the file is
@@ -607,181 +417,11 @@ class FeatureStore:
             conn.close()
         return before, file_bytes(self.path)
 
-    def _decode(self, blobs: Sequence[bytes], ids: np.ndarray, dim: int, out: np.ndarray | None = None,
-                dtype: str | None = None) -> np.ndarray:
-        """The vectors of ``blobs`` (one per id) as float32 (m, dim), into ``out`` when given;
-        checked finite and unit-norm (``check_unit_vectors``). The one place blobs become numbers.
 
-        ``dtype``: the model's (``ModelInfo.dtype``; looked up from ``dim`` when None). float16
-        values convert to float32 exactly and are not re-normalised: every reader (and the LUT
-        that stage 06 writes back as float16) sees the numbers as stored."""
-        dtype = dtype or self._dtype_of(dim)
-        np_dtype = np.dtype(DTYPES[dtype])
-        m = len(blobs)
-        blob = b"".join(blobs)
-        if len(blob) != m * dim * np_dtype.itemsize:
-            raise UserError(f"{self.path}: stored vectors are not {dim} {dtype} values each: rerun {STAGE} with --force")
-        X = np.frombuffer(blob, dtype=np_dtype).reshape(m, dim)
-        if out is not None:
-            out[...] = X
-            X = out
-        elif np_dtype != np.float32:
-            X = X.astype(np.float32)
-        check_unit_vectors(X, ids, self.path)
-        return X
 
-    def _fill(self, cur: sqlite3.Cursor, out: np.ndarray, ids: np.ndarray, labels: list[str] | None,
-              dtype: str | None = None) -> int:
-        """Stream (id[, label], blob) rows into preallocated arrays, a block of rows at a time."""
-        n, dim = out.shape
-        block = max(1, READ_BLOCK_BYTES // (4 * dim))  # float32 rows of ``out`` per block
-        k = 0
-        while True:
-            rows = cur.fetchmany(block)
-            if not rows:
-                break
-            m = len(rows)
-            if k + m > n:
-                raise RuntimeError(f"{self.path} changed while it was read")
-            cols = list(zip(*rows))
-            ids[k:k + m] = cols[0]
-            self._decode(cols[-1], ids[k:k + m], dim, out[k:k + m], dtype)
-            if labels is not None:
-                labels.extend(cols[1])
-            k += m
-        return k
 
-    def count_vectors(self, splits: Sequence[str], model_id: int) -> int:
-        """How many images of ``splits`` have a vector of ``model_id`` (no row is read)."""
-        with self._read() as conn:
-            return int(_raw(conn).execute(self._q(
-                "SELECT count(*) FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
-                f"WHERE i.split IN ({_split_list(splits)})"), (int(model_id),)).fetchone()[0])
 
-    def split_rows(self, splits: Sequence[str], model_id: int) -> tuple[np.ndarray, list[str], list[str]]:
-        """(image ids, labels, paths) of the images of ``splits`` that have a vector of ``model_id``,
-        by image id: the rows ``iter_blocks`` yields, in its order (no vector is read)."""
-        info = self.require_complete(model_id)
-        with self._read() as conn:
-            rows = _raw(conn).execute(self._q(
-                "SELECT i.id, i.label, i.path FROM images i JOIN vectors v ON v.image_id = i.id AND v.model_id = ? "
-                f"WHERE i.split IN ({_split_list(splits)}) ORDER BY i.id"), (info.id,)).fetchall()
-        return (np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), [r[1] for r in rows],
-                [r[2] for r in rows])
 
-    def iter_blocks(self, splits: Sequence[str], model_id: int, block_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every vector of ``splits`` by image id (the order of ``split_rows``, and of ``load_split``
-        merged by ``common.gallery.merge``), as blocks ``(ids (m,), X float32 (m, D))`` of at most
-        ``block_rows`` rows, checked, in one read snapshot: memory holds about one block whatever the
-        store's size (``common.streaming``'s exact search).
 
-        Each split is read by its own cursor in id order (the ``images_split`` index: no sort of
-        vector blobs), and the splits are interleaved by id block by block.
-        """
-        if block_rows < 1:
-            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-        info = self.require_complete(model_id)
-        dim = info.dim
-        with self._read() as conn:
-            # which split each row of the id order comes from: two small arrays, read in chunks
-            # (the split as its index in ``splits``: no Python object per row is kept)
-            cases = " ".join(f"WHEN '{s}' THEN {k}" for k, s in enumerate(splits))
-            cur = self._stream(conn)
-            cur.execute(self._q(
-                f"SELECT i.id, CASE i.split {cases} END FROM images i JOIN vectors v ON v.image_id = i.id "
-                f"AND v.model_id = ? WHERE i.split IN ({_split_list(splits)}) ORDER BY i.id"), (info.id,))
-            parts = []
-            while chunk := cur.fetchmany(65536):
-                parts.append(np.array(chunk, dtype=np.int64).reshape(-1, 2))
-            cur.close()
-            pairs = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
-            order, which = pairs[:, 0].copy(), pairs[:, 1].copy()
-            del parts, pairs
-            curs = []
-            try:
-                for split in splits:
-                    cur = self._stream(conn)
-                    cur.execute(self._q(_SQL_SPLIT_ROWS), (info.id, split))
-                    curs.append(cur)
-                for a in range(0, order.size, block_rows):
-                    ids = order[a:a + block_rows]
-                    w = which[a:a + block_rows]
-                    X = np.empty((ids.size, dim), dtype=np.float32)
-                    for s, cur in enumerate(curs):
-                        sel = np.flatnonzero(w == s)
-                        if not sel.size:
-                            continue
-                        got = cur.fetchmany(sel.size)
-                        if len(got) != sel.size or any(int(g[0]) != int(i) for g, i in zip(got, ids[sel])):
-                            raise UserError(f"{self.path} changed while it was read: rerun the stage")
-                        X[sel] = self._decode([g[-1] for g in got], ids[sel], dim, None, info.dtype)
-                    yield ids, X
-            finally:
-                for cur in curs:
-                    cur.close()
 
-    def load_split(self, split: str | None, model_id: int, classes: Sequence[str]) -> Vectors:
-        """One split's ``Vectors`` (class indices in ``classes``, paths and ids), ordered by image id."""
-        ids, labels, X = self.load_matrix(split, model_id)
-        from ..data.labels import class_index  # here: the store module imports no torch (data does)
 
-        y = class_index(labels, classes, lambda v: f"{self.path}: label {v!r} of the {split or 'whole'} store is not a "
-                        f"class of the model: rerun {STAGE}")
-        path_of = {r.id: r.path for r in self.images(split)}
-        return Vectors(X, y, [path_of[int(i)] for i in ids], ids)
-
-    def load_matrix(self, split: str | None, model_id: int) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """(image ids int64 (N,), labels (N,), vectors float32 (N, D)) of one split (all when
-        None) for a complete model, ordered by image id."""
-        if split is not None and split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
-        info = self.require_complete(model_id)
-        with self._read() as conn:
-            if split is None:
-                n = _raw(conn).execute(self._q(_SQL_ALL_COUNT), (info.id,)).fetchone()[0]
-                cur = self._stream(conn)
-                cur.execute(self._q(_SQL_ALL_ROWS), (info.id,))
-            else:
-                n = _raw(conn).execute(self._q(_SQL_SPLIT_COUNT), (info.id, split)).fetchone()[0]
-                cur = self._stream(conn)
-                cur.execute(self._q(_SQL_SPLIT_ROWS), (info.id, split))
-            X = np.empty((n, info.dim), dtype=np.float32)
-            ids = np.empty(n, dtype=np.int64)
-            labels: list[str] = []
-            k = self._fill(cur, X, ids, labels, info.dtype)
-            cur.close()
-        if k != n:
-            raise RuntimeError(f"{self.path} changed while it was read")
-        return ids, labels, X
-
-    def load_vectors(self, image_ids: Sequence[int] | np.ndarray, model_id: int) -> np.ndarray:
-        """float32 (N, D) vectors of ``image_ids`` (in that order) for a complete model."""
-        info = self.require_complete(model_id)
-        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-        uniq = np.unique(ids)
-        X = np.empty((uniq.size, info.dim), dtype=np.float32)
-        got = np.empty(uniq.size, dtype=np.int64)
-        with self._read() as conn:
-            cur = self._stream(conn)
-            cur.execute(self._q(_SQL_IDS_ROWS), (info.id, self._ids(uniq)))
-            k = self._fill(cur, X, got, None, info.dtype)
-            cur.close()
-        if k != uniq.size:
-            missing = np.setdiff1d(uniq, got[:k])
-            raise UserError(f"{self.path}: images {missing[:5].tolist()} have no vector of {info.describe()}: "
-                            f"rerun {STAGE}")
-        if uniq.size == ids.size and (ids.size < 2 or bool((np.diff(ids) > 0).all())):
-            return X
-        return X[np.searchsorted(uniq, ids)]
-
-    def labels_of(self, image_ids: Sequence[int] | np.ndarray) -> list[str]:
-        """Labels of ``image_ids``, in that order."""
-        ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
-        with self._read() as conn:
-            lab = dict(_raw(conn).execute(self._q("SELECT id, label FROM images WHERE id IN "
-                                                  "(SELECT value FROM json_each(?))"),
-                                          (self._ids(np.unique(ids)),)).fetchall())
-        try:
-            return [lab[int(i)] for i in ids]
-        except KeyError as e:
-            raise UserError(f"{self.path} has no image {e.args[0]}: rerun {STAGE}") from None
