@@ -54,7 +54,7 @@ import torch
 
 from ..errors import UserError
 from ..runtime.device import resolve_cpu_precision
-from ..runtime.distributed import _all_gather, _broadcast_error, _broadcast_plan, _gather
+from ..runtime.distributed import all_gather_objects, broadcast_object, gather_objects
 from ..data.transforms import Preprocessing
 from ..store.containers import ImageRecord, ModelInfo, SyncReport
 from ..store.maintenance import open_store
@@ -207,11 +207,13 @@ def plan(store_path: Path | PgStore, prep: Prep, extras: Sequence[Any], checkpoi
             work = _Plan(info.id, info.dim, [r.id for r in todo], [r.path for r in todo])
         except Exception as e:
             if world_size > 1:
-                _broadcast_plan(_Plan(-1, 0, [], [], error=_first_line(e)), rank, world_size)
+                broadcast_object(_Plan(-1, 0, [], [], error=_first_line(e)), rank, world_size)
             if store is not None:
                 store.close()
             raise
-    work = _broadcast_plan(work, rank, world_size)
+    work = broadcast_object(work, rank, world_size)
+    if work.error is not None and rank != 0:
+        raise UserError(f"rank 0 stopped: {work.error}")
     if direct and rank != 0:
         store = open_store(store_path)  # rank 0 created it before the plan was sent
     return store, work, sync, dropped
@@ -273,7 +275,7 @@ def write_direct(store: FeatureStore, work: _Plan, chunks: list[range], batches:
             written += store.write_vectors(work.model_id, ids, vecs)
         except Exception as e:  # sent to the other ranks, which stop with it
             err, failed = f"rank {rank}: {_first_line(e)}", e
-        errs = [e for e in _all_gather(err, world_size) if e]
+        errs = [e for e in all_gather_objects(err, world_size) if e]
         if errs:
             if failed is not None:
                 raise failed
@@ -297,7 +299,7 @@ def write_gathered(store: FeatureStore | None, work: _Plan, chunks: list[range],
             if world_size == 1:
                 raise
             err, failed = f"rank {rank}: {_first_line(e)}", e
-        parts = _gather((ids, vecs, err), rank, world_size)
+        parts = gather_objects((ids, vecs, err), rank, world_size)
         stop, write_exc = None, None
         if rank == 0:
             errs = [p[2] for p in parts if p[2]]
@@ -309,7 +311,7 @@ def write_gathered(store: FeatureStore | None, work: _Plan, chunks: list[range],
                     if world_size == 1:
                         raise
                     write_exc, stop = e, f"rank 0: {_first_line(e)}"
-        stop = _broadcast_error(stop, rank, world_size)
+        stop = broadcast_object(stop, rank, world_size)
         if write_exc is not None:
             raise write_exc
         if stop is not None:
@@ -390,7 +392,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgSt
     written, batches = embed(store, work, chunks, share, prep, cfg, device, rank, world_size, direct)
     elapsed = time.perf_counter() - t0
     if direct:
-        written = sum(_all_gather(written, world_size))  # after every rank's last commit
+        written = sum(all_gather_objects(written, world_size))  # after every rank's last commit
         if rank != 0:
             store.close()
     if rank != 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,8 +27,6 @@ import torch.distributed as dist
 
 from ..errors import UserError
 
-if TYPE_CHECKING:
-    from ..model.extract import _Plan
 
 
 def is_distributed() -> bool:
@@ -162,7 +160,6 @@ def agree(error: BaseException | None) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if int(flag.item()) == 0:
         return
-    from ..errors import UserError
 
     mine = None
     if error is not None:
@@ -214,21 +211,18 @@ def agreed(items: Iterable) -> Iterator:
         yield item
 
 
-def _broadcast_plan(plan: _Plan | None, rank: int, world: int) -> _Plan:
+def broadcast_object(obj: Any, rank: int, world: int) -> Any:
+    """Rank 0's ``obj`` (small and picklable: a plan, an error line), on every rank."""
     if world == 1:
-        assert plan is not None
-        return plan
+        return obj
     import torch.distributed as dist
 
-    box = [plan if rank == 0 else None]
+    box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    out = box[0]
-    if out.error is not None and rank != 0:
-        raise UserError(f"rank 0 stopped: {out.error}")
-    return out
+    return box[0]
 
 
-def _gather(part: tuple[np.ndarray, np.ndarray, str | None], rank: int, world: int) -> list | None:
+def gather_objects(part: tuple[np.ndarray, np.ndarray, str | None], rank: int, world: int) -> list | None:
     if world == 1:
         return [part]
     import torch.distributed as dist
@@ -238,7 +232,7 @@ def _gather(part: tuple[np.ndarray, np.ndarray, str | None], rank: int, world: i
     return out
 
 
-def _all_gather(obj: Any, world: int) -> list:
+def all_gather_objects(obj: Any, world: int) -> list:
     """Every rank's ``obj`` (small: an error line, a count), on every rank."""
     if world == 1:
         return [obj]
@@ -247,16 +241,6 @@ def _all_gather(obj: Any, world: int) -> list:
     out: list = [None] * world
     dist.all_gather_object(out, obj)
     return out
-
-
-def _broadcast_error(err: str | None, rank: int, world: int) -> str | None:
-    if world == 1:
-        return err
-    import torch.distributed as dist
-
-    box = [err]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _init_distributed(device_spec: str) -> tuple[int, int]:
