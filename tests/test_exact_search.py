@@ -183,6 +183,28 @@ def test_topk_equals_reference(precision, k):
         np.testing.assert_array_equal(i[:4], np.tile([3, 10, 11, 12], (4, 1)))
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_topk_and_class_best_where_every_similarity_is_negative(precision):
+    """Queries opposite the whole gallery (all similarities < 0, some -0.0 products): the scan's
+    integer group maxima hold only non-negative groups, so these rows must compare every group."""
+    rng = np.random.default_rng(7)
+    G = _unit(np.abs(rng.normal(size=(300, 16))))
+    G[:, 3] = 0.0
+    Q = -_unit(np.abs(rng.normal(size=(9, 16))))
+    Q[0] = 0.0
+    Q[0, 3] = 1.0  # orthogonal to every row: all similarities +0.0 (ties: the lowest rows)
+    for k in (1, 5):
+        s, i = X.topk(Q, G, k, precision=precision, block_rows=64)
+        ws, wi = topk_ref(Q, G, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_array_equal(s, ws)
+    lab = np.arange(300) % 4
+    s, i = X.class_best(Q, G, lab, 4, precision=precision, block_rows=64)
+    ws, wi = class_ref(Q, G, lab, 4)
+    np.testing.assert_array_equal(i, wi)
+    np.testing.assert_array_equal(s, ws)
+
+
 def test_topk_equals_retrieval_topk_where_float32_is_exact():
     """Dyadic vectors: retrieval.topk's float32 products are the exact similarities, ties everywhere."""
     G, Q = dyadic(300), dyadic(25, seed=1)
