@@ -120,7 +120,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Iterator, Sequence
@@ -144,6 +146,8 @@ GROUP = 128  # columns per maximum in the first pass over a block of products (_
 BLOCK_ROWS = 2048  # gallery rows per product block (QUERY_BLOCK x BLOCK_ROWS bf16 = 16 MiB of output, in L3)
 MIN_CANDIDATES = 256  # a query may rescore at least this many candidates before it falls back to fp32
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
+SCAN_BYTES = 320 * 2**20  # products kept at a time by topk's scan (4096 queries x 33,000 rows of bf16: 270 MB)
+RESCORE_QUERIES = 64  # queries rescored per work item (a worker's gathered rows stay in its cache)
 PAIR_CHUNK = 1 << 20  # vector elements gathered at a time when rescoring (4 MiB of float32)
 PRUNE_TILE = 512  # rows per greedy step of prune_class (lut.CPU_TILE: the fastest on a CPU)
 PRUNE_CACHE_BYTES = 2 * 2**30  # prune_class keeps a class's product blocks up to this size for several thresholds
@@ -281,7 +285,12 @@ def _full_fp32() -> Iterator[None]:
         cuda.allow_tf32, cuda.allow_bf16_reduced_precision_reduction = tf32, bf16
 
 
-_PRODUCT_THREADS: list[int] = []  # torch's thread count, while a search runs its element-wise steps on one
+_TL = threading.local()  # per thread: ``outer``, torch's thread count while a search runs its steps on one
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # worker threads per count, made once per process
+
+
+def _outer(default: int) -> int:
+    return getattr(_TL, "outer", 0) or default
 
 
 @contextlib.contextmanager
@@ -289,32 +298,54 @@ def _threads(device: torch.device) -> Iterator[None]:
     """Element-wise steps (comparisons, maxima, gathers, float64 dot products) on one CPU thread, the
     matrix products (``_product``) on all of torch's threads: on a shared, loaded machine every
     parallel region of a small step can wait a scheduler quantum for a descheduled thread
-    (``common.lut._Threads`` measured 15x on one prune; a top-10 search here 3x)."""
+    (``common.lut._Threads`` measured 15x on one prune; a top-10 search here 3x). ``topk`` runs its
+    blocks on ``_workers`` instead, each on one thread."""
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or _PRODUCT_THREADS:
+    if device.type != "cpu" or n == 1 or getattr(_TL, "outer", 0):
         yield
         return
-    _PRODUCT_THREADS.append(n)
+    _TL.outer = n
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
-        _PRODUCT_THREADS.pop()
+        _TL.outer = 0
 
 
 @contextlib.contextmanager
 def _all_threads() -> Iterator[None]:
     """Inside ``_threads``: a matrix product on all threads again (long enough that a late thread
     costs little of it; the passes over its output measured slower on two threads here)."""
-    if not _PRODUCT_THREADS:
+    n = getattr(_TL, "outer", 0)
+    if not n:
         yield
         return
-    torch.set_num_threads(_PRODUCT_THREADS[-1])
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(1)
+
+
+def _workers(device: torch.device) -> int:
+    """Worker threads for the blocks of a search: torch's thread count on a CPU, else 1."""
+    return _outer(torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _parallel(fn: Any, items: Sequence[Any], n: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on ``n`` worker threads, each running torch on one thread and taking
+    the next item when done with one. Rather than torch's threads inside each operation: a block's
+    steps are many short operations, and on a shared machine each parallel region waits for its
+    slowest thread (a descheduled one: a scheduler quantum), while a worker that is held up here
+    only takes fewer items. The operations release the GIL; results come back in order."""
+    if n <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    pool = _POOLS.get(n)
+    if pool is None:
+        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="exact_search", initializer=torch.set_num_threads,
+                                              initargs=(1,))
+    return list(pool.map(fn, items))
 
 
 def _mm(ql: torch.Tensor, qs: torch.Tensor | None, gl: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
@@ -615,15 +646,6 @@ def _rank_in_row(r_sorted: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.arange(r_sorted.numel(), device=r_sorted.device) - starts[r_sorted]
 
 
-def _merge_top(best: torch.Tensor, r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The k largest of ``best`` (B, k) and the values ``v`` of rows ``r`` (sorted): a ragged merge."""
-    B, k = best.shape
-    pos = _rank_in_row(r, B)
-    pad = torch.full((B, int(pos.max()) + 1), -math.inf, device=best.device)
-    pad[r, pos] = v
-    return torch.topk(torch.cat([best, pad], 1), k, dim=1).values
-
-
 _KEYS = {torch.bfloat16: (torch.int16, -128), torch.float32: (torch.int32, -(1 << 23))}  # int view, -inf's bits
 
 
@@ -668,76 +690,195 @@ def _hits(A: torch.Tensor, gm: torch.Tensor, group: int, theta: torch.Tensor) ->
     return rows, cols
 
 
-def _seed_kth(q: Codes, g: Codes, k: int, block_rows: int) -> torch.Tensor:
-    """A lower bound on each query's k-th largest ``A`` before the scan: the k-th largest over a
-    sample of ``block_rows`` gallery rows spread over the gallery (a subset's k-th largest is at
-    most the whole set's), so the first blocks already have a useful ``theta``. -inf when the
-    gallery is small (one block) or k exceeds the sample."""
-    G = len(g)
-    if G <= 2 * block_rows or k > block_rows:
-        return torch.full((len(q),), -math.inf, device=q.X.device)
-    rows = torch.linspace(0, G - 1, block_rows, device=q.X.device).long()
-    gs = _mm(q.low, q.scale, g.low.index_select(0, rows), None if g.scale is None else g.scale.index_select(0, rows))
-    return torch.topk(gs, k, dim=1).values[:, k - 1].float()
+def _scan_group(block_rows: int) -> int:
+    """Columns per group maximum in ``topk``'s scan: ``GROUP``, or the largest power of two that divides
+    ``block_rows`` if smaller (every block but the last is a whole number of groups)."""
+    return min(GROUP, block_rows & -block_rows)
 
 
-def _candidates(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int,
-                cap: int | None) -> tuple[torch.Tensor, ...]:
-    """Candidate pairs of a block of queries against the whole gallery (module docstring, top-k).
+def _padded_product(q: Codes, g: Codes, g0: int, g1: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, gm)``: the products of rows ``g0:g1``, padded with -inf columns to whole groups, and their
+    group maxima (``_group_max``)."""
+    A = _product(q, g, g0, g1)
+    pad = -A.shape[1] % group
+    if pad:
+        A = torch.cat([A, A.new_full((A.shape[0], pad), -math.inf)], 1)
+    return A, _group_max(A, group)
 
-    Returns ``(rows, cols, A, over)``: the pairs with ``A >= theta`` of their query, and the queries
-    whose candidates exceeded ``cap`` (their pairs are left out: they fall back to fp32). Per block
-    of products, one pass takes the maxima of groups of columns; k of them are k distinct entries,
-    so the k-th largest of them and of the running k best is a lower bound on the k-th largest
-    ``A`` after the block, which gives ``theta``; only groups reaching it are compared
-    (``_hits``), and the running k largest ``A`` are merged from those entries alone (an entry
-    below ``theta`` is below the k-th largest)."""
+
+def _top_entries(As: list[torch.Tensor], gm: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """The k largest entries (B, k) float32 among the entries of each row's k groups of largest maximum
+    (``gm`` (B, n_groups): the maxima of the blocks ``As``, each of ``As[0]``'s width but the last).
+    Each is a lower bound on the k-th largest entry of the row; when no group maximum was replaced
+    by -inf they are the k largest themselves: a group holding one of them has a maximum at least as
+    large, and at most k groups can (ties aside)."""
+    B, per = gm.shape[0], As[0].shape[1] // group
+    kk = min(k, gm.shape[1])
+    gi = torch.topk(gm, kk, dim=1).indices  # (B, kk)
+    ent = torch.empty((B, kk, group), dtype=As[0].dtype, device=gm.device)
+    blk = torch.div(gi, per, rounding_mode="floor")
+    for b in torch.unique(blk).tolist():
+        rr, jj = torch.nonzero(blk == b, as_tuple=True)
+        ent[rr, jj] = As[b].view(B, -1, group)[rr, gi[rr, jj] - b * per]
+    top = torch.topk(ent.view(B, kk * group), min(k, kk * group), dim=1).values.float()
+    if top.shape[1] < k:
+        top = torch.cat([top, top.new_full((B, k - top.shape[1]), -math.inf)], 1)
+    return top
+
+
+def _block_hits(A: torch.Tensor, gm: torch.Tensor, g0: int, t: torch.Tensor, group: int,
+                G: int) -> tuple[torch.Tensor, ...]:
+    """``(rows, cols, A)`` of the entries of a padded block (first row ``g0``) at or above their row's ``t``
+    (in ``A``'s dtype; +inf: none), by row: only the groups whose maximum reaches ``t`` are read, every
+    group of a row with ``t <= 0`` (``gm`` gives negative groups -inf)."""
+    B = A.shape[0]
+    rr, gg = torch.nonzero((gm >= t[:, None]) | (t <= 0)[:, None], as_tuple=True)
+    ent = A.view(B, -1, group)[rr, gg]
+    h, j = torch.nonzero(ent >= t[rr, None], as_tuple=True)
+    rows, cols, v = rr[h], g0 + gg[h] * group + j, ent[h, j].float()
+    inside = cols < G  # the padding is -inf: below any finite t
+    return rows[inside], cols[inside], v[inside]
+
+
+def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int | None,
+          n: int) -> tuple[torch.Tensor, ...]:
+    """Candidate pairs of a block of queries against the whole gallery (module docstring, top-k):
+    ``(rows, cols, A, over)``: the pairs with ``A >= theta`` of their query, by row then column, and the
+    queries whose candidates exceeded ``cap`` (their pairs are left out: they fall back to fp32).
+
+    Up to ``SCAN_BYTES`` of products are kept at a time (a "span" of blocks). Per span: 1. each block's
+    products and group maxima (``_padded_product``, on the workers); 2. the k-th largest entry from
+    the k groups of largest maxima (``_top_entries``), merged with the k largest of earlier spans
+    (k distinct entries: a lower bound on the k-th largest ``A``), which gives ``theta``; 3. the
+    entries at or above ``theta``, from the groups whose maximum reaches it (``_block_hits``, on the
+    workers). The final ``theta`` filters what earlier spans let in."""
     B, G = len(q), len(g)
     dev, rho = q.X.device, RHO[g.precision]
-    best = torch.full((B, k), -math.inf, device=dev)  # the k largest A so far, per query
+    group = _scan_group(block_rows)
+    item = 2 if g.precision == "bf16" else 4
+    starts = list(range(0, G, block_rows))
+    span = max(1, SCAN_BYTES // max(1, B * block_rows * item))
+    best = torch.full((B, k), -math.inf, device=dev)  # the k largest A of earlier spans
     count = torch.zeros(B, dtype=torch.int64, device=dev)
     over = torch.zeros(B, dtype=torch.bool, device=dev)
-    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    seed = _seed_kth(q, g, k, block_rows)
-    for g0 in range(0, G, block_rows):
-        A = _product(q, g, g0, min(G, g0 + block_rows))  # (B, b): stays in cache
-        group = max(1, min(GROUP, A.shape[1] // k))
-        gm = _group_max(A, group)
-        low = gm if gm.shape[1] >= k else torch.topk(A, min(k, A.shape[1]), dim=1).values  # k distinct entries
-        kth = torch.maximum(torch.topk(torch.cat([best, low.float()], 1), k, dim=1).values[:, k - 1], seed)
-        r, c = _hits(A, gm, group, _candidate_threshold(kth, E, rho).masked_fill_(over, math.inf))
-        if r.numel():
-            v = A[r, c].float()
-            best = _merge_top(best, r, v)
-            ok = v >= _candidate_threshold(best[:, k - 1], E, rho)[r]  # the merged k-th may be higher
-            r, c, v = r[ok], c[ok], v[ok]
-            found.append((r, c + g0, v))
-            if cap is not None:
-                count += torch.bincount(r, minlength=B)
-                over |= count > cap
+    found: list[tuple[torch.Tensor, ...]] = []
+    for s0 in range(0, len(starts), span):
+        blocks = starts[s0:s0 + span]
+        out = _parallel(lambda g0: _padded_product(q, g, g0, min(G, g0 + block_rows), group), blocks, n)  # noqa: B023
+        As = [a for a, _ in out]
+        gms = [m for _, m in out]
+        gm = torch.cat(gms, 1) if len(gms) > 1 else gms[0]
+        if k == 1:  # a group maximum is an entry: the largest is the row's
+            best = torch.maximum(best, gm.amax(1, keepdim=True).float())
+        else:
+            best = torch.topk(torch.cat([best, _top_entries(As, gm, k, group)], 1), k, dim=1).values
+        t = _round_out(_candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf).double(),
+                       As[0].dtype, up=False)
+        parts = _parallel(lambda x, t=t: _block_hits(*x, t, group, G), list(zip(As, gms, blocks)), n)
+        del out, As
+        r, c, v = (torch.cat(x) for x in zip(*parts))
+        if cap is not None and r.numel():
+            count += torch.bincount(r, minlength=B)
+            over |= count > cap
+        found.append((r, c, v))
     theta = _candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf)
-    if not found:
-        return (*(torch.zeros(0, dtype=torch.int64, device=dev),) * 2, torch.zeros(0, device=dev), over)
     r, c, v = (torch.cat(x) for x in zip(*found))
-    ok = v >= theta[r]  # the final theta (over: +inf) drops what the running one let in
-    return r[ok], c[ok], v[ok], over
+    ok = v >= theta[r]  # the final theta (over: +inf) drops what earlier spans let in
+    r, c, v = r[ok], c[ok], v[ok]
+    p = torch.argsort(r, stable=True)  # blocks came in row order: columns stay ascending per query
+    return r[p], c[p], v[p], over
+
+
+def _dots64(x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Float64 dot products of ``x`` (U, D) with each of ``Y[u]`` (U, m, D): (U, m), from float32 rows
+    (each product exact in float64; the sum errs by at most ``gamma64_D |x| |y|``)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.einsum("umd,ud->um", Y.numpy(), x.numpy(), dtype=np.float64))
+    return torch.bmm(Y.double(), x.double().unsqueeze(2)).squeeze(2)
+
+
+def _exact_rows(x: torch.Tensor, Y: torch.Tensor, nn: torch.Tensor) -> torch.Tensor:
+    """``s(x[u], Y[u, j])`` (U, m) float32 (``_round_dots``), given ``nn >= |x| |y|`` (U, m)."""
+    d = _dots64(x, Y)
+    U, m = d.shape
+    s = _round_dots(d.flatten(), nn.flatten(), x.shape[1],
+                    lambda p: (x[p // m].cpu().numpy(), Y[p // m, p % m].cpu().numpy()))
+    return s.view(U, m)
+
+
+def _rescore_rows(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch.Tensor, a: int, b: int, k: int,
+                  E: torch.Tensor, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k ``(sims (b - a, k), idx)`` of queries ``a:b`` from their candidates ``(r, c, v)`` (rows
+    ``r - a`` relative to ``a``, by row; every query holds at least k, or none: one that fell back).
+
+    Round 1: each query's k candidates of largest ``A`` get ``s``; their smallest, ``F``, is a lower
+    bound on the k-th best ``s`` (k rows reach it). Round 2: of the other candidates, only those with
+    ``upper(A) >= F`` can still enter; they get float32 dot products ``d`` (bound ``_f32_error``) and
+    ``s`` where ``d`` plus its bound still reaches ``F``. The answer: the top-k of the exact values by
+    (similarity descending, row ascending)."""
+    nq, D, dev = b - a, q.dim, q.X.device
+    counts = torch.bincount(r, minlength=nq)
+    pos = torch.arange(r.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[r]
+    w = max(k, int(counts.max()) if r.numel() else 0)
+    V = torch.full((nq, w), -math.inf, device=dev)
+    C = torch.zeros((nq, w), dtype=torch.int64, device=dev)
+    V[r, pos], C[r, pos] = v, c
+    top = torch.topk(V, k, dim=1).indices  # round 1: any k candidates give a valid F; these give a high one
+    c1 = C.gather(1, top)
+    x = q.X[a:b]
+    s1 = _exact_rows(x, g.X.index_select(0, c1.flatten()).view(nq, k, D), q.norm[a:b, None] * g.norm[c1])
+    F = s1.amin(1).double()
+    th = _round_out(_upper_inv(F, E[a:b], RHO[g.precision]), torch.float32, up=False)
+    rest = V >= th[:, None]
+    rest.scatter_(1, top, False)
+    i2, j2 = torch.nonzero(rest, as_tuple=True)
+    S, Cs = s1, c1
+    if i2.numel():
+        c2 = C[i2, j2]
+        x2, Y2 = x.index_select(0, i2), g.X.index_select(0, c2)
+        d = torch.linalg.vecdot(x2, Y2).double()
+        qq = Codes(q.precision, x, x, None, q.norm[a:b], q.norm[a:b], q.resid[a:b])  # rows relative to a
+        e = _f32_error(qq, g, i2, c2, d)
+        near = torch.nonzero(d + e >= F[i2]).flatten()
+        stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(i2.numel())
+        if near.numel():
+            i2, c2 = i2[near], c2[near]
+            s2 = _exact_rows(x2[near], Y2[near].unsqueeze(1),
+                             (q.norm[a + i2] * g.norm[c2])[:, None]).flatten()
+            cnt2 = torch.bincount(i2, minlength=nq)
+            p2 = torch.arange(i2.numel(), device=dev) - (torch.cumsum(cnt2, 0) - cnt2)[i2]
+            m2 = int(cnt2.max())
+            S2 = torch.full((nq, m2), -math.inf, device=dev)
+            C2 = torch.full((nq, m2), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+            S2[i2, p2], C2[i2, p2] = s2, c2
+            S, Cs = torch.cat([s1, S2], 1), torch.cat([c1, C2], 1)
+    stats["exact_pairs"] = stats.get("exact_pairs", 0) + nq * k + (int(near.numel()) if i2.numel() else 0)
+    o = torch.sort(Cs, dim=1, stable=True).indices  # row ascending, then similarity descending (stable)
+    S, Cs = S.gather(1, o), Cs.gather(1, o)
+    o = torch.sort(S, dim=1, descending=True, stable=True).indices[:, :k]
+    return S.gather(1, o), Cs.gather(1, o)
 
 
 def _topk_codes(q: Codes, g: Codes, k: int, block_rows: int, cap: int | None,
                 stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of a block of queries: ``(sims (B, k) float32, idx (B, k) int64)``."""
-    B = len(q)
+    B, dev = len(q), q.X.device
+    n = _workers(dev)
     E = _error_terms(q, g)
-    r, c, v, over = _candidates(q, g, E, k, block_rows, cap)
-    r, c, s, _ = _exact_top(q, g, r, c, v, r, B, k, E, stats)
-    p = _order_rows(r, s, c)
-    r, s, c = r[p], s[p], c[p]
-    rank = _rank_in_row(r, B)
-    first = rank < k
-    sims = torch.empty((B, k), dtype=torch.float32, device=q.X.device)
-    idx = torch.empty((B, k), dtype=torch.int64, device=q.X.device)
-    sims[r[first], rank[first]] = s[first]
-    idx[r[first], rank[first]] = c[first]
+    r, c, v, over = _scan(q, g, E, k, block_rows, cap, n)
+    stats["candidates"] = stats.get("candidates", 0) + int(r.numel())
+    counts = torch.bincount(r, minlength=B)
+    ends = torch.cumsum(counts, 0).tolist()
+    step = RESCORE_QUERIES
+
+    def work(a: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = min(B, a + step)
+        p0, p1 = (ends[a - 1] if a else 0), ends[b - 1]
+        return _rescore_rows(q, g, r[p0:p1] - a, c[p0:p1], v[p0:p1], a, b, k, E, stats)
+
+    parts = _parallel(work, range(0, B, step), n)
+    sims = torch.cat([s for s, _ in parts])
+    idx = torch.cat([i for _, i in parts])
     bad = torch.nonzero(over).flatten()
     if bad.numel():  # the window held too many rows for these queries: float32 products, no cap
         stats["fallback_queries"] = stats.get("fallback_queries", 0) + int(bad.numel())

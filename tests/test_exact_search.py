@@ -205,6 +205,24 @@ def test_topk_and_class_best_where_every_similarity_is_negative(precision):
     np.testing.assert_array_equal(s, ws)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_topk_on_worker_threads_spans_and_chunks(precision, monkeypatch):
+    """Two worker threads, products kept a few blocks at a time (several spans) and a few queries per
+    rescoring item: the same answer, and torch's thread count is left as it was."""
+    monkeypatch.setattr(X, "SCAN_BYTES", 37 * 64 * 4 * 3)  # three blocks of 64 rows per span
+    monkeypatch.setattr(X, "RESCORE_QUERIES", 5)
+    Q, G = gallery(seed=8)
+    torch.set_num_threads(2)
+    for k in (1, 7, 30):
+        st: dict = {}
+        s, i = X.topk(Q, G, k, precision=precision, block_rows=64, stats=st)
+        assert torch.get_num_threads() == 2
+        ws, wi = topk_ref(Q, G, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_array_equal(s, ws)
+        assert st["candidates"] >= k * len(Q)
+
+
 def test_topk_equals_retrieval_topk_where_float32_is_exact():
     """Dyadic vectors: retrieval.topk's float32 products are the exact similarities, ties everywhere."""
     G, Q = dyadic(300), dyadic(25, seed=1)
