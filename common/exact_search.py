@@ -764,7 +764,7 @@ def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int
     found: list[tuple[torch.Tensor, ...]] = []
     for s0 in range(0, len(starts), span):
         blocks = starts[s0:s0 + span]
-        out = _parallel(lambda g0: _padded_product(q, g, g0, min(G, g0 + block_rows), group), blocks, n)  # noqa: B023
+        out = _parallel(lambda g0: _padded_product(q, g, g0, min(G, g0 + block_rows), group), blocks, n)
         As = [a for a, _ in out]
         gms = [m for _, m in out]
         gm = torch.cat(gms, 1) if len(gms) > 1 else gms[0]
