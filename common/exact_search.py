@@ -249,19 +249,23 @@ def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
     if precision == "auto":
         precision = choose_precision(X.shape[1], X.device)
     N = X.shape[0]
+    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
+    norm, resid = (torch.empty(N, dtype=torch.float64, device=X.device) for _ in range(2))
     if precision == "fp32":
+        def norms(a: int) -> None:
+            norm[a:a + step] = _norm_up(X[a:a + step])
         with _threads(X.device):
-            norm = _norm_up(X)
+            _parallel(norms, range(0, N, step), _workers(X.device))
         return Codes("fp32", X, X, None, norm, norm, torch.zeros_like(norm))
     low = torch.empty(X.shape, dtype=torch.bfloat16 if precision == "bf16" else torch.int8, device=X.device)
     scale = torch.empty(N, device=X.device) if precision == "int8" else None
-    norm, resid = (torch.empty(N, dtype=torch.float64, device=X.device) for _ in range(2))
-    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
+
+    def code(a: int) -> None:  # the codes of rows a:a + step, into disjoint slices (on the workers)
+        sc, norm[a:a + step], resid[a:a + step] = _code_rows(X[a:a + step], precision, low[a:a + step])
+        if scale is not None:
+            scale[a:a + step] = sc
     with _threads(X.device):
-        for a in range(0, N, step):
-            sc, norm[a:a + step], resid[a:a + step] = _code_rows(X[a:a + step], precision, low[a:a + step])
-            if scale is not None:
-                scale[a:a + step] = sc
+        _parallel(code, range(0, N, step), _workers(X.device))
     return Codes(precision, X, low, scale, norm, norm + resid, resid)
 
 
@@ -1108,7 +1112,10 @@ class _Blocks:
     def __init__(self, c: Codes, tile: int, cache: bool):
         self.c, self.tile = c, tile
         n = len(c)
-        self.cols = [self._mm(slice(0, min(n, a + tile)), a) for a in range(0, n, tile)] if cache else None
+        self.cols = None
+        if cache:  # on the workers, the largest blocks first (they finish together)
+            starts = list(range(0, n, tile))[::-1]
+            self.cols = _parallel(lambda a: self._mm(slice(0, min(n, a + tile)), a), starts, _workers(c.X.device))[::-1]
 
     def _mm(self, rows: Any, a: int) -> torch.Tensor:
         """Products of code rows ``rows`` (a slice or indices) with the step's columns ``a:a + tile``."""

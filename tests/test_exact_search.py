@@ -400,3 +400,21 @@ def test_prune_class_ties_duplicates_and_lut_identity():
             rows = rows[np.argsort(ids[rows])]
             got[rows] = X.prune_class(G[rows], ts, precision="bf16")[ti]
         assert np.array_equal(got, lut.prune(G, lab, ids, t)) and np.array_equal(got, sweep[ti])
+
+
+def test_prune_class_and_quantize_on_worker_threads(monkeypatch):
+    """Two workers: codes quantized in chunks of a few rows (the same codes as on one thread),
+    the product blocks of the class made on the workers, the same keep masks as the pair loop."""
+    monkeypatch.setattr(X, "PAIR_CHUNK", 32 * 7)  # seven rows per quantize chunk
+    Xc, ts = near_threshold_class(seed=2)
+    for p in PRECISIONS:
+        one = X.quantize(Xc, p)  # one thread (the fixture)
+        torch.set_num_threads(2)
+        c = X.quantize(Xc, p)
+        for a, b in ((one.low, c.low), (one.norm, c.norm), (one.resid, c.resid), (one.scale, c.scale)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        keeps = X.prune_class(c, ts, tile=37)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        for t, keep in zip(ts, keeps):
+            assert np.array_equal(keep, pair_loop(Xc, t)), (p, t)
