@@ -349,7 +349,12 @@ def _parallel(fn: Any, items: Sequence[Any], n: int) -> list[Any]:
     if pool is None:
         pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="exact_search", initializer=torch.set_num_threads,
                                               initargs=(1,))
-    return list(pool.map(fn, items))
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
+
+    def run(x: Any) -> Any:
+        with torch.inference_mode(inference):
+            return fn(x)
+    return list(pool.map(run, items))
 
 
 def _mm(ql: torch.Tensor, qs: torch.Tensor | None, gl: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:

@@ -211,6 +211,7 @@ def test_topk_on_worker_threads_spans_and_chunks(precision, monkeypatch):
     rescoring item: the same answer, and torch's thread count is left as it was."""
     monkeypatch.setattr(X, "SCAN_BYTES", 37 * 64 * 4 * 3)  # three blocks of 64 rows per span
     monkeypatch.setattr(X, "RESCORE_QUERIES", 5)
+    monkeypatch.setattr(X, "PAIR_CHUNK", 32 * 7)  # the queries' codes made seven rows at a time
     Q, G = gallery(seed=8)
     torch.set_num_threads(2)
     for k in (1, 7, 30):
