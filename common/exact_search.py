@@ -806,6 +806,15 @@ def _dots64(x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(Y.double(), x.double().unsqueeze(2)).squeeze(2)
 
 
+def _dots32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Float32 dot products of the rows of ``x`` and ``y`` (P, D): (P,), in some order of float32 (or
+    wider) operations, so within ``gamma_D |x| |y|`` of the exact value (numpy's einsum: one pass, no
+    (P, D) temporary, twice as fast as ``torch.linalg.vecdot`` on a CPU)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.einsum("pd,pd->p", x.numpy(), y.numpy()))
+    return torch.linalg.vecdot(x, y)
+
+
 def _exact_rows(x: torch.Tensor, Y: torch.Tensor, nn: torch.Tensor) -> torch.Tensor:
     """``s(x[u], Y[u, j])`` (U, m) float32 (``_round_dots``), given ``nn >= |x| |y|`` (U, m)."""
     d = _dots64(x, Y)
@@ -845,7 +854,7 @@ def _rescore_rows(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch
     if i2.numel():
         c2 = C[i2, j2]
         x2, Y2 = x.index_select(0, i2), g.X.index_select(0, c2)
-        d = torch.linalg.vecdot(x2, Y2).double()
+        d = _dots32(x2, Y2).double()
         qq = Codes(q.precision, x, x, None, q.norm[a:b], q.norm[a:b], q.resid[a:b])  # rows relative to a
         e = _f32_error(qq, g, i2, c2, d)
         near = torch.nonzero(d + e >= F[i2]).flatten()
