@@ -10,7 +10,8 @@ predict mode end to end.
    ``retrieval.topk``, bit-identical answers across precisions, and the exact similarity (float64
    products rounded to float32) on a subset of queries. Then LUT pruning of one class of 3,000 x
    2048 (``bench_prune``'s data): ``exact_search.prune_class`` and ``lut.prune`` against the bare
-   float32 ``X @ X.T``, with identical keep masks.
+   float32 ``X @ X.T``, with identical keep masks. Section 0's figures are medians of interleaved
+   rounds (``--repeat``, default 5), with the load average before and after.
 1. Retrieval: a gallery of 33,000 x 2048 and 7,000 queries (synthetic clustered vectors,
    L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.inference.classify``
    (exact search, bounded blocks) against
@@ -23,7 +24,7 @@ predict mode end to end.
    at 64 px, and a few images through ``seresnext50_32x4d`` at 224 px) and searched, with the share
    of time spent decoding, embedding and searching.
 
-Usage:  python benchmarks/bench_retrieval.py [--quick] [--exact-only] [--threads N]
+Usage:  python benchmarks/bench_retrieval.py [--quick] [--exact-only] [--threads N] [--repeat N]
 """
 from __future__ import annotations
 
@@ -135,8 +136,28 @@ def exact_data(n_gallery: int, n_query: int, dim: int):
     return Q, G
 
 
+def rounds_interleaved(fns: dict, repeat: int) -> tuple[dict, dict]:
+    """Every wall time of each function over ``repeat`` rounds, run in turn (the machine is shared:
+    interleaving exposes every contender to the same load), and each one's last result."""
+    times = {k: [] for k in fns}
+    out = {}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            out[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return times, out
+
+
+def load_line() -> str:
+    import os
+
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
 def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queries: int) -> None:
-    """Section 0: exact search against FAISS flat, the project's float32 top-k and the floors."""
+    """Section 0: exact search against FAISS flat, the project's float32 top-k and the floors, every
+    figure the median of ``repeat`` interleaved rounds in this one process."""
     import faiss
     import torch
 
@@ -160,19 +181,27 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
         for p in ("bf16", "int8", "fp32"):
             fns[f"exact_search.topk {p} k={k}"] = lambda k=k, p=p: X.topk(Q, codes[p], k)
     peaks = peak_products(dim)
-    t, res = best_interleaved({**fns, **peaks}, repeat)
+    load0 = load_line()
+    times, res = rounds_interleaved({**fns, **peaks}, repeat)
+    t = {k: float(np.median(v)) for k, v in times.items()}
     flops, block = 2.0 * n_query * n_gallery * dim, 10 * 2.0 * 2048 * 2048 * dim
-    floor32 = flops / block * t.pop("peak block products float32")
-    floor16 = flops / block * t.pop("peak block products bf16")
+    floor32 = flops / block * min(times.pop("peak block products float32"))
+    floor16 = flops / block * min(times.pop("peak block products bf16"))
+    print(f"load average (1/5/15 min) before the rounds {load0}, after {load_line()}; {repeat} interleaved rounds, "
+          f"medians (min in brackets)")
     print(f"auto precision here: {auto}; quantising the gallery (once per gallery, like FAISS's add): "
           + ", ".join(f"{p} {v:.2f} s" for p, v in t_quant.items()))
-    print(f"compute floor (the product's FLOPs at the rate of a cache-resident 2048 x 2048 block, measured in the "
-          f"same rounds): float32 {floor32:.2f} s, bf16 {floor16:.2f} s")
-    print(f"{'':40s} {'seconds':>8s} {'FAISS/this':>10s} {'/bare fp32':>10s} {'/fp32 floor':>11s}")
-    for name, v in t.items():
+    print(f"compute floor (the product's FLOPs at the best rate of a cache-resident 2048 x 2048 block, measured in "
+          f"the same rounds): float32 {floor32:.2f} s, bf16 {floor16:.2f} s")
+    print(f"{'':40s} {'seconds':>8s} {'(min)':>7s} {'FAISS/this':>10s} {'/bare fp32':>10s} {'/fp32 floor':>11s}")
+    for name, v in times.items():
         k = 10 if name.endswith("k=10") else 1
-        f = t[f"faiss.IndexFlatIP k={k}"]
-        print(f"{name:40s} {v:8.2f} {f / v:10.2f} {v / t['bare float32 product (Q x G)']:10.2f} {v / floor32:11.2f}")
+        f, m = t[f"faiss.IndexFlatIP k={k}"], t[name]
+        print(f"{name:40s} {m:8.3f} {min(v):7.3f} {f / m:10.2f} {m / t['bare float32 product (Q x G)']:10.2f} "
+              f"{m / floor32:11.2f}")
+    for k in (1, 10):
+        r = t[f"faiss.IndexFlatIP k={k}"] / t[f"exact_search.topk {auto} k={k}"]
+        print(f"goal k={k}: FAISS / exact_search.topk ({auto}, the auto choice) = {r:.2f}x (wanted >= 3)")
     exact_identity(Q, G, res, codes, check_queries)
     exact_class_best(Q, G, codes["bf16"], repeat)
 
@@ -184,10 +213,11 @@ def exact_class_best(Q, G, codes, repeat: int) -> None:
 
     lab = np.repeat(np.arange(DYB_CLASSES), class_sizes(len(G)))[:len(G)]
     gallery = I.Vectors(G, lab, [str(i) for i in range(len(G))])
-    t, res = best_interleaved({"search_classes": lambda: I.search_classes(Q, gallery, DYB_CLASSES, 4096),
-                               "class_best": lambda: X.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
+    times, res = rounds_interleaved({"search_classes": lambda: I.search_classes(Q, gallery, DYB_CLASSES, 4096),
+                                     "class_best": lambda: X.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
+    t = {k: float(np.median(v)) for k, v in times.items()}
     same = np.array_equal(res["class_best"][1], res["search_classes"].idx)
-    print(f"best per class ({DYB_CLASSES} classes): inference.search_classes {t['search_classes']:.2f} s, "
+    print(f"best per class ({DYB_CLASSES} classes, medians): inference.search_classes {t['search_classes']:.2f} s, "
           f"exact_search.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
           f"same rows: {same} (every (query, class) needs one exact dot product: the full (Q, C) matrix costs "
           f"{len(Q) * DYB_CLASSES:,} gathered rows)")
@@ -251,8 +281,11 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
     fns["  of which: bf16 codes (quantize)"] = lambda: X.quantize(Xc, "bf16")
     fns["  of which: bf16 upper-triangle products"] = lambda: [  # prune_class's blocks of 512 columns
         torch.nn.functional.linear(codes.low[:a + 512], codes.low[a:a + 512]) for a in range(0, n, 512)]
-    t, res = best_interleaved(fns, repeat)
-    print(f"\n## LUT pruning: one class of {n:,} x {dim}, thresholds {thresholds}")
+    load0 = load_line()
+    times, res = rounds_interleaved(fns, repeat)
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"\n## LUT pruning: one class of {n:,} x {dim}, thresholds {thresholds}; load average {load0} before, "
+          f"{load_line()} after; medians of {repeat} interleaved rounds")
     bare = t["bare float32 X @ X.T"]
     for name, v in t.items():
         print(f"{name:40s} {v:8.3f} s  {v / bare:6.2f}x the bare product")
@@ -384,6 +417,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a minute)")
     ap.add_argument("--exact-only", action="store_true", help="section 0 only (exact search and pruning)")
     ap.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: torch's default)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds of section 0 (medians reported)")
     a = ap.parse_args()
     if a.threads:
         import faiss
@@ -395,8 +429,8 @@ def main() -> None:
         bench_exact(6_000, 600, 512, repeat=2, check_queries=50)
         bench_exact_prune(1_000, 512, [0.8, 0.9], repeat=2)
     else:
-        bench_exact(33_000, 3_000, 2048, repeat=3, check_queries=200)
-        bench_exact_prune(3_000, 2048, [0.8, 0.9, 0.95], repeat=3)
+        bench_exact(33_000, 3_000, 2048, repeat=a.repeat, check_queries=200)
+        bench_exact_prune(3_000, 2048, [0.8, 0.9, 0.95], repeat=a.repeat)
     if a.exact_only:
         return
     if a.quick:
