@@ -111,7 +111,10 @@ query in the same way). On a CPU with AMX or AVX512-BF16 oneDNN's bf16 product r
 faster than float32; ``precision="auto"`` times one small product of each kind once per process
 and logs the choice (``choose_precision``). The products run on all of torch's threads, every
 other step on one (``_threads``). Float32 products are computed at full precision (no TF32 / bf16
-shortcut), which the bound assumes.
+shortcut), which the bound assumes. The products of a span and the rescoring's gathered rows go to
+buffers each thread keeps for its next search (``_scratch``: at most ``SCAN_BYTES`` plus a few MiB;
+a fresh buffer of that size is page-faulted in on every search), and the rows are gathered
+``DOT_ELEMENTS`` at a time so that they are still in cache when their dot products are taken.
 
 Inputs: numpy arrays or torch tensors (computation on the gallery's device); outputs: numpy.
 """
@@ -148,6 +151,7 @@ MIN_CANDIDATES = 256  # a query may rescore at least this many candidates before
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
 SCAN_BYTES = 320 * 2**20  # products kept at a time by topk's scan (4096 queries x 33,000 rows of bf16: 270 MB)
 RESCORE_QUERIES = 64  # queries rescored per work item (a worker's gathered rows stay in its cache)
+DOT_ELEMENTS = 1 << 18  # vector elements gathered at a time for dot products (1 MiB of float32: in L2)
 PAIR_CHUNK = 1 << 20  # vector elements gathered at a time when rescoring (4 MiB of float32)
 PRUNE_TILE = 512  # rows per greedy step of prune_class (lut.CPU_TILE: the fastest on a CPU)
 PRUNE_CACHE_BYTES = 2 * 2**30  # prune_class keeps a class's product blocks up to this size for several thresholds
@@ -705,13 +709,20 @@ def _scan_group(block_rows: int) -> int:
     return min(GROUP, block_rows & -block_rows)
 
 
-def _padded_product(q: Codes, g: Codes, g0: int, g1: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_product(q: Codes, g: Codes, g0: int, g1: int, group: int,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, gm)``: the products of rows ``g0:g1``, padded with -inf columns to whole groups, and their
-    group maxima (``_group_max``)."""
-    A = _product(q, g, g0, g1)
-    pad = -A.shape[1] % group
-    if pad:
-        A = torch.cat([A, A.new_full((A.shape[0], pad), -math.inf)], 1)
+    group maxima (``_group_max``). ``out``: a (len(q), padded width) buffer of the product's dtype to
+    write ``A`` into (bf16 / fp32 codes on a CPU), else a fresh tensor."""
+    if out is None:
+        A = _product(q, g, g0, g1)
+        pad = -A.shape[1] % group
+        if pad:
+            A = torch.cat([A, A.new_full((A.shape[0], pad), -math.inf)], 1)
+    else:
+        A, w = out, g1 - g0
+        torch.mm(q.low, g.low[g0:g1].t(), out=A[:, :w])  # the same oneDNN product as _mm's linear
+        A[:, w:] = -math.inf
     return A, _group_max(A, group)
 
 
@@ -771,9 +782,14 @@ def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int
     count = torch.zeros(B, dtype=torch.int64, device=dev)
     over = torch.zeros(B, dtype=torch.bool, device=dev)
     found: list[tuple[torch.Tensor, ...]] = []
+    width = -(-block_rows // group) * group
+    buf = None  # the span's products, reused (_scratch): float32 / bf16 codes on a CPU
+    if dev.type == "cpu" and g.scale is None:
+        buf = _scratch("span", (min(span, len(starts)), B, width), g.low.dtype, dev)
     for s0 in range(0, len(starts), span):
         blocks = starts[s0:s0 + span]
-        out = _parallel(lambda g0: _padded_product(q, g, g0, min(G, g0 + block_rows), group), blocks, n)
+        out = _parallel(lambda x: _padded_product(q, g, x[1], min(G, x[1] + block_rows), group,
+                                                  None if buf is None else buf[x[0]]), list(enumerate(blocks)), n)
         As = [a for a, _ in out]
         gms = [m for _, m in out]
         gm = torch.cat(gms, 1) if len(gms) > 1 else gms[0]
@@ -796,6 +812,30 @@ def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int
     r, c, v = r[ok], c[ok], v[ok]
     p = torch.argsort(r, stable=True)  # blocks came in row order: columns stay ascending per query
     return r[p], c[p], v[p], over
+
+
+def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of ``shape`` for this thread, reused by later calls with the same ``slot`` (its contents are
+    overwritten by them). A fresh allocation of megabytes is a fresh mapping, page-faulted and zeroed
+    by the kernel on first touch: for the row gathers of the rescoring that costs as much as the gather
+    itself (measured 2-3x a gather into a reused buffer here). Kept per thread: the workers run in parallel."""
+    n = math.prod(shape)
+    bufs = getattr(_TL, "bufs", None)
+    if bufs is None:
+        bufs = _TL.bufs = {}
+    key = (slot, dtype, device)
+    b = bufs.get(key)
+    if b is None or b.numel() < n:
+        b = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+    return b[:n].view(shape)
+
+
+def _rows(X: torch.Tensor, idx: torch.Tensor, slot: str) -> torch.Tensor:
+    """``X[idx]`` (len(idx), D) into this thread's buffer ``slot`` on a CPU (``_scratch``: valid until the
+    thread's next gather into that slot), a fresh tensor elsewhere."""
+    if X.device.type != "cpu":
+        return X.index_select(0, idx)
+    return torch.index_select(X, 0, idx, out=_scratch(slot, (idx.numel(), X.shape[1]), X.dtype, X.device))
 
 
 def _dots64(x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -844,7 +884,12 @@ def _rescore_rows(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch
     top = torch.topk(V, k, dim=1).indices  # round 1: any k candidates give a valid F; these give a high one
     c1 = C.gather(1, top)
     x = q.X[a:b]
-    s1 = _exact_rows(x, g.X.index_select(0, c1.flatten()).view(nq, k, D), q.norm[a:b, None] * g.norm[c1])
+    nn = q.norm[a:b, None] * g.norm[c1]
+    sub = max(1, DOT_ELEMENTS // (k * D))  # queries whose gathered rows stay in cache while their dots are taken
+    d1 = torch.cat([_dots64(x[u:u + sub], _rows(g.X, c1[u:u + sub].flatten(), "g").view(-1, k, D))
+                    for u in range(0, nq, sub)])
+    s1 = _round_dots(d1.flatten(), nn.flatten(), D, lambda p: (x[p // k].cpu().numpy(),
+                                                               g.X[c1.flatten()[p]].cpu().numpy())).view(nq, k)
     F = s1.amin(1).double()
     th = _round_out(_upper_inv(F, E[a:b], RHO[g.precision]), torch.float32, up=False)
     rest = V >= th[:, None]
@@ -853,15 +898,16 @@ def _rescore_rows(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch
     S, Cs = s1, c1
     if i2.numel():
         c2 = C[i2, j2]
-        x2, Y2 = x.index_select(0, i2), g.X.index_select(0, c2)
-        d = _dots32(x2, Y2).double()
+        sub = max(1, DOT_ELEMENTS // D)
+        d = torch.cat([_dots32(_rows(x, i2[u:u + sub], "q"), _rows(g.X, c2[u:u + sub], "g"))
+                       for u in range(0, i2.numel(), sub)]).double()
         qq = Codes(q.precision, x, x, None, q.norm[a:b], q.norm[a:b], q.resid[a:b])  # rows relative to a
         e = _f32_error(qq, g, i2, c2, d)
         near = torch.nonzero(d + e >= F[i2]).flatten()
         stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(i2.numel())
         if near.numel():
             i2, c2 = i2[near], c2[near]
-            s2 = _exact_rows(x2[near], Y2[near].unsqueeze(1),
+            s2 = _exact_rows(_rows(x, i2, "q"), _rows(g.X, c2, "g").unsqueeze(1),
                              (q.norm[a + i2] * g.norm[c2])[:, None]).flatten()
             cnt2 = torch.bincount(i2, minlength=nq)
             p2 = torch.arange(i2.numel(), device=dev) - (torch.cumsum(cnt2, 0) - cnt2)[i2]

@@ -226,6 +226,24 @@ def test_topk_on_worker_threads_spans_and_chunks(precision, monkeypatch):
         assert st["candidates"] >= k * len(Q)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_topk_reused_buffers_hold_nothing_stale(precision, monkeypatch):
+    """The span's product buffer and the rescoring's gather buffers are reused by every later search on
+    the thread (``_scratch``). A search whose products are near 1 everywhere (queries equal to rows),
+    then searches with a shorter last block (its padding columns hold the earlier products unless
+    rewritten), all-negative similarities (every group is compared, padding included), fewer queries
+    and rows gathered a few at a time: each equals the reference."""
+    monkeypatch.setattr(X, "DOT_ELEMENTS", 16 * 3)  # three gathered rows per float32 / float64 dot chunk
+    rng = np.random.default_rng(11)
+    G = _unit(np.abs(rng.normal(size=(256, 16))))
+    Q = -_unit(np.abs(rng.normal(size=(9, 16))))
+    for q, g, k in ((G[:40], G, 3), (Q, G[:150], 1), (Q, G[:150], 5), (G[100:103], G[:150], 7)):
+        s, i = X.topk(q, g, k, precision=precision, block_rows=128)
+        ws, wi = topk_ref(q, g, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_array_equal(s, ws)
+
+
 def test_topk_equals_retrieval_topk_where_float32_is_exact():
     """Dyadic vectors: retrieval.topk's float32 products are the exact similarities, ties everywhere."""
     G, Q = dyadic(300), dyadic(25, seed=1)
