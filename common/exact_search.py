@@ -795,8 +795,11 @@ def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int
         gm = torch.cat(gms, 1) if len(gms) > 1 else gms[0]
         if k == 1:  # a group maximum is an entry: the largest is the row's
             best = torch.maximum(best, gm.amax(1, keepdim=True).float())
-        else:
-            best = torch.topk(torch.cat([best, _top_entries(As, gm, k, group)], 1), k, dim=1).values
+        else:  # on the workers, a share of the queries each
+            cut = [B * i // n for i in range(n + 1)] if n > 1 else [0, B]
+            top = _parallel(lambda x, gm=gm, As=As: _top_entries([a[x[0]:x[1]] for a in As], gm[x[0]:x[1]], k, group),
+                            list(zip(cut[:-1], cut[1:])), n)
+            best = torch.topk(torch.cat([best, torch.cat(top)], 1), k, dim=1).values
         t = _round_out(_candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf).double(),
                        As[0].dtype, up=False)
         parts = _parallel(lambda x, t=t: _block_hits(*x, t, group, G), list(zip(As, gms, blocks)), n)

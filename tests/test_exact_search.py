@@ -224,6 +224,10 @@ def test_topk_on_worker_threads_spans_and_chunks(precision, monkeypatch):
         np.testing.assert_array_equal(i, wi)
         np.testing.assert_array_equal(s, ws)
         assert st["candidates"] >= k * len(Q)
+    s, i = X.topk(Q[:1], G, 7, precision=precision, block_rows=64)  # one query: a worker gets no rows
+    ws, wi = topk_ref(Q[:1], G, 7)
+    np.testing.assert_array_equal(i, wi)
+    np.testing.assert_array_equal(s, ws)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
