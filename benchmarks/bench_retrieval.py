@@ -111,7 +111,7 @@ def machine_line() -> str:
 
 
 def peak_products(dim: int) -> dict:
-    """Ten products of one cache-resident 2048 x 2048 x dim block per dtype, for ``best_interleaved``:
+    """Ten products of one cache-resident 2048 x 2048 x dim block per dtype, for ``rounds_interleaved``:
     their best time gives the kernel's peak rate (``10 * 2 * 2048^2 * dim`` FLOPs)."""
     import torch
 
