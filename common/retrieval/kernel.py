@@ -111,7 +111,10 @@ query in the same way). On a CPU with AMX or AVX512-BF16 oneDNN's bf16 product r
 faster than float32; ``precision="auto"`` times one small product of each kind once per process
 and logs the choice (``choose_precision``). The products run on all of torch's threads, every
 other step on one (``_threads``). Float32 products are computed at full precision (no TF32 / bf16
-shortcut), which the bound assumes.
+shortcut), which the bound assumes. The products of a span and the rescoring's gathered rows go to
+buffers each thread keeps for its next search (``_scratch``: at most ``SCAN_BYTES`` plus a few MiB;
+a fresh buffer of that size is page-faulted in on every search), and the rows are gathered
+``DOT_ELEMENTS`` at a time so that they are still in cache when their dot products are taken.
 
 Inputs: numpy arrays or torch tensors (computation on the gallery's device); outputs: numpy.
 """
@@ -120,7 +123,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Iterator, Sequence
@@ -148,6 +153,9 @@ GROUP = 128  # columns per maximum in the first pass over a block of products (_
 BLOCK_ROWS = 2048  # gallery rows per product block (QUERY_BLOCK x BLOCK_ROWS bf16 = 16 MiB of output, in L3)
 MIN_CANDIDATES = 256  # a query may rescore at least this many candidates before it falls back to fp32
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
+SCAN_BYTES = 320 * 2**20  # products kept at a time by topk's scan (4096 queries x 33,000 rows of bf16: 270 MB)
+RESCORE_QUERIES = 256  # queries rescored per work item (fewer, larger steps: -12% CPU time against 64)
+DOT_ELEMENTS = 1 << 18  # vector elements gathered at a time for dot products (1 MiB of float32: in L2)
 PAIR_CHUNK = 1 << 20  # vector elements gathered at a time when rescoring (4 MiB of float32)
 PRUNE_TILE = 512  # rows per greedy step of prune_class (lut.CPU_TILE: the fastest on a CPU)
 PRUNE_CACHE_BYTES = 2 * 2**30  # prune_class keeps a class's product blocks up to this size for several thresholds
@@ -242,26 +250,35 @@ def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
     if precision == "auto":
         precision = choose_precision(X.shape[1], X.device)
     N = X.shape[0]
+    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
+    norm, resid = (torch.empty(N, dtype=torch.float64, device=X.device) for _ in range(2))
     if precision == "fp32":
+        def norms(a: int) -> None:
+            norm[a:a + step] = _norm_up(X[a:a + step])
         with _threads(X.device):
-            norm = _norm_up(X)
+            _parallel(norms, range(0, N, step), _workers(X.device))
         return Codes("fp32", X, X, None, norm, norm, torch.zeros_like(norm))
     low = torch.empty(X.shape, dtype=torch.bfloat16 if precision == "bf16" else torch.int8, device=X.device)
     scale = torch.empty(N, device=X.device) if precision == "int8" else None
-    norm, resid = (torch.empty(N, dtype=torch.float64, device=X.device) for _ in range(2))
-    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
+
+    def code(a: int) -> None:  # the codes of rows a:a + step, into disjoint slices (on the workers)
+        sc, norm[a:a + step], resid[a:a + step] = _code_rows(X[a:a + step], precision, low[a:a + step])
+        if scale is not None:
+            scale[a:a + step] = sc
     with _threads(X.device):
-        for a in range(0, N, step):
-            sc, norm[a:a + step], resid[a:a + step] = _code_rows(X[a:a + step], precision, low[a:a + step])
-            if scale is not None:
-                scale[a:a + step] = sc
+        _parallel(code, range(0, N, step), _workers(X.device))
     return Codes(precision, X, low, scale, norm, norm + resid, resid)
 
 
 # ----------------------------------------------------------------------------- the products
 
 
-_PRODUCT_THREADS: list[int] = []  # torch's thread count, while a search runs its element-wise steps on one
+_TL = threading.local()  # per thread: ``outer``, torch's thread count while a search runs its steps on one
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # worker threads per count, made once per process
+
+
+def _outer(default: int) -> int:
+    return getattr(_TL, "outer", 0) or default
 
 
 @contextlib.contextmanager
@@ -269,32 +286,59 @@ def _threads(device: torch.device) -> Iterator[None]:
     """Element-wise steps (comparisons, maxima, gathers, float64 dot products) on one CPU thread, the
     matrix products (``_product``) on all of torch's threads: on a shared, loaded machine every
     parallel region of a small step can wait a scheduler quantum for a descheduled thread
-    (``common.lut._Threads`` measured 15x on one prune; a top-10 search here 3x)."""
+    (``common.lut._Threads`` measured 15x on one prune; a top-10 search here 3x). ``topk`` runs its
+    blocks on ``_workers`` instead, each on one thread."""
     n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1 or _PRODUCT_THREADS:
+    if device.type != "cpu" or n == 1 or getattr(_TL, "outer", 0):
         yield
         return
-    _PRODUCT_THREADS.append(n)
+    _TL.outer = n
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
-        _PRODUCT_THREADS.pop()
+        _TL.outer = 0
 
 
 @contextlib.contextmanager
 def _all_threads() -> Iterator[None]:
     """Inside ``_threads``: a matrix product on all threads again (long enough that a late thread
     costs little of it; the passes over its output measured slower on two threads here)."""
-    if not _PRODUCT_THREADS:
+    n = getattr(_TL, "outer", 0)
+    if not n:
         yield
         return
-    torch.set_num_threads(_PRODUCT_THREADS[-1])
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(1)
+
+
+def _workers(device: torch.device) -> int:
+    """Worker threads for the blocks of a search: torch's thread count on a CPU, else 1."""
+    return _outer(torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _parallel(fn: Any, items: Sequence[Any], n: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on ``n`` worker threads, each running torch on one thread and taking
+    the next item when done with one. Rather than torch's threads inside each operation: a block's
+    steps are many short operations, and on a shared machine each parallel region waits for its
+    slowest thread (a descheduled one: a scheduler quantum), while a worker that is held up here
+    only takes fewer items. The operations release the GIL; results come back in order."""
+    if n <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    pool = _POOLS.get(n)
+    if pool is None:
+        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="exact_search", initializer=torch.set_num_threads,
+                                              initargs=(1,))
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
+
+    def run(x: Any) -> Any:
+        with torch.inference_mode(inference):
+            return fn(x)
+    return list(pool.map(run, items))
 
 
 def _mm(ql: torch.Tensor, qs: torch.Tensor | None, gl: torch.Tensor, gs: torch.Tensor | None) -> torch.Tensor:
@@ -587,32 +631,34 @@ def _rank_in_row(r_sorted: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.arange(r_sorted.numel(), device=r_sorted.device) - starts[r_sorted]
 
 
-def _merge_top(best: torch.Tensor, r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The k largest of ``best`` (B, k) and the values ``v`` of rows ``r`` (sorted): a ragged merge."""
-    B, k = best.shape
-    pos = _rank_in_row(r, B)
-    pad = torch.full((B, int(pos.max()) + 1), -math.inf, device=best.device)
-    pad[r, pos] = v
-    return torch.topk(torch.cat([best, pad], 1), k, dim=1).values
+_KEYS = {torch.bfloat16: (torch.int16, -128), torch.float32: (torch.int32, -(1 << 23))}  # int view, -inf's bits
 
 
 def _group_max(A: torch.Tensor, group: int) -> torch.Tensor:
     """Maxima of consecutive groups of ``group`` columns of ``A`` (B, w), the last group possibly
-    shorter: (B, ceil(w / group)) in ``A``'s dtype. One pass over ``A``."""
+    shorter: (B, ceil(w / group)) in ``A``'s dtype, except that a group of negative entries only
+    gets -inf (a lower bound on its maximum: ``_hits`` and the k-th largest stay valid). One pass
+    over ``A``, on the integers of the same bits: a non-negative float's bits order like its value
+    and a negative float's bits are negative integers, so the integer maximum of a group is its
+    float maximum whenever that is >= +0 (several times faster than a float maximum of bfloat16)."""
     B, w = A.shape
+    kt, ninf = _KEYS[A.dtype]
+    K = A.view(kt)
     n = w // group * group
-    parts = [A[:, :n].unflatten(1, (n // group, group)).amax(2)] if n else []
+    parts = [K[:, :n].view(B, n // group, group).amax(2)] if n else []
     if n < w:
-        parts.append(A[:, n:].amax(1, keepdim=True))
-    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        parts.append(K[:, n:].amax(1, keepdim=True))
+    km = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    return km.masked_fill_(km < 0, ninf).view(A.dtype)
 
 
 def _hits(A: torch.Tensor, gm: torch.Tensor, group: int, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions ``(rows, cols)``, sorted by row, of the entries of ``A`` at or above their row's
     ``theta`` (float32; +inf: none), given the group maxima ``gm`` (``_group_max``): only the groups
-    whose maximum reaches ``theta`` are compared (a few per row, once its neighbours have been met)."""
+    whose maximum reaches ``theta`` are compared (a few per row, once its neighbours have been met);
+    every group of a row whose ``theta`` is <= 0 (``gm`` gives negative groups -inf)."""
     t = _round_out(theta.double(), A.dtype, up=False)  # exact comparisons in A's dtype
-    gr, gg = torch.nonzero(gm >= t[:, None], as_tuple=True)
+    gr, gg = torch.nonzero((gm >= t[:, None]) | (t <= 0)[:, None], as_tuple=True)
     if 4 * gr.numel() > gm.numel():  # most groups: compare the block directly
         return torch.nonzero(A >= t[:, None], as_tuple=True)
     B, w = A.shape
@@ -629,76 +675,249 @@ def _hits(A: torch.Tensor, gm: torch.Tensor, group: int, theta: torch.Tensor) ->
     return rows, cols
 
 
-def _seed_kth(q: Codes, g: Codes, k: int, block_rows: int) -> torch.Tensor:
-    """A lower bound on each query's k-th largest ``A`` before the scan: the k-th largest over a
-    sample of ``block_rows`` gallery rows spread over the gallery (a subset's k-th largest is at
-    most the whole set's), so the first blocks already have a useful ``theta``. -inf when the
-    gallery is small (one block) or k exceeds the sample."""
-    G = len(g)
-    if G <= 2 * block_rows or k > block_rows:
-        return torch.full((len(q),), -math.inf, device=q.X.device)
-    rows = torch.linspace(0, G - 1, block_rows, device=q.X.device).long()
-    gs = _mm(q.low, q.scale, g.low.index_select(0, rows), None if g.scale is None else g.scale.index_select(0, rows))
-    return torch.topk(gs, k, dim=1).values[:, k - 1].float()
+def _scan_group(block_rows: int) -> int:
+    """Columns per group maximum in ``topk``'s scan: ``GROUP``, or the largest power of two that divides
+    ``block_rows`` if smaller (every block but the last is a whole number of groups)."""
+    return min(GROUP, block_rows & -block_rows)
 
 
-def _candidates(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int,
-                cap: int | None) -> tuple[torch.Tensor, ...]:
-    """Candidate pairs of a block of queries against the whole gallery (module docstring, top-k).
+def _padded_product(q: Codes, g: Codes, g0: int, g1: int, group: int,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, gm)``: the products of rows ``g0:g1``, padded with -inf columns to whole groups, and their
+    group maxima (``_group_max``). ``out``: a (len(q), padded width) buffer of the product's dtype to
+    write ``A`` into (bf16 / fp32 codes on a CPU), else a fresh tensor."""
+    if out is None:
+        A = _product(q, g, g0, g1)
+        pad = -A.shape[1] % group
+        if pad:
+            A = torch.cat([A, A.new_full((A.shape[0], pad), -math.inf)], 1)
+    else:
+        A, w = out, g1 - g0
+        torch.mm(q.low, g.low[g0:g1].t(), out=A[:, :w])  # the same oneDNN product as _mm's linear
+        A[:, w:] = -math.inf
+    return A, _group_max(A, group)
 
-    Returns ``(rows, cols, A, over)``: the pairs with ``A >= theta`` of their query, and the queries
-    whose candidates exceeded ``cap`` (their pairs are left out: they fall back to fp32). Per block
-    of products, one pass takes the maxima of groups of columns; k of them are k distinct entries,
-    so the k-th largest of them and of the running k best is a lower bound on the k-th largest
-    ``A`` after the block, which gives ``theta``; only groups reaching it are compared
-    (``_hits``), and the running k largest ``A`` are merged from those entries alone (an entry
-    below ``theta`` is below the k-th largest)."""
+
+def _top_entries(As: list[torch.Tensor], gm: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """The k largest entries (B, k) float32 among the entries of each row's k groups of largest maximum
+    (``gm`` (B, n_groups): the maxima of the blocks ``As``, each of ``As[0]``'s width but the last).
+    Each is a lower bound on the k-th largest entry of the row; when no group maximum was replaced
+    by -inf they are the k largest themselves: a group holding one of them has a maximum at least as
+    large, and at most k groups can (ties aside)."""
+    B, per = gm.shape[0], As[0].shape[1] // group
+    kk = min(k, gm.shape[1])
+    gi = torch.topk(gm, kk, dim=1).indices  # (B, kk)
+    ent = torch.empty((B, kk, group), dtype=As[0].dtype, device=gm.device)
+    blk = torch.div(gi, per, rounding_mode="floor")
+    for b in torch.unique(blk).tolist():
+        rr, jj = torch.nonzero(blk == b, as_tuple=True)
+        ent[rr, jj] = As[b].view(B, -1, group)[rr, gi[rr, jj] - b * per]
+    top = torch.topk(ent.view(B, kk * group), min(k, kk * group), dim=1).values.float()
+    if top.shape[1] < k:
+        top = torch.cat([top, top.new_full((B, k - top.shape[1]), -math.inf)], 1)
+    return top
+
+
+def _block_hits(A: torch.Tensor, gm: torch.Tensor, g0: int, t: torch.Tensor, group: int,
+                G: int) -> tuple[torch.Tensor, ...]:
+    """``(rows, cols, A)`` of the entries of a padded block (first row ``g0``) at or above their row's ``t``
+    (in ``A``'s dtype; +inf: none), by row: only the groups whose maximum reaches ``t`` are read, every
+    group of a row with ``t <= 0`` (``gm`` gives negative groups -inf)."""
+    B = A.shape[0]
+    rr, gg = torch.nonzero((gm >= t[:, None]) | (t <= 0)[:, None], as_tuple=True)
+    ent = A.view(B, -1, group)[rr, gg]
+    h, j = torch.nonzero(ent >= t[rr, None], as_tuple=True)
+    rows, cols, v = rr[h], g0 + gg[h] * group + j, ent[h, j].float()
+    inside = cols < G  # the padding is -inf: below any finite t
+    return rows[inside], cols[inside], v[inside]
+
+
+def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int | None,
+          n: int) -> tuple[torch.Tensor, ...]:
+    """Candidate pairs of a block of queries against the whole gallery (module docstring, top-k):
+    ``(rows, cols, A, over)``: the pairs with ``A >= theta`` of their query, by row then column, and the
+    queries whose candidates exceeded ``cap`` (their pairs are left out: they fall back to fp32).
+
+    Up to ``SCAN_BYTES`` of products are kept at a time (a "span" of blocks). Per span: 1. each block's
+    products and group maxima (``_padded_product``, on the workers); 2. the k-th largest entry from
+    the k groups of largest maxima (``_top_entries``), merged with the k largest of earlier spans
+    (k distinct entries: a lower bound on the k-th largest ``A``), which gives ``theta``; 3. the
+    entries at or above ``theta``, from the groups whose maximum reaches it (``_block_hits``, on the
+    workers). The final ``theta`` filters what earlier spans let in."""
     B, G = len(q), len(g)
     dev, rho = q.X.device, RHO[g.precision]
-    best = torch.full((B, k), -math.inf, device=dev)  # the k largest A so far, per query
+    group = _scan_group(block_rows)
+    item = 2 if g.precision == "bf16" else 4
+    starts = list(range(0, G, block_rows))
+    span = max(1, SCAN_BYTES // max(1, B * block_rows * item))
+    best = torch.full((B, k), -math.inf, device=dev)  # the k largest A of earlier spans
     count = torch.zeros(B, dtype=torch.int64, device=dev)
     over = torch.zeros(B, dtype=torch.bool, device=dev)
-    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    seed = _seed_kth(q, g, k, block_rows)
-    for g0 in range(0, G, block_rows):
-        A = _product(q, g, g0, min(G, g0 + block_rows))  # (B, b): stays in cache
-        group = max(1, min(GROUP, A.shape[1] // k))
-        gm = _group_max(A, group)
-        low = gm if gm.shape[1] >= k else torch.topk(A, min(k, A.shape[1]), dim=1).values  # k distinct entries
-        kth = torch.maximum(torch.topk(torch.cat([best, low.float()], 1), k, dim=1).values[:, k - 1], seed)
-        r, c = _hits(A, gm, group, _candidate_threshold(kth, E, rho).masked_fill_(over, math.inf))
-        if r.numel():
-            v = A[r, c].float()
-            best = _merge_top(best, r, v)
-            ok = v >= _candidate_threshold(best[:, k - 1], E, rho)[r]  # the merged k-th may be higher
-            r, c, v = r[ok], c[ok], v[ok]
-            found.append((r, c + g0, v))
-            if cap is not None:
-                count += torch.bincount(r, minlength=B)
-                over |= count > cap
+    found: list[tuple[torch.Tensor, ...]] = []
+    width = -(-block_rows // group) * group
+    buf = None  # the span's products, reused (_scratch): float32 / bf16 codes on a CPU
+    if dev.type == "cpu" and g.scale is None:
+        buf = _scratch("span", (min(span, len(starts)), B, width), g.low.dtype, dev)
+    for s0 in range(0, len(starts), span):
+        blocks = starts[s0:s0 + span]
+        out = _parallel(lambda x: _padded_product(q, g, x[1], min(G, x[1] + block_rows), group,
+                                                  None if buf is None else buf[x[0]]), list(enumerate(blocks)), n)
+        As = [a for a, _ in out]
+        gms = [m for _, m in out]
+        gm = torch.cat(gms, 1) if len(gms) > 1 else gms[0]
+        if k == 1:  # a group maximum is an entry: the largest is the row's
+            best = torch.maximum(best, gm.amax(1, keepdim=True).float())
+        else:  # on the workers, a share of the queries each
+            cut = [B * i // n for i in range(n + 1)] if n > 1 else [0, B]
+            top = _parallel(lambda x, gm=gm, As=As: _top_entries([a[x[0]:x[1]] for a in As], gm[x[0]:x[1]], k, group),
+                            list(zip(cut[:-1], cut[1:])), n)
+            best = torch.topk(torch.cat([best, torch.cat(top)], 1), k, dim=1).values
+        t = _round_out(_candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf).double(),
+                       As[0].dtype, up=False)
+        parts = _parallel(lambda x, t=t: _block_hits(*x, t, group, G), list(zip(As, gms, blocks)), n)
+        del out, As
+        r, c, v = (torch.cat(x) for x in zip(*parts))
+        if cap is not None and r.numel():
+            count += torch.bincount(r, minlength=B)
+            over |= count > cap
+        found.append((r, c, v))
     theta = _candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf)
-    if not found:
-        return (*(torch.zeros(0, dtype=torch.int64, device=dev),) * 2, torch.zeros(0, device=dev), over)
     r, c, v = (torch.cat(x) for x in zip(*found))
-    ok = v >= theta[r]  # the final theta (over: +inf) drops what the running one let in
-    return r[ok], c[ok], v[ok], over
+    ok = v >= theta[r]  # the final theta (over: +inf) drops what earlier spans let in
+    r, c, v = r[ok], c[ok], v[ok]
+    p = torch.argsort(r, stable=True)  # blocks came in row order: columns stay ascending per query
+    return r[p], c[p], v[p], over
+
+
+def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of ``shape`` for this thread, reused by later calls with the same ``slot`` (its contents are
+    overwritten by them). A fresh allocation of megabytes is a fresh mapping, page-faulted and zeroed
+    by the kernel on first touch: for the row gathers of the rescoring that costs as much as the gather
+    itself (measured 2-3x a gather into a reused buffer here). Kept per thread: the workers run in parallel."""
+    n = math.prod(shape)
+    bufs = getattr(_TL, "bufs", None)
+    if bufs is None:
+        bufs = _TL.bufs = {}
+    key = (slot, dtype, device)
+    b = bufs.get(key)
+    if b is None or b.numel() < n:
+        b = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+    return b[:n].view(shape)
+
+
+def _rows(X: torch.Tensor, idx: torch.Tensor, slot: str) -> torch.Tensor:
+    """``X[idx]`` (len(idx), D) into this thread's buffer ``slot`` on a CPU (``_scratch``: valid until the
+    thread's next gather into that slot), a fresh tensor elsewhere."""
+    if X.device.type != "cpu":
+        return X.index_select(0, idx)
+    return torch.index_select(X, 0, idx, out=_scratch(slot, (idx.numel(), X.shape[1]), X.dtype, X.device))
+
+
+def _dots64(x: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Float64 dot products of ``x`` (U, D) with each of ``Y[u]`` (U, m, D): (U, m), from float32 rows
+    (each product exact in float64; the sum errs by at most ``gamma64_D |x| |y|``)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.einsum("umd,ud->um", Y.numpy(), x.numpy(), dtype=np.float64))
+    return torch.bmm(Y.double(), x.double().unsqueeze(2)).squeeze(2)
+
+
+def _dots32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Float32 dot products of the rows of ``x`` and ``y`` (P, D): (P,), in some order of float32 (or
+    wider) operations, so within ``gamma_D |x| |y|`` of the exact value (numpy's einsum: one pass, no
+    (P, D) temporary, twice as fast as ``torch.linalg.vecdot`` on a CPU)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.einsum("pd,pd->p", x.numpy(), y.numpy()))
+    return torch.linalg.vecdot(x, y)
+
+
+def _exact_rows(x: torch.Tensor, Y: torch.Tensor, nn: torch.Tensor) -> torch.Tensor:
+    """``s(x[u], Y[u, j])`` (U, m) float32 (``_round_dots``), given ``nn >= |x| |y|`` (U, m)."""
+    d = _dots64(x, Y)
+    U, m = d.shape
+    s = _round_dots(d.flatten(), nn.flatten(), x.shape[1],
+                    lambda p: (x[p // m].cpu().numpy(), Y[p // m, p % m].cpu().numpy()))
+    return s.view(U, m)
+
+
+def _rescore_rows(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch.Tensor, a: int, b: int, k: int,
+                  E: torch.Tensor, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k ``(sims (b - a, k), idx)`` of queries ``a:b`` from their candidates ``(r, c, v)`` (rows
+    ``r - a`` relative to ``a``, by row; every query holds at least k, or none: one that fell back).
+
+    Round 1: each query's k candidates of largest ``A`` get ``s``; their smallest, ``F``, is a lower
+    bound on the k-th best ``s`` (k rows reach it). Round 2: of the other candidates, only those with
+    ``upper(A) >= F`` can still enter; they get float32 dot products ``d`` (bound ``_f32_error``) and
+    ``s`` where ``d`` plus its bound still reaches ``F``. The answer: the top-k of the exact values by
+    (similarity descending, row ascending)."""
+    nq, D, dev = b - a, q.dim, q.X.device
+    counts = torch.bincount(r, minlength=nq)
+    pos = torch.arange(r.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[r]
+    w = max(k, int(counts.max()) if r.numel() else 0)
+    V = torch.full((nq, w), -math.inf, device=dev)
+    C = torch.zeros((nq, w), dtype=torch.int64, device=dev)
+    V[r, pos], C[r, pos] = v, c
+    top = torch.topk(V, k, dim=1).indices  # round 1: any k candidates give a valid F; these give a high one
+    c1 = C.gather(1, top)
+    x = q.X[a:b]
+    nn = q.norm[a:b, None] * g.norm[c1]
+    sub = max(1, DOT_ELEMENTS // (k * D))  # queries whose gathered rows stay in cache while their dots are taken
+    d1 = torch.cat([_dots64(x[u:u + sub], _rows(g.X, c1[u:u + sub].flatten(), "g").view(-1, k, D))
+                    for u in range(0, nq, sub)])
+    s1 = _round_dots(d1.flatten(), nn.flatten(), D, lambda p: (x[p // k].cpu().numpy(),
+                                                               g.X[c1.flatten()[p]].cpu().numpy())).view(nq, k)
+    F = s1.amin(1).double()
+    th = _round_out(_upper_inv(F, E[a:b], RHO[g.precision]), torch.float32, up=False)
+    rest = V >= th[:, None]
+    rest.scatter_(1, top, False)
+    i2, j2 = torch.nonzero(rest, as_tuple=True)
+    S, Cs = s1, c1
+    if i2.numel():
+        c2 = C[i2, j2]
+        sub = max(1, DOT_ELEMENTS // D)
+        d = torch.cat([_dots32(_rows(x, i2[u:u + sub], "q"), _rows(g.X, c2[u:u + sub], "g"))
+                       for u in range(0, i2.numel(), sub)]).double()
+        qq = Codes(q.precision, x, x, None, q.norm[a:b], q.norm[a:b], q.resid[a:b])  # rows relative to a
+        e = _f32_error(qq, g, i2, c2, d)
+        near = torch.nonzero(d + e >= F[i2]).flatten()
+        stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(i2.numel())
+        if near.numel():
+            i2, c2 = i2[near], c2[near]
+            s2 = _exact_rows(_rows(x, i2, "q"), _rows(g.X, c2, "g").unsqueeze(1),
+                             (q.norm[a + i2] * g.norm[c2])[:, None]).flatten()
+            cnt2 = torch.bincount(i2, minlength=nq)
+            p2 = torch.arange(i2.numel(), device=dev) - (torch.cumsum(cnt2, 0) - cnt2)[i2]
+            m2 = int(cnt2.max())
+            S2 = torch.full((nq, m2), -math.inf, device=dev)
+            C2 = torch.full((nq, m2), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+            S2[i2, p2], C2[i2, p2] = s2, c2
+            S, Cs = torch.cat([s1, S2], 1), torch.cat([c1, C2], 1)
+    stats["exact_pairs"] = stats.get("exact_pairs", 0) + nq * k + (int(near.numel()) if i2.numel() else 0)
+    o = torch.sort(Cs, dim=1, stable=True).indices  # row ascending, then similarity descending (stable)
+    S, Cs = S.gather(1, o), Cs.gather(1, o)
+    o = torch.sort(S, dim=1, descending=True, stable=True).indices[:, :k]
+    return S.gather(1, o), Cs.gather(1, o)
 
 
 def _topk_codes(q: Codes, g: Codes, k: int, block_rows: int, cap: int | None,
                 stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of a block of queries: ``(sims (B, k) float32, idx (B, k) int64)``."""
-    B = len(q)
+    B, dev = len(q), q.X.device
+    n = _workers(dev)
     E = _error_terms(q, g)
-    r, c, v, over = _candidates(q, g, E, k, block_rows, cap)
-    r, c, s, _ = _exact_top(q, g, r, c, v, r, B, k, E, stats)
-    p = _order_rows(r, s, c)
-    r, s, c = r[p], s[p], c[p]
-    rank = _rank_in_row(r, B)
-    first = rank < k
-    sims = torch.empty((B, k), dtype=torch.float32, device=q.X.device)
-    idx = torch.empty((B, k), dtype=torch.int64, device=q.X.device)
-    sims[r[first], rank[first]] = s[first]
-    idx[r[first], rank[first]] = c[first]
+    r, c, v, over = _scan(q, g, E, k, block_rows, cap, n)
+    stats["candidates"] = stats.get("candidates", 0) + int(r.numel())
+    counts = torch.bincount(r, minlength=B)
+    ends = torch.cumsum(counts, 0).tolist()
+    step = RESCORE_QUERIES
+
+    def work(a: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = min(B, a + step)
+        p0, p1 = (ends[a - 1] if a else 0), ends[b - 1]
+        return _rescore_rows(q, g, r[p0:p1] - a, c[p0:p1], v[p0:p1], a, b, k, E, stats)
+
+    parts = _parallel(work, range(0, B, step), n)
+    sims = torch.cat([s for s, _ in parts])
+    idx = torch.cat([i for _, i in parts])
     bad = torch.nonzero(over).flatten()
     if bad.numel():  # the window held too many rows for these queries: float32 products, no cap
         stats["fallback_queries"] = stats.get("fallback_queries", 0) + int(bad.numel())
@@ -928,7 +1147,10 @@ class _Blocks:
     def __init__(self, c: Codes, tile: int, cache: bool):
         self.c, self.tile = c, tile
         n = len(c)
-        self.cols = [self._mm(slice(0, min(n, a + tile)), a) for a in range(0, n, tile)] if cache else None
+        self.cols = None
+        if cache:  # on the workers, the largest blocks first (they finish together)
+            starts = list(range(0, n, tile))[::-1]
+            self.cols = _parallel(lambda a: self._mm(slice(0, min(n, a + tile)), a), starts, _workers(c.X.device))[::-1]
 
     def _mm(self, rows: Any, a: int) -> torch.Tensor:
         """Products of code rows ``rows`` (a slice or indices) with the step's columns ``a:a + tile``."""
