@@ -1,5 +1,6 @@
-"""common.exact_search: the exact similarity, the bound, and every search identical to the float32
-path (common.search_topk, search_classes, lut.prune / prune_sweep) on adversarial data:
+"""common.retrieval.kernel / codes / similarity / prune_class: the exact similarity, the bound, and
+every search identical to the float32 path (retrieval.search.topk, search_classes, retrieval.prune
+prune / prune_sweep) on adversarial data:
 ties, exact duplicates, near-threshold pairs, tiny and large classes, float16 stores, k above the
 gallery, one class, and the fp32 fallback."""
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.retrieval import codes as C
 from common.retrieval import kernel as X
 from common.retrieval.prune import prune, prune_sweep
 from common.retrieval.search import search_classes
@@ -160,7 +162,7 @@ def test_quantize_rejects_bad_input():
 
 
 def test_auto_precision_is_measured_once_and_logged(caplog, monkeypatch):
-    monkeypatch.setattr(X, "_CHOICE", {})
+    monkeypatch.setattr(C, "_CHOICE", {})
     with caplog.at_level(logging.INFO, logger="common.retrieval"):
         p = X.choose_precision(48)
         assert X.choose_precision(48) == p
@@ -215,7 +217,7 @@ def test_topk_on_worker_threads_spans_and_chunks(precision, monkeypatch):
     rescoring item: the same answer, and torch's thread count is left as it was."""
     monkeypatch.setattr(X, "SCAN_BYTES", 37 * 64 * 4 * 3)  # three blocks of 64 rows per span
     monkeypatch.setattr(X, "RESCORE_QUERIES", 5)
-    monkeypatch.setattr(X, "PAIR_CHUNK", 32 * 7)  # the queries' codes made seven rows at a time
+    monkeypatch.setattr(C, "PAIR_CHUNK", 32 * 7)  # the queries' codes made seven rows at a time
     Q, G = gallery(seed=8)
     torch.set_num_threads(2)
     for k in (1, 7, 30):
@@ -432,7 +434,7 @@ def test_prune_class_ties_duplicates_and_lut_identity():
 def test_prune_class_and_quantize_on_worker_threads(monkeypatch):
     """Two workers: codes quantized in chunks of a few rows (the same codes as on one thread),
     the product blocks of the class made on the workers, the same keep masks as the pair loop."""
-    monkeypatch.setattr(X, "PAIR_CHUNK", 32 * 7)  # seven rows per quantize chunk
+    monkeypatch.setattr(C, "PAIR_CHUNK", 32 * 7)  # seven rows per quantize chunk
     Xc, ts = near_threshold_class(seed=2)
     for p in PRECISIONS:
         one = X.quantize(Xc, p)  # one thread (the fixture)

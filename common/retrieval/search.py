@@ -39,7 +39,7 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
     columns (``torch.max`` returns the first of equal maxima: ties go to the lower gallery row).
     The per-class maxima cost one pass, where a ``topk`` call per class re-reads the queries
     once per class (about 1.4x slower at DYB scale, 87 classes). A streamed gallery
-    (``common.streaming.StoreMatrix``) is searched block by block with the same result.
+    (``retrieval.streamed.StoreMatrix``) is searched block by block with the same result.
     """
     import torch
 
@@ -91,7 +91,7 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
 
     Args:
         queries: (Q, D) L2-normalised vectors (numpy or torch).
-        gallery: (G, D) L2-normalised vectors (numpy or torch), or a ``common.streaming.StoreMatrix``
+        gallery: (G, D) L2-normalised vectors (numpy or torch), or a ``retrieval.streamed.StoreMatrix``
             (streamed from the store: one pass, memory bounded by a block).
         k: neighbours per query; clamped to ``G`` (so the answer has ``min(k, G)`` columns).
         block_size: queries per matrix product (memory: ``block_size x G`` float32 at once).

@@ -13,8 +13,8 @@ from ..errors import ConfigError, UserError
 from ..runtime.device import _device, full_fp32
 from . import search as retrieval_search
 from .exact import as_tensor, block_topk
-from .prune import _Threads
 from .search import knn_vote
+from .similarity import _threads
 
 LATENCY_QUERIES = 32  # stage 05: val queries timed against a gallery of each pruned size (latency column, ms per query)
 REJECT_PERCENTILE = 5.0  # stage 05: suggested_reject_below = this percentile of the best similarity of correct val predictions
@@ -89,12 +89,11 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
         rank_key = torch.arange(M, 0, -1, device=dev)  # earlier list position -> larger key
         fb_rows = max(1, (block_size * block_size) // max(N, 1))  # fallback rows per masked copy of S
         gt = g.t()
-        th = _Threads(dev)
         for a in range(0, Q, block_size):
             S = q[a:a + block_size] @ gt  # (B, N) float32
             B = S.shape[0]
             tv, ti = block_topk(S, M)  # (B, M) by (-sim, row)
-            with th:  # the per-threshold steps are small: one thread (see _Threads)
+            with _threads(dev):  # the per-threshold steps are small: one thread (similarity._threads)
                 for t in range(T):
                     kt = kts[t]
                     sv, si, bad = _first_kept(tv, ti, keep_t[t], kt, rank_key)
@@ -121,7 +120,7 @@ def _first_kept(tv: torch.Tensor, ti: torch.Tensor, keep: torch.Tensor, kt: int,
 
 def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: list[int], M: int, block_size: int,
                            device: Any, stats: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``nearest_kept`` over a gallery streamed from the store (``common.streaming.StoreMatrix``):
+    """``nearest_kept`` over a gallery streamed from the store (``retrieval.streamed.StoreMatrix``):
     one pass for every query's top-``M`` list, the same per-threshold choice from it, and for the
     queries whose list holds fewer than ``k`` kept items one more pass over that threshold's kept
     rows (a masked ``StoreMatrix``: row order kept, so ties still go to the lower row)."""
