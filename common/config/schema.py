@@ -151,6 +151,7 @@ class SearchConfig:
     pca_dim: Optional[int] = None  # project on this many principal axes (fitted on the gallery) before indexing; null = no projection
     candidates: int = 64  # neighbours the index proposes per query, rescored exactly (top-k classes and k-NN vote come from them)
     max_memory_gib: float = 16.0  # exact search (stages 05-07): a gallery, or train split, of more float32 vectors than this many GiB stays in the store and is streamed in blocks (same results; stage 07 then skips the classical classifiers); 0 = always stream
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"  # exact search (stages 03, 05-07) on a CPU: products of bf16 / int8 codes or float32, candidates rescored exactly (same results; a speed knob, not hashed); auto = the fastest on this CPU, measured once per stage and logged
 
 
 CLASSIFIER_NAMES = ("linear", "logreg", "svm", "random_forest")  # inference.classifiers: common.classifiers fits them
@@ -336,7 +337,7 @@ NON_SEMANTIC = {
     "run.dir", "run.log_level", "run.device", "data.num_workers", "stats.batch_size",
     "extract.batch_size", "inference.batch_size", "inference.block_size", "lut.block_size",
     "train.compile", "train.trial", "train.resume", "notify", "store.password_env",
-    "extract.cpu_compile",
+    "extract.cpu_compile", "search.precision",
 }
 
 INSECURE_LOGIN_MESSAGE = ("notify.security: plain with notify.user set would send the SMTP password across the "

@@ -184,6 +184,10 @@ def execute(spec: StageSpec | str, argv: Sequence[str] | None = None, *, table: 
             from ..runtime.distributed import barrier
 
             barrier()
+        if "search.precision" in spec.keys:  # the exact searches' speed knob, process-wide (logged at the first)
+            from ..retrieval.search import set_precision
+
+            set_precision(ctx.cfg.search.precision)
         with _go_no_go(world):  # a rank that fails stops the others, which would wait for it at the end
             metrics = spec.main()(ctx) or {}
         if rank == 0:

@@ -428,7 +428,7 @@ def topk(queries: Any, gallery: Any, k: int, *, precision: str = "auto", keep: A
 
     Returns:
         ``(sims (Q, k') float32, idx (Q, k') int64)``, k' = min(k, rows searched), each row by
-        similarity descending, ties to the lower gallery row: ``common.retrieval.topk``'s answer.
+        similarity descending, ties to the lower gallery row: ``retrieval.search.topk``'s answer.
     """
     if k < 1 or query_block < 1 or block_rows < 1:
         raise ValueError(f"topk: k, query_block and block_rows must be >= 1, got {k}, {query_block}, {block_rows}")
@@ -525,7 +525,7 @@ def class_best(queries: Any, gallery: Any, labels: Any, n_classes: int, *, preci
 
     ``labels`` (G,) class index of each gallery row in [0, n_classes). Returns ``(sims (Q, C)
     float32, -inf where the class has no row; rows (Q, C) int64, -1 there)``, ties to the lower
-    row: ``common.inference.search_classes``'s answer. Other arguments as ``topk``
+    row: ``retrieval.search.search_classes``'s answer. Other arguments as ``topk``
     (``max_candidates`` None: the larger of ``MIN_CANDIDATES`` and 4 per class present)."""
     g = _gallery_codes(gallery, precision)
     lab = np.asarray(labels, dtype=np.int64)
