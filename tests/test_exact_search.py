@@ -447,3 +447,54 @@ def test_prune_class_and_quantize_on_worker_threads(monkeypatch):
         torch.set_num_threads(1)
         for t, keep in zip(ts, keeps):
             assert np.array_equal(keep, pair_loop(Xc, t)), (p, t)
+
+
+# ----------------------------------------------------------------------------- the entry points
+
+
+class _Blocks:
+    """A gallery given block by block (what ``streamed.topk`` reads of a ``StoreMatrix``)."""
+
+    def __init__(self, G: np.ndarray, rows: int):
+        self.G, self.rows, self.dim = G, rows, G.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.G)
+
+    def blocks(self):
+        for a in range(0, len(self.G), self.rows):
+            yield a, self.G[a:a + self.rows]
+
+
+def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypatch, caplog):
+    from common.retrieval import search, streamed
+
+    rng = np.random.default_rng(11)
+    _, G = gallery(seed=11)
+    Q = _unit(rng.normal(size=(search.KERNEL_MIN_QUERIES + 3, G.shape[1])) + 0.5 * G[rng.integers(0, len(G), 515)])
+    Q[:4] = G[3]  # ties straddling the cut
+    calls = []
+    real = X.topk
+    monkeypatch.setattr(X, "topk", lambda *a, **kw: calls.append(kw["precision"]) or real(*a, **kw))
+    for p in PRECISIONS:
+        search.set_precision(p)
+        with caplog.at_level(logging.INFO, logger="common.retrieval"):
+            for k in (1, search.KERNEL_MAX_K):
+                ws, wi = topk_ref(Q, G, k)
+                for got in (search.topk(Q, G, k, block_size=200), streamed.topk(Q, _Blocks(G, 150), k, 200)):
+                    np.testing.assert_array_equal(got[1], wi)
+                    np.testing.assert_array_equal(got[0], ws)
+        assert sum("exact search: candidates from" in r.message for r in caplog.records) == 1  # once per stage
+        caplog.clear()
+    search.set_precision("auto")
+    per = 2 * (1 + 3)  # two k, each: the in-memory search and three streamed blocks
+    assert calls == ["fp32"] * per + ["bf16"] * per + ["int8"] * per
+    # few queries or a large k: the float32 product, the same neighbours
+    for q, k in ((Q[:search.KERNEL_MIN_QUERIES - 1], 3), (Q, search.KERNEL_MAX_K + 1)):
+        ws, wi = topk_ref(q, G, k)
+        s, i = search.topk(q, G, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_allclose(s, ws, rtol=0, atol=1e-6)
+    assert len(calls) == 3 * per
+    with pytest.raises(ValueError, match="search.precision"):
+        search.set_precision("fp16")
