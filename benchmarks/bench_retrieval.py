@@ -1,16 +1,19 @@
 """Benchmark: exact search against FAISS flat, stage 07's retrieval at DYB-PlanktonNet scale, and
 predict mode end to end.
 
-0. Exact search (``common.exact_search``), one process, the machine's CPU flags printed first:
+0. Exact search (``common.retrieval.kernel``), one process, the machine's CPU flags printed first:
    3,000 queries against 33,000 x 2048 (synthetic clustered vectors as below), top-1 and top-10 by
-   ``faiss.IndexFlatIP``, by the project's float32 ``retrieval.topk``, and by ``exact_search.topk``
-   at each precision (bf16 / int8 candidates rescored exactly, or fp32); the bare float32 and bf16
+   ``faiss.IndexFlatIP``, by a float32 product per block of queries (``float32_topk``: the path
+   ``retrieval.search.topk`` takes where the kernel does not pay), by the entry point
+   ``retrieval.search.topk`` (the kernel, ``search.precision`` auto, gallery codes made per call), and
+   by ``kernel.topk`` on ready codes at each precision (bf16 / int8 candidates rescored exactly, or fp32); the bare float32 and bf16
    products (all queries x gallery) and the compute floors (the product's FLOPs at the peak rate
    of a cache-resident block). Identity checks: the same neighbours in the same order as
-   ``retrieval.topk``, bit-identical answers across precisions, and the exact similarity (float64
-   products rounded to float32) on a subset of queries. Then LUT pruning of one class of 3,000 x
-   2048 (``bench_prune``'s data): ``exact_search.prune_class`` and ``lut.prune`` against the bare
-   float32 ``X @ X.T``, with identical keep masks. Section 0's figures are medians of interleaved
+   the float32 product, bit-identical answers across precisions and from the entry point, and the
+   exact similarity (float64 products rounded to float32) on a subset of queries. Then LUT pruning of
+   one class of 3,000 x 2048 (``bench_prune``'s data): ``retrieval.prune.prune`` / ``prune_sweep``
+   (the kernel's ``prune_class`` at the auto precision) and ``prune_class`` at bf16 and fp32 (float32
+   products) against the bare float32 ``X @ X.T``, with identical keep masks. Section 0's figures are medians of interleaved
    rounds (``--repeat``, default 5), with the load average before and after.
 1. Retrieval: a gallery of 33,000 x 2048 and 7,000 queries (synthetic clustered vectors,
    L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.inference.classify``
@@ -157,6 +160,18 @@ def load_line() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
+def float32_topk(Q: np.ndarray, G: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by one float32 product per block of queries and ``exact.block_topk`` (ties to the lower
+    row): what ``retrieval.search.topk`` runs where the kernel does not pay (a GPU, few queries, large k)."""
+    import torch
+
+    from common.retrieval.exact import block_topk
+
+    g = torch.from_numpy(G)
+    out = [block_topk(torch.from_numpy(Q[a:a + block]) @ g.T, k) for a in range(0, len(Q), block)]
+    return torch.cat([v for v, _ in out]).numpy(), torch.cat([i for _, i in out]).numpy()
+
+
 def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queries: int) -> None:
     """Section 0: exact search against FAISS flat, the project's float32 top-k and the floors, every
     figure the median of ``repeat`` interleaved rounds in this one process."""
@@ -179,9 +194,10 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
     fns = {"bare float32 product (Q x G)": lambda: qt @ gt.T, "bare bf16 product": lambda: qb @ gb.T}
     for k in (1, 10):
         fns[f"faiss.IndexFlatIP k={k}"] = lambda k=k: index.search(Q, k)
-        fns[f"retrieval.topk (float32) k={k}"] = lambda k=k: retrieval.topk(Q, G, k)
+        fns[f"float32 product + block_topk k={k}"] = lambda k=k: float32_topk(Q, G, k)
+        fns[f"retrieval.search.topk k={k}"] = lambda k=k: retrieval.topk(Q, G, k)
         for p in ("bf16", "int8", "fp32"):
-            fns[f"exact_search.topk {p} k={k}"] = lambda k=k, p=p: X.topk(Q, codes[p], k)
+            fns[f"kernel.topk {p} k={k}"] = lambda k=k, p=p: X.topk(Q, codes[p], k)
     peaks = peak_products(dim)
     load0 = load_line()
     times, res = rounds_interleaved({**fns, **peaks}, repeat)
@@ -202,8 +218,8 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
         print(f"{name:40s} {m:8.3f} {min(v):7.3f} {f / m:10.2f} {m / t['bare float32 product (Q x G)']:10.2f} "
               f"{m / floor32:11.2f}")
     for k in (1, 10):
-        f, m = f"faiss.IndexFlatIP k={k}", f"exact_search.topk {auto} k={k}"
-        print(f"goal k={k}: FAISS / exact_search.topk ({auto}, the auto choice) = {t[f] / t[m]:.2f}x of the medians, "
+        f, m = f"faiss.IndexFlatIP k={k}", f"kernel.topk {auto} k={k}"
+        print(f"goal k={k}: FAISS / kernel.topk ({auto}, the auto choice) = {t[f] / t[m]:.2f}x of the medians, "
               f"{min(times[f]) / min(times[m]):.2f}x of the best rounds (wanted >= 3; a loaded machine slows FAISS's "
               f"threads more)")
     exact_identity(Q, G, res, codes, check_queries)
@@ -212,7 +228,7 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
 
 def exact_class_best(Q, G, codes, repeat: int) -> None:
     """The best row of each of the 87 classes per query: ``inference.search_classes`` (float32) and
-    ``exact_search.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
+    ``kernel.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
     from common.retrieval import kernel as X
 
     lab = np.repeat(np.arange(DYB_CLASSES), class_sizes(len(G)))[:len(G)]
@@ -222,7 +238,7 @@ def exact_class_best(Q, G, codes, repeat: int) -> None:
     t = {k: float(np.median(v)) for k, v in times.items()}
     same = np.array_equal(res["class_best"][1], res["search_classes"].idx)
     print(f"best per class ({DYB_CLASSES} classes, medians): inference.search_classes {t['search_classes']:.2f} s, "
-          f"exact_search.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
+          f"kernel.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
           f"same rows: {same} (every (query, class) needs one exact dot product: the full (Q, C) matrix costs "
           f"{len(Q) * DYB_CLASSES:,} gathered rows)")
 
@@ -233,14 +249,15 @@ def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
 
     ok = True
     for k in (1, 10):
-        ref = res[f"retrieval.topk (float32) k={k}"]
-        same = {p: res[f"exact_search.topk {p} k={k}"] for p in ("bf16", "int8", "fp32")}
+        ref = res[f"float32 product + block_topk k={k}"]
+        same = {p: res[f"kernel.topk {p} k={k}"] for p in ("bf16", "int8", "fp32")}
+        same["entry"] = res[f"retrieval.search.topk k={k}"]
         agree = all(np.array_equal(v[0], same["fp32"][0]) and np.array_equal(v[1], same["fp32"][1])
                     for v in same.values())
         like_ref = float(np.mean(np.all(same["fp32"][1] == ref[1], axis=1)))
         fa = res[f"faiss.IndexFlatIP k={k}"][1]
-        print(f"k={k}: bf16 / int8 / fp32 answers bit-identical: {agree}; same neighbours in the same order as "
-              f"retrieval.topk for {100 * like_ref:.2f}% of queries (float32 products may differ from s in the "
+        print(f"k={k}: bf16 / int8 / fp32 / retrieval.search.topk answers bit-identical: {agree}; same neighbours "
+              f"in the same order as the float32 product for {100 * like_ref:.2f}% of queries (float32 products may differ from s in the "
               f"last bit); as FAISS: {100 * float(np.mean(np.all(same['fp32'][1] == fa, axis=1))):.2f}%")
         sub = np.arange(0, len(Q), max(1, len(Q) // check_queries))[:check_queries]
         S = (Q[sub].astype(np.float64) @ G.astype(np.float64).T).astype(np.float32).astype(np.float64)
@@ -265,7 +282,8 @@ def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
 
 
 def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) -> None:
-    """Section 0, pruning: one class, ``exact_search.prune_class`` and ``lut.prune`` against X @ X.T."""
+    """Section 0, pruning: one class, ``retrieval.prune.prune`` / ``prune_sweep`` (the kernel at the auto
+    precision) and ``prune_class`` at bf16 and fp32 against X @ X.T."""
     import torch
     from bench_prune import clustered_class
 
@@ -278,9 +296,11 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
     fns = {"bare float32 X @ X.T": lambda: xt @ xt.T}
     for t in thresholds:
         fns[f"lut.prune t={t:g}"] = lambda t=t: lut.prune(Xc, lab, None, t)
-        fns[f"exact_search.prune_class bf16 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="bf16")[0]
+        fns[f"prune_class bf16 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="bf16")[0]
+        fns[f"prune_class fp32 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="fp32")[0]
     fns["lut.prune_sweep (all thresholds)"] = lambda: lut.prune_sweep(Xc, lab, None, thresholds)
-    fns["exact_search.prune_class bf16 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="bf16")
+    fns["prune_class bf16 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="bf16")
+    fns["prune_class fp32 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="fp32")
     codes = X.quantize(Xc, "bf16")
     fns["  of which: bf16 codes (quantize)"] = lambda: X.quantize(Xc, "bf16")
     fns["  of which: bf16 upper-triangle products"] = lambda: [  # prune_class's blocks of 512 columns
@@ -293,17 +313,17 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
     bare = t["bare float32 X @ X.T"]
     for name, v in t.items():
         print(f"{name:40s} {v:8.3f} s  {v / bare:6.2f}x the bare product")
-    same = all(np.array_equal(res[f"lut.prune t={x:g}"], res[f"exact_search.prune_class bf16 t={x:g}"])
-               for x in thresholds) and np.array_equal(res["lut.prune_sweep (all thresholds)"],
-                                                       res["exact_search.prune_class bf16 (all)"])
+    same = all(np.array_equal(res[f"lut.prune t={x:g}"], res[f"prune_class {p} t={x:g}"])
+               for x in thresholds for p in ("bf16", "fp32")) and all(
+        np.array_equal(res["lut.prune_sweep (all thresholds)"], res[f"prune_class {p} (all)"]) for p in ("bf16", "fp32"))
     st: dict = {}
     X.prune_class(Xc, thresholds, precision="bf16", stats=st)
     print(f"identical keep masks (per threshold and sweep): {same}; kept "
-          + ", ".join(f"{int(m.sum()):,}" for m in res["exact_search.prune_class bf16 (all)"])
+          + ", ".join(f"{int(m.sum()):,}" for m in res["prune_class bf16 (all)"])
           + f"; the sweep recomputed {st.get('float32_pairs', 0):,} pairs in float32 and "
             f"{st.get('exact_pairs', 0):,} exactly")
     if not same:
-        raise SystemExit("exact_search.prune_class differs from lut.prune: a bug")
+        raise SystemExit("prune_class differs between precisions or from retrieval.prune: a bug")
 
 
 def bench_retrieval(n_gallery: int, n_query: int, dim: int, ref_queries: int, repeat: int) -> None:
