@@ -62,8 +62,11 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
                  device: Any = None, top_m: int | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """For every keep mask (T, G), the ``min(k, kept)`` nearest kept gallery items of every query.
 
-    Equal to ``retrieval.topk(queries, gallery[keep], k)`` mapped back to gallery rows (ties to the
-    lower row), but the query x gallery product is computed once for all thresholds.
+    Equal to ``retrieval.search.topk(queries, gallery[keep], k)`` mapped back to gallery rows (ties to
+    the lower row), but the query x gallery product is computed once for all thresholds. That product
+    stays float32, not the exact kernel's: each query keeps its top ``M`` (>= ``MIN_TOP_M`` = 64), and
+    the kernel rescores every one of the k best in float64 (top-100 measured 0.58x the float32
+    product, top-40 0.81x: ``search.KERNEL_MAX_K``).
     Returns ``([(sims (Q, k_t) float32, idx (Q, k_t) int64) per threshold], stats)``.
     """
     keeps = np.asarray(keeps, dtype=bool)
@@ -147,8 +150,9 @@ def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: l
 
 def measure_latency(queries: Any, gallery: Any, sizes: Sequence[int], k: int, block_size: int,
                     device: Any = None) -> list[float]:
-    """Milliseconds per query of ``retrieval.topk(queries, gallery[:n], k)`` for each ``n`` of
-    ``sizes`` (one warm-up first). The search cost depends on the gallery's size only, so the first
+    """Milliseconds per query of ``retrieval.search.topk(queries, gallery[:n], k)`` for each ``n`` of
+    ``sizes`` (one warm-up first; with ``LATENCY_QUERIES`` queries that is the float32 product,
+    ``search.use_kernel``). The search cost depends on the gallery's size only, so the first
     ``n`` rows (a view, no copy) stand for a pruned gallery of ``n`` vectors."""
     q = as_tensor(queries, device)
     g = as_tensor(gallery, q.device)
