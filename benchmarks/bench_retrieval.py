@@ -1,16 +1,20 @@
 """Benchmark: exact search against FAISS flat, stage 07's retrieval at DYB-PlanktonNet scale, and
 predict mode end to end.
 
-0. Exact search (``common.exact_search``), one process, the machine's CPU flags printed first:
+0. Exact search (``common.retrieval.kernel``), one process, the machine's CPU flags printed first:
    3,000 queries against 33,000 x 2048 (synthetic clustered vectors as below), top-1 and top-10 by
-   ``faiss.IndexFlatIP``, by the project's float32 ``retrieval.topk``, and by ``exact_search.topk``
-   at each precision (bf16 / int8 candidates rescored exactly, or fp32); the bare float32 and bf16
+   ``faiss.IndexFlatIP``, by a float32 product per block of queries (``float32_topk``: the path
+   ``retrieval.search.topk`` takes where the kernel does not pay), by the entry point
+   ``retrieval.search.topk`` (the kernel, ``search.precision`` auto, gallery codes made per call), and
+   by ``kernel.topk`` on ready codes at each precision (bf16 / int8 candidates rescored exactly, or fp32); the bare float32 and bf16
    products (all queries x gallery) and the compute floors (the product's FLOPs at the peak rate
    of a cache-resident block). Identity checks: the same neighbours in the same order as
-   ``retrieval.topk``, bit-identical answers across precisions, and the exact similarity (float64
-   products rounded to float32) on a subset of queries. Then LUT pruning of one class of 3,000 x
-   2048 (``bench_prune``'s data): ``exact_search.prune_class`` and ``lut.prune`` against the bare
-   float32 ``X @ X.T``, with identical keep masks.
+   the float32 product, bit-identical answers across precisions and from the entry point, and the
+   exact similarity (float64 products rounded to float32) on a subset of queries. Then LUT pruning of
+   one class of 3,000 x 2048 (``bench_prune``'s data): ``retrieval.prune.prune`` / ``prune_sweep``
+   (the kernel's ``prune_class`` at the auto precision) and ``prune_class`` at bf16 and fp32 (float32
+   products) against the bare float32 ``X @ X.T``, with identical keep masks. Section 0's figures are medians of interleaved
+   rounds (``--repeat``, default 5), with the load average before and after.
 1. Retrieval: a gallery of 33,000 x 2048 and 7,000 queries (synthetic clustered vectors,
    L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.inference.classify``
    (exact search, bounded blocks) against
@@ -23,7 +27,7 @@ predict mode end to end.
    at 64 px, and a few images through ``seresnext50_32x4d`` at 224 px) and searched, with the share
    of time spent decoding, embedding and searching.
 
-Usage:  python benchmarks/bench_retrieval.py [--quick] [--exact-only] [--threads N]
+Usage:  python benchmarks/bench_retrieval.py [--quick] [--exact-only] [--threads N] [--repeat N]
 """
 from __future__ import annotations
 
@@ -112,7 +116,7 @@ def machine_line() -> str:
 
 
 def peak_products(dim: int) -> dict:
-    """Ten products of one cache-resident 2048 x 2048 x dim block per dtype, for ``best_interleaved``:
+    """Ten products of one cache-resident 2048 x 2048 x dim block per dtype, for ``rounds_interleaved``:
     their best time gives the kernel's peak rate (``10 * 2 * 2048^2 * dim`` FLOPs)."""
     import torch
 
@@ -137,14 +141,45 @@ def exact_data(n_gallery: int, n_query: int, dim: int):
     return Q, G
 
 
+def rounds_interleaved(fns: dict, repeat: int) -> tuple[dict, dict]:
+    """Every wall time of each function over ``repeat`` rounds, run in turn (the machine is shared:
+    interleaving exposes every contender to the same load), and each one's last result."""
+    times = {k: [] for k in fns}
+    out = {}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            out[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return times, out
+
+
+def load_line() -> str:
+    import os
+
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def float32_topk(Q: np.ndarray, G: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by one float32 product per block of queries and ``exact.block_topk`` (ties to the lower
+    row): what ``retrieval.search.topk`` runs where the kernel does not pay (a GPU, few queries, large k)."""
+    import torch
+
+    from common.retrieval.exact import block_topk
+
+    g = torch.from_numpy(G)
+    out = [block_topk(torch.from_numpy(Q[a:a + block]) @ g.T, k) for a in range(0, len(Q), block)]
+    return torch.cat([v for v, _ in out]).numpy(), torch.cat([i for _, i in out]).numpy()
+
+
 def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queries: int) -> None:
-    """Section 0: exact search against FAISS flat, the project's float32 top-k and the floors."""
+    """Section 0: exact search against FAISS flat, the project's float32 top-k and the floors, every
+    figure the median of ``repeat`` interleaved rounds in this one process."""
     import faiss
     import torch
 
-    from common.retrieval import kernel as retrieval_kernel
-    from common.retrieval import search as retrieval_search
-    from common.retrieval.kernel import choose_precision, quantize
+    from common.retrieval import kernel as X
+    from common.retrieval import search as retrieval
 
     Q, G = exact_data(n_gallery, n_query, dim)
     print(f"\n## Exact search: {n_query:,} queries x {n_gallery:,} x {dim}\n{machine_line()}")
@@ -152,64 +187,77 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
     index.add(G)
     codes, t_quant = {}, {}
     for p in ("fp32", "bf16", "int8"):
-        t_quant[p], codes[p] = _timed(lambda p=p: quantize(G, p))
-    auto = choose_precision(dim)
+        t_quant[p], codes[p] = _timed(lambda p=p: X.quantize(G, p))
+    auto = X.choose_precision(dim)
     qt, gt = torch.from_numpy(Q), torch.from_numpy(G)
     qb, gb = qt.bfloat16(), codes["bf16"].low
     fns = {"bare float32 product (Q x G)": lambda: qt @ gt.T, "bare bf16 product": lambda: qb @ gb.T}
     for k in (1, 10):
         fns[f"faiss.IndexFlatIP k={k}"] = lambda k=k: index.search(Q, k)
-        fns[f"retrieval.topk (float32) k={k}"] = lambda k=k: retrieval_search.topk(Q, G, k)
+        fns[f"float32 product + block_topk k={k}"] = lambda k=k: float32_topk(Q, G, k)
+        fns[f"retrieval.search.topk k={k}"] = lambda k=k: retrieval.topk(Q, G, k)
         for p in ("bf16", "int8", "fp32"):
-            fns[f"exact_search.topk {p} k={k}"] = lambda k=k, p=p: retrieval_kernel.topk(Q, codes[p], k)
+            fns[f"kernel.topk {p} k={k}"] = lambda k=k, p=p: X.topk(Q, codes[p], k)
     peaks = peak_products(dim)
-    t, res = best_interleaved({**fns, **peaks}, repeat)
+    load0 = load_line()
+    times, res = rounds_interleaved({**fns, **peaks}, repeat)
+    t = {k: float(np.median(v)) for k, v in times.items()}
     flops, block = 2.0 * n_query * n_gallery * dim, 10 * 2.0 * 2048 * 2048 * dim
-    floor32 = flops / block * t.pop("peak block products float32")
-    floor16 = flops / block * t.pop("peak block products bf16")
+    floor32 = flops / block * min(times.pop("peak block products float32"))
+    floor16 = flops / block * min(times.pop("peak block products bf16"))
+    print(f"load average (1/5/15 min) before the rounds {load0}, after {load_line()}; {repeat} interleaved rounds, "
+          f"medians (min in brackets)")
     print(f"auto precision here: {auto}; quantising the gallery (once per gallery, like FAISS's add): "
           + ", ".join(f"{p} {v:.2f} s" for p, v in t_quant.items()))
-    print(f"compute floor (the product's FLOPs at the rate of a cache-resident 2048 x 2048 block, measured in the "
-          f"same rounds): float32 {floor32:.2f} s, bf16 {floor16:.2f} s")
-    print(f"{'':40s} {'seconds':>8s} {'FAISS/this':>10s} {'/bare fp32':>10s} {'/fp32 floor':>11s}")
-    for name, v in t.items():
+    print(f"compute floor (the product's FLOPs at the best rate of a cache-resident 2048 x 2048 block, measured in "
+          f"the same rounds): float32 {floor32:.2f} s, bf16 {floor16:.2f} s")
+    print(f"{'':40s} {'seconds':>8s} {'(min)':>7s} {'FAISS/this':>10s} {'/bare fp32':>10s} {'/fp32 floor':>11s}")
+    for name, v in times.items():
         k = 10 if name.endswith("k=10") else 1
-        f = t[f"faiss.IndexFlatIP k={k}"]
-        print(f"{name:40s} {v:8.2f} {f / v:10.2f} {v / t['bare float32 product (Q x G)']:10.2f} {v / floor32:11.2f}")
+        f, m = t[f"faiss.IndexFlatIP k={k}"], t[name]
+        print(f"{name:40s} {m:8.3f} {min(v):7.3f} {f / m:10.2f} {m / t['bare float32 product (Q x G)']:10.2f} "
+              f"{m / floor32:11.2f}")
+    for k in (1, 10):
+        f, m = f"faiss.IndexFlatIP k={k}", f"kernel.topk {auto} k={k}"
+        print(f"goal k={k}: FAISS / kernel.topk ({auto}, the auto choice) = {t[f] / t[m]:.2f}x of the medians, "
+              f"{min(times[f]) / min(times[m]):.2f}x of the best rounds (wanted >= 3; a loaded machine slows FAISS's "
+              f"threads more)")
     exact_identity(Q, G, res, codes, check_queries)
     exact_class_best(Q, G, codes["bf16"], repeat)
 
 
 def exact_class_best(Q, G, codes, repeat: int) -> None:
     """The best row of each of the 87 classes per query: ``inference.search_classes`` (float32) and
-    ``exact_search.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
-    from common.retrieval import kernel as retrieval_kernel
+    ``kernel.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
+    from common.retrieval import kernel as X
 
     lab = np.repeat(np.arange(DYB_CLASSES), class_sizes(len(G)))[:len(G)]
     gallery = Vectors(G, lab, [str(i) for i in range(len(G))])
-    t, res = best_interleaved({"search_classes": lambda: search_classes(Q, gallery, DYB_CLASSES, 4096),
-                               "class_best": lambda: retrieval_kernel.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
+    times, res = rounds_interleaved({"search_classes": lambda: search_classes(Q, gallery, DYB_CLASSES, 4096),
+                                     "class_best": lambda: X.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
+    t = {k: float(np.median(v)) for k, v in times.items()}
     same = np.array_equal(res["class_best"][1], res["search_classes"].idx)
-    print(f"best per class ({DYB_CLASSES} classes): inference.search_classes {t['search_classes']:.2f} s, "
-          f"exact_search.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
+    print(f"best per class ({DYB_CLASSES} classes, medians): inference.search_classes {t['search_classes']:.2f} s, "
+          f"kernel.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
           f"same rows: {same} (every (query, class) needs one exact dot product: the full (Q, C) matrix costs "
           f"{len(Q) * DYB_CLASSES:,} gathered rows)")
 
 
 def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
     """Identity checks of section 0 (raises SystemExit on a mismatch between precisions or with s)."""
-    from common.retrieval import kernel as retrieval_kernel
+    from common.retrieval import kernel as X
 
     ok = True
     for k in (1, 10):
-        ref = res[f"retrieval.topk (float32) k={k}"]
-        same = {p: res[f"exact_search.topk {p} k={k}"] for p in ("bf16", "int8", "fp32")}
+        ref = res[f"float32 product + block_topk k={k}"]
+        same = {p: res[f"kernel.topk {p} k={k}"] for p in ("bf16", "int8", "fp32")}
+        same["entry"] = res[f"retrieval.search.topk k={k}"]
         agree = all(np.array_equal(v[0], same["fp32"][0]) and np.array_equal(v[1], same["fp32"][1])
                     for v in same.values())
         like_ref = float(np.mean(np.all(same["fp32"][1] == ref[1], axis=1)))
         fa = res[f"faiss.IndexFlatIP k={k}"][1]
-        print(f"k={k}: bf16 / int8 / fp32 answers bit-identical: {agree}; same neighbours in the same order as "
-              f"retrieval.topk for {100 * like_ref:.2f}% of queries (float32 products may differ from s in the "
+        print(f"k={k}: bf16 / int8 / fp32 / retrieval.search.topk answers bit-identical: {agree}; same neighbours "
+              f"in the same order as the float32 product for {100 * like_ref:.2f}% of queries (float32 products may differ from s in the "
               f"last bit); as FAISS: {100 * float(np.mean(np.all(same['fp32'][1] == fa, axis=1))):.2f}%")
         sub = np.arange(0, len(Q), max(1, len(Q) // check_queries))[:check_queries]
         S = (Q[sub].astype(np.float64) @ G.astype(np.float64).T).astype(np.float32).astype(np.float64)
@@ -221,12 +269,12 @@ def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
               f"row) on {sub.size} queries: {exact}")
         ok = ok and agree and exact
     st: dict = {}
-    retrieval_kernel.topk(Q, codes["bf16"], 10, stats=st)
+    X.topk(Q, codes["bf16"], 10, stats=st)
     print(f"bf16 top-10 rescoring: {st.get('candidates', 0) / len(Q):.1f} candidates per query, "
           f"{st.get('float32_pairs', 0) / len(Q):.1f} float32 and {st.get('exact_pairs', 0) / len(Q):.1f} float64 "
           f"dot products per query, {st.get('fallback_queries', 0)} queries fell back to fp32")
     st = {}
-    retrieval_kernel.topk(Q, codes["int8"], 10, stats=st)
+    X.topk(Q, codes["int8"], 10, stats=st)
     print(f"int8 top-10: {st.get('candidates', 0) / len(Q):.1f} candidates per query, "
           f"{st.get('fallback_queries', 0)} of {len(Q)} queries fell back to fp32 (the int8 window is wider)")
     if not ok:
@@ -234,42 +282,48 @@ def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
 
 
 def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) -> None:
-    """Section 0, pruning: one class, ``exact_search.prune_class`` and ``lut.prune`` against X @ X.T."""
+    """Section 0, pruning: one class, ``retrieval.prune.prune`` / ``prune_sweep`` (the kernel at the auto
+    precision) and ``prune_class`` at bf16 and fp32 against X @ X.T."""
     import torch
     from bench_prune import clustered_class
 
-    from common.retrieval.kernel import prune_class, quantize
-    from common.retrieval.prune import prune, prune_sweep
+    from common.retrieval import kernel as X
+    from common.retrieval import prune as lut
 
     Xc = clustered_class(n, dim)
     lab = np.zeros(n, np.int64)
     xt = torch.from_numpy(Xc)
     fns = {"bare float32 X @ X.T": lambda: xt @ xt.T}
     for t in thresholds:
-        fns[f"lut.prune t={t:g}"] = lambda t=t: prune(Xc, lab, None, t)
-        fns[f"exact_search.prune_class bf16 t={t:g}"] = lambda t=t: prune_class(Xc, [t], precision="bf16")[0]
-    fns["lut.prune_sweep (all thresholds)"] = lambda: prune_sweep(Xc, lab, None, thresholds)
-    fns["exact_search.prune_class bf16 (all)"] = lambda: prune_class(Xc, thresholds, precision="bf16")
-    codes = quantize(Xc, "bf16")
-    fns["  of which: bf16 codes (quantize)"] = lambda: quantize(Xc, "bf16")
+        fns[f"lut.prune t={t:g}"] = lambda t=t: lut.prune(Xc, lab, None, t)
+        fns[f"prune_class bf16 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="bf16")[0]
+        fns[f"prune_class fp32 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="fp32")[0]
+    fns["lut.prune_sweep (all thresholds)"] = lambda: lut.prune_sweep(Xc, lab, None, thresholds)
+    fns["prune_class bf16 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="bf16")
+    fns["prune_class fp32 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="fp32")
+    codes = X.quantize(Xc, "bf16")
+    fns["  of which: bf16 codes (quantize)"] = lambda: X.quantize(Xc, "bf16")
     fns["  of which: bf16 upper-triangle products"] = lambda: [  # prune_class's blocks of 512 columns
         torch.nn.functional.linear(codes.low[:a + 512], codes.low[a:a + 512]) for a in range(0, n, 512)]
-    t, res = best_interleaved(fns, repeat)
-    print(f"\n## LUT pruning: one class of {n:,} x {dim}, thresholds {thresholds}")
+    load0 = load_line()
+    times, res = rounds_interleaved(fns, repeat)
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"\n## LUT pruning: one class of {n:,} x {dim}, thresholds {thresholds}; load average {load0} before, "
+          f"{load_line()} after; medians of {repeat} interleaved rounds")
     bare = t["bare float32 X @ X.T"]
     for name, v in t.items():
         print(f"{name:40s} {v:8.3f} s  {v / bare:6.2f}x the bare product")
-    same = all(np.array_equal(res[f"lut.prune t={x:g}"], res[f"exact_search.prune_class bf16 t={x:g}"])
-               for x in thresholds) and np.array_equal(res["lut.prune_sweep (all thresholds)"],
-                                                       res["exact_search.prune_class bf16 (all)"])
+    same = all(np.array_equal(res[f"lut.prune t={x:g}"], res[f"prune_class {p} t={x:g}"])
+               for x in thresholds for p in ("bf16", "fp32")) and all(
+        np.array_equal(res["lut.prune_sweep (all thresholds)"], res[f"prune_class {p} (all)"]) for p in ("bf16", "fp32"))
     st: dict = {}
-    prune_class(Xc, thresholds, precision="bf16", stats=st)
+    X.prune_class(Xc, thresholds, precision="bf16", stats=st)
     print(f"identical keep masks (per threshold and sweep): {same}; kept "
-          + ", ".join(f"{int(m.sum()):,}" for m in res["exact_search.prune_class bf16 (all)"])
+          + ", ".join(f"{int(m.sum()):,}" for m in res["prune_class bf16 (all)"])
           + f"; the sweep recomputed {st.get('float32_pairs', 0):,} pairs in float32 and "
             f"{st.get('exact_pairs', 0):,} exactly")
     if not same:
-        raise SystemExit("exact_search.prune_class differs from lut.prune: a bug")
+        raise SystemExit("prune_class differs between precisions or from retrieval.prune: a bug")
 
 
 def bench_retrieval(n_gallery: int, n_query: int, dim: int, ref_queries: int, repeat: int) -> None:
@@ -387,6 +441,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a minute)")
     ap.add_argument("--exact-only", action="store_true", help="section 0 only (exact search and pruning)")
     ap.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: torch's default)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds of section 0 (medians reported)")
     a = ap.parse_args()
     if a.threads:
         import faiss
@@ -398,8 +453,8 @@ def main() -> None:
         bench_exact(6_000, 600, 512, repeat=2, check_queries=50)
         bench_exact_prune(1_000, 512, [0.8, 0.9], repeat=2)
     else:
-        bench_exact(33_000, 3_000, 2048, repeat=3, check_queries=200)
-        bench_exact_prune(3_000, 2048, [0.8, 0.9, 0.95], repeat=3)
+        bench_exact(33_000, 3_000, 2048, repeat=a.repeat, check_queries=200)
+        bench_exact_prune(3_000, 2048, [0.8, 0.9, 0.95], repeat=a.repeat)
     if a.exact_only:
         return
     if a.quick:

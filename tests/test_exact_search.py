@@ -1,5 +1,6 @@
-"""common.exact_search: the exact similarity, the bound, and every search identical to the float32
-path (common.retrieval.topk, inference.search_classes, lut.prune / prune_sweep) on adversarial data:
+"""common.retrieval.kernel / codes / similarity / prune_class: the exact similarity, the bound, and
+every search identical to the float32 path (retrieval.search.topk, search_classes, retrieval.prune
+prune / prune_sweep) on adversarial data:
 ties, exact duplicates, near-threshold pairs, tiny and large classes, float16 stores, k above the
 gallery, one class, and the fp32 fallback."""
 from __future__ import annotations
@@ -11,24 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.retrieval import codes as C
 from common.retrieval import kernel as X
-from common.retrieval import kernel as retrieval_kernel
-from common.retrieval import search as retrieval_search
-from common.retrieval.kernel import (
-    RHO,
-    _error_terms,
-    _f32_error,
-    _gathered,
-    _product,
-    choose_precision,
-    class_best_blocks,
-    exact_pairs,
-    prune_class,
-    quantize,
-    topk_blocks,
-)
 from common.retrieval.prune import prune, prune_sweep
 from common.retrieval.search import search_classes
+from common.retrieval.search import topk as search_topk
 from common.store.containers import Vectors
 
 PRECISIONS = ["fp32", "bf16", "int8"]
@@ -66,7 +54,7 @@ def sims_ref(Q: np.ndarray, G: np.ndarray) -> np.ndarray:
 
 
 def topk_ref(Q: np.ndarray, G: np.ndarray, k: int, keep: np.ndarray | None = None):
-    """By similarity descending, ties to the lower gallery row (``retrieval.topk``'s order)."""
+    """By similarity descending, ties to the lower gallery row (``search_topk``'s order)."""
     S = sims_ref(Q, G).astype(np.float64)
     if keep is not None:
         S[:, ~keep] = -np.inf
@@ -114,7 +102,7 @@ def test_exact_pairs_rounds_correctly_at_and_near_midpoints():
     puts the exact sum above the midpoint (round up), though its float64 sum is the midpoint itself."""
     a = np.array([[1.0, 2.0 ** -24, 0.0], [1.0, 2.0 ** -24, 2.0 ** -60], [1.0, 2.0 ** -24, -2.0 ** -60]], np.float32)
     b = np.ones((3, 3), np.float32)
-    s = exact_pairs(a, [0, 1, 2], b, [0, 1, 2]).numpy()
+    s = X.exact_pairs(a, [0, 1, 2], b, [0, 1, 2]).numpy()
     assert s[0] == np.float32(1.0)
     assert s[1] == np.nextafter(np.float32(1.0), np.float32(2))
     assert s[2] == np.float32(1.0)
@@ -127,7 +115,7 @@ def test_exact_pairs_equals_fractions_on_random_and_float16_data():
     A = rng.normal(size=(40, 24)).astype(np.float32)
     B = _unit(rng.normal(size=(30, 24))).astype(np.float16).astype(np.float32)
     r, c = rng.integers(0, 40, 200), rng.integers(0, 30, 200)
-    s = exact_pairs(A, r, B, c).numpy()
+    s = X.exact_pairs(A, r, B, c).numpy()
     assert all(s[p] == exact_ref(A[r[p]], B[c[p]]) for p in range(200))
 
 
@@ -138,47 +126,49 @@ def test_bound_holds_for_the_products(precision):
     G = _unit(rng.normal(size=(300, 64)))
     G[:50] = _unit(np.abs(G[:50]) ** 3)  # heavy-tailed rows: large int8 residuals
     Q = _unit(rng.normal(size=(20, 64)) + G[:20])
-    g, q = quantize(G, precision), quantize(Q, precision)
-    A = _product(q, g, 0, len(g)).double()
+    g, q = X.quantize(G, precision), X.quantize(Q, precision)
+    A = X._product(q, g, 0, len(g)).double()
     S = torch.from_numpy(sims_ref(Q, G)).double()
-    E = _error_terms(q, g)[:, None]
-    assert bool(((S - A).abs() <= E + RHO[precision] * A.abs()).all())
+    E = X._error_terms(q, g)[:, None]
+    assert bool(((S - A).abs() <= E + X.RHO[precision] * A.abs()).all())
     assert float((S - A).abs().max()) > 0 or precision == "fp32"
 
 
 def test_float32_level_bound_holds_on_wide_dynamic_range():
-    """The float32 dot products of the rescoring (gathered, batched) within ``_f32_error`` of s, on
+    """The float32 dot products of the rescoring (gathered and batched; row by row) within ``_f32_error`` of s, on
     rows mixing 1.0 with many tiny entries (where float32 sums drop bits)."""
     rng = np.random.default_rng(6)
     G = (rng.normal(size=(200, 80)) * 2.0 ** rng.integers(-30, 1, size=(200, 80))).astype(np.float32)
     G[:, 0] = 1.0
     Q = np.abs(rng.normal(size=(6, 80))).astype(np.float32)
-    q, g = quantize(Q, "fp32"), quantize(G, "fp32")
+    q, g = X.quantize(Q, "fp32"), X.quantize(G, "fp32")
     r = torch.arange(6).repeat_interleave(200)
     c = torch.arange(200).repeat(6)
     S = torch.from_numpy(sims_ref(Q, G)).double().flatten()
-    for sl, _, _, _, _, d in _gathered(q, g, r, c):
+    for sl, _, _, _, _, d in X._gathered(q, g, r, c):
         d = d.double()
-        assert bool(((S[sl] - d).abs() <= _f32_error(q, g, r[sl], c[sl], d)).all())
+        assert bool(((S[sl] - d).abs() <= X._f32_error(q, g, r[sl], c[sl], d)).all())
+    d = X._dots32(q.X[r], g.X[c]).double()  # topk's round 2
+    assert bool(((S - d).abs() <= X._f32_error(q, g, r, c, d)).all())
 
 
 def test_quantize_rejects_bad_input():
     with pytest.raises(ValueError, match="non-finite"):
-        quantize(np.array([[1.0, np.nan]], np.float32), "bf16")
+        X.quantize(np.array([[1.0, np.nan]], np.float32), "bf16")
     with pytest.raises(ValueError, match="precision"):
-        quantize(np.eye(2, dtype=np.float32), "fp16")
+        X.quantize(np.eye(2, dtype=np.float32), "fp16")
     with pytest.raises(ValueError, match="too large"):
-        quantize(np.array([[3.4e38, 0.0]], np.float32), "bf16")
+        X.quantize(np.array([[3.4e38, 0.0]], np.float32), "bf16")
 
 
 def test_auto_precision_is_measured_once_and_logged(caplog, monkeypatch):
-    monkeypatch.setattr(X, "_CHOICE", {})
+    monkeypatch.setattr(C, "_CHOICE", {})
     with caplog.at_level(logging.INFO, logger="common.retrieval"):
-        p = choose_precision(48)
-        assert choose_precision(48) == p
+        p = X.choose_precision(48)
+        assert X.choose_precision(48) == p
     assert p in PRECISIONS
     assert sum("exact search precision" in r.message for r in caplog.records) == 1
-    assert quantize(np.eye(48, dtype=np.float32)).precision == p
+    assert X.quantize(np.eye(48, dtype=np.float32)).precision == p
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -189,7 +179,7 @@ def test_auto_precision_is_measured_once_and_logged(caplog, monkeypatch):
 def test_topk_equals_reference(precision, k):
     Q, G = gallery()
     st: dict = {}
-    s, i = retrieval_kernel.topk(Q, G, k, precision=precision, query_block=8, block_rows=64, stats=st)
+    s, i = X.topk(Q, G, k, precision=precision, query_block=8, block_rows=64, stats=st)
     ws, wi = topk_ref(Q, G, k)
     assert s.dtype == np.float32 and i.dtype == np.int64 and s.shape == (len(Q), min(k, len(G)))
     np.testing.assert_array_equal(i, wi)
@@ -199,13 +189,76 @@ def test_topk_equals_reference(precision, k):
         np.testing.assert_array_equal(i[:4], np.tile([3, 10, 11, 12], (4, 1)))
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_topk_and_class_best_where_every_similarity_is_negative(precision):
+    """Queries opposite the whole gallery (all similarities < 0, some -0.0 products): the scan's
+    integer group maxima hold only non-negative groups, so these rows must compare every group."""
+    rng = np.random.default_rng(7)
+    G = _unit(np.abs(rng.normal(size=(300, 16))))
+    G[:, 3] = 0.0
+    Q = -_unit(np.abs(rng.normal(size=(9, 16))))
+    Q[0] = 0.0
+    Q[0, 3] = 1.0  # orthogonal to every row: all similarities +0.0 (ties: the lowest rows)
+    for k in (1, 5):
+        s, i = X.topk(Q, G, k, precision=precision, block_rows=64)
+        ws, wi = topk_ref(Q, G, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_array_equal(s, ws)
+    lab = np.arange(300) % 4
+    s, i = X.class_best(Q, G, lab, 4, precision=precision, block_rows=64)
+    ws, wi = class_ref(Q, G, lab, 4)
+    np.testing.assert_array_equal(i, wi)
+    np.testing.assert_array_equal(s, ws)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_topk_on_worker_threads_spans_and_chunks(precision, monkeypatch):
+    """Two worker threads, products kept a few blocks at a time (several spans) and a few queries per
+    rescoring item: the same answer, and torch's thread count is left as it was."""
+    monkeypatch.setattr(X, "SCAN_BYTES", 37 * 64 * 4 * 3)  # three blocks of 64 rows per span
+    monkeypatch.setattr(X, "RESCORE_QUERIES", 5)
+    monkeypatch.setattr(C, "PAIR_CHUNK", 32 * 7)  # the queries' codes made seven rows at a time
+    Q, G = gallery(seed=8)
+    torch.set_num_threads(2)
+    for k in (1, 7, 30):
+        st: dict = {}
+        s, i = X.topk(Q, G, k, precision=precision, block_rows=64, stats=st)
+        assert torch.get_num_threads() == 2
+        ws, wi = topk_ref(Q, G, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_array_equal(s, ws)
+        assert st["candidates"] >= k * len(Q)
+    s, i = X.topk(Q[:1], G, 7, precision=precision, block_rows=64)  # one query: a worker gets no rows
+    ws, wi = topk_ref(Q[:1], G, 7)
+    np.testing.assert_array_equal(i, wi)
+    np.testing.assert_array_equal(s, ws)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_topk_reused_buffers_hold_nothing_stale(precision, monkeypatch):
+    """The span's product buffer and the rescoring's gather buffers are reused by every later search on
+    the thread (``_scratch``). A search whose products are near 1 everywhere (queries equal to rows),
+    then searches with a shorter last block (its padding columns hold the earlier products unless
+    rewritten), all-negative similarities (every group is compared, padding included), fewer queries
+    and rows gathered a few at a time: each equals the reference."""
+    monkeypatch.setattr(X, "DOT_ELEMENTS", 16 * 3)  # three gathered rows per float32 / float64 dot chunk
+    rng = np.random.default_rng(11)
+    G = _unit(np.abs(rng.normal(size=(256, 16))))
+    Q = -_unit(np.abs(rng.normal(size=(9, 16))))
+    for q, g, k in ((G[:40], G, 3), (Q, G[:150], 1), (Q, G[:150], 5), (G[100:103], G[:150], 7)):
+        s, i = X.topk(q, g, k, precision=precision, block_rows=128)
+        ws, wi = topk_ref(q, g, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_array_equal(s, ws)
+
+
 def test_topk_equals_retrieval_topk_where_float32_is_exact():
-    """Dyadic vectors: retrieval.topk's float32 products are the exact similarities, ties everywhere."""
+    """Dyadic vectors: search_topk's float32 products are the exact similarities, ties everywhere."""
     G, Q = dyadic(300), dyadic(25, seed=1)
     for k in (1, 7, 50):
-        want = retrieval_search.topk(Q, G, k, block_size=16)
+        want = search_topk(Q, G, k, block_size=16)
         for p in PRECISIONS:
-            got = retrieval_kernel.topk(Q, G, k, precision=p, block_rows=40)
+            got = X.topk(Q, G, k, precision=p, block_rows=40)
             np.testing.assert_array_equal(got[1], want[1])
             np.testing.assert_array_equal(got[0], want[0])
 
@@ -214,7 +267,7 @@ def test_topk_equals_retrieval_topk_where_float32_is_exact():
 def test_topk_fallback_to_fp32_is_used_and_identical(precision):
     Q, G = gallery(seed=3)
     st: dict = {}
-    s, i = retrieval_kernel.topk(Q, G, 5, precision=precision, max_candidates=5, stats=st)  # every window holds more
+    s, i = X.topk(Q, G, 5, precision=precision, max_candidates=5, stats=st)  # every window holds more
     assert st["fallback_queries"] > len(Q) // 2
     ws, wi = topk_ref(Q, G, 5)
     np.testing.assert_array_equal(i, wi)
@@ -226,25 +279,25 @@ def test_topk_float16_store_keep_mask_and_codes_reuse():
     G16 = G.astype(np.float16).astype(np.float32)  # a float16 store: many exact duplicates of values
     keep = np.random.default_rng(0).random(len(G)) < 0.3
     keep[3] = keep[10] = True
-    codes = quantize(G16, "bf16")
+    codes = X.quantize(G16, "bf16")
     for kp in (None, keep, np.flatnonzero(keep)):
-        s, i = retrieval_kernel.topk(Q, codes, 6, keep=kp)
+        s, i = X.topk(Q, codes, 6, keep=kp)
         ws, wi = topk_ref(Q, G16, 6, None if kp is None else keep)
         np.testing.assert_array_equal(i, wi)
         np.testing.assert_array_equal(s, ws)
     with pytest.raises(ValueError, match="codes are bf16"):
-        retrieval_kernel.topk(Q, codes, 3, precision="int8")
+        X.topk(Q, codes, 3, precision="int8")
 
 
 def test_topk_empty_and_streamed_blocks():
     Q, G = gallery(seed=5)
-    s, i = retrieval_kernel.topk(Q[:0], G, 3)
+    s, i = X.topk(Q[:0], G, 3)
     assert s.shape == (0, 3) and i.shape == (0, 3)
-    s, i = retrieval_kernel.topk(Q, G[:0], 3)
+    s, i = X.topk(Q, G[:0], 3)
     assert s.shape == (len(Q), 0)
     blocks = [(a, G[a:a + 57]) for a in range(0, len(G), 57)]
     for k in (1, 9):
-        got = topk_blocks(Q, iter(blocks), k, precision="bf16")
+        got = X.topk_blocks(Q, iter(blocks), k, precision="bf16")
         want = topk_ref(Q, G, k)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
@@ -272,7 +325,7 @@ def labelled(n=500, C=9, seed=0):
 def test_class_best_equals_reference(precision):
     Q, G, lab, C = labelled()
     st: dict = {}
-    s, i = retrieval_kernel.class_best(Q, G, lab, C, precision=precision, query_block=16, block_rows=37, stats=st)
+    s, i = X.class_best(Q, G, lab, C, precision=precision, query_block=16, block_rows=37, stats=st)
     ws, wi = class_ref(Q, G, lab, C)
     np.testing.assert_array_equal(i, wi)
     np.testing.assert_array_equal(s, ws)
@@ -285,7 +338,7 @@ def test_class_best_equals_search_classes_where_float32_is_exact():
     lab = np.random.default_rng(0).integers(0, 5, 400)
     want = search_classes(Q, Vectors(G, lab, [str(j) for j in range(400)]), 6, block_size=7)
     for p in PRECISIONS:
-        s, i = retrieval_kernel.class_best(Q, G, lab, 6, precision=p, block_rows=50)
+        s, i = X.class_best(Q, G, lab, 6, precision=p, block_rows=50)
         np.testing.assert_array_equal(i, want.idx)
         np.testing.assert_array_equal(s, want.sims)
 
@@ -293,22 +346,22 @@ def test_class_best_equals_search_classes_where_float32_is_exact():
 def test_class_best_single_class_fallback_and_blocks():
     Q, G, lab, C = labelled(seed=1)
     one = np.zeros(len(G), np.int64)
-    s, i = retrieval_kernel.class_best(Q, G, one, 1, precision="int8")
+    s, i = X.class_best(Q, G, one, 1, precision="int8")
     ws, wi = topk_ref(Q, G, 1)
     np.testing.assert_array_equal(i[:, 0], wi[:, 0])
     np.testing.assert_array_equal(s[:, 0], ws[:, 0])
     st: dict = {}
-    s, i = retrieval_kernel.class_best(Q, G, lab, C, precision="bf16", max_candidates=3, stats=st)
+    s, i = X.class_best(Q, G, lab, C, precision="bf16", max_candidates=3, stats=st)
     assert st["fallback_queries"] > 0
     ws, wi = class_ref(Q, G, lab, C)
     np.testing.assert_array_equal(i, wi)
     np.testing.assert_array_equal(s, ws)
     blocks = [(a, G[a:a + 61]) for a in range(0, len(G), 61)]
-    s, i = class_best_blocks(Q, iter(blocks), lab, C, precision="bf16")
+    s, i = X.class_best_blocks(Q, iter(blocks), lab, C, precision="bf16")
     np.testing.assert_array_equal(i, wi)
     np.testing.assert_array_equal(s, ws)
     with pytest.raises(ValueError, match="labels"):
-        retrieval_kernel.class_best(Q, G, lab, 3)
+        X.class_best(Q, G, lab, 3)
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -345,23 +398,23 @@ def near_threshold_class(n=300, d=32, seed=0):
 def test_prune_class_equals_pair_loop_near_thresholds(precision):
     Xc, ts = near_threshold_class()
     st: dict = {}
-    keeps = prune_class(Xc, ts, precision=precision, tile=37, chunk=50, stats=st)  # cached blocks
+    keeps = X.prune_class(Xc, ts, precision=precision, tile=37, chunk=50, stats=st)  # cached blocks
     for t, keep in zip(ts, keeps):
         want = pair_loop(Xc, t)
         assert np.array_equal(keep, want), (t, np.flatnonzero(keep != want))
-        got = prune_class(Xc, [t], precision=precision, tile=64, chunk=30, cache_bytes=0)[0]  # kept rows only
+        got = X.prune_class(Xc, [t], precision=precision, tile=64, chunk=30, cache_bytes=0)[0]  # kept rows only
         assert np.array_equal(got, want)
     assert st.get("exact_pairs", 0) > 0 or precision == "fp32"  # near-threshold pairs reached exact values
 
 
 def test_prune_class_ties_duplicates_and_lut_identity():
     """Dyadic vectors: similarities exactly equal to the thresholds (equal does not prune), duplicates
-    at 1.0; and random classes of very different sizes: lut.prune and lut.prune_sweep, class by class."""
+    at 1.0; and random classes of very different sizes: lut.prune and prune_sweep, class by class."""
     D = dyadic(120, seed=4)
     D = D[np.linalg.norm(D, axis=1) > 0]
     for t in (0.25, 0.5, 1.0):
         for p in PRECISIONS:
-            assert np.array_equal(prune_class(D, [t], precision=p)[0], pair_loop(D, t)), (t, p)
+            assert np.array_equal(X.prune_class(D, [t], precision=p)[0], pair_loop(D, t)), (t, p)
     rng = np.random.default_rng(5)
     lab = rng.choice(4, 400, p=[0.85, 0.1, 0.045, 0.005])
     lab[:2] = 3
@@ -374,5 +427,74 @@ def test_prune_class_ties_duplicates_and_lut_identity():
         for c in range(4):
             rows = np.flatnonzero(lab == c)
             rows = rows[np.argsort(ids[rows])]
-            got[rows] = prune_class(G[rows], ts, precision="bf16")[ti]
+            got[rows] = X.prune_class(G[rows], ts, precision="bf16")[ti]
         assert np.array_equal(got, prune(G, lab, ids, t)) and np.array_equal(got, sweep[ti])
+
+
+def test_prune_class_and_quantize_on_worker_threads(monkeypatch):
+    """Two workers: codes quantized in chunks of a few rows (the same codes as on one thread),
+    the product blocks of the class made on the workers, the same keep masks as the pair loop."""
+    monkeypatch.setattr(C, "PAIR_CHUNK", 32 * 7)  # seven rows per quantize chunk
+    Xc, ts = near_threshold_class(seed=2)
+    for p in PRECISIONS:
+        one = X.quantize(Xc, p)  # one thread (the fixture)
+        torch.set_num_threads(2)
+        c = X.quantize(Xc, p)
+        for a, b in ((one.low, c.low), (one.norm, c.norm), (one.resid, c.resid), (one.scale, c.scale)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        keeps = X.prune_class(c, ts, tile=37)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        for t, keep in zip(ts, keeps):
+            assert np.array_equal(keep, pair_loop(Xc, t)), (p, t)
+
+
+# ----------------------------------------------------------------------------- the entry points
+
+
+class _Blocks:
+    """A gallery given block by block (what ``streamed.topk`` reads of a ``StoreMatrix``)."""
+
+    def __init__(self, G: np.ndarray, rows: int):
+        self.G, self.rows, self.dim = G, rows, G.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.G)
+
+    def blocks(self):
+        for a in range(0, len(self.G), self.rows):
+            yield a, self.G[a:a + self.rows]
+
+
+def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypatch, caplog):
+    from common.retrieval import search, streamed
+
+    rng = np.random.default_rng(11)
+    _, G = gallery(seed=11)
+    Q = _unit(rng.normal(size=(search.KERNEL_MIN_QUERIES + 3, G.shape[1])) + 0.5 * G[rng.integers(0, len(G), 515)])
+    Q[:4] = G[3]  # ties straddling the cut
+    calls = []
+    real = X.topk
+    monkeypatch.setattr(X, "topk", lambda *a, **kw: calls.append(kw["precision"]) or real(*a, **kw))
+    for p in PRECISIONS:
+        search.set_precision(p)
+        with caplog.at_level(logging.INFO, logger="common.retrieval"):
+            for k in (1, search.KERNEL_MAX_K):
+                ws, wi = topk_ref(Q, G, k)
+                for got in (search.topk(Q, G, k, block_size=200), streamed.topk(Q, _Blocks(G, 150), k, 200)):
+                    np.testing.assert_array_equal(got[1], wi)
+                    np.testing.assert_array_equal(got[0], ws)
+        assert sum("exact search: candidates from" in r.message for r in caplog.records) == 1  # once per stage
+        caplog.clear()
+    search.set_precision("auto")
+    per = 2 * (1 + 3)  # two k, each: the in-memory search and three streamed blocks
+    assert calls == ["fp32"] * per + ["bf16"] * per + ["int8"] * per
+    # few queries or a large k: the float32 product, the same neighbours
+    for q, k in ((Q[:search.KERNEL_MIN_QUERIES - 1], 3), (Q, search.KERNEL_MAX_K + 1)):
+        ws, wi = topk_ref(q, G, k)
+        s, i = search.topk(q, G, k)
+        np.testing.assert_array_equal(i, wi)
+        np.testing.assert_allclose(s, ws, rtol=0, atol=1e-6)
+    assert len(calls) == 3 * per
+    with pytest.raises(ValueError, match="search.precision"):
+        search.set_precision("fp16")

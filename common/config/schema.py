@@ -189,6 +189,10 @@ class SearchConfig(Section):
                                       "results; stage 07 then skips the classical classifiers); 0 = always stream",
                                       range=ge(0, why="GiB of vectors held in memory; 0 = always stream"),
                                       hashed=("07_inference",))
+    precision: Literal["auto", "fp32", "bf16", "int8"] = key(
+        "auto", "exact search (stages 03, 05-07) on a CPU: products of bf16 / int8 codes or float32, candidates "
+                "rescored exactly (same results); auto = the fastest on this CPU, measured once per stage and logged",
+        hashed=False)
 
 
 CLASSIFIER_NAMES = ("linear", "logreg", "svm", "random_forest")  # inference.classifiers: common.evaluate.classifiers fits them

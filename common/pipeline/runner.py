@@ -205,6 +205,10 @@ class _Run:
             from ..runtime.distributed import barrier
 
             barrier()
+        if "search.precision" in self.spec.keys:  # the exact searches' speed knob, process-wide (logged at the first)
+            from ..retrieval.search import set_precision
+
+            set_precision(ctx.cfg.search.precision)
         with _go_no_go(self.world):  # a rank that fails stops the others, which would wait for it at the end
             self.metrics = self.spec.main()(ctx) or {}
 

@@ -9,45 +9,48 @@ class is always kept, so every class keeps at least one item. Similarity exactly
 does not prune. ``t`` is compared as given (a float64), never rounded to float32: at ``t = 0.8``
 a similarity of ``float32(0.8)`` (0.800000011920929, above 0.8) prunes.
 
-The similarity the rule is defined on: ``s(i, j) = float32(x_i . x_j)``, the dot product of the
-stored float32 vectors evaluated in float64 (each product is exact in float64; the sum's error
-is ~1e-13) and rounded once to float32. A float32 matrix product of another shape or on another
-device may round its last bit differently; this definition makes the rule independent of that.
-The code computes similarities by fast float32 matrix products and trusts a comparison only when
-the value is farther from ``t`` than the product's worst-case rounding error
-(``similarity_margin``: ``gamma_D * max|x|^2`` with ``gamma_D = D u / (1 - D u)``, Higham 2002
-section 3.1, plus the final rounding); the few pairs inside that band are recomputed exactly as above.
-So the result is identical to a direct pair loop on ``s`` (``tests/test_lut.py`` checks it), for
-any block size and device.
+The similarity the rule is defined on: ``s(i, j) = float32(x_i . x_j)``, the exact dot product of
+the stored float32 vectors rounded once to float32 (``common.retrieval.similarity``: float64 dot
+products, exact integers where their error could straddle a rounding boundary). A float32 matrix
+product of another shape or on another device may round its last bit differently; this
+definition makes the rule independent of that.
+
+How it is decided (``prune_class``): products ``A`` of reduced-precision codes of the vectors
+(``common.retrieval.codes``: bf16, int8 or float32, ``search.precision``), with the proven bound
+``lower(A) <= s <= upper(A)``: ``A > lower^-1(t)`` gives ``s > t``; ``A < upper^-1(t)`` gives
+``s < t``; only pairs with ``A`` in between (the band) need ``s``: their float32 dot products
+first, and ``s`` itself where those are within their own bound of ``t``. So every decision is
+``s(i, j) > t`` exactly, and the result is identical to a direct pair loop on ``s``
+(``tests/test_lut.py``, ``tests/test_exact_search.py``) for any precision, block size and device.
 
 How it is fast
 --------------
 Per class, rows are processed in steps of T rows in id order (T = ``lut.block_size`` on a GPU; at
-most ``CPU_TILE`` = 512 on the CPU, where smaller steps skip more work: the lower triangle and the
-products of already pruned rows). For step ``b``:
+most ``PRUNE_TILE`` = 512 on the CPU, where smaller steps skip more work). For step ``b``:
 1. the rows of ``b`` dominated by a kept item of an earlier step are found by products
    (kept-so-far x T, ``lut.block_size`` kept rows at a time) and a column max;
 2. the greedy is resolved among the remaining rows of the step: one (c x c) product, then a
    scan over the rows in order that applies a kept row's whole "prunes" row as one vector
    operation (only rows that prune anything are visited): O(T) vector ops, not a loop over pairs.
-Memory per step: at most ``block_size x T`` float32 similarities, ``block_size x D`` gathered
-vectors and a ``T x T`` bool matrix, plus ``n_class`` bools and one class's vectors; never
-``n_class x n_class``. On the CPU the many small element-wise steps run on one thread and only the
-products on all threads (``_Threads``: on a loaded machine a parallel region of a small op can
-wait a whole scheduler quantum).
+The products of a class's upper triangle by steps (``n (n + T) / 2`` entries: 2 bytes each for bf16
+codes) are computed once, on the worker threads, and reused for every threshold when they take at
+most ``PRUNE_CACHE_BYTES``; a larger class is recomputed per step for the kept rows only. Memory:
+one class's vectors and codes, plus those blocks or ``block_size x T`` products; never
+``n_class x n_class`` beyond the cache. The element-wise steps run on one thread and only the
+products on all threads (``similarity._threads``: on a loaded machine a parallel region of a small
+op can wait a whole scheduler quantum; one prune of 8,000 vectors measured 2.9 s with two threads
+for everything, 0.2 s like this). Measured on this 2-core AVX-512 machine (bf16 codes, one class of
+3,000 x 2,048): 0.44-0.59x the time of a bare float32 ``X @ X.T`` (notes/reports/i21_kernel.md).
 
-The sweep (stage 05) prunes at every threshold of a grid. The similarities of a class do not
-depend on the threshold, so ``prune_sweep`` computes each class's column blocks ``S[0:b_end, b]``
-(the upper triangle by steps, ``n (n + T) / 2`` float32: 128 MB for a class of 7,760 on the CPU) once and
-reruns only the comparisons and the scan per threshold; a class whose blocks exceed
-``SWEEP_CACHE_BYTES`` is recomputed per threshold instead. The greedy's outcome is not monotone in
-``t``, so every threshold is run.
+The sweep (stage 05) prunes at every threshold of a grid with the same cached blocks (the
+similarities do not depend on the threshold); the greedy's outcome is not monotone in ``t``, so
+every threshold is run.
 
 Queries (stage 05): the val x gallery similarities are computed once, in blocks of queries; each
 query keeps its ``M`` nearest gallery items (``choose_top_m``), and for each threshold its nearest
 *kept* items are the first kept ones of that list; queries whose list holds fewer than ``k`` kept
 items take an exact masked top-k of the similarity block still in memory. The result equals a
-search of the pruned gallery (``retrieval.topk``; ties to the lower row).
+search of the pruned gallery (``retrieval.search.topk``; ties to the lower row).
 
 Stage 05's table (``threshold_sweep.csv``, one row per threshold): ``n_kept``, ``fraction_kept``,
 ``size_mb`` (float32), ``min_kept_per_class`` (over the gallery's classes), val ``top1_accuracy``
@@ -55,7 +58,7 @@ Stage 05's table (``threshold_sweep.csv``, one row per threshold): ``n_kept``, `
 ``exp(sim / lut.knn_temperature)``), ``macro_precision`` / ``macro_recall`` / ``macro_f1`` of the
 top-1 predictions (sklearn, ``zero_division=0``, over the classes present in the val truth or the
 predictions), and ``latency_ms``: measured search time per query (a batch of ``LATENCY_QUERIES``
-val vectors, ``retrieval.topk`` with ``k = lut.knn_k``) against a gallery of that size.
+val vectors, ``retrieval.search.topk`` with ``k = lut.knn_k``) against a gallery of that size.
 """
 from __future__ import annotations
 
@@ -65,106 +68,43 @@ import numpy as np
 import torch
 
 from ..runtime.device import _device, full_fp32
+from .codes import (RHO, Codes, _f32_error, _gallery_codes, _gathered, _lower_inv, _mm, _round_out, _upper_inv,
+                    exact_pairs)
 from .exact import as_tensor
+from .similarity import U32, U64, _exact_dots, _parallel, _threads, _workers
 
-UNIT_ROUNDOFF = 2.0 ** -24  # float32 unit roundoff u
-ROUNDING_SLACK = 2.0 ** -22  # final float32 rounding of s(i, j) plus the rounding of t +- margin to float32
-SWEEP_CACHE_BYTES = 2 * 2**30  # stage 05: a class's cached similarity blocks may take this much; larger classes are recomputed per threshold
-CPU_TILE = 512  # on the CPU the greedy steps through at most this many rows at once (fastest in benchmarks/bench_prune.py)
-
-
-# ----------------------------------------------------------------------------- exact similarity
-
-
-def similarity_margin(dim: int, max_norm_sq: float = 1.0) -> float:
-    """Worst-case |float32 matrix product - s(i, j)| for vectors of norm^2 <= ``max_norm_sq``.
-
-    Any summation order of D float32 products errs by at most ``gamma_D * sum|x_k y_k|``
-    (Higham 2002, "Accuracy and Stability of Numerical Algorithms", section 3.1) and
-    ``sum|x_k y_k| <= |x| |y|``; ``ROUNDING_SLACK`` covers the rounding of ``s`` itself to float32
-    and of the compared bounds ``t +- margin``.
-    """
-    nu = dim * UNIT_ROUNDOFF
-    if nu >= 0.5:
-        raise ValueError(f"dimension {dim} too large for a float32 error bound")
-    return nu / (1.0 - nu) * max_norm_sq + ROUNDING_SLACK
+PRUNE_TILE = 512  # rows per greedy step on the CPU (at most; smaller steps skip more work: the fastest in benchmarks/bench_prune.py)
+PRUNE_CACHE_BYTES = 2 * 2**30  # a class's product blocks are kept for every threshold up to this size; larger classes are recomputed per step
+SWEEP_CACHE_BYTES = PRUNE_CACHE_BYTES  # stage 05's name for it (prune_sweep's default)
 
 
 def exact_similarity(X: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``s(rows[p], cols[p])`` for each pair p: float64 dot products of the float32 vectors, rounded
-    to float32 (the similarity the pruning rule is defined on)."""
-    out = torch.empty(rows.numel(), dtype=torch.float32, device=X.device)
-    step = max(1, (1 << 22) // max(1, X.shape[1]))  # pairs per chunk: bounds the float64 temporaries
-    for a in range(0, rows.numel(), step):
-        r, c = rows[a:a + step], cols[a:a + step]
-        out[a:a + step] = (X[r].double() * X[c].double()).sum(1).float()
-    return out
+    """``s(rows[p], cols[p])`` for each pair p of rows of ``X``: the similarity the rule is defined on
+    (``codes.exact_pairs``)."""
+    return exact_pairs(X, rows, X, cols)
 
 
-def exceeds(s: torch.Tensor, t: float) -> torch.Tensor:
-    """``s > t`` for float32 similarities ``s`` and the threshold ``t`` as given (float64).
-
-    Comparing a float32 tensor with a Python float rounds the float to float32; ``float32(t)``
-    can lie above ``t`` (0.8, 0.99), which would spare a pair whose similarity is exactly
-    ``float32(t)``. The comparison is therefore made in float64, where every float32 is exact.
-    """
-    return s.double() > float(t)
-
-
-def float32_down(x: float) -> float:
-    """The largest float32 value ``<= x`` (a Python float)."""
-    f = np.float32(x)
-    if float(f) > x:
-        f = np.nextafter(f, np.float32(-np.inf))
-    return float(f)
+def similarity_margin(dim: int, max_norm_sq: float = 1.0) -> float:
+    """Worst-case |float32 matrix product - s(i, j)| for vectors of norm^2 <= ``max_norm_sq``: ``gamma_D``
+    times the norms (Higham 2002, section 3.1) plus the rounding of ``s`` itself (2^-22 covers it). The
+    float32 search paths (GPU, ``sweep.nearest_kept``) rank by such products; the kernel's own bound
+    is ``codes._error_terms``."""
+    nu = dim * U32
+    if nu >= 0.5:
+        raise ValueError(f"dimension {dim} too large for a float32 error bound")
+    return nu / (1.0 - nu) * max_norm_sq + 2.0 ** -22
 
 
-def float32_up(x: float) -> float:
-    """The smallest float32 value ``>= x`` (a Python float)."""
-    f = np.float32(x)
-    if float(f) < x:
-        f = np.nextafter(f, np.float32(np.inf))
-    return float(f)
+# ----------------------------------------------------------------------------- one class (the kernel)
 
 
-def band_bounds(t: float, margin: float) -> tuple[float, float]:
-    """``(lo, hi)``: the uncertainty band ``[t - margin, t + margin]`` widened outwards to float32
-    values, so comparing a float32 block with them (in float32) loses nothing to rounding: a
-    product above ``hi`` has ``s > t``, one below ``lo`` has ``s < t``."""
-    return float32_down(float(t) - margin), float32_up(float(t) + margin)
-
-
-# ----------------------------------------------------------------------------- one class
-
-
-class _Threads:
-    """CPU threading of the greedy: its many small element-wise steps run on one thread, only the
-    matrix products on all of torch's threads. On a shared, loaded machine every parallel region
-    of a small op can wait a scheduler quantum for a descheduled thread (measured here: one prune
-    of 8,000 vectors 2.9 s with two threads for everything, 0.2 s like this)."""
-
-    def __init__(self, device: torch.device):
-        self.n = torch.get_num_threads()
-        self.active = device.type == "cpu" and self.n > 1
-
-    def __enter__(self) -> "_Threads":
-        if self.active:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            torch.set_num_threads(self.n)
-
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``a @ b`` on all threads."""
-        if not self.active:
-            return a @ b
-        torch.set_num_threads(self.n)
-        try:
-            return a @ b
-        finally:
-            torch.set_num_threads(1)
+def _band(t: float, E: float, rho: float, dtype: torch.dtype) -> tuple[float, float]:
+    """``(lo, hi)`` in ``dtype``: ``A > hi`` proves ``s > t``, ``A < lo`` proves ``s < t``."""
+    x = torch.tensor([t], dtype=torch.float64)
+    e = torch.tensor([E], dtype=torch.float64)
+    lo = _round_out(_upper_inv(x, e, rho), dtype, up=False)
+    hi = _round_out(_lower_inv(x, e, rho), dtype, up=True)
+    return float(lo), float(hi)
 
 
 def _greedy_scan(A: np.ndarray) -> np.ndarray:
@@ -172,8 +112,6 @@ def _greedy_scan(A: np.ndarray) -> np.ndarray:
     item i, if still alive, removes every j > i with ``A[i, j]``. Returns the alive mask."""
     alive = np.ones(A.shape[0], dtype=bool)
     active = np.flatnonzero(A.any(1))  # rows that prune something; the others change nothing
-    if active.size == 0:
-        return alive
     notA = ~A[active]
     for r, i in enumerate(active.tolist()):
         if alive[i]:
@@ -181,84 +119,123 @@ def _greedy_scan(A: np.ndarray) -> np.ndarray:
     return alive
 
 
-def _resolve(X: torch.Tensor, S: torch.Tensor, hi: float, lo: float, t: float,
-             row_ids: torch.Tensor, col_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``S > t`` decided exactly: entries within ``[lo, hi]`` (``band_bounds``) of a float32 block ``S`` (rows
-    ``row_ids``, columns ``col_ids`` of ``X``) are recomputed by ``exact_similarity``. ``mask``
-    (same shape, bool) restricts which uncertain entries matter (others stay False)."""
-    A = S > hi
-    U = (S >= lo) & (S <= hi)
-    if mask is not None:
-        U &= mask
-    r, c = torch.nonzero(U, as_tuple=True)
-    if r.numel():
-        A[r, c] = exceeds(exact_similarity(X, row_ids[r], col_ids[c]), t)
-    return A
+class _Blocks:
+    """The products of one class by steps of ``tile`` columns: ``get(b, rows)`` = ``A[rows, tile b]``,
+    from a cache of the column blocks ``A[0:end_b, tile b]`` when one was made, else computed."""
 
+    def __init__(self, c: Codes, tile: int, cache: bool):
+        self.c, self.tile = c, tile
+        n = len(c)
+        self.cols = None
+        if cache:  # on the workers, the largest blocks first (they finish together)
+            starts = list(range(0, n, tile))[::-1]
+            self.cols = _parallel(lambda a: self._mm(slice(0, min(n, a + tile)), a), starts, _workers(c.X.device))[::-1]
 
-def tile_rows(block_size: int, device: torch.device) -> int:
-    """Rows per greedy step: ``block_size`` on a GPU; on the CPU at most ``CPU_TILE`` (smaller
-    steps skip the products of pruned rows and of the lower triangle, and cost little there)."""
-    return max(1, block_size if device.type == "cuda" else min(block_size, CPU_TILE))
+    def _mm(self, rows: Any, a: int) -> torch.Tensor:
+        """Products of code rows ``rows`` (a slice or indices) with the step's columns ``a:a + tile``."""
+        c, e = self.c, min(len(self.c), a + self.tile)
 
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
 
-class _ClassBlocks:
-    """The similarity column blocks of one class, ``S[0:end_b, b]`` float32, computed once."""
-
-    def __init__(self, X: torch.Tensor, tile: int, th: _Threads):
-        n = X.shape[0]
-        self.cols = [th.mm(X[:min(n, a + tile)], X[a:min(n, a + tile)].T) for a in range(0, n, tile)]
+        return _mm(pick(c.low), pick(c.scale), c.low[a:e], None if c.scale is None else c.scale[a:e])
 
     @staticmethod
-    def nbytes(n: int, tile: int) -> int:
-        return 4 * sum(min(n, a + tile) * (min(n, a + tile) - a) for a in range(0, n, tile))
+    def nbytes(n: int, tile: int, itemsize: int) -> int:
+        return itemsize * sum(min(n, a + tile) * (min(n, a + tile) - a) for a in range(0, n, tile))
+
+    def get(self, b: int, rows: torch.Tensor) -> torch.Tensor:
+        if self.cols is not None:
+            return self.cols[b].index_select(0, rows)
+        return self._mm(rows, b * self.tile)
 
 
-def _prune_class(X: torch.Tensor, t: float, tile: int, chunk: int, margin: float, th: _Threads,
-                 cache: _ClassBlocks | None = None) -> np.ndarray:
-    """Keep mask (n,) of one class whose rows ``X`` (n, D) are already in id order.
+def _exceeds(c: Codes, rows: torch.Tensor, cols: torch.Tensor, t: float, stats: dict) -> torch.Tensor:
+    """``s(rows[p], cols[p]) > t`` for pairs inside the band of the products (``rows`` sorted): float32
+    dot products first, the exact ``s`` where they do not decide (within their own bound of ``t``)."""
+    res = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    for sl, x, Y, gi, ps, d in _gathered(c, c, rows, cols):
+        d = d.double()
+        e = _f32_error(c, c, rows[sl], cols[sl], d)
+        res[sl] = d - e > t
+        near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
+        if near.numel():
+            nn = c.norm[rows[sl][near]] * c.norm[cols[sl][near]]
+            res[sl.start + near] = _exact_dots(x[gi[near]], Y[gi[near], ps[near]], nn).double() > t
+            stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
+    stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(rows.numel())
+    return res
 
-    Steps of ``tile`` rows; the kept rows of earlier steps are compared ``chunk`` at a time
-    (memory: ``chunk x tile`` float32 similarities, ``chunk x D`` gathered vectors)."""
-    n, dev = X.shape[0], X.device
-    lo, hi = band_bounds(t, margin)
+
+def _dominated(c: Codes, A: torch.Tensor, rows: torch.Tensor, a: int, dom: torch.Tensor, t: float, lo: float,
+               hi: float, stats: dict) -> None:
+    """Step 1 of ``_prune_one``: marks in ``dom`` the columns of a step (``a + j``) that a kept row
+    ``rows[i]`` prunes, from their products ``A`` (rows x step): a column maximum above ``hi`` proves
+    it; below ``lo`` rules it out; the entries in the band of the other columns are decided exactly."""
+    top = A.amax(0)
+    dom |= top > hi
+    near = torch.nonzero(~dom & (top >= lo)).flatten()
+    if near.numel():
+        i, j = torch.nonzero(A[:, near] >= lo, as_tuple=True)  # all <= hi: their column's top is
+        hit = _exceeds(c, rows[i], a + near[j], t, stats)
+        dom[near[j[hit]]] = True
+
+
+def _prune_one(c: Codes, blocks: _Blocks, t: float, lo: float, hi: float, chunk: int, stats: dict) -> np.ndarray:
+    """Keep mask of one class at threshold ``t``: the LUT greedy (``retrieval.prune``), steps of ``blocks.tile``
+    rows; 1. the rows of a step pruned by a kept row of an earlier step, 2. the greedy within the step
+    (one (m, m) block of the step's other rows: sure entries above ``hi``, band entries exact)."""
+    n, tile, dev = len(c), blocks.tile, c.X.device
     keep = torch.zeros(n, dtype=torch.bool, device=dev)
-    for bi, a in enumerate(range(0, n, tile)):
-        b = min(n, a + tile)
-        dom = torch.zeros(b - a, dtype=torch.bool, device=dev)
+    for b, a in enumerate(range(0, n, tile)):
+        dom = torch.zeros(min(n, a + tile) - a, dtype=torch.bool, device=dev)
         kept = torch.nonzero(keep[:a]).flatten()
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        Xb = X[a:b]
-        for c0 in range(0, kept.numel(), chunk):  # 1. dominated by kept items of earlier steps
-            rows = kept[c0:c0 + chunk]
-            S = cache.cols[bi].index_select(0, rows) if cache else th.mm(X.index_select(0, rows), Xb.T)  # (r, tile)
-            top = S.amax(0)  # (tile,) most similar kept item of each column
-            dom |= top > hi
-            near = torch.nonzero((top >= lo) & ~dom).flatten()  # columns whose decision needs the exact value
-            if near.numel():
-                r, c = torch.nonzero(S[:, near] >= lo, as_tuple=True)
-                pending.append((rows[r], near[c]))
-        if pending:
-            pr = torch.cat([p[0] for p in pending])
-            pc = torch.cat([p[1] for p in pending])
-            sel = ~dom[pc]  # only columns not already dominated for sure need the exact value
-            pr, pc = pr[sel], pc[sel]
-            if pr.numel():
-                dom[pc[exceeds(exact_similarity(X, pr, a + pc), t)]] = True
-        cand = torch.nonzero(~dom).flatten()  # 2. the greedy within the step, among the others
+        for c0 in range(0, kept.numel(), chunk):  # kept rows x step columns, chunk rows at a time
+            _dominated(c, blocks.get(b, kept[c0:c0 + chunk]), kept[c0:c0 + chunk], a, dom, t, lo, hi, stats)
+        cand = torch.nonzero(~dom).flatten()
         if cand.numel() == 0:
             continue
-        ci = a + cand
-        if cache is not None:
-            S = cache.cols[bi][a:b].index_select(0, cand).index_select(1, cand)
-        else:
-            Xc = X.index_select(0, ci)
-            S = th.mm(Xc, Xc.T)  # (c, c)
-        upper = torch.ones(S.shape, dtype=torch.bool, device=dev).triu_(1)
-        A = _resolve(X, S, hi, lo, t, ci, ci, upper) & upper
-        alive = _greedy_scan(A.cpu().numpy())
-        keep[ci[torch.from_numpy(alive).to(dev)]] = True
+        A = blocks.get(b, a + cand).index_select(1, cand)  # (m, m) among the step's open rows
+        P = (A > hi).triu_(1)
+        i, j = torch.nonzero(((A >= lo) & ~P).triu_(1), as_tuple=True)
+        if i.numel():
+            P[i, j] = _exceeds(c, a + cand[i], a + cand[j], t, stats)
+        alive = torch.from_numpy(_greedy_scan(P.cpu().numpy())).to(dev)
+        keep[a + cand[alive]] = True
     return keep.cpu().numpy()
+
+
+def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto", tile: int = PRUNE_TILE,
+                chunk: int = 4096, cache_bytes: int = PRUNE_CACHE_BYTES, stats: dict | None = None) -> np.ndarray:
+    """the LUT greedy (``retrieval.prune``) on one class at every threshold: keep masks (T, n) bool.
+
+    ``X`` (n, D): the class's vectors in image-id order (or their ``Codes``). Each decision is
+    ``s(i, j) > t`` exactly (module docstring), so the masks are those of the pair loop on ``s``
+    for any precision, ``tile`` or ``chunk``. The product blocks of the upper triangle are computed
+    once (for every threshold) when they take at most ``cache_bytes`` (bf16 codes: 2 bytes per pair;
+    at bf16 speed this beats skipping the pruned rows' products), else per step for the kept rows
+    only. ``stats`` gains ``float32_pairs`` / ``exact_pairs`` (band pairs recomputed) and ``precision``."""
+    c = _gallery_codes(X, precision)
+    st = stats if stats is not None else {}
+    st["precision"] = c.precision
+    n = len(c)
+    keeps = np.zeros((len(thresholds), n), dtype=bool)
+    if n == 0:
+        return keeps
+    D = c.dim
+    gamma = 0.0 if c.precision == "int8" else D * U32 / (1.0 - D * U32)
+    ne, mm, nn = float(c.resid.max()), float(c.lnorm.max()), float(c.norm.max())
+    E = (nn * ne + ne * mm + gamma * mm * mm + U32 * nn * nn + D * 2.0 ** -125 * (1 + 2 * mm)) * (1.0 + 8 * U64)
+    dtype = torch.float32 if c.precision != "bf16" else torch.bfloat16
+    with full_fp32(), _threads(c.X.device):
+        item = 2 if c.precision == "bf16" else 4
+        blocks = _Blocks(c, tile, _Blocks.nbytes(n, tile, item) <= cache_bytes)
+        for ti, t in enumerate(thresholds):
+            lo, hi = _band(float(t), E, RHO[c.precision], dtype)
+            keeps[ti] = _prune_one(c, blocks, float(t), lo, hi, chunk, st)
+    return keeps
 
 
 # ----------------------------------------------------------------------------- whole gallery
@@ -277,17 +254,6 @@ def class_order(labels: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.n
     return order, list(zip(starts.tolist(), ends.tolist()))
 
 
-def _prepare(vectors: Any, device: Any) -> tuple[torch.Tensor, float]:
-    """The vectors as a float32 tensor on ``device``, and the rounding margin for them."""
-    X = as_tensor(vectors, device)
-    if X.ndim != 2:
-        raise ValueError(f"vectors must be (N, D), got {tuple(X.shape)}")
-    # largest squared norm, from a float32 sum (relative error <= gamma_D, hence the factor)
-    max_sq = float(X.square().sum(1).max()) if X.shape[0] else 1.0
-    max_sq *= 1.0 + 2 * X.shape[1] * UNIT_ROUNDOFF
-    return X, similarity_margin(X.shape[1], max(max_sq, 1.0))
-
-
 def _class_rows(X: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """The rows of one class (no copy when they are already all of ``X`` in order)."""
     if rows.size == X.shape[0] and (rows.size < 2 or bool((np.diff(rows) == 1).all())) and rows[0] == 0:
@@ -295,24 +261,42 @@ def _class_rows(X: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     return X.index_select(0, torch.from_numpy(rows).to(X.device))
 
 
-def _classes(vectors: Any, labels: np.ndarray, ids: Any, device: Any) -> Iterator[tuple[np.ndarray, torch.Tensor, float]]:
-    """``(rows, X_c, margin)`` of every class, rows in (class, image id) order. A gallery streamed
-    from the store (``common.streaming.StoreMatrix``) is read one class at a time (memory: the
-    largest class), each class with its own rounding margin (any valid margin gives the same
-    decisions: it only chooses which similarities are recomputed exactly)."""
+def _classes(vectors: Any, labels: np.ndarray, ids: Any, device: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """``(rows, X_c)`` of every class, rows in (class, image id) order. A gallery streamed from the
+    store (``retrieval.streamed.StoreMatrix``) is read one class at a time (memory: the largest class)."""
     from .streamed import is_streamed
 
     order, slices = class_order(labels, None if ids is None else np.asarray(ids))
     if is_streamed(vectors):
         for s, e in slices:
             rows = order[s:e]
-            Xc, margin = _prepare(vectors.rows(rows), device)
-            yield rows, Xc, margin
+            yield rows, as_tensor(vectors.rows(rows), device)
         return
-    X, margin = _prepare(vectors, device)
+    X = as_tensor(vectors, device)
+    if X.ndim != 2:
+        raise ValueError(f"vectors must be (N, D), got {tuple(X.shape)}")
     for s, e in slices:
         rows = order[s:e]
-        yield rows, _class_rows(X, rows), margin
+        yield rows, _class_rows(X, rows)
+
+
+def _prune_all(vectors: Any, labels: Any, ids: Any, thresholds: Sequence[float], block_size: int, device: Any,
+               cache_bytes: int) -> np.ndarray:
+    """Keep masks (T, N) of every class at every threshold (``prune_class`` per class)."""
+    from .codes import search_precision
+
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    labels = np.asarray(labels)
+    keeps = np.zeros((len(thresholds), labels.size), dtype=bool)
+    dev = _device(vectors, device)
+    # on the CPU at most PRUNE_TILE rows per step (smaller steps skip the products of pruned rows)
+    tile = max(1, block_size if dev.type != "cpu" else min(block_size, PRUNE_TILE))
+    for rows, Xc in _classes(vectors, labels, ids, dev):
+        precision = search_precision(Xc.shape[1], Xc.device)
+        keeps[:, rows] = prune_class(Xc, [float(t) for t in thresholds], precision=precision, tile=tile,
+                                     chunk=block_size, cache_bytes=cache_bytes)
+    return keeps
 
 
 def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, block_size: int = 4096,
@@ -321,41 +305,18 @@ def prune(vectors: Any, labels: Any, ids: Any = None, threshold: float = 0.9, bl
 
     Args:
         vectors: (N, D) float32 L2-normalised gallery vectors (numpy or torch), or a
-            ``common.streaming.StoreMatrix`` (read from the store one class at a time).
+            ``retrieval.streamed.StoreMatrix`` (read from the store one class at a time).
         labels: (N,) class of each row (any sortable values).
         ids: (N,) image ids giving the order within a class (None: row order).
         threshold: cosine similarity; a later item is removed when ``s > threshold``.
         block_size: rows per block (memory, see the module docstring).
         device: torch device (None: CPU).
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    labels = np.asarray(labels)
-    keep = np.zeros(labels.size, dtype=bool)
-    dev = _device(vectors, device)
-    with full_fp32():
-        tile = tile_rows(block_size, dev)
-        with _Threads(dev) as th:
-            for rows, Xc, margin in _classes(vectors, labels, ids, dev):
-                keep[rows] = _prune_class(Xc, float(threshold), tile, block_size, margin, th)
-    return keep
+    return _prune_all(vectors, labels, ids, [threshold], block_size, device, PRUNE_CACHE_BYTES)[0]
 
 
 def prune_sweep(vectors: Any, labels: Any, ids: Any, thresholds: Sequence[float], block_size: int = 4096,
                 device: Any = None, cache_bytes: int = SWEEP_CACHE_BYTES) -> np.ndarray:
     """``prune`` at every threshold: keep masks (T, N) bool, each identical to ``prune`` at that
-    threshold; a class's similarity blocks are computed once and reused (module docstring)."""
-    labels = np.asarray(labels)
-    keeps = np.zeros((len(thresholds), labels.size), dtype=bool)
-    dev = _device(vectors, device)
-    with full_fp32():
-        tile = tile_rows(block_size, dev)
-        with _Threads(dev) as th:
-            for rows, Xc, margin in _classes(vectors, labels, ids, dev):
-                n = rows.size
-                fits = _ClassBlocks.nbytes(n, tile) <= cache_bytes
-                cache = _ClassBlocks(Xc, tile, th) if fits and n > 1 else None
-                for ti, t in enumerate(thresholds):
-                    keeps[ti, rows] = _prune_class(Xc, float(t), tile, block_size, margin, th, cache)
-                del cache, Xc
-    return keeps
+    threshold; a class's product blocks are computed once and reused (module docstring)."""
+    return _prune_all(vectors, labels, ids, thresholds, block_size, device, cache_bytes)

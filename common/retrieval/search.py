@@ -1,4 +1,10 @@
-"""The entry points: topk(), class_best() (<- inference.search_classes), knn_vote, ClassSearch."""
+"""The entry points of exact search: ``topk``, ``search_classes``, ``knn_vote``, ``ClassSearch``.
+
+``topk`` runs on the reduced-precision exact kernel (``retrieval.kernel``) where it pays
+(``use_kernel``), else on one float32 product per block of queries; ``search_classes`` stays on the
+float32 product (the kernel's ``class_best`` measured 0.75-1.03x of it). ``set_precision`` is
+``search.precision`` (``retrieval.codes``).
+"""
 from __future__ import annotations
 
 import time
@@ -10,7 +16,16 @@ import torch
 
 from ..errors import UserError
 from ..store.containers import Vectors
+from .codes import set_precision as set_precision  # search.precision, set by the stage runner
 from .exact import as_tensor, block_topk
+
+# Where the exact kernel (kernel.topk) pays, measured on this 2-core AVX512-BF16 machine under load
+# 11 (G = 20,000, D = 2,048, bf16 codes; the gallery's codes are made at each call): 1,000 queries:
+# top-1 1.75x, top-10 1.33x the float32 product; 600 queries: top-20 0.88x, top-40 0.81x; 1,000
+# queries: top-100 0.58x, top-1000 0.16x (each of the k best is rescored in float64); 128 queries,
+# top-10: 0.29x, 32 queries: 0.11x (making the gallery's codes costs about one bf16 product of ~500 queries).
+KERNEL_MIN_QUERIES = 512  # fewer queries than this: one float32 product per block
+KERNEL_MAX_K = 16  # a larger k: one float32 product per block
 
 
 @dataclass
@@ -29,17 +44,17 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
                    device: Any = None, index: Any = None) -> ClassSearch:
     """Exact nearest gallery item of every class for every query, in one pass over the gallery.
 
-    With ``index`` (a ``common.search.AnnIndex`` over the gallery's rows), the classes are those
+    With ``index`` (a ``retrieval.ann.AnnIndex`` over the gallery's rows), the classes are those
     of the ``index.candidates`` neighbours it proposes (rescored exactly); a class absent from that
     list is absent for the query (its top-k list may then hold fewer classes).
 
     The gallery is sorted by class once, so each class is a contiguous block of columns. For each
     block of ``block_size`` queries: one float32 matrix product with the whole gallery (as
-    ``common.retrieval.topk`` does; memory ``block_size x G`` float32), then a max over each class's
+    ``topk``'s float32 path does; memory ``block_size x G`` float32), then a max over each class's
     columns (``torch.max`` returns the first of equal maxima: ties go to the lower gallery row).
     The per-class maxima cost one pass, where a ``topk`` call per class re-reads the queries
     once per class (about 1.4x slower at DYB scale, 87 classes). A streamed gallery
-    (``common.streaming.StoreMatrix``) is searched block by block with the same result.
+    (``retrieval.streamed.StoreMatrix``) is searched block by block with the same result.
     """
     import torch
 
@@ -57,6 +72,8 @@ def search_classes(queries: np.ndarray, gallery: Vectors, n_classes: int, block_
     if is_streamed(gallery.X):  # the gallery stays in the store: one pass, block by block
         return ClassSearch(*class_best(queries, gallery.X, gallery.labels, C, block_size, device),
                            time.perf_counter() - t0)
+    # The float32 product, not kernel.class_best: with a bound per class the kernel's candidate window
+    # stays wide and it measured 0.75-1.03x this path (notes/reports/i21_kernel.md); same answer.
     sims = np.full((Q, C), -np.inf, dtype=np.float32)
     idx = np.full((Q, C), -1, dtype=np.int64)
     if Q and len(gallery):
@@ -85,13 +102,20 @@ def _on_device(a: np.ndarray, device: Any) -> Any:
     return a
 
 
+def use_kernel(n_queries: int, k: int, device: torch.device) -> bool:
+    """Whether an exact top-``k`` of ``n_queries`` queries runs on the reduced-precision kernel
+    (``kernel.topk``) rather than one float32 product per block of queries: on a CPU, for at least
+    ``KERNEL_MIN_QUERIES`` queries and ``k <= KERNEL_MAX_K`` (where it pays; the answer is the same)."""
+    return device.type == "cpu" and n_queries >= KERNEL_MIN_QUERIES and k <= KERNEL_MAX_K
+
+
 def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
          device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k`` of every query among the gallery rows.
 
     Args:
         queries: (Q, D) L2-normalised vectors (numpy or torch).
-        gallery: (G, D) L2-normalised vectors (numpy or torch), or a ``common.streaming.StoreMatrix``
+        gallery: (G, D) L2-normalised vectors (numpy or torch), or a ``retrieval.streamed.StoreMatrix``
             (streamed from the store: one pass, memory bounded by a block).
         k: neighbours per query; clamped to ``G`` (so the answer has ``min(k, G)`` columns).
         block_size: queries per matrix product (memory: ``block_size x G`` float32 at once).
@@ -100,6 +124,14 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
     Returns:
         ``(sims (Q, k) float32, idx (Q, k) int64)``, each row sorted by similarity descending,
         ties to the lower gallery index (see the module docstring).
+
+    On a CPU with many queries and a small ``k`` (``use_kernel``) the search runs on
+    ``kernel.topk``: candidates from bf16 / int8 products (``search.precision``), rescored to the
+    exact similarity ``s`` (``retrieval.similarity``). Elsewhere one float32 product per block of
+    queries ranks them. Both give the same neighbours in the same order, except where two
+    similarities lie within the float32 product's own rounding of each other (a few ulp: 3 queries of
+    600 differed at top-100 on random data of D = 2,048): there the float32 product's order depends
+    on its shapes, and the kernel's is that of ``s`` (equal ``s``: the lower row).
     """
     from .streamed import is_streamed
 
@@ -119,6 +151,11 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
         raise ValueError(f"topk: expected (Q, D) and (G, D) matrices, got {tuple(q.shape)} and {tuple(g.shape)}")
     Q, G = q.shape[0], g.shape[0]
     kk = min(k, G)
+    if Q and kk and use_kernel(Q, kk, q.device):
+        from .codes import search_precision
+        from .kernel import topk as kernel_topk
+
+        return kernel_topk(q, g, kk, precision=search_precision(q.shape[1], q.device), query_block=block_size)
     sims = np.empty((Q, kk), dtype=np.float32)
     idx = np.empty((Q, kk), dtype=np.int64)
     if Q == 0 or kk == 0:

@@ -2,21 +2,23 @@
 
 A gallery whose vectors do not fit in memory (``search.max_memory_gib``) is not loaded: stage 07
 gets a ``StoreMatrix``, which stands where the (G, D) float32 matrix would (``Vectors.X``): it has
-a shape, and yields its rows a block at a time from the store (``FeatureStore.iter_blocks``: one
+a shape, and yields its rows a block at a time from the store (``store.sqlite.FeatureStore.iter_blocks``: one
 read snapshot, every vector checked), in image-id order, which is the order of the in-memory
-gallery (``common.gallery.merge``). The gallery's labels, ids and paths stay in memory (about 250
+gallery (``store.containers.merge``). The gallery's labels, ids and paths stay in memory (about 250
 bytes per image with its path string, against ``4 * D`` for its vector).
 
 Exact search then runs block by block, with running results merged after each block:
 
-- ``topk``: the ``k`` best rows of every query. Each block's own top-k (``retrieval.block_topk``,
-  ties to the lower row) is merged with the running list and ordered by (similarity descending,
-  row ascending): the same total order as ``retrieval.topk`` on the whole matrix, so the answer is
-  the same rows (similarities computed by a matrix product over a block may differ from the
-  whole-matrix product in the last bit of float32).
-- ``class_best``: the nearest row of every class for every query (``inference.search_classes``):
+- ``topk``: the ``k`` best rows of every query. Each block's own top-k (where it pays,
+  ``search.use_kernel``: the exact kernel, ``kernel.topk``; else a float32 product and
+  ``exact.block_topk``; ties to the lower row) is merged with the running list and ordered by
+  (similarity descending, row ascending): the same total order as ``search.topk`` on the whole
+  matrix, so the answer is the same rows (the kernel's similarities are exact; a float32 product
+  over a block may differ from the whole-matrix product in the last bit).
+- ``class_best``: the nearest row of every class for every query (``search.search_classes``):
   a running (Q, C) maximum, replaced only by a strictly larger similarity, so ties stay with the
-  lower row as in one pass.
+  lower row as in one pass. Float32 products, as ``search_classes`` (the kernel's ``class_best``
+  is not faster).
 
 Every search is one pass over the store; the queries, the running lists and one block's
 similarities (``block_size`` queries x ``block_rows``) are in memory. A ``StoreMatrix`` refuses to
@@ -53,7 +55,7 @@ def fits(n_rows: int, dim: int, max_memory_gib: float) -> bool:
 
 class StoreMatrix:
     """The (N, D) float32 vectors of some splits of one model in a feature store, read a block at
-    a time. ``mask`` (N,) bool keeps a subset of the rows (``common.gallery.subset``)."""
+    a time. ``mask`` (N,) bool keeps a subset of the rows (``store.containers.subset``)."""
 
     ndim = 2
     dtype = np.dtype(np.float32)
@@ -91,7 +93,7 @@ class StoreMatrix:
                         "whole (raise search.max_memory_gib to hold it in memory)")
 
     def __getitem__(self, key: Any) -> "StoreMatrix":
-        """Boolean row selection only (what ``common.gallery.subset`` does): a new ``StoreMatrix``."""
+        """Boolean row selection only (what ``store.containers.subset`` does): a new ``StoreMatrix``."""
         key = np.asarray(key)
         if key.dtype != bool or key.shape != (self.shape[0],):
             raise TypeError(f"{self!r}: only a boolean mask of its {self.shape[0]} rows selects rows")
@@ -147,7 +149,10 @@ def topk(queries: Any, gallery: StoreMatrix, k: int, block_size: int = 4096,
     rows sorted by similarity descending, ties to the lower row; one pass over the store."""
     import torch
 
+    from .codes import search_precision
     from .exact import as_tensor, block_topk, sort_desc_stable
+    from .kernel import topk as kernel_topk
+    from .search import use_kernel
 
     if k < 1:
         raise ValueError(f"topk: k must be >= 1, got {k}")
@@ -164,15 +169,20 @@ def topk(queries: Any, gallery: StoreMatrix, k: int, block_size: int = 4096,
         return np.empty((Q, kk), np.float32), np.empty((Q, kk), np.int64)
     vals = torch.empty((Q, 0), dtype=torch.float32, device=dev)
     rows = torch.empty((Q, 0), dtype=torch.int64, device=dev)
+    precision = search_precision(q.shape[1], dev) if use_kernel(Q, kk, dev) else None
     with torch.inference_mode():
         for start, X in gallery.blocks():
-            gt = as_tensor(X, dev).t()
             bk = min(kk, X.shape[0])
-            nv = torch.empty((Q, bk), dtype=torch.float32, device=dev)
-            ni = torch.empty((Q, bk), dtype=torch.int64, device=dev)
-            for a in range(0, Q, block_size):
-                v, i = block_topk(q[a:a + block_size] @ gt, bk)
-                nv[a:a + v.shape[0]], ni[a:a + v.shape[0]] = v, i + start
+            if precision is not None:  # the exact kernel on the block (search.use_kernel: where it pays)
+                v, i = kernel_topk(q, X, bk, precision=precision, query_block=block_size)
+                nv, ni = torch.from_numpy(v).to(dev), torch.from_numpy(i).to(dev) + start
+            else:
+                gt = as_tensor(X, dev).t()
+                nv = torch.empty((Q, bk), dtype=torch.float32, device=dev)
+                ni = torch.empty((Q, bk), dtype=torch.int64, device=dev)
+                for a in range(0, Q, block_size):
+                    v, i = block_topk(q[a:a + block_size] @ gt, bk)
+                    nv[a:a + v.shape[0]], ni[a:a + v.shape[0]] = v, i + start
             vals, rows = sort_desc_stable(torch.cat([vals, nv], 1), torch.cat([rows, ni], 1))
             vals, rows = vals[:, :kk].contiguous(), rows[:, :kk].contiguous()
     return vals.cpu().numpy(), rows.cpu().numpy()

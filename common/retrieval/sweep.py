@@ -13,8 +13,8 @@ from ..errors import ConfigError, UserError
 from ..runtime.device import _device, full_fp32
 from . import search as retrieval_search
 from .exact import as_tensor, block_topk
-from .prune import _Threads
 from .search import knn_vote
+from .similarity import _threads
 
 LATENCY_QUERIES = 32  # stage 05: val queries timed against a gallery of each pruned size (latency column, ms per query)
 REJECT_PERCENTILE = 5.0  # stage 05: suggested_reject_below = this percentile of the best similarity of correct val predictions
@@ -62,8 +62,11 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
                  device: Any = None, top_m: int | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict]:
     """For every keep mask (T, G), the ``min(k, kept)`` nearest kept gallery items of every query.
 
-    Equal to ``retrieval.topk(queries, gallery[keep], k)`` mapped back to gallery rows (ties to the
-    lower row), but the query x gallery product is computed once for all thresholds.
+    Equal to ``retrieval.search.topk(queries, gallery[keep], k)`` mapped back to gallery rows (ties to
+    the lower row), but the query x gallery product is computed once for all thresholds. That product
+    stays float32, not the exact kernel's: each query keeps its top ``M`` (>= ``MIN_TOP_M`` = 64), and
+    the kernel rescores every one of the k best in float64 (top-100 measured 0.58x the float32
+    product, top-40 0.81x: ``search.KERNEL_MAX_K``).
     Returns ``([(sims (Q, k_t) float32, idx (Q, k_t) int64) per threshold], stats)``.
     """
     keeps = np.asarray(keeps, dtype=bool)
@@ -89,12 +92,11 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
         rank_key = torch.arange(M, 0, -1, device=dev)  # earlier list position -> larger key
         fb_rows = max(1, (block_size * block_size) // max(N, 1))  # fallback rows per masked copy of S
         gt = g.t()
-        th = _Threads(dev)
         for a in range(0, Q, block_size):
             S = q[a:a + block_size] @ gt  # (B, N) float32
             B = S.shape[0]
             tv, ti = block_topk(S, M)  # (B, M) by (-sim, row)
-            with th:  # the per-threshold steps are small: one thread (see _Threads)
+            with _threads(dev):  # the per-threshold steps are small: one thread (similarity._threads)
                 for t in range(T):
                     kt = kts[t]
                     sv, si, bad = _first_kept(tv, ti, keep_t[t], kt, rank_key)
@@ -121,7 +123,7 @@ def _first_kept(tv: torch.Tensor, ti: torch.Tensor, keep: torch.Tensor, kt: int,
 
 def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: list[int], M: int, block_size: int,
                            device: Any, stats: dict) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``nearest_kept`` over a gallery streamed from the store (``common.streaming.StoreMatrix``):
+    """``nearest_kept`` over a gallery streamed from the store (``retrieval.streamed.StoreMatrix``):
     one pass for every query's top-``M`` list, the same per-threshold choice from it, and for the
     queries whose list holds fewer than ``k`` kept items one more pass over that threshold's kept
     rows (a masked ``StoreMatrix``: row order kept, so ties still go to the lower row)."""
@@ -148,8 +150,9 @@ def _nearest_kept_streamed(queries: Any, gallery: Any, keeps: np.ndarray, kts: l
 
 def measure_latency(queries: Any, gallery: Any, sizes: Sequence[int], k: int, block_size: int,
                     device: Any = None) -> list[float]:
-    """Milliseconds per query of ``retrieval.topk(queries, gallery[:n], k)`` for each ``n`` of
-    ``sizes`` (one warm-up first). The search cost depends on the gallery's size only, so the first
+    """Milliseconds per query of ``retrieval.search.topk(queries, gallery[:n], k)`` for each ``n`` of
+    ``sizes`` (one warm-up first; with ``LATENCY_QUERIES`` queries that is the float32 product,
+    ``search.use_kernel``). The search cost depends on the gallery's size only, so the first
     ``n`` rows (a view, no copy) stand for a pruned gallery of ``n`` vectors."""
     q = as_tensor(queries, device)
     g = as_tensor(gallery, q.device)
