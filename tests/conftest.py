@@ -54,7 +54,7 @@ def digits(tmp_path_factory) -> Path:
     return render_digits(tmp_path_factory.mktemp("cache") / "digits")
 
 
-E2E_CONFIG = ["-c", "configs/demo.yaml", "-c", "tests/data/e2e.yaml"]
+E2E_CONFIG = ["-c", "configs/demo.yaml", "-c", "tests/e2e/e2e.yaml"]
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NINE = "digit_9"
 N_EXTRA = 10  # images of 9 that join the gallery (5 by folder, 5 by corrections.csv)
 # Measured with these settings (README, "The scientist's loop"): top-1 0.2125 (17 of 80), 9 among
@@ -76,7 +76,7 @@ def loop(tmp_path_factory):
         for p in sorted(d.glob("*.png"))[:4]:
             shutil.copy(p, samples / "station_C" / f"{d.name}_{p.name}")
     run = base / "run"
-    cfg = ["-c", "configs/demo.yaml", "-c", "tests/data/e2e.yaml"]
+    cfg = ["-c", "configs/demo.yaml", "-c", "tests/e2e/e2e.yaml"]
     _ok(_run(["run_pipeline.py", *cfg, "--run", str(run), f"data.root={no9}", "inference.classifiers=[]"]))
     return {"run": run, "base": base, "samples": samples, "first_look": first_look, "extra": base / "extra"}
 

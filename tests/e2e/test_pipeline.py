@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import run_script
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["01_random_split_dataset", "02_mean_std_variables", "03_main_supcon", "04_extract_features",
           "05_lut_threshold", "06_prune_features", "07_inference"]
 
