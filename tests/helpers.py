@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-E2E_YAML = Path(__file__).resolve().parent / "e2e" / "e2e.yaml"
-E2E_CONFIG = ["-c", "configs/demo.yaml", "-c", str(E2E_YAML.relative_to(ROOT))]
 THREADS = 2  # conftest.run_script's OMP_NUM_THREADS: the same floating-point sums as a stage subprocess
 
 
@@ -69,13 +67,22 @@ def _as_a_script(argv: list[str], env: dict[str, str] | None,
         torch.set_num_threads(threads)
 
 
+def _exit_code(call) -> int:
+    """``call()``'s return value, or the exit status of the ``SystemExit`` it raised (argparse
+    exits 2 on a command line it cannot parse, as the script's process would)."""
+    try:
+        return call()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
 def execute_stage(name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Result:
     """``python <name>.py *argv`` in this process: its exit code and console output."""
     from common.pipeline.runner import execute
     from common.stages import SPECS
 
     with _as_a_script([f"{name}.py", *argv], env, cwd) as (out, err):
-        code = execute(SPECS[name], argv, table=SPECS)
+        code = _exit_code(lambda: execute(SPECS[name], argv, table=SPECS))
     return Result(code, out.getvalue(), err.getvalue())
 
 
@@ -106,13 +113,13 @@ def run_pipeline(argv: list[str], env: dict[str, str] | None = None) -> Result:
 
         # stdout and stderr are those _as_a_script redirected: a stage's lines land between
         # run_pipeline's own, as on a terminal
-        return execute(SPECS[Path(script).stem], stage_argv, table=SPECS), False
+        return _exit_code(lambda: execute(SPECS[Path(script).stem], stage_argv, table=SPECS)), False
 
     saved = rp.run_stage
     rp.run_stage = in_process
     try:
         with _as_a_script(["run_pipeline.py", *argv], env, None) as (out, err):
-            code = rp.main(argv)
+            code = _exit_code(lambda: rp.main(argv))
     finally:
         rp.run_stage = saved
     return Result(code, out.getvalue(), err.getvalue())

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from conftest import run_script, snapshot
+from helpers import run_command, run_pipeline
 
 from common.pipeline.manifest import outputs_digest, read_manifest, record_outputs, write_manifest
 from common.store.maintenance import content_digest
@@ -42,8 +43,7 @@ def test_float16_store_predicts_as_the_float32_store(pipeline, tmp_path):
     copy = tmp_path / "f16"
     shutil.copytree(run, copy, symlinks=True)
     # (no classical classifiers: the retrieval's predictions are compared, and the test stays short)
-    r = run_script(["run_pipeline.py", "--run", str(copy), "--from", "4", "extract.dtype=float16",
-                    "inference.classifiers=[]"])
+    r = run_pipeline(["--run", str(copy), "--from", "4", "extract.dtype=float16", "inference.classifiers=[]"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stored as float16" in r.stderr and "extract.dtype: float32 -> float16" in r.stderr
     assert "to float16 in place: no image embedded again" in r.stderr  # the float32 vectors, rounded
@@ -126,7 +126,7 @@ def test_a_run_of_feature_store_version_2_follows_its_hints_to_up_to_date(pipeli
     cmd = ["07_inference.py", "--run", str(old)]
     hinted, upgraded = [], False
     for _ in range(5):
-        r = run_script(cmd)
+        r = run_command(cmd)  # in this process (tests/helpers.py); the up-to-date checks as subprocesses
         if r.returncode == 0:
             break
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -136,7 +136,7 @@ def test_a_run_of_feature_store_version_2_follows_its_hints_to_up_to_date(pipeli
         words = shlex.split(hint)
         assert words[0] == "python"
         hinted.append(words[1])
-        h = run_script(words[1:])
+        h = run_command(words[1:])
         assert h.returncode == 0, h.stderr[-2000:]
         upgraded |= "upgraded feature store" in h.stderr
     assert r.returncode == 0, r.stderr[-2000:]

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from helpers import run_stage
 
 
 def _rows(p: Path) -> list[dict]:
@@ -30,7 +30,7 @@ def test_stages_05_to_07_streamed_give_the_in_memory_results(pipeline, tmp_path)
     # so they run again only when forced
     for s, extra in (("05_lut_threshold", ["--force", "search.max_memory_gib=0"]), ("06_prune_features", ["--force"]),
                      ("07_inference", [])):
-        r = run_script([f"{s}.py", "--run", str(copy), *extra])
+        r = run_stage(s, copy, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "streamed from the store in blocks of" in r.stderr
         assert json.loads((copy / s / "manifest.json").read_text())["undeclared_keys_read"] == []
@@ -65,7 +65,7 @@ def test_stages_05_to_07_streamed_give_the_in_memory_results(pipeline, tmp_path)
         assert mb[k] == pytest.approx(ma[k], abs=1e-6), k
     assert "classifiers_skipped" in mb and mb["classifiers"] == {}
     # the budget changes how stages 05-06 run, not what they write: a new budget reruns stage 07 only
-    r = run_script(["06_prune_features.py", "--run", str(copy), "search.max_memory_gib=8"])
+    r = run_stage("06_prune_features", copy, "search.max_memory_gib=8")
     assert r.returncode == 0 and "up to date" in r.stderr and "out of date now: 07_inference" in r.stderr, r.stderr
     # predict mode on a few images, streamed and in memory: the same calls
     digits = [x for x in json.loads((run / "01_random_split_dataset" / "manifest.json").read_text())["argv"]
@@ -73,8 +73,8 @@ def test_stages_05_to_07_streamed_give_the_in_memory_results(pipeline, tmp_path)
     folder = Path(digits) / sorted(p.name for p in Path(digits).iterdir() if p.is_dir())[0]
     calls = {}
     for name, budget in (("mem", "16"), ("stream", "0")):
-        r = run_script(["07_inference.py", "--run", str(copy), "inference.mode=predict", f"inference.input={folder}",
-                        f"inference.name={name}", "inference.classifiers=[]", f"search.max_memory_gib={budget}"])
+        r = run_stage("07_inference", copy, "inference.mode=predict", f"inference.input={folder}",
+                      f"inference.name={name}", "inference.classifiers=[]", f"search.max_memory_gib={budget}")
         assert r.returncode == 0, r.stderr[-3000:]
         calls[name] = _rows(copy / "07_inference" / "predict" / name / "predictions.csv")
     assert len(calls["mem"]) > 10
