@@ -60,14 +60,23 @@ HELD_BACK = "digit_9"  # the session run never sees it: the scientist's loop add
 
 @pytest.fixture(scope="session")
 def digits_without_9(digits, tmp_path_factory) -> Path:
-    """The digits folder without ``digit_9`` (links to the other class folders): the session run's
-    ``data.root``, so that one finished run serves every end-to-end test, the scientist's loop
-    (a backbone that never saw a 9) included."""
+    """The digits folder without ``digit_9``: the session run's ``data.root``, so that one finished
+    run serves every end-to-end test, the scientist's loop (a backbone that never saw a 9) included.
+    The images are hard links (copies across file systems), not symbolic links: the stages resolve
+    links, and the tests compare the paths they print with the folder's own."""
+    import shutil
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     root = tmp_path_factory.mktemp("no9") / "digits"
     root.mkdir()
     for d in sorted(digits.iterdir()):
         if d.is_dir() and d.name.startswith("digit_") and d.name != HELD_BACK:
-            (root / d.name).symlink_to(d, target_is_directory=True)
+            shutil.copytree(d, root / d.name, copy_function=link)
     return root
 
 
@@ -135,3 +144,16 @@ def pg_store(pg_server, request):
     remove_store(target)
     yield target
     remove_store(target)
+
+
+def pytest_configure(config) -> None:
+    # pytest-xdist registers this marker itself; without it the mark is inert and needs a name
+    config.addinivalue_line("markers", "xdist_group(name): run the group's tests in one pytest-xdist worker")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, .ci/run) every test that uses the session run
+    goes to one worker, so that the run is made once (each worker has its own session)."""
+    for item in items:
+        if "pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("session_run"))

@@ -68,7 +68,15 @@ def test_float16_store_predicts_as_the_float32_store(pipeline, tmp_path):
     p32, p16 = _rows(run / S07 / "predictions.csv"), _rows(copy / S07 / "predictions.csv")
     assert [x["path"] for x in p32] == [x["path"] for x in p16] and len(p32) > 200
     same = sum(x["predicted_label"] == y["predicted_label"] for x, y in zip(p32, p16)) / len(p32)
-    sims = max(abs(float(x["similarity"]) - float(y["similarity"])) for x, y in zip(p32, p16))
+    # the similarity to the same nearest gallery image differs by float16's rounding only; a test
+    # image whose nearest differs is one whose float32 nearest the float16 LUT pruned (or the other
+    # way round): a pair at the threshold within rounding (the digits without 9: one of 670)
+    lut32 = _blobs(run / S06 / "lut.sqlite").keys()
+    moved = [(x, y) for x, y in zip(p32, p16) if x["nearest_gallery_path"] != y["nearest_gallery_path"]]
+    assert len(moved) <= 0.01 * len(p32), moved
+    assert all(x["nearest_gallery_path"] not in lut or y["nearest_gallery_path"] not in lut32 for x, y in moved), moved
+    sims = max(abs(float(x["similarity"]) - float(y["similarity"])) for x, y in zip(p32, p16)
+               if x["nearest_gallery_path"] == y["nearest_gallery_path"])
     m32, m16 = (json.loads((d / S07 / "metrics.json").read_text()) for d in (run, copy))
     print(f"float16 vs float32 on the demo's {len(p32)} test images: same top-1 label {same:.4f}, "
           f"accuracy {m32['accuracy']:.4f} -> {m16['accuracy']:.4f}, macro-F1 {m32['macro_f1']:.4f} -> "
