@@ -144,16 +144,3 @@ def pg_store(pg_server, request):
     remove_store(target)
     yield target
     remove_store(target)
-
-
-def pytest_configure(config) -> None:
-    # pytest-xdist registers this marker itself; without it the mark is inert and needs a name
-    config.addinivalue_line("markers", "xdist_group(name): run the group's tests in one pytest-xdist worker")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, .ci/run) every test that uses the session run
-    goes to one worker, so that the run is made once (each worker has its own session)."""
-    for item in items:
-        if "pipeline" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("session_run"))
