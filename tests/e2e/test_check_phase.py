@@ -4,7 +4,8 @@ Each case was reproduced on a copy of a finished run: a refusal (exit 2) deleted
 manifest, rewrote ``RUN/config.yaml`` or left a half-made folder. Now a stage checks before it
 writes (the wrapper's check phase and the driver's ``check``), and a refusal found mid-run puts
 back what the stage's start changed. Each test compares the sha256 of every file of the run
-folder before and after (``log.txt`` aside: a refusal may append to it), then follows the hint.
+folder before and after (``log.txt`` aside: a refusal may append to it), then follows the hint. The
+``run`` fixture (conftest) is a private copy of the session's finished run.
 """
 from __future__ import annotations
 
@@ -16,23 +17,12 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
-from conftest import run_script
+from helpers import run_stage
 
 from common.pipeline.manifest import outputs_digest, read_manifest, record_outputs, write_manifest
 
 S04, S05, S07 = "04_extract_features", "05_lut_threshold", "07_inference"
-
-
-@pytest.fixture
-def run(pipeline, tmp_path) -> Path:
-    """A private copy of the finished digits run."""
-    src, _, res = pipeline
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    dst = tmp_path / "run"
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -47,8 +37,7 @@ def digests(folder: Path) -> dict[str, str]:
     return out
 
 
-def stage(name: str, run: Path, *args: str, **env: str):
-    return run_script([f"{name}.py", "--run", str(run), *args], **env)
+stage = run_stage  # in this process: the script's own execute, same argv (tests/helpers.py)
 
 
 def refused(res) -> str:

@@ -1,6 +1,9 @@
-"""The scientist's loop end to end, on the digits, every stage a subprocess.
+"""The scientist's loop end to end, on the digits.
 
-The backbone is trained without digit 9. Predict mode classifies a folder of three samples and
+The backbone is trained without digit 9: the session run (conftest ``pipeline``, each stage a
+subprocess) never sees a 9; this test works on a copy of it, evaluated without the classical
+classifiers, and calls each stage in this process (the script's own ``execute``, same argv:
+tests/helpers.py). Predict mode classifies a folder of three samples and
 writes counts, the EcoTaxa table, review.html and corrections.csv. Ten images of 9 then join the
 gallery through ``data.gallery_extra`` (five from a folder, five from a filled corrections.csv):
 stage 04 embeds only those ten, stage 03 stays up to date, and the 9s of the samples are then
@@ -11,28 +14,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import HELD_BACK
+from helpers import run_stage
 
-ROOT = Path(__file__).resolve().parent.parent
-NINE = "digit_9"
+NINE = HELD_BACK
 N_EXTRA = 10  # images of 9 that join the gallery (5 by folder, 5 by corrections.csv)
 # Measured with these settings (README, "The scientist's loop"): top-1 0.2125 (17 of 80), 9 among
 # the five candidates 0.8125, no 9 called among the other digits. A backbone trained without 9 maps
 # most 9s next to 3s and 8s; ten examples rarely outrank the nearest of ~80 pruned images of each.
 MIN_NINE_ACCURACY = 0.15  # top-1: 0 before the extras (no class 9 in the gallery)
 MIN_NINE_TOP5 = 0.7  # 9 among the five candidate classes (the review page shows them)
-
-
-def _run(args, timeout=900):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    return res
 
 
 def _ok(res):
@@ -46,16 +41,11 @@ def _rows(p: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
-    from common.data.demo import render_digits
-
+def loop(pipeline, digits, digits_without_9, tmp_path_factory):
+    src, _, res = pipeline
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     base = tmp_path_factory.mktemp("loop")
-    digits = render_digits(tmp_path_factory.mktemp("cache") / "digits")
-    no9 = base / "no9"
-    no9.mkdir()
-    for d in sorted(digits.iterdir()):
-        if d.is_dir() and d.name.startswith("digit_") and d.name != NINE:
-            (no9 / d.name).symlink_to(d, target_is_directory=True)
+    no9 = digits_without_9
     nines = sorted((digits / NINE).glob("*.png"))
     extra = base / "extra" / NINE
     extra.mkdir(parents=True)
@@ -76,14 +66,16 @@ def loop(tmp_path_factory):
         for p in sorted(d.glob("*.png"))[:4]:
             shutil.copy(p, samples / "station_C" / f"{d.name}_{p.name}")
     run = base / "run"
-    cfg = ["-c", "configs/demo.yaml", "-c", "tests/data/e2e.yaml"]
-    _ok(_run(["run_pipeline.py", *cfg, "--run", str(run), f"data.root={no9}", "inference.classifiers=[]"]))
+    shutil.copytree(src, run, symlinks=True)
+    # the loop's run has no classical classifiers (stages 01-06 do not read the key): its predict
+    # runs compare retrieval, and the gallery-only class 9 never refits them
+    _ok(run_stage("07_inference", run, "inference.classifiers=[]"))
     return {"run": run, "base": base, "samples": samples, "first_look": first_look, "extra": base / "extra"}
 
 
 def _predict(run: Path, folder: Path, name: str) -> Path:
-    _ok(_run(["07_inference.py", "--run", str(run), "inference.mode=predict", f"inference.input={folder}",
-              f"inference.name={name}"]))
+    _ok(run_stage("07_inference", run, "inference.mode=predict", f"inference.input={folder}",
+                  f"inference.name={name}"))
     return run / "07_inference" / "predict" / name
 
 
@@ -126,14 +118,14 @@ def test_the_loop(loop):
 
     # --- grow the gallery: stage 04 embeds the ten new images only; stage 03 stays up to date
     train_manifest = (run / "03_main_supcon" / "manifest.json").read_text()
-    _ok(_run(["04_extract_features.py", "--run", str(run), f"data.gallery_extra=[{loop['extra']}, {filled}]"]))
+    _ok(run_stage("04_extract_features", run, f"data.gallery_extra=[{loop['extra']}, {filled}]"))
     m04 = json.loads((run / "04_extract_features" / "manifest.json").read_text())
     assert m04["metrics"]["vectors_written"] == N_EXTRA and m04["metrics"]["extra_images"] == N_EXTRA
     model = json.loads((run / "04_extract_features" / "model.json").read_text())
     assert model["extra_classes"] == [NINE] and NINE not in model["train_classes"]
     for stage in ("05_lut_threshold", "06_prune_features"):
-        _ok(_run([f"{stage}.py", "--run", str(run)]))
-    again = _ok(_run(["03_main_supcon.py", "--run", str(run)]))
+        _ok(run_stage(stage, run))
+    again = _ok(run_stage("03_main_supcon", run))
     assert "up to date" in again.stderr
     assert (run / "03_main_supcon" / "manifest.json").read_text() == train_manifest
 
@@ -147,8 +139,7 @@ def test_the_loop(loop):
     assert int(counts["station_A"][NINE]) + int(counts["station_B"][NINE]) == round(80 * acc)
 
     # --- unknowns: two digits held out of the gallery, cut chosen on val
-    _ok(_run(["07_inference.py", "--run", str(run), "inference.unknown_classes=[digit_7, digit_8]",
-              "inference.reject_below=auto"]))
+    _ok(run_stage("07_inference", run, "inference.unknown_classes=[digit_7, digit_8]", "inference.reject_below=auto"))
     metrics = json.loads((run / "07_inference" / "metrics.json").read_text())
     u = metrics["unknown_classes"]
     assert u["classes"] == ["digit_7", "digit_8"] and u["n_unknown"] > 0

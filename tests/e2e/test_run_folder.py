@@ -1,7 +1,10 @@
 """The run folder as a scientist uses it: hints followed as printed, reruns, refusals, locks.
 
 Each test reproduces a trap found by using the tool as a newcomer would; the finished digits run
-(``pipeline`` in conftest) is copied before a test changes it.
+(``pipeline`` in conftest) is copied before a test changes it. ``stage`` calls a stage in this
+process (the script's own ``execute``, same argv: tests/helpers.py); ``script`` starts the script
+as its own process where the process is the subject: another process holding the lock, signals,
+run_pipeline.py's own loop, another user, and the hints followed exactly as printed.
 """
 from __future__ import annotations
 
@@ -20,21 +23,18 @@ import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, run_script, snapshot
+from helpers import run_command, run_pipeline, run_stage
 
 from common.stages import SPECS, STAGES
 
 
-@pytest.fixture
-def run(pipeline, tmp_path) -> Path:
-    """A private copy of the finished digits run."""
-    src, _, res = pipeline
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    dst = tmp_path / "run"
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
+N_IMAGES = 1797 - 180  # the session run's digits: all but the 9s
+
+stage = run_stage  # in this process (the run fixture: conftest)
 
 
-def stage(name: str, run: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def script(name: str, run: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """``python <name>.py --run RUN *args`` as its own process."""
     return run_script([f"{name}.py", "--run", str(run), *args], **env)
 
 
@@ -42,7 +42,7 @@ def test_every_stage_with_only_run_is_up_to_date(run):
     """Trap: the printed hints left out -c, fell back to default.yaml and broke the run."""
     saved = (run / "config.yaml").read_text()
     for name in STAGES:
-        res = stage(name, run)
+        res = script(name, run)
         assert res.returncode == 0 and "up to date" in res.stderr, (name, res.stderr[-2000:])
     assert (run / "config.yaml").read_text() == saved
 
@@ -81,7 +81,7 @@ def test_config_change_says_what_changed_and_what_is_out_of_date(run):
     assert res.returncode == 2 and "06_prune_features is out of date: 05_lut_threshold was rerun after it" in res.stderr
     hint = res.stderr.split("run `")[1].split("`")[0].split()
     assert hint[:2] == ["python", "06_prune_features.py"]
-    assert run_script(hint[1:]).returncode == 0
+    assert run_command(hint[1:]).returncode == 0
     assert stage("07_inference", run).returncode == 0
 
 
@@ -118,6 +118,7 @@ def test_rebuilt_store_makes_stage_06_out_of_date_and_06_owns_its_lut(run):
         ["config.yaml", "features.sqlite", "log.txt", "manifest.json", "model.json"]
     res = stage("04_extract_features", run, "--force")
     assert res.returncode == 0 and "embedding every image again" in res.stderr
+    assert f"{N_IMAGES} to embed" in res.stderr  # --force on 04 reruns in full (was test_force_on_04_reruns_in_full)
     # the same vectors again (same checkpoint, same images): 05-07 stay fresh, and 07 still has its LUT
     for name in ("05_lut_threshold", "06_prune_features", "07_inference"):
         res = stage(name, run)
@@ -127,7 +128,8 @@ def test_rebuilt_store_makes_stage_06_out_of_date_and_06_owns_its_lut(run):
     assert res.returncode == 0, res.stderr[-2000:]
     res = stage("06_prune_features", run)
     assert res.returncode == 2 and "05_lut_threshold is out of date: 04_extract_features was rerun" in res.stderr
-    res = run_script(["run_pipeline.py", "--run", str(run), "--from", "5"])
+    # (no classical classifiers: freshness and the LUT are the subject; test_classifiers covers them)
+    res = run_pipeline(["--run", str(run), "--from", "5", "inference.classifiers=[]"])
     assert res.returncode == 0 and "Test metrics" in res.stdout, res.stderr[-2000:]
     assert (run / "06_prune_features" / "lut.sqlite").is_file()
     assert sorted(p.name for p in s04.iterdir() if not p.name.startswith(".")) == \
@@ -155,15 +157,10 @@ def test_corrupted_vector_is_never_accepted_again(run):
     os.utime(store, None)
     res = stage("04_extract_features", run)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "changed since this stage recorded it" in res.stderr and "checked 1797 vectors" in res.stderr
-    res = run_script(["run_pipeline.py", "--run", str(run), "--from", "5"])
+    assert "changed since this stage recorded it" in res.stderr and f"checked {N_IMAGES} vectors" in res.stderr
+    res = run_pipeline(["--run", str(run), "--from", "5", "inference.classifiers=[]"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((run / "07_inference" / "metrics.json").read_text())["accuracy"] == pytest.approx(acc)
-
-
-def test_force_on_04_reruns_in_full(run):
-    res = stage("04_extract_features", run, "--force")
-    assert res.returncode == 0 and "embedding every image again" in res.stderr and "1797 to embed" in res.stderr
 
 
 def test_predict_mode_has_its_own_folder_and_never_touches_the_evaluation(run, tmp_path):
@@ -188,7 +185,7 @@ def test_predict_mode_has_its_own_folder_and_never_touches_the_evaluation(run, t
 
 
 def test_run_pipeline_prints_metrics_only_from_a_fresh_stage_07(run):
-    res = run_script(["run_pipeline.py", "--run", str(run), "--from", "5", "--to", "6", "lut.tolerance=0.02"])
+    res = run_pipeline(["--run", str(run), "--from", "5", "--to", "6", "lut.tolerance=0.02"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Test metrics" not in res.stdout and "No test metrics: 07_inference is out of date" in res.stdout
 
@@ -231,18 +228,25 @@ def test_a_running_stage_is_refused_naming_the_holder(run):
 
 
 def test_two_processes_on_the_same_stage_one_refused(run):
-    # one image per forward pass keeps the first process busy for a while (a speed knob: same vectors)
-    first = subprocess.Popen([sys.executable, "04_extract_features.py", "--run", str(run), "--force",
-                              "extract.batch_size=1"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    """The first process is stopped (SIGSTOP) once it holds the lock, so the second surely finds it
+    running however fast the machine is; continued, the first finishes as if alone."""
+    first = subprocess.Popen([sys.executable, "04_extract_features.py", "--run", str(run), "--force"], cwd=ROOT,
+                             stderr=subprocess.PIPE, text=True)
+    stopped = False
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while not (run / "04_extract_features" / ".lock").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        res = stage("04_extract_features", run, "--force")
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
+        stopped = True
+        assert first.poll() is None and (run / "04_extract_features" / ".lock").exists()
+        res = script("04_extract_features", run, "--force")
         assert res.returncode == 2 and f"pid {first.pid}" in res.stderr and "is running" in res.stderr
     finally:
-        rc = first.wait(timeout=300)
-    assert rc == 0, first.stderr.read()[-2000:]
+        if stopped:
+            first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
 
 
 def test_log_txt_symlink_is_never_written_through(run, tmp_path):
@@ -259,7 +263,7 @@ def test_log_txt_symlink_is_never_written_through(run, tmp_path):
 
 def test_options_and_overrides_in_any_order(run):
     """Issue 11 #15: overrides after --force were "unrecognized arguments"."""
-    res = run_script(["05_lut_threshold.py", "--force", "lut.tolerance=0.01", "--run", str(run)])
+    res = run_command(["05_lut_threshold.py", "--force", "lut.tolerance=0.01", "--run", str(run)])
     assert res.returncode == 0, res.stderr[-2000:]
     assert yaml.safe_load((run / "config.yaml").read_text())["lut"]["tolerance"] == 0.01
 
@@ -334,11 +338,10 @@ def test_every_bad_numeric_value_is_refused_by_every_stage_before_anything_is_wr
 
 def test_missing_input_folder_is_refused_before_the_run_folder_exists(tmp_path):
     """Following "run 01 --run RUN" on a new run with a wrong data.root creates nothing."""
-    res = run_script(["01_random_split_dataset.py", "--run", str(tmp_path / "new"), f"data.root={tmp_path}/nope"])
+    res = run_stage("01_random_split_dataset", tmp_path / "new", f"data.root={tmp_path}/nope")
     assert res.returncode == 2 and f"data.root: {tmp_path}/nope does not exist" in res.stderr
     assert not (tmp_path / "new").exists()
-    res = run_script(["07_inference.py", "--run", str(tmp_path / "new"), "inference.mode=predict",
-                      f"inference.input={tmp_path}/cruise"])
+    res = run_stage("07_inference", tmp_path / "new", "inference.mode=predict", f"inference.input={tmp_path}/cruise")
     assert res.returncode == 2 and not (tmp_path / "new").exists()
 
 
@@ -492,8 +495,8 @@ def test_no_secret_placed_anywhere_reaches_a_file_or_the_console(tmp_path):
         "notify": {"user": "lab-robot", "password_env": "PLANKTON_SMTP_PASSWORD"}}))
     outputs = []
     for name in ("01_random_split_dataset", "02_mean_std_variables"):
-        res = run_script([f"{name}.py", "-c", str(good), "--run", str(run), "notify.sender=me@lab.org",
-                          "store.url=postgresql+psycopg://postgres:@/postgres?host=/tmp/pg"], **env)
+        res = run_command([f"{name}.py", "-c", str(good), "--run", str(run), "notify.sender=me@lab.org",
+                           "store.url=postgresql+psycopg://postgres:@/postgres?host=/tmp/pg"], env=env)
         outputs.append(res.stdout + res.stderr)
         assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((run / "01_random_split_dataset" / "manifest.json").read_text())
@@ -516,7 +519,7 @@ def test_no_secret_placed_anywhere_reaches_a_file_or_the_console(tmp_path):
                [f"store.url=[{MARK}]"], [f"notify.password={MARK}"], [f"notify.smtp_password={MARK}"],
                [f"postgresql://postgres:{MARK}@host/db"], ["--password", MARK], [f"--password={MARK}"]]
     for args in refused:
-        res = run_script(["02_mean_std_variables.py", "--run", str(run), *args], **env)
+        res = run_stage("02_mean_std_variables", run, *args, env=env)
         outputs.append(res.stdout + res.stderr)
         assert res.returncode == 2, (args, res.stderr[-2000:])
     assert snapshot(run) == before

@@ -12,11 +12,11 @@ import hashlib
 import json
 import re
 import shlex
-import shutil
 from pathlib import Path
 
 import torch
 from conftest import run_script
+from helpers import run_command
 
 from common.config.load import load_config
 from common.pipeline.freshness import Freshness
@@ -36,17 +36,15 @@ def _fresh(run: Path, stage: str) -> str | None:
     return Freshness(run, cfg, SPECS, lambda s: rerun_hint(s, run)).problem(stage)
 
 
-def test_pad_fill_changed_from_stage_07_follows_its_hints_to_a_retrained_checkpoint(pipeline, tmp_path):
-    src, _, res = pipeline
-    assert res.returncode == 0, res.stderr[-3000:]
-    run = tmp_path / "run"
-    shutil.copytree(src, run, symlinks=True)
+def test_pad_fill_changed_from_stage_07_follows_its_hints_to_a_retrained_checkpoint(run):
+    """Each command in this process (the script's own ``execute``, same argv: tests/helpers.py);
+    the last, run_pipeline.py, as the user types it."""
     ck = run / S03 / "checkpoints"
     old = {n: _sha(ck / n) for n in ("best.pt", "last.pt")}
     cmd = ["07_inference.py", "--run", str(run), "data.pad_fill=255"]
     hinted, out03 = [], ""
     for _ in range(8):
-        r = run_script(cmd)
+        r = run_command(cmd)
         if r.returncode == 0:
             break
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -55,7 +53,7 @@ def test_pad_fill_changed_from_stage_07_follows_its_hints_to_a_retrained_checkpo
         assert words[0] == "python"
         hinted.append(words[1])
         assert ("data.pad_fill=255" in words) == (len(hinted) == 1)  # the change travels with the first hint
-        h = run_script(words[1:])
+        h = run_command(words[1:])
         assert h.returncode == 0, h.stderr[-3000:]
         assert _fresh(run, "07_inference") is not None  # never "up to date" before 07 itself ran after 03
         if words[1] == f"{S03}.py":

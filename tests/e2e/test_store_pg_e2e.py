@@ -1,6 +1,7 @@
 """Stages 04-07 of the demo with ``store.url`` at a real PostgreSQL server (pgserver): the same
 predictions as the SQLite run, the password nowhere in the run folder or the output, and stage
-04's rerun check against the server's content digest."""
+04's rerun check against the server's content digest. Stages are called in this process (the
+script's own ``execute``, same argv: tests/helpers.py)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import sqlalchemy as sa
-from conftest import run_script
+from helpers import run_stage
 
 from common.store.maintenance import content_digest
 from common.store.postgres import PgStore
@@ -45,12 +46,12 @@ def test_stages_04_to_07_on_postgres_give_the_sqlite_predictions(pipeline, pg_se
               if a.startswith("data.root=")]
     env = {"PLANKTON_STORE_PASSWORD": SECRET}
     out = []
-    r = run_script(["04_extract_features.py", "--run", str(copy), *digits, f"store.url={pg_server}"], **env)
+    r = run_stage("04_extract_features", copy, *digits, f"store.url={pg_server}", env=env)
     out.append(r.stdout + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((copy / STAGES[0] / "manifest.json").read_text())["undeclared_keys_read"] == []
     for s in STAGES[1:]:
-        r = run_script([f"{s}.py", "--run", str(copy)], **env)
+        r = run_stage(s, copy, env=env)
         out.append(r.stdout + r.stderr)
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads((copy / s / "manifest.json").read_text())["undeclared_keys_read"] == []
@@ -70,7 +71,7 @@ def test_stages_04_to_07_on_postgres_give_the_sqlite_predictions(pipeline, pg_se
     assert all(SECRET not in o for o in out)
 
     # up to date while the server's store is unchanged
-    r = run_script(["04_extract_features.py", "--run", str(copy)], **env)
+    r = run_stage("04_extract_features", copy, env=env)
     assert r.returncode == 0 and "up to date" in r.stderr, r.stderr[-2000:]
     # the store changed on the server (one vector replaced by another unit vector): stage 04 sees it
     # through model.json's recorded digest and embeds every image again into a new schema
@@ -82,16 +83,16 @@ def test_stages_04_to_07_on_postgres_give_the_sqlite_predictions(pipeline, pg_se
                              f"(SELECT max(image_id) FROM {target.schema}.vectors)"), {"v": v})
     eng.dispose()
     assert content_digest(target) != good
-    r = run_script(["05_lut_threshold.py", "--run", str(copy)], **env)
+    r = run_stage("05_lut_threshold", copy, env=env)
     assert r.returncode != 0 and "04_extract_features" in r.stderr  # downstream refuses the changed store
-    r = run_script(["04_extract_features.py", "--run", str(copy)], **env)
+    r = run_stage("04_extract_features", copy, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no longer has the content digest" in r.stderr
     assert content_digest(target) == good
     # another run folder of the same name (so the same default schema) never takes this store over
     other = tmp_path / "elsewhere" / "pg_run"
     shutil.copytree(copy, other, symlinks=True)
-    r = run_script(["04_extract_features.py", "--run", str(other), "--force"], **env)
+    r = run_stage("04_extract_features", other, "--force", env=env)
     assert r.returncode == 2 and "store.schema: the schema run_pg_run" in r.stderr, r.stderr[-2000:]
     assert str(copy) in r.stderr and SECRET not in r.stdout + r.stderr
     assert content_digest(target) == good  # untouched
