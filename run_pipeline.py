@@ -55,6 +55,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _summary(run_dir: Path, ran: bool) -> None:
     """Print the test metrics of stage 07 when this call ran it or it is up to date."""
+    from common.evaluate.metrics import with_ci
     from common.pipeline.freshness import Freshness
     from common.pipeline.runconfig import read_run_config
     from common.pipeline.spec import rerun_hint
@@ -67,10 +68,14 @@ def _summary(run_dir: Path, ran: bool) -> None:
             print(f"\nNo test metrics: {why}")
         return
     metrics = json.loads((run_dir / "07_inference" / "manifest.json").read_text()).get("metrics", {})
-    print("\nTest metrics:")
+    print("\nTest metrics (95% intervals in brackets):")
     for k, v in metrics.items():
-        if isinstance(v, (int, float, str)) and k != "report":
-            print(f"  {k:>24}: {v:.4f}" if isinstance(v, float) else f"  {k:>24}: {v}")
+        if k == "report" or k.endswith("_ci95") or k.endswith("_uninformative") or not isinstance(v, (int, float, str)):
+            continue
+        text = with_ci(v, metrics.get(f"{k}_ci95")) if isinstance(v, float) else str(v)
+        if metrics.get(f"{k.removesuffix('_accuracy')}_uninformative"):
+            text += "  (k is at least half the classes: says little)"
+        print(f"  {k:>24}: {text}")
     report = run_dir / "07_inference" / "report.html"
     if report.is_file():
         print(f"\nReport: {report.resolve()}")

@@ -96,6 +96,7 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     if inp.search_info:
         out["search"] = inp.search_info
     out.update(classification_metrics(y, d.final, C, d.candidates, icfg.top_k))
+    out.update(evaluate_metrics.uncertainty(y, d.final, C, d.candidates, icfg.top_k))
     # on a GPU both matrices go to the device once, not once per class searched
     out.update(retrieval_metrics(_on_device(test.X, device), y, _on_device(gallery.X, device), gallery.labels,
                                    topk, block_size=icfg.block_size, device=device))
@@ -158,9 +159,8 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     out["report"] = str(report_path)
     write_json(output("metrics.json"), _round(out))
     _evaluate_report(report_path, inp, icfg, out, d, comp_header, comp_rows, cm_png, map_png, h2, r2)
-    log.info("test: accuracy %.4f, top-%d %.4f, macro-F1 %.4f, balanced accuracy %.4f, MAP@R %.4f (%s, %s gallery)",
-             out["accuracy"], icfg.top_k, out.get(f"top{icfg.top_k}_accuracy", float("nan")), out["macro_f1"],
-             out["balanced_accuracy"], out["map_at_r"], icfg.method, icfg.gallery)
+    log.info("test (%d queries, %s, %s gallery): %s", n, icfg.method, icfg.gallery,
+             evaluate_metrics.headline_line(out, icfg.top_k))
     log.info("report: %s", report_path)
     return out
 

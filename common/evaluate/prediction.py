@@ -156,7 +156,8 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     write_json(output("metrics.json"), _round(out))
     rep = Report(title="Plankton recognition: predictions", facts=list(facts) + [
         ("input", icfg.input), ("gallery", f"{icfg.gallery} ({len(gallery)} vectors)"), ("method", icfg.method),
-        ("open-set rule", rule.source), ("suggested reject_below (stage 05)", suggested_reject_below),
+        ("open-set rule", rule.source), *((("open-set caution", rule.warning),) if rule.warning else ()),
+        ("suggested reject_below (stage 05)", suggested_reject_below),
         ("review", review_path.name), ("EcoTaxa table", eco_path.name)],
         metrics={k: v for k, v in out.items() if k in ("n_images", "n_unreadable", "n_doubtful", "rejection_rate",
                                                         "n_rejected", "images_per_s", "mean_latency_ms")},
@@ -167,8 +168,9 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
                          gallery.paths[int(d.nn_idx[q])], classes[int(gallery.labels[int(d.nn_idx[q])])])
              for q in order_q[:PREDICT_STRIP_MAX]]
     if strip:
-        rep.strips.append(("Most doubtful queries beside their nearest gallery image",
-                           f"{len(strip)} of {n}; every image with its five neighbours is in {review_path.name}", strip))
+        rep.strips_title = "Most doubtful queries beside their nearest gallery image"
+        rep.strips.append(("", f"The {len(strip)} most doubtful of {n} images; every image with its five neighbours "
+                               f"is in {review_path.name}", strip))
     if errors:
         rep.extra_tables.append(("Unreadable files (not classified)", ["path", "reason"], [list(e) for e in errors]))
     if eco_left_out:

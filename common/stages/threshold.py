@@ -34,6 +34,7 @@ from ..retrieval.sweep import (
     nearest_kept,
     suggested_reject_below,
     sweep_rows,
+    sweep_warnings,
     threshold_grid,
 )
 from ..store.containers import Vectors
@@ -132,6 +133,9 @@ def main(ctx: Context) -> dict[str, Any]:
     correct = gal.labels[idx[:, 0]] == val.labels
     reject = suggested_reject_below(sims[:, 0], correct)
     log.info("chosen: %s", reason)
+    warnings = sweep_warnings(rows, i, lcfg)
+    for w in warnings:
+        log.warning("caution: %s", w)
     if index_info is not None:
         index_info.update({c: chosen[c] for c in INDEX_COLUMNS})
         log.info("through %s at that threshold: val top-1 accuracy %.4f, same top-1 image as exact search %.4f, "
@@ -146,12 +150,12 @@ def main(ctx: Context) -> dict[str, Any]:
         "model_id": model["model_id"], "checkpoint_sha256": model["checkpoint_sha256"],
         "suggested_reject_below": reject, "reject_percentile": REJECT_PERCENTILE,
         "n_gallery": len(gal), "n_val": len(val), "knn_k": lcfg.knn_k,
-        "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds,
+        "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds, "warnings": warnings,
         **({"search": index_info} if index_info is not None else {}),
     })
     plot_sweep(rows, i, ctx.output(SWEEP_PNG))
     return {"threshold": chosen["threshold"], "rule": lcfg.rule, "n_kept": chosen["n_kept"],
             "n_gallery": len(gal), "macro_f1": chosen["macro_f1"],
-            "top1_accuracy": chosen["top1_accuracy"], "suggested_reject_below": reject,
+            "top1_accuracy": chosen["top1_accuracy"], "suggested_reject_below": reject, "warnings": warnings,
             "model_id": model["model_id"],
             "seconds": {"prune": round(t_prune, 3), "queries": round(t_query, 3), "latency": round(t_lat, 3)}}

@@ -41,6 +41,8 @@ def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None
     m = evaluate(inp, icfg, ctx.output, device=ctx.device(), seed=ctx.cfg.run.seed)
     keys = ("accuracy", f"top{icfg.top_k}_accuracy", "macro_f1", "balanced_accuracy", "map_at_r",
             "rejection_rate", "accepted_accuracy", "gallery_size", "report")
+    keys += (*(f"{k}_ci95" for k in keys), "chance_accuracy", "majority_class_accuracy",
+             f"top{icfg.top_k}_uninformative")  # each figure's 95 % interval and the levels to beat
     return {k: m[k] for k in keys if k in m}
 
 
