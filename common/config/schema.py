@@ -40,7 +40,7 @@ class DataConfig:
     bad_images: Literal["skip", "fail"] = "skip"  # skip: list unreadable images in bad_images.csv and leave them out | fail: stop
     max_pixels: int = 89_478_485  # images with more pixels are rejected (decompression bombs)
     min_side: int = 4  # images with a side shorter than this (px) are rejected
-    pad_fill: int = 0  # grey level (0-255) used to pad images to a square (0 = dark field)
+    pad_fill: Union[int, Literal["auto"]] = "auto"  # padding of images to a square: auto = each image's own border colour (median of its edge pixels; suits bright and dark field) | a grey level 0-255 (0 = black)
     num_workers: int = 4  # DataLoader worker processes for every stage
     follow_symlinks: bool = False  # stage 01: follow directory symlinks inside class folders (each real folder once); false: skip and list them in bad_images.csv
     gallery_extra: list[str] = field(default_factory=list)  # gallery-only images (stage 04 on): folders with one sub-folder per class, or filled corrections.csv files; never train the backbone
@@ -234,7 +234,7 @@ RANGES: dict[str, Range] = {
     "run.seed": Range(0, _INT64, hi_open=True),
     "data.max_pixels": _ge(1),
     "data.min_side": _ge(1),
-    "data.pad_fill": Range(0, 255, why="a grey level"),
+    "data.pad_fill": Range(0, 255, why="a grey level, or auto"),
     "data.num_workers": _ge(0, why="0 = load in the main process"),
     "split.train": _FRACTION,
     "split.val": _FRACTION,

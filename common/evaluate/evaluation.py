@@ -121,7 +121,7 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
         dd = decisions[key]
         preds[name] = dd.raw
         mm = classification_metrics(y, dd.raw, C, dd.candidates, icfg.top_k)
-        comp_rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], 0.0,
+        comp_rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], None,  # nothing fitted
                           1000.0 * own_seconds[key] / n, _sizeof_gallery(gallery)])
     fitted_info: dict[str, Any] = {}
     if icfg.classifiers and inp.train is not None and streamed(inp.train.X):
@@ -137,7 +137,7 @@ def evaluate(inp: EvalInputs, icfg: Any, output: Output, *, device: Any = None, 
     comp_header = ["method", "accuracy", "macro_f1", "balanced_accuracy", "fit_time_s", "predict_ms_per_image",
                    "model_size_bytes"]
     write_csv(output("comparison.csv"), comp_header,
-              [[r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", f"{r[4]:.3f}", f"{r[5]:.6f}", r[6]] for r in comp_rows])
+              [[r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", "" if r[4] is None else f"{r[4]:.3f}", f"{r[5]:.6f}", r[6]] for r in comp_rows])
     out["classifiers"] = fitted_info
 
     # ---- files

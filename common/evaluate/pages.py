@@ -66,8 +66,10 @@ def _headline(m: dict[str, Any], top_k: int) -> dict[str, Any]:
 def _evaluate_report(path: Path, inp: EvalInputs, icfg: Any, m: dict, d: Decision, comp_header, comp_rows,
                      cm_png: Path, map_png: Path | None, class_header, class_rows) -> None:
     headline = _headline(m, icfg.top_k)
+    said = {k for k, _ in inp.facts}  # stage 07's loader already describes the gallery
     rep = Report(title="Plankton recognition: test-set evaluation", facts=list(inp.facts) + [
-        ("gallery", f"{icfg.gallery} ({len(inp.gallery)} vectors)"), ("method", icfg.method),
+        *((("gallery", f"{icfg.gallery} ({len(inp.gallery)} vectors)"),) if "gallery" not in said else ()),
+        ("method", icfg.method),
         ("reject_below", icfg.reject_below), ("open-set rule", m.get("reject_rule")),
         *((("open-set caution", m["reject_warning"]),) if m.get("reject_warning") else ()),
         ("suggested reject_below (stage 05)", inp.suggested_reject_below)],

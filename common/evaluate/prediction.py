@@ -49,7 +49,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     open-set scores and the review's neighbours come from exact search. ``pixel_size_um``: the
     camera's pixel size (review.html and the report give image sizes in micrometres too).
     """
-    from ..ecotaxa.bundle import ecotaxa_rows, write_tsv
+    from ..ecotaxa.bundle import ecotaxa_rows, ecotaxa_stem, write_tsv
     from ..report.plots import plot_sample_counts
     from ..report.review import Review, ReviewItem, doubt_note, write_review
     from .tables import doubt_order, sample_counts
@@ -123,7 +123,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
                                                  if n else Path("."))
     eco, eco_left_out = ecotaxa_rows(queries.paths, samples, predicted, base,
                                        {"similarity": d.best_sim, "margin": d.margin, "knn_similarity": scores["knn"]})
-    eco_path = output(f"ecotaxa_{name}.tsv")
+    eco_path = output(f"{ecotaxa_stem(name)}.tsv")
     write_tsv(eco_path, eco)
     out["ecotaxa"] = {"file": eco_path.name, "img_file_name_relative_to": str(base), "rows": len(eco) - 2,
                       "left_out": [{"path": p, "reason": why} for p, why in eco_left_out]}
@@ -155,7 +155,9 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     out["report"] = str(report_path)
     write_json(output("metrics.json"), _round(out))
     rep = Report(title="Plankton recognition: predictions", facts=list(facts) + [
-        ("input", icfg.input), ("gallery", f"{icfg.gallery} ({len(gallery)} vectors)"), ("method", icfg.method),
+        ("input", icfg.input),
+        *((("gallery", f"{icfg.gallery} ({len(gallery)} vectors)"),) if "gallery" not in {k for k, _ in facts} else ()),
+        ("method", icfg.method),
         ("open-set rule", rule.source), *((("open-set caution", rule.warning),) if rule.warning else ()),
         ("suggested reject_below (stage 05)", suggested_reject_below),
         ("review", review_path.name), ("EcoTaxa table", eco_path.name)],

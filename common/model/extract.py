@@ -135,7 +135,7 @@ def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgSt
     ``extra``; the checkpoint's class list is checked against the splits' classes only.
     ``store_path``: a SQLite file, or a ``PgStore`` (every rank then writes its own share).
     """
-    from tqdm import tqdm
+    from ..runtime.progress import progress
 
     from ..data.datasets import ImageListDataset
     from ..data.splits import class_names, read_splits
@@ -218,8 +218,8 @@ def extract_features(checkpoint: Path, splits_csv: Path, store_path: Path | PgSt
         loader = torch.utils.data.DataLoader(ds, batch_size=ecfg.batch_size, shuffle=False,
                                              num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                                              persistent_workers=False)
-        bar = tqdm(total=len(share), desc="embedding" if world_size == 1 else f"embedding (rank 0 of {world_size})",
-                   unit="img", disable=None if rank == 0 else True)
+        bar = progress(len(share), "embedding" if world_size == 1 else f"embedding (rank 0 of {world_size})",
+                       unit="img", enabled=rank == 0)  # no terminal: a log line every ~30 s
         net = model
         if use_cpu_compile(ecfg.cpu_compile, device, len(share)):
             net = CompiledCpuModel(model, ecfg.batch_size)

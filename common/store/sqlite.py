@@ -65,6 +65,7 @@ from sqlalchemy import bindparam, create_engine, delete, event, func, insert, se
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from ..data.transforms import pad_fill_code
 from ..errors import UserError
 from .containers import ImageRecord, ModelInfo, SyncReport, Vectors, _model_from_row, _now, check_unit_vectors
 from .schema import (
@@ -242,7 +243,10 @@ class FeatureStore:
             conn.execute(insert(meta_t), [{"key": "schema_version", "value": str(SCHEMA_VERSION)},
                                           {"key": "format", "value": FORMAT},
                                           {"key": "created", "value": _now()}])
-        log.info("created feature store %s (schema version %d)", self.path, SCHEMA_VERSION)
+        # a temporary file written then renamed (fileio.atomic_path: stage 06's lut.sqlite): its name means
+        # nothing to the reader of the log, the stage names the final file
+        log.log(logging.DEBUG if self.path.name.endswith(".tmp") else logging.INFO,
+                "created feature store %s (schema version %d)", self.path, SCHEMA_VERSION)
 
     def _check_version(self, any_version: bool = False) -> None:
         """Refuse a store of another schema version. ``any_version`` lets a version of
@@ -397,7 +401,7 @@ class FeatureStore:
         values = {"checkpoint_sha256": checkpoint_sha256, "embedding": embedding, "backbone": backbone,
                   "dim": int(dim), "mean": json.dumps([float(x) for x in mean]),
                   "std": json.dumps([float(x) for x in std]), "image_size": int(image_size),
-                  "pad_fill": int(pad_fill), "classes": json.dumps(list(classes)),
+                  "pad_fill": pad_fill_code(pad_fill), "classes": json.dumps(list(classes)),
                   "checkpoint_path": str(checkpoint_path), "epoch": epoch, "created": _now(), "complete": 0,
                   "dtype": dtype}
         dropped: list[ModelInfo] = []
