@@ -179,7 +179,7 @@ def test_progress_logs_a_line_every_30_s_with_rate_and_eta(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and now[0] >= PROGRESS_EVERY_S
     # 15 steps at 30 s: 960 images, 32 img/s, 85 steps (5,440 images) left: 170 s
-    assert lines[0].startswith("epoch 2/20: 960/6,400 img (15%), 32.0 img/s, ETA 2 min 50 s")
+    assert lines[0].startswith("epoch 2/20: 960/6,400 img (15%), 32.0 img/s, ETA 2m50s")
     assert lines[0].endswith("loss=4.1234")
     # pytest captures stderr: no terminal, so progress() gives the logging kind
     assert isinstance(progress(10, "embedding"), LogProgress)

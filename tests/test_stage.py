@@ -180,7 +180,8 @@ def test_permission_denied_in_the_run_folder_is_one_line_exit_2(tmp_path, capsys
     before = sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir())
     capsys.readouterr()
     assert ex(SPEC_A, _producer("y"), ["--run", str(tmp_path), "--force"]) == 2
-    assert f"error: run folder {tmp_path} is not writable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"ERROR   run folder {tmp_path} is not writable" in err and "error:" not in err  # the word once
     assert sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir()) == before
 
 

@@ -19,10 +19,11 @@ PROGRESS_EVERY_S = 30.0  # seconds between progress lines in the log when no ter
 
 
 def _eta(seconds: float) -> str:
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+    """``2m50s``, ``1h05m``: the epoch lines' format (``training.records.duration``)."""
+    s = int(max(round(seconds), 0))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
 class LogProgress:
@@ -51,7 +52,7 @@ class LogProgress:
             self._log.info("%s", self.line(now))
 
     def line(self, now: float | None = None) -> str:
-        """``epoch 3/20: 640/6,400 img (10%), 35.2 img/s, ETA 2 min 43 s, loss=4.1``."""
+        """``epoch 3/20: 640/6,400 img (10%), 35.2 img/s, ETA 2m43s, loss=4.1``."""
         now = self._clock() if now is None else now
         done = (self.n - self._start_n) * self.scale
         rate = done / max(now - self._t0, 1e-9)
