@@ -452,3 +452,11 @@ def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):
     monkeypatch.setattr(ModelStore, "load", no_val)
     with pytest.raises(UserError, match="no val vectors"):
         stages_threshold.main(ctx)
+
+
+def test_stage_07_reads_stage_05s_cautions(tmp_path):
+    from common.stages.inference.load import threshold_warnings
+
+    assert threshold_warnings(None) == [] and threshold_warnings(tmp_path) == []  # no stage 05: nothing to say
+    (tmp_path / "threshold.json").write_text(json.dumps({"threshold": 0.8, "warnings": ["the sweep is flat"]}))
+    assert threshold_warnings(tmp_path) == ["the sweep is flat"]

@@ -286,7 +286,7 @@ def uncertainty(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, candidat
         out[f"top{top_k}_accuracy_ci95"] = list(wilson(int(hits.sum()), n))
     for k, ci in bootstrap_class_metrics(y_true, y_pred, n_classes, n_boot, seed).items():
         out[f"{k}_ci95"] = list(ci)
-    out["ci95_method"] = (f"Wilson score for proportions; percentile bootstrap ({n_boot} resamples of the queries, "
+    out["ci95_method"] = (f"Wilson score for proportions; percentile bootstrap (up to {n_boot} resamples of the queries, "
                           f"seed {seed}) for macro/weighted averages, balanced accuracy and MAP@R")
     return out
 

@@ -179,7 +179,8 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
         rep.extra_tables.append((f"Left out of {eco_path.name} (classified: see predictions.csv)", ["path", "reason"],
                                  [[repr(p), why] for p, why in eco_left_out]))
     write_report(report_path, rep)
-    log.info("predicted %d images in %d samples (%d unreadable, %d rejected, %d doubtful); predictions in %s", n,
-             len(order), len(errors), out.get("n_rejected", 0), out["n_doubtful"], output("predictions.csv"))
+    log.info("predicted %d image%s in %d sample%s (%d unreadable, %d rejected, %d doubtful); predictions in %s", n,
+             "" if n == 1 else "s", len(order), "" if len(order) == 1 else "s", len(errors), out.get("n_rejected", 0),
+             out["n_doubtful"], output("predictions.csv"))
     log.info("review: %s; EcoTaxa table: %s", review_path, eco_path)
     return out
