@@ -2,10 +2,13 @@
 
 With no arguments: renders scikit-learn's digits as an image folder (once, into .cache/demo/),
 then runs every stage on it with configs/demo.yaml on the CPU (or the GPU when there is one),
-and prints the test metrics and the path of the report.
+and prints the test metrics and the path of the report. A new run given without -c starts from
+configs/default.yaml (and says so); an existing run (--run DIR) keeps its own configuration.
+Every key, its default and its meaning: configs/default.yaml.
 
 Usage:
     python run_pipeline.py                                   # the demo
+    python run_pipeline.py -c configs/plankton_cpu.yaml --run runs/first data.root=/my/images   # a laptop
     python run_pipeline.py -c configs/default.yaml --run runs/dyb data.root=/data/DYB
     python run_pipeline.py -c configs/default.yaml --run runs/dyb --from 4 --to 7 extract.checkpoint=last
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,12 +38,13 @@ from common.stages import STAGES
 ROOT = Path(__file__).resolve().parent
 
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 DEMO_DATA = ROOT / ".cache" / "demo" / "digits"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = ArgParser(description=__doc__.strip().splitlines()[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    first, _, rest = __doc__.strip().partition("\n")
+    p = ArgParser(description=first, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest.strip())
     p.hidden = secret_args(argv)
     p.add_argument("-c", "--config", action="append", default=[], help="configuration file (repeatable)")
     p.add_argument("--run", default=None, help="run directory")
@@ -55,25 +60,59 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _summary(run_dir: Path, ran: bool) -> None:
     """Print the test metrics of stage 07 when this call ran it or it is up to date."""
+    from common.evaluate.metrics import with_ci
     from common.pipeline.freshness import Freshness
     from common.pipeline.runconfig import read_run_config
     from common.pipeline.spec import rerun_hint
     from common.stages import SPECS
 
     cfg = load_config(base=read_run_config(run_dir) or {})
-    why = Freshness(run_dir, cfg, SPECS, lambda s: rerun_hint(s, run_dir)).problem("07_inference")
+    fresh = Freshness(run_dir, cfg, SPECS, lambda s: rerun_hint(s, run_dir))
+    why = fresh.problem("07_inference")
     if why is not None:
         if not ran:
-            print(f"\nNo test metrics: {why}")
+            print(f"\nNo test metrics: {pending_hint(run_dir, [s for s in STAGES if fresh.problem(s)], why)}")
         return
     metrics = json.loads((run_dir / "07_inference" / "manifest.json").read_text()).get("metrics", {})
-    print("\nTest metrics:")
+    print("\nTest metrics (95% intervals in brackets):")
     for k, v in metrics.items():
-        if isinstance(v, (int, float, str)) and k != "report":
-            print(f"  {k:>24}: {v:.4f}" if isinstance(v, float) else f"  {k:>24}: {v}")
+        if k == "report" or k.endswith("_ci95") or k.endswith("_uninformative") or not isinstance(v, (int, float, str)):
+            continue
+        text = with_ci(v, metrics.get(f"{k}_ci95")) if isinstance(v, float) else str(v)
+        if metrics.get(f"{k.removesuffix('_accuracy')}_uninformative"):
+            text += "  (k is at least half the classes: says little)"
+        print(f"  {k:>24}: {text}")
     report = run_dir / "07_inference" / "report.html"
     if report.is_file():
         print(f"\nReport: {report.resolve()}")
+
+
+def pending_hint(run_dir: Path, pending: list[str], why: str) -> str:
+    """Why there are no test metrics: one stage's own reason, or for several stages to run the
+    command that runs them all (a single stage's script would refuse, its upstream missing)."""
+    if len(pending) <= 1:
+        return why
+    cmd = shlex.join(["python", "run_pipeline.py", "--run", str(run_dir)])
+    return f"{len(pending)} stages have not run or are out of date ({', '.join(pending)}): run `{cmd}`"
+
+
+def start_configs(configs: list[str], overrides: list[str], run: str | None) -> tuple[list[str], list[str], str]:
+    """The -c files and overrides of a command, and one line saying where its settings come from.
+
+    The demo (digits, ``configs/demo.yaml``, its data root) only with no ``-c``, no ``--run`` and no
+    ``data.root``: a new run of the user's own (``--run`` or ``data.root`` given) starts from
+    ``configs/default.yaml``; an existing run keeps its own ``config.yaml`` (empty line)."""
+    if configs or (run is not None and (Path(run) / "config.yaml").is_file()):
+        return configs, overrides, ""
+    if run is None and not any(o.startswith("data.root=") for o in overrides):
+        from common.data.demo import render_digits
+
+        print(f"Demo: scikit-learn digits rendered into {DEMO_DATA} (once)", flush=True)
+        root = render_digits(DEMO_DATA)
+        return [str(DEMO_CONFIG)], [f"data.root={root}", *overrides], f"configuration: {DEMO_CONFIG.name} (the demo)"
+    rel = DEFAULT_CONFIG.relative_to(ROOT)
+    return [str(DEFAULT_CONFIG)], overrides, (f"configuration: {rel} (no -c given; a first run on a laptop: "
+                                               f"-c configs/plankton_cpu.yaml)")
 
 
 def run_stage(cmd: list[str]) -> tuple[int, bool]:
@@ -108,16 +147,9 @@ def run_stage(cmd: list[str]) -> tuple[int, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
-    configs = a.config
-    overrides = list(a.overrides)
-    existing = a.run is not None and (Path(a.run) / "config.yaml").is_file()
-    if not configs and not existing:  # the demo (an existing run keeps its own configuration)
-        from common.data.demo import render_digits
-
-        print(f"Demo: scikit-learn digits rendered into {DEMO_DATA} (once)", flush=True)
-        root = render_digits(DEMO_DATA)
-        configs = [str(DEMO_CONFIG)]
-        overrides = [f"data.root={root}", *overrides]
+    configs, overrides, said = start_configs(a.config, list(a.overrides), a.run)
+    if said:
+        print(said, flush=True)
     common_args = [x for c in configs for x in ("-c", c)]
     if a.run:
         common_args += ["--run", a.run]

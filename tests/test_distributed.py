@@ -240,7 +240,7 @@ def test_a_stage_refused_or_failing_on_one_rank_ends_both(tmp_path, scenario):
     sdir = tmp_path / "01_random_split_dataset"
     assert not (sdir / "manifest.json").exists()
     if scenario == "main":  # rank 0 says why, naming the rank
-        assert "error: rank 1 stopped: cannot read /data/x/bad.png" in (sdir / "log.txt").read_text()
+        assert "ERROR   01_random_split_dataset: rank 1 stopped: cannot read /data/x/bad.png" in (sdir / "log.txt").read_text()
     else:  # refused before anything is written
         assert not (sdir / "log.txt").exists()
 

@@ -25,7 +25,8 @@ STATS = {"mean": [0.2, 0.25, 0.3], "std": [0.2, 0.22, 0.25]}
 def _cfg(**over: str) -> Config:
     base = {"model.backbone": "test_resnet", "model.image_size": "32", "model.feat_dim": "16",
             "data.num_workers": "0", "extract.batch_size": "5", "run.device": "cpu",
-            "extract.cpu_precision": "fp32"}  # the vectors equal the model's own float32 output
+            "extract.cpu_precision": "fp32",  # the vectors equal the model's own float32 output
+            "data.pad_fill": "0"}  # the reference transform below pads with 0 (the default before auto)
     base.update(over)
     return load_config([], [f"{k}={v}" for k, v in base.items()])
 

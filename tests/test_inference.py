@@ -209,6 +209,20 @@ def test_evaluate_writes_consistent_artefacts(brute, tmp_path):
     assert 0 <= saved["map_at_r"] <= 1 and 0 <= saved["precision_at_1"] <= 1
     assert m["report"].endswith("report.html") and m["accuracy"] == saved["accuracy"]
     assert saved["classifiers"]["linear"]["selected_on"] == "val"
+    # issue 20 item 3: every headline figure with its 95 % interval, and the levels to beat
+    from common.evaluate.metrics import wilson
+
+    assert saved["accuracy_ci95"] == pytest.approx(list(wilson(int((pred == y).sum()), len(y))), abs=1e-6)
+    for k in ("top5_accuracy", "macro_f1", "balanced_accuracy", "map_at_r", "precision_at_1", "rejection_rate"):
+        lo, hi = saved[f"{k}_ci95"]
+        assert lo <= saved[k] + 1e-6 and saved[k] <= hi + 1e-6, k
+    assert saved["chance_accuracy"] == pytest.approx(1 / 5) and saved["top5_uninformative"] is True
+    html = (tmp_path / "report.html").read_text()
+    assert "chance level (uniform guess)" in html and "majority-class accuracy" in html
+    assert f"{saved['accuracy']:.4f} [{saved['accuracy_ci95'][0]:.3f}, {saved['accuracy_ci95'][1]:.3f}]" in html
+    assert "at least half the classes" in html
+    comp = {r["method"]: r for r in read_csv(tmp_path / "comparison.csv")}
+    assert comp["retrieval_top1"]["fit_time_s"] == "" and float(comp["linear"]["fit_time_s"]) >= 0  # nothing fitted
     rep = {r["class"]: r for r in read_csv(tmp_path / "classification_report.csv")}
     p, r_, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     for c, pp, rr, ff, ss in zip(labels, p, r_, f, s):
@@ -287,13 +301,16 @@ def test_predict_vectors_writes_error_rows_and_classifier_columns(brute, tmp_pat
                                epochs=1, lr=0.1, batch_size=32)
     m = predict(q, inp.gallery, inp.classes, icfg(mode="predict", input="/x"), out_in(tmp_path),
                   classifiers=fitted, errors=[("/x/bad.png", "cannot identify image file")],
-                  timing={"decode_embed_s": 0.5})
+                  timing={"decode_embed_s": 0.5}, facts=[("gallery", "lut (10 vectors)")])
     rows = read_csv(tmp_path / "predictions.csv")
     assert len(rows) == 6 and "true_label" not in rows[0] and "pred_logreg" in rows[0]
     assert rows[-1]["path"] == "/x/bad.png" and rows[-1]["error"] == "cannot identify image file"
     assert rows[-1]["accepted"] == "0" and rows[0]["error"] == ""
     assert m["n_images"] == 5 and m["n_unreadable"] == 1 and m["images_per_s"] > 0
-    assert (tmp_path / "report.html").is_file()
+    html = (tmp_path / "report.html").read_text()
+    # issue 20 item 5: the doubtful strip under its own title (no "Worst classes" in predict mode), the gallery once
+    assert "<h2>Most doubtful queries beside their nearest gallery image</h2>" in html and "Worst classes" not in html
+    assert html.count("<td>gallery</td>") == 1
 
 
 # ----------------------------------------------------------------------------- predict mode (images)

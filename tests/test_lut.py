@@ -289,6 +289,23 @@ def test_choose_threshold_rules(rule, extra, want):
     assert TABLE[i]["threshold"] == want and rule in reason and f"{want:g}" in reason
 
 
+def test_sweep_warnings_edges_and_flat():
+    from common.retrieval.sweep import sweep_warnings
+
+    lcfg = types.SimpleNamespace(**{**vars(LutConfig()), "grid_start": 0.8, "grid_stop": 1.0})
+    assert sweep_warnings(TABLE, 2, lcfg) == []  # inside the grid, F1 varies
+    low = sweep_warnings(TABLE, 0, lcfg)
+    assert len(low) == 1 and "lowest of the grid (lut.grid_start=0.8)" in low[0]
+    high = sweep_warnings(TABLE, 4, lcfg)
+    assert len(high) == 1 and "highest of the grid (lut.grid_stop=1)" in high[0]
+    flat = [_row(t, n, 0.75, 0.8) for t, n in ((0.8, 200), (0.9, 500), (1.0, 1000))]
+    w = sweep_warnings(flat, 0, lcfg)
+    assert len(w) == 2 and "flat" in w[1] and "0.7500" in w[1]
+    listed = types.SimpleNamespace(**{**vars(lcfg), "thresholds": [0.8, 0.9, 1.0]})
+    assert "(lut.thresholds)" in sweep_warnings(flat, 2, listed)[0]
+    assert sweep_warnings(TABLE[:1], 0, lcfg) == []  # one threshold: nothing to say
+
+
 def test_choose_threshold_errors():
     lcfg = types.SimpleNamespace(**{**vars(LutConfig()), "rule": "target_size"})
     with pytest.raises(ConfigError, match="target_size"):
@@ -380,6 +397,9 @@ def test_stages_05_and_06_over_a_store(tmp_path):
     assert tj["model_id"] == mid and tj["rule"] == "max_f1" and tj["threshold"] == m5["threshold"]
     assert tj["thresholds"] == threshold_grid(cfg.lut) and len(tj["thresholds"]) == 11
     assert tj["suggested_reject_below"] is not None and tj["reason"]
+    assert tj["warnings"] == m5["warnings"]  # the grid's cautions, also in the log and stage 07's report
+    i = tj["thresholds"].index(tj["threshold"])
+    assert any("of the grid" in w for w in tj["warnings"]) == (i in (0, len(tj["thresholds"]) - 1))
     lines = (ctx5.dir / "threshold_sweep.csv").read_text().splitlines()
     assert lines[0].split(",") == SWEEP_COLUMNS and len(lines) == 12
 
@@ -432,3 +452,11 @@ def test_stage_05_refuses_an_empty_val_split(tmp_path, monkeypatch):
     monkeypatch.setattr(ModelStore, "load", no_val)
     with pytest.raises(UserError, match="no val vectors"):
         stages_threshold.main(ctx)
+
+
+def test_stage_07_reads_stage_05s_cautions(tmp_path):
+    from common.stages.inference.load import threshold_warnings
+
+    assert threshold_warnings(None) == [] and threshold_warnings(tmp_path) == []  # no stage 05: nothing to say
+    (tmp_path / "threshold.json").write_text(json.dumps({"threshold": 0.8, "warnings": ["the sweep is flat"]}))
+    assert threshold_warnings(tmp_path) == ["the sweep is flat"]

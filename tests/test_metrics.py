@@ -134,3 +134,108 @@ def test_retrieval_metrics_blocks_give_same_answer(monkeypatch):
     monkeypatch.setattr(M, "MAP_AT_R_CELLS", 20)  # forces one query per search block
     b = retrieval_metrics(Q, ql, G, gl, _brute_topk)
     assert a == b
+
+
+# ----------------------------------------------------------------------------- uncertainty (issue 20, item 3)
+
+
+@pytest.mark.parametrize("k,n", [(14, 15), (0, 10), (10, 10), (1, 1), (37, 412), (5000, 7000)])
+def test_wilson_equals_scipy(k, n):
+    from scipy.stats import binomtest
+
+    ref = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    lo, hi = M.wilson(k, n)
+    assert lo == pytest.approx(float(ref.low), abs=1e-12) and hi == pytest.approx(float(ref.high), abs=1e-12)
+
+
+def test_wilson_hand_checked_and_edges():
+    # 14 of 15 (the issue's test set): centre (p + z^2/2n) / (1 + z^2/n), worked by hand to 4 places
+    lo, hi = M.wilson(14, 15)
+    assert (round(lo, 4), round(hi, 4)) == (0.7018, 0.9881)
+    assert M.wilson(0, 5)[0] == 0.0 and M.wilson(5, 5)[1] == 1.0
+    assert all(np.isnan(M.wilson(0, 0)))
+    with pytest.raises(ValueError):
+        M.wilson(6, 5)
+
+
+def _brute_bootstrap(y_true, y_pred, C, n_boot, seed):
+    # the textbook bootstrap: resample the queries with replacement, recompute the metrics
+    rng = np.random.default_rng(seed)
+    vals = {k: [] for k in ("macro_f1", "macro_precision", "weighted_f1", "balanced_accuracy")}
+    for _ in range(n_boot):
+        i = rng.integers(0, y_true.size, y_true.size)
+        m = classification_metrics(y_true[i], y_pred[i], C)
+        for k in vals:
+            vals[k].append(m[k])
+    return {k: np.percentile(v, [2.5, 97.5]) for k, v in vals.items()}
+
+
+def test_bootstrap_of_the_confusion_cells_equals_resampling_queries():
+    rng = np.random.default_rng(5)
+    C = 9
+    y_true = rng.integers(0, C, 600)
+    y_pred = np.where(rng.random(600) < 0.7, y_true, rng.integers(-1, C, 600))
+    got = M.bootstrap_class_metrics(y_true, y_pred, C, n_boot=2000, seed=1)
+    ref = _brute_bootstrap(y_true, y_pred, C, 2000, seed=2)
+    point = classification_metrics(y_true, y_pred, C)
+    for k, (lo, hi) in ref.items():
+        width = hi - lo
+        assert got[k][0] == pytest.approx(lo, abs=0.1 * width) and got[k][1] == pytest.approx(hi, abs=0.1 * width)
+        assert got[k][0] < point[k] < got[k][1]
+    # a fixed seed: the same predictions give the same interval
+    assert M.bootstrap_class_metrics(y_true, y_pred, C, n_boot=2000, seed=1) == got
+
+
+def test_bootstrap_mean_equals_resampling_and_is_bounded(monkeypatch):
+    rng = np.random.default_rng(6)
+    ap = np.r_[np.ones(300), rng.random(200), np.full(5, np.nan)]  # many equal values, NaN = lone queries
+    lo, hi = M.bootstrap_mean(ap, n_boot=3000)
+    v = ap[np.isfinite(ap)]
+    means = v[rng.integers(0, v.size, (3000, v.size))].mean(1)
+    rlo, rhi = np.percentile(means, [2.5, 97.5])
+    assert lo == pytest.approx(rlo, abs=0.1 * (rhi - rlo)) and hi == pytest.approx(rhi, abs=0.1 * (rhi - rlo))
+    # the work bound: resamples x distinct values stays under BOOT_WORK (never below BOOT_MIN_SAMPLES)
+    drawn = []
+    orig = M._multinomial_blocks
+
+    def spy(counts, n_boot, rng):
+        drawn.append(n_boot * counts.size)
+        yield from orig(counts, n_boot, rng)
+
+    monkeypatch.setattr(M, "_multinomial_blocks", spy)
+    monkeypatch.setattr(M, "BOOT_WORK", 20_000)
+    M.bootstrap_mean(rng.random(1000))
+    assert drawn == [M.BOOT_MIN_SAMPLES * 1000]
+    M.bootstrap_mean(rng.random(50))
+    assert drawn[-1] == 20_000 // 50 * 50
+
+
+def test_uncertainty_baselines_and_top_k_marked():
+    # the issue's case: 15 test images, 6 classes, top-5
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    pred = y.copy()
+    pred[0] = 1
+    cand = np.array([[p, *[c for c in range(6) if c != p][:4]] for p in pred])
+    u = M.uncertainty(y, pred, 6, cand, top_k=5)
+    assert u["chance_accuracy"] == pytest.approx(1 / 6) and u["chance_top5_accuracy"] == pytest.approx(5 / 6)
+    assert u["majority_class_accuracy"] == pytest.approx(5 / 15) and u["top5_uninformative"] is True
+    assert u["accuracy_ci95"] == pytest.approx(list(M.wilson(14, 15)))
+    for k in ("macro_f1", "macro_precision", "macro_recall", "weighted_f1", "balanced_accuracy"):
+        lo, hi = u[f"{k}_ci95"]
+        assert 0 <= lo <= hi <= 1
+    assert not M.baselines(np.arange(20) % 20, 20, 5)["top5_uninformative"]  # 5 < 20 / 2
+    line = M.headline_line({**classification_metrics(y, pred, 6, cand, 5), **u}, 5)
+    assert "accuracy 0.9333 [0.702, 0.988]" in line and "uninformative" in line and "chance 0.1667" in line
+
+
+def test_retrieval_and_rejection_metrics_carry_intervals():
+    Q = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1]]
+    G = np.eye(4, dtype=np.float32)
+    m = retrieval_metrics(Q, np.array([0, 1, 2, 3, 1, 1]), G, np.array([0, 1, 2, 3]), _brute_topk)
+    assert m["precision_at_1"] == pytest.approx(5 / 6)
+    assert m["precision_at_1_ci95"] == pytest.approx(list(M.wilson(5, 6)))
+    lo, hi = m["map_at_r_ci95"]
+    assert lo <= m["map_at_r"] <= hi
+    r = rejection_metrics(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]), np.array([True, True, False, True]))
+    assert r["rejection_rate_ci95"] == pytest.approx(list(M.wilson(1, 4)))
+    assert r["accepted_accuracy_ci95"] == pytest.approx(list(M.wilson(3, 3)))

@@ -74,3 +74,26 @@ def test_unknown_report_counts():
     assert r["known_accepted_accuracy"] == pytest.approx(2 / 3)
     assert r["unknown_rejected"] == 1.0 and r["cut"] == 0.68
     assert r["auroc"] == pytest.approx(skm.roc_auc_score([1, 1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.65, 0.5]))
+
+
+def test_an_automatic_cut_from_few_val_predictions_is_flagged():
+    import dataclasses
+
+    from common.config.schema import InferenceConfig
+    from common.evaluate.openset import MIN_CUT_PREDICTIONS, _rejection_facts, few_predictions_warning, rejection_rule
+    from common.store.containers import Vectors
+
+    assert few_predictions_warning(MIN_CUT_PREDICTIONS, 0.95) is None
+    assert "only 5 correct val predictions (fewer than 30)" in few_predictions_warning(5, 0.95)
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((12, 8)).astype(np.float32)
+    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    gallery = Vectors(G, np.arange(12) % 3, [f"g{i}" for i in range(12)])
+    for n_val, flagged in ((6, True), (40, False)):
+        # copies of gallery vectors: every val prediction is correct, n_val of them
+        val = Vectors(np.tile(G, (4, 1))[:n_val], np.tile(gallery.labels, 4)[:n_val], [f"v{i}" for i in range(n_val)])
+        for reject_below in ("auto", None):
+            icfg = dataclasses.replace(InferenceConfig(), reject_below=reject_below, k=1, ood_k=1)
+            rule = rejection_rule(icfg, val, gallery, 3)
+            facts = _rejection_facts(rule)
+            assert ("reject_warning" in facts) == (flagged and reject_below == "auto")

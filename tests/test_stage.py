@@ -180,7 +180,8 @@ def test_permission_denied_in_the_run_folder_is_one_line_exit_2(tmp_path, capsys
     before = sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir())
     capsys.readouterr()
     assert ex(SPEC_A, _producer("y"), ["--run", str(tmp_path), "--force"]) == 2
-    assert f"error: run folder {tmp_path} is not writable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"ERROR   run folder {tmp_path} is not writable" in err and "error:" not in err  # the word once
     assert sorted(p.name for p in (tmp_path / "01_random_split_dataset").iterdir()) == before
 
 
@@ -293,7 +294,7 @@ def test_dataloader_worker_error_keeps_the_file_name(tmp_path, caplog):
     torch.set_num_threads(1)
     assert ex(SPEC_A, main, ["--run", str(tmp_path)]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == ["error: cannot read /data/x/broken.png: truncated"]
+    assert errors == ["cannot read /data/x/broken.png: truncated"]
 
 
 class _Inbox:
@@ -407,7 +408,7 @@ def test_a_refusal_mid_run_that_wrote_nothing_puts_everything_back(tmp_path, cap
     assert rc == 2
     assert _files(tmp_path) == before
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == ["error: input.csv is unusable"]
+    assert errors == ["input.csv is unusable"]
     caplog.clear()
     caplog.set_level("INFO")
     assert run_a(tmp_path) == 0 and "up to date" in caplog.text  # the backbone change was not kept
@@ -423,7 +424,7 @@ def test_a_refusal_after_writing_leaves_the_stage_unfinished_and_says_so(tmp_pat
     sdir = tmp_path / "01_random_split_dataset"
     assert not (sdir / "manifest.json").exists()
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == ["error: input.csv is unusable (01_random_split_dataset had started writing: it is unfinished "
+    assert errors == ["input.csv is unusable (01_random_split_dataset had started writing: it is unfinished "
                       "now; rerun it once this is fixed)"]
     caplog.clear()
     caplog.set_level("INFO")

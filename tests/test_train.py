@@ -203,7 +203,8 @@ class FakeCtx:
 BASE = ["model.backbone=test_resnet", "model.image_size=24", "model.feat_dim=32", "data.num_workers=0",
         "train.batch_size=8", "train.learning_rate=0.1", "train.warm=false", "train.cosine=false",
         "train.crop_scale=[0.6, 1.0]", "train.grayscale_p=0.5", "train.temperature=0.1",
-        "train.base_temperature=0.1", "train.eval_knn_k=5", "run.seed=1"]
+        "train.base_temperature=0.1", "train.eval_knn_k=5", "run.seed=1",
+        "data.pad_fill=0"]  # the expected preprocessing records below pad with 0 (the default before auto)
 
 
 def _run(root: Path, run_name: str, overrides: list[str], force: bool = False, on_step=None) -> tuple[dict, FakeCtx]:

@@ -45,8 +45,10 @@ class DataConfig(Section):
                                                       "out | fail: stop")
     max_pixels: int = key(89_478_485, "images with more pixels are rejected (decompression bombs)", range=ge(1))
     min_side: int = key(4, "images with a side shorter than this (px) are rejected", range=ge(1))
-    pad_fill: int = key(0, "grey level (0-255) used to pad images to a square (0 = dark field)",
-                           range=Range(0, 255, why="a grey level"))
+    pad_fill: Union[int, Literal["auto"]] = key(
+        "auto", "padding of images to a square: auto = each image's own border colour (median of its edge pixels; "
+                "suits bright and dark field) | a grey level 0-255 (0 = black)",
+        range=Range(0, 255, why="a grey level, or auto"))
     num_workers: int = key(4, "DataLoader worker processes for every stage",
                               range=ge(0, why="0 = load in the main process"), hashed=False)
     follow_symlinks: bool = key(False, "stage 01: follow directory symlinks inside class folders (each real folder "

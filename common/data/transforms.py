@@ -23,11 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 from ..errors import UserError
+from .fill import AUTO_FILL, pad_fill_value
 
 # Modes PadToSquare pads as they are; others (palette, CMYK, YCbCr, LAB, HSV) go to RGB(A) first.
 _PAD_MODES = frozenset({"1", "L", "LA", "RGB", "RGBA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -45,18 +47,30 @@ def fill_value(mode: str, fill: int) -> Any:
     return tuple(255 if b == "A" else fill for b in bands)
 
 
+
+
+def edge_median(a: np.ndarray) -> np.ndarray:
+    """Median of the edge pixels (top, bottom, left, right) of an image ``(H, W)`` or ``(H, W, bands)``,
+    per band: the image's own background where the organism does not touch the border (bright
+    field gives a light grey, dark field black), so that padding draws no frame around it."""
+    a = a if a.ndim == 3 else a[:, :, None]
+    edges = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]]) if a.shape[0] > 1 else a[0]
+    return np.median(edges, axis=0)
+
+
 class PadToSquare:
-    """Pad the shorter side symmetrically to a square with the grey level ``fill`` (0-255).
+    """Pad the shorter side symmetrically to a square with the grey level ``fill`` (0-255), or
+    with ``"auto"`` the image's own border colour (``edge_median``, per band; alpha opaque).
 
     Works on PIL images of any mode (palette, CMYK and other colour spaces go to RGB(A) first) and on
     tensors ``(..., C, H, W)`` (uint8: ``fill`` as is; float: ``fill / 255``). An odd padding
     puts the extra pixel on the right / bottom. Usable in torchvision transforms (v1 and v2).
     """
 
-    def __init__(self, fill: int = 0):
-        if not 0 <= int(fill) <= 255:
-            raise ValueError(f"fill must be a grey level 0-255, got {fill}")
-        self.fill = int(fill)
+    def __init__(self, fill: int | str = 0):
+        if fill != AUTO_FILL and not 0 <= int(fill) <= 255:
+            raise ValueError(f"fill must be a grey level 0-255 or {AUTO_FILL!r}, got {fill}")
+        self.fill: int | str = AUTO_FILL if fill == AUTO_FILL else int(fill)
 
     def __call__(self, img: Any) -> Any:
         if isinstance(img, torch.Tensor):
@@ -65,8 +79,14 @@ class PadToSquare:
             if h == w:
                 return img
             left, top = (s - w) // 2, (s - h) // 2
+            pad = (left, s - w - left, top, s - h - top)
+            if self.fill == AUTO_FILL:  # per channel: pad each with its border median
+                x = img.reshape(-1, h, w)
+                med = edge_median(x.permute(1, 2, 0).cpu().numpy())
+                out = torch.stack([torch.nn.functional.pad(x[c], pad, value=float(med[c])) for c in range(x.shape[0])])
+                return out.reshape(*img.shape[:-2], s, s)
             value = float(self.fill) if not img.is_floating_point() else self.fill / 255.0
-            return torch.nn.functional.pad(img, (left, s - w - left, top, s - h - top), value=value)
+            return torch.nn.functional.pad(img, pad, value=value)
         if img.mode not in _PAD_MODES:
             has_alpha = "A" in img.getbands() or "transparency" in img.info
             img = img.convert("RGBA" if has_alpha else "RGB")
@@ -74,15 +94,28 @@ class PadToSquare:
         if w == h:
             return img
         s = max(w, h)
-        out = Image.new(img.mode, (s, s), fill_value(img.mode, self.fill))
+        out = Image.new(img.mode, (s, s), self._fill_of(img))
         out.paste(img, ((s - w) // 2, (s - h) // 2))
         return out
+
+    def _fill_of(self, img: Image.Image) -> Any:
+        """The pad colour of ``img`` in its own mode."""
+        if self.fill != AUTO_FILL:
+            return fill_value(img.mode, int(self.fill))
+        med = edge_median(np.asarray(img))
+        if img.mode == "1":
+            return 255 if med[0] >= 0.5 else 0
+        if img.mode == "F":
+            return float(med[0])
+        bands = img.getbands()
+        vals = tuple(255 if b == "A" else int(round(float(m))) for b, m in zip(bands, med))
+        return vals[0] if len(vals) == 1 else vals
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(fill={self.fill})"
 
 
-def square_uint8_transform(image_size: int, fill: int) -> v2.Compose:
+def square_uint8_transform(image_size: int, fill: int | str) -> v2.Compose:
     """RGB PIL image -> pad to square -> resize (bilinear, antialiased) -> uint8 tensor (3, S, S).
 
     Resizing runs on the PIL image (Pillow's antialiased bilinear filter, fast on uint8).
@@ -112,19 +145,21 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
-    pad_fill: int
+    pad_fill: int | str  # a grey level 0-255, or "auto" (each image's border colour)
     channels: str = PREPROCESSING_CHANNELS
 
     def as_dict(self) -> dict[str, Any]:
         return {"mean": [float(x) for x in self.mean], "std": [float(x) for x in self.std],
-                "image_size": int(self.image_size), "pad_fill": int(self.pad_fill), "channels": self.channels}
+                "image_size": int(self.image_size), "pad_fill": pad_fill_value(self.pad_fill),
+                "channels": self.channels}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Preprocessing:
         """The record ``as_dict`` wrote (``UserError`` naming ``where`` when it is not one)."""
         try:
             mean, std = (tuple(float(x) for x in d[k]) for k in ("mean", "std"))
-            pre = cls(mean, std, int(d["image_size"]), int(d["pad_fill"]), str(d.get("channels", PREPROCESSING_CHANNELS)))
+            pre = cls(mean, std, int(d["image_size"]), pad_fill_value(d["pad_fill"]),
+                      str(d.get("channels", PREPROCESSING_CHANNELS)))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError(f"{where}: its preprocessing record is incomplete (mean, std, image_size, pad_fill): "
                             "is it a checkpoint of 03_main_supcon.py?") from None
@@ -149,7 +184,7 @@ class Preprocessing:
         return eval_transform(self.image_size, self.mean, self.std, self.pad_fill)
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], fill: int) -> v2.Compose:
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], fill: int | str) -> v2.Compose:
     """The deterministic view of an image: RGB -> pad to square -> resize -> [0, 1] -> normalise.
 
     ``mean`` and ``std``: ``stats.json`` (``read_stats``) while training, the checkpoint's own

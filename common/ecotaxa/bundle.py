@@ -241,6 +241,12 @@ def _score_column(name: str) -> str:
     return f"object_{col}" if not col.startswith("object_") else col
 
 
+def ecotaxa_stem(name: str) -> str:
+    """``ecotaxa_<name>``: EcoTaxa imports tables whose name starts with ``ecotaxa``; a name that
+    already does (a prediction of a file from an EcoTaxa export) is not prefixed twice."""
+    return name if name.lower().startswith("ecotaxa") else f"ecotaxa_{name}"
+
+
 def write_bundle(folder: str | os.PathLike, name: str, predictions: Iterable[Prediction], *, prefix: str | None = None,
                  taxa: TaxaMap | None = None, open_image: Callable[[str], IO[bytes]] | None = None,
                  overwrite_validated: bool = False) -> BundleResult:
@@ -253,8 +259,8 @@ def write_bundle(folder: str | os.PathLike, name: str, predictions: Iterable[Pre
     safe = safe_stem(name, limit=80)
     prefix = safe_stem(prefix if prefix is not None else name, limit=60)
     open_image = open_image or (lambda p: open(p, "rb"))
-    dest = Path(folder) / f"ecotaxa_{safe}.zip"
-    tsv_name = f"ecotaxa_{safe}.tsv"
+    dest = Path(folder) / f"{ecotaxa_stem(safe)}.zip"
+    tsv_name = f"{ecotaxa_stem(safe)}.tsv"
     result = BundleResult(dest, tsv_name)
     taxa_map = dict(taxa.taxa) if taxa is not None else {}
     with_ids = taxa is not None and taxa.has_ids

@@ -22,7 +22,7 @@ from ..retrieval.search import _on_device, search_classes, topk
 from ..retrieval.streamed import is_streamed as streamed
 from ..store.containers import Vectors
 from .decide import classify, reject
-from .metrics import classification_metrics, rejection_metrics, retrieval_metrics
+from .metrics import classification_metrics, rejection_metrics, retrieval_metrics, uncertainty
 from .openset import _rejection_facts, open_scores, rejection_rule
 from .tables import _round
 
@@ -150,6 +150,7 @@ def _summary(inp: EvalInputs, icfg: Any, d: Decision, rule: Any, scores: dict[st
     if inp.search_info:
         out["search"] = inp.search_info
     out.update(classification_metrics(y, d.final, C, d.candidates, icfg.top_k))
+    out.update(uncertainty(y, d.final, C, d.candidates, icfg.top_k))
     # on a GPU both matrices go to the device once, not once per class searched
     out.update(retrieval_metrics(_on_device(test.X, device), y, _on_device(gallery.X, device), gallery.labels,
                                  topk, block_size=icfg.block_size, device=device))
@@ -179,7 +180,7 @@ def comparison(inp: EvalInputs, decisions: dict[str, Decision], own_seconds: dic
         dd = decisions[key]
         preds[name] = dd.raw
         mm = classification_metrics(y, dd.raw, C, dd.candidates, icfg.top_k)
-        rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], 0.0,
+        rows.append([name, mm["accuracy"], mm["macro_f1"], mm["balanced_accuracy"], None,  # nothing fitted
                      1000.0 * own_seconds[key] / n, _sizeof_gallery(inp.gallery)])
     return rows, preds
 

@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 
 SCORES = ("similarity", "knn")  # open-set scores, as inference.reject_score names them
 TPR_FOR_FPR = 0.95  # FPR at this true-positive rate (Sun et al. 2022 report FPR95)
+MIN_CUT_PREDICTIONS = 30  # an automatic cut resting on fewer correct val predictions gets a caution
 
 
 def kth_similarity(queries: np.ndarray, gallery: np.ndarray, k: int, block_size: int,
                    device: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(k-th nearest similarity (Q,), sims (Q, k'), idx (Q, k')) with k' = min(k, G): the k nearest
-    gallery items of every query, exact (``common.retrieval.topk``), and the last one's similarity."""
+    gallery items of every query, exact (``common.retrieval.search.topk``), and the last one's similarity."""
     from ..retrieval.search import topk
 
     sims, idx = topk(queries, gallery, max(1, k), block_size=block_size, device=device)
@@ -93,6 +94,7 @@ class Rejection:
     source: str = "off (inference.reject_below=null)"
     auto_cuts: dict[str, float | None] = field(default_factory=dict)  # the val cut of every score
     keep: float = 0.95
+    warning: str | None = None  # a caution about the cut (an automatic cut from few val predictions)
 
     def accept(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """Accepted queries (score at or above the cut; all when off)."""
@@ -146,7 +148,7 @@ def unknown_report(known_scores: dict[str, np.ndarray], unknown_scores: dict[str
 
 def open_scores(queries: np.ndarray, d: Decision, gallery: Vectors, icfg: Any, device: Any = None,
                 neighbours: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The open-set scores of ``common.openset`` (``similarity``, ``knn``) of every query, and its
+    """The open-set scores of this module (``similarity``, ``knn``) of every query, and its
     ``max(neighbours, ood_k)`` nearest gallery rows (sims, idx) from the same exact search."""
 
 
@@ -161,33 +163,50 @@ def calibrate(val: Vectors | None, gallery: Vectors, n_classes: int, icfg: Any, 
               ) -> dict[str, float | None]:
     """Per open-set score, the cut that keeps ``inference.reject_keep`` of the correct val
     predictions (val images of classes the gallery holds, classified by ``inference.method``)."""
+    return calibrate_counted(val, gallery, n_classes, icfg, device)[0]
 
 
+def calibrate_counted(val: Vectors | None, gallery: Vectors, n_classes: int, icfg: Any, device: Any = None
+                      ) -> tuple[dict[str, float | None], int]:
+    """``calibrate``'s cuts and the number of correct val predictions they rest on."""
     if val is None or len(val) == 0 or len(gallery) == 0:
-        return {s: None for s in SCORES}
+        return {s: None for s in SCORES}, 0
     known = np.isin(val.labels, np.unique(gallery.labels))
     X, y = val.X[known], val.labels[known]
     if not len(y):
-        return {s: None for s in SCORES}
+        return {s: None for s in SCORES}, 0
     d = classify(X, gallery, n_classes, method=icfg.method, top_k=icfg.top_k, k=icfg.k, temperature=icfg.temperature,
                  reject_below=None, block_size=icfg.block_size, device=device)
     scores, _, _ = open_scores(X, d, gallery, icfg, device)
     cuts = val_cuts(scores, d.raw == y, icfg.reject_keep)
     log.info("val cuts keeping %.0f%% of the %d correct val predictions (of %d): %s", 100 * icfg.reject_keep,
              int((d.raw == y).sum()), len(y), ", ".join(f"{k} {v:.4f}" for k, v in cuts.items() if v is not None))
-    return cuts
+    return cuts, int((d.raw == y).sum())
+
+
+def few_predictions_warning(n_correct: int, keep: float) -> str | None:
+    """A caution when an automatic cut rests on fewer than ``MIN_CUT_PREDICTIONS`` correct val predictions."""
+    if n_correct >= MIN_CUT_PREDICTIONS:
+        return None
+    return (f"the automatic cut rests on only {n_correct} correct val prediction{'s' if n_correct != 1 else ''} "
+            f"(fewer than {MIN_CUT_PREDICTIONS}): keeping {keep:.0%} of so few is a rough estimate; "
+            "more val images (split.val) make it firmer")
 
 
 def rejection_rule(icfg: Any, val: Vectors | None, gallery: Vectors, n_classes: int, device: Any = None) -> Any:
-    """``common.openset.Rejection`` of ``inference.reject_below`` / ``reject_score`` / ``reject_keep``."""
-
-
-    rule = resolve(icfg.reject_below, icfg.reject_score, icfg.reject_keep,
-                   calibrate(val, gallery, n_classes, icfg, device))
+    """``Rejection`` of ``inference.reject_below`` / ``reject_score`` / ``reject_keep``; with ``auto``,
+    a caution (logged, and in ``rule.warning``) when the cut rests on few correct val predictions."""
+    cuts, n_correct = calibrate_counted(val, gallery, n_classes, icfg, device)
+    rule = resolve(icfg.reject_below, icfg.reject_score, icfg.reject_keep, cuts)
     log.info("open-set rejection: %s", rule.source)
+    if icfg.reject_below == "auto":
+        rule.warning = few_predictions_warning(n_correct, icfg.reject_keep)
+        if rule.warning:
+            log.warning("caution: %s", rule.warning)
     return rule
 
 
 def _rejection_facts(rule: Any) -> dict[str, Any]:
     return {"reject_score": rule.score, "reject_cut": rule.cut, "reject_rule": rule.source,
-            "reject_keep": rule.keep, "val_cuts": _round({k: v for k, v in rule.auto_cuts.items() if v is not None})}
+            **({"reject_warning": rule.warning} if rule.warning else {}), "reject_keep": rule.keep,
+            "val_cuts": _round({k: v for k, v in rule.auto_cuts.items() if v is not None})}

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..report.html import STRIP_MAX, Report, StripItem, write_report
 from ..store.containers import Vectors
-from .metrics import per_class
+from .metrics import per_class, with_ci
 from .tables import _label, unknown_table
 
 if TYPE_CHECKING:
@@ -41,15 +41,37 @@ def _worst_strips(test: Vectors, d: Decision, classes: Sequence[str], gallery: V
     return strips
 
 
+def _headline(m: dict[str, Any], top_k: int) -> dict[str, Any]:
+    """The report's metrics table: each figure with its 95 % interval, the chance and
+    majority-class levels beside accuracy and top-k, top-k marked when k >= half the classes."""
+    tk = f"top{top_k}_accuracy"
+    out: dict[str, Any] = {}
+    for k in ("n_queries", "accuracy", "chance_accuracy", "majority_class_accuracy", tk, f"chance_{tk}",
+              "macro_precision", "macro_recall", "macro_f1", "weighted_f1", "balanced_accuracy", "precision_at_1",
+              "map_at_r", "rejection_rate", "accepted_accuracy", "gallery_size", "images_per_s", "mean_latency_ms"):
+        if k not in m:
+            continue
+        name = {"chance_accuracy": "chance level (uniform guess)",
+                "majority_class_accuracy": "majority-class accuracy (always the largest test class)",
+                f"chance_{tk}": f"chance level of top-{top_k}"}.get(k, k)
+        v = with_ci(m[k], m[f"{k}_ci95"]) if f"{k}_ci95" in m else m[k]
+        if k == tk and m.get(f"top{top_k}_uninformative"):
+            v = f"{v} (k = {top_k} is at least half the classes: says little)"
+        out[name] = v
+    if any(k.endswith("_ci95") for k in m):
+        out["95% intervals"] = "[low, high]: Wilson for proportions, bootstrap (fixed seed) for averages and MAP@R"
+    return out
+
+
 def _evaluate_report(path: Path, inp: EvalInputs, icfg: Any, m: dict, d: Decision, comp_header, comp_rows,
                      cm_png: Path, map_png: Path | None, class_header, class_rows) -> None:
-    headline = {k: m[k] for k in ("n_queries", "accuracy", f"top{icfg.top_k}_accuracy", "macro_precision",
-                                   "macro_recall", "macro_f1", "weighted_f1", "balanced_accuracy",
-                                   "precision_at_1", "map_at_r", "rejection_rate", "accepted_accuracy",
-                                   "gallery_size", "images_per_s", "mean_latency_ms") if k in m}
+    headline = _headline(m, icfg.top_k)
+    said = {k for k, _ in inp.facts}  # stage 07's loader already describes the gallery
     rep = Report(title="Plankton recognition: test-set evaluation", facts=list(inp.facts) + [
-        ("gallery", f"{icfg.gallery} ({len(inp.gallery)} vectors)"), ("method", icfg.method),
+        *((("gallery", f"{icfg.gallery} ({len(inp.gallery)} vectors)"),) if "gallery" not in said else ()),
+        ("method", icfg.method),
         ("reject_below", icfg.reject_below), ("open-set rule", m.get("reject_rule")),
+        *((("open-set caution", m["reject_warning"]),) if m.get("reject_warning") else ()),
         ("suggested reject_below (stage 05)", inp.suggested_reject_below)],
         metrics=headline, pixel_size_um=inp.pixel_size_um)
     if m.get("unknown_classes"):

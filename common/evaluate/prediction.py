@@ -49,7 +49,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     open-set scores and the review's neighbours come from exact search. ``pixel_size_um``: the
     camera's pixel size (review.html and the report give image sizes in micrometres too).
     """
-    from ..ecotaxa.bundle import ecotaxa_rows, write_tsv
+    from ..ecotaxa.bundle import ecotaxa_rows, ecotaxa_stem, write_tsv
     from ..report.plots import plot_sample_counts
     from ..report.review import Review, ReviewItem, doubt_note, write_review
     from .tables import doubt_order, sample_counts
@@ -123,7 +123,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
                                                  if n else Path("."))
     eco, eco_left_out = ecotaxa_rows(queries.paths, samples, predicted, base,
                                        {"similarity": d.best_sim, "margin": d.margin, "knn_similarity": scores["knn"]})
-    eco_path = output(f"ecotaxa_{name}.tsv")
+    eco_path = output(f"{ecotaxa_stem(name)}.tsv")
     write_tsv(eco_path, eco)
     out["ecotaxa"] = {"file": eco_path.name, "img_file_name_relative_to": str(base), "rows": len(eco) - 2,
                       "left_out": [{"path": p, "reason": why} for p, why in eco_left_out]}
@@ -155,8 +155,11 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
     out["report"] = str(report_path)
     write_json(output("metrics.json"), _round(out))
     rep = Report(title="Plankton recognition: predictions", facts=list(facts) + [
-        ("input", icfg.input), ("gallery", f"{icfg.gallery} ({len(gallery)} vectors)"), ("method", icfg.method),
-        ("open-set rule", rule.source), ("suggested reject_below (stage 05)", suggested_reject_below),
+        ("input", icfg.input),
+        *((("gallery", f"{icfg.gallery} ({len(gallery)} vectors)"),) if "gallery" not in {k for k, _ in facts} else ()),
+        ("method", icfg.method),
+        ("open-set rule", rule.source), *((("open-set caution", rule.warning),) if rule.warning else ()),
+        ("suggested reject_below (stage 05)", suggested_reject_below),
         ("review", review_path.name), ("EcoTaxa table", eco_path.name)],
         metrics={k: v for k, v in out.items() if k in ("n_images", "n_unreadable", "n_doubtful", "rejection_rate",
                                                         "n_rejected", "images_per_s", "mean_latency_ms")},
@@ -167,15 +170,17 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, o
                          gallery.paths[int(d.nn_idx[q])], classes[int(gallery.labels[int(d.nn_idx[q])])])
              for q in order_q[:PREDICT_STRIP_MAX]]
     if strip:
-        rep.strips.append(("Most doubtful queries beside their nearest gallery image",
-                           f"{len(strip)} of {n}; every image with its five neighbours is in {review_path.name}", strip))
+        rep.strips_title = "Most doubtful queries beside their nearest gallery image"
+        rep.strips.append(("", f"The {len(strip)} most doubtful of {n} images; every image with its five neighbours "
+                               f"is in {review_path.name}", strip))
     if errors:
         rep.extra_tables.append(("Unreadable files (not classified)", ["path", "reason"], [list(e) for e in errors]))
     if eco_left_out:
         rep.extra_tables.append((f"Left out of {eco_path.name} (classified: see predictions.csv)", ["path", "reason"],
                                  [[repr(p), why] for p, why in eco_left_out]))
     write_report(report_path, rep)
-    log.info("predicted %d images in %d samples (%d unreadable, %d rejected, %d doubtful); predictions in %s", n,
-             len(order), len(errors), out.get("n_rejected", 0), out["n_doubtful"], output("predictions.csv"))
+    log.info("predicted %d image%s in %d sample%s (%d unreadable, %d rejected, %d doubtful); predictions in %s", n,
+             "" if n == 1 else "s", len(order), "" if len(order) == 1 else "s", len(errors), out.get("n_rejected", 0),
+             out["n_doubtful"], output("predictions.csv"))
     log.info("review: %s; EcoTaxa table: %s", review_path, eco_path)
     return out

@@ -84,7 +84,11 @@ def class_report_rows(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[
 
 
 def _round(d: dict[str, Any], nd: int = 6) -> dict[str, Any]:
-    return {k: (round(v, nd) if isinstance(v, float) else v) for k, v in d.items()}
+    def r(v: Any) -> Any:  # floats, and the floats of a list (the [low, high] of an interval)
+        if isinstance(v, float):
+            return round(v, nd)
+        return [r(x) for x in v] if isinstance(v, list) else v
+    return {k: r(v) for k, v in d.items()}
 
 
 def unknown_table(u: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]]:

@@ -176,7 +176,7 @@ def embed_paths(paths: Sequence[str], model: Any, transform: Callable, image_siz
     (``cpu_precision``: the store's, from ``model.json``; ``cpu_compile``: ``extract.cpu_compile``).
     """
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
+    from ..runtime.progress import progress
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     ds = SafeImages(paths, transform, image_size, min_side, max_pixels)
@@ -190,7 +190,7 @@ def embed_paths(paths: Sequence[str], model: Any, transform: Callable, image_siz
     t_wait = t_embed = 0.0
     t0 = time.perf_counter()
     it = iter(loader)
-    with tqdm(total=len(ds), desc="embedding", unit="img", disable=None) as bar:
+    with progress(len(ds), "embedding", unit="img") as bar:  # no terminal: a log line every ~30 s
         while True:
             ta = time.perf_counter()
             try:

@@ -222,17 +222,16 @@ def plan(store_path: Path | PgStore, prep: Prep, extras: Sequence[Any], checkpoi
 def _batches(paths: list[str], prep: Prep, cfg: Any, device: torch.device, rank: int, world_size: int) -> _Batches:
     """The loader of this rank's share (``paths``), its progress bar (rank 0) and its network
     (compiled for a long CPU job)."""
-    from tqdm import tqdm
-
     from ..data.datasets import ImageListDataset
+    from ..runtime.progress import progress
 
     ecfg = cfg.extract
     ds = ImageListDataset(paths, transform=prep.pre.transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=ecfg.batch_size, shuffle=False,
                                          num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=False)
-    bar = tqdm(total=len(paths), desc="embedding" if world_size == 1 else f"embedding (rank 0 of {world_size})",
-               unit="img", disable=None if rank == 0 else True)
+    bar = progress(len(paths), "embedding" if world_size == 1 else f"embedding (rank 0 of {world_size})",
+                   unit="img", enabled=rank == 0)  # no terminal: a log line every ~30 s
     net = prep.model
     if use_cpu_compile(ecfg.cpu_compile, device, len(paths)):
         net = CompiledCpuModel(prep.model, ecfg.batch_size)

@@ -54,12 +54,24 @@ class ArgParser(argparse.ArgumentParser):
         super().error(message)
 
 
+KEYS_LINE = "Every key, its default and its meaning: configs/default.yaml."
+
+
+def _usage_block(doc: str | None) -> str:
+    """The ``Usage:`` lines of a script's docstring (its examples, e.g. stage 07's predict mode)."""
+    lines = (doc or "").strip().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("Usage:")), None)
+    return "\n".join(lines[start:]).rstrip() + "\n\n" if start is not None else ""
+
+
 def build_parser(spec: StageSpec, doc: str | None) -> argparse.ArgumentParser:
     p = ArgParser(
         prog=script_for(spec.name),
         description=(doc or "").strip().splitlines()[0] if doc else None,
-        epilog="Overrides: section.key=value (values parse as YAML), e.g. train.epochs=10; options and overrides "
-        "in any order. Exit codes: 0 done, 2 bad input or configuration, 1 unexpected failure, 130 interrupted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_usage_block(doc) + "Overrides: section.key=value (values parse as YAML), e.g. train.epochs=10;\n"
+        "options and overrides in any order. " + KEYS_LINE + "\nExit codes: 0 done, 2 bad input or configuration, "
+        "1 unexpected failure, 130 interrupted.",
     )
     p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
                    help="configuration file; repeat to layer files (later files win). For an existing run, "

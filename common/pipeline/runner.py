@@ -91,11 +91,11 @@ def _failure(e: BaseException, spec: StageSpec, stage_dir: Path, slog: logging.L
             line = loader_error_line(e)
         if unfinished:
             line += f" ({spec.name} had started writing: it is unfinished now; rerun it once this is fixed)"
-        slog.error("error: %s", line)
+        slog.error("%s", line)  # the console and log.txt already say ERROR
         return 2, line, None
     if isinstance(e, KeyboardInterrupt):
         line = f"interrupted ({e})" if str(e) else "interrupted (Ctrl-C)"
-        slog.warning("%s: %s; rerun the same command to continue", spec.name, line)
+        slog.warning("%s; rerun the same command to continue", line)
         return 130, line, None
     line = f"{e.__class__.__name__}: {e}".splitlines()[0]
     slog.error("%s failed: %s (traceback in %s)", spec.name, line, stage_dir / "log.txt", exc_info=e)
@@ -197,7 +197,7 @@ class _Run:
 
     def run_driver(self, ctx: Context, why: str) -> None:
         """Step 5: seed, wait for every rank, then the driver's ``main(ctx)`` (its metrics kept)."""
-        self.slog.info("%s: run folder %s; runs because %s", self.spec.name, self.run_dir, why)
+        self.slog.info("run folder %s; runs because %s", self.run_dir, why)  # the logger is the stage: named once
         from ..runtime.seed import seed_everything
 
         seed_everything(self.cfg.run.seed)

@@ -107,7 +107,8 @@ class Report:
     comparison_note: str = ""
     images: list[tuple[str, Path, str]] = field(default_factory=list)  # (heading, png path, caption)
     per_class: tuple[list[str], list[list[Any]]] | None = None
-    strips: list[tuple[str, str, list[StripItem]]] = field(default_factory=list)  # (class, note, items)
+    strips: list[tuple[str, str, list[StripItem]]] = field(default_factory=list)  # (class or "", note, items)
+    strips_title: str = "Worst classes: misclassified queries beside their nearest gallery image"
     extra_tables: list[tuple[str, list[str], list[list[Any]]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pixel_size_um: float | None = None  # the camera's pixel size: image sizes in micrometres too
@@ -193,12 +194,13 @@ def _strips(rep: Report) -> str:
                                                                               rep.pixel_size_um).split(" · "))
         return f"<figure>{box}{lines}</figure>"
 
-    out = ["<h2>Worst classes: misclassified queries beside their nearest gallery image</h2>\n",
+    out = [f"<h2>{esc(rep.strips_title)}</h2>\n",
            f'<p class="note">Every thumbnail is drawn at one scale, so sizes compare: the red bar is '
            f'{esc(scale.bar_label)}; a dashed frame marks an image too large for it, shrunk to fit (its bar is '
            f'shorter). Below each image: its size in pixels{" and micrometres" if rep.pixel_size_um else ""}.</p>\n']
     for cls_name, note, items in rep.strips:
-        out.append(f"<h3>{esc(cls_name)}</h3>\n")
+        if cls_name:
+            out.append(f"<h3>{esc(cls_name)}</h3>\n")
         if note:
             out.append(f'<p class="note">{esc(note)}</p>\n')
         out.append('<div class="strip">\n')

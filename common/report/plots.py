@@ -29,6 +29,15 @@ MAP_LEGEND_MAX = 20  # legend only up to this many classes; class names at centr
 DPI = 120  # figures
 
 
+def plain_log_ticks(axis: Any) -> None:
+    """Log-axis tick labels as plain numbers (1, 10, 100, 1,000): with ``text.parse_math`` off the
+    default ``LogFormatterSciNotation`` would print its maths source, ``$\\mathdefault{10^{1}}$``."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_sweep(rows: Sequence[dict[str, Any]], chosen: int, path: Path, title: str = "") -> None:
     """``threshold_sweep.png``: top-1 / k-NN accuracy and macro-F1 against the threshold, the
     gallery size on a second axis, the chosen threshold marked."""
@@ -73,6 +82,7 @@ def plot_prune_summary(summary: Sequence[dict[str, Any]], path: Path, threshold:
     ax.bar(x, [r["before"] for r in rows], color="0.75", label="train gallery")
     ax.bar(x, [r["after"] for r in rows], color="tab:blue", label=f"LUT (threshold {threshold:g})")
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
     ax.set_ylim(bottom=0.8)  # bars start below one vector (every class keeps at least one)
     ax.set_xticks(x)
     ax.set_xticklabels([str(r["class"]) for r in rows], rotation=90, fontsize=max(4, min(8, 600 // n)))
@@ -166,6 +176,7 @@ def plot_class_distribution(counts: Sequence[Any], path: Path) -> None:
     ax.set_yticklabels([tick(c) for c in order], fontsize=8)
     ax.set_ylim(-0.7, len(order) - 0.3)
     ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
     top = max([c.total for c in order] + [1])
     ax.set_xlim(0.7, top * 2.0)
     ax.set_xlabel("images (log scale)")

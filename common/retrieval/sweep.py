@@ -20,6 +20,7 @@ LATENCY_QUERIES = 32  # stage 05: val queries timed against a gallery of each pr
 REJECT_PERCENTILE = 5.0  # stage 05: suggested_reject_below = this percentile of the best similarity of correct val predictions
 TOP_M_FACTOR = 8  # stage 05: neighbour lists hold this many times k / (smallest kept fraction) items (pruning thins near neighbours most)
 MIN_TOP_M = 64  # stage 05: fewest neighbours kept per query for the sweep (more when pruning removes much)
+FLAT_SWEEP_F1 = 1e-3  # stage 05: a sweep whose val macro-F1 varies less than this over the grid is "flat"
 TIE_EPS = 1e-12  # stage 05 rules: metric differences below this count as equal (float noise)
 
 
@@ -271,6 +272,32 @@ def choose_threshold(rows: Sequence[dict[str, Any]], lcfg: Any) -> tuple[int, st
         return i, (f"rule target_size: the best val macro-F1 among galleries of at most {int(lcfg.target_size):,} "
                    f"vectors: {desc(i)}")
     raise ConfigError(f"lut.rule: expected tolerance, max_f1, max_accuracy or target_size, got {rule!r}")
+
+
+def sweep_warnings(rows: Sequence[dict[str, Any]], chosen: int, lcfg: Any) -> list[str]:
+    """Cautions about a threshold choice, one sentence each: the chosen threshold sits at either
+    end of the grid (the best may lie outside it), or the sweep is flat (val macro-F1 varies by
+    less than ``FLAT_SWEEP_F1``: the threshold hardly matters on val, the choice rests on size)."""
+    out: list[str] = []
+    if len(rows) < 2:
+        return out
+    f1 = np.array([r["macro_f1"] for r in rows], dtype=np.float64)
+    t = rows[chosen]["threshold"]
+    grid = "lut.thresholds" if lcfg.thresholds is not None else None
+    if chosen == 0:
+        key = grid or f"lut.grid_start={lcfg.grid_start:g}"
+        out.append(f"the chosen threshold {t:g} is the lowest of the grid ({key}): a lower one may be as good with "
+                   "a smaller gallery; extend the grid downwards and rerun 05_lut_threshold.py")
+    elif chosen == len(rows) - 1:
+        key = grid or f"lut.grid_stop={lcfg.grid_stop:g}"
+        out.append(f"the chosen threshold {t:g} is the highest of the grid ({key}): a higher one may be better; "
+                   "extend the grid upwards and rerun 05_lut_threshold.py")
+    finite = f1[np.isfinite(f1)]
+    if finite.size and finite.max() - finite.min() < FLAT_SWEEP_F1:
+        out.append(f"the sweep is flat: val macro-F1 is {finite.max():.4f} at every threshold (within "
+                   f"{FLAT_SWEEP_F1:g}), so the val split does not tell the thresholds apart and the choice rests on "
+                   f"gallery size alone ({rows[0]['n_kept']:,} to {rows[-1]['n_kept']:,} vectors)")
+    return out
 
 
 def suggested_reject_below(best_sims: np.ndarray, correct: np.ndarray,

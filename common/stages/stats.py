@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def main(ctx: Context) -> dict:
     cfg = ctx.cfg
     train = rows_of(read_splits(ctx.upstream(SPLIT) / SPLITS_CSV), "train")
-    log.info("mean/std over %d train images at %d px (pad fill %d)", len(train), cfg.model.image_size,
+    log.info("mean/std over %d train images at %d px (pad fill %s)", len(train), cfg.model.image_size,
              cfg.data.pad_fill)
     result = mean_std([r.path for r in train], cfg.model.image_size, cfg.data.pad_fill, cfg.stats.batch_size,
                             cfg.data.num_workers, ctx.device())

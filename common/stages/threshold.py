@@ -35,6 +35,7 @@ from ..retrieval.sweep import (
     nearest_kept,
     suggested_reject_below,
     sweep_rows,
+    sweep_warnings,
     threshold_grid,
 )
 from ..store.containers import Vectors
@@ -168,7 +169,7 @@ def _choose(sw: Sweep, lcfg: Any, gal: Vectors, val: Vectors) -> tuple[int, str,
 
 
 def _write(ctx: Context, sw: Sweep, i: int, reason: str, reject: float | None, model: dict, gal: Vectors,
-           val: Vectors, thresholds: list[float]) -> None:
+           val: Vectors, thresholds: list[float], warnings: list[str]) -> None:
     """threshold_sweep.csv, threshold.json and threshold_sweep.png."""
     lcfg, chosen = ctx.cfg.lut, sw.rows[i]
     write_csv(ctx.output("threshold_sweep.csv"), sw.columns, ([r[c] for c in sw.columns] for r in sw.rows))
@@ -177,7 +178,7 @@ def _write(ctx: Context, sw: Sweep, i: int, reason: str, reject: float | None, m
         "model_id": model["model_id"], "checkpoint_sha256": model["checkpoint_sha256"],
         "suggested_reject_below": reject, "reject_percentile": REJECT_PERCENTILE,
         "n_gallery": len(gal), "n_val": len(val), "knn_k": lcfg.knn_k,
-        "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds,
+        "knn_temperature": lcfg.knn_temperature, "thresholds": thresholds, "warnings": warnings,
         **({"search": sw.index_info} if sw.index_info is not None else {}),
     })
     plot_sweep(sw.rows, i, ctx.output(SWEEP_PNG))
@@ -191,9 +192,12 @@ def main(ctx: Context) -> dict[str, Any]:
     model, _, classes, gal, val = _load(ctx)
     sw = _sweep(ctx, gal, val, thresholds, len(classes), device)
     i, reason, reject = _choose(sw, lcfg, gal, val)
-    _write(ctx, sw, i, reason, reject, model, gal, val, thresholds)
+    warnings = sweep_warnings(sw.rows, i, lcfg)
+    for w in warnings:
+        log.warning("caution: %s", w)
+    _write(ctx, sw, i, reason, reject, model, gal, val, thresholds, warnings)
     chosen = sw.rows[i]
     return {"threshold": chosen["threshold"], "rule": lcfg.rule, "n_kept": chosen["n_kept"],
             "n_gallery": len(gal), "macro_f1": chosen["macro_f1"],
-            "top1_accuracy": chosen["top1_accuracy"], "suggested_reject_below": reject,
+            "top1_accuracy": chosen["top1_accuracy"], "suggested_reject_below": reject, "warnings": warnings,
             "model_id": model["model_id"], "seconds": {k: round(v, 3) for k, v in sw.seconds.items()}}

@@ -412,13 +412,14 @@ class Training:
 
     def one_epoch(self) -> tuple[dict[str, Any], bool]:
         """Train the epoch in progress (from its first step not done) and evaluate it when due."""
-        from tqdm import tqdm
+        from ..runtime.progress import progress
 
         t, p = self.t, self.trainer.position
         epoch, start = p.epoch, p.step_in_epoch
         self.sampler.set_epoch(epoch, start)
-        bar = tqdm(total=self.steps, initial=start, desc=f"epoch {epoch}/{t.epochs}", leave=False,
-                   disable=None if self.is_main else True, dynamic_ncols=True)
+        # a terminal: a tqdm bar of steps; none (nohup, a file): a log line of images/s and ETA every ~30 s
+        bar = progress(self.steps, f"epoch {epoch}/{t.epochs}", unit="it", initial=start, enabled=self.is_main,
+                       scale=t.batch_size * self.world, log_unit="img", leave=False, dynamic_ncols=True)
         try:
             with worker_errors():
                 res = self.trainer.train_one_epoch(self.loader, epoch, self.steps, start, on_step=self.on_step,

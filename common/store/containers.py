@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.fill import pad_fill_value
 from ..errors import UserError
 from .schema import DTYPES, NORM_TOLERANCE, STAGE
 
@@ -62,7 +63,7 @@ class ModelInfo:
     mean: list[float]
     std: list[float]
     image_size: int
-    pad_fill: int
+    pad_fill: int | str  # a grey level, or "auto" (stored as AUTO_FILL_CODE)
     classes: list[str]
     checkpoint_path: str
     epoch: int | None
@@ -113,7 +114,7 @@ def _model_from_row(r: Any) -> ModelInfo:
     return ModelInfo(
         id=int(m["id"]), checkpoint_sha256=m["checkpoint_sha256"], embedding=m["embedding"],
         backbone=m["backbone"], dim=int(m["dim"]), mean=json.loads(m["mean"]), std=json.loads(m["std"]),
-        image_size=int(m["image_size"]), pad_fill=int(m["pad_fill"]), classes=json.loads(m["classes"]),
+        image_size=int(m["image_size"]), pad_fill=pad_fill_value(m["pad_fill"]), classes=json.loads(m["classes"]),
         checkpoint_path=m["checkpoint_path"], epoch=m["epoch"], created=m["created"], complete=bool(m["complete"]),
         dtype=m["dtype"],
     )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from sqlalchemy import delete, insert, select, update
 
+from ..data.fill import pad_fill_code
 from ..errors import UserError
 from .containers import ModelInfo, _model_from_row, _now
 from .schema import DTYPES, EMBEDDINGS, NORM_TOLERANCE, READ_BLOCK_BYTES, STAGE, meta_t, models_t, raw_connection
@@ -193,7 +194,7 @@ def _model_values(checkpoint_sha256: str, embedding: str, backbone: str, dim: in
     return {"checkpoint_sha256": checkpoint_sha256, "embedding": embedding, "backbone": backbone,
             "dim": int(dim), "mean": json.dumps([float(x) for x in mean]),
             "std": json.dumps([float(x) for x in std]), "image_size": int(image_size),
-            "pad_fill": int(pad_fill), "classes": json.dumps(list(classes)),
+            "pad_fill": pad_fill_code(pad_fill), "classes": json.dumps(list(classes)),
             "checkpoint_path": str(checkpoint_path), "epoch": epoch, "created": _now(), "complete": 0,
             "dtype": dtype}
 

@@ -234,7 +234,10 @@ class FeatureStore(ModelTable, VectorReads):
             conn.execute(insert(meta_t), [{"key": "schema_version", "value": str(SCHEMA_VERSION)},
                                           {"key": "format", "value": FORMAT},
                                           {"key": "created", "value": _now()}])
-        log.info("created feature store %s (schema version %d)", self.path, SCHEMA_VERSION)
+        # a temporary file written then renamed (fileio.atomic_path: stage 06's lut.sqlite): its name means
+        # nothing to the reader of the log, the stage names the final file
+        log.log(logging.DEBUG if self.path.name.endswith(".tmp") else logging.INFO,
+                "created feature store %s (schema version %d)", self.path, SCHEMA_VERSION)
 
     def _check_version(self, any_version: bool = False) -> None:
         """Refuse a store of another schema version. ``any_version`` lets a version of

@@ -28,7 +28,7 @@ from ..artefacts import LUT_FILE, SPLITS_CSV
 if TYPE_CHECKING:
     from ...pipeline.context import Context
 from .evaluate import _evaluate
-from .load import _threshold_info, hold_out, index_agreement, load_store_data, open_index
+from .load import _threshold_info, hold_out, threshold_warnings, index_agreement, load_store_data, open_index
 from .predict import _predict
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,19 @@ def main(ctx: Context) -> dict[str, Any]:
     ctx.upstream(TRAIN)
     stage04 = ctx.upstream(EXTRACT)
     lut_path = ctx.upstream(PRUNE) / LUT_FILE if icfg.gallery == "lut" else None
-    sweep_png, suggested = _threshold_info(ctx.upstream(THRESHOLD, required=False))
+    sweep_dir = ctx.upstream(THRESHOLD, required=False)
+    sweep_png, suggested = _threshold_info(sweep_dir)
     if suggested is not None:
-        log.info("stage 05 suggests inference.reject_below=%.4f (now %s)", suggested, icfg.reject_below)
+        log.info("stage 05 suggests inference.reject_below=%.4f (now %s)", suggested,
+                 "null" if icfg.reject_below is None else icfg.reject_below)
     if icfg.reject_below is None:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
     scfg = ctx.cfg.search
     data = hold_out(load_store_data(stage04, splits_dir / SPLITS_CSV, lut_path, ctx.cfg.store.password_env,
                                     scfg.max_memory_gib if scfg.index == "exact" else None),
                     list(icfg.unknown_classes))
-    facts = [("run folder", str(ctx.run_dir)), *data.facts]
+    facts = [("run folder", str(ctx.run_dir)), *data.facts,
+             *(("caution (stage 05's threshold)", w) for w in threshold_warnings(sweep_dir))]
     index = open_index(ctx, data, lut_path.parent if lut_path is not None else None)
     info = index_agreement(index, data, icfg.block_size, ctx.device()) if index is not None else {}
     if info:

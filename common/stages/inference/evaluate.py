@@ -50,6 +50,8 @@ def _evaluate(ctx: Context, data: StoreData, facts: list, sweep_png: Path | None
     m = write_evaluation(ev, inp, icfg, ctx.output, ctx.cfg.run.seed)
     keys = ("accuracy", f"top{icfg.top_k}_accuracy", "macro_f1", "balanced_accuracy", "map_at_r",
             "rejection_rate", "accepted_accuracy", "gallery_size", "report")
+    keys += (*(f"{k}_ci95" for k in keys), "chance_accuracy", "majority_class_accuracy",
+             f"top{icfg.top_k}_uninformative")  # each figure's 95 % interval and the levels to beat
     return {k: m[k] for k in keys if k in m}
 
 
@@ -78,9 +80,8 @@ def write_evaluation(ev: Evaluation, inp: EvalInputs, icfg: Any, output: Output,
     _evaluate_report(report_path, inp, icfg, ev.summary, ev.decision, COMPARISON_HEADER, ev.comparison, cm_png,
                      map_png, *class_report)
     m = ev.summary
-    log.info("test: accuracy %.4f, top-%d %.4f, macro-F1 %.4f, balanced accuracy %.4f, MAP@R %.4f (%s, %s gallery)",
-             m["accuracy"], icfg.top_k, m.get(f"top{icfg.top_k}_accuracy", float("nan")), m["macro_f1"],
-             m["balanced_accuracy"], m["map_at_r"], icfg.method, icfg.gallery)
+    log.info("test (%d queries, %s, %s gallery): %s", len(inp.test), icfg.method, icfg.gallery,
+             evaluate_metrics.headline_line(m, icfg.top_k))
     log.info("report: %s", report_path)
     return m
 
@@ -104,7 +105,7 @@ def write_classifiers(output: Output, ev: Evaluation, inp: EvalInputs) -> None:
 def write_comparison(path: Path, rows: list[list[Any]]) -> None:
     """``comparison.csv``: every method's accuracy, speed and size on the test split."""
     write_csv(path, COMPARISON_HEADER,
-              [[r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", f"{r[4]:.3f}", f"{r[5]:.6f}", r[6]] for r in rows])
+              [[r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", "" if r[4] is None else f"{r[4]:.3f}", f"{r[5]:.6f}", r[6]] for r in rows])
 
 
 def write_predictions(path: Path, ev: Evaluation, inp: EvalInputs) -> None:

@@ -145,6 +145,13 @@ def hold_out(data: StoreData, names: list[str]) -> StoreData:
     return data
 
 
+def threshold_warnings(sweep_dir: Path | None) -> list[str]:
+    """Stage 05's cautions about its threshold (``threshold.json``'s ``warnings``), for the report."""
+    meta = read_threshold_json(sweep_dir, required=False) if sweep_dir is not None else None
+    w = (meta or {}).get("warnings") or []
+    return [str(x) for x in w] if isinstance(w, list) else []
+
+
 def _threshold_info(sweep_dir: Path | None) -> tuple[Path | None, float | None]:
     if sweep_dir is None:
         return None, None

@@ -47,8 +47,9 @@ def _predict(ctx: Context, data: StoreData, facts: list, suggested: float | None
                  icfg.input)
     if not images:
         raise UserError(f"inference.input: no image files in {icfg.input}")
-    log.info("predicting %d images of %s (%d samples) into %s", len(images), icfg.input, len(inputs.sample_list()),
-             ctx.dir)
+    n_samples = len(inputs.sample_list())
+    log.info("predicting %d image%s of %s (%d sample%s) into %s", len(images), "s" if len(images) != 1 else "",
+             icfg.input, n_samples, "s" if n_samples != 1 else "", ctx.dir)
     X, ok, errors, timing = _embed(ctx, data, images)
     queries = Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
     clfs = _classifiers_for_predict(ctx, data)
