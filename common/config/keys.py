@@ -1,4 +1,5 @@
-"""key() field helper, KeyMeta, Range + ge/gt/PROB/COSINE/..., Section base (recording reads), one-line value rendering.
+"""How a configuration key is declared once: key(default, doc, range=, hashed=, path=, invocation=),
+its ranges, and the sections that record which keys a stage reads.
 
 A configuration key is declared once, as a field of a section dataclass (``config.schema``):
 ``seed: int = key(42, "one seed for every random choice", range=Range(0, 2**63, hi_open=True))``.

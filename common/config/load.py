@@ -1,4 +1,5 @@
-"""Safe YAML (alias bombs), coercion with did-you-mean, overrides, load_config, from_dict, resolve_paths."""
+"""Loading a configuration: safe YAML (size and alias limits), defaults then files then overrides,
+did-you-mean errors, paths made absolute."""
 from __future__ import annotations
 
 import difflib

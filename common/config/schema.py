@@ -1,4 +1,5 @@
-"""Typed configuration: one YAML file, one section per concern.
+"""The configuration's sections, every key declared once with its default, range, meaning and whether a
+change reruns a stage; the cross-key checks.
 
 ``load_config(files, overrides)`` merges the built-in defaults, each ``-c`` file in order and
 dotted ``section.key=value`` overrides (values parsed as YAML). Every section is a dataclass:

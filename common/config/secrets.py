@@ -1,4 +1,5 @@
-"""is_secret_key, redact, to_yaml, REDACTED."""
+"""Keeping secrets out of files: which keys and values hold one, and their redaction in YAML, logs and
+argv."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
-"""get_key, key_values, hash_values, diff_values, is_semantic, hashed_for(stage), nested_values, run_config_dict, recording()."""
+"""What a stage records of the configuration: the values of its keys, their hash, their differences,
+and RUN/config.yaml's content."""
 from __future__ import annotations
 
 import copy

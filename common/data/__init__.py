@@ -1,1 +1,1 @@
-"""images, folders, splits: everything before a network sees a tensor."""
+"""Images, folders and splits: everything before a network sees a tensor."""

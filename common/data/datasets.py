@@ -1,4 +1,5 @@
-"""ImageListDataset, SafeImages, loader_error_line, worker_errors."""
+"""PyTorch datasets over image lists: unreadable images reported in one line, also from worker
+processes."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""Decoding (load_rgb, EXIF upright, to_rgb, check_size, PIL_*)."""
+"""Decoding one image: upright (EXIF), RGB, within the size limits."""
 from __future__ import annotations
 
 import os

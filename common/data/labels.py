@@ -1,4 +1,4 @@
-"""class_index (the one label->index map), gallery_classes."""
+"""Class names to indices: the one label map, and the gallery's classes."""
 from __future__ import annotations
 
 from typing import Callable, Sequence

@@ -1,4 +1,4 @@
-"""The one folder walker/lister (walk_files, list_image_folder, class_folders, list_images (<- inference.py), is_image_name, IMAGE_SUFFIXES, sort_key)."""
+"""Finding images: the one folder walker (class folders, image suffixes, symbolic links, stable order)."""
 from __future__ import annotations
 
 import logging

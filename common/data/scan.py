@@ -1,4 +1,5 @@
-"""reading/hashing/decoding every file (Scan, scan_file(s))."""
+"""Stage 01's scan: open, hash and decode every file (in worker processes) and say what is wrong with
+the bad ones."""
 from __future__ import annotations
 
 import functools

@@ -1,5 +1,5 @@
-"""Stage 01 logic: scan an image folder, reject bad images, and split every class into
-train / val / test.
+"""Stage 01's split rule: every class into train / val / test, duplicates kept together, seeded per
+class.
 
 Scanning. Every file under a class folder is read once, hashed (sha256 of its bytes) and, when
 Pillow recognises it *by content*, fully decoded, in ``data.num_workers`` processes. Hidden files

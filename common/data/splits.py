@@ -1,4 +1,4 @@
-"""splits.csv rows (SplitRow, read_splits, write_splits_csv, class_names, rows_of, SPLITS, EXTRA_SPLIT)."""
+"""splits.csv: its rows, reader and writer, and the names of the splits."""
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,4 @@
-"""Stage 02 logic: exact per-channel mean and standard deviation of the train split.
+"""Stage 02's computation: exact per-channel mean and standard deviation of the train split.
 
 The statistics describe the images *as the network sees them*: converted to RGB, padded to a
 square with ``data.pad_fill``, resized to ``model.image_size`` (``data.square_uint8_transform``,

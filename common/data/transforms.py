@@ -1,5 +1,5 @@
-"""Shared data code: image listing, ``splits.csv`` and ``stats.json`` readers, image loading,
-the square-padding transform and the dataset every stage iterates over.
+"""What the network sees: pad to a square, resize, normalise, and the preprocessing record a checkpoint
+carries.
 
 The network sees every image the same way, whatever its size or mode (DYB-PlanktonNet mixes
 grey and colour images of very different sizes and aspect ratios):

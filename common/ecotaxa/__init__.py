@@ -1,1 +1,2 @@
-"""EcoTaxa both ways (issue 19); knows no run folder."""
+"""EcoTaxa both ways: reading exports to train or predict on, writing bundles it imports; knows no run
+folder."""

@@ -1,4 +1,4 @@
-"""Write what EcoTaxa imports (write_bundle, TaxaMap; the loose TSV ecotaxa_rows/write_tsv until stage 07 writes the bundle)."""
+"""Writing what EcoTaxa imports: the TSV with its type row and the images, zipped as one bundle."""
 from __future__ import annotations
 
 import csv

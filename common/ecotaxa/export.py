@@ -1,4 +1,4 @@
-"""EcoTaxa both ways: read an EcoTaxa export (to train or predict on), write a bundle EcoTaxa imports.
+"""Reading an EcoTaxa export (zip or folder of ecotaxa_*.tsv with images) as EcoTaxa writes it.
 
 EcoTaxa (ecotaxa/ecotaxa_back, commit cb44b19) is cited by file:line below; the figures come from
 running its own import validation (``InBundle.validate_import`` -> ``TSVFile.do_validate``).

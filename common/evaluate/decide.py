@@ -1,4 +1,5 @@
-"""Stage 07: classify queries against the gallery, measure, compare, and write a report.
+"""Decisions: the class of each query from its nearest gallery entries (nearest neighbour or k-NN
+vote), and open-set rejection.
 
 Two modes (``inference.mode``):
 

@@ -1,4 +1,4 @@
-"""report.html of both modes (Report objects from results)."""
+"""What stage 07's report pages say, from the results (rendered by common.report.html)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""predict() -> Prediction."""
+"""Predict mode's decisions for new images: classes, doubts, neighbours and counts; writes nothing."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
-"""Rows of predictions.csv, classification_report.csv, sample_counts.csv, unknown table, doubt order."""
+"""The rows of stage 07's tables: predictions, the classification report, sample counts, unknowns,
+doubt order."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence

@@ -1,4 +1,4 @@
-"""Checkpoint format, load/save/copy, check_classes/check_stats."""
+"""The checkpoint file: its format, atomic save, load, and the checks of its classes and preprocessing."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
-"""Stage 04: embed every image of every split with one checkpoint into the feature store.
+"""Embedding every image of every split with one checkpoint into a feature store (plan, embed, write,
+finish).
 
 What it does, in order (``extract_features``):
 

@@ -1,4 +1,5 @@
-"""External weights (timm/SupContrast/this pipeline)."""
+"""External weights: timm's pretrained weights, a local file, SupContrast's or this pipeline's
+checkpoints."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
-"""The read-only check phase (upstream, external, own state, config-change line)."""
+"""The read-only check phase: upstream stages fresh, inputs present, the stage's own state; nothing is
+written."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
-"""Invocation, build_parser, parse_args, redacted argv."""
+"""A stage's command line: -c files, --run, --force, section.key=value overrides; argv recorded without
+secrets."""
 from __future__ import annotations
 
 import argparse

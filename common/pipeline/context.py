@@ -1,4 +1,5 @@
-"""Context."""
+"""What a driver gets: the configuration, its stage folder, upstream folders, rank, and where outputs
+go."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

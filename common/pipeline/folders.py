@@ -1,4 +1,5 @@
-"""Stale temporaries, previous-<UTC> names."""
+"""Paths inside the run folder: names that stay inside it, writable folders, stale temporaries,
+previous-<UTC time>/ names."""
 from __future__ import annotations
 
 import contextlib

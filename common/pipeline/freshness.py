@@ -1,4 +1,4 @@
-"""The run folder: the run's configuration, stage manifests, freshness and stage locks.
+"""Is a stage up to date: its manifest against today's keys, upstream digests and outputs.
 
 A run folder ``RUN/`` holds ``config.yaml`` (the run's configuration) and one folder per stage.
 A stage folder holds ``manifest.json``, written last: its presence means the stage finished. The

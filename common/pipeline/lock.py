@@ -1,4 +1,4 @@
-"""StageLock, LockInfo, holder."""
+"""One process per stage: the stage lock, who holds it, and stale locks of dead processes."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
-"""Console + log.txt handlers, open_log_nofollow."""
+"""Logging of a stage: the console, log.txt (never through a symbolic link) and the buffer before it
+exists."""
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,5 @@
-"""digests, manifest read/build/write, git/version facts."""
+"""manifest.json: what a finished stage records (keys, upstream digests, outputs' sha256, versions) and
+its reader."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
-"""RUN/config.yaml."""
+"""RUN/config.yaml: the run's own configuration, read as the base of every stage and rewritten on a
+change."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""StageSpec, script_for, rerun_hint, downstream(table), stages_reading(table)."""
+"""What a stage is to the machinery: StageSpec (keys, upstream, folder, driver), script names and rerun
+hints."""
 from __future__ import annotations
 
 import importlib

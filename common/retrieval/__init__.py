@@ -1,1 +1,2 @@
-"""Search and LUT pruning."""
+"""Search and LUT pruning: exact (in memory, streamed, reduced-precision kernel) and approximate
+(FAISS)."""

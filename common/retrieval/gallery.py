@@ -1,4 +1,4 @@
-"""A set of splits, loaded or streamed."""
+"""A gallery of one or more splits: loaded into memory, or left in the store and streamed."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""The entry points of exact search: ``topk``, ``search_classes``, ``knn_vote``, ``ClassSearch``.
+"""The search entry points: top-k neighbours, the best entry of each class, and the k-NN vote.
 
 ``topk`` runs on the reduced-precision exact kernel (``retrieval.kernel``) where it pays
 (``use_kernel``), else on one float32 product per block of queries; ``search_classes`` stays on the

@@ -1,4 +1,5 @@
-"""Stage 05's sweep (grid, nearest kept, rows, choice)."""
+"""Stage 05's sweep: the threshold grid, each val image's nearest kept entries, the rows and the
+choice."""
 from __future__ import annotations
 
 import hashlib

@@ -1,1 +1,1 @@
-"""Process facilities every layer may use."""
+"""Process facilities every layer may use: device, seeds, signals, multi-process helpers."""

@@ -1,4 +1,4 @@
-"""Stage 02's driver: exact per-channel mean and std of the train split into ``stats.json``."""
+"""Stage 02's driver: exact per-channel mean and std of the train split into stats.json."""
 from __future__ import annotations
 
 import logging

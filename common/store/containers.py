@@ -1,4 +1,5 @@
-"""Vectors (+ merge, subset), ImageRecord, ModelInfo, SyncReport, check_unit_vectors."""
+"""What the store hands out: Vectors (a split's vectors, labels and ids), ImageRecord, ModelInfo,
+SyncReport."""
 from __future__ import annotations
 
 import datetime as _dt

@@ -1,4 +1,4 @@
-"""open_store, store_exists, remove_store, verify_store, content_digest, schema_version, upgrade_store, store_bytes."""
+"""Store maintenance: open, exists, remove, verify, content digest, schema version and upgrade, size."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""PgStore, PgFeatureStore."""
+"""The feature store on PostgreSQL: the connection record (no password in it) and the store over it."""
 from __future__ import annotations
 
 import contextlib

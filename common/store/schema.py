@@ -1,4 +1,4 @@
-"""versions, SQL text, tables, dtypes, STORE_SPLITS, GALLERY_SPLITS."""
+"""The store's tables, SQL and versions, and which splits it holds."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence

@@ -1,4 +1,4 @@
-"""metrics.csv rows, augmentation preview, duration."""
+"""What training leaves besides checkpoints: metrics.csv rows, the augmentation preview, durations."""
 from __future__ import annotations
 
 import math

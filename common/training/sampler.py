@@ -1,4 +1,4 @@
-"""sample_seed, TwoViewDataset, EpochBatchSampler."""
+"""Batches for SupCon: two views per image, epoch-seeded sampling that resumes mid-epoch."""
 from __future__ import annotations
 
 from typing import Any, Iterator, Sequence

@@ -1,4 +1,4 @@
-"""base_lr, lr_at."""
+"""The learning-rate schedule: linear scaling with the batch, warm-up, cosine decay."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
-"""Stage 03: Supervised Contrastive training of the backbone, built to survive days-long runs.
+"""The SupCon training loop: one atomic step, the epoch, AMP and channels_last on CUDA, non-finite loss
+stops.
 
 The recipe is the reference SupContrast ``main_supcon.py`` (Khosla et al. 2020): two augmented
 views per image, SGD with momentum, cosine (or step) learning-rate decay with a linear warm-up

@@ -1,4 +1,4 @@
-"""k-NN validation (Evaluator, knn_metrics)."""
+"""k-NN validation during training: val embedded, ranked against train, checkpoints compared."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence

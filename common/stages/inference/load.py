@@ -1,4 +1,4 @@
-"""TODO(doc): common/stages/inference/load.py"""
+"""Stage 07's inputs: the stored vectors, the LUT, the threshold, the FAISS index and the query model."""
 from __future__ import annotations
 
 import logging

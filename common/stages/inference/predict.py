@@ -1,4 +1,4 @@
-"""TODO(doc): common/stages/inference/predict.py"""
+"""Stage 07's predict mode: embed new images, predict, and write each output file."""
 from __future__ import annotations
 
 import logging
