@@ -36,14 +36,17 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/DYB-PlanktonNet"  # image folder: one sub-folder per class
+    root: str = "data/DYB-PlanktonNet"  # image folder: one sub-folder per class; or an EcoTaxa export (.zip, or a folder of ecotaxa_*.tsv with their images)
     bad_images: Literal["skip", "fail"] = "skip"  # skip: list unreadable images in bad_images.csv and leave them out | fail: stop
     max_pixels: int = 89_478_485  # images with more pixels are rejected (decompression bombs)
     min_side: int = 4  # images with a side shorter than this (px) are rejected
     pad_fill: int = 0  # grey level (0-255) used to pad images to a square (0 = dark field)
     num_workers: int = 4  # DataLoader worker processes for every stage
     follow_symlinks: bool = False  # stage 01: follow directory symlinks inside class folders (each real folder once); false: skip and list them in bad_images.csv
-    gallery_extra: list[str] = field(default_factory=list)  # gallery-only images (stage 04 on): folders with one sub-folder per class, or filled corrections.csv files; never train the backbone
+    gallery_extra: list[str] = field(default_factory=list)  # gallery-only images (stage 04 on): folders with one sub-folder per class, filled corrections.csv files, or EcoTaxa export folders; never train the backbone
+    ecotaxa_status: list[str] = field(default_factory=lambda: ["validated"])  # EcoTaxa export (data.root, data.gallery_extra): rows with these object_annotation_status values are used (validated, dubious, predicted, discarded; '' = unclassified)
+    class_map: Optional[str] = None  # EcoTaxa export: CSV category,class (class '-' drops the category; '*' lines for the unlisted ones); null = each category is a class
+    ecotaxa_level: Optional[int] = None  # EcoTaxa export: the class is this level (1 = first name) of object_annotation_hierarchy; null = object_annotation_category
 
 
 @dataclass
@@ -180,6 +183,7 @@ class InferenceConfig:
     linear_lr: float = 0.1  # linear head learning rate
     worst_classes: int = 5  # report: misclassified strips for this many worst classes
     embedding_map: Literal["pca", "tsne", "none"] = "tsne"  # 2-D map of test embeddings in the report
+    ecotaxa_taxa: Optional[str] = None  # predict mode: CSV class,taxon mapping each class to an EcoTaxa taxon (unique display name, or numeric id); null = class names written as they are
 
 
 @dataclass
@@ -236,6 +240,7 @@ RANGES: dict[str, Range] = {
     "data.min_side": _ge(1),
     "data.pad_fill": Range(0, 255, why="a grey level"),
     "data.num_workers": _ge(0, why="0 = load in the main process"),
+    "data.ecotaxa_level": _ge(1, why="1 = the first name of object_annotation_hierarchy, or null"),
     "split.train": _FRACTION,
     "split.val": _FRACTION,
     "split.test": _FRACTION,
@@ -544,6 +549,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PATH_KEYS: dict[str, tuple[str, ...]] = {
     "data.root": (),
     "data.gallery_extra": (),
+    "data.class_map": (),
+    "inference.ecotaxa_taxa": (),
     "inference.input": (),
     "model.pretrained": ("none", "timm"),
     "extract.checkpoint": ("best", "last"),

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 from .evaluate import _evaluate
 from .load import _threshold_info, hold_out, index_agreement, load_store_data, open_index
 from .predict import _predict
+from .predict import check as check  # the stage's read-only check phase: pipeline.spec finds it here
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def main(ctx: Context) -> dict[str, Any]:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
     scfg = ctx.cfg.search
     data = hold_out(load_store_data(stage04, splits_dir / SPLITS_CSV, lut_path, ctx.cfg.store.password_env,
-                                    scfg.max_memory_gib if scfg.index == "exact" else None),
+                                    scfg.max_memory_gib if scfg.index == "exact" else None,
+                                    test=icfg.mode == "evaluate"),
                     list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts]
     index = open_index(ctx, data, lut_path.parent if lut_path is not None else None)
