@@ -680,6 +680,7 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
     assert all(r["object_id"].startswith("cruise_q") for r in eco_rows)
     assert m["ecotaxa"]["rows"] == n and m["ecotaxa"]["unmatched_classes"] == sorted(
         {r["object_annotation_category"] for r in eco_rows} - {""})
+    assert "exactly one taxon" in (out / "report.html").read_text()  # no taxa map: the names EcoTaxa may not match
     sheet = read_csv(out / "corrections.csv")
     assert list(sheet[0]) == ["path", "predicted", "validated"] and {r["path"] for r in sheet} == set(paths)
     doubtful_first = [r["predicted"] == "unknown" for r in sheet]
