@@ -107,21 +107,3 @@ def test_predict_on_an_export_gives_a_bundle_that_updates_its_objects(eco_run, d
         assert r["img_file_name"] == image and r["sample_station"] == f"station «{sample}»"
         assert r["object_annotation_status"] in ("predicted", "")
         assert r["object_annotation_category"] in {*(WORDS[d].capitalize() for d in range(8)), "eight<even", ""}
-
-
-def test_the_bundle_of_a_folder_names_every_image_inside(eco_run, digits):
-    """The scientist's loop input (a folder of samples) becomes a bundle of new objects."""
-    base, run = eco_run["base"], eco_run["run"]
-    folder = _later_digits(digits, base / "samples", 13, 2)
-    _ok(run_script(["07_inference.py", "--run", str(run), "inference.mode=predict", f"inference.input={folder}"]))
-    out = run / "07_inference" / "predict" / "samples"
-    with zipfile.ZipFile(out / "ecotaxa_samples.zip") as zf:
-        table = list(csv.reader(io.StringIO(zf.read("ecotaxa_samples.tsv").decode("utf-8-sig")), delimiter="\t"))
-        names = set(zf.namelist())
-    rows = [dict(zip(table[0], r)) for r in table[2:]]
-    assert len(rows) == 20 and all(r["img_file_name"] in names for r in rows)
-    assert all(r["object_id"].startswith("samples_") and r["sample_id"].startswith("samples_digit_") for r in rows)
-    # the run's taxa map (inference.ecotaxa_taxa is saved in the run's config.yaml) applies again
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["ecotaxa"]["taxa_map"] and metrics["ecotaxa"]["unmatched_classes"] in ([], ["eight<even"])
-    assert "has no line for the trained class" in (out / "report.html").read_text()

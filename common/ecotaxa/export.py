@@ -700,3 +700,11 @@ def export_extras(source: str | os.PathLike, *, statuses: Sequence[str] = ("vali
         log.info("data.gallery_extra: %s: %d rows used, %d skipped (%s)", source, len(out), len(sel.skipped),
                  ", ".join(f"{k}: {v}" for k, v in sorted(sel.counts().items())))
     return out
+
+
+def export_extras_of(source: str | os.PathLike, d: Any) -> list[tuple[str, str]] | None:
+    """``export_extras`` with the ``data`` section's keys when ``source`` is an EcoTaxa export, else None."""
+    if not is_export(source):
+        return None
+    cmap = read_class_map(d.class_map) if d.class_map else None
+    return export_extras(source, statuses=d.ecotaxa_status, class_map=cmap, level=d.ecotaxa_level)
