@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPORT_IMAGES = "export_images"  # a zipped EcoTaxa export's images, unpacked for the prediction
+LOG_LEFT_OUT = 5  # images left out of the bundle named one per log line; the rest counted
 
 
 @dataclass
@@ -224,8 +225,11 @@ def write_ecotaxa(output: Callable[..., Path], pred: Prediction, q: Queries, nam
         log.warning("%s: %d class names are written as they are; EcoTaxa must match each to exactly one taxon or "
                     "asks a person (inference.ecotaxa_taxa maps them): %s", res.path.name,
                     len(res.unmatched_classes), ", ".join(res.unmatched_classes))
-    for src, why in res.skipped:
+    for src, why in res.skipped[:LOG_LEFT_OUT]:
         log.warning("%s: %r left out: %s", res.path.name, src, why)
+    if len(res.skipped) > LOG_LEFT_OUT:
+        log.warning("%s: %d more left out (every one in metrics.json, ecotaxa.left_out, and report.html)",
+                    res.path.name, len(res.skipped) - LOG_LEFT_OUT)
     return _bundle_summary(res, taxa, notes)
 
 
