@@ -92,7 +92,7 @@ def list_extras(sources: Sequence[str | Path], min_side: int = 1, max_pixels: in
     """Every gallery-only image of ``data.gallery_extra`` with its class and sha256, by path.
 
     ``export(path)``: (image path, class) of an entry that is an EcoTaxa export, None for any
-    other entry (stage 04 passes ``common.ecotaxa.export.export_extras``: this package knows no
+    other entry (stage 04 passes ``common.ecotaxa.export.export_extras_of``: this package knows no
     EcoTaxa).
 
     ``UserError`` naming the entry when it is neither a folder nor a .csv file, a folder without

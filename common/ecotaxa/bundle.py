@@ -20,9 +20,10 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from ..data.images import PIL_ERRORS
 from ..errors import UserError
 from ..fileio import atomic_path
-from .export import _COLUMN, HUMAN_STATUSES, MAX_NAME, PIL_ERRORS, clean_text, read_pairs_csv
+from .export import _COLUMN, HUMAN_STATUSES, MAX_NAME, clean_text, read_pairs_csv
 
 if TYPE_CHECKING:
     from .export import EcoObject

@@ -83,7 +83,6 @@ import os
 import posixpath
 import re
 import shutil
-import struct
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +91,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ..data.images import PIL_ERRORS
 from ..errors import UserError
 from ..fileio import atomic_path
 
@@ -108,8 +108,6 @@ HUMAN_STATUSES = frozenset({"validated", "dubious", "discarded"})  # set by a pe
 MAX_NAME = 255  # images.orig_file_name, obj_head.orig_id, samples.orig_id: VARCHAR(255)
 DROP = "-"  # class map: drop this category
 ANY = "*"  # class map: every category not listed
-# Pillow's errors on undecodable input (as common.data.PIL_ERRORS, which imports torch with it).
-PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 # The lone surrogates Python uses for file-name bytes that are not UTF-8: they cannot be written
 # as UTF-8 at all.

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.listing import Listing, Skipped, list_image_folder, sort_key
@@ -189,7 +189,7 @@ def report_bad(ctx: Context, listing: Listing, bad: list[Scan], other: list[Scan
 
 def split_classes(ctx: Context, listing: Listing, good: list[Scan], bad: list[Scan], other: list[Scan],
                   notes: dict[str, str]) -> SplitResult:
-    """The stratified split (``common.split.make_split``); too small classes dropped, two classes at least."""
+    """The stratified split (``common.data.split.make_split``); too small classes dropped, two classes at least."""
     cfg = ctx.cfg
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
     res = make_split(good, listing.classes, fractions, cfg.split.min_images, cfg.run.seed,

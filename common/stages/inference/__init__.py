@@ -4,7 +4,7 @@ Evaluate mode reads 04's store (train, val and test vectors) and ``model.json``,
 06's ``lut.sqlite`` (``inference.gallery=lut``) or every train vector (``full``); it writes
 ``07_inference/``. Predict mode embeds every image under ``inference.input`` with the checkpoint
 04's ``model.json`` names (its sha256 checked) and writes ``07_inference/predict/<name>/`` only:
-the evaluation's files are never touched. The algorithms are in ``common.inference``.
+the evaluation's files are never touched (``predict.py``). The algorithms are in ``common.evaluate``.
 
 With ``search.index`` other than ``exact`` the gallery is searched through a FAISS index: 06's
 ``lut.faiss`` (checked against ``lut_faiss.json``: same rows in the same order), or for
@@ -14,7 +14,7 @@ speeds) goes to ``metrics.json``
 (``search``) and the report.
 
 With exact search, a gallery (and a train split) of more vectors than ``search.max_memory_gib``
-stays in the store: ``common.streaming.vectors_of`` gives a ``common.streaming.StoreMatrix`` in place of the
+stays in the store: ``common.retrieval.gallery`` gives a ``common.retrieval.streamed.StoreMatrix`` in place of the
 matrix, searched block by block (the classical classifiers are then skipped).
 """
 from __future__ import annotations
