@@ -1,4 +1,5 @@
-"""From an EcoTaxa export to an EcoTaxa bundle, on the digits: the three commands of docs/ecotaxa.md.
+"""From an EcoTaxa export to an EcoTaxa bundle, on the digits: the three commands of docs/ecotaxa.md,
+each stage run in this process as its script runs it (stages 01-04, then 07 on the full gallery).
 
 1. train on a zipped export (validated rows only, a class map dropping one category), every stage;
 2. predict on a second export (a backup-layout folder: one TSV per sample beside its images) with a
@@ -16,16 +17,24 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import E2E_CONFIG, run_script
+from conftest import E2E_CONFIG
 from ecotaxa_exports import WORDS, category, make_export
 
+from common.pipeline.runner import execute
+from common.stages import SPECS
+
 # stages 01-04 then predict on the full gallery (stages 05-06 are not what this tests): about a minute
-FAST = ["inference.classifiers=[]", "inference.gallery=full", "train.epochs=2", "train.batch_size=32"]
+FAST = ["inference.classifiers=[]", "inference.gallery=full", "train.epochs=2", "train.batch_size=16"]
 
 
-def _ok(res):
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+def _stage(name: str, run: Path, *args: str, configs: list[str] = E2E_CONFIG) -> int:
+    """One stage in this process (what its script runs), with the tiny e2e settings (a later
+    stage of a run: ``configs=[]``, the run's own config.yaml)."""
+    return execute(name, [*configs, "--run", str(run), *args], table=SPECS, doc="")
+
+
+def _log(folder: Path) -> str:
+    return (folder / "log.txt").read_text(encoding="utf-8")
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -45,13 +54,13 @@ def _later_digits(digits: Path, dest: Path, start: int, n: int) -> Path:
 @pytest.fixture(scope="module")
 def eco_run(digits, tmp_path_factory):
     base = tmp_path_factory.mktemp("eco")
-    export, truth = make_export(base / "train_export.zip", digits, per_class=10, as_zip=True)
+    export, truth = make_export(base / "train_export.zip", digits, per_class=7, as_zip=True)
     cmap = base / "class_map.csv"
     cmap.write_text("category,class\nnine<odd,-\n*,*\n", encoding="utf-8")
     run = base / "run"
-    res = _ok(run_script(["run_pipeline.py", *E2E_CONFIG, "--run", str(run), "--to", "4", f"data.root={export}",
-                          f"data.class_map={cmap}", *FAST]))
-    return {"base": base, "run": run, "export": export, "truth": truth, "res": res}
+    for stage in list(SPECS)[:4]:
+        assert _stage(stage, run, f"data.root={export}", f"data.class_map={cmap}", *FAST) == 0, stage
+    return {"base": base, "run": run, "export": export, "truth": truth}
 
 
 def test_stage_01_trains_on_the_validated_rows_of_a_zipped_export(eco_run):
@@ -59,20 +68,20 @@ def test_stage_01_trains_on_the_validated_rows_of_a_zipped_export(eco_run):
     splits = _rows(s1 / "splits.csv")
     truth = eco_run["truth"].objects
     validated = [o for o in truth.values() if o[1] == "validated" and o[0] != category(9)]
-    assert len(splits) == len(validated) == 9 * 8
+    assert len(splits) == len(validated) == 9 * 5
     assert {r["label"] for r in splits} == {category(d) for d in range(9)}  # nine<odd dropped by the map
     assert all(Path(r["path"]).is_file() and (s1 / "ecotaxa_images") in Path(r["path"]).parents for r in splits)
     bad = _rows(s1 / "bad_images.csv")
     reasons = [r["reason"] for r in bad]
     assert len(bad) == len(truth) - len(validated)
-    assert sum("dropped by the class map" in r for r in reasons) == 8  # the validated nines
+    assert sum("dropped by the class map" in r for r in reasons) == 5  # the validated nines
     assert sum("status 'predicted' not selected" in r for r in reasons) == 10
     assert sum("status 'unclassified' not selected" in r for r in reasons) == 10
     counts = {r["class"]: r for r in _rows(s1 / "class_counts.csv")}
-    assert counts["nine<odd"]["status"] == "not used" and "8 dropped" in counts["nine<odd"]["reason"]
+    assert counts["nine<odd"]["status"] == "not used" and "5 dropped" in counts["nine<odd"]["reason"]
     assert "EcoTaxa rows not used: 1 status" in counts["zero<even"]["reason"]
     m = json.loads((s1 / "manifest.json").read_text())["metrics"]["ecotaxa"]
-    assert m["used"] == 72 and m["not_used"] == {"dropped": 8, "status": 20}
+    assert m["used"] == 45 and m["not_used"] == {"dropped": 5, "status": 20}
 
 
 def test_predict_on_an_export_gives_a_bundle_that_updates_its_objects(eco_run, digits):
@@ -82,11 +91,12 @@ def test_predict_on_an_export_gives_a_bundle_that_updates_its_objects(eco_run, d
     taxa = base / "taxa.csv"
     taxa.write_text("class,taxon\n" + "".join(f"{category(d)},{WORDS[d].capitalize()}\n" for d in range(8))
                     + "ghost,Ghost\n", encoding="utf-8")
-    res = _ok(run_script(["07_inference.py", "--run", str(run), "inference.mode=predict", f"inference.input={new}",
-                          "inference.name=cruise", f"inference.ecotaxa_taxa={taxa}"]))
-    assert "maps 'ghost', which is not a trained class" in res.stderr
-    assert "has no line for the trained class 'eight<even'" in res.stderr
+    assert _stage("07_inference", run, "inference.mode=predict", f"inference.input={new}", "inference.name=cruise",
+                  f"inference.ecotaxa_taxa={taxa}", configs=[]) == 0
     out = run / "07_inference" / "predict" / "cruise"
+    log = _log(out)
+    assert "maps 'ghost', which is not a trained class" in log
+    assert "has no line for the trained class 'eight<even'" in log
     preds = _rows(out / "predictions.csv")
     assert len(preds) == len(truth.objects) == 30  # every object classified, validated ones too
     metrics = json.loads((out / "metrics.json").read_text())
@@ -107,3 +117,21 @@ def test_predict_on_an_export_gives_a_bundle_that_updates_its_objects(eco_run, d
         assert r["img_file_name"] == image and r["sample_station"] == f"station «{sample}»"
         assert r["object_annotation_status"] in ("predicted", "")
         assert r["object_annotation_category"] in {*(WORDS[d].capitalize() for d in range(8)), "eight<even", ""}
+
+
+def test_stage_01_on_an_export_folder_by_hierarchy_level(digits, tmp_path, capfd):
+    export, truth = make_export(tmp_path / "export", digits, per_class=4, layout="backup")
+    run = tmp_path / "run"
+    assert _stage("01_random_split_dataset", run, f"data.root={export}", "data.ecotaxa_level=3",
+                  "data.ecotaxa_status=[validated, predicted]") == 0
+    s1 = run / "01_random_split_dataset"
+    splits = _rows(s1 / "splits.csv")
+    assert {r["label"] for r in splits} == {"even", "odd"}  # living>digits>even>zero: level 3
+    assert len(splits) == 10 * 3 and not (s1 / "ecotaxa_images").exists()  # a folder's own files
+    assert all(export.resolve() in Path(r["path"]).parents for r in splits)
+    counts = {r["class"]: r for r in _rows(s1 / "class_counts.csv")}
+    assert counts["even"]["reason"].startswith("EcoTaxa categories: eight<even, four<even")  # the ones merged
+    cmap = tmp_path / "map.csv"
+    cmap.write_text("category,class\n*,*\n", encoding="utf-8")
+    assert _stage("01_random_split_dataset", tmp_path / "r2", f"data.root={digits}", f"data.class_map={cmap}") == 2
+    assert "data.class_map: applies to an EcoTaxa export" in capfd.readouterr().err

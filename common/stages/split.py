@@ -136,7 +136,7 @@ def export_listing(ctx: Context, sel: Selection) -> Found:
                         f"{s.row.object_id}): {s.detail}", "ecotaxa") for s in sel.skipped]
     merged: dict[str, set[str]] = {}
     for r, c in sel.used:
-        merged.setdefault(c, set()).add(category_at(r, d.ecotaxa_level))
+        merged.setdefault(c, set()).add(r.category or category_at(r, d.ecotaxa_level))
     by_category: dict[str, Counter] = {}
     for s in sel.skipped:
         if s.kind != "another image":
