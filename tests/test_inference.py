@@ -433,6 +433,8 @@ def test_load_store_data_lut_and_full(tmp_path):
         np.testing.assert_array_equal(lut.gallery.X[i], full.train.X[j])
         assert lut.gallery.labels[i] == full.train.labels[j] == int(Path(p).parent.name[2:])
     assert all(Path(p).name.startswith("test_") for p in full.test.paths)
+    no_test = load_store_data(stage04, splits, None, test=False)  # predict mode never reads the test split
+    assert len(no_test.test) == 0 and no_test.test.X.shape == (0, full.val.X.shape[1]) and len(no_test.val) == 12
 
 
 def test_hold_out_refuses_a_name_that_is_not_a_gallery_class(tmp_path):
