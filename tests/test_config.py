@@ -336,6 +336,7 @@ OUT_OF_RANGE = {
     "search.pca_dim": ("0", "search.pca_dim"),
     "search.candidates": ("0", "search.candidates"),
     "search.max_memory_gib": ("-1", "search.max_memory_gib"),
+    "data.ecotaxa_level": ("0", "data.ecotaxa_level"),
     "inference.k": ("0", "inference.k"),
     "inference.temperature": ("0", "inference.temperature"),
     "inference.top_k": ("0", "inference.top_k"),

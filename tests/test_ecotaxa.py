@@ -456,3 +456,70 @@ def test_file_names_that_are_not_utf8(tmp_path):
     assert res.rows == 1 and rows[0]["img_file_name"].startswith("s/caf_") and "not UTF-8" in res.renamed[0][2]
     assert rows[0]["img_file_name"] in zf.namelist() and rows[0]["sample_id"] == "p_s\ufffd"
     assert rows[0]["object_source_file"] == "s/caf\ufffd.png"
+
+
+# ----------------------------------------------------------------------------- the stages' entry points
+
+
+def test_is_export_looks_where_ecotaxa_writes_tsvs_only(tmp_path, digits):
+    from common.ecotaxa.export import is_export
+
+    general, _ = make_export(tmp_path / "general", digits)
+    backup, _ = make_export(tmp_path / "backup", digits, layout="backup")
+    assert is_export(general) and is_export(backup) and not is_export(digits)
+    deep = tmp_path / "classes" / "a" / "b"
+    deep.mkdir(parents=True)
+    (deep / "ecotaxa_old.tsv").write_text("object_id\n")  # a stray TSV deep in a class folder
+    assert not is_export(tmp_path / "classes") and not is_export(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_export_inputs_keep_each_object_and_unpack_a_zip_once(tmp_path, digits, as_zip):
+    from common.ecotaxa.export import export_inputs
+
+    src, truth = make_export(tmp_path / ("e.zip" if as_zip else "e"), digits, extra_image=True, as_zip=as_zip)
+    dest = tmp_path / "unpacked"
+    inp = export_inputs(src, dest)
+    assert len(inp.images) == len(truth.objects) and not inp.others  # one image per object, every status
+    for p in inp.images:
+        row = inp.origins[p]
+        assert Path(p).is_file() and inp.samples[p] == truth.objects[row.object_id][2]
+        assert row.fields["acq_instrument"] == "zooscan"
+        assert (dest in Path(p).parents) == as_zip
+    if as_zip:
+        first = Path(inp.images[0])
+        before = first.stat().st_mtime_ns
+        again = export_inputs(src, dest)  # a rerun copies nothing again
+        assert again.images == inp.images and first.stat().st_mtime_ns == before
+        assert export_inputs(src, None).images  # the check phase: read only
+        assert not any(dest.rglob("*.tsv"))
+
+
+def test_export_inputs_list_missing_images(tmp_path, digits):
+    from common.ecotaxa.export import export_inputs
+
+    src, truth = make_export(tmp_path / "e", digits)
+    gone = next(iter(truth.objects.values()))[3]
+    (src / gone).unlink()
+    inp = export_inputs(src, None)
+    assert len(inp.images) == len(truth.objects) - 1
+    assert [o for o, _ in inp.others] == [f"{src}:{gone}"] and "not in the export" in inp.others[0][1]
+
+
+def test_gallery_extra_takes_an_export_folder_not_a_zip(tmp_path, digits):
+    from types import SimpleNamespace
+
+    from common.data.extras import list_extras
+    from common.ecotaxa.export import export_extras_of
+
+    src, truth = make_export(tmp_path / "e", digits)
+    cmap = tmp_path / "map.csv"
+    cmap.write_text("category,class\nzero<even,zero\n*,-\n", encoding="utf-8")
+    d = SimpleNamespace(ecotaxa_status=["validated"], class_map=str(cmap), ecotaxa_level=None)
+    got = list_extras([src], export=lambda p: export_extras_of(p, d))
+    want = [o for o in truth.objects.values() if o[1] == "validated" and o[0] == "zero<even"]
+    assert [e.label for e in got] == ["zero"] * len(want) and all(Path(e.path).is_file() for e in got)
+    assert export_extras_of(digits, d) is None  # a class folder: not an export
+    zipped, _ = make_export(tmp_path / "z.zip", digits, as_zip=True)
+    with pytest.raises(UserError, match="is a zip: unzip it"):
+        list_extras([zipped], export=lambda p: export_extras_of(p, d))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from common.stages import SPECS
 from common.stages import inference as stages_inference
 from common.stages.inference.evaluate import write_evaluation
 from common.stages.inference.load import hold_out, load_query_model, load_store_data
+from common.stages.inference.predict import Queries, write_outputs
 from common.store.containers import Vectors
 
 # ----------------------------------------------------------------------------- helpers
@@ -299,9 +301,11 @@ def test_predict_vectors_writes_error_rows_and_classifier_columns(brute, tmp_pat
     q = Vectors(inp.test.X[:5], np.full(5, -1), inp.test.paths[:5])
     fitted = fit_classifiers(["logreg"], inp.train.X, inp.train.labels, inp.val.X, inp.val.labels, 5,
                                epochs=1, lr=0.1, batch_size=32)
-    m = predict(q, inp.gallery, inp.classes, icfg(mode="predict", input="/x"), out_in(tmp_path),
-                  classifiers=fitted, errors=[("/x/bad.png", "cannot identify image file")],
-                  timing={"decode_embed_s": 0.5}, facts=[("gallery", "lut (10 vectors)")])
+    cfg = icfg(mode="predict", input="/x")
+    pred = predict(q, inp.gallery, inp.classes, cfg, classifiers=fitted, timing={"decode_embed_s": 0.5})
+    m = write_outputs(out_in(tmp_path), pred, Queries({p: "x" for p in [*q.paths, "/x/bad.png"]},
+                                                      [("/x/bad.png", "cannot identify image file")], Path("/")),
+                      cfg, name="x", facts=[("gallery", "lut (10 vectors)")])
     rows = read_csv(tmp_path / "predictions.csv")
     assert len(rows) == 6 and "true_label" not in rows[0] and "pred_logreg" in rows[0]
     assert rows[-1]["path"] == "/x/bad.png" and rows[-1]["error"] == "cannot identify image file"
@@ -370,8 +374,11 @@ def test_predict_mode_on_a_folder_with_a_corrupt_image(brute, tmp_path):
     G /= np.linalg.norm(G, axis=1, keepdims=True)
     gallery = Vectors(G, np.arange(30) % 3, [f"/gallery/{i}.png" for i in range(30)])
     q = Vectors(X, np.full(len(ok), -1), [images[i] for i in ok])
-    m = predict(q, gallery, ["a", "b", "c"], icfg(mode="predict", input=str(folder)), out_in(tmp_path / "out"),
-                  errors=[*errors, *others], timing=timing)
+    cfg = icfg(mode="predict", input=str(folder))
+    pred = predict(q, gallery, ["a", "b", "c"], cfg, timing=timing)
+    bad = [*errors, *others]
+    m = write_outputs(out_in(tmp_path / "out"), pred, Queries({p: "s" for p in [*q.paths, *(p for p, _ in bad)]},
+                                                              bad, folder), cfg, name="in")
     rows = read_csv(tmp_path / "out" / "predictions.csv")
     assert len(rows) == 8
     bad = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
@@ -449,6 +456,8 @@ def test_load_store_data_lut_and_full(tmp_path):
         np.testing.assert_array_equal(lut.gallery.X[i], full.train.X[j])
         assert lut.gallery.labels[i] == full.train.labels[j] == int(Path(p).parent.name[2:])
     assert all(Path(p).name.startswith("test_") for p in full.test.paths)
+    no_test = load_store_data(stage04, splits, None, test=False)  # predict mode never reads the test split
+    assert len(no_test.test) == 0 and no_test.test.X.shape == (0, full.val.X.shape[1]) and len(no_test.val) == 12
 
 
 def test_hold_out_refuses_a_name_that_is_not_a_gallery_class(tmp_path):
@@ -663,9 +672,10 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
     q = Vectors(inp.test.X[:n], np.full(n, -1), paths)
     samples = ["st1"] * 4 + ["st2"] * 2
     cfg = icfg(mode="predict", input=str(tmp_path / "in"), reject_below="auto", reject_keep=0.9, ood_k=3)
-    m = predict(q, gallery, inp.classes, cfg, out_in(tmp_path / "out"), samples=samples, name="cruise",
-                  root=tmp_path / "in", val=inp.val, errors=[(str(tmp_path / "in" / "st2" / "bad.png"), "broken")],
-                  error_samples=["st2"], timing={"decode_embed_s": 0.1})
+    pred = predict(q, gallery, inp.classes, cfg, val=inp.val, timing={"decode_embed_s": 0.1})
+    bad = str(tmp_path / "in" / "st2" / "bad.png")
+    m = write_outputs(out_in(tmp_path / "out"), pred, Queries({**dict(zip(paths, samples)), bad: "st2"},
+                                                              [(bad, "broken")], tmp_path / "in"), cfg, name="cruise")
     out = tmp_path / "out"
     rows = read_csv(out / "predictions.csv")
     assert [r["sample"] for r in rows] == [*samples, "st2"] and rows[-1]["error"] == "broken"
@@ -686,8 +696,16 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
     for c in counts:
         assert sum(int(c[k]) for k in [*inp.classes, "unknown"]) == int(c["total"])
     assert (out / "sample_counts.png").stat().st_size > 0
-    tsv = (out / "ecotaxa_cruise.tsv").read_text().splitlines()
+    with zipfile.ZipFile(out / "ecotaxa_cruise.zip") as zf:
+        tsv = zf.read("ecotaxa_cruise.tsv").decode("utf-8-sig").splitlines()
+        assert sorted(zf.namelist()) == sorted(["ecotaxa_cruise.tsv", *(f"st{1 + (i >= 4)}/q{i}.png" for i in range(n))])
     assert len(tsv) == 2 + n and tsv[2].split("\t")[0] == "st1/q0.png"
+    eco_rows = [dict(zip(tsv[0].split("\t"), r.split("\t"))) for r in tsv[2:]]
+    assert [r["sample_id"] for r in eco_rows] == [f"cruise_{s}" for s in samples]
+    assert all(r["object_id"].startswith("cruise_q") for r in eco_rows)
+    assert m["ecotaxa"]["rows"] == n and m["ecotaxa"]["unmatched_classes"] == sorted(
+        {r["object_annotation_category"] for r in eco_rows} - {""})
+    assert "exactly one taxon" in (out / "report.html").read_text()  # no taxa map: the names EcoTaxa may not match
     sheet = read_csv(out / "corrections.csv")
     assert list(sheet[0]) == ["path", "predicted", "validated"] and {r["path"] for r in sheet} == set(paths)
     doubtful_first = [r["predicted"] == "unknown" for r in sheet]
@@ -698,12 +716,7 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
     data = json.loads(page.split('id="review-data">', 1)[1].split("</script>", 1)[0])
     assert len(data["items"]) == n and data["rows"] == [[r["path"], r["predicted"]] for r in sheet]
     assert data["images"][0][0].startswith("data:image/") and data["images"][0][1:3] == [8, 8]
-    assert data["ecotaxa"]["file"] == "ecotaxa_cruise.tsv" and data["classes"] == inp.classes
-    # the page's EcoTaxa rows follow the sheet's order (doubtful first), one per query
-    tsv_rows = {r.split("\t")[0]: r.split("\t") for r in tsv[2:]}
-    assert [r[0] for r in data["ecotaxa"]["rows"]] == [Path(r["path"]).relative_to(tmp_path / "in").as_posix()
-                                                      for r in sheet]
-    assert all(tsv_rows[r[0]] == r for r in data["ecotaxa"]["rows"])
+    assert data["ecotaxa"] is None and data["classes"] == inp.classes  # the bundle is what EcoTaxa imports
     keyed = Review("", "", "cruise", [], [], rows=[(r["path"], r["predicted"]) for r in sheet])
     assert data["key"].startswith("plankton-review/v1/cruise/") and data["key"] == review_key(keyed)
     assert m["n_images"] == n and m["samples"]["st2"]["unreadable"] == 1

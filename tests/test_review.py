@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from common.data.extras import read_corrections
-from common.ecotaxa.bundle import ecotaxa_rows
 from common.report.review import KEY_PREFIX, Review, ReviewItem, build_data, doubt_note, review_key, write_review
 from common.report.thumbs import MAX_UPSCALE, Thumb, common_scale, size_text, thumbnail
 
@@ -43,9 +42,10 @@ def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: fl
         items.append(ReviewItem(p, f"st{q % 2}", preds[q % 5], 0.9 - 0.01 * q, 0.02 * q if q else float("nan"),
                                    0.8 - 0.01 * q, reasons[q % 5],
                                    [(g[j], CLASSES[j], 0.9 - 0.01 * q - 0.05 * j) for j in range(4)]))
-    eco, _left_out = ecotaxa_rows([r[0] for r in rows], [f"st{q % 2}" for q in range(n_rows)],
-                         [None if c == "unknown" else c for _, c in rows], tmp_path / "in",
-                         {"similarity": np.linspace(0.9, 0.8, n_rows)})
+    eco = [["img_file_name", "img_rank", "object_id", "object_annotation_category", "object_annotation_status",
+            "sample_id"], ["[t]", "[f]", "[t]", "[t]", "[t]", "[t]"],
+           *([f"st{q % 2}/q{q}.png", "0", f"q{q}", "" if c == "unknown" else c, "" if c == "unknown" else "predicted",
+              f"st{q % 2}"] for q, (_, c) in enumerate(rows))]
     return Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
                      rows=rows, ecotaxa=("ecotaxa_cruise.tsv", eco), pixel_size_um=pixel_size_um)
 
@@ -348,8 +348,11 @@ def test_the_page_predict_writes_in_chromium(tmp_path, browser):
         (tmp_path / "out").mkdir(exist_ok=True)
         return tmp_path.joinpath("out", *parts)
 
-    predict(queries, gallery, ["Acartia", "Ceratium", "Tripos"], cfg, output, name="st", root=tmp_path / "in",
-              pixel_size_um=1.5)
+    from common.stages.inference.predict import Queries, write_outputs
+
+    pred = predict(queries, gallery, ["Acartia", "Ceratium", "Tripos"], cfg)
+    write_outputs(output, pred, Queries({p: "st" for p in queries.paths}, [], tmp_path / "in"), cfg, name="st",
+                  pixel_size_um=1.5)
     browser.get((tmp_path / "out" / "review.html").as_uri())
     assert _text(browser, "#progress") == "0 of 5 reviewed" and "µm" in _row(browser, 0).text
     sheet = list(csv.DictReader(io.StringIO((tmp_path / "out" / "corrections.csv").read_text(encoding="utf-8"))))

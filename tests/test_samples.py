@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from common.data.samples import list_inputs
-from common.ecotaxa.bundle import ECOTAXA_CONTROL, ecotaxa_rows, write_tsv
 from common.errors import UserError
 from common.evaluate.metrics import UNKNOWN
 from common.evaluate.tables import doubt_order, sample_counts
@@ -67,27 +66,6 @@ def test_sample_counts_table():
     assert rows == [["s1", 2, 0, 1, 3, 0], ["s2", 0, 1, 0, 1, 3]]
 
 
-def test_ecotaxa_rows_follow_the_import_format(tmp_path):
-    root = tmp_path / "in"
-    paths = [str(root / "s1" / "a.png"), str(root / "s1" / "deep" / "a.png"), str(root / "s2" / "a b.png")]
-    rows, left_out = ecotaxa_rows(paths, ["s1", "s1", "s\t2"], ["copepod", None, "copepod"], root,
-                                    {"similarity": np.array([0.9, 0.2, 0.8]), "margin": np.array([0.1, np.nan, 0.3])})
-    assert left_out == []
-    assert rows[0] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
-                       "object_annotation_status", "object_similarity", "object_margin", "sample_id"]
-    assert rows[1] == ["[t]", "[f]", "[t]", "[t]", "[t]", "[f]", "[f]", "[t]"]
-    assert [r[0] for r in rows[2:]] == ["s1/a.png", "s1/deep/a.png", "s2/a b.png"]
-    ids = [r[2] for r in rows[2:]]
-    assert len(set(ids)) == 3 and all("/" not in i and " " not in i for i in ids)
-    assert rows[2][3:5] == ["copepod", "predicted"] and rows[3][3:5] == ["", ""]  # unknown: unclassified
-    assert rows[3][6] == "nan" and rows[2][5] == "0.900000"
-    out = tmp_path / "ecotaxa_x.tsv"
-    write_tsv(out, rows)
-    lines = out.read_text().splitlines()
-    assert len(lines) == 5 and all(len(line.split("\t")) == 8 for line in lines)
-    assert lines[4].endswith("\ts 2")  # a tab inside a value never breaks the table
-
-
 def test_doubt_order_puts_unknown_then_more_reasons_then_lower_similarity():
     final = np.array([0, UNKNOWN, 1, 0, 1])
     sim = np.array([0.95, 0.5, 0.6, 0.9, 0.99])
@@ -96,27 +74,6 @@ def test_doubt_order_puts_unknown_then_more_reasons_then_lower_similarity():
     assert order.tolist() == [1, 2, 3, 0, 4]
     assert reasons[1] == ["unknown", "low similarity", "small margin"]
     assert reasons[2] == ["low similarity", "small margin"] and reasons[0] == [] and reasons[4] == []
-
-
-def test_ecotaxa_keeps_control_characters_out_and_formulas_inert(tmp_path):
-    """Issue 17 #6: a tab or newline in a file name became a space in the TSV, a row naming no file."""
-    root = tmp_path / "in"
-    paths = [str(root / "s1" / "a\tb.png"), str(root / "s1" / "new\nline.png"), str(root / "s1" / "ok.png"),
-             str(root / "-5m" / "x.png"), str(root / "s1" / "del\x7f.png"), str(root / "s1" / "sep\u2028.png")]
-    rows, left_out = ecotaxa_rows(paths, ["s1", "s1", "s1", "-5m", "s1", "s1"],
-                                    ["=SUM(A1)", "copepod", "copepod", "copepod", "copepod", "copepod"], root,
-                                    {"similarity": np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]),
-                                     "margin": np.array([-0.1, 0.1, 0.1, -0.25, 0.1, 0.1])})
-    assert [p for p, _ in left_out] == [paths[0], paths[1], paths[4], paths[5]]
-    assert all(why == ECOTAXA_CONTROL for _, why in left_out)
-    assert [r[0] for r in rows[2:]] == ["s1/ok.png", "./-5m/x.png"]  # ./: the same file, never a formula
-    out = tmp_path / "ecotaxa_x.tsv"
-    write_tsv(out, rows)
-    lines = out.read_text(encoding="utf-8").split("\n")
-    assert lines[-1] == "" and len(lines) == 5 and all(len(line.split("\t")) == 8 for line in lines[:-1])
-    cells = lines[3].split("\t")
-    assert cells[0] == "./-5m/x.png" and cells[2] == "5m_x" and cells[-1] == "'-5m"  # text: neutralised
-    assert cells[6] == "-0.250000"  # a number stays a number
 
 
 def test_every_csv_cell_a_spreadsheet_would_run_is_neutralised_and_read_back(tmp_path):

@@ -41,7 +41,8 @@ class RunConfig(Section):
 
 @dataclass
 class DataConfig(Section):
-    root: str = key("data/DYB-PlanktonNet", "image folder: one sub-folder per class", path=())
+    root: str = key("data/DYB-PlanktonNet", "image folder: one sub-folder per class; or an EcoTaxa export (.zip, or a "
+                                            "folder of ecotaxa_*.tsv with their images)", path=())
     bad_images: Literal["skip", "fail"] = key("skip", "skip: list unreadable images in bad_images.csv and leave them "
                                                       "out | fail: stop")
     max_pixels: int = key(89_478_485, "images with more pixels are rejected (decompression bombs)", range=ge(1))
@@ -54,8 +55,17 @@ class DataConfig(Section):
                               range=ge(0, why="0 = load in the main process"), hashed=False)
     follow_symlinks: bool = key(False, "stage 01: follow directory symlinks inside class folders (each real folder "
                                        "once); false: skip and list them in bad_images.csv")
-    gallery_extra: list[str] = key([], "gallery-only images (stage 04 on): folders with one sub-folder per class, or "
-                                       "filled corrections.csv files; never train the backbone", path=())
+    gallery_extra: list[str] = key([], "gallery-only images (stage 04 on): folders with one sub-folder per class, "
+                                       "filled corrections.csv files, or EcoTaxa export folders; never train the "
+                                       "backbone", path=())
+    ecotaxa_status: list[str] = key(["validated"], "EcoTaxa export (data.root, data.gallery_extra): rows with these "
+                                                   "object_annotation_status values are used (validated, dubious, "
+                                                   "predicted, discarded; '' = unclassified)")
+    class_map: Optional[str] = key(None, "EcoTaxa export: CSV category,class (class '-' drops the category; '*' lines "
+                                         "for the unlisted ones); null = each category is a class", path=())
+    ecotaxa_level: Optional[int] = key(None, "EcoTaxa export: the class is this level (1 = first name) of "
+                                             "object_annotation_hierarchy; null = object_annotation_category",
+                                       range=ge(1, why="1 = the first name of object_annotation_hierarchy, or null"))
 
 
 @dataclass
@@ -237,6 +247,9 @@ class InferenceConfig(Section):
     linear_lr: float = key(0.1, "linear head learning rate", range=gt(0.0))
     worst_classes: int = key(5, "report: misclassified strips for this many worst classes", range=ge(0))
     embedding_map: Literal["pca", "tsne", "none"] = key("tsne", "2-D map of test embeddings in the report")
+    ecotaxa_taxa: Optional[str] = key(None, "predict mode: CSV class,taxon mapping each class to an EcoTaxa taxon (unique "
+                                            "display name, or numeric id); null = class names written as they are",
+                                      path=())
 
 
 @dataclass

@@ -5,6 +5,9 @@ the gallery as soon as it has a vector. ``data.gallery_extra`` lists where such 
 
 - a **folder** with one sub-folder per class (``extra/<class>/<image>``, searched recursively,
   hidden files skipped, images recognised by their suffix as in predict mode);
+- an **EcoTaxa export** folder (``ecotaxa*.tsv`` with its images): its rows chosen as for training
+  (``data.ecotaxa_status``, ``data.class_map``, ``data.ecotaxa_level``), through the ``export``
+  reader stage 04 passes;
 - a filled **corrections.csv** (written by stage 07's predict mode: columns ``path``,
   ``predicted``, ``validated``): every row whose ``validated`` cell names a class joins the
   gallery under that class; blank rows and rows validated as ``unknown`` are left out. A relative
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +87,13 @@ def read_corrections(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def list_extras(sources: Sequence[str | Path], min_side: int = 1, max_pixels: int | None = None) -> list[ExtraImage]:
+def list_extras(sources: Sequence[str | Path], min_side: int = 1, max_pixels: int | None = None,
+                export: Callable[[Path], list[tuple[str, str]] | None] | None = None) -> list[ExtraImage]:
     """Every gallery-only image of ``data.gallery_extra`` with its class and sha256, by path.
+
+    ``export(path)``: (image path, class) of an entry that is an EcoTaxa export, None for any
+    other entry (stage 04 passes ``common.ecotaxa.export.export_extras_of``: this package knows no
+    EcoTaxa).
 
     ``UserError`` naming the entry when it is neither a folder nor a .csv file, a folder without
     class sub-folders, a corrections file without its columns or naming a missing image, when
@@ -98,7 +106,10 @@ def list_extras(sources: Sequence[str | Path], min_side: int = 1, max_pixels: in
     found: dict[str, tuple[str, str]] = {}
     for src in sources:
         p = Path(src).expanduser()
-        if p.is_dir():
+        listed = export(p) if export is not None else None
+        if listed is not None:
+            items = listed
+        elif p.is_dir():
             items = _folder_images(p)
         elif p.is_file() and p.suffix.lower() == ".csv":
             items = read_corrections(p)

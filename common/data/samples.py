@@ -1,4 +1,4 @@
-"""Whole samples in predict mode: the inputs and their samples, counts, EcoTaxa export, corrections.
+"""Predict mode's inputs: the images of ``inference.input`` and their samples (folder, image, list).
 
 A cruise or a deployment brings images grouped by sample (station, depth, time). Predict mode
 (``inference.input``) takes:
@@ -12,25 +12,15 @@ A cruise or a deployment brings images grouped by sample (station, depth, time).
   skipped). Relative paths are read relative to the list's folder; a listed file that does not
   exist is reported in ``predictions.csv``, never fatal.
 
-Outputs built here (library code: no run folder): ``sample_counts.csv`` rows (samples x classes,
-with ``unknown``), the EcoTaxa import table and ``corrections.csv`` rows.
-
-**EcoTaxa** (``ecotaxa_rows``): the import format of EcoTaxa's own import help
-(``ecotaxa/ecotaxa_front``, ``appli/templates/jobs/import_create_shared_doc.html``): a
-tab-separated file whose name starts with ``ecotaxa``; line 1 the column names, each prefixed by
-its level (``img_``, ``object_``, ``sample_``, ...), line 2 the type of each column (``[t]`` text,
-``[f]`` float), then one line per image. ``img_file_name`` (the image's path relative to the
-TSV's folder) and ``object_id`` (unique in the project) are mandatory;
-``object_annotation_category`` and ``object_annotation_status`` (``predicted`` | ``dubious`` |
-``validated``) carry a classification; other ``object_*`` columns are free numeric fields (up to
-500 [f]), and ``sample_id`` groups objects into samples. A query rejected as unknown is written
-without a category or status (EcoTaxa's "unclassified").
+An EcoTaxa export given as ``inference.input`` is read by ``common.ecotaxa.export.export_inputs``
+(this package knows no EcoTaxa), which returns the same ``Inputs`` with each object's export row.
 """
 from __future__ import annotations
 
 import csv
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..fileio import spreadsheet_text
@@ -39,10 +29,13 @@ LIST_SUFFIXES = (".csv", ".txt")  # predict inputs that list image paths
 
 
 class Inputs:
-    """The images of one predict input: paths, their samples, the other files, the common root."""
+    """The images of one predict input: paths, their samples, the other files, the common root;
+    ``origins``: path -> the EcoTaxa export row an image comes from (empty for other inputs)."""
 
-    def __init__(self, images: list[str], samples: dict[str, str], others: list[tuple[str, str]], root: Path):
+    def __init__(self, images: list[str], samples: dict[str, str], others: list[tuple[str, str]], root: Path,
+                 origins: dict[str, Any] | None = None):
         self.images, self.samples, self.others, self.root = images, samples, others, root
+        self.origins = origins or {}
 
     def sample_list(self) -> list[str]:
         """Every sample, in first-seen order."""

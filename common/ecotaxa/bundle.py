@@ -1,4 +1,5 @@
-"""Writing what EcoTaxa imports: the TSV with its type row and the images, zipped as one bundle."""
+"""Writing what EcoTaxa imports: the bundle ``ecotaxa_<name>.zip`` (``write_bundle``) and the taxa
+map (``read_taxa_map``); the rules are in the docstring of ``common.ecotaxa.export``."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,6 @@ import os
 import posixpath
 import re
 import tempfile
-import unicodedata
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +20,10 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from ..data.images import PIL_ERRORS
 from ..errors import UserError
-from ..fileio import FORMULA_START, atomic_path
-from .export import _COLUMN, HUMAN_STATUSES, MAX_NAME, PIL_ERRORS, clean_text, read_pairs_csv
+from ..fileio import atomic_path
+from .export import _COLUMN, HUMAN_STATUSES, MAX_NAME, clean_text, read_pairs_csv
 
 if TYPE_CHECKING:
     from .export import EcoObject
@@ -395,73 +396,3 @@ def _row(pred: Prediction, arc: str, data: bytes, prefix: str, taxa: Mapping[str
             if (k.startswith(("sample_", "acq_")) or k == "acq_id") and k not in row:
                 row[k] = v  # parent columns: EcoTaxa stores them as text whatever the type row says
     return row, types
-ECOTAXA_STATUS = "predicted"  # object_annotation_status of every classified row
-
-
-def _object_id(rel: str, used: set[str]) -> str:
-    # never starting with "-", "." or "_": no spreadsheet formula, no hidden-looking name
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(Path(rel).with_suffix(""))).strip("_.-") or "object"
-    oid, n = base, 1
-    while oid in used:  # unique in the table (EcoTaxa: unique in the project)
-        n += 1
-        oid = f"{base}_{n}"
-    used.add(oid)
-    return oid
-
-
-ECOTAXA_CONTROL = ("file name holds a tab, a line break or another control character: the EcoTaxa table "
-                   "cannot name it (rename the file)")
-
-
-def ecotaxa_rows(paths: Sequence[str], samples: Sequence[str], predicted: Sequence[str | None], root: Path,
-                 scores: dict[str, np.ndarray]) -> tuple[list[list[str]], list[tuple[str, str]]]:
-    """The EcoTaxa import table (header row, type row, one row per classified image) and the
-    images left out of it, ``(path, reason)``.
-
-    ``predicted``: the class name, or None for a query rejected as unknown (no category, no
-    status: EcoTaxa's "unclassified"). ``scores``: ``object_<name>`` float columns (similarity,
-    margin, knn). ``img_file_name`` is the path relative to ``root``, where the TSV must sit
-    (beside the images) when the folder is zipped for EcoTaxa's import. A path holding a control
-    character (tab, line break...) is left out: a TSV cell cannot carry it, and a cleaned name
-    would name no file. A path that starts with a spreadsheet formula character (``=``, ``+``,
-    ``-``, ``@``) is written ``./<path>``: the same file, never read as a formula.
-    """
-    names = list(scores)
-    header = ["img_file_name", "img_rank", "object_id", "object_annotation_category", "object_annotation_status",
-              *[f"object_{n}" for n in names], "sample_id"]
-    types = ["[t]", "[f]", "[t]", "[t]", "[t]", *["[f]"] * len(names), "[t]"]
-    rows = [header, types]
-    left_out: list[tuple[str, str]] = []
-    used: set[str] = set()
-    for i, p in enumerate(paths):
-        rel = os.path.relpath(p, root).replace(os.sep, "/")
-        if has_control(rel):
-            left_out.append((p, ECOTAXA_CONTROL))
-            continue
-        cat = predicted[i]
-        vals = [f"{float(scores[n][i]):.6f}" if np.isfinite(scores[n][i]) else "nan" for n in names]
-        name = f"./{rel}" if rel.startswith(FORMULA_START) else rel
-        rows.append([name, "1", _object_id(rel, used), cat or "", ECOTAXA_STATUS if cat else "", *vals,
-                     _clean(samples[i])])
-    return rows, left_out
-
-
-def has_control(text: str) -> bool:
-    """True when ``text`` holds a control character (tab, line break, DEL, C1) or a Unicode line
-    or paragraph separator: what a TSV row or a one-line log cannot carry."""
-    return any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in text)
-
-
-def _clean(text: str) -> str:
-    """A TSV cell: control characters (tabs, line breaks...) would break the table."""
-    return "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in str(text))
-
-
-def write_tsv(path: Path, rows: Sequence[Sequence[str]]) -> None:
-    """Write rows as a tab-separated file (UTF-8, ``\\n`` line ends), atomically; control characters
-    become spaces and every text cell goes through ``fileio.spreadsheet_safe``."""
-    from ..fileio import atomic_open, spreadsheet_safe
-
-    with atomic_open(path, "w", newline="") as fh:
-        for r in rows:
-            fh.write("\t".join(spreadsheet_safe(_clean(c)) for c in r) + "\n")

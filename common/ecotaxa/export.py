@@ -83,17 +83,20 @@ import os
 import posixpath
 import re
 import shutil
-import struct
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ..data.images import PIL_ERRORS
 from ..errors import UserError
 from ..fileio import atomic_path
+
+if TYPE_CHECKING:
+    from ..data.samples import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +108,6 @@ HUMAN_STATUSES = frozenset({"validated", "dubious", "discarded"})  # set by a pe
 MAX_NAME = 255  # images.orig_file_name, obj_head.orig_id, samples.orig_id: VARCHAR(255)
 DROP = "-"  # class map: drop this category
 ANY = "*"  # class map: every category not listed
-# Pillow's errors on undecodable input (as common.data.PIL_ERRORS, which imports torch with it).
-PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 # The lone surrogates Python uses for file-name bytes that are not UTF-8: they cannot be written
 # as UTF-8 at all.
@@ -168,12 +169,25 @@ def _escapes(name: str) -> bool:
 
 
 def is_export(source: str | os.PathLike) -> bool:
-    """True when ``source`` is a .zip file or a folder holding at least one ``ecotaxa*.tsv|txt``."""
-    p = Path(source)
+    """True when ``source`` is a .zip file or a folder holding an ``ecotaxa*.tsv|txt`` at its top
+    or in a sub-folder (where EcoTaxa puts them: ``ecotaxa_<sample>.tsv`` or
+    ``<sample>/ecotaxa_<sample>.tsv``); deeper files are not looked for, so a large folder of class
+    sub-folders is not walked."""
+    p = Path(source).expanduser()
     if p.is_file():
         return p.suffix.lower() == ".zip"
-    if p.is_dir():
-        return any(_is_tsv(f.relative_to(p).as_posix()) for f in _walk_tsv_candidates(p))
+    if not p.is_dir():
+        return False
+    try:
+        top = list(os.scandir(p))
+        if any(e.is_file() and _is_tsv(e.name) for e in top):
+            return True
+        for d in top:
+            if d.is_dir() and not d.name.startswith("."):
+                if any(e.is_file() and _is_tsv(f"{d.name}/{e.name}") for e in os.scandir(d.path)):
+                    return True
+    except OSError:
+        return False
     return False
 
 
@@ -262,6 +276,22 @@ class Export:
                 shutil.copyfileobj(src, dst, _COPY_CHUNK)
             out[name] = target
         return out
+
+    def on_disk(self, names: Iterable[str], dest: str | os.PathLike | None) -> dict[str, Path]:
+        """A file on disk for each of ``names``: a folder export's own files, a zip's members
+        copied to ``dest/<name>`` (``extract``; a file already there with the member's size is
+        kept, so a rerun does not copy again); ``dest`` is needed for a zip."""
+        names = list(dict.fromkeys(names))
+        if self._zip is None:
+            return {n: self._local(n) for n in names}
+        if dest is None:
+            raise ValueError("a zipped export's images need a folder to be unpacked into")
+        todo = [n for n in names if not ((Path(dest) / n).is_file()
+                                        and (Path(dest) / n).stat().st_size == self._members[n].file_size)]
+        if todo:
+            log.info("%s: unpacking %d of %d images into %s", self.what, len(todo), len(names), dest)
+        out = self.extract(todo, dest)
+        return {n: out.get(n, Path(dest) / n) for n in names}
 
     def close(self) -> None:
         if self._zip is not None:
@@ -616,3 +646,89 @@ def _decode_problem(export: Export, name: str) -> str:
     except PIL_ERRORS as e:
         return f"cannot decode: {e.__class__.__name__}: {e}".splitlines()[0]
     return ""
+
+
+# ---------------------------------------------------------------------------- the stages' entry points
+
+
+def export_inputs(source: str | os.PathLike, dest: str | os.PathLike | None, what: str = "inference.input") -> Inputs:
+    """Predict mode on an export: every object (its first image), whatever its status, as
+    ``common.data.samples.Inputs``: sample = ``sample_id`` (else the TSV's folder, else the
+    export's name), ``origins`` = the export rows (their ids and ``sample_*``/``acq_*`` columns go
+    back into the bundle). A zip's images are unpacked into ``dest`` (None: nothing is unpacked and
+    the paths name no file: the check phase). An image the export lacks is listed in ``others``."""
+    from ..data.samples import Inputs
+
+    with Export(source, what) as ex:
+        rows = ex.rows()
+        sel = select(rows, ex, statuses=(*STATUSES, ""), need_category=False)
+        if dest is None and ex.is_zip:
+            files = {r.image: Path(ex.source.stem) / r.image for r, _ in sel.used}
+        else:
+            files = ex.on_disk([r.image for r, _ in sel.used], dest)
+        root = Path(dest) if ex.is_zip and dest is not None else ex.source
+    images: list[str] = []
+    samples: dict[str, str] = {}
+    origins: dict[str, EcoObject] = {}
+    others: list[tuple[str, str]] = []
+    fallback = Path(source).stem if Path(source).is_file() else Path(source).name
+    for r, _ in sel.used:
+        path = str(files[r.image])
+        if path in origins:  # two objects sharing one image file: one row per file in a prediction
+            others.append((f"{source}:{r.image}", f"object {r.object_id}: the image of object "
+                                                  f"{origins[path].object_id} too ({r.where})"))
+            continue
+        images.append(path)
+        origins[path] = r
+        samples[path] = r.sample_id or posixpath.dirname(r.tsv) or fallback
+    for s in sel.skipped:
+        if s.kind == "missing image":
+            key = f"{source}:{s.row.image}"
+            others.append((key, s.detail))
+            samples[key] = s.row.sample_id or fallback
+    counts = sel.counts()
+    if counts.get("another image"):
+        log.info("%s: %d rows are further images of an object (only the first image is classified)", what,
+                 counts["another image"])
+    for k, _ in others:
+        samples.setdefault(k, fallback)
+    return Inputs(images, samples, others, root, origins)
+
+
+def read_export(source: str | os.PathLike, *, statuses: Sequence[str], class_map: ClassMap | None,
+                level: int | None, what: str) -> tuple[Export, Selection]:
+    """Open an export and choose its rows (``select``, images checked to be in the export); the
+    caller closes the ``Export`` (use it as a context manager)."""
+    ex = Export(source, what)
+    try:
+        sel = select(ex.rows(), ex, statuses=statuses, class_map=class_map, level=level)
+    except BaseException:
+        ex.close()
+        raise
+    return ex, sel
+
+
+def export_extras(source: str | os.PathLike, *, statuses: Sequence[str] = ("validated",),
+                  class_map: ClassMap | None = None, level: int | None = None) -> list[tuple[str, str]]:
+    """``data.gallery_extra`` given an export folder: (image path, class) of its selected rows (as
+    for training: ``data.ecotaxa_status``, ``data.class_map``, ``data.ecotaxa_level``). A zip is
+    refused: its images would have to be unpacked where the feature store can find them again."""
+    if Path(source).is_file():
+        raise UserError(f"data.gallery_extra: {source} is a zip: unzip it and give the folder (the feature store "
+                        "keeps each image's path)")
+    ex, sel = read_export(source, statuses=statuses, class_map=class_map, level=level, what="data.gallery_extra")
+    with ex:
+        files = ex.on_disk([r.image for r, _ in sel.used], None)
+        out = [(str(files[r.image].resolve()), cls) for r, cls in sel.used]
+    if sel.skipped:
+        log.info("data.gallery_extra: %s: %d rows used, %d skipped (%s)", source, len(out), len(sel.skipped),
+                 ", ".join(f"{k}: {v}" for k, v in sorted(sel.counts().items())))
+    return out
+
+
+def export_extras_of(source: str | os.PathLike, d: Any) -> list[tuple[str, str]] | None:
+    """``export_extras`` with the ``data`` section's keys when ``source`` is an EcoTaxa export, else None."""
+    if not is_export(source):
+        return None
+    cmap = read_class_map(d.class_map) if d.class_map else None
+    return export_extras(source, statuses=d.ecotaxa_status, class_map=cmap, level=d.ecotaxa_level)

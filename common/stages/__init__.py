@@ -82,9 +82,14 @@ def _inference_folder(run_dir: Path, cfg: Config) -> Path:
 
 
 def _inference_external(cfg: Config) -> list[str]:
-    return [cfg.inference.input] if cfg.inference.mode == "predict" and cfg.inference.input else []
+    icfg = cfg.inference
+    if icfg.mode != "predict" or not icfg.input:
+        return []
+    return [icfg.input, *([icfg.ecotaxa_taxa] if icfg.ecotaxa_taxa else [])]
 
 
+# which rows of an EcoTaxa export are images of which class (data.root: stage 01; data.gallery_extra: stage 04)
+ECOTAXA_DATA = _section("data", "ecotaxa_status", "class_map", "ecotaxa_level")
 IMAGE_CHECKS = _section("data", "max_pixels", "min_side")  # every stage that decodes images applies them
 # stage 06 builds the FAISS index (search.index != exact); stage 07 also sets its query-time knobs
 SEARCH_BUILD = ("run.seed", *_section("search", "index", "nlist", "pq_m", "pq_bits", "hnsw_m", "ef_construction",
@@ -102,8 +107,9 @@ TRAIN_CONTINUE_KEYS = ("train.epochs", "train.save_freq", "train.eval_every", "m
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(SPLIT, "common.stages.split",
               keys=("run.seed", *_section("data", "root", "bad_images", "num_workers", "follow_symlinks"),
-                    *IMAGE_CHECKS, *_section("split", "train", "val", "test", "min_images", "materialize")),
-              external_fn=lambda cfg: [cfg.data.root]),
+                    *ECOTAXA_DATA, *IMAGE_CHECKS,
+                    *_section("split", "train", "val", "test", "min_images", "materialize")),
+              external_fn=lambda cfg: [cfg.data.root, *([cfg.data.class_map] if cfg.data.class_map else [])]),
     StageSpec(STATS, "common.stages.stats",
               keys=("data.pad_fill", "data.num_workers", "model.image_size", "stats.batch_size", *IMAGE_CHECKS),
               upstream_fn=lambda cfg: (SPLIT,)),
@@ -124,8 +130,9 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                              "cpu_compile"),
                     "model.channels_last",
                     *_section("store", "url", "schema", "password_env"),
-                    "data.num_workers", "data.gallery_extra", *IMAGE_CHECKS),
-              upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN), external_fn=lambda cfg: list(cfg.data.gallery_extra)),
+                    "data.num_workers", "data.gallery_extra", *ECOTAXA_DATA, *IMAGE_CHECKS),
+              upstream_fn=lambda cfg: (SPLIT, STATS, TRAIN),
+              external_fn=lambda cfg: [*cfg.data.gallery_extra, *([cfg.data.class_map] if cfg.data.class_map else [])]),
     StageSpec(THRESHOLD, "common.stages.threshold",
               keys=_section("lut", "thresholds", "grid_start", "grid_stop", "grid_step", "rule", "tolerance",
                             "target_size", "knn_k", "knn_temperature", "block_size") + SEARCH_BUILD + SEARCH_QUERY
@@ -139,7 +146,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                                           "temperature", "top_k", "reject_below", "reject_keep", "reject_score",
                                           "ood_k", "unknown_classes", "review_margin", "review_max", "batch_size",
                                           "block_size", "classifiers", "linear_epochs", "linear_lr", "worst_classes",
-                                          "embedding_map"),
+                                          "embedding_map", "ecotaxa_taxa"),
                     "extract.amp", "extract.cpu_compile", "model.channels_last", "data.num_workers", *IMAGE_CHECKS,
                     *SEARCH_BUILD,
                     *SEARCH_QUERY, "search.max_memory_gib", "search.precision", "store.password_env"),

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.extras import check_decodable, check_no_overlap, list_extras
+from ..ecotaxa.export import export_extras_of
 from ..data.labels import gallery_classes
 from ..data.splits import read_splits
 from ..errors import UserError
@@ -73,7 +74,8 @@ def check(ctx: Context) -> None:
     and a PostgreSQL schema is not another run folder's."""
     splits = ctx.upstream(SPLIT) / SPLITS_CSV
     resolve_checkpoint(ctx.upstream(TRAIN), ctx.cfg.extract.checkpoint, ctx.run_dir)
-    extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels)
+    extras = list_extras(ctx.cfg.data.gallery_extra, ctx.cfg.data.min_side, ctx.cfg.data.max_pixels,
+                         export=lambda p: export_extras_of(p, ctx.cfg.data))
     if extras:
         check_no_overlap(extras, {r.path for r in read_splits(splits)}, splits)
         check_decodable(extras)  # else a bad image would stop the stage after the store is changed

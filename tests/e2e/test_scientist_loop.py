@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_the_loop(loop):
     run = loop["run"]
     # --- one command: three samples -> counts, EcoTaxa table, review page, corrections sheet
     before = _predict(run, loop["samples"], "before")
-    for f in ("predictions.csv", "sample_counts.csv", "sample_counts.png", "ecotaxa_before.tsv", "review.html",
+    for f in ("predictions.csv", "sample_counts.csv", "sample_counts.png", "ecotaxa_before.zip", "review.html",
               "corrections.csv", "metrics.json", "report.html"):
         assert (before / f).is_file(), f
     counts = {r["sample"]: r for r in _rows(before / "sample_counts.csv")}
@@ -97,14 +98,16 @@ def test_the_loop(loop):
     assert _nine_accuracy(before) == 0.0  # the gallery has no 9 yet
     preds = _rows(before / "predictions.csv")
     assert {"sample", "margin", "knn_similarity", "neighbour5_path", "neighbour5_similarity"} <= set(preds[0])
-    tsv = (before / "ecotaxa_before.tsv").read_text().splitlines()
+    with zipfile.ZipFile(before / "ecotaxa_before.zip") as zf:  # the bundle EcoTaxa imports as it is
+        tsv = zf.read("ecotaxa_before.tsv").decode("utf-8-sig").splitlines()
+        members = set(zf.namelist())
     head, types = tsv[0].split("\t"), tsv[1].split("\t")
     assert head[:5] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
-                        "object_annotation_status"] and head[-1] == "sample_id" and len(types) == len(head)
+                        "object_annotation_status"] and "sample_id" in head and len(types) == len(head)
     assert set(types) <= {"[t]", "[f]"} and len(tsv) == 2 + 116
     first = dict(zip(head, tsv[2].split("\t")))
-    assert (loop["samples"] / first["img_file_name"]).is_file()  # relative to the input folder
-    assert first["object_annotation_status"] in ("predicted", "")
+    assert first["img_file_name"] in members and (loop["samples"] / first["img_file_name"]).is_file()
+    assert first["object_annotation_status"] in ("predicted", "") and first["sample_id"].startswith("before_station_")
 
     # --- a first look at five 9s; the scientist validates them in corrections.csv
     look = _predict(run, loop["first_look"], "first_look")

@@ -4,7 +4,7 @@ Evaluate mode reads 04's store (train, val and test vectors) and ``model.json``,
 06's ``lut.sqlite`` (``inference.gallery=lut``) or every train vector (``full``); it writes
 ``07_inference/``. Predict mode embeds every image under ``inference.input`` with the checkpoint
 04's ``model.json`` names (its sha256 checked) and writes ``07_inference/predict/<name>/`` only:
-the evaluation's files are never touched. The algorithms are in ``common.inference``.
+the evaluation's files are never touched (``predict.py``). The algorithms are in ``common.evaluate``.
 
 With ``search.index`` other than ``exact`` the gallery is searched through a FAISS index: 06's
 ``lut.faiss`` (checked against ``lut_faiss.json``: same rows in the same order), or for
@@ -14,7 +14,7 @@ speeds) goes to ``metrics.json``
 (``search``) and the report.
 
 With exact search, a gallery (and a train split) of more vectors than ``search.max_memory_gib``
-stays in the store: ``common.streaming.vectors_of`` gives a ``common.streaming.StoreMatrix`` in place of the
+stays in the store: ``common.retrieval.gallery`` gives a ``common.retrieval.streamed.StoreMatrix`` in place of the
 matrix, searched block by block (the classical classifiers are then skipped).
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 from .evaluate import _evaluate
 from .load import _threshold_info, hold_out, threshold_warnings, index_agreement, load_store_data, open_index
 from .predict import _predict
+from .predict import check as check  # the stage's read-only check phase: pipeline.spec finds it here
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def main(ctx: Context) -> dict[str, Any]:
         log.info("open-set rejection is off (inference.reject_below=null); the val cuts are still measured")
     scfg = ctx.cfg.search
     data = hold_out(load_store_data(stage04, splits_dir / SPLITS_CSV, lut_path, ctx.cfg.store.password_env,
-                                    scfg.max_memory_gib if scfg.index == "exact" else None),
+                                    scfg.max_memory_gib if scfg.index == "exact" else None,
+                                    test=icfg.mode == "evaluate"),
                     list(icfg.unknown_classes))
     facts = [("run folder", str(ctx.run_dir)), *data.facts,
              *(("caution (stage 05's threshold)", w) for w in threshold_warnings(sweep_dir))]

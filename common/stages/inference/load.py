@@ -10,36 +10,28 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ...data.labels import class_index, gallery_classes
-from ...data.samples import list_inputs
 from ...data.splits import EXTRA_SPLIT, class_names, read_splits
 from ...data.transforms import Preprocessing
 from ...errors import UserError
-from ...evaluate.classifiers import CLASSES_FILE, check_saved_classifiers
 from ...fileio import read_json
-from ...pipeline.manifest import read_manifest
 from ...retrieval import search as retrieval_search
 from ...retrieval.ann import AnnIndex, agreement, build_index, ids_sha256, load_index
 from ...retrieval.streamed import describe, is_streamed
 from ...store.containers import ModelInfo, Vectors, merge, subset
 from ...store.schema import GALLERY_SPLITS
-from .. import EXTRACT, INFERENCE, SPLIT
 from ..artefacts import (
-    CLASSIFIERS_DIR,
     INDEX_FILE,
     INDEX_JSON,
     MODEL_JSON,
-    SPLITS_CSV,
     SWEEP_PNG,
     open_lut,
     open_model_store,
-    read_model_json,
     read_threshold_json,
     require_same_checkpoint,
 )
 
 if TYPE_CHECKING:
     from ...pipeline.context import Context
-from ...evaluate.classifiers import _same_classes
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +62,14 @@ class StoreData:
 
 
 def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None, password_env: str | None = None,
-                    max_memory_gib: float | None = None) -> StoreData:
+                    max_memory_gib: float | None = None, test: bool = True) -> StoreData:
     """Load one model's train/val/test vectors and the gallery (the LUT, or every train and extra
     vector when None). The classes are the checkpoint's (equal to the splits'), then the
     gallery-only classes stage 04 recorded in ``model.json``. ``password_env``: the PostgreSQL
     password's variable of a store on a server (``store.password_env``; None: the recorded one).
     ``max_memory_gib``: the gallery, and the train split, above this many GiB of vectors stay in the
-    store (``common.streaming``); the val and test queries are always loaded."""
+    store (``common.retrieval.streamed``); the val queries are always loaded, the test ones unless
+    ``test`` is False (predict mode: an empty test split)."""
     rows = read_splits(splits_csv)
     train_classes = list(class_names(rows))
     with open_model_store(stage04, password_env) as ms:
@@ -85,7 +78,9 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None, pass
         if list(info.classes) != train_classes:
             raise UserError(f"{store_path}: the vectors' checkpoint has {len(info.classes)} classes but {splits_csv} "
                             f"has {len(train_classes)}: rerun 04_extract_features.py")
-        val, test = (ms.load((s,), classes) for s in ("val", "test"))
+        val = ms.load(("val",), classes)
+        test_v = ms.load(("test",), classes) if test else Vectors(np.zeros((0, val.X.shape[1]), np.float32),
+                                                                  np.zeros(0, np.int64), [])
         train = ms.load(("train",), classes, max_memory_gib)
         n_extra = ms.store.count_vectors((EXTRA_SPLIT,), info.id)
         if lut_path is None and not is_streamed(train.X):
@@ -110,7 +105,7 @@ def load_store_data(stage04: Path, splits_csv: Path, lut_path: Path | None, pass
     if precision not in ("fp32", "bf16"):
         raise UserError(f"{Path(stage04) / MODEL_JSON}: cpu_precision {precision!r} is not fp32 or bf16: rerun "
                         "04_extract_features.py --force")
-    return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val, test=test,
+    return StoreData(classes=classes, model=info, checkpoint=checkpoint, train=train, val=val, test=test_v,
                      gallery=gallery, test_rows=[r for r in rows if r.split == "test"], facts=facts,
                      cpu_precision=precision)
 
@@ -218,26 +213,6 @@ def index_agreement(ann: AnnIndex, data: StoreData, block_size: int, device: Any
                  "%.0f queries/s against exact %.0f", ann.kind, ann.description, len(val), agr["same_image"],
                  agr["same_class"], info["index_queries_per_s"], info["exact_queries_per_s"])
     return info
-
-
-def check(ctx: Context) -> None:
-    """Read only, before anything is written. Predict mode: ``inference.input`` lists images (a list
-    naming one twice is refused), and the classifiers an up-to-date evaluation saved, when they
-    will be used, are the files it saved, of trusted types only."""
-    icfg = ctx.cfg.inference
-    if icfg.mode != "predict":
-        return
-    if not list_inputs(icfg.input).images:
-        raise UserError(f"inference.input: no image files in {icfg.input}")
-    evaluation = ctx.run_dir / INFERENCE
-    saved = evaluation / CLASSIFIERS_DIR
-    if not icfg.classifiers or read_manifest(evaluation) is None or not (saved / CLASSES_FILE).is_file():
-        return
-    meta = read_model_json(ctx.upstream(EXTRACT))
-    classes = gallery_classes(class_names(read_splits(ctx.upstream(SPLIT) / SPLITS_CSV)),
-                              meta.get("extra_classes", []))
-    if "dim" in meta and _same_classes(saved / CLASSES_FILE, classes, quiet=True):  # else main fits them again
-        check_saved_classifiers(saved, classes, int(meta["model_id"]), int(meta["dim"]), icfg.classifiers)
 
 
 def load_query_model(ctx: Context, data: StoreData) -> tuple[Any, Callable]:
