@@ -469,9 +469,11 @@ class _Blocks:
 def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypatch, caplog):
     from common.retrieval import search, streamed
 
+    monkeypatch.setattr(search, "KERNEL_MIN_QUERIES", 40)  # the rule, on few queries
+    monkeypatch.setattr(C, "_SETTING", dict(C._SETTING))  # search.precision comes back afterwards
     rng = np.random.default_rng(11)
     _, G = gallery(seed=11)
-    Q = _unit(rng.normal(size=(search.KERNEL_MIN_QUERIES + 3, G.shape[1])) + 0.5 * G[rng.integers(0, len(G), 515)])
+    Q = _unit(rng.normal(size=(43, G.shape[1])) + 0.5 * G[rng.integers(0, len(G), 43)])
     Q[:4] = G[3]  # ties straddling the cut
     calls = []
     real = X.topk
