@@ -89,7 +89,8 @@ def pipeline(digits_without_9, tmp_path_factory):
     cheaper than training again).
     """
     run = tmp_path_factory.mktemp("run") / "e2e"
-    res = run_script(["run_pipeline.py", *E2E_CONFIG, "--run", str(run), f"data.root={digits_without_9}"])
+    # (seven stages: 15 min passed on the shared machine at load 12, the whole suite's only training)
+    res = run_script(["run_pipeline.py", *E2E_CONFIG, "--run", str(run), f"data.root={digits_without_9}"], timeout=3600)
     return run, E2E_CONFIG, res
 
 
