@@ -289,6 +289,7 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
 
     from common.retrieval import kernel as X
     from common.retrieval import prune as lut
+    from common.retrieval.prune import prune_class
 
     Xc = clustered_class(n, dim)
     lab = np.zeros(n, np.int64)
@@ -296,11 +297,11 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
     fns = {"bare float32 X @ X.T": lambda: xt @ xt.T}
     for t in thresholds:
         fns[f"lut.prune t={t:g}"] = lambda t=t: lut.prune(Xc, lab, None, t)
-        fns[f"prune_class bf16 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="bf16")[0]
-        fns[f"prune_class fp32 t={t:g}"] = lambda t=t: X.prune_class(Xc, [t], precision="fp32")[0]
+        fns[f"prune_class bf16 t={t:g}"] = lambda t=t: prune_class(Xc, [t], precision="bf16")[0]
+        fns[f"prune_class fp32 t={t:g}"] = lambda t=t: prune_class(Xc, [t], precision="fp32")[0]
     fns["lut.prune_sweep (all thresholds)"] = lambda: lut.prune_sweep(Xc, lab, None, thresholds)
-    fns["prune_class bf16 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="bf16")
-    fns["prune_class fp32 (all)"] = lambda: X.prune_class(Xc, thresholds, precision="fp32")
+    fns["prune_class bf16 (all)"] = lambda: prune_class(Xc, thresholds, precision="bf16")
+    fns["prune_class fp32 (all)"] = lambda: prune_class(Xc, thresholds, precision="fp32")
     codes = X.quantize(Xc, "bf16")
     fns["  of which: bf16 codes (quantize)"] = lambda: X.quantize(Xc, "bf16")
     fns["  of which: bf16 upper-triangle products"] = lambda: [  # prune_class's blocks of 512 columns
@@ -317,7 +318,7 @@ def bench_exact_prune(n: int, dim: int, thresholds: list[float], repeat: int) ->
                for x in thresholds for p in ("bf16", "fp32")) and all(
         np.array_equal(res["lut.prune_sweep (all thresholds)"], res[f"prune_class {p} (all)"]) for p in ("bf16", "fp32"))
     st: dict = {}
-    X.prune_class(Xc, thresholds, precision="bf16", stats=st)
+    prune_class(Xc, thresholds, precision="bf16", stats=st)
     print(f"identical keep masks (per threshold and sweep): {same}; kept "
           + ", ".join(f"{int(m.sum()):,}" for m in res["prune_class bf16 (all)"])
           + f"; the sweep recomputed {st.get('float32_pairs', 0):,} pairs in float32 and "

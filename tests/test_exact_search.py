@@ -14,7 +14,7 @@ import torch
 
 from common.retrieval import codes as C
 from common.retrieval import kernel as X
-from common.retrieval.prune import prune, prune_sweep
+from common.retrieval.prune import prune, prune_class, prune_sweep
 from common.retrieval.search import search_classes
 from common.retrieval.search import topk as search_topk
 from common.store.containers import Vectors
@@ -398,11 +398,11 @@ def near_threshold_class(n=300, d=32, seed=0):
 def test_prune_class_equals_pair_loop_near_thresholds(precision):
     Xc, ts = near_threshold_class()
     st: dict = {}
-    keeps = X.prune_class(Xc, ts, precision=precision, tile=37, chunk=50, stats=st)  # cached blocks
+    keeps = prune_class(Xc, ts, precision=precision, tile=37, chunk=50, stats=st)  # cached blocks
     for t, keep in zip(ts, keeps):
         want = pair_loop(Xc, t)
         assert np.array_equal(keep, want), (t, np.flatnonzero(keep != want))
-        got = X.prune_class(Xc, [t], precision=precision, tile=64, chunk=30, cache_bytes=0)[0]  # kept rows only
+        got = prune_class(Xc, [t], precision=precision, tile=64, chunk=30, cache_bytes=0)[0]  # kept rows only
         assert np.array_equal(got, want)
     assert st.get("exact_pairs", 0) > 0 or precision == "fp32"  # near-threshold pairs reached exact values
 
@@ -414,7 +414,7 @@ def test_prune_class_ties_duplicates_and_lut_identity():
     D = D[np.linalg.norm(D, axis=1) > 0]
     for t in (0.25, 0.5, 1.0):
         for p in PRECISIONS:
-            assert np.array_equal(X.prune_class(D, [t], precision=p)[0], pair_loop(D, t)), (t, p)
+            assert np.array_equal(prune_class(D, [t], precision=p)[0], pair_loop(D, t)), (t, p)
     rng = np.random.default_rng(5)
     lab = rng.choice(4, 400, p=[0.85, 0.1, 0.045, 0.005])
     lab[:2] = 3
@@ -427,7 +427,7 @@ def test_prune_class_ties_duplicates_and_lut_identity():
         for c in range(4):
             rows = np.flatnonzero(lab == c)
             rows = rows[np.argsort(ids[rows])]
-            got[rows] = X.prune_class(G[rows], ts, precision="bf16")[ti]
+            got[rows] = prune_class(G[rows], ts, precision="bf16")[ti]
         assert np.array_equal(got, prune(G, lab, ids, t)) and np.array_equal(got, sweep[ti])
 
 
@@ -442,7 +442,7 @@ def test_prune_class_and_quantize_on_worker_threads(monkeypatch):
         c = X.quantize(Xc, p)
         for a, b in ((one.low, c.low), (one.norm, c.norm), (one.resid, c.resid), (one.scale, c.scale)):
             assert (a is None and b is None) or torch.equal(a, b)
-        keeps = X.prune_class(c, ts, tile=37)
+        keeps = prune_class(c, ts, tile=37)
         assert torch.get_num_threads() == 2
         torch.set_num_threads(1)
         for t, keep in zip(ts, keeps):
@@ -469,7 +469,7 @@ class _Blocks:
 def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypatch, caplog):
     from common.retrieval import search, streamed
 
-    monkeypatch.setattr(search, "KERNEL_MIN_QUERIES", 40)  # the rule, on few queries
+    monkeypatch.setattr(X, "KERNEL_MIN_QUERIES", 40)  # the rule, on few queries
     monkeypatch.setattr(C, "_SETTING", dict(C._SETTING))  # search.precision comes back afterwards
     rng = np.random.default_rng(11)
     _, G = gallery(seed=11)
@@ -481,7 +481,7 @@ def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypa
     for p in PRECISIONS:
         search.set_precision(p)
         with caplog.at_level(logging.INFO, logger="common.retrieval"):
-            for k in (1, search.KERNEL_MAX_K):
+            for k in (1, X.KERNEL_MAX_K):
                 ws, wi = topk_ref(Q, G, k)
                 for got in (search.topk(Q, G, k, block_size=200), streamed.topk(Q, _Blocks(G, 150), k, 200)):
                     np.testing.assert_array_equal(got[1], wi)
@@ -492,7 +492,7 @@ def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypa
     per = 2 * (1 + 3)  # two k, each: the in-memory search and three streamed blocks
     assert calls == ["fp32"] * per + ["bf16"] * per + ["int8"] * per
     # few queries or a large k: the float32 product, the same neighbours
-    for q, k in ((Q[:search.KERNEL_MIN_QUERIES - 1], 3), (Q, search.KERNEL_MAX_K + 1)):
+    for q, k in ((Q[:X.KERNEL_MIN_QUERIES - 1], 3), (Q, X.KERNEL_MAX_K + 1)):
         ws, wi = topk_ref(q, G, k)
         s, i = search.topk(q, G, k)
         np.testing.assert_array_equal(i, wi)
