@@ -16,7 +16,8 @@ from ecotaxa_exports import SAMPLES, category, make_export
 from PIL import Image
 
 from common.ecotaxa.bundle import Prediction, read_taxa_map, write_bundle
-from common.ecotaxa.export import Export, _member_name, read_class_map, select
+from common.ecotaxa.export import Export, _member_name
+from common.ecotaxa.rows import read_class_map, select
 from common.errors import UserError
 
 
@@ -475,7 +476,7 @@ def test_is_export_looks_where_ecotaxa_writes_tsvs_only(tmp_path, digits):
 
 @pytest.mark.parametrize("as_zip", [False, True])
 def test_export_inputs_keep_each_object_and_unpack_a_zip_once(tmp_path, digits, as_zip):
-    from common.ecotaxa.export import export_inputs
+    from common.ecotaxa.rows import export_inputs
 
     src, truth = make_export(tmp_path / ("e.zip" if as_zip else "e"), digits, extra_image=True, as_zip=as_zip)
     dest = tmp_path / "unpacked"
@@ -496,7 +497,7 @@ def test_export_inputs_keep_each_object_and_unpack_a_zip_once(tmp_path, digits, 
 
 
 def test_export_inputs_list_missing_images(tmp_path, digits):
-    from common.ecotaxa.export import export_inputs
+    from common.ecotaxa.rows import export_inputs
 
     src, truth = make_export(tmp_path / "e", digits)
     gone = next(iter(truth.objects.values()))[3]
@@ -510,7 +511,7 @@ def test_gallery_extra_takes_an_export_folder_not_a_zip(tmp_path, digits):
     from types import SimpleNamespace
 
     from common.data.extras import list_extras
-    from common.ecotaxa.export import export_extras_of
+    from common.ecotaxa.rows import export_extras_of
 
     src, truth = make_export(tmp_path / "e", digits)
     cmap = tmp_path / "map.csv"

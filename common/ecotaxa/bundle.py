@@ -23,7 +23,8 @@ from PIL import Image
 from ..data.images import PIL_ERRORS
 from ..errors import UserError
 from ..fileio import atomic_path
-from .export import _COLUMN, HUMAN_STATUSES, MAX_NAME, clean_text, read_pairs_csv
+from .export import _COLUMN, HUMAN_STATUSES, MAX_NAME, clean_text
+from .rows import read_pairs_csv
 
 if TYPE_CHECKING:
     from .export import EcoObject

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.extras import check_decodable, check_no_overlap, list_extras
-from ..ecotaxa.export import export_extras_of
+from ..ecotaxa.rows import export_extras_of
 from ..data.labels import gallery_classes
 from ..data.splits import read_splits
 from ..errors import UserError

@@ -23,7 +23,8 @@ from ..data.listing import Listing, Skipped, list_image_folder, sort_key
 from ..data.scan import Scan, scan_files
 from ..data.split import ClassCount, SplitResult, check_enough_classes, make_split, materialize
 from ..data.splits import write_splits_csv
-from ..ecotaxa.export import Export, Selection, category_at, is_export, read_class_map, read_export
+from ..ecotaxa.export import Export, is_export
+from ..ecotaxa.rows import Selection, category_at, read_class_map, read_export
 from ..errors import UserError
 from ..fileio import write_csv
 from ..report.plots import plot_class_distribution

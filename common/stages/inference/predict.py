@@ -26,7 +26,8 @@ from ...data.samples import Inputs, list_inputs
 from ...data.splits import class_names, read_splits
 from ...ecotaxa.bundle import BundleResult, TaxaMap, read_taxa_map, write_bundle
 from ...ecotaxa.bundle import Prediction as BundleImage
-from ...ecotaxa.export import export_inputs, is_export
+from ...ecotaxa.export import is_export
+from ...ecotaxa.rows import export_inputs
 from ...errors import UserError
 from ...evaluate.classifiers import (
     CLASSES_FILE,
