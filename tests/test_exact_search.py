@@ -469,7 +469,7 @@ class _Blocks:
 def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypatch, caplog):
     from common.retrieval import search, streamed
 
-    monkeypatch.setattr(X, "KERNEL_MIN_QUERIES", 40)  # the rule, on few queries
+    monkeypatch.setattr(C, "KERNEL_MIN_QUERIES", 40)  # the rule, on few queries
     monkeypatch.setattr(C, "_SETTING", dict(C._SETTING))  # search.precision comes back afterwards
     rng = np.random.default_rng(11)
     _, G = gallery(seed=11)
@@ -481,7 +481,7 @@ def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypa
     for p in PRECISIONS:
         search.set_precision(p)
         with caplog.at_level(logging.INFO, logger="common.retrieval"):
-            for k in (1, X.KERNEL_MAX_K):
+            for k in (1, C.KERNEL_MAX_K):
                 ws, wi = topk_ref(Q, G, k)
                 for got in (search.topk(Q, G, k, block_size=200), streamed.topk(Q, _Blocks(G, 150), k, 200)):
                     np.testing.assert_array_equal(got[1], wi)
@@ -492,7 +492,7 @@ def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypa
     per = 2 * (1 + 3)  # two k, each: the in-memory search and three streamed blocks
     assert calls == ["fp32"] * per + ["bf16"] * per + ["int8"] * per
     # few queries or a large k: the float32 product, the same neighbours
-    for q, k in ((Q[:X.KERNEL_MIN_QUERIES - 1], 3), (Q, X.KERNEL_MAX_K + 1)):
+    for q, k in ((Q[:C.KERNEL_MIN_QUERIES - 1], 3), (Q, C.KERNEL_MAX_K + 1)):
         ws, wi = topk_ref(q, G, k)
         s, i = search.topk(q, G, k)
         np.testing.assert_array_equal(i, wi)

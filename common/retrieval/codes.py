@@ -378,3 +378,20 @@ def _gallery_codes(gallery: Any, precision: str) -> Codes:
         return gallery
     return quantize(gallery, precision)
 
+
+# Where the exact kernel (kernel.topk) pays, measured on this 2-core AVX512-BF16 machine under load
+# 11-12 (bf16 codes; the gallery's codes are made at each call, which costs about as much as a
+# float32 product of 250-600 queries, the rest of the search 0.2-0.65x that product):
+# G = 20,000, D = 2,048: 1,000 queries: top-1 1.75x, top-10 1.33x the float32 product; 600 queries:
+# top-20 0.88x, top-40 0.81x; 1,000 queries: top-100 0.58x, top-1000 0.16x (each of the k best is
+# rescored in float64); 128 queries, top-10: 0.29x; 32 queries: 0.11x. G = 6,000, D = 512, 600
+# queries (bench_retrieval --quick): top-1 0.62x, top-10 0.64x.
+KERNEL_MIN_QUERIES = 1024  # fewer queries than this: one float32 product per block
+KERNEL_MAX_K = 16  # a larger k: one float32 product per block
+
+
+def use_kernel(n_queries: int, k: int, device: torch.device) -> bool:
+    """Whether an exact top-``k`` of ``n_queries`` queries runs on the reduced-precision kernel
+    (``kernel.topk``) rather than one float32 product per block of queries: on a CPU, for at least
+    ``KERNEL_MIN_QUERIES`` queries and ``k <= KERNEL_MAX_K`` (where it pays; the answer is the same)."""
+    return device.type == "cpu" and n_queries >= KERNEL_MIN_QUERIES and k <= KERNEL_MAX_K

@@ -17,7 +17,7 @@ import torch
 from ..errors import UserError
 from ..store.containers import Vectors
 from .codes import set_precision as set_precision  # search.precision, set by the stage runner
-from .kernel import use_kernel
+from .codes import use_kernel
 from .exact import as_tensor, block_topk
 
 

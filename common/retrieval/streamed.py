@@ -152,7 +152,7 @@ def topk(queries: Any, gallery: StoreMatrix, k: int, block_size: int = 4096,
     from .codes import search_precision
     from .exact import as_tensor, block_topk, sort_desc_stable
     from .kernel import topk as kernel_topk
-    from .kernel import use_kernel
+    from .codes import use_kernel
 
     if k < 1:
         raise ValueError(f"topk: k must be >= 1, got {k}")

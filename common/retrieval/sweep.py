@@ -68,7 +68,7 @@ def nearest_kept(queries: Any, gallery: Any, keeps: np.ndarray, k: int, block_si
     the lower row), but the query x gallery product is computed once for all thresholds. That product
     stays float32, not the exact kernel's: each query keeps its top ``M`` (>= ``MIN_TOP_M`` = 64), and
     the kernel rescores every one of the k best in float64 (top-100 measured 0.58x the float32
-    product, top-40 0.81x: ``search.KERNEL_MAX_K``).
+    product, top-40 0.81x: ``codes.KERNEL_MAX_K``).
     Returns ``([(sims (Q, k_t) float32, idx (Q, k_t) int64) per threshold], stats)``.
     """
     keeps = np.asarray(keeps, dtype=bool)
