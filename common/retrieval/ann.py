@@ -23,7 +23,7 @@ GPU with float16 look-up tables (``GpuClonerOptions.useFloat16``): at the defaul
 with 8 bits, float32 tables need 64 KiB of shared memory per block, above the 48 KiB FAISS
 allows. When FAISS cannot put an index on the GPU (another code size, too little memory) the CPU
 index is used, said in one line. (The GPU path has not been run here: no GPU build of FAISS on
-this project's machines; ``tests/test_search.py`` checks the calls against a stand-in.)
+this project's machines; ``tests/retrieval/test_search.py`` checks the calls against a stand-in.)
 
 Search. ``AnnIndex.search`` asks the index for ``candidates`` neighbours of each query, then,
 given the gallery's vectors, rescores them by exact float32 dot products and orders them by

@@ -21,7 +21,7 @@ How it is decided (``prune_class``): products ``A`` of reduced-precision codes o
 ``s < t``; only pairs with ``A`` in between (the band) need ``s``: their float32 dot products
 first, and ``s`` itself where those are within their own bound of ``t``. So every decision is
 ``s(i, j) > t`` exactly, and the result is identical to a direct pair loop on ``s``
-(``tests/test_lut.py``, ``tests/test_exact_search.py``) for any precision, block size and device.
+(``tests/retrieval/test_lut.py``, ``tests/retrieval/test_exact_search.py``) for any precision, block size and device.
 
 How it is fast
 --------------

@@ -5,7 +5,7 @@ the batch, and the loss is not a sum of per-rank terms. Each rank therefore gath
 features (with gradients, ``gather_with_grad``) and labels, and computes
 the same loss on the whole global batch.
 
-Gradient scale, worked out (and checked in ``tests/test_distributed.py`` against one process on
+Gradient scale, worked out (and checked in ``tests/runtime/test_distributed.py`` against one process on
 the same global batch): let ``L`` be the loss of the global batch and ``f_r`` rank r's features.
 Every rank computes the same ``L``. The backward of the gather *sums* the incoming gradients
 over ranks (a reduce-scatter; gloo: all-reduce, then the rank's own rows), so rank r receives
@@ -57,7 +57,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     The same contract as ``torch.distributed.nn.functional.all_gather`` (deprecated), written out
     because that one sends strided gradients through gloo's all-to-all as if they were contiguous
     (a transposed gradient, as a loss may hand back, arrived scrambled: found by
-    ``tests/test_distributed.py``). Here the gradient is made contiguous first; NCCL reduce-scatters
+    ``tests/runtime/test_distributed.py``). Here the gradient is made contiguous first; NCCL reduce-scatters
     it, other backends (gloo) all-reduce it and keep their own rows.
     """
 

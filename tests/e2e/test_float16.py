@@ -106,7 +106,7 @@ def make_version_2_run(run: Path) -> None:
     """Turn a finished run into what the version before ``extract.dtype`` left: both stores of schema
     version 2 (no models.dtype), model.json without ``dtype``, and manifests recording them with
     that version's digests (``content_digest`` of a version-2 store is that code's, pinned in
-    tests/test_features.py)."""
+    tests/store/test_features.py)."""
     for stage, db in ((S04, "features.sqlite"), (S06, "lut.sqlite")):
         con = sqlite3.connect(run / stage / db)
         con.execute("ALTER TABLE models DROP COLUMN dtype")

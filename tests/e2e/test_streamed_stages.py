@@ -1,5 +1,5 @@
 """Stages 05-07 on the demo run with ``search.max_memory_gib=0`` (the gallery streamed from the
-store): the same results as the in-memory run. Moved from tests/test_streaming.py (the library's
+store): the same results as the in-memory run. Moved from tests/retrieval/test_streaming.py (the library's
 tests stay there)."""
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ one place (issue 18, phase C1): each stage's hashed keys and its config hash for
 ``Config()``, ``RANGES``, the keys never hashed, ``PATH_KEYS`` and ``INVOCATION_KEYS``. A run
 folder made before a change stays "up to date" after it only while these stay the same, so a
 deliberate change of freshness semantics edits the golden file in the same commit
-(``python tests/test_config_keys.py --write`` rewrites it from the code).
+(``python tests/config/test_config_keys.py --write`` rewrites it from the code).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "config" / "golden_keys.json"
 
 
@@ -46,7 +46,7 @@ def test_declarations_match_golden():
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python tests/test_config_keys.py --write  (rewrites tests/config/golden_keys.json)")
+        sys.exit("usage: python tests/config/test_config_keys.py --write  (rewrites tests/config/golden_keys.json)")
     sys.path.insert(0, str(ROOT))
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(derived_tables(), indent=1) + "\n")

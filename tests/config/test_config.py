@@ -25,7 +25,7 @@ from common.config.values import (hash_values, hashed_for, is_semantic, key_valu
                                   run_config_dict)
 from common.errors import ConfigError, UserError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_file_is_rendered_from_the_declarations():

@@ -17,7 +17,7 @@ from common.config.load import load_config
 from common.data.fill import AUTO_FILL, AUTO_FILL_CODE, pad_fill_code, pad_fill_value
 from common.data.transforms import PadToSquare, Preprocessing, edge_median
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- data.pad_fill: auto

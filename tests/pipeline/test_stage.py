@@ -31,7 +31,7 @@ def ex(spec, main, argv, check=None):
     spec = replace(spec, driver=SimpleNamespace(main=main, check=check))
     return execute(spec, argv, table={**TEST_SPECS, spec.name: spec})
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _producer(text: str):

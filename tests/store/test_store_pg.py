@@ -190,7 +190,7 @@ def test_version_2_store_on_postgres_is_upgraded_in_place(pg_store):
         conn.exec_driver_sql("ALTER TABLE models DROP COLUMN dtype")
         conn.exec_driver_sql("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     eng.dispose()
-    # the digest the code of version 2 recorded for this content (tests/test_features.py pins it)
+    # the digest the code of version 2 recorded for this content (tests/store/test_features.py pins it)
     assert content_digest(pg_store) == "0911f64476a5b9cc0fad1e5a2e67c9ae1ed46a40f3c24eed5feccb50243a777e"
     assert schema_version(pg_store) == 2
     with pytest.raises(UserError, match="schema version 2.*rerun 04_extract_features.py, which upgrades"):
