@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import signal
 import os
 import sys
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ class Result:
 def _as_a_script(argv: list[str], env: dict[str, str] | None,
                  cwd: Path | None) -> Iterator[tuple[io.StringIO, io.StringIO]]:
     """The process state a script starts with, put back afterwards: ``sys.argv``, the working
-    directory, extra environment variables, torch's thread count, and the root logger (``execute``
-    sets it to DEBUG and removes only the handlers it added). stdout and stderr are captured: a
+    directory, extra environment variables, torch's thread count, the SIGINT/SIGTERM handlers (a
+    stage that stopped on a signal leaves ``already_stopping`` installed, as a process that exits
+    would), and the root logger (``execute`` sets it to DEBUG and removes only the handlers it added). stdout and stderr are captured: a
     stage's console handler binds ``sys.stderr`` when it is made, inside ``execute``."""
     import torch
 
@@ -44,6 +46,7 @@ def _as_a_script(argv: list[str], env: dict[str, str] | None,
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     threads, here, saved_argv = torch.get_num_threads(), os.getcwd(), sys.argv
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     out, err = io.StringIO(), io.StringIO()
     try:
         os.environ.update(env or {})
@@ -65,6 +68,8 @@ def _as_a_script(argv: list[str], env: dict[str, str] | None,
             if h not in handlers:
                 root.removeHandler(h)
         torch.set_num_threads(threads)
+        for s, h in saved_signals.items():
+            signal.signal(s, h)
 
 
 def _exit_code(call) -> int:

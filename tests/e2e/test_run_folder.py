@@ -320,7 +320,12 @@ def test_second_sigterm_during_cleanup_still_ends_130(tmp_path):
 
 def test_every_bad_numeric_value_is_refused_by_every_stage_before_anything_is_written(pipeline, tmp_path, capsys):
     """Issue 11 #6: a bad value for every numeric key, through the real wrapper, on a finished run."""
-    from test_config import OUT_OF_RANGE
+    import importlib.util  # tests/config/test_config.py's table (another folder: load it by path)
+
+    spec = importlib.util.spec_from_file_location("config_out_of_range", ROOT / "tests" / "config" / "test_config.py")
+    values = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(values)
+    OUT_OF_RANGE = values.OUT_OF_RANGE
 
     from common.pipeline.runner import execute
 
