@@ -12,7 +12,9 @@ import json
 import math
 import random
 import shutil
-import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,6 @@ from common.config.schema import Config, TrainConfig
 from common.data.augment import train_transform
 from common.errors import NonFiniteLossError, UserError
 from common.runtime.seed import rng_state, seed_everything, set_rng_state
-from common.runtime.signals import DeferSignals
 from common.stages import train as stages_train
 from common.stages.train import restart_keys
 from common.training import trainer as training_trainer
@@ -123,15 +124,27 @@ def test_rng_state_round_trip_weights_only(tmp_path):
 
 
 def test_defer_signals_finishes_the_block_then_interrupts():
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with DeferSignals():
-            # to this thread: os.kill may hand the signal to another thread of the process (torch's,
-            # the search workers'), and the main thread then runs the handler only later
-            signal.raise_signal(signal.SIGINT)
-            done.append("step finished")
-    assert done == ["step finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    """In a fresh interpreter, as a stage runs: the whole suite's process may hold state from other
+    tests' in-process stage runs (after the end-to-end tests this one failed there only, with the
+    signal handled after the block: see the closing note of issue 18)."""
+    code = textwrap.dedent("""
+        import signal, sys
+        sys.path.insert(0, %r)
+        from common.runtime.signals import DeferSignals
+        done = []
+        try:
+            with DeferSignals():
+                signal.raise_signal(signal.SIGINT)
+                done.append("step finished")
+        except KeyboardInterrupt:
+            assert done == ["step finished"], done
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+            print("interrupted after the block")
+        else:
+            sys.exit("no KeyboardInterrupt")
+    """) % str(Path(__file__).resolve().parents[2])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "interrupted after the block" in res.stdout, res.stderr
 
 
 # ----------------------------------------------------------------------------- real runs
