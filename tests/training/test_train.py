@@ -131,6 +131,10 @@ def test_defer_signals_finishes_the_block_then_interrupts():
         import signal, sys
         sys.path.insert(0, %r)
         from common.runtime.signals import DeferSignals
+        # a child inherits its parent's blocked signals and ignored dispositions: after the suite's
+        # in-process end-to-end runs, SIGINT reached a child of pytest blocked or ignored; start clean
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         done = []
         try:
             with DeferSignals():
