@@ -87,14 +87,12 @@ import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 
 from ..errors import UserError
 from ..fileio import atomic_path
 
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ class LogProgress:
         self._postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
 
     def close(self) -> None:
-        pass
+        """Nothing to close: the log lines are already written (tqdm's interface)."""
 
     def __enter__(self) -> LogProgress:
         return self
