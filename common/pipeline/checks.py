@@ -43,10 +43,14 @@ def _check_upstream(spec: StageSpec, inv: Invocation, fresh: Freshness, specs: d
 def _check_external(spec: StageSpec, cfg: Config) -> None:
     """An input outside the run folder (``data.root``, ``inference.input``...) must exist before anything is written."""
     for p in spec.external(cfg):
-        if not Path(p).exists():
+        try:
+            problem = None if Path(p).exists() else "does not exist"
+        except OSError as e:  # a name too long for the file system, a path through a file...
+            problem = f"cannot be read ({e.strerror or e.__class__.__name__})"
+        if problem is not None:
             values = {k: get_key(cfg, k) for k in spec.keys}
             keys = [k for k, v in values.items() if str(p) == v or (isinstance(v, list) and str(p) in v)]
-            raise UserError(f"{keys[0] if keys else 'input'}: {p} does not exist")
+            raise UserError(f"{keys[0] if keys else 'input'}: {str(p)[:200]} {problem}")
 
 
 def _check_stage_folder(stage_dir: Path) -> None:

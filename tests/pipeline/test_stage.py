@@ -452,3 +452,19 @@ def test_log_txt_link_is_refused_in_the_check_phase(tmp_path, caplog):
     assert run_a(tmp_path, "--force") == 2
     assert "log.txt is a symbolic link" in caplog.text
     assert _files(tmp_path, log_too=True) == before and target.read_text() == "keep"
+
+
+@pytest.mark.parametrize("name", ["", "missing/map.csv", "x" * 300])
+def test_an_external_input_that_cannot_be_read_is_one_line(tmp_path, name):
+    """An input path too long for the file system (OSError from stat) is refused in one line
+    naming the key, like a missing one, not a traceback (exit 1)."""
+    from common.config.load import load_config
+    from common.pipeline.checks import _check_external
+
+    cfg = load_config([], [f"data.root={tmp_path}",
+                           f"data.class_map={tmp_path / name}" if name else "data.class_map=null"])
+    if not name:
+        _check_external(SPECS["01_random_split_dataset"], cfg)  # no map: nothing to check
+        return
+    with pytest.raises(UserError, match=r"^data.class_map: .*(does not exist|cannot be read)"):
+        _check_external(SPECS["01_random_split_dataset"], cfg)
