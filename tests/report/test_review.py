@@ -1,5 +1,5 @@
-"""review.html (common/review.py, common/assets/review.js) and the thumbnails at one scale
-(common/thumbs.py): the builder without a browser, then the page in a real headless Chromium
+"""review.html (common/report/review.py, common/report/assets/review.js) and the thumbnails at one scale
+(common/report/thumbs.py): the builder without a browser, then the page in a real headless Chromium
 (Selenium + chromedriver): re-label, reload, save, filters, and 20,000 images with a bounded DOM."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,18 @@ import pytest
 from PIL import Image
 
 from common.data.extras import read_corrections
-from common.report.review import KEY_PREFIX, Review, ReviewItem, build_data, doubt_note, review_key, write_review
+from common.ecotaxa.bundle import Prediction, TaxaMap, read_bundle_table, write_bundle
+from common.report.review import (
+    KEY_PREFIX,
+    Review,
+    ReviewEcotaxa,
+    ReviewItem,
+    build_data,
+    doubt_note,
+    review_key,
+    write_review,
+)
+from common.stages.inference.predict import Queries, review_ecotaxa
 from common.report.thumbs import MAX_UPSCALE, Thumb, common_scale, size_text, thumbnail
 
 CLASSES = ["Copepoda & co", "Diatom", "b", "Noctiluca </script>"]
@@ -42,12 +54,31 @@ def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: fl
         items.append(ReviewItem(p, f"st{q % 2}", preds[q % 5], 0.9 - 0.01 * q, 0.02 * q if q else float("nan"),
                                    0.8 - 0.01 * q, reasons[q % 5],
                                    [(g[j], CLASSES[j], 0.9 - 0.01 * q - 0.05 * j) for j in range(4)]))
-    eco = [["img_file_name", "img_rank", "object_id", "object_annotation_category", "object_annotation_status",
-            "sample_id"], ["[t]", "[f]", "[t]", "[t]", "[t]", "[t]"],
-           *([f"st{q % 2}/q{q}.png", "0", f"q{q}", "" if c == "unknown" else c, "" if c == "unknown" else "predicted",
-              f"st{q % 2}"] for q, (_, c) in enumerate(rows))]
-    return Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
-                     rows=rows, ecotaxa=("ecotaxa_cruise.tsv", eco), pixel_size_um=pixel_size_um)
+    rev = Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
+                 rows=rows, pixel_size_um=pixel_size_um)
+    rev.ecotaxa = _bundle_rows(tmp_path, rev, TAXA)
+    return rev
+
+
+TAXA = TaxaMap({"Diatom": 12345, "Copepoda & co": "Copepoda<Maxillopoda"}, "taxa.csv")  # an id and a display name
+
+
+def _bundle_rows(tmp_path: Path, rev: Review, taxa: TaxaMap | None, name: str = "cruise") -> ReviewEcotaxa:
+    """The predict bundle of ``rev``'s queries (written by write_bundle, as stage 07 does) and its rows
+    of the items, as stage 07 gives them to the page (``review_ecotaxa``)."""
+    root = tmp_path / "in"
+    samples = {p: Path(p).parent.name for p, _ in rev.all_rows()}
+    res = write_bundle(tmp_path / "bundle", name, (
+        Prediction(p, Path(p).relative_to(root).as_posix(), samples[p], None if c == "unknown" else c,
+                   {"similarity": 0.5}) for p, c in rev.all_rows()), taxa=taxa)
+    return review_ecotaxa(res, [it.query_path for it in rev.items], Queries(samples, [], root), taxa)
+
+
+def _bundle_table(path: Path) -> list[list[str]]:
+    """The TSV of a bundle: header, types, rows."""
+    with zipfile.ZipFile(path) as zf:
+        tsv = next(n for n in zf.namelist() if n.endswith(".tsv"))
+    return list(read_bundle_table(path, tsv))
 
 
 def _blob(html: str) -> dict:
@@ -92,7 +123,7 @@ def test_build_data_layout(tmp_path):
     rev = _review(tmp_path, pixel_size_um=2.0)
     (tmp_path / "gallery" / "g3.png").write_bytes(b"broken")  # an unreadable neighbour
     d = build_data(rev)
-    assert len(d["items"]) == 4 and len(d["rows"]) == 5 and len(d["ecotaxa"]["rows"]) == 5
+    assert len(d["items"]) == 4 and len(d["rows"]) == 5 and len(d["ecotaxa"]["row"]) == 4
     assert d["rows"][4] == [rev.rows[4][0], "Diatom"]  # every query, shown or not, is saved
     assert len(d["images"]) == 4 + 4  # four queries and four gallery images, each once
     sample, pred, sim, margin, knn, mask, img, nbs = d["items"][0]
@@ -103,8 +134,12 @@ def test_build_data_layout(tmp_path):
     assert [d["names"][n[1]] for n in nbs] == CLASSES and d["images"][nbs[3][0]][0] is None
     assert d["images"][nbs[2][0]][1:3] == [110, 80]
     assert d["scale"]["pixel_size_um"] == 2.0 and d["scale"]["bar_label"].endswith("µm")
-    assert d["ecotaxa"]["header"][:5] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
-                                          "object_annotation_status"]
+    e = d["ecotaxa"]
+    assert e["header"][:6] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
+                               "object_annotation_category_id", "object_annotation_status"]
+    assert (e["bundle"], e["zip"], e["tsv"]) == ("ecotaxa_cruise.zip", "ecotaxa_cruise_reviewed.zip",
+                                                 "ecotaxa_cruise_reviewed.tsv")
+    assert e["taxa"] == {"Diatom": 12345, "Copepoda & co": "Copepoda<Maxillopoda"} and e["why"] == []
     # the storage key: the same prediction gives the same key; another call, another key
     assert d["key"] == review_key(rev) and d["key"].startswith(KEY_PREFIX + "cruise/")
     again = _review(tmp_path)
@@ -116,9 +151,51 @@ def test_build_data_layout(tmp_path):
     with pytest.raises(ValueError, match="first rows"):
         build_data(bad)
     bad = _review(tmp_path)
-    bad.ecotaxa = ("e.tsv", bad.ecotaxa[1][:-1])
-    with pytest.raises(ValueError, match="4 rows for 5 queries"):
+    bad.ecotaxa.rows = bad.ecotaxa.rows[:-1]
+    with pytest.raises(ValueError, match="3 rows for 4 items"):
         build_data(bad)
+
+
+def _decode(e: dict) -> list[list[str] | None]:
+    """The blob's ecotaxa columns back to one row (or None: left out) per item, as review.js reads them."""
+    def cell(col, k):
+        return col[k] if isinstance(col, list) else col["d"][col["i"][k]]
+    return [[cell(c, k) for c in e["columns"]] if k >= 0 else None for k in e["row"]]
+
+
+def test_page_data_carries_the_bundle_rows_of_the_items(tmp_path):
+    """The rows the page saves for EcoTaxa are the bundle's own, read back from its zip, in the page's
+    order (not the bundle's); an image the bundle left out is marked with the bundle writer's reason."""
+    rev = _review(tmp_path, n_rows=6, n_items=5)
+    (tmp_path / "in" / "st1" / "q3.png").write_bytes(b"broken")  # the bundle leaves it out
+    rev.items = rev.items[::-1]  # a page order that is not the bundle's (the doubt order)
+    rev.rows = [(it.query_path, it.predicted) for it in rev.items] + rev.rows[5:]
+    rev.ecotaxa = _bundle_rows(tmp_path, rev, TAXA)
+    table = _bundle_table(tmp_path / "bundle" / "ecotaxa_cruise.zip")
+    by_id = {Path(r[0]).stem: r for r in table[2:]}
+    assert len(table) == 2 + 5  # six queries, one left out
+    d = build_data(rev)
+    e = d["ecotaxa"]
+    assert e["header"] == table[0] and e["types"] == table[1]
+    got = _decode(e)
+    assert [r[0] if r else None for r in got] == ["st0/q4.png", None, "st0/q2.png", "st1/q1.png", "st0/q0.png"]
+    assert [r for r in got if r] == [by_id[s] for s in ("q4", "q2", "q1", "q0")]  # every cell as written
+    assert e["row"][1] == -1 and len(e["why"]) == 1 and e["why"][0].startswith("cannot decode")
+    # a repeated column is stored once per distinct cell; a column of distinct cells as it is
+    assert e["columns"][e["header"].index("sample_id")] == {"d": ["cruise_st0", "cruise_st1"], "i": [0, 0, 1, 0]}
+    assert isinstance(e["columns"][e["header"].index("object_id")], list)
+    assert e["taxa"] == dict(TAXA.taxa)
+    # without a taxa map: no id column, no map
+    plain = _bundle_rows(tmp_path, rev, None, name="plain")
+    assert "object_annotation_category_id" not in plain.header and build_data(
+        Review("t", "", "plain", rev.items, CLASSES, rev.rows, plain))["ecotaxa"]["taxa"] is None
+    # every image left out of the bundle: the page still knows each one and why
+    for p, _ in rev.rows:
+        Path(p).write_bytes(b"broken")
+    none = build_data(Review("t", "", "none", rev.items, CLASSES, rev.rows, _bundle_rows(tmp_path, rev, TAXA, "none")))
+    assert all(k < 0 for k in none["ecotaxa"]["row"]) and all(w.startswith("cannot decode")
+                                                              for w in none["ecotaxa"]["why"])
+    assert all(c == [] for c in none["ecotaxa"]["columns"])
 
 
 def test_page_is_one_self_contained_file(tmp_path):
