@@ -328,13 +328,117 @@ def test_relabel_reload_and_save_in_chromium(tmp_path, browser):
                                        (str(Path(rev.rows[3][0]).resolve()), "Copepoda & co")]
 
     browser.find_element("css selector", "#save-eco").click()
-    tsv = _downloaded(browser.downloads, "ecotaxa_cruise_reviewed.tsv").read_text(encoding="utf-8").splitlines()
-    table = [line.split("\t") for line in tsv]
-    assert table[:2] == rev.ecotaxa[1][:2] and len(table) == 2 + 5
-    got = [(r[3], r[4]) for r in table[2:]]
-    assert got == [("", ""), ("Diatom", "validated"), ("Copepoda & co", "predicted"),
-                   ("Copepoda & co", "validated"), ("Diatom", "predicted")]
-    assert [r[:3] + r[5:] for r in table[2:]] == [r[:3] + r[5:] for r in rev.ecotaxa[1][2:]]
+    raw, table = _reviewed_zip(_downloaded(browser.downloads, "ecotaxa_cruise_reviewed.zip"),
+                               "ecotaxa_cruise_reviewed.tsv")
+    bundle = _bundle_table(tmp_path / "bundle" / "ecotaxa_cruise.zip")
+    assert table[:2] == bundle[:2]  # the bundle's columns and type row
+    # only the reviewed rows, in the page's order: #1 (unknown) is left out, #3 was not reviewed
+    want = _validated(bundle, {"q1": "Diatom", "q3": "Copepoda & co"}, TAXA)
+    assert table[2:] == want and raw == _tsv_bytes(bundle[:2] + want)
+    cols = table[0]
+    assert [(r[cols.index("object_annotation_category")], r[cols.index("object_annotation_category_id")])
+            for r in table[2:]] == [("Diatom", "12345"), ("Copepoda<Maxillopoda", "")]  # id, and display name
+    assert _text(browser, "#eco-status") == (
+        "Saved ecotaxa_cruise_reviewed.zip: 2 reviewed images, status validated. Left out: 1 reviewed as unknown "
+        "(EcoTaxa has no class “unknown”, and an empty category corrects nothing in update mode).")
+    assert "“update classification” (Cla) and “skip existing objects”" in _text(browser, "#eco-note")
+
+
+def _reviewed_zip(path: Path, tsv: str) -> tuple[bytes, list[list[str]]]:
+    """The zip the page saved: one stored entry ``tsv``, CRC checked, UTF-8 name flag, fixed date; its
+    raw bytes (BOM first) and its table as EcoTaxa's csv reader reads it."""
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None and zf.namelist() == [tsv]  # testzip: every CRC-32 checked
+        info = zf.getinfo(tsv)
+        assert info.compress_type == zipfile.ZIP_STORED and info.flag_bits & 0x800
+        assert info.date_time == (1980, 1, 1, 0, 0, 0) and info.external_attr >> 16 == 0o644
+        raw = zf.read(tsv)
+    assert raw.startswith("\ufeff".encode("utf-8"))
+    return raw, list(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""), delimiter="\t", quotechar='"'))
+
+
+def _validated(bundle: list[list[str]], labels: dict[str, str], taxa: TaxaMap | None) -> list[list[str]]:
+    """The bundle's rows of ``labels`` (image stem -> reviewed class, in the page's order), validated and
+    mapped through ``taxa`` as common.ecotaxa.bundle's _row maps a prediction."""
+    cols = bundle[0]
+    by_stem = {Path(r[0]).stem: r for r in bundle[2:]}
+    out = []
+    for stem, label in labels.items():
+        row = list(by_stem[stem])
+        taxon = taxa.taxa.get(label) if taxa is not None else None
+        row[cols.index("object_annotation_category")] = taxon if isinstance(taxon, str) else label
+        if "object_annotation_category_id" in cols:
+            row[cols.index("object_annotation_category_id")] = str(taxon) if isinstance(taxon, int) else ""
+        row[cols.index("object_annotation_status")] = "validated"
+        out.append(row)
+    return out
+
+
+def _tsv_bytes(table: list[list[str]]) -> bytes:
+    """``table`` as common.ecotaxa.bundle writes a TSV: BOM, clean_text, csv writer, '\\n'."""
+    from common.ecotaxa.export import clean_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", quotechar='"', lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    for r in table:
+        w.writerow([clean_text(c) for c in r])
+    return ("\ufeff" + buf.getvalue()).encode("utf-8")
+
+
+ODD = ["tab\there", "new\nline", 'quote "q"', "back\\slash", "Ceratium é ü 日本", "Noctiluca </script>", "L" * 300]
+
+
+@needs_chromium
+def test_ecotaxa_zip_with_odd_class_names_and_nothing_to_save_in_chromium(tmp_path, browser):
+    """Class names with a tab, a newline, a quote, a backslash, non-ASCII, '</script>' and 300 characters
+    go into the zip as the bundle writer writes them; an empty review, and a review of images the
+    bundle left out, save nothing and say why."""
+    g = [_img(tmp_path / "gallery" / f"g{i}.png", (30, 30)) for i in range(len(ODD))]
+    items = []
+    for q, c in enumerate(ODD):
+        p = _img(tmp_path / "in" / "st é" / f"q{q}.png", (20 + q, 20))
+        items.append(ReviewItem(p, "st é", c, 0.5, 0.1, 0.4, [], [(g[j], ODD[j], 0.5) for j in range(len(ODD))]))
+    (tmp_path / "in" / "st é" / "q6.png").write_bytes(b"broken")  # left out of the bundle
+    taxa = TaxaMap({"tab\there": 4242, 'quote "q"': 'Quoted "name"', "Noctiluca </script>": "Noctiluca"})
+    rev = Review("odd", "", "odd", items, ODD)
+    rev.ecotaxa = _bundle_rows(tmp_path, rev, taxa, name="odd")
+    page = write_review(tmp_path / "review.html", rev)
+    browser.get(page.as_uri())
+    assert browser.get_log("browser") == []
+    browser.find_element("css selector", "#save-eco").click()  # nothing reviewed yet
+    assert _text(browser, "#eco-status") == "Nothing saved for EcoTaxa: no image is reviewed yet."
+    labels = {"0": "tab here", "1": "new line", "2": "unknown", "3": "back\\slash\tsaved raw", "4": ODD[4],
+              "5": "L" * 300, "6": "Noctiluca </script>"}  # as labelCurrent stores them, but one raw tab
+    browser.execute_script("window.localStorage.setItem(arguments[0], arguments[1])", review_key(rev),
+                           json.dumps({"labels": labels}))
+    browser.refresh()
+    _keys(browser, "j", "6")  # #2 (predicted "new line") takes its sixth neighbour's class, through the page
+    assert "→ Noctiluca </script>" in _row(browser, 1).text
+    browser.find_element("css selector", "#save-eco").click()
+    raw, table = _reviewed_zip(_downloaded(browser.downloads, "ecotaxa_odd_reviewed.zip"), "ecotaxa_odd_reviewed.tsv")
+    assert sorted(x.name for x in browser.downloads.iterdir()) == ["ecotaxa_odd_reviewed.zip"]  # one file, once
+    bundle = _bundle_table(tmp_path / "bundle" / "ecotaxa_odd.zip")
+    want = _validated(bundle, {"q0": "tab\there", "q1": "Noctiluca </script>", "q3": "back\\slash saved raw",
+                               "q4": ODD[4], "q5": "L" * 300}, taxa)
+    assert raw == _tsv_bytes(bundle[:2] + want) and table[2:] == [[c.replace("\t", " ") for c in r] for r in want]
+    cat, cid = table[0].index("object_annotation_category"), table[0].index("object_annotation_category_id")
+    assert [(r[cat], r[cid]) for r in table[2:]] == [
+        ("tab here", "4242"), ("Noctiluca", ""), ("back\\slash saved raw", ""), (ODD[4], ""), ("L" * 300, "")]
+    status = _text(browser, "#eco-status")
+    assert status.startswith("Saved ecotaxa_odd_reviewed.zip: 5 reviewed images, status validated. Left out: "
+                             "1 reviewed as unknown") and "; 1 not in ecotaxa_odd.zip, left out when it was written "
+    assert "(1: cannot decode" in status
+
+    # a prediction whose every image the bundle left out: reviewed, but nothing can go back
+    for it in items:
+        Path(it.query_path).write_bytes(b"broken")
+    none = Review("none", "", "none", items[:2], ODD)
+    none.ecotaxa = _bundle_rows(tmp_path, none, taxa, name="none")
+    browser.get(write_review(tmp_path / "none.html", none).as_uri())
+    _keys(browser, "c")
+    browser.find_element("css selector", "#save-eco").click()
+    assert _text(browser, "#eco-status").startswith("Nothing saved for EcoTaxa: none of the 1 reviewed images can go "
+                                                    "back. Left out: 1 not in ecotaxa_none.zip")
 
 
 @needs_chromium

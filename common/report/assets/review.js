@@ -582,7 +582,8 @@
     u32(crc); u32(data.length); u32(data.length); u16(fname.length); u16(0); u16(0);
     u16(0); u16(0); u32(0x1A4 << 16); u32(0);
     out.set(fname, p); p += fname.length;
-    u32(0x06054B50); u16(0); u16(0); u16(1); u16(1); u32(p - cdStart); u32(cdStart); u16(0);
+    var cdSize = p - cdStart;
+    u32(0x06054B50); u16(0); u16(0); u16(1); u16(1); u32(cdSize); u32(cdStart); u16(0);
     return out;
   }
   // A TSV cell as bundle.py writes it: clean_text (each run of control characters -> one space;
