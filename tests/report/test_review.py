@@ -7,8 +7,10 @@ import base64
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 import zipfile
@@ -482,9 +484,19 @@ def test_20000_images_render_a_bounded_dom(tmp_path, browser):
     files = [_img(tmp_path / "img" / f"{i}.png", (20 + i, 30), (i * 8, 50, 100)) for i in range(30)]
     items = [ReviewItem(files[i % 30], f"st{i % 7}", CLASSES[i % 3], 0.5, 0.1, 0.4, ["small margin"] if i % 2 else [],
                            [(files[(i + j) % 30], CLASSES[j % 4], 0.5) for j in range(5)]) for i in range(n)]
-    page = write_review(tmp_path / "review.html", Review("big", "", "big", items, CLASSES))
+    # the bundle's rows of every item, as an export gives them: unique ids and scores, repeated sample columns
+    header = ["img_file_name", "img_rank", "object_id", "object_annotation_category", "object_annotation_status",
+              "object_similarity", "object_margin", "object_source_file", "sample_id", "acq_id", "acq_instrument",
+              "sample_station"]
+    eco_rows = [[f"st{i % 7}/img_{i:06d}.png", "0", f"big_img_{i:06d}_{i * 7919:012x}", CLASSES[i % 3], "predicted",
+                 f"{0.5 + i / 1e5:.6g}", f"{0.1 + i / 1e6:.6g}", f"/data/big/st{i % 7}/img_{i:06d}.png",
+                 f"big_st{i % 7}", f"acq{i % 7}", "FlowCam", f"station {i % 7}"] for i in range(n)]
+    eco = ReviewEcotaxa("ecotaxa_big.zip", "ecotaxa_big.tsv", header, ["[t]", "[f]", *["[t]"] * 3, "[f]", "[f]",
+                                                                      *["[t]"] * 5], eco_rows)
+    rev = Review("big", "", "big", items, CLASSES, ecotaxa=eco)
+    page = write_review(tmp_path / "review.html", rev)
     size_mb = page.stat().st_size / 1e6
-    assert size_mb < 8, size_mb  # 20,000 rows of data; thumbnails stored once per image file
+    assert size_mb < 8, size_mb  # 20,000 rows of data and of EcoTaxa rows; thumbnails stored once per image file
     browser.get(page.as_uri())
     assert _text(browser, "#progress") == f"0 of {n} reviewed"
     rows = browser.execute_script("return document.querySelectorAll('.row').length")
@@ -502,11 +514,22 @@ def test_20000_images_render_a_bounded_dom(tmp_path, browser):
     Select(browser.find_element("css selector", "#f-doubt")).select_by_value("doubtful")
     assert _text(browser, "#shown") == f"{n // 2} of {n} shown"
     assert _dom_counts(browser)[0] < 2500
+    # every image reviewed (stored, as the page keeps the work), then saved for EcoTaxa: 20,000 rows
+    browser.execute_script("window.localStorage.setItem(arguments[0], JSON.stringify({labels: Object.fromEntries("
+                           "Array.from({length: arguments[1]}, (_, i) => [i, i % 2 ? 'Diatom' : 'b']))}))",
+                           review_key(rev), n)
+    browser.refresh()
+    assert _text(browser, "#progress") == f"{n} of {n} reviewed"
+    browser.find_element("css selector", "#save-eco").click()
+    _, table = _reviewed_zip(_downloaded(browser.downloads, "ecotaxa_big_reviewed.zip"), "ecotaxa_big_reviewed.tsv")
+    assert len(table) == 2 + n and table[2][:5] == [*eco_rows[0][:3], "b", "validated"]
+    assert table[-1] == [*eco_rows[-1][:3], "Diatom", "validated", *eco_rows[-1][5:]]
 
 
-@needs_chromium
-def test_the_page_predict_writes_in_chromium(tmp_path, browser):
-    """One path through the real predict code: its review.html, re-labelled and saved in the browser."""
+def _predict_review_and_save(tmp_path: Path, browser) -> tuple[Path, list[list[str]], list[list[str]]]:
+    """One path through the real predict code (write_outputs, with a taxa map giving an id and a display
+    name): its review.html re-labelled in the browser and both files saved. Returns the saved zip, its
+    table and the predict bundle's table."""
     from selenium.webdriver.common.keys import Keys
 
     from common.config.schema import InferenceConfig
@@ -529,11 +552,12 @@ def test_the_page_predict_writes_in_chromium(tmp_path, browser):
         (tmp_path / "out").mkdir(exist_ok=True)
         return tmp_path.joinpath("out", *parts)
 
-    from common.stages.inference.predict import Queries, write_outputs
+    from common.stages.inference.predict import write_outputs
 
+    taxa = TaxaMap({"Tripos": 84963, "Acartia": "Acartia<Acartiidae", "Ceratium": "Ceratium"}, "taxa.csv")
     pred = predict(queries, gallery, ["Acartia", "Ceratium", "Tripos"], cfg)
     write_outputs(output, pred, Queries({p: "st" for p in queries.paths}, [], tmp_path / "in"), cfg, name="st",
-                  pixel_size_um=1.5)
+                  pixel_size_um=1.5, taxa=taxa)
     browser.get((tmp_path / "out" / "review.html").as_uri())
     assert _text(browser, "#progress") == "0 of 5 reviewed" and "µm" in _row(browser, 0).text
     sheet = list(csv.DictReader(io.StringIO((tmp_path / "out" / "corrections.csv").read_text(encoding="utf-8"))))
@@ -544,3 +568,48 @@ def test_the_page_predict_writes_in_chromium(tmp_path, browser):
         saved = list(csv.DictReader(fh))
     assert [(r["path"], r["predicted"]) for r in saved] == [(r["path"], r["predicted"]) for r in sheet]
     assert [r["validated"] for r in saved] == [first, "Tripos", "", "", ""]
+    browser.find_element("css selector", "#save-eco").click()
+    zipped = _downloaded(browser.downloads, "ecotaxa_st_reviewed.zip")
+    _, table = _reviewed_zip(zipped, "ecotaxa_st_reviewed.tsv")
+    bundle = _bundle_table(tmp_path / "out" / "ecotaxa_st.zip")
+    stems = [Path(r["path"]).stem for r in sheet[:2]]
+    if first != "unknown":
+        assert table[2:] == _validated(bundle, {stems[0]: first, stems[1]: "Tripos"}, taxa)
+    else:  # a rejected first image confirmed as unknown does not go back
+        assert table[2:] == _validated(bundle, {stems[1]: "Tripos"}, taxa)
+    return zipped, table, bundle
+
+
+@needs_chromium
+def test_the_page_predict_writes_in_chromium(tmp_path, browser):
+    """Stage 07's own review.html: re-labelled and saved in the browser; the EcoTaxa zip holds the
+    bundle's rows (same ids) of the two reviewed images, one through a numeric taxon id."""
+    _, table, bundle = _predict_review_and_save(tmp_path, browser)
+    cols = table[0]
+    assert cols == bundle[0] and "object_annotation_category_id" in cols
+    relabelled = table[-1]  # the second image of the page, the last row
+    assert relabelled[cols.index("object_annotation_category_id")] == "84963"
+    assert relabelled[cols.index("object_annotation_category")] == "Tripos"  # the class name kept beside the id
+    ids = {r[cols.index("object_id")] for r in bundle[2:]}
+    assert {r[cols.index("object_id")] for r in table[2:]} <= ids and len(table) - 2 in (1, 2)
+
+
+ECOTAXA_CHECK = Path(os.environ.get("ECOTAXA_CHECK", "/work/ecotaxa_check"))
+needs_validator = pytest.mark.skipif(
+    not (ECOTAXA_CHECK / "validate.py").is_file() or not (ECOTAXA_CHECK / "venv" / "bin" / "python").is_file(),
+    reason=f"EcoTaxa's own import validation (validate.py and its venv in {ECOTAXA_CHECK}, or $ECOTAXA_CHECK) "
+           "is not on this machine")
+
+
+@needs_chromium
+@needs_validator
+def test_saved_zip_passes_ecotaxa_import_validation(tmp_path, browser):
+    """The zip the browser saved, through EcoTaxa's own import validation (ecotaxa_back's
+    validate_import) in update mode Cla with "skip existing objects", as docs/ecotaxa.md says to import it."""
+    zipped, table, _ = _predict_review_and_save(tmp_path, browser)
+    r = subprocess.run([str(ECOTAXA_CHECK / "venv" / "bin" / "python"), str(ECOTAXA_CHECK / "validate.py"),
+                        str(zipped), "--update", "Cla", "--skip-existing"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "\nerrors: 0\n" in r.stdout, r.stdout + r.stderr
+    assert f"\nrows: {len(table) - 2}\n" in r.stdout
+    assert "category ids seen (checked by TaxonomyBO.find_ids, not here): [84963]" in r.stdout
