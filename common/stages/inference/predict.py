@@ -24,7 +24,7 @@ import numpy as np
 from ...data.labels import gallery_classes
 from ...data.samples import Inputs, list_inputs
 from ...data.splits import class_names, read_splits
-from ...ecotaxa.bundle import BundleResult, TaxaMap, read_taxa_map, write_bundle
+from ...ecotaxa.bundle import BundleResult, TaxaMap, read_bundle_table, read_taxa_map, write_bundle
 from ...ecotaxa.bundle import Prediction as BundleImage
 from ...ecotaxa.export import is_export
 from ...ecotaxa.rows import export_inputs
@@ -260,7 +260,6 @@ def review_ecotaxa(bundle: BundleResult, paths: list[str], q: Queries, taxa: Tax
     """The bundle's TSV rows of ``paths`` (the review page's items), read back from the zip: the page
     saves exactly what EcoTaxa got for each reviewed image. An image the bundle left out gets None
     and the bundle writer's reason (matched by its name in the input, as ``write_bundle`` lists it)."""
-    from ...ecotaxa.bundle import read_bundle_table
     from ...report.review import ReviewEcotaxa
 
     wanted = {p: i for i, p in enumerate(paths)}
