@@ -609,7 +609,7 @@ def test_saved_zip_passes_ecotaxa_import_validation(tmp_path, browser):
     zipped, table, _ = _predict_review_and_save(tmp_path, browser)
     r = subprocess.run([str(ECOTAXA_CHECK / "venv" / "bin" / "python"), str(ECOTAXA_CHECK / "validate.py"),
                         str(zipped), "--update", "Cla", "--skip-existing"], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, cwd=tmp_path)  # EcoTaxa's code writes ecotaxa_back_0.log into its cwd
     assert r.returncode == 0 and "\nerrors: 0\n" in r.stdout, r.stdout + r.stderr
     assert f"\nrows: {len(table) - 2}\n" in r.stdout
     assert "category ids seen (checked by TaxonomyBO.find_ids, not here): [84963]" in r.stdout
