@@ -12,7 +12,7 @@ import posixpath
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -105,11 +105,13 @@ class BundleResult:
     """What ``write_bundle`` wrote. ``converted``/``renamed``: (source, name in the bundle[, why]);
     ``lossy``: (source, why) converted with a loss; ``skipped``: (source, why) not written;
     ``unmatched_classes``: classes written as names without a taxa map entry (EcoTaxa must match
-    each to exactly one taxon or asks a person)."""
+    each to exactly one taxon or asks a person); ``sources``: the ``Prediction.path`` of each TSV
+    row, in the TSV's order (what ``read_bundle_table`` gives back is row ``i`` of ``sources[i]``)."""
 
     path: Path
     tsv: str
     rows: int = 0
+    sources: list[str] = field(default_factory=list)
     converted: list[tuple[str, str]] = field(default_factory=list)
     renamed: list[tuple[str, str, str]] = field(default_factory=list)
     lossy: list[tuple[str, str]] = field(default_factory=list)
@@ -283,6 +285,7 @@ def write_bundle(folder: str | os.PathLike, name: str, predictions: Iterable[Pre
                 row, types = _row(pred, arc, data, prefix, taxa_map, with_ids, used_ids, unmatched)
                 del data, added
                 spool.add(row, types)
+                result.sources.append(pred.path)
             info = _member(tsv_name)
             info.compress_type = zipfile.ZIP_DEFLATED
             with zf.open(info, "w", force_zip64=True) as out:
@@ -294,6 +297,15 @@ def write_bundle(folder: str | os.PathLike, name: str, predictions: Iterable[Pre
     log.info("EcoTaxa bundle %s: %d rows, %d converted to PNG, %d renamed, %d skipped", dest, result.rows,
              len(result.converted), len(result.renamed), len(result.skipped))
     return result
+
+
+def read_bundle_table(path: str | os.PathLike, tsv: str) -> Iterator[list[str]]:
+    """The rows of the TSV ``tsv`` inside the bundle ``path`` as EcoTaxa reads them (UTF-8 after
+    the BOM, tab-separated, '"'-quoted): the header, the type row, then one list per object. Read
+    from the zip one row at a time."""
+    with zipfile.ZipFile(path) as zf, zf.open(tsv) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        yield from csv.reader(text, delimiter="\t", quotechar='"')
 
 
 def _add_image(zf: zipfile.ZipFile, pred: Prediction, open_image: Callable[[str], IO[bytes]], used_names: set[str],

@@ -8,14 +8,22 @@ In the page, each image is confirmed or re-labelled (a class list with type-to-f
 ``unknown``; keyboard shortcuts listed in the page), filtered by predicted class, sample, doubt
 and review status, with a progress count. The work is kept in the browser's ``localStorage``
 under ``review_key`` (a digest of the prediction), so it survives a reload, and two buttons save
-it: ``corrections_<name>.csv`` (``path``, ``predicted``, ``validated``: the sheet stage 07 writes,
-filled, which ``data.gallery_extra`` reads) and the EcoTaxa table with
-``object_annotation_status`` ``validated`` for the reviewed rows (``ecotaxa_<name>_reviewed.tsv``).
-Both exports cover every query of the prediction (``Review.rows``), not only those shown.
+it. "Save corrections (CSV)": ``corrections_<name>.csv`` (``path``, ``predicted``, ``validated``
+for every query of the prediction, ``Review.rows``: the sheet stage 07 writes, filled, which
+``data.gallery_extra`` reads). "Save for EcoTaxa (zip)" (only with ``Review.ecotaxa``):
+``ecotaxa_<name>_reviewed.zip``, written by the page's script (stored entries, CRC-32), holding
+one ``ecotaxa_<name>_reviewed.tsv``: the predict bundle's own rows (``ReviewEcotaxa``: same
+columns and ids) of the REVIEWED images only, ``object_annotation_status`` ``validated`` and the
+reviewed class mapped through the taxa map as the bundle maps predictions. Left out of it, and
+counted in the page: images reviewed as ``unknown`` (EcoTaxa has no such class, and an empty
+category in update mode corrects nothing) and images the bundle itself left out. Unreviewed
+images are not written (their prediction would replace what a person did in EcoTaxa meanwhile).
+It is imported into the same EcoTaxa project with "update classification" (update mode ``Cla``)
+and "skip existing objects"; images are optional in update mode (docs/ecotaxa.md).
 
 Large predictions stay responsive: the list is virtualised (only the rows in view, plus a few,
 exist in the DOM), so only their thumbnails are decoded. Every thumbnail is drawn at one scale
-(``common.thumbs``) with its pixel size, so relative organism size stays visible.
+(``common.report.thumbs``) with its pixel size, so relative organism size stays visible.
 
 The data blob (``build_data``), arrays to keep 20,000 items small::
 
@@ -26,7 +34,12 @@ The data blob (``build_data``), arrays to keep 20,000 items small::
      "rows": [[path, predicted], ...]                      # every query, corrections.csv's order
      "items": [[sample, predicted, similarity, margin or null, k-th similarity, reasons bitmask,
                 query image, [[image, label, similarity], ...]], ...]   # item i is rows[i]
-     "ecotaxa": {"file", "header", "types", "rows": [one per rows entry]} or null}
+     "ecotaxa": null or {"bundle": ecotaxa_<name>.zip, "zip", "tsv": the names of the file saved and of
+                 its TSV, "header", "types": the bundle TSV's first two rows,
+                 "row": [one per item: k >= 0 its row k in "columns", -1 - j left out, why[j]],
+                 "why": [reasons], "columns": [one per header entry: [cell, ...] over the rows, or
+                 {"d": [distinct cells], "i": [index into "d", ...]} when cells repeat],
+                 "taxa": {class: display name or numeric id} or null}}
 """
 from __future__ import annotations
 
@@ -38,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..fileio import atomic_open
@@ -47,7 +61,7 @@ log = logging.getLogger(__name__)
 
 
 THUMB_QUALITY = 70  # WebP/JPEG quality of the thumbnails (96 px: artefacts are not visible at 70)
-REASONS = ("unknown", "low similarity", "small margin")  # the doubt reasons of common.samples.doubt_order
+REASONS = ("unknown", "low similarity", "small margin")  # the doubt reasons of common.evaluate.tables.doubt_order
 UNKNOWN = "unknown"  # the label of a rejected query, and the re-label that adds nothing to the gallery
 KEY_PREFIX = "plankton-review/v1/"  # localStorage key prefix (v1: the layout of the stored labels)
 THUMB_WORKERS = 4  # threads reading images for the thumbnails (decoding is mostly I/O and C code)
@@ -68,13 +82,39 @@ class ReviewItem:
 
 
 @dataclass
+class ReviewEcotaxa:
+    """What "Save for EcoTaxa (zip)" writes from: the predict bundle's TSV rows of the items.
+
+    ``bundle``: the bundle's file name (``ecotaxa_<name>.zip``); ``tsv``: its TSV's name;
+    ``header``/``types``: the TSV's column names and type row; ``rows``: one per ``Review.items``
+    entry, its row in the bundle as written there (``common.ecotaxa.bundle.read_bundle_table``),
+    or None when the bundle left the image out (``left_out[i]``: why); ``taxa``: the taxa map the
+    bundle used (class -> display name or numeric id), so a re-label maps as a prediction does.
+    """
+
+    bundle: str
+    tsv: str
+    header: list[str]
+    types: list[str]
+    rows: Sequence[Sequence[str] | None]
+    left_out: Mapping[int, str] = field(default_factory=dict)
+    taxa: Mapping[str, str | int] | None = None
+
+    def reviewed_names(self) -> tuple[str, str]:
+        """The names of the saved zip and of its TSV: ``<tsv stem>_reviewed`` (EcoTaxa imports a
+        TSV whose name starts with ``ecotaxa``, as the bundle's does)."""
+        stem = self.tsv[:-4] if self.tsv.lower().endswith(".tsv") else self.tsv
+        return f"{stem}_reviewed.zip", f"{stem}_reviewed.tsv"
+
+
+@dataclass
 class Review:
     """Everything the page shows and saves.
 
     ``items``: the queries shown, most doubtful first; item ``i`` is ``rows[i]``. ``rows``: (path,
     predicted) of every query in ``corrections.csv``'s order (None: the items'). ``classes``: the
-    re-label list (the gallery's classes). ``ecotaxa``: (file name, [header, types, one row per
-    ``rows`` entry]) as ``common.samples.ecotaxa_rows`` builds them, or None (no EcoTaxa button).
+    re-label list (the gallery's classes). ``ecotaxa``: the bundle's rows of the items, or None
+    (no EcoTaxa button).
     """
 
     title: str
@@ -83,7 +123,7 @@ class Review:
     items: list[ReviewItem]
     classes: list[str]
     rows: list[tuple[str, str]] | None = None
-    ecotaxa: tuple[str, list[list[str]]] | None = None
+    ecotaxa: ReviewEcotaxa | None = None
     pixel_size_um: float | None = None
     key: str = field(default="")  # localStorage key; "" = review_key(self)
 
@@ -115,8 +155,8 @@ def build_data(rev: Review) -> dict[str, Any]:
     rows = rev.all_rows()
     if len(rows) < len(rev.items) or any(rows[i][0] != it.query_path for i, it in enumerate(rev.items)):
         raise ValueError("Review.items must be the first rows of Review.rows, in the same order")
-    if rev.ecotaxa is not None and len(rev.ecotaxa[1]) != 2 + len(rows):
-        raise ValueError(f"Review.ecotaxa has {len(rev.ecotaxa[1]) - 2} rows for {len(rows)} queries")
+    if rev.ecotaxa is not None and len(rev.ecotaxa.rows) != len(rev.items):
+        raise ValueError(f"Review.ecotaxa has {len(rev.ecotaxa.rows)} rows for {len(rev.items)} items")
     paths = list(dict.fromkeys(p for it in rev.items for p in [it.query_path, *(n[0] for n in it.neighbours)]))
     index = {p: i for i, p in enumerate(paths)}
     fmt = image_format()[0]
@@ -145,16 +185,43 @@ def build_data(rev: Review) -> dict[str, Any]:
         items.append([samples.setdefault(it.sample, len(samples)), name(it.predicted), _number(it.similarity),
                       _number(it.margin), _number(it.knn_similarity), mask, index[it.query_path],
                       [[index[p], name(lab), _number(s)] for p, lab, s in it.neighbours]])
-    eco = None
-    if rev.ecotaxa is not None:
-        file, table = rev.ecotaxa
-        eco = {"file": file, "header": table[0], "types": table[1], "rows": table[2:]}
+    eco = _ecotaxa_data(rev.ecotaxa) if rev.ecotaxa is not None else None
     return {"key": rev.key or review_key(rev), "title": rev.title, "note": rev.note, "name": rev.name,
             "classes": list(rev.classes), "names": list(names), "samples": list(samples), "reasons": list(REASONS),
             "scale": {"per_px": scale.per_px, "box": scale.box, "bar_px": scale.bar_px, "bar_label": scale.bar_label,
                       "pixel_size_um": rev.pixel_size_um},
             "images": [[t.uri, t.width, t.height, size_text(t.width, t.height, rev.pixel_size_um)] for t in thumbs],
             "rows": [list(r) for r in rows], "items": items, "ecotaxa": eco}
+
+
+def _ecotaxa_data(e: ReviewEcotaxa) -> dict[str, Any]:
+    """The blob's ``ecotaxa`` (see the module docstring): columns, not rows, and a column whose cells
+    repeat (samples, acquisitions, classes) as distinct cells and indices, so 20,000 rows of an
+    export with dozens of ``acq_*`` columns stay small."""
+    width = len(e.header)
+    if len(e.types) != width:
+        raise ValueError(f"ReviewEcotaxa: {len(e.types)} types for {width} columns")
+    kept: list[Sequence[str]] = []
+    row: list[int] = []
+    why: dict[str, int] = {}
+    for i, r in enumerate(e.rows):
+        if r is None:
+            row.append(-1 - why.setdefault(e.left_out.get(i) or f"not in {e.bundle}", len(why)))
+            continue
+        if len(r) != width:
+            raise ValueError(f"ReviewEcotaxa: item {i} has {len(r)} cells for {width} columns")
+        row.append(len(kept))
+        kept.append(r)
+    columns: list[Any] = []
+    for c in range(width):
+        cells = [r[c] for r in kept]
+        distinct: dict[str, int] = {}
+        codes = [distinct.setdefault(v, len(distinct)) for v in cells]
+        columns.append({"d": list(distinct), "i": codes} if cells and 2 * len(distinct) <= len(cells) else cells)
+    zip_name, tsv_name = e.reviewed_names()
+    return {"bundle": e.bundle, "zip": zip_name, "tsv": tsv_name, "header": list(e.header), "types": list(e.types),
+            "row": row, "why": list(why), "columns": columns,
+            "taxa": dict(e.taxa) if e.taxa is not None else None}
 
 
 def _asset(name: str) -> str:

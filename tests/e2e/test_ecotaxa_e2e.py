@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -117,6 +118,17 @@ def test_predict_on_an_export_gives_a_bundle_that_updates_its_objects(eco_run, d
         assert r["img_file_name"] == image and r["sample_station"] == f"station «{sample}»"
         assert r["object_annotation_status"] in ("predicted", "")
         assert r["object_annotation_category"] in {*(WORDS[d].capitalize() for d in range(8)), "eight<even", ""}
+    # review.html carries, for its "Save for EcoTaxa (zip)", each shown image's row of this bundle (the
+    # export's own ids), or why the bundle left it out (validated in EcoTaxa), and the taxa map
+    html = (out / "review.html").read_text(encoding="utf-8")
+    blob = json.loads(re.search(r'<script type="application/json" id="review-data">(.*?)</script>', html, re.S)[1])
+    e = blob["ecotaxa"]
+    assert e["header"] == head and e["zip"] == "ecotaxa_cruise_reviewed.zip" and e["taxa"]["zero<even"] == "Zero"
+    assert len(e["row"]) == len(blob["items"]) == 30 and sum(k < 0 for k in e["row"]) == 10
+    assert all("validated in EcoTaxa" in w for w in e["why"])
+    ids = e["columns"][head.index("object_id")]
+    assert sorted(ids if isinstance(ids, list) else [ids["d"][i] for i in ids["i"]]) == sorted(
+        r["object_id"] for r in rows)
 
 
 def test_stage_01_on_an_export_folder_by_hierarchy_level(digits, tmp_path, capfd):

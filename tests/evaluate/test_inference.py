@@ -716,7 +716,13 @@ def test_predict_samples_counts_ecotaxa_review_corrections(brute, tmp_path):
     data = json.loads(page.split('id="review-data">', 1)[1].split("</script>", 1)[0])
     assert len(data["items"]) == n and data["rows"] == [[r["path"], r["predicted"]] for r in sheet]
     assert data["images"][0][0].startswith("data:image/") and data["images"][0][1:3] == [8, 8]
-    assert data["ecotaxa"] is None and data["classes"] == inp.classes  # the bundle is what EcoTaxa imports
+    assert data["classes"] == inp.classes
+    # "Save for EcoTaxa (zip)": the bundle's own rows of the items, in the page's order (not the bundle's)
+    e = data["ecotaxa"]
+    assert e["header"] == tsv[0].split("\t") and e["row"] == list(range(n)) and e["why"] == [] and e["taxa"] is None
+    files = e["columns"][0]  # img_file_name: distinct, so stored as it is
+    assert all(Path(p).as_posix().endswith("/" + f) for (p, _), f in zip(data["rows"], files))
+    assert sorted(files) == sorted(r["img_file_name"] for r in eco_rows)
     keyed = Review("", "", "cruise", [], [], rows=[(r["path"], r["predicted"]) for r in sheet])
     assert data["key"].startswith("plankton-review/v1/cruise/") and data["key"] == review_key(keyed)
     assert m["n_images"] == n and m["samples"]["st2"]["unreadable"] == 1

@@ -1,5 +1,5 @@
-"""review.html (common/review.py, common/assets/review.js) and the thumbnails at one scale
-(common/thumbs.py): the builder without a browser, then the page in a real headless Chromium
+"""review.html (common/report/review.py, common/report/assets/review.js) and the thumbnails at one scale
+(common/report/thumbs.py): the builder without a browser, then the page in a real headless Chromium
 (Selenium + chromedriver): re-label, reload, save, filters, and 20,000 images with a bounded DOM."""
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import base64
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,18 @@ import pytest
 from PIL import Image
 
 from common.data.extras import read_corrections
-from common.report.review import KEY_PREFIX, Review, ReviewItem, build_data, doubt_note, review_key, write_review
+from common.ecotaxa.bundle import Prediction, TaxaMap, read_bundle_table, write_bundle
+from common.report.review import (
+    KEY_PREFIX,
+    Review,
+    ReviewEcotaxa,
+    ReviewItem,
+    build_data,
+    doubt_note,
+    review_key,
+    write_review,
+)
+from common.stages.inference.predict import Queries, review_ecotaxa
 from common.report.thumbs import MAX_UPSCALE, Thumb, common_scale, size_text, thumbnail
 
 CLASSES = ["Copepoda & co", "Diatom", "b", "Noctiluca </script>"]
@@ -42,12 +56,31 @@ def _review(tmp_path: Path, n_rows: int = 5, n_items: int = 4, pixel_size_um: fl
         items.append(ReviewItem(p, f"st{q % 2}", preds[q % 5], 0.9 - 0.01 * q, 0.02 * q if q else float("nan"),
                                    0.8 - 0.01 * q, reasons[q % 5],
                                    [(g[j], CLASSES[j], 0.9 - 0.01 * q - 0.05 * j) for j in range(4)]))
-    eco = [["img_file_name", "img_rank", "object_id", "object_annotation_category", "object_annotation_status",
-            "sample_id"], ["[t]", "[f]", "[t]", "[t]", "[t]", "[t]"],
-           *([f"st{q % 2}/q{q}.png", "0", f"q{q}", "" if c == "unknown" else c, "" if c == "unknown" else "predicted",
-              f"st{q % 2}"] for q, (_, c) in enumerate(rows))]
-    return Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
-                     rows=rows, ecotaxa=("ecotaxa_cruise.tsv", eco), pixel_size_um=pixel_size_um)
+    rev = Review(title="Review <x>", note="note", name="cruise", items=items[:n_items], classes=CLASSES,
+                 rows=rows, pixel_size_um=pixel_size_um)
+    rev.ecotaxa = _bundle_rows(tmp_path, rev, TAXA)
+    return rev
+
+
+TAXA = TaxaMap({"Diatom": 12345, "Copepoda & co": "Copepoda<Maxillopoda"}, "taxa.csv")  # an id and a display name
+
+
+def _bundle_rows(tmp_path: Path, rev: Review, taxa: TaxaMap | None, name: str = "cruise") -> ReviewEcotaxa:
+    """The predict bundle of ``rev``'s queries (written by write_bundle, as stage 07 does) and its rows
+    of the items, as stage 07 gives them to the page (``review_ecotaxa``)."""
+    root = tmp_path / "in"
+    samples = {p: Path(p).parent.name for p, _ in rev.all_rows()}
+    res = write_bundle(tmp_path / "bundle", name, (
+        Prediction(p, Path(p).relative_to(root).as_posix(), samples[p], None if c == "unknown" else c,
+                   {"similarity": 0.5}) for p, c in rev.all_rows()), taxa=taxa)
+    return review_ecotaxa(res, [it.query_path for it in rev.items], Queries(samples, [], root), taxa)
+
+
+def _bundle_table(path: Path) -> list[list[str]]:
+    """The TSV of a bundle: header, types, rows."""
+    with zipfile.ZipFile(path) as zf:
+        tsv = next(n for n in zf.namelist() if n.endswith(".tsv"))
+    return list(read_bundle_table(path, tsv))
 
 
 def _blob(html: str) -> dict:
@@ -92,7 +125,7 @@ def test_build_data_layout(tmp_path):
     rev = _review(tmp_path, pixel_size_um=2.0)
     (tmp_path / "gallery" / "g3.png").write_bytes(b"broken")  # an unreadable neighbour
     d = build_data(rev)
-    assert len(d["items"]) == 4 and len(d["rows"]) == 5 and len(d["ecotaxa"]["rows"]) == 5
+    assert len(d["items"]) == 4 and len(d["rows"]) == 5 and len(d["ecotaxa"]["row"]) == 4
     assert d["rows"][4] == [rev.rows[4][0], "Diatom"]  # every query, shown or not, is saved
     assert len(d["images"]) == 4 + 4  # four queries and four gallery images, each once
     sample, pred, sim, margin, knn, mask, img, nbs = d["items"][0]
@@ -103,8 +136,12 @@ def test_build_data_layout(tmp_path):
     assert [d["names"][n[1]] for n in nbs] == CLASSES and d["images"][nbs[3][0]][0] is None
     assert d["images"][nbs[2][0]][1:3] == [110, 80]
     assert d["scale"]["pixel_size_um"] == 2.0 and d["scale"]["bar_label"].endswith("µm")
-    assert d["ecotaxa"]["header"][:5] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
-                                          "object_annotation_status"]
+    e = d["ecotaxa"]
+    assert e["header"][:6] == ["img_file_name", "img_rank", "object_id", "object_annotation_category",
+                               "object_annotation_category_id", "object_annotation_status"]
+    assert (e["bundle"], e["zip"], e["tsv"]) == ("ecotaxa_cruise.zip", "ecotaxa_cruise_reviewed.zip",
+                                                 "ecotaxa_cruise_reviewed.tsv")
+    assert e["taxa"] == {"Diatom": 12345, "Copepoda & co": "Copepoda<Maxillopoda"} and e["why"] == []
     # the storage key: the same prediction gives the same key; another call, another key
     assert d["key"] == review_key(rev) and d["key"].startswith(KEY_PREFIX + "cruise/")
     again = _review(tmp_path)
@@ -116,9 +153,51 @@ def test_build_data_layout(tmp_path):
     with pytest.raises(ValueError, match="first rows"):
         build_data(bad)
     bad = _review(tmp_path)
-    bad.ecotaxa = ("e.tsv", bad.ecotaxa[1][:-1])
-    with pytest.raises(ValueError, match="4 rows for 5 queries"):
+    bad.ecotaxa.rows = bad.ecotaxa.rows[:-1]
+    with pytest.raises(ValueError, match="3 rows for 4 items"):
         build_data(bad)
+
+
+def _decode(e: dict) -> list[list[str] | None]:
+    """The blob's ecotaxa columns back to one row (or None: left out) per item, as review.js reads them."""
+    def cell(col, k):
+        return col[k] if isinstance(col, list) else col["d"][col["i"][k]]
+    return [[cell(c, k) for c in e["columns"]] if k >= 0 else None for k in e["row"]]
+
+
+def test_page_data_carries_the_bundle_rows_of_the_items(tmp_path):
+    """The rows the page saves for EcoTaxa are the bundle's own, read back from its zip, in the page's
+    order (not the bundle's); an image the bundle left out is marked with the bundle writer's reason."""
+    rev = _review(tmp_path, n_rows=6, n_items=5)
+    (tmp_path / "in" / "st1" / "q3.png").write_bytes(b"broken")  # the bundle leaves it out
+    rev.items = rev.items[::-1]  # a page order that is not the bundle's (the doubt order)
+    rev.rows = [(it.query_path, it.predicted) for it in rev.items] + rev.rows[5:]
+    rev.ecotaxa = _bundle_rows(tmp_path, rev, TAXA)
+    table = _bundle_table(tmp_path / "bundle" / "ecotaxa_cruise.zip")
+    by_id = {Path(r[0]).stem: r for r in table[2:]}
+    assert len(table) == 2 + 5  # six queries, one left out
+    d = build_data(rev)
+    e = d["ecotaxa"]
+    assert e["header"] == table[0] and e["types"] == table[1]
+    got = _decode(e)
+    assert [r[0] if r else None for r in got] == ["st0/q4.png", None, "st0/q2.png", "st1/q1.png", "st0/q0.png"]
+    assert [r for r in got if r] == [by_id[s] for s in ("q4", "q2", "q1", "q0")]  # every cell as written
+    assert e["row"][1] == -1 and len(e["why"]) == 1 and e["why"][0].startswith("cannot decode")
+    # a repeated column is stored once per distinct cell; a column of distinct cells as it is
+    assert e["columns"][e["header"].index("sample_id")] == {"d": ["cruise_st0", "cruise_st1"], "i": [0, 0, 1, 0]}
+    assert isinstance(e["columns"][e["header"].index("object_id")], list)
+    assert e["taxa"] == dict(TAXA.taxa)
+    # without a taxa map: no id column, no map
+    plain = _bundle_rows(tmp_path, rev, None, name="plain")
+    assert "object_annotation_category_id" not in plain.header and build_data(
+        Review("t", "", "plain", rev.items, CLASSES, rev.rows, plain))["ecotaxa"]["taxa"] is None
+    # every image left out of the bundle: the page still knows each one and why
+    for p, _ in rev.rows:
+        Path(p).write_bytes(b"broken")
+    none = build_data(Review("t", "", "none", rev.items, CLASSES, rev.rows, _bundle_rows(tmp_path, rev, TAXA, "none")))
+    assert all(k < 0 for k in none["ecotaxa"]["row"]) and all(w.startswith("cannot decode")
+                                                              for w in none["ecotaxa"]["why"])
+    assert all(c == [] for c in none["ecotaxa"]["columns"])
 
 
 def test_page_is_one_self_contained_file(tmp_path):
@@ -251,13 +330,117 @@ def test_relabel_reload_and_save_in_chromium(tmp_path, browser):
                                        (str(Path(rev.rows[3][0]).resolve()), "Copepoda & co")]
 
     browser.find_element("css selector", "#save-eco").click()
-    tsv = _downloaded(browser.downloads, "ecotaxa_cruise_reviewed.tsv").read_text(encoding="utf-8").splitlines()
-    table = [line.split("\t") for line in tsv]
-    assert table[:2] == rev.ecotaxa[1][:2] and len(table) == 2 + 5
-    got = [(r[3], r[4]) for r in table[2:]]
-    assert got == [("", ""), ("Diatom", "validated"), ("Copepoda & co", "predicted"),
-                   ("Copepoda & co", "validated"), ("Diatom", "predicted")]
-    assert [r[:3] + r[5:] for r in table[2:]] == [r[:3] + r[5:] for r in rev.ecotaxa[1][2:]]
+    raw, table = _reviewed_zip(_downloaded(browser.downloads, "ecotaxa_cruise_reviewed.zip"),
+                               "ecotaxa_cruise_reviewed.tsv")
+    bundle = _bundle_table(tmp_path / "bundle" / "ecotaxa_cruise.zip")
+    assert table[:2] == bundle[:2]  # the bundle's columns and type row
+    # only the reviewed rows, in the page's order: #1 (unknown) is left out, #3 was not reviewed
+    want = _validated(bundle, {"q1": "Diatom", "q3": "Copepoda & co"}, TAXA)
+    assert table[2:] == want and raw == _tsv_bytes(bundle[:2] + want)
+    cols = table[0]
+    assert [(r[cols.index("object_annotation_category")], r[cols.index("object_annotation_category_id")])
+            for r in table[2:]] == [("Diatom", "12345"), ("Copepoda<Maxillopoda", "")]  # id, and display name
+    assert _text(browser, "#eco-status") == (
+        "Saved ecotaxa_cruise_reviewed.zip: 2 reviewed images, status validated. Left out: 1 reviewed as unknown "
+        "(EcoTaxa has no class “unknown”, and an empty category corrects nothing in update mode).")
+    assert "“update classification” (Cla) and “skip existing objects”" in _text(browser, "#eco-note")
+
+
+def _reviewed_zip(path: Path, tsv: str) -> tuple[bytes, list[list[str]]]:
+    """The zip the page saved: one stored entry ``tsv``, CRC checked, UTF-8 name flag, fixed date; its
+    raw bytes (BOM first) and its table as EcoTaxa's csv reader reads it."""
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None and zf.namelist() == [tsv]  # testzip: every CRC-32 checked
+        info = zf.getinfo(tsv)
+        assert info.compress_type == zipfile.ZIP_STORED and info.flag_bits & 0x800
+        assert info.date_time == (1980, 1, 1, 0, 0, 0) and info.external_attr >> 16 == 0o644
+        raw = zf.read(tsv)
+    assert raw.startswith("\ufeff".encode("utf-8"))
+    return raw, list(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline=""), delimiter="\t", quotechar='"'))
+
+
+def _validated(bundle: list[list[str]], labels: dict[str, str], taxa: TaxaMap | None) -> list[list[str]]:
+    """The bundle's rows of ``labels`` (image stem -> reviewed class, in the page's order), validated and
+    mapped through ``taxa`` as common.ecotaxa.bundle's _row maps a prediction."""
+    cols = bundle[0]
+    by_stem = {Path(r[0]).stem: r for r in bundle[2:]}
+    out = []
+    for stem, label in labels.items():
+        row = list(by_stem[stem])
+        taxon = taxa.taxa.get(label) if taxa is not None else None
+        row[cols.index("object_annotation_category")] = taxon if isinstance(taxon, str) else label
+        if "object_annotation_category_id" in cols:
+            row[cols.index("object_annotation_category_id")] = str(taxon) if isinstance(taxon, int) else ""
+        row[cols.index("object_annotation_status")] = "validated"
+        out.append(row)
+    return out
+
+
+def _tsv_bytes(table: list[list[str]]) -> bytes:
+    """``table`` as common.ecotaxa.bundle writes a TSV: BOM, clean_text, csv writer, '\\n'."""
+    from common.ecotaxa.export import clean_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", quotechar='"', lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    for r in table:
+        w.writerow([clean_text(c) for c in r])
+    return ("\ufeff" + buf.getvalue()).encode("utf-8")
+
+
+ODD = ["tab\there", "new\nline", 'quote "q"', "back\\slash", "Ceratium é ü 日本", "Noctiluca </script>", "L" * 300]
+
+
+@needs_chromium
+def test_ecotaxa_zip_with_odd_class_names_and_nothing_to_save_in_chromium(tmp_path, browser):
+    """Class names with a tab, a newline, a quote, a backslash, non-ASCII, '</script>' and 300 characters
+    go into the zip as the bundle writer writes them; an empty review, and a review of images the
+    bundle left out, save nothing and say why."""
+    g = [_img(tmp_path / "gallery" / f"g{i}.png", (30, 30)) for i in range(len(ODD))]
+    items = []
+    for q, c in enumerate(ODD):
+        p = _img(tmp_path / "in" / "st é" / f"q{q}.png", (20 + q, 20))
+        items.append(ReviewItem(p, "st é", c, 0.5, 0.1, 0.4, [], [(g[j], ODD[j], 0.5) for j in range(len(ODD))]))
+    (tmp_path / "in" / "st é" / "q6.png").write_bytes(b"broken")  # left out of the bundle
+    taxa = TaxaMap({"tab\there": 4242, 'quote "q"': 'Quoted "name"', "Noctiluca </script>": "Noctiluca"})
+    rev = Review("odd", "", "odd", items, ODD)
+    rev.ecotaxa = _bundle_rows(tmp_path, rev, taxa, name="odd")
+    page = write_review(tmp_path / "review.html", rev)
+    browser.get(page.as_uri())
+    assert browser.get_log("browser") == []
+    browser.find_element("css selector", "#save-eco").click()  # nothing reviewed yet
+    assert _text(browser, "#eco-status") == "Nothing saved for EcoTaxa: no image is reviewed yet."
+    labels = {"0": "tab here", "1": "new line", "2": "unknown", "3": "back\\slash\tsaved raw", "4": ODD[4],
+              "5": "L" * 300, "6": "Noctiluca </script>"}  # as labelCurrent stores them, but one raw tab
+    browser.execute_script("window.localStorage.setItem(arguments[0], arguments[1])", review_key(rev),
+                           json.dumps({"labels": labels}))
+    browser.refresh()
+    _keys(browser, "j", "6")  # #2 (predicted "new line") takes its sixth neighbour's class, through the page
+    assert "→ Noctiluca </script>" in _row(browser, 1).text
+    browser.find_element("css selector", "#save-eco").click()
+    raw, table = _reviewed_zip(_downloaded(browser.downloads, "ecotaxa_odd_reviewed.zip"), "ecotaxa_odd_reviewed.tsv")
+    assert sorted(x.name for x in browser.downloads.iterdir()) == ["ecotaxa_odd_reviewed.zip"]  # one file, once
+    bundle = _bundle_table(tmp_path / "bundle" / "ecotaxa_odd.zip")
+    want = _validated(bundle, {"q0": "tab\there", "q1": "Noctiluca </script>", "q3": "back\\slash saved raw",
+                               "q4": ODD[4], "q5": "L" * 300}, taxa)
+    assert raw == _tsv_bytes(bundle[:2] + want) and table[2:] == [[c.replace("\t", " ") for c in r] for r in want]
+    cat, cid = table[0].index("object_annotation_category"), table[0].index("object_annotation_category_id")
+    assert [(r[cat], r[cid]) for r in table[2:]] == [
+        ("tab here", "4242"), ("Noctiluca", ""), ("back\\slash saved raw", ""), (ODD[4], ""), ("L" * 300, "")]
+    status = _text(browser, "#eco-status")
+    assert status.startswith("Saved ecotaxa_odd_reviewed.zip: 5 reviewed images, status validated. Left out: "
+                             "1 reviewed as unknown") and "; 1 not in ecotaxa_odd.zip, left out when it was written "
+    assert "(1: cannot decode" in status
+
+    # a prediction whose every image the bundle left out: reviewed, but nothing can go back
+    for it in items:
+        Path(it.query_path).write_bytes(b"broken")
+    none = Review("none", "", "none", items[:2], ODD)
+    none.ecotaxa = _bundle_rows(tmp_path, none, taxa, name="none")
+    browser.get(write_review(tmp_path / "none.html", none).as_uri())
+    _keys(browser, "c")
+    browser.find_element("css selector", "#save-eco").click()
+    assert _text(browser, "#eco-status").startswith("Nothing saved for EcoTaxa: none of the 1 reviewed images can go "
+                                                    "back. Left out: 1 not in ecotaxa_none.zip")
 
 
 @needs_chromium
@@ -301,9 +484,19 @@ def test_20000_images_render_a_bounded_dom(tmp_path, browser):
     files = [_img(tmp_path / "img" / f"{i}.png", (20 + i, 30), (i * 8, 50, 100)) for i in range(30)]
     items = [ReviewItem(files[i % 30], f"st{i % 7}", CLASSES[i % 3], 0.5, 0.1, 0.4, ["small margin"] if i % 2 else [],
                            [(files[(i + j) % 30], CLASSES[j % 4], 0.5) for j in range(5)]) for i in range(n)]
-    page = write_review(tmp_path / "review.html", Review("big", "", "big", items, CLASSES))
+    # the bundle's rows of every item, as an export gives them: unique ids and scores, repeated sample columns
+    header = ["img_file_name", "img_rank", "object_id", "object_annotation_category", "object_annotation_status",
+              "object_similarity", "object_margin", "object_source_file", "sample_id", "acq_id", "acq_instrument",
+              "sample_station"]
+    eco_rows = [[f"st{i % 7}/img_{i:06d}.png", "0", f"big_img_{i:06d}_{i * 7919:012x}", CLASSES[i % 3], "predicted",
+                 f"{0.5 + i / 1e5:.6g}", f"{0.1 + i / 1e6:.6g}", f"/data/big/st{i % 7}/img_{i:06d}.png",
+                 f"big_st{i % 7}", f"acq{i % 7}", "FlowCam", f"station {i % 7}"] for i in range(n)]
+    eco = ReviewEcotaxa("ecotaxa_big.zip", "ecotaxa_big.tsv", header, ["[t]", "[f]", *["[t]"] * 3, "[f]", "[f]",
+                                                                      *["[t]"] * 5], eco_rows)
+    rev = Review("big", "", "big", items, CLASSES, ecotaxa=eco)
+    page = write_review(tmp_path / "review.html", rev)
     size_mb = page.stat().st_size / 1e6
-    assert size_mb < 8, size_mb  # 20,000 rows of data; thumbnails stored once per image file
+    assert size_mb < 8, size_mb  # 20,000 rows of data and of EcoTaxa rows; thumbnails stored once per image file
     browser.get(page.as_uri())
     assert _text(browser, "#progress") == f"0 of {n} reviewed"
     rows = browser.execute_script("return document.querySelectorAll('.row').length")
@@ -321,11 +514,22 @@ def test_20000_images_render_a_bounded_dom(tmp_path, browser):
     Select(browser.find_element("css selector", "#f-doubt")).select_by_value("doubtful")
     assert _text(browser, "#shown") == f"{n // 2} of {n} shown"
     assert _dom_counts(browser)[0] < 2500
+    # every image reviewed (stored, as the page keeps the work), then saved for EcoTaxa: 20,000 rows
+    browser.execute_script("window.localStorage.setItem(arguments[0], JSON.stringify({labels: Object.fromEntries("
+                           "Array.from({length: arguments[1]}, (_, i) => [i, i % 2 ? 'Diatom' : 'b']))}))",
+                           review_key(rev), n)
+    browser.refresh()
+    assert _text(browser, "#progress") == f"{n} of {n} reviewed"
+    browser.find_element("css selector", "#save-eco").click()
+    _, table = _reviewed_zip(_downloaded(browser.downloads, "ecotaxa_big_reviewed.zip"), "ecotaxa_big_reviewed.tsv")
+    assert len(table) == 2 + n and table[2][:5] == [*eco_rows[0][:3], "b", "validated"]
+    assert table[-1] == [*eco_rows[-1][:3], "Diatom", "validated", *eco_rows[-1][5:]]
 
 
-@needs_chromium
-def test_the_page_predict_writes_in_chromium(tmp_path, browser):
-    """One path through the real predict code: its review.html, re-labelled and saved in the browser."""
+def _predict_review_and_save(tmp_path: Path, browser) -> tuple[Path, list[list[str]], list[list[str]]]:
+    """One path through the real predict code (write_outputs, with a taxa map giving an id and a display
+    name): its review.html re-labelled in the browser and both files saved. Returns the saved zip, its
+    table and the predict bundle's table."""
     from selenium.webdriver.common.keys import Keys
 
     from common.config.schema import InferenceConfig
@@ -348,11 +552,12 @@ def test_the_page_predict_writes_in_chromium(tmp_path, browser):
         (tmp_path / "out").mkdir(exist_ok=True)
         return tmp_path.joinpath("out", *parts)
 
-    from common.stages.inference.predict import Queries, write_outputs
+    from common.stages.inference.predict import write_outputs
 
+    taxa = TaxaMap({"Tripos": 84963, "Acartia": "Acartia<Acartiidae", "Ceratium": "Ceratium"}, "taxa.csv")
     pred = predict(queries, gallery, ["Acartia", "Ceratium", "Tripos"], cfg)
     write_outputs(output, pred, Queries({p: "st" for p in queries.paths}, [], tmp_path / "in"), cfg, name="st",
-                  pixel_size_um=1.5)
+                  pixel_size_um=1.5, taxa=taxa)
     browser.get((tmp_path / "out" / "review.html").as_uri())
     assert _text(browser, "#progress") == "0 of 5 reviewed" and "µm" in _row(browser, 0).text
     sheet = list(csv.DictReader(io.StringIO((tmp_path / "out" / "corrections.csv").read_text(encoding="utf-8"))))
@@ -363,3 +568,48 @@ def test_the_page_predict_writes_in_chromium(tmp_path, browser):
         saved = list(csv.DictReader(fh))
     assert [(r["path"], r["predicted"]) for r in saved] == [(r["path"], r["predicted"]) for r in sheet]
     assert [r["validated"] for r in saved] == [first, "Tripos", "", "", ""]
+    browser.find_element("css selector", "#save-eco").click()
+    zipped = _downloaded(browser.downloads, "ecotaxa_st_reviewed.zip")
+    _, table = _reviewed_zip(zipped, "ecotaxa_st_reviewed.tsv")
+    bundle = _bundle_table(tmp_path / "out" / "ecotaxa_st.zip")
+    stems = [Path(r["path"]).stem for r in sheet[:2]]
+    if first != "unknown":
+        assert table[2:] == _validated(bundle, {stems[0]: first, stems[1]: "Tripos"}, taxa)
+    else:  # a rejected first image confirmed as unknown does not go back
+        assert table[2:] == _validated(bundle, {stems[1]: "Tripos"}, taxa)
+    return zipped, table, bundle
+
+
+@needs_chromium
+def test_the_page_predict_writes_in_chromium(tmp_path, browser):
+    """Stage 07's own review.html: re-labelled and saved in the browser; the EcoTaxa zip holds the
+    bundle's rows (same ids) of the two reviewed images, one through a numeric taxon id."""
+    _, table, bundle = _predict_review_and_save(tmp_path, browser)
+    cols = table[0]
+    assert cols == bundle[0] and "object_annotation_category_id" in cols
+    relabelled = table[-1]  # the second image of the page, the last row
+    assert relabelled[cols.index("object_annotation_category_id")] == "84963"
+    assert relabelled[cols.index("object_annotation_category")] == "Tripos"  # the class name kept beside the id
+    ids = {r[cols.index("object_id")] for r in bundle[2:]}
+    assert {r[cols.index("object_id")] for r in table[2:]} <= ids and len(table) - 2 in (1, 2)
+
+
+ECOTAXA_CHECK = Path(os.environ.get("ECOTAXA_CHECK", "/work/ecotaxa_check"))
+needs_validator = pytest.mark.skipif(
+    not (ECOTAXA_CHECK / "validate.py").is_file() or not (ECOTAXA_CHECK / "venv" / "bin" / "python").is_file(),
+    reason=f"EcoTaxa's own import validation (validate.py and its venv in {ECOTAXA_CHECK}, or $ECOTAXA_CHECK) "
+           "is not on this machine")
+
+
+@needs_chromium
+@needs_validator
+def test_saved_zip_passes_ecotaxa_import_validation(tmp_path, browser):
+    """The zip the browser saved, through EcoTaxa's own import validation (ecotaxa_back's
+    validate_import) in update mode Cla with "skip existing objects", as docs/ecotaxa.md says to import it."""
+    zipped, table, _ = _predict_review_and_save(tmp_path, browser)
+    r = subprocess.run([str(ECOTAXA_CHECK / "venv" / "bin" / "python"), str(ECOTAXA_CHECK / "validate.py"),
+                        str(zipped), "--update", "Cla", "--skip-existing"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)  # EcoTaxa's code writes ecotaxa_back_0.log into its cwd
+    assert r.returncode == 0 and "\nerrors: 0\n" in r.stdout, r.stdout + r.stderr
+    assert f"\nrows: {len(table) - 2}\n" in r.stdout
+    assert "category ids seen (checked by TaxonomyBO.find_ids, not here): [84963]" in r.stdout

@@ -1,6 +1,6 @@
-/* review.html: confirm or re-label predict mode's calls (common/review.py inlines this file).
+/* review.html: confirm or re-label predict mode's calls (common/report/review.py inlines this file).
  *
- * Data: the JSON blob #review-data (its layout: common/review.py's docstring). State: the
+ * Data: the JSON blob #review-data (its layout: common/report/review.py's docstring). State: the
  * validated label of each row, in localStorage under D.key (survives a reload). The list is
  * virtualised: only the rows in view, plus OVERSCAN on each side, exist in the DOM, so a page of
  * 20,000 images decodes a few dozen thumbnails at a time. No library, no network.
@@ -123,15 +123,21 @@
   saveCsv.title = "corrections_" + D.name + ".csv: path, predicted, validated for every image of this " +
     "prediction (data.gallery_extra reads it)";
   saves.appendChild(saveCsv);
-  var saveEco = null;
+  var saveEco = null, ecoNote = null;
   if (D.ecotaxa) {
-    saveEco = el("button", "", "Save EcoTaxa table (TSV)");
+    saveEco = el("button", "", "Save for EcoTaxa (zip)");
     saveEco.id = "save-eco";
-    saveEco.title = "the EcoTaxa import table, object_annotation_status 'validated' for the reviewed images";
+    saveEco.title = D.ecotaxa.zip + ": the reviewed images' rows of " + D.ecotaxa.bundle + ", status 'validated'. " +
+      "Import it into the same EcoTaxa project with 'update classification' (Cla) and 'skip existing objects'.";
     saves.appendChild(saveEco);
+    ecoNote = el("p", "note", "Save for EcoTaxa writes " + D.ecotaxa.zip + ": only the reviewed images (status " +
+      "validated; unknown and unreviewed ones are left out). Import it into the same EcoTaxa project with " +
+      "“update classification” (Cla) and “skip existing objects”; no images are needed.");
+    ecoNote.id = "eco-note";
   }
   header.appendChild(tools);
   header.appendChild(keysLine);
+  if (ecoNote) { header.appendChild(ecoNote); }
   var storageWarn = el("p", "warn", "This browser does not keep the work of this page (local storage is off or " +
     "full): save corrections before closing it.");
   storageWarn.id = "storage-warning";
@@ -519,8 +525,8 @@
   });
 
   // ------------------------------------------------------------------ saving
-  function download(name, text, mime) {
-    var url = URL.createObjectURL(new Blob([text], {type: mime}));
+  function download(name, content, mime) {  // content: a string or a Uint8Array
+    var url = URL.createObjectURL(new Blob([content], {type: mime}));
     var a = el("a");
     a.href = url; a.download = name; a.style.display = "none";
     body.appendChild(a);
@@ -539,25 +545,122 @@
     }
     return out.join("\r\n") + "\r\n";
   }
-  // The EcoTaxa export, in one function (a later version writes a zip bundle here). The rows are
-  // common/samples.py's ecotaxa_rows; a reviewed row gets its validated class and the status
-  // "validated"; one reviewed as unknown is written unclassified (no category, no status).
-  function saveEcotaxa() {
-    var E = D.ecotaxa;
-    var cat = E.header.indexOf("object_annotation_category"), st = E.header.indexOf("object_annotation_status");
-    var clean = function (v) { return String(v).replace(/[\t\r\n]+/g, " "); };
-    var lines = [E.header.map(clean).join("\t"), E.types.map(clean).join("\t")];
-    for (var r = 0; r < E.rows.length; r++) {
-      var row = E.rows[r].slice();
-      if (Object.prototype.hasOwnProperty.call(labels, r)) {
-        var lab = labels[r];
-        row[cat] = lab === UNKNOWN ? "" : lab;
-        row[st] = lab === UNKNOWN ? "" : "validated";
-      }
-      lines.push(row.map(clean).join("\t"));
+  // ------------------------------------------------------------------ the EcoTaxa zip
+  // ecotaxa_<name>_reviewed.zip: the predict bundle's own TSV rows (D.ecotaxa, read back from
+  // ecotaxa_<name>.zip) of the reviewed images only, status "validated", the class mapped through
+  // the taxa map as common/ecotaxa/bundle.py's _row maps a prediction. EcoTaxa imports it in update
+  // mode Cla with "skip existing objects" (docs/ecotaxa.md): objects are found by object_id.
+  var CRC_TABLE = (function () {
+    var t = new Uint32Array(256);
+    for (var n = 0; n < 256; n++) {
+      var c = n;
+      for (var k = 0; k < 8; k++) { c = c & 1 ? 0xEDB88320 ^ (c >>> 1) : c >>> 1; }
+      t[n] = c >>> 0;
     }
-    var file = E.file.replace(/\.tsv$/i, "") + "_reviewed.tsv";
-    download(file, lines.join("\n") + "\n", "text/tab-separated-values");
+    return t;
+  })();
+  function crc32(bytes) {
+    var c = 0xFFFFFFFF;
+    for (var i = 0; i < bytes.length; i++) { c = CRC_TABLE[(c ^ bytes[i]) & 0xFF] ^ (c >>> 8); }
+    return (c ^ 0xFFFFFFFF) >>> 0;
+  }
+  // One stored (uncompressed) entry: local header, data, central directory, end record. Names are
+  // UTF-8 (flag bit 11); the date is 1980-01-01 00:00 and the mode rw-r--r--, as bundle.py's _member.
+  function zipOne(name, data) {
+    var enc = new TextEncoder(), fname = enc.encode(name), crc = crc32(data);
+    var DOS_DATE = (0 << 9) | (1 << 5) | 1, UTF8 = 0x0800;
+    var local = 30 + fname.length, central = 46 + fname.length;
+    var out = new Uint8Array(local + data.length + central + 22), v = new DataView(out.buffer), p = 0;
+    function u16(x) { v.setUint16(p, x, true); p += 2; }
+    function u32(x) { v.setUint32(p, x >>> 0, true); p += 4; }
+    u32(0x04034B50); u16(20); u16(UTF8); u16(0); u16(0); u16(DOS_DATE);
+    u32(crc); u32(data.length); u32(data.length); u16(fname.length); u16(0);
+    out.set(fname, p); p += fname.length;
+    out.set(data, p); p += data.length;
+    var cdStart = p;
+    u32(0x02014B50); u16((3 << 8) | 20); u16(20); u16(UTF8); u16(0); u16(0); u16(DOS_DATE);
+    u32(crc); u32(data.length); u32(data.length); u16(fname.length); u16(0); u16(0);
+    u16(0); u16(0); u32(0x1A4 << 16); u32(0);
+    out.set(fname, p); p += fname.length;
+    var cdSize = p - cdStart;
+    u32(0x06054B50); u16(0); u16(0); u16(1); u16(1); u32(cdSize); u32(cdStart); u16(0);
+    return out;
+  }
+  // A TSV cell as bundle.py writes it: clean_text (each run of control characters -> one space;
+  // a lone surrogate becomes U+FFFD in TextEncoder, as in clean_text), then Python's csv writer
+  // (tab-separated, QUOTE_MINIMAL: after cleaning only '"' needs quoting, doubled inside quotes).
+  function tsvCell(v) {
+    v = String(v).replace(/[\x00-\x1f\x7f]+/g, " ");
+    return v.indexOf("\"") >= 0 ? "\"" + v.replace(/"/g, "\"\"") + "\"" : v;
+  }
+  function normLabel(s) { return String(s).replace(/[\t\r\n]+/g, " ").trim(); }  // as labelCurrent stores it
+  var taxaOf = null;  // class -> display name (string) or taxon id (number); a stored label finds its class too
+  if (D.ecotaxa && D.ecotaxa.taxa) {
+    taxaOf = new Map();
+    Object.keys(D.ecotaxa.taxa).forEach(function (c) { taxaOf.set(c, D.ecotaxa.taxa[c]); });
+    Object.keys(D.ecotaxa.taxa).forEach(function (c) {
+      if (!taxaOf.has(normLabel(c))) { taxaOf.set(normLabel(c), D.ecotaxa.taxa[c]); }
+    });
+  }
+  function ecoCell(col, k) { return Array.isArray(col) ? col[k] : col.d[col.i[k]]; }
+  // What the button would write now: the reviewed rows and, per reason, those left out.
+  function ecotaxaRows() {
+    var E = D.ecotaxa, H = E.header;
+    var cat = H.indexOf("object_annotation_category"), cid = H.indexOf("object_annotation_category_id");
+    var st = H.indexOf("object_annotation_status");
+    var rows = [], unknown = 0, missing = {}, nMissing = 0;
+    for (var i = 0; i < N; i++) {
+      if (!Object.prototype.hasOwnProperty.call(labels, i)) { continue; }  // unreviewed: never written
+      var lab = labels[i], k = E.row[i];
+      if (k < 0) {
+        var why = E.why[-1 - k];
+        missing[why] = (missing[why] || 0) + 1;
+        nMissing++;
+        continue;
+      }
+      if (lab === UNKNOWN) { unknown++; continue; }
+      var row = E.columns.map(function (col) { return ecoCell(col, k); });
+      var taxon = taxaOf && taxaOf.has(lab) ? taxaOf.get(lab) : null;
+      row[cat] = typeof taxon === "string" ? taxon : lab;  // an id keeps the class name: EcoTaxa reads it first
+      if (cid >= 0) { row[cid] = typeof taxon === "number" ? String(taxon) : ""; }
+      row[st] = "validated";
+      rows.push(row);
+    }
+    return {rows: rows, unknown: unknown, missing: missing, nMissing: nMissing};
+  }
+  function saveEcotaxa() {
+    var E = D.ecotaxa, got = ecotaxaRows(), parts = [];
+    if (got.unknown) {
+      parts.push(got.unknown + " reviewed as unknown (EcoTaxa has no class “unknown”, and an empty category " +
+        "corrects nothing in update mode)");
+    }
+    if (got.nMissing) {
+      parts.push(got.nMissing + " not in " + E.bundle + ", left out when it was written (" +
+        Object.keys(got.missing).slice(0, 3).map(function (w) { return got.missing[w] + ": " + w; }).join("; ") +
+        (Object.keys(got.missing).length > 3 ? "; …" : "") + ")");
+    }
+    var left = parts.length ? " Left out: " + parts.join("; ") + "." : "";
+    if (!got.rows.length) {
+      ecoStatus(nReviewed() ? "Nothing saved for EcoTaxa: none of the " + nReviewed() + " reviewed images can go " +
+        "back." + left : "Nothing saved for EcoTaxa: no image is reviewed yet.");
+      return;
+    }
+    var lines = [E.header.map(tsvCell).join("\t"), E.types.map(tsvCell).join("\t")];
+    got.rows.forEach(function (r) { lines.push(r.map(tsvCell).join("\t")); });
+    var tsv = new TextEncoder().encode("\ufeff" + lines.join("\n") + "\n");  // UTF-8 with a BOM, as the bundle
+    download(E.zip, zipOne(E.tsv, tsv), "application/zip");
+    ecoStatus("Saved " + E.zip + ": " + got.rows.length + " reviewed image" + (got.rows.length === 1 ? "" : "s") +
+      ", status validated." + left);
+  }
+  var ecoStatusEl = null;
+  function ecoStatus(text) {
+    if (!ecoStatusEl) {
+      ecoStatusEl = el("p", "note");
+      ecoStatusEl.id = "eco-status";
+      ecoStatusEl.setAttribute("role", "status");
+      (ecoNote || header).insertAdjacentElement("afterend", ecoStatusEl);
+    }
+    ecoStatusEl.textContent = text;
   }
   saveCsv.addEventListener("click", function () {
     download("corrections_" + D.name + ".csv", correctionsCsv(), "text/csv");

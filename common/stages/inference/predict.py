@@ -24,7 +24,7 @@ import numpy as np
 from ...data.labels import gallery_classes
 from ...data.samples import Inputs, list_inputs
 from ...data.splits import class_names, read_splits
-from ...ecotaxa.bundle import BundleResult, TaxaMap, read_taxa_map, write_bundle
+from ...ecotaxa.bundle import BundleResult, TaxaMap, read_bundle_table, read_taxa_map, write_bundle
 from ...ecotaxa.bundle import Prediction as BundleImage
 from ...ecotaxa.export import is_export
 from ...ecotaxa.rows import export_inputs
@@ -54,6 +54,7 @@ from .load import _embed
 
 if TYPE_CHECKING:
     from ...pipeline.context import Context
+    from ...report.review import ReviewEcotaxa
     from .load import StoreData
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,10 @@ def write_outputs(output: Callable[..., Path], pred: Prediction, q: Queries, icf
                                "suggested_reject_below": suggested}
     summary["predictions"] = str(write_predictions(output("predictions.csv"), pred, q))
     summary["samples"] = write_sample_counts(output("sample_counts.csv"), output("sample_counts.png"), pred, q, name)
-    summary["ecotaxa"] = write_ecotaxa(output, pred, q, name, taxa)
+    summary["ecotaxa"], bundle = write_ecotaxa(output, pred, q, name, taxa)
     write_corrections(output("corrections.csv"), pred)
-    summary["review"] = str(write_review_page(output("review.html"), pred, q, icfg, name, pixel_size_um))
+    summary["review"] = str(write_review_page(output("review.html"), pred, q, icfg, name, pixel_size_um,
+                                              bundle=bundle, taxa=taxa))
     summary["report"] = str(output("report.html"))
     write_json(output("metrics.json"), _round(summary))
     write_prediction_report(output("report.html"), pred, q, icfg, summary, facts, pixel_size_um)
@@ -203,8 +205,9 @@ def write_sample_counts(csv_path: Path, png_path: Path, pred: Prediction, q: Que
 
 
 def write_ecotaxa(output: Callable[..., Path], pred: Prediction, q: Queries, name: str,
-                  taxa: TaxaMap | None) -> dict[str, Any]:
-    """``ecotaxa_<name>.zip``, the bundle EcoTaxa imports as it is; returns metrics.json's ``ecotaxa``.
+                  taxa: TaxaMap | None) -> tuple[dict[str, Any], BundleResult]:
+    """``ecotaxa_<name>.zip``, the bundle EcoTaxa imports as it is; returns metrics.json's ``ecotaxa``
+    and what was written (the review page saves the reviewed rows from it).
 
     Every query is a row (an export's objects keep their ids; one a person validated in EcoTaxa is
     left out). Without ``taxa`` (``inference.ecotaxa_taxa``) the class names are written as they
@@ -233,7 +236,7 @@ def write_ecotaxa(output: Callable[..., Path], pred: Prediction, q: Queries, nam
     if len(res.skipped) > LOG_LEFT_OUT:
         log.warning("%s: %d more left out (every one in metrics.json, ecotaxa.left_out, and report.html)",
                     res.path.name, len(res.skipped) - LOG_LEFT_OUT)
-    return _bundle_summary(res, taxa, notes)
+    return _bundle_summary(res, taxa, notes), res
 
 
 def _bundle_summary(res: BundleResult, taxa: TaxaMap | None, notes: list[str]) -> dict[str, Any]:
@@ -253,9 +256,31 @@ def write_corrections(path: Path, pred: Prediction) -> Path:
     return path
 
 
+def review_ecotaxa(bundle: BundleResult, paths: list[str], q: Queries, taxa: TaxaMap | None) -> ReviewEcotaxa:
+    """The bundle's TSV rows of ``paths`` (the review page's items), read back from the zip: the page
+    saves exactly what EcoTaxa got for each reviewed image. An image the bundle left out gets None
+    and the bundle writer's reason (matched by its name in the input, as ``write_bundle`` lists it)."""
+    from ...report.review import ReviewEcotaxa
+
+    wanted = {p: i for i, p in enumerate(paths)}
+    at = {k: wanted[p] for k, p in enumerate(bundle.sources) if p in wanted}  # TSV row -> item
+    rows: list[list[str] | None] = [None] * len(paths)
+    table = read_bundle_table(bundle.path, bundle.tsv)
+    header, types = next(table), next(table)
+    for k, cells in enumerate(table):  # one row at a time: only the items' rows are kept
+        if k in at:
+            rows[at[k]] = cells
+    why = dict(bundle.skipped)
+    left_out = {i: why.get(q.name(p), f"not in {bundle.path.name}") for i, p in enumerate(paths) if rows[i] is None}
+    return ReviewEcotaxa(bundle.path.name, bundle.tsv, header, types, rows, left_out,
+                         dict(taxa.taxa) if taxa is not None else None)
+
+
 def write_review_page(path: Path, pred: Prediction, q: Queries, icfg: Any, name: str,
-                      pixel_size_um: float | None) -> Path:
-    """``review.html``: the ``inference.review_max`` most doubtful images with their neighbours."""
+                      pixel_size_um: float | None, bundle: BundleResult | None = None,
+                      taxa: TaxaMap | None = None) -> Path:
+    """``review.html``: the ``inference.review_max`` most doubtful images with their neighbours;
+    with ``bundle`` (``write_ecotaxa``'s), their rows of it, for the page's "Save for EcoTaxa"."""
     from ...report.review import Review, ReviewItem, doubt_note, write_review
 
     d = pred.decision
@@ -271,6 +296,7 @@ def write_review_page(path: Path, pred: Prediction, q: Queries, icfg: Any, name:
         title=f"Review: {name}", note=note, name=name, items=items,
         rows=[(pred.queries.paths[i], pred.label(i)) for i in pred.doubt],
         classes=[pred.classes[c] for c in np.unique(g.labels)] if len(g) else list(pred.classes),
+        ecotaxa=review_ecotaxa(bundle, [it.query_path for it in items], q, taxa) if bundle is not None else None,
         pixel_size_um=pixel_size_um))
     return path
 
