@@ -8,8 +8,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# torch threads of every stage a test runs, in this process (tests/helpers.py) or as a subprocess
+# (run_script), so both sum floating point alike: 2, or 1 when pytest-xdist workers already fill
+# the cores (two workers of two threads on two cores spin-wait for each other)
+THREADS = max(1, min(2, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+MAX_WORKERS = 4  # each test may use 2 threads (OMP_NUM_THREADS); more workers only contend
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml): one worker per usable core, at most ``MAX_WORKERS``."""
+    return max(1, min(MAX_WORKERS, _cores()))
 
 
 @pytest.fixture
@@ -41,9 +59,36 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 900, **env: str
     import subprocess
     import sys
 
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", **env)
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(THREADS), **env)
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+def shared(tmp_path_factory, name: str, build):
+    """``build(folder)`` once per test session, and once for all workers under pytest-xdist.
+
+    Without xdist: a fresh ``mktemp(name)`` folder. Under xdist every worker asks for the same
+    folder in the session's common temporary root; the first builds it under a file lock while the
+    others wait, and the rest reuse it (a ``<name>.done`` file marks it complete: a worker killed
+    mid-build leaves no half folder that looks finished). Returns the folder.
+    """
+    import shutil
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # every worker's basetemp lies in it
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +96,7 @@ def digits(tmp_path_factory) -> Path:
     """scikit-learn's digits rendered as an image folder (once per test session)."""
     from common.data.demo import render_digits
 
-    return render_digits(tmp_path_factory.mktemp("cache") / "digits")
+    return shared(tmp_path_factory, "cache", lambda f: render_digits(f / "digits")) / "digits"
 
 
 E2E_CONFIG = ["-c", "configs/demo.yaml", "-c", "tests/e2e/e2e.yaml"]
@@ -72,12 +117,13 @@ def digits_without_9(digits, tmp_path_factory) -> Path:
         except OSError:
             shutil.copy2(src, dst)
 
-    root = tmp_path_factory.mktemp("no9") / "digits"
-    root.mkdir()
-    for d in sorted(digits.iterdir()):
-        if d.is_dir() and d.name.startswith("digit_") and d.name != HELD_BACK:
-            shutil.copytree(d, root / d.name, copy_function=link)
-    return root
+    def build(folder: Path) -> None:
+        (folder / "digits").mkdir()
+        for d in sorted(digits.iterdir()):
+            if d.is_dir() and d.name.startswith("digit_") and d.name != HELD_BACK:
+                shutil.copytree(d, folder / "digits" / d.name, copy_function=link)
+
+    return shared(tmp_path_factory, "no9", build) / "digits"
 
 
 @pytest.fixture(scope="session")
@@ -86,12 +132,21 @@ def pipeline(digits_without_9, tmp_path_factory):
     the digits without 9 with the tiny e2e settings: (run folder, -c args, result).
 
     Tests that change the run work on a copy (``shutil.copytree(run, dest, symlinks=True)``: far
-    cheaper than training again).
+    cheaper than training again): under pytest-xdist every worker shares this folder, and a test
+    that writes into it (even a log line) would race another worker's copy or snapshot.
     """
-    run = tmp_path_factory.mktemp("run") / "e2e"
-    # (seven stages: 15 min passed on the shared machine at load 12, the whole suite's only training)
-    res = run_script(["run_pipeline.py", *E2E_CONFIG, "--run", str(run), f"data.root={digits_without_9}"], timeout=3600)
-    return run, E2E_CONFIG, res
+    import json
+    import subprocess
+
+    def build(folder: Path) -> None:
+        # (seven stages: 15 min passed on the shared machine at load 12, the whole suite's only training)
+        res = run_script(["run_pipeline.py", *E2E_CONFIG, "--run", str(folder / "e2e"),
+                          f"data.root={digits_without_9}"], timeout=3600)
+        (folder / "result.json").write_text(json.dumps([res.args, res.returncode, res.stdout, res.stderr]))
+
+    folder = shared(tmp_path_factory, "run", build)
+    res = subprocess.CompletedProcess(*json.loads((folder / "result.json").read_text()))
+    return folder / "e2e", E2E_CONFIG, res
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from conftest import THREADS  # run_script's OMP_NUM_THREADS: the same floating-point sums as a stage subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
-THREADS = 2  # conftest.run_script's OMP_NUM_THREADS: the same floating-point sums as a stage subprocess
 
 
 @dataclass
