@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import numpy as np
@@ -16,6 +17,13 @@ PIL_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "TIFF", "GIF", "WEBP", "PPM", "JPEG2
 # ValueError covers oversized text chunks; SyntaxError is raised by some plugin headers).
 PIL_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError, struct.error,
               Image.DecompressionBombError)
+_FILE_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")  # Pillow names an in-memory file by its repr
+
+
+def decode_problem(e: BaseException) -> str:
+    """``cannot decode: <error>`` in one line, without the memory address Pillow puts in the message
+    of an image read from memory (it differs on every run: reports and metrics.json stay stable)."""
+    return _FILE_REPR.sub("", f"cannot decode: {e.__class__.__name__}: {e}".splitlines()[0])
 
 
 # ----------------------------------------------------------------------------- images

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from ..data.images import PIL_ERRORS
+from ..data.images import PIL_ERRORS, decode_problem
 from ..errors import UserError
 from ..fileio import atomic_path
 from .export import _COLUMN, HUMAN_STATUSES, MAX_NAME, clean_text
@@ -367,7 +367,7 @@ def _ecotaxa_image(data: bytes) -> tuple[bytes, str, str, str]:
             png, lossy = _png_bytes(im)
             return png, "PNG", "", lossy
     except PIL_ERRORS as e:
-        return b"", "", f"cannot decode: {e.__class__.__name__}: {e}".splitlines()[0], ""
+        return b"", "", decode_problem(e), ""
 
 
 def _row(pred: Prediction, arc: str, data: bytes, prefix: str, taxa: Mapping[str, str | int], with_ids: bool,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from ..data.images import PIL_ERRORS
+from ..data.images import PIL_ERRORS, decode_problem
 from ..errors import UserError
 from .export import ANY, DROP, STATUSES, EcoObject, Export, is_export
 
@@ -213,7 +213,7 @@ def _decode_problem(export: Export, name: str) -> str:
         with export.open(name) as fh, Image.open(fh) as im:
             im.load()
     except PIL_ERRORS as e:
-        return f"cannot decode: {e.__class__.__name__}: {e}".splitlines()[0]
+        return decode_problem(e)
     return ""
 
 
