@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from conftest import run_script, snapshot
+from conftest import snapshot
 from helpers import run_command, run_pipeline
 
 from common.pipeline.manifest import outputs_digest, read_manifest, record_outputs, write_manifest
@@ -128,13 +128,13 @@ def test_a_run_of_feature_store_version_2_follows_its_hints_to_up_to_date(pipeli
     old = tmp_path / "old"
     shutil.copytree(run, old, symlinks=True)
     make_version_2_run(old)
-    r = run_script(["run_pipeline.py", "--run", str(old), "--to", "3"])
+    r = run_pipeline(["--run", str(old), "--to", "3"])  # run_pipeline's own main, in this process
     assert r.returncode == 0 and r.stderr.count("is up to date") == 3, r.stderr[-2000:]
     before = snapshot(old)
     cmd = ["07_inference.py", "--run", str(old)]
     hinted, upgraded = [], False
     for _ in range(5):
-        r = run_command(cmd)  # in this process (tests/helpers.py); the up-to-date checks as subprocesses
+        r = run_command(cmd)  # in this process (tests/helpers.py)
         if r.returncode == 0:
             break
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -156,5 +156,5 @@ def test_a_run_of_feature_store_version_2_follows_its_hints_to_up_to_date(pipeli
     a, b = _rows(run / S07 / "predictions.csv"), _rows(old / S07 / "predictions.csv")
     assert [(x["path"], x["predicted_label"]) for x in a] == [(x["path"], x["predicted_label"]) for x in b]
     assert all(abs(float(x["similarity"]) - float(y["similarity"])) <= 1e-6 for x, y in zip(a, b))
-    r = run_script(["run_pipeline.py", "--run", str(old)])
+    r = run_pipeline(["--run", str(old)])
     assert r.returncode == 0 and r.stderr.count("is up to date") == 7, r.stderr[-3000:]

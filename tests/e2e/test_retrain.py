@@ -15,7 +15,6 @@ import shlex
 from pathlib import Path
 
 import torch
-from conftest import run_script
 from helpers import run_command
 
 from common.config.load import load_config
@@ -38,7 +37,7 @@ def _fresh(run: Path, stage: str) -> str | None:
 
 def test_pad_fill_changed_from_stage_07_follows_its_hints_to_a_retrained_checkpoint(run):
     """Each command in this process (the script's own ``execute``, same argv: tests/helpers.py);
-    the last, run_pipeline.py, as the user types it."""
+    the last is run_pipeline.py's own loop (tests/e2e/test_run_folder.py runs it as a process)."""
     ck = run / S03 / "checkpoints"
     old = {n: _sha(ck / n) for n in ("best.pt", "last.pt")}
     cmd = ["07_inference.py", "--run", str(run), "data.pad_fill=255"]
@@ -84,5 +83,5 @@ def test_pad_fill_changed_from_stage_07_follows_its_hints_to_a_retrained_checkpo
     model = json.loads((run / "04_extract_features" / "model.json").read_text())
     assert model["pad_fill"] == 255 and model["mean"] == stats["mean"]
     # and only now is everything up to date
-    r = run_script(["run_pipeline.py", "--run", str(run)])
+    r = run_command(["run_pipeline.py", "--run", str(run)])  # run_pipeline's own main, in this process
     assert r.returncode == 0 and r.stderr.count("is up to date") == 7, r.stderr[-3000:]
