@@ -69,7 +69,7 @@ import torch
 
 from ..runtime.device import cpu_flags, full_fp32
 from .exact import as_tensor
-from .similarity import U32, U64, _all_threads, _exact_dots, _norm_up, _parallel, _threads, _workers
+from .similarity import U32, U64, _all_threads, _exact_dots, _norm_up, _parallel, _scratch, _threads, _workers
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ RHO = {"fp32": 0.0, "bf16": 2.0 ** -8 / (1 - 2.0 ** -8), "int8": 4 * U32}  # rel
 SAFE = 2.0 ** -40  # float64 slack on computed thresholds (their own rounding is below 2^-44)
 BF16_MAX = 3.3e38  # coordinates at or above this would round to an infinite bfloat16
 PAIR_CHUNK = 1 << 20  # vector elements gathered at a time when rescoring (4 MiB of float32)
+CODE_CHUNK = 1 << 18  # vector elements coded at a time by one worker (1 MiB of float32: it and its temporaries stay in L2)
 AUTO_GAIN = 1.5  # auto: a reduced precision is used when its product is at least this much faster than fp32
 _CHOICE: dict[tuple[str, int], str] = {}  # precision chosen per (device type, dimension), once per process
 
@@ -132,7 +133,10 @@ def _code_rows(X: torch.Tensor, precision: str, low: torch.Tensor) -> tuple[torc
     norm = _norm_up(X)
     if precision == "bf16":
         low.copy_(X)  # rounds to nearest bfloat16
-        return None, norm, _norm_up(X - low.float())  # exact in float32: x and its rounding are within 2x (Sterbenz)
+        # x - x~ is exact in float32: x and its rounding are within 2x (Sterbenz); into this thread's
+        # buffer (a fresh temporary of a megabyte is page-faulted in at every call: similarity._scratch)
+        d = _scratch("code_resid", tuple(X.shape), torch.float32, X.device) if X.device.type == "cpu" else None
+        return None, norm, _norm_up(torch.sub(X, low, out=d) if d is not None else X - low.float())
     amax = X.abs().amax(1) if X.shape[1] else torch.zeros(X.shape[0], device=X.device)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     low.copy_(torch.round(X / scale[:, None]).clamp_(-127, 127))
@@ -140,6 +144,15 @@ def _code_rows(X: torch.Tensor, precision: str, low: torch.Tensor) -> tuple[torc
     # |x - c a| <= (1 + u) |r| + u |c a|, and |c a| <= |x| + |x - c a|
     r = _norm_up(X - low.float() * scale[:, None])
     return scale, norm, ((1 + U32) * r + U32 * norm) / (1 - U32) * (1 + 4 * U64)
+
+
+def _check_values(X: torch.Tensor, precision: str) -> None:
+    """Raises ``ValueError`` for a non-finite value, or one too large for bf16 codes."""
+    lo, hi = (float(v) for v in torch.aminmax(X)) if X.numel() else (0.0, 0.0)  # nan propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("vectors hold a non-finite value (inf or nan)")
+    if precision == "bf16" and max(-lo, hi) >= BF16_MAX:
+        raise ValueError("vectors too large for bfloat16 codes: use precision fp32")
 
 
 def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
@@ -153,31 +166,30 @@ def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
     X = as_tensor(X, device)
     if X.ndim != 2:
         raise ValueError(f"expected an (N, D) matrix, got shape {tuple(X.shape)}")
-    lo, hi = (float(v) for v in torch.aminmax(X)) if X.numel() else (0.0, 0.0)  # nan propagates
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("vectors hold a non-finite value (inf or nan)")
-    if precision == "bf16" and max(-lo, hi) >= BF16_MAX:
-        raise ValueError("vectors too large for bfloat16 codes: use precision fp32")
     if precision == "auto":
         precision = choose_precision(X.shape[1], X.device)
     N = X.shape[0]
-    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
+    step = max(1, CODE_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
     norm, resid = (torch.empty(N, dtype=torch.float64, device=X.device) for _ in range(2))
-    if precision == "fp32":
-        def norms(a: int) -> None:
-            norm[a:a + step] = _norm_up(X[a:a + step])
-        with _threads(X.device):
-            _parallel(norms, range(0, N, step), _workers(X.device))
-        return Codes("fp32", X, X, None, norm, norm, torch.zeros_like(norm))
-    low = torch.empty(X.shape, dtype=torch.bfloat16 if precision == "bf16" else torch.int8, device=X.device)
+    low = X if precision == "fp32" else torch.empty(X.shape, dtype=torch.bfloat16 if precision == "bf16"
+                                                    else torch.int8, device=X.device)
     scale = torch.empty(N, device=X.device) if precision == "int8" else None
 
     def code(a: int) -> None:  # the codes of rows a:a + step, into disjoint slices (on the workers)
+        if precision == "fp32":
+            norm[a:a + step] = _norm_up(X[a:a + step])
+            return
         sc, norm[a:a + step], resid[a:a + step] = _code_rows(X[a:a + step], precision, low[a:a + step])
         if scale is not None:
             scale[a:a + step] = sc
     with _threads(X.device):
         _parallel(code, range(0, N, step), _workers(X.device))
+    # A finite float32 sum of squares proves every coordinate finite and below 2^64 (so below BF16_MAX):
+    # the separate pass over the values is needed only when a norm is not finite.
+    if N and not bool(torch.isfinite(norm).all()):
+        _check_values(X, precision)
+    if precision == "fp32":
+        return Codes("fp32", X, X, None, norm, norm, resid.zero_())
     return Codes(precision, X, low, scale, norm, norm + resid, resid)
 
 

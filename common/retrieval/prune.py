@@ -68,11 +68,11 @@ import numpy as np
 import torch
 
 from ..runtime.device import _device, full_fp32
-from .codes import (RHO, Codes, _f32_error, _gallery_codes, _gathered, _lower_inv, _mm, _round_out, _upper_inv,
-                    exact_pairs)
+from .codes import RHO, Codes, _f32_error, _gallery_codes, _lower_inv, _mm, _round_out, _upper_inv, exact_pairs
 from .exact import as_tensor
-from .similarity import U32, U64, _exact_dots, _parallel, _threads, _workers
+from .similarity import U32, U64, _dots32, _exact_dots, _parallel, _rows, _threads, _workers
 
+DOT_ELEMENTS = 1 << 18  # vector elements of each side of the band pairs gathered at a time (1 MiB of float32: in L2)
 PRUNE_TILE = 512  # rows per greedy step on the CPU (at most; smaller steps skip more work: the fastest in benchmarks/bench_prune.py)
 PRUNE_CACHE_BYTES = 2 * 2**30  # a class's product blocks are kept for every threshold up to this size; larger classes are recomputed per step
 SWEEP_CACHE_BYTES = PRUNE_CACHE_BYTES  # stage 05's name for it (prune_sweep's default)
@@ -153,19 +153,26 @@ class _Blocks:
 
 
 def _exceeds(c: Codes, rows: torch.Tensor, cols: torch.Tensor, t: float, stats: dict) -> torch.Tensor:
-    """``s(rows[p], cols[p]) > t`` for pairs inside the band of the products (``rows`` sorted): float32
-    dot products first, the exact ``s`` where they do not decide (within their own bound of ``t``)."""
-    res = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-    for sl, x, Y, gi, ps, d in _gathered(c, c, rows, cols):
-        d = d.double()
-        e = _f32_error(c, c, rows[sl], cols[sl], d)
-        res[sl] = d - e > t
+    """``s(rows[p], cols[p]) > t`` for pairs inside the band of the products: float32 dot products
+    first, the exact ``s`` where they do not decide (within their own bound of ``t``). The two rows of
+    each pair are gathered into this thread's buffers, ``DOT_ELEMENTS`` at a time (in cache while their
+    dot products are taken; a band pair rarely shares its rows with many others, so gathering each
+    query row once and padding the lists, as ``codes._gathered`` does, copied about twice as many rows)."""
+    P, D = rows.numel(), c.dim
+    res = torch.zeros(P, dtype=torch.bool, device=rows.device)
+    sub = max(1, DOT_ELEMENTS // max(1, D))
+    for a in range(0, P, sub):
+        r, q = rows[a:a + sub], cols[a:a + sub]
+        x, y = _rows(c.X, r, "prune_x"), _rows(c.X, q, "prune_y")
+        d = _dots32(x, y).double()
+        e = _f32_error(c, c, r, q, d)
+        res[a:a + r.numel()] = d - e > t
         near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
         if near.numel():
-            nn = c.norm[rows[sl][near]] * c.norm[cols[sl][near]]
-            res[sl.start + near] = _exact_dots(x[gi[near]], Y[gi[near], ps[near]], nn).double() > t
+            nn = c.norm[r[near]] * c.norm[q[near]]
+            res[a + near] = _exact_dots(x[near], y[near], nn).double() > t
             stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
-    stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(rows.numel())
+    stats["float32_pairs"] = stats.get("float32_pairs", 0) + P
     return res
 
 

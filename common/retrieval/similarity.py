@@ -62,10 +62,16 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}  # worker threads per count, made onc
 
 
 def _norm_up(x: torch.Tensor) -> torch.Tensor:
-    """Row norms of float32 rows, as float64 rounded up. The float32 sum of squares errs by at most
-    ``gamma_D`` relatively in any order (Higham eq. 3.5), plus ``D 2^-149`` for underflow."""
+    """Row norms of float32 rows, as float64 rounded up. The float32 sum of squares (numpy's einsum on a
+    CPU, torch's sum elsewhere) errs by at most ``gamma_D`` relatively in any order of float32 (or
+    wider) operations (Higham eq. 3.5), plus ``D 2^-149`` for underflow; the division covers the
+    rounding of the sum itself."""
     D = x.shape[1]
-    ss = (x * x).sum(1, dtype=torch.float32).double()
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():  # one pass, no (N, D) temporary
+        xn = x.detach().numpy()
+        ss = torch.from_numpy(np.einsum("ij,ij->i", xn, xn)).double()
+    else:
+        ss = (x * x).sum(1, dtype=torch.float32).double()
     return torch.sqrt(ss / (1.0 - (D + 1) * U32) + D * 2.0 ** -149) * (1.0 + 4 * U32)
 
 
@@ -149,7 +155,8 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     key = (slot, dtype, device)
     b = bufs.get(key)
     if b is None or b.numel() < n:
-        b = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode alike
+            b = bufs[key] = torch.empty(n, dtype=dtype, device=device)
     return b[:n].view(shape)
 
 
