@@ -61,18 +61,25 @@ _TL = threading.local()  # per thread: ``outer``, torch's thread count while a s
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # worker threads per count, made once per process
 
 
-def _norm_up(x: torch.Tensor) -> torch.Tensor:
-    """Row norms of float32 rows, as float64 rounded up. The float32 sum of squares (numpy's einsum on a
-    CPU, torch's sum elsewhere) errs by at most ``gamma_D`` relatively in any order of float32 (or
-    wider) operations (Higham eq. 3.5), plus ``D 2^-149`` for underflow; the division covers the
-    rounding of the sum itself."""
-    D = x.shape[1]
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():  # one pass, no (N, D) temporary
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """Float32 sums of squares of float32 rows (N,): numpy's einsum on a CPU (one pass, no (N, D)
+    temporary), torch's sum elsewhere; either errs by at most ``gamma_D`` relatively in any order of
+    float32 (or wider) operations (Higham eq. 3.5), plus ``D 2^-149`` for underflow."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
         xn = x.detach().numpy()
-        ss = torch.from_numpy(np.einsum("ij,ij->i", xn, xn)).double()
-    else:
-        ss = (x * x).sum(1, dtype=torch.float32).double()
-    return torch.sqrt(ss / (1.0 - (D + 1) * U32) + D * 2.0 ** -149) * (1.0 + 4 * U32)
+        return torch.from_numpy(np.einsum("ij,ij->i", xn, xn))
+    return (x * x).sum(1, dtype=torch.float32)
+
+
+def _norm_bound(ss: torch.Tensor, D: int) -> torch.Tensor:
+    """Upper bounds (float64) on the norms of rows of length ``D`` whose float32 sums of squares are ``ss``
+    (``_sum_squares``); the division covers the sum's error, the last factor the float64 steps."""
+    return torch.sqrt(ss.double() / (1.0 - (D + 1) * U32) + D * 2.0 ** -149) * (1.0 + 4 * U32)
+
+
+def _norm_up(x: torch.Tensor) -> torch.Tensor:
+    """Row norms of float32 rows, as float64 rounded up (``_sum_squares``, ``_norm_bound``)."""
+    return _norm_bound(_sum_squares(x), x.shape[1])
 
 
 
