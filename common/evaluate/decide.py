@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
-from ..retrieval.search import knn_vote, search_classes, topk
+from ..retrieval.search import knn_vote, search_classes, search_rows, topk
 from ..store.containers import Vectors
 from . import metrics as evaluate_metrics
 
@@ -146,7 +146,7 @@ def classify(queries: np.ndarray, gallery: Vectors, n_classes: int, *, method: s
         if index is not None:
             sims, idx = index.search(queries, kk, gallery.X)
         else:
-            sims, idx = topk(queries, gallery.X, kk, block_size=block_size, device=device)
+            sims, idx = topk(queries, search_rows(gallery), kk, block_size=block_size, device=device)
         pred, scores = knn_vote(sims, idx, gallery.labels, n_classes, temperature)
         d = decide(cs, top_k, reject_below, np.asarray(pred, dtype=np.int64), np.asarray(scores))
     else:
