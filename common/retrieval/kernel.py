@@ -58,7 +58,7 @@ import torch
 
 from ..runtime.device import full_fp32
 from .codes import (PRECISIONS, RHO, Codes, _candidate_threshold, _error_terms, _f32_error, _gallery_codes,
-                    _gathered, _product, _query_codes, _round_in, _round_out, _upper_inv, choose_precision, exact_pairs,
+                    _gathered, _product, _query_codes, _round_out, _upper_inv, choose_precision, exact_pairs,
                     matmul_flags, quantize)
 from .exact import as_tensor
 from .similarity import (_dots32, _dots64, _exact_dots, _exact_grouped, _exact_rows, _parallel, _round_dots, _rows,
@@ -144,13 +144,6 @@ def _exact_top(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch.Te
     stats["candidates"] = stats.get("candidates", 0) + int(r.numel())
     stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(first.sum()) + int(r2.numel())
     return torch.cat([r[first], r2]), torch.cat([c[first], c2]), torch.cat([s1, s2]), torch.cat([key[first], k2])
-
-
-def _a_dtype(g: Codes) -> torch.dtype:
-    """The dtype of the products ``A`` against ``g`` (bf16 codes: bfloat16; fp32 and int8: float32); their
-    values compared with a threshold rounded inwards to it (``codes._round_in``) give the real-number
-    comparison exactly, one step of its grid narrower than rounding outwards."""
-    return torch.bfloat16 if g.precision == "bf16" else torch.float32
 
 
 def _order_rows(r: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -308,8 +301,8 @@ def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int
             top = _parallel(lambda x, gm=gm, As=As: _top_entries([a[x[0]:x[1]] for a in As], gm[x[0]:x[1]], k, group),
                             list(zip(cut[:-1], cut[1:])), n)
             best = torch.topk(torch.cat([best, torch.cat(top)], 1), k, dim=1).values
-        t = _round_in(_candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf).double(),
-                      As[0].dtype, up=False)  # exact for A's values (codes._round_in)
+        t = _round_out(_candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf).double(),
+                       As[0].dtype, up=False)
         parts = _parallel(lambda x, t=t: _block_hits(*x, t, group, G), list(zip(As, gms, blocks)), n)
         del out, As
         r, c, v = (torch.cat(x) for x in zip(*parts))
@@ -318,7 +311,6 @@ def _scan(q: Codes, g: Codes, E: torch.Tensor, k: int, block_rows: int, cap: int
             over |= count > cap
         found.append((r, c, v))
     theta = _candidate_threshold(best[:, k - 1], E, rho).masked_fill_(over, math.inf)
-    theta = _round_in(theta.double(), _a_dtype(g), up=False).float()  # v holds values of A's dtype
     r, c, v = (torch.cat(x) for x in zip(*found))
     ok = v >= theta[r]  # the final theta (over: +inf) drops what earlier spans let in
     r, c, v = r[ok], c[ok], v[ok]
@@ -353,7 +345,7 @@ def _rescore_rows(q: Codes, g: Codes, r: torch.Tensor, c: torch.Tensor, v: torch
     s1 = _round_dots(d1.flatten(), nn.flatten(), D, lambda p: (x[p // k].cpu().numpy(),
                                                                g.X[c1.flatten()[p]].cpu().numpy())).view(nq, k)
     F = s1.amin(1).double()
-    th = _round_in(_upper_inv(F, E[a:b], RHO[g.precision]), _a_dtype(g), up=False).float()  # V: values of A
+    th = _round_out(_upper_inv(F, E[a:b], RHO[g.precision]), torch.float32, up=False)
     rest = V >= th[:, None]
     rest.scatter_(1, top, False)
     i2, j2 = torch.nonzero(rest, as_tuple=True)
