@@ -73,6 +73,8 @@ from .exact import as_tensor
 from .similarity import U32, U64, _dots32, _exact_dots, _parallel, _rows, _threads, _workers
 
 DOT_ELEMENTS = 1 << 18  # vector elements of each side of the band pairs gathered at a time (1 MiB of float32: in L2)
+DENSE_FACTOR = 64  # band pairs take one dense product of their distinct rows and columns up to this many entries per pair
+DENSE_ELEMENTS = 1 << 22  # ... and up to this many entries in all (16 MiB of float32)
 PRUNE_TILE = 512  # rows per greedy step on the CPU (at most; smaller steps skip more work: the fastest in benchmarks/bench_prune.py)
 PRUNE_CACHE_BYTES = 2 * 2**30  # a class's product blocks are kept for every threshold up to this size; larger classes are recomputed per step
 SWEEP_CACHE_BYTES = PRUNE_CACHE_BYTES  # stage 05's name for it (prune_sweep's default)
@@ -156,26 +158,47 @@ class _Blocks:
 
 def _exceeds(c: Codes, rows: torch.Tensor, cols: torch.Tensor, t: float, stats: dict) -> torch.Tensor:
     """``s(rows[p], cols[p]) > t`` for pairs inside the band of the products: float32 dot products
-    first, the exact ``s`` where they do not decide (within their own bound of ``t``). The two rows of
-    each pair are gathered into this thread's buffers, ``DOT_ELEMENTS`` at a time (in cache while their
-    dot products are taken; a band pair rarely shares its rows with many others, so gathering each
-    query row once and padding the lists, as ``codes._gathered`` does, copied about twice as many rows)."""
+    first, the exact ``s`` where they do not decide (within their own bound of ``t``).
+
+    The band's pairs crowd into a few rows and columns (a near-duplicate group, the columns of a
+    step whose maximum is near ``t``), so their float32 products come from one dense product of the
+    distinct rows with the distinct columns when that is at most ``DENSE_FACTOR`` times the pairs (and
+    ``DENSE_ELEMENTS`` in all): a matrix product costs ~0.05 us per entry here, a gathered pair ~5 us.
+    Otherwise the two rows of each pair are gathered into this thread's buffers, ``DOT_ELEMENTS`` at
+    a time. Either way a float32 sum of D products, bounded by ``codes._f32_error``."""
     P, D = rows.numel(), c.dim
     res = torch.zeros(P, dtype=torch.bool, device=rows.device)
-    sub = max(1, DOT_ELEMENTS // max(1, D))
-    for a in range(0, P, sub):
-        r, q = rows[a:a + sub], cols[a:a + sub]
-        x, y = _rows(c.X, r, "prune_x"), _rows(c.X, q, "prune_y")
-        d = _dots32(x, y).double()
-        e = _f32_error(c, c, r, q, d)
-        res[a:a + r.numel()] = d - e > t
-        near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
-        if near.numel():
-            nn = c.norm[r[near]] * c.norm[q[near]]
-            res[a + near] = _exact_dots(x[near], y[near], nn).double() > t
-            stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
+    if P == 0:
+        return res
+    ur, ir = torch.unique(rows, return_inverse=True)
+    uc, ic = torch.unique(cols, return_inverse=True)
+    cells = ur.numel() * uc.numel()
+    if cells <= min(DENSE_FACTOR * P, DENSE_ELEMENTS):
+        d = torch.mm(c.X.index_select(0, ur), c.X.index_select(0, uc).t())[ir, ic].double()
+        _decide_pairs(c, rows, cols, d, t, res, 0, None, None, stats)
+    else:
+        sub = max(1, DOT_ELEMENTS // max(1, D))
+        for a in range(0, P, sub):
+            r, q = rows[a:a + sub], cols[a:a + sub]
+            x, y = _rows(c.X, r, "prune_x"), _rows(c.X, q, "prune_y")
+            _decide_pairs(c, r, q, _dots32(x, y).double(), t, res, a, x, y, stats)
     stats["float32_pairs"] = stats.get("float32_pairs", 0) + P
     return res
+
+
+def _decide_pairs(c: Codes, r: torch.Tensor, q: torch.Tensor, d: torch.Tensor, t: float, res: torch.Tensor, a: int,
+                  x: torch.Tensor | None, y: torch.Tensor | None, stats: dict) -> None:
+    """Into ``res[a:a + len(r)]``: ``s > t`` for pairs ``(r, q)`` with float32 dot products ``d``; where
+    ``d`` and its bound straddle ``t``, the exact ``s`` (from the gathered rows ``x``, ``y`` when given)."""
+    e = _f32_error(c, c, r, q, d)
+    res[a:a + r.numel()] = d - e > t
+    near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
+    if near.numel():
+        nn = c.norm[r[near]] * c.norm[q[near]]
+        xs = x[near] if x is not None else c.X.index_select(0, r[near])
+        ys = y[near] if y is not None else c.X.index_select(0, q[near])
+        res[a + near] = _exact_dots(xs, ys, nn).double() > t
+        stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
 
 
 def _dominated(c: Codes, A: torch.Tensor, rows: torch.Tensor, a: int, dom: torch.Tensor, t: float, lo: float,
@@ -241,9 +264,19 @@ def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto",
     with full_fp32(), _threads(c.X.device):
         item = 2 if c.precision == "bf16" else 4
         blocks = _Blocks(c, tile, _Blocks.nbytes(n, tile, item) <= cache_bytes)
-        for ti, t in enumerate(thresholds):
-            lo, hi = _band(float(t), E, RHO[c.precision], dtype)
-            keeps[ti] = _prune_one(c, blocks, float(t), lo, hi, chunk, st)
+
+        def one(ti: int) -> tuple[np.ndarray, dict]:
+            own: dict = {}  # counts per threshold, added up below (the workers share no dict)
+            lo, hi = _band(float(thresholds[ti]), E, RHO[c.precision], dtype)
+            return _prune_one(c, blocks, float(thresholds[ti]), lo, hi, chunk, own), own
+
+        # The thresholds share the blocks and nothing else: each greedy runs on one worker thread, the
+        # highest thresholds first (more rows stay kept there: the longest passes start first).
+        order = sorted(range(len(thresholds)), key=lambda i: -float(thresholds[i]))
+        for ti, (keep, own) in zip(order, _parallel(one, order, _workers(c.X.device))):
+            keeps[ti] = keep
+            for key, v in own.items():
+                st[key] = st.get(key, 0) + v
     return keeps
 
 
