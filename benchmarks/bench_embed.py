@@ -1,4 +1,4 @@
-"""Benchmark: the CPU embedding of stages 04 and 07 (``common.embed``), every variant side by side.
+"""Benchmark: the CPU embedding of stages 04 and 07 (``common.model.embed``), every variant side by side.
 
 Prints the CPU's flags and the load, then, for SE-ResNeXt-50 (timm ``seresnext50_32x4d``, random
 weights, no download) at 224 px on one fixed batch of random images, each variant's images/s:

@@ -18,7 +18,7 @@ predict mode end to end.
    products) against the bare float32 ``X @ X.T``, with identical keep masks. Section 0's figures are medians of interleaved
    rounds (``--repeat``, default 5), with the load average before and after.
 1. Retrieval: a gallery of 33,000 x 2048 and 7,000 queries (synthetic clustered vectors,
-   L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.inference.classify``
+   L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.evaluate.decide.classify``
    (exact search, bounded blocks) against
    - the reference pattern: one query at a time, each reading every gallery vector back from a
      SQLite table (``SELECT label, vec FROM gallery``) and computing similarities in numpy
@@ -236,7 +236,7 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
 
 
 def exact_class_best(Q, G, codes, repeat: int) -> None:
-    """The best row of each of the 87 classes per query: ``inference.search_classes`` (float32) and
+    """The best row of each of the 87 classes per query: ``retrieval.search.search_classes`` (float32) and
     ``kernel.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
     from common.retrieval import kernel as X
 
@@ -246,7 +246,7 @@ def exact_class_best(Q, G, codes, repeat: int) -> None:
                                      "class_best": lambda: X.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
     t = {k: float(np.median(v)) for k, v in times.items()}
     same = np.array_equal(res["class_best"][1], res["search_classes"].idx)
-    print(f"best per class ({DYB_CLASSES} classes, medians): inference.search_classes {t['search_classes']:.2f} s, "
+    print(f"best per class ({DYB_CLASSES} classes, medians): retrieval.search.search_classes {t['search_classes']:.2f} s, "
           f"kernel.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
           f"same rows: {same} (every (query, class) needs one exact dot product: the full (Q, C) matrix costs "
           f"{len(Q) * DYB_CLASSES:,} gathered rows)")
@@ -435,7 +435,7 @@ def bench_predict(backbone: str, size: int, n_images: int, n_gallery: int, batch
                     device="cpu")  # warm-up: imports and first-call allocations are not per-image costs
         t0 = time.perf_counter()
         X, ok, errors, timing = embed_paths(paths, model, tf, size, embedding="encoder", batch_size=batch,
-                                            num_workers=0, device="cpu")  # common.extract.embed_batch
+                                            num_workers=0, device="cpu")  # common.model.embed.embed_batch
         d = classify(X, gallery, DYB_CLASSES, method="top1", top_k=5, k=10, temperature=0.07,
                        reject_below=None, block_size=4096)
         total = time.perf_counter() - t0
