@@ -407,6 +407,26 @@ def test_prune_class_equals_pair_loop_near_thresholds(precision):
     assert st.get("exact_pairs", 0) > 0 or precision == "fp32"  # near-threshold pairs reached exact values
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_prune_class_band_pairs_gathered_pair_by_pair(precision, monkeypatch):
+    """The band pairs' other path (``prune._exceeds`` without the dense product: rows gathered pair by
+    pair, five pairs at a time, so exact values are decided at offsets inside later chunks): the
+    pair loop's keep masks, and the same band pairs rescored as with the dense product."""
+    from common.retrieval import prune as lut
+
+    Xc, ts = near_threshold_class(seed=3)
+    dense: dict = {}
+    want = prune_class(Xc, ts, precision=precision, tile=37, stats=dense)
+    monkeypatch.setattr(lut, "DENSE_FACTOR", 0)
+    monkeypatch.setattr(lut, "DOT_ELEMENTS", 32 * 5)
+    st: dict = {}
+    keeps = prune_class(Xc, ts, precision=precision, tile=37, stats=st)
+    for t, keep, w in zip(ts, keeps, want):
+        assert np.array_equal(keep, pair_loop(Xc, t)) and np.array_equal(keep, w), t
+    assert st["float32_pairs"] == dense["float32_pairs"] > 0
+    assert st.get("exact_pairs", 0) > 0 or precision == "fp32"
+
+
 def test_prune_class_ties_duplicates_and_lut_identity():
     """Dyadic vectors: similarities exactly equal to the thresholds (equal does not prune), duplicates
     at 1.0; and random classes of very different sizes: lut.prune and prune_sweep, class by class."""
@@ -434,7 +454,7 @@ def test_prune_class_ties_duplicates_and_lut_identity():
 def test_prune_class_and_quantize_on_worker_threads(monkeypatch):
     """Two workers: codes quantized in chunks of a few rows (the same codes as on one thread),
     the product blocks of the class made on the workers, the same keep masks as the pair loop."""
-    monkeypatch.setattr(C, "PAIR_CHUNK", 32 * 7)  # seven rows per quantize chunk
+    monkeypatch.setattr(C, "CODE_CHUNK", 32 * 7)  # seven rows per quantize chunk
     Xc, ts = near_threshold_class(seed=2)
     for p in PRECISIONS:
         one = X.quantize(Xc, p)  # one thread (the fixture)
