@@ -78,7 +78,7 @@ import torch
 from ..runtime.device import _device, full_fp32
 from .codes import RHO, Codes, _f32_error, _gallery_codes, _lower_inv, _mm, _round_in, _upper_inv, exact_pairs
 from .exact import as_tensor
-from .similarity import U32, U64, _dots32, _exact_dots, _parallel, _rows, _threads, _workers
+from .similarity import U32, U64, _dots32, _exact_dots, _parallel, _rows, _submit, _threads, _workers
 
 DOT_ELEMENTS = 1 << 18  # vector elements of each side of the band pairs gathered at a time (1 MiB of float32: in L2)
 DENSE_FACTOR = 64  # band pairs take one dense product of their distinct rows and columns up to this many entries per pair
@@ -139,9 +139,9 @@ class _Blocks:
         self.c, self.tile = c, tile
         n = len(c)
         self.cols = None
-        if cache:  # on the workers, the largest blocks first (they finish together)
-            starts = list(range(0, n, tile))[::-1]
-            self.cols = _parallel(lambda a: self._mm(slice(0, min(n, a + tile)), a), starts, _workers(c.X.device))[::-1]
+        if cache:  # started on the workers in step order: the greedy can start on the first ones
+            starts = list(range(0, n, tile))
+            self.cols = _submit(lambda a: self._mm(slice(0, min(n, a + tile)), a), starts, _workers(c.X.device))
 
     def _mm(self, rows: Any, a: int) -> torch.Tensor:
         """Products of code rows ``rows`` (a slice or indices) with the step's columns ``a:a + tile``."""
@@ -160,7 +160,7 @@ class _Blocks:
 
     def get(self, b: int, rows: torch.Tensor) -> torch.Tensor:
         if self.cols is not None:
-            return self.cols[b].index_select(0, rows)
+            return self.cols[b].result().index_select(0, rows)
         return self._mm(rows, b * self.tile)
 
 
@@ -278,10 +278,12 @@ def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto",
             lo, hi = _band(float(thresholds[ti]), E, RHO[c.precision], dtype)
             return _prune_one(c, blocks, float(thresholds[ti]), lo, hi, chunk, own), own
 
-        # The thresholds share the blocks and nothing else: each greedy runs on one worker thread, the
-        # highest thresholds first (more rows stay kept there: the longest passes start first).
+        # The greedy passes run while the workers make the later blocks (step by step a pass waits only
+        # for the block it needs). One threshold: here. Several: they share the blocks and nothing else,
+        # so each runs on a worker of its own pool (it waits on the products' pool, never on its own),
+        # the highest thresholds first (more rows stay kept there: the longest passes start first).
         order = sorted(range(len(thresholds)), key=lambda i: -float(thresholds[i]))
-        for ti, (keep, own) in zip(order, _parallel(one, order, _workers(c.X.device))):
+        for ti, (keep, own) in zip(order, _parallel(one, order, _workers(c.X.device), kind="prune_greedy")):
             keeps[ti] = keep
             for key, v in own.items():
                 st[key] = st.get(key, 0) + v

@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
 
@@ -58,7 +58,7 @@ U64 = 2.0 ** -53  # float64 unit roundoff
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
 
 _TL = threading.local()  # per thread: ``outer``, torch's thread count while a search runs its steps on one
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # worker threads per count, made once per process
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}  # worker threads per kind and count, made once per process
 
 
 def _sum_squares(x: torch.Tensor) -> torch.Tensor:
@@ -130,24 +130,51 @@ def _workers(device: torch.device) -> int:
     return _outer(torch.get_num_threads()) if device.type == "cpu" else 1
 
 
-def _parallel(fn: Any, items: Sequence[Any], n: int) -> list[Any]:
-    """``[fn(x) for x in items]`` on ``n`` worker threads, each running torch on one thread and taking
-    the next item when done with one. Rather than torch's threads inside each operation: a block's
-    steps are many short operations, and on a shared machine each parallel region waits for its
-    slowest thread (a descheduled one: a scheduler quantum), while a worker that is held up here
-    only takes fewer items. The operations release the GIL; results come back in order."""
-    if n <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    pool = _POOLS.get(n)
+def _pool(n: int, kind: str = "exact_search") -> ThreadPoolExecutor:
+    """The ``n`` worker threads of ``kind`` (made once per process; a task of one kind may wait on the
+    futures of another kind, never of its own)."""
+    pool = _POOLS.get((kind, n))
     if pool is None:
-        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="exact_search", initializer=torch.set_num_threads,
-                                              initargs=(1,))
+        pool = _POOLS[(kind, n)] = ThreadPoolExecutor(n, thread_name_prefix=kind, initializer=torch.set_num_threads,
+                                                      initargs=(1,))
+    return pool
+
+
+def _in_caller_mode(fn: Any) -> Any:
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
 
     def run(x: Any) -> Any:
         with torch.inference_mode(inference):
             return fn(x)
-    return list(pool.map(run, items))
+    return run
+
+
+def _parallel(fn: Any, items: Sequence[Any], n: int, kind: str = "exact_search") -> list[Any]:
+    """``[fn(x) for x in items]`` on ``n`` worker threads, each running torch on one thread and taking
+    the next item when done with one. Rather than torch's threads inside each operation: a block's
+    steps are many short operations, and on a shared machine each parallel region waits for its
+    slowest thread (a descheduled one: a scheduler quantum), while a worker that is held up here
+    only takes fewer items. The operations release the GIL; results come back in order. ``kind``: the
+    pool (``_pool``)."""
+    if n <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(_pool(n, kind).map(_in_caller_mode(fn), items))
+
+
+def _submit(fn: Any, items: Sequence[Any], n: int) -> list[Future]:
+    """``fn(x)`` of every item started on ``n`` worker threads (as ``_parallel``), in order, without
+    waiting: their futures, for a caller that uses the first results while the workers make the next
+    ones. Never wait on them from a task of the same pool (its workers could all be waiting)."""
+    if n <= 1:
+        out = []
+        for x in items:
+            f: Future = Future()
+            f.set_result(fn(x))
+            out.append(f)
+        return out
+    run = _in_caller_mode(fn)
+    pool = _pool(n)
+    return [pool.submit(run, x) for x in items]
 
 
 def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
