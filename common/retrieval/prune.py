@@ -38,8 +38,8 @@ In both, the band's pairs get their float32 dot products from one dense product 
 rows and columns where that stays small (``_exceeds``: they crowd into a few rows and columns),
 else row by row from gathered pairs.
 The products of a class's upper triangle by steps (``n (n + T) / 2`` entries: 2 bytes each for bf16
-codes) are computed once, on the worker threads, and reused for every threshold when they take at
-most ``PRUNE_CACHE_BYTES``; a larger class is recomputed per step for the kept rows only. Memory:
+codes) are computed once, on the worker threads in step order while the greedy passes already use
+the first ones, and reused for every threshold when they take at most ``PRUNE_CACHE_BYTES``; a larger class is recomputed per step for the kept rows only. Memory:
 one class's vectors and codes, plus those blocks or ``block_size x T`` products; never
 ``n_class x n_class`` beyond the cache. The element-wise steps run on one thread and only the
 products on all threads (``similarity._threads``: on a loaded machine a parallel region of a small
@@ -51,8 +51,9 @@ one thread, 2026-12-07): the codes 11 ms, the triangle's products 24 ms, the gre
 
 The sweep (stage 05) prunes at every threshold of a grid with the same cached blocks (the
 similarities do not depend on the threshold); the greedy's outcome is not monotone in ``t``, so
-every threshold is run, each on a worker thread (they share only the blocks). What bounds it: the
-codes and the triangle's products once, then one greedy pass per threshold.
+every threshold is run, each on a worker thread (they share only the blocks; a pool of their own,
+waiting on the products' pool). What bounds it: the codes and the triangle's products once, then
+one greedy pass per threshold, the passes sharing the two cores with the products.
 
 Queries (stage 05): the val x gallery similarities are computed once, in blocks of queries; each
 query keeps its ``M`` nearest gallery items (``choose_top_m``), and for each threshold its nearest
