@@ -418,7 +418,8 @@ def _gallery_codes(gallery: Any, precision: str) -> Codes:
 # G = 20,000, D = 2,048: 1,000 queries: top-1 1.75x, top-10 1.33x the float32 product; 600 queries:
 # top-20 0.88x, top-40 0.81x; 1,000 queries: top-100 0.58x, top-1000 0.16x (each of the k best is
 # rescored in float64); 128 queries, top-10: 0.29x; 32 queries: 0.11x. G = 6,000, D = 512, 600
-# queries (bench_retrieval --quick): top-1 0.62x, top-10 0.64x.
+# queries (bench_retrieval --quick): top-1 0.62x, top-10 0.64x. A prepared gallery (retrieval.search.prepare)
+# no longer pays the codes at each call, so there the kernel may pay from fewer queries: not measured yet.
 KERNEL_MIN_QUERIES = 1024  # fewer queries than this: one float32 product per block
 KERNEL_MAX_K = 16  # a larger k: one float32 product per block
 
