@@ -5,7 +5,9 @@ predict mode end to end.
    3,000 queries against 33,000 x 2048 (synthetic clustered vectors as below), top-1 and top-10 by
    ``faiss.IndexFlatIP``, by a float32 product per block of queries (``float32_topk``: the path
    ``retrieval.search.topk`` takes where the kernel does not pay), by the entry point
-   ``retrieval.search.topk`` (the kernel, ``search.precision`` auto, gallery codes made per call), and
+   ``retrieval.search.topk`` as the stages call it (the kernel, ``search.precision`` auto, on a gallery
+   prepared once outside the timed region by ``retrieval.search.prepare``, like FAISS's ``add``; the
+   preparation's time is printed) and on an unprepared gallery (its codes made at every call), and
    by ``kernel.topk`` on ready codes at each precision (bf16 / int8 candidates rescored exactly, or fp32); the bare float32 and bf16
    products (all queries x gallery) and the compute floors (the product's FLOPs at the peak rate
    of a cache-resident block). Identity checks: the same neighbours in the same order as
@@ -16,7 +18,7 @@ predict mode end to end.
    products) against the bare float32 ``X @ X.T``, with identical keep masks. Section 0's figures are medians of interleaved
    rounds (``--repeat``, default 5), with the load average before and after.
 1. Retrieval: a gallery of 33,000 x 2048 and 7,000 queries (synthetic clustered vectors,
-   L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.inference.classify``
+   L2-normalised, 87 classes as imbalanced as DYB's) classified by ``common.evaluate.decide.classify``
    (exact search, bounded blocks) against
    - the reference pattern: one query at a time, each reading every gallery vector back from a
      SQLite table (``SELECT label, vec FROM gallery``) and computing similarities in numpy
@@ -180,6 +182,7 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
 
     from common.retrieval import kernel as X
     from common.retrieval import search as retrieval
+    from common.retrieval.codes import search_precision
 
     Q, G = exact_data(n_gallery, n_query, dim)
     print(f"\n## Exact search: {n_query:,} queries x {n_gallery:,} x {dim}\n{machine_line()}")
@@ -189,13 +192,16 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
     for p in ("fp32", "bf16", "int8"):
         t_quant[p], codes[p] = _timed(lambda p=p: X.quantize(G, p))
     auto = X.choose_precision(dim)
+    prepared = retrieval.prepare(G)  # what stage 07 searches: the gallery's codes made at its first search, once
+    t_prepare, _ = _timed(lambda: prepared.codes(search_precision(dim)))
     qt, gt = torch.from_numpy(Q), torch.from_numpy(G)
     qb, gb = qt.bfloat16(), codes["bf16"].low
     fns = {"bare float32 product (Q x G)": lambda: qt @ gt.T, "bare bf16 product": lambda: qb @ gb.T}
     for k in (1, 10):
         fns[f"faiss.IndexFlatIP k={k}"] = lambda k=k: index.search(Q, k)
         fns[f"float32 product + block_topk k={k}"] = lambda k=k: float32_topk(Q, G, k)
-        fns[f"retrieval.search.topk k={k}"] = lambda k=k: retrieval.topk(Q, G, k)
+        fns[f"retrieval.search.topk k={k}"] = lambda k=k: retrieval.topk(Q, prepared, k)
+        fns[f"search.topk, not prepared k={k}"] = lambda k=k: retrieval.topk(Q, G, k)
         for p in ("bf16", "int8", "fp32"):
             fns[f"kernel.topk {p} k={k}"] = lambda k=k, p=p: X.topk(Q, codes[p], k)
     peaks = peak_products(dim)
@@ -208,7 +214,9 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
     print(f"load average (1/5/15 min) before the rounds {load0}, after {load_line()}; {repeat} interleaved rounds, "
           f"medians (min in brackets)")
     print(f"auto precision here: {auto}; quantising the gallery (once per gallery, like FAISS's add): "
-          + ", ".join(f"{p} {v:.2f} s" for p, v in t_quant.items()))
+          + ", ".join(f"{p} {v:.2f} s" for p, v in t_quant.items())
+          + f"; retrieval.search.prepare's codes ({search_precision(dim)}, once, outside the timed rows) "
+            f"{t_prepare:.2f} s")
     print(f"compute floor (the product's FLOPs at the best rate of a cache-resident 2048 x 2048 block, measured in "
           f"the same rounds): float32 {floor32:.2f} s, bf16 {floor16:.2f} s")
     print(f"{'':40s} {'seconds':>8s} {'(min)':>7s} {'FAISS/this':>10s} {'/bare fp32':>10s} {'/fp32 floor':>11s}")
@@ -218,16 +226,17 @@ def bench_exact(n_gallery: int, n_query: int, dim: int, repeat: int, check_queri
         print(f"{name:40s} {m:8.3f} {min(v):7.3f} {f / m:10.2f} {m / t['bare float32 product (Q x G)']:10.2f} "
               f"{m / floor32:11.2f}")
     for k in (1, 10):
-        f, m = f"faiss.IndexFlatIP k={k}", f"kernel.topk {auto} k={k}"
-        print(f"goal k={k}: FAISS / kernel.topk ({auto}, the auto choice) = {t[f] / t[m]:.2f}x of the medians, "
-              f"{min(times[f]) / min(times[m]):.2f}x of the best rounds (wanted >= 3; a loaded machine slows FAISS's "
-              f"threads more)")
+        f, m, e = f"faiss.IndexFlatIP k={k}", f"kernel.topk {auto} k={k}", f"retrieval.search.topk k={k}"
+        print(f"goal k={k}: FAISS / retrieval.search.topk (what the stages call, gallery prepared) = "
+              f"{t[f] / t[e]:.2f}x of the medians, {min(times[f]) / min(times[e]):.2f}x of the best rounds; "
+              f"FAISS / kernel.topk ({auto}, the auto choice) = {t[f] / t[m]:.2f}x, {min(times[f]) / min(times[m]):.2f}x "
+              f"(wanted >= 3; a loaded machine slows FAISS's threads more)")
     exact_identity(Q, G, res, codes, check_queries)
     exact_class_best(Q, G, codes["bf16"], repeat)
 
 
 def exact_class_best(Q, G, codes, repeat: int) -> None:
-    """The best row of each of the 87 classes per query: ``inference.search_classes`` (float32) and
+    """The best row of each of the 87 classes per query: ``retrieval.search.search_classes`` (float32) and
     ``kernel.class_best`` (bf16 candidates): one exact dot product per (query, class) at least."""
     from common.retrieval import kernel as X
 
@@ -237,7 +246,7 @@ def exact_class_best(Q, G, codes, repeat: int) -> None:
                                      "class_best": lambda: X.class_best(Q, codes, lab, DYB_CLASSES)}, repeat)
     t = {k: float(np.median(v)) for k, v in times.items()}
     same = np.array_equal(res["class_best"][1], res["search_classes"].idx)
-    print(f"best per class ({DYB_CLASSES} classes, medians): inference.search_classes {t['search_classes']:.2f} s, "
+    print(f"best per class ({DYB_CLASSES} classes, medians): retrieval.search.search_classes {t['search_classes']:.2f} s, "
           f"kernel.class_best bf16 {t['class_best']:.2f} s ({t['search_classes'] / t['class_best']:.2f}x); "
           f"same rows: {same} (every (query, class) needs one exact dot product: the full (Q, C) matrix costs "
           f"{len(Q) * DYB_CLASSES:,} gathered rows)")
@@ -252,11 +261,12 @@ def exact_identity(Q, G, res: dict, codes: dict, check_queries: int) -> None:
         ref = res[f"float32 product + block_topk k={k}"]
         same = {p: res[f"kernel.topk {p} k={k}"] for p in ("bf16", "int8", "fp32")}
         same["entry"] = res[f"retrieval.search.topk k={k}"]
+        same["unprepared"] = res[f"search.topk, not prepared k={k}"]
         agree = all(np.array_equal(v[0], same["fp32"][0]) and np.array_equal(v[1], same["fp32"][1])
                     for v in same.values())
         like_ref = float(np.mean(np.all(same["fp32"][1] == ref[1], axis=1)))
         fa = res[f"faiss.IndexFlatIP k={k}"][1]
-        print(f"k={k}: bf16 / int8 / fp32 / retrieval.search.topk answers bit-identical: {agree}; same neighbours "
+        print(f"k={k}: bf16 / int8 / fp32 / retrieval.search.topk (prepared and not) answers bit-identical: {agree}; same neighbours "
               f"in the same order as the float32 product for {100 * like_ref:.2f}% of queries (float32 products may differ from s in the "
               f"last bit); as FAISS: {100 * float(np.mean(np.all(same['fp32'][1] == fa, axis=1))):.2f}%")
         sub = np.arange(0, len(Q), max(1, len(Q) // check_queries))[:check_queries]
@@ -425,7 +435,7 @@ def bench_predict(backbone: str, size: int, n_images: int, n_gallery: int, batch
                     device="cpu")  # warm-up: imports and first-call allocations are not per-image costs
         t0 = time.perf_counter()
         X, ok, errors, timing = embed_paths(paths, model, tf, size, embedding="encoder", batch_size=batch,
-                                            num_workers=0, device="cpu")  # common.extract.embed_batch
+                                            num_workers=0, device="cpu")  # common.model.embed.embed_batch
         d = classify(X, gallery, DYB_CLASSES, method="top1", top_k=5, k=10, temperature=0.07,
                        reject_below=None, block_size=4096)
         total = time.perf_counter() - t0

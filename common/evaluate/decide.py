@@ -10,8 +10,8 @@ Two modes (``inference.mode``):
   (``metrics.json`` ``unknown_classes``: AUROC, FPR95, known accuracy per open-set score).
   Writes ``predictions.csv``, ``metrics.json``, ``classification_report.csv``,
   ``confusion_matrix.png``, ``embedding_map.png``, ``comparison.csv`` (retrieval against the
-  classical classifiers of ``common.classifiers`` on the same frozen vectors) and ``report.html``.
-- **predict**: the images of ``inference.input`` grouped into samples (``common.samples``),
+  classical classifiers of ``common.evaluate.classifiers`` on the same frozen vectors) and ``report.html``.
+- **predict**: the images of ``inference.input`` grouped into samples (``common.data.samples``),
   embedded with the store's checkpoint and evaluation transform; unreadable images are listed in
   ``predictions.csv`` with the reason, never fatal. Writes ``predictions.csv`` (per image: sample,
   call, scores, the five nearest gallery images), ``sample_counts.csv`` / ``.png``,
@@ -26,12 +26,12 @@ Classification (exact cosine search on L2-normalised float32 vectors, blocked ma
 - ``inference.method=top1``: the class of the nearest gallery item (= candidate 1);
   ``knn``: DINO's weighted vote of the ``k`` nearest items (``common.retrieval.topk`` and
   ``knn_vote``, weight ``exp(sim / T)``); the candidates are then ordered by vote score first;
-- a gallery whose ``X`` is a ``common.streaming.StoreMatrix`` (``search.max_memory_gib``) is
+- a gallery whose ``X`` is a ``common.retrieval.streamed.StoreMatrix`` (``search.max_memory_gib``) is
   searched block by block from the store, with the same answers;
 - ``search.index`` other than ``exact``: the neighbours come from a FAISS index over the gallery
-  (``common.search``: ``search.candidates`` proposed per query, rescored exactly), so the candidate
+  (``common.retrieval.ann``: ``search.candidates`` proposed per query, rescored exactly), so the candidate
   classes are those among them; the retrieval metrics (precision@1, MAP@R) stay exact;
-- open-set rejection (``common.openset``): a query whose score (``inference.reject_score``: best
+- open-set rejection (``common.evaluate.openset``): a query whose score (``inference.reject_score``: best
   similarity, or the ``ood_k``-th neighbour's similarity) is below ``inference.reject_below`` (a
   number, or ``auto``: the val cut keeping ``reject_keep`` of the correct val predictions) is
   labelled ``unknown`` (accepted = 0); stage 05's ``suggested_reject_below`` is logged.
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
-from ..retrieval.search import knn_vote, search_classes, topk
+from ..retrieval.search import knn_vote, search_classes, search_rows, topk
 from ..store.containers import Vectors
 from . import metrics as evaluate_metrics
 
@@ -122,7 +122,7 @@ def decide(cs: ClassSearch, top_k: int, reject_below: float | None,
 
 
 def reject(d: Decision, scores: dict[str, np.ndarray], rejection: Any) -> Decision:
-    """Apply an open-set rule (``common.openset.Rejection``) to a decision, in place; returns it."""
+    """Apply an open-set rule (``common.evaluate.openset.Rejection``) to a decision, in place; returns it."""
     d.accepted = rejection.accept(scores)
     d.final = np.where(d.accepted, d.raw, evaluate_metrics.UNKNOWN)
     return d
@@ -132,7 +132,7 @@ def classify(queries: np.ndarray, gallery: Vectors, n_classes: int, *, method: s
              k: int, temperature: float, reject_below: float | None, block_size: int, device: Any = None,
              class_search: ClassSearch | None = None, index: Any = None) -> Decision:
     """Classify ``queries`` (Q, D) against ``gallery`` by ``top1`` or ``knn`` (see the module docstring);
-    ``index``: a ``common.search.AnnIndex`` over the gallery's rows (None: exact search)."""
+    ``index``: a ``common.retrieval.ann.AnnIndex`` over the gallery's rows (None: exact search)."""
     if len(gallery) == 0:
         raise UserError("the gallery is empty: rerun 06_prune_features.py (or use inference.gallery=full)")
     t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def classify(queries: np.ndarray, gallery: Vectors, n_classes: int, *, method: s
         if index is not None:
             sims, idx = index.search(queries, kk, gallery.X)
         else:
-            sims, idx = topk(queries, gallery.X, kk, block_size=block_size, device=device)
+            sims, idx = topk(queries, search_rows(gallery), kk, block_size=block_size, device=device)
         pred, scores = knn_vote(sims, idx, gallery.labels, n_classes, temperature)
         d = decide(cs, top_k, reject_below, np.asarray(pred, dtype=np.int64), np.asarray(scores))
     else:

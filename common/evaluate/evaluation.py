@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..errors import UserError
-from ..retrieval.search import _on_device, search_classes, topk
+from ..retrieval.search import _on_device, prepare_vectors, search_classes, search_rows, topk
 from ..retrieval.streamed import is_streamed as streamed
 from ..store.containers import Vectors
 from .decide import classify, reject
@@ -86,6 +86,8 @@ def evaluate(inp: EvalInputs, icfg: Any, *, device: Any = None, seed: int = 0) -
     """Evaluate mode on loaded vectors: search once, decide with both methods, reject by one rule,
     measure, and fit the classical classifiers (``inference.classifiers``); writes nothing."""
     _check_inputs(inp)
+    # the gallery is searched by the val, test and unknown queries: its codes are made once
+    inp = replace(inp, gallery=prepare_vectors(inp.gallery, device))
     C = len(inp.classes)
     decisions, class_search_s = _decide(inp, icfg, device)
     rule = rejection_rule(icfg, inp.val, inp.gallery, C, device)
@@ -151,9 +153,11 @@ def _summary(inp: EvalInputs, icfg: Any, d: Decision, rule: Any, scores: dict[st
         out["search"] = inp.search_info
     out.update(classification_metrics(y, d.final, C, d.candidates, icfg.top_k))
     out.update(uncertainty(y, d.final, C, d.candidates, icfg.top_k))
-    # on a GPU both matrices go to the device once, not once per class searched
-    out.update(retrieval_metrics(_on_device(test.X, device), y, _on_device(gallery.X, device), gallery.labels,
-                                 topk, block_size=icfg.block_size, device=device))
+    # on a GPU both matrices go to the device once, not once per class searched (a prepared gallery is there)
+    rows = search_rows(gallery)
+    rows = rows if rows is not gallery.X else _on_device(rows, device)
+    out.update(retrieval_metrics(_on_device(test.X, device), y, rows, gallery.labels, topk, block_size=icfg.block_size,
+                                 device=device))
     out["reject_below"] = icfg.reject_below
     out.update(_rejection_facts(rule))
     if rule.cut is not None:

@@ -152,8 +152,10 @@ def open_scores(queries: np.ndarray, d: Decision, gallery: Vectors, icfg: Any, d
     ``max(neighbours, ood_k)`` nearest gallery rows (sims, idx) from the same exact search."""
 
 
+    from ..retrieval.search import search_rows
+
     k = max(neighbours, icfg.ood_k)
-    _, sims, idx = kth_similarity(queries, gallery.X, k, icfg.block_size, device)
+    _, sims, idx = kth_similarity(queries, search_rows(gallery), k, icfg.block_size, device)
     j = min(icfg.ood_k, sims.shape[1]) - 1
     kth = sims[:, j] if j >= 0 else np.full(len(queries), -np.inf, np.float32)
     return {"similarity": d.best_sim, "knn": kth}, sims, idx

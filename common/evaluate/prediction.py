@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..retrieval.search import ClassSearch
+from ..retrieval.search import ClassSearch, prepare_vectors
 from ..store.containers import Vectors
 from .decide import Decision, classify, decide, reject
 from .metrics import UNKNOWN, rejection_metrics
@@ -86,6 +86,7 @@ def predict(queries: Vectors, gallery: Vectors, classes: list[str], icfg: Any, *
     """
     C, n = len(classes), len(queries)
     timing = dict(timing or {})
+    gallery = prepare_vectors(gallery, device)  # searched by the val and the new queries: codes made once
     rule = rejection_rule(icfg, val, gallery, C, device)
     if n:
         d = classify(queries.X, gallery, C, method=icfg.method, top_k=icfg.top_k, k=icfg.k,

@@ -47,9 +47,10 @@ in ``A`` (``rho < 1``): ``lower(A(q, g)) <= s(q, g) <= upper(A(q, g))``. Here ``
 with the gallery's maxima of ``e_g``, ``m_g``, ``n_g`` (one number per query, never smaller).
 
 ``theta`` (the candidate threshold) and the band ends are computed in float64 (a few operations on
-numbers below 2^7: error below 2^-44), moved outwards by ``2^-40 (1 + |value|)`` and rounded
-outwards to the dtype ``A`` is compared in (``_round_out``), so the comparisons only ever admit more
-candidates.
+numbers below 2^7: error below 2^-44) and moved outwards by ``2^-40 (1 + |value|)``; a value compared
+with ``A`` in ``A``'s dtype is then rounded to that dtype: outwards (``_round_out``), or inwards where
+only values of that dtype are compared with it (``_round_in``: ``A >= ceil(x) <=> A >= x`` for such
+``A``), so the comparisons only ever admit more candidates than the real-number ones.
 
 Precision. On a CPU with AMX or AVX512-BF16 oneDNN's bf16 product runs several times faster than
 float32; ``precision="auto"`` times one small product of each kind once per process and logs the
@@ -69,7 +70,8 @@ import torch
 
 from ..runtime.device import cpu_flags, full_fp32
 from .exact import as_tensor
-from .similarity import U32, U64, _all_threads, _exact_dots, _norm_up, _parallel, _threads, _workers
+from .similarity import (U32, U64, _all_threads, _exact_dots, _norm_bound, _norm_up, _parallel, _scratch, _sum_squares,
+                         _threads, _workers)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ RHO = {"fp32": 0.0, "bf16": 2.0 ** -8 / (1 - 2.0 ** -8), "int8": 4 * U32}  # rel
 SAFE = 2.0 ** -40  # float64 slack on computed thresholds (their own rounding is below 2^-44)
 BF16_MAX = 3.3e38  # coordinates at or above this would round to an infinite bfloat16
 PAIR_CHUNK = 1 << 20  # vector elements gathered at a time when rescoring (4 MiB of float32)
+CODE_CHUNK = 1 << 18  # vector elements coded at a time by one worker (1 MiB of float32: it and its temporaries stay in L2)
 AUTO_GAIN = 1.5  # auto: a reduced precision is used when its product is at least this much faster than fp32
 _CHOICE: dict[tuple[str, int], str] = {}  # precision chosen per (device type, dimension), once per process
 
@@ -126,20 +129,31 @@ class Codes:
         return Codes("fp32", self.X, self.X, None, self.norm, self.norm, torch.zeros_like(self.norm))
 
 
-def _code_rows(X: torch.Tensor, precision: str, low: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor,
-                                                                             torch.Tensor]:
-    """Codes of a few rows written into ``low``; returns ``(scale, norm, resid)`` (module docstring)."""
-    norm = _norm_up(X)
+def _code_rows(X: torch.Tensor, precision: str, low: torch.Tensor, scale: torch.Tensor | None, ss: torch.Tensor,
+               ss_resid: torch.Tensor) -> None:
+    """Codes of a few rows written into ``low`` (int8: and ``scale``), the float32 sums of squares of the
+    rows into ``ss`` and of their residuals ``x - x~`` into ``ss_resid`` (``quantize`` bounds them)."""
+    ss.copy_(_sum_squares(X))
     if precision == "bf16":
         low.copy_(X)  # rounds to nearest bfloat16
-        return None, norm, _norm_up(X - low.float())  # exact in float32: x and its rounding are within 2x (Sterbenz)
+        # x~ - x is exact in float32: x and its rounding are within 2x (Sterbenz); in this thread's
+        # buffer (a fresh temporary of a megabyte is page-faulted in at every call: similarity._scratch)
+        d = _scratch("code_resid", tuple(X.shape), torch.float32, X.device) if X.device.type == "cpu" else None
+        ss_resid.copy_(_sum_squares(d.copy_(low).sub_(X) if d is not None else X - low.float()))
+        return
     amax = X.abs().amax(1) if X.shape[1] else torch.zeros(X.shape[0], device=X.device)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale.copy_(torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)))
     low.copy_(torch.round(X / scale[:, None]).clamp_(-127, 127))
-    # x - c a in float32: c a and the difference are each rounded (relative u), so per coordinate
-    # |x - c a| <= (1 + u) |r| + u |c a|, and |c a| <= |x| + |x - c a|
-    r = _norm_up(X - low.float() * scale[:, None])
-    return scale, norm, ((1 + U32) * r + U32 * norm) / (1 - U32) * (1 + 4 * U64)
+    ss_resid.copy_(_sum_squares(X - low.float() * scale[:, None]))
+
+
+def _check_values(X: torch.Tensor, precision: str) -> None:
+    """Raises ``ValueError`` for a non-finite value, or one too large for bf16 codes."""
+    lo, hi = (float(v) for v in torch.aminmax(X)) if X.numel() else (0.0, 0.0)  # nan propagates
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("vectors hold a non-finite value (inf or nan)")
+    if precision == "bf16" and max(-lo, hi) >= BF16_MAX:
+        raise ValueError("vectors too large for bfloat16 codes: use precision fp32")
 
 
 def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
@@ -153,31 +167,36 @@ def quantize(X: Any, precision: str = "auto", device: Any = None) -> Codes:
     X = as_tensor(X, device)
     if X.ndim != 2:
         raise ValueError(f"expected an (N, D) matrix, got shape {tuple(X.shape)}")
-    lo, hi = (float(v) for v in torch.aminmax(X)) if X.numel() else (0.0, 0.0)  # nan propagates
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("vectors hold a non-finite value (inf or nan)")
-    if precision == "bf16" and max(-lo, hi) >= BF16_MAX:
-        raise ValueError("vectors too large for bfloat16 codes: use precision fp32")
     if precision == "auto":
         precision = choose_precision(X.shape[1], X.device)
     N = X.shape[0]
-    step = max(1, PAIR_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
-    norm, resid = (torch.empty(N, dtype=torch.float64, device=X.device) for _ in range(2))
-    if precision == "fp32":
-        def norms(a: int) -> None:
-            norm[a:a + step] = _norm_up(X[a:a + step])
-        with _threads(X.device):
-            _parallel(norms, range(0, N, step), _workers(X.device))
-        return Codes("fp32", X, X, None, norm, norm, torch.zeros_like(norm))
-    low = torch.empty(X.shape, dtype=torch.bfloat16 if precision == "bf16" else torch.int8, device=X.device)
+    step = max(1, CODE_CHUNK // max(1, X.shape[1]))  # rows at a time: the temporaries stay in cache
+    ss, ss_resid = (torch.zeros(N, dtype=torch.float32, device=X.device) for _ in range(2))
+    low = X if precision == "fp32" else torch.empty(X.shape, dtype=torch.bfloat16 if precision == "bf16"
+                                                    else torch.int8, device=X.device)
     scale = torch.empty(N, device=X.device) if precision == "int8" else None
 
     def code(a: int) -> None:  # the codes of rows a:a + step, into disjoint slices (on the workers)
-        sc, norm[a:a + step], resid[a:a + step] = _code_rows(X[a:a + step], precision, low[a:a + step])
-        if scale is not None:
-            scale[a:a + step] = sc
+        if precision == "fp32":
+            ss[a:a + step] = _sum_squares(X[a:a + step])
+            return
+        _code_rows(X[a:a + step], precision, low[a:a + step], None if scale is None else scale[a:a + step],
+                   ss[a:a + step], ss_resid[a:a + step])
     with _threads(X.device):
         _parallel(code, range(0, N, step), _workers(X.device))
+    D = X.shape[1]
+    norm = _norm_bound(ss, D)
+    # A finite float32 sum of squares proves every coordinate finite and below 2^64 (so below BF16_MAX):
+    # the separate pass over the values is needed only when a norm is not finite.
+    if N and not bool(torch.isfinite(norm).all()):
+        _check_values(X, precision)
+    if precision == "fp32":
+        return Codes("fp32", X, X, None, norm, norm, torch.zeros_like(norm))
+    resid = _norm_bound(ss_resid, D)
+    if precision == "int8":
+        # x - c a in float32: c a and the difference are each rounded (relative u), so per coordinate
+        # |x - c a| <= (1 + u) |r| + u |c a|, and |c a| <= |x| + |x - c a|
+        resid = ((1 + U32) * resid + U32 * norm) / (1 - U32) * (1 + 4 * U64)
     return Codes(precision, X, low, scale, norm, norm + resid, resid)
 
 
@@ -236,6 +255,20 @@ def _round_out(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     y = x.to(dtype)
     inf = torch.full_like(y, math.inf if up else -math.inf)
     wrong = (y.double() < x) if up else (y.double() > x)
+    return torch.where(wrong, torch.nextafter(y, inf), y)
+
+
+def _round_in(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """``x`` (float64) moved outwards by ``SAFE (1 + |x|)`` (``up``: upwards) and then rounded *inwards* to
+    ``dtype``: ``x'`` = x - slack rounded up (``up`` False), x + slack rounded down (``up`` True). For values
+    ``A`` of ``dtype`` this is exact: ``A >= ceil(x') <=> A >= x'`` and ``A > floor(x') <=> A > x'``,
+    while ``_round_out`` admits one more value of the grid (at bf16 near 0.95 a step is 2^-8, about
+    the width of the bound itself: a third of the prune band). Use it only for comparisons of values
+    of ``dtype`` (``A >= lo``, ``A > hi``)."""
+    x = x + (SAFE if up else -SAFE) * (1.0 + x.abs().nan_to_num(0.0, 0.0, 0.0))
+    y = x.to(dtype)
+    inf = torch.full_like(y, -math.inf if up else math.inf)
+    wrong = (y.double() > x) if up else (y.double() < x)
     return torch.where(wrong, torch.nextafter(y, inf), y)
 
 
@@ -385,7 +418,8 @@ def _gallery_codes(gallery: Any, precision: str) -> Codes:
 # G = 20,000, D = 2,048: 1,000 queries: top-1 1.75x, top-10 1.33x the float32 product; 600 queries:
 # top-20 0.88x, top-40 0.81x; 1,000 queries: top-100 0.58x, top-1000 0.16x (each of the k best is
 # rescored in float64); 128 queries, top-10: 0.29x; 32 queries: 0.11x. G = 6,000, D = 512, 600
-# queries (bench_retrieval --quick): top-1 0.62x, top-10 0.64x.
+# queries (bench_retrieval --quick): top-1 0.62x, top-10 0.64x. A prepared gallery (retrieval.search.prepare)
+# no longer pays the codes at each call, so there the kernel may pay from fewer queries: not measured yet.
 KERNEL_MIN_QUERIES = 1024  # fewer queries than this: one float32 product per block
 KERNEL_MAX_K = 16  # a larger k: one float32 product per block
 

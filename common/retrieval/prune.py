@@ -19,7 +19,9 @@ How it is decided (``prune_class``): products ``A`` of reduced-precision codes o
 (``common.retrieval.codes``: bf16, int8 or float32, ``search.precision``), with the proven bound
 ``lower(A) <= s <= upper(A)``: ``A > lower^-1(t)`` gives ``s > t``; ``A < upper^-1(t)`` gives
 ``s < t``; only pairs with ``A`` in between (the band) need ``s``: their float32 dot products
-first, and ``s`` itself where those are within their own bound of ``t``. So every decision is
+first, and ``s`` itself where those are within their own bound of ``t``. The band's ends are
+rounded inwards to the grid of ``A``'s dtype (``codes._round_in``: exact for values of that dtype;
+at bf16 near t = 0.95 a grid step, 2^-8, is about the bound's own width). So every decision is
 ``s(i, j) > t`` exactly, and the result is identical to a direct pair loop on ``s``
 (``tests/retrieval/test_lut.py``, ``tests/retrieval/test_exact_search.py``) for any precision, block size and device.
 
@@ -32,19 +34,26 @@ most ``PRUNE_TILE`` = 512 on the CPU, where smaller steps skip more work). For s
 2. the greedy is resolved among the remaining rows of the step: one (c x c) product, then a
    scan over the rows in order that applies a kept row's whole "prunes" row as one vector
    operation (only rows that prune anything are visited): O(T) vector ops, not a loop over pairs.
+In both, the band's pairs get their float32 dot products from one dense product of their distinct
+rows and columns where that stays small (``_exceeds``: they crowd into a few rows and columns),
+else row by row from gathered pairs.
 The products of a class's upper triangle by steps (``n (n + T) / 2`` entries: 2 bytes each for bf16
-codes) are computed once, on the worker threads, and reused for every threshold when they take at
-most ``PRUNE_CACHE_BYTES``; a larger class is recomputed per step for the kept rows only. Memory:
+codes) are computed once, on the worker threads in step order while the greedy passes already use
+the first ones, and reused for every threshold when they take at most ``PRUNE_CACHE_BYTES``; a larger class is recomputed per step for the kept rows only. Memory:
 one class's vectors and codes, plus those blocks or ``block_size x T`` products; never
 ``n_class x n_class`` beyond the cache. The element-wise steps run on one thread and only the
 products on all threads (``similarity._threads``: on a loaded machine a parallel region of a small
 op can wait a whole scheduler quantum; one prune of 8,000 vectors measured 2.9 s with two threads
-for everything, 0.2 s like this). Measured on this 2-core AVX-512 machine (bf16 codes, one class of
-3,000 x 2,048): 0.44-0.59x the time of a bare float32 ``X @ X.T`` (notes/reports/i21_kernel.md).
+for everything, 0.2 s like this). Of a prune at t = 0.95 (bf16 codes, one class of 3,000 x 2,048,
+one thread, 2026-12-07): the codes 11 ms, the triangle's products 24 ms, the greedy passes
+(dominance maxima, band rescoring, the scan) 18 ms: 0.23x a bare float32 ``X @ X.T`` on one thread
+(233 ms); two threads: docs/measured.md.
 
 The sweep (stage 05) prunes at every threshold of a grid with the same cached blocks (the
 similarities do not depend on the threshold); the greedy's outcome is not monotone in ``t``, so
-every threshold is run.
+every threshold is run, each on a worker thread (they share only the blocks; a pool of their own,
+waiting on the products' pool). What bounds it: the codes and the triangle's products once, then
+one greedy pass per threshold, the passes sharing the two cores with the products.
 
 Queries (stage 05): the val x gallery similarities are computed once, in blocks of queries; each
 query keeps its ``M`` nearest gallery items (``choose_top_m``), and for each threshold its nearest
@@ -68,11 +77,13 @@ import numpy as np
 import torch
 
 from ..runtime.device import _device, full_fp32
-from .codes import (RHO, Codes, _f32_error, _gallery_codes, _gathered, _lower_inv, _mm, _round_out, _upper_inv,
-                    exact_pairs)
+from .codes import RHO, Codes, _f32_error, _gallery_codes, _lower_inv, _mm, _round_in, _upper_inv, exact_pairs
 from .exact import as_tensor
-from .similarity import U32, U64, _exact_dots, _parallel, _threads, _workers
+from .similarity import U32, U64, _dots32, _exact_dots, _parallel, _rows, _submit, _threads, _workers
 
+DOT_ELEMENTS = 1 << 18  # vector elements of each side of the band pairs gathered at a time (1 MiB of float32: in L2)
+DENSE_FACTOR = 64  # band pairs take one dense product of their distinct rows and columns up to this many entries per pair
+DENSE_ELEMENTS = 1 << 22  # ... and up to this many entries in all (16 MiB of float32)
 PRUNE_TILE = 512  # rows per greedy step on the CPU (at most; smaller steps skip more work: the fastest in benchmarks/bench_prune.py)
 PRUNE_CACHE_BYTES = 2 * 2**30  # a class's product blocks are kept for every threshold up to this size; larger classes are recomputed per step
 SWEEP_CACHE_BYTES = PRUNE_CACHE_BYTES  # stage 05's name for it (prune_sweep's default)
@@ -99,11 +110,13 @@ def similarity_margin(dim: int, max_norm_sq: float = 1.0) -> float:
 
 
 def _band(t: float, E: float, rho: float, dtype: torch.dtype) -> tuple[float, float]:
-    """``(lo, hi)`` in ``dtype``: ``A > hi`` proves ``s > t``, ``A < lo`` proves ``s < t``."""
+    """``(lo, hi)`` in ``dtype``: for products ``A`` of ``dtype``, ``A > hi`` proves ``s > t``, ``A < lo``
+    proves ``s < t``. Rounded inwards (``codes._round_in``: exact for values of ``dtype``): at bf16 the
+    band then holds 4 values of the grid near t = 0.95 instead of 6."""
     x = torch.tensor([t], dtype=torch.float64)
     e = torch.tensor([E], dtype=torch.float64)
-    lo = _round_out(_upper_inv(x, e, rho), dtype, up=False)
-    hi = _round_out(_lower_inv(x, e, rho), dtype, up=True)
+    lo = _round_in(_upper_inv(x, e, rho), dtype, up=False)
+    hi = _round_in(_lower_inv(x, e, rho), dtype, up=True)
     return float(lo), float(hi)
 
 
@@ -127,9 +140,9 @@ class _Blocks:
         self.c, self.tile = c, tile
         n = len(c)
         self.cols = None
-        if cache:  # on the workers, the largest blocks first (they finish together)
-            starts = list(range(0, n, tile))[::-1]
-            self.cols = _parallel(lambda a: self._mm(slice(0, min(n, a + tile)), a), starts, _workers(c.X.device))[::-1]
+        if cache:  # started on the workers in step order: the greedy can start on the first ones
+            starts = list(range(0, n, tile))
+            self.cols = _submit(lambda a: self._mm(slice(0, min(n, a + tile)), a), starts, _workers(c.X.device))
 
     def _mm(self, rows: Any, a: int) -> torch.Tensor:
         """Products of code rows ``rows`` (a slice or indices) with the step's columns ``a:a + tile``."""
@@ -148,25 +161,53 @@ class _Blocks:
 
     def get(self, b: int, rows: torch.Tensor) -> torch.Tensor:
         if self.cols is not None:
-            return self.cols[b].index_select(0, rows)
+            return self.cols[b].result().index_select(0, rows)
         return self._mm(rows, b * self.tile)
 
 
 def _exceeds(c: Codes, rows: torch.Tensor, cols: torch.Tensor, t: float, stats: dict) -> torch.Tensor:
-    """``s(rows[p], cols[p]) > t`` for pairs inside the band of the products (``rows`` sorted): float32
-    dot products first, the exact ``s`` where they do not decide (within their own bound of ``t``)."""
-    res = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
-    for sl, x, Y, gi, ps, d in _gathered(c, c, rows, cols):
-        d = d.double()
-        e = _f32_error(c, c, rows[sl], cols[sl], d)
-        res[sl] = d - e > t
-        near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
-        if near.numel():
-            nn = c.norm[rows[sl][near]] * c.norm[cols[sl][near]]
-            res[sl.start + near] = _exact_dots(x[gi[near]], Y[gi[near], ps[near]], nn).double() > t
-            stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
-    stats["float32_pairs"] = stats.get("float32_pairs", 0) + int(rows.numel())
+    """``s(rows[p], cols[p]) > t`` for pairs inside the band of the products: float32 dot products
+    first, the exact ``s`` where they do not decide (within their own bound of ``t``).
+
+    The band's pairs crowd into a few rows and columns (a near-duplicate group, the columns of a
+    step whose maximum is near ``t``), so their float32 products come from one dense product of the
+    distinct rows with the distinct columns when that is at most ``DENSE_FACTOR`` times the pairs (and
+    ``DENSE_ELEMENTS`` in all): a matrix product costs ~0.05 us per entry here, a gathered pair ~5 us.
+    Otherwise the two rows of each pair are gathered into this thread's buffers, ``DOT_ELEMENTS`` at
+    a time. Either way a float32 sum of D products, bounded by ``codes._f32_error``."""
+    P, D = rows.numel(), c.dim
+    res = torch.zeros(P, dtype=torch.bool, device=rows.device)
+    if P == 0:
+        return res
+    ur, ir = torch.unique(rows, return_inverse=True)
+    uc, ic = torch.unique(cols, return_inverse=True)
+    cells = ur.numel() * uc.numel()
+    if cells <= min(DENSE_FACTOR * P, DENSE_ELEMENTS):
+        d = torch.mm(c.X.index_select(0, ur), c.X.index_select(0, uc).t())[ir, ic].double()
+        _decide_pairs(c, rows, cols, d, t, res, 0, None, None, stats)
+    else:
+        sub = max(1, DOT_ELEMENTS // max(1, D))
+        for a in range(0, P, sub):
+            r, q = rows[a:a + sub], cols[a:a + sub]
+            x, y = _rows(c.X, r, "prune_x"), _rows(c.X, q, "prune_y")
+            _decide_pairs(c, r, q, _dots32(x, y).double(), t, res, a, x, y, stats)
+    stats["float32_pairs"] = stats.get("float32_pairs", 0) + P
     return res
+
+
+def _decide_pairs(c: Codes, r: torch.Tensor, q: torch.Tensor, d: torch.Tensor, t: float, res: torch.Tensor, a: int,
+                  x: torch.Tensor | None, y: torch.Tensor | None, stats: dict) -> None:
+    """Into ``res[a:a + len(r)]``: ``s > t`` for pairs ``(r, q)`` with float32 dot products ``d``; where
+    ``d`` and its bound straddle ``t``, the exact ``s`` (from the gathered rows ``x``, ``y`` when given)."""
+    e = _f32_error(c, c, r, q, d)
+    res[a:a + r.numel()] = d - e > t
+    near = torch.nonzero((d - e <= t) & (d + e > t)).flatten()
+    if near.numel():
+        nn = c.norm[r[near]] * c.norm[q[near]]
+        xs = x[near] if x is not None else c.X.index_select(0, r[near])
+        ys = y[near] if y is not None else c.X.index_select(0, q[near])
+        res[a + near] = _exact_dots(xs, ys, nn).double() > t
+        stats["exact_pairs"] = stats.get("exact_pairs", 0) + int(near.numel())
 
 
 def _dominated(c: Codes, A: torch.Tensor, rows: torch.Tensor, a: int, dom: torch.Tensor, t: float, lo: float,
@@ -232,9 +273,21 @@ def prune_class(X: Any, thresholds: Sequence[float], *, precision: str = "auto",
     with full_fp32(), _threads(c.X.device):
         item = 2 if c.precision == "bf16" else 4
         blocks = _Blocks(c, tile, _Blocks.nbytes(n, tile, item) <= cache_bytes)
-        for ti, t in enumerate(thresholds):
-            lo, hi = _band(float(t), E, RHO[c.precision], dtype)
-            keeps[ti] = _prune_one(c, blocks, float(t), lo, hi, chunk, st)
+
+        def one(ti: int) -> tuple[np.ndarray, dict]:
+            own: dict = {}  # counts per threshold, added up below (the workers share no dict)
+            lo, hi = _band(float(thresholds[ti]), E, RHO[c.precision], dtype)
+            return _prune_one(c, blocks, float(thresholds[ti]), lo, hi, chunk, own), own
+
+        # The greedy passes run while the workers make the later blocks (step by step a pass waits only
+        # for the block it needs). One threshold: here. Several: they share the blocks and nothing else,
+        # so each runs on a worker of its own pool (it waits on the products' pool, never on its own),
+        # the highest thresholds first (more rows stay kept there: the longest passes start first).
+        order = sorted(range(len(thresholds)), key=lambda i: -float(thresholds[i]))
+        for ti, (keep, own) in zip(order, _parallel(one, order, _workers(c.X.device), kind="prune_greedy")):
+            keeps[ti] = keep
+            for key, v in own.items():
+                st[key] = st.get(key, 0) + v
     return keeps
 
 

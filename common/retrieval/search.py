@@ -1,9 +1,10 @@
 """The search entry points: top-k neighbours, the best entry of each class, and the k-NN vote.
 
 ``topk`` runs on the reduced-precision exact kernel (``retrieval.kernel``) where it pays
-(``use_kernel``), else on one float32 product per block of queries; ``search_classes`` stays on the
-float32 product (the kernel's ``class_best`` measured 0.75-1.03x of it). ``set_precision`` is
-``search.precision`` (``retrieval.codes``).
+(``use_kernel``), else on one float32 product per block of queries. A gallery searched several times
+is prepared once (``prepare`` / ``prepare_vectors``): its codes are then made once, not per search.
+``search_classes`` stays on the float32 product (the kernel's ``class_best`` measured 0.75-1.03x of
+it). ``set_precision`` is ``search.precision`` (``retrieval.codes``).
 """
 from __future__ import annotations
 
@@ -98,17 +99,122 @@ def _on_device(a: np.ndarray, device: Any) -> Any:
 
 
 
+# ----------------------------------------------------------------------------- a gallery searched repeatedly
+
+
+class PreparedGallery:
+    """A gallery made ready for repeated exact searches (``prepare``): its float32 rows on the search
+    device and, made at the first search that runs the kernel and reused by every later one, their
+    reduced-precision codes (``codes.Codes``: like FAISS's ``add``, once per gallery rather than once
+    per search: bf16 codes of 33,000 x 2,048 cost about 0.6x the kernel's top-1 search of 3,000 queries).
+
+    Why the codes cannot answer for other rows. They are made from ``X`` and used only with ``X``; the
+    object is made explicitly where one gallery is searched several times (stage 07's evaluate and
+    predict modes: ``prepare_vectors``) and passed to those searches, never looked up by an array's
+    identity. It is a snapshot of the rows: a torch tensor changed in place is detected at the next
+    search by its version counter (every in-place torch operation on it or on a view of it bumps the
+    counter) and coded again; a numpy array has no such counter, so rows changed in place through
+    numpy need a new ``prepare`` (the stages never write a gallery's rows after loading them). The
+    float32 rows are shared with a CPU float32 input, not copied (a gallery may take gigabytes).
+    """
+
+    def __init__(self, X: Any, device: torch.device | str | None = None):
+        self.X = as_tensor(X, device)  # (G, D) float32; shares a contiguous CPU float32 input's memory
+        self._source = X
+        if self.X.ndim != 2:
+            raise ValueError(f"prepare: expected a (G, D) matrix, got shape {tuple(self.X.shape)}")
+        self.device = self.X.device
+        self._codes: dict[str, Any] = {}
+        self._version = self.X._version
+        self.coded = 0  # how many times codes were made (a test counts them)
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.X.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The rows as numpy (a function given the gallery as an array, e.g. a test's reference search)."""
+        a = self.X.detach().cpu().numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def source_is(self, X: Any) -> bool:
+        """Whether these rows were prepared from the object ``X``."""
+        return X is self._source
+
+    def codes(self, precision: str) -> Any:
+        """The rows' ``Codes`` at ``precision`` (fp32 / bf16 / int8): made once, made again only if the
+        rows changed in place since (the tensor's version counter)."""
+        from .codes import quantize
+
+        if self.X._version != self._version:  # changed in place: every code made so far is stale
+            self._codes.clear()
+            self._version = self.X._version
+        c = self._codes.get(precision)
+        if c is None:
+            c = self._codes[precision] = quantize(self.X, precision)
+            self.coded += 1
+        return c
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one (an index left out: the current device of that type)."""
+    return a.type == b.type and (a.index == b.index or a.index is None or b.index is None)
+
+
+def prepare(gallery: Any, device: torch.device | str | None = None) -> Any:
+    """``gallery`` (G, D) made ready for repeated ``topk`` searches (``PreparedGallery``); a gallery
+    streamed from the store (``retrieval.streamed.StoreMatrix``) or an already prepared one is returned
+    as it is."""
+    from .streamed import is_streamed
+
+    if isinstance(gallery, PreparedGallery) or is_streamed(gallery):
+        return gallery
+    return PreparedGallery(gallery, device)
+
+
+@dataclass
+class PreparedVectors(Vectors):
+    """``Vectors`` whose rows are also held ready for repeated searches (``prepared``, made from ``X``
+    by ``prepare_vectors``); ``search_rows`` hands the searches the prepared rows."""
+
+    prepared: Any = None
+
+
+def prepare_vectors(v: Vectors, device: Any = None) -> Vectors:
+    """``v`` with its rows prepared for repeated searches (``PreparedVectors``); a streamed or already
+    prepared gallery is returned as it is."""
+    from .streamed import is_streamed
+
+    if isinstance(v, PreparedVectors) or is_streamed(v.X):
+        return v
+    return PreparedVectors(v.X, v.labels, v.paths, v.ids, prepared=PreparedGallery(v.X, device))
+
+
+def search_rows(v: Vectors) -> Any:
+    """What the searches of ``v`` take as the gallery: its ``PreparedGallery`` when it has one made from
+    its current ``X``, else ``X`` itself (a rebound ``X`` is never searched with another array's codes)."""
+    p = getattr(v, "prepared", None)
+    if p is not None and p.source_is(v.X):
+        return p
+    return v.X
+
+
 def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
          device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine top-``k`` of every query among the gallery rows.
 
     Args:
         queries: (Q, D) L2-normalised vectors (numpy or torch).
-        gallery: (G, D) L2-normalised vectors (numpy or torch), or a ``retrieval.streamed.StoreMatrix``
+        gallery: (G, D) L2-normalised vectors (numpy or torch), a ``PreparedGallery`` (``prepare``:
+            searched repeatedly, its codes made once), or a ``retrieval.streamed.StoreMatrix``
             (streamed from the store: one pass, memory bounded by a block).
         k: neighbours per query; clamped to ``G`` (so the answer has ``min(k, G)`` columns).
         block_size: queries per matrix product (memory: ``block_size x G`` float32 at once).
-        device: where to compute (None: the device of ``queries`` when it is a tensor, else CPU).
+        device: where to compute (None: the device of ``queries`` when it is a tensor, else the
+            prepared gallery's, else CPU).
 
     Returns:
         ``(sims (Q, k) float32, idx (Q, k) int64)``, each row sorted by similarity descending,
@@ -132,10 +238,14 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
         raise ValueError(f"topk: k must be >= 1, got {k}")
     if block_size < 1:
         raise ValueError(f"topk: block_size must be >= 1, got {block_size}")
+    prepared = gallery if isinstance(gallery, PreparedGallery) else None
     if device is None:
-        device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
+        device = (queries.device if isinstance(queries, torch.Tensor)
+                  else prepared.device if prepared is not None else torch.device("cpu"))
+    if prepared is not None and not _same_device(prepared.device, torch.device(device)):
+        prepared, gallery = None, prepared.X  # prepared for another device: its rows, copied there
     q = as_tensor(queries, device)
-    g = as_tensor(gallery, device)
+    g = prepared.X if prepared is not None else as_tensor(gallery, device)
     if q.ndim != 2 or g.ndim != 2 or (q.shape[0] and g.shape[0] and q.shape[1] != g.shape[1]):
         raise ValueError(f"topk: expected (Q, D) and (G, D) matrices, got {tuple(q.shape)} and {tuple(g.shape)}")
     Q, G = q.shape[0], g.shape[0]
@@ -144,7 +254,9 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
         from .codes import search_precision
         from .kernel import topk as kernel_topk
 
-        return kernel_topk(q, g, kk, precision=search_precision(q.shape[1], q.device), query_block=block_size)
+        precision = search_precision(q.shape[1], q.device)
+        gc = prepared.codes(precision) if prepared is not None else g  # a prepared gallery's codes: made once
+        return kernel_topk(q, gc, kk, precision=precision, query_block=block_size)
     sims = np.empty((Q, kk), dtype=np.float32)
     idx = np.empty((Q, kk), dtype=np.int64)
     if Q == 0 or kk == 0:

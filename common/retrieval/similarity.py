@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
 
@@ -58,15 +58,28 @@ U64 = 2.0 ** -53  # float64 unit roundoff
 DOT_ROWS = 32  # rows converted to float64 at a time by _exact_dots off the CPU
 
 _TL = threading.local()  # per thread: ``outer``, torch's thread count while a search runs its steps on one
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # worker threads per count, made once per process
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}  # worker threads per kind and count, made once per process
+
+
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """Float32 sums of squares of float32 rows (N,): numpy's einsum on a CPU (one pass, no (N, D)
+    temporary), torch's sum elsewhere; either errs by at most ``gamma_D`` relatively in any order of
+    float32 (or wider) operations (Higham eq. 3.5), plus ``D 2^-149`` for underflow."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        xn = x.detach().numpy()
+        return torch.from_numpy(np.einsum("ij,ij->i", xn, xn))
+    return (x * x).sum(1, dtype=torch.float32)
+
+
+def _norm_bound(ss: torch.Tensor, D: int) -> torch.Tensor:
+    """Upper bounds (float64) on the norms of rows of length ``D`` whose float32 sums of squares are ``ss``
+    (``_sum_squares``); the division covers the sum's error, the last factor the float64 steps."""
+    return torch.sqrt(ss.double() / (1.0 - (D + 1) * U32) + D * 2.0 ** -149) * (1.0 + 4 * U32)
 
 
 def _norm_up(x: torch.Tensor) -> torch.Tensor:
-    """Row norms of float32 rows, as float64 rounded up. The float32 sum of squares errs by at most
-    ``gamma_D`` relatively in any order (Higham eq. 3.5), plus ``D 2^-149`` for underflow."""
-    D = x.shape[1]
-    ss = (x * x).sum(1, dtype=torch.float32).double()
-    return torch.sqrt(ss / (1.0 - (D + 1) * U32) + D * 2.0 ** -149) * (1.0 + 4 * U32)
+    """Row norms of float32 rows, as float64 rounded up (``_sum_squares``, ``_norm_bound``)."""
+    return _norm_bound(_sum_squares(x), x.shape[1])
 
 
 
@@ -117,24 +130,51 @@ def _workers(device: torch.device) -> int:
     return _outer(torch.get_num_threads()) if device.type == "cpu" else 1
 
 
-def _parallel(fn: Any, items: Sequence[Any], n: int) -> list[Any]:
-    """``[fn(x) for x in items]`` on ``n`` worker threads, each running torch on one thread and taking
-    the next item when done with one. Rather than torch's threads inside each operation: a block's
-    steps are many short operations, and on a shared machine each parallel region waits for its
-    slowest thread (a descheduled one: a scheduler quantum), while a worker that is held up here
-    only takes fewer items. The operations release the GIL; results come back in order."""
-    if n <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    pool = _POOLS.get(n)
+def _pool(n: int, kind: str = "exact_search") -> ThreadPoolExecutor:
+    """The ``n`` worker threads of ``kind`` (made once per process; a task of one kind may wait on the
+    futures of another kind, never of its own)."""
+    pool = _POOLS.get((kind, n))
     if pool is None:
-        pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="exact_search", initializer=torch.set_num_threads,
-                                              initargs=(1,))
+        pool = _POOLS[(kind, n)] = ThreadPoolExecutor(n, thread_name_prefix=kind, initializer=torch.set_num_threads,
+                                                      initargs=(1,))
+    return pool
+
+
+def _in_caller_mode(fn: Any) -> Any:
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
 
     def run(x: Any) -> Any:
         with torch.inference_mode(inference):
             return fn(x)
-    return list(pool.map(run, items))
+    return run
+
+
+def _parallel(fn: Any, items: Sequence[Any], n: int, kind: str = "exact_search") -> list[Any]:
+    """``[fn(x) for x in items]`` on ``n`` worker threads, each running torch on one thread and taking
+    the next item when done with one. Rather than torch's threads inside each operation: a block's
+    steps are many short operations, and on a shared machine each parallel region waits for its
+    slowest thread (a descheduled one: a scheduler quantum), while a worker that is held up here
+    only takes fewer items. The operations release the GIL; results come back in order. ``kind``: the
+    pool (``_pool``)."""
+    if n <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(_pool(n, kind).map(_in_caller_mode(fn), items))
+
+
+def _submit(fn: Any, items: Sequence[Any], n: int) -> list[Future]:
+    """``fn(x)`` of every item started on ``n`` worker threads (as ``_parallel``), in order, without
+    waiting: their futures, for a caller that uses the first results while the workers make the next
+    ones. Never wait on them from a task of the same pool (its workers could all be waiting)."""
+    if n <= 1:
+        out = []
+        for x in items:
+            f: Future = Future()
+            f.set_result(fn(x))
+            out.append(f)
+        return out
+    run = _in_caller_mode(fn)
+    pool = _pool(n)
+    return [pool.submit(run, x) for x in items]
 
 
 def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -149,7 +189,8 @@ def _scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     key = (slot, dtype, device)
     b = bufs.get(key)
     if b is None or b.numel() < n:
-        b = bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode alike
+            b = bufs[key] = torch.empty(n, dtype=dtype, device=device)
     return b[:n].view(shape)
 
 

@@ -407,6 +407,26 @@ def test_prune_class_equals_pair_loop_near_thresholds(precision):
     assert st.get("exact_pairs", 0) > 0 or precision == "fp32"  # near-threshold pairs reached exact values
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_prune_class_band_pairs_gathered_pair_by_pair(precision, monkeypatch):
+    """The band pairs' other path (``prune._exceeds`` without the dense product: rows gathered pair by
+    pair, five pairs at a time, so exact values are decided at offsets inside later chunks): the
+    pair loop's keep masks, and the same band pairs rescored as with the dense product."""
+    from common.retrieval import prune as lut
+
+    Xc, ts = near_threshold_class(seed=3)
+    dense: dict = {}
+    want = prune_class(Xc, ts, precision=precision, tile=37, stats=dense)
+    monkeypatch.setattr(lut, "DENSE_FACTOR", 0)
+    monkeypatch.setattr(lut, "DOT_ELEMENTS", 32 * 5)
+    st: dict = {}
+    keeps = prune_class(Xc, ts, precision=precision, tile=37, stats=st)
+    for t, keep, w in zip(ts, keeps, want):
+        assert np.array_equal(keep, pair_loop(Xc, t)) and np.array_equal(keep, w), t
+    assert st["float32_pairs"] == dense["float32_pairs"] > 0
+    assert st.get("exact_pairs", 0) > 0 or precision == "fp32"
+
+
 def test_prune_class_ties_duplicates_and_lut_identity():
     """Dyadic vectors: similarities exactly equal to the thresholds (equal does not prune), duplicates
     at 1.0; and random classes of very different sizes: lut.prune and prune_sweep, class by class."""
@@ -434,7 +454,7 @@ def test_prune_class_ties_duplicates_and_lut_identity():
 def test_prune_class_and_quantize_on_worker_threads(monkeypatch):
     """Two workers: codes quantized in chunks of a few rows (the same codes as on one thread),
     the product blocks of the class made on the workers, the same keep masks as the pair loop."""
-    monkeypatch.setattr(C, "PAIR_CHUNK", 32 * 7)  # seven rows per quantize chunk
+    monkeypatch.setattr(C, "CODE_CHUNK", 32 * 7)  # seven rows per quantize chunk
     Xc, ts = near_threshold_class(seed=2)
     for p in PRECISIONS:
         one = X.quantize(Xc, p)  # one thread (the fixture)
@@ -500,3 +520,91 @@ def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypa
     assert len(calls) == 3 * per
     with pytest.raises(ValueError, match="search.precision"):
         search.set_precision("fp16")
+
+
+# ----------------------------------------------------------------------------- prepared galleries
+
+
+def test_prepared_gallery_gives_the_unprepared_and_fp32_answer_and_codes_once(monkeypatch):
+    """search.prepare: the kernel's codes made once for any number of searches, the answer that of the
+    unprepared gallery and of float32 codes (ties straddling the cut), on the kernel and the float32 path."""
+    from common.retrieval import search
+
+    monkeypatch.setattr(C, "KERNEL_MIN_QUERIES", 30)
+    monkeypatch.setattr(C, "_SETTING", dict(C._SETTING))
+    Q, G = gallery(seed=12)
+    made = []
+    real = C.quantize
+    monkeypatch.setattr(C, "quantize", lambda *a, **kw: made.append(len(a[0])) or real(*a, **kw))
+    for p in PRECISIONS:
+        search.set_precision(p)
+        g = search.prepare(G)
+        assert search.prepare(g) is g and len(g) == len(G) and g.shape == G.shape
+        for k in (1, 5, C.KERNEL_MAX_K, C.KERNEL_MAX_K + 3):  # the last: the float32 product
+            ws, wi = topk_ref(Q, G, k)
+            got = search.topk(Q, g, k, block_size=16)
+            plain = search.topk(Q, G, k, block_size=16)
+            np.testing.assert_array_equal(got[1], wi)
+            np.testing.assert_array_equal(got[1], plain[1])
+            np.testing.assert_array_equal(got[0], plain[0])
+            if k <= C.KERNEL_MAX_K:
+                np.testing.assert_array_equal(got[0], ws)
+                fp32 = X.topk(Q, G, k, precision="fp32")
+                np.testing.assert_array_equal(got[0], fp32[0])
+                np.testing.assert_array_equal(got[1], fp32[1])
+        assert g.coded == 1  # three kernel searches of the prepared gallery, one set of codes
+    search.set_precision("auto")
+    # per precision: the prepared gallery coded once; the unprepared gallery and the fp32 reference
+    # (kernel.topk on the rows) coded at each of their three kernel searches
+    assert made.count(len(G)) == 3 * (1 + 3 + 3)
+
+
+def test_prepared_gallery_changed_in_place_is_coded_again(monkeypatch):
+    """A prepared torch gallery changed in place (directly or through a view) gets new codes at its
+    next search, so it never answers with the old rows' codes; a new gallery object gets its own."""
+    from common.retrieval import search
+
+    monkeypatch.setattr(C, "KERNEL_MIN_QUERIES", 30)
+    monkeypatch.setattr(C, "_SETTING", dict(C._SETTING))
+    search.set_precision("bf16")
+    Q, G = gallery(seed=13)
+    Gt = torch.from_numpy(G.copy())
+    g = search.prepare(Gt)
+    search.topk(Q, g, 3)
+    assert g.coded == 1
+    # move the queries' nearest rows far away: stale codes would still offer them as candidates,
+    # and the rows far from every query would never be rescored
+    wi0 = topk_ref(Q, Gt.numpy(), 3)[1]
+    Gt[torch.from_numpy(np.unique(wi0))] = torch.from_numpy(-G[np.unique(wi0)])
+    ws, wi = topk_ref(Q, Gt.numpy(), 3)
+    s, i = search.topk(Q, g, 3)
+    assert g.coded == 2
+    np.testing.assert_array_equal(i, wi)
+    np.testing.assert_array_equal(s, ws)
+    Gt[:5].mul_(-1.0)  # in place through a view: the same version counter
+    ws, wi = topk_ref(Q, Gt.numpy(), 3)
+    s, i = search.topk(Q, g, 3)
+    assert g.coded == 3
+    np.testing.assert_array_equal(i, wi)
+    np.testing.assert_array_equal(s, ws)
+    search.topk(Q, g, 3)
+    assert g.coded == 3  # unchanged since: the codes are reused
+    search.set_precision("auto")
+
+
+def test_prepared_vectors_search_rows_follow_the_vectors():
+    """prepare_vectors / search_rows: the prepared rows while ``X`` is the array they were made from;
+    ``X`` rebound to another array: that array (never the old codes)."""
+    from common.retrieval import search
+
+    Q, G = gallery(seed=14)
+    v = Vectors(G, np.zeros(len(G), np.int64), [str(i) for i in range(len(G))])
+    assert search.search_rows(v) is v.X
+    pv = search.prepare_vectors(v)
+    assert isinstance(pv, Vectors) and search.prepare_vectors(pv) is pv
+    assert isinstance(search.search_rows(pv), search.PreparedGallery)
+    np.testing.assert_array_equal(pv.labels, v.labels)
+    other = _unit(np.random.default_rng(1).normal(size=G.shape))
+    pv.X = other
+    assert search.search_rows(pv) is other
+    np.testing.assert_array_equal(search.topk(Q, search.search_rows(pv), 2)[1], topk_ref(Q, other, 2)[1])
