@@ -257,15 +257,21 @@ def topk(queries: Any, gallery: Any, k: int, block_size: int = 4096,
         precision = search_precision(q.shape[1], q.device)
         gc = prepared.codes(precision) if prepared is not None else g  # a prepared gallery's codes: made once
         return kernel_topk(q, gc, kk, precision=precision, query_block=block_size)
-    sims = np.empty((Q, kk), dtype=np.float32)
-    idx = np.empty((Q, kk), dtype=np.int64)
-    if Q == 0 or kk == 0:
+    return _float32_topk(q, g, kk, block_size)
+
+
+def _float32_topk(q: torch.Tensor, g: torch.Tensor, k: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``topk`` by one float32 product per block of ``block_size`` queries (``k <= len(g)``)."""
+    Q = q.shape[0]
+    sims = np.empty((Q, k), dtype=np.float32)
+    idx = np.empty((Q, k), dtype=np.int64)
+    if Q == 0 or k == 0:
         return sims, idx
     gt = g.t()  # (D, G) view; one product per query block
     with torch.inference_mode():
         for a in range(0, Q, block_size):
             s = q[a:a + block_size] @ gt  # (B, G) float32
-            v, i = block_topk(s, kk)
+            v, i = block_topk(s, k)
             sims[a:a + v.shape[0]] = v.cpu().numpy()
             idx[a:a + v.shape[0]] = i.cpu().numpy()
     return sims, idx
