@@ -73,7 +73,8 @@ BLOCK_ROWS = 2048  # gallery rows per product block (QUERY_BLOCK x BLOCK_ROWS bf
 MIN_CANDIDATES = 256  # a query may rescore at least this many candidates before it falls back to fp32
 SCAN_BYTES = 320 * 2**20  # products kept at a time by topk's scan (4096 queries x 33,000 rows of bf16: 270 MB)
 RESCORE_QUERIES = 256  # queries rescored per work item (fewer, larger steps: -12% CPU time against 64)
-DOT_ELEMENTS = 1 << 18  # vector elements gathered at a time for dot products (1 MiB of float32: in L2)
+DOT_ELEMENTS = 1 << 20  # vector elements gathered at a time for dot products (4 MiB of float32; measured on a
+# 2-core Xeon, top-10 of 3,000 x 33,000 x 2,048: 0.40 s against 0.43 s at 1 << 18, fewer calls per query block)
 
 # ----------------------------------------------------------------------------- candidates and rescoring
 
