@@ -84,8 +84,20 @@ def call(args: list[str], timeout: int = STAGE_TIMEOUT, env: dict | None = None)
     return p.returncode, tail
 
 
+def pipeline_args(run: Path, *args: str) -> list[str]:
+    """``run_pipeline.py`` on ``run``: a new run is the demo (``configs/demo.yaml`` on the rendered
+    digits, what ``python run_pipeline.py`` alone runs; given ``--run`` alone, run_pipeline would start
+    a new run from ``configs/default.yaml``); an existing run keeps its own configuration."""
+    if (run / "config.yaml").is_file():
+        return [sys.executable, "run_pipeline.py", "--run", str(run), *args]
+    from common.data.demo import render_digits
+
+    root = render_digits(ROOT / ".cache" / "demo" / "digits")  # once: what run_pipeline.py alone renders
+    return [sys.executable, "run_pipeline.py", "-c", "configs/demo.yaml", "--run", str(run), *args, f"data.root={root}"]
+
+
 def pipeline(run: Path, *args: str) -> tuple[int, str]:
-    return call([sys.executable, "run_pipeline.py", "--run", str(run), *args])
+    return call(pipeline_args(run, *args))
 
 
 def torchrun(n: int, script: str, *args: str) -> tuple[int, str]:
