@@ -11,7 +11,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a container
+    limited to 2 CPUs of a 64-core host sees 64 in its affinity)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            words = Path(quota_file).read_text().split()
+            quota, period = (words[0], words[1]) if period_file is None else (words[0], Path(period_file).read_text())
+            if quota not in ("max", "-1") and int(period) > 0:
+                n = min(n, max(1, int(quota) // int(period)))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return n
 
 
 # torch threads of every stage a test runs, in this process (tests/helpers.py) or as a subprocess
