@@ -44,6 +44,18 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny matrices gain nothing from threads, and on a shared,
+    loaded machine every parallel region of a small op can wait milliseconds for a descheduled one."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def repo_root() -> Path:
     return ROOT
 

@@ -129,3 +129,23 @@ def run_pipeline(argv: list[str], env: dict[str, str] | None = None) -> Result:
     finally:
         rp.run_stage = saved
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def relink(run: Path, up: str, downs: tuple[str, ...]) -> None:
+    """Make the manifests of stages ``downs`` record ``up``'s outputs as they are now (as when they
+    ran after it): a test that edits a finished stage's files keeps its downstream stages linked."""
+    from common.pipeline.manifest import outputs_digest, read_manifest, write_manifest
+
+    d = outputs_digest(read_manifest(run / up))
+    for s in downs:
+        m = read_manifest(run / s)
+        if up in m["inputs"]["upstream"]:
+            m["inputs"]["upstream"][up]["digest"] = d
+            write_manifest(run / s, m)
+
+
+def unit_rows(x):
+    """The rows of ``x`` scaled to unit length, as float32 (what the feature store holds)."""
+    import numpy as np
+
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

@@ -422,7 +422,7 @@ def _member_name(info: zipfile.ZipInfo) -> str:
         try:
             name = name.encode("cp437").decode("utf-8")
         except (UnicodeEncodeError, UnicodeDecodeError):
-            pass
+            pass  # not UTF-8 read as cp437: the name zipfile decoded is the name
     return name
 
 

@@ -152,7 +152,7 @@ class StageLock:
             if fd is not None and os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino:
                 self.path.unlink()
         except FileNotFoundError:
-            pass
+            pass  # already removed (by hand): nothing of ours to unlink
         finally:
             if fd is not None:
                 os.close(fd)  # drops the flock

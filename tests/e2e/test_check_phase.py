@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from helpers import run_stage
+from helpers import relink, run_stage
 
-from common.pipeline.manifest import outputs_digest, read_manifest, record_outputs, write_manifest
+from common.pipeline.manifest import read_manifest, record_outputs, write_manifest
 
 S04, S05, S07 = "04_extract_features", "05_lut_threshold", "07_inference"
 
@@ -49,16 +49,6 @@ def refused(res) -> str:
     return errors[0]
 
 
-def _relink(run: Path, up: str, downs: tuple[str, ...]) -> None:
-    """Make ``downs`` record ``up``'s outputs as they are now (as when they ran after it)."""
-    d = outputs_digest(read_manifest(run / up))
-    for s in downs:
-        m = read_manifest(run / s)
-        if up in m["inputs"]["upstream"]:
-            m["inputs"]["upstream"][up]["digest"] = d
-            write_manifest(run / s, m)
-
-
 def test_a_corrupted_vector_under_a_forged_digest(run):
     """(a) 05 --force finds the vector while reading the store: exit 2, nothing changed."""
     s04 = run / S04
@@ -73,7 +63,7 @@ def test_a_corrupted_vector_under_a_forged_digest(run):
     m = read_manifest(s04)  # the forged digest: freshness does not notice the change
     m["outputs"].update(record_outputs(s04, {"features.sqlite": "feature_store"}))
     write_manifest(s04, m)
-    _relink(run, S04, (S05, "06_prune_features", S07))
+    relink(run, S04, (S05, "06_prune_features", S07))
     before = digests(run)
     line = refused(stage(S05, run, "--force", "lut.tolerance=0.01"))
     assert "(the store is corrupted): rerun 04_extract_features.py with --force" in line

@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 
 from conftest import snapshot
-from helpers import run_command, run_pipeline
+from helpers import relink, run_command, run_pipeline
 
-from common.pipeline.manifest import outputs_digest, read_manifest, record_outputs, write_manifest
+from common.pipeline.manifest import read_manifest, record_outputs, write_manifest
 from common.store.maintenance import content_digest
 
 S04, S05, S06, S07 = "04_extract_features", "05_lut_threshold", "06_prune_features", "07_inference"
@@ -92,16 +92,6 @@ def _rerecord(stage_dir: Path, name: str, kind: str) -> None:
     write_manifest(stage_dir, m)
 
 
-def _relink(run: Path, up: str, downs: tuple[str, ...]) -> None:
-    """Make ``downs`` record ``up``'s outputs as they are now (as when they ran after it)."""
-    d = outputs_digest(read_manifest(run / up))
-    for s in downs:
-        m = read_manifest(run / s)
-        if up in m["inputs"]["upstream"]:
-            m["inputs"]["upstream"][up]["digest"] = d
-            write_manifest(run / s, m)
-
-
 def make_version_2_run(run: Path) -> None:
     """Turn a finished run into what the version before ``extract.dtype`` left: both stores of schema
     version 2 (no models.dtype), model.json without ``dtype``, and manifests recording them with
@@ -118,8 +108,8 @@ def make_version_2_run(run: Path) -> None:
     del model["dtype"]
     (run / S04 / "model.json").write_text(json.dumps(model, indent=2))
     _rerecord(run / S04, "model.json", "sha256")
-    _relink(run, S04, (S05, S06, S07))
-    _relink(run, S06, (S07,))
+    relink(run, S04, (S05, S06, S07))
+    relink(run, S06, (S07,))
 
 
 def test_a_run_of_feature_store_version_2_follows_its_hints_to_up_to_date(pipeline, tmp_path):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import unit_rows
+
 from common.retrieval import codes as C
 from common.retrieval import kernel as X
 from common.retrieval.prune import prune, prune_class, prune_sweep
@@ -22,20 +24,10 @@ from common.store.containers import Vectors
 PRECISIONS = ["fp32", "bf16", "int8"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads (and wait for them on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------- data and references
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def exact_ref(a: np.ndarray, b: np.ndarray) -> np.float32:
@@ -85,10 +77,10 @@ def dyadic(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
 def gallery(n=400, d=32, seed=0):
     """Unit vectors with exact duplicates (ties straddling any cut) and queries equal to them."""
     rng = np.random.default_rng(seed)
-    G = _unit(rng.normal(size=(n, d)))
+    G = unit_rows(rng.normal(size=(n, d)))
     G[10:20] = G[3]
     G[200:203] = G[150]
-    Q = _unit(rng.normal(size=(37, d)) + 0.5 * G[rng.integers(0, n, 37)])
+    Q = unit_rows(rng.normal(size=(37, d)) + 0.5 * G[rng.integers(0, n, 37)])
     Q[:4] = G[3]
     Q[4] = G[150]
     return Q, G
@@ -113,7 +105,7 @@ def test_exact_pairs_rounds_correctly_at_and_near_midpoints():
 def test_exact_pairs_equals_fractions_on_random_and_float16_data():
     rng = np.random.default_rng(1)
     A = rng.normal(size=(40, 24)).astype(np.float32)
-    B = _unit(rng.normal(size=(30, 24))).astype(np.float16).astype(np.float32)
+    B = unit_rows(rng.normal(size=(30, 24))).astype(np.float16).astype(np.float32)
     r, c = rng.integers(0, 40, 200), rng.integers(0, 30, 200)
     s = X.exact_pairs(A, r, B, c).numpy()
     assert all(s[p] == exact_ref(A[r[p]], B[c[p]]) for p in range(200))
@@ -123,9 +115,9 @@ def test_exact_pairs_equals_fractions_on_random_and_float16_data():
 def test_bound_holds_for_the_products(precision):
     """|s - A| <= E + rho |A| for every pair (the docstring's claim, with this build's kernels)."""
     rng = np.random.default_rng(2)
-    G = _unit(rng.normal(size=(300, 64)))
-    G[:50] = _unit(np.abs(G[:50]) ** 3)  # heavy-tailed rows: large int8 residuals
-    Q = _unit(rng.normal(size=(20, 64)) + G[:20])
+    G = unit_rows(rng.normal(size=(300, 64)))
+    G[:50] = unit_rows(np.abs(G[:50]) ** 3)  # heavy-tailed rows: large int8 residuals
+    Q = unit_rows(rng.normal(size=(20, 64)) + G[:20])
     g, q = X.quantize(G, precision), X.quantize(Q, precision)
     A = X._product(q, g, 0, len(g)).double()
     S = torch.from_numpy(sims_ref(Q, G)).double()
@@ -194,9 +186,9 @@ def test_topk_and_class_best_where_every_similarity_is_negative(precision):
     """Queries opposite the whole gallery (all similarities < 0, some -0.0 products): the scan's
     integer group maxima hold only non-negative groups, so these rows must compare every group."""
     rng = np.random.default_rng(7)
-    G = _unit(np.abs(rng.normal(size=(300, 16))))
+    G = unit_rows(np.abs(rng.normal(size=(300, 16))))
     G[:, 3] = 0.0
-    Q = -_unit(np.abs(rng.normal(size=(9, 16))))
+    Q = -unit_rows(np.abs(rng.normal(size=(9, 16))))
     Q[0] = 0.0
     Q[0, 3] = 1.0  # orthogonal to every row: all similarities +0.0 (ties: the lowest rows)
     for k in (1, 5):
@@ -243,8 +235,8 @@ def test_topk_reused_buffers_hold_nothing_stale(precision, monkeypatch):
     and rows gathered a few at a time: each equals the reference."""
     monkeypatch.setattr(X, "DOT_ELEMENTS", 16 * 3)  # three gathered rows per float32 / float64 dot chunk
     rng = np.random.default_rng(11)
-    G = _unit(np.abs(rng.normal(size=(256, 16))))
-    Q = -_unit(np.abs(rng.normal(size=(9, 16))))
+    G = unit_rows(np.abs(rng.normal(size=(256, 16))))
+    Q = -unit_rows(np.abs(rng.normal(size=(9, 16))))
     for q, g, k in ((G[:40], G, 3), (Q, G[:150], 1), (Q, G[:150], 5), (G[100:103], G[:150], 7)):
         s, i = X.topk(q, g, k, precision=precision, block_rows=128)
         ws, wi = topk_ref(q, g, k)
@@ -314,9 +306,9 @@ def labelled(n=500, C=9, seed=0):
     lab[lab == 6] = 1
     lab[77] = 6  # class 6: one row
     centres = rng.normal(size=(C, 24))
-    G = _unit(centres[lab] + rng.normal(size=(n, 24)))
+    G = unit_rows(centres[lab] + rng.normal(size=(n, 24)))
     G[100:105], lab[100:105] = G[7], lab[7]
-    Q = _unit(rng.normal(size=(41, 24)) + centres[rng.integers(0, C, 41)])
+    Q = unit_rows(rng.normal(size=(41, 24)) + centres[rng.integers(0, C, 41)])
     Q[:3] = G[7]
     return Q, G, lab, C
 
@@ -383,7 +375,7 @@ def near_threshold_class(n=300, d=32, seed=0):
     below, and float64 values a hair either side), where only the exact value decides."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(6, d))
-    Xc = _unit(centres[rng.integers(0, 6, n)] + rng.uniform(0.1, 0.7, (n, 1)) * rng.normal(size=(n, d)))
+    Xc = unit_rows(centres[rng.integers(0, 6, n)] + rng.uniform(0.1, 0.7, (n, 1)) * rng.normal(size=(n, d)))
     Xc[40:44] = Xc[5]
     S = sims_ref(Xc, Xc)
     ts = [0.5, 0.8, 0.9, 0.95, 1.0]
@@ -438,7 +430,7 @@ def test_prune_class_ties_duplicates_and_lut_identity():
     rng = np.random.default_rng(5)
     lab = rng.choice(4, 400, p=[0.85, 0.1, 0.045, 0.005])
     lab[:2] = 3
-    G = _unit(rng.normal(size=(4, 24))[lab] + rng.uniform(0.2, 0.9, (400, 1)) * rng.normal(size=(400, 24)))
+    G = unit_rows(rng.normal(size=(4, 24))[lab] + rng.uniform(0.2, 0.9, (400, 1)) * rng.normal(size=(400, 24)))
     ids = rng.permutation(400)
     ts = [0.6, 0.8, 0.9]
     sweep = prune_sweep(G, lab, ids, ts)
@@ -493,7 +485,7 @@ def test_search_topk_runs_the_kernel_where_it_pays_with_the_same_answer(monkeypa
     monkeypatch.setattr(C, "_SETTING", dict(C._SETTING))  # search.precision comes back afterwards
     rng = np.random.default_rng(11)
     _, G = gallery(seed=11)
-    Q = _unit(rng.normal(size=(43, G.shape[1])) + 0.5 * G[rng.integers(0, len(G), 43)])
+    Q = unit_rows(rng.normal(size=(43, G.shape[1])) + 0.5 * G[rng.integers(0, len(G), 43)])
     Q[:4] = G[3]  # ties straddling the cut
     calls = []
     real = X.topk
@@ -604,7 +596,7 @@ def test_prepared_vectors_search_rows_follow_the_vectors():
     assert isinstance(pv, Vectors) and search.prepare_vectors(pv) is pv
     assert isinstance(search.search_rows(pv), search.PreparedGallery)
     np.testing.assert_array_equal(pv.labels, v.labels)
-    other = _unit(np.random.default_rng(1).normal(size=G.shape))
+    other = unit_rows(np.random.default_rng(1).normal(size=G.shape))
     pv.X = other
     assert search.search_rows(pv) is other
     np.testing.assert_array_equal(search.topk(Q, search.search_rows(pv), 2)[1], topk_ref(Q, other, 2)[1])

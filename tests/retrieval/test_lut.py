@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import unit_rows
+
 from common.config.load import load_config
 from common.config.schema import LutConfig
 from common.errors import ConfigError, UserError
@@ -33,18 +35,7 @@ from common.stages import threshold as stages_threshold
 # ----------------------------------------------------------------------------- data and the reference
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared, loaded machine every parallel
-    region of a small op can wait milliseconds for a descheduled thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def clustered(n=240, n_classes=4, dim=16, seed=0):
@@ -55,7 +46,7 @@ def clustered(n=240, n_classes=4, dim=16, seed=0):
     sub = rng.integers(0, 3, n)
     centres = rng.normal(size=(n_classes, 3, dim))
     X = centres[labels, sub] + rng.uniform(0.2, 0.8, size=(n, 1)) * rng.normal(size=(n, dim))
-    X = _unit(X)
+    X = unit_rows(X)
     for src, dst in ((5, range(40, 46)), (9, range(100, 103)), (17, range(n - 3, n - 1))):
         X[list(dst)] = X[src]
         labels[list(dst)] = labels[src]
@@ -233,7 +224,7 @@ def test_nearest_kept_and_rows_equal_independent_prune_and_classify(top_m):
     G, yg, ids = clustered(n=200, seed=4)
     rng = np.random.default_rng(5)
     yq = rng.integers(0, 4, 50)
-    Q = _unit(G[rng.integers(0, 200, 50)] + 0.3 * rng.normal(size=(50, G.shape[1])))
+    Q = unit_rows(G[rng.integers(0, 200, 50)] + 0.3 * rng.normal(size=(50, G.shape[1])))
     ts, k = [0.4, 0.8, 0.95, 1.0], 5
     keeps = prune_sweep(G, yg, ids, ts, block_size=16)
     nb, stats = nearest_kept(Q, G, keeps, k, block_size=7, top_m=top_m)
@@ -257,7 +248,7 @@ def test_nearest_kept_and_rows_equal_independent_prune_and_classify(top_m):
 
 
 def test_nearest_kept_clamps_k_to_a_tiny_gallery():
-    G = _unit(np.random.default_rng(0).normal(size=(6, 8)))
+    G = unit_rows(np.random.default_rng(0).normal(size=(6, 8)))
     keeps = np.array([[True] * 6, [True, False, False, False, False, True]])
     nb, _ = nearest_kept(G, G, keeps, 4)
     assert nb[0][1].shape == (6, 4) and nb[1][1].shape == (6, 2)

@@ -5,21 +5,19 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import unit_rows
+
 from common.retrieval import search as retrieval_search
 from common.retrieval.search import knn_vote
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
 def _data(q=37, g=53, d=8, seed=0, dup=True):
     rng = np.random.default_rng(seed)
-    G = _unit(rng.normal(size=(g, d)))
+    G = unit_rows(rng.normal(size=(g, d)))
     if dup:  # duplicated gallery rows: exact ties that straddle the top-k cut
         G[10:20] = G[3]
         G[40:45] = G[7]
-    Q = _unit(rng.normal(size=(q, d)))
+    Q = unit_rows(rng.normal(size=(q, d)))
     Q[:5] = G[3]  # queries equal to a duplicated row: similarity 1.0 ten times over
     return Q, G
 
