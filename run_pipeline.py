@@ -118,10 +118,11 @@ def start_configs(configs: list[str], overrides: list[str], run: str | None) -> 
 def run_stage(cmd: list[str]) -> tuple[int, bool]:
     """Run one stage and wait for it, however it ends: (its exit code, whether we were interrupted).
 
-    Ctrl-C reaches the stage from the terminal (same process group) and the stage saves its state
-    (stage 03: last.pt) before it exits 130; this process only notes the signal and keeps waiting,
-    where ``subprocess.call`` would kill the stage mid-save. A SIGTERM, sent to this process alone
-    (a scheduler, ``kill``), is passed on to the stage, which stops the same way.
+    A SIGINT or SIGTERM is passed on to the stage, which saves its state (stage 03: last.pt) and
+    exits 130; this process notes it and keeps waiting, where ``subprocess.call`` would kill the
+    stage mid-save. Passed on because it may have been sent to this process alone (``kill -INT``, a
+    scheduler): the stage then kept running to its end. A Ctrl-C at the terminal reaches the stage
+    directly too (same process group); the stage takes the second copy as the same stop.
     """
     interrupted = False
     procs: list[subprocess.Popen] = []
@@ -129,9 +130,9 @@ def run_stage(cmd: list[str]) -> tuple[int, bool]:
     def note(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
         nonlocal interrupted
         interrupted = True
-        if signum == signal.SIGTERM and procs:
+        if procs:
             with contextlib.suppress(ProcessLookupError):
-                procs[0].send_signal(signal.SIGTERM)
+                procs[0].send_signal(signum)
 
     old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

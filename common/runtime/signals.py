@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -19,13 +20,23 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+SAME_STOP_S = 2.0  # the same signal again within this many seconds: one stop delivered twice
+_first_stop: list[tuple[int, float]] = []  # (signal, monotonic time) of the signal that stopped the stage
+
+
 def already_stopping(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
-    """Later signals while a stage cleans up: logged, otherwise ignored."""
+    """Later signals while a stage cleans up: logged, otherwise ignored. The first signal again at
+    once is one Ctrl-C that came twice (from the terminal to the whole process group, and passed on
+    by run_pipeline.py): not worth a warning."""
+    if _first_stop and _first_stop[0][0] == signum and time.monotonic() - _first_stop[0][1] < SAME_STOP_S:
+        log.debug("signal %d again: already stopping", signum)
+        return
     log.warning("signal %d: already stopping (saving what is needed first)", signum)
 
 
 def interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001 - signal handler signature
     """First SIGINT/SIGTERM: stop the stage (``KeyboardInterrupt``); later ones are ignored."""
+    _first_stop[:] = [(signum, time.monotonic())]
     for s in STOP_SIGNALS:
         signal.signal(s, already_stopping)
     raise KeyboardInterrupt(f"signal {signum}")

@@ -573,9 +573,11 @@ def test_a_read_only_run_folder_is_one_line_exit_2(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_ctrl_c_on_run_pipeline_is_130_in_one_line_and_the_stage_saves_its_state(tmp_path):
+@pytest.mark.parametrize("to_group", [True, False], ids=["ctrl_c_to_the_group", "kill_int_to_run_pipeline"])
+def test_ctrl_c_on_run_pipeline_is_130_in_one_line_and_the_stage_saves_its_state(tmp_path, to_group):
     """Issue 17 #6: Ctrl-C on run_pipeline.py printed a KeyboardInterrupt traceback (and
-    subprocess.call killed the stage). A FIFO among the images holds stage 01 until the signal."""
+    subprocess.call killed the stage). A FIFO among the images holds stage 01 until the signal.
+    ``kill -INT`` of run_pipeline alone used to leave the stage running to its end (then "interrupted")."""
     data = _tiny_images(tmp_path / "data")
     os.mkfifo(data / "a" / "waiting.png")  # reading it blocks: the stage is busy when Ctrl-C comes
     run = tmp_path / "run"
@@ -588,7 +590,10 @@ def test_ctrl_c_on_run_pipeline_is_130_in_one_line_and_the_stage_saves_its_state
     while time.time() < deadline and not (log.is_file() and "runs because" in log.read_text()):
         time.sleep(0.1)
     time.sleep(0.5)  # into the scan, blocked on the FIFO
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+    if to_group:
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+    else:
+        os.kill(proc.pid, signal.SIGINT)  # run_pipeline alone: it passes the signal on
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
@@ -596,6 +601,8 @@ def test_ctrl_c_on_run_pipeline_is_130_in_one_line_and_the_stage_saves_its_state
                                            "command to continue"
     text = log.read_text()
     assert "interrupted" in text and "rerun the same command to continue" in text  # the stage's own state line
+    # a Ctrl-C that arrived twice (to the group, and passed on) is one stop: no warning about a second
+    assert "signal 2: already stopping" not in text and "already stopping" not in err
     assert not (run / "01_random_split_dataset" / "manifest.json").exists()
     assert not (run / "01_random_split_dataset" / ".lock").exists()
 
